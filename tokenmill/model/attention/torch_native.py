@@ -1,0 +1,110 @@
+"""The reference attention backend: plain PyTorch, reads K/V through the block table.
+
+It is the CPU path and the reference every other backend is tested against, so it favours
+clarity, but it batches all decodes into one `scaled_dot_product_attention` call so the CPU is not
+drowned in per-request launches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tokenmill.model.attention.backend import (
+    AttentionBackend,
+    AttentionMetadata,
+    KVCache,
+    register_backend,
+)
+
+
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor) -> None:
+    """Scatter the step's K/V ([num_tokens, num_kv_heads, head_dim]) into their slots."""
+    k_cache, v_cache = kv_cache
+    num_kv_heads, head_dim = k_cache.shape[-2:]
+    slots = slot_mapping[: k.shape[0]]
+    k_flat = k_cache.view(-1, num_kv_heads, head_dim)
+    v_flat = v_cache.view(-1, num_kv_heads, head_dim)
+    k_flat.index_copy_(0, slots, k.to(k_cache.dtype))
+    v_flat.index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+def gather_kv(kv_cache: KVCache, block_ids: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V of the first `num_tokens` tokens of one request: [num_tokens, num_kv_heads, head_dim]."""
+    k_cache, v_cache = kv_cache
+    num_kv_heads, head_dim = k_cache.shape[-2:]
+    k = k_cache[block_ids].view(-1, num_kv_heads, head_dim)[:num_tokens]
+    v = v_cache[block_ids].view(-1, num_kv_heads, head_dim)[:num_tokens]
+    return k, v
+
+
+@register_backend
+class TorchNativeBackend(AttentionBackend):
+    name = "torch_native"
+
+    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        write_kv_cache(k, v, kv_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        if meta.num_decodes:
+            out[: meta.num_decodes] = self._decode(q[: meta.num_decodes], kv_cache, meta, scale)
+        if meta.num_prefills:
+            self._prefill(q, k, v, kv_cache, meta, scale, out)
+        return out
+
+    @staticmethod
+    def _decode(q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """All one-token queries at once: gather each request's blocks into a padded batch."""
+        k_cache, v_cache = kv_cache
+        block_size, num_kv_heads, head_dim = k_cache.shape[1:]
+        num_decodes = meta.num_decodes
+        seq_lens = _host(meta.seq_lens_cpu, meta.seq_lens)[:num_decodes]
+        max_len = int(seq_lens.max())
+        num_blocks = (max_len + block_size - 1) // block_size
+        block_ids = meta.block_table[:num_decodes, :num_blocks]
+        # [B, num_blocks * block_size, kv_heads, head_dim] -> [B, kv_heads, L, head_dim]
+        keys = k_cache[block_ids].view(num_decodes, -1, num_kv_heads, head_dim).transpose(1, 2)
+        values = v_cache[block_ids].view(num_decodes, -1, num_kv_heads, head_dim).transpose(1, 2)
+        positions = torch.arange(keys.shape[2], device=q.device)
+        mask = (positions[None, :] < seq_lens.to(q.device)[:, None])[:, None, None, :]
+        query = q.unsqueeze(2)  # [B, heads, 1, head_dim]
+        out = F.scaled_dot_product_attention(
+            query, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, scale=scale,
+            enable_gqa=q.shape[1] != num_kv_heads,
+        )
+        return out.squeeze(2)
+
+    @staticmethod
+    def _prefill(q, k, v, kv_cache: KVCache, meta: AttentionMetadata, scale: float, out: torch.Tensor) -> None:
+        """Prefills and prefill chunks one request at a time (there are few per step)."""
+        block_size = kv_cache[0].shape[1]
+        num_heads = q.shape[1]
+        starts = _host(meta.query_start_loc_cpu, meta.query_start_loc).tolist()
+        seq_lens = _host(meta.seq_lens_cpu, meta.seq_lens).tolist()
+        for i in range(meta.num_decodes, meta.num_reqs):
+            start, end, seq_len = starts[i], starts[i + 1], seq_lens[i]
+            query_len = end - start
+            context_len = seq_len - query_len
+            if context_len == 0 and meta.causal:
+                keys, values = k[start:end], v[start:end]  # nothing cached before: no gather
+                mask, is_causal = None, True
+            else:
+                num_blocks = (seq_len + block_size - 1) // block_size
+                keys, values = gather_kv(kv_cache, meta.block_table[i, :num_blocks], seq_len)
+                is_causal = False
+                if meta.causal:
+                    key_pos = torch.arange(seq_len, device=q.device)
+                    query_pos = torch.arange(context_len, seq_len, device=q.device)
+                    mask = key_pos[None, :] <= query_pos[:, None]
+                else:
+                    mask = None
+            out[start:end] = F.scaled_dot_product_attention(
+                q[start:end].transpose(0, 1).unsqueeze(0),
+                keys.to(q.dtype).transpose(0, 1).unsqueeze(0),
+                values.to(q.dtype).transpose(0, 1).unsqueeze(0),
+                attn_mask=mask, is_causal=is_causal, scale=scale,
+                enable_gqa=num_heads != keys.shape[1],
+            ).squeeze(0).transpose(0, 1)
+
+
+def _host(host: torch.Tensor | None, device_tensor: torch.Tensor) -> torch.Tensor:
+    return host if host is not None else device_tensor.cpu()

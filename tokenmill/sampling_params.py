@@ -1,0 +1,183 @@
+"""User-facing sampling parameters, validated once when they are built.
+
+`SamplingParams` is a `msgspec.Struct` so it crosses the API-process / engine-core boundary as typed
+msgpack, never pickle. Every check raises `ValueError` with a message a user can act on; nothing
+invalid ever reaches the engine.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import IntEnum
+from typing import Any
+
+import msgspec
+
+# Caps on fan-out (RELIABILITY.md item 28): generous for real use, small enough that one request
+# cannot allocate the world.
+MAX_N = 128
+MAX_LOGPROBS = 20
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+class RequestOutputKind(IntEnum):
+    """How much of the output each `RequestOutput` carries while a request runs."""
+
+    CUMULATIVE = 0  # everything so far (offline default)
+    DELTA = 1  # only what is new since the last output (streaming)
+    FINAL_ONLY = 2  # one output, when the request finishes
+
+
+class StructuredOutputsParams(msgspec.Struct, omit_defaults=True):
+    """A constraint on the output; exactly one field is set (enforced by xgrammar)."""
+
+    json: str | dict | None = None  # a JSON schema (dict or its text)
+    json_object: bool = False  # any JSON object
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # EBNF (GBNF) grammar text
+
+    def __post_init__(self) -> None:
+        count = sum(
+            x is not None and x is not False
+            for x in (self.json, self.regex, self.choice, self.grammar, self.json_object or None)
+        )
+        if count != 1:
+            raise ValueError(
+                "structured_outputs must set exactly one of json, json_object, regex, choice, grammar"
+            )
+        if self.choice is not None and not self.choice:
+            raise ValueError("structured_outputs.choice must not be empty")
+
+
+def _check_finite(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """How to pick each next token and when to stop (vLLM's names and meanings).
+
+    Args:
+        n: number of independent samples returned for the prompt.
+        temperature: 0 means greedy; higher flattens the distribution.
+        top_p: nucleus sampling, in (0, 1].
+        top_k: keep the k most likely tokens; 0 or -1 disables.
+        min_p: drop tokens whose probability is below min_p times the top token's, in [0, 1].
+        presence_penalty / frequency_penalty: OpenAI penalties on generated tokens, in [-2, 2].
+        repetition_penalty: CTRL-style penalty on prompt and generated tokens, > 0 (1 disables).
+        seed: per-request seed; the same seed gives the same tokens whatever else is in the batch.
+        stop: strings that end generation; never included in the text unless
+            `include_stop_str_in_output`.
+        stop_token_ids: token ids that end generation (kept in `token_ids`, not in text).
+        ignore_eos: keep going past the end-of-sequence token.
+        max_tokens: most tokens to generate (None: up to the context length).
+        min_tokens: EOS and stop tokens are suppressed until this many tokens are out.
+        logprobs: return this many top log-probabilities per generated token (plus the sampled one).
+        prompt_logprobs: the same for every prompt token.
+        logit_bias: token id -> bias added to its logit, in [-100, 100].
+        skip_special_tokens: leave special tokens out of the text.
+        structured_outputs: a grammar the output must follow.
+        output_kind: cumulative, delta or final-only outputs while running.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    detokenize: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # Extra stop ids the engine adds from the model (e.g. <|im_end|> besides EOS); not user-set.
+    all_stop_token_ids: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.stop is not None:
+            self.stop = [s for s in self.stop]
+            if any(not isinstance(s, str) or s == "" for s in self.stop):
+                raise ValueError("stop must be a list of non-empty strings")
+        if self.top_k == -1:
+            self.top_k = 0
+        self._validate()
+
+    def _validate(self) -> None:
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty"):
+            _check_finite(name, getattr(self, name))
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be 0 (disabled), -1 (disabled) or a positive integer, got {self.top_k!r}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.seed is not None and (
+            not isinstance(self.seed, int) or isinstance(self.seed, bool)
+            or not INT64_MIN <= self.seed <= INT64_MAX
+        ):
+            raise ValueError(f"seed must be a 64-bit integer, got {self.seed!r}")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens!r}")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens!r}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})"
+            )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+        if self.stop_token_ids is not None and any(
+            not isinstance(t, int) or t < 0 for t in self.stop_token_ids
+        ):
+            raise ValueError("stop_token_ids must be non-negative integers")
+        if self.logit_bias is not None:
+            bad = [k for k, v in self.logit_bias.items()
+                   if not isinstance(k, int) or k < 0 or not isinstance(v, (int, float))
+                   or not math.isfinite(v) or not -100 <= v <= 100]
+            if bad:
+                raise ValueError(
+                    f"logit_bias has invalid entries for token ids {bad[:10]}: keys must be "
+                    "non-negative token ids and values numbers in [-100, 100]"
+                )
+
+    # ----- derived properties (read by the sampler to pick fast paths) -----
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+    @property
+    def needs_penalties(self) -> bool:
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0
+                or self.repetition_penalty != 1.0)
+
+    def clone(self, **changes: Any) -> "SamplingParams":
+        """A copy with some fields changed (used to fan `n` out into child requests)."""
+        return msgspec.structs.replace(self, **changes)
