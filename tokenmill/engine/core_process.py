@@ -1,0 +1,209 @@
+"""The `EngineCore` busy loop in its own process, talking to the API process over ZMQ.
+
+Two ipc sockets in a private temp dir: the client PUSHes `CoreRequest`s to `input_addr`, the core
+PUSHes `CoreMessage`s to `output_addr`. Everything on the wire is msgspec msgpack of the typed
+structs below (RELIABILITY.md item 27: never pickle). Socket I/O and (de)serialization run on two
+threads so the busy loop only schedules and computes:
+
+    input thread:  recv -> decode -> queue.Queue  ->  busy loop: add/abort, step()
+    busy loop:     EngineOutputs -> queue.Queue   ->  output thread: encode -> send
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from typing import Callable, Protocol, Union
+
+import msgspec
+import zmq
+
+from tokenmill.engine.messages import EngineOutputs, EngineRequest, SchedulerStats
+
+logger = logging.getLogger(__name__)
+
+# How often an idle core reports its stats, and how often it checks that its parent still lives.
+IDLE_HEARTBEAT_S = 1.0
+PARENT_POLL_S = 1.0
+
+
+# ----- client -> core -----
+class AddRequests(msgspec.Struct, tag="add", gc=False):
+    requests: list[EngineRequest]
+
+
+class AbortRequests(msgspec.Struct, tag="abort", gc=False):
+    request_ids: list[str]
+
+
+class Shutdown(msgspec.Struct, tag="shutdown"):
+    pass
+
+
+CoreRequest = Union[AddRequests, AbortRequests, Shutdown]
+
+
+# ----- core -> client -----
+class CoreReady(msgspec.Struct, tag="ready"):
+    """Sent once the model is loaded and the KV pool sized."""
+
+    kv_capacity_tokens: int
+    pid: int
+
+
+class CoreStep(msgspec.Struct, tag="step", gc=False):
+    """One `step()`'s outputs; an idle heartbeat carries no outputs, only stats."""
+
+    outputs: EngineOutputs
+
+
+class CoreFailed(msgspec.Struct, tag="failed"):
+    """The core hit an exception it cannot recover from; it exits right after sending this."""
+
+    message: str
+
+
+CoreMessage = Union[CoreReady, CoreStep, CoreFailed]
+
+
+class EngineCoreLike(Protocol):
+    """What the busy loop needs from an engine (the real `EngineCore`, or a test fake)."""
+
+    kv_capacity_tokens: int
+
+    def add_request(self, request: EngineRequest) -> None: ...
+    def abort_requests(self, request_ids: list[str]) -> None: ...
+    def step(self) -> EngineOutputs: ...
+    def has_unfinished_requests(self) -> bool: ...
+    def get_stats(self) -> SchedulerStats: ...
+    def shutdown(self) -> None: ...
+
+
+def make_real_engine(engine_args_msgpack: bytes) -> EngineCoreLike:
+    """Builds the real `EngineCore` from msgpack-encoded `EngineArgs` (the default factory)."""
+    from tokenmill.config import EngineArgs
+    from tokenmill.engine.engine_core import EngineCore
+
+    engine_args = msgspec.msgpack.decode(engine_args_msgpack, type=EngineArgs)
+    return EngineCore(engine_args.create_engine_config())
+
+
+def run_engine_core(
+    make_engine: Callable[[bytes], EngineCoreLike],
+    engine_args_msgpack: bytes,
+    input_addr: str,
+    output_addr: str,
+    parent_pid: int,
+) -> None:
+    """Entry point of the engine-core process (a `multiprocessing` spawn target).
+
+    `make_engine` is a module-level function (spawn sends it by reference); its argument is opaque
+    bytes, so nothing but a function name and bytes crosses the process boundary at start-up.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [core] %(message)s")
+    ctx = zmq.Context()
+    # The output socket connects first so a startup failure can still be reported.
+    out_sock = ctx.socket(zmq.PUSH)
+    out_sock.setsockopt(zmq.LINGER, 2000)
+    out_sock.connect(output_addr)
+    encoder = msgspec.msgpack.Encoder()
+    try:
+        engine = make_engine(engine_args_msgpack)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, then we exit non-zero
+        logger.exception("engine core failed to start")
+        out_sock.send(encoder.encode(CoreFailed(message=f"engine failed to start: {type(exc).__name__}")))
+        out_sock.close()
+        os._exit(1)
+    in_sock = ctx.socket(zmq.PULL)
+    in_sock.connect(input_addr)
+
+    inbox: queue.Queue[CoreRequest] = queue.Queue()
+    outbox: queue.Queue[CoreMessage | None] = queue.Queue()
+    threading.Thread(target=_input_thread, args=(in_sock, inbox), daemon=True, name="core-in").start()
+    out_thread = threading.Thread(target=_output_thread, args=(out_sock, outbox), daemon=True,
+                                  name="core-out")
+    out_thread.start()
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="core-parent").start()
+
+    outbox.put(CoreReady(kv_capacity_tokens=int(engine.kv_capacity_tokens), pid=os.getpid()))
+    code = 0
+    try:
+        _busy_loop(engine, inbox, outbox)
+    except Exception as exc:  # noqa: BLE001 - any engine bug ends the process; the client fails requests
+        logger.exception("engine core crashed")
+        outbox.put(CoreFailed(message=f"engine core crashed: {type(exc).__name__}"))
+        code = 1
+    outbox.put(None)
+    out_thread.join(timeout=5)
+    try:
+        engine.shutdown()
+    finally:
+        os._exit(code)
+
+
+def _busy_loop(engine: EngineCoreLike, inbox: queue.Queue, outbox: queue.Queue) -> None:
+    last_sent = 0.0
+    while True:
+        # Block only when there is nothing to compute; otherwise take what arrived and step.
+        busy = engine.has_unfinished_requests()
+        while True:
+            try:
+                msg = inbox.get(block=not busy, timeout=None if busy else IDLE_HEARTBEAT_S)
+            except queue.Empty:
+                break
+            if isinstance(msg, Shutdown):
+                return
+            if isinstance(msg, AddRequests):
+                for request in msg.requests:
+                    engine.add_request(request)
+            else:
+                engine.abort_requests(msg.request_ids)
+            busy = True  # drain the rest without blocking
+            if inbox.empty():
+                break
+        now = time.time()
+        if engine.has_unfinished_requests():
+            outputs = engine.step()
+            outputs.timestamp = outputs.timestamp or now
+            if outputs.scheduler_stats is None:
+                outputs.scheduler_stats = engine.get_stats()
+            outbox.put(CoreStep(outputs=outputs))
+            last_sent = now
+        elif now - last_sent >= IDLE_HEARTBEAT_S:
+            # Idle heartbeat: the client sees fresh stats (running 0, KV usage) and knows we live.
+            outbox.put(CoreStep(outputs=EngineOutputs(outputs=[], scheduler_stats=engine.get_stats(),
+                                                      timestamp=now)))
+            last_sent = now
+
+
+def _input_thread(sock: zmq.Socket, inbox: queue.Queue) -> None:
+    decoder = msgspec.msgpack.Decoder(CoreRequest)
+    while True:
+        try:
+            frame = sock.recv(copy=False)
+            inbox.put(decoder.decode(frame.buffer))
+        except zmq.ContextTerminated:
+            return
+        except msgspec.DecodeError:
+            # A malformed frame is a bug in the client; drop it rather than kill every request.
+            logger.error("dropped an undecodable message from the client")
+
+
+def _output_thread(sock: zmq.Socket, outbox: queue.Queue) -> None:
+    encoder = msgspec.msgpack.Encoder()
+    while True:
+        msg = outbox.get()
+        if msg is None:
+            return
+        sock.send(encoder.encode(msg), copy=False)
+
+
+def _watch_parent(parent_pid: int) -> None:
+    # If the API process is gone (killed -9), nobody will ever send Shutdown: exit on our own.
+    while True:
+        time.sleep(PARENT_POLL_S)
+        if os.getppid() != parent_pid:
+            os._exit(0)

@@ -1,0 +1,115 @@
+"""POST /v1/messages (JSON or the Anthropic SSE event sequence) and /v1/messages/count_tokens.
+
+Stream order, as the official SDK expects it: `message_start`, `content_block_start`, `ping`,
+`content_block_delta`..., `content_block_stop`, `message_delta` (stop_reason, usage),
+`message_stop`. A failure after the stream started is an `event: error`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from tokenmill.engine.async_engine import AsyncEngine, RequestStream
+from tokenmill.engine.core_client import EngineDeadError
+from tokenmill.entrypoints.anthropic.protocol import CountTokensRequest, MessagesRequest
+from tokenmill.entrypoints.openai.common import collect_final, render_chat
+from tokenmill.entrypoints.server.errors import APIError, anthropic_error_body
+from tokenmill.entrypoints.server.request_body import read_model
+from tokenmill.entrypoints.server.serving import (
+    SSE_HEADERS, check_model, engine_of, sse, submit_all, to_api_error, unless_disconnected,
+)
+from tokenmill.outputs import CompletionOutput
+
+router = APIRouter()
+
+
+def _stop_reason(c: CompletionOutput, stop_sequences: list[str] | None) -> tuple[str, str | None]:
+    if c.finish_reason == "length":
+        return "max_tokens", None
+    if isinstance(c.stop_reason, str) and stop_sequences and c.stop_reason in stop_sequences:
+        return "stop_sequence", c.stop_reason
+    return "end_turn", None
+
+
+def _headers(message_id: str) -> dict[str, str]:
+    return {"request-id": f"req_{message_id[4:]}"}
+
+
+@router.post("/v1/messages")
+async def create_message(request: Request) -> Response:
+    body = await read_model(request, MessagesRequest)
+    engine = engine_of(request)
+    model = check_model(engine, body.model)
+    try:
+        params = body.to_sampling_params()
+    except ValueError as exc:
+        raise to_api_error(exc, anthropic=True) from None
+    prompt = render_chat(request, engine, body.chat_messages(), add_generation_prompt=True)
+    message_id = f"msg_{uuid.uuid4().hex}"
+    streams = await submit_all(engine, message_id, [prompt], params, anthropic=True, chat=True)
+    stream = streams[0]
+    if body.stream:
+        return StreamingResponse(_stream(engine, stream, body, message_id, model),
+                                 media_type="text/event-stream",
+                                 headers={**SSE_HEADERS, **_headers(message_id)})
+    final = await unless_disconnected(request, collect_final(stream))
+    c = final.outputs[0]
+    stop_reason, stop_sequence = _stop_reason(c, body.stop_sequences)
+    return JSONResponse({
+        "id": message_id, "type": "message", "role": "assistant", "model": model,
+        "content": [{"type": "text", "text": c.text}],
+        "stop_reason": stop_reason, "stop_sequence": stop_sequence,
+        "usage": {"input_tokens": len(stream.prompt_token_ids), "output_tokens": len(c.token_ids)},
+    }, headers=_headers(message_id))
+
+
+async def _stream(engine: AsyncEngine, stream: RequestStream, body: MessagesRequest, message_id: str,
+                  model: str) -> AsyncIterator[bytes]:
+    input_tokens = len(stream.prompt_token_ids)
+    output_tokens = 0
+    try:
+        yield sse({"type": "message_start", "message": {
+            "id": message_id, "type": "message", "role": "assistant", "model": model, "content": [],
+            "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": input_tokens, "output_tokens": 0}}}, event="message_start")
+        yield sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                  event="content_block_start")
+        yield sse({"type": "ping"}, event="ping")
+        last = None
+        async for out in stream:
+            if not out.outputs:
+                continue
+            c = out.outputs[0]
+            if c.finish_reason == "error":
+                raise EngineDeadError("the engine failed while serving this request")
+            output_tokens += len(c.token_ids)
+            last = c
+            if c.text:
+                yield sse({"type": "content_block_delta", "index": 0,
+                           "delta": {"type": "text_delta", "text": c.text}}, event="content_block_delta")
+        stop_reason, stop_sequence = _stop_reason(last, body.stop_sequences) if last else ("end_turn", None)
+        yield sse({"type": "content_block_stop", "index": 0}, event="content_block_stop")
+        yield sse({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+                   "usage": {"output_tokens": output_tokens}}, event="message_delta")
+        yield sse({"type": "message_stop"}, event="message_stop")
+    except EngineDeadError:
+        yield sse(anthropic_error_body(APIError(500, "the engine failed while serving this request")),
+                  event="error")
+    finally:
+        engine.abort(stream.request_id)
+
+
+@router.post("/v1/messages/count_tokens")
+async def count_tokens(request: Request) -> JSONResponse:
+    body = await read_model(request, CountTokensRequest)
+    engine = engine_of(request)
+    check_model(engine, body.model)
+    prompt = render_chat(request, engine, body.chat_messages(), add_generation_prompt=True)
+    return JSONResponse({"input_tokens": len(engine.encode(prompt, add_special_tokens=False))})
+
+
+__all__ = ["router", "APIError"]

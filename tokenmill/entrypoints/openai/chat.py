@@ -1,0 +1,108 @@
+"""POST /v1/chat/completions: `chat.completion` JSON or a stream of `chat.completion.chunk`s."""
+
+from __future__ import annotations
+
+import time
+from typing import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from tokenmill.engine.async_engine import RequestStream
+from tokenmill.engine.core_client import EngineDeadError
+from tokenmill.entrypoints.openai.logprobs import chat_logprobs
+from tokenmill.entrypoints.openai.protocol import ChatCompletionRequest
+from tokenmill.entrypoints.openai.common import (
+    check_logit_bias, collect_final, render_chat, stream_error_chunk,
+)
+from tokenmill.entrypoints.server.errors import APIError
+from tokenmill.entrypoints.server.request_body import read_model
+from tokenmill.entrypoints.server.serving import (
+    SSE_HEADERS, check_model, engine_of, merge_streams, new_id, sse, submit_all, to_api_error,
+    unless_disconnected,
+)
+
+
+async def create_chat_completion(request: Request) -> Response:
+    body = await read_model(request, ChatCompletionRequest)
+    engine = engine_of(request)
+    model = check_model(engine, body.model)
+    check_logit_bias(engine, body.logit_bias)
+    try:
+        params = body.to_sampling_params(default_max_tokens=None, logprobs=body.num_logprobs())
+    except ValueError as exc:
+        raise to_api_error(exc) from None
+    prompt = render_chat(request, engine, [{"role": m.role, "content": m.text()} for m in body.messages],
+                         add_generation_prompt=body.add_generation_prompt,
+                         chat_template=body.chat_template,
+                         chat_template_kwargs=body.chat_template_kwargs)
+    request_id = new_id("chatcmpl")
+    streams = await submit_all(engine, request_id, [prompt], params, priority=body.priority,
+                               cache_salt=body.cache_salt, chat=True)
+    created = int(time.time())
+    if body.stream:
+        return StreamingResponse(_stream(engine, streams[0], body, request_id, model, created),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
+    final = await unless_disconnected(request, collect_final(streams[0]))
+    choices = []
+    for c in final.outputs:
+        choices.append({
+            "index": c.index,
+            "message": {"role": "assistant", "content": c.text},
+            "logprobs": chat_logprobs(c.token_ids, c.logprobs, body.top_logprobs or 0) if body.logprobs else None,
+            "finish_reason": c.finish_reason,
+        })
+    completion_tokens = sum(len(c.token_ids) for c in final.outputs)
+    prompt_tokens = len(streams[0].prompt_token_ids)
+    return JSONResponse({
+        "id": request_id, "object": "chat.completion", "created": created, "model": model,
+        "choices": choices,
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+    })
+
+
+async def _stream(engine, stream: RequestStream, body: ChatCompletionRequest, request_id: str,
+                  model: str, created: int) -> AsyncIterator[bytes]:
+    def chunk(choices: list[dict], usage: dict | None = None) -> bytes:
+        data = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": choices}
+        if usage is not None:
+            data["usage"] = usage
+        return sse(data)
+
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    prompt_tokens = len(stream.prompt_token_ids)
+    completion_tokens = 0
+    try:
+        # OpenAI opens every choice with a role-only delta.
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None} for i in range(body.n)])
+        async for _, out in merge_streams([stream]):
+            choices = []
+            for c in out.outputs:
+                completion_tokens += len(c.token_ids)
+                if c.finish_reason == "error":
+                    raise EngineDeadError("the engine failed while serving this request")
+                if not c.text and c.finish_reason is None and not c.token_ids:
+                    continue
+                choices.append({
+                    "index": c.index,
+                    "delta": {"content": c.text} if c.text else {},
+                    "logprobs": chat_logprobs(c.token_ids, c.logprobs, body.top_logprobs or 0)
+                    if body.logprobs else None,
+                    "finish_reason": c.finish_reason,
+                })
+            if choices:
+                yield chunk(choices)
+        if include_usage:
+            yield chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                             "total_tokens": prompt_tokens + completion_tokens})
+        yield sse("[DONE]")
+    except EngineDeadError:
+        yield stream_error_chunk()
+    finally:
+        engine.abort(stream.request_id)  # no-op when it finished; frees KV on a disconnect
+
+
+__all__ = ["create_chat_completion", "APIError"]

@@ -1,0 +1,128 @@
+"""POST /v1/completions: legacy text completions, one or many prompts, streamed or not.
+
+Choice `index` is `prompt_index * n + sample_index`, as in OpenAI's API.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from tokenmill.engine.async_engine import AsyncEngine, RequestStream
+from tokenmill.engine.core_client import EngineDeadError
+from tokenmill.entrypoints.openai.common import check_logit_bias, collect_final, stream_error_chunk
+from tokenmill.entrypoints.openai.logprobs import completion_logprobs
+from tokenmill.entrypoints.openai.protocol import CompletionRequest
+from tokenmill.entrypoints.server.errors import APIError
+from tokenmill.entrypoints.server.request_body import read_model
+from tokenmill.entrypoints.server.serving import (
+    SSE_HEADERS, check_model, engine_of, merge_streams, new_id, sse, submit_all, to_api_error,
+    unless_disconnected,
+)
+from tokenmill.outputs import CompletionOutput, RequestOutput
+
+
+async def create_completion(request: Request) -> Response:
+    body = await read_model(request, CompletionRequest)
+    engine = engine_of(request)
+    model = check_model(engine, body.model)
+    check_logit_bias(engine, body.logit_bias)
+    want_prompt_logprobs = body.echo and body.logprobs is not None
+    try:
+        params = body.to_sampling_params(default_max_tokens=None, logprobs=body.logprobs,
+                                         prompt_logprobs=body.logprobs if want_prompt_logprobs else None)
+    except ValueError as exc:
+        raise to_api_error(exc) from None
+    request_id = new_id("cmpl")
+    streams = await submit_all(engine, request_id, body.prompts(), params, priority=body.priority,
+                               cache_salt=body.cache_salt)
+    created = int(time.time())
+    if body.stream:
+        return StreamingResponse(_stream(engine, streams, body, request_id, model, created),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
+
+    async def collect_all() -> list[RequestOutput]:
+        return [await collect_final(s) for s in streams]
+
+    try:
+        finals = await unless_disconnected(request, collect_all())
+    finally:
+        for s in streams:
+            engine.abort(s.request_id)
+    choices = []
+    for p, final in enumerate(finals):
+        for c in final.outputs:
+            choices.append(_choice(engine, body, p * body.n + c.index, c, final, streams[p], echo=body.echo))
+    completion_tokens = sum(len(c.token_ids) for f in finals for c in f.outputs)
+    prompt_tokens = sum(len(s.prompt_token_ids) for s in streams)
+    return JSONResponse({
+        "id": request_id, "object": "text_completion", "created": created, "model": model,
+        "choices": choices,
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+    })
+
+
+def _choice(engine: AsyncEngine, body: CompletionRequest, index: int, c: CompletionOutput,
+            out: RequestOutput, stream: RequestStream, *, echo: bool) -> dict:
+    text, logprobs = c.text, None
+    if body.logprobs is not None:
+        logprobs = completion_logprobs(c.token_ids, c.logprobs, body.logprobs)
+    if echo:
+        prompt_text = out.prompt if out.prompt is not None else engine.decode(stream.prompt_token_ids)
+        text = prompt_text + text
+        if logprobs is not None and out.prompt_logprobs is not None:
+            prompt_lp = completion_logprobs(stream.prompt_token_ids, out.prompt_logprobs, body.logprobs)
+            shift = len(prompt_text)
+            logprobs = {
+                "tokens": prompt_lp["tokens"] + logprobs["tokens"],
+                "token_logprobs": prompt_lp["token_logprobs"] + logprobs["token_logprobs"],
+                "top_logprobs": prompt_lp["top_logprobs"] + logprobs["top_logprobs"],
+                "text_offset": prompt_lp["text_offset"] + [o + shift for o in logprobs["text_offset"]],
+            }
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}
+
+
+async def _stream(engine: AsyncEngine, streams: list[RequestStream], body: CompletionRequest,
+                  request_id: str, model: str, created: int) -> AsyncIterator[bytes]:
+    def chunk(choices: list[dict], usage: dict | None = None) -> bytes:
+        data = {"id": request_id, "object": "text_completion", "created": created, "model": model,
+                "choices": choices}
+        if usage is not None:
+            data["usage"] = usage
+        return sse(data)
+
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    echoed: set[int] = set()
+    completion_tokens = 0
+    try:
+        async for p, out in merge_streams(streams):
+            choices = []
+            for c in out.outputs:
+                if c.finish_reason == "error":
+                    raise EngineDeadError("the engine failed while serving this request")
+                completion_tokens += len(c.token_ids)
+                index = p * body.n + c.index
+                echo = body.echo and index not in echoed
+                echoed.add(index)
+                if not c.text and c.finish_reason is None and not echo and not c.token_ids:
+                    continue
+                choices.append(_choice(engine, body, index, c, out, streams[p], echo=echo))
+            if choices:
+                yield chunk(choices)
+        if include_usage:
+            prompt_tokens = sum(len(s.prompt_token_ids) for s in streams)
+            yield chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                             "total_tokens": prompt_tokens + completion_tokens})
+        yield sse("[DONE]")
+    except EngineDeadError:
+        yield stream_error_chunk()
+    finally:
+        for s in streams:
+            engine.abort(s.request_id)
+
+
+__all__ = ["create_completion", "APIError"]

@@ -1,0 +1,81 @@
+"""One error type for every route, rendered in the format of the API the client speaks.
+
+Handlers raise `APIError(status, message)`; the exception handler renders it as an OpenAI error
+object, or, under `/v1/messages`, as an Anthropic one (with a `request-id` header). Messages are
+built from validation details only (RELIABILITY.md item 29) and capped in length (item 3).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pydantic
+from fastapi.responses import JSONResponse
+
+MAX_MESSAGE_CHARS = 1000
+MAX_LISTED_ERRORS = 5
+
+OPENAI_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+    404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+    415: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error",
+}
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+    404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+    415: "invalid_request_error", 429: "rate_limit_error", 500: "api_error", 503: "api_error",
+    529: "overloaded_error",
+}
+
+
+class APIError(Exception):
+    """A failure to report to the client. `status` is the HTTP status; `type`/`code` override the
+    defaults of the API's format."""
+
+    def __init__(self, status: int, message: str, *, type: str | None = None, param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = bounded(message)
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+
+def bounded(message: str) -> str:
+    return message if len(message) <= MAX_MESSAGE_CHARS else message[:MAX_MESSAGE_CHARS] + "...(truncated)"
+
+
+def is_anthropic_path(path: str) -> bool:
+    return path.startswith("/v1/messages")
+
+
+def openai_error_body(err: APIError) -> dict:
+    return {"error": {"message": err.message, "type": err.type or OPENAI_TYPES.get(err.status, "server_error"),
+                      "param": err.param, "code": err.code}}
+
+
+def anthropic_error_body(err: APIError) -> dict:
+    return {"type": "error", "error": {"type": err.type or ANTHROPIC_TYPES.get(err.status, "api_error"),
+                                       "message": err.message}}
+
+
+def error_response(path: str, err: APIError) -> JSONResponse:
+    headers = dict(err.headers)
+    if is_anthropic_path(path):
+        headers.setdefault("request-id", f"req_{uuid.uuid4().hex}")
+        return JSONResponse(anthropic_error_body(err), status_code=err.status, headers=headers)
+    return JSONResponse(openai_error_body(err), status_code=err.status, headers=headers)
+
+
+def validation_message(exc: pydantic.ValidationError) -> str:
+    """"field.path: what is wrong" for the first few errors, never the offending input itself."""
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    parts = []
+    for e in errors[:MAX_LISTED_ERRORS]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("function-after", "function-before"))
+        parts.append(f"{loc}: {e.get('msg', 'invalid')}" if loc else e.get("msg", "invalid"))
+    if len(errors) > MAX_LISTED_ERRORS:
+        parts.append(f"... and {len(errors) - MAX_LISTED_ERRORS} more errors")
+    return bounded("; ".join(parts))
