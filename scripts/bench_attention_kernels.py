@@ -1,0 +1,196 @@
+"""Micro-benchmark of the Triton paged-decode kernel (and, briefly, prefill and the fused ops)
+at Llama-3.1-8B attention shapes: 32 query heads, 8 KV heads, head_dim 128, bf16, block size 16.
+
+For decode it prints, per (batch, context): the Triton kernel's median time, the bytes it must read
+(K and V of every context token, plus q and out) over that time as GB/s, the floor time at the
+device-to-device copy rate measured in the same run, and torch_native's time on the same inputs.
+Times are `triton.testing.do_bench` medians, which clears L2 before each call. Prints; asserts
+nothing about time.
+
+Usage: PYTHONPATH=. python3 scripts/bench_attention_kernels.py [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from tokenmill.model.attention.backend import AttentionMetadata, get_backend
+from tokenmill.model.attention.triton_kernels import (
+    decode_num_splits,
+    paged_decode,
+    paged_prefill,
+    write_kv_cache,
+)
+from tokenmill.model.layers.triton_ops import (
+    rms_norm,
+    rms_norm_ref,
+    rope_neox_,
+    rope_neox_ref,
+    silu_and_mul,
+    silu_and_mul_ref,
+)
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
+DTYPE = torch.bfloat16
+DEVICE = torch.device("cuda")
+
+
+def copy_rate_bytes_per_s() -> float:
+    """Device-to-device copy of 2 GiB, counting bytes read plus written."""
+    src = torch.empty(1 << 30, dtype=torch.int16, device=DEVICE).random_()
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    del src, dst
+    return 2 * (1 << 31) / (ms * 1e-3)
+
+
+def make_decode_inputs(batch: int, context: int):
+    blocks_per_req = math.ceil(context / BLOCK_SIZE)
+    num_blocks = batch * blocks_per_req
+    shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    k_cache = torch.randn(shape, dtype=DTYPE, device=DEVICE)
+    v_cache = torch.randn(shape, dtype=DTYPE, device=DEVICE)
+    block_table = torch.randperm(num_blocks, device=DEVICE, dtype=torch.int32).view(batch, blocks_per_req)
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
+    q = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+    return q, k_cache, v_cache, block_table, seq_lens
+
+
+def bench_decode(copy_rate: float) -> list[dict]:
+    rows = []
+    native = get_backend("torch_native")
+    scale = HEAD_DIM ** -0.5
+    for batch in (1, 32, 256):
+        for context in (512, 2048, 8192, 32768):
+            kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * 2
+            if kv_bytes > 40e9:
+                continue
+            q, k_cache, v_cache, block_table, seq_lens = make_decode_inputs(batch, context)
+            out = torch.empty_like(q)
+            splits = decode_num_splits(batch, NUM_KV_HEADS, context, DEVICE)
+            ms = do_bench(
+                lambda: paged_decode(q, k_cache, v_cache, block_table, seq_lens, out, context, scale),
+                warmup=25, rep=200, return_mode="median",
+            )
+            bytes_read = kv_bytes + 2 * q.numel() * q.element_size()
+            row = {
+                "batch": batch, "context": context, "splits": splits, "triton_us": ms * 1e3,
+                "gb_per_s": bytes_read / (ms * 1e-3) / 1e9, "floor_us": bytes_read / copy_rate * 1e6,
+            }
+            # torch_native gathers a padded copy of the whole context: skip it where that is huge.
+            if 3 * kv_bytes < 30e9:
+                meta = AttentionMetadata(
+                    num_reqs=batch, num_tokens=batch, num_decodes=batch, max_query_len=1,
+                    max_seq_len=context, query_start_loc=torch.arange(batch + 1, device=DEVICE, dtype=torch.int32),
+                    seq_lens=seq_lens, block_table=block_table,
+                    slot_mapping=torch.full((batch,), -1, dtype=torch.int64, device=DEVICE),
+                    query_start_loc_cpu=torch.arange(batch + 1, dtype=torch.int32), seq_lens_cpu=seq_lens.cpu(),
+                )
+                ms_native = do_bench(
+                    lambda: native._decode(q, (k_cache, v_cache), meta, scale),
+                    warmup=10, rep=100, return_mode="median",
+                )
+                row["native_us"] = ms_native * 1e3
+            rows.append(row)
+            print(_fmt_decode(row), flush=True)
+            del q, k_cache, v_cache, block_table, seq_lens, out
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _fmt_decode(r: dict) -> str:
+    native = f"{r['native_us']:10.1f}" if "native_us" in r else f"{'-':>10}"
+    speedup = f"{r['native_us'] / r['triton_us']:7.1f}x" if "native_us" in r else f"{'-':>8}"
+    return (f"{r['batch']:6d} {r['context']:8d} {r['splits']:6d} {r['triton_us']:10.1f} {r['floor_us']:9.1f} "
+            f"{r['gb_per_s']:8.0f} {100 * r['floor_us'] / r['triton_us']:6.0f}% {native} {speedup}")
+
+
+def bench_prefill() -> list[dict]:
+    """One request: a chunk of `q_len` new tokens after `prefix` cached ones (causal)."""
+    rows = []
+    scale = HEAD_DIM ** -0.5
+    for q_len, prefix in ((2048, 0), (2048, 8192), (8192, 0)):
+        seq_len = q_len + prefix
+        q, k_cache, v_cache, block_table, _ = make_decode_inputs(1, seq_len)
+        q = torch.randn(q_len, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+        out = torch.empty_like(q)
+        qsl = torch.tensor([0, q_len], dtype=torch.int32, device=DEVICE)
+        sl = torch.tensor([seq_len], dtype=torch.int32, device=DEVICE)
+        ms = do_bench(lambda: paged_prefill(q, k_cache, v_cache, block_table, qsl, sl, out, 0, 1, q_len, scale),
+                      warmup=25, rep=200, return_mode="median")
+        # Causal: each query sees its prefix plus on average half the chunk.
+        flops = 4 * NUM_HEADS * HEAD_DIM * q_len * (prefix + q_len / 2)
+        # SDPA (flash) on contiguous K/V of the same length, as a dense-attention yardstick.
+        kq = torch.randn(1, NUM_HEADS, seq_len, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+        qq = q.transpose(0, 1).unsqueeze(0)
+        mask = None
+        if prefix:
+            mask = torch.arange(seq_len, device=DEVICE)[None, :] <= torch.arange(prefix, seq_len, device=DEVICE)[:, None]
+        ms_sdpa = do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(
+            qq, kq, kq, attn_mask=mask, is_causal=mask is None, scale=scale), warmup=25, rep=200, return_mode="median")
+        row = {"q_len": q_len, "prefix": prefix, "triton_us": ms * 1e3, "tflops": flops / (ms * 1e-3) / 1e12,
+               "sdpa_dense_us": ms_sdpa * 1e3}
+        rows.append(row)
+        print(f"{q_len:6d} {prefix:7d} {row['triton_us']:10.1f} {row['tflops']:8.1f} {row['sdpa_dense_us']:12.1f}", flush=True)
+    return rows
+
+
+def bench_ops() -> list[dict]:
+    """Fused ops against their eager torch references at Llama-3.1-8B shapes."""
+    rows = []
+    for num_tokens in (1, 256, 4096):
+        x = torch.randn(num_tokens, 4096, dtype=DTYPE, device=DEVICE)
+        res = torch.randn_like(x)
+        w = torch.randn(4096, dtype=DTYPE, device=DEVICE)
+        gate_up = torch.randn(num_tokens, 2 * 14336, dtype=DTYPE, device=DEVICE)
+        qkv = torch.randn(num_tokens, 6144, dtype=DTYPE, device=DEVICE)
+        q = qkv[:, :4096].view(num_tokens, 32, 128)
+        k = qkv[:, 4096:5120].view(num_tokens, 8, 128)
+        pos = torch.randint(0, 8192, (num_tokens,), device=DEVICE)
+        cache = torch.randn(131072, 128, dtype=torch.float32, device=DEVICE)
+        cases = {
+            "rms_norm+residual": (lambda: rms_norm(x, w, 1e-5, res), lambda: rms_norm_ref(x, w, 1e-5, res)),
+            "silu_and_mul": (lambda: silu_and_mul(gate_up), lambda: silu_and_mul_ref(gate_up)),
+            "rope_neox": (lambda: rope_neox_(q, k, pos, cache), lambda: rope_neox_ref(q, k, pos, cache)),
+        }
+        for name, (fused, ref) in cases.items():
+            t_fused = do_bench(fused, warmup=10, rep=100, return_mode="median") * 1e3
+            t_ref = do_bench(ref, warmup=10, rep=100, return_mode="median") * 1e3
+            rows.append({"op": name, "num_tokens": num_tokens, "fused_us": t_fused, "torch_us": t_ref})
+            print(f"{name:18s} {num_tokens:6d} {t_fused:9.1f} {t_ref:9.1f} {t_ref / t_fused:7.1f}x", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    props = torch.cuda.get_device_properties(0)
+    copy_rate = copy_rate_bytes_per_s()
+    print(f"device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, "
+          f"triton {triton.__version__}; copy rate {copy_rate / 1e12:.2f} TB/s (read + write)")
+    print("\n# paged decode, Llama-3.1-8B attention (32 q / 8 kv heads, d=128, bf16, block 16); one layer")
+    print(f"{'batch':>6} {'context':>8} {'splits':>6} {'triton_us':>10} {'floor_us':>9} {'GB/s':>8} "
+          f"{'%floor':>7} {'native_us':>10} {'speedup':>8}")
+    decode_rows = bench_decode(copy_rate)
+    print("\n# paged prefill, one request, causal (dense SDPA on contiguous K/V for scale)")
+    print(f"{'q_len':>6} {'prefix':>7} {'triton_us':>10} {'TFLOP/s':>8} {'sdpa_dense_us':>12}")
+    prefill_rows = bench_prefill()
+    print("\n# fused ops vs eager torch, Llama-3.1-8B shapes")
+    print(f"{'op':18s} {'tokens':>6} {'fused_us':>9} {'torch_us':>9} {'speedup':>8}")
+    op_rows = bench_ops()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": props.name, "copy_rate_tb_s": copy_rate / 1e12, "decode": decode_rows,
+                       "prefill": prefill_rows, "ops": op_rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,334 @@
+"""The Triton attention kernels against `torch_native` (run on float32 copies of the inputs).
+
+GPU only: skipped without CUDA. With `TRITON_INTERPRET=1` the small cases also run on the CPU
+through Triton's interpreter (float16 there: the interpreter's bfloat16 `tl.dot` is wrong), which
+is how the kernels are checked on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if torch.cuda.is_available():
+    DEVICE = torch.device("cuda")
+elif INTERPRET:
+    DEVICE = torch.device("cpu")
+else:
+    pytest.skip("Triton kernels need CUDA (or TRITON_INTERPRET=1)", allow_module_level=True)
+
+from tokenmill.model.attention.backend import AttentionMetadata, get_backend  # noqa: E402
+from tokenmill.model.attention.triton_kernels import (  # noqa: E402
+    paged_decode,
+    paged_prefill,
+    write_kv_cache,
+)
+
+DTYPE = torch.float16 if INTERPRET else torch.bfloat16
+REL_TOL = 1e-2
+gpu_only = pytest.mark.skipif(DEVICE.type != "cuda", reason="too slow for the Triton interpreter")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(out).all(), "output has NaN/inf (unwritten or poisoned elements)"
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+@dataclass
+class PagedBatch:
+    q: torch.Tensor  # [num_tokens, num_heads, head_dim]
+    k: torch.Tensor  # [num_tokens, num_kv_heads, head_dim]
+    v: torch.Tensor
+    k_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim], prefixes filled
+    v_cache: torch.Tensor
+    meta: AttentionMetadata
+
+
+def make_batch(
+    query_lens: list[int],
+    seq_lens: list[int],
+    num_kv_heads: int,
+    group: int,
+    head_dim: int,
+    block_size: int,
+    qkv_strided: bool = False,
+) -> PagedBatch:
+    """Requests in order (decodes, i.e. query_len 1, must come first), with random block ids, a
+    random cached prefix of `seq_len - query_len` tokens each, and random new q/k/v."""
+    assert all(s >= q for q, s in zip(query_lens, seq_lens))
+    num_decodes = 0
+    while num_decodes < len(query_lens) and query_lens[num_decodes] == 1:
+        num_decodes += 1
+    num_heads = num_kv_heads * group
+    blocks_per_req = [(s + block_size - 1) // block_size for s in seq_lens]
+    max_blocks = max(blocks_per_req)
+    num_blocks = sum(blocks_per_req) + 7  # a few blocks nobody owns
+    perm = torch.randperm(num_blocks, device=DEVICE, dtype=torch.int32)
+    block_table = torch.zeros(len(seq_lens), max_blocks, dtype=torch.int32, device=DEVICE)
+    used = 0
+    for i, n in enumerate(blocks_per_req):
+        block_table[i, :n] = perm[used: used + n]
+        used += n
+    cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(cache_shape, dtype=DTYPE, device=DEVICE)
+    v_cache = torch.randn(cache_shape, dtype=DTYPE, device=DEVICE)
+    num_tokens = sum(query_lens)
+    if qkv_strided:  # q, k, v as views of one fused projection output, as the model makes them
+        qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, dtype=DTYPE, device=DEVICE)
+        q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=1)
+        q = q.view(num_tokens, num_heads, head_dim)
+        k = k.view(num_tokens, num_kv_heads, head_dim)
+        v = v.view(num_tokens, num_kv_heads, head_dim)
+    else:
+        q = torch.randn(num_tokens, num_heads, head_dim, dtype=DTYPE, device=DEVICE)
+        k = torch.randn(num_tokens, num_kv_heads, head_dim, dtype=DTYPE, device=DEVICE)
+        v = torch.randn(num_tokens, num_kv_heads, head_dim, dtype=DTYPE, device=DEVICE)
+    slots = []
+    for i, (ql, sl) in enumerate(zip(query_lens, seq_lens)):
+        for pos in range(sl - ql, sl):
+            slots.append(int(block_table[i, pos // block_size]) * block_size + pos % block_size)
+    starts = [0]
+    for ql in query_lens:
+        starts.append(starts[-1] + ql)
+    query_start_loc_cpu = torch.tensor(starts, dtype=torch.int32)
+    seq_lens_cpu = torch.tensor(seq_lens, dtype=torch.int32)
+    meta = AttentionMetadata(
+        num_reqs=len(query_lens), num_tokens=num_tokens, num_decodes=num_decodes,
+        max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+        query_start_loc=query_start_loc_cpu.to(DEVICE), seq_lens=seq_lens_cpu.to(DEVICE),
+        block_table=block_table, slot_mapping=torch.tensor(slots, dtype=torch.int64, device=DEVICE),
+        query_start_loc_cpu=query_start_loc_cpu, seq_lens_cpu=seq_lens_cpu,
+    )
+    return PagedBatch(q, k, v, k_cache, v_cache, meta)
+
+
+def reference(batch: PagedBatch, scale: float, causal: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torch_native on float32 copies: (out, k_cache, v_cache) after the step."""
+    k_cache, v_cache = batch.k_cache.float(), batch.v_cache.float()
+    meta = batch.meta
+    meta_ref = AttentionMetadata(**{f: getattr(meta, f) for f in meta.__slots__})
+    meta_ref.causal = causal
+    out = get_backend("torch_native").forward(
+        batch.q.float(), batch.k.float(), batch.v.float(), (k_cache, v_cache), meta_ref, scale,
+    )
+    return out, k_cache, v_cache
+
+
+def poisoned_like(x: torch.Tensor) -> torch.Tensor:
+    return torch.full(x.shape, float("nan"), dtype=x.dtype, device=x.device)
+
+
+def poison_allocator(num_bytes: int) -> None:
+    """Leave NaNs in the caching allocator's free memory, so an output the code under test takes
+    with torch.empty starts out poisoned."""
+    if DEVICE.type == "cuda":
+        torch.full((num_bytes // 2 + 4096,), float("nan"), dtype=torch.float16, device=DEVICE)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    random.seed(0)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("num_kv_heads,head_dim", [(1, 64), (8, 128), (2, 96)])
+def test_write_kv_cache(block_size, num_kv_heads, head_dim):
+    batch = make_batch([1, 1, 45, 3], [7, 300, 45, 70], num_kv_heads, 2, head_dim, block_size, qkv_strided=True)
+    slots = batch.meta.slot_mapping.clone()
+    slots[[1, 10]] = -1  # padding tokens: must leave the cache alone
+    k_cache, v_cache = batch.k_cache.clone(), batch.v_cache.clone()
+    write_kv_cache(batch.k, batch.v, k_cache, v_cache, slots)
+    keep = slots >= 0
+    k_ref, v_ref = batch.k_cache.clone(), batch.v_cache.clone()
+    k_ref.view(-1, num_kv_heads, head_dim)[slots[keep]] = batch.k[keep]
+    v_ref.view(-1, num_kv_heads, head_dim)[slots[keep]] = batch.v[keep]
+    assert torch.equal(k_cache, k_ref)
+    assert torch.equal(v_cache, v_ref)
+
+
+def _decode_cases():
+    cases = []
+    for block_size in (16, 32):
+        for group in (1, 4, 8):
+            for head_dim in (64, 128):
+                cases.append((block_size, group, head_dim))
+    return cases
+
+
+@pytest.mark.parametrize("block_size,group,head_dim", _decode_cases())
+@pytest.mark.parametrize("num_splits", [None, 1, 5])
+def test_paged_decode_short(block_size, group, head_dim, num_splits):
+    seq_lens = [1, 2, 17, 64, 65, 200, 333]
+    batch = make_batch([1] * len(seq_lens), seq_lens, 2, group, head_dim, block_size)
+    scale = head_dim ** -0.5
+    ref, k_ref, v_ref = reference(batch, scale)
+    write_kv_cache(batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta.slot_mapping)
+    out = poisoned_like(batch.q)
+    paged_decode(
+        batch.q, batch.k_cache, batch.v_cache, batch.meta.block_table, batch.meta.seq_lens, out,
+        batch.meta.max_seq_len, scale, num_splits=num_splits,
+    )
+    assert rel_err(out, ref) < REL_TOL
+
+
+@gpu_only
+@pytest.mark.parametrize("block_size,group,head_dim", _decode_cases())
+def test_paged_decode_long(block_size, group, head_dim):
+    seq_lens = [32768, 1, 511, 4097, 16000, 32000]
+    batch = make_batch([1] * len(seq_lens), seq_lens, 8 // group if group < 8 else 1, group, head_dim, block_size)
+    scale = head_dim ** -0.5
+    ref, _, _ = reference(batch, scale)
+    write_kv_cache(batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta.slot_mapping)
+    for num_splits in (None, 1, 32):
+        out = poisoned_like(batch.q)
+        paged_decode(
+            batch.q, batch.k_cache, batch.v_cache, batch.meta.block_table, batch.meta.seq_lens, out,
+            batch.meta.max_seq_len, scale, num_splits=num_splits,
+        )
+        assert rel_err(out, ref) < REL_TOL, f"num_splits={num_splits}"
+
+
+def test_paged_decode_zero_length_padding():
+    """A padded graph slot has seq_len 0: its output is 0, never NaN, and others are unaffected."""
+    batch = make_batch([1, 1], [40, 9], 2, 4, 64, 16)
+    scale = 0.125
+    ref, _, _ = reference(batch, scale)
+    write_kv_cache(batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta.slot_mapping)
+    seq_lens = torch.cat([batch.meta.seq_lens, torch.zeros(1, dtype=torch.int32, device=DEVICE)])
+    block_table = torch.cat([batch.meta.block_table, batch.meta.block_table[:1]])
+    q = torch.cat([batch.q, batch.q[:1]])
+    for num_splits in (1, 4):
+        out = poisoned_like(q)
+        paged_decode(q, batch.k_cache, batch.v_cache, block_table, seq_lens, out, 40, scale, num_splits=num_splits)
+        assert torch.equal(out[2], torch.zeros_like(out[2]))
+        assert rel_err(out[:2], ref) < REL_TOL
+
+
+def _prefill_cases():
+    small = [
+        # (query_lens, seq_lens): prefix length = seq_len - query_len
+        ([5, 100, 64], [5, 100, 64]),  # no prefix
+        ([37, 1, 130], [37 + 50, 1 + 16, 130 + 1000]),  # cached prefixes, odd lengths
+    ]
+    return small
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("case", range(len(_prefill_cases())))
+def test_paged_prefill(block_size, group, head_dim, case):
+    query_lens, seq_lens = _prefill_cases()[case]
+    # A leading decode keeps first_req > 0 covered; prefill rows start after it.
+    batch = make_batch([1] + query_lens, [9] + seq_lens, 2, group, head_dim, block_size, qkv_strided=True)
+    scale = head_dim ** -0.5
+    ref, _, _ = reference(batch, scale)
+    write_kv_cache(batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta.slot_mapping)
+    out = poisoned_like(batch.q)
+    meta = batch.meta
+    paged_prefill(
+        batch.q, batch.k_cache, batch.v_cache, meta.block_table, meta.query_start_loc, meta.seq_lens,
+        out, first_req=1, num_reqs=meta.num_reqs - 1, max_query_len=meta.max_query_len, scale=scale,
+    )
+    assert torch.isnan(out[0]).all(), "the decode row belongs to the decode kernel"
+    assert rel_err(out[1:], ref[1:]) < REL_TOL
+
+
+@gpu_only
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("group,head_dim", [(1, 128), (4, 64), (8, 128)])
+def test_paged_prefill_long_chunks(block_size, group, head_dim):
+    """Chunked prefill at long contexts: 2k-token chunks after 0, 6k and 14k cached tokens."""
+    query_lens = [2048, 2048, 777, 2048]
+    seq_lens = [2048, 2048 + 6000, 777 + 3, 2048 + 14000]
+    batch = make_batch(query_lens, seq_lens, 8 // group, group, head_dim, block_size)
+    scale = head_dim ** -0.5
+    ref, _, _ = reference(batch, scale)
+    write_kv_cache(batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta.slot_mapping)
+    out = poisoned_like(batch.q)
+    meta = batch.meta
+    paged_prefill(
+        batch.q, batch.k_cache, batch.v_cache, meta.block_table, meta.query_start_loc, meta.seq_lens,
+        out, first_req=0, num_reqs=meta.num_reqs, max_query_len=meta.max_query_len, scale=scale,
+    )
+    assert rel_err(out, ref) < REL_TOL
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_paged_prefill_non_causal(head_dim):
+    batch = make_batch([70, 3, 129], [70, 3, 129], 2, 2, head_dim, 16)
+    scale = head_dim ** -0.5
+    ref, _, _ = reference(batch, scale, causal=False)
+    write_kv_cache(batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta.slot_mapping)
+    out = poisoned_like(batch.q)
+    meta = batch.meta
+    paged_prefill(
+        batch.q, batch.k_cache, batch.v_cache, meta.block_table, meta.query_start_loc, meta.seq_lens,
+        out, first_req=0, num_reqs=3, max_query_len=meta.max_query_len, scale=scale, causal=False,
+    )
+    assert rel_err(out, ref) < REL_TOL
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("group,head_dim", [(1, 64), (4, 128), (8, 128)])
+def test_backend_mixed_batch(block_size, group, head_dim):
+    """The whole backend on a step with decodes first, then a fresh prompt and a chunk with prefix."""
+    query_lens = [1, 1, 1, 33, 80]
+    seq_lens = [5, 130, 64, 33, 80 + 200]
+    batch = make_batch(query_lens, seq_lens, 2, group, head_dim, block_size, qkv_strided=True)
+    scale = head_dim ** -0.5
+    ref, k_ref, v_ref = reference(batch, scale)
+    poison_allocator(batch.q.numel() * batch.q.element_size())
+    out = get_backend("triton").forward(
+        batch.q, batch.k, batch.v, (batch.k_cache, batch.v_cache), batch.meta, scale,
+    )
+    assert rel_err(out, ref) < REL_TOL
+    assert torch.equal(batch.k_cache.float(), k_ref) and torch.equal(batch.v_cache.float(), v_ref)
+
+
+@gpu_only
+def test_backend_decode_cuda_graph():
+    """A captured decode step replays correctly with new lengths and contents (same shapes)."""
+    num_reqs, num_kv_heads, group, head_dim, block_size = 8, 8, 4, 128, 16
+    max_seq_len = 4096
+    backend = get_backend("triton")
+
+    def fresh(seq_lens):
+        return make_batch([1] * num_reqs, seq_lens, num_kv_heads, group, head_dim, block_size)
+
+    # Static buffers the graph reads: sized for the longest context, refilled before each replay.
+    first = fresh([max_seq_len] * num_reqs)
+    static = first
+    scale = head_dim ** -0.5
+    meta = static.meta
+    meta.max_seq_len = max_seq_len
+    backend.forward(static.q, static.k, static.v, (static.k_cache, static.v_cache), meta, scale)  # warm-up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = backend.forward(static.q, static.k, static.v, (static.k_cache, static.v_cache), meta, scale)
+    for seq_lens in ([1, 2, 3, 4, 5, 6, 7, 8], [4096, 17, 1000, 2048, 33, 4000, 64, 65]):
+        batch = fresh(seq_lens)
+        ref, _, _ = reference(batch, scale)
+        nb = batch.k_cache.shape[0]
+        assert nb <= static.k_cache.shape[0]
+        for dst, src in ((static.q, batch.q), (static.k, batch.k), (static.v, batch.v),
+                         (meta.seq_lens, batch.meta.seq_lens), (meta.slot_mapping, batch.meta.slot_mapping)):
+            dst.copy_(src)
+        meta.block_table.zero_()
+        meta.block_table[:, : batch.meta.block_table.shape[1]].copy_(batch.meta.block_table)
+        static.k_cache[:nb].copy_(batch.k_cache)
+        static.v_cache[:nb].copy_(batch.v_cache)
+        static_out.fill_(float("nan"))
+        graph.replay()
+        assert rel_err(static_out, ref) < REL_TOL
