@@ -173,10 +173,12 @@ class AsyncEngine:
         return len(self._requests)
 
     def is_healthy(self) -> bool:
-        """False when the core is dead, or wedged: work pending and no step finished for a while."""
+        """False when the core is dead or wedged. The core reports after every step and sends a
+        heartbeat every second when idle, so silence longer than `wedge_timeout_s` means it is
+        stuck inside a step (work pending, no progress)."""
         if self.dead:
             return False
-        return not self._requests or time.monotonic() - self._last_progress < self.wedge_timeout_s
+        return time.monotonic() - self._last_progress < self.wedge_timeout_s
 
     def add_death_callback(self, callback: Any) -> None:
         self._death_callbacks.append(callback)
@@ -217,8 +219,6 @@ class AsyncEngine:
         state = _RequestState(queue=asyncio.Queue(), child_ids=[r.request_id for r in engine_requests],
                               timing=timing,
                               delta_outputs=params.output_kind == RequestOutputKind.DELTA)
-        if not self._requests:
-            self._last_progress = time.monotonic()  # idle until now: the wedge clock starts here
         self._requests[request_id] = state
         for child_id in state.child_ids:
             self._child_to_parent[child_id] = request_id

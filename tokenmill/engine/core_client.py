@@ -91,6 +91,7 @@ class EngineCoreClient:
             client.close()
             raise
         client.kv_capacity_tokens = msg.kv_capacity_tokens
+        logger.info("engine core ready (pid %d)", msg.pid)
         return client
 
     async def _recv_until_ready(self, timeout_s: float) -> CoreReady:

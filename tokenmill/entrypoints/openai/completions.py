@@ -67,10 +67,10 @@ async def create_completion(request: Request) -> Response:
 
 
 def _choice(engine: AsyncEngine, body: CompletionRequest, index: int, c: CompletionOutput,
-            out: RequestOutput, stream: RequestStream, *, echo: bool) -> dict:
+            out: RequestOutput, stream: RequestStream, *, echo: bool, text_offset: int = 0) -> dict:
     text, logprobs = c.text, None
     if body.logprobs is not None:
-        logprobs = completion_logprobs(c.token_ids, c.logprobs, body.logprobs)
+        logprobs = completion_logprobs(c.token_ids, c.logprobs, body.logprobs, text_offset)
     if echo:
         prompt_text = out.prompt if out.prompt is not None else engine.decode(stream.prompt_token_ids)
         text = prompt_text + text
@@ -97,6 +97,7 @@ async def _stream(engine: AsyncEngine, streams: list[RequestStream], body: Compl
 
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     echoed: set[int] = set()
+    text_offsets: dict[int, int] = {}  # per choice: characters sent so far, for logprobs.text_offset
     completion_tokens = 0
     try:
         async for p, out in merge_streams(streams):
@@ -110,7 +111,10 @@ async def _stream(engine: AsyncEngine, streams: list[RequestStream], body: Compl
                 echoed.add(index)
                 if not c.text and c.finish_reason is None and not echo and not c.token_ids:
                     continue
-                choices.append(_choice(engine, body, index, c, out, streams[p], echo=echo))
+                choice = _choice(engine, body, index, c, out, streams[p], echo=echo,
+                                 text_offset=text_offsets.get(index, 0))
+                text_offsets[index] = text_offsets.get(index, 0) + len(choice["text"])
+                choices.append(choice)
             if choices:
                 yield chunk(choices)
         if include_usage:

@@ -1,0 +1,89 @@
+"""Starting a server subprocess for tests and reading its state back (shared by the fake-engine
+server tests and the e2e tests)."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, argv: list[str], port: int, env: dict[str, str] | None = None,
+                 api_key: str | None = None, log_path: str | None = None) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.api_key = api_key
+        self.log_path = log_path or f"/tmp/tokenmill-test-server-{port}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; log: {self.log()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"server not ready after {timeout_s}s; log: {self.log()[-3000:]}")
+
+    def log(self) -> str:
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def metric(self, name: str) -> float:
+        """The value of one `tokenmill:` metric (summed over label sets)."""
+        text = httpx.get(f"{self.url}/metrics", headers=self.headers(), timeout=5).text
+        values = [float(m.group(1)) for m in re.finditer(rf"^tokenmill:{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)]
+        assert values, f"metric {name} not found"
+        return sum(values)
+
+    def wait_idle(self, timeout_s: float = 5.0) -> float:
+        """Seconds until the engine reports no running and no waiting request (fails after timeout)."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout_s:
+            if self.metric("num_requests_running") == 0 and self.metric("num_requests_waiting") == 0:
+                return time.monotonic() - start
+            time.sleep(0.1)
+        raise AssertionError(f"engine still busy after {timeout_s}s")
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+FAKE_SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_server.py")
+
+
+def start_fake_server(api_key: str | None = None, env: dict[str, str] | None = None) -> ServerProcess:
+    port = free_port()
+    argv = [sys.executable, FAKE_SERVER, str(port)] + ([api_key] if api_key else [])
+    server = ServerProcess(argv, port, env=env, api_key=api_key)
+    server.wait_ready(60)
+    return server
