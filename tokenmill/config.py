@@ -1,0 +1,219 @@
+"""Engine configuration: user-facing `EngineArgs` (vLLM's names) and the frozen `EngineConfig`.
+
+`EngineArgs` is what a user or the CLI sets; `create_engine_config()` resolves the model, reads its
+config, checks every value once and returns frozen configs. Nothing mutates a config afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tokenmill.model.loader.model_source import ModelSource, resolve_model_source
+
+LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
+DTYPES = {"auto": None, "float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+          "float16": torch.float16, "half": torch.float16}
+SCHEDULING_POLICIES = ("fcfs", "priority")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str  # what the user named (path, shape name, or the default)
+    source: ModelSource  # where weights, config and tokenizer come from
+    hf_config: Any  # a transformers PretrainedConfig
+    architecture: str
+    dtype: torch.dtype
+    max_model_len: int
+    served_model_name: str
+    seed: int
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf_config.vocab_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.hf_config.num_hidden_layers
+
+    @property
+    def num_kv_heads(self) -> int:
+        return getattr(self.hf_config, "num_key_value_heads", None) or self.hf_config.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.hf_config, "head_dim", None) or (
+            self.hf_config.hidden_size // self.hf_config.num_attention_heads)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int
+    kv_cache_memory: int | None  # bytes for the KV pool (CPU); None: derived
+    gpu_memory_utilization: float
+    enable_prefix_caching: bool
+    num_gpu_blocks_override: int | None = None
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    scheduling_policy: str
+    max_model_len: int
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    parallel: ParallelConfig
+    device: torch.device
+    load_format: str
+    attention_backend: str
+    enforce_eager: bool
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _cpu_supports_bf16() -> bool:
+    """bfloat16 only pays where the CPU has native bf16 dot products (AVX512-BF16 / AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str, hf_config: Any, device: torch.device) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    if DTYPES[name] is not None:
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if _cpu_supports_bf16() else torch.float32
+
+
+@dataclass
+class EngineArgs:
+    """Everything a user can set about the engine (vLLM's names and meanings)."""
+
+    model: str | None = None
+    tokenizer: str | None = None
+    served_model_name: str | None = None
+    load_format: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    kv_cache_memory: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    scheduling_policy: str = "fcfs"
+    tensor_parallel_size: int = 1
+    device: str = "auto"
+    attention_backend: str | None = None
+    enforce_eager: bool = False
+    num_gpu_blocks_override: int | None = None
+
+    # ----- CLI -----
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser, with_model: bool = True) -> argparse.ArgumentParser:
+        d = EngineArgs()
+        if with_model:
+            parser.add_argument("--model", default=None,
+                                help="GGUF file, HF folder, or a shipped shape name (default: embedded SmolLM2-135M-Instruct)")
+        parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
+        parser.add_argument("--served-model-name", default=None)
+        parser.add_argument("--load-format", choices=LOAD_FORMATS, default=d.load_format)
+        parser.add_argument("--dtype", choices=list(DTYPES), default=d.dtype)
+        parser.add_argument("--seed", type=int, default=d.seed)
+        parser.add_argument("--max-model-len", type=int, default=None)
+        parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+        parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+        parser.add_argument("--block-size", type=int, default=d.block_size)
+        parser.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV pool")
+        parser.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
+        parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                            default=d.enable_prefix_caching)
+        parser.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES, default=d.scheduling_policy)
+        parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size)
+        parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
+        parser.add_argument("--attention-backend", choices=("torch_native", "triton"), default=None)
+        parser.add_argument("--enforce-eager", action="store_true")
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+    # ----- resolution -----
+    def create_engine_config(self) -> EngineConfig:
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}")
+        if self.tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size > 1 is not supported yet (layers are TP-aware; "
+                             "the multi-process runner is not built)")
+        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
+            raise ValueError(f"block_size must be a power of two up to 128, got {self.block_size}")
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        device = torch.device(_default_device() if self.device == "auto" else self.device)
+        source = resolve_model_source(self.model, self.load_format, self.tokenizer)
+        hf_config = source.load_hf_config()
+        architecture = (getattr(hf_config, "architectures", None) or ["?"])[0]
+        dtype = resolve_dtype(self.dtype, hf_config, device)
+        model_max = (getattr(hf_config, "max_position_embeddings", None) or 2048)
+        max_model_len = self.max_model_len or model_max
+        if max_model_len < 1:
+            raise ValueError("max_model_len must be >= 1")
+        max_batched = self.max_num_batched_tokens or max(2048, min(max_model_len, 8192))
+        if max_batched < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+        model_cfg = ModelConfig(
+            model=self.model or source.display_name, source=source, hf_config=hf_config,
+            architecture=architecture, dtype=dtype, max_model_len=max_model_len,
+            served_model_name=self.served_model_name or source.display_name, seed=self.seed)
+        return EngineConfig(
+            model=model_cfg,
+            cache=CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
+                              self.enable_prefix_caching, self.num_gpu_blocks_override),
+            scheduler=SchedulerConfig(self.max_num_seqs, max_batched, self.scheduling_policy, max_model_len),
+            parallel=ParallelConfig(self.tensor_parallel_size),
+            device=device,
+            load_format=source.load_format,
+            attention_backend=self.attention_backend or ("triton" if device.type == "cuda" else "torch_native"),
+            enforce_eager=self.enforce_eager or device.type != "cuda",
+        )
+
+
+def engine_args_from_kwargs(model: str | None, **kwargs: Any) -> EngineArgs:
+    """Build EngineArgs from `LLM(...)` keyword arguments, naming any unknown one."""
+    names = {f.name for f in dataclasses.fields(EngineArgs)}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise TypeError(f"unknown engine argument(s): {', '.join(unknown)}")
+    return EngineArgs(model=model, **kwargs)
+
+
+__all__ = ["EngineArgs", "EngineConfig", "ModelConfig", "CacheConfig", "SchedulerConfig",
+           "ParallelConfig", "engine_args_from_kwargs", "field"]

@@ -1,0 +1,251 @@
+"""Continuous batching with one rule: every step, move each request's `num_computed_tokens`
+toward its total token count, within a token budget and a sequence cap.
+
+There is no prefill phase and no decode phase. Running requests go first (a decode costs one
+token; a partly prefilled prompt continues its chunk), then waiting ones, chunking long prompts.
+When the block pool runs dry, the newest running request (or, under the `priority` policy, the
+lowest-priority one) is preempted: its blocks are freed and it is recomputed later.
+Plain Python, no torch: unit-testable in milliseconds.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from typing import Iterable
+
+from tokenmill.config import SchedulerConfig
+from tokenmill.core.kv_cache_manager import KVCacheManager
+from tokenmill.core.request import Request, RequestStatus
+from tokenmill.core.scheduler_output import (
+    CachedRequestData,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+)
+from tokenmill.engine.messages import EngineOutput, SchedulerStats
+
+
+class WaitingQueue:
+    """FCFS deque, or a heap on (priority, arrival) for the `priority` policy."""
+
+    def __init__(self, policy: str) -> None:
+        self.policy = policy
+        self._fifo: deque[Request] = deque()
+        self._heap: list[tuple[int, float, int, Request]] = []
+        self._counter = itertools.count()
+
+    def _key(self, req: Request) -> tuple[int, float, int, Request]:
+        return (req.priority, req.arrival_time, next(self._counter), req)
+
+    def add(self, req: Request) -> None:
+        if self.policy == "priority":
+            heapq.heappush(self._heap, self._key(req))
+        else:
+            self._fifo.append(req)
+
+    def add_front(self, req: Request) -> None:
+        """A preempted request goes back ahead of later arrivals."""
+        if self.policy == "priority":
+            heapq.heappush(self._heap, self._key(req))
+        else:
+            self._fifo.appendleft(req)
+
+    def peek(self) -> Request:
+        return self._heap[0][3] if self.policy == "priority" else self._fifo[0]
+
+    def pop(self) -> Request:
+        return heapq.heappop(self._heap)[3] if self.policy == "priority" else self._fifo.popleft()
+
+    def remove(self, req: Request) -> None:
+        if self.policy == "priority":
+            self._heap = [e for e in self._heap if e[3] is not req]
+            heapq.heapify(self._heap)
+        else:
+            self._fifo.remove(req)
+
+    def __len__(self) -> int:
+        return len(self._heap) if self.policy == "priority" else len(self._fifo)
+
+    def __iter__(self):
+        return iter([e[3] for e in self._heap] if self.policy == "priority" else list(self._fifo))
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv_manager
+        self.requests: dict[str, Request] = {}
+        self.waiting = WaitingQueue(config.scheduling_policy)
+        self.running: list[Request] = []
+        self._finished_since_last_step: set[str] = set()
+        self.num_preemptions = 0
+
+    # ----- request lifecycle -----
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.add(request)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
+        """Abort (or otherwise end) requests wherever they are; their blocks are freed at once."""
+        finished = []
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None or request.status.is_finished:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            request.status = status
+            self._free(request)
+            finished.append(request)
+        return finished
+
+    def _free(self, request: Request) -> None:
+        self.kv.free(request)
+        self._finished_since_last_step.add(request.request_id)
+        del self.requests[request.request_id]
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.running) or len(self.waiting) > 0
+
+    # ----- one step -----
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        max_len = self.config.max_model_len
+        out = SchedulerOutput(finished_request_ids=self._finished_since_last_step)
+        self._finished_since_last_step = set()
+        preempted_this_step = False
+
+        # 1. Running requests, oldest first.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget,
+                          max_len - request.num_computed_tokens)
+            if num_new <= 0:
+                i += 1
+                continue
+            while True:
+                new_block_ids = self.kv.allocate_slots(request, num_new)
+                if new_block_ids is not None:
+                    break
+                victim = self._pick_victim()
+                self._preempt(victim, out)
+                preempted_this_step = True
+                if victim is request:
+                    break
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted itself; self.running shrank, don't advance i
+            out.cached_requests.append(
+                CachedRequestData(request.request_id, new_block_ids, request.num_computed_tokens))
+            out.num_scheduled_tokens[request.request_id] = num_new
+            budget -= num_new
+            # A priority-policy victim may sit before this request; find our place again.
+            i = self.running.index(request) + 1
+
+        # 2. Waiting requests, while there is budget, a sequence slot and no memory pressure.
+        while (len(self.waiting) and budget > 0 and not preempted_this_step
+               and len(self.running) < self.config.max_num_seqs):
+            request = self.waiting.peek()
+            computed_blocks, num_hit = [], 0
+            if request.num_computed_tokens == 0:
+                computed_blocks, num_hit = self.kv.get_computed_blocks(request)
+            num_new = min(request.num_tokens - num_hit, budget)
+            new_block_ids = self.kv.allocate_slots(request, num_new, computed_blocks)
+            if new_block_ids is None:
+                break  # the pool is full: wait for running requests to finish
+            self.waiting.pop()
+            request.num_computed_tokens = num_hit
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.new_requests.append(NewRequestData(
+                request_id=request.request_id, token_ids=list(request.all_token_ids),
+                num_prompt_tokens=request.num_prompt_tokens, sampling_params=request.sampling_params,
+                block_ids=self.kv.block_ids(request.request_id), num_computed_tokens=num_hit,
+                num_output_tokens=request.num_output_tokens, eos_token_id=request.eos_token_id))
+            out.num_scheduled_tokens[request.request_id] = num_new
+            budget -= num_new
+
+        out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
+        assert out.total_num_scheduled_tokens <= self.config.max_num_batched_tokens
+        assert len(self.running) <= self.config.max_num_seqs
+        return out
+
+    def _pick_victim(self) -> Request:
+        if self.config.scheduling_policy == "priority":
+            # Lowest priority (largest value), newest among equals.
+            return max(self.running, key=lambda r: (r.priority, r.arrival_time))
+        return self.running[-1]
+
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.add_front(request)
+        out.preempted_request_ids.add(request.request_id)
+        out.num_scheduled_tokens.pop(request.request_id, None)
+        out.cached_requests = [c for c in out.cached_requests if c.request_id != request.request_id]
+
+    # ----- after the model ran -----
+    def update(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineOutput]:
+        outputs: list[EngineOutput] = []
+        for request_id, num_tokens in sched.num_scheduled_tokens.items():
+            request = self.requests.get(request_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            request.num_computed_tokens += num_tokens
+            self.kv.cache_full_blocks(request)
+            prompt_lps = result.prompt_logprobs.get(request_id)
+            if prompt_lps:
+                request.prompt_logprobs.extend(prompt_lps)
+            token = result.sampled_token_ids.get(request_id)
+            if token is None:
+                continue  # a prompt chunk that did not reach the end
+            request.append_output_token(token)
+            self._check_stop(request, token)
+            out = EngineOutput(request_id=request_id, new_token_ids=[token],
+                               num_cached_tokens=max(request.num_cached_tokens, 0))
+            lp = result.logprobs.get(request_id)
+            if lp is not None:
+                out.new_logprobs = [lp]
+            if request.wants_prompt_logprobs and request.num_output_tokens == 1:
+                out.prompt_logprobs = request.prompt_logprobs
+            if request.status.is_finished:
+                out.finish_reason = request.status.finish_reason
+                out.stop_reason = request.stop_reason
+                self.running.remove(request)
+                self._free(request)
+            outputs.append(out)
+        return outputs
+
+    def _check_stop(self, request: Request, token: int) -> None:
+        params = request.sampling_params
+        num_out = request.num_output_tokens
+        if num_out >= params.min_tokens:
+            if token == request.eos_token_id and not params.ignore_eos:
+                request.status = RequestStatus.FINISHED_STOPPED
+                return
+            stop_ids = params.all_stop_token_ids or params.stop_token_ids
+            if stop_ids and token in stop_ids:
+                request.status = RequestStatus.FINISHED_STOPPED
+                request.stop_reason = token
+                return
+        if (params.max_tokens is not None and num_out >= params.max_tokens) or \
+                request.num_tokens >= self.config.max_model_len:
+            request.status = RequestStatus.FINISHED_LENGTH
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running_reqs=len(self.running), num_waiting_reqs=len(self.waiting),
+            kv_cache_usage=self.kv.usage, num_preemptions=self.num_preemptions,
+            prefix_cache_queries=self.kv.prefix_queries, prefix_cache_hits=self.kv.prefix_hits)

@@ -1,0 +1,64 @@
+"""The engine core: the step loop that schedules, runs the model and reports new tokens.
+
+It knows nothing about text or HTTP. The offline `LLM` runs it in-process; the server runs it in
+its own process behind ZMQ (`engine/core_process.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Iterable
+
+from tokenmill.config import EngineConfig
+from tokenmill.core.kv_cache_manager import KVCacheManager
+from tokenmill.core.request import Request, RequestStatus
+from tokenmill.core.scheduler import Scheduler
+from tokenmill.engine.messages import EngineOutput, EngineOutputs, EngineRequest, SchedulerStats
+from tokenmill.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        start = time.perf_counter()
+        self.runner = ModelRunner(config)
+        num_blocks = self.runner.determine_num_blocks()
+        self.runner.allocate_kv_cache(num_blocks)
+        self.kv_capacity_tokens = num_blocks * config.cache.block_size
+        if self.kv_capacity_tokens < config.model.max_model_len:
+            logger.warning("the KV cache holds %d tokens, less than max_model_len %d: long requests "
+                           "will be preempted repeatedly", self.kv_capacity_tokens, config.model.max_model_len)
+        self.kv_manager = KVCacheManager(num_blocks, config.cache.block_size,
+                                         config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv_manager)
+        logger.info("engine ready in %.1fs: %s (%s, %s) on %s, KV cache %d tokens (%d blocks of %d)",
+                    time.perf_counter() - start, config.model.served_model_name, config.model.architecture,
+                    str(config.model.dtype).removeprefix("torch."), config.device,
+                    self.kv_capacity_tokens, num_blocks, config.cache.block_size)
+
+    def add_request(self, request: EngineRequest) -> None:
+        self.scheduler.add_request(Request.from_engine_request(request))
+
+    def abort_requests(self, request_ids: Iterable[str]) -> None:
+        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> EngineOutputs:
+        sched = self.scheduler.schedule()
+        result = self.runner.execute(sched)
+        outputs: list[EngineOutput] = self.scheduler.update(sched, result)
+        stats = self.scheduler.stats()
+        stats.num_generation_tokens = len(result.sampled_token_ids)
+        stats.num_prompt_tokens = sched.total_num_scheduled_tokens - stats.num_generation_tokens
+        return EngineOutputs(outputs=outputs, scheduler_stats=stats, timestamp=time.time())
+
+    def get_stats(self) -> SchedulerStats:
+        return self.scheduler.stats()
+
+    def shutdown(self) -> None:
+        self.runner.kv_caches = []

@@ -1,0 +1,176 @@
+"""Front-end output processing: turns the engine core's token outputs into `RequestOutput`s.
+
+Per sample it detokenizes incrementally, applies stop strings (reporting which samples the core
+must abort), converts log-probabilities, and gathers the `n` samples of a prompt into one output.
+`SamplingParams.output_kind` decides whether each output is cumulative, a delta, or final only.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokenmill.engine.detokenizer import IncrementalDetokenizer
+from tokenmill.engine.input_processor import child_request_id
+from tokenmill.engine.messages import EngineOutput, FinishReason, TokenLogprobs
+from tokenmill.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from tokenmill.sampling_params import RequestOutputKind, SamplingParams
+
+
+@dataclass(slots=True)
+class _Sample:
+    index: int
+    detok: IncrementalDetokenizer
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[PositionLogprobs] | None = None
+    cumulative_logprob: float | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    sent_chars: int = 0  # for DELTA outputs
+    sent_tokens: int = 0
+    changed: bool = False
+
+
+@dataclass(slots=True)
+class _Parent:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    samples: dict[str, _Sample]
+    arrival_time: float
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+    num_cached_tokens: int = 0
+    first_token_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.samples.values())
+
+
+@dataclass(slots=True)
+class ProcessedOutputs:
+    request_outputs: list[RequestOutput]
+    to_abort: list[str]  # child request ids the engine core must stop (a stop string matched)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.parents: dict[str, _Parent] = {}
+        self.child_to_parent: dict[str, str] = {}
+
+    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                    params: SamplingParams, arrival_time: float | None = None) -> list[str]:
+        """Track a request; returns the child ids its EngineRequests carry."""
+        if params.n == 1:
+            child_ids = [request_id]
+        else:
+            child_ids = [child_request_id(i, request_id) for i in range(params.n)]
+        samples = {}
+        for i, cid in enumerate(child_ids):
+            samples[cid] = _Sample(i, IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params),
+                                   logprobs=[] if params.logprobs is not None else None,
+                                   cumulative_logprob=0.0 if params.logprobs is not None else None)
+            self.child_to_parent[cid] = request_id
+        self.parents[request_id] = _Parent(request_id, prompt, list(prompt_token_ids), params, samples,
+                                           arrival_time or time.time())
+        return child_ids
+
+    def has_unfinished(self) -> bool:
+        return bool(self.parents)
+
+    def abort_request(self, request_id: str) -> list[str]:
+        """Forget a request (client gone); returns child ids to abort in the core."""
+        parent = self.parents.pop(request_id, None)
+        if parent is None:
+            return []
+        for cid in parent.samples:
+            self.child_to_parent.pop(cid, None)
+        return [cid for cid, s in parent.samples.items() if s.finish_reason is None]
+
+    def process(self, outputs: list[EngineOutput]) -> ProcessedOutputs:
+        touched: dict[str, _Parent] = {}
+        to_abort: list[str] = []
+        now = time.time()
+        for out in outputs:
+            parent_id = self.child_to_parent.get(out.request_id)
+            if parent_id is None:
+                continue  # aborted meanwhile
+            parent = self.parents[parent_id]
+            sample = parent.samples[out.request_id]
+            if parent.first_token_time is None and out.new_token_ids:
+                parent.first_token_time = now
+            parent.num_cached_tokens = max(parent.num_cached_tokens, out.num_cached_tokens)
+            if out.prompt_logprobs is not None and parent.prompt_logprobs is None:
+                parent.prompt_logprobs = [None] + [self._position(lp) for lp in out.prompt_logprobs]
+            stop_token = out.stop_reason if isinstance(out.stop_reason, int) else None
+            if out.finish_reason == FinishReason.STOP and stop_token is None and out.new_token_ids:
+                stop_token = out.new_token_ids[-1]  # EOS: kept in token_ids, not in text
+            matched = sample.detok.add_tokens(out.new_token_ids, stop_token)
+            sample.token_ids.extend(out.new_token_ids)
+            if out.new_logprobs and sample.logprobs is not None:
+                for lp in out.new_logprobs:
+                    sample.logprobs.append(self._position(lp))
+                    sample.cumulative_logprob += lp.logprobs[0]
+            sample.changed = True
+            if matched is not None and out.finish_reason is None:
+                sample.finish_reason, sample.stop_reason = "stop", matched
+                to_abort.append(out.request_id)
+            elif matched is not None:
+                sample.finish_reason, sample.stop_reason = "stop", matched
+            elif out.finish_reason is not None:
+                sample.finish_reason = str(out.finish_reason)
+                sample.stop_reason = out.stop_reason
+            touched[parent_id] = parent
+
+        results = []
+        for parent in touched.values():
+            result = self._make_output(parent)
+            if parent.finished:
+                del self.parents[parent.request_id]
+                for cid in parent.samples:
+                    self.child_to_parent.pop(cid, None)
+            if result is not None:
+                results.append(result)
+        return ProcessedOutputs(results, to_abort)
+
+    def _make_output(self, parent: _Parent) -> RequestOutput | None:
+        kind = parent.params.output_kind
+        finished = parent.finished
+        if kind == RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        completions = []
+        for sample in sorted(parent.samples.values(), key=lambda s: s.index):
+            done = sample.finish_reason is not None
+            end = sample.detok.sendable_length(done)
+            if kind == RequestOutputKind.DELTA:
+                if not sample.changed:
+                    continue
+                text = sample.detok.text[sample.sent_chars:end]
+                tokens = sample.token_ids[sample.sent_tokens:]
+                logprobs = sample.logprobs[sample.sent_tokens:] if sample.logprobs is not None else None
+                sample.sent_chars, sample.sent_tokens = end, len(sample.token_ids)
+            else:
+                text, tokens, logprobs = sample.detok.text[:end], list(sample.token_ids), sample.logprobs
+            sample.changed = False
+            completions.append(CompletionOutput(
+                index=sample.index, text=text, token_ids=tokens,
+                cumulative_logprob=sample.cumulative_logprob, logprobs=logprobs,
+                finish_reason=sample.finish_reason, stop_reason=sample.stop_reason))
+        metrics = {"arrival_time": parent.arrival_time}
+        if parent.first_token_time is not None:
+            metrics["first_token_time"] = parent.first_token_time
+        return RequestOutput(
+            request_id=parent.request_id, prompt=parent.prompt, prompt_token_ids=parent.prompt_token_ids,
+            outputs=completions, finished=finished, prompt_logprobs=parent.prompt_logprobs,
+            num_cached_tokens=parent.num_cached_tokens, metrics=metrics)
+
+    def _position(self, lp: TokenLogprobs) -> PositionLogprobs:
+        result: PositionLogprobs = {}
+        for token_id, value, rank in zip(lp.token_ids, lp.logprobs, lp.ranks):
+            if token_id not in result:
+                text = self.tokenizer.decode([token_id]) if self.tokenizer is not None else None
+                result[token_id] = Logprob(value, rank, text)
+        return result

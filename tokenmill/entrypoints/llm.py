@@ -1,0 +1,146 @@
+"""`LLM`: offline batch inference with vLLM's API (`generate`, `chat`, `embed`)."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Sequence
+
+from tqdm.auto import tqdm
+
+from tokenmill.config import engine_args_from_kwargs
+from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import RequestOutputKind, SamplingParams
+
+PromptType = str | list[int] | dict
+
+
+class LLM:
+    """An engine for offline inference.
+
+    Args:
+        model: a GGUF file, an HF folder, or a shipped shape name (with `load_format="dummy"`);
+            None uses the embedded SmolLM2-135M-Instruct (or all-MiniLM-L6-v2 with `task="embed"`).
+        task: "generate" (default) or "embed".
+        **engine_args: any `EngineArgs` field (`max_model_len`, `max_num_seqs`, `dtype`, ...).
+    """
+
+    def __init__(self, model: str | None = None, task: str = "generate", **engine_args: Any) -> None:
+        if task not in ("generate", "embed"):
+            raise ValueError(f"task must be 'generate' or 'embed', got {task!r}")
+        self.task = task
+        self._counter = itertools.count()
+        if task == "embed":
+            from tokenmill.engine.embedding_engine import EmbeddingEngine
+            self.embedding_engine = EmbeddingEngine(model, dtype=engine_args.pop("dtype", "auto"))
+            if engine_args:
+                raise TypeError(f"engine arguments not used by embedding models: {', '.join(engine_args)}")
+            self.engine = None
+            return
+        self.engine = LLMEngine.from_engine_args(engine_args_from_kwargs(model, **engine_args))
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    # ----- generation -----
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None,
+                 cache_salt: str | Sequence[str | None] | None = None) -> list[RequestOutput]:
+        """Generate for one prompt or many; results come back in prompt order.
+
+        A prompt is a string, a list of token ids, or a dict with "prompt" or "prompt_token_ids"
+        (and optionally "cache_salt"). Every prompt is validated before any is queued.
+        """
+        self._require_generate()
+        prompt_list = self._as_prompt_list(prompts)
+        params_list = self._broadcast(sampling_params or SamplingParams(), len(prompt_list), "sampling_params")
+        priorities = list(priority) if priority is not None else [0] * len(prompt_list)
+        salts = self._broadcast(cache_salt, len(prompt_list), "cache_salt")
+        return self._run(prompt_list, params_list, priorities, salts, use_tqdm, add_special_tokens=True)
+
+    def chat(self, messages: list[dict] | Sequence[list[dict]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True, tools: list[dict] | None = None,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, through the model's chat template."""
+        self._require_generate()
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        processor = self.engine.input_processor
+        prompts = [processor.render_chat(conv, tools=tools, add_generation_prompt=add_generation_prompt,
+                                         chat_template_kwargs=chat_template_kwargs)
+                   for conv in conversations]
+        params_list = self._broadcast(sampling_params or SamplingParams(), len(prompts), "sampling_params")
+        # The template already placed BOS and other special tokens.
+        return self._run(prompts, params_list, [0] * len(prompts), [None] * len(prompts), use_tqdm,
+                         add_special_tokens=False)
+
+    def _run(self, prompts, params_list, priorities, salts, use_tqdm, add_special_tokens) -> list[RequestOutput]:
+        engine = self.engine
+        ids = []
+        try:
+            for prompt, params, prio, salt in zip(prompts, params_list, priorities, salts):
+                if isinstance(prompt, dict):
+                    salt = prompt.get("cache_salt", salt)
+                    prompt = prompt.get("prompt_token_ids", prompt.get("prompt"))
+                params = params.clone(output_kind=RequestOutputKind.FINAL_ONLY)
+                request_id = str(next(self._counter))
+                engine.add_request(request_id, prompt, params, priority=prio, cache_salt=salt,
+                                   add_special_tokens=add_special_tokens)
+                ids.append(request_id)
+        except Exception:
+            for request_id in ids:
+                engine.abort_request(request_id)
+            raise
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm, dynamic_ncols=True)
+        out_tokens = 0
+        try:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if output.finished:
+                        results[output.request_id] = output
+                        out_tokens += sum(len(c.token_ids) for c in output.outputs)
+                        bar.update(1)
+                        elapsed = bar.format_dict["elapsed"] or 1e-9
+                        bar.set_postfix_str(f"{out_tokens / elapsed:.1f} tok/s out", refresh=False)
+        except BaseException:
+            for request_id in ids:
+                if request_id not in results:
+                    engine.abort_request(request_id)
+            raise
+        finally:
+            bar.close()
+        return [results[i] for i in ids]
+
+    # ----- embeddings -----
+    def embed(self, inputs, truncate_prompt_tokens: int | None = None, use_tqdm: bool = True):
+        if self.task != "embed":
+            raise ValueError("this LLM was created for generation: use LLM(task='embed') for embeddings")
+        return self.embedding_engine.embed(inputs, truncate_prompt_tokens=truncate_prompt_tokens,
+                                           use_tqdm=use_tqdm)
+
+    # ----- helpers -----
+    def _require_generate(self) -> None:
+        if self.engine is None:
+            raise ValueError("this LLM was created with task='embed': use .embed()")
+
+    @staticmethod
+    def _as_prompt_list(prompts) -> list:
+        if isinstance(prompts, (str, dict)):
+            return [prompts]
+        prompts = list(prompts)
+        if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+            return [prompts]  # a single token-id prompt
+        if not prompts:
+            raise ValueError("no prompts given")
+        return prompts
+
+    @staticmethod
+    def _broadcast(value, n: int, name: str) -> list:
+        if value is None or isinstance(value, (SamplingParams, str)):
+            return [value] * n
+        value = list(value)
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} entries for {n} prompts")
+        return value

@@ -1,0 +1,132 @@
+"""Tensor-parallel-aware linear layers (Megatron style).
+
+Column-parallel layers split the output features across ranks (no communication); row-parallel
+layers split the input features and all-reduce their partial sums. QKV and gate/up are merged
+into one matrix each, so a decoder layer does two GEMMs where HF does five, and exactly one
+all-reduce per attention block and per MLP block. Each parameter carries a `weight_loader` that
+takes a full checkpoint tensor (HF layout `[out, in]`) and copies in this rank's shard.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenmill.distributed.parallel_state import tp_all_reduce, tp_rank, tp_world_size
+
+
+def _divide(total: int, parts: int, what: str) -> int:
+    if total % parts:
+        raise ValueError(f"{what} ({total}) is not divisible by tensor_parallel_size ({parts})")
+    return total // parts
+
+
+def _default_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
+    if param.shape != loaded.shape:
+        raise ValueError(f"weight shape {tuple(loaded.shape)} does not match parameter {tuple(param.shape)}")
+    param.data.copy_(loaded)
+
+
+class LinearBase(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        _default_loader(param, loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ReplicatedLinear(LinearBase):
+    pass
+
+
+class ColumnParallelLinear(LinearBase):
+    """y = x W^T with W's rows (output features) split across ranks."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        self.out_per_rank = _divide(out_features, tp_world_size(), "output features")
+        super().__init__(in_features, self.out_per_rank, bias)
+
+    def weight_loader(self, param, loaded, shard_id=None) -> None:
+        rows = self.out_per_rank
+        _default_loader(param, loaded.narrow(0, tp_rank() * rows, rows))
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel matrices stacked (gate and up): shard i is loaded from its own tensor."""
+
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False) -> None:
+        self.out_sizes = out_sizes
+        super().__init__(in_features, sum(out_sizes), bias)
+
+    def weight_loader(self, param, loaded, shard_id=None) -> None:
+        assert shard_id is not None, "merged layers load one shard at a time"
+        size = self.out_sizes[shard_id] // tp_world_size()
+        offset = sum(self.out_sizes[:shard_id]) // tp_world_size()
+        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, tp_rank() * size, size))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Q, K and V projections in one matrix, heads split across ranks.
+
+    With fewer KV heads than ranks, each KV head is replicated on `tp_size // num_kv_heads` ranks.
+    """
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool = False) -> None:
+        tp = tp_world_size()
+        self.head_dim = head_dim
+        self.num_heads = _divide(num_heads, tp, "attention heads")
+        self.num_kv_heads = max(1, num_kv_heads // tp)
+        self.kv_replicas = max(1, tp // num_kv_heads)
+        if num_kv_heads >= tp:
+            _divide(num_kv_heads, tp, "KV heads")
+        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp
+        super().__init__(hidden_size, out, bias)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def weight_loader(self, param, loaded, shard_id=None) -> None:
+        assert shard_id in ("q", "k", "v")
+        if shard_id == "q":
+            offset, size, rank_index = 0, self.q_size, tp_rank()
+        else:
+            offset = self.q_size + (0 if shard_id == "k" else self.kv_size)
+            size, rank_index = self.kv_size, tp_rank() // self.kv_replicas
+        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, rank_index * size, size))
+
+
+class RowParallelLinear(LinearBase):
+    """y = x W^T with W's columns (input features) split across ranks, partial sums all-reduced."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        self.in_per_rank = _divide(in_features, tp_world_size(), "input features")
+        super().__init__(self.in_per_rank, out_features, bias)
+
+    def weight_loader(self, param, loaded, shard_id=None) -> None:
+        if param.dim() == 1:  # the bias is added once, after the reduce
+            _default_loader(param, loaded)
+            return
+        cols = self.in_per_rank
+        _default_loader(param, loaded.narrow(1, tp_rank() * cols, cols))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        y = tp_all_reduce(y)
+        return y if self.bias is None else y + self.bias

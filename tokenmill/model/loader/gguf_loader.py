@@ -1,0 +1,137 @@
+"""GGUF files: config from the metadata, weights dequantized with the `gguf` library.
+
+llama.cpp's converter renames every tensor and, for the Llama architecture, permutes the rows of
+the Q and K projections (its RoPE pairs adjacent dimensions, HF's pairs the two halves). We map the
+names back to HF's and undo the permutation, so the rest of tokenmill only ever sees HF weights.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+# GGUF architecture -> (HF architecture, HF model_type)
+_ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", "llama"),
+    "mistral": ("LlamaForCausalLM", "llama"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+}
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+class CorruptModelError(ValueError):
+    pass
+
+
+@lru_cache(maxsize=4)
+def _reader(path: str):
+    import gguf
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as exc:  # the gguf library raises assorted errors on bad files
+        raise CorruptModelError(f"{path} is not a readable GGUF file ({type(exc).__name__})") from None
+
+
+def _field(reader, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def gguf_hf_config(path: str) -> Any:
+    """A transformers config built from the file's metadata."""
+    from transformers import AutoConfig
+
+    reader = _reader(path)
+    arch = _field(reader, "general.architecture")
+    if arch not in _ARCHITECTURES:
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported "
+                         f"(supported: {', '.join(_ARCHITECTURES)})")
+    hf_arch, model_type = _ARCHITECTURES[arch]
+    names = {t.name for t in reader.tensors}
+    vocab = _field(reader, f"{arch}.vocab_size") or len(_field(reader, "tokenizer.ggml.tokens"))
+    heads = _field(reader, f"{arch}.attention.head_count")
+    hidden = _field(reader, f"{arch}.embedding_length")
+    kwargs = dict(
+        architectures=[hf_arch],
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=_field(reader, f"{arch}.feed_forward_length"),
+        num_hidden_layers=_field(reader, f"{arch}.block_count"),
+        num_attention_heads=heads,
+        num_key_value_heads=_field(reader, f"{arch}.attention.head_count_kv", heads),
+        max_position_embeddings=_field(reader, f"{arch}.context_length", 2048),
+        rms_norm_eps=_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
+        rope_theta=_field(reader, f"{arch}.rope.freq_base", 10000.0),
+        tie_word_embeddings="output.weight" not in names,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+    )
+    key_length = _field(reader, f"{arch}.attention.key_length")
+    if key_length:
+        kwargs["head_dim"] = key_length
+    if arch == "qwen2":
+        kwargs["attention_bias"] = True
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def _unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation (interleaved RoPE pairs -> HF's half split)."""
+    rows = weight.shape[0]
+    return (weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def iter_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(hf_name, float32 tensor)` for every tensor in the file."""
+    import gguf
+
+    reader = _reader(path)
+    arch = _field(reader, "general.architecture")
+    for tensor in reader.tensors:
+        name = _GLOBAL_NAMES.get(tensor.name)
+        if name is None:
+            match = _LAYER_RE.match(tensor.name)
+            if match is None or match.group(2) not in _LAYER_NAMES:
+                continue  # e.g. rope_freqs: recomputed from the config
+            layer, part, kind = match.groups()
+            name = f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+        try:
+            data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except Exception as exc:
+            raise CorruptModelError(f"{path}: tensor {tensor.name} could not be read "
+                                    f"({type(exc).__name__})") from None
+        shape = tuple(int(d) for d in reversed(tensor.shape))
+        data = np.asarray(data, dtype=np.float32).reshape(shape)
+        if arch in ("llama", "mistral") and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = (hf_config.num_attention_heads if "q_proj" in name
+                     else hf_config.num_key_value_heads)
+            data = _unpermute(data, heads)
+        if not data.flags.writeable:  # F32 tensors come straight from the read-only memory map
+            data = data.copy()
+        yield name, torch.from_numpy(np.ascontiguousarray(data))

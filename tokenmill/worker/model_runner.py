@@ -1,0 +1,245 @@
+"""The model runner: applies the scheduler's diffs to its persistent per-request state, builds the
+step's flattened inputs, runs the model and samples.
+
+It makes no scheduling decisions. Requests are ordered decodes-first so the attention backend can
+batch all one-token queries together.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tokenmill.config import EngineConfig
+from tokenmill.core.scheduler_output import ModelRunnerOutput, NewRequestData, SchedulerOutput
+from tokenmill.model.attention.backend import AttentionMetadata, KVCache
+from tokenmill.model.registry import build_model
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.worker.sampler import Sampler, SamplingBatch, token_logprobs
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
+
+
+@dataclass(slots=True)
+class RequestState:
+    """What the runner remembers about a running request between steps."""
+
+    request_id: str
+    token_ids: list[int]  # prompt + sampled so far
+    num_prompt_tokens: int
+    params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+    eos_token_id: int | None
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = config.device
+        self.block_size = config.cache.block_size
+        torch.manual_seed(config.model.seed)
+        self.model = build_model(config)
+        self.sampler = Sampler()
+        self.states: dict[str, RequestState] = {}
+        # Seeded generators outlive preemption, so a resumed request continues its random stream.
+        self.generators: dict[str, torch.Generator] = {}
+        self.kv_caches: list[KVCache] = []
+        self.num_blocks = 0
+
+    # ----- KV cache -----
+    def bytes_per_block(self) -> int:
+        m = self.config.model
+        element = torch.empty((), dtype=m.dtype).element_size()
+        num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
+        return 2 * m.num_layers * self.block_size * num_kv_heads * m.head_dim * element
+
+    def determine_num_blocks(self) -> int:
+        cache = self.config.cache
+        if cache.num_gpu_blocks_override:
+            return cache.num_gpu_blocks_override
+        if self.device.type == "cuda":
+            return self._profile_gpu_blocks()
+        budget = cache.kv_cache_memory or DEFAULT_CPU_KV_CACHE_BYTES
+        return max(1, budget // self.bytes_per_block())
+
+    def _profile_gpu_blocks(self) -> int:
+        """Run the largest batch once, then give what `gpu_memory_utilization` leaves to the KV pool."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        n = self.config.scheduler.max_num_batched_tokens
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        meta = AttentionMetadata(
+            num_reqs=1, num_tokens=n, num_decodes=0, max_query_len=n, max_seq_len=n,
+            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
+            block_table=torch.zeros(1, 1, dtype=torch.int32, device=self.device),
+            slot_mapping=torch.full((n,), -1, dtype=torch.long, device=self.device),
+            query_start_loc_cpu=torch.tensor([0, n], dtype=torch.int32),
+            seq_lens_cpu=torch.tensor([n], dtype=torch.int32))
+        m = self.config.model
+        num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
+        dummy = torch.empty(1, self.block_size, num_kv_heads, m.head_dim, dtype=m.dtype, device=self.device)
+        with torch.inference_mode():
+            hidden = self.model(ids, torch.arange(n, device=self.device) % m.max_model_len,
+                                [(dummy, dummy)] * m.num_layers, meta)
+            self.model.compute_logits(hidden[-min(n, self.config.scheduler.max_num_seqs):])
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        free, total = torch.cuda.mem_get_info()
+        budget = total * self.config.cache.gpu_memory_utilization - peak - (total - free - torch.cuda.memory_reserved())
+        return max(1, int(budget // self.bytes_per_block()))
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        m = self.config.model
+        num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
+        shape = (num_blocks, self.block_size, num_kv_heads, m.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=m.dtype, device=self.device),
+                           torch.zeros(shape, dtype=m.dtype, device=self.device))
+                          for _ in range(m.num_layers)]
+        self.num_blocks = num_blocks
+
+    # ----- state updates -----
+    def _apply_diffs(self, sched: SchedulerOutput) -> None:
+        for request_id in sched.finished_request_ids:
+            self.states.pop(request_id, None)
+            self.generators.pop(request_id, None)
+        for request_id in sched.preempted_request_ids:
+            self.states.pop(request_id, None)
+        for new in sched.new_requests:
+            self._add_request(new)
+        for cached in sched.cached_requests:
+            state = self.states[cached.request_id]
+            state.block_ids.extend(cached.new_block_ids)
+            state.num_computed_tokens = cached.num_computed_tokens
+
+    def _add_request(self, new: NewRequestData) -> None:
+        self.states[new.request_id] = RequestState(
+            new.request_id, list(new.token_ids), new.num_prompt_tokens, new.sampling_params,
+            list(new.block_ids), new.num_computed_tokens, new.eos_token_id)
+        seed = new.sampling_params.seed
+        if seed is not None and new.request_id not in self.generators:
+            self.generators[new.request_id] = torch.Generator(device=self.device).manual_seed(seed)
+
+    # ----- one step -----
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        self._apply_diffs(sched)
+        if sched.is_empty:
+            return ModelRunnerOutput()
+        # Decodes first; stable otherwise, so batch order follows the scheduler's.
+        order = sorted(sched.num_scheduled_tokens, key=lambda r: sched.num_scheduled_tokens[r] != 1)
+        states = [self.states[r] for r in order]
+        counts = np.array([sched.num_scheduled_tokens[r] for r in order], dtype=np.int64)
+        inputs = self._prepare_inputs(states, counts)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+
+        output = ModelRunnerOutput()
+        sample_rows = [i for i, s in enumerate(states)
+                       if s.num_computed_tokens + counts[i] >= len(s.token_ids)]
+        for i, s in enumerate(states):
+            if s.params.prompt_logprobs is not None and s.num_computed_tokens < s.num_prompt_tokens - 1:
+                output.prompt_logprobs[s.request_id] = self._prompt_logprobs(
+                    s, hidden, int(inputs.query_start[i]), int(counts[i]))
+        if not sample_rows:
+            return output
+        last_token_index = torch.as_tensor(inputs.query_start[1:][sample_rows] - 1, device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, last_token_index))
+        batch = self._sampling_batch([states[i] for i in sample_rows])
+        result = self.sampler(logits, batch)
+        for row, i in enumerate(sample_rows):
+            state = states[i]
+            token = result.token_ids[row]
+            state.token_ids.append(token)
+            output.sampled_token_ids[state.request_id] = token
+            if result.logprobs[row] is not None:
+                output.logprobs[state.request_id] = result.logprobs[row]
+        return output
+
+    def _prepare_inputs(self, states: list[RequestState], counts: np.ndarray) -> "StepInputs":
+        bs = self.block_size
+        num_reqs = len(states)
+        starts = np.array([s.num_computed_tokens for s in states], dtype=np.int64)
+        seq_lens = starts + counts
+        query_start = np.zeros(num_reqs + 1, dtype=np.int64)
+        np.cumsum(counts, out=query_start[1:])
+        num_tokens = int(query_start[-1])
+        # Token -> (request row, position) without a per-token Python loop.
+        row_of_token = np.repeat(np.arange(num_reqs), counts)
+        positions = np.arange(num_tokens, dtype=np.int64) - query_start[row_of_token] + starts[row_of_token]
+        max_blocks = max(len(s.block_ids) for s in states)
+        block_table = np.zeros((num_reqs, max_blocks), dtype=np.int64)
+        input_ids = np.empty(num_tokens, dtype=np.int64)
+        for i, s in enumerate(states):
+            block_table[i, :len(s.block_ids)] = s.block_ids
+            if counts[i] == 1:
+                input_ids[query_start[i]] = s.token_ids[s.num_computed_tokens]
+            else:
+                input_ids[query_start[i]:query_start[i + 1]] = s.token_ids[starts[i]:seq_lens[i]]
+        slot_mapping = block_table[row_of_token, positions // bs] * bs + positions % bs
+        num_decodes = int(np.count_nonzero(counts == 1))
+        dev = self.device
+        qsl_cpu = torch.from_numpy(query_start.astype(np.int32))
+        seq_cpu = torch.from_numpy(seq_lens.astype(np.int32))
+        meta = AttentionMetadata(
+            num_reqs=num_reqs, num_tokens=num_tokens, num_decodes=num_decodes,
+            max_query_len=int(counts.max()), max_seq_len=int(seq_lens.max()),
+            query_start_loc=qsl_cpu.to(dev, non_blocking=True),
+            seq_lens=seq_cpu.to(dev, non_blocking=True),
+            block_table=torch.from_numpy(block_table.astype(np.int32)).to(dev, non_blocking=True),
+            slot_mapping=torch.from_numpy(slot_mapping).to(dev, non_blocking=True),
+            query_start_loc_cpu=qsl_cpu, seq_lens_cpu=seq_cpu)
+        return StepInputs(torch.from_numpy(input_ids).to(dev, non_blocking=True),
+                          torch.from_numpy(positions).to(dev, non_blocking=True), meta, query_start)
+
+    def _sampling_batch(self, states: list[RequestState]) -> SamplingBatch:
+        batch = SamplingBatch(
+            temperature=[s.params.temperature for s in states],
+            top_k=[s.params.top_k for s in states],
+            top_p=[s.params.top_p for s in states],
+            min_p=[s.params.min_p for s in states],
+            generators=[self.generators.get(s.request_id) for s in states],
+            num_logprobs=[s.params.logprobs for s in states])
+        for row, s in enumerate(states):
+            p = s.params
+            if p.logit_bias:
+                batch.logit_bias[row] = p.logit_bias
+            num_out = len(s.token_ids) - s.num_prompt_tokens
+            if num_out < p.min_tokens:
+                stop = list(p.all_stop_token_ids or p.stop_token_ids or [])
+                if s.eos_token_id is not None:
+                    stop.append(s.eos_token_id)
+                batch.suppressed_tokens[row] = stop
+            if p.needs_penalties:
+                batch.penalties[row] = (p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
+                batch.output_token_ids[row] = s.output_token_ids
+                if p.repetition_penalty != 1.0:
+                    batch.prompt_token_ids[row] = s.token_ids[:s.num_prompt_tokens]
+        return batch
+
+    def _prompt_logprobs(self, s: RequestState, hidden: torch.Tensor, start: int, count: int) -> list:
+        """Log-probabilities of each next prompt token at this chunk's positions."""
+        first_pos = s.num_computed_tokens
+        n = min(count, s.num_prompt_tokens - 1 - first_pos)
+        if n <= 0:
+            return []
+        logprobs = torch.log_softmax(self.model.compute_logits(hidden[start:start + n]), dim=-1)
+        k = s.params.prompt_logprobs
+        return [token_logprobs(logprobs[j], s.token_ids[first_pos + j + 1], k) for j in range(n)]
+
+
+@dataclass(slots=True)
+class StepInputs:
+    input_ids: torch.Tensor  # [num_tokens]
+    positions: torch.Tensor  # [num_tokens]
+    meta: AttentionMetadata
+    query_start: np.ndarray  # host copy of query_start_loc

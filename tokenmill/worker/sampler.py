@@ -1,0 +1,161 @@
+"""The batched sampler: one pass over a [batch, vocab] logits tensor for every request in the step.
+
+Order of operations (vLLM's): logit bias and min-tokens suppression, then penalties, then greedy
+argmax or temperature -> top-k -> top-p -> min-p -> sample. Log-probabilities are reported from the
+raw model distribution, before any of that processing. Sampling uses the exponential-race trick
+(argmax of p / Exp(1) noise), so a request with a `seed` draws its noise from its own generator
+and gets the same tokens whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tokenmill.engine.messages import TokenLogprobs
+
+_NEG_INF = float("-inf")
+
+
+@dataclass(slots=True)
+class SamplingBatch:
+    """Per-row sampling inputs for one step (rows = requests that sample this step)."""
+
+    temperature: list[float]
+    top_k: list[int]
+    top_p: list[float]
+    min_p: list[float]
+    generators: list[torch.Generator | None]
+    num_logprobs: list[int | None]
+    # Sparse extras, only for the rows that use them.
+    logit_bias: dict[int, dict[int, float]] = field(default_factory=dict)
+    suppressed_tokens: dict[int, list[int]] = field(default_factory=dict)  # min_tokens not reached
+    penalties: dict[int, tuple[float, float, float]] = field(default_factory=dict)  # rep, pres, freq
+    prompt_token_ids: dict[int, list[int]] = field(default_factory=dict)  # for repetition penalty
+    output_token_ids: dict[int, list[int]] = field(default_factory=dict)  # for all penalties
+    allowed_token_mask: torch.Tensor | None = None  # structured outputs: [B, V] bool, or None
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        """logits: [B, V] float32 (modified in place)."""
+        num_rows = logits.shape[0]
+        want_logprobs = any(k is not None for k in batch.num_logprobs)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+
+        self._apply_bias_and_suppression(logits, batch)
+        if batch.penalties:
+            self._apply_penalties(logits, batch)
+        if batch.allowed_token_mask is not None:
+            logits.masked_fill_(~batch.allowed_token_mask, _NEG_INF)
+
+        greedy_rows = [i for i in range(num_rows) if batch.temperature[i] < 1e-5]
+        if len(greedy_rows) == num_rows:
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = self._sample(logits, batch, greedy_rows)
+        token_list = tokens.tolist()
+        logprobs: list[TokenLogprobs | None] = [None] * num_rows
+        if raw_logprobs is not None:
+            for i, k in enumerate(batch.num_logprobs):
+                if k is not None:
+                    logprobs[i] = token_logprobs(raw_logprobs[i], token_list[i], k)
+        return SamplerOutput(token_list, logprobs)
+
+    @staticmethod
+    def _apply_bias_and_suppression(logits: torch.Tensor, batch: SamplingBatch) -> None:
+        vocab = logits.shape[1]
+        for row, bias in batch.logit_bias.items():
+            ids = [t for t in bias if t < vocab]
+            if ids:
+                logits[row, ids] += torch.tensor([bias[t] for t in ids], dtype=logits.dtype)
+        for row, ids in batch.suppressed_tokens.items():
+            ids = [t for t in ids if t < vocab]
+            if ids:
+                logits[row, ids] = _NEG_INF
+
+    @staticmethod
+    def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> None:
+        vocab = logits.shape[1]
+        for row, (rep, pres, freq) in batch.penalties.items():
+            out_ids = torch.tensor(batch.output_token_ids.get(row, []), dtype=torch.long, device=logits.device)
+            counts = torch.zeros(vocab, dtype=logits.dtype, device=logits.device)
+            if out_ids.numel():
+                counts.scatter_add_(0, out_ids, torch.ones_like(out_ids, dtype=logits.dtype))
+            if rep != 1.0:
+                seen = counts > 0
+                prompt = batch.prompt_token_ids.get(row)
+                if prompt:
+                    seen[torch.tensor(prompt, dtype=torch.long, device=logits.device)] = True
+                row_logits = logits[row]
+                penalised = torch.where(row_logits > 0, row_logits / rep, row_logits * rep)
+                logits[row] = torch.where(seen, penalised, row_logits)
+            if freq:
+                logits[row] -= freq * counts
+            if pres:
+                logits[row] -= pres * (counts > 0).to(logits.dtype)
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, batch: SamplingBatch, greedy_rows: list[int]) -> torch.Tensor:
+        device = logits.device
+        greedy_tokens = logits.argmax(dim=-1) if greedy_rows else None
+        temperature = torch.tensor([t if t >= 1e-5 else 1.0 for t in batch.temperature],
+                                   dtype=logits.dtype, device=device)
+        logits.div_(temperature.unsqueeze(1))
+        if any(k > 0 for k in batch.top_k) or any(p < 1.0 for p in batch.top_p):
+            apply_top_k_top_p(logits, batch.top_k, batch.top_p)
+        if any(p > 0 for p in batch.min_p):
+            min_p = torch.tensor(batch.min_p, dtype=logits.dtype, device=device).unsqueeze(1)
+            probs = torch.softmax(logits, dim=-1)
+            threshold = probs.max(dim=-1, keepdim=True).values * min_p
+            logits.masked_fill_(probs < threshold, _NEG_INF)
+        probs = torch.softmax(logits, dim=-1)
+        noise = torch.empty_like(probs)
+        seeded = [i for i, g in enumerate(batch.generators) if g is not None]
+        if len(seeded) < len(batch.generators):
+            noise.exponential_()
+        for i in seeded:
+            noise[i].exponential_(generator=batch.generators[i])
+        tokens = probs.div_(noise).argmax(dim=-1)
+        if greedy_rows:
+            rows = torch.tensor(greedy_rows, device=device)
+            tokens[rows] = greedy_tokens[rows]
+        return tokens
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> None:
+    """Mask (in place) everything outside each row's top-k and top-p nucleus."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[1]
+    device = logits.device
+    k = torch.tensor([kk if kk > 0 else vocab for kk in top_k], device=device)
+    positions = torch.arange(vocab, device=device).unsqueeze(0)
+    remove = positions >= k.unsqueeze(1)
+    p = torch.tensor(top_p, dtype=logits.dtype, device=device).unsqueeze(1)
+    sorted_logits.masked_fill_(remove, _NEG_INF)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    # Drop a token when the mass strictly before it already reaches p (the top token always stays).
+    mass_before = probs.cumsum(dim=-1) - probs
+    remove |= mass_before >= p
+    remove[:, 0] = False
+    logits.scatter_(1, order, sorted_logits.masked_fill(remove, _NEG_INF))
+
+
+def token_logprobs(row_logprobs: torch.Tensor, token_id: int, k: int) -> TokenLogprobs:
+    """The chosen token's log-probability and rank, then the top-k (row: [V] log-softmax)."""
+    chosen = float(row_logprobs[token_id])
+    rank = int((row_logprobs > chosen).sum()) + 1
+    ids, lps, ranks = [token_id], [chosen], [rank]
+    if k > 0:
+        values, indices = row_logprobs.topk(k)
+        ids += indices.tolist()
+        lps += values.tolist()
+        ranks += list(range(1, k + 1))
+    return TokenLogprobs(ids, lps, ranks)
