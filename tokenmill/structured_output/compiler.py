@@ -27,6 +27,13 @@ DEFAULT_MAX_CACHE_BYTES = 256 * 1024 * 1024
 # Bound on the reason we echo back to the client.
 _MAX_REASON_CHARS = 240
 
+# xgrammar 0.2's JSON-schema converter writes the characters of a string with length bounds as
+# [^"\\\r\n], which lets raw control characters (tab, \x00-\x1f) into a JSON string: invalid JSON
+# that strict parsers (Python's json, JavaScript's JSON.parse) reject. Its unbounded strings already
+# use the strict class; this is the same rewrite for the bounded ones.
+_LAX_STRING_CHAR = r'[^\"\\\r\n]'
+_STRICT_STRING_CHAR = r'[^\0-\x1f\"\\\r\n]'
+
 # xgrammar errors look like "[04:40:10] /project/cpp/json_schema_converter.cc:4944: <reason>".
 _XGR_PREFIX = re.compile(r"^\s*(\[[0-9:]+\]\s*)?[^\s:]+\.(cc|h|cpp|py):\d+:\s*")
 _CHECK_FAILED = re.compile(r"Check failed: \(.*?\) is false:\s*")
@@ -165,7 +172,7 @@ class GrammarCompiler:
             if kind == "json":
                 # One canonical layout ('{"a": 1, "b": [2]}'): unbounded whitespace lets small
                 # models loop on newlines forever, and it buys the client nothing.
-                return self._xgr.compile_json_schema(text, any_whitespace=False)
+                return self._compile_json_schema(text)
             if kind == "json_object":
                 return self._xgr.compile_json_schema('{"type":"object"}', any_whitespace=False)
             if kind == "regex":
@@ -177,6 +184,15 @@ class GrammarCompiler:
         except (RuntimeError, ValueError, TypeError, RecursionError) as e:
             raise GrammarError(f"invalid structured_outputs.{kind}: {_clean_reason(e)}") from None
         raise AssertionError(f"unknown spec kind {kind}")
+
+    def _compile_json_schema(self, schema_text: str) -> xgr.CompiledGrammar:
+        grammar = xgr.Grammar.from_json_schema(schema_text, any_whitespace=False)
+        ebnf = str(grammar)
+        strict = ebnf.replace(_LAX_STRING_CHAR, _STRICT_STRING_CHAR)
+        if strict == ebnf:
+            return self._xgr.compile_grammar(grammar)
+        # The printed grammar is xgrammar's own EBNF and parses back to the same grammar.
+        return self._xgr.compile_grammar(strict)
 
     def _insert(self, key: tuple[str, str], compiled: xgr.CompiledGrammar) -> None:
         size = int(compiled.memory_size_bytes)
