@@ -13,8 +13,11 @@ Usage: PYTHONPATH=. python3 scripts/bench_attention_kernels.py [--json PATH]
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
+import statistics
+from collections.abc import Callable
 
 import torch
 import triton
@@ -22,10 +25,13 @@ from triton.testing import do_bench
 
 from tokenmill.model.attention.backend import AttentionMetadata, get_backend
 from tokenmill.model.attention.triton_kernels import (
+    DECODE_CONFIG,
+    PREFILL_CONFIG,
+    KernelConfig,
     decode_num_splits,
+    new_split_counters,
     paged_decode,
     paged_prefill,
-    write_kv_cache,
 )
 from tokenmill.model.layers.triton_ops import (
     rms_norm,
@@ -48,6 +54,46 @@ def copy_rate_bytes_per_s() -> float:
     ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
     del src, dst
     return 2 * (1 << 31) / (ms * 1e-3)
+
+
+def graph_us(fns: list[Callable[[], object]], replays: int = 20) -> float:
+    """Median time per call of `fns`, captured back to back in one CUDA graph (no launch gaps),
+    over 5 timed rounds of `replays` replays."""
+    for fn in fns:
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / (replays * len(fns)))
+    del graph
+    return statistics.median(times) * 1e3
+
+
+def rotated_decode_calls(batch: int, context: int, scale: float, **kwargs) -> list[Callable[[], None]]:
+    """Decode calls over enough distinct input sets (>= 256 MB together) that L2 (50 MB) holds
+    none of them when it is read again."""
+    kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * 2
+    calls = []
+    counters = new_split_counters(batch * NUM_KV_HEADS, DEVICE)  # shared, as in the backend
+    for _ in range(max(1, min(64, math.ceil(256e6 / kv_bytes)))):
+        q, k_cache, v_cache, block_table, seq_lens = make_decode_inputs(batch, context)
+        out = torch.empty_like(q)
+        calls.append(functools.partial(
+            paged_decode, q, k_cache, v_cache, block_table, seq_lens, out, context, scale,
+            split_counters=counters, **kwargs))
+    return calls
 
 
 def make_decode_inputs(batch: int, context: int):
@@ -74,14 +120,20 @@ def bench_decode(copy_rate: float) -> list[dict]:
             q, k_cache, v_cache, block_table, seq_lens = make_decode_inputs(batch, context)
             out = torch.empty_like(q)
             splits = decode_num_splits(batch, NUM_KV_HEADS, context, DEVICE)
+            counters = new_split_counters(batch * NUM_KV_HEADS, DEVICE)
             ms = do_bench(
-                lambda: paged_decode(q, k_cache, v_cache, block_table, seq_lens, out, context, scale),
+                lambda: paged_decode(q, k_cache, v_cache, block_table, seq_lens, out, context, scale,
+                                     split_counters=counters),
                 warmup=25, rep=200, return_mode="median",
             )
             bytes_read = kv_bytes + 2 * q.numel() * q.element_size()
+            calls = rotated_decode_calls(batch, context, scale)
+            t_graph = graph_us(calls)
+            del calls
             row = {
                 "batch": batch, "context": context, "splits": splits, "triton_us": ms * 1e3,
-                "gb_per_s": bytes_read / (ms * 1e-3) / 1e9, "floor_us": bytes_read / copy_rate * 1e6,
+                "graph_us": t_graph, "gb_per_s": bytes_read / (t_graph * 1e-6) / 1e9,
+                "floor_us": bytes_read / copy_rate * 1e6,
             }
             # torch_native gathers a padded copy of the whole context: skip it where that is huge.
             if 3 * kv_bytes < 30e9:
@@ -107,8 +159,8 @@ def bench_decode(copy_rate: float) -> list[dict]:
 def _fmt_decode(r: dict) -> str:
     native = f"{r['native_us']:10.1f}" if "native_us" in r else f"{'-':>10}"
     speedup = f"{r['native_us'] / r['triton_us']:7.1f}x" if "native_us" in r else f"{'-':>8}"
-    return (f"{r['batch']:6d} {r['context']:8d} {r['splits']:6d} {r['triton_us']:10.1f} {r['floor_us']:9.1f} "
-            f"{r['gb_per_s']:8.0f} {100 * r['floor_us'] / r['triton_us']:6.0f}% {native} {speedup}")
+    return (f"{r['batch']:6d} {r['context']:8d} {r['splits']:6d} {r['graph_us']:9.1f} {r['floor_us']:9.1f} "
+            f"{r['gb_per_s']:7.0f} {100 * r['floor_us'] / r['graph_us']:6.0f}% {r['triton_us']:9.1f} {native} {speedup}")
 
 
 def bench_prefill() -> list[dict]:
@@ -167,9 +219,58 @@ def bench_ops() -> list[dict]:
     return rows
 
 
+def sweep(copy_rate: float) -> dict:
+    """Tile/launch configurations and split counts, to pick the defaults from."""
+    scale = HEAD_DIM ** -0.5
+    result = {"decode": [], "prefill": []}
+    print("\n# sweep: decode (graph_us), block_n/warps/stages/splits; default config first")
+    decode_configs = [DECODE_CONFIG, KernelConfig(0, 128, 4, 3)]
+    for batch, context in ((1, 512), (1, 2048), (1, 8192), (1, 32768), (32, 512), (32, 2048)):
+        kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * 2
+        default_splits = decode_num_splits(batch, NUM_KV_HEADS, context, DEVICE)
+        split_options = sorted({default_splits, max(1, default_splits // 2), 2 * default_splits,
+                                4 * default_splits} if batch < 256 else {1, 2})
+        for cfg in decode_configs:
+            for splits in split_options:
+                t = graph_us(rotated_decode_calls(batch, context, scale, num_splits=splits, config=cfg))
+                result["decode"].append({"batch": batch, "context": context, "block_n": cfg.block_n,
+                                         "warps": cfg.num_warps, "stages": cfg.num_stages,
+                                         "splits": splits, "graph_us": t})
+                print(f"b={batch:4d} ctx={context:6d} block_n={cfg.block_n:4d} warps={cfg.num_warps} "
+                      f"stages={cfg.num_stages} splits={splits:3d}: {t:8.1f} us "
+                      f"{kv_bytes / (t * 1e-6) / 1e9:6.0f} GB/s", flush=True)
+            torch.cuda.empty_cache()
+    print("\n# sweep: prefill (do_bench us); default config first")
+    prefill_configs = [PREFILL_CONFIG, KernelConfig(64, 64, 4, 3), KernelConfig(128, 64, 8, 3)]
+    for q_len, prefix in ((2048, 0), (8192, 0), (2048, 8192), (512, 0)):
+        seq_len = q_len + prefix
+        _, k_cache, v_cache, block_table, _ = make_decode_inputs(1, seq_len)
+        q = torch.randn(q_len, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+        qsl = torch.tensor([0, q_len], dtype=torch.int32, device=DEVICE)
+        sl = torch.tensor([seq_len], dtype=torch.int32, device=DEVICE)
+        ref = torch.empty_like(q)
+        paged_prefill(q, k_cache, v_cache, block_table, qsl, sl, ref, 0, 1, q_len, scale)
+        for cfg in prefill_configs:
+            out = torch.full_like(q, float("nan"))
+            fn = functools.partial(paged_prefill, q, k_cache, v_cache, block_table, qsl, sl, out, 0, 1, q_len,
+                                   scale, config=cfg)
+            fn()
+            err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+            t = do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+            flops = 4 * NUM_HEADS * HEAD_DIM * q_len * (prefix + q_len / 2)
+            result["prefill"].append({"q_len": q_len, "prefix": prefix, "block_m": cfg.block_m,
+                                      "block_n": cfg.block_n, "warps": cfg.num_warps,
+                                      "stages": cfg.num_stages, "us": t, "rel_err_vs_default": err})
+            print(f"q={q_len:5d} prefix={prefix:5d} block_m={cfg.block_m:3d} block_n={cfg.block_n:3d} "
+                  f"warps={cfg.num_warps} stages={cfg.num_stages}: {t:8.1f} us "
+                  f"{flops / (t * 1e-6) / 1e12:6.1f} TFLOP/s  err_vs_default={err:.1e}", flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", default=None)
+    parser.add_argument("--sweep", action="store_true", help="also sweep tile configs and split counts")
     args = parser.parse_args()
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
@@ -177,8 +278,10 @@ def main() -> None:
     print(f"device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, "
           f"triton {triton.__version__}; copy rate {copy_rate / 1e12:.2f} TB/s (read + write)")
     print("\n# paged decode, Llama-3.1-8B attention (32 q / 8 kv heads, d=128, bf16, block 16); one layer")
-    print(f"{'batch':>6} {'context':>8} {'splits':>6} {'triton_us':>10} {'floor_us':>9} {'GB/s':>8} "
-          f"{'%floor':>7} {'native_us':>10} {'speedup':>8}")
+    print("graph_us: CUDA-graph replay, L2-cold inputs; GB/s and %floor from it. eager_us and native_us:")
+    print("do_bench medians of one eager call (launch costs included); speedup = native / eager triton")
+    print(f"{'batch':>6} {'context':>8} {'splits':>6} {'graph_us':>9} {'floor_us':>9} {'GB/s':>7} "
+          f"{'%floor':>7} {'eager_us':>9} {'native_us':>10} {'speedup':>8}")
     decode_rows = bench_decode(copy_rate)
     print("\n# paged prefill, one request, causal (dense SDPA on contiguous K/V for scale)")
     print(f"{'q_len':>6} {'prefix':>7} {'triton_us':>10} {'TFLOP/s':>8} {'sdpa_dense_us':>12}")
@@ -186,10 +289,11 @@ def main() -> None:
     print("\n# fused ops vs eager torch, Llama-3.1-8B shapes")
     print(f"{'op':18s} {'tokens':>6} {'fused_us':>9} {'torch_us':>9} {'speedup':>8}")
     op_rows = bench_ops()
+    sweep_rows = sweep(copy_rate) if args.sweep else None
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": props.name, "copy_rate_tb_s": copy_rate / 1e12, "decode": decode_rows,
-                       "prefill": prefill_rows, "ops": op_rows}, f, indent=1)
+                       "prefill": prefill_rows, "ops": op_rows, "sweep": sweep_rows}, f, indent=1)
 
 
 if __name__ == "__main__":

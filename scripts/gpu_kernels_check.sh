@@ -11,7 +11,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_triton_ops.py tests/kernels/test_attention_kernels.py \
     -o addopts="" --durations=8 2>&1 | tee "$out_dir/tests.log"
 tests_rc=$?
-python3 scripts/bench_attention_kernels.py --json "$out_dir/bench.json" 2>&1 | tee "$out_dir/bench.log"
+python3 scripts/bench_attention_kernels.py --json "$out_dir/bench.json" ${BENCH_ARGS:-} 2>&1 | tee "$out_dir/bench.log"
 bench_rc=$?
 echo "tests rc=$tests_rc bench rc=$bench_rc"
 exit $(( tests_rc != 0 || bench_rc != 0 ))

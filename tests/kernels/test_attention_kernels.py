@@ -26,6 +26,7 @@ else:
 
 from tokenmill.model.attention.backend import AttentionMetadata, get_backend  # noqa: E402
 from tokenmill.model.attention.triton_kernels import (  # noqa: E402
+    new_split_counters,
     paged_decode,
     paged_prefill,
     write_kv_cache,
@@ -174,12 +175,15 @@ def test_paged_decode_short(block_size, group, head_dim, num_splits):
     scale = head_dim ** -0.5
     ref, k_ref, v_ref = reference(batch, scale)
     write_kv_cache(batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta.slot_mapping)
-    out = poisoned_like(batch.q)
-    paged_decode(
-        batch.q, batch.k_cache, batch.v_cache, batch.meta.block_table, batch.meta.seq_lens, out,
-        batch.meta.max_seq_len, scale, num_splits=num_splits,
-    )
-    assert rel_err(out, ref) < REL_TOL
+    counters = new_split_counters(64, DEVICE)
+    for _ in range(2):  # the second launch reuses the counters the first one left behind
+        out = poisoned_like(batch.q)
+        paged_decode(
+            batch.q, batch.k_cache, batch.v_cache, batch.meta.block_table, batch.meta.seq_lens, out,
+            batch.meta.max_seq_len, scale, num_splits=num_splits, split_counters=counters,
+        )
+        assert rel_err(out, ref) < REL_TOL
+        assert not counters.any(), "the decode kernel must leave its split counters at zero"
 
 
 @gpu_only
@@ -190,7 +194,7 @@ def test_paged_decode_long(block_size, group, head_dim):
     scale = head_dim ** -0.5
     ref, _, _ = reference(batch, scale)
     write_kv_cache(batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta.slot_mapping)
-    for num_splits in (None, 1, 32):
+    for num_splits in (None, 1, 32, 64):
         out = poisoned_like(batch.q)
         paged_decode(
             batch.q, batch.k_cache, batch.v_cache, batch.meta.block_table, batch.meta.seq_lens, out,
@@ -332,3 +336,28 @@ def test_backend_decode_cuda_graph():
         static_out.fill_(float("nan"))
         graph.replay()
         assert rel_err(static_out, ref) < REL_TOL
+
+
+@gpu_only
+@pytest.mark.parametrize("num_splits", [2, 7, 32])
+def test_paged_decode_merge_is_race_free(num_splits):
+    """The last-arriving split merges the others' partials: every launch on the same inputs must
+    give bitwise the same output (a missed ordering would show as a moving result)."""
+    seq_lens = [random.randint(1, 3000) for _ in range(48)]
+    batch = make_batch([1] * len(seq_lens), seq_lens, 8, 4, 128, 16)
+    scale = 128 ** -0.5
+    ref, _, _ = reference(batch, scale)
+    write_kv_cache(batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta.slot_mapping)
+    counters = new_split_counters(len(seq_lens) * 8, DEVICE)
+    outs = []
+    for _ in range(100):
+        out = poisoned_like(batch.q)
+        paged_decode(
+            batch.q, batch.k_cache, batch.v_cache, batch.meta.block_table, batch.meta.seq_lens, out,
+            batch.meta.max_seq_len, scale, num_splits=num_splits, split_counters=counters,
+        )
+        outs.append(out)
+    assert rel_err(outs[0], ref) < REL_TOL
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+    assert not counters.any()

@@ -5,6 +5,10 @@ A decode-only step (what CUDA graphs capture) reads no device value on the host 
 only buffers whose sizes follow from Python ints, so it can be captured and replayed. Capture
 with `meta.max_seq_len` set to the longest context the graph will replay with (e.g.
 `max_model_len`): it sizes the split count; the kernels themselves read the real `seq_lens`.
+
+The backend keeps one persistent buffer of split counters for the decode kernel (the kernel
+leaves it zeroed). Calls on one backend instance must therefore run on one CUDA stream, in order,
+which is what a model's layers do.
 """
 
 from __future__ import annotations
@@ -17,12 +21,29 @@ from tokenmill.model.attention.backend import (
     KVCache,
     register_backend,
 )
-from tokenmill.model.attention.triton_kernels import paged_decode, paged_prefill, write_kv_cache
+from tokenmill.model.attention.triton_kernels import (
+    new_split_counters,
+    paged_decode,
+    paged_prefill,
+    write_kv_cache,
+)
 
 
 @register_backend
 class TritonBackend(AttentionBackend):
     name = "triton"
+
+    def __init__(self) -> None:
+        self._split_counters: torch.Tensor | None = None  # [>= num_decodes * num_kv_heads] int32
+
+    def _counters(self, num_entries: int, device: torch.device) -> torch.Tensor:
+        # Sized generously on first use so that the warm-up before graph capture allocates it
+        # and captured graphs never need a bigger one.
+        counters = self._split_counters
+        if counters is None or counters.numel() < num_entries or counters.device != device:
+            counters = new_split_counters(max(num_entries, 8192), device)
+            self._split_counters = counters
+        return counters
 
     def forward(
         self,
@@ -43,6 +64,7 @@ class TritonBackend(AttentionBackend):
             paged_decode(
                 q[:num_decodes], k_cache, v_cache, meta.block_table, meta.seq_lens,
                 out[:num_decodes], meta.max_seq_len, scale,
+                split_counters=self._counters(num_decodes * k_cache.shape[2], q.device),
             )
         if meta.num_prefills:
             paged_prefill(

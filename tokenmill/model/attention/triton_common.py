@@ -1,0 +1,59 @@
+"""Pieces shared by the Triton attention kernels: launch configs, the paged K/V tile load and
+one step of online softmax."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# exp2 is one instruction on the GPU; exp(x) = exp2(x * log2(e)).
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True, slots=True)
+class KernelConfig:
+    """Tile shape and launch knobs of one kernel (block_m is unused by decode)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@triton.jit
+def load_kv_tile(
+    k_cache_ptr, v_cache_ptr, block_row_ptr, token_offs, token_mask, kv_head, dims, dim_mask,
+    stride_c_block, stride_c_slot, stride_c_head, PAGE: tl.constexpr,
+):
+    """K and V of the tokens `token_offs` of one request and one KV head: [BLOCK_N, BLOCK_D] each."""
+    block_ids = tl.load(block_row_ptr + token_offs // PAGE, mask=token_mask, other=0).to(tl.int64)
+    rows = block_ids * stride_c_block + (token_offs % PAGE) * stride_c_slot + kv_head * stride_c_head
+    offs = rows[:, None] + dims[None, :]
+    mask = token_mask[:, None] & dim_mask[None, :]
+    k = tl.load(k_cache_ptr + offs, mask=mask, other=0.0)
+    v = tl.load(v_cache_ptr + offs, mask=mask, other=0.0)
+    return k, v
+
+
+@triton.jit
+def online_softmax_step(q, k, v, score_mask, m_i, l_i, acc, scale_log2):
+    """Fold one tile into the running (max, sum, accumulator); scores in the log2 domain."""
+    s = tl.dot(q, tl.trans(k.to(q.dtype))) * scale_log2
+    s = tl.where(score_mask, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen only masked keys keeps m = -inf; shift by 0 there so no NaN appears.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+    return m_new, l_i, acc
+
+
+def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride(), \
+        "k_cache and v_cache must share shape and strides"
+    assert k_cache.stride(-1) == 1, "the cache's head_dim must be contiguous"

@@ -1,0 +1,127 @@
+"""Paged prefill: flash attention over a variable-length batch of prefills / prefill chunks.
+
+Every key is read from the paged cache (the step's own K/V were written there first), so a chunk
+or a prefix-cache hit attends over its cached prefix with no special case. Grid: (request, tile
+of BLOCK_M queries, query head); tiles past a request's query length exit at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tokenmill.model.attention.triton_common import (
+    LOG2E,
+    KernelConfig,
+    check_cache,
+    load_kv_tile,
+    online_softmax_step,
+)
+
+# Measured on H100 (Llama-3.1-8B heads): 6-8% faster than 64x64 at 8k tokens, equal at 512.
+PREFILL_CONFIG = KernelConfig(block_m=128, block_n=128, num_warps=8, num_stages=2)
+
+
+@triton.jit
+def _paged_prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, query_start_loc_ptr, seq_lens_ptr, out_ptr,
+    scale_log2, first_req,
+    stride_q_tok, stride_q_head, stride_o_tok, stride_o_head,
+    stride_c_block, stride_c_slot, stride_c_head, stride_bt_req,
+    GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+):
+    req = first_req + tl.program_id(0)
+    m_block = tl.program_id(1)
+    head = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + req)
+    q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
+    if m_block * BLOCK_M >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + req)
+    context_len = seq_len - q_len  # tokens cached before this step's chunk
+    kv_head = head // GROUP
+    block_row_ptr = block_table_ptr + req.to(tl.int64) * stride_bt_req
+
+    rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < q_len
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < HEAD_DIM
+    q_rows = (q_start + rows).to(tl.int64)
+    q = tl.load(
+        q_ptr + q_rows[:, None] * stride_q_tok + head * stride_q_head + dims[None, :],
+        mask=row_mask[:, None] & dim_mask[None, :], other=0.0,
+    )
+    q_pos = context_len + rows  # absolute positions of the queries
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    if CAUSAL:
+        # Keys before the tile's first query are visible to every row: no mask needed there.
+        full_end = ((context_len + m_block * BLOCK_M) // BLOCK_N) * BLOCK_N
+        kv_end = tl.minimum(seq_len, context_len + (m_block + 1) * BLOCK_M)
+    else:
+        full_end = (seq_len // BLOCK_N) * BLOCK_N
+        kv_end = seq_len
+    for start_n in range(0, full_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k, v = load_kv_tile(
+            k_cache_ptr, v_cache_ptr, block_row_ptr, offs_n, offs_n < seq_len, kv_head, dims,
+            dim_mask, stride_c_block, stride_c_slot, stride_c_head, PAGE,
+        )
+        m_i, l_i, acc = online_softmax_step(q, k, v, offs_n[None, :] >= 0, m_i, l_i, acc, scale_log2)
+    for start_n in range(full_end, kv_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_mask = offs_n < seq_len
+        k, v = load_kv_tile(
+            k_cache_ptr, v_cache_ptr, block_row_ptr, offs_n, key_mask, kv_head, dims, dim_mask,
+            stride_c_block, stride_c_slot, stride_c_head, PAGE,
+        )
+        score_mask = key_mask[None, :]
+        if CAUSAL:
+            score_mask = score_mask & (offs_n[None, :] <= q_pos[:, None])
+        m_i, l_i, acc = online_softmax_step(q, k, v, score_mask, m_i, l_i, acc, scale_log2)
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(
+        out_ptr + q_rows[:, None] * stride_o_tok + head * stride_o_head + dims[None, :],
+        out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :],
+    )
+
+
+def paged_prefill(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]; rows of requests >= first_req are read
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,  # [num_reqs, max_blocks] int32
+    query_start_loc: torch.Tensor,  # [num_reqs + 1] int32
+    seq_lens: torch.Tensor,  # [num_reqs] int32, cached prefix + this step's tokens
+    out: torch.Tensor,  # [num_tokens, num_heads, head_dim], written for the same rows
+    first_req: int,
+    num_reqs: int,
+    max_query_len: int,
+    scale: float,
+    causal: bool = True,
+    config: KernelConfig = PREFILL_CONFIG,
+) -> None:
+    """Attention for requests `first_req : first_req + num_reqs`, whose K/V are already cached."""
+    if num_reqs == 0:
+        return
+    check_cache(k_cache, v_cache)
+    num_heads, head_dim = q.shape[1:]
+    group = num_heads // k_cache.shape[2]
+    assert group * k_cache.shape[2] == num_heads, "num_heads must be a multiple of num_kv_heads"
+    assert q.stride(-1) == 1 and out.stride(-1) == 1
+    grid = (num_reqs, triton.cdiv(max_query_len, config.block_m), num_heads)
+    _paged_prefill_kernel[grid](
+        q, k_cache, v_cache, block_table, query_start_loc, seq_lens, out,
+        scale * LOG2E, first_req,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        PAGE=k_cache.shape[1], BLOCK_M=config.block_m, BLOCK_N=config.block_n, CAUSAL=causal,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
