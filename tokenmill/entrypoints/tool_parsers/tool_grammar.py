@@ -123,6 +123,8 @@ def parse_forced_tool_calls(text: str, named: str | None = None) -> list[ToolCal
         raise ValueError("the tool call was cut off before it was complete") from None
     if named is not None:
         return [ToolCall(named, json.dumps(value, ensure_ascii=False))]
-    if not isinstance(value, list):
-        raise ValueError("expected a JSON array of tool calls")
+    if not isinstance(value, list) or not all(
+        isinstance(c, dict) and isinstance(c.get("name"), str) and "arguments" in c for c in value
+    ):
+        raise ValueError('expected a JSON array of {"name", "arguments"} tool calls')
     return [ToolCall(c["name"], json.dumps(c["arguments"], ensure_ascii=False)) for c in value]
