@@ -57,6 +57,11 @@ def run(args: argparse.Namespace) -> None:
     from tokenmill.entrypoints.server.launch import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # An operator needs the start-up lines (model, KV capacity, URL) and the periodic stats line
+    # even when the CLI's --log-level keeps everything else quiet.
+    level = min(logging.INFO, logging.getLogger().getEffectiveLevel())
+    for name in ("tokenmill.server", "tokenmill.engine.core_client"):
+        logging.getLogger(name).setLevel(level)
     logger = logging.getLogger("tokenmill.server")
     if args.model_tag is not None:
         args.model = args.model_tag
