@@ -39,7 +39,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--max-batch-tokens", type=int, default=8192, help="tokenmill tokens per forward pass")
+    p.add_argument("--max-batch-tokens", type=int, default=4096, help="tokenmill tokens per forward pass")
     p.add_argument("--baseline-batch-size", type=int, default=32, help="sentence-transformers encode() batch size")
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds the passages are split into")
     p.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's choice)")

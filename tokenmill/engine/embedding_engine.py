@@ -71,11 +71,12 @@ class EmbeddingEngine:
         model_path: model folder (`config.json`, `*.safetensors`, `tokenizer.json`, optionally
             sentence-transformers' `modules.json`); None -> the bundled all-MiniLM-L6-v2.
         dtype: "auto" (the checkpoint's, float16 -> float32), "float32" or "bfloat16".
-        max_batch_tokens: real tokens per forward pass; larger batches mean larger GEMMs.
+        max_batch_tokens: real tokens per forward pass. 4096 measured best on a 2-core x86 CPU:
+            large enough for efficient GEMMs, small enough that activations stay in cache.
     """
 
     def __init__(self, model_path: str | None = None, dtype: str | torch.dtype = "auto",
-                 max_batch_tokens: int = 8192):
+                 max_batch_tokens: int = 4096):
         self.model_path = model_path or default_embedding_model_path()
         if not os.path.isdir(self.model_path):
             raise ValueError(f"embedding model folder not found: {self.model_path}")

@@ -129,9 +129,23 @@ class PackedAttentionMetadata:
     pad_index: torch.Tensor
     unpad_index: torch.Tensor
     key_mask: torch.Tensor | None
+    # Runs of consecutive equal-length sequences: (first token, num_seqs, seq_len). Attention runs
+    # per run on a view of the packed tensor, with no gather and no mask, when there are few runs
+    # (length-sorted batches: a handful); otherwise through the padded tiles.
+    runs: list[tuple[int, int, int]] | None
 
     @classmethod
-    def build(cls, seq_lens: list[int]) -> "PackedAttentionMetadata":
+    def build(cls, seq_lens: list[int], max_runs: int = 16) -> "PackedAttentionMetadata":
+        runs: list[tuple[int, int, int]] | None = []
+        start = 0
+        for n in seq_lens:
+            if runs and runs[-1][2] == n:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1, n)
+            else:
+                runs.append((start, 1, n))
+            start += n
+        if len(runs) > max_runs:
+            runs = None
         lens = torch.tensor(seq_lens, dtype=torch.int64)
         num_seqs, num_tokens, max_len = len(seq_lens), int(lens.sum()), int(lens.max())
         cu = torch.zeros(num_seqs + 1, dtype=torch.int64)
@@ -141,7 +155,7 @@ class PackedAttentionMetadata:
         pad_index = torch.where(real, cu[:-1, None] + slot[None, :], 0).reshape(-1)
         unpad_index = real.reshape(-1).nonzero().squeeze(1)
         key_mask = None if bool(real.all()) else real[:, None, None, :]
-        return cls(cu, num_seqs, num_tokens, max_len, pad_index, unpad_index, key_mask)
+        return cls(cu, num_seqs, num_tokens, max_len, pad_index, unpad_index, key_mask, runs)
 
 
 class BertEmbeddings(nn.Module):
@@ -178,16 +192,26 @@ class BertLayer(nn.Module):
     def attention(self, x: torch.Tensor, meta: PackedAttentionMetadata) -> torch.Tensor:
         h = x.shape[1]
         qkv = self.qkv(x)  # [num_tokens, 3 * hidden]
+        if meta.runs is not None and len(meta.runs) > 1:
+            out = torch.empty_like(x)
+            for start, n, length in meta.runs:
+                rows = slice(start, start + n * length)
+                out[rows] = self._sdpa(qkv[rows], n, length, None)
+            return out
         if meta.key_mask is not None:  # unequal lengths: gather into padded tiles
             qkv = qkv.index_select(0, meta.pad_index)
-        tiles = qkv.view(meta.num_seqs, meta.max_len, 3, self.num_heads, self.head_dim)
-        q, k, v = tiles.permute(2, 0, 3, 1, 4).unbind(0)  # each [num_seqs, heads, max_len, head_dim]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=meta.key_mask)
-        # CPU flash attention writes [num_seqs, max_len, heads, head_dim] memory, so this is a view.
-        o = o.transpose(1, 2).reshape(meta.num_seqs * meta.max_len, h)
+        o = self._sdpa(qkv, meta.num_seqs, meta.max_len, meta.key_mask)
         if meta.key_mask is not None:
             o = o.index_select(0, meta.unpad_index)
         return o
+
+    def _sdpa(self, qkv: torch.Tensor, num_seqs: int, seq_len: int, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """[num_seqs * seq_len, 3 * hidden] (sequence-major) -> [num_seqs * seq_len, hidden]."""
+        tiles = qkv.view(num_seqs, seq_len, 3, self.num_heads, self.head_dim)
+        q, k, v = tiles.permute(2, 0, 3, 1, 4).unbind(0)  # each [num_seqs, heads, seq_len, head_dim]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+        # CPU flash attention writes [num_seqs, seq_len, heads, head_dim] memory, so this is a view.
+        return o.transpose(1, 2).reshape(num_seqs * seq_len, self.num_heads * self.head_dim)
 
     def forward(self, x: torch.Tensor, meta: PackedAttentionMetadata) -> torch.Tensor:
         x = self.attn_norm(x + self.attn_out(self.attention(x, meta)))
