@@ -85,6 +85,20 @@ def test_batching_does_not_change_results(reference):
     assert torch.nn.functional.cosine_similarity(a, ref).min().item() >= 0.999
 
 
+def test_attention_runs_and_padded_tiles_agree(engine):
+    from tokenmill.model.models.bert import PackedAttentionMetadata
+
+    seq_lens = [7, 7, 5, 12, 1, 5]  # unsorted, repeated and single-token lengths
+    ids = torch.randint(1000, 20000, (sum(seq_lens),))
+    positions = torch.cat([torch.arange(n) for n in seq_lens])
+    with torch.inference_mode():
+        by_runs = engine.model(ids, positions, PackedAttentionMetadata.build(seq_lens))
+        by_tiles = engine.model(ids, positions, PackedAttentionMetadata.build(seq_lens, max_runs=0))
+        alone = engine.model(ids[7:14], positions[7:14], PackedAttentionMetadata.build([7]))
+    assert torch.allclose(by_runs, by_tiles, atol=1e-4)
+    assert torch.allclose(by_runs[7:14], alone, atol=1e-4)  # packing neighbours do not leak in
+
+
 def test_token_id_inputs_match_text(engine):
     texts = ["token ids in, embedding out", "second prompt"]
     by_text = engine.embed(texts, use_tqdm=False)
