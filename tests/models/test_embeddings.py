@@ -162,7 +162,7 @@ def test_bfloat16_close_to_float32(engine):
     bf16 = EmbeddingEngine(None, dtype="bfloat16")
     a = torch.tensor([o.outputs.embedding for o in bf16.embed(texts, truncate_prompt_tokens=-1, use_tqdm=False)])
     b = torch.tensor([o.outputs.embedding for o in engine.embed(texts, truncate_prompt_tokens=-1, use_tqdm=False)])
-    assert torch.nn.functional.cosine_similarity(a, b).min().item() >= 0.99
+    assert torch.nn.functional.cosine_similarity(a, b).min().item() >= 0.999
 
 
 def test_poolers_on_packed_hidden_states():
