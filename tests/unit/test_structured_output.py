@@ -338,3 +338,15 @@ def test_apply_bitmask_cuda_matches_cpu(manager, tokenizer):
     apply_bitmask(logits, bitmask, [0, 2, 5])
     apply_bitmask(on_gpu, bitmask, [0, 2, 5])
     assert torch.equal(on_gpu.cpu(), logits)
+
+
+def test_new_request_per_request_stops_and_replay(manager, tokenizer):
+    ids = tokenizer.encode("ab", add_special_tokens=False)
+    # Resuming after preemption: the earlier output is replayed, the mask continues from there.
+    grammar = manager.new_request(SOP(choice=["abc", "abd"]), stop_token_ids=[7, EOS], prefix_token_ids=ids)
+    assert grammar.num_accepted_tokens == len(ids)
+    for token in tokenizer.encode("c", add_special_tokens=False):
+        assert grammar.accept_token(token)
+    assert _allowed(manager.batch_bitmask([grammar])[0]).tolist() == [EOS, 7]
+    with pytest.raises(GrammarError):
+        manager.new_request(SOP(choice=["xyz"]), prefix_token_ids=ids)

@@ -17,6 +17,7 @@ from tokenmill.structured_output.compiler import (
     DEFAULT_MAX_CACHE_BYTES,
     DEFAULT_MAX_CACHE_ENTRIES,
     GrammarCompiler,
+    GrammarError,
 )
 from tokenmill.structured_output.matcher import RequestGrammar
 
@@ -77,9 +78,29 @@ class StructuredOutputManager:
         """Compile (or fetch from cache). Raises `GrammarError`, a `ValueError`, for bad specs."""
         return self.compiler.compile(params)
 
-    def new_request(self, params: StructuredOutputsParams) -> RequestGrammar:
-        """A fresh grammar state for one request (one per `n` child: each samples its own text)."""
-        return RequestGrammar(self.compile(params), self.stop_token_ids)
+    def new_request(
+        self,
+        params: StructuredOutputsParams,
+        *,
+        stop_token_ids: list[int] | None = None,
+        prefix_token_ids: list[int] | tuple[int, ...] = (),
+    ) -> RequestGrammar:
+        """A fresh grammar state for one request (one per `n` child: each samples its own text).
+
+        Args:
+            params: the request's constraint (already validated by `compile` in the front end).
+            stop_token_ids: this request's stop tokens (EOS + `all_stop_token_ids`), when they differ
+                from the manager's; the mask allows exactly these once the text is complete.
+            prefix_token_ids: output tokens generated before (a preempted request that resumes):
+                replayed so the grammar continues where it was.
+        Raises:
+            GrammarError: the spec is invalid, or a prefix token breaks it.
+        """
+        stops = sorted({int(t) for t in stop_token_ids}) if stop_token_ids is not None else self.stop_token_ids
+        grammar = RequestGrammar(self.compile(params), stops)
+        if prefix_token_ids and grammar.accept_tokens(list(prefix_token_ids)) != len(prefix_token_ids):
+            raise GrammarError("the request's earlier output does not follow its grammar")
+        return grammar
 
     def batch_bitmask(self, grammars: list[RequestGrammar | None]) -> torch.Tensor | None:
         """The next-token bitmask for a batch, or None when no row has a grammar.
