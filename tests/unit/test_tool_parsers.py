@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from tokenmill.entrypoints.tool_parsers import ToolCall, get_tool_parser
 from tokenmill.entrypoints.tool_parsers.tool_grammar import (
+    forced_tool_call_parser,
     named_tool_params,
     parse_forced_tool_calls,
     required_tool_calls_params,
@@ -190,3 +191,29 @@ def test_parse_forced_tool_calls():
     assert json.loads(parse_forced_tool_calls('[{"name": "x", "arguments": {"t": "é"}}]')[0].arguments) == {"t": "é"}
     with pytest.raises(ValueError, match="cut off"):
         parse_forced_tool_calls('[{"name": "get_weather", "argu')
+
+
+FORCED_CASES = [
+    (None, '[{"name": "get_weather", "arguments": {"city": "Oslo"}}, {"name": "ping", "arguments": {}}]',
+     [ToolCall("get_weather", '{"city": "Oslo"}'), ToolCall("ping", "{}")]),
+    (None, '[{"name": "x", "arguments": {"t": "é ]}", "n": [1, 2]}}]', [ToolCall("x", '{"t": "é ]}", "n": [1, 2]}')]),
+    ("get_weather", '{"city": "Oslo", "days": [1, 2]}', [ToolCall("get_weather", '{"city": "Oslo", "days": [1, 2]}')]),
+]
+
+
+@pytest.mark.parametrize("named,text,calls", FORCED_CASES)
+def test_forced_tool_calls_stream_like_non_streaming(named, text, calls):
+    assert parse_forced_tool_calls(text, named=named) == calls
+    for step in (1, 4, len(text)):
+        parser = forced_tool_call_parser(named)
+        previous, names, args = "", {}, {}
+        for end in list(range(step, len(text), step)) + [len(text)]:
+            delta = parser.extract_tool_calls_streaming(previous, text[:end], text[len(previous):end])
+            previous = text[:end]
+            for tc in (delta.tool_calls if delta else []):
+                if tc.name is not None:
+                    names[tc.index], args[tc.index] = tc.name, ""
+                args[tc.index] += tc.arguments or ""
+            if named is not None and delta is not None and end == step:
+                assert delta.tool_calls[0].name == named  # the name goes out before any argument
+        assert [ToolCall(names[i], args[i]) for i in sorted(names)] == calls

@@ -9,10 +9,10 @@ named function. The model writes plain JSON under the constraint; the server tur
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from tokenmill.entrypoints.tool_parsers.base import ToolCall
+from tokenmill.entrypoints.tool_parsers.base import ToolCall, ToolParser
+from tokenmill.entrypoints.tool_parsers.forced import NamedToolCallParser, RequiredToolCallParser
 from tokenmill.sampling_params import StructuredOutputsParams
 
 _ANY_OBJECT: dict[str, Any] = {"type": "object"}
@@ -107,7 +107,8 @@ def tool_choice_params(
 
 
 def parse_forced_tool_calls(text: str, named: str | None = None) -> list[ToolCall]:
-    """Tool calls from output generated under these constraints.
+    """Tool calls from output generated under these constraints (the non-streaming path; stream
+    with `forced_tool_call_parser`, which yields the same arguments text).
 
     Args:
         text: the model's full output.
@@ -117,14 +118,12 @@ def parse_forced_tool_calls(text: str, named: str | None = None) -> list[ToolCal
         ValueError: the text does not parse (only when generation stopped early, e.g. at
             max_tokens).
     """
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        raise ValueError("the tool call was cut off before it was complete") from None
-    if named is not None:
-        return [ToolCall(named, json.dumps(value, ensure_ascii=False))]
-    if not isinstance(value, list) or not all(
-        isinstance(c, dict) and isinstance(c.get("name"), str) and "arguments" in c for c in value
-    ):
-        raise ValueError('expected a JSON array of {"name", "arguments"} tool calls')
-    return [ToolCall(c["name"], json.dumps(c["arguments"], ensure_ascii=False)) for c in value]
+    result = forced_tool_call_parser(named).extract_tool_calls(text)
+    if not result.tools_called:
+        raise ValueError("the tool call was cut off before it was complete")
+    return result.tool_calls
+
+
+def forced_tool_call_parser(named: str | None = None) -> ToolParser:
+    """A parser (one per response) for output forced by `tool_choice_params`."""
+    return RequiredToolCallParser() if named is None else NamedToolCallParser(named)
