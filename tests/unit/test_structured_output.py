@@ -350,3 +350,14 @@ def test_new_request_per_request_stops_and_replay(manager, tokenizer):
     assert _allowed(manager.batch_bitmask([grammar])[0]).tolist() == [EOS, 7]
     with pytest.raises(GrammarError):
         manager.new_request(SOP(choice=["xyz"]), prefix_token_ids=ids)
+
+
+def test_compile_async_and_depth_limit(manager):
+    future = manager.compile_async(SOP(json={"type": "object", "properties": {"async": {"type": "integer"}}}))
+    assert future.result(timeout=60) is manager.compile(SOP(json={"type": "object", "properties": {
+        "async": {"type": "integer"}}}))
+    bad = manager.compile_async(SOP(regex="a(b"))
+    assert isinstance(bad.exception(timeout=60), GrammarError)
+    deep = '{"type": "array", "items": ' * 100 + "{}" + "}" * 100
+    with pytest.raises(GrammarError, match="nested more than"):
+        manager.compile(SOP(json=deep))

@@ -9,6 +9,8 @@ Who calls what (see docs/structured_output.md):
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import torch
 import xgrammar as xgr
 
@@ -70,6 +72,7 @@ class StructuredOutputManager:
         self._pin_memory = pin_memory
         self._bitmask = self._allocate(max_batch_size)  # [max_batch, bitmask_width] int32, CPU
         self._bitmask_np = self._bitmask.numpy()  # same memory; see batch_bitmask
+        self._executor: ThreadPoolExecutor | None = None
 
     def _allocate(self, rows: int) -> torch.Tensor:
         return torch.empty((rows, self.bitmask_width), dtype=torch.int32, pin_memory=self._pin_memory)
@@ -77,6 +80,20 @@ class StructuredOutputManager:
     def compile(self, params: StructuredOutputsParams) -> xgr.CompiledGrammar:
         """Compile (or fetch from cache). Raises `GrammarError`, a `ValueError`, for bad specs."""
         return self.compiler.compile(params)
+
+    def compile_async(self, params: StructuredOutputsParams) -> Future:
+        """Compile on a background thread, so the engine's step loop never waits on a slow schema
+        (xgrammar releases the GIL while compiling). The future's result is the compiled grammar,
+        after which `new_request(params)` is a cache hit; its exception is the `GrammarError`.
+        """
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-compile")
+        return self._executor.submit(self.compiler.compile, params)
+
+    def shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
 
     def new_request(
         self,
