@@ -44,6 +44,10 @@ def run(args: argparse.Namespace) -> dict:
     config = llm.engine.config
     device = config.device
     work = fixed_random_workload(args.batch_size, args.input_len, args.output_len, config.model.vocab_size)
+    hf_model = None
+    if args.baseline == "hf":
+        from tokenmill.bench.hf_baseline import load_hf_model
+        hf_model, _ = load_hf_model(llm)  # first: dummy weights are copied from HF into tokenmill
 
     def timed(max_tokens: int) -> float:
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
@@ -68,9 +72,11 @@ def run(args: argparse.Namespace) -> dict:
     }
     print(f"tokenmill: {ms_per_token:.2f} ms/token decode (batch {args.batch_size}), prefill {prefill * 1000:.1f} ms, "
           f"{result['tokenmill']['weight_gb_per_s']:.0f} GB/s of weights")
-    if args.baseline == "hf":
-        from tokenmill.bench.hf_baseline import load_hf_model
-        model, _ = load_hf_model(llm)
+    if hf_model is not None:
+        model = hf_model
+        llm.engine.core.shutdown()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         ids = torch.tensor(work.prompts, device=device)
 
         @torch.inference_mode()

@@ -50,6 +50,12 @@ def run(args: argparse.Namespace) -> dict:
         work = nanovllm_workload()
     params = [SamplingParams(temperature=work.temperature, ignore_eos=work.ignore_eos, max_tokens=n)
               for n in work.output_lens]
+    hf_model = hf_tokenizer = None
+    if args.baseline == "hf":
+        # Loaded first: with dummy weights HF's random weights are copied into tokenmill's model,
+        # so both time the very same numbers.
+        from tokenmill.bench.hf_baseline import load_hf_model
+        hf_model, hf_tokenizer = load_hf_model(llm)
 
     # Warm-up on a few prompts so one-time costs stay out of the numbers.
     llm.generate(work.prompts[:2], [SamplingParams(max_tokens=4, ignore_eos=True)] * 2, use_tqdm=False)
@@ -69,9 +75,12 @@ def run(args: argparse.Namespace) -> dict:
     }
     print(f"tokenmill: {out_tokens} output tokens in {elapsed:.2f}s = {out_tokens / elapsed:.1f} tok/s "
           f"({workload_name}, {len(work.prompts)} prompts, {result['dtype']}, {config.device})")
-    if args.baseline == "hf":
-        from tokenmill.bench.hf_baseline import hf_generate_throughput, load_hf_model
-        model, tokenizer = load_hf_model(llm)
+    if hf_model is not None:
+        from tokenmill.bench.hf_baseline import hf_generate_throughput
+        model, tokenizer = hf_model, hf_tokenizer
+        llm.engine.core.shutdown()  # give the KV pool's memory to the baseline
+        if config.device.type == "cuda":
+            torch.cuda.empty_cache()
         if work.name == "nanovllm":
             print("note: HF runs the nanovllm prompts greedy with the mean output length")
         hf_generate_throughput(model, tokenizer, work.prompts[:2], 4, 2, config.device)  # warm-up

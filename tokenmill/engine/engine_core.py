@@ -27,6 +27,7 @@ class EngineCore:
         self.runner = ModelRunner(config)
         num_blocks = self.runner.determine_num_blocks()
         self.runner.allocate_kv_cache(num_blocks)
+        self.runner.capture_cuda_graphs()
         self.kv_capacity_tokens = num_blocks * config.cache.block_size
         if self.kv_capacity_tokens < config.model.max_model_len:
             logger.warning("the KV cache holds %d tokens, less than max_model_len %d: long requests "
@@ -61,4 +62,6 @@ class EngineCore:
         return self.scheduler.stats()
 
     def shutdown(self) -> None:
+        """Release the KV pool and graphs (the engine cannot step afterwards)."""
         self.runner.kv_caches = []
+        self.runner.graphs = None

@@ -55,6 +55,7 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator] = {}
         self.kv_caches: list[KVCache] = []
         self.num_blocks = 0
+        self.graphs = None  # CudaGraphDecoder once captured
 
     # ----- KV cache -----
     def bytes_per_block(self) -> int:
@@ -108,6 +109,15 @@ class ModelRunner:
                           for _ in range(m.num_layers)]
         self.num_blocks = num_blocks
 
+    def capture_cuda_graphs(self) -> None:
+        """Capture decode graphs (CUDA only, after the KV cache exists; `enforce_eager` skips)."""
+        if self.device.type != "cuda" or self.config.enforce_eager:
+            return
+        from tokenmill.worker.cuda_graphs import CudaGraphDecoder
+        self.graphs = CudaGraphDecoder(self.model, self.kv_caches, min(self.config.scheduler.max_num_seqs, 512),
+                                       self.config.model.max_model_len, self.block_size, self.device)
+        self.graphs.capture()
+
     # ----- state updates -----
     def _apply_diffs(self, sched: SchedulerOutput) -> None:
         for request_id in sched.finished_request_ids:
@@ -140,20 +150,28 @@ class ModelRunner:
         order = sorted(sched.num_scheduled_tokens, key=lambda r: sched.num_scheduled_tokens[r] != 1)
         states = [self.states[r] for r in order]
         counts = np.array([sched.num_scheduled_tokens[r] for r in order], dtype=np.int64)
-        inputs = self._prepare_inputs(states, counts)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
-
+        host = self._prepare_host_inputs(states, counts)
         output = ModelRunnerOutput()
+        needs_prompt_logprobs = any(
+            s.params.prompt_logprobs is not None and s.num_computed_tokens < s.num_prompt_tokens - 1
+            for s in states)
         sample_rows = [i for i, s in enumerate(states)
                        if s.num_computed_tokens + counts[i] >= len(s.token_ids)]
-        for i, s in enumerate(states):
-            if s.params.prompt_logprobs is not None and s.num_computed_tokens < s.num_prompt_tokens - 1:
-                output.prompt_logprobs[s.request_id] = self._prompt_logprobs(
-                    s, hidden, int(inputs.query_start[i]), int(counts[i]))
-        if not sample_rows:
-            return output
-        last_token_index = torch.as_tensor(inputs.query_start[1:][sample_rows] - 1, device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, last_token_index))
+        if (self.graphs is not None and len(sample_rows) == host.num_decodes == len(states)
+                and not needs_prompt_logprobs and self.graphs.can_run(len(states))):
+            logits = self.graphs.run(host.input_ids, host.positions, host.slot_mapping,
+                                     host.seq_lens, host.block_table)
+        else:
+            inputs = self._to_device(host)
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+            for i, s in enumerate(states):
+                if s.params.prompt_logprobs is not None and s.num_computed_tokens < s.num_prompt_tokens - 1:
+                    output.prompt_logprobs[s.request_id] = self._prompt_logprobs(
+                        s, hidden, int(host.query_start[i]), int(counts[i]))
+            if not sample_rows:
+                return output
+            last_token_index = torch.as_tensor(host.query_start[1:][sample_rows] - 1, device=self.device)
+            logits = self.model.compute_logits(hidden.index_select(0, last_token_index))
         batch = self._sampling_batch([states[i] for i in sample_rows])
         result = self.sampler(logits, batch)
         for row, i in enumerate(sample_rows):
@@ -165,7 +183,8 @@ class ModelRunner:
                 output.logprobs[state.request_id] = result.logprobs[row]
         return output
 
-    def _prepare_inputs(self, states: list[RequestState], counts: np.ndarray) -> "StepInputs":
+    def _prepare_host_inputs(self, states: list[RequestState], counts: np.ndarray) -> "HostInputs":
+        """The step's flattened inputs as numpy arrays (no per-token Python loop)."""
         bs = self.block_size
         num_reqs = len(states)
         starts = np.array([s.num_computed_tokens for s in states], dtype=np.int64)
@@ -173,33 +192,37 @@ class ModelRunner:
         query_start = np.zeros(num_reqs + 1, dtype=np.int64)
         np.cumsum(counts, out=query_start[1:])
         num_tokens = int(query_start[-1])
-        # Token -> (request row, position) without a per-token Python loop.
         row_of_token = np.repeat(np.arange(num_reqs), counts)
         positions = np.arange(num_tokens, dtype=np.int64) - query_start[row_of_token] + starts[row_of_token]
-        max_blocks = max(len(s.block_ids) for s in states)
-        block_table = np.zeros((num_reqs, max_blocks), dtype=np.int64)
+        # Only the blocks this step's contexts reach (a request may hold one more, preallocated).
+        max_blocks = int(-(-seq_lens.max() // bs))
+        block_table = np.zeros((num_reqs, max_blocks), dtype=np.int32)
         input_ids = np.empty(num_tokens, dtype=np.int64)
         for i, s in enumerate(states):
-            block_table[i, :len(s.block_ids)] = s.block_ids
+            ids = s.block_ids[:max_blocks]
+            block_table[i, :len(ids)] = ids
             if counts[i] == 1:
                 input_ids[query_start[i]] = s.token_ids[s.num_computed_tokens]
             else:
                 input_ids[query_start[i]:query_start[i + 1]] = s.token_ids[starts[i]:seq_lens[i]]
-        slot_mapping = block_table[row_of_token, positions // bs] * bs + positions % bs
-        num_decodes = int(np.count_nonzero(counts == 1))
+        slot_mapping = block_table[row_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+        return HostInputs(input_ids, positions, slot_mapping, seq_lens.astype(np.int32), block_table,
+                          query_start, int(np.count_nonzero(counts == 1)), int(counts.max()))
+
+    def _to_device(self, host: "HostInputs") -> "StepInputs":
         dev = self.device
-        qsl_cpu = torch.from_numpy(query_start.astype(np.int32))
-        seq_cpu = torch.from_numpy(seq_lens.astype(np.int32))
+        qsl_cpu = torch.from_numpy(host.query_start.astype(np.int32))
+        seq_cpu = torch.from_numpy(host.seq_lens)
         meta = AttentionMetadata(
-            num_reqs=num_reqs, num_tokens=num_tokens, num_decodes=num_decodes,
-            max_query_len=int(counts.max()), max_seq_len=int(seq_lens.max()),
+            num_reqs=len(host.seq_lens), num_tokens=len(host.input_ids), num_decodes=host.num_decodes,
+            max_query_len=host.max_query_len, max_seq_len=int(host.seq_lens.max()),
             query_start_loc=qsl_cpu.to(dev, non_blocking=True),
             seq_lens=seq_cpu.to(dev, non_blocking=True),
-            block_table=torch.from_numpy(block_table.astype(np.int32)).to(dev, non_blocking=True),
-            slot_mapping=torch.from_numpy(slot_mapping).to(dev, non_blocking=True),
+            block_table=torch.from_numpy(host.block_table).to(dev, non_blocking=True),
+            slot_mapping=torch.from_numpy(host.slot_mapping).to(dev, non_blocking=True),
             query_start_loc_cpu=qsl_cpu, seq_lens_cpu=seq_cpu)
-        return StepInputs(torch.from_numpy(input_ids).to(dev, non_blocking=True),
-                          torch.from_numpy(positions).to(dev, non_blocking=True), meta, query_start)
+        return StepInputs(torch.from_numpy(host.input_ids).to(dev, non_blocking=True),
+                          torch.from_numpy(host.positions).to(dev, non_blocking=True), meta)
 
     def _sampling_batch(self, states: list[RequestState]) -> SamplingBatch:
         batch = SamplingBatch(
@@ -238,8 +261,19 @@ class ModelRunner:
 
 
 @dataclass(slots=True)
+class HostInputs:
+    input_ids: np.ndarray  # [num_tokens] int64
+    positions: np.ndarray  # [num_tokens] int64
+    slot_mapping: np.ndarray  # [num_tokens] int64
+    seq_lens: np.ndarray  # [num_reqs] int32
+    block_table: np.ndarray  # [num_reqs, max_blocks] int32
+    query_start: np.ndarray  # [num_reqs + 1] int64
+    num_decodes: int
+    max_query_len: int
+
+
+@dataclass(slots=True)
 class StepInputs:
     input_ids: torch.Tensor  # [num_tokens]
     positions: torch.Tensor  # [num_tokens]
     meta: AttentionMetadata
-    query_start: np.ndarray  # host copy of query_start_loc

@@ -13,6 +13,12 @@ from torch import nn
 from tokenmill.distributed.parallel_state import tp_all_gather_last_dim, tp_all_reduce, tp_rank, tp_world_size
 
 
+def _fused_ops():
+    """The Triton fused kernels, imported on first CUDA use (CPU installs never import Triton)."""
+    from tokenmill.model.layers import triton_ops
+    return triton_ops
+
+
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -22,8 +28,11 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """RMSNorm(x) or, with a residual, (RMSNorm(x + residual), x + residual).
 
-        Computed in float32 like HF, so low-precision runs match the reference closely.
+        Computed in float32 like HF, so low-precision runs match the reference closely. On CUDA
+        one fused Triton kernel does the add and the norm in a single pass.
         """
+        if x.is_cuda:
+            return _fused_ops().rms_norm(x, self.weight, self.eps, residual)
         orig_dtype = x.dtype
         if residual is not None:
             x = x + residual
@@ -38,6 +47,8 @@ class SiluAndMul(nn.Module):
     """[..., 2 * d] -> silu(first half) * second half."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            return _fused_ops().silu_and_mul(x)
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]) * x[..., d:]
 
@@ -91,13 +102,25 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin_cache", cache.float(), persistent=False)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token (cos, sin), each [T, 1, rot_dim / 2]; looked up once per step, used by every layer."""
+        """Per-token (cos, sin), each [T, 1, rot_dim / 2]; looked up once per step, used by every layer.
+
+        On CUDA the fused kernel reads the table itself: returns (positions, table) for `apply_rotary`.
+        """
+        if positions.is_cuda:
+            return positions, self.cos_sin_cache
         cos, sin = self.cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)
         return cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype)
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """q: [T, heads, head_dim], k: [T, kv_heads, head_dim] -> rotated copies."""
+    """q: [T, heads, head_dim], k: [T, kv_heads, head_dim] -> rotated q, k.
+
+    On CUDA (`cos`, `sin` are then the positions and the cos|sin table) q and k are rotated in
+    place by one fused kernel.
+    """
+    if q.is_cuda:
+        _fused_ops().rope_neox_(q, k, cos, sin)
+        return q, k
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Device pass for the GPU engine: install carried wheels, run the GPU tests, then the benchmarks.
+# Usage on the device (repo root):  bash scripts/gpu_suite.sh [tests|bench1|bench2|all]
+# Carry: wheels/ (msgspec, gguf: `pip download --no-deps --only-binary=:all: --python-version 3.12
+#        --platform manylinux2014_x86_64 msgspec gguf -d wheels`).
+set -u -o pipefail
+part="${1:-all}"
+out="${OUT:-./gpu_out}"
+mkdir -p "$out"
+export PYTHONPATH=.:/tmp/tm_wheels PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+pip install --quiet --no-deps --no-index --target /tmp/tm_wheels wheels/*.whl 2>&1 | tail -1
+{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; } | tee "$out/device.txt"
+tm() { python3 -m tokenmill.entrypoints.cli.main "$@"; }
+rc=0
+if [[ "$part" == tests || "$part" == all ]]; then
+  python3 -m pytest -q -p no:cacheprovider tests/kernels tests/gpu -o addopts="" -x --durations=5 \
+      2>&1 | tee "$out/tests.log" || rc=1
+fi
+if [[ "$part" == bench1 || "$part" == all ]]; then
+  # 1. Batch-1 decode, Llama-3.1-8B shape, 512 in / 256 out, beside HF generate().
+  tm bench latency --model llama-3.1-8b --load-format dummy --dtype bfloat16 --input-len 512 \
+      --output-len 256 --max-model-len 4096 --max-num-seqs 8 --gpu-memory-utilization 0.5 \
+      --output-json "$out/latency_llama8b.json" 2>&1 | grep -v Warning | tee "$out/latency_llama8b.log" || rc=1
+  # 2. Fixed-length offline batch, 256 x 256 in / 256 out, Qwen3-0.6B shape, beside HF at batch 256.
+  tm bench throughput --model qwen3-0.6b --load-format dummy --dtype bfloat16 --workload random \
+      --num-prompts 256 --input-len 256 --output-len 256 --hf-batch-size 256 --max-model-len 1024 \
+      --gpu-memory-utilization 0.5 --output-json "$out/tput_qwen06b.json" 2>&1 | grep -v Warning \
+      | tee "$out/tput_qwen06b.log" || rc=1
+  # 3. The nano-vllm workload on the Qwen3-0.6B shape (absolute target; HF would take too long).
+  tm bench throughput --model qwen3-0.6b --load-format dummy --dtype bfloat16 --workload nanovllm \
+      --baseline none --output-json "$out/nanovllm_qwen06b.json" 2>&1 | grep -v Warning \
+      | tee "$out/nanovllm_qwen06b.log" || rc=1
+fi
+if [[ "$part" == bench2 || "$part" == all ]]; then
+  # 2b. Fixed-length offline batch, Llama-3.1-8B shape, beside HF at batch 256.
+  tm bench throughput --model llama-3.1-8b --load-format dummy --dtype bfloat16 --workload random \
+      --num-prompts 256 --input-len 256 --output-len 256 --hf-batch-size 256 --max-model-len 1024 \
+      --gpu-memory-utilization 0.55 --output-json "$out/tput_llama8b.json" 2>&1 | grep -v Warning \
+      | tee "$out/tput_llama8b.log" || rc=1
+  # 4. Qwen3-8B shape, 1024 in / 2048 out, 200 prompts.
+  tm bench throughput --model qwen3-8b --load-format dummy --dtype bfloat16 --workload random \
+      --num-prompts 200 --input-len 1024 --output-len 2048 --max-model-len 3072 --baseline none \
+      --output-json "$out/tput_qwen8b.json" 2>&1 | grep -v Warning | tee "$out/tput_qwen8b.log" || rc=1
+fi
+exit $rc

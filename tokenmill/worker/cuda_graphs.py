@@ -1,0 +1,114 @@
+"""CUDA graphs for decode-only steps.
+
+The device's CPU is slow to launch kernels (~20 us each) and a decode step of an 8B model is a few
+hundred small kernels, so eager decode is launch-bound. The model forward plus the LM head is
+captured once per batch size of a ladder (1, 2, 4, 8, 16, 32, ... up to `max_num_seqs`); a step
+pads its batch up to the next captured size and replays. The graphs read persistent device
+buffers, which each step fills from pinned host twins with one async copy per buffer.
+
+Padded rows have `seq_len = 0` (the decode kernel writes zeros for them) and slot -1 (no KV write);
+their logits are sliced away.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+
+import numpy as np
+import torch
+
+from tokenmill.model.attention.backend import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+
+def batch_size_ladder(max_batch: int) -> list[int]:
+    sizes = [s for s in (1, 2, 4, 8) if s < max_batch]
+    sizes += list(range(16, max_batch, 16))
+    return sorted(set(sizes + [max_batch]))
+
+
+class _PinnedBuffer:
+    """A device tensor and its pinned host twin (with a numpy view written in place)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+        self.device_tensor = torch.zeros(shape, dtype=dtype, device=device)
+        self.host = torch.zeros(shape, dtype=dtype, pin_memory=True)
+        self.np = self.host.numpy()
+
+
+class CudaGraphDecoder:
+    def __init__(self, model: torch.nn.Module, kv_caches: list, max_batch: int, max_model_len: int,
+                 block_size: int, device: torch.device) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.device = device
+        self.max_model_len = max_model_len
+        self.sizes = batch_size_ladder(max_batch)
+        max_blocks = -(-max_model_len // block_size)
+        self.input_ids = _PinnedBuffer((max_batch,), torch.long, device)
+        self.positions = _PinnedBuffer((max_batch,), torch.long, device)
+        self.slot_mapping = _PinnedBuffer((max_batch,), torch.long, device)
+        self.seq_lens = _PinnedBuffer((max_batch,), torch.int32, device)
+        self.block_table = _PinnedBuffer((max_batch, max_blocks), torch.int32, device)
+        self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.pool = None
+
+    def _meta(self, batch: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            num_reqs=batch, num_tokens=batch, num_decodes=batch, max_query_len=1,
+            max_seq_len=self.max_model_len,  # sizes the split count; kernels read the real lengths
+            query_start_loc=self.query_start_loc[:batch + 1], seq_lens=self.seq_lens.device_tensor[:batch],
+            block_table=self.block_table.device_tensor[:batch],
+            slot_mapping=self.slot_mapping.device_tensor[:batch])
+
+    def _forward(self, batch: int) -> torch.Tensor:
+        hidden = self.model(self.input_ids.device_tensor[:batch], self.positions.device_tensor[:batch],
+                            self.kv_caches, self._meta(batch))
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every size, largest first, sharing one memory pool."""
+        self.slot_mapping.device_tensor.fill_(-1)  # capture and warm-up write no KV
+        self.seq_lens.device_tensor.zero_()
+        for batch in reversed(self.sizes):
+            self._forward(batch)  # warm-up: Triton compiles, buffers get allocated outside the graph
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.logits[batch] = self._forward(batch)
+            if self.pool is None:
+                self.pool = graph.pool()
+            self.graphs[batch] = graph
+        torch.cuda.synchronize()
+        logger.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
+
+    def can_run(self, num_reqs: int) -> bool:
+        return bool(self.graphs) and num_reqs <= self.sizes[-1]
+
+    def run(self, input_ids: np.ndarray, positions: np.ndarray, slot_mapping: np.ndarray,
+            seq_lens: np.ndarray, block_table: np.ndarray) -> torch.Tensor:
+        """Replay for a decode batch of len(input_ids) requests; returns their logits [n, vocab]."""
+        n = len(input_ids)
+        batch = self.sizes[bisect.bisect_left(self.sizes, n)]
+        self.input_ids.np[:n] = input_ids
+        self.input_ids.np[n:batch] = 0
+        self.positions.np[:n] = positions
+        self.positions.np[n:batch] = 0
+        self.slot_mapping.np[:n] = slot_mapping
+        self.slot_mapping.np[n:batch] = -1
+        self.seq_lens.np[:n] = seq_lens
+        self.seq_lens.np[n:batch] = 0
+        num_blocks = block_table.shape[1]
+        self.block_table.np[:n, :num_blocks] = block_table
+        self.block_table.np[n:batch, :num_blocks] = 0
+        for buf in (self.input_ids, self.positions, self.slot_mapping, self.seq_lens):
+            buf.device_tensor[:batch].copy_(buf.host[:batch], non_blocking=True)
+        self.block_table.device_tensor[:batch, :num_blocks].copy_(
+            self.block_table.host[:batch, :num_blocks], non_blocking=True)
+        self.graphs[batch].replay()
+        return self.logits[batch][:n]
