@@ -171,10 +171,12 @@ def bench_prefill() -> list[dict]:
         seq_len = q_len + prefix
         q, k_cache, v_cache, block_table, _ = make_decode_inputs(1, seq_len)
         q = torch.randn(q_len, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+        k = torch.randn(q_len, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+        v = torch.randn(q_len, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
         out = torch.empty_like(q)
         qsl = torch.tensor([0, q_len], dtype=torch.int32, device=DEVICE)
         sl = torch.tensor([seq_len], dtype=torch.int32, device=DEVICE)
-        ms = do_bench(lambda: paged_prefill(q, k_cache, v_cache, block_table, qsl, sl, out, 0, 1, q_len, scale),
+        ms = do_bench(lambda: paged_prefill(q, k, v, k_cache, v_cache, block_table, qsl, sl, out, 0, 1, q_len, scale),
                       warmup=25, rep=200, return_mode="median")
         # Causal: each query sees its prefix plus on average half the chunk.
         flops = 4 * NUM_HEADS * HEAD_DIM * q_len * (prefix + q_len / 2)
@@ -246,13 +248,15 @@ def sweep(copy_rate: float) -> dict:
         seq_len = q_len + prefix
         _, k_cache, v_cache, block_table, _ = make_decode_inputs(1, seq_len)
         q = torch.randn(q_len, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+        k = torch.randn(q_len, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+        v = torch.randn(q_len, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
         qsl = torch.tensor([0, q_len], dtype=torch.int32, device=DEVICE)
         sl = torch.tensor([seq_len], dtype=torch.int32, device=DEVICE)
         ref = torch.empty_like(q)
-        paged_prefill(q, k_cache, v_cache, block_table, qsl, sl, ref, 0, 1, q_len, scale)
+        paged_prefill(q, k, v, k_cache, v_cache, block_table, qsl, sl, ref, 0, 1, q_len, scale)
         for cfg in prefill_configs:
             out = torch.full_like(q, float("nan"))
-            fn = functools.partial(paged_prefill, q, k_cache, v_cache, block_table, qsl, sl, out, 0, 1, q_len,
+            fn = functools.partial(paged_prefill, q, k, v, k_cache, v_cache, block_table, qsl, sl, out, 0, 1, q_len,
                                    scale, config=cfg)
             fn()
             err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()

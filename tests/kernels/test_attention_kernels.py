@@ -242,8 +242,8 @@ def test_paged_prefill(block_size, group, head_dim, case):
     out = poisoned_like(batch.q)
     meta = batch.meta
     paged_prefill(
-        batch.q, batch.k_cache, batch.v_cache, meta.block_table, meta.query_start_loc, meta.seq_lens,
-        out, first_req=1, num_reqs=meta.num_reqs - 1, max_query_len=meta.max_query_len, scale=scale,
+        batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, meta.block_table, meta.query_start_loc,
+        meta.seq_lens, out, first_req=1, num_reqs=meta.num_reqs - 1, max_query_len=meta.max_query_len, scale=scale,
     )
     assert torch.isnan(out[0]).all(), "the decode row belongs to the decode kernel"
     assert rel_err(out[1:], ref[1:]) < REL_TOL
@@ -263,8 +263,8 @@ def test_paged_prefill_long_chunks(block_size, group, head_dim):
     out = poisoned_like(batch.q)
     meta = batch.meta
     paged_prefill(
-        batch.q, batch.k_cache, batch.v_cache, meta.block_table, meta.query_start_loc, meta.seq_lens,
-        out, first_req=0, num_reqs=meta.num_reqs, max_query_len=meta.max_query_len, scale=scale,
+        batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, meta.block_table, meta.query_start_loc,
+        meta.seq_lens, out, first_req=0, num_reqs=meta.num_reqs, max_query_len=meta.max_query_len, scale=scale,
     )
     assert rel_err(out, ref) < REL_TOL
 
@@ -278,10 +278,43 @@ def test_paged_prefill_non_causal(head_dim):
     out = poisoned_like(batch.q)
     meta = batch.meta
     paged_prefill(
-        batch.q, batch.k_cache, batch.v_cache, meta.block_table, meta.query_start_loc, meta.seq_lens,
-        out, first_req=0, num_reqs=3, max_query_len=meta.max_query_len, scale=scale, causal=False,
+        batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, meta.block_table, meta.query_start_loc,
+        meta.seq_lens, out, first_req=0, num_reqs=3, max_query_len=meta.max_query_len, scale=scale, causal=False,
     )
     assert rel_err(out, ref) < REL_TOL
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_backend_prefill_without_cache_room(causal):
+    """The model runner's profile run: fresh prompts, a one-block dummy cache, slots -1 and a
+    one-column block table. New keys come from k/v, so the cache is never read or written."""
+    num_tokens, num_kv_heads, group, head_dim = 300, 2, 4, 128
+    q = torch.randn(num_tokens, num_kv_heads * group, head_dim, dtype=DTYPE, device=DEVICE)
+    k = torch.randn(num_tokens, num_kv_heads, head_dim, dtype=DTYPE, device=DEVICE)
+    v = torch.randn(num_tokens, num_kv_heads, head_dim, dtype=DTYPE, device=DEVICE)
+    cache = torch.full((1, 16, num_kv_heads, head_dim), float("nan"), dtype=DTYPE, device=DEVICE)
+
+    def meta():
+        return AttentionMetadata(
+            num_reqs=1, num_tokens=num_tokens, num_decodes=0, max_query_len=num_tokens,
+            max_seq_len=num_tokens,
+            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=DEVICE),
+            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=DEVICE),
+            block_table=torch.zeros(1, 1, dtype=torch.int32, device=DEVICE),
+            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=DEVICE),
+            query_start_loc_cpu=torch.tensor([0, num_tokens], dtype=torch.int32),
+            seq_lens_cpu=torch.tensor([num_tokens], dtype=torch.int32), causal=causal,
+        )
+
+    scale = head_dim ** -0.5
+    # Plain SDPA as the reference: torch_native's cache write does not take slot -1.
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.float().transpose(0, 1), k.float().transpose(0, 1).repeat_interleave(group, 0),
+        v.float().transpose(0, 1).repeat_interleave(group, 0), is_causal=causal, scale=scale,
+    ).transpose(0, 1)
+    out = get_backend("triton").forward(q, k, v, (cache, cache), meta(), scale)
+    assert rel_err(out, ref) < REL_TOL
+    assert torch.isnan(cache).all(), "slot -1 tokens must not be written"
 
 
 @pytest.mark.parametrize("block_size", [16, 32])

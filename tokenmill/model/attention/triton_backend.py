@@ -55,8 +55,7 @@ class TritonBackend(AttentionBackend):
         scale: float,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         k_cache, v_cache = kv_cache
-        # Write first: the prefill kernel reads this step's own keys back from the cache, which
-        # is what lets a chunk attend over its cached prefix with no special case.
+        # Write first: decodes read their own new key back from the cache.
         write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         num_decodes = meta.num_decodes
@@ -68,7 +67,7 @@ class TritonBackend(AttentionBackend):
             )
         if meta.num_prefills:
             paged_prefill(
-                q, k_cache, v_cache, meta.block_table, meta.query_start_loc, meta.seq_lens, out,
+                q, k, v, k_cache, v_cache, meta.block_table, meta.query_start_loc, meta.seq_lens, out,
                 first_req=num_decodes, num_reqs=meta.num_prefills,
                 max_query_len=meta.max_query_len, scale=scale, causal=meta.causal,
             )

@@ -5,7 +5,7 @@ Layouts follow `backend.py`: q/out `[num_tokens, num_heads, head_dim]`, k/v
 `[num_blocks, block_size, num_kv_heads, head_dim]`, block table `[num_reqs, max_blocks]` int32.
 
 - `write_kv_cache` (here): scatters the step's K/V into their slots (slot -1 = skip, for padding).
-- `paged_prefill` (`triton_prefill.py`): variable-length flash attention over cached prefixes.
+- `paged_prefill` (`triton_prefill.py`): variable-length flash attention: cached prefix + new K/V.
 - `paged_decode` (`triton_decode.py`): split-KV flash-decoding, GQA-aware, one launch.
 
 All launchers size their grids from Python ints and never read device values on the host, so
