@@ -2,7 +2,8 @@
 
 Who calls what (see docs/structured_output.md):
 - front end: `manager.compile(params.structured_outputs)` to validate -> `GrammarError` is a 400;
-- engine core: `manager.new_request(params)` when a request is added, keeps the `RequestGrammar`;
+- engine core: `manager.compile_async(params)` when a request is added (it waits until done, off
+  the step loop), then `manager.new_request(params)` (a cache hit) -> its `RequestGrammar`;
 - runner, per step: `bitmask = manager.batch_bitmask(grammars)` (row i <-> batch row i), then
   `apply_bitmask(logits, bitmask, rows)` before sampling, and `grammar.accept_token(t)` after.
 """
@@ -125,9 +126,11 @@ class StructuredOutputManager:
         Args:
             grammars: one entry per logits row (None: unconstrained).
         Returns:
-            `[len(grammars), ceil(vocab/32)]` int32 CPU view of a reused buffer, valid until the
-            next call. Rows without a live grammar are all-allowed, so masking every row is correct;
-            pass `rows=constrained_rows(grammars)` to `apply_bitmask` to skip them.
+            `[len(grammars), ceil(vocab/32)]` int32 CPU view of a reused (pinned, with CUDA)
+            buffer, valid until the next call: `apply_bitmask` copies it to the GPU asynchronously,
+            so call this again only after the step's host sync (the sampled tokens' `.tolist()`).
+            Rows without a live grammar are all-allowed, so masking every row is correct; pass
+            `rows=constrained_rows(grammars)` to `apply_bitmask` to skip them.
         """
         if all(g is None for g in grammars):
             return None
