@@ -23,6 +23,9 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slot_map
     k_cache, v_cache = kv_cache
     num_kv_heads, head_dim = k_cache.shape[-2:]
     slots = slot_mapping[: k.shape[0]]
+    if slots.numel() and bool((slots < 0).any()):  # -1 marks padding tokens: nothing to write
+        keep = slots >= 0
+        slots, k, v = slots[keep], k[keep], v[keep]
     k_flat = k_cache.view(-1, num_kv_heads, head_dim)
     v_flat = v_cache.view(-1, num_kv_heads, head_dim)
     k_flat.index_copy_(0, slots, k.to(k_cache.dtype))
