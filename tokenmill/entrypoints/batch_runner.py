@@ -420,3 +420,16 @@ def run(args: argparse.Namespace) -> BatchSummary:
     print(f"{summary.total_lines} lines: {summary.succeeded} succeeded, {summary.failed} failed, "
           f"{summary.skipped_done} already done in {args.output_file}")
     return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python3 -m tokenmill.entrypoints.batch_runner -i ... -o ...`, without the `tokenmill` command."""
+    parser = argparse.ArgumentParser(prog="tokenmill")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    import sys
+
+    run(parser.parse_args(["run-batch", *(sys.argv[1:] if argv is None else argv)]))
+
+
+if __name__ == "__main__":
+    main()

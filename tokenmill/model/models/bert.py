@@ -159,6 +159,12 @@ class PackedAttentionMetadata:
         key_mask = None if bool(real.all()) else real[:, None, None, :]
         return cls(cu, num_seqs, num_tokens, max_len, pad_index, unpad_index, key_mask, None)
 
+    def to(self, device: torch.device) -> "PackedAttentionMetadata":
+        """A copy with its tensors on `device` (runs and sizes stay host-side Python ints)."""
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return PackedAttentionMetadata(move(self.cu_seqlens), self.num_seqs, self.num_tokens, self.max_len,
+                                       move(self.pad_index), move(self.unpad_index), move(self.key_mask), self.runs)
+
 
 class BertEmbeddings(nn.Module):
     def __init__(self, cfg: BertConfig):
