@@ -13,7 +13,7 @@ pip install --quiet --no-deps --no-index --target /tmp/tm_wheels wheels/*.whl 2>
 tm() { python3 -m tokenmill.entrypoints.cli.main "$@"; }
 rc=0
 if [[ "$part" == tests || "$part" == all ]]; then
-  python3 -m pytest -q -p no:cacheprovider tests/kernels tests/gpu -o addopts="" -x --durations=5 \
+  python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/kernels tests/gpu} -o addopts="" --durations=5 \
       2>&1 | tee "$out/tests.log" || rc=1
 fi
 if [[ "$part" == bench1 || "$part" == all ]]; then

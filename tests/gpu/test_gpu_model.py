@@ -71,7 +71,7 @@ def test_cuda_graphs_match_eager(name, tmp_path_factory):
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     results = []
     for eager in (True, False):
-        llm = LLM(folder, dtype="float32", max_model_len=2048, gpu_memory_utilization=0.3,
+        llm = LLM(folder, dtype="bfloat16", max_model_len=2048, gpu_memory_utilization=0.3,
                   enforce_eager=eager, max_num_seqs=8)
         assert (llm.engine.core.runner.graphs is None) == eager
         results.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])

@@ -18,10 +18,12 @@ def build_parser() -> argparse.ArgumentParser:
     from tokenmill.entrypoints.cli import chat, generate
     generate.add_parser(sub)
     chat.add_parser(sub)
-    from tokenmill.entrypoints.cli import serve
-    serve.add_parser(sub)
-    from tokenmill.entrypoints import batch_runner
-    batch_runner.add_parser(sub)
+    # The server stack (fastapi, pydantic, zmq) is optional for offline use (e.g. the GPU images).
+    for module in ("tokenmill.entrypoints.cli.serve", "tokenmill.entrypoints.batch_runner"):
+        try:
+            __import__(module, fromlist=["add_parser"]).add_parser(sub)
+        except ImportError:
+            pass
 
     bench = sub.add_parser("bench", help="benchmarks (each prints tokenmill and its baseline side by side)")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK")
