@@ -61,6 +61,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "process (same model arguments as the server) and report the ratio")
     p.add_argument("--offline-model", default=None, help="model for --compare-offline (default embedded)")
     p.add_argument("--offline-max-num-seqs", type=int, default=256)
+    p.add_argument("--offline-threads", type=int, default=None,
+                   help="torch CPU threads for --compare-offline (default: torch's own choice)")
     p.set_defaults(func=run)
     return p
 
@@ -188,6 +190,10 @@ def offline_throughput(args: argparse.Namespace, dataset: list[tuple[list[int], 
     from tokenmill import SamplingParams
     from tokenmill.entrypoints.llm import LLM
 
+    if args.offline_threads:
+        import torch
+
+        torch.set_num_threads(args.offline_threads)
     llm = LLM(args.offline_model, max_num_seqs=args.offline_max_num_seqs)
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=args.ignore_eos) for _, n in dataset]
     prompts = [{"prompt_token_ids": p} for p, _ in dataset]

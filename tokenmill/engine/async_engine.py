@@ -132,7 +132,8 @@ class AsyncEngine:
     @classmethod
     async def from_engine_args(cls, engine_args: Any, *, max_queue_len: int,
                                wedge_timeout_s: float = 120.0,
-                               stats_listener: StatsListener | None = None) -> "AsyncEngine":
+                               stats_listener: StatsListener | None = None,
+                               engine_threads: int | None = None) -> "AsyncEngine":
         """Loads the tokenizer here and starts the engine core in its own process."""
         from tokenmill.engine.input_processor import InputProcessor
         from tokenmill.engine.output_processor import OutputProcessor
@@ -140,7 +141,7 @@ class AsyncEngine:
 
         config = engine_args.create_engine_config()
         tokenizer = load_tokenizer(config.model.source.tokenizer_path)
-        client = await EngineCoreClient.start(msgspec.msgpack.encode(engine_args))
+        client = await EngineCoreClient.start(msgspec.msgpack.encode(engine_args), num_threads=engine_threads)
         engine = cls(
             client, InputProcessor(tokenizer, config.model), OutputProcessor(tokenizer), tokenizer,
             model_name=config.model.served_model_name or config.model.model,

@@ -73,6 +73,7 @@ class EngineCoreClient:
         engine_args_msgpack: bytes,
         make_engine: Callable[[bytes], EngineCoreLike] = make_real_engine,
         startup_timeout_s: float = 600.0,
+        num_threads: int | None = None,
     ) -> "EngineCoreClient":
         """Spawns the core, waits for `CoreReady` (model loaded), raises `EngineDeadError` if it fails."""
         client = cls()
@@ -80,7 +81,8 @@ class EngineCoreClient:
         mp = multiprocessing.get_context("spawn")
         client.process = mp.Process(
             target=run_engine_core,
-            args=(make_engine, engine_args_msgpack, client.input_addr, client.output_addr, os.getpid()),
+            args=(make_engine, engine_args_msgpack, client.input_addr, client.output_addr, os.getpid(),
+                  num_threads),
             name="tokenmill-engine-core",
             daemon=True,
         )

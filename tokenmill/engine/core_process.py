@@ -91,19 +91,42 @@ def make_real_engine(engine_args_msgpack: bytes) -> EngineCoreLike:
     return EngineCore(engine_args.create_engine_config())
 
 
+def cpu_threads_for_core(requested: int | None) -> int | None:
+    """Intra-op threads for the core's CPU math: `requested`, else all usable cores but one.
+
+    The API process (tokenization, detokenization, HTTP) runs on the same machine during every
+    step. If torch's OpenMP team takes every core, whichever of its threads the API process
+    preempts stalls the whole team at the next barrier; on the 2-core CI box that made decoding
+    ~4x slower than one thread. None means "leave torch alone" (OMP_NUM_THREADS is set).
+    """
+    if requested is not None:
+        return max(1, requested)
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
 def run_engine_core(
     make_engine: Callable[[bytes], EngineCoreLike],
     engine_args_msgpack: bytes,
     input_addr: str,
     output_addr: str,
     parent_pid: int,
+    num_threads: int | None = None,
 ) -> None:
     """Entry point of the engine-core process (a `multiprocessing` spawn target).
 
     `make_engine` is a module-level function (spawn sends it by reference); its argument is opaque
     bytes, so nothing but a function name and bytes crosses the process boundary at start-up.
+    `num_threads`: see `cpu_threads_for_core`.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [core] %(message)s")
+    threads = cpu_threads_for_core(num_threads)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+        logger.info("engine core uses %d CPU threads", threads)
     ctx = zmq.Context()
     # The output socket connects first so a startup failure can still be reported.
     out_sock = ctx.socket(zmq.PUSH)

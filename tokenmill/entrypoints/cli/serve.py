@@ -29,6 +29,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                        help="larger request bodies get 413")
     group.add_argument("--engine-wedge-timeout", type=float, default=120.0,
                        help="/health turns 503 when work is pending and no engine step finished for this long")
+    group.add_argument("--engine-threads", type=int, default=None,
+                       help="CPU threads for the engine core's math (default: all cores but one, "
+                            "leaving one to the API process; or $OMP_NUM_THREADS if set)")
     group.add_argument("--log-stats-interval", type=float, default=10.0,
                        help="seconds between throughput log lines")
     group.add_argument("--uvicorn-log-level", default="warning",
@@ -72,7 +75,8 @@ def run(args: argparse.Namespace) -> None:
 
     async def make_engine() -> AsyncEngine:
         engine = await AsyncEngine.from_engine_args(engine_args, max_queue_len=args.max_queue_len,
-                                                    wedge_timeout_s=args.engine_wedge_timeout)
+                                                    wedge_timeout_s=args.engine_wedge_timeout,
+                                                    engine_threads=args.engine_threads)
         model = engine.config.model
         logger.info("model %s (served as %r), dtype %s, max_model_len %d, KV cache %d tokens",
                     model.model, engine.model_name, model.dtype, model.max_model_len,
