@@ -130,13 +130,14 @@ class Scheduler:
             if num_new <= 0:
                 i += 1
                 continue
+            preempted_here = False
             while True:
                 new_block_ids = self.kv.allocate_slots(request, num_new)
                 if new_block_ids is not None:
                     break
                 victim = self._pick_victim()
                 self._preempt(victim, out)
-                preempted_this_step = True
+                preempted_this_step = preempted_here = True
                 if victim is request:
                     break
             if request.status != RequestStatus.RUNNING:
@@ -145,8 +146,8 @@ class Scheduler:
                 CachedRequestData(request.request_id, new_block_ids, request.num_computed_tokens))
             out.num_scheduled_tokens[request.request_id] = num_new
             budget -= num_new
-            # A priority-policy victim may sit before this request; find our place again.
-            i = self.running.index(request) + 1
+            # A priority-policy victim may sit before this request: find our place again.
+            i = self.running.index(request) + 1 if preempted_here else i + 1
 
         # 2. Waiting requests, while there is budget, a sequence slot and no memory pressure.
         while (len(self.waiting) and budget > 0 and not preempted_this_step

@@ -127,8 +127,11 @@ class OutputProcessor:
 
         results = []
         for parent in touched.values():
+            finished = parent.finished
+            if parent.params.output_kind == RequestOutputKind.FINAL_ONLY and not finished:
+                continue  # nothing to report until the last sample ends
             result = self._make_output(parent)
-            if parent.finished:
+            if finished:
                 del self.parents[parent.request_id]
                 for cid in parent.samples:
                     self.child_to_parent.pop(cid, None)
