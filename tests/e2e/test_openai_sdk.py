@@ -92,3 +92,23 @@ def test_sdk_errors(server, model_name):
         good.chat.completions.create(model="no-such-model", messages=QUESTION, max_tokens=2)
     with pytest.raises(openai.BadRequestError):
         good.chat.completions.create(model=model_name, messages=QUESTION, max_tokens=2, temperature=-1)
+
+
+def test_completions_several_prompts_and_n(openai_client, model_name):
+    prompts = ["The sky is", "Water is"]
+    full = openai_client.completions.create(model=model_name, prompt=prompts, n=2, max_tokens=4,
+                                            temperature=0)
+    assert [c.index for c in full.choices] == [0, 1, 2, 3]
+    # Greedy samples of one prompt agree; the two prompts answer separately.
+    assert full.choices[0].text == full.choices[1].text and full.choices[2].text == full.choices[3].text
+    stream = openai_client.completions.create(model=model_name, prompt=prompts, n=2, max_tokens=4,
+                                              temperature=0, stream=True)
+    texts: dict[int, str] = {}
+    finished = set()
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+            if choice.finish_reason:
+                finished.add(choice.index)
+    assert finished == {0, 1, 2, 3}
+    assert [texts[i] for i in range(4)] == [c.text for c in full.choices]

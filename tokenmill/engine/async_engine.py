@@ -133,13 +133,14 @@ class AsyncEngine:
     async def from_engine_args(cls, engine_args: Any, *, max_queue_len: int,
                                wedge_timeout_s: float = 120.0,
                                stats_listener: StatsListener | None = None,
-                               engine_threads: int | None = None) -> "AsyncEngine":
-        """Loads the tokenizer here and starts the engine core in its own process."""
+                               engine_threads: int | None = None, config: Any = None) -> "AsyncEngine":
+        """Loads the tokenizer here and starts the engine core in its own process. `config`: the
+        `EngineConfig` of `engine_args` when the caller already built it."""
         from tokenmill.engine.input_processor import InputProcessor
         from tokenmill.engine.output_processor import OutputProcessor
         from tokenmill.model.loader.tokenizer import load_tokenizer
 
-        config = engine_args.create_engine_config()
+        config = config or engine_args.create_engine_config()
         tokenizer = load_tokenizer(config.model.source.tokenizer_path)
         client = await EngineCoreClient.start(msgspec.msgpack.encode(engine_args), num_threads=engine_threads)
         engine = cls(

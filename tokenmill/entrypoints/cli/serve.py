@@ -69,6 +69,12 @@ def run(args: argparse.Namespace) -> None:
     if args.model_tag is not None:
         args.model = args.model_tag
     engine_args = EngineArgs.from_cli_args(args)
+    try:
+        # Resolve the model before uvicorn starts, so a typo is one clear line, not a traceback.
+        engine_config = engine_args.create_engine_config()
+    except (ValueError, OSError) as exc:
+        logger.error("cannot serve: %s", exc)
+        sys.exit(2)
     api_key = args.api_key or os.environ.get("TOKENMILL_API_KEY") or None
     config = ServerConfig(api_key=api_key, max_body_bytes=args.max_request_body_bytes,
                           drain_timeout_s=args.drain_timeout, log_stats_interval_s=args.log_stats_interval)
@@ -76,7 +82,8 @@ def run(args: argparse.Namespace) -> None:
     async def make_engine() -> AsyncEngine:
         engine = await AsyncEngine.from_engine_args(engine_args, max_queue_len=args.max_queue_len,
                                                     wedge_timeout_s=args.engine_wedge_timeout,
-                                                    engine_threads=args.engine_threads)
+                                                    engine_threads=args.engine_threads,
+                                                    config=engine_config)
         model = engine.config.model
         logger.info("model %s (served as %r), dtype %s, max_model_len %d, KV cache %d tokens",
                     model.model, engine.model_name, model.dtype, model.max_model_len,

@@ -65,7 +65,10 @@ def serve(make_engine: Callable[[], Awaitable[AsyncEngine]], config: ServerConfi
                                lifespan="on", timeout_graceful_shutdown=CUTOFF_AFTER_DRAIN_S,
                                timeout_keep_alive=5)
     server = DrainingServer(uv_config, state)
-    asyncio.run(server.serve())
+    try:
+        asyncio.run(server.serve())
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it caught once it has shut down
+        pass
     if state.engine_died or not server.started:
         return 1
     return 0
