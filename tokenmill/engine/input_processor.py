@@ -52,6 +52,7 @@ class InputProcessor:
                 extra.update(v for v in value if isinstance(v, int))
         extra.discard(eos)
         self.extra_stop_token_ids = sorted(extra)
+        self._structured = None  # StructuredOutputManager, built on the first constrained request
 
     def _generation_config_eos(self) -> Any:
         source = self.model_config.source
@@ -100,6 +101,13 @@ class InputProcessor:
             if bad:
                 raise ValueError(f"logit_bias has token ids outside the vocabulary "
                                  f"(size {self.vocab_size}): {bad[:10]}")
+        if params.structured_outputs is not None:
+            # Compiling validates the schema / regex / grammar (cached, so the engine's compile of
+            # the same spec is a hit); a bad one raises GrammarError, a ValueError.
+            self.structured_output_manager().compile(params.structured_outputs)
+            if params.ignore_eos:
+                raise ValueError("ignore_eos cannot be combined with structured outputs: the grammar "
+                                 "ends the output")
         stop_ids = list(params.stop_token_ids or []) + self.extra_stop_token_ids
         base = params.clone(all_stop_token_ids=stop_ids or None,
                             max_tokens=max_tokens if max_tokens is not None
@@ -112,6 +120,15 @@ class InputProcessor:
                               base.clone(n=1, seed=None if params.seed is None else params.seed + i),
                               arrival, self.eos_token_id, priority, cache_salt)
                 for i in range(params.n)]
+
+    def structured_output_manager(self):
+        if self._structured is None:
+            if self.tokenizer is None:
+                raise ValueError("structured outputs need a tokenizer; this model has none")
+            from tokenmill.structured_output import StructuredOutputManager
+            self._structured = StructuredOutputManager(
+                self.tokenizer, self.vocab_size, stop_token_ids=[self.eos_token_id, *self.extra_stop_token_ids])
+        return self._structured
 
     def validate_token_ids(self, token_ids: list[int]) -> None:
         if not token_ids:

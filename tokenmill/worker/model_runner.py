@@ -36,6 +36,7 @@ class RequestState:
     block_ids: list[int]
     num_computed_tokens: int
     eos_token_id: int | None
+    grammar: object | None = None  # structured_output.RequestGrammar for constrained requests
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -56,6 +57,7 @@ class ModelRunner:
         self.kv_caches: list[KVCache] = []
         self.num_blocks = 0
         self.graphs = None  # CudaGraphDecoder once captured
+        self._structured = None  # StructuredOutputManager, built on the first constrained request
 
     # ----- KV cache -----
     def bytes_per_block(self) -> int:
@@ -132,10 +134,26 @@ class ModelRunner:
             state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
 
+    def _structured_outputs(self):
+        if self._structured is None:
+            from tokenmill.model.loader.tokenizer import load_tokenizer
+            from tokenmill.structured_output import StructuredOutputManager
+            tokenizer = load_tokenizer(self.config.model.source.tokenizer_path)
+            self._structured = StructuredOutputManager(tokenizer, self.config.model.vocab_size)
+        return self._structured
+
     def _add_request(self, new: NewRequestData) -> None:
-        self.states[new.request_id] = RequestState(
+        state = RequestState(
             new.request_id, list(new.token_ids), new.num_prompt_tokens, new.sampling_params,
             list(new.block_ids), new.num_computed_tokens, new.eos_token_id)
+        spec = new.sampling_params.structured_outputs
+        if spec is not None:
+            params = new.sampling_params
+            stops = [t for t in [new.eos_token_id, *(params.all_stop_token_ids or [])] if t is not None]
+            # A resumed request replays its earlier output so the grammar continues where it was.
+            state.grammar = self._structured_outputs().new_request(
+                spec, stop_token_ids=stops, prefix_token_ids=state.output_token_ids)
+        self.states[new.request_id] = state
         seed = new.sampling_params.seed
         if seed is not None and new.request_id not in self.generators:
             self.generators[new.request_id] = torch.Generator(device=self.device).manual_seed(seed)
@@ -178,6 +196,9 @@ class ModelRunner:
             state = states[i]
             token = result.token_ids[row]
             state.token_ids.append(token)
+            if state.grammar is not None and not state.grammar.accept_token(token):
+                # The mask makes this impossible; if it ever happens the output is cut here.
+                logger.error("request %s: sampled token %d breaks its grammar", state.request_id, token)
             output.sampled_token_ids[state.request_id] = token
             if result.logprobs[row] is not None:
                 output.logprobs[state.request_id] = result.logprobs[row]
@@ -237,7 +258,8 @@ class ModelRunner:
             if p.logit_bias:
                 batch.logit_bias[row] = p.logit_bias
             num_out = len(s.token_ids) - s.num_prompt_tokens
-            if num_out < p.min_tokens:
+            grammar_done = s.grammar is not None and s.grammar.is_completed()
+            if num_out < p.min_tokens and not grammar_done:
                 stop = list(p.all_stop_token_ids or p.stop_token_ids or [])
                 if s.eos_token_id is not None:
                     stop.append(s.eos_token_id)
@@ -247,6 +269,11 @@ class ModelRunner:
                 batch.output_token_ids[row] = s.output_token_ids
                 if p.repetition_penalty != 1.0:
                     batch.prompt_token_ids[row] = s.token_ids[:s.num_prompt_tokens]
+        if self._structured is not None:
+            from tokenmill.structured_output import constrained_rows
+            grammars = [s.grammar for s in states]
+            batch.grammar_bitmask = self._structured.batch_bitmask(grammars)
+            batch.grammar_rows = constrained_rows(grammars) if batch.grammar_bitmask is not None else []
         return batch
 
     def _prompt_logprobs(self, s: RequestState, hidden: torch.Tensor, start: int, count: int) -> list:

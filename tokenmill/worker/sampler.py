@@ -34,7 +34,9 @@ class SamplingBatch:
     penalties: dict[int, tuple[float, float, float]] = field(default_factory=dict)  # rep, pres, freq
     prompt_token_ids: dict[int, list[int]] = field(default_factory=dict)  # for repetition penalty
     output_token_ids: dict[int, list[int]] = field(default_factory=dict)  # for all penalties
-    allowed_token_mask: torch.Tensor | None = None  # structured outputs: [B, V] bool, or None
+    # Structured outputs: xgrammar's packed token bitmask [B, ceil(V/32)] int32 and the rows it constrains.
+    grammar_bitmask: torch.Tensor | None = None
+    grammar_rows: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -53,8 +55,9 @@ class Sampler:
         self._apply_bias_and_suppression(logits, batch)
         if batch.penalties:
             self._apply_penalties(logits, batch)
-        if batch.allowed_token_mask is not None:
-            logits.masked_fill_(~batch.allowed_token_mask, _NEG_INF)
+        if batch.grammar_bitmask is not None and batch.grammar_rows:
+            from tokenmill.structured_output import apply_bitmask
+            apply_bitmask(logits, batch.grammar_bitmask, batch.grammar_rows)
 
         greedy_rows = [i for i in range(num_rows) if batch.temperature[i] < 1e-5]
         if len(greedy_rows) == num_rows:
