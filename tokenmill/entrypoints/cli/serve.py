@@ -32,6 +32,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--engine-threads", type=int, default=None,
                        help="CPU threads for the engine core's math (default: all cores but one, "
                             "leaving one to the API process; or $OMP_NUM_THREADS if set)")
+    group.add_argument("--tool-call-parser", default=None,
+                       help="how to find tool calls in the model's text for tool_choice auto: "
+                            "hermes (also qwen) or llama3_json; without it, such text is content")
     group.add_argument("--log-stats-interval", type=float, default=10.0,
                        help="seconds between throughput log lines")
     group.add_argument("--uvicorn-log-level", default="warning",
@@ -76,8 +79,17 @@ def run(args: argparse.Namespace) -> None:
         logger.error("cannot serve: %s", exc)
         sys.exit(2)
     api_key = args.api_key or os.environ.get("TOKENMILL_API_KEY") or None
+    if args.tool_call_parser is not None:
+        from tokenmill.entrypoints.tool_parsers import get_tool_parser
+
+        try:
+            get_tool_parser(args.tool_call_parser)
+        except ValueError as exc:
+            logger.error("cannot serve: %s", exc)
+            sys.exit(2)
     config = ServerConfig(api_key=api_key, max_body_bytes=args.max_request_body_bytes,
-                          drain_timeout_s=args.drain_timeout, log_stats_interval_s=args.log_stats_interval)
+                          drain_timeout_s=args.drain_timeout, log_stats_interval_s=args.log_stats_interval,
+                          tool_call_parser=args.tool_call_parser)
 
     async def make_engine() -> AsyncEngine:
         engine = await AsyncEngine.from_engine_args(engine_args, max_queue_len=args.max_queue_len,

@@ -23,14 +23,16 @@ def check_logit_bias(engine: AsyncEngine, logit_bias: dict[str, float] | None) -
 
 
 def render_chat(request: Request, engine: AsyncEngine, messages: list[dict], *, add_generation_prompt: bool,
-                chat_template: str | None = None, chat_template_kwargs: dict | None = None) -> str:
+                chat_template: str | None = None, chat_template_kwargs: dict | None = None,
+                tools: list[dict] | None = None) -> str:
     """The prompt text from the model's chat template (sandboxed Jinja in the input processor)."""
     if chat_template is not None:
         # A request-supplied template is code run on the server (RELIABILITY.md item 16).
         raise APIError(400, "request-supplied chat templates are not allowed on this server",
                        param="chat_template")
     try:
-        return engine.input_processor.render_chat(messages, add_generation_prompt=add_generation_prompt,
+        return engine.input_processor.render_chat(messages, tools=tools,
+                                                  add_generation_prompt=add_generation_prompt,
                                                   chat_template_kwargs=chat_template_kwargs)
     except (jinja2.TemplateError, ValueError, TypeError) as exc:
         # Templates raise on e.g. roles that do not alternate; their message is written for users.

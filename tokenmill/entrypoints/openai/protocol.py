@@ -13,11 +13,14 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tokenmill.sampling_params import MAX_LOGPROBS, RequestOutputKind, SamplingParams
+from tokenmill.sampling_params import (
+    MAX_LOGPROBS, RequestOutputKind, SamplingParams, StructuredOutputsParams,
+)
 
 MAX_PROMPTS_PER_REQUEST = 64
 MAX_MESSAGES = 4096
 MAX_STOP_SEQUENCES = 16
+MAX_TOOLS = 128
 # n * max_tokens: one request may not ask for more tokens than this in total.
 MAX_TOTAL_COMPLETION_TOKENS = 1 << 20
 
@@ -40,6 +43,8 @@ class ChatMessage(_Model):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: which call this answers
 
     @model_validator(mode="after")
     def _content_required(self) -> "ChatMessage":
@@ -47,12 +52,28 @@ class ChatMessage(_Model):
             raise ValueError(f"a {self.role} message needs content")
         return self
 
+    def to_template(self) -> dict[str, Any]:
+        """The dict a chat template reads (text content, plus tool fields when present)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = self.tool_calls
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
     def text(self) -> str:
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+
+class ResponseFormat(_Model):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None  # {"name": ..., "schema": {...}, "strict": ...}
 
 
 class _SamplingFields(_Model):
@@ -82,6 +103,8 @@ class _SamplingFields(_Model):
     skip_special_tokens: bool = True
     cache_salt: str | None = None
     priority: int = 0
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None  # vLLM's: json / json_object / regex / choice / grammar
 
     @model_validator(mode="after")
     def _check_common(self) -> "_SamplingFields":
@@ -101,6 +124,31 @@ class _SamplingFields(_Model):
 
     def _max_tokens(self) -> int | None:
         return self.max_tokens
+
+    def structured_output_params(self) -> StructuredOutputsParams | None:
+        """The output constraint asked for, if any. Raises `ValueError` for a malformed one (the
+        schema / regex / grammar itself is compiled, and so checked, by the input processor)."""
+        constraints = []
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            constraints.append(StructuredOutputsParams(json_object=True))
+        elif fmt is not None and fmt.type == "json_schema":
+            schema = (fmt.json_schema or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise ValueError("response_format.json_schema.schema must be a JSON schema object")
+            constraints.append(StructuredOutputsParams(json=schema))
+        if self.structured_outputs is not None:
+            fields = {"json", "json_object", "regex", "choice", "grammar"}
+            unknown = sorted(set(self.structured_outputs) - fields)
+            if unknown:
+                raise ValueError(f"structured_outputs has unknown fields {unknown[:5]}; use {sorted(fields)}")
+            try:
+                constraints.append(StructuredOutputsParams(**self.structured_outputs))
+            except TypeError:
+                raise ValueError("structured_outputs has a field of the wrong type") from None
+        if len(constraints) > 1:
+            raise ValueError("give one of response_format and structured_outputs, not both")
+        return constraints[0] if constraints else None
 
     def to_sampling_params(self, *, default_max_tokens: int | None, logprobs: int | None,
                            prompt_logprobs: int | None = None) -> SamplingParams:
@@ -131,6 +179,7 @@ class _SamplingFields(_Model):
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
             skip_special_tokens=self.skip_special_tokens,
             output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
+            structured_outputs=self.structured_output_params(),
         )
 
 
@@ -143,6 +192,9 @@ class ChatCompletionRequest(_SamplingFields):
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     chat_template: str | None = None  # refused unless the operator allows it (RELIABILITY.md 16)
+    tools: Annotated[list[dict[str, Any]], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _check_chat(self) -> "ChatCompletionRequest":

@@ -37,6 +37,7 @@ class ServerConfig:
     max_body_bytes: int = 8 * 1024 * 1024
     drain_timeout_s: float = 30.0
     log_stats_interval_s: float = 10.0
+    tool_call_parser: str | None = None  # for tool_choice "auto" (see tool_parsers.TOOL_PARSERS)
 
 
 class ServerState:
