@@ -11,6 +11,7 @@ enough to keep the cores busy. Results are returned in input order.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Sequence
@@ -254,13 +255,23 @@ class EmbeddingEngine:
             batches.append(cur)
         return batches
 
+    def _attention_kernels(self):
+        """On CUDA, keep SDPA off cuDNN: its bf16 kernel builds a plan per new (batch, length) shape,
+        and packed batches bring new shapes all the time (on an H100, 2,000 passages took 4.8 s on
+        first sight of their shapes and 0.11 s when repeated; docs/perf-embed.md)."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
     @torch.inference_mode()
     def embed_token_ids(self, token_ids: list[list[int]], use_tqdm: bool = True) -> torch.Tensor:
         """Already-validated token ids -> `[num_inputs, dimensions]` float32 pooled embeddings."""
         out = torch.empty(len(token_ids), self.dimensions, dtype=torch.float32, device=self.device)
         lengths = [len(t) for t in token_ids]
         bar = tqdm(total=len(token_ids), desc="Embedding", unit="prompt", disable=not use_tqdm)
-        try:
+        with bar, self._attention_kernels():
             for batch in self._batches(lengths):
                 seq_lens = [lengths[i] for i in batch]
                 meta = PackedAttentionMetadata.build(seq_lens)
@@ -273,8 +284,6 @@ class EmbeddingEngine:
                 hidden = self.model(flat, positions, meta)
                 out[torch.tensor(batch, device=self.device)] = pool(hidden, meta.cu_seqlens, self.pooling)
                 bar.update(len(batch))
-        finally:
-            bar.close()
         return out.cpu()  # one device sync per call, not per batch
 
     def embed(

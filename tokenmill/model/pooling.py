@@ -71,7 +71,9 @@ def mean_pool(hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """[num_tokens, hidden] -> [num_seqs, hidden]: average of each sequence's tokens (in float32,
     so bf16 models do not lose precision summing a few hundred tokens)."""
     lens = cu_seqlens[1:] - cu_seqlens[:-1]
-    seq_ids = torch.repeat_interleave(torch.arange(len(lens), device=hidden.device), lens)
+    # output_size spares a device sync on CUDA (the result's length is known: num_tokens).
+    seq_ids = torch.repeat_interleave(torch.arange(len(lens), device=hidden.device), lens,
+                                      output_size=hidden.shape[0])
     sums = torch.zeros(len(lens), hidden.shape[1], dtype=torch.float32, device=hidden.device)
     sums.index_add_(0, seq_ids, hidden.float())
     return sums / lens[:, None].to(torch.float32)
