@@ -84,3 +84,42 @@ def test_tool_results_round_trip_in_the_conversation(openai_client, model_name):
     resp = openai_client.chat.completions.create(model=model_name, messages=messages, max_tokens=20,
                                                  temperature=0, tools=[WEATHER_TOOL])
     assert resp.choices[0].message.content and resp.choices[0].finish_reason in ("stop", "length")
+
+
+ANTHROPIC_TOOL = {"name": "get_weather", "description": "Current weather for a city",
+                  "input_schema": WEATHER_TOOL["function"]["parameters"]}
+
+
+@pytest.mark.parametrize("tool_choice", [{"type": "any"}, {"type": "tool", "name": "get_weather"}])
+def test_anthropic_forced_tool_use(anthropic_client, model_name, tool_choice):
+    msg = anthropic_client.messages.create(model=model_name, max_tokens=60, messages=ASK, tools=[ANTHROPIC_TOOL],
+                                           tool_choice={**tool_choice, "disable_parallel_tool_use": True},
+                                           extra_body={"temperature": 0})
+    assert msg.stop_reason == "tool_use"
+    use = [b for b in msg.content if b.type == "tool_use"][0]
+    assert use.name == "get_weather" and use.id.startswith("toolu_") and "city" in use.input
+
+    events = list(anthropic_client.messages.create(
+        model=model_name, max_tokens=60, messages=ASK, tools=[ANTHROPIC_TOOL], stream=True,
+        tool_choice={**tool_choice, "disable_parallel_tool_use": True}, extra_body={"temperature": 0}))
+    types = [e.type for e in events]
+    assert types[0] == "message_start" and types[-2:] == ["message_delta", "message_stop"]
+    starts = [e for e in events if e.type == "content_block_start"]
+    assert [s.content_block.type for s in starts][-1] == "tool_use"
+    assert types.count("content_block_start") == types.count("content_block_stop")
+    partial = "".join(e.delta.partial_json for e in events
+                      if e.type == "content_block_delta" and e.delta.type == "input_json_delta")
+    assert json.loads(partial) == use.input
+    assert events[-2].delta.stop_reason == "tool_use"
+
+
+def test_anthropic_tool_result_turn(anthropic_client, model_name):
+    messages = ASK + [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                           "input": {"city": "Paris"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "18 C, sunny"}]}]
+    msg = anthropic_client.messages.create(model=model_name, max_tokens=20, messages=messages,
+                                           tools=[ANTHROPIC_TOOL], extra_body={"temperature": 0})
+    assert msg.content[0].type == "text" and msg.stop_reason in ("end_turn", "max_tokens")
+    count = anthropic_client.messages.count_tokens(model=model_name, messages=messages, tools=[ANTHROPIC_TOOL])
+    assert count.input_tokens > 0

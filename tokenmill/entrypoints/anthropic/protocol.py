@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+import json
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tokenmill.entrypoints.openai.protocol import MAX_MESSAGES, MAX_STOP_SEQUENCES
+from tokenmill.entrypoints.openai.protocol import MAX_MESSAGES, MAX_STOP_SEQUENCES, MAX_TOOLS
 from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 
 
@@ -20,12 +21,65 @@ class TextBlock(_Model):
     text: str
 
 
-class Message(_Model):
-    role: Literal["user", "assistant"]
-    content: Union[str, list[TextBlock]]
+class ToolUseBlock(_Model):
+    type: Literal["tool_use"]
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+class ToolResultBlock(_Model):
+    type: Literal["tool_result"]
+    tool_use_id: str
+    content: Union[str, list[TextBlock], None] = None
+    is_error: bool = False
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(b.text for b in self.content)
+
+
+ContentBlock = Annotated[Union[TextBlock, ToolUseBlock, ToolResultBlock], Field(discriminator="type")]
+
+
+class Message(_Model):
+    role: Literal["user", "assistant"]
+    content: Union[str, list[ContentBlock]]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(b.text for b in self.content if isinstance(b, TextBlock))
+
+    def to_template(self) -> list[dict[str, Any]]:
+        """OpenAI-style dicts for the chat template: tool_use blocks become the assistant's
+        `tool_calls`, each tool_result block a `tool` message."""
+        if isinstance(self.content, str):
+            return [{"role": self.role, "content": self.content}]
+        out: list[dict[str, Any]] = []
+        for block in self.content:
+            if isinstance(block, ToolResultBlock):
+                out.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": block.text()})
+        calls = [{"id": b.id, "type": "function", "function": {"name": b.name, "arguments": json.dumps(b.input)}}
+                 for b in self.content if isinstance(b, ToolUseBlock)]
+        text = self.text()
+        if text or calls or not out:
+            message: dict[str, Any] = {"role": self.role, "content": text}
+            if calls:
+                message["tool_calls"] = calls
+            out.append(message)
+        return out
+
+
+class Tool(_Model):
+    name: Annotated[str, Field(min_length=1)]
+    description: str | None = None
+    input_schema: dict[str, Any]
+
+    def to_openai(self) -> dict[str, Any]:
+        return {"type": "function", "function": {"name": self.name, "description": self.description or "",
+                                                 "parameters": self.input_schema}}
 
 
 class Metadata(_Model):
@@ -36,6 +90,8 @@ class _Conversation(_Model):
     model: str
     messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
     system: Union[str, list[TextBlock], None] = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: dict[str, Any] | None = None  # {"type": "auto" | "any" | "tool" | "none", "name"?}
 
     def chat_messages(self) -> list[dict]:
         """OpenAI-style role/content dicts for the model's chat template."""
@@ -43,8 +99,14 @@ class _Conversation(_Model):
         if self.system:
             system = self.system if isinstance(self.system, str) else "".join(b.text for b in self.system)
             out.append({"role": "system", "content": system})
-        out.extend({"role": m.role, "content": m.text()} for m in self.messages)
+        for m in self.messages:
+            out.extend(m.to_template())
         return out
+
+    def template_tools(self) -> list[dict] | None:
+        if not self.tools or (self.tool_choice or {}).get("type") == "none":
+            return None
+        return [t.to_openai() for t in self.tools]
 
 
 class MessagesRequest(_Conversation):

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from tokenmill.engine.async_engine import AsyncEngine, RequestStream
 from tokenmill.engine.core_client import EngineDeadError
 from tokenmill.entrypoints.anthropic.protocol import CountTokensRequest, MessagesRequest
+from tokenmill.entrypoints.anthropic.tools import BlockStreamer, ToolUse, content_blocks, plan_tool_use
 from tokenmill.entrypoints.openai.common import collect_final, render_chat
 from tokenmill.entrypoints.server.errors import APIError, anthropic_error_body
 from tokenmill.entrypoints.server.request_body import read_model
@@ -46,38 +47,50 @@ async def create_message(request: Request) -> Response:
     model = check_model(engine, body.model)
     try:
         params = body.to_sampling_params()
+        tools = plan_tool_use(body, request.app.state.server.config.tool_call_parser)
+        if tools.constraint is not None:
+            params = params.clone(structured_outputs=tools.constraint)
     except ValueError as exc:
         raise to_api_error(exc, anthropic=True) from None
-    prompt = render_chat(request, engine, body.chat_messages(), add_generation_prompt=True)
+    prompt = render_chat(request, engine, body.chat_messages(), add_generation_prompt=True,
+                         tools=body.template_tools())
     message_id = f"msg_{uuid.uuid4().hex}"
     streams = await submit_all(engine, message_id, [prompt], params, anthropic=True, chat=True)
     stream = streams[0]
     if body.stream:
-        return StreamingResponse(_stream(engine, stream, body, message_id, model),
+        return StreamingResponse(_stream(engine, stream, body, message_id, model, tools),
                                  media_type="text/event-stream",
                                  headers={**SSE_HEADERS, **_headers(message_id)})
     final = await unless_disconnected(request, collect_final(stream))
     c = final.outputs[0]
     stop_reason, stop_sequence = _stop_reason(c, body.stop_sequences)
+    blocks, used_tool = content_blocks(c.text, tools.make_parser() if tools.make_parser else None)
+    if used_tool and c.finish_reason == "stop":
+        stop_reason, stop_sequence = "tool_use", None
     return JSONResponse({
         "id": message_id, "type": "message", "role": "assistant", "model": model,
-        "content": [{"type": "text", "text": c.text}],
+        "content": blocks,
         "stop_reason": stop_reason, "stop_sequence": stop_sequence,
         "usage": {"input_tokens": len(stream.prompt_token_ids), "output_tokens": len(c.token_ids)},
     }, headers=_headers(message_id))
 
 
 async def _stream(engine: AsyncEngine, stream: RequestStream, body: MessagesRequest, message_id: str,
-                  model: str) -> AsyncIterator[bytes]:
+                  model: str, tools: ToolUse) -> AsyncIterator[bytes]:
     input_tokens = len(stream.prompt_token_ids)
     output_tokens = 0
+    # Without tools there is one text block, opened at once; with tools, blocks open as they appear.
+    parser = tools.make_parser() if tools.make_parser else None
+    blocks = BlockStreamer() if parser is not None else None
+    text = ""
     try:
         yield sse({"type": "message_start", "message": {
             "id": message_id, "type": "message", "role": "assistant", "model": model, "content": [],
             "stop_reason": None, "stop_sequence": None,
             "usage": {"input_tokens": input_tokens, "output_tokens": 0}}}, event="message_start")
-        yield sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-                  event="content_block_start")
+        if blocks is None:
+            yield sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                      event="content_block_start")
         yield sse({"type": "ping"}, event="ping")
         last = None
         async for out in stream:
@@ -88,11 +101,21 @@ async def _stream(engine: AsyncEngine, stream: RequestStream, body: MessagesRequ
                 raise EngineDeadError("the engine failed while serving this request")
             output_tokens += len(c.token_ids)
             last = c
-            if c.text:
+            if blocks is not None:
+                previous, text = text, text + c.text
+                for event in blocks.feed(parser.extract_tool_calls_streaming(previous, text, c.text)):
+                    yield event
+            elif c.text:
                 yield sse({"type": "content_block_delta", "index": 0,
                            "delta": {"type": "text_delta", "text": c.text}}, event="content_block_delta")
         stop_reason, stop_sequence = _stop_reason(last, body.stop_sequences) if last else ("end_turn", None)
-        yield sse({"type": "content_block_stop", "index": 0}, event="content_block_stop")
+        if blocks is not None:
+            for event in blocks.feed(parser.finish_streaming(text)) + blocks.finish():
+                yield event
+            if blocks.used_tool and last is not None and last.finish_reason == "stop":
+                stop_reason, stop_sequence = "tool_use", None
+        else:
+            yield sse({"type": "content_block_stop", "index": 0}, event="content_block_stop")
         yield sse({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
                    "usage": {"output_tokens": output_tokens}}, event="message_delta")
         yield sse({"type": "message_stop"}, event="message_stop")
@@ -108,7 +131,8 @@ async def count_tokens(request: Request) -> JSONResponse:
     body = await read_model(request, CountTokensRequest)
     engine = engine_of(request)
     check_model(engine, body.model)
-    prompt = render_chat(request, engine, body.chat_messages(), add_generation_prompt=True)
+    prompt = render_chat(request, engine, body.chat_messages(), add_generation_prompt=True,
+                         tools=body.template_tools())
     return JSONResponse({"input_tokens": len(engine.encode(prompt, add_special_tokens=False))})
 
 
