@@ -142,3 +142,32 @@ def test_anthropic_messages():
 def test_anthropic_errors(body):
     with pytest.raises(pydantic.ValidationError):
         MessagesRequest.model_validate(body)
+
+
+def test_response_format_and_structured_outputs():
+    p = params_of(chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}))
+    assert p.structured_outputs.json == {"type": "object"}
+    assert params_of(chat(response_format={"type": "text"})).structured_outputs is None
+    assert params_of(chat(structured_outputs={"choice": ["a", "b"]})).structured_outputs.choice == ["a", "b"]
+    for bad in ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+                {"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},
+                {"structured_outputs": {"regexp": "a"}},
+                {"structured_outputs": {"regex": "a", "choice": ["b"]}}):
+        with pytest.raises(ValueError):
+            params_of(chat(**bad))
+    with pytest.raises(pydantic.ValidationError):
+        chat(response_format={"type": "yaml"})
+
+
+def test_anthropic_tool_blocks_become_template_messages():
+    req = MessagesRequest.model_validate({
+        "model": "m", "max_tokens": 5, "tools": [{"name": "f", "input_schema": {"type": "object"}}],
+        "messages": [{"role": "user", "content": "hi"},
+                     {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {"a": 1}}]},
+                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "42"}]}]})
+    assert req.chat_messages()[1]["tool_calls"][0]["function"] == {"name": "f", "arguments": '{"a": 1}'}
+    assert req.chat_messages()[2] == {"role": "tool", "tool_call_id": "t1", "content": "42"}
+    assert req.template_tools()[0]["function"]["name"] == "f"
+    with pytest.raises(pydantic.ValidationError):  # a tool_use block without its id
+        MessagesRequest.model_validate({"model": "m", "max_tokens": 5, "messages": [
+            {"role": "assistant", "content": [{"type": "tool_use", "name": "f", "input": {}}]}]})
