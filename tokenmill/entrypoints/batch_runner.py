@@ -384,23 +384,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _is_encoder(model: str | None) -> bool:
-    from tokenmill.engine.embedding_engine import _ENCODERS
-
-    path = os.path.join(model, "config.json") if model and os.path.isdir(model) else None
-    if path is None or not os.path.exists(path):
-        return False
-    with open(path) as f:
-        return (json.load(f).get("architectures") or [None])[0] in _ENCODERS
-
-
 def run(args: argparse.Namespace) -> BatchSummary:
     from tokenmill.config import EngineArgs
+    from tokenmill.engine.embedding_engine import is_embedding_model
 
     model = args.model_tag or args.model
     args.model = model
     make_generator = make_embedder = None
-    if _is_encoder(model):
+    if is_embedding_model(model):
         def make_embedder():
             from tokenmill.engine.embedding_engine import EmbeddingEngine
             return EmbeddingEngine(model, dtype=args.dtype)
