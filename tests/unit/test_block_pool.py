@@ -48,8 +48,8 @@ def test_allocate_and_free_returns_every_block():
 def _run_prefill(kv: KVCacheManager, req: Request) -> int:
     blocks, hit = kv.get_computed_blocks(req)
     assert kv.allocate_slots(req, req.num_tokens - hit, blocks) is not None
+    kv.cache_full_blocks(req, req.num_tokens)
     req.num_computed_tokens = req.num_tokens
-    kv.cache_full_blocks(req)
     return hit
 
 
@@ -105,15 +105,15 @@ def test_random_operations_keep_invariants(ops):
             req = make_request(f"r{counter}", [which % 3] * size + [counter])
             blocks, hit = kv.get_computed_blocks(req)
             if kv.allocate_slots(req, req.num_tokens - hit, blocks) is not None:
+                kv.cache_full_blocks(req, req.num_tokens)
                 req.num_computed_tokens = req.num_tokens
-                kv.cache_full_blocks(req)
                 live[req.request_id] = req
         elif op == "grow" and live:
             req = list(live.values())[which % len(live)]
             if kv.allocate_slots(req, size) is not None:
                 req.all_token_ids.extend([7] * size)
+                kv.cache_full_blocks(req, req.num_computed_tokens + size)
                 req.num_computed_tokens += size
-                kv.cache_full_blocks(req)
         elif op == "free" and live:
             req = live.pop(list(live)[which % len(live)])
             kv.free(req)
@@ -123,3 +123,14 @@ def test_random_operations_keep_invariants(ops):
     kv.pool.check_invariants()
     assert kv.pool.num_free_blocks == kv.pool.num_blocks
     assert all(b.ref_cnt == 0 for b in kv.pool.blocks)
+
+
+def test_preempted_before_compute_unpublishes_its_blocks():
+    kv = KVCacheManager(num_blocks=8, block_size=2, enable_caching=True)
+    req = make_request("a", [1, 2, 3, 4, 5])
+    kv.allocate_slots(req, 5)
+    kv.cache_full_blocks(req, 5)  # published for a step that then does not run
+    assert len(kv.pool.cached) == 2
+    kv.free(req)  # num_computed_tokens is still 0
+    assert not kv.pool.cached
+    kv.pool.check_invariants()

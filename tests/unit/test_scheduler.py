@@ -149,15 +149,17 @@ def test_stop_conditions():
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["add", "abort", "step", "step"]),
                           st.integers(1, 30), st.integers(1, 12)), min_size=1, max_size=50),
-       st.sampled_from(["fcfs", "priority"]))
-def test_random_arrivals_and_aborts_never_leak(ops, policy):
-    sched = make_scheduler(num_blocks=16, block_size=4, max_seqs=3, budget=12, max_len=64, policy=policy)
+       st.sampled_from(["fcfs", "priority"]), st.booleans())
+def test_random_arrivals_and_aborts_never_leak(ops, policy, caching):
+    sched = make_scheduler(num_blocks=16, block_size=4, max_seqs=3, budget=12, max_len=64, policy=policy,
+                           caching=caching)
     runner = FakeRunner(sched)
     n = 0
     for op, a, b in ops:
         if op == "add":
             n += 1
-            sched.add_request(make_request(f"r{n}", a, max_tokens=b, priority=a % 3, arrival=float(n)))
+            req = make_request(f"r{n}", a, max_tokens=b, priority=a % 3, arrival=float(n))
+            sched.add_request(req)  # prompts 1..a: many share prefixes, so caching hits
         elif op == "abort" and sched.requests:
             rid = sorted(sched.requests)[a % len(sched.requests)]
             sched.finish_requests([rid], RequestStatus.FINISHED_ABORTED)
@@ -165,8 +167,8 @@ def test_random_arrivals_and_aborts_never_leak(ops, policy):
             out, _ = step(sched, runner)
             assert out.total_num_scheduled_tokens <= 12
         sched.kv.pool.check_invariants()
-        in_use = sum(len(sched.kv.req_blocks.get(r.request_id, [])) for r in sched.running)
-        assert in_use == sched.kv.pool.num_blocks - sched.kv.pool.num_free_blocks
+        in_use = {b.block_id for r in sched.running for b in sched.kv.req_blocks.get(r.request_id, [])}
+        assert len(in_use) == sched.kv.pool.num_blocks - sched.kv.pool.num_free_blocks
     run_to_completion(sched)
     assert sched.kv.pool.num_free_blocks == 16
     assert not sched.requests

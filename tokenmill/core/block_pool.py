@@ -119,6 +119,12 @@ class BlockPool:
         block.block_hash = block_hash
         self.cached.setdefault(block_hash, block)
 
+    def unregister(self, block: KVBlock) -> None:
+        """Forget a block's prefix hash (its contents are not valid)."""
+        if block.block_hash is not None and self.cached.get(block.block_hash) is block:
+            del self.cached[block.block_hash]
+        block.block_hash = None
+
     def free(self, blocks: Iterable[KVBlock]) -> None:
         """Drop one reference on each block, in the order given (pass deepest first)."""
         for block in blocks:

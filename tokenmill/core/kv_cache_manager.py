@@ -80,14 +80,20 @@ class KVCacheManager:
         blocks.extend(new_blocks)
         return [b.block_id for b in new_blocks]
 
-    def cache_full_blocks(self, request: Request) -> None:
-        """Publish the request's blocks that are now full and computed."""
+    def cache_full_blocks(self, request: Request, num_tokens: int) -> None:
+        """Publish the request's blocks that are full within its first `num_tokens` tokens.
+
+        Called when a step is scheduled, with the tokens that step will have computed: a request
+        scheduled later in the same step (a sibling of `n > 1`, or another prompt with the same
+        prefix) then hits these blocks, and reads them after this step's attention layers wrote
+        them (every layer writes all new K/V before it attends).
+        """
         if not self.enable_caching or request.wants_prompt_logprobs:
             return
         blocks = self.req_blocks.get(request.request_id)
         if not blocks:
             return
-        num_full = min(request.num_computed_tokens // self.block_size, len(blocks))
+        num_full = min(num_tokens // self.block_size, len(blocks))
         start = self._num_registered.get(request.request_id, 0)
         if num_full <= start:
             return
@@ -97,11 +103,20 @@ class KVCacheManager:
         self._num_registered[request.request_id] = num_full
 
     def free(self, request: Request) -> None:
-        """Return the request's blocks, deepest first (so a chain's tail is evicted before its head)."""
+        """Return the request's blocks, deepest first (so a chain's tail is evicted before its head).
+
+        Blocks published for a step that will now not run for this request (preempted while being
+        scheduled) are unpublished first: their contents were never computed.
+        """
         blocks = self.req_blocks.pop(request.request_id, None)
-        self._num_registered.pop(request.request_id, None)
-        if blocks:
-            self.pool.free(reversed(blocks))
+        registered = self._num_registered.pop(request.request_id, 0)
+        if not blocks:
+            return
+        computed_full = request.num_computed_tokens // self.block_size
+        for block in blocks[computed_full:registered]:
+            if block.ref_cnt == 1:
+                self.pool.unregister(block)
+        self.pool.free(reversed(blocks))
 
     def reset_counters(self) -> None:
         self.prefix_queries = self.prefix_hits = 0

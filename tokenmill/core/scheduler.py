@@ -145,6 +145,7 @@ class Scheduler:
             out.cached_requests.append(
                 CachedRequestData(request.request_id, new_block_ids, request.num_computed_tokens))
             out.num_scheduled_tokens[request.request_id] = num_new
+            self.kv.cache_full_blocks(request, request.num_computed_tokens + num_new)
             budget -= num_new
             # A priority-policy victim may sit before this request: find our place again.
             i = self.running.index(request) + 1 if preempted_here else i + 1
@@ -162,6 +163,7 @@ class Scheduler:
                 break  # the pool is full: wait for running requests to finish
             self.waiting.pop()
             request.num_computed_tokens = num_hit
+            self.kv.cache_full_blocks(request, num_hit + num_new)
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit
             request.status = RequestStatus.RUNNING
@@ -205,7 +207,6 @@ class Scheduler:
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
             request.num_computed_tokens += num_tokens
-            self.kv.cache_full_blocks(request)
             prompt_lps = result.prompt_logprobs.get(request_id)
             if prompt_lps:
                 request.prompt_logprobs.extend(prompt_lps)
