@@ -42,4 +42,13 @@ if [[ "$part" == bench2 || "$part" == all ]]; then
       --num-prompts 200 --input-len 1024 --output-len 2048 --max-model-len 3072 --baseline none \
       --output-json "$out/tput_qwen8b.json" 2>&1 | grep -v Warning | tee "$out/tput_qwen8b.log" || rc=1
 fi
+if [[ "$part" == prefix ]]; then
+  # Prefix reuse: Llama-3.1-8B shape, 2048 in / 128 out, shared-prefix hit rates 0/25/50/75%.
+  tm bench prefix --workload hit-rate --model llama-3.1-8b --load-format dummy --dtype bfloat16 \
+      --num-prompts 128 --input-len 2048 --output-len 128 --max-model-len 4096 \
+      --output-json "$out/prefix_llama8b.json" 2>&1 | grep -v Warning | tee "$out/prefix_llama8b.log" || rc=1
+  tm bench throughput --model qwen3-0.6b --load-format dummy --dtype bfloat16 --workload nanovllm \
+      --baseline none --output-json "$out/nanovllm_qwen06b_v2.json" 2>&1 | grep -v Warning \
+      | tee "$out/nanovllm_qwen06b_v2.log" || rc=1
+fi
 exit $rc
