@@ -117,6 +117,9 @@ class MessagesRequest(_Conversation):
     top_k: int | None = None
     metadata: Metadata | None = None
     stream: bool = False
+    # vLLM's extra, as on the OpenAI routes: requests with different salts never share cached
+    # prefix blocks, so one tenant cannot time another's prompts.
+    cache_salt: str | None = None
 
     def to_sampling_params(self) -> SamplingParams:
         """Raises `ValueError` with a user-facing message for out-of-range values."""

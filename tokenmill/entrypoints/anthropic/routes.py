@@ -36,6 +36,13 @@ def _stop_reason(c: CompletionOutput, stop_sequences: list[str] | None) -> tuple
     return "end_turn", None
 
 
+def _usage(prompt_tokens: int, cached_tokens: int, output_tokens: int) -> dict:
+    # Anthropic counts cache reads apart from `input_tokens` (the total prompt is their sum);
+    # nothing is billed for writing the cache here, so its creation count is 0.
+    return {"input_tokens": prompt_tokens - cached_tokens, "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": cached_tokens, "output_tokens": output_tokens}
+
+
 def _headers(message_id: str) -> dict[str, str]:
     return {"request-id": f"req_{message_id[4:]}"}
 
@@ -55,7 +62,8 @@ async def create_message(request: Request) -> Response:
     prompt = render_chat(request, engine, body.chat_messages(), add_generation_prompt=True,
                          tools=body.template_tools())
     message_id = f"msg_{uuid.uuid4().hex}"
-    streams = await submit_all(engine, message_id, [prompt], params, anthropic=True, chat=True)
+    streams = await submit_all(engine, message_id, [prompt], params, anthropic=True, chat=True,
+                               cache_salt=body.cache_salt)
     stream = streams[0]
     if body.stream:
         return StreamingResponse(_stream(engine, stream, body, message_id, model, tools),
@@ -71,14 +79,14 @@ async def create_message(request: Request) -> Response:
         "id": message_id, "type": "message", "role": "assistant", "model": model,
         "content": blocks,
         "stop_reason": stop_reason, "stop_sequence": stop_sequence,
-        "usage": {"input_tokens": len(stream.prompt_token_ids), "output_tokens": len(c.token_ids)},
+        "usage": _usage(len(stream.prompt_token_ids), final.num_cached_tokens, len(c.token_ids)),
     }, headers=_headers(message_id))
 
 
 async def _stream(engine: AsyncEngine, stream: RequestStream, body: MessagesRequest, message_id: str,
                   model: str, tools: ToolUse) -> AsyncIterator[bytes]:
     input_tokens = len(stream.prompt_token_ids)
-    output_tokens = 0
+    output_tokens = cached_tokens = 0
     # Without tools there is one text block, opened at once; with tools, blocks open as they appear.
     parser = tools.make_parser() if tools.make_parser else None
     blocks = BlockStreamer() if parser is not None else None
@@ -87,6 +95,7 @@ async def _stream(engine: AsyncEngine, stream: RequestStream, body: MessagesRequ
         yield sse({"type": "message_start", "message": {
             "id": message_id, "type": "message", "role": "assistant", "model": model, "content": [],
             "stop_reason": None, "stop_sequence": None,
+            # The cache hit is known only after the first step: message_delta carries the final split.
             "usage": {"input_tokens": input_tokens, "output_tokens": 0}}}, event="message_start")
         if blocks is None:
             yield sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
@@ -96,6 +105,7 @@ async def _stream(engine: AsyncEngine, stream: RequestStream, body: MessagesRequ
         async for out in stream:
             if not out.outputs:
                 continue
+            cached_tokens = max(cached_tokens, out.num_cached_tokens)
             c = out.outputs[0]
             if c.finish_reason == "error":
                 raise EngineDeadError("the engine failed while serving this request")
@@ -117,7 +127,7 @@ async def _stream(engine: AsyncEngine, stream: RequestStream, body: MessagesRequ
         else:
             yield sse({"type": "content_block_stop", "index": 0}, event="content_block_stop")
         yield sse({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                   "usage": {"output_tokens": output_tokens}}, event="message_delta")
+                   "usage": _usage(input_tokens, cached_tokens, output_tokens)}, event="message_delta")
         yield sse({"type": "message_stop"}, event="message_stop")
     except EngineDeadError:
         yield sse(anthropic_error_body(APIError(500, "the engine failed while serving this request")),

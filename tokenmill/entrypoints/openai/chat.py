@@ -14,7 +14,7 @@ from tokenmill.entrypoints.openai.logprobs import chat_logprobs
 from tokenmill.entrypoints.openai.protocol import ChatCompletionRequest
 from tokenmill.entrypoints.openai.tools import ToolCalling, delta_to_openai, message_from_text, plan_tool_calling
 from tokenmill.entrypoints.openai.common import (
-    check_logit_bias, collect_final, render_chat, stream_error_chunk,
+    check_logit_bias, collect_final, render_chat, stream_error_chunk, usage_dict,
 )
 from tokenmill.entrypoints.server.errors import APIError
 from tokenmill.entrypoints.server.request_body import read_model
@@ -65,8 +65,7 @@ async def create_chat_completion(request: Request) -> Response:
     return JSONResponse({
         "id": request_id, "object": "chat.completion", "created": created, "model": model,
         "choices": choices,
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
+        "usage": usage_dict(prompt_tokens, completion_tokens, final.num_cached_tokens),
     })
 
 
@@ -81,7 +80,7 @@ async def _stream(engine, stream: RequestStream, body: ChatCompletionRequest, re
 
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     prompt_tokens = len(stream.prompt_token_ids)
-    completion_tokens = 0
+    completion_tokens = cached_tokens = 0
     # Per choice, with tools: its parser, its text so far, and whether it called a tool.
     parsers = [tools.make_parser() for _ in range(body.n)] if tools.active else None
     texts = [""] * body.n
@@ -91,6 +90,7 @@ async def _stream(engine, stream: RequestStream, body: ChatCompletionRequest, re
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for i in range(body.n)])
         async for _, out in merge_streams([stream]):
+            cached_tokens = max(cached_tokens, out.num_cached_tokens)
             choices = []
             for c in out.outputs:
                 completion_tokens += len(c.token_ids)
@@ -122,8 +122,7 @@ async def _stream(engine, stream: RequestStream, body: ChatCompletionRequest, re
             if choices:
                 yield chunk(choices)
         if include_usage:
-            yield chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                             "total_tokens": prompt_tokens + completion_tokens})
+            yield chunk([], usage_dict(prompt_tokens, completion_tokens, cached_tokens))
         yield sse("[DONE]")
     except EngineDeadError:
         yield stream_error_chunk()

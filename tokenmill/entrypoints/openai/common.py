@@ -52,6 +52,13 @@ async def collect_final(stream: RequestStream) -> RequestOutput:
     return final
 
 
+def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    """OpenAI's `usage`; `cached_tokens` are prompt tokens served from the prefix cache."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
 def stream_error_chunk() -> bytes:
     """How an OpenAI stream reports a failure after it started: a `data:` chunk with `error`."""
     return sse(openai_error_body(APIError(500, "the engine failed while serving this request")))

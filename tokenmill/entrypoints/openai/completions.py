@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tokenmill.engine.async_engine import AsyncEngine, RequestStream
 from tokenmill.engine.core_client import EngineDeadError
-from tokenmill.entrypoints.openai.common import check_logit_bias, collect_final, stream_error_chunk
+from tokenmill.entrypoints.openai.common import check_logit_bias, collect_final, stream_error_chunk, usage_dict
 from tokenmill.entrypoints.openai.logprobs import completion_logprobs
 from tokenmill.entrypoints.openai.protocol import CompletionRequest
 from tokenmill.entrypoints.server.errors import APIError
@@ -61,8 +61,7 @@ async def create_completion(request: Request) -> Response:
     return JSONResponse({
         "id": request_id, "object": "text_completion", "created": created, "model": model,
         "choices": choices,
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
+        "usage": usage_dict(prompt_tokens, completion_tokens, sum(f.num_cached_tokens for f in finals)),
     })
 
 
@@ -99,8 +98,10 @@ async def _stream(engine: AsyncEngine, streams: list[RequestStream], body: Compl
     echoed: set[int] = set()
     text_offsets: dict[int, int] = {}  # per choice: characters sent so far, for logprobs.text_offset
     completion_tokens = 0
+    cached: dict[int, int] = {}  # per prompt: its tokens served from the prefix cache
     try:
         async for p, out in merge_streams(streams):
+            cached[p] = max(cached.get(p, 0), out.num_cached_tokens)
             choices = []
             for c in out.outputs:
                 if c.finish_reason == "error":
@@ -119,8 +120,7 @@ async def _stream(engine: AsyncEngine, streams: list[RequestStream], body: Compl
                 yield chunk(choices)
         if include_usage:
             prompt_tokens = sum(len(s.prompt_token_ids) for s in streams)
-            yield chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                             "total_tokens": prompt_tokens + completion_tokens})
+            yield chunk([], usage_dict(prompt_tokens, completion_tokens, sum(cached.values())))
         yield sse("[DONE]")
     except EngineDeadError:
         yield stream_error_chunk()

@@ -60,6 +60,7 @@ class ServerMetrics:
         # For the periodic log.
         self.last_stats = SchedulerStats()
         self._log_prompt_tokens = self._log_generation_tokens = 0
+        self._log_queries = self._log_hits = 0  # prefix-cache tokens since the last log line
         self._log_time = time.monotonic()
 
     # ----- StatsListener -----
@@ -69,8 +70,12 @@ class ServerMetrics:
         self.waiting.set(stats.num_waiting_reqs)
         self.kv_usage.set(stats.kv_cache_usage)
         self.preemptions.inc(max(0, stats.num_preemptions - self._last_preemptions))
-        self.prefix_queries.inc(max(0, stats.prefix_cache_queries - self._last_queries))
-        self.prefix_hits.inc(max(0, stats.prefix_cache_hits - self._last_hits))
+        new_queries = max(0, stats.prefix_cache_queries - self._last_queries)
+        new_hits = max(0, stats.prefix_cache_hits - self._last_hits)
+        self.prefix_queries.inc(new_queries)
+        self.prefix_hits.inc(new_hits)
+        self._log_queries += new_queries
+        self._log_hits += new_hits
         self._last_preemptions = stats.num_preemptions
         self._last_queries = stats.prefix_cache_queries
         self._last_hits = stats.prefix_cache_hits
@@ -101,14 +106,19 @@ class ServerMetrics:
         gen_tps = self._log_generation_tokens / elapsed
         idle = (not self._log_prompt_tokens and not self._log_generation_tokens
                 and not self.last_stats.num_running_reqs and not self.last_stats.num_waiting_reqs)
+        # The hit rate of this interval (as vLLM logs it), not since start-up: it shows what the
+        # cache does for the current traffic.
+        hit_rate = self._log_hits / self._log_queries if self._log_queries else 0.0
         self._log_prompt_tokens = self._log_generation_tokens = 0
+        self._log_queries = self._log_hits = 0
         self._log_time = now
         if idle:
             return None
         s = self.last_stats
         return (f"Avg prompt throughput: {prompt_tps:.1f} tokens/s, Avg generation throughput: "
                 f"{gen_tps:.1f} tokens/s, Running: {s.num_running_reqs} reqs, Waiting: "
-                f"{s.num_waiting_reqs} reqs, KV cache usage: {100 * s.kv_cache_usage:.1f}%")
+                f"{s.num_waiting_reqs} reqs, KV cache usage: {100 * s.kv_cache_usage:.1f}%, "
+                f"Prefix cache hit rate: {100 * hit_rate:.1f}%")
 
 
 async def log_periodically(metrics: ServerMetrics, interval_s: float) -> None:
