@@ -37,6 +37,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                             "hermes (also qwen) or llama3_json; without it, such text is content")
     group.add_argument("--log-stats-interval", type=float, default=10.0,
                        help="seconds between throughput log lines")
+    group.add_argument("--task", default="auto", choices=["auto", "generate", "embed"],
+                       help="embed: serve /v1/embeddings with an embedding model (no MODEL: the bundled "
+                            "all-MiniLM-L6-v2); auto: embed when MODEL is an embedding model")
     group.add_argument("--uvicorn-log-level", default="warning",
                        choices=["critical", "error", "warning", "info", "debug", "trace"])
 
@@ -59,7 +62,6 @@ def run(args: argparse.Namespace) -> None:
     """Runs the server; exits the process with its exit code (non-zero if the engine died)."""
     from tokenmill.config import EngineArgs
     from tokenmill.engine.async_engine import AsyncEngine
-    from tokenmill.entrypoints.server.app import ServerConfig
     from tokenmill.entrypoints.server.launch import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -71,6 +73,9 @@ def run(args: argparse.Namespace) -> None:
     logger = logging.getLogger("tokenmill.server")
     if args.model_tag is not None:
         args.model = args.model_tag
+    api_key = args.api_key or os.environ.get("TOKENMILL_API_KEY") or None
+    if _wants_embedding(args):
+        _serve_embeddings(args, api_key, logger)
     engine_args = EngineArgs.from_cli_args(args)
     try:
         # Resolve the model before uvicorn starts, so a typo is one clear line, not a traceback.
@@ -78,7 +83,6 @@ def run(args: argparse.Namespace) -> None:
     except (ValueError, OSError) as exc:
         logger.error("cannot serve: %s", exc)
         sys.exit(2)
-    api_key = args.api_key or os.environ.get("TOKENMILL_API_KEY") or None
     if args.tool_call_parser is not None:
         from tokenmill.entrypoints.tool_parsers import get_tool_parser
 
@@ -87,9 +91,7 @@ def run(args: argparse.Namespace) -> None:
         except ValueError as exc:
             logger.error("cannot serve: %s", exc)
             sys.exit(2)
-    config = ServerConfig(api_key=api_key, max_body_bytes=args.max_request_body_bytes,
-                          drain_timeout_s=args.drain_timeout, log_stats_interval_s=args.log_stats_interval,
-                          tool_call_parser=args.tool_call_parser)
+    config = _server_config(args, api_key)
 
     async def make_engine() -> AsyncEngine:
         engine = await AsyncEngine.from_engine_args(engine_args, max_queue_len=args.max_queue_len,
@@ -105,6 +107,53 @@ def run(args: argparse.Namespace) -> None:
         return engine
 
     sys.exit(serve(make_engine, config, host=args.host, port=args.port, log_level=args.uvicorn_log_level))
+
+
+def _wants_embedding(args: argparse.Namespace) -> bool:
+    from tokenmill.engine.embedding_engine import is_embedding_model
+
+    return args.task == "embed" or (args.task == "auto" and is_embedding_model(args.model))
+
+
+def _server_config(args: argparse.Namespace, api_key: str | None):
+    from tokenmill.entrypoints.server.app import ServerConfig
+
+    return ServerConfig(api_key=api_key, max_body_bytes=args.max_request_body_bytes,
+                        drain_timeout_s=args.drain_timeout, log_stats_interval_s=args.log_stats_interval,
+                        tool_call_parser=args.tool_call_parser)
+
+
+def _serve_embeddings(args: argparse.Namespace, api_key: str | None, logger: logging.Logger) -> None:
+    """An embedding model runs inside the API process (no engine core: no KV cache, no decode
+    loop); see tokenmill/entrypoints/openai/embeddings.py. Exits the process."""
+    from tokenmill.engine.embedding_engine import is_embedding_model
+    from tokenmill.entrypoints.openai.embeddings import AsyncEmbedder
+    from tokenmill.entrypoints.server.launch import serve
+
+    # Refuse clearly before uvicorn starts, rather than with a traceback from the lifespan.
+    if args.model is not None and not is_embedding_model(args.model):
+        logger.error("cannot serve: %s is not an embedding model folder this engine runs (BERT family)",
+                     args.model)
+        sys.exit(2)
+    if args.dtype not in ("auto", "float32", "float", "bfloat16"):
+        logger.error("cannot serve: dtype %s is not supported for embeddings (auto, float32, bfloat16)",
+                     args.dtype)
+        sys.exit(2)
+
+    async def make_embedder() -> AsyncEmbedder:
+        embedder = await AsyncEmbedder.load(args.model, dtype=args.dtype, device=args.device,
+                                            served_model_name=args.served_model_name,
+                                            max_pending=args.max_queue_len)
+        engine = embedder.engine
+        logger.info("embedding model %s (served as %r), %d dimensions, max_model_len %d, %s on %s",
+                    engine.model_path, embedder.model_name, engine.dimensions, engine.max_model_len,
+                    str(engine.dtype).removeprefix("torch."), engine.device)
+        logger.info("serving /v1/embeddings on http://%s:%d (API key %s)", args.host, args.port,
+                    "required" if api_key else "not required")
+        return embedder
+
+    sys.exit(serve(make_embedder, _server_config(args, api_key), host=args.host, port=args.port,
+                   log_level=args.uvicorn_log_level))
 
 
 def main(argv: list[str] | None = None) -> None:

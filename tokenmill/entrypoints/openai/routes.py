@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from tokenmill.entrypoints.openai.chat import create_chat_completion
 from tokenmill.entrypoints.openai.common import render_chat
 from tokenmill.entrypoints.openai.completions import create_completion
+from tokenmill.entrypoints.openai.embeddings import create_embedding
 from tokenmill.entrypoints.openai.protocol import DetokenizeRequest, TokenizeRequest
 from tokenmill.entrypoints.server.errors import APIError
 from tokenmill.entrypoints.server.request_body import read_model
@@ -18,13 +19,15 @@ from tokenmill.entrypoints.server.serving import check_model, engine_of
 router = APIRouter()
 router.add_api_route("/v1/chat/completions", create_chat_completion, methods=["POST"])
 router.add_api_route("/v1/completions", create_completion, methods=["POST"])
+router.add_api_route("/v1/embeddings", create_embedding, methods=["POST"])
 
 _STARTED = int(time.time())
 
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> JSONResponse:
-    engine = engine_of(request)
+    # Whichever model this server runs: the generation engine or the embedder.
+    engine = request.app.state.engine or request.app.state.embedder
     return JSONResponse({"object": "list", "data": [{
         "id": engine.model_name, "object": "model", "created": _STARTED, "owned_by": "tokenmill",
         "root": engine.model_name, "max_model_len": engine.max_model_len,

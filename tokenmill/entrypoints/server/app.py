@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.entrypoints.anthropic.routes import router as anthropic_router
+from tokenmill.entrypoints.openai.embeddings import AsyncEmbedder
 from tokenmill.entrypoints.openai.routes import router as openai_router
 from tokenmill.entrypoints.server.errors import APIError, error_response
 from tokenmill.entrypoints.server.metrics import ServerMetrics, log_periodically
@@ -99,16 +100,23 @@ class GuardMiddleware:
 
 
 def build_app(config: ServerConfig,
-              make_engine: Callable[[], Awaitable[AsyncEngine]]) -> FastAPI:
+              make_engine: Callable[[], Awaitable[AsyncEngine | AsyncEmbedder]]) -> FastAPI:
+    """`make_engine` returns an `AsyncEngine` (generation) or an `AsyncEmbedder` (embeddings)."""
     state = ServerState(config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine = await make_engine()
         metrics = ServerMetrics(engine.model_name)
-        engine.stats_listener = metrics
-        engine.add_death_callback(lambda reason: _on_engine_death(state))
-        app.state.engine = engine
+        if isinstance(engine, AsyncEmbedder):
+            # An embedding model runs in this process; the generation routes answer 400.
+            app.state.engine = None
+            app.state.embedder = engine
+        else:
+            engine.stats_listener = metrics
+            engine.add_death_callback(lambda reason: _on_engine_death(state))
+            app.state.engine = engine
+            app.state.embedder = None
         app.state.metrics = metrics
         log_task = asyncio.create_task(log_periodically(metrics, config.log_stats_interval_s))
         try:
@@ -140,7 +148,8 @@ def _add_basic_routes(app: FastAPI) -> None:
     @app.get("/health")
     async def health(request: Request) -> Response:
         state: ServerState = request.app.state.server
-        engine: AsyncEngine | None = getattr(request.app.state, "engine", None)
+        engine: AsyncEngine | AsyncEmbedder | None = (getattr(request.app.state, "engine", None)
+                                                      or getattr(request.app.state, "embedder", None))
         if state.draining or state.engine_died or engine is None or not engine.is_healthy():
             return Response(status_code=503)
         return Response(status_code=200)

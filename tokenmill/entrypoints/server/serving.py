@@ -29,7 +29,12 @@ def new_id(prefix: str) -> str:
 
 
 def engine_of(request: Request) -> AsyncEngine:
-    return request.app.state.engine
+    engine = getattr(request.app.state, "engine", None)
+    if engine is None and getattr(request.app.state, "embedder", None) is not None:
+        # The generation routes (both APIs) on a server that runs an embedding model.
+        raise APIError(400, "this server runs an embedding model, which only supports /v1/embeddings",
+                       param="model")
+    return engine
 
 
 def check_model(engine: AsyncEngine, model: str | None) -> str:
