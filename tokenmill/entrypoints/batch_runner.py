@@ -138,7 +138,7 @@ def _validate(model_cls, body: dict):
         first = e.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
         raise BadRequest(f"{where}: {first.get('msg')}" if where else str(first.get("msg"))) from None
-    if req.stream:
+    if getattr(req, "stream", False):
         raise BadRequest("stream is not supported in batch files")
     return req
 
@@ -177,24 +177,15 @@ def _completion_body(req: CompletionRequest, outs: list, model: str) -> dict:
 
 
 def _embedding_args(body: dict) -> tuple[list, dict, str]:
-    """Validate an embeddings body -> (inputs as a list, embed kwargs, encoding_format)."""
-    inp = body.get("input")
-    if isinstance(inp, str) or (isinstance(inp, list) and inp and all(isinstance(t, int) for t in inp)):
-        inputs = [inp]
-    elif isinstance(inp, list) and inp and all(
-            isinstance(t, str) or (isinstance(t, list) and all(isinstance(i, int) for i in t)) for t in inp):
-        inputs = list(inp)
-    else:
-        raise BadRequest("input must be a string, a list of strings, token ids or a list of token-id lists")
-    fmt = body.get("encoding_format", "float")
-    if fmt not in ("float", "base64"):
-        raise BadRequest(f"encoding_format must be 'float' or 'base64', got {fmt!r}")
-    kwargs: dict[str, Any] = {"truncate_prompt_tokens": body.get("truncate_prompt_tokens")}
-    if body.get("dimensions") is not None:
-        if not isinstance(body["dimensions"], int) or body["dimensions"] < 1:
-            raise BadRequest("dimensions must be a positive integer")
-        kwargs["dimensions"] = body["dimensions"]
-    return inputs, kwargs, fmt
+    """Validate an embeddings body exactly as `/v1/embeddings` does -> (inputs as a list, embed
+    kwargs, encoding_format)."""
+    from tokenmill.entrypoints.openai.embeddings import EmbeddingRequest
+
+    req = _validate(EmbeddingRequest, body)
+    kwargs: dict[str, Any] = {"truncate_prompt_tokens": req.truncate_prompt_tokens}
+    if req.dimensions is not None:
+        kwargs["dimensions"] = req.dimensions
+    return req.input, kwargs, req.encoding_format
 
 
 def _encode_embedding(vec: list[float], fmt: str) -> list[float] | str:
@@ -209,6 +200,23 @@ def _embedding_body(outs: list, fmt: str, model: str) -> dict:
             "usage": _usage(sum(len(o.prompt_token_ids) for o in outs))}
 
 
+def backend_model_name(backend: Any) -> str:
+    """The name a server would report for this backend: an `LLM`'s served name, an embedding
+    engine's `served_model_name` (set by the CLI) or its folder name."""
+    if getattr(backend, "served_model_name", None):
+        return backend.served_model_name
+    config = getattr(getattr(backend, "engine", None), "config", None)
+    if config is not None:
+        return config.model.served_model_name or config.model.model
+    path = getattr(backend, "model_path", None)
+    if path:
+        from tokenmill.engine.embedding_engine import default_embedding_model_path
+
+        # The bundled model lives in a folder called "model": report what it is instead.
+        return "all-MiniLM-L6-v2" if path == default_embedding_model_path() else os.path.basename(path.rstrip("/"))
+    return "tokenmill"
+
+
 # --- the runner --------------------------------------------------------------------------------
 
 class BatchRunner:
@@ -217,13 +225,14 @@ class BatchRunner:
     Args:
         make_generator: builds the chat/completions backend; None -> those lines get a 400.
         make_embedder: builds the embeddings backend; None -> those lines get a 400.
-        model_name: the `model` reported in response bodies.
+        model_name: the `model` reported in response bodies; None -> the name of the backend
+            that answered the line (see `backend_model_name`).
         chunk_size: lines handed to a backend per call (one engine batch) and flushed together.
     """
 
     def __init__(self, make_generator: Callable[[], GenerateBackend] | None = None,
                  make_embedder: Callable[[], EmbedBackend] | None = None,
-                 model_name: str = "tokenmill", chunk_size: int = 64):
+                 model_name: str | None = None, chunk_size: int = 64):
         self._make = {CHAT: make_generator, COMPLETIONS: make_generator, EMBEDDINGS: make_embedder}
         self._backends: dict[Callable, Any] = {}
         self.model_name = model_name
@@ -258,13 +267,14 @@ class BatchRunner:
         them); raises ValueError / TypeError when any request is bad."""
         url = lines[0].url
         backend = self._backend(url)
+        name = self.model_name or backend_model_name(backend)
         if url == EMBEDDINGS:
             parsed = [_embedding_args(ln.body) for ln in lines]
             flat = [x for inputs, _, _ in parsed for x in inputs]
             outs = backend.embed(flat, use_tqdm=False, **parsed[0][1])  # one batch key: equal kwargs
             bodies, i = [], 0
             for inputs, _, fmt in parsed:
-                bodies.append(_embedding_body(outs[i:i + len(inputs)], fmt, self.model_name))
+                bodies.append(_embedding_body(outs[i:i + len(inputs)], fmt, name))
                 i += len(inputs)
             return bodies
         if url == CHAT:
@@ -273,7 +283,7 @@ class BatchRunner:
             convs = [[{"role": m.role, "content": m.text()} for m in r.messages] for r in reqs]
             outs = backend.chat(convs, params, use_tqdm=False, add_generation_prompt=reqs[0].add_generation_prompt,
                                 chat_template_kwargs=reqs[0].chat_template_kwargs)
-            return [_chat_body(r, o, self.model_name) for r, o in zip(reqs, outs)]
+            return [_chat_body(r, o, name) for r, o in zip(reqs, outs)]
         reqs = [_validate(CompletionRequest, ln.body) for ln in lines]
         prompts, params, owners = [], [], []
         for k, r in enumerate(reqs):
@@ -286,7 +296,7 @@ class BatchRunner:
         grouped: list[list] = [[] for _ in reqs]
         for k, o in zip(owners, outs):
             grouped[k].append(o)
-        return [_completion_body(r, g, self.model_name) for r, g in zip(reqs, grouped)]
+        return [_completion_body(r, g, name) for r, g in zip(reqs, grouped)]
 
     def _run_chunk(self, lines: list[BatchLine]) -> list[tuple[BatchLine, int, dict]]:
         """(line, status, body) for every line. A failing batched call is retried line by line so
@@ -394,7 +404,9 @@ def run(args: argparse.Namespace) -> BatchSummary:
     if is_embedding_model(model):
         def make_embedder():
             from tokenmill.engine.embedding_engine import EmbeddingEngine
-            return EmbeddingEngine(model, dtype=args.dtype)
+            engine = EmbeddingEngine(model, dtype=args.dtype)
+            engine.served_model_name = args.served_model_name or model
+            return engine
     else:
         def make_generator():
             import dataclasses
@@ -405,8 +417,8 @@ def run(args: argparse.Namespace) -> BatchSummary:
         def make_embedder():
             from tokenmill.engine.embedding_engine import EmbeddingEngine
             return EmbeddingEngine(args.embedding_model)
-    name = args.served_model_name or model or "tokenmill"
-    runner = BatchRunner(make_generator, make_embedder, model_name=name, chunk_size=args.chunk_size)
+    # Each line reports the model that answered it (the generator's served name, or the embedder's).
+    runner = BatchRunner(make_generator, make_embedder, chunk_size=args.chunk_size)
     summary = runner.run(args.input_file, args.output_file)
     print(f"{summary.total_lines} lines: {summary.succeeded} succeeded, {summary.failed} failed, "
           f"{summary.skipped_done} already done in {args.output_file}")

