@@ -205,7 +205,8 @@ def test_completions_n_and_several_prompts(client):
     body = client.post(COMPLETIONS, json={"prompt": ["ab", "cd"], "n": 2, "max_tokens": 2, "echo": True}).json()
     assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
     assert [c["text"] for c in body["choices"]] == ["abab", "abab", "cdab", "cdab"]
-    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 8, "total_tokens": 12}
+    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 8, "total_tokens": 12,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 # ----- 17-19: disconnects, cancellation storm, queue full -----

@@ -27,7 +27,7 @@ _STARTED = int(time.time())
 @router.get("/v1/models")
 async def list_models(request: Request) -> JSONResponse:
     # Whichever model this server runs: the generation engine or the embedder.
-    engine = request.app.state.engine or request.app.state.embedder
+    engine = getattr(request.app.state, "engine", None) or getattr(request.app.state, "embedder", None)
     return JSONResponse({"object": "list", "data": [{
         "id": engine.model_name, "object": "model", "created": _STARTED, "owned_by": "tokenmill",
         "root": engine.model_name, "max_model_len": engine.max_model_len,
