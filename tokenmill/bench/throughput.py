@@ -25,6 +25,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--baseline", choices=("hf", "none"), default="hf")
     p.add_argument("--hf-batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for both tokenmill and the baseline (default: torch's)")
     p.add_argument("--output-json", default=None)
     EngineArgs.add_cli_args(p)
     p.set_defaults(func=run)
@@ -36,6 +38,8 @@ def run(args: argparse.Namespace) -> dict:
     from tokenmill.bench.workloads import fixed_random_workload, nanovllm_workload, text_workload
     from tokenmill.config import EngineArgs
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     engine_args = EngineArgs.from_cli_args(args)
     if args.workload == "nanovllm" and args.max_model_len is None:
         engine_args.max_model_len = 4096
@@ -69,7 +73,7 @@ def run(args: argparse.Namespace) -> dict:
     result = {
         "benchmark": "throughput", "workload": work.name, "model": config.model.served_model_name,
         "dtype": str(config.model.dtype).removeprefix("torch."), "device": str(config.device),
-        "num_prompts": len(work.prompts), "input_tokens": in_tokens,
+        "num_prompts": len(work.prompts), "input_tokens": in_tokens, "threads": torch.get_num_threads(),
         "tokenmill": {"output_tokens": out_tokens, "seconds": elapsed, "output_tok_per_s": out_tokens / elapsed,
                       "total_tok_per_s": (in_tokens + out_tokens) / elapsed},
     }

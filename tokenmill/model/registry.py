@@ -47,4 +47,6 @@ def build_model(config) -> nn.Module:
         init_dummy_weights(model, model_config.seed)
     else:
         model.load_weights(iter_weights(model_config.source, model_config.hf_config))
+    if config.device.type == "cpu" and hasattr(model, "pack_for_cpu"):
+        model.pack_for_cpu()
     return model.eval()

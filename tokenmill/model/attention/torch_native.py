@@ -56,25 +56,31 @@ class TorchNativeBackend(AttentionBackend):
 
     @staticmethod
     def _decode(q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        """All one-token queries at once: gather each request's blocks into a padded batch."""
+        """All one-token queries at once: gather each request's blocks into a padded batch and
+        attend with two batched matmuls.
+
+        Plain matmuls beat `scaled_dot_product_attention` here: its CPU flash kernel is built for
+        long query blocks and spends most of its time on bookkeeping for a single query row.
+        """
         k_cache, v_cache = kv_cache
         block_size, num_kv_heads, head_dim = k_cache.shape[1:]
-        num_decodes = meta.num_decodes
+        num_decodes, num_heads = q.shape[0], q.shape[1]
+        group = num_heads // num_kv_heads
         seq_lens = _host(meta.seq_lens_cpu, meta.seq_lens)[:num_decodes]
         max_len = int(seq_lens.max())
         num_blocks = (max_len + block_size - 1) // block_size
-        block_ids = meta.block_table[:num_decodes, :num_blocks]
+        block_ids = meta.block_table[:num_decodes, :num_blocks].reshape(-1)
         # [B, num_blocks * block_size, kv_heads, head_dim] -> [B, kv_heads, L, head_dim]
-        keys = k_cache[block_ids].view(num_decodes, -1, num_kv_heads, head_dim).transpose(1, 2)
-        values = v_cache[block_ids].view(num_decodes, -1, num_kv_heads, head_dim).transpose(1, 2)
+        keys = k_cache.index_select(0, block_ids).view(num_decodes, -1, num_kv_heads, head_dim).transpose(1, 2)
+        values = v_cache.index_select(0, block_ids).view(num_decodes, -1, num_kv_heads, head_dim).transpose(1, 2)
+        query = q.view(num_decodes, num_kv_heads, group, head_dim)  # GQA: a head group per KV head
+        scores = torch.matmul(query, keys.to(q.dtype).transpose(2, 3)).float() * scale  # [B, kv, g, L]
         positions = torch.arange(keys.shape[2], device=q.device)
-        mask = (positions[None, :] < seq_lens.to(q.device)[:, None])[:, None, None, :]
-        query = q.unsqueeze(2)  # [B, heads, 1, head_dim]
-        out = F.scaled_dot_product_attention(
-            query, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, scale=scale,
-            enable_gqa=q.shape[1] != num_kv_heads,
-        )
-        return out.squeeze(2)
+        padding = positions[None, :] >= seq_lens.to(q.device)[:, None]  # [B, L]
+        scores.masked_fill_(padding[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        out = torch.matmul(probs, values.to(q.dtype))  # [B, kv, g, head_dim]
+        return out.view(num_decodes, num_heads, head_dim)
 
     @staticmethod
     def _prefill(q, k, v, kv_cache: KVCache, meta: AttentionMetadata, scale: float, out: torch.Tensor) -> None:

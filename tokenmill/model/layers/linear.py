@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.distributed.parallel_state import tp_all_reduce, tp_rank, tp_world_size
+from tokenmill.model.layers import cpu_gemm
 
 
 def _divide(total: int, parts: int, what: str) -> int:
@@ -38,12 +39,17 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
+        self.packed_weight: torch.Tensor | None = None  # CPU: oneDNN layout, set after loading
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         _default_loader(param, loaded)
 
+    def pack_for_cpu(self) -> None:
+        """Re-lay the loaded weight out for oneDNN (CPU only; see cpu_gemm.py)."""
+        self.packed_weight = cpu_gemm.pack_weight(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return cpu_gemm.linear(x, self.weight, self.packed_weight, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -127,6 +133,6 @@ class RowParallelLinear(LinearBase):
         _default_loader(param, loaded.narrow(1, tp_rank() * cols, cols))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = cpu_gemm.linear(x, self.weight, self.packed_weight)
         y = tp_all_reduce(y)
         return y if self.bias is None else y + self.bias

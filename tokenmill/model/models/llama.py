@@ -23,6 +23,7 @@ from tokenmill.model.layers.basic import (
     apply_rotary,
     rope_parameters,
 )
+from tokenmill.model.layers import cpu_gemm
 from tokenmill.model.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
@@ -144,10 +145,18 @@ class LlamaForCausalLM(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, meta)
 
+    def pack_for_cpu(self) -> None:
+        """oneDNN weight layouts for every GEMM, the LM head included (CPU only)."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "pack_for_cpu"):
+                module.pack_for_cpu()
+        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
+        self._packed_head = cpu_gemm.pack_weight(head.weight)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, hidden] -> [n, vocab] float32 logits."""
         head = self.model.embed_tokens if self.lm_head is None else self.lm_head
-        logits = torch.nn.functional.linear(hidden, head.weight)
+        logits = cpu_gemm.linear(hidden, head.weight, getattr(self, "_packed_head", None))
         from tokenmill.distributed.parallel_state import tp_all_gather_last_dim
         return tp_all_gather_last_dim(logits)[..., : self.config.vocab_size].float()
 
