@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import struct
+import time
 
 import httpx
 import openai
@@ -157,3 +158,19 @@ def test_generation_server_refuses_embeddings(openai_client, model_name):
     with pytest.raises(openai.BadRequestError) as exc:
         openai_client.embeddings.create(model=model_name, input="hi")
     assert "embedding" in exc.value.message
+
+
+def test_event_loop_stays_free_during_a_large_request(embed_server, client):
+    # ~1,000 long passages take seconds on the worker thread; /health must not wait for them.
+    passages = [f"{i} " + TEXTS[3] for i in range(1000)]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        big = pool.submit(client.embeddings.create, model="all-MiniLM-L6-v2", input=passages)
+        latencies = []
+        while not big.done():
+            t0 = time.monotonic()
+            assert httpx.get(f"{embed_server.url}/health", timeout=5).status_code == 200
+            latencies.append(time.monotonic() - t0)
+            time.sleep(0.05)
+        assert len(big.result().data) == 1000
+    assert len(latencies) >= 5, "the large request finished too fast to observe the loop"
+    assert max(latencies) < 1.0, latencies
