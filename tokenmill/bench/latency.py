@@ -4,10 +4,11 @@ the bytes-of-weights floor, and HF `generate()` on the same prompt beside it."""
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
+
+from tokenmill.bench.common import sync, write_json
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -51,10 +52,10 @@ def run(args: argparse.Namespace) -> dict:
 
     def timed(max_tokens: int) -> float:
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         llm.generate(work.prompts, params, use_tqdm=False)
-        _sync(device)
+        sync(device)
         return time.perf_counter() - start
 
     timed(4)  # warm-up
@@ -81,11 +82,11 @@ def run(args: argparse.Namespace) -> dict:
 
         @torch.inference_mode()
         def hf_timed(n: int) -> float:
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                            min_new_tokens=n, do_sample=False, pad_token_id=0)
-            _sync(device)
+            sync(device)
             return time.perf_counter() - start
 
         hf_timed(2)
@@ -95,12 +96,6 @@ def run(args: argparse.Namespace) -> dict:
         result["hf"] = {"prefill_s": hf_prefill, "total_s": hf_full, "ms_per_token": hf_ms}
         result["speedup"] = hf_ms / ms_per_token
         print(f"HF generate: {hf_ms:.2f} ms/token; tokenmill is {result['speedup']:.2f}x faster")
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.output_json, result)
     return result
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()

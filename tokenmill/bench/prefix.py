@@ -11,11 +11,12 @@ Two workloads:
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 
 import torch
+
+from tokenmill.bench.common import sync, write_json
 
 DOCUMENT = (
     "Section {i}. The harbour authority records every vessel that enters the bay, its tonnage, its "
@@ -45,17 +46,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
 
 def _ttft(llm, prompt: str) -> float:
     from tokenmill import SamplingParams
-    _sync(llm.engine.config.device)
+    sync(llm.engine.config.device)
     start = time.perf_counter()
     llm.generate(prompt, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
-    _sync(llm.engine.config.device)
+    sync(llm.engine.config.device)
     return time.perf_counter() - start
 
 
@@ -97,10 +94,10 @@ def _throughput(llm, prompts, output_len: int) -> float:
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     # The shared prefix is computed once first (as a preceding request would), then timed.
     llm.generate(prompts[0], SamplingParams(max_tokens=1), use_tqdm=False)
-    _sync(llm.engine.config.device)
+    sync(llm.engine.config.device)
     start = time.perf_counter()
     outs = llm.generate(prompts[1:], params, use_tqdm=False)
-    _sync(llm.engine.config.device)
+    sync(llm.engine.config.device)
     elapsed = time.perf_counter() - start
     return sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) for o in outs) / elapsed
 
@@ -137,7 +134,5 @@ def run(args: argparse.Namespace) -> dict:
 
     engine_args = EngineArgs.from_cli_args(args)
     result = run_ttft(args, engine_args) if args.workload == "ttft" else run_hit_rate(args, engine_args)
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.output_json, result)
     return result

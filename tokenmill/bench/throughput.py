@@ -7,10 +7,11 @@ tokens, against HF at batch 32 in the same dtype in the same run.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
+
+from tokenmill.bench.common import sync, write_json
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -63,10 +64,10 @@ def run(args: argparse.Namespace) -> dict:
 
     # Warm-up on a few prompts so one-time costs stay out of the numbers.
     llm.generate(work.prompts[:2], [SamplingParams(max_tokens=4, ignore_eos=True)] * 2, use_tqdm=False)
-    _sync(config.device)
+    sync(config.device)
     start = time.perf_counter()
     outputs = llm.generate(work.prompts, params, use_tqdm=False)
-    _sync(config.device)
+    sync(config.device)
     elapsed = time.perf_counter() - start
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     in_tokens = sum(len(o.prompt_token_ids) for o in outputs)
@@ -95,12 +96,6 @@ def run(args: argparse.Namespace) -> dict:
         print(f"HF generate (batch {args.hf_batch_size}): {hf['output_tokens']} output tokens in "
               f"{hf['seconds']:.2f}s = {hf['output_tok_per_s']:.1f} tok/s")
         print(f"ratio tokenmill / HF = {result['ratio']:.2f}x")
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.output_json, result)
     return result
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()

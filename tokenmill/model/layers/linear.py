@@ -10,7 +10,6 @@ takes a full checkpoint tensor (HF layout `[out, in]`) and copies in this rank's
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.distributed.parallel_state import tp_all_reduce, tp_rank, tp_world_size
