@@ -18,6 +18,8 @@ def test_llm_embed_default_model():
     assert cos(vecs[0], vecs[1]) > cos(vecs[0], vecs[2])
     with pytest.raises(ValueError):
         llm.generate("hi")
+    with pytest.raises(ValueError):  # MiniLM is not a Matryoshka model
+        llm.embed(["x"], dimensions=128, use_tqdm=False)
 
 
 def test_generate_llm_refuses_embed(llm_fp32):

@@ -58,3 +58,21 @@ def test_bad_schema_is_a_value_error_and_engine_keeps_working(llm_fp32):
     out = llm_fp32.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=4),
                             use_tqdm=False)
     assert out[0].outputs[0].text
+
+
+def test_fifty_schemas_on_the_embedded_model(llm_fp32):
+    from json_schemas import SCHEMAS  # tests/ is on sys.path through its conftest
+
+    params = [SamplingParams(temperature=0.7, seed=i, max_tokens=160,
+                             structured_outputs=StructuredOutputsParams(json=schema))
+              for i, schema in enumerate(SCHEMAS)]
+    prompts = [f"Reply with JSON matching this schema: {json.dumps(schema)}" for schema in SCHEMAS]
+    outs = llm_fp32.generate(prompts, params, use_tqdm=False)
+    finished = 0
+    for out, schema in zip(outs, SCHEMAS):
+        completion = out.outputs[0]
+        if completion.finish_reason == "length":
+            continue  # cut by max_tokens: a prefix of valid JSON, nothing to validate
+        finished += 1
+        jsonschema.validate(json.loads(completion.text), schema)
+    assert finished >= 45

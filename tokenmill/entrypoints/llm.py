@@ -32,7 +32,9 @@ class LLM:
         self._counter = itertools.count()
         if task == "embed":
             from tokenmill.engine.embedding_engine import EmbeddingEngine
-            self.embedding_engine = EmbeddingEngine(model, dtype=engine_args.pop("dtype", "auto"))
+            self.embedding_engine = EmbeddingEngine(
+                model, dtype=engine_args.pop("dtype", "auto"), device=engine_args.pop("device", "auto"),
+                max_batch_tokens=engine_args.pop("max_num_batched_tokens", None))
             if engine_args:
                 raise TypeError(f"engine arguments not used by embedding models: {', '.join(engine_args)}")
             self.engine = None
@@ -114,11 +116,13 @@ class LLM:
         return [results[i] for i in ids]
 
     # ----- embeddings -----
-    def embed(self, inputs, truncate_prompt_tokens: int | None = None, use_tqdm: bool = True):
+    def embed(self, inputs, truncate_prompt_tokens: int | None = None, use_tqdm: bool = True,
+              dimensions: int | None = None):
+        """Embed texts or token ids; `dimensions` truncates Matryoshka models (ValueError otherwise)."""
         if self.task != "embed":
             raise ValueError("this LLM was created for generation: use LLM(task='embed') for embeddings")
         return self.embedding_engine.embed(inputs, truncate_prompt_tokens=truncate_prompt_tokens,
-                                           use_tqdm=use_tqdm)
+                                           use_tqdm=use_tqdm, dimensions=dimensions)
 
     # ----- helpers -----
     def _require_generate(self) -> None:
