@@ -101,7 +101,7 @@ def random_generate(manager, tokenizer, token_bias, specs, *, seed=0, free_rows=
     return [tokenizer.decode(ids) for ids in outputs]
 
 
-from json_schemas import SCHEMAS  # noqa: E402  (tests/ is on sys.path via its conftest)
+from json_schemas import BASE_SCHEMAS, SCHEMAS  # noqa: E402  (tests/ is on sys.path via its conftest)
 
 
 def test_fifty_schemas_random_model_outputs_validate(manager, tokenizer, token_bias):

