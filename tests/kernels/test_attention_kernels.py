@@ -7,22 +7,13 @@ is how the kernels are checked on a machine without a GPU.
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-pytest.importorskip("triton")
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if torch.cuda.is_available():
-    DEVICE = torch.device("cuda")
-elif INTERPRET:
-    DEVICE = torch.device("cpu")
-else:
-    pytest.skip("Triton kernels need CUDA (or TRITON_INTERPRET=1)", allow_module_level=True)
+from kernel_device import DEVICE, INTERPRET  # noqa: E402,F401  (skips the module without a GPU)
 
 from tokenmill.model.attention.backend import AttentionMetadata, get_backend  # noqa: E402
 from tokenmill.model.attention.triton_kernels import (  # noqa: E402

@@ -5,20 +5,11 @@ GPU only (skipped without CUDA); `TRITON_INTERPRET=1` also runs them on the CPU 
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-pytest.importorskip("triton")
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if torch.cuda.is_available():
-    DEVICE = torch.device("cuda")
-elif INTERPRET:
-    DEVICE = torch.device("cpu")
-else:
-    pytest.skip("Triton kernels need CUDA (or TRITON_INTERPRET=1)", allow_module_level=True)
+from kernel_device import DEVICE, INTERPRET  # noqa: E402,F401  (skips the module without a GPU)
 
 from tokenmill.model.layers.triton_ops import (  # noqa: E402
     rms_norm,
