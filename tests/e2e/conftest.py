@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "unit"))
 
-from server_harness import ServerProcess, free_port  # noqa: E402
+from server_harness import running_server  # noqa: E402
 
 API_KEY = "sk-e2e-key"
 MAX_MODEL_LEN = 512
@@ -28,13 +28,8 @@ def serve_argv(port: int) -> list[str]:
 
 @pytest.fixture(scope="session")
 def server():
-    port = free_port()
-    srv = ServerProcess(serve_argv(port), port, api_key=API_KEY)
-    try:
-        srv.wait_ready(300)
+    with running_server(serve_argv, api_key=API_KEY) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="session")

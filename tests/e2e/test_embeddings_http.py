@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from conftest import API_KEY, serve_argv
-from server_harness import ServerProcess, free_port
+from server_harness import running_server
 
 TEXTS = ["What is a paged KV cache?", "Blocks of keys and values.", "Le chat dort sur le canapé.",
          "A much longer passage about attention: " + "queries meet keys, values are mixed. " * 20]
@@ -22,14 +22,12 @@ TEXTS = ["What is a paged KV cache?", "Blocks of keys and values.", "Le chat dor
 
 @pytest.fixture(scope="module")
 def embed_server():
-    port = free_port()
-    argv = [a for a in serve_argv(port) if a not in ("--max-model-len", "512", "--max-num-seqs", "64")]
-    srv = ServerProcess([*argv, "--task", "embed"], port, api_key=API_KEY)
-    try:
-        srv.wait_ready(120)
+    def argv(port: int) -> list[str]:
+        base = [a for a in serve_argv(port) if a not in ("--max-model-len", "512", "--max-num-seqs", "64")]
+        return [*base, "--task", "embed"]
+
+    with running_server(argv, api_key=API_KEY, ready_timeout_s=120) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

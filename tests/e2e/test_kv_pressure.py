@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from conftest import serve_argv
-from server_harness import ServerProcess, free_port
+from server_harness import running_server
 
 # SmolLM2-135M in bf16: 30 layers x (K+V) x 3 KV heads x 64 x 2 bytes = 23,040 bytes per token,
 # so 25 MB holds about a thousand tokens, for a load of 16 x (~40 + 60) = 1,600.
@@ -18,14 +18,9 @@ KV_BYTES = 25_000_000
 
 @pytest.fixture(scope="module")
 def small_kv_server():
-    port = free_port()
-    srv = ServerProcess(serve_argv(port) + ["--kv-cache-memory", str(KV_BYTES), "--max-num-seqs", "16"],
-                        port, api_key="sk-e2e-key")
-    try:
-        srv.wait_ready(300)
+    with running_server(lambda port: serve_argv(port) + ["--kv-cache-memory", str(KV_BYTES), "--max-num-seqs", "16"],
+                        api_key="sk-e2e-key") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_preemption_not_failure_when_the_pool_runs_dry(small_kv_server):

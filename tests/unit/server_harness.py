@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import httpx
 
@@ -76,6 +78,20 @@ class ServerProcess:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+@contextmanager
+def running_server(make_argv: Callable[[int], list[str]], api_key: str | None = None,
+                   ready_timeout_s: float = 300) -> Iterator[ServerProcess]:
+    """A server subprocess on a free port (`make_argv(port)` builds its command), ready on entry and
+    stopped on exit."""
+    port = free_port()
+    server = ServerProcess(make_argv(port), port, api_key=api_key)
+    try:
+        server.wait_ready(ready_timeout_s)
+        yield server
+    finally:
+        server.stop()
 
 
 FAKE_SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_server.py")
