@@ -82,6 +82,8 @@ class EngineConfig:
     load_format: str
     attention_backend: str
     enforce_eager: bool
+    # What the config was built from: tensor-parallel worker processes rebuild it from these.
+    engine_args: "EngineArgs | None" = field(default=None, compare=False, repr=False)
 
 
 def _default_device() -> str:
@@ -170,14 +172,16 @@ class EngineArgs:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}")
-        if self.tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size > 1 is not supported yet (layers are TP-aware; "
-                             "the multi-process runner is not built)")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be a power of two up to 128, got {self.block_size}")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
         device = torch.device(_default_device() if self.device == "auto" else self.device)
+        if device.type == "cuda" and self.tensor_parallel_size > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} needs as many GPUs; "
+                             f"{torch.cuda.device_count()} visible")
         source = resolve_model_source(self.model, self.load_format, self.tokenizer)
         hf_config = source.load_hf_config()
         architecture = (getattr(hf_config, "architectures", None) or ["?"])[0]
@@ -203,6 +207,7 @@ class EngineArgs:
             load_format=source.load_format,
             attention_backend=self.attention_backend or ("triton" if device.type == "cuda" else "torch_native"),
             enforce_eager=self.enforce_eager or device.type != "cuda",
+            engine_args=dataclasses.replace(self),
         )
 
 

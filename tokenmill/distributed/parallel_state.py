@@ -1,17 +1,60 @@
-"""Tensor-parallel group state: rank, world size and the all-reduce the layers call.
+"""Tensor-parallel group state: rank, world size and the collectives the layers call.
 
-With one rank (the only mode wired so far) every collective is a no-op, but layers already shard
-their weights by `tp_rank()` / `tp_world_size()`, so the multi-process runner only has to
-initialise torch.distributed and call `set_tensor_parallel(rank, size, group)`.
+Layers shard their weights by `tp_rank()` / `tp_world_size()` when they are built, and call
+`tp_all_reduce` / `tp_all_gather_last_dim` in forward. With one rank every collective is a no-op.
+The multi-process executor (`distributed/executor.py`, `distributed/worker.py`) calls
+`init_tensor_parallel` in every rank's process before the model is built.
+
+The state is per process: one tensor-parallel engine per process at a time.
 """
 
 from __future__ import annotations
 
+import datetime
+import logging
+
 import torch
+
+logger = logging.getLogger(__name__)
 
 _TP_RANK = 0
 _TP_SIZE = 1
 _TP_GROUP = None
+_OWNS_PROCESS_GROUP = False
+
+
+def init_tensor_parallel(rank: int, world_size: int, device: torch.device, store_path: str,
+                         timeout_s: float = 600.0) -> None:
+    """Join the ranks' process group: NCCL on GPUs, gloo on CPUs, rendezvous through a file store."""
+    global _OWNS_PROCESS_GROUP
+    import torch.distributed as dist
+
+    if _TP_SIZE != 1:
+        raise RuntimeError("a tensor-parallel engine already runs in this process; shut it down first")
+    if dist.is_initialized():
+        raise RuntimeError("torch.distributed is already initialised in this process; tokenmill's "
+                           "tensor parallelism needs its own process group")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"file://{store_path}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    _OWNS_PROCESS_GROUP = True
+    set_tensor_parallel(rank, world_size, None)
+    logger.info("rank %d of %d joined the tensor-parallel group (%s)", rank, world_size, backend)
+
+
+def destroy_tensor_parallel() -> None:
+    """Leave the process group (so a later engine in this process can start a new one)."""
+    global _OWNS_PROCESS_GROUP
+    set_tensor_parallel(0, 1, None)
+    if _OWNS_PROCESS_GROUP:
+        import torch.distributed as dist
+
+        _OWNS_PROCESS_GROUP = False
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001 - a dead peer can make teardown fail; nothing to save
+                logger.warning("process group teardown failed", exc_info=True)
 
 
 def set_tensor_parallel(rank: int, world_size: int, group=None) -> None:
@@ -34,9 +77,28 @@ def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def tp_all_reduce_min(value: int, device: torch.device) -> int:
+    """The smallest of every rank's `value` (used to agree on one KV-pool size)."""
+    if _TP_SIZE == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=_TP_GROUP)
+    return int(t.item())
+
+
+def _all_gather_single(out: torch.Tensor, x: torch.Tensor, group) -> None:
+    # torch >= 2.13 names it all_gather_single; older releases all_gather_into_tensor.
+    fn = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor
+    fn(out, x, group=group)
+
+
 def tp_all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's `x` along the last dimension (one all-gather)."""
     if _TP_SIZE == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(_TP_SIZE)]
-    torch.distributed.all_gather(parts, x.contiguous(), group=_TP_GROUP)
-    return torch.cat(parts, dim=-1)
+    shape = x.shape
+    x = x.contiguous().view(1, -1, x.shape[-1])  # [1, rows, width]
+    out = torch.empty((_TP_SIZE * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    _all_gather_single(out, x, group=_TP_GROUP)  # [tp, rows, width]
+    gathered = out.transpose(0, 1).reshape(x.shape[1], _TP_SIZE * x.shape[2])
+    return gathered.view(*shape[:-1], _TP_SIZE * shape[-1])

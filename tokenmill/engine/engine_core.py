@@ -15,7 +15,7 @@ from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.request import Request, RequestStatus
 from tokenmill.core.scheduler import Scheduler
 from tokenmill.engine.messages import EngineOutput, EngineOutputs, EngineRequest, SchedulerStats
-from tokenmill.worker.model_runner import ModelRunner
+from tokenmill.distributed.executor import make_model_executor
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +24,8 @@ class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         start = time.perf_counter()
-        self.runner = ModelRunner(config)
+        # One ModelRunner, or rank 0's plus tensor-parallel worker processes (same methods).
+        self.runner = make_model_executor(config)
         num_blocks = self.runner.determine_num_blocks()
         self.runner.allocate_kv_cache(num_blocks)
         self.runner.capture_cuda_graphs()
@@ -62,6 +63,5 @@ class EngineCore:
         return self.scheduler.stats()
 
     def shutdown(self) -> None:
-        """Release the KV pool and graphs (the engine cannot step afterwards)."""
-        self.runner.kv_caches = []
-        self.runner.graphs = None
+        """Release the KV pool and graphs, stop any worker ranks (the engine cannot step afterwards)."""
+        self.runner.shutdown()

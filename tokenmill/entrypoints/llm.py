@@ -44,6 +44,21 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    def shutdown(self) -> None:
+        """Free the KV cache and stop tensor-parallel worker processes (also at interpreter exit).
+
+        The LLM cannot generate afterwards. `with LLM(...) as llm:` calls it on leaving the block.
+        """
+        if self.engine is not None:
+            self.engine.core.shutdown()
+            self.engine = None
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.shutdown()
+
     # ----- generation -----
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

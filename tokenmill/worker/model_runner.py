@@ -15,6 +15,7 @@ import torch
 
 from tokenmill.config import EngineConfig
 from tokenmill.core.scheduler_output import ModelRunnerOutput, NewRequestData, SchedulerOutput
+from tokenmill.distributed.parallel_state import tp_all_reduce_min, tp_rank
 from tokenmill.model.attention.backend import AttentionMetadata, KVCache
 from tokenmill.model.registry import build_model
 from tokenmill.sampling_params import SamplingParams
@@ -44,8 +45,13 @@ class RequestState:
 
 
 class ModelRunner:
+    """One rank's runner. Rank 0 (the driver) samples; other tensor-parallel ranks run the same
+    forward passes (their collectives pair up with rank 0's) and learn the sampled tokens from the
+    next step's message (`append_sampled_tokens`)."""
+
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        self.is_driver = tp_rank() == 0
         self.device = config.device
         self.block_size = config.cache.block_size
         torch.manual_seed(config.model.seed)
@@ -67,13 +73,15 @@ class ModelRunner:
         return 2 * m.num_layers * self.block_size * num_kv_heads * m.head_dim * element
 
     def determine_num_blocks(self) -> int:
+        """KV blocks for this rank's pool; every tensor-parallel rank agrees on the smallest."""
         cache = self.config.cache
         if cache.num_gpu_blocks_override:
             return cache.num_gpu_blocks_override
         if self.device.type == "cuda":
-            return self._profile_gpu_blocks()
-        budget = cache.kv_cache_memory or DEFAULT_CPU_KV_CACHE_BYTES
-        return max(1, budget // self.bytes_per_block())
+            num_blocks = self._profile_gpu_blocks()
+        else:
+            num_blocks = max(1, (cache.kv_cache_memory or DEFAULT_CPU_KV_CACHE_BYTES) // self.bytes_per_block())
+        return tp_all_reduce_min(num_blocks, self.device)
 
     def _profile_gpu_blocks(self) -> int:
         """Run the largest batch once, then give what `gpu_memory_utilization` leaves to the KV pool."""
@@ -120,6 +128,10 @@ class ModelRunner:
                                        self.config.model.max_model_len, self.block_size, self.device)
         self.graphs.capture()
 
+    def shutdown(self) -> None:
+        self.kv_caches = []
+        self.graphs = None
+
     # ----- state updates -----
     def _apply_diffs(self, sched: SchedulerOutput) -> None:
         for request_id in sched.finished_request_ids:
@@ -147,7 +159,7 @@ class ModelRunner:
             new.request_id, list(new.token_ids), new.num_prompt_tokens, new.sampling_params,
             list(new.block_ids), new.num_computed_tokens, new.eos_token_id)
         spec = new.sampling_params.structured_outputs
-        if spec is not None:
+        if spec is not None and self.is_driver:
             params = new.sampling_params
             stops = [t for t in [new.eos_token_id, *(params.all_stop_token_ids or [])] if t is not None]
             # A resumed request replays its earlier output so the grammar continues where it was.
@@ -155,8 +167,15 @@ class ModelRunner:
                 spec, stop_token_ids=stops, prefix_token_ids=state.output_token_ids)
         self.states[new.request_id] = state
         seed = new.sampling_params.seed
-        if seed is not None and new.request_id not in self.generators:
+        if seed is not None and self.is_driver and new.request_id not in self.generators:
             self.generators[new.request_id] = torch.Generator(device=self.device).manual_seed(seed)
+
+    def append_sampled_tokens(self, sampled: dict[str, int]) -> None:
+        """Non-driver ranks: the tokens rank 0 sampled last step (before this step's diffs)."""
+        for request_id, token in sampled.items():
+            state = self.states.get(request_id)
+            if state is not None:
+                state.token_ids.append(token)
 
     # ----- one step -----
     @torch.inference_mode()
@@ -190,6 +209,8 @@ class ModelRunner:
                 return output
             last_token_index = torch.as_tensor(host.query_start[1:][sample_rows] - 1, device=self.device)
             logits = self.model.compute_logits(hidden.index_select(0, last_token_index))
+        if not self.is_driver:  # rank 0 samples; this rank hears the tokens next step
+            return output
         batch = self._sampling_batch([states[i] for i in sample_rows])
         result = self.sampler(logits, batch)
         for row, i in enumerate(sample_rows):
@@ -282,7 +303,10 @@ class ModelRunner:
         n = min(count, s.num_prompt_tokens - 1 - first_pos)
         if n <= 0:
             return []
-        logprobs = torch.log_softmax(self.model.compute_logits(hidden[start:start + n]), dim=-1)
+        logits = self.model.compute_logits(hidden[start:start + n])  # a collective: every rank
+        if not self.is_driver:
+            return []
+        logprobs = torch.log_softmax(logits, dim=-1)
         k = s.params.prompt_logprobs
         return [token_logprobs(logprobs[j], s.token_ids[first_pos + j + 1], k) for j in range(n)]
 

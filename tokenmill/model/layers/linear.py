@@ -81,23 +81,39 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         param.data.narrow(0, offset, size).copy_(loaded.narrow(0, tp_rank() * size, size))
 
 
-class QKVParallelLinear(ColumnParallelLinear):
-    """Q, K and V projections in one matrix, heads split across ranks.
+def head_partition(num_heads: int, num_kv_heads: int, tp: int, rank: int) -> tuple[int, int, int, int]:
+    """This rank's attention heads: `(q_start, q_count, kv_start, kv_count)`.
 
-    With fewer KV heads than ranks, each KV head is replicated on `tp_size // num_kv_heads` ranks.
+    KV heads are spread as evenly as they go, each taking its whole group of query heads, so a
+    model whose KV heads do not divide by the rank count still splits (SmolLM2-135M's 3 KV heads
+    over 2 ranks: 2 + 1, with 6 + 3 query heads). With fewer KV heads than ranks, each KV head is
+    replicated on `tp // num_kv_heads` ranks and the query heads split evenly.
     """
+    if num_heads % num_kv_heads:
+        raise ValueError(f"attention heads ({num_heads}) must be a multiple of KV heads ({num_kv_heads})")
+    if num_kv_heads >= tp:
+        base, extra = divmod(num_kv_heads, tp)
+        kv_count = base + (rank < extra)
+        kv_start = rank * base + min(rank, extra)
+        group = num_heads // num_kv_heads
+        return kv_start * group, kv_count * group, kv_start, kv_count
+    if tp % num_kv_heads:
+        raise ValueError(f"tensor_parallel_size ({tp}) must be a multiple of the KV heads ({num_kv_heads}) "
+                         "when there are fewer KV heads than ranks")
+    q_count = _divide(num_heads, tp, "attention heads")
+    return rank * q_count, q_count, rank // (tp // num_kv_heads), 1
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Q, K and V projections in one matrix, heads split across ranks (see `head_partition`)."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
                  bias: bool = False) -> None:
-        tp = tp_world_size()
         self.head_dim = head_dim
-        self.num_heads = _divide(num_heads, tp, "attention heads")
-        self.num_kv_heads = max(1, num_kv_heads // tp)
-        self.kv_replicas = max(1, tp // num_kv_heads)
-        if num_kv_heads >= tp:
-            _divide(num_kv_heads, tp, "KV heads")
-        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp
-        super().__init__(hidden_size, out, bias)
+        self.q_start, self.num_heads, self.kv_start, self.num_kv_heads = head_partition(
+            num_heads, num_kv_heads, tp_world_size(), tp_rank())
+        local_out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
+        LinearBase.__init__(self, hidden_size, local_out, bias)
 
     @property
     def q_size(self) -> int:
@@ -110,26 +126,33 @@ class QKVParallelLinear(ColumnParallelLinear):
     def weight_loader(self, param, loaded, shard_id=None) -> None:
         assert shard_id in ("q", "k", "v")
         if shard_id == "q":
-            offset, size, rank_index = 0, self.q_size, tp_rank()
+            offset, size, start = 0, self.q_size, self.q_start * self.head_dim
         else:
             offset = self.q_size + (0 if shard_id == "k" else self.kv_size)
-            size, rank_index = self.kv_size, tp_rank() // self.kv_replicas
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, rank_index * size, size))
+            size, start = self.kv_size, self.kv_start * self.head_dim
+        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, start, size))
 
 
 class RowParallelLinear(LinearBase):
-    """y = x W^T with W's columns (input features) split across ranks, partial sums all-reduced."""
+    """y = x W^T with W's columns (input features) split across ranks, partial sums all-reduced.
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
-        self.in_per_rank = _divide(in_features, tp_world_size(), "input features")
+    `input_slice=(start, size)` gives this rank's columns explicitly (attention's output projection
+    follows the rank's query heads, which may be uneven); by default they split evenly.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 input_slice: tuple[int, int] | None = None) -> None:
+        if input_slice is None:
+            size = _divide(in_features, tp_world_size(), "input features")
+            input_slice = (tp_rank() * size, size)
+        self.in_start, self.in_per_rank = input_slice
         super().__init__(self.in_per_rank, out_features, bias)
 
     def weight_loader(self, param, loaded, shard_id=None) -> None:
         if param.dim() == 1:  # the bias is added once, after the reduce
             _default_loader(param, loaded)
             return
-        cols = self.in_per_rank
-        _default_loader(param, loaded.narrow(1, tp_rank() * cols, cols))
+        _default_loader(param, loaded.narrow(1, self.in_start, self.in_per_rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = cpu_gemm.linear(x, self.weight, self.packed_weight)

@@ -40,8 +40,10 @@ class LlamaAttention(nn.Module):
                                           num_kv_heads, bias=qkv_bias)
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
-        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
-                                        bias=getattr(config, "o_proj_bias", False))
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * self.head_dim, config.hidden_size,
+            bias=getattr(config, "o_proj_bias", False),
+            input_slice=(self.qkv_proj.q_start * self.head_dim, self.qkv_proj.q_size))
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.backend = backend

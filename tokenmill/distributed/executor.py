@@ -1,0 +1,250 @@
+"""Tensor parallelism across processes: rank 0 (the driver) lives in the engine-core process and
+samples; ranks 1..N-1 are worker processes that run the same steps on their shard of the model.
+
+    EngineCore --SchedulerOutput--> TensorParallelExecutor --WorkerStep (ZMQ, msgspec)--> workers
+                                    | rank 0 ModelRunner      |                           | rank r ModelRunner
+                                    +---- NCCL (GPU) / gloo (CPU): all-reduce, all-gather ----+
+
+The scheduler runs once. Each step the driver sends the SchedulerOutput (plus the tokens it
+sampled last step) to every worker, then runs its own rank; the collectives inside the model keep
+the ranks in lock step. Workers never sample: they learn the tokens from the next step's message.
+
+Failure: a watchdog thread polls the workers. When one exits unasked, the rest are killed, the
+next `execute` raises `WorkerDiedError`, and a step blocked in a collective (NCCL waits forever
+for a dead peer) ends the process after a grace period, which the server reports as engine death.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import msgspec
+import torch
+import zmq
+
+from tokenmill.config import EngineConfig
+from tokenmill.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from tokenmill.distributed.messages import (
+    WorkerFailed,
+    WorkerInit,
+    WorkerMessage,
+    WorkerReady,
+    WorkerShutdown,
+    WorkerStep,
+)
+from tokenmill.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel
+
+logger = logging.getLogger(__name__)
+
+WORKER_START_TIMEOUT_S = 300.0
+WATCHDOG_POLL_S = 0.2
+# How long a step may stay blocked after a rank died before the process is ended.
+STUCK_STEP_GRACE_S = 10.0
+
+
+class WorkerDiedError(RuntimeError):
+    pass
+
+
+class TensorParallelExecutor:
+    """Rank 0's ModelRunner plus the worker processes; the same methods EngineCore calls on a runner."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        from tokenmill.worker.model_runner import ModelRunner
+
+        self.config = config
+        self.world_size = config.parallel.tensor_parallel_size
+        if config.engine_args is None:
+            raise ValueError("tensor parallelism needs the EngineArgs the config was built from")
+        self._dir = tempfile.mkdtemp(prefix="tokenmill-tp-")
+        self._ctx = zmq.Context()
+        self._encoder = msgspec.msgpack.Encoder()
+        self._procs: list[subprocess.Popen] = []
+        self._step_socks: list[zmq.Socket] = []
+        self._from_workers = self._ctx.socket(zmq.PULL)
+        self._from_workers.bind(f"ipc://{self._dir}/from-workers")
+        self._failures: dict[int, str] = {}
+        self.dead_reason: str | None = None
+        self._step_started: float | None = None
+        self._closing = False
+        self._pending_tokens: dict[str, int] = {}
+        atexit.register(self.shutdown)
+
+        num_threads = self._split_cpu_threads()
+        init = WorkerInit(engine_args_msgpack=msgspec.msgpack.encode(config.engine_args), num_threads=num_threads)
+        for rank in range(1, self.world_size):
+            sock = self._ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            addr = f"ipc://{self._dir}/to-rank{rank}"
+            sock.bind(addr)
+            self._step_socks.append(sock)
+            self._procs.append(self._spawn(rank, addr))
+        try:
+            self._wait_ready(self._encoder.encode(init))
+            threading.Thread(target=self._watchdog, daemon=True, name="tp-watchdog").start()
+            init_tensor_parallel(0, self.world_size, config.device, f"{self._dir}/store")
+            self.runner = ModelRunner(config)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # ----- start-up -----
+    def _split_cpu_threads(self) -> int:
+        """On CPU the ranks share the cores: each gets its share (rank 0 included)."""
+        if self.config.device.type != "cpu":
+            return 0
+        threads = max(1, torch.get_num_threads() // self.world_size)
+        torch.set_num_threads(threads)
+        return threads
+
+    def _spawn(self, rank: int, addr: str) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "tokenmill.distributed.worker", "--rank", str(rank),
+               "--world-size", str(self.world_size), "--store", f"{self._dir}/store",
+               "--driver-addr", addr, "--report-addr", f"ipc://{self._dir}/from-workers",
+               "--parent-pid", str(os.getpid())]
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+
+    def _wait_ready(self, init_frame: bytes) -> None:
+        """Hand each worker its WorkerInit once it connects, then wait for every WorkerReady."""
+        decoder = msgspec.msgpack.Decoder(WorkerMessage)
+        ready: set[int] = set()
+        unsent = list(self._step_socks)
+        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+        while len(ready) < self.world_size - 1:
+            for sock in list(unsent):
+                if sock.poll(0, zmq.POLLOUT):  # a PUSH socket is writable once its peer connected
+                    sock.send(init_frame)
+                    unsent.remove(sock)
+            if self._from_workers.poll(200):
+                msg = decoder.decode(self._from_workers.recv())
+                if isinstance(msg, WorkerReady):
+                    ready.add(msg.rank)
+                else:
+                    raise WorkerDiedError(f"tensor-parallel rank {msg.rank} failed to start: {msg.message}")
+            for rank, proc in enumerate(self._procs, start=1):
+                if proc.poll() is not None:
+                    raise WorkerDiedError(f"tensor-parallel rank {rank} exited during start-up "
+                                          f"(code {proc.returncode})")
+            if time.monotonic() > deadline:
+                raise WorkerDiedError(f"tensor-parallel workers not ready after {WORKER_START_TIMEOUT_S:.0f}s")
+
+    # ----- what EngineCore calls -----
+    def determine_num_blocks(self) -> int:
+        return self.runner.determine_num_blocks()  # all ranks agree on the smallest
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.runner.allocate_kv_cache(num_blocks)
+
+    def capture_cuda_graphs(self) -> None:
+        self.runner.capture_cuda_graphs()
+
+    @property
+    def graphs(self):
+        return self.runner.graphs
+
+    @property
+    def model(self):
+        return self.runner.model  # rank 0's shard
+
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        if self.dead_reason is not None:
+            raise WorkerDiedError(self.dead_reason)
+        frame = self._encoder.encode(WorkerStep(sched, self._pending_tokens))
+        for sock in self._step_socks:
+            sock.send(frame, copy=False)
+        self._step_started = time.monotonic()
+        try:
+            output = self.runner.execute(sched)
+        except Exception as exc:
+            if self.dead_reason is not None:
+                raise WorkerDiedError(self.dead_reason) from exc
+            raise
+        finally:
+            self._step_started = None
+        self._pending_tokens = output.sampled_token_ids
+        return output
+
+    # ----- failure and shutdown -----
+    def _watchdog(self) -> None:
+        decoder = msgspec.msgpack.Decoder(WorkerMessage)
+        while not self._closing:
+            while self._from_workers.poll(0):
+                msg = decoder.decode(self._from_workers.recv())
+                if isinstance(msg, WorkerFailed):
+                    self._failures[msg.rank] = msg.message
+            for rank, proc in enumerate(self._procs, start=1):
+                if proc.poll() is not None and not self._closing:
+                    self._on_worker_death(rank, proc.returncode)
+                    return
+            time.sleep(WATCHDOG_POLL_S)
+
+    def _on_worker_death(self, rank: int, code: int) -> None:
+        time.sleep(WATCHDOG_POLL_S)  # let its WorkerFailed message arrive
+        while self._from_workers.poll(0):
+            msg = msgspec.msgpack.decode(self._from_workers.recv(), type=WorkerMessage)
+            if isinstance(msg, WorkerFailed):
+                self._failures[msg.rank] = msg.message
+        detail = f": {self._failures[rank]}" if rank in self._failures else ""
+        self.dead_reason = f"tensor-parallel rank {rank} exited (code {code}){detail}"
+        logger.error("%s; stopping the other ranks", self.dead_reason)
+        self._kill_workers()
+        started = self._step_started
+        if started is not None:
+            time.sleep(max(0.0, started + STUCK_STEP_GRACE_S - time.monotonic()))
+            if self._step_started is not None:
+                logger.critical("a step is blocked waiting for the dead rank; ending the process")
+                os._exit(1)
+
+    def _kill_workers(self) -> None:
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.kill()
+        for proc in self._procs:
+            proc.wait()
+
+    def shutdown(self) -> None:
+        """Stop the workers (asking first), leave the process group, remove the socket dir."""
+        if self._closing:
+            return
+        self._closing = True
+        for sock in self._step_socks:
+            try:
+                sock.send(self._encoder.encode(WorkerShutdown()), flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        deadline = time.monotonic() + 10
+        for proc in self._procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        self._kill_workers()
+        runner = getattr(self, "runner", None)
+        if runner is not None:
+            runner.kv_caches = []
+            runner.graphs = None
+        destroy_tensor_parallel()
+        for sock in [*self._step_socks, self._from_workers]:
+            sock.close(linger=0)
+        self._ctx.term()
+        shutil.rmtree(self._dir, ignore_errors=True)
+        atexit.unregister(self.shutdown)
+
+
+def make_model_executor(config: EngineConfig):
+    """A plain ModelRunner for one rank; the multi-process executor for more."""
+    if config.parallel.tensor_parallel_size == 1:
+        from tokenmill.worker.model_runner import ModelRunner
+        return ModelRunner(config)
+    return TensorParallelExecutor(config)
+
+
+__all__ = ["TensorParallelExecutor", "WorkerDiedError", "make_model_executor"]

@@ -1,0 +1,110 @@
+"""A tensor-parallel worker process: rank r of N, started by `TensorParallelExecutor`.
+
+    python -m tokenmill.distributed.worker --rank R --world-size N --store PATH \
+        --driver-addr ipc://... --report-addr ipc://... --parent-pid PID
+
+It rebuilds the engine config from the driver's EngineArgs, builds its shard of the model, sizes
+and allocates its KV pool and captures its CUDA graphs in the same order as the driver (the
+collectives in those steps pair up), then runs every WorkerStep it receives until WorkerShutdown.
+It exits when the driver's process goes away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import msgspec
+import zmq
+
+from tokenmill.distributed.messages import (
+    DriverMessage,
+    WorkerFailed,
+    WorkerInit,
+    WorkerReady,
+    WorkerShutdown,
+    WorkerStep,
+)
+
+logger = logging.getLogger("tokenmill.distributed.worker")
+
+PARENT_POLL_MS = 1000
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world-size", type=int, required=True)
+    parser.add_argument("--store", required=True)
+    parser.add_argument("--driver-addr", required=True)
+    parser.add_argument("--report-addr", required=True)
+    parser.add_argument("--parent-pid", type=int, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s [rank {args.rank}] %(message)s")
+
+    ctx = zmq.Context()
+    report = ctx.socket(zmq.PUSH)
+    report.setsockopt(zmq.LINGER, 2000)
+    report.connect(args.report_addr)
+    inbox = ctx.socket(zmq.PULL)
+    inbox.connect(args.driver_addr)
+    try:
+        run_worker(args, inbox, report)
+        code = 0
+    except Exception as exc:  # noqa: BLE001 - reported to the driver, then this rank exits non-zero
+        logger.exception("rank %d failed", args.rank)
+        report.send(msgspec.msgpack.encode(WorkerFailed(rank=args.rank, message=f"{type(exc).__name__}: {exc}")))
+        code = 1
+    report.close()
+    inbox.close(linger=0)
+    ctx.term()
+    return code
+
+
+def _recv(inbox: zmq.Socket, decoder: msgspec.msgpack.Decoder, parent_pid: int):
+    """The driver's next message; None once the driver's process is gone."""
+    while not inbox.poll(PARENT_POLL_MS):
+        if os.getppid() != parent_pid:
+            return None
+    return decoder.decode(inbox.recv(copy=False).buffer)
+
+
+def run_worker(args: argparse.Namespace, inbox: zmq.Socket, report: zmq.Socket) -> None:
+    import torch
+
+    from tokenmill.config import EngineArgs
+    from tokenmill.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel
+    from tokenmill.worker.model_runner import ModelRunner
+
+    decoder = msgspec.msgpack.Decoder(DriverMessage)
+    init = _recv(inbox, decoder, args.parent_pid)
+    if not isinstance(init, WorkerInit):
+        return
+    config = msgspec.msgpack.decode(init.engine_args_msgpack, type=EngineArgs).create_engine_config()
+    if config.device.type == "cuda":
+        torch.cuda.set_device(args.rank)
+    elif init.num_threads:
+        torch.set_num_threads(init.num_threads)
+    report.send(msgspec.msgpack.encode(WorkerReady(rank=args.rank, pid=os.getpid())))
+
+    init_tensor_parallel(args.rank, args.world_size, config.device, args.store)
+    runner = ModelRunner(config)
+    runner.allocate_kv_cache(runner.determine_num_blocks())
+    runner.capture_cuda_graphs()
+    logger.info("rank %d ready: %d KV blocks", args.rank, runner.num_blocks)
+    while True:
+        msg = _recv(inbox, decoder, args.parent_pid)
+        if msg is None or isinstance(msg, WorkerShutdown):
+            break
+        if isinstance(msg, WorkerStep):
+            runner.append_sampled_tokens(msg.sampled_token_ids)
+            runner.execute(msg.scheduler_output)
+    runner.kv_caches = []
+    runner.graphs = None
+    destroy_tensor_parallel()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
