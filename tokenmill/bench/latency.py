@@ -62,17 +62,19 @@ def run(args: argparse.Namespace) -> dict:
     prefill = min(timed(1) for _ in range(args.num_iters))
     full = min(timed(args.output_len) for _ in range(args.num_iters))
     ms_per_token = (full - prefill) / (args.output_len - 1) * 1000
-    weight_bytes = _weight_bytes(llm.engine.core.runner.model)
+    weight_bytes = _weight_bytes(llm.engine.core.runner.model)  # rank 0's shard: per GPU
     result = {
         "benchmark": "latency", "model": config.model.served_model_name, "device": str(device),
         "dtype": str(config.model.dtype).removeprefix("torch."), "batch_size": args.batch_size,
         "input_len": args.input_len, "output_len": args.output_len,
+        "tensor_parallel_size": config.parallel.tensor_parallel_size,
         "tokenmill": {"prefill_s": prefill, "total_s": full, "ms_per_token": ms_per_token,
                       "weight_gb_per_s": weight_bytes / (ms_per_token / 1000) / 1e9},
         "weight_bytes": weight_bytes,
     }
     print(f"tokenmill: {ms_per_token:.2f} ms/token decode (batch {args.batch_size}), prefill {prefill * 1000:.1f} ms, "
-          f"{result['tokenmill']['weight_gb_per_s']:.0f} GB/s of weights")
+          f"{result['tokenmill']['weight_gb_per_s']:.0f} GB/s of weights"
+          + (f" per GPU (TP={config.parallel.tensor_parallel_size})" if config.parallel.tensor_parallel_size > 1 else ""))
     if hf_model is not None:
         model = hf_model
         llm.engine.core.shutdown()

@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> dict:
         "benchmark": "throughput", "workload": work.name, "model": config.model.served_model_name,
         "dtype": str(config.model.dtype).removeprefix("torch."), "device": str(config.device),
         "num_prompts": len(work.prompts), "input_tokens": in_tokens, "threads": torch.get_num_threads(),
+        "tensor_parallel_size": config.parallel.tensor_parallel_size,
         "tokenmill": {"output_tokens": out_tokens, "seconds": elapsed, "output_tok_per_s": out_tokens / elapsed,
                       "total_tok_per_s": (in_tokens + out_tokens) / elapsed},
     }

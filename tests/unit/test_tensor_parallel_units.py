@@ -1,0 +1,49 @@
+"""Pure pieces of tensor parallelism: how heads split over ranks, and the typed step messages."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from tokenmill.core.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
+from tokenmill.distributed.messages import DriverMessage, WorkerShutdown, WorkerStep
+from tokenmill.model.layers.linear import head_partition
+from tokenmill.sampling_params import SamplingParams
+
+
+@pytest.mark.parametrize("heads,kv,tp", [(9, 3, 2), (9, 3, 3), (32, 8, 2), (32, 8, 4), (32, 8, 8),
+                                         (64, 8, 8), (16, 8, 3), (4, 1, 2), (4, 1, 4), (8, 2, 4), (8, 2, 8)])
+def test_head_partition_covers_every_head_once_with_its_kv_group(heads, kv, tp):
+    parts = [head_partition(heads, kv, tp, rank) for rank in range(tp)]
+    group = heads // kv
+    q_seen = []
+    for q_start, q_count, kv_start, kv_count in parts:
+        assert q_count >= 1 and kv_count >= 1
+        q_seen += range(q_start, q_start + q_count)
+        # Every query head on this rank reads a KV head this rank holds.
+        for q in range(q_start, q_start + q_count):
+            assert kv_start <= q // group < kv_start + kv_count
+    assert q_seen == list(range(heads))
+    counts = [p[1] for p in parts]
+    assert max(counts) - min(counts) <= group  # as even as whole KV groups allow
+
+
+@pytest.mark.parametrize("heads,kv,tp", [(9, 3, 4), (4, 1, 8), (12, 5, 2)])
+def test_head_partition_rejects_impossible_splits(heads, kv, tp):
+    with pytest.raises(ValueError):
+        for rank in range(tp):
+            head_partition(heads, kv, tp, rank)
+
+
+def test_step_message_round_trips_without_pickle():
+    sched = SchedulerOutput(
+        new_requests=[NewRequestData("a", [1, 2, 3], 3, SamplingParams(temperature=0.5, seed=3, max_tokens=7),
+                                     [4, 5], 0, eos_token_id=2)],
+        cached_requests=[CachedRequestData("b", [9], 17)],
+        num_scheduled_tokens={"a": 3, "b": 1}, total_num_scheduled_tokens=4,
+        finished_request_ids={"c"}, preempted_request_ids={"d"})
+    frame = msgspec.msgpack.encode(WorkerStep(sched, {"b": 42}))
+    decoded = msgspec.msgpack.Decoder(DriverMessage).decode(frame)
+    assert decoded == WorkerStep(sched, {"b": 42})
+    assert isinstance(msgspec.msgpack.Decoder(DriverMessage).decode(msgspec.msgpack.encode(WorkerShutdown())),
+                      WorkerShutdown)
