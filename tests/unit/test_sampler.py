@@ -97,3 +97,35 @@ def test_logprobs_rank_and_topk():
     ref = torch.log_softmax(logits[0], -1)
     assert lp.token_ids == [1, 1, 2] and lp.ranks == [1, 1, 2]
     assert abs(lp.logprobs[0] - float(ref[1])) < 1e-6
+
+
+def test_batched_logprobs_match_a_sorted_reference():
+    # Rows with different k (and none), some greedy and some sampled: each row's report must be
+    # its own chosen token's log-probability and rank, then its top-k in order.
+    torch.manual_seed(3)
+    n = 6
+    logits = torch.randn(n, V) * 2
+    ks = [0, 3, None, 5, 3, 1]
+    out = Sampler()(logits.clone(), batch(n, temperature=[0.0, 0.8, 0.0, 1.0, 0.0, 0.5], num_logprobs=ks))
+    ref = torch.log_softmax(logits, -1)
+    for i, k in enumerate(ks):
+        if k is None:
+            assert out.logprobs[i] is None
+            continue
+        token = out.token_ids[i]
+        order = ref[i].argsort(descending=True).tolist()
+        lp = out.logprobs[i]
+        assert lp.token_ids == [token] + order[:k]
+        assert lp.ranks == [order.index(token) + 1] + list(range(1, k + 1))
+        assert lp.logprobs == [ref[i, t].item() for t in lp.token_ids]
+
+
+def test_one_temperature_for_the_batch_samples_like_per_row_temperatures():
+    # The shared-temperature fast path must give the very tokens of the per-row path.
+    logits = torch.randn(8, V)
+    torch.manual_seed(7)
+    shared = Sampler()(logits.clone(), batch(8, temperature=[0.7] * 8)).token_ids
+    torch.manual_seed(7)
+    noise = torch.empty(8, V).exponential_()
+    probs = torch.softmax(logits / torch.full((8, 1), 0.7), -1)
+    assert shared == (probs / noise).argmax(-1).tolist()

@@ -62,20 +62,28 @@ class KVCacheManager:
         """Make room for `num_new_tokens` more tokens; returns the new block ids, or None (and
         changes nothing) when the pool cannot supply them."""
         blocks = self.req_blocks.get(request.request_id)
-        computed_blocks = computed_blocks or []
-        num_existing = len(blocks) if blocks is not None else len(computed_blocks)
-        total_tokens = request.num_computed_tokens + num_new_tokens
-        if blocks is None:
-            total_tokens = len(computed_blocks) * self.block_size + num_new_tokens
-        needed = -(-total_tokens // self.block_size) - num_existing
-        # Reviving a cached free block takes it out of the free queue too.
-        revived = sum(1 for b in computed_blocks if b.ref_cnt == 0)
-        if max(needed, 0) + revived > self.pool.num_free_blocks:
-            return None
-        if blocks is None:
-            self.pool.touch(computed_blocks)
-            blocks = self.req_blocks[request.request_id] = list(computed_blocks)
-            self._num_registered[request.request_id] = len(computed_blocks)
+        if blocks is not None and not computed_blocks:
+            # A running request (the per-step case; most steps need no new block).
+            needed = -(-(request.num_computed_tokens + num_new_tokens) // self.block_size) - len(blocks)
+            if needed <= 0:
+                return []
+            if needed > self.pool.num_free_blocks:
+                return None
+        else:
+            computed_blocks = computed_blocks or []
+            num_existing = len(blocks) if blocks is not None else len(computed_blocks)
+            total_tokens = request.num_computed_tokens + num_new_tokens
+            if blocks is None:
+                total_tokens = len(computed_blocks) * self.block_size + num_new_tokens
+            needed = -(-total_tokens // self.block_size) - num_existing
+            # Reviving a cached free block takes it out of the free queue too.
+            revived = sum(1 for b in computed_blocks if b.ref_cnt == 0)
+            if max(needed, 0) + revived > self.pool.num_free_blocks:
+                return None
+            if blocks is None:
+                self.pool.touch(computed_blocks)
+                blocks = self.req_blocks[request.request_id] = list(computed_blocks)
+                self._num_registered[request.request_id] = len(computed_blocks)
         new_blocks = self.pool.allocate(needed) if needed > 0 else []
         blocks.extend(new_blocks)
         return [b.block_id for b in new_blocks]
@@ -88,13 +96,16 @@ class KVCacheManager:
         prefix) then hits these blocks, and reads them after this step's attention layers wrote
         them (every layer writes all new K/V before it attends).
         """
-        if not self.enable_caching or request.wants_prompt_logprobs:
+        if not self.enable_caching:
             return
+        num_full = num_tokens // self.block_size
+        start = self._num_registered.get(request.request_id, 0)
+        if num_full <= start or request.wants_prompt_logprobs:
+            return  # (the first: no block filled up since the last call, most decode steps)
         blocks = self.req_blocks.get(request.request_id)
         if not blocks:
             return
-        num_full = min(num_tokens // self.block_size, len(blocks))
-        start = self._num_registered.get(request.request_id, 0)
+        num_full = min(num_full, len(blocks))
         if num_full <= start:
             return
         self._update_block_hashes(request)

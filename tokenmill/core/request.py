@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -54,10 +55,26 @@ class Request:
     stop_reason: int | str | None = None
     block_hashes: list[bytes] = field(default_factory=list)  # one per full block of all_token_ids
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # accumulated across chunks
+    # Derived once from the parameters, for the scheduler's per-token checks.
+    num_prompt_tokens: int = field(init=False)
+    wants_prompt_logprobs: bool = field(init=False)
+    # Sampled tokens that may stop the request (EOS unless ignored, stop ids); others cannot.
+    stop_check_token_ids: frozenset[int] = field(init=False)
+    # The token count at which max_tokens is reached (no limit: a count never reached).
+    max_num_tokens: int = field(init=False)
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:
             self.all_token_ids = list(self.prompt_token_ids)
+        params = self.sampling_params
+        self.num_prompt_tokens = len(self.prompt_token_ids)
+        self.wants_prompt_logprobs = params.prompt_logprobs is not None
+        stop_ids = set(params.all_stop_token_ids or params.stop_token_ids or ())
+        if self.eos_token_id is not None and not params.ignore_eos:
+            stop_ids.add(self.eos_token_id)
+        self.stop_check_token_ids = frozenset(stop_ids)
+        self.max_num_tokens = (self.num_prompt_tokens + params.max_tokens if params.max_tokens is not None
+                               else sys.maxsize)
 
     @classmethod
     def from_engine_request(cls, req: EngineRequest) -> "Request":
@@ -70,20 +87,9 @@ class Request:
         return len(self.all_token_ids)
 
     @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
-    @property
     def num_output_tokens(self) -> int:
         return len(self.all_token_ids) - len(self.prompt_token_ids)
 
     @property
     def output_token_ids(self) -> list[int]:
         return self.all_token_ids[len(self.prompt_token_ids):]
-
-    @property
-    def wants_prompt_logprobs(self) -> bool:
-        return self.sampling_params.prompt_logprobs is not None
-
-    def append_output_token(self, token_id: int) -> None:
-        self.all_token_ids.append(token_id)

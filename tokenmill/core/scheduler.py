@@ -26,6 +26,9 @@ from tokenmill.core.scheduler_output import (
 )
 from tokenmill.engine.messages import EngineOutput, SchedulerStats
 
+_RUNNING = RequestStatus.RUNNING
+_FINISHED = RequestStatus.FINISHED_STOPPED  # status >= this: finished
+
 
 class WaitingQueue:
     """FCFS deque, or a heap on (priority, arrival) for the `priority` policy."""
@@ -121,34 +124,39 @@ class Scheduler:
         self._finished_since_last_step = set()
         preempted_this_step = False
 
-        # 1. Running requests, oldest first.
+        # 1. Running requests, oldest first. (Hot at large batch: locals instead of attribute chains.)
+        kv = self.kv
+        running = self.running  # _preempt removes from this same list
+        cached_requests = out.cached_requests
+        num_scheduled = out.num_scheduled_tokens
         i = 0
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget,
-                          max_len - request.num_computed_tokens)
+        while i < len(running) and budget > 0:
+            request = running[i]
+            num_computed = request.num_computed_tokens
+            num_new = min(len(request.all_token_ids) - num_computed, budget, max_len - num_computed)
             if num_new <= 0:
                 i += 1
                 continue
             preempted_here = False
             while True:
-                new_block_ids = self.kv.allocate_slots(request, num_new)
+                new_block_ids = kv.allocate_slots(request, num_new)
                 if new_block_ids is not None:
                     break
                 victim = self._pick_victim()
                 self._preempt(victim, out)
+                cached_requests = out.cached_requests  # _preempt rebuilt it
                 preempted_this_step = preempted_here = True
                 if victim is request:
                     break
-            if request.status != RequestStatus.RUNNING:
+            if request.status != _RUNNING:
                 continue  # preempted itself; self.running shrank, don't advance i
-            out.cached_requests.append(
-                CachedRequestData(request.request_id, new_block_ids, request.num_computed_tokens))
-            out.num_scheduled_tokens[request.request_id] = num_new
-            self.kv.cache_full_blocks(request, request.num_computed_tokens + num_new)
+            request_id = request.request_id
+            cached_requests.append(CachedRequestData(request_id, new_block_ids, num_computed))
+            num_scheduled[request_id] = num_new
+            kv.cache_full_blocks(request, num_computed + num_new)
             budget -= num_new
             # A priority-policy victim may sit before this request: find our place again.
-            i = self.running.index(request) + 1 if preempted_here else i + 1
+            i = running.index(request) + 1 if preempted_here else i + 1
 
         # 2. Waiting requests, while there is budget, a sequence slot and no memory pressure.
         while (len(self.waiting) and budget > 0 and not preempted_this_step
@@ -202,32 +210,47 @@ class Scheduler:
     # ----- after the model ran -----
     def update(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineOutput]:
         outputs: list[EngineOutput] = []
+        requests = self.requests
+        sampled = result.sampled_token_ids
+        all_prompt_lps = result.prompt_logprobs
+        all_lps = result.logprobs
+        max_len = self.config.max_model_len
+        any_finished = False
         for request_id, num_tokens in sched.num_scheduled_tokens.items():
-            request = self.requests.get(request_id)
-            if request is None or request.status != RequestStatus.RUNNING:
+            request = requests.get(request_id)
+            if request is None or request.status != _RUNNING:
                 continue  # aborted while the step ran
             request.num_computed_tokens += num_tokens
-            prompt_lps = result.prompt_logprobs.get(request_id)
-            if prompt_lps:
-                request.prompt_logprobs.extend(prompt_lps)
-            token = result.sampled_token_ids.get(request_id)
+            if all_prompt_lps:
+                prompt_lps = all_prompt_lps.get(request_id)
+                if prompt_lps:
+                    request.prompt_logprobs.extend(prompt_lps)
+            token = sampled.get(request_id)
             if token is None:
                 continue  # a prompt chunk that did not reach the end
-            request.append_output_token(token)
-            self._check_stop(request, token)
-            out = EngineOutput(request_id=request_id, new_token_ids=[token],
-                               num_cached_tokens=max(request.num_cached_tokens, 0))
-            lp = result.logprobs.get(request_id)
-            if lp is not None:
-                out.new_logprobs = [lp]
-            if request.wants_prompt_logprobs and request.num_output_tokens == 1:
+            token_ids = request.all_token_ids
+            token_ids.append(token)
+            num_tokens_now = len(token_ids)
+            # Only a possible stop token or a length limit can end it: skip the full check otherwise.
+            if (token in request.stop_check_token_ids or num_tokens_now >= request.max_num_tokens
+                    or num_tokens_now >= max_len):
+                self._check_stop(request, token)
+            out = EngineOutput(request_id, [token], num_cached_tokens=max(request.num_cached_tokens, 0))
+            if all_lps:
+                lp = all_lps.get(request_id)
+                if lp is not None:
+                    out.new_logprobs = [lp]
+            if request.wants_prompt_logprobs and num_tokens_now - request.num_prompt_tokens == 1:
                 out.prompt_logprobs = request.prompt_logprobs
-            if request.status.is_finished:
+            if request.status >= _FINISHED:
                 out.finish_reason = request.status.finish_reason
                 out.stop_reason = request.stop_reason
-                self.running.remove(request)
                 self._free(request)
+                any_finished = True
             outputs.append(out)
+        if any_finished:
+            # One pass instead of a list.remove per finished request (O(n^2) when a batch ends).
+            self.running[:] = [r for r in self.running if r.status == _RUNNING]
         return outputs
 
     def _check_stop(self, request: Request, token: int) -> None:

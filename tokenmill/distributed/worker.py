@@ -82,10 +82,11 @@ def run_worker(args: argparse.Namespace, inbox: zmq.Socket, report: zmq.Socket) 
     init = _recv(inbox, decoder, args.parent_pid)
     if not isinstance(init, WorkerInit):
         return
-    config = msgspec.msgpack.decode(init.engine_args_msgpack, type=EngineArgs).create_engine_config()
-    if config.device.type == "cuda":
-        torch.cuda.set_device(args.rank)
-    elif init.num_threads:
+    engine_args = msgspec.msgpack.decode(init.engine_args_msgpack, type=EngineArgs)
+    if engine_args.device in ("auto", "cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(args.rank)  # before anything touches CUDA, so GPU 0 gets no context
+    config = engine_args.create_engine_config()
+    if config.device.type == "cpu" and init.num_threads:
         torch.set_num_threads(init.num_threads)
     report.send(msgspec.msgpack.encode(WorkerReady(rank=args.rank, pid=os.getpid())))
 

@@ -25,10 +25,11 @@ class IncrementalDetokenizer:
         self.hold_back = max((len(s) for s in self.stop), default=1) - 1
         self.text = ""
         self.finished_by_stop: str | None = None
+        self._enabled = tokenizer is not None and params.detokenize
         self._stream = None
         self._slow_ids: list[int] = []
         self._slow_text = ""
-        if tokenizer is not None and params.detokenize:
+        if self._enabled:
             backend = getattr(tokenizer, "backend_tokenizer", None)
             if backend is not None:
                 from tokenizers.decoders import DecodeStream
@@ -41,13 +42,15 @@ class IncrementalDetokenizer:
 
         A token that ended the request as a stop/EOS token (`stop_token_id`) is not decoded into text.
         """
-        if self.tokenizer is None or not self.params.detokenize:
+        if not self._enabled:
             return None
         before = len(self.text)
+        stream = self._stream
         for token in token_ids:
             if token == stop_token_id:
                 continue
-            piece = self._decode_one(token)
+            # Called once per token of every running request: the stream is called directly.
+            piece = stream.step(self._backend, token) if stream is not None else self._decode_slow(token)
             if piece:
                 self.text += piece
         if not self.stop or len(self.text) == before:
@@ -66,10 +69,8 @@ class IncrementalDetokenizer:
         self.finished_by_stop = s
         return s
 
-    def _decode_one(self, token: int) -> str | None:
-        if self._stream is not None:
-            return self._stream.step(self._backend, token)
-        # Slow tokenizers: decode everything and diff (rare; no DecodeStream available).
+    def _decode_slow(self, token: int) -> str | None:
+        """Slow tokenizers: decode everything and diff (rare; no DecodeStream available)."""
         self._slow_ids.append(token)
         new = self.tokenizer.decode(self._slow_ids, skip_special_tokens=self.params.skip_special_tokens)
         if new.endswith("\ufffd"):

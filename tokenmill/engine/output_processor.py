@@ -38,15 +38,21 @@ class _Parent:
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
-    samples: dict[str, _Sample]
     arrival_time: float
+    samples: dict[str, _Sample] = field(default_factory=dict)  # child id -> sample, in index order
+    num_unfinished: int = 0  # samples without a finish reason
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0
     first_token_time: float | None = None
 
     @property
     def finished(self) -> bool:
-        return all(s.finish_reason is not None for s in self.samples.values())
+        return self.num_unfinished == 0
+
+    def finish(self, sample: _Sample, reason: str, stop_reason: int | str | None) -> None:
+        if sample.finish_reason is None:
+            self.num_unfinished -= 1
+        sample.finish_reason, sample.stop_reason = reason, stop_reason
 
 
 @dataclass(slots=True)
@@ -59,7 +65,7 @@ class OutputProcessor:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.parents: dict[str, _Parent] = {}
-        self.child_to_parent: dict[str, str] = {}
+        self.samples: dict[str, tuple[_Parent, _Sample]] = {}  # child request id -> (parent, sample)
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: SamplingParams, arrival_time: float | None = None) -> list[str]:
@@ -68,14 +74,15 @@ class OutputProcessor:
             child_ids = [request_id]
         else:
             child_ids = [child_request_id(i, request_id) for i in range(params.n)]
-        samples = {}
+        parent = _Parent(request_id, prompt, list(prompt_token_ids), params, arrival_time or time.time(),
+                         num_unfinished=len(child_ids))
         for i, cid in enumerate(child_ids):
-            samples[cid] = _Sample(i, IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params),
-                                   logprobs=[] if params.logprobs is not None else None,
-                                   cumulative_logprob=0.0 if params.logprobs is not None else None)
-            self.child_to_parent[cid] = request_id
-        self.parents[request_id] = _Parent(request_id, prompt, list(prompt_token_ids), params, samples,
-                                           arrival_time or time.time())
+            sample = _Sample(i, IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params),
+                             logprobs=[] if params.logprobs is not None else None,
+                             cumulative_logprob=0.0 if params.logprobs is not None else None)
+            parent.samples[cid] = sample
+            self.samples[cid] = (parent, sample)
+        self.parents[request_id] = parent
         return child_ids
 
     def has_unfinished(self) -> bool:
@@ -87,43 +94,43 @@ class OutputProcessor:
         if parent is None:
             return []
         for cid in parent.samples:
-            self.child_to_parent.pop(cid, None)
+            self.samples.pop(cid, None)
         return [cid for cid, s in parent.samples.items() if s.finish_reason is None]
 
     def process(self, outputs: list[EngineOutput]) -> ProcessedOutputs:
         touched: dict[str, _Parent] = {}
         to_abort: list[str] = []
         now = time.time()
+        samples = self.samples
         for out in outputs:
-            parent_id = self.child_to_parent.get(out.request_id)
-            if parent_id is None:
+            entry = samples.get(out.request_id)
+            if entry is None:
                 continue  # aborted meanwhile
-            parent = self.parents[parent_id]
-            sample = parent.samples[out.request_id]
-            if parent.first_token_time is None and out.new_token_ids:
+            parent, sample = entry
+            new_token_ids = out.new_token_ids
+            if parent.first_token_time is None and new_token_ids:
                 parent.first_token_time = now
-            parent.num_cached_tokens = max(parent.num_cached_tokens, out.num_cached_tokens)
+            if out.num_cached_tokens > parent.num_cached_tokens:
+                parent.num_cached_tokens = out.num_cached_tokens
             if out.prompt_logprobs is not None and parent.prompt_logprobs is None:
                 parent.prompt_logprobs = [None] + [self._position(lp) for lp in out.prompt_logprobs]
             stop_token = out.stop_reason if isinstance(out.stop_reason, int) else None
-            if out.finish_reason == FinishReason.STOP and stop_token is None and out.new_token_ids:
-                stop_token = out.new_token_ids[-1]  # EOS: kept in token_ids, not in text
-            matched = sample.detok.add_tokens(out.new_token_ids, stop_token)
-            sample.token_ids.extend(out.new_token_ids)
+            if out.finish_reason == FinishReason.STOP and stop_token is None and new_token_ids:
+                stop_token = new_token_ids[-1]  # EOS: kept in token_ids, not in text
+            matched = sample.detok.add_tokens(new_token_ids, stop_token)
+            sample.token_ids.extend(new_token_ids)
             if out.new_logprobs and sample.logprobs is not None:
                 for lp in out.new_logprobs:
                     sample.logprobs.append(self._position(lp))
                     sample.cumulative_logprob += lp.logprobs[0]
             sample.changed = True
-            if matched is not None and out.finish_reason is None:
-                sample.finish_reason, sample.stop_reason = "stop", matched
-                to_abort.append(out.request_id)
-            elif matched is not None:
-                sample.finish_reason, sample.stop_reason = "stop", matched
+            if matched is not None:
+                parent.finish(sample, "stop", matched)
+                if out.finish_reason is None:
+                    to_abort.append(out.request_id)
             elif out.finish_reason is not None:
-                sample.finish_reason = str(out.finish_reason)
-                sample.stop_reason = out.stop_reason
-            touched[parent_id] = parent
+                parent.finish(sample, str(out.finish_reason), out.stop_reason)
+            touched[parent.request_id] = parent
 
         results = []
         for parent in touched.values():
@@ -134,7 +141,7 @@ class OutputProcessor:
             if finished:
                 del self.parents[parent.request_id]
                 for cid in parent.samples:
-                    self.child_to_parent.pop(cid, None)
+                    samples.pop(cid, None)
             if result is not None:
                 results.append(result)
         return ProcessedOutputs(results, to_abort)
@@ -145,7 +152,7 @@ class OutputProcessor:
         if kind == RequestOutputKind.FINAL_ONLY and not finished:
             return None
         completions = []
-        for sample in sorted(parent.samples.values(), key=lambda s: s.index):
+        for sample in parent.samples.values():  # built in index order
             done = sample.finish_reason is not None
             end = sample.detok.sendable_length(done)
             if kind == RequestOutputKind.DELTA:

@@ -16,6 +16,7 @@ import torch
 from tokenmill.engine.messages import TokenLogprobs
 
 _NEG_INF = float("-inf")
+_GREEDY_BELOW = 1e-5  # a temperature below this means greedy
 
 
 @dataclass(slots=True)
@@ -49,27 +50,31 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """logits: [B, V] float32 (modified in place)."""
         num_rows = logits.shape[0]
-        want_logprobs = any(k is not None for k in batch.num_logprobs)
+        # Per-row Python is what a large batch pays every step: whole-batch questions are answered
+        # with C-level list methods (count, max, min) rather than generator expressions.
+        want_logprobs = batch.num_logprobs.count(None) != num_rows
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
 
-        self._apply_bias_and_suppression(logits, batch)
+        if batch.logit_bias or batch.suppressed_tokens:
+            self._apply_bias_and_suppression(logits, batch)
         if batch.penalties:
             self._apply_penalties(logits, batch)
         if batch.grammar_bitmask is not None and batch.grammar_rows:
             from tokenmill.structured_output import apply_bitmask
             apply_bitmask(logits, batch.grammar_bitmask, batch.grammar_rows)
 
-        greedy_rows = [i for i in range(num_rows) if batch.temperature[i] < 1e-5]
-        if len(greedy_rows) == num_rows:
+        if max(batch.temperature) < _GREEDY_BELOW:
             tokens = logits.argmax(dim=-1)
         else:
-            tokens = self._sample(logits, batch, greedy_rows)
+            tokens = self._sample(logits, batch)
         token_list = tokens.tolist()
         logprobs: list[TokenLogprobs | None] = [None] * num_rows
         if raw_logprobs is not None:
-            for i, k in enumerate(batch.num_logprobs):
-                if k is not None:
-                    logprobs[i] = token_logprobs(raw_logprobs[i], token_list[i], k)
+            rows = [i for i, k in enumerate(batch.num_logprobs) if k is not None]
+            found = batch_token_logprobs(raw_logprobs, rows, [token_list[i] for i in rows],
+                                         [batch.num_logprobs[i] for i in rows])
+            for i, lp in zip(rows, found):
+                logprobs[i] = lp
         return SamplerOutput(token_list, logprobs)
 
     @staticmethod
@@ -106,26 +111,32 @@ class Sampler:
                 logits[row] -= pres * (counts > 0).to(logits.dtype)
 
     @staticmethod
-    def _sample(logits: torch.Tensor, batch: SamplingBatch, greedy_rows: list[int]) -> torch.Tensor:
+    def _sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         device = logits.device
+        temperatures = batch.temperature
+        greedy_rows = ([i for i, t in enumerate(temperatures) if t < _GREEDY_BELOW]
+                       if min(temperatures) < _GREEDY_BELOW else [])
         greedy_tokens = logits.argmax(dim=-1) if greedy_rows else None
-        temperature = torch.tensor([t if t >= 1e-5 else 1.0 for t in batch.temperature],
-                                   dtype=logits.dtype, device=device)
-        logits.div_(temperature.unsqueeze(1))
-        if any(k > 0 for k in batch.top_k) or any(p < 1.0 for p in batch.top_p):
+        if greedy_rows:
+            temperatures = [t if t >= _GREEDY_BELOW else 1.0 for t in temperatures]
+        logits.div_(per_row_tensor(temperatures, logits.dtype, device).unsqueeze(1))
+        if max(batch.top_k) > 0 or min(batch.top_p) < 1.0:
             apply_top_k_top_p(logits, batch.top_k, batch.top_p)
-        if any(p > 0 for p in batch.min_p):
-            min_p = torch.tensor(batch.min_p, dtype=logits.dtype, device=device).unsqueeze(1)
+        if max(batch.min_p) > 0:
+            min_p = per_row_tensor(batch.min_p, logits.dtype, device).unsqueeze(1)
             probs = torch.softmax(logits, dim=-1)
             threshold = probs.max(dim=-1, keepdim=True).values * min_p
             logits.masked_fill_(probs < threshold, _NEG_INF)
         probs = torch.softmax(logits, dim=-1)
         noise = torch.empty_like(probs)
-        seeded = [i for i, g in enumerate(batch.generators) if g is not None]
-        if len(seeded) < len(batch.generators):
+        generators = batch.generators
+        num_unseeded = generators.count(None)
+        if num_unseeded:
             noise.exponential_()
-        for i in seeded:
-            noise[i].exponential_(generator=batch.generators[i])
+        if num_unseeded < len(generators):
+            for i, g in enumerate(generators):
+                if g is not None:
+                    noise[i].exponential_(generator=g)
         tokens = probs.div_(noise).argmax(dim=-1)
         if greedy_rows:
             rows = torch.tensor(greedy_rows, device=device)
@@ -133,15 +144,23 @@ class Sampler:
         return tokens
 
 
+def per_row_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[B] tensor of per-row parameters. When every row has the same value (the usual case) it is
+    filled on the device: no list-to-tensor build and no blocking copy from pageable memory."""
+    if values.count(values[0]) == len(values):
+        return torch.full((len(values),), values[0], dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 def apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> None:
     """Mask (in place) everything outside each row's top-k and top-p nucleus."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[1]
     device = logits.device
-    k = torch.tensor([kk if kk > 0 else vocab for kk in top_k], device=device)
+    k = per_row_tensor([kk if kk > 0 else vocab for kk in top_k], torch.long, device)
     positions = torch.arange(vocab, device=device).unsqueeze(0)
     remove = positions >= k.unsqueeze(1)
-    p = torch.tensor(top_p, dtype=logits.dtype, device=device).unsqueeze(1)
+    p = per_row_tensor(top_p, logits.dtype, device).unsqueeze(1)
     sorted_logits.masked_fill_(remove, _NEG_INF)
     probs = torch.softmax(sorted_logits, dim=-1)
     # Drop a token when the mass strictly before it already reaches p (the top token always stays).
@@ -151,14 +170,35 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]
     logits.scatter_(1, order, sorted_logits.masked_fill(remove, _NEG_INF))
 
 
+def batch_token_logprobs(logprobs: torch.Tensor, rows: list[int], token_ids: list[int],
+                         ks: list[int]) -> list[TokenLogprobs]:
+    """`token_logprobs` for many rows at once: a handful of host syncs in all instead of three
+    per row.
+
+    Args:
+        logprobs: [N, V] log-softmax.
+        rows: which rows of `logprobs` to report, each with its chosen token and top-k size.
+    """
+    if not rows:
+        return []
+    device = logprobs.device
+    if rows != list(range(logprobs.shape[0])):
+        logprobs = logprobs.index_select(0, torch.tensor(rows, device=device))  # [R, V]
+    chosen = logprobs.gather(1, torch.tensor(token_ids, device=device).unsqueeze(1))  # [R, 1]
+    ranks = ((logprobs > chosen).sum(dim=1) + 1).tolist()
+    results = [TokenLogprobs([t], [c], [r]) for t, c, r in zip(token_ids, chosen.squeeze(1).tolist(), ranks)]
+    for k in sorted(set(ks)):
+        if k <= 0:
+            continue
+        members = [j for j, kk in enumerate(ks) if kk == k]
+        values, indices = logprobs[members].topk(k)
+        for j, top_values, top_ids in zip(members, values.tolist(), indices.tolist()):
+            results[j].token_ids += top_ids
+            results[j].logprobs += top_values
+            results[j].ranks += range(1, k + 1)
+    return results
+
+
 def token_logprobs(row_logprobs: torch.Tensor, token_id: int, k: int) -> TokenLogprobs:
     """The chosen token's log-probability and rank, then the top-k (row: [V] log-softmax)."""
-    chosen = float(row_logprobs[token_id])
-    rank = int((row_logprobs > chosen).sum()) + 1
-    ids, lps, ranks = [token_id], [chosen], [rank]
-    if k > 0:
-        values, indices = row_logprobs.topk(k)
-        ids += indices.tolist()
-        lps += values.tolist()
-        ranks += list(range(1, k + 1))
-    return TokenLogprobs(ids, lps, ranks)
+    return batch_token_logprobs(row_logprobs.unsqueeze(0), [0], [token_id], [k])[0]

@@ -136,9 +136,19 @@ def build_app(config: ServerConfig,
     return app
 
 
+def is_serving(app: FastAPI) -> bool:
+    """What `/health` answers (and a Ray Serve replica's health check): false while draining,
+    before the engine is up, and once it died or wedged."""
+    state: ServerState = app.state.server
+    engine: AsyncEngine | AsyncEmbedder | None = (getattr(app.state, "engine", None)
+                                                  or getattr(app.state, "embedder", None))
+    return not (state.draining or state.engine_died or engine is None or not engine.is_healthy())
+
+
 def _on_engine_death(state: ServerState) -> None:
     # In-flight requests already got their error; /health answers 503 for a moment, then the
-    # server exits non-zero so a supervisor restarts it (RELIABILITY.md item 20).
+    # server exits non-zero so a supervisor restarts it (RELIABILITY.md item 20). A Ray Serve
+    # replica has no `on_fatal`: its failing health check makes Ray replace it.
     state.engine_died = True
     if state.on_fatal is not None:
         asyncio.get_running_loop().call_later(1.0, state.on_fatal)
@@ -147,12 +157,7 @@ def _on_engine_death(state: ServerState) -> None:
 def _add_basic_routes(app: FastAPI) -> None:
     @app.get("/health")
     async def health(request: Request) -> Response:
-        state: ServerState = request.app.state.server
-        engine: AsyncEngine | AsyncEmbedder | None = (getattr(request.app.state, "engine", None)
-                                                      or getattr(request.app.state, "embedder", None))
-        if state.draining or state.engine_died or engine is None or not engine.is_healthy():
-            return Response(status_code=503)
-        return Response(status_code=200)
+        return Response(status_code=200 if is_serving(request.app) else 503)
 
     @app.get("/version")
     async def version() -> JSONResponse:

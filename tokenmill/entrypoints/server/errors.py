@@ -7,6 +7,7 @@ built from validation details only (RELIABILITY.md item 29) and capped in length
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import pydantic
@@ -79,3 +80,13 @@ def validation_message(exc: pydantic.ValidationError) -> str:
     if len(errors) > MAX_LISTED_ERRORS:
         parts.append(f"... and {len(errors) - MAX_LISTED_ERRORS} more errors")
     return bounded("; ".join(parts))
+
+
+def stream_error_event(path: str, err: APIError) -> bytes:
+    """How a stream that has started reports a failure, in the path's API format: an OpenAI `data:`
+    chunk with `error`, or Anthropic's `event: error`."""
+    if is_anthropic_path(path):
+        head, body = b"event: error\n", anthropic_error_body(err)
+    else:
+        head, body = b"", openai_error_body(err)
+    return head + b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
