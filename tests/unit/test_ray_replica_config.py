@@ -199,3 +199,17 @@ def test_replica_header_on_every_response():
     sent = run_asgi(ReplicaHeader(inner(SSE_START, CHUNK), replica_id="abc123"), "/v1/completions")
     assert (REPLICA_HEADER.encode(), b"abc123") in sent[0]["headers"]
     assert sent[1] is CHUNK
+
+
+def test_without_ray_the_server_imports_and_ray_is_one_clear_line(monkeypatch, caplog):
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['ray'] = None; import tokenmill.entrypoints.ray_serve, "
+            "tokenmill.entrypoints.cli.main, tokenmill.entrypoints.server.launch")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+    from tokenmill.entrypoints import ray_serve
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    assert ray_serve.run(cli("--ray")) == 2
+    assert "pip install 'tokenmill[ray]'" in caplog.text
