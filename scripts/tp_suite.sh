@@ -33,10 +33,13 @@ if [[ "$part" == tests ]]; then
   python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/kernels tests/gpu} -o addopts="" --durations=8 \
       2>&1 | tee "$out/tests.log" || rc=1
 fi
-if [[ "$part" == x2 ]]; then
+if [[ "$part" == x2 || "$part" == tests+x2 ]]; then
+  [[ "$part" == tests+x2 ]] && { python3 -m pytest -q -p no:cacheprovider tests/gpu/test_tensor_parallel_gpu.py \
+      -o addopts="" 2>&1 | tee "$out/tests_tp.log" || rc=1; }
   python3 scripts/copy_bandwidth.py --output-json "$out/copy.json" | tee "$out/copy.log"
   lat llama8b llama-3.1-8b 1
   lat llama8b llama-3.1-8b 2
+  lat llama8b_nccl llama-3.1-8b 2 --disable-custom-all-reduce
   lat llama70b llama-3.1-70b 2 --gpu-memory-utilization 0.92
   tput llama70b llama-3.1-70b 2 64
 fi
