@@ -30,7 +30,7 @@ from tokenmill.entrypoints.ray_serve import REPLICA_HEADER  # noqa: E402
 
 REPLICA_TITLE = "ray::ServeReplica:tokenmill:TokenmillDeployment"  # Ray's process title of a replica
 NO_EOS = {"ignore_eos": True}  # vLLM's extra: every request runs to max_tokens
-LONG_CHAT = {"messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 200,
+LONG_CHAT = {"messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 120,
              "ignore_eos": True}
 
 
@@ -57,6 +57,11 @@ def replica_pid(log: str, replica_id: str) -> int:
         if m.group(2) == replica_id:
             return int(m.group(1))
     raise AssertionError(f"replica {replica_id} not in the log")
+
+
+def core_pid(log: str, replica_pid: int) -> int:
+    """The pid of a replica's engine core, from the replica's start-up line."""
+    return int(re.findall(rf"pid={replica_pid}\).*engine core ready \(pid (\d+)\)", log)[-1])
 
 
 def replica_pids() -> set[int]:
@@ -206,20 +211,44 @@ def test_killed_replica_fails_its_requests_cleanly_and_is_replaced(ray_server):
         time.sleep(0.5)
     assert not any(alive(p) for p in cores), "orphaned engine core"
 
-    # Ray starts a replacement replica; requests then succeed on both, including the new one.
-    before = set(opened)
-    deadline = time.monotonic() + 180
+    wait_for_a_new_replica(url, before=set(opened))
+
+
+@pytest.mark.slow
+def test_dead_engine_core_fails_its_stream_and_ray_replaces_the_replica(ray_server):
+    """The replica lives but its engine core dies: the replica answers as `tokenmill serve` does
+    (an error chunk), its health check fails, and Ray replaces it."""
+    url = ray_server.url
+    opened: list[str] = []
+    with ThreadPoolExecutor(1) as pool:
+        stream = pool.submit(_stream, url, opened)
+        deadline = time.monotonic() + 60
+        while not opened and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)
+        os.kill(core_pid(ray_server.log(), replica_pid(ray_server.log(), opened[0])), signal.SIGKILL)
+        _, events, clean = stream.result(timeout=120)
+    assert clean and events[-1]["error"]["type"] == "server_error"
+    wait_for_a_new_replica(url, before=set(opened))
+
+
+def wait_for_a_new_replica(url: str, before: set[str], timeout_s: float = 180) -> None:
+    """Until requests all succeed and one is answered by a replica not in `before` (Ray's
+    replacement)."""
+    deadline = time.monotonic() + timeout_s
     seen: set[str] = set()
     while time.monotonic() < deadline:
         if len(replica_pids()) == 2 and httpx.get(f"{url}/health", timeout=10).status_code == 200:
             with ThreadPoolExecutor(4) as pool:
                 replies = list(pool.map(lambda _: _short(url), range(4)))
-            assert all(r.status_code == 200 for r in replies)
-            seen |= {r.headers[REPLICA_HEADER] for r in replies}
-            if seen - before:
-                break
+            ok = [r for r in replies if r.status_code == 200]
+            # a replica whose engine died answers 503 until Ray has replaced it
+            assert all(r.status_code == 503 for r in replies if r.status_code != 200)
+            seen |= {r.headers[REPLICA_HEADER] for r in ok}
+            if seen - before and len(ok) == len(replies):
+                return
         time.sleep(2)
-    assert seen - before, f"no replacement replica answered within 180s (seen {seen}, before {before})"
+    raise AssertionError(f"no replacement replica answered within {timeout_s}s (seen {seen}, before {before})")
 
 
 def _short(url: str) -> httpx.Response:

@@ -34,6 +34,9 @@ DEPLOYMENT_NAME = "TokenmillDeployment"  # deploy/ray/rayservice.yaml overrides 
 # e2e test) can see how requests spread and which replica a failing request was on.
 REPLICA_HEADER = "x-tokenmill-replica"
 MIN_RAY_VERSION = (2, 47)  # serve.ingress() takes a function that builds the app on the replica
+# Ray replaces a replica after 3 failed checks in a row: ~15 s after its engine core died, not
+# Ray's default ~30 s (a check only reads the replica's state).
+HEALTH_CHECK_PERIOD_S = 5.0
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 PROXY_CALLBACK = "tokenmill.entrypoints.ray_serve:proxy_middlewares"
 
@@ -108,6 +111,7 @@ class ReplicaConfig:
             "max_ongoing_requests": self.max_ongoing_requests,
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "health_check_period_s": HEALTH_CHECK_PERIOD_S,
         }
         if self.autoscaling:
             options["autoscaling_config"] = {
