@@ -26,6 +26,10 @@ _OWNS_PROCESS_GROUP = False
 _CUSTOM_ALL_REDUCE_ENABLED = False
 _CUSTOM_ALL_REDUCE = None
 _CUSTOM_ALL_REDUCE_TRIED = False
+# Symmetric memory is set up once per process: a process group created after an earlier one was
+# destroyed (a second tensor-parallel LLM in one Python session) hung in the rendezvous on an
+# H200 pair, so later groups in the same process use NCCL only.
+_SYMM_MEM_USED = False
 
 
 def init_tensor_parallel(rank: int, world_size: int, device: torch.device, store_path: str,
@@ -94,10 +98,12 @@ def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     if _CUSTOM_ALL_REDUCE_ENABLED and x.is_cuda:
         if not _CUSTOM_ALL_REDUCE_TRIED:
             from tokenmill.distributed.symm_mem_all_reduce import try_symm_mem_all_reduce
+            global _SYMM_MEM_USED
             _CUSTOM_ALL_REDUCE_TRIED = True
             group = _TP_GROUP or torch.distributed.group.WORLD
             _CUSTOM_ALL_REDUCE = try_symm_mem_all_reduce(group.group_name, x.device, x.dtype, _TP_SIZE,
-                                                         _nccl_all_reduce)
+                                                         _nccl_all_reduce, first_in_process=not _SYMM_MEM_USED)
+            _SYMM_MEM_USED = True
         if _CUSTOM_ALL_REDUCE is not None and _CUSTOM_ALL_REDUCE.can_run(x):
             return _CUSTOM_ALL_REDUCE(x)
     return _nccl_all_reduce(x)

@@ -52,8 +52,15 @@ class SymmMemAllReduce:
 
 
 def try_symm_mem_all_reduce(group_name: str, device: torch.device, dtype: torch.dtype, world_size: int,
-                            nccl_all_reduce) -> SymmMemAllReduce | None:
-    """Set up the symmetric-memory path and check it against NCCL; every rank agrees to use it or not."""
+                            nccl_all_reduce, first_in_process: bool = True) -> SymmMemAllReduce | None:
+    """Set up the symmetric-memory path and check it against NCCL; every rank agrees to use it or not
+    (a rank whose process already used it once votes no: see parallel_state)."""
+    # Vote first: the set-up below is itself collective, so either every rank runs it or none.
+    first = torch.tensor([int(first_in_process)], dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
+    if not first.item():
+        logger.info("symmetric memory was already set up in a rank's process; small all-reduces use NCCL")
+        return None
     impl, ok = None, 1
     try:
         impl = SymmMemAllReduce(group_name, device, dtype, world_size)
