@@ -40,7 +40,6 @@ if [[ "$part" == x2 || "$part" == tests+x2 ]]; then
   python3 scripts/copy_bandwidth.py --output-json "$out/copy.json" | tee "$out/copy.log"
   lat llama8b llama-3.1-8b 1
   lat llama8b llama-3.1-8b 2
-  lat llama8b_nccl llama-3.1-8b 2 --disable-custom-all-reduce
   lat llama70b llama-3.1-70b 2 --gpu-memory-utilization 0.92
   tput llama70b llama-3.1-70b 2 64
 fi
@@ -52,7 +51,7 @@ if [[ "$part" == x4 || "$part" == x8 ]]; then
     tput llama70b llama-3.1-70b "$tp" 64
     [[ -z "${QUICK:-}" ]] && tput llama70b llama-3.1-70b "$tp" 256
   done
-  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_tensor_parallel_gpu.py -o addopts="" \
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_tensor_parallel_gpu.py -o addopts="" -k "${TP_TESTS_K:-}" \
       2>&1 | tee "$out/tests_tp.log" || rc=1
   small="1 2 4"; [[ -n "${QUICK:-}" ]] && small="4"; [[ "$part" == x8 ]] && small="1 2 4 8"
   for tp in $small; do lat llama8b llama-3.1-8b "$tp"; done

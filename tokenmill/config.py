@@ -70,7 +70,6 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     tensor_parallel_size: int = 1
-    disable_custom_all_reduce: bool = False  # GPU: NCCL for every all-reduce
 
 
 @dataclass(frozen=True)
@@ -130,7 +129,6 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"
     tensor_parallel_size: int = 1
-    disable_custom_all_reduce: bool = False
     device: str = "auto"
     attention_backend: str | None = None
     enforce_eager: bool = False
@@ -159,8 +157,6 @@ class EngineArgs:
         parser.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES, default=d.scheduling_policy)
         parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,
                             help="ranks (GPUs, or CPU processes) to split the model over")
-        parser.add_argument("--disable-custom-all-reduce", action="store_true",
-                            help="GPU tensor parallelism: NCCL for every all-reduce (no symmetric-memory path)")
         parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
         parser.add_argument("--attention-backend", choices=("torch_native", "triton"), default=None)
         parser.add_argument("--enforce-eager", action="store_true")
@@ -207,7 +203,7 @@ class EngineArgs:
             cache=CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
                               self.enable_prefix_caching, self.num_gpu_blocks_override),
             scheduler=SchedulerConfig(self.max_num_seqs, max_batched, self.scheduling_policy, max_model_len),
-            parallel=ParallelConfig(self.tensor_parallel_size, self.disable_custom_all_reduce),
+            parallel=ParallelConfig(self.tensor_parallel_size),
             device=device,
             load_format=source.load_format,
             attention_backend=self.attention_backend or ("triton" if device.type == "cuda" else "torch_native"),

@@ -1,12 +1,16 @@
-"""What `LLM.generate` / `LLM.chat` return (vLLM's names, so users switch without relearning)."""
+"""What `LLM.generate` / `LLM.chat` return (vLLM's names, so users switch without relearning).
+
+`msgspec.Struct`s rather than dataclasses: a streaming server builds one `RequestOutput` and one
+`CompletionOutput` per request per step, and a `Logprob` per reported token, and a Struct is
+built ~5x faster.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import msgspec
 
 
-@dataclass(slots=True)
-class Logprob:
+class Logprob(msgspec.Struct, gc=False):
     """One token's log-probability, its rank (1 = most likely) and its text."""
 
     logprob: float
@@ -18,8 +22,7 @@ class Logprob:
 PositionLogprobs = dict[int, Logprob]
 
 
-@dataclass(slots=True)
-class CompletionOutput:
+class CompletionOutput(msgspec.Struct):
     """One sample of a request."""
 
     index: int
@@ -34,8 +37,7 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
-@dataclass(slots=True)
-class RequestOutput:
+class RequestOutput(msgspec.Struct):
     """All samples of one prompt."""
 
     request_id: str
@@ -45,4 +47,4 @@ class RequestOutput:
     finished: bool
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = msgspec.field(default_factory=dict)

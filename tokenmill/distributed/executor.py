@@ -90,8 +90,7 @@ class TensorParallelExecutor:
         try:
             self._wait_ready(self._encoder.encode(init))
             threading.Thread(target=self._watchdog, daemon=True, name="tp-watchdog").start()
-            init_tensor_parallel(0, self.world_size, config.device, f"{self._dir}/store",
-                                 custom_all_reduce=not config.parallel.disable_custom_all_reduce)
+            init_tensor_parallel(0, self.world_size, config.device, f"{self._dir}/store")
             self.runner = ModelRunner(config)
         except BaseException:
             self.shutdown()

@@ -21,24 +21,12 @@ _TP_RANK = 0
 _TP_SIZE = 1
 _TP_GROUP = None
 _OWNS_PROCESS_GROUP = False
-# GPU only: the symmetric-memory all-reduce for small tensors, set up on the first CUDA all-reduce
-# (every rank makes the same calls in the same order, so the set-up's collectives pair up).
-_CUSTOM_ALL_REDUCE_ENABLED = False
-_CUSTOM_ALL_REDUCE = None
-_CUSTOM_ALL_REDUCE_TRIED = False
-# Symmetric memory is set up once per process: a process group created after an earlier one was
-# destroyed (a second tensor-parallel LLM in one Python session) hung in the rendezvous on an
-# H200 pair, so later groups in the same process use NCCL only.
-_SYMM_MEM_USED = False
 
 
 def init_tensor_parallel(rank: int, world_size: int, device: torch.device, store_path: str,
-                         timeout_s: float = 600.0, custom_all_reduce: bool = True) -> None:
-    """Join the ranks' process group: NCCL on GPUs, gloo on CPUs, rendezvous through a file store.
-
-    `custom_all_reduce`: on GPUs, small all-reduces use symmetric memory (symm_mem_all_reduce.py).
-    """
-    global _OWNS_PROCESS_GROUP, _CUSTOM_ALL_REDUCE_ENABLED, _CUSTOM_ALL_REDUCE, _CUSTOM_ALL_REDUCE_TRIED
+                         timeout_s: float = 600.0) -> None:
+    """Join the ranks' process group: NCCL on GPUs, gloo on CPUs, rendezvous through a file store."""
+    global _OWNS_PROCESS_GROUP
     import torch.distributed as dist
 
     if _TP_SIZE != 1:
@@ -50,17 +38,14 @@ def init_tensor_parallel(rank: int, world_size: int, device: torch.device, store
     dist.init_process_group(backend, init_method=f"file://{store_path}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=timeout_s))
     _OWNS_PROCESS_GROUP = True
-    _CUSTOM_ALL_REDUCE_ENABLED = custom_all_reduce and device.type == "cuda"
-    _CUSTOM_ALL_REDUCE, _CUSTOM_ALL_REDUCE_TRIED = None, False
     set_tensor_parallel(rank, world_size, None)
     logger.info("rank %d of %d joined the tensor-parallel group (%s)", rank, world_size, backend)
 
 
 def destroy_tensor_parallel() -> None:
     """Leave the process group (so a later engine in this process can start a new one)."""
-    global _OWNS_PROCESS_GROUP, _CUSTOM_ALL_REDUCE
+    global _OWNS_PROCESS_GROUP
     set_tensor_parallel(0, 1, None)
-    _CUSTOM_ALL_REDUCE = None
     if _OWNS_PROCESS_GROUP:
         import torch.distributed as dist
 
@@ -85,28 +70,12 @@ def tp_world_size() -> int:
     return _TP_SIZE
 
 
-def _nccl_all_reduce(x: torch.Tensor) -> torch.Tensor:
-    torch.distributed.all_reduce(x, group=_TP_GROUP)
-    return x
-
-
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum `x` over the ranks. Use the returned tensor (it may not be `x`)."""
-    global _CUSTOM_ALL_REDUCE, _CUSTOM_ALL_REDUCE_TRIED
+    """Sum `x` over the ranks, in place (NCCL on GPUs, gloo on CPUs)."""
     if _TP_SIZE == 1:
         return x
-    if _CUSTOM_ALL_REDUCE_ENABLED and x.is_cuda:
-        if not _CUSTOM_ALL_REDUCE_TRIED:
-            from tokenmill.distributed.symm_mem_all_reduce import try_symm_mem_all_reduce
-            global _SYMM_MEM_USED
-            _CUSTOM_ALL_REDUCE_TRIED = True
-            group = _TP_GROUP or torch.distributed.group.WORLD
-            _CUSTOM_ALL_REDUCE = try_symm_mem_all_reduce(group.group_name, x.device, x.dtype, _TP_SIZE,
-                                                         _nccl_all_reduce, first_in_process=not _SYMM_MEM_USED)
-            _SYMM_MEM_USED = True
-        if _CUSTOM_ALL_REDUCE is not None and _CUSTOM_ALL_REDUCE.can_run(x):
-            return _CUSTOM_ALL_REDUCE(x)
-    return _nccl_all_reduce(x)
+    torch.distributed.all_reduce(x, group=_TP_GROUP)
+    return x
 
 
 def tp_all_reduce_min(value: int, device: torch.device) -> int:

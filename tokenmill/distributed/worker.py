@@ -90,8 +90,7 @@ def run_worker(args: argparse.Namespace, inbox: zmq.Socket, report: zmq.Socket) 
         torch.set_num_threads(init.num_threads)
     report.send(msgspec.msgpack.encode(WorkerReady(rank=args.rank, pid=os.getpid())))
 
-    init_tensor_parallel(args.rank, args.world_size, config.device, args.store,
-                         custom_all_reduce=not config.parallel.disable_custom_all_reduce)
+    init_tensor_parallel(args.rank, args.world_size, config.device, args.store)
     runner = ModelRunner(config)
     runner.allocate_kv_cache(runner.determine_num_blocks())
     runner.capture_cuda_graphs()

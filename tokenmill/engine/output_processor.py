@@ -66,6 +66,7 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.parents: dict[str, _Parent] = {}
         self.samples: dict[str, tuple[_Parent, _Sample]] = {}  # child request id -> (parent, sample)
+        self._token_texts: dict[int, str] = {}  # token id -> its text decoded alone
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: SamplingParams, arrival_time: float | None = None) -> list[str]:
@@ -181,6 +182,14 @@ class OutputProcessor:
         result: PositionLogprobs = {}
         for token_id, value, rank in zip(lp.token_ids, lp.logprobs, lp.ranks):
             if token_id not in result:
-                text = self.tokenizer.decode([token_id]) if self.tokenizer is not None else None
-                result[token_id] = Logprob(value, rank, text)
+                result[token_id] = Logprob(value, rank, self._token_text(token_id))
         return result
+
+    def _token_text(self, token_id: int) -> str | None:
+        """One token decoded alone (pure, so cached: top-k lists repeat the same tokens)."""
+        if self.tokenizer is None:
+            return None
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
