@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> dict:
     rng = random.Random(0)
     # FINAL_ONLY is what `LLM.generate` asks for; the server streams DELTA.
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_tokens=args.output_len, ignore_eos=True,
+                            max_tokens=args.output_len, ignore_eos=True, logprobs=args.logprobs,
                             output_kind=RequestOutputKind[args.output_kind.upper()])
     for i in range(args.batch):
         engine.add_request(str(i), [rng.randrange(259, args.vocab_size) for _ in range(args.input_len)], params)
@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> dict:
     mean = {k: statistics.fmean(s.get(k, 0.0) for s in decode_steps) for k in keys}
     result = {"batch": args.batch, "input_len": args.input_len, "output_len": args.output_len,
               "vocab_size": args.vocab_size, "temperature": args.temperature,
-              "output_kind": args.output_kind, "gc_freeze": args.gc_freeze,
+              "output_kind": args.output_kind, "gc_freeze": args.gc_freeze, "logprobs": args.logprobs,
               "num_decode_steps": len(decode_steps), "num_prefill_steps": num_prefill_steps,
               "prefill_ms_total": prefill_ms, "median_ms": median, "mean_ms": mean}
     print_table(result)
@@ -224,7 +224,8 @@ def run(args: argparse.Namespace) -> dict:
 def print_table(r: dict) -> None:
     med, mean = r["median_ms"], r["mean_ms"]
     print(f"\nbatch {r['batch']}, {r['input_len']} in / {r['output_len']} out, vocab {r['vocab_size']}, "
-          f"temperature {r['temperature']}, {r['output_kind']}, gc_freeze {r['gc_freeze']}: "
+          f"temperature {r['temperature']}, {r['output_kind']}, logprobs {r['logprobs']}, "
+          f"gc_freeze {r['gc_freeze']}: "
           f"{r['num_decode_steps']} decode steps "
           f"({r['num_prefill_steps']} prefill steps, {r['prefill_ms_total']:.0f} ms)")
     print(f"{'phase':<40} {'median ms':>10} {'mean ms':>9} {'us/req':>8}")
@@ -244,6 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--logprobs", type=int, default=None, help="top log-probabilities per token")
     p.add_argument("--output-kind", choices=("final_only", "delta", "cumulative"), default="final_only")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--kv-cache-memory", type=int, default=256 << 20, help="bytes for the KV pool")
