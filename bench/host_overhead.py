@@ -2,7 +2,7 @@
 
 A 1-layer, hidden-64 Qwen3-shaped model with dummy weights and a synthetic byte-level BPE tokenizer
 of the same vocabulary, so detokenization runs through `tokenizers`' DecodeStream as it does for a
-real model. `--batch` token-id prompts of `--input-len` tokens generate `--output-len` tokens each
+real model. `--batch` token-id prompts of `--input-len` tokens generate `--max-tokens` tokens each
 with `ignore_eos`. Each `LLMEngine.step()` is timed, split by phase with `time.perf_counter`
 wrappers around the engine's own methods (nothing in the engine is changed), and the time spent in
 Python's cyclic garbage collector is counted through `gc.callbacks`. The table reports decode-only
@@ -15,6 +15,7 @@ and a CPU-allocator artifact that bury the few ms of Python being measured. The 
 the same at either size.
 
     python -m bench.host_overhead                      # batch 256, 256 in / 128 out, greedy
+    python -m bench.host_overhead --output-kind delta --logprobs 5   # what a streaming server pays
     python -m bench.host_overhead --temperature 0.6    # random sampling path
     python -m bench.host_overhead --gc-freeze          # gc.freeze() once the engine is built
     python -m bench.host_overhead --profile            # plus cProfile of the decode steps
@@ -36,6 +37,8 @@ from collections import defaultdict
 from typing import Callable
 
 import torch
+
+from tokenmill.entrypoints.cli.sampling_args import add_sampling_args, sampling_params_from_args
 
 # Phases in display order; "other" rows are the parent's time minus its timed children.
 PHASES = [
@@ -156,11 +159,11 @@ def derive(step: dict[str, float], total: float) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from tokenmill import LLM, SamplingParams
+    from tokenmill import LLM
     from tokenmill.sampling_params import RequestOutputKind
 
     torch.set_num_threads(args.threads)
-    max_len = args.input_len + args.output_len + 16
+    max_len = args.input_len + args.max_tokens + 16
     with tempfile.TemporaryDirectory() as folder:
         write_tiny_model(folder, args.vocab_size, max_len)
         llm = LLM(folder, load_format="dummy", dtype="float32", device="cpu", max_num_seqs=args.batch,
@@ -172,9 +175,8 @@ def run(args: argparse.Namespace) -> dict:
         gc.freeze()
     rng = random.Random(0)
     # FINAL_ONLY is what `LLM.generate` asks for; the server streams DELTA.
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_tokens=args.output_len, ignore_eos=True, logprobs=args.logprobs,
-                            output_kind=RequestOutputKind[args.output_kind.upper()])
+    params = sampling_params_from_args(args, ignore_eos=True, logprobs=args.logprobs,
+                                       output_kind=RequestOutputKind[args.output_kind.upper()])
     for i in range(args.batch):
         engine.add_request(str(i), [rng.randrange(259, args.vocab_size) for _ in range(args.input_len)], params)
 
@@ -206,7 +208,7 @@ def run(args: argparse.Namespace) -> dict:
     keys = [k for k, _ in PHASES] + ["gc", "host", "step"]
     median = {k: statistics.median(s.get(k, 0.0) for s in decode_steps) for k in keys}
     mean = {k: statistics.fmean(s.get(k, 0.0) for s in decode_steps) for k in keys}
-    result = {"batch": args.batch, "input_len": args.input_len, "output_len": args.output_len,
+    result = {"batch": args.batch, "input_len": args.input_len, "output_len": args.max_tokens,
               "vocab_size": args.vocab_size, "temperature": args.temperature,
               "output_kind": args.output_kind, "gc_freeze": args.gc_freeze, "logprobs": args.logprobs,
               "num_decode_steps": len(decode_steps), "num_prefill_steps": num_prefill_steps,
@@ -240,12 +242,10 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--input-len", type=int, default=256)
-    p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--logprobs", type=int, default=None, help="top log-probabilities per token")
+    add_sampling_args(p, default_max_tokens=128)  # --max-tokens is the output length
+    p.set_defaults(temperature=0.0)  # greedy, as the throughput benchmarks run
     p.add_argument("--output-kind", choices=("final_only", "delta", "cumulative"), default="final_only")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--kv-cache-memory", type=int, default=256 << 20, help="bytes for the KV pool")
