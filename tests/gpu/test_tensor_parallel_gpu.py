@@ -55,12 +55,15 @@ def test_tp_logits_match_hf_bf16(name, tp, tmp_path_factory):
 
 @pytest.mark.parametrize("tp", TP_SIZES)
 def test_tp_cuda_graphs_match_eager(tp, tmp_path_factory):
+    # float32: graphs pad the batch, so NCCL reduces a different-sized message than eager does, and
+    # with 4+ ranks the summation order (ring/tree chunks) changes with size. In bf16 that rounding
+    # flipped a greedy token after 15 steps on 4xH200; in float32 it is far below the margins.
     folder, _ = hf_folder(tmp_path_factory, "qwen3", 0.5)  # peaky logits: greedy margins above rounding
     prompts = [[(11 * i + 5 * j) % 2048 for i in range(n)] for j, n in enumerate((300, 17, 64, 5, 900))]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     results = []
     for eager in (True, False):
-        with LLM(folder, dtype="bfloat16", max_model_len=2048, gpu_memory_utilization=0.3,
+        with LLM(folder, dtype="float32", max_model_len=2048, gpu_memory_utilization=0.3,
                  enforce_eager=eager, max_num_seqs=8, tensor_parallel_size=tp) as llm:
             assert (llm.engine.core.runner.graphs is None) == eager
             results.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
