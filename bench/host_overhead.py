@@ -3,10 +3,11 @@
 A 1-layer, hidden-64 Qwen3-shaped model with dummy weights and a synthetic byte-level BPE tokenizer
 of the same vocabulary, so detokenization runs through `tokenizers`' DecodeStream as it does for a
 real model. `--batch` token-id prompts of `--input-len` tokens generate `--max-tokens` tokens each
-with `ignore_eos`. Each `LLMEngine.step()` is timed, split by phase with `time.perf_counter`
-wrappers around the engine's own methods (nothing in the engine is changed), and the time spent in
-Python's cyclic garbage collector is counted through `gc.callbacks`. The table reports decode-only
-steps at full batch: medians show the typical step, means include the GC pauses.
+with `ignore_eos`. Each `LLMEngine.step()` is timed, split by phase with `time.perf_counter` (or,
+with `--clock thread`, `time.thread_time`) wrappers around the engine's own methods (nothing in the
+engine is changed), and the time spent in Python's cyclic garbage collector is counted through
+`gc.callbacks`. The table reports decode-only steps at full batch: medians show the typical step,
+means include the GC pauses.
 
 The default vocabulary is 4,096. With Qwen3's 151,936 (`--vocab-size 151936`) this CPU spends
 ~60 ms of each step in the LM head and the sampler's argmax over 39M logits, and the allocator maps
@@ -89,27 +90,28 @@ def write_tiny_model(folder: str, vocab_size: int, max_len: int) -> None:
 
 
 class PhaseTimer:
-    """Accumulates perf_counter time per phase for the current step."""
+    """Accumulates time per phase for the current step, on `clock` (wall or this thread's CPU)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
         self.current: dict[str, float] = defaultdict(float)
 
     def wrap(self, name: str, fn: Callable) -> Callable:
-        current = self.current
+        current, clock = self.current, self.clock
 
         def timed(*args, **kwargs):
-            start = time.perf_counter()
+            start = clock()
             try:
                 return fn(*args, **kwargs)
             finally:
-                current[name] += time.perf_counter() - start
+                current[name] += clock() - start
         return timed
 
     def gc_callback(self, phase: str, info: dict) -> None:
         if phase == "start":
-            self._gc_start = time.perf_counter()
+            self._gc_start = self.clock()
         else:
-            self.current["gc"] += time.perf_counter() - self._gc_start
+            self.current["gc"] += self.clock() - self._gc_start
 
     def take(self) -> dict[str, float]:
         step = dict(self.current)
@@ -138,9 +140,9 @@ def instrument(engine, timer: PhaseTimer) -> dict:
     runner.sampler = timer.wrap("sampler", runner.sampler)
     runner.model.compute_logits = timer.wrap("lm_head", runner.model.compute_logits)
     start: list[float] = []
-    runner.model.register_forward_pre_hook(lambda *_: start.append(time.perf_counter()))
+    runner.model.register_forward_pre_hook(lambda *_: start.append(timer.clock()))
     runner.model.register_forward_hook(
-        lambda *_: timer.current.__setitem__("forward", timer.current["forward"] + time.perf_counter() - start.pop()))
+        lambda *_: timer.current.__setitem__("forward", timer.current["forward"] + timer.clock() - start.pop()))
     runner.execute = timer.wrap("execute", runner.execute)
     core.step = timer.wrap("core_step", core.step)
     engine.output_processor.process = timer.wrap("output", engine.output_processor.process)
@@ -180,7 +182,7 @@ def run(args: argparse.Namespace) -> dict:
     for i in range(args.batch):
         engine.add_request(str(i), [rng.randrange(259, args.vocab_size) for _ in range(args.input_len)], params)
 
-    timer = PhaseTimer()
+    timer = PhaseTimer(time.thread_time if args.clock == "thread" else time.perf_counter)
     info = instrument(engine, timer)
     gc.callbacks.append(timer.gc_callback)
     decode_steps: list[dict[str, float]] = []
@@ -191,9 +193,9 @@ def run(args: argparse.Namespace) -> dict:
         decoding = profiler is not None and num_prefill_steps > 0 and info.get("num_tokens") == args.batch
         if decoding:
             profiler.enable()
-        start = time.perf_counter()
+        start = timer.clock()
         outputs += sum(o.finished for o in engine.step())
-        total = time.perf_counter() - start
+        total = timer.clock() - start
         if decoding:
             profiler.disable()
         step = derive(timer.take(), total)
@@ -210,7 +212,7 @@ def run(args: argparse.Namespace) -> dict:
     mean = {k: statistics.fmean(s.get(k, 0.0) for s in decode_steps) for k in keys}
     result = {"batch": args.batch, "input_len": args.input_len, "output_len": args.max_tokens,
               "vocab_size": args.vocab_size, "temperature": args.temperature,
-              "output_kind": args.output_kind, "gc_freeze": args.gc_freeze, "logprobs": args.logprobs,
+              "clock": args.clock, "output_kind": args.output_kind, "gc_freeze": args.gc_freeze, "logprobs": args.logprobs,
               "num_decode_steps": len(decode_steps), "num_prefill_steps": num_prefill_steps,
               "prefill_ms_total": prefill_ms, "median_ms": median, "mean_ms": mean}
     print_table(result)
@@ -252,6 +254,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after building the engine")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                   help="thread: this thread's CPU time, which other processes on a busy machine do not "
+                        "inflate (use with --threads 1)")
     p.add_argument("--profile", action="store_true", help="cProfile the decode steps")
     p.add_argument("--profile-lines", type=int, default=30)
     p.add_argument("--output-json", default=None)
