@@ -48,6 +48,9 @@ WORKER_START_TIMEOUT_S = 300.0
 WATCHDOG_POLL_S = 0.2
 # How long a step may stay blocked after a rank died before the process is ended.
 STUCK_STEP_GRACE_S = 10.0
+# The server's engine-core process sets this: a dead rank ends the process at once, which the API
+# process reports as engine death (503, error chunks, non-zero exit). Offline, the next call raises.
+EXIT_PROCESS_ON_WORKER_DEATH = False
 
 
 class WorkerDiedError(RuntimeError):
@@ -164,8 +167,10 @@ class TensorParallelExecutor:
         try:
             output = self.runner.execute(sched)
         except Exception as exc:
-            if self.dead_reason is not None:
-                raise WorkerDiedError(self.dead_reason) from exc
+            # gloo notices a dead peer (connection reset) before the watchdog's next poll.
+            reason = self.dead_reason or self._dead_worker_reason(wait_s=1.0)
+            if reason is not None:
+                raise WorkerDiedError(reason) from exc
             raise
         finally:
             self._step_started = None
@@ -173,6 +178,16 @@ class TensorParallelExecutor:
         return output
 
     # ----- failure and shutdown -----
+    def _dead_worker_reason(self, wait_s: float) -> str | None:
+        deadline = time.monotonic() + wait_s
+        while True:
+            for rank, proc in enumerate(self._procs, start=1):
+                if proc.poll() is not None:
+                    return f"tensor-parallel rank {rank} exited (code {proc.returncode})"
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+
     def _watchdog(self) -> None:
         decoder = msgspec.msgpack.Decoder(WorkerMessage)
         while not self._closing:
@@ -196,6 +211,9 @@ class TensorParallelExecutor:
         self.dead_reason = f"tensor-parallel rank {rank} exited (code {code}){detail}"
         logger.error("%s; stopping the other ranks", self.dead_reason)
         self._kill_workers()
+        if EXIT_PROCESS_ON_WORKER_DEATH:
+            logger.critical("engine core exits: %s", self.dead_reason)
+            os._exit(1)
         started = self._step_started
         if started is not None:
             time.sleep(max(0.0, started + STUCK_STEP_GRACE_S - time.monotonic()))

@@ -133,6 +133,8 @@ def run_engine_core(
     out_sock.setsockopt(zmq.LINGER, 2000)
     out_sock.connect(output_addr)
     encoder = msgspec.msgpack.Encoder()
+    from tokenmill.distributed import executor as tp_executor
+    tp_executor.EXIT_PROCESS_ON_WORKER_DEATH = True  # a dead tensor-parallel rank is engine death
     try:
         engine = make_engine(engine_args_msgpack)
     except Exception as exc:  # noqa: BLE001 - reported to the parent, then we exit non-zero
