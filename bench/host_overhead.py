@@ -20,6 +20,10 @@ the same at either size.
     python -m bench.host_overhead --temperature 0.6    # random sampling path
     python -m bench.host_overhead --gc-freeze          # gc.freeze() once the engine is built
     python -m bench.host_overhead --profile            # plus cProfile of the decode steps
+    python -m bench.host_overhead --shape qwen3-0.6b --device cuda --dtype bfloat16   # on a GPU
+
+On a GPU the decode steps replay CUDA graphs (no forward hook fires): the graph's GPU time shows in
+the sampler's row, which waits for the sampled tokens.
 """
 
 from __future__ import annotations
@@ -60,18 +64,26 @@ GC = ("gc", "  of which: cyclic GC pauses")
 COMPUTE = ("forward", "lm_head")
 
 
-def write_tiny_model(folder: str, vocab_size: int, max_len: int) -> None:
-    """A Qwen3-shaped config (1 layer, hidden 64) and a byte-level BPE tokenizer of `vocab_size`."""
+def write_tiny_model(folder: str, vocab_size: int, max_len: int, shape: str | None = None) -> int:
+    """A Qwen3-shaped config (1 layer, hidden 64; or a shipped shape's real config) and a byte-level
+    BPE tokenizer of its vocabulary. Returns the vocabulary size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    config = {
-        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": vocab_size,
-        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": max_len,
-        "rms_norm_eps": 1e-6, "rope_theta": 1000000, "tie_word_embeddings": True, "hidden_act": "silu",
-        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
-    }
+    from tokenmill.model.loader.model_source import CONFIGS_DIR
+
+    if shape is not None:
+        with open(CONFIGS_DIR / f"{shape}.json") as f:
+            config = json.load(f)
+        vocab_size = config["vocab_size"]
+    else:
+        config = {
+            "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": vocab_size,
+            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": max_len,
+            "rms_norm_eps": 1e-6, "rope_theta": 1000000, "tie_word_embeddings": True, "hidden_act": "silu",
+            "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
+        }
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f)
     # Byte-level alphabet first (ids 3..258), then word-like pieces with a leading space marker.
@@ -87,6 +99,7 @@ def write_tiny_model(folder: str, vocab_size: int, max_len: int) -> None:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
                                    eos_token="</s>")
     fast.save_pretrained(folder)
+    return vocab_size
 
 
 class PhaseTimer:
@@ -167,8 +180,8 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     max_len = args.input_len + args.max_tokens + 16
     with tempfile.TemporaryDirectory() as folder:
-        write_tiny_model(folder, args.vocab_size, max_len)
-        llm = LLM(folder, load_format="dummy", dtype="float32", device="cpu", max_num_seqs=args.batch,
+        vocab_size = write_tiny_model(folder, args.vocab_size, max_len, args.shape)
+        llm = LLM(folder, load_format="dummy", dtype=args.dtype, device=args.device, max_num_seqs=args.batch,
                   max_model_len=max_len, max_num_batched_tokens=args.max_num_batched_tokens,
                   kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching)
     engine = llm.engine
@@ -180,7 +193,7 @@ def run(args: argparse.Namespace) -> dict:
     params = sampling_params_from_args(args, ignore_eos=True, logprobs=args.logprobs,
                                        output_kind=RequestOutputKind[args.output_kind.upper()])
     for i in range(args.batch):
-        engine.add_request(str(i), [rng.randrange(259, args.vocab_size) for _ in range(args.input_len)], params)
+        engine.add_request(str(i), [rng.randrange(259, vocab_size) for _ in range(args.input_len)], params)
 
     timer = PhaseTimer(time.thread_time if args.clock == "thread" else time.perf_counter)
     info = instrument(engine, timer)
@@ -211,7 +224,7 @@ def run(args: argparse.Namespace) -> dict:
     median = {k: statistics.median(s.get(k, 0.0) for s in decode_steps) for k in keys}
     mean = {k: statistics.fmean(s.get(k, 0.0) for s in decode_steps) for k in keys}
     result = {"batch": args.batch, "input_len": args.input_len, "output_len": args.max_tokens,
-              "vocab_size": args.vocab_size, "temperature": args.temperature,
+              "vocab_size": vocab_size, "shape": args.shape or "tiny", "device": args.device, "temperature": args.temperature,
               "clock": args.clock, "output_kind": args.output_kind, "gc_freeze": args.gc_freeze, "logprobs": args.logprobs,
               "num_decode_steps": len(decode_steps), "num_prefill_steps": num_prefill_steps,
               "prefill_ms_total": prefill_ms, "median_ms": median, "mean_ms": mean}
@@ -227,7 +240,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def print_table(r: dict) -> None:
     med, mean = r["median_ms"], r["mean_ms"]
-    print(f"\nbatch {r['batch']}, {r['input_len']} in / {r['output_len']} out, vocab {r['vocab_size']}, "
+    print(f"\n{r['shape']} on {r['device']}, batch {r['batch']}, {r['input_len']} in / {r['output_len']} out, "
+          f"vocab {r['vocab_size']}, "
           f"temperature {r['temperature']}, {r['output_kind']}, logprobs {r['logprobs']}, "
           f"gc_freeze {r['gc_freeze']}: "
           f"{r['num_decode_steps']} decode steps "
@@ -245,6 +259,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--shape", default=None, help="a shipped shape's real config (e.g. qwen3-0.6b, its vocab) "
+                                                 "instead of the 1-layer model: for a GPU run")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
     p.add_argument("--logprobs", type=int, default=None, help="top log-probabilities per token")
     add_sampling_args(p, default_max_tokens=128)  # --max-tokens is the output length
     p.set_defaults(temperature=0.0)  # greedy, as the throughput benchmarks run
