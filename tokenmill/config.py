@@ -187,6 +187,8 @@ class EngineArgs:
         hf_config = source.load_hf_config()
         architecture = (getattr(hf_config, "architectures", None) or ["?"])[0]
         dtype = resolve_dtype(self.dtype, hf_config, device)
+        if self.tensor_parallel_size > 1:
+            _check_tensor_parallel_split(hf_config, self.tensor_parallel_size)
         model_max = (getattr(hf_config, "max_position_embeddings", None) or 2048)
         max_model_len = self.max_model_len or model_max
         if max_model_len < 1:
@@ -210,6 +212,20 @@ class EngineArgs:
             enforce_eager=self.enforce_eager or device.type != "cuda",
             engine_args=dataclasses.replace(self),
         )
+
+
+def _check_tensor_parallel_split(hf_config: Any, tp: int) -> None:
+    """Refuse a split the layers cannot make, before any worker process starts."""
+    from tokenmill.model.layers.linear import head_partition
+
+    heads = hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    for rank in range(tp):
+        head_partition(heads, kv_heads, tp, rank)  # raises ValueError with the reason
+    intermediate = getattr(hf_config, "intermediate_size", None)
+    if intermediate is not None and intermediate % tp:
+        raise ValueError(f"the MLP's intermediate size ({intermediate}) is not divisible by "
+                         f"tensor_parallel_size ({tp})")
 
 
 def engine_args_from_kwargs(model: str | None, **kwargs: Any) -> EngineArgs:

@@ -47,3 +47,14 @@ def test_step_message_round_trips_without_pickle():
     assert decoded == WorkerStep(sched, {"b": 42})
     assert isinstance(msgspec.msgpack.Decoder(DriverMessage).decode(msgspec.msgpack.encode(WorkerShutdown())),
                       WorkerShutdown)
+
+
+def test_impossible_split_is_refused_before_any_worker_starts():
+    from tokenmill.config import EngineArgs
+
+    # The embedded SmolLM2-135M: 3 KV heads cannot be split or replicated over 4 ranks.
+    with pytest.raises(ValueError, match="multiple of the KV heads"):
+        EngineArgs(tensor_parallel_size=4, device="cpu").create_engine_config()
+    with pytest.raises(ValueError, match=">= 1"):
+        EngineArgs(tensor_parallel_size=0, device="cpu").create_engine_config()
+    assert EngineArgs(tensor_parallel_size=3, device="cpu").create_engine_config().parallel.tensor_parallel_size == 3
