@@ -94,6 +94,8 @@ def run_worker(args: argparse.Namespace, inbox: zmq.Socket, report: zmq.Socket) 
     runner = ModelRunner(config)
     runner.allocate_kv_cache(runner.determine_num_blocks())
     runner.capture_cuda_graphs()
+    from tokenmill.engine.engine_core import freeze_long_lived_objects
+    freeze_long_lived_objects()
     logger.info("rank %d ready: %d KV blocks", args.rank, runner.num_blocks)
     while True:
         msg = _recv(inbox, decoder, args.parent_pid)

@@ -6,6 +6,8 @@ its own process behind ZMQ (`engine/core_process.py`).
 
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import time
 from typing import Iterable
@@ -18,6 +20,21 @@ from tokenmill.engine.messages import EngineOutput, EngineOutputs, EngineRequest
 from tokenmill.distributed.executor import make_model_executor
 
 logger = logging.getLogger(__name__)
+
+
+def freeze_long_lived_objects() -> None:
+    """Move everything built so far (model, KV blocks, graphs) out of the cyclic GC's generations.
+
+    They live as long as the engine; left in, each full collection scans ~280k objects (65k KV
+    blocks) and pauses a step for ~140 ms. Measured at batch 256 (bench/host_overhead.py, CPU):
+    GC pauses 1.33 -> 0.13 ms per step on average.
+    """
+    gc.collect()
+    gc.freeze()
+    # Unfrozen at exit so the interpreter's final collection still frees them (native extensions
+    # such as xgrammar's report never-freed objects as leaks otherwise).
+    atexit.unregister(gc.unfreeze)
+    atexit.register(gc.unfreeze)
 
 
 class EngineCore:
@@ -36,6 +53,7 @@ class EngineCore:
         self.kv_manager = KVCacheManager(num_blocks, config.cache.block_size,
                                          config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager)
+        freeze_long_lived_objects()
         logger.info("engine ready in %.1fs: %s (%s, %s) on %s, KV cache %d tokens (%d blocks of %d)",
                     time.perf_counter() - start, config.model.served_model_name, config.model.architecture,
                     str(config.model.dtype).removeprefix("torch."), config.device,

@@ -19,7 +19,7 @@ from tokenmill.distributed.parallel_state import tp_all_reduce_min, tp_rank
 from tokenmill.model.attention.backend import AttentionMetadata, KVCache
 from tokenmill.model.registry import build_model
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.worker.sampler import Sampler, SamplingBatch, token_logprobs
+from tokenmill.worker.sampler import Sampler, SamplingBatch, batch_token_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,10 @@ class RequestState:
     block_ids: list[int]
     num_computed_tokens: int
     eos_token_id: int | None
+    table_row: int  # this request's row of the runner's persistent host block table
     grammar: object | None = None  # structured_output.RequestGrammar for constrained requests
+    # Logit bias, min_tokens, penalties or a grammar: the rows _sampling_batch must look at.
+    sampling_extras: bool = False
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -64,6 +67,11 @@ class ModelRunner:
         self.num_blocks = 0
         self.graphs = None  # CudaGraphDecoder once captured
         self._structured = None  # StructuredOutputManager, built on the first constrained request
+        # One row per running request, written only when it gets new blocks (block ids only grow);
+        # each step gathers its rows in one numpy call instead of copying Python lists row by row.
+        max_seqs = config.scheduler.max_num_seqs
+        self._block_table = np.zeros((max_seqs, -(-config.model.max_model_len // self.block_size)), np.int32)
+        self._free_table_rows = list(range(max_seqs - 1, -1, -1))
 
     # ----- KV cache -----
     def bytes_per_block(self) -> int:
@@ -135,16 +143,31 @@ class ModelRunner:
     # ----- state updates -----
     def _apply_diffs(self, sched: SchedulerOutput) -> None:
         for request_id in sched.finished_request_ids:
-            self.states.pop(request_id, None)
+            self._drop_request(request_id)
             self.generators.pop(request_id, None)
         for request_id in sched.preempted_request_ids:
-            self.states.pop(request_id, None)
+            self._drop_request(request_id)
         for new in sched.new_requests:
             self._add_request(new)
         for cached in sched.cached_requests:
             state = self.states[cached.request_id]
-            state.block_ids.extend(cached.new_block_ids)
+            if cached.new_block_ids:
+                self._write_block_ids(state.table_row, len(state.block_ids), cached.new_block_ids)
+                state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
+
+    def _drop_request(self, request_id: str) -> None:
+        state = self.states.pop(request_id, None)
+        if state is not None:
+            self._free_table_rows.append(state.table_row)
+
+    def _write_block_ids(self, row: int, start: int, block_ids: list[int]) -> None:
+        end = start + len(block_ids)
+        if end > self._block_table.shape[1]:
+            grown = np.zeros((self._block_table.shape[0], end), np.int32)
+            grown[:, :self._block_table.shape[1]] = self._block_table
+            self._block_table = grown
+        self._block_table[row, start:end] = block_ids
 
     def _structured_outputs(self):
         if self._structured is None:
@@ -155,9 +178,15 @@ class ModelRunner:
         return self._structured
 
     def _add_request(self, new: NewRequestData) -> None:
+        if not self._free_table_rows:  # more requests than max_num_seqs: grow the table
+            self._free_table_rows.append(len(self._block_table))
+            self._block_table = np.concatenate([self._block_table, np.zeros_like(self._block_table[:1])])
+        row = self._free_table_rows.pop()
+        self._block_table[row] = 0
+        self._write_block_ids(row, 0, new.block_ids)
         state = RequestState(
             new.request_id, list(new.token_ids), new.num_prompt_tokens, new.sampling_params,
-            list(new.block_ids), new.num_computed_tokens, new.eos_token_id)
+            list(new.block_ids), new.num_computed_tokens, new.eos_token_id, row)
         spec = new.sampling_params.structured_outputs
         if spec is not None and self.is_driver:
             params = new.sampling_params
@@ -165,6 +194,9 @@ class ModelRunner:
             # A resumed request replays its earlier output so the grammar continues where it was.
             state.grammar = self._structured_outputs().new_request(
                 spec, stop_token_ids=stops, prefix_token_ids=state.output_token_ids)
+        p = new.sampling_params
+        state.sampling_extras = bool(p.logit_bias or p.min_tokens > 0 or p.needs_penalties
+                                     or state.grammar is not None)
         self.states[new.request_id] = state
         seed = new.sampling_params.seed
         if seed is not None and self.is_driver and new.request_id not in self.generators:
@@ -183,17 +215,26 @@ class ModelRunner:
         self._apply_diffs(sched)
         if sched.is_empty:
             return ModelRunnerOutput()
-        # Decodes first; stable otherwise, so batch order follows the scheduler's.
-        order = sorted(sched.num_scheduled_tokens, key=lambda r: sched.num_scheduled_tokens[r] != 1)
+        num_scheduled = sched.num_scheduled_tokens
+        num_reqs = len(num_scheduled)
+        # Every request has one token (the usual decode step): no sort, no per-request counts.
+        one_token_each = sched.total_num_scheduled_tokens == num_reqs
+        if one_token_each:
+            order = list(num_scheduled)
+            counts = np.ones(num_reqs, dtype=np.int64)
+        else:
+            # Decodes first; stable otherwise, so batch order follows the scheduler's.
+            order = sorted(num_scheduled, key=lambda r: num_scheduled[r] != 1)
+            counts = np.array([num_scheduled[r] for r in order], dtype=np.int64)
         states = [self.states[r] for r in order]
-        counts = np.array([sched.num_scheduled_tokens[r] for r in order], dtype=np.int64)
         host = self._prepare_host_inputs(states, counts)
         output = ModelRunnerOutput()
-        needs_prompt_logprobs = any(
+        num_known = np.fromiter((len(s.token_ids) for s in states), np.int64, num_reqs)
+        sample_rows = np.flatnonzero(host.seq_lens >= num_known).tolist()
+        # A one-token row that samples is past its prompt, so it needs no prompt logprobs.
+        needs_prompt_logprobs = not (one_token_each and len(sample_rows) == num_reqs) and any(
             s.params.prompt_logprobs is not None and s.num_computed_tokens < s.num_prompt_tokens - 1
             for s in states)
-        sample_rows = [i for i, s in enumerate(states)
-                       if s.num_computed_tokens + counts[i] >= len(s.token_ids)]
         if (self.graphs is not None and len(sample_rows) == host.num_decodes == len(states)
                 and not needs_prompt_logprobs and self.graphs.can_run(len(states))):
             logits = self.graphs.run(host.input_ids, host.positions, host.slot_mapping,
@@ -207,29 +248,35 @@ class ModelRunner:
                         s, hidden, int(host.query_start[i]), int(counts[i]))
             if not sample_rows:
                 return output
-            last_token_index = torch.as_tensor(host.query_start[1:][sample_rows] - 1, device=self.device)
-            logits = self.model.compute_logits(hidden.index_select(0, last_token_index))
+            if one_token_each and len(sample_rows) == num_reqs:
+                last_hidden = hidden  # every token is its request's last
+            else:
+                last_token_index = torch.as_tensor(host.query_start[1:][sample_rows] - 1, device=self.device)
+                last_hidden = hidden.index_select(0, last_token_index)
+            logits = self.model.compute_logits(last_hidden)
         if not self.is_driver:  # rank 0 samples; this rank hears the tokens next step
             return output
-        batch = self._sampling_batch([states[i] for i in sample_rows])
+        sampled_states = states if len(sample_rows) == num_reqs else [states[i] for i in sample_rows]
+        batch = self._sampling_batch(sampled_states)
         result = self.sampler(logits, batch)
-        for row, i in enumerate(sample_rows):
-            state = states[i]
-            token = result.token_ids[row]
+        for state, token in zip(sampled_states, result.token_ids):
             state.token_ids.append(token)
             if state.grammar is not None and not state.grammar.accept_token(token):
                 # The mask makes this impossible; if it ever happens the output is cut here.
                 logger.error("request %s: sampled token %d breaks its grammar", state.request_id, token)
-            output.sampled_token_ids[state.request_id] = token
-            if result.logprobs[row] is not None:
-                output.logprobs[state.request_id] = result.logprobs[row]
+        sampled_ids = order if len(sample_rows) == num_reqs else [s.request_id for s in sampled_states]
+        output.sampled_token_ids = dict(zip(sampled_ids, result.token_ids))
+        if result.logprobs.count(None) != len(result.logprobs):
+            for request_id, lp in zip(sampled_ids, result.logprobs):
+                if lp is not None:
+                    output.logprobs[request_id] = lp
         return output
 
     def _prepare_host_inputs(self, states: list[RequestState], counts: np.ndarray) -> "HostInputs":
         """The step's flattened inputs as numpy arrays (no per-token Python loop)."""
         bs = self.block_size
         num_reqs = len(states)
-        starts = np.array([s.num_computed_tokens for s in states], dtype=np.int64)
+        starts = np.fromiter((s.num_computed_tokens for s in states), np.int64, num_reqs)
         seq_lens = starts + counts
         query_start = np.zeros(num_reqs + 1, dtype=np.int64)
         np.cumsum(counts, out=query_start[1:])
@@ -238,14 +285,13 @@ class ModelRunner:
         positions = np.arange(num_tokens, dtype=np.int64) - query_start[row_of_token] + starts[row_of_token]
         # Only the blocks this step's contexts reach (a request may hold one more, preallocated).
         max_blocks = int(-(-seq_lens.max() // bs))
-        block_table = np.zeros((num_reqs, max_blocks), dtype=np.int32)
-        input_ids = np.empty(num_tokens, dtype=np.int64)
-        for i, s in enumerate(states):
-            ids = s.block_ids[:max_blocks]
-            block_table[i, :len(ids)] = ids
-            if counts[i] == 1:
-                input_ids[query_start[i]] = s.token_ids[s.num_computed_tokens]
-            else:
+        table_rows = np.fromiter((s.table_row for s in states), np.intp, num_reqs)
+        block_table = self._block_table[table_rows, :max_blocks]
+        if num_tokens == num_reqs:  # one token each: the token after the computed ones
+            input_ids = np.fromiter((s.token_ids[s.num_computed_tokens] for s in states), np.int64, num_reqs)
+        else:
+            input_ids = np.empty(num_tokens, dtype=np.int64)
+            for i, s in enumerate(states):
                 input_ids[query_start[i]:query_start[i + 1]] = s.token_ids[starts[i]:seq_lens[i]]
         slot_mapping = block_table[row_of_token, positions // bs].astype(np.int64) * bs + positions % bs
         return HostInputs(input_ids, positions, slot_mapping, seq_lens.astype(np.int32), block_table,
@@ -275,6 +321,8 @@ class ModelRunner:
             generators=[self.generators.get(s.request_id) for s in states],
             num_logprobs=[s.params.logprobs for s in states])
         for row, s in enumerate(states):
+            if not s.sampling_extras:
+                continue
             p = s.params
             if p.logit_bias:
                 batch.logit_bias[row] = p.logit_bias
@@ -308,7 +356,8 @@ class ModelRunner:
             return []
         logprobs = torch.log_softmax(logits, dim=-1)
         k = s.params.prompt_logprobs
-        return [token_logprobs(logprobs[j], s.token_ids[first_pos + j + 1], k) for j in range(n)]
+        next_tokens = s.token_ids[first_pos + 1:first_pos + 1 + n]
+        return batch_token_logprobs(logprobs, list(range(n)), next_tokens, [k] * n)
 
 
 @dataclass(slots=True)
