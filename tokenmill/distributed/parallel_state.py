@@ -30,7 +30,8 @@ def init_tensor_parallel(rank: int, world_size: int, device: torch.device, store
     import torch.distributed as dist
 
     if _TP_SIZE != 1:
-        raise RuntimeError("a tensor-parallel engine already runs in this process; shut it down first")
+        raise RuntimeError("a tensor-parallel engine already runs in this process; call its "
+                           "LLM.shutdown() (or use `with LLM(...)`) before starting another")
     if dist.is_initialized():
         raise RuntimeError("torch.distributed is already initialised in this process; tokenmill's "
                            "tensor parallelism needs its own process group")
