@@ -68,7 +68,10 @@ def test_tp3_greedy_matches_tp1(tp1_greedy):
     with LLM(tensor_parallel_size=3, **ENGINE) as llm:
         attn = llm.engine.core.runner.model.model.layers[0].self_attn
         assert (attn.num_heads, attn.num_kv_heads) == (3, 1)
-        assert _greedy(llm) == tp1_greedy[:len(PROMPTS)]
+        assert _greedy(llm) == tp1_greedy
+        # One tensor-parallel engine per process: a second engine is refused while this one runs.
+        with pytest.raises(RuntimeError, match="shutdown"):
+            LLM(**ENGINE)
 
 
 def test_dead_rank_fails_the_engine_cleanly():

@@ -260,7 +260,11 @@ class TensorParallelExecutor:
 def make_model_executor(config: EngineConfig):
     """A plain ModelRunner for one rank; the multi-process executor for more."""
     if config.parallel.tensor_parallel_size == 1:
+        from tokenmill.distributed.parallel_state import tp_world_size
         from tokenmill.worker.model_runner import ModelRunner
+        if tp_world_size() != 1:  # the layers would shard themselves for the running TP engine
+            raise RuntimeError("a tensor-parallel engine runs in this process; call its LLM.shutdown() "
+                               "(or use `with LLM(...)`) before starting another engine")
         return ModelRunner(config)
     return TensorParallelExecutor(config)
 
