@@ -42,8 +42,18 @@ def ray_argv(port: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def ray_server():
-    with running_server(ray_argv, api_key=API_KEY, ready_timeout_s=300) as srv:
-        yield srv
+    # Ray folds similar log lines of different processes into one ("[repeated 2x across cluster]"),
+    # which can hide a replica's start-up line that replica_pid() reads: keep every line.
+    saved = os.environ.get("RAY_DEDUP_LOGS")
+    os.environ["RAY_DEDUP_LOGS"] = "0"
+    try:
+        with running_server(ray_argv, api_key=API_KEY, ready_timeout_s=300) as srv:
+            yield srv
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_DEDUP_LOGS", None)
+        else:
+            os.environ["RAY_DEDUP_LOGS"] = saved
 
 
 @pytest.fixture()
@@ -51,12 +61,17 @@ def oa(ray_server):
     return openai.OpenAI(api_key=API_KEY, base_url=f"{ray_server.url}/v1", max_retries=0, timeout=120)
 
 
-def replica_pid(log: str, replica_id: str) -> int:
-    """The pid of a replica, from its start-up line as Ray forwards it to the driver's log."""
-    for m in re.finditer(r"pid=(\d+)\).*serving on Ray Serve replica (\w+)", log):
-        if m.group(2) == replica_id:
-            return int(m.group(1))
-    raise AssertionError(f"replica {replica_id} not in the log")
+def replica_pid(server, replica_id: str, timeout_s: float = 30.0) -> int:
+    """The pid of a replica, from its start-up line as Ray forwards it to the driver's log (Ray's
+    log monitor forwards it asynchronously, so wait for it a while)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for m in re.finditer(r"pid=(\d+)\).*serving on Ray Serve replica (\w+)", server.log()):
+            if m.group(2) == replica_id:
+                return int(m.group(1))
+        if time.monotonic() > deadline:
+            raise AssertionError(f"replica {replica_id} not in the log")
+        time.sleep(0.5)
 
 
 def core_pid(log: str, replica_pid: int) -> int:
@@ -178,7 +193,7 @@ def test_killed_replica_fails_its_requests_cleanly_and_is_replaced(ray_server):
         while len(opened) < 4 and time.monotonic() < deadline:
             time.sleep(0.2)
         time.sleep(1.0)  # tokens are flowing on every stream
-        victim = replica_pid(ray_server.log(), opened[0])
+        victim = replica_pid(ray_server, opened[0])
         cores = children(victim)  # its engine-core process (and multiprocessing's helper)
         assert cores
         os.kill(victim, signal.SIGKILL)
@@ -226,7 +241,7 @@ def test_dead_engine_core_fails_its_stream_and_ray_replaces_the_replica(ray_serv
         while not opened and time.monotonic() < deadline:
             time.sleep(0.2)
         time.sleep(1.0)
-        os.kill(core_pid(ray_server.log(), replica_pid(ray_server.log(), opened[0])), signal.SIGKILL)
+        os.kill(core_pid(ray_server.log(), replica_pid(ray_server, opened[0])), signal.SIGKILL)
         _, events, clean = stream.result(timeout=120)
     assert clean and events[-1]["error"]["type"] == "server_error"
     wait_for_a_new_replica(url, before=set(opened))
