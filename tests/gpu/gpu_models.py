@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from tokenmill import LLM, SamplingParams
+
 SHAPES = {
     # Llama-style: head_dim 128, GQA 4, llama3 RoPE scaling, untied head.
     "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=2048, hidden_size=512,
@@ -32,3 +34,37 @@ def hf_folder(tmp_path_factory, name: str, initializer_range: float) -> tuple[st
     folder = tmp_path_factory.mktemp(name)
     model.save_pretrained(folder)
     return str(folder), model.cuda().eval()
+
+
+# Prompts of several lengths (a long prefill, short ones, a one-token prompt), token ids < 2048.
+LOGIT_PROMPTS = [[(13 * i + 7 * j) % 2048 for i in range(n)] for j, n in enumerate((700, 33, 129, 1))]
+LOGIT_PARAMS = SamplingParams(temperature=0, max_tokens=8, logprobs=20, ignore_eos=True)
+
+
+def assert_logprobs_match_hf(hf: torch.nn.Module, prompts: list[list[int]], outs, label) -> None:
+    """Each generated position's top-20 logprobs against HF's on prompt + generated tokens
+    (relative error of the vector at bf16 tolerance)."""
+    for prompt, out in zip(prompts, outs):
+        tokens = prompt + out.outputs[0].token_ids
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(torch.tensor([tokens], device="cuda")).logits[0].float(), -1)
+        for j, position in enumerate(out.outputs[0].logprobs):
+            ids = list(position)
+            ours = torch.tensor([position[t].logprob for t in ids])
+            theirs = ref[len(prompt) - 1 + j][ids].cpu()
+            rel = (ours - theirs).norm() / theirs.norm()
+            assert rel < 2e-2, (label, j, float(rel))
+
+
+def greedy_eager_and_graphs(folder: str, **engine_args) -> list[list[list[int]]]:
+    """Greedy tokens of the same prompts from an eager engine, then from one with CUDA graphs."""
+    prompts = [[(11 * i + 5 * j) % 2048 for i in range(n)] for j, n in enumerate((300, 17, 64, 5, 900))]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    results = []
+    for eager in (True, False):
+        with LLM(folder, max_model_len=2048, gpu_memory_utilization=0.3, enforce_eager=eager, max_num_seqs=8,
+                 **engine_args) as llm:
+            assert (llm.engine.core.runner.graphs is None) == eager
+            results.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+        torch.cuda.empty_cache()
+    return results

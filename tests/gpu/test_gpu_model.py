@@ -11,7 +11,8 @@ pytestmark = pytest.mark.cuda
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from gpu_models import SHAPES, hf_folder  # noqa: E402
+from gpu_models import (  # noqa: E402
+    LOGIT_PARAMS, LOGIT_PROMPTS, SHAPES, assert_logprobs_match_hf, greedy_eager_and_graphs, hf_folder)
 
 from tokenmill import LLM, SamplingParams  # noqa: E402
 
@@ -19,37 +20,16 @@ from tokenmill import LLM, SamplingParams  # noqa: E402
 @pytest.mark.parametrize("name", sorted(SHAPES))
 def test_logits_match_hf_bf16(name, tmp_path_factory):
     folder, hf = hf_folder(tmp_path_factory, name, 0.05)
-    llm = LLM(folder, dtype="bfloat16", max_model_len=2048, gpu_memory_utilization=0.3, block_size=16)
-    prompts = [[(13 * i + 7 * j) % 2048 for i in range(n)] for j, n in enumerate((700, 33, 129, 1))]
-    params = SamplingParams(temperature=0, max_tokens=8, logprobs=20, ignore_eos=True)
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    for prompt, out in zip(prompts, outs):
-        tokens = prompt + out.outputs[0].token_ids
-        with torch.no_grad():
-            ref = torch.log_softmax(hf(torch.tensor([tokens], device="cuda")).logits[0].float(), -1)
-        for j, position in enumerate(out.outputs[0].logprobs):
-            row = ref[len(prompt) - 1 + j]
-            ids = list(position)
-            ours = torch.tensor([position[t].logprob for t in ids])
-            theirs = row[ids].cpu()
-            rel = (ours - theirs).norm() / theirs.norm()
-            assert rel < 2e-2, (name, j, float(rel))
+    with LLM(folder, dtype="bfloat16", max_model_len=2048, gpu_memory_utilization=0.3, block_size=16) as llm:
+        outs = llm.generate(LOGIT_PROMPTS, LOGIT_PARAMS, use_tqdm=False)
+    assert_logprobs_match_hf(hf, LOGIT_PROMPTS, outs, name)
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3"])
 def test_cuda_graphs_match_eager(name, tmp_path_factory):
     folder, _ = hf_folder(tmp_path_factory, name, 0.5)  # peaky logits: greedy margins far above rounding
-    prompts = [[(11 * i + 5 * j) % 2048 for i in range(n)] for j, n in enumerate((300, 17, 64, 5, 900))]
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    results = []
-    for eager in (True, False):
-        llm = LLM(folder, dtype="bfloat16", max_model_len=2048, gpu_memory_utilization=0.3,
-                  enforce_eager=eager, max_num_seqs=8)
-        assert (llm.engine.core.runner.graphs is None) == eager
-        results.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
-        del llm
-        torch.cuda.empty_cache()
-    assert results[0] == results[1]
+    eager, graphs = greedy_eager_and_graphs(folder, dtype="bfloat16")
+    assert eager == graphs
 
 
 def test_embedded_model_greedy_matches_hf_on_gpu(request):

@@ -12,9 +12,10 @@ pytestmark = pytest.mark.cuda
 if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
     pytest.skip("needs 2 or more CUDA GPUs", allow_module_level=True)
 
-from gpu_models import SHAPES, hf_folder  # noqa: E402
+from gpu_models import (  # noqa: E402
+    LOGIT_PARAMS, LOGIT_PROMPTS, SHAPES, assert_logprobs_match_hf, greedy_eager_and_graphs, hf_folder)
 
-from tokenmill import LLM, SamplingParams  # noqa: E402
+from tokenmill import LLM  # noqa: E402
 from tokenmill.model.layers.linear import head_partition  # noqa: E402
 
 TP_SIZES = [n for n in (2, 4, 8) if n <= torch.cuda.device_count()]
@@ -36,21 +37,10 @@ CASES = [(name, tp) for tp in TP_SIZES for name in sorted(SHAPES) if _splits(nam
 @pytest.mark.parametrize("name,tp", CASES)
 def test_tp_logits_match_hf_bf16(name, tp, tmp_path_factory):
     folder, hf = hf_folder(tmp_path_factory, name, 0.05)
-    prompts = [[(13 * i + 7 * j) % 2048 for i in range(n)] for j, n in enumerate((700, 33, 129, 1))]
-    params = SamplingParams(temperature=0, max_tokens=8, logprobs=20, ignore_eos=True)
     with LLM(folder, dtype="bfloat16", max_model_len=2048, gpu_memory_utilization=0.3,
              tensor_parallel_size=tp) as llm:
-        outs = llm.generate(prompts, params, use_tqdm=False)
-    for prompt, out in zip(prompts, outs):
-        tokens = prompt + out.outputs[0].token_ids
-        with torch.no_grad():
-            ref = torch.log_softmax(hf(torch.tensor([tokens], device="cuda")).logits[0].float(), -1)
-        for j, position in enumerate(out.outputs[0].logprobs):
-            ids = list(position)
-            ours = torch.tensor([position[t].logprob for t in ids])
-            theirs = ref[len(prompt) - 1 + j][ids].cpu()
-            rel = (ours - theirs).norm() / theirs.norm()
-            assert rel < 2e-2, (name, tp, j, float(rel))
+        outs = llm.generate(LOGIT_PROMPTS, LOGIT_PARAMS, use_tqdm=False)
+    assert_logprobs_match_hf(hf, LOGIT_PROMPTS, outs, (name, tp))
 
 
 @pytest.mark.parametrize("tp", TP_SIZES)
@@ -59,13 +49,5 @@ def test_tp_cuda_graphs_match_eager(tp, tmp_path_factory):
     # with 4+ ranks the summation order (ring/tree chunks) changes with size. In bf16 that rounding
     # flipped a greedy token after 15 steps on 4xH200; in float32 it is far below the margins.
     folder, _ = hf_folder(tmp_path_factory, "qwen3", 0.5)  # peaky logits: greedy margins above rounding
-    prompts = [[(11 * i + 5 * j) % 2048 for i in range(n)] for j, n in enumerate((300, 17, 64, 5, 900))]
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    results = []
-    for eager in (True, False):
-        with LLM(folder, dtype="float32", max_model_len=2048, gpu_memory_utilization=0.3,
-                 enforce_eager=eager, max_num_seqs=8, tensor_parallel_size=tp) as llm:
-            assert (llm.engine.core.runner.graphs is None) == eager
-            results.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
-        torch.cuda.empty_cache()
-    assert results[0] == results[1]
+    eager, graphs = greedy_eager_and_graphs(folder, dtype="float32", tensor_parallel_size=tp)
+    assert eager == graphs

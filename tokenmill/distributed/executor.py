@@ -70,6 +70,7 @@ class TensorParallelExecutor:
         self._dir = tempfile.mkdtemp(prefix="tokenmill-tp-")
         self._ctx = zmq.Context()
         self._encoder = msgspec.msgpack.Encoder()
+        self._report_decoder = msgspec.msgpack.Decoder(WorkerMessage)
         self._procs: list[subprocess.Popen] = []
         self._step_socks: list[zmq.Socket] = []
         self._from_workers = self._ctx.socket(zmq.PULL)
@@ -117,7 +118,7 @@ class TensorParallelExecutor:
 
     def _wait_ready(self, init_frame: bytes) -> None:
         """Hand each worker its WorkerInit once it connects, then wait for every WorkerReady."""
-        decoder = msgspec.msgpack.Decoder(WorkerMessage)
+        decoder = self._report_decoder
         ready: set[int] = set()
         unsent = list(self._step_socks)
         deadline = time.monotonic() + WORKER_START_TIMEOUT_S
@@ -132,10 +133,8 @@ class TensorParallelExecutor:
                     ready.add(msg.rank)
                 else:
                     raise WorkerDiedError(f"tensor-parallel rank {msg.rank} failed to start: {msg.message}")
-            for rank, proc in enumerate(self._procs, start=1):
-                if proc.poll() is not None:
-                    raise WorkerDiedError(f"tensor-parallel rank {rank} exited during start-up "
-                                          f"(code {proc.returncode})")
+            if (dead := self._first_dead_worker()) is not None:
+                raise WorkerDiedError(f"tensor-parallel rank {dead[0]} exited during start-up (code {dead[1]})")
             if time.monotonic() > deadline:
                 raise WorkerDiedError(f"tensor-parallel workers not ready after {WORKER_START_TIMEOUT_S:.0f}s")
 
@@ -178,35 +177,41 @@ class TensorParallelExecutor:
         return output
 
     # ----- failure and shutdown -----
+    def _first_dead_worker(self) -> tuple[int, int] | None:
+        """(rank, exit code) of a worker that has exited, if any."""
+        for rank, proc in enumerate(self._procs, start=1):
+            if proc.poll() is not None:
+                return rank, proc.returncode
+        return None
+
     def _dead_worker_reason(self, wait_s: float) -> str | None:
         deadline = time.monotonic() + wait_s
-        while True:
-            for rank, proc in enumerate(self._procs, start=1):
-                if proc.poll() is not None:
-                    return f"tensor-parallel rank {rank} exited (code {proc.returncode})"
+        while (dead := self._first_dead_worker()) is None:
             if time.monotonic() >= deadline:
                 return None
             time.sleep(0.05)
+        return f"tensor-parallel rank {dead[0]} exited (code {dead[1]})"
+
+    def _drain_reports(self) -> None:
+        """Keep the reasons workers sent before exiting (watchdog thread only: ZMQ sockets are not
+        thread-safe, and start-up has finished reading this one by then)."""
+        while self._from_workers.poll(0):
+            msg = self._report_decoder.decode(self._from_workers.recv())
+            if isinstance(msg, WorkerFailed):
+                self._failures[msg.rank] = msg.message
 
     def _watchdog(self) -> None:
-        decoder = msgspec.msgpack.Decoder(WorkerMessage)
         while not self._closing:
-            while self._from_workers.poll(0):
-                msg = decoder.decode(self._from_workers.recv())
-                if isinstance(msg, WorkerFailed):
-                    self._failures[msg.rank] = msg.message
-            for rank, proc in enumerate(self._procs, start=1):
-                if proc.poll() is not None and not self._closing:
-                    self._on_worker_death(rank, proc.returncode)
-                    return
+            self._drain_reports()
+            dead = self._first_dead_worker()
+            if dead is not None and not self._closing:
+                self._on_worker_death(*dead)
+                return
             time.sleep(WATCHDOG_POLL_S)
 
     def _on_worker_death(self, rank: int, code: int) -> None:
         time.sleep(WATCHDOG_POLL_S)  # let its WorkerFailed message arrive
-        while self._from_workers.poll(0):
-            msg = msgspec.msgpack.decode(self._from_workers.recv(), type=WorkerMessage)
-            if isinstance(msg, WorkerFailed):
-                self._failures[msg.rank] = msg.message
+        self._drain_reports()
         detail = f": {self._failures[rank]}" if rank in self._failures else ""
         self.dead_reason = f"tensor-parallel rank {rank} exited (code {code}){detail}"
         logger.error("%s; stopping the other ranks", self.dead_reason)
