@@ -65,6 +65,8 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     scheduling_policy: str
     max_model_len: int
+    # Schedule and launch step N+1 before step N's sampled tokens reach the host (docs/gpu.md).
+    async_scheduling: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,8 @@ class EngineArgs:
     attention_backend: str | None = None
     enforce_eager: bool = False
     num_gpu_blocks_override: int | None = None
+    # None: on where it pays (CUDA, whose kernels run behind the host), off on CPU.
+    async_scheduling: bool | None = None
 
     # ----- CLI -----
     @staticmethod
@@ -160,6 +164,9 @@ class EngineArgs:
         parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
         parser.add_argument("--attention-backend", choices=("torch_native", "triton"), default=None)
         parser.add_argument("--enforce-eager", action="store_true")
+        parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                            help="prepare and launch the next step while the GPU runs this one "
+                                 "(default: on for CUDA, off on CPU)")
         return parser
 
     @classmethod
@@ -204,7 +211,9 @@ class EngineArgs:
             model=model_cfg,
             cache=CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
                               self.enable_prefix_caching, self.num_gpu_blocks_override),
-            scheduler=SchedulerConfig(self.max_num_seqs, max_batched, self.scheduling_policy, max_model_len),
+            scheduler=SchedulerConfig(self.max_num_seqs, max_batched, self.scheduling_policy, max_model_len,
+                                      device.type == "cuda" if self.async_scheduling is None
+                                      else self.async_scheduling),
             parallel=ParallelConfig(self.tensor_parallel_size),
             device=device,
             load_format=source.load_format,

@@ -64,6 +64,24 @@ def test_tp2_under_chunked_prefill_and_preemption(tp1_greedy):
         assert llm.engine.core.kv_manager.pool.num_free_blocks == 24
 
 
+def test_tp2_async_scheduling(tp1_greedy, llm_fp32):
+    """Async scheduling over two ranks: rank 0 broadcasts each step's sampled tokens, the workers
+    read their next inputs from them; under chunked prefill and preemption, and switching to
+    synchronous steps (a grammar) and back, the tokens stay TP=1's."""
+    sampled = SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=12, logprobs=2)
+    expected_sampled = [o.outputs[0].token_ids for o in llm_fp32.generate(PROMPTS[:4], sampled, use_tqdm=False)]
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    constrained = SamplingParams(temperature=0, max_tokens=20, structured_outputs=StructuredOutputsParams(json=schema))
+    with LLM(tensor_parallel_size=2, async_scheduling=True, dtype="float32", max_model_len=512,
+             max_num_batched_tokens=8, num_gpu_blocks_override=24, block_size=4) as llm:
+        assert _greedy(llm) == tp1_greedy
+        assert llm.engine.core.scheduler.num_preemptions > 0
+        got = llm.generate(PROMPTS[:4] + ["Reply in JSON."], [sampled] * 4 + [constrained], use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in got[:4]] == expected_sampled
+        assert got[4].outputs[0].text.startswith("{")
+        assert llm.engine.core.kv_manager.pool.num_free_blocks == 24
+
+
 def test_tp3_greedy_matches_tp1(tp1_greedy):
     with LLM(tensor_parallel_size=3, **ENGINE) as llm:
         attn = llm.engine.core.runner.model.model.layers[0].self_attn

@@ -33,7 +33,8 @@ class FakeRunner:
         result = ModelRunnerOutput()
         for rid, n in out.num_scheduled_tokens.items():
             req = self.sched.requests[rid]
-            if req.num_computed_tokens + n >= req.num_tokens:
+            # (`schedule` already counted the step's tokens as computed.)
+            if req.num_computed_tokens >= req.num_tokens:
                 result.sampled_token_ids[rid] = 5
         return result
 
@@ -172,3 +173,82 @@ def test_random_arrivals_and_aborts_never_leak(ops, policy, caching):
     run_to_completion(sched)
     assert sched.kv.pool.num_free_blocks == 16
     assert not sched.requests
+
+
+class AsyncStepper:
+    """Async scheduling's order: schedule and launch step N+1, then update with step N's tokens."""
+
+    def __init__(self, sched: Scheduler) -> None:
+        self.sched = sched
+        self.runner = FakeRunner(sched)
+        self.in_flight = None
+
+    def step(self):
+        out = self.sched.schedule()
+        launched = (out, self.runner.execute(out))  # the fake "samples" when the step launches
+        outputs = self.sched.update(*self.in_flight) if self.in_flight else []
+        self.in_flight = None if out.is_empty else launched
+        return out, outputs
+
+
+def test_async_in_flight_token_accounting():
+    sched = make_scheduler(budget=64)
+    sched.add_request(make_request("a", 6, max_tokens=4))
+    stepper = AsyncStepper(sched)
+    scheduled = []
+    finished = {}
+    while sched.has_unfinished_requests() or stepper.in_flight:
+        out, outputs = stepper.step()
+        scheduled.append(out.num_scheduled_tokens.get("a", 0))
+        finished.update({o.request_id: o for o in outputs if o.finish_reason is not None})
+        req = sched.requests.get("a")
+        if req is not None:  # one sampled token is always in flight between steps
+            assert req.num_inflight_tokens == 1
+            assert req.num_computed_tokens == req.num_tokens  # its in-flight token's input included
+    # The prompt, then three one-token steps; the step that would follow the 4th token is never
+    # scheduled (its in-flight token reaches max_tokens), and nothing is computed twice.
+    assert scheduled[:4] == [6, 1, 1, 1] and sum(scheduled) == 9
+    assert str(finished["a"].finish_reason) == "length"
+    assert sched.kv.pool.num_free_blocks == sched.kv.pool.num_blocks
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["add", "abort", "step", "step", "step"]),
+                          st.integers(1, 30), st.integers(1, 12)), min_size=1, max_size=60),
+       st.sampled_from(["fcfs", "priority"]), st.booleans())
+def test_async_random_arrivals_aborts_and_preemptions(ops, policy, caching):
+    """Preemption and abort while a step is in flight: no leak, and every request that was not
+    aborted ends with exactly its max_tokens (the fake never samples EOS)."""
+    sched = make_scheduler(num_blocks=12, block_size=4, max_seqs=3, budget=12, max_len=64, policy=policy,
+                           caching=caching)
+    stepper = AsyncStepper(sched)
+    wanted, aborted, finished, num_out = {}, set(), {}, {}
+
+    def collect(outputs):
+        for o in outputs:
+            num_out[o.request_id] = num_out.get(o.request_id, 0) + len(o.new_token_ids)
+            if o.finish_reason is not None:
+                finished[o.request_id] = o
+    for op, a, b in ops:
+        if op == "add":
+            rid = f"r{len(wanted)}"
+            wanted[rid] = b
+            sched.add_request(make_request(rid, a, max_tokens=b, priority=a % 3, arrival=float(len(wanted))))
+        elif op == "abort" and sched.requests:
+            rid = sorted(sched.requests)[a % len(sched.requests)]
+            sched.finish_requests([rid], RequestStatus.FINISHED_ABORTED)
+            aborted.add(rid)
+        else:
+            out, outputs = stepper.step()
+            assert out.total_num_scheduled_tokens <= 12
+            collect(outputs)
+        sched.kv.pool.check_invariants()
+        for r in sched.requests.values():
+            assert 0 <= r.num_inflight_tokens <= 1
+    while sched.has_unfinished_requests() or stepper.in_flight:
+        collect(stepper.step()[1])
+    assert sched.kv.pool.num_free_blocks == 12
+    assert not sched.requests
+    assert set(finished) == set(wanted) - aborted
+    for rid, out in finished.items():
+        assert str(out.finish_reason) == "length" and num_out[rid] == wanted[rid]

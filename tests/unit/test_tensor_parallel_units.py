@@ -42,9 +42,9 @@ def test_step_message_round_trips_without_pickle():
         cached_requests=[CachedRequestData("b", [9], 17)],
         num_scheduled_tokens={"a": 3, "b": 1}, total_num_scheduled_tokens=4,
         finished_request_ids={"c"}, preempted_request_ids={"d"})
-    frame = msgspec.msgpack.encode(WorkerStep(sched, {"b": 42}))
+    frame = msgspec.msgpack.encode(WorkerStep(sched, {"b": [42]}))
     decoded = msgspec.msgpack.Decoder(DriverMessage).decode(frame)
-    assert decoded == WorkerStep(sched, {"b": 42})
+    assert decoded == WorkerStep(sched, {"b": [42]})
     assert isinstance(msgspec.msgpack.Decoder(DriverMessage).decode(msgspec.msgpack.encode(WorkerShutdown())),
                       WorkerShutdown)
 

@@ -51,6 +51,9 @@ class Request:
     all_token_ids: list[int] = field(default_factory=list)  # prompt + output
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_cached_tokens: int = -1  # prompt tokens served by the prefix cache (set at first schedule)
+    # Tokens a scheduled step will sample that have not reached the host yet (async scheduling:
+    # step N+1 is scheduled before step N's token is known; 0 or 1, briefly 2, inside `schedule`).
+    num_inflight_tokens: int = 0
     num_preemptions: int = 0
     stop_reason: int | str | None = None
     block_hashes: list[bytes] = field(default_factory=list)  # one per full block of all_token_ids
@@ -62,6 +65,9 @@ class Request:
     stop_check_token_ids: frozenset[int] = field(init=False)
     # The token count at which max_tokens is reached (no limit: a count never reached).
     max_num_tokens: int = field(init=False)
+    # Its next step's sampling reads its previous tokens on the host (penalties, a grammar), so it
+    # cannot be scheduled ahead of them: the engine steps synchronously while it runs.
+    needs_host_tokens: bool = field(init=False)
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:
@@ -73,6 +79,7 @@ class Request:
         if self.eos_token_id is not None and not params.ignore_eos:
             stop_ids.add(self.eos_token_id)
         self.stop_check_token_ids = frozenset(stop_ids)
+        self.needs_host_tokens = params.needs_penalties or params.structured_outputs is not None
         self.max_num_tokens = (self.num_prompt_tokens + params.max_tokens if params.max_tokens is not None
                                else sys.maxsize)
 

@@ -5,6 +5,11 @@ There is no prefill phase and no decode phase. Running requests go first (a deco
 token; a partly prefilled prompt continues its chunk), then waiting ones, chunking long prompts.
 When the block pool runs dry, the newest running request (or, under the `priority` policy, the
 lowest-priority one) is preempted: its blocks are freed and it is recomputed later.
+
+`num_computed_tokens` advances when a step is scheduled, not when it returns, so that under async
+scheduling step N+1 can be scheduled while step N runs. A step that reaches the end of a request's
+tokens samples one more, counted in `num_inflight_tokens` until `update` appends it; step N+1's
+input for that request is then step N's token, which the runner takes from the device.
 Plain Python, no torch: unit-testable in milliseconds.
 """
 
@@ -27,6 +32,7 @@ from tokenmill.core.scheduler_output import (
 from tokenmill.engine.messages import EngineOutput, SchedulerStats
 
 _RUNNING = RequestStatus.RUNNING
+_PREEMPTED = RequestStatus.PREEMPTED
 _FINISHED = RequestStatus.FINISHED_STOPPED  # status >= this: finished
 
 
@@ -84,12 +90,19 @@ class Scheduler:
         self.running: list[Request] = []
         self._finished_since_last_step: set[str] = set()
         self.num_preemptions = 0
+        self._num_needing_host_tokens = 0  # live requests whose sampling reads earlier tokens
+
+    @property
+    def needs_synchronous_steps(self) -> bool:
+        """Whether a live request's next step must wait for its previous token on the host."""
+        return self._num_needing_host_tokens > 0
 
     # ----- request lifecycle -----
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
+        self._num_needing_host_tokens += request.needs_host_tokens
         self.waiting.add(request)
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
@@ -111,6 +124,7 @@ class Scheduler:
     def _free(self, request: Request) -> None:
         self.kv.free(request)
         self._finished_since_last_step.add(request.request_id)
+        self._num_needing_host_tokens -= request.needs_host_tokens
         del self.requests[request.request_id]
 
     def has_unfinished_requests(self) -> bool:
@@ -133,7 +147,11 @@ class Scheduler:
         while i < len(running) and budget > 0:
             request = running[i]
             num_computed = request.num_computed_tokens
-            num_new = min(len(request.all_token_ids) - num_computed, budget, max_len - num_computed)
+            num_known = len(request.all_token_ids) + request.num_inflight_tokens
+            if request.num_inflight_tokens and (num_known >= request.max_num_tokens or num_known >= max_len):
+                i += 1  # its in-flight token ends it (length): nothing more to compute
+                continue
+            num_new = min(num_known - num_computed, budget, max_len - num_computed)
             if num_new <= 0:
                 i += 1
                 continue
@@ -153,7 +171,11 @@ class Scheduler:
             request_id = request.request_id
             cached_requests.append(CachedRequestData(request_id, new_block_ids, num_computed))
             num_scheduled[request_id] = num_new
-            kv.cache_full_blocks(request, num_computed + num_new)
+            request.num_computed_tokens = num_computed + num_new
+            if num_computed + num_new == num_known:
+                request.num_inflight_tokens += 1  # this step samples
+            # Only known tokens: a block holding an in-flight token is published by `update`.
+            kv.cache_full_blocks(request, min(num_computed + num_new, len(request.all_token_ids)))
             budget -= num_new
             # A priority-policy victim may sit before this request: find our place again.
             i = running.index(request) + 1 if preempted_here else i + 1
@@ -170,7 +192,12 @@ class Scheduler:
             if new_block_ids is None:
                 break  # the pool is full: wait for running requests to finish
             self.waiting.pop()
-            request.num_computed_tokens = num_hit
+            # Its previous step's token (if it was preempted with one in flight) arrived in the
+            # `update` between its preemption and now: a waiting request knows all its tokens.
+            assert request.num_inflight_tokens == 0
+            request.num_computed_tokens = num_hit + num_new
+            if num_hit + num_new == request.num_tokens:
+                request.num_inflight_tokens = 1
             self.kv.cache_full_blocks(request, num_hit + num_new)
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit
@@ -197,14 +224,19 @@ class Scheduler:
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         self.running.remove(request)
-        self.kv.free(request)
+        num_scheduled = out.num_scheduled_tokens.pop(request.request_id, 0)
+        if num_scheduled:  # scheduled earlier in this step, which now will not run for it
+            if request.num_computed_tokens == request.num_tokens + request.num_inflight_tokens - 1:
+                request.num_inflight_tokens -= 1  # that step would have sampled
+            request.num_computed_tokens -= num_scheduled
+        self.kv.free(request)  # (unpublishes the blocks that step would have filled)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.prompt_logprobs.clear()  # recomputed with the prompt
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.add_front(request)
         out.preempted_request_ids.add(request.request_id)
-        out.num_scheduled_tokens.pop(request.request_id, None)
         out.cached_requests = [c for c in out.cached_requests if c.request_id != request.request_id]
 
     # ----- after the model ran -----
@@ -216,21 +248,29 @@ class Scheduler:
         all_lps = result.logprobs
         max_len = self.config.max_model_len
         any_finished = False
-        for request_id, num_tokens in sched.num_scheduled_tokens.items():
+        for request_id in sched.num_scheduled_tokens:
             request = requests.get(request_id)
-            if request is None or request.status != _RUNNING:
+            if request is None:
                 continue  # aborted while the step ran
-            request.num_computed_tokens += num_tokens
-            if all_prompt_lps:
+            running = request.status == _RUNNING
+            if not running and request.status != _PREEMPTED:
+                continue
+            # (A request preempted after this step was launched keeps the step's token: async
+            # scheduling preempts while a step runs. Its prompt logprobs are recomputed.)
+            if all_prompt_lps and running:
                 prompt_lps = all_prompt_lps.get(request_id)
                 if prompt_lps:
                     request.prompt_logprobs.extend(prompt_lps)
             token = sampled.get(request_id)
             if token is None:
                 continue  # a prompt chunk that did not reach the end
+            request.num_inflight_tokens -= 1
             token_ids = request.all_token_ids
             token_ids.append(token)
             num_tokens_now = len(token_ids)
+            if running and request.num_computed_tokens >= num_tokens_now:
+                # Async: the next step, already launched, computes this token's K/V.
+                self.kv.cache_full_blocks(request, num_tokens_now)
             # Only a possible stop token or a length limit can end it: skip the full check otherwise.
             if (token in request.stop_check_token_ids or num_tokens_now >= request.max_num_tokens
                     or num_tokens_now >= max_len):
@@ -245,6 +285,8 @@ class Scheduler:
             if request.status >= _FINISHED:
                 out.finish_reason = request.status.finish_reason
                 out.stop_reason = request.stop_reason
+                if not running:
+                    self.waiting.remove(request)
                 self._free(request)
                 any_finished = True
             outputs.append(out)

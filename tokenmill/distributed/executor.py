@@ -5,9 +5,11 @@ samples; ranks 1..N-1 are worker processes that run the same steps on their shar
                                     | rank 0 ModelRunner      |                           | rank r ModelRunner
                                     +---- NCCL (GPU) / gloo (CPU): all-reduce, all-gather ----+
 
-The scheduler runs once. Each step the driver sends the SchedulerOutput (plus the tokens it
-sampled last step) to every worker, then runs its own rank; the collectives inside the model keep
-the ranks in lock step. Workers never sample: they learn the tokens from the next step's message.
+The scheduler runs once. Each step the driver sends the SchedulerOutput (plus the tokens it has
+read back since the last message) to every worker, then runs its own rank; the collectives inside
+the model keep the ranks in lock step. Workers never sample: they learn the tokens from a later
+message, and under async scheduling, where step N+1 is sent before step N's tokens are read, from
+a broadcast of rank 0's sampled-token tensor on the devices.
 
 Failure: a watchdog thread polls the workers. When one exits unasked, the rest are killed, the
 next `execute` raises `WorkerDiedError`, and a step blocked in a collective (NCCL waits forever
@@ -79,7 +81,7 @@ class TensorParallelExecutor:
         self.dead_reason: str | None = None
         self._step_started: float | None = None
         self._closing = False
-        self._pending_tokens: dict[str, int] = {}
+        self._unsent_tokens: dict[str, list[int]] = {}  # read back since the last WorkerStep
         atexit.register(self.shutdown)
 
         num_threads = self._split_cpu_threads()
@@ -157,14 +159,22 @@ class TensorParallelExecutor:
         return self.runner.model  # rank 0's shard
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        return self.launch(sched).result()
+
+    def launch(self, sched: SchedulerOutput) -> "_ExecutorStepFuture":
         if self.dead_reason is not None:
             raise WorkerDiedError(self.dead_reason)
-        frame = self._encoder.encode(WorkerStep(sched, self._pending_tokens))
+        frame = self._encoder.encode(WorkerStep(sched, self._unsent_tokens))
+        self._unsent_tokens = {}
         for sock in self._step_socks:
             sock.send(frame, copy=False)
+        return _ExecutorStepFuture(self, self._guarded(self.runner.launch, sched))
+
+    def _guarded(self, fn, *args):
+        """Run a step's part on rank 0, turning a failure caused by a dead rank into WorkerDiedError."""
         self._step_started = time.monotonic()
         try:
-            output = self.runner.execute(sched)
+            return fn(*args)
         except Exception as exc:
             # gloo notices a dead peer (connection reset) before the watchdog's next poll.
             reason = self.dead_reason or self._dead_worker_reason(wait_s=1.0)
@@ -173,8 +183,11 @@ class TensorParallelExecutor:
             raise
         finally:
             self._step_started = None
-        self._pending_tokens = output.sampled_token_ids
-        return output
+
+    def _read_back(self, output: ModelRunnerOutput) -> None:
+        unsent = self._unsent_tokens
+        for request_id, token in output.sampled_token_ids.items():
+            unsent.setdefault(request_id, []).append(token)
 
     # ----- failure and shutdown -----
     def _first_dead_worker(self) -> tuple[int, int] | None:
@@ -260,6 +273,21 @@ class TensorParallelExecutor:
         self._ctx.term()
         shutil.rmtree(self._dir, ignore_errors=True)
         atexit.unregister(self.shutdown)
+
+
+class _ExecutorStepFuture:
+    """Rank 0's StepFuture; reading it queues the tokens for the workers' next message."""
+
+    __slots__ = ("_executor", "_future")
+
+    def __init__(self, executor: TensorParallelExecutor, future) -> None:
+        self._executor = executor
+        self._future = future
+
+    def result(self) -> ModelRunnerOutput:
+        output = self._executor._guarded(self._future.result)
+        self._executor._read_back(output)
+        return output
 
 
 def make_model_executor(config: EngineConfig):

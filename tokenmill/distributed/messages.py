@@ -24,11 +24,12 @@ class WorkerInit(msgspec.Struct, tag="init"):
 
 
 class WorkerStep(msgspec.Struct, tag="step", gc=False):
-    """One engine step. `sampled_token_ids` are the tokens rank 0 sampled in the previous step:
-    workers append them to their request states before building this step's inputs."""
+    """One engine step. `sampled_token_ids` are the tokens rank 0 read back since its previous
+    message (one per request, two when an async step was followed by a synchronous one): workers
+    append them to their request states before building this step's inputs."""
 
     scheduler_output: SchedulerOutput
-    sampled_token_ids: dict[str, int]
+    sampled_token_ids: dict[str, list[int]]
 
 
 class WorkerShutdown(msgspec.Struct, tag="shutdown"):

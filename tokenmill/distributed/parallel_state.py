@@ -88,6 +88,13 @@ def tp_all_reduce_min(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
+def tp_broadcast_from_driver(x: torch.Tensor) -> None:
+    """Overwrite every rank's `x` with rank 0's (in place; the sampled tokens under async scheduling)."""
+    if _TP_SIZE == 1:
+        return
+    torch.distributed.broadcast(x, src=0, group=_TP_GROUP)
+
+
 def _all_gather_single(out: torch.Tensor, x: torch.Tensor, group) -> None:
     # torch >= 2.13 names it all_gather_single; older releases all_gather_into_tensor.
     fn = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor

@@ -2,6 +2,11 @@
 
 It knows nothing about text or HTTP. The offline `LLM` runs it in-process; the server runs it in
 its own process behind ZMQ (`engine/core_process.py`).
+
+With async scheduling (the default on CUDA) a step schedules and launches step N+1, then reads
+step N's sampled tokens and updates the scheduler with them: the host's bookkeeping for N overlaps
+the GPU's work on N+1, instead of the GPU idling while the host catches up. While a request whose
+sampling reads its previous tokens (penalties, a grammar) is live, steps run one at a time.
 """
 
 from __future__ import annotations
@@ -10,12 +15,13 @@ import atexit
 import gc
 import logging
 import time
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 from tokenmill.config import EngineConfig
 from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.request import Request, RequestStatus
 from tokenmill.core.scheduler import Scheduler
+from tokenmill.core.scheduler_output import SchedulerOutput
 from tokenmill.engine.messages import EngineOutput, EngineOutputs, EngineRequest, SchedulerStats
 from tokenmill.distributed.executor import make_model_executor
 
@@ -37,6 +43,11 @@ def freeze_long_lived_objects() -> None:
     atexit.register(gc.unfreeze)
 
 
+class _LaunchedStep(NamedTuple):
+    sched: SchedulerOutput
+    future: object  # StepFuture: .result() -> ModelRunnerOutput
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -53,6 +64,8 @@ class EngineCore:
         self.kv_manager = KVCacheManager(num_blocks, config.cache.block_size,
                                          config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager)
+        self.async_scheduling = config.scheduler.async_scheduling
+        self._in_flight: _LaunchedStep | None = None  # launched, tokens not read yet (async only)
         freeze_long_lived_objects()
         logger.info("engine ready in %.1fs: %s (%s, %s) on %s, KV cache %d tokens (%d blocks of %d)",
                     time.perf_counter() - start, config.model.served_model_name, config.model.architecture,
@@ -66,16 +79,36 @@ class EngineCore:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
     def step(self) -> EngineOutputs:
+        counts = SchedulerStats()  # token counts of the steps whose tokens this call reads
+        outputs: list[EngineOutput] = []
+        if self._in_flight is not None and self.scheduler.needs_synchronous_steps:
+            outputs += self._finish(self._in_flight, counts)  # the next schedule needs its tokens
+            self._in_flight = None
         sched = self.scheduler.schedule()
-        result = self.runner.execute(sched)
-        outputs: list[EngineOutput] = self.scheduler.update(sched, result)
+        launched = _LaunchedStep(sched, self.runner.launch(sched))
+        if self._in_flight is not None:
+            # Step N+1 is queued on the GPU: now wait for step N's tokens and do its bookkeeping.
+            outputs += self._finish(self._in_flight, counts)
+            self._in_flight = None
+        if self.async_scheduling and not sched.is_empty and not self.scheduler.needs_synchronous_steps:
+            self._in_flight = launched
+        else:
+            outputs += self._finish(launched, counts)
         stats = self.scheduler.stats()
-        stats.num_generation_tokens = len(result.sampled_token_ids)
-        stats.num_prompt_tokens = sched.total_num_scheduled_tokens - stats.num_generation_tokens
+        stats.num_generation_tokens = counts.num_generation_tokens
+        stats.num_prompt_tokens = counts.num_prompt_tokens
         return EngineOutputs(outputs=outputs, scheduler_stats=stats, timestamp=time.time())
+
+    def _finish(self, step: _LaunchedStep, counts: SchedulerStats) -> list[EngineOutput]:
+        """Read a launched step's tokens and update the scheduler with them."""
+        result = step.future.result()
+        num_sampled = len(result.sampled_token_ids)
+        counts.num_generation_tokens += num_sampled
+        counts.num_prompt_tokens += step.sched.total_num_scheduled_tokens - num_sampled
+        return self.scheduler.update(step.sched, result)
 
     def get_stats(self) -> SchedulerStats:
         return self.scheduler.stats()

@@ -4,7 +4,9 @@ The device's CPU is slow to launch kernels (~20 us each) and a decode step of an
 hundred small kernels, so eager decode is launch-bound. The model forward plus the LM head is
 captured once per batch size of a ladder (1, 2, 4, 8, 16, 32, ... up to `max_num_seqs`); a step
 pads its batch up to the next captured size and replays. The graphs read persistent device
-buffers, which each step fills from pinned host twins with one async copy per buffer.
+buffers, which each step fills from pinned host twins with one async copy per buffer. There are two
+twins per buffer, used in turn: under async scheduling the host writes step N+1's inputs while step
+N's copies may still wait in the stream.
 
 Padded rows have `seq_len = 0` (the decode kernel writes zeros for them) and slot -1 (no KV write);
 their logits are sliced away.
@@ -30,12 +32,12 @@ def batch_size_ladder(max_batch: int) -> list[int]:
 
 
 class _PinnedBuffer:
-    """A device tensor and its pinned host twin (with a numpy view written in place)."""
+    """A device tensor and two pinned host twins (with numpy views written in place)."""
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
         self.device_tensor = torch.zeros(shape, dtype=dtype, device=device)
-        self.host = torch.zeros(shape, dtype=dtype, pin_memory=True)
-        self.np = self.host.numpy()
+        self.hosts = [torch.zeros(shape, dtype=dtype, pin_memory=True) for _ in range(2)]
+        self.nps = [h.numpy() for h in self.hosts]
 
 
 class CudaGraphDecoder:
@@ -56,6 +58,7 @@ class CudaGraphDecoder:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.pool = None
+        self._turn = 0  # which host twin this step writes
 
     def _meta(self, batch: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -91,24 +94,31 @@ class CudaGraphDecoder:
         return bool(self.graphs) and num_reqs <= self.sizes[-1]
 
     def run(self, input_ids: np.ndarray, positions: np.ndarray, slot_mapping: np.ndarray,
-            seq_lens: np.ndarray, block_table: np.ndarray) -> torch.Tensor:
-        """Replay for a decode batch of len(input_ids) requests; returns their logits [n, vocab]."""
+            seq_lens: np.ndarray, block_table: np.ndarray,
+            device_tokens: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Replay for a decode batch of len(input_ids) requests; returns their logits [n, vocab].
+
+        `device_tokens` = (rows, token ids), both on the device: input ids the host does not know
+        yet (the previous step's samples, async scheduling), written over `input_ids` at `rows`.
+        """
         n = len(input_ids)
         batch = self.sizes[bisect.bisect_left(self.sizes, n)]
-        self.input_ids.np[:n] = input_ids
-        self.input_ids.np[n:batch] = 0
-        self.positions.np[:n] = positions
-        self.positions.np[n:batch] = 0
-        self.slot_mapping.np[:n] = slot_mapping
-        self.slot_mapping.np[n:batch] = -1
-        self.seq_lens.np[:n] = seq_lens
-        self.seq_lens.np[n:batch] = 0
+        turn = self._turn
+        self._turn ^= 1
+        fills = ((self.input_ids, input_ids, 0), (self.positions, positions, 0),
+                 (self.slot_mapping, slot_mapping, -1), (self.seq_lens, seq_lens, 0))
+        for buf, values, pad in fills:
+            host = buf.nps[turn]
+            host[:n] = values
+            host[n:batch] = pad
+            buf.device_tensor[:batch].copy_(buf.hosts[turn][:batch], non_blocking=True)
         num_blocks = block_table.shape[1]
-        self.block_table.np[:n, :num_blocks] = block_table
-        self.block_table.np[n:batch, :num_blocks] = 0
-        for buf in (self.input_ids, self.positions, self.slot_mapping, self.seq_lens):
-            buf.device_tensor[:batch].copy_(buf.host[:batch], non_blocking=True)
+        table = self.block_table.nps[turn]
+        table[:n, :num_blocks] = block_table
+        table[n:batch, :num_blocks] = 0
         self.block_table.device_tensor[:batch, :num_blocks].copy_(
-            self.block_table.host[:batch, :num_blocks], non_blocking=True)
+            self.block_table.hosts[turn][:batch, :num_blocks], non_blocking=True)
+        if device_tokens is not None:
+            self.input_ids.device_tensor.index_copy_(0, *device_tokens)
         self.graphs[batch].replay()
         return self.logits[batch][:n]

@@ -3,6 +3,11 @@ step's flattened inputs, runs the model and samples.
 
 It makes no scheduling decisions. Requests are ordered decodes-first so the attention backend can
 batch all one-token queries together.
+
+`launch` enqueues a step and returns a `StepFuture` without waiting for the GPU; `execute` waits
+too. Under async scheduling the engine launches step N+1 before it reads step N's tokens: a request
+whose next input is such a token (the runner's host copy of its tokens is one short) gets it from
+step N's sampled-token tensor on the device.
 """
 
 from __future__ import annotations
@@ -15,11 +20,11 @@ import torch
 
 from tokenmill.config import EngineConfig
 from tokenmill.core.scheduler_output import ModelRunnerOutput, NewRequestData, SchedulerOutput
-from tokenmill.distributed.parallel_state import tp_all_reduce_min, tp_rank
+from tokenmill.distributed.parallel_state import tp_all_reduce_min, tp_broadcast_from_driver, tp_rank, tp_world_size
 from tokenmill.model.attention.backend import AttentionMetadata, KVCache
 from tokenmill.model.registry import build_model
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.worker.sampler import Sampler, SamplingBatch, batch_token_logprobs
+from tokenmill.worker.sampler import SampledTokens, Sampler, SamplingBatch, batch_token_logprobs, index_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +77,11 @@ class ModelRunner:
         max_seqs = config.scheduler.max_num_seqs
         self._block_table = np.zeros((max_seqs, -(-config.model.max_model_len // self.block_size)), np.int32)
         self._free_table_rows = list(range(max_seqs - 1, -1, -1))
+        self.async_scheduling = config.scheduler.async_scheduling
+        # Rank 0 sends each step's sampled tokens to the other ranks on the device (async + TP).
+        self._share_sampled = self.async_scheduling and tp_world_size() > 1
+        # The last step's sampled tokens on the device and each request's row in them.
+        self._prev_sampled: tuple[torch.Tensor, dict[str, int]] | None = None
 
     # ----- KV cache -----
     def bytes_per_block(self) -> int:
@@ -202,19 +212,24 @@ class ModelRunner:
         if seed is not None and self.is_driver and new.request_id not in self.generators:
             self.generators[new.request_id] = torch.Generator(device=self.device).manual_seed(seed)
 
-    def append_sampled_tokens(self, sampled: dict[str, int]) -> None:
-        """Non-driver ranks: the tokens rank 0 sampled last step (before this step's diffs)."""
-        for request_id, token in sampled.items():
+    def append_sampled_tokens(self, sampled: dict[str, list[int]]) -> None:
+        """Non-driver ranks: the tokens rank 0 read back since its last message (before this
+        step's diffs)."""
+        for request_id, tokens in sampled.items():
             state = self.states.get(request_id)
             if state is not None:
-                state.token_ids.append(token)
+                state.token_ids.extend(tokens)
 
     # ----- one step -----
-    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        return self.launch(sched).result()
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput) -> "StepFuture":
+        """Enqueue one step; the future's `result()` waits for its sampled tokens."""
         self._apply_diffs(sched)
         if sched.is_empty:
-            return ModelRunnerOutput()
+            return StepFuture(ModelRunnerOutput())
         num_scheduled = sched.num_scheduled_tokens
         num_reqs = len(num_scheduled)
         # Every request has one token (the usual decode step): no sort, no per-request counts.
@@ -229,8 +244,8 @@ class ModelRunner:
         states = [self.states[r] for r in order]
         host = self._prepare_host_inputs(states, counts)
         output = ModelRunnerOutput()
-        num_known = np.fromiter((len(s.token_ids) for s in states), np.int64, num_reqs)
-        sample_rows = np.flatnonzero(host.seq_lens >= num_known).tolist()
+        sample_rows = np.flatnonzero(host.seq_lens >= host.num_known).tolist()
+        device_tokens = self._device_tokens(states, host) if host.lag_rows else None
         # A one-token row that samples is past its prompt, so it needs no prompt logprobs.
         needs_prompt_logprobs = not (one_token_each and len(sample_rows) == num_reqs) and any(
             s.params.prompt_logprobs is not None and s.num_computed_tokens < s.num_prompt_tokens - 1
@@ -238,39 +253,50 @@ class ModelRunner:
         if (self.graphs is not None and len(sample_rows) == host.num_decodes == len(states)
                 and not needs_prompt_logprobs and self.graphs.can_run(len(states))):
             logits = self.graphs.run(host.input_ids, host.positions, host.slot_mapping,
-                                     host.seq_lens, host.block_table)
+                                     host.seq_lens, host.block_table, device_tokens)
         else:
             inputs = self._to_device(host)
+            if device_tokens is not None:
+                inputs.input_ids.index_copy_(0, *device_tokens)
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
             for i, s in enumerate(states):
                 if s.params.prompt_logprobs is not None and s.num_computed_tokens < s.num_prompt_tokens - 1:
                     output.prompt_logprobs[s.request_id] = self._prompt_logprobs(
                         s, hidden, int(host.query_start[i]), int(counts[i]))
             if not sample_rows:
-                return output
+                return StepFuture(output)
             if one_token_each and len(sample_rows) == num_reqs:
                 last_hidden = hidden  # every token is its request's last
             else:
-                last_token_index = torch.as_tensor(host.query_start[1:][sample_rows] - 1, device=self.device)
+                last_token_index = index_tensor((host.query_start[1:][sample_rows] - 1).tolist(), self.device)
                 last_hidden = hidden.index_select(0, last_token_index)
             logits = self.model.compute_logits(last_hidden)
-        if not self.is_driver:  # rank 0 samples; this rank hears the tokens next step
-            return output
-        sampled_states = states if len(sample_rows) == num_reqs else [states[i] for i in sample_rows]
-        batch = self._sampling_batch(sampled_states)
-        result = self.sampler(logits, batch)
-        for state, token in zip(sampled_states, result.token_ids):
-            state.token_ids.append(token)
-            if state.grammar is not None and not state.grammar.accept_token(token):
-                # The mask makes this impossible; if it ever happens the output is cut here.
-                logger.error("request %s: sampled token %d breaks its grammar", state.request_id, token)
-        sampled_ids = order if len(sample_rows) == num_reqs else [s.request_id for s in sampled_states]
-        output.sampled_token_ids = dict(zip(sampled_ids, result.token_ids))
-        if result.logprobs.count(None) != len(result.logprobs):
-            for request_id, lp in zip(sampled_ids, result.logprobs):
-                if lp is not None:
-                    output.logprobs[request_id] = lp
-        return output
+        all_sample = len(sample_rows) == num_reqs
+        sampled_ids = order if all_sample else [order[i] for i in sample_rows]
+        if not self.is_driver:  # rank 0 samples; this rank hears the tokens from it
+            if self._share_sampled:
+                tokens = torch.empty(len(sample_rows), dtype=torch.long, device=self.device)
+                tp_broadcast_from_driver(tokens)
+                self._prev_sampled = (tokens, dict(zip(sampled_ids, range(len(sampled_ids)))))
+            return StepFuture(output)
+        sampled_states = states if all_sample else [states[i] for i in sample_rows]
+        batch = self._sampling_batch(sampled_states, host.seq_lens if all_sample else host.seq_lens[sample_rows])
+        sampled = self.sampler.sample(logits, batch)
+        if self._share_sampled:
+            tp_broadcast_from_driver(sampled.token_ids)
+        if self.async_scheduling:
+            self._prev_sampled = (sampled.token_ids, dict(zip(sampled_ids, range(len(sampled_ids)))))
+        return StepFuture(output, sampled_states, sampled_ids, sampled.to_host(),
+                          _record_event(self.device))
+
+    def _device_tokens(self, states: list[RequestState], host: "HostInputs") -> tuple[torch.Tensor, torch.Tensor]:
+        """(token rows, token ids) on the device for the rows whose input the host does not know yet."""
+        if self._prev_sampled is None:
+            raise RuntimeError("a request's next input token is unknown, and no step sampled it")
+        prev_tokens, prev_rows = self._prev_sampled
+        src = [prev_rows[states[i].request_id] for i in host.lag_rows]
+        dst = host.query_start[host.lag_rows].tolist()
+        return index_tensor(dst, self.device), prev_tokens.index_select(0, index_tensor(src, self.device))
 
     def _prepare_host_inputs(self, states: list[RequestState], counts: np.ndarray) -> "HostInputs":
         """The step's flattened inputs as numpy arrays (no per-token Python loop)."""
@@ -287,15 +313,21 @@ class ModelRunner:
         max_blocks = int(-(-seq_lens.max() // bs))
         table_rows = np.fromiter((s.table_row for s in states), np.intp, num_reqs)
         block_table = self._block_table[table_rows, :max_blocks]
-        if num_tokens == num_reqs:  # one token each: the token after the computed ones
+        # Known tokens per request; one short (its input still on the device) under async scheduling.
+        num_known = np.fromiter((len(s.token_ids) for s in states), np.int64, num_reqs)
+        lag = seq_lens > num_known
+        lag_rows = np.flatnonzero(lag).tolist() if lag.any() else []
+        if lag_rows and counts[lag].max() != 1:
+            raise RuntimeError("only a one-token step can start from a token still on the device")
+        if num_tokens == num_reqs and not lag_rows:  # one token each: the token after the computed ones
             input_ids = np.fromiter((s.token_ids[s.num_computed_tokens] for s in states), np.int64, num_reqs)
         else:
-            input_ids = np.empty(num_tokens, dtype=np.int64)
-            for i, s in enumerate(states):
-                input_ids[query_start[i]:query_start[i + 1]] = s.token_ids[starts[i]:seq_lens[i]]
+            input_ids = np.zeros(num_tokens, dtype=np.int64)
+            for i in (np.flatnonzero(~lag).tolist() if lag_rows else range(num_reqs)):
+                input_ids[query_start[i]:query_start[i + 1]] = states[i].token_ids[starts[i]:seq_lens[i]]
         slot_mapping = block_table[row_of_token, positions // bs].astype(np.int64) * bs + positions % bs
         return HostInputs(input_ids, positions, slot_mapping, seq_lens.astype(np.int32), block_table,
-                          query_start, int(np.count_nonzero(counts == 1)), int(counts.max()))
+                          query_start, int(np.count_nonzero(counts == 1)), int(counts.max()), num_known, lag_rows)
 
     def _to_device(self, host: "HostInputs") -> "StepInputs":
         dev = self.device
@@ -312,7 +344,8 @@ class ModelRunner:
         return StepInputs(torch.from_numpy(host.input_ids).to(dev, non_blocking=True),
                           torch.from_numpy(host.positions).to(dev, non_blocking=True), meta)
 
-    def _sampling_batch(self, states: list[RequestState]) -> SamplingBatch:
+    def _sampling_batch(self, states: list[RequestState], seq_lens: np.ndarray) -> SamplingBatch:
+        """Rows in `states` order; `seq_lens` are their context lengths after this step."""
         batch = SamplingBatch(
             temperature=[s.params.temperature for s in states],
             top_k=[s.params.top_k for s in states],
@@ -326,7 +359,7 @@ class ModelRunner:
             p = s.params
             if p.logit_bias:
                 batch.logit_bias[row] = p.logit_bias
-            num_out = len(s.token_ids) - s.num_prompt_tokens
+            num_out = int(seq_lens[row]) - s.num_prompt_tokens  # (its token list may lag a step)
             grammar_done = s.grammar is not None and s.grammar.is_completed()
             if num_out < p.min_tokens and not grammar_done:
                 stop = list(p.all_stop_token_ids or p.stop_token_ids or [])
@@ -370,6 +403,8 @@ class HostInputs:
     query_start: np.ndarray  # [num_reqs + 1] int64
     num_decodes: int
     max_query_len: int
+    num_known: np.ndarray  # [num_reqs] tokens the runner knows per request
+    lag_rows: list[int]  # rows whose (one) input token is the previous step's sample, on the device
 
 
 @dataclass(slots=True)
@@ -377,3 +412,47 @@ class StepInputs:
     input_ids: torch.Tensor  # [num_tokens]
     positions: torch.Tensor  # [num_tokens]
     meta: AttentionMetadata
+
+
+def _record_event(device: torch.device):
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
+class StepFuture:
+    """A launched step. `result()` waits for its sampled tokens, appends them to the runner's
+    request states (and grammars) and returns the ModelRunnerOutput."""
+
+    __slots__ = ("_output", "_states", "_request_ids", "_sampled", "_event")
+
+    def __init__(self, output: ModelRunnerOutput, states: list[RequestState] | None = None,
+                 request_ids: list[str] | None = None, sampled: SampledTokens | None = None,
+                 event=None) -> None:
+        self._output = output
+        self._states = states
+        self._request_ids = request_ids
+        self._sampled = sampled
+        self._event = event
+
+    def result(self) -> ModelRunnerOutput:
+        sampled, output = self._sampled, self._output
+        if sampled is None:
+            return output
+        self._sampled = None
+        if self._event is not None:
+            self._event.synchronize()
+        result = sampled.result()
+        for state, token in zip(self._states, result.token_ids):
+            state.token_ids.append(token)
+            if state.grammar is not None and not state.grammar.accept_token(token):
+                # The mask makes this impossible; if it ever happens the output is cut here.
+                logger.error("request %s: sampled token %d breaks its grammar", state.request_id, token)
+        output.sampled_token_ids = dict(zip(self._request_ids, result.token_ids))
+        if result.logprobs.count(None) != len(result.logprobs):
+            for request_id, lp in zip(self._request_ids, result.logprobs):
+                if lp is not None:
+                    output.logprobs[request_id] = lp
+        return output

@@ -5,6 +5,9 @@ argmax or temperature -> top-k -> top-p -> min-p -> sample. Log-probabilities ar
 raw model distribution, before any of that processing. Sampling uses the exponential-race trick
 (argmax of p / Exp(1) noise), so a request with a `seed` draws its noise from its own generator
 and gets the same tokens whatever else is in the batch.
+
+`Sampler.sample` leaves its results on the device (no host sync), so the runner can launch the next
+step before they are read; `SampledTokens.to_host` then starts the copies and `result` waits.
 """
 
 from __future__ import annotations
@@ -46,9 +49,64 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]
 
 
+@dataclass(slots=True)
+class LogprobTensors:
+    """`batch_token_logprobs`'s numbers before they become Python lists (device, then host)."""
+
+    chosen: torch.Tensor  # [R] the chosen tokens' log-probabilities
+    ranks: torch.Tensor  # [R]
+    top: list[tuple[list[int], torch.Tensor, torch.Tensor]]  # (member rows, values [m, k], ids [m, k])
+
+    def to_host(self) -> "LogprobTensors":
+        """Start the device-to-host copies (pinned, non-blocking); read after the step's event."""
+        cpu = lambda t: t.to("cpu", non_blocking=True)  # noqa: E731
+        return LogprobTensors(cpu(self.chosen), cpu(self.ranks), [(m, cpu(v), cpu(i)) for m, v, i in self.top])
+
+    def tolist(self, token_ids: list[int]) -> list[TokenLogprobs]:
+        results = [TokenLogprobs([t], [c], [r])
+                   for t, c, r in zip(token_ids, self.chosen.tolist(), self.ranks.tolist())]
+        for members, values, indices in self.top:
+            k = values.shape[1]
+            for j, top_values, top_ids in zip(members, values.tolist(), indices.tolist()):
+                results[j].token_ids += top_ids
+                results[j].logprobs += top_values
+                results[j].ranks += range(1, k + 1)
+        return results
+
+
+@dataclass(slots=True)
+class SampledTokens:
+    """One step's sampled tokens (and logprobs), on the device until `to_host`."""
+
+    token_ids: torch.Tensor  # [B] int64
+    num_rows: int
+    logprob_rows: list[int] = field(default_factory=list)  # rows that asked for logprobs
+    logprobs: LogprobTensors | None = None
+
+    def to_host(self) -> "SampledTokens":
+        if self.token_ids.device.type == "cpu":
+            return self
+        return SampledTokens(self.token_ids.to("cpu", non_blocking=True), self.num_rows, self.logprob_rows,
+                             self.logprobs.to_host() if self.logprobs is not None else None)
+
+    def result(self) -> SamplerOutput:
+        """Python lists (a host sync unless `to_host` ran and its copies are done)."""
+        token_list = self.token_ids.tolist()
+        logprobs: list[TokenLogprobs | None] = [None] * self.num_rows
+        if self.logprobs is not None:
+            rows = self.logprob_rows
+            for i, lp in zip(rows, self.logprobs.tolist([token_list[i] for i in rows])):
+                logprobs[i] = lp
+        return SamplerOutput(token_list, logprobs)
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """logits: [B, V] float32 (modified in place)."""
+        return self.sample(logits, batch).result()
+
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SampledTokens:
+        """Like calling the sampler, without waiting for the results on the host."""
         num_rows = logits.shape[0]
         # Per-row Python is what a large batch pays every step: whole-batch questions are answered
         # with C-level list methods (count, max, min) rather than generator expressions.
@@ -67,15 +125,13 @@ class Sampler:
             tokens = logits.argmax(dim=-1)
         else:
             tokens = self._sample(logits, batch)
-        token_list = tokens.tolist()
-        logprobs: list[TokenLogprobs | None] = [None] * num_rows
+        out = SampledTokens(tokens, num_rows)
         if raw_logprobs is not None:
             rows = [i for i, k in enumerate(batch.num_logprobs) if k is not None]
-            found = batch_token_logprobs(raw_logprobs, rows, [token_list[i] for i in rows],
-                                         [batch.num_logprobs[i] for i in rows])
-            for i, lp in zip(rows, found):
-                logprobs[i] = lp
-        return SamplerOutput(token_list, logprobs)
+            chosen = tokens if len(rows) == num_rows else tokens.index_select(0, index_tensor(rows, tokens.device))
+            out.logprob_rows = rows
+            out.logprobs = token_logprob_tensors(raw_logprobs, rows, chosen, [batch.num_logprobs[i] for i in rows])
+        return out
 
     @staticmethod
     def _apply_bias_and_suppression(logits: torch.Tensor, batch: SamplingBatch) -> None:
@@ -139,17 +195,27 @@ class Sampler:
                     noise[i].exponential_(generator=g)
         tokens = probs.div_(noise).argmax(dim=-1)
         if greedy_rows:
-            rows = torch.tensor(greedy_rows, device=device)
+            rows = index_tensor(greedy_rows, device)
             tokens[rows] = greedy_tokens[rows]
         return tokens
 
 
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on the device without a host sync (`torch.tensor(..., device=cuda)`
+    waits for the GPU to finish everything queued; a non-blocking copy only stages the bytes)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
+def index_tensor(indices: list[int], device: torch.device) -> torch.Tensor:
+    return to_device(indices, torch.long, device)
+
+
 def per_row_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """[B] tensor of per-row parameters. When every row has the same value (the usual case) it is
-    filled on the device: no list-to-tensor build and no blocking copy from pageable memory."""
+    filled on the device: no list-to-tensor build and no copy at all."""
     if values.count(values[0]) == len(values):
         return torch.full((len(values),), values[0], dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype, device=device)
+    return to_device(values, dtype, device)
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> None:
@@ -170,33 +236,39 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]
     logits.scatter_(1, order, sorted_logits.masked_fill(remove, _NEG_INF))
 
 
-def batch_token_logprobs(logprobs: torch.Tensor, rows: list[int], token_ids: list[int],
-                         ks: list[int]) -> list[TokenLogprobs]:
-    """`token_logprobs` for many rows at once: a handful of host syncs in all instead of three
-    per row.
+def token_logprob_tensors(logprobs: torch.Tensor, rows: list[int], token_ids: torch.Tensor,
+                          ks: list[int]) -> LogprobTensors:
+    """The chosen tokens' log-probabilities and ranks, and each row's top-k, left on the device.
 
     Args:
         logprobs: [N, V] log-softmax.
-        rows: which rows of `logprobs` to report, each with its chosen token and top-k size.
+        rows: which rows of `logprobs` to report, each with its chosen token (`token_ids` [R], on
+            the device) and top-k size.
     """
-    if not rows:
-        return []
     device = logprobs.device
     if rows != list(range(logprobs.shape[0])):
-        logprobs = logprobs.index_select(0, torch.tensor(rows, device=device))  # [R, V]
-    chosen = logprobs.gather(1, torch.tensor(token_ids, device=device).unsqueeze(1))  # [R, 1]
-    ranks = ((logprobs > chosen).sum(dim=1) + 1).tolist()
-    results = [TokenLogprobs([t], [c], [r]) for t, c, r in zip(token_ids, chosen.squeeze(1).tolist(), ranks)]
+        logprobs = logprobs.index_select(0, index_tensor(rows, device))  # [R, V]
+    chosen = logprobs.gather(1, token_ids.view(-1, 1))  # [R, 1]
+    ranks = (logprobs > chosen).sum(dim=1) + 1
+    top = []
     for k in sorted(set(ks)):
         if k <= 0:
             continue
         members = [j for j, kk in enumerate(ks) if kk == k]
-        values, indices = logprobs[members].topk(k)
-        for j, top_values, top_ids in zip(members, values.tolist(), indices.tolist()):
-            results[j].token_ids += top_ids
-            results[j].logprobs += top_values
-            results[j].ranks += range(1, k + 1)
-    return results
+        selected = logprobs if len(members) == len(rows) else logprobs.index_select(0, index_tensor(members, device))
+        values, indices = selected.topk(k)
+        top.append((members, values, indices))
+    return LogprobTensors(chosen.view(-1), ranks, top)
+
+
+def batch_token_logprobs(logprobs: torch.Tensor, rows: list[int], token_ids: list[int],
+                         ks: list[int]) -> list[TokenLogprobs]:
+    """`token_logprobs` for many rows at once: a handful of host syncs in all instead of three
+    per row."""
+    if not rows:
+        return []
+    tensors = token_logprob_tensors(logprobs, rows, index_tensor(token_ids, logprobs.device), ks)
+    return tensors.tolist(token_ids)
 
 
 def token_logprobs(row_logprobs: torch.Tensor, token_id: int, k: int) -> TokenLogprobs:
