@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Device pass for the GPU engine: install carried wheels, run the GPU tests, then the benchmarks.
-# Usage on the device (repo root):  bash scripts/gpu_suite.sh [tests|bench1|bench2|all]
+# Usage on the device (repo root):  bash scripts/gpu_suite.sh [tests|bench1|bench2|prefix|async|async2|all]
+#   async, async2: the same workloads with synchronous steps and with async scheduling, side by side
 # Carry: wheels/ (msgspec, gguf: `pip download --no-deps --only-binary=:all: --python-version 3.12
 #        --platform manylinux2014_x86_64 msgspec gguf -d wheels`).
 set -u -o pipefail
@@ -50,5 +51,40 @@ if [[ "$part" == prefix ]]; then
   tm bench throughput --model qwen3-0.6b --load-format dummy --dtype bfloat16 --workload nanovllm \
       --baseline none --output-json "$out/nanovllm_qwen06b_v2.json" 2>&1 | grep -v Warning \
       | tee "$out/nanovllm_qwen06b_v2.log" || rc=1
+fi
+ab() {  # ab NAME ARGS...: one benchmark with synchronous steps, then with async scheduling
+  local name=$1; shift
+  for mode in no-async-scheduling async-scheduling; do
+    timeout "${STEP_TIMEOUT:-200}" python3 -m tokenmill.entrypoints.cli.main "$@" --$mode \
+        --output-json "$out/${name}_${mode%%-scheduling}.json" 2>&1 | grep -v Warning \
+        | tee "$out/${name}_${mode%%-scheduling}.log" || rc=1
+  done
+}
+if [[ "$part" == async ]]; then
+  timeout 240 python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/gpu} -o addopts="" --durations=5 \
+      2>&1 | tee "$out/tests.log" || rc=1
+  ab latency_llama8b bench latency --model llama-3.1-8b --load-format dummy --dtype bfloat16 --input-len 512 \
+      --output-len 256 --max-model-len 4096 --max-num-seqs 8 --gpu-memory-utilization 0.5 --baseline none
+  ab tput_qwen06b bench throughput --model qwen3-0.6b --load-format dummy --dtype bfloat16 --workload random \
+      --num-prompts 256 --input-len 256 --output-len 256 --max-model-len 1024 --gpu-memory-utilization 0.5 \
+      --baseline none
+  ab nanovllm_qwen06b bench throughput --model qwen3-0.6b --load-format dummy --dtype bfloat16 \
+      --workload nanovllm --baseline none
+  # HF generate() beside the async run (same process), for the 10x target.
+  tm bench throughput --model qwen3-0.6b --load-format dummy --dtype bfloat16 --workload random \
+      --num-prompts 256 --input-len 256 --output-len 256 --hf-batch-size 256 --max-model-len 1024 \
+      --gpu-memory-utilization 0.5 --output-json "$out/tput_qwen06b_hf.json" 2>&1 | grep -v Warning \
+      | tee "$out/tput_qwen06b_hf.log" || rc=1
+fi
+if [[ "$part" == async2 ]]; then
+  ab tput_llama8b bench throughput --model llama-3.1-8b --load-format dummy --dtype bfloat16 --workload random \
+      --num-prompts 256 --input-len 256 --output-len 256 --max-model-len 1024 --gpu-memory-utilization 0.55 \
+      --baseline none
+  tm bench throughput --model qwen3-8b --load-format dummy --dtype bfloat16 --workload random \
+      --num-prompts 200 --input-len 1024 --output-len 2048 --max-model-len 3072 --baseline none \
+      --output-json "$out/tput_qwen8b.json" 2>&1 | grep -v Warning | tee "$out/tput_qwen8b.log" || rc=1
+  tm bench prefix --workload hit-rate --model llama-3.1-8b --load-format dummy --dtype bfloat16 \
+      --num-prompts 128 --input-len 2048 --output-len 128 --max-model-len 4096 \
+      --output-json "$out/prefix_llama8b.json" 2>&1 | grep -v Warning | tee "$out/prefix_llama8b.log" || rc=1
 fi
 exit $rc

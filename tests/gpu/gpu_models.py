@@ -57,13 +57,14 @@ def assert_logprobs_match_hf(hf: torch.nn.Module, prompts: list[list[int]], outs
 
 
 def greedy_eager_and_graphs(folder: str, **engine_args) -> list[list[list[int]]]:
-    """Greedy tokens of the same prompts from an eager engine, then from one with CUDA graphs."""
+    """Greedy tokens of the same prompts from an eager engine, one with CUDA graphs, and one with
+    CUDA graphs and async scheduling (the default on CUDA); the first two step synchronously."""
     prompts = [[(11 * i + 5 * j) % 2048 for i in range(n)] for j, n in enumerate((300, 17, 64, 5, 900))]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     results = []
-    for eager in (True, False):
+    for eager, async_scheduling in ((True, False), (False, False), (False, True)):
         with LLM(folder, max_model_len=2048, gpu_memory_utilization=0.3, enforce_eager=eager, max_num_seqs=8,
-                 **engine_args) as llm:
+                 async_scheduling=async_scheduling, **engine_args) as llm:
             assert (llm.engine.core.runner.graphs is None) == eager
             results.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
         torch.cuda.empty_cache()

@@ -28,8 +28,8 @@ def test_logits_match_hf_bf16(name, tmp_path_factory):
 @pytest.mark.parametrize("name", ["llama", "qwen3"])
 def test_cuda_graphs_match_eager(name, tmp_path_factory):
     folder, _ = hf_folder(tmp_path_factory, name, 0.5)  # peaky logits: greedy margins far above rounding
-    eager, graphs = greedy_eager_and_graphs(folder, dtype="bfloat16")
-    assert eager == graphs
+    eager, graphs, graphs_async = greedy_eager_and_graphs(folder, dtype="bfloat16")
+    assert eager == graphs == graphs_async
 
 
 def test_embedded_model_greedy_matches_hf_on_gpu(request):
@@ -48,3 +48,32 @@ def test_embedded_model_greedy_matches_hf_on_gpu(request):
             ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
                                  min_new_tokens=16, do_sample=False)
         assert out.outputs[0].token_ids == ref[0, ids.shape[1]:].tolist()
+
+
+def test_async_scheduling_matches_synchronous_steps(tmp_path_factory):
+    """Async scheduling with CUDA graphs against synchronous steps: seeded sampling, logprobs,
+    n > 1, length and stop-id endings, a penalty request (synchronous fallback) and a KV pool
+    small enough to preempt while steps are in flight."""
+    folder, _ = hf_folder(tmp_path_factory, "llama", 0.5)  # peaky logits: batch order cannot flip tokens
+    prompts = [[(7 * i + 3 * j) % 2048 for i in range(n)] for j, n in enumerate((40, 300, 9, 120, 64, 33))]
+    params = [SamplingParams(temperature=0, max_tokens=48, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=32, logprobs=2, ignore_eos=True),
+              SamplingParams(temperature=1.0, seed=5, n=3, max_tokens=20, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=1),
+              SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, repetition_penalty=1.2),
+              SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[5, 17, 99])]
+    results = []
+    for async_scheduling in (False, True):
+        with LLM(folder, dtype="bfloat16", max_model_len=2048, gpu_memory_utilization=0.3, max_num_seqs=8,
+                 block_size=16, num_gpu_blocks_override=40, async_scheduling=async_scheduling) as llm:
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            core = llm.engine.core
+            assert core.kv_manager.pool.num_free_blocks == 40 and core._in_flight is None
+            results.append(([[c.token_ids for c in o.outputs] for o in outs],
+                            [p[t].logprob for t, p in zip(outs[1].outputs[0].token_ids, outs[1].outputs[0].logprobs)]))
+            preemptions = core.scheduler.num_preemptions
+        torch.cuda.empty_cache()
+    assert preemptions > 0
+    (sync_tokens, sync_logprobs), (async_tokens, async_logprobs) = results
+    assert async_tokens == sync_tokens
+    assert max(abs(a - b) for a, b in zip(sync_logprobs, async_logprobs)) < 2e-2

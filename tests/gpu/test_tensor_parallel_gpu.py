@@ -49,5 +49,5 @@ def test_tp_cuda_graphs_match_eager(tp, tmp_path_factory):
     # with 4+ ranks the summation order (ring/tree chunks) changes with size. In bf16 that rounding
     # flipped a greedy token after 15 steps on 4xH200; in float32 it is far below the margins.
     folder, _ = hf_folder(tmp_path_factory, "qwen3", 0.5)  # peaky logits: greedy margins above rounding
-    eager, graphs = greedy_eager_and_graphs(folder, dtype="float32", tensor_parallel_size=tp)
-    assert eager == graphs
+    eager, graphs, graphs_async = greedy_eager_and_graphs(folder, dtype="float32", tensor_parallel_size=tp)
+    assert eager == graphs == graphs_async

@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> dict:
         "dtype": str(config.model.dtype).removeprefix("torch."), "batch_size": args.batch_size,
         "input_len": args.input_len, "output_len": args.output_len,
         "tensor_parallel_size": config.parallel.tensor_parallel_size,
+        "async_scheduling": config.scheduler.async_scheduling,
         "tokenmill": {"prefill_s": prefill, "total_s": full, "ms_per_token": ms_per_token,
                       "weight_gb_per_s": weight_bytes / (ms_per_token / 1000) / 1e9},
         "weight_bytes": weight_bytes,

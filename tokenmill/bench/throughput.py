@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> dict:
         "dtype": str(config.model.dtype).removeprefix("torch."), "device": str(config.device),
         "num_prompts": len(work.prompts), "input_tokens": in_tokens, "threads": torch.get_num_threads(),
         "tensor_parallel_size": config.parallel.tensor_parallel_size,
+        "async_scheduling": config.scheduler.async_scheduling,
         "tokenmill": {"output_tokens": out_tokens, "seconds": elapsed, "output_tok_per_s": out_tokens / elapsed,
                       "total_tok_per_s": (in_tokens + out_tokens) / elapsed},
     }
