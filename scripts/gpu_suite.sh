@@ -77,6 +77,8 @@ if [[ "$part" == async ]]; then
       | tee "$out/tput_qwen06b_hf.log" || rc=1
 fi
 if [[ "$part" == async2 ]]; then
+  [[ -n "${TESTS:-}" ]] && { timeout 200 python3 -m pytest -q -p no:cacheprovider $TESTS -o addopts="" 2>&1 \
+      | tee "$out/tests.log" || rc=1; }
   ab tput_llama8b bench throughput --model llama-3.1-8b --load-format dummy --dtype bfloat16 --workload random \
       --num-prompts 256 --input-len 256 --output-len 256 --max-model-len 1024 --gpu-memory-utilization 0.55 \
       --baseline none

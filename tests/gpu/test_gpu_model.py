@@ -55,7 +55,7 @@ def test_async_scheduling_matches_synchronous_steps(tmp_path_factory):
     n > 1, length and stop-id endings, a penalty request (synchronous fallback) and a KV pool
     small enough to preempt while steps are in flight."""
     folder, _ = hf_folder(tmp_path_factory, "llama", 0.5)  # peaky logits: batch order cannot flip tokens
-    prompts = [[(7 * i + 3 * j) % 2048 for i in range(n)] for j, n in enumerate((40, 300, 9, 120, 64, 33))]
+    prompts = [[(7 * i + 3 * j) % 2048 for i in range(n)] for j, n in enumerate((40, 70, 9, 50, 64, 33))]
     params = [SamplingParams(temperature=0, max_tokens=48, ignore_eos=True),
               SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=32, logprobs=2, ignore_eos=True),
               SamplingParams(temperature=1.0, seed=5, n=3, max_tokens=20, ignore_eos=True),
@@ -65,15 +65,14 @@ def test_async_scheduling_matches_synchronous_steps(tmp_path_factory):
     results = []
     for async_scheduling in (False, True):
         with LLM(folder, dtype="bfloat16", max_model_len=2048, gpu_memory_utilization=0.3, max_num_seqs=8,
-                 block_size=16, num_gpu_blocks_override=40, async_scheduling=async_scheduling) as llm:
+                 block_size=16, num_gpu_blocks_override=30, async_scheduling=async_scheduling) as llm:
             outs = llm.generate(prompts, params, use_tqdm=False)
             core = llm.engine.core
-            assert core.kv_manager.pool.num_free_blocks == 40 and core._in_flight is None
+            assert core.kv_manager.pool.num_free_blocks == 30 and core._in_flight is None
             results.append(([[c.token_ids for c in o.outputs] for o in outs],
                             [p[t].logprob for t, p in zip(outs[1].outputs[0].token_ids, outs[1].outputs[0].logprobs)]))
-            preemptions = core.scheduler.num_preemptions
+            assert core.scheduler.num_preemptions > 0
         torch.cuda.empty_cache()
-    assert preemptions > 0
     (sync_tokens, sync_logprobs), (async_tokens, async_logprobs) = results
     assert async_tokens == sync_tokens
     assert max(abs(a - b) for a, b in zip(sync_logprobs, async_logprobs)) < 2e-2
