@@ -60,7 +60,7 @@ def test_async_scheduling_matches_synchronous_steps(tmp_path_factory):
               SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=32, logprobs=2, ignore_eos=True),
               SamplingParams(temperature=1.0, seed=5, n=3, max_tokens=20, ignore_eos=True),
               SamplingParams(temperature=0, max_tokens=1),
-              SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, repetition_penalty=1.2),
+              SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, repetition_penalty=1.2),  # short: async after
               SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[5, 17, 99])]
     results = []
     for async_scheduling in (False, True):
