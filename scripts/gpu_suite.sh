@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device pass for the GPU engine: install carried wheels, run the GPU tests, then the benchmarks.
 # Usage on the device (repo root):  bash scripts/gpu_suite.sh [tests|bench1|bench2|prefix|async|async2|all]
-#   async, async2: the same workloads with synchronous steps and with async scheduling, side by side
+#   async, async2: the workloads with synchronous steps and with async scheduling, side by side
 # Carry: wheels/ (msgspec, gguf: `pip download --no-deps --only-binary=:all: --python-version 3.12
 #        --platform manylinux2014_x86_64 msgspec gguf -d wheels`).
 set -u -o pipefail
@@ -48,9 +48,6 @@ if [[ "$part" == prefix ]]; then
   tm bench prefix --workload hit-rate --model llama-3.1-8b --load-format dummy --dtype bfloat16 \
       --num-prompts 128 --input-len 2048 --output-len 128 --max-model-len 4096 \
       --output-json "$out/prefix_llama8b.json" 2>&1 | grep -v Warning | tee "$out/prefix_llama8b.log" || rc=1
-  tm bench throughput --model qwen3-0.6b --load-format dummy --dtype bfloat16 --workload nanovllm \
-      --baseline none --output-json "$out/nanovllm_qwen06b_v2.json" 2>&1 | grep -v Warning \
-      | tee "$out/nanovllm_qwen06b_v2.log" || rc=1
 fi
 ab() {  # ab NAME ARGS...: one benchmark with synchronous steps, then with async scheduling
   local name=$1; shift
@@ -85,8 +82,5 @@ if [[ "$part" == async2 ]]; then
   tm bench throughput --model qwen3-8b --load-format dummy --dtype bfloat16 --workload random \
       --num-prompts 200 --input-len 1024 --output-len 2048 --max-model-len 3072 --baseline none \
       --output-json "$out/tput_qwen8b.json" 2>&1 | grep -v Warning | tee "$out/tput_qwen8b.log" || rc=1
-  tm bench prefix --workload hit-rate --model llama-3.1-8b --load-format dummy --dtype bfloat16 \
-      --num-prompts 128 --input-len 2048 --output-len 128 --max-model-len 4096 \
-      --output-json "$out/prefix_llama8b.json" 2>&1 | grep -v Warning | tee "$out/prefix_llama8b.log" || rc=1
 fi
 exit $rc
