@@ -44,6 +44,8 @@ if [[ "$part" == bench2 || "$part" == all ]]; then
       --output-json "$out/tput_qwen8b.json" 2>&1 | grep -v Warning | tee "$out/tput_qwen8b.log" || rc=1
 fi
 if [[ "$part" == prefix ]]; then
+  [[ -n "${TESTS:-}" ]] && { timeout 200 python3 -m pytest -q -p no:cacheprovider $TESTS -o addopts="" 2>&1 \
+      | tee "$out/tests.log" || rc=1; }
   # Prefix reuse: Llama-3.1-8B shape, 2048 in / 128 out, shared-prefix hit rates 0/25/50/75%.
   tm bench prefix --workload hit-rate --model llama-3.1-8b --load-format dummy --dtype bfloat16 \
       --num-prompts 128 --input-len 2048 --output-len 128 --max-model-len 4096 \
