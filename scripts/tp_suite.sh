@@ -56,6 +56,27 @@ if [[ "$part" == x4 || "$part" == x8 ]]; then
   small="1 2 4"; [[ -n "${QUICK:-}" ]] && small="4"; [[ "$part" == x8 ]] && small="1 2 4 8"
   for tp in $small; do lat llama8b llama-3.1-8b "$tp"; done
 fi
+# Async scheduling (default on CUDA) on a 4-GPU machine, in two calls of under 10 minutes:
+#   async-a  TP tests (+ the single-GPU async test); Llama-3.1-8B batch-1 at TP=1, 2, 4, and TP=2 with
+#            synchronous steps beside it; Llama-3.1-70B TP=2 batch-1
+#   async-b  copy rate; Llama-3.1-70B TP=4 batch-1, 64 x 512/256 at TP=2 and TP=4, 256 at TP=4
+if [[ "$part" == async-a ]]; then
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_tensor_parallel_gpu.py \
+      "tests/gpu/test_gpu_model.py::test_async_scheduling_matches_synchronous_steps" -o addopts="" \
+      2>&1 | tee "$out/tests.log" || rc=1
+  lat llama8b llama-3.1-8b 1
+  lat llama8b_sync llama-3.1-8b 2 --no-async-scheduling
+  lat llama8b llama-3.1-8b 2
+  lat llama8b llama-3.1-8b 4
+  lat llama70b llama-3.1-70b 2 --gpu-memory-utilization 0.92
+fi
+if [[ "$part" == async-b ]]; then
+  python3 scripts/copy_bandwidth.py --output-json "$out/copy.json" | tee "$out/copy.log"
+  lat llama70b llama-3.1-70b 4
+  tput llama70b llama-3.1-70b 4 64
+  tput llama70b llama-3.1-70b 2 64
+  tput llama70b llama-3.1-70b 4 256
+fi
 python3 - "$out" <<'PY'
 import glob, json, os, sys
 rows = []
