@@ -71,6 +71,8 @@ if [[ "$part" == async-a ]]; then
   lat llama70b llama-3.1-70b 2 --gpu-memory-utilization 0.92
 fi
 if [[ "$part" == async-b ]]; then
+  [[ -n "${TESTS:-}" ]] && { timeout 300 python3 -m pytest -q -p no:cacheprovider $TESTS -o addopts="" 2>&1 \
+      | tee "$out/tests.log" || rc=1; }
   python3 scripts/copy_bandwidth.py --output-json "$out/copy.json" | tee "$out/copy.log"
   lat llama70b llama-3.1-70b 4
   tput llama70b llama-3.1-70b 4 64

@@ -92,6 +92,22 @@ def test_tp3_greedy_matches_tp1(tp1_greedy):
             LLM(**ENGINE)
 
 
+def test_failed_start_up_leaves_no_tensor_parallel_state(monkeypatch):
+    """An engine whose start-up fails after its ranks began (here rank 0's graph capture) stops
+    them, so the next engine in the process can start."""
+    from tokenmill.worker.model_runner import ModelRunner
+
+    def broken(self):
+        raise RuntimeError("capture failed")
+
+    monkeypatch.setattr(ModelRunner, "capture_cuda_graphs", broken)
+    with pytest.raises(RuntimeError, match="capture failed"):
+        LLM(tensor_parallel_size=2, **ENGINE)
+    monkeypatch.undo()
+    with LLM(tensor_parallel_size=2, **ENGINE) as llm:
+        assert llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+
+
 def test_dead_rank_fails_the_engine_cleanly():
     llm = LLM(tensor_parallel_size=2, **ENGINE)
     try:

@@ -54,9 +54,13 @@ class EngineCore:
         start = time.perf_counter()
         # One ModelRunner, or rank 0's plus tensor-parallel worker processes (same methods).
         self.runner = make_model_executor(config)
-        num_blocks = self.runner.determine_num_blocks()
-        self.runner.allocate_kv_cache(num_blocks)
-        self.runner.capture_cuda_graphs()
+        try:
+            num_blocks = self.runner.determine_num_blocks()
+            self.runner.allocate_kv_cache(num_blocks)
+            self.runner.capture_cuda_graphs()
+        except BaseException:
+            self.runner.shutdown()  # stop any worker ranks, so a later engine in this process can start
+            raise
         self.kv_capacity_tokens = num_blocks * config.cache.block_size
         if self.kv_capacity_tokens < config.model.max_model_len:
             logger.warning("the KV cache holds %d tokens, less than max_model_len %d: long requests "

@@ -33,6 +33,7 @@ from tokenmill.model.attention.triton_common import (
 )
 
 DECODE_CONFIG = KernelConfig(block_m=0, block_n=64, num_warps=4, num_stages=3)
+DECODE_CONFIG_FP32 = KernelConfig(block_m=0, block_n=32, num_warps=4, num_stages=2)  # (see PREFILL_CONFIG_FP32)
 # The split-count heuristic never goes past this (measured on H100: no gain beyond 32 at 32k).
 MAX_DECODE_SPLITS = 32
 # A split shorter than this many tokens (one tile) costs more in merging than it saves.
@@ -170,6 +171,8 @@ def paged_decode(
     if num_decodes == 0:
         return
     check_cache(k_cache, v_cache)
+    if config is DECODE_CONFIG and q.element_size() > 2:
+        config = DECODE_CONFIG_FP32
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     assert group * num_kv_heads == num_heads, "num_heads must be a multiple of num_kv_heads"
