@@ -150,13 +150,14 @@ def instrument(engine, timer: PhaseTimer) -> dict:
     runner._prepare_host_inputs = timer.wrap("prepare_inputs", runner._prepare_host_inputs)
     runner._to_device = timer.wrap("prepare_inputs", runner._to_device)
     runner._sampling_batch = timer.wrap("sampling_batch", runner._sampling_batch)
-    runner.sampler = timer.wrap("sampler", runner.sampler)
+    runner.sampler.sample = timer.wrap("sampler", runner.sampler.sample)
     runner.model.compute_logits = timer.wrap("lm_head", runner.model.compute_logits)
     start: list[float] = []
     runner.model.register_forward_pre_hook(lambda *_: start.append(timer.clock()))
     runner.model.register_forward_hook(
         lambda *_: timer.current.__setitem__("forward", timer.current["forward"] + timer.clock() - start.pop()))
-    runner.execute = timer.wrap("execute", runner.execute)
+    # "execute": launching a step (with async scheduling its tokens are read later, in core_other).
+    runner.launch = timer.wrap("execute", runner.launch)
     core.step = timer.wrap("core_step", core.step)
     engine.output_processor.process = timer.wrap("output", engine.output_processor.process)
     return info
@@ -183,7 +184,8 @@ def run(args: argparse.Namespace) -> dict:
         vocab_size = write_tiny_model(folder, args.vocab_size, max_len, args.shape)
         llm = LLM(folder, load_format="dummy", dtype=args.dtype, device=args.device, max_num_seqs=args.batch,
                   max_model_len=max_len, max_num_batched_tokens=args.max_num_batched_tokens,
-                  kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching)
+                  kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
+                  async_scheduling=args.async_scheduling)
     engine = llm.engine
     if args.gc_freeze:
         gc.collect()
@@ -271,6 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--kv-cache-memory", type=int, default=256 << 20, help="bytes for the KV pool")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after building the engine")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="schedule step N+1 before reading step N's tokens (on the CPU nothing overlaps)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--clock", choices=("wall", "thread"), default="wall",
                    help="thread: this thread's CPU time, which other processes on a busy machine do not "

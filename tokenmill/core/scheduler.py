@@ -247,6 +247,7 @@ class Scheduler:
         all_prompt_lps = result.prompt_logprobs
         all_lps = result.logprobs
         max_len = self.config.max_model_len
+        block_size = self.kv.block_size
         any_finished = False
         for request_id in sched.num_scheduled_tokens:
             request = requests.get(request_id)
@@ -268,8 +269,8 @@ class Scheduler:
             token_ids = request.all_token_ids
             token_ids.append(token)
             num_tokens_now = len(token_ids)
-            if running and request.num_computed_tokens >= num_tokens_now:
-                # Async: the next step, already launched, computes this token's K/V.
+            if running and num_tokens_now % block_size == 0 and request.num_computed_tokens >= num_tokens_now:
+                # Async: this token filled a block whose K/V the next step (already launched) completes.
                 self.kv.cache_full_blocks(request, num_tokens_now)
             # Only a possible stop token or a length limit can end it: skip the full check otherwise.
             if (token in request.stop_check_token_ids or num_tokens_now >= request.max_num_tokens
