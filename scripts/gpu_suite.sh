@@ -85,4 +85,14 @@ if [[ "$part" == async2 ]]; then
       --num-prompts 200 --input-len 1024 --output-len 2048 --max-model-len 3072 --baseline none \
       --output-json "$out/tput_qwen8b.json" 2>&1 | grep -v Warning | tee "$out/tput_qwen8b.log" || rc=1
 fi
+if [[ "$part" == profile ]]; then
+  # Where the host's time goes at batch 256 with async scheduling: cProfile of the Qwen3-0.6B
+  # 256 x 256/256 run (profiling slows Python ~1.5x; read the shares, not the total).
+  python3 -m cProfile -o "$out/qwen06b.prof" -m tokenmill.entrypoints.cli.main bench throughput \
+      --model qwen3-0.6b --load-format dummy --dtype bfloat16 --workload random --num-prompts 256 \
+      --input-len 256 --output-len 256 --max-model-len 1024 --gpu-memory-utilization 0.5 --baseline none \
+      2>&1 | grep -v Warning | tee "$out/profile.log"
+  python3 -c "import pstats,sys; s=pstats.Stats(sys.argv[1]); s.sort_stats('tottime').print_stats(45); \
+s.sort_stats('cumulative').print_stats(45)" "$out/qwen06b.prof" > "$out/profile_top.txt" 2>&1
+fi
 exit $rc
