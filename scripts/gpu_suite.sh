@@ -85,6 +85,19 @@ if [[ "$part" == async2 ]]; then
       --num-prompts 200 --input-len 1024 --output-len 2048 --max-model-len 3072 --baseline none \
       --output-json "$out/tput_qwen8b.json" 2>&1 | grep -v Warning | tee "$out/tput_qwen8b.log" || rc=1
 fi
+if [[ "$part" == gemv ]]; then
+  # Batch-1 GEMV: kernel test, per-shape and whole-weight-set comparison with cuBLAS, then the
+  # Llama-3.1-8B batch-1 latency with cuBLAS and with the Triton GEMV, one after the other.
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_triton_gemv.py -o addopts="" \
+      2>&1 | tail -3 | tee "$out/tests_gemv.log" || rc=1
+  timeout 200 python3 scripts/bench_gemv.py --output-json "$out/gemv.json" 2>&1 | tee "$out/gemv.log" || rc=1
+  for g in 0 1; do
+    TOKENMILL_TRITON_GEMV=$g timeout 200 python3 -m tokenmill.entrypoints.cli.main bench latency \
+        --model llama-3.1-8b --load-format dummy --dtype bfloat16 --input-len 512 --output-len 256 \
+        --max-model-len 4096 --max-num-seqs 8 --gpu-memory-utilization 0.5 --baseline none \
+        --output-json "$out/latency_llama8b_gemv$g.json" 2>&1 | grep -v Warning | tee "$out/latency_llama8b_gemv$g.log" || rc=1
+  done
+fi
 if [[ "$part" == profile ]]; then
   # Where the host's time goes at batch 256 with async scheduling: cProfile of the Qwen3-0.6B
   # 256 x 256/256 run (profiling slows Python ~1.5x; read the shares, not the total).

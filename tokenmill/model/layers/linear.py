@@ -14,6 +14,7 @@ from torch import nn
 
 from tokenmill.distributed.parallel_state import tp_all_reduce, tp_rank, tp_world_size
 from tokenmill.model.layers import cpu_gemm
+from tokenmill.model.layers.matmul import linear
 
 
 def _divide(total: int, parts: int, what: str) -> int:
@@ -48,7 +49,7 @@ class LinearBase(nn.Module):
         self.packed_weight = cpu_gemm.pack_weight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_gemm.linear(x, self.weight, self.packed_weight, self.bias)
+        return linear(x, self.weight, self.packed_weight, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -155,6 +156,6 @@ class RowParallelLinear(LinearBase):
         _default_loader(param, loaded.narrow(1, self.in_start, self.in_per_rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = cpu_gemm.linear(x, self.weight, self.packed_weight)
+        y = linear(x, self.weight, self.packed_weight)
         y = tp_all_reduce(y)
         return y if self.bias is None else y + self.bias

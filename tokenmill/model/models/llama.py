@@ -24,6 +24,7 @@ from tokenmill.model.layers.basic import (
     rope_parameters,
 )
 from tokenmill.model.layers import cpu_gemm
+from tokenmill.model.layers.matmul import linear
 from tokenmill.model.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
@@ -158,7 +159,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, hidden] -> [n, vocab] float32 logits."""
         head = self.model.embed_tokens if self.lm_head is None else self.lm_head
-        logits = cpu_gemm.linear(hidden, head.weight, getattr(self, "_packed_head", None))
+        logits = linear(hidden, head.weight, getattr(self, "_packed_head", None))
         from tokenmill.distributed.parallel_state import tp_all_gather_last_dim
         return tp_all_gather_last_dim(logits)[..., : self.config.vocab_size].float()
 

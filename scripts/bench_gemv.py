@@ -1,0 +1,91 @@
+"""Batch-1 GEMV: the Triton kernel (`model/layers/triton_gemv.py`) against cuBLAS (`F.linear`).
+
+    python scripts/bench_gemv.py [--layers 32] [--output-json gemv.json]
+
+1. Per shape of Llama-3.1-8B (QKV, O, gate/up, down, LM head): the result against `F.linear`
+   (relative error) and each one's time and bandwidth (`triton.testing.do_bench`, L2 flushed).
+2. The whole decode weight set (`--layers` x the four layer matrices + the LM head, 15.0 GB at 32
+   layers) as one CUDA graph of GEMVs, replayed: ms per token for each, as in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+
+from tokenmill.model.layers.triton_gemv import gemv
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+          "lm_head": (128256, 4096)}
+
+
+def graph_ms(fn, weights, xs) -> float:
+    """One CUDA graph that runs `fn` over every weight; best replay time of 20."""
+    for w, x in zip(weights, xs):
+        fn(x, w)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for w, x in zip(weights, xs):
+            fn(x, w)
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return min(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--output-json")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    result = {"device": torch.cuda.get_device_name(), "shapes": {}}
+    for name, (n, k) in SHAPES.items():
+        w = torch.randn(n, k, dtype=torch.bfloat16, device=dev) * 0.02
+        x = torch.randn(1, k, dtype=torch.bfloat16, device=dev)
+        ref = F.linear(x, w).float()
+        ours = gemv(x, w).float()
+        rel = float((ours - ref).norm() / ref.norm())
+        t_cublas = triton.testing.do_bench(lambda: F.linear(x, w))
+        t_triton = triton.testing.do_bench(lambda: gemv(x, w))
+        gb = n * k * 2 / 1e9
+        result["shapes"][name] = {"n": n, "k": k, "rel_err": rel, "cublas_us": t_cublas * 1e3,
+                                  "triton_us": t_triton * 1e3, "cublas_tb_s": gb / t_cublas,
+                                  "triton_tb_s": gb / t_triton}
+        print(f"{name:8s} {n:6d}x{k:5d}: rel err {rel:.1e}; cuBLAS {t_cublas * 1e3:7.1f} us "
+              f"({gb / t_cublas:.2f} TB/s), Triton {t_triton * 1e3:7.1f} us ({gb / t_triton:.2f} TB/s)")
+        del w
+    weights, xs = [], []
+    for _ in range(args.layers):
+        for name in ("qkv", "o", "gate_up", "down"):
+            n, k = SHAPES[name]
+            weights.append(torch.randn(n, k, dtype=torch.bfloat16, device=dev) * 0.02)
+            xs.append(torch.randn(1, k, dtype=torch.bfloat16, device=dev))
+    n, k = SHAPES["lm_head"]
+    weights.append(torch.randn(n, k, dtype=torch.bfloat16, device=dev) * 0.02)
+    xs.append(torch.randn(1, k, dtype=torch.bfloat16, device=dev))
+    total_gb = sum(w.numel() for w in weights) * 2 / 1e9
+    ms_cublas = graph_ms(lambda x, w: F.linear(x, w), weights, xs)
+    ms_triton = graph_ms(gemv, weights, xs)
+    result["weight_set"] = {"gb": total_gb, "cublas_ms": ms_cublas, "triton_ms": ms_triton,
+                            "speedup": ms_cublas / ms_triton}
+    print(f"weight set {total_gb:.2f} GB as one graph: cuBLAS {ms_cublas:.3f} ms ({total_gb / ms_cublas:.2f} TB/s), "
+          f"Triton {ms_triton:.3f} ms ({total_gb / ms_triton:.2f} TB/s): {ms_cublas / ms_triton:.3f}x")
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
