@@ -88,9 +88,10 @@ fi
 if [[ "$part" == gemv ]]; then
   # Batch-1 GEMV: kernel test, per-shape and whole-weight-set comparison with cuBLAS, then the
   # Llama-3.1-8B batch-1 latency with cuBLAS and with the Triton GEMV, one after the other.
-  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_triton_gemv.py -o addopts="" \
+  timeout 200 python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/kernels/test_triton_gemv.py} -o addopts="" \
       2>&1 | tail -3 | tee "$out/tests_gemv.log" || rc=1
-  timeout 200 python3 scripts/bench_gemv.py --output-json "$out/gemv.json" 2>&1 | tee "$out/gemv.log" || rc=1
+  [[ -z "${SKIP_MICRO:-}" ]] && { timeout 200 python3 scripts/bench_gemv.py --output-json "$out/gemv.json" 2>&1 \
+      | tee "$out/gemv.log" || rc=1; }
   for g in 0 1; do
     TOKENMILL_TRITON_GEMV=$g timeout 200 python3 -m tokenmill.entrypoints.cli.main bench latency \
         --model llama-3.1-8b --load-format dummy --dtype bfloat16 --input-len 512 --output-len 256 \

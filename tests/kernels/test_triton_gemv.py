@@ -1,4 +1,5 @@
-"""The batch-1 Triton GEMV against `F.linear` (the torch_native path) on random inputs.
+"""The batch-1 Triton GEMV (used inside decode CUDA graphs) against `F.linear` (the torch_native
+path) on random inputs.
 
 GPU only (skipped without CUDA): the kernel is autotuned, which needs a GPU.
 """

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from tokenmill.model.attention.backend import AttentionMetadata
+from tokenmill.model.layers.matmul import decode_graph_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -79,11 +80,12 @@ class CudaGraphDecoder:
         self.slot_mapping.device_tensor.fill_(-1)  # capture and warm-up write no KV
         self.seq_lens.device_tensor.zero_()
         for batch in reversed(self.sizes):
-            self._forward(batch)  # warm-up: Triton compiles, buffers get allocated outside the graph
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self.logits[batch] = self._forward(batch)
+            with decode_graph_kernels():  # (batch 1: the Triton GEMV instead of cuBLAS)
+                self._forward(batch)  # warm-up: Triton compiles, buffers get allocated outside the graph
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    self.logits[batch] = self._forward(batch)
             if self.pool is None:
                 self.pool = graph.pool()
             self.graphs[batch] = graph

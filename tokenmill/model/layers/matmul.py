@@ -1,12 +1,15 @@
 """`linear(x, weight, packed, bias)`: the one place a layer's matrix product picks its kernel.
 
 - CPU with a oneDNN-packed weight: `cpu_gemm` (faster GEMMs at decode shapes).
-- CUDA, one row (batch-1 decode) and `TOKENMILL_TRITON_GEMV=1`: the Triton GEMV (`triton_gemv`).
+- CUDA, one row, inside `decode_graph_kernels()` (the decode CUDA graphs' warm-up and capture):
+  the Triton GEMV (`triton_gemv`), 1.08x cuBLAS on the Llama-3.1-8B weight set (H100, docs/perf.md).
+  Eager steps keep cuBLAS; `TOKENMILL_TRITON_GEMV=0` turns the GEMV off.
 - Otherwise `F.linear` (cuBLAS on CUDA).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -14,15 +17,28 @@ import torch.nn.functional as F
 
 from tokenmill.model.layers import cpu_gemm
 
-# Read once: the choice must be the same for every step (CUDA graphs capture it).
-USE_TRITON_GEMV = os.environ.get("TOKENMILL_TRITON_GEMV", "0") == "1"
+_ENABLED = os.environ.get("TOKENMILL_TRITON_GEMV", "1") == "1"
+_in_decode_graph = False
+
+
+@contextlib.contextmanager
+def decode_graph_kernels():
+    """One-row products use the Triton GEMV while this is open. The graph decoder opens it for the
+    eager warm-up (which also autotunes the kernel: tuning cannot run during capture) and the
+    capture itself, so every replay runs the GEMV."""
+    global _in_decode_graph
+    previous, _in_decode_graph = _in_decode_graph, _ENABLED
+    try:
+        yield
+    finally:
+        _in_decode_graph = previous
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = None,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     if packed is not None:
         return cpu_gemm.linear(x, weight, packed, bias)
-    if USE_TRITON_GEMV and x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.dtype == weight.dtype:
+    if _in_decode_graph and x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.dtype == weight.dtype:
         from tokenmill.model.layers.triton_gemv import gemv
         y = gemv(x, weight)
         return y if bias is None else y + bias
