@@ -20,17 +20,26 @@ from tokenmill import SamplingParams
 pytestmark = pytest.mark.slow
 
 
-def _worker_pids() -> list[int]:
-    pids = []
+def _worker_pids(server_pid: int) -> list[int]:
+    """This server's rank processes: workers whose --parent-pid is a child of the server (its
+    engine-core process); other runs' workers on the machine are not counted."""
+    cmdlines, parents = {}, {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    cmd = f.read().split(b"\0")
-            except OSError:
+                    cmdlines[int(entry)] = f.read().split(b"\0")
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
                 continue
-            if b"tokenmill.distributed.worker" in cmd:
-                pids.append(int(entry))
+    children = {pid for pid, ppid in parents.items() if ppid == server_pid}
+    pids = []
+    for pid, cmd in cmdlines.items():
+        if b"tokenmill.distributed.worker" in cmd and b"--parent-pid" in cmd:
+            parent = int(cmd[cmd.index(b"--parent-pid") + 1])
+            if parent in children:
+                pids.append(pid)
     return pids
 
 
@@ -42,7 +51,7 @@ def test_tp2_server_answers_like_tp1_and_a_dead_rank_is_engine_death(llm_fp32):
     argv = lambda port: serve_argv(port) + ["--tensor-parallel-size", "2", "--engine-threads", "1",  # noqa: E731
                                             "--dtype", "float32"]
     with running_server(argv, api_key=API_KEY) as tp_server:
-        assert len(_worker_pids()) == 1
+        assert len(_worker_pids(tp_server.proc.pid)) == 1
         model_name = httpx.get(f"{tp_server.url}/v1/models", headers=tp_server.headers()).json()["data"][0]["id"]
         client = openai.OpenAI(api_key=API_KEY, base_url=f"{tp_server.url}/v1", max_retries=0, timeout=120)
         got = client.chat.completions.create(model=model_name, messages=messages, max_tokens=16, temperature=0)
@@ -57,7 +66,7 @@ def test_tp2_server_answers_like_tp1_and_a_dead_rank_is_engine_death(llm_fp32):
             with http.stream("POST", "/v1/chat/completions", json=body) as resp:
                 lines = resp.iter_lines()
                 assert next(line for line in lines if line.startswith("data: "))
-                os.kill(_worker_pids()[0], signal.SIGKILL)
+                os.kill(_worker_pids(tp_server.proc.pid)[0], signal.SIGKILL)
                 rest = [line for line in lines if line.startswith("data: ")]
         last = json.loads(rest[-1].removeprefix("data: "))
         assert last["error"]["type"] == "server_error"

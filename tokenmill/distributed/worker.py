@@ -15,6 +15,8 @@ import argparse
 import logging
 import os
 import sys
+import threading
+import time
 
 import msgspec
 import zmq
@@ -42,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-addr", required=True)
     parser.add_argument("--parent-pid", type=int, required=True)
     args = parser.parse_args(argv)
+    threading.Thread(target=_exit_when_orphaned, args=(args.parent_pid,), daemon=True,
+                     name="orphan-watch").start()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s [rank {args.rank}] %(message)s")
 
     ctx = zmq.Context()
@@ -61,6 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     inbox.close(linger=0)
     ctx.term()
     return code
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    """Exit as soon as the driver's process is gone, even in the middle of a collective (which
+    would otherwise wait for the dead peer until the process group's timeout, holding the GPU)."""
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_POLL_MS / 1000)
+    os._exit(1)
 
 
 def _recv(inbox: zmq.Socket, decoder: msgspec.msgpack.Decoder, parent_pid: int):
