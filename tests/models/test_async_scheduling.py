@@ -142,3 +142,24 @@ def test_abort_while_next_step_is_in_flight(engines):
     assert sorted(finished) == ["abort-0", "abort-2"]
     assert all(len(o.outputs[0].token_ids) == 50 for o in finished.values())
     _assert_no_leaks(async_)
+
+
+def test_streamed_deltas_add_up_under_async(engines):
+    """What the server streams (DELTA outputs, stop strings held back) is the same under async."""
+    from tokenmill.sampling_params import RequestOutputKind
+
+    sync, async_ = engines
+    final = SamplingParams(temperature=0, max_tokens=30, stop=[" the"])
+    finals = sync.generate(PROMPTS[:4], final, use_tqdm=False)
+    assert any(o.outputs[0].stop_reason == " the" for o in finals)  # the held-back stop string matters
+    expected = [o.outputs[0].text for o in finals]
+    engine = async_.engine
+    delta = final.clone(output_kind=RequestOutputKind.DELTA)
+    for i, prompt in enumerate(PROMPTS[:4]):
+        engine.add_request(f"d{i}", prompt, delta)
+    texts = {f"d{i}": "" for i in range(4)}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            texts[out.request_id] += out.outputs[0].text
+    assert [texts[f"d{i}"] for i in range(4)] == expected
+    _assert_no_leaks(async_)
