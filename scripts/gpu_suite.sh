@@ -13,9 +13,14 @@ pip install --quiet --no-deps --no-index --target /tmp/tm_wheels wheels/*.whl 2>
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; } | tee "$out/device.txt"
 tm() { python3 -m tokenmill.entrypoints.cli.main "$@"; }
 rc=0
+gpu_tests() {  # gpu_tests DEFAULT_SELECTION: pytest on $TESTS (or the default; none if empty) -> tests.log
+  local sel="${TESTS:-$1}"
+  [[ -z "$sel" ]] && return
+  timeout 300 python3 -m pytest -q -p no:cacheprovider $sel -o addopts="" --durations=5 2>&1 \
+      | tee "$out/tests.log" || rc=1
+}
 if [[ "$part" == tests || "$part" == all ]]; then
-  python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/kernels tests/gpu} -o addopts="" --durations=5 \
-      2>&1 | tee "$out/tests.log" || rc=1
+  gpu_tests "tests/kernels tests/gpu"
 fi
 if [[ "$part" == bench1 || "$part" == all ]]; then
   # 1. Batch-1 decode, Llama-3.1-8B shape, 512 in / 256 out, beside HF generate().
@@ -44,8 +49,7 @@ if [[ "$part" == bench2 || "$part" == all ]]; then
       --output-json "$out/tput_qwen8b.json" 2>&1 | grep -v Warning | tee "$out/tput_qwen8b.log" || rc=1
 fi
 if [[ "$part" == prefix ]]; then
-  [[ -n "${TESTS:-}" ]] && { timeout 200 python3 -m pytest -q -p no:cacheprovider $TESTS -o addopts="" 2>&1 \
-      | tee "$out/tests.log" || rc=1; }
+  gpu_tests ""
   # Prefix reuse: Llama-3.1-8B shape, 2048 in / 128 out, shared-prefix hit rates 0/25/50/75%.
   tm bench prefix --workload hit-rate --model llama-3.1-8b --load-format dummy --dtype bfloat16 \
       --num-prompts 128 --input-len 2048 --output-len 128 --max-model-len 4096 \
@@ -60,8 +64,7 @@ ab() {  # ab NAME ARGS...: one benchmark with synchronous steps, then with async
   done
 }
 if [[ "$part" == async ]]; then
-  timeout 240 python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/gpu} -o addopts="" --durations=5 \
-      2>&1 | tee "$out/tests.log" || rc=1
+  gpu_tests tests/gpu
   ab latency_llama8b bench latency --model llama-3.1-8b --load-format dummy --dtype bfloat16 --input-len 512 \
       --output-len 256 --max-model-len 4096 --max-num-seqs 8 --gpu-memory-utilization 0.5 --baseline none
   ab tput_qwen06b bench throughput --model qwen3-0.6b --load-format dummy --dtype bfloat16 --workload random \
@@ -76,8 +79,7 @@ if [[ "$part" == async ]]; then
       | tee "$out/tput_qwen06b_hf.log" || rc=1
 fi
 if [[ "$part" == async2 ]]; then
-  [[ -n "${TESTS:-}" ]] && { timeout 200 python3 -m pytest -q -p no:cacheprovider $TESTS -o addopts="" 2>&1 \
-      | tee "$out/tests.log" || rc=1; }
+  gpu_tests ""
   ab tput_llama8b bench throughput --model llama-3.1-8b --load-format dummy --dtype bfloat16 --workload random \
       --num-prompts 256 --input-len 256 --output-len 256 --max-model-len 1024 --gpu-memory-utilization 0.55 \
       --baseline none
@@ -88,8 +90,7 @@ fi
 if [[ "$part" == gemv ]]; then
   # Batch-1 GEMV: kernel test, per-shape and whole-weight-set comparison with cuBLAS, then the
   # Llama-3.1-8B batch-1 latency with cuBLAS and with the Triton GEMV, one after the other.
-  timeout 200 python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/kernels/test_triton_gemv.py} -o addopts="" \
-      2>&1 | tail -3 | tee "$out/tests_gemv.log" || rc=1
+  gpu_tests tests/kernels/test_triton_gemv.py
   [[ -z "${SKIP_MICRO:-}" ]] && { timeout 200 python3 scripts/bench_gemv.py --output-json "$out/gemv.json" 2>&1 \
       | tee "$out/gemv.log" || rc=1; }
   for g in 0 1; do

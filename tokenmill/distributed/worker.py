@@ -6,7 +6,7 @@
 It rebuilds the engine config from the driver's EngineArgs, builds its shard of the model, sizes
 and allocates its KV pool and captures its CUDA graphs in the same order as the driver (the
 collectives in those steps pair up), then runs every WorkerStep it receives until WorkerShutdown.
-It exits when the driver's process goes away.
+It exits as soon as the driver's process goes away (`engine.core_process.watch_parent`).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import logging
 import os
 import sys
 import threading
-import time
 
 import msgspec
 import zmq
 
+from tokenmill.engine.core_process import watch_parent
 from tokenmill.distributed.messages import (
     DriverMessage,
     WorkerFailed,
@@ -32,7 +32,6 @@ from tokenmill.distributed.messages import (
 
 logger = logging.getLogger("tokenmill.distributed.worker")
 
-PARENT_POLL_MS = 1000
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-addr", required=True)
     parser.add_argument("--parent-pid", type=int, required=True)
     args = parser.parse_args(argv)
-    threading.Thread(target=_exit_when_orphaned, args=(args.parent_pid,), daemon=True,
-                     name="orphan-watch").start()
+    threading.Thread(target=watch_parent, args=(args.parent_pid,), daemon=True, name="parent-watch").start()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s [rank {args.rank}] %(message)s")
 
     ctx = zmq.Context()
@@ -67,19 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def _exit_when_orphaned(parent_pid: int) -> None:
-    """Exit as soon as the driver's process is gone, even in the middle of a collective (which
-    would otherwise wait for the dead peer until the process group's timeout, holding the GPU)."""
-    while os.getppid() == parent_pid:
-        time.sleep(PARENT_POLL_MS / 1000)
-    os._exit(1)
-
-
-def _recv(inbox: zmq.Socket, decoder: msgspec.msgpack.Decoder, parent_pid: int):
-    """The driver's next message; None once the driver's process is gone."""
-    while not inbox.poll(PARENT_POLL_MS):
-        if os.getppid() != parent_pid:
-            return None
+def _recv(inbox: zmq.Socket, decoder: msgspec.msgpack.Decoder):
+    """The driver's next message (if the driver's process dies meanwhile, `watch_parent` ends
+    this one)."""
     return decoder.decode(inbox.recv(copy=False).buffer)
 
 
@@ -91,7 +79,7 @@ def run_worker(args: argparse.Namespace, inbox: zmq.Socket, report: zmq.Socket) 
     from tokenmill.worker.model_runner import ModelRunner
 
     decoder = msgspec.msgpack.Decoder(DriverMessage)
-    init = _recv(inbox, decoder, args.parent_pid)
+    init = _recv(inbox, decoder)
     if not isinstance(init, WorkerInit):
         return
     engine_args = msgspec.msgpack.decode(init.engine_args_msgpack, type=EngineArgs)
@@ -110,8 +98,8 @@ def run_worker(args: argparse.Namespace, inbox: zmq.Socket, report: zmq.Socket) 
     freeze_long_lived_objects()
     logger.info("rank %d ready: %d KV blocks", args.rank, runner.num_blocks)
     while True:
-        msg = _recv(inbox, decoder, args.parent_pid)
-        if msg is None or isinstance(msg, WorkerShutdown):
+        msg = _recv(inbox, decoder)
+        if isinstance(msg, WorkerShutdown):
             break
         if isinstance(msg, WorkerStep):
             runner.append_sampled_tokens(msg.sampled_token_ids)

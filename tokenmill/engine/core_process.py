@@ -151,7 +151,7 @@ def run_engine_core(
     out_thread = threading.Thread(target=_output_thread, args=(out_sock, outbox), daemon=True,
                                   name="core-out")
     out_thread.start()
-    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="core-parent").start()
+    threading.Thread(target=watch_parent, args=(parent_pid,), daemon=True, name="core-parent").start()
 
     outbox.put(CoreReady(kv_capacity_tokens=int(engine.kv_capacity_tokens), pid=os.getpid()))
     code = 0
@@ -226,8 +226,10 @@ def _output_thread(sock: zmq.Socket, outbox: queue.Queue) -> None:
         sock.send(encoder.encode(msg), copy=False)
 
 
-def _watch_parent(parent_pid: int) -> None:
-    # If the API process is gone (killed -9), nobody will ever send Shutdown: exit on our own.
+def watch_parent(parent_pid: int) -> None:
+    """Exit as soon as the parent process is gone (killed -9: nobody will ever send Shutdown).
+    Runs on a daemon thread, so it also ends a process stuck in a call that would wait for the
+    dead parent (a TP worker inside a collective). Also used by `distributed/worker.py`."""
     while True:
         time.sleep(PARENT_POLL_S)
         if os.getppid() != parent_pid:
