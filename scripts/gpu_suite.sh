@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device pass for the GPU engine: install carried wheels, run the GPU tests, then the benchmarks.
-# Usage on the device (repo root):  bash scripts/gpu_suite.sh [tests|bench1|bench2|prefix|async|async2|all]
+# Usage on the device (repo root):  bash scripts/gpu_suite.sh [tests|bench1|bench2|prefix|async|async2|gemv|profile|timeline|all]
 #   async, async2: the workloads with synchronous steps and with async scheduling, side by side
 # Carry: wheels/ (msgspec, gguf: `pip download --no-deps --only-binary=:all: --python-version 3.12
 #        --platform manylinux2014_x86_64 msgspec gguf -d wheels`).
@@ -109,5 +109,15 @@ if [[ "$part" == profile ]]; then
       2>&1 | grep -v Warning | tee "$out/profile.log"
   python3 -c "import pstats,sys; s=pstats.Stats(sys.argv[1]); s.sort_stats('tottime').print_stats(45); \
 s.sort_stats('cumulative').print_stats(45)" "$out/qwen06b.prof" > "$out/profile_top.txt" 2>&1
+fi
+if [[ "$part" == timeline ]]; then
+  # Where the Qwen3-0.6B 256 x 256/256 run's wall time goes (prefill-carrying vs decode steps,
+  # Triton compiles inside the timed region), at the default token budget and larger ones.
+  for budget in ${BUDGETS:-default 8192 16384}; do
+    extra=(); [[ "$budget" != default ]] && extra=(--max-num-batched-tokens "$budget")
+    timeout 200 python3 -m bench.step_timeline --model qwen3-0.6b --num-prompts 256 --input-len 256 \
+        --output-len 256 "${extra[@]}" --output-json "$out/timeline_$budget.json" 2>&1 | grep -v Warning \
+        | tee "$out/timeline_$budget.log" || rc=1
+  done
 fi
 exit $rc

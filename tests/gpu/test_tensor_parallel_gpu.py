@@ -16,6 +16,7 @@ from gpu_models import (  # noqa: E402
     LOGIT_PARAMS, LOGIT_PROMPTS, SHAPES, assert_logprobs_match_hf, greedy_eager_and_graphs, hf_folder)
 
 from tokenmill import LLM  # noqa: E402
+from tokenmill.distributed import parallel_state  # noqa: E402
 from tokenmill.model.layers.linear import head_partition  # noqa: E402
 
 TP_SIZES = [n for n in (2, 4, 8) if n <= torch.cuda.device_count()]
@@ -39,8 +40,27 @@ def test_tp_logits_match_hf_bf16(name, tp, tmp_path_factory):
     folder, hf = hf_folder(tmp_path_factory, name, 0.05)
     with LLM(folder, dtype="bfloat16", max_model_len=2048, gpu_memory_utilization=0.3,
              tensor_parallel_size=tp) as llm:
+        # The decode all-reduces must go through the one-shot symmetric-memory path being tested
+        # (rank 0 runs in this process; every rank agrees on it at start-up).
+        assert parallel_state.symm_mem_all_reduce_active()
         outs = llm.generate(LOGIT_PROMPTS, LOGIT_PARAMS, use_tqdm=False)
     assert_logprobs_match_hf(hf, LOGIT_PROMPTS, outs, (name, tp))
+
+
+def test_symm_mem_all_reduce_sums_right(tmp_path):
+    """The one-shot all-reduce against a float64 sum, eagerly and 200 times back to back inside a
+    CUDA graph, for every decode message size (the script exits non-zero on a wrong sum)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "ar.json"
+    proc = subprocess.run([sys.executable, "scripts/bench_all_reduce.py", "--world-size", "2",
+                           "--output-json", str(out)], capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads(out.read_text())["failures"] == []
 
 
 @pytest.mark.parametrize("tp", TP_SIZES)

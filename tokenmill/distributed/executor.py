@@ -96,7 +96,7 @@ class TensorParallelExecutor:
         try:
             self._wait_ready(self._encoder.encode(init))
             threading.Thread(target=self._watchdog, daemon=True, name="tp-watchdog").start()
-            init_tensor_parallel(0, self.world_size, config.device, f"{self._dir}/store")
+            init_tensor_parallel(0, self.world_size, config.device, f"{self._dir}/store", dtype=config.model.dtype)
             self.runner = ModelRunner(config)
         except BaseException:
             self.shutdown()

@@ -21,11 +21,13 @@ _TP_RANK = 0
 _TP_SIZE = 1
 _TP_GROUP = None
 _OWNS_PROCESS_GROUP = False
+_SYMM_MEM = None  # SymmMemAllReduce for small CUDA sums, when every rank could set it up
 
 
 def init_tensor_parallel(rank: int, world_size: int, device: torch.device, store_path: str,
-                         timeout_s: float = 600.0) -> None:
-    """Join the ranks' process group: NCCL on GPUs, gloo on CPUs, rendezvous through a file store."""
+                         timeout_s: float = 600.0, dtype: torch.dtype | None = None) -> None:
+    """Join the ranks' process group: NCCL on GPUs, gloo on CPUs, rendezvous through a file store.
+    On GPUs, also set up the one-shot symmetric-memory all-reduce for `dtype` (the model's)."""
     global _OWNS_PROCESS_GROUP
     import torch.distributed as dist
 
@@ -41,12 +43,28 @@ def init_tensor_parallel(rank: int, world_size: int, device: torch.device, store
     _OWNS_PROCESS_GROUP = True
     set_tensor_parallel(rank, world_size, None)
     logger.info("rank %d of %d joined the tensor-parallel group (%s)", rank, world_size, backend)
+    if dtype is not None:
+        _init_symm_mem_all_reduce(device, dtype)
+
+
+def _init_symm_mem_all_reduce(device: torch.device, dtype: torch.dtype) -> None:
+    """Every rank uses it or none does: the ranks agree before and after the collective set-up."""
+    global _SYMM_MEM
+    from tokenmill.distributed import symm_mem_all_reduce as sm
+
+    if device.type != "cuda" or not tp_all_reduce_min(int(sm.locally_supported(device, _TP_SIZE)), device):
+        return
+    comm = sm.try_create(torch.distributed.group.WORLD.group_name, device, dtype)
+    if tp_all_reduce_min(int(comm is not None), device):
+        _SYMM_MEM = comm
+        logger.info("all-reduces up to %d KiB use symmetric memory (one-shot)", comm.max_numel * dtype.itemsize // 1024)
 
 
 def destroy_tensor_parallel() -> None:
     """Leave the process group (so a later engine in this process can start a new one)."""
-    global _OWNS_PROCESS_GROUP
+    global _OWNS_PROCESS_GROUP, _SYMM_MEM
     set_tensor_parallel(0, 1, None)
+    _SYMM_MEM = None
     if _OWNS_PROCESS_GROUP:
         import torch.distributed as dist
 
@@ -71,10 +89,18 @@ def tp_world_size() -> int:
     return _TP_SIZE
 
 
+def symm_mem_all_reduce_active() -> bool:
+    """Whether this rank's small all-reduces go through symmetric memory (docs/scale-out.md)."""
+    return _SYMM_MEM is not None
+
+
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum `x` over the ranks, in place (NCCL on GPUs, gloo on CPUs)."""
+    """Sum `x` over the ranks, in place (small CUDA tensors: one-shot over symmetric memory;
+    otherwise NCCL on GPUs, gloo on CPUs)."""
     if _TP_SIZE == 1:
         return x
+    if _SYMM_MEM is not None and _SYMM_MEM.can_reduce(x):
+        return _SYMM_MEM.all_reduce_(x)
     torch.distributed.all_reduce(x, group=_TP_GROUP)
     return x
 

@@ -90,7 +90,7 @@ def run_worker(args: argparse.Namespace, inbox: zmq.Socket, report: zmq.Socket) 
         torch.set_num_threads(init.num_threads)
     report.send(msgspec.msgpack.encode(WorkerReady(rank=args.rank, pid=os.getpid())))
 
-    init_tensor_parallel(args.rank, args.world_size, config.device, args.store)
+    init_tensor_parallel(args.rank, args.world_size, config.device, args.store, dtype=config.model.dtype)
     runner = ModelRunner(config)
     runner.allocate_kv_cache(runner.determine_num_blocks())
     runner.capture_cuda_graphs()

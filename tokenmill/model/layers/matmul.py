@@ -1,10 +1,9 @@
 """`linear(x, weight, packed, bias)`: the one place a layer's matrix product picks its kernel.
 
 - CPU with a oneDNN-packed weight: `cpu_gemm` (faster GEMMs at decode shapes).
-- CUDA, one row, inside `decode_graph_kernels()` (the decode CUDA graphs' warm-up and capture),
-  with `TOKENMILL_TRITON_GEMV=1`: the Triton GEMV (`triton_gemv`), 1.08x cuBLAS on the
-  Llama-3.1-8B weight set (H100, docs/perf.md). Opt-in until this form has run the GPU test suite
-  (docs/gpu.md); eager steps keep cuBLAS either way.
+- CUDA, one row, inside `decode_graph_kernels()` (the decode CUDA graphs' warm-up and capture):
+  the Triton GEMV (`triton_gemv`), 1.08x cuBLAS on the Llama-3.1-8B weight set (H100,
+  docs/perf.md). `TOKENMILL_TRITON_GEMV=0` turns it off; eager steps keep cuBLAS either way.
 - Otherwise `F.linear` (cuBLAS on CUDA).
 """
 
@@ -18,8 +17,12 @@ import torch.nn.functional as F
 
 from tokenmill.model.layers import cpu_gemm
 
-_ENABLED = os.environ.get("TOKENMILL_TRITON_GEMV", "0") == "1"
+_ENABLED = os.environ.get("TOKENMILL_TRITON_GEMV", "1") != "0"
 _in_decode_graph = False
+
+
+def gemv_enabled() -> bool:
+    return _ENABLED
 
 
 @contextlib.contextmanager
