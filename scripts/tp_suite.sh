@@ -56,6 +56,22 @@ if [[ "$part" == x4 || "$part" == x8 ]]; then
   small="1 2 4"; [[ -n "${QUICK:-}" ]] && small="4"; [[ "$part" == x8 ]] && small="1 2 4 8"
   for tp in $small; do lat llama8b llama-3.1-8b "$tp"; done
 fi
+# Symmetric-memory all-reduce (fourth session), one 4-GPU call: the all-reduce check/benchmark at 2 and
+# 4 ranks, the TP test file, then batch-1 latency: Llama-3.1-8B TP=1, TP=2 with NCCL only and with
+# the one-shot all-reduce, Llama-3.1-70B TP=2 and TP=4.
+if [[ "$part" == symm ]]; then
+  for w in 2 4; do
+    timeout 150 python3 scripts/bench_all_reduce.py --world-size $w --output-json "$out/allreduce_w$w.json" 2>&1 \
+        | tee "$out/allreduce_w$w.log" || rc=1
+  done
+  timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests/gpu/test_tensor_parallel_gpu.py \
+      -o addopts="" -k "${TP_TESTS_K:-}" 2>&1 | tee "$out/tests_tp.log" || rc=1
+  lat llama8b llama-3.1-8b 1
+  TOKENMILL_SYMM_MEM_ALL_REDUCE=0 lat llama8b_nccl llama-3.1-8b 2
+  lat llama8b llama-3.1-8b 2
+  lat llama70b llama-3.1-70b 2 --gpu-memory-utilization 0.92
+  lat llama70b llama-3.1-70b 4
+fi
 # Async scheduling (default on CUDA) on a 4-GPU machine, in two calls of under 10 minutes:
 #   async-a  TP tests (+ the single-GPU async test); Llama-3.1-8B batch-1 at TP=1, 2, 4, and TP=2 with
 #            synchronous steps beside it; Llama-3.1-70B TP=2 batch-1
