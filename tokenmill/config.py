@@ -19,6 +19,8 @@ LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
 DTYPES = {"auto": None, "float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
           "float16": torch.float16, "half": torch.float16}
 SCHEDULING_POLICIES = ("fcfs", "priority")
+# KV cache element types; "auto" stores K/V in the model dtype. fp8 is e4m3 with a per-layer scale.
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ class CacheConfig:
     gpu_memory_utilization: float
     enable_prefix_caching: bool
     num_gpu_blocks_override: int | None = None
+    # Element type of the paged K/V; None: the model dtype. float8_e4m3fn halves the pool's bytes.
+    kv_cache_dtype: torch.dtype | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,25 @@ def resolve_dtype(name: str, hf_config: Any, device: torch.device) -> torch.dtyp
     return torch.bfloat16 if _cpu_supports_bf16() else torch.float32
 
 
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, device: torch.device,
+                           attention_backend: str) -> torch.dtype:
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}")
+    if name == "auto":
+        return model_dtype
+    fp8 = getattr(torch, "float8_e4m3fn", None)
+    if fp8 is None:
+        raise ValueError(f"kv_cache_dtype={name!r} needs torch.float8_e4m3fn, which this torch "
+                         f"({torch.__version__}) lacks")
+    # Triton converts to/from e4m3 only on sm_89+ (Ada, Hopper and later).
+    if device.type == "cuda" and attention_backend == "triton":
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (8, 9):
+            raise ValueError(f"kv_cache_dtype={name!r} with the triton backend needs a GPU of compute "
+                             f"capability 8.9 or newer; this one is {capability[0]}.{capability[1]}")
+    return fp8
+
+
 @dataclass
 class EngineArgs:
     """Everything a user can set about the engine (vLLM's names and meanings)."""
@@ -137,6 +160,7 @@ class EngineArgs:
     num_gpu_blocks_override: int | None = None
     # None: on where it pays (CUDA, whose kernels run behind the host), off on CPU.
     async_scheduling: bool | None = None
+    kv_cache_dtype: str = "auto"  # "auto" (the model dtype) or "fp8" / "fp8_e4m3"
 
     # ----- CLI -----
     @staticmethod
@@ -167,6 +191,9 @@ class EngineArgs:
         parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                             help="prepare and launch the next step while the GPU runs this one "
                                  "(default: on for CUDA, off on CPU)")
+        parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=d.kv_cache_dtype,
+                            help="KV cache element type: auto (the model dtype) or fp8 (e4m3, half "
+                                 "the bytes, scale 1.0)")
         return parser
 
     @classmethod
@@ -194,6 +221,8 @@ class EngineArgs:
         hf_config = source.load_hf_config()
         architecture = (getattr(hf_config, "architectures", None) or ["?"])[0]
         dtype = resolve_dtype(self.dtype, hf_config, device)
+        attention_backend = self.attention_backend or ("triton" if device.type == "cuda" else "torch_native")
+        kv_cache_dtype = resolve_kv_cache_dtype(self.kv_cache_dtype, dtype, device, attention_backend)
         if self.tensor_parallel_size > 1:
             _check_tensor_parallel_split(hf_config, self.tensor_parallel_size)
         model_max = (getattr(hf_config, "max_position_embeddings", None) or 2048)
@@ -210,14 +239,14 @@ class EngineArgs:
         return EngineConfig(
             model=model_cfg,
             cache=CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
-                              self.enable_prefix_caching, self.num_gpu_blocks_override),
+                              self.enable_prefix_caching, self.num_gpu_blocks_override, kv_cache_dtype),
             scheduler=SchedulerConfig(self.max_num_seqs, max_batched, self.scheduling_policy, max_model_len,
                                       device.type == "cuda" if self.async_scheduling is None
                                       else self.async_scheduling),
             parallel=ParallelConfig(self.tensor_parallel_size),
             device=device,
             load_format=source.load_format,
-            attention_backend=self.attention_backend or ("triton" if device.type == "cuda" else "torch_native"),
+            attention_backend=attention_backend,
             enforce_eager=self.enforce_eager or device.type != "cuda",
             engine_args=dataclasses.replace(self),
         )

@@ -3,6 +3,9 @@
 GPU only: skipped without CUDA. With `TRITON_INTERPRET=1` the small cases also run on the CPU
 through Triton's interpreter (float16 there: the interpreter's bfloat16 `tl.dot` is wrong), which
 is how the kernels are checked on a machine without a GPU.
+
+fp8 KV cache (`*_fp8` tests): the kernels and `torch_native` read the same fp8 cache, so the
+tolerance is the usual one; the fp8 error itself is bounded in tests/unit/test_kv_quant.py.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from kernel_device import DEVICE, INTERPRET  # noqa: E402,F401  (skips the module without a GPU)
 
 from tokenmill.model.attention.backend import AttentionMetadata, get_backend  # noqa: E402
+from tokenmill.model.attention.kv_quant import is_fp8, quantize_fp8  # noqa: E402
 from tokenmill.model.attention.triton_kernels import (  # noqa: E402
     new_split_counters,
     paged_decode,
@@ -101,14 +105,20 @@ def make_batch(
     return PagedBatch(q, k, v, k_cache, v_cache, meta)
 
 
-def reference(batch: PagedBatch, scale: float, causal: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """torch_native on float32 copies: (out, k_cache, v_cache) after the step."""
-    k_cache, v_cache = batch.k_cache.float(), batch.v_cache.float()
+def reference(batch: PagedBatch, scale: float, causal: bool = True, k_scale: float = 1.0,
+              v_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torch_native on float32 copies (of q/k/v, and of the cache unless it is fp8, which is
+    copied as is): (out, k_cache, v_cache) after the step."""
+    if is_fp8(batch.k_cache):
+        k_cache, v_cache = batch.k_cache.clone(), batch.v_cache.clone()
+    else:
+        k_cache, v_cache = batch.k_cache.float(), batch.v_cache.float()
     meta = batch.meta
     meta_ref = AttentionMetadata(**{f: getattr(meta, f) for f in meta.__slots__})
     meta_ref.causal = causal
     out = get_backend("torch_native").forward(
         batch.q.float(), batch.k.float(), batch.v.float(), (k_cache, v_cache), meta_ref, scale,
+        k_scale, v_scale,
     )
     return out, k_cache, v_cache
 
@@ -385,3 +395,167 @@ def test_paged_decode_merge_is_race_free(num_splits):
     for out in outs[1:]:
         assert torch.equal(out, outs[0])
     assert not counters.any()
+
+
+# ----- fp8 KV cache ---------------------------------------------------------------------------
+
+# Not 1.0, so a kernel that drops either scale fails (about 0.45 relative error).
+K_SCALE, V_SCALE = 0.37, 1.9
+
+
+def to_fp8(batch: PagedBatch) -> PagedBatch:
+    """The batch with its cached prefixes quantized into fp8 caches (K with a wider range)."""
+    batch.k_cache = quantize_fp8(batch.k_cache.float() * 2, K_SCALE)
+    batch.v_cache = quantize_fp8(batch.v_cache.float(), V_SCALE)
+    return batch
+
+
+def write_fp8(batch: PagedBatch, k_ref: torch.Tensor, v_ref: torch.Tensor, slots: torch.Tensor | None = None) -> None:
+    """The Triton cache write, which must leave bit-for-bit torch_native's cache. Triton's
+    interpreter rounds float32 -> fp8 wrongly when rounding carries into the exponent (7.9 ->
+    4.0; the GPU's conversion is right), so there the reference's bytes are used instead."""
+    slots = batch.meta.slot_mapping if slots is None else slots
+    write_kv_cache(batch.k, batch.v, batch.k_cache, batch.v_cache, slots, K_SCALE, V_SCALE)
+    if INTERPRET:
+        batch.k_cache.copy_(k_ref)
+        batch.v_cache.copy_(v_ref)
+    assert torch.equal(batch.k_cache.view(torch.uint8), k_ref.view(torch.uint8))
+    assert torch.equal(batch.v_cache.view(torch.uint8), v_ref.view(torch.uint8))
+
+
+@pytest.mark.skipif(INTERPRET, reason="the interpreter's float32 -> fp8 rounding is wrong (see write_fp8)")
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("num_kv_heads,head_dim", [(1, 64), (8, 128), (2, 96)])
+def test_write_kv_cache_fp8(block_size, num_kv_heads, head_dim):
+    batch = to_fp8(make_batch([1, 1, 45, 3], [7, 300, 45, 70], num_kv_heads, 2, head_dim, block_size,
+                              qkv_strided=True))
+    batch.k[0, 0, :4] = torch.tensor([1000.0, -1000.0, 447.0, 1e-3])  # saturation, a subnormal
+    slots = batch.meta.slot_mapping.clone()
+    slots[[1, 10]] = -1  # padding tokens: must leave the cache alone
+    keep = slots >= 0
+    k_ref, v_ref = batch.k_cache.clone(), batch.v_cache.clone()
+    k_ref.view(torch.uint8).view(-1, num_kv_heads, head_dim)[slots[keep]] = \
+        quantize_fp8(batch.k[keep], K_SCALE).view(torch.uint8)
+    v_ref.view(torch.uint8).view(-1, num_kv_heads, head_dim)[slots[keep]] = \
+        quantize_fp8(batch.v[keep], V_SCALE).view(torch.uint8)
+    write_fp8(batch, k_ref, v_ref, slots)
+
+
+@pytest.mark.parametrize("block_size,group,head_dim", [(16, 1, 64), (32, 4, 128), (16, 8, 64)])
+@pytest.mark.parametrize("num_splits", [None, 1, 5])
+def test_paged_decode_fp8(block_size, group, head_dim, num_splits):
+    seq_lens = [1, 2, 17, 64, 65, 200, 333]
+    batch = to_fp8(make_batch([1] * len(seq_lens), seq_lens, 2, group, head_dim, block_size))
+    scale = head_dim ** -0.5
+    ref, k_ref, v_ref = reference(batch, scale, k_scale=K_SCALE, v_scale=V_SCALE)
+    write_fp8(batch, k_ref, v_ref)
+    out = poisoned_like(batch.q)
+    paged_decode(
+        batch.q, batch.k_cache, batch.v_cache, batch.meta.block_table, batch.meta.seq_lens, out,
+        batch.meta.max_seq_len, scale, num_splits=num_splits, k_scale=K_SCALE, v_scale=V_SCALE,
+    )
+    assert rel_err(out, ref) < REL_TOL
+
+
+@gpu_only
+@pytest.mark.parametrize("group,head_dim", [(1, 128), (4, 128), (8, 64)])
+def test_paged_decode_long_fp8(group, head_dim):
+    seq_lens = [32768, 1, 511, 4097, 16000]
+    batch = to_fp8(make_batch([1] * len(seq_lens), seq_lens, 8 // group, group, head_dim, 16))
+    scale = head_dim ** -0.5
+    ref, k_ref, v_ref = reference(batch, scale, k_scale=K_SCALE, v_scale=V_SCALE)
+    write_fp8(batch, k_ref, v_ref)
+    for num_splits in (None, 1, 32):
+        out = poisoned_like(batch.q)
+        paged_decode(
+            batch.q, batch.k_cache, batch.v_cache, batch.meta.block_table, batch.meta.seq_lens, out,
+            batch.meta.max_seq_len, scale, num_splits=num_splits, k_scale=K_SCALE, v_scale=V_SCALE,
+        )
+        assert rel_err(out, ref) < REL_TOL, f"num_splits={num_splits}"
+
+
+@pytest.mark.parametrize("block_size,group,head_dim", [(16, 1, 64), (32, 4, 128), (16, 8, 64)])
+@pytest.mark.parametrize("case", range(len(_prefill_cases())))
+@pytest.mark.parametrize("causal", [True, False])
+def test_paged_prefill_fp8(block_size, group, head_dim, case, causal):
+    """The cached prefix is read (dequantized) from the fp8 cache; the chunk's own K/V from k/v."""
+    query_lens, seq_lens = _prefill_cases()[case]
+    batch = to_fp8(make_batch([1] + query_lens, [9] + seq_lens, 2, group, head_dim, block_size, qkv_strided=True))
+    scale = head_dim ** -0.5
+    ref, k_ref, v_ref = reference(batch, scale, causal, K_SCALE, V_SCALE)
+    write_fp8(batch, k_ref, v_ref)
+    out = poisoned_like(batch.q)
+    meta = batch.meta
+    paged_prefill(
+        batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, meta.block_table, meta.query_start_loc,
+        meta.seq_lens, out, first_req=1, num_reqs=meta.num_reqs - 1, max_query_len=meta.max_query_len,
+        scale=scale, causal=causal, k_scale=K_SCALE, v_scale=V_SCALE,
+    )
+    assert torch.isnan(out[0]).all(), "the decode row belongs to the decode kernel"
+    assert rel_err(out[1:], ref[1:]) < REL_TOL
+
+
+@gpu_only
+@pytest.mark.parametrize("group,head_dim", [(1, 128), (8, 128)])
+def test_paged_prefill_long_chunks_fp8(group, head_dim):
+    query_lens = [2048, 2048, 777, 2048]
+    seq_lens = [2048, 2048 + 6000, 777 + 3, 2048 + 14000]
+    batch = to_fp8(make_batch(query_lens, seq_lens, 8 // group, group, head_dim, 16))
+    scale = head_dim ** -0.5
+    ref, k_ref, v_ref = reference(batch, scale, k_scale=K_SCALE, v_scale=V_SCALE)
+    write_fp8(batch, k_ref, v_ref)
+    out = poisoned_like(batch.q)
+    meta = batch.meta
+    paged_prefill(
+        batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, meta.block_table, meta.query_start_loc,
+        meta.seq_lens, out, first_req=0, num_reqs=meta.num_reqs, max_query_len=meta.max_query_len, scale=scale,
+        k_scale=K_SCALE, v_scale=V_SCALE,
+    )
+    assert rel_err(out, ref) < REL_TOL
+
+
+@pytest.mark.skipif(INTERPRET, reason="the interpreter's float32 -> fp8 rounding is wrong (see write_fp8)")
+@pytest.mark.parametrize("group,head_dim", [(1, 64), (4, 128)])
+def test_backend_mixed_batch_fp8(group, head_dim):
+    """The whole backend (its own cache write included) on decodes, a fresh prompt and a chunk."""
+    batch = to_fp8(make_batch([1, 1, 1, 33, 80], [5, 130, 64, 33, 80 + 200], 2, group, head_dim, 16,
+                              qkv_strided=True))
+    scale = head_dim ** -0.5
+    ref, k_ref, v_ref = reference(batch, scale, k_scale=K_SCALE, v_scale=V_SCALE)
+    poison_allocator(batch.q.numel() * batch.q.element_size())
+    out = get_backend("triton").forward(
+        batch.q, batch.k, batch.v, (batch.k_cache, batch.v_cache), batch.meta, scale, K_SCALE, V_SCALE,
+    )
+    assert rel_err(out, ref) < REL_TOL
+    assert torch.equal(batch.k_cache.view(torch.uint8), k_ref.view(torch.uint8))
+    assert torch.equal(batch.v_cache.view(torch.uint8), v_ref.view(torch.uint8))
+
+
+@gpu_only
+def test_backend_decode_cuda_graph_fp8():
+    """A decode step on an fp8 cache captured in a graph replays with new contents (the scales
+    are Python floats baked into the graph)."""
+    num_reqs, num_kv_heads, group, head_dim, block_size = 8, 8, 4, 128, 16
+    backend = get_backend("triton")
+    static = to_fp8(make_batch([1] * num_reqs, [2048] * num_reqs, num_kv_heads, group, head_dim, block_size))
+    scale = head_dim ** -0.5
+    meta = static.meta
+    caches = (static.k_cache, static.v_cache)
+    backend.forward(static.q, static.k, static.v, caches, meta, scale, K_SCALE, V_SCALE)  # warm-up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = backend.forward(static.q, static.k, static.v, caches, meta, scale, K_SCALE, V_SCALE)
+    batch = to_fp8(make_batch([1] * num_reqs, [2048, 17, 1000, 5, 33, 2000, 64, 65], num_kv_heads, group,
+                              head_dim, block_size))
+    ref, _, _ = reference(batch, scale, k_scale=K_SCALE, v_scale=V_SCALE)
+    nb = batch.k_cache.shape[0]
+    for dst, src in ((static.q, batch.q), (static.k, batch.k), (static.v, batch.v),
+                     (meta.seq_lens, batch.meta.seq_lens), (meta.slot_mapping, batch.meta.slot_mapping)):
+        dst.copy_(src)
+    meta.block_table.zero_()
+    meta.block_table[:, : batch.meta.block_table.shape[1]].copy_(batch.meta.block_table)
+    static.k_cache[:nb].view(torch.uint8).copy_(batch.k_cache.view(torch.uint8))
+    static.v_cache[:nb].view(torch.uint8).copy_(batch.v_cache.view(torch.uint8))
+    static_out.fill_(float("nan"))
+    graph.replay()
+    assert rel_err(static_out, ref) < REL_TOL

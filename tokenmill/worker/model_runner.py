@@ -84,9 +84,13 @@ class ModelRunner:
         self._prev_sampled: tuple[torch.Tensor, dict[str, int]] | None = None
 
     # ----- KV cache -----
+    @property
+    def kv_cache_dtype(self) -> torch.dtype:
+        return self.config.cache.kv_cache_dtype or self.config.model.dtype
+
     def bytes_per_block(self) -> int:
         m = self.config.model
-        element = torch.empty((), dtype=m.dtype).element_size()
+        element = torch.empty((), dtype=self.kv_cache_dtype).element_size()  # 1 for fp8: twice the blocks
         num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
         return 2 * m.num_layers * self.block_size * num_kv_heads * m.head_dim * element
 
@@ -117,7 +121,8 @@ class ModelRunner:
             seq_lens_cpu=torch.tensor([n], dtype=torch.int32))
         m = self.config.model
         num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
-        dummy = torch.empty(1, self.block_size, num_kv_heads, m.head_dim, dtype=m.dtype, device=self.device)
+        dummy = torch.empty(1, self.block_size, num_kv_heads, m.head_dim, dtype=self.kv_cache_dtype,
+                            device=self.device)
         with torch.inference_mode():
             hidden = self.model(ids, torch.arange(n, device=self.device) % m.max_model_len,
                                 [(dummy, dummy)] * m.num_layers, meta)
@@ -132,8 +137,8 @@ class ModelRunner:
         m = self.config.model
         num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
         shape = (num_blocks, self.block_size, num_kv_heads, m.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=m.dtype, device=self.device),
-                           torch.zeros(shape, dtype=m.dtype, device=self.device))
+        self.kv_caches = [(torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device),
+                           torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device))
                           for _ in range(m.num_layers)]
         self.num_blocks = num_blocks
 

@@ -49,11 +49,20 @@ class AttentionMetadata:
         return self.num_decodes
 
 
-KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each [num_blocks, block_size, num_kv_heads, head_dim]
+# (k_cache, v_cache), each [num_blocks, block_size, num_kv_heads, head_dim], in the model dtype or
+# float8_e4m3fn (`kv_cache_dtype="fp8"`, format in kv_quant.py). The cache's dtype alone says which.
+KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 class AttentionBackend(ABC):
-    """Writes the step's K/V into the paged cache and computes attention for the step's queries."""
+    """Writes the step's K/V into the paged cache and computes attention for the step's queries.
+
+    `k_scale` / `v_scale` are the per-layer fp8 scales (stored = x / scale), used only when the
+    cache is fp8. They are constants of the attention layer, passed by it on every call, rather
+    than state of the backend (one instance serves all layers) or extra members of the KVCache
+    tuple (which the runner and CUDA graphs pass around as plain tensors). As Python floats fixed
+    for the engine's life they are safe to bake into captured graphs.
+    """
 
     name: str = "abstract"
 
@@ -66,6 +75,8 @@ class AttentionBackend(ABC):
         kv_cache: KVCache,
         meta: AttentionMetadata,
         scale: float,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         ...
 

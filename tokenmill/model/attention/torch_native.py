@@ -16,46 +16,62 @@ from tokenmill.model.attention.backend import (
     KVCache,
     register_backend,
 )
+from tokenmill.model.attention.kv_quant import as_storage, is_fp8, quantize_fp8, read_kv
 
 
-def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor) -> None:
-    """Scatter the step's K/V ([num_tokens, num_kv_heads, head_dim]) into their slots."""
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor,
+                   k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """Scatter the step's K/V ([num_tokens, num_kv_heads, head_dim]) into their slots; an fp8
+    cache stores them divided by `k_scale` / `v_scale`."""
     k_cache, v_cache = kv_cache
     num_kv_heads, head_dim = k_cache.shape[-2:]
     slots = slot_mapping[: k.shape[0]]
     if slots.numel() and bool((slots < 0).any()):  # -1 marks padding tokens: nothing to write
         keep = slots >= 0
         slots, k, v = slots[keep], k[keep], v[keep]
-    k_flat = k_cache.view(-1, num_kv_heads, head_dim)
-    v_flat = v_cache.view(-1, num_kv_heads, head_dim)
-    k_flat.index_copy_(0, slots, k.to(k_cache.dtype))
-    v_flat.index_copy_(0, slots, v.to(v_cache.dtype))
+    if is_fp8(k_cache):
+        k, v = quantize_fp8(k, k_scale), quantize_fp8(v, v_scale)
+    else:
+        k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+    k_flat = as_storage(k_cache).view(-1, num_kv_heads, head_dim)
+    v_flat = as_storage(v_cache).view(-1, num_kv_heads, head_dim)
+    k_flat.index_copy_(0, slots, as_storage(k))
+    v_flat.index_copy_(0, slots, as_storage(v))
 
 
-def gather_kv(kv_cache: KVCache, block_ids: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """K/V of the first `num_tokens` tokens of one request: [num_tokens, num_kv_heads, head_dim]."""
+def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """cache[block_ids] in the cache's dtype: [len(block_ids), block_size, num_kv_heads, head_dim]."""
+    return as_storage(cache).index_select(0, block_ids).view(cache.dtype)
+
+
+def gather_kv(kv_cache: KVCache, block_ids: torch.Tensor, num_tokens: int, k_scale: float, v_scale: float,
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V of the first `num_tokens` tokens of one request in `dtype`: [num_tokens, num_kv_heads, head_dim]."""
     k_cache, v_cache = kv_cache
     num_kv_heads, head_dim = k_cache.shape[-2:]
-    k = k_cache[block_ids].view(-1, num_kv_heads, head_dim)[:num_tokens]
-    v = v_cache[block_ids].view(-1, num_kv_heads, head_dim)[:num_tokens]
-    return k, v
+    k = gather_blocks(k_cache, block_ids).view(-1, num_kv_heads, head_dim)[:num_tokens]
+    v = gather_blocks(v_cache, block_ids).view(-1, num_kv_heads, head_dim)[:num_tokens]
+    return read_kv(k, k_scale, dtype), read_kv(v, v_scale, dtype)
 
 
 @register_backend
 class TorchNativeBackend(AttentionBackend):
     name = "torch_native"
 
-    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        write_kv_cache(k, v, kv_cache, meta.slot_mapping)
+    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float,
+                k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+        write_kv_cache(k, v, kv_cache, meta.slot_mapping, k_scale, v_scale)
+        kv_scales = (k_scale, v_scale)
         out = torch.empty_like(q)
         if meta.num_decodes:
-            out[: meta.num_decodes] = self._decode(q[: meta.num_decodes], kv_cache, meta, scale)
+            out[: meta.num_decodes] = self._decode(q[: meta.num_decodes], kv_cache, meta, scale, kv_scales)
         if meta.num_prefills:
-            self._prefill(q, k, v, kv_cache, meta, scale, out)
+            self._prefill(q, k, v, kv_cache, meta, scale, kv_scales, out)
         return out
 
     @staticmethod
-    def _decode(q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def _decode(q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata, scale: float,
+                kv_scales: tuple[float, float]) -> torch.Tensor:
         """All one-token queries at once: gather each request's blocks into a padded batch and
         attend with two batched matmuls.
 
@@ -71,20 +87,24 @@ class TorchNativeBackend(AttentionBackend):
         num_blocks = (max_len + block_size - 1) // block_size
         block_ids = meta.block_table[:num_decodes, :num_blocks].reshape(-1)
         # [B, num_blocks * block_size, kv_heads, head_dim] -> [B, kv_heads, L, head_dim]
-        keys = k_cache.index_select(0, block_ids).view(num_decodes, -1, num_kv_heads, head_dim).transpose(1, 2)
-        values = v_cache.index_select(0, block_ids).view(num_decodes, -1, num_kv_heads, head_dim).transpose(1, 2)
+        keys = gather_blocks(k_cache, block_ids).view(num_decodes, -1, num_kv_heads, head_dim).transpose(1, 2)
+        values = gather_blocks(v_cache, block_ids).view(num_decodes, -1, num_kv_heads, head_dim).transpose(1, 2)
+        keys, values = read_kv(keys, kv_scales[0], q.dtype), read_kv(values, kv_scales[1], q.dtype)
         query = q.view(num_decodes, num_kv_heads, group, head_dim)  # GQA: a head group per KV head
-        scores = torch.matmul(query, keys.to(q.dtype).transpose(2, 3)).float() * scale  # [B, kv, g, L]
+        scores = torch.matmul(query, keys.transpose(2, 3)).float() * scale  # [B, kv, g, L]
         positions = torch.arange(keys.shape[2], device=q.device)
         padding = positions[None, :] >= seq_lens.to(q.device)[:, None]  # [B, L]
         scores.masked_fill_(padding[:, None, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
-        out = torch.matmul(probs, values.to(q.dtype))  # [B, kv, g, head_dim]
+        out = torch.matmul(probs, values)  # [B, kv, g, head_dim]
         return out.view(num_decodes, num_heads, head_dim)
 
     @staticmethod
-    def _prefill(q, k, v, kv_cache: KVCache, meta: AttentionMetadata, scale: float, out: torch.Tensor) -> None:
-        """Prefills and prefill chunks one request at a time (there are few per step)."""
+    def _prefill(q, k, v, kv_cache: KVCache, meta: AttentionMetadata, scale: float,
+                 kv_scales: tuple[float, float], out: torch.Tensor) -> None:
+        """Prefills and prefill chunks one request at a time (there are few per step). The cached
+        prefix comes from the cache, the chunk's own K/V from k/v (exact even with an fp8 cache),
+        as in the Triton prefill."""
         block_size = kv_cache[0].shape[1]
         num_heads = q.shape[1]
         starts = _host(meta.query_start_loc_cpu, meta.query_start_loc).tolist()
@@ -97,8 +117,11 @@ class TorchNativeBackend(AttentionBackend):
                 keys, values = k[start:end], v[start:end]  # nothing cached before: no gather
                 mask, is_causal = None, True
             else:
-                num_blocks = (seq_len + block_size - 1) // block_size
-                keys, values = gather_kv(kv_cache, meta.block_table[i, :num_blocks], seq_len)
+                num_blocks = (context_len + block_size - 1) // block_size
+                prefix_k, prefix_v = gather_kv(kv_cache, meta.block_table[i, :num_blocks], context_len,
+                                               *kv_scales, q.dtype)
+                keys = torch.cat([prefix_k, k[start:end].to(q.dtype)])
+                values = torch.cat([prefix_v, v[start:end].to(q.dtype)])
                 is_causal = False
                 if meta.causal:
                     key_pos = torch.arange(seq_len, device=q.device)

@@ -9,6 +9,9 @@ with `meta.max_seq_len` set to the longest context the graph will replay with (e
 The backend keeps one persistent buffer of split counters for the decode kernel (the kernel
 leaves it zeroed). Calls on one backend instance must therefore run on one CUDA stream, in order,
 which is what a model's layers do.
+
+An fp8 cache (`kv_cache_dtype="fp8"`) is recognised by its dtype; the kernels then quantize on
+write and dequantize on read with the layer's `k_scale` / `v_scale`.
 """
 
 from __future__ import annotations
@@ -53,10 +56,12 @@ class TritonBackend(AttentionBackend):
         kv_cache: KVCache,
         meta: AttentionMetadata,
         scale: float,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         k_cache, v_cache = kv_cache
         # Write first: decodes read their own new key back from the cache.
-        write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         num_decodes = meta.num_decodes
         if num_decodes:
@@ -64,11 +69,13 @@ class TritonBackend(AttentionBackend):
                 q[:num_decodes], k_cache, v_cache, meta.block_table, meta.seq_lens,
                 out[:num_decodes], meta.max_seq_len, scale,
                 split_counters=self._counters(num_decodes * k_cache.shape[2], q.device),
+                k_scale=k_scale, v_scale=v_scale,
             )
         if meta.num_prefills:
             paged_prefill(
                 q, k, v, k_cache, v_cache, meta.block_table, meta.query_start_loc, meta.seq_lens, out,
                 first_req=num_decodes, num_reqs=meta.num_prefills,
                 max_query_len=meta.max_query_len, scale=scale, causal=meta.causal,
+                k_scale=k_scale, v_scale=v_scale,
             )
         return out

@@ -9,8 +9,11 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenmill.model.attention.kv_quant import FP8_E4M3_MAX, is_fp8
+
 # exp2 is one instruction on the GPU; exp(x) = exp2(x * log2(e)).
 LOG2E = 1.4426950408889634
+FP8_MAX = tl.constexpr(FP8_E4M3_MAX)
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,15 +29,20 @@ class KernelConfig:
 @triton.jit
 def load_kv_tile(
     k_cache_ptr, v_cache_ptr, block_row_ptr, token_offs, token_mask, kv_head, dims, dim_mask,
-    stride_c_block, stride_c_slot, stride_c_head, PAGE: tl.constexpr,
+    stride_c_block, stride_c_slot, stride_c_head, k_scale, v_scale, PAGE: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
-    """K and V of the tokens `token_offs` of one request and one KV head: [BLOCK_N, BLOCK_D] each."""
+    """K and V of the tokens `token_offs` of one request and one KV head: [BLOCK_N, BLOCK_D] each.
+    An fp8 cache (KV_FP8) is dequantized to float32 with the per-layer scales."""
     block_ids = tl.load(block_row_ptr + token_offs // PAGE, mask=token_mask, other=0).to(tl.int64)
     rows = block_ids * stride_c_block + (token_offs % PAGE) * stride_c_slot + kv_head * stride_c_head
     offs = rows[:, None] + dims[None, :]
     mask = token_mask[:, None] & dim_mask[None, :]
     k = tl.load(k_cache_ptr + offs, mask=mask, other=0.0)
     v = tl.load(v_cache_ptr + offs, mask=mask, other=0.0)
+    if KV_FP8:  # a constexpr branch: caches in the model dtype compile without it
+        k = k.to(tl.float32) * k_scale
+        v = v.to(tl.float32) * v_scale
     return k, v
 
 
@@ -53,7 +61,10 @@ def online_softmax_step(q, k, v, score_mask, m_i, l_i, acc, scale_log2):
     return m_new, l_i, acc
 
 
-def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Asserts the layout the kernels assume; returns whether the cache is fp8 (the KV_FP8 flag)."""
     assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride(), \
         "k_cache and v_cache must share shape and strides"
+    assert k_cache.dtype == v_cache.dtype, "k_cache and v_cache must share a dtype"
     assert k_cache.stride(-1) == 1, "the cache's head_dim must be contiguous"
+    return is_fp8(k_cache)

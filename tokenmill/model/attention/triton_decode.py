@@ -46,9 +46,10 @@ def _paged_decode_kernel(
     out_ptr, part_out_ptr, part_lse_ptr, counter_ptr,
     scale_log2, num_splits, GROUP,
     stride_q_tok, stride_q_head, stride_o_tok, stride_o_head,
-    stride_c_block, stride_c_slot, stride_c_head, stride_bt_req,
+    stride_c_block, stride_c_slot, stride_c_head, stride_bt_req, k_scale, v_scale,
     BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, DIRECT: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -80,7 +81,7 @@ def _paged_decode_kernel(
         key_mask = offs_n < seq_len
         k, v = load_kv_tile(
             k_cache_ptr, v_cache_ptr, block_row_ptr, offs_n, key_mask, kv_head, dims, dim_mask,
-            stride_c_block, stride_c_slot, stride_c_head, PAGE,
+            stride_c_block, stride_c_slot, stride_c_head, k_scale, v_scale, PAGE, KV_FP8,
         )
         m_i, l_i, acc = online_softmax_step(q, k, v, key_mask[None, :], m_i, l_i, acc, scale_log2)
 
@@ -166,11 +167,13 @@ def paged_decode(
     num_splits: int | None = None,
     split_counters: torch.Tensor | None = None,  # [>= num_decodes * num_kv_heads] int32, all 0
     config: KernelConfig = DECODE_CONFIG,
+    k_scale: float = 1.0,  # fp8 cache only: k = stored * k_scale
+    v_scale: float = 1.0,
 ) -> None:
     num_decodes, num_heads, head_dim = q.shape
     if num_decodes == 0:
         return
-    check_cache(k_cache, v_cache)
+    kv_fp8 = check_cache(k_cache, v_cache)
     if config is DECODE_CONFIG and q.element_size() > 2:
         config = DECODE_CONFIG_FP32
     num_kv_heads = k_cache.shape[2]
@@ -195,8 +198,9 @@ def paged_decode(
         scale * LOG2E, num_splits, group,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
+        float(k_scale), float(v_scale),
         BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         PAGE=k_cache.shape[1], BLOCK_N=config.block_n if head_dim <= 128 else min(config.block_n, 32),
-        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), DIRECT=direct,
+        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), DIRECT=direct, KV_FP8=kv_fp8,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -4,7 +4,8 @@ Layouts follow `backend.py`: q/out `[num_tokens, num_heads, head_dim]`, k/v
 `[num_tokens, num_kv_heads, head_dim]` (any token/head strides, last dim contiguous), K/V caches
 `[num_blocks, block_size, num_kv_heads, head_dim]`, block table `[num_reqs, max_blocks]` int32.
 
-- `write_kv_cache` (here): scatters the step's K/V into their slots (slot -1 = skip, for padding).
+- `write_kv_cache` (here): scatters the step's K/V into their slots (slot -1 = skip, for padding);
+  into an fp8 cache as `(x / scale).clamp(-448, 448)`, the format of `kv_quant.py`.
 - `paged_prefill` (`triton_prefill.py`): variable-length flash attention: cached prefix + new K/V.
 - `paged_decode` (`triton_decode.py`): split-KV flash-decoding, GQA-aware, one launch.
 
@@ -18,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tokenmill.model.attention.triton_common import KernelConfig, check_cache
+from tokenmill.model.attention.triton_common import FP8_MAX, KernelConfig, check_cache
 from tokenmill.model.attention.triton_decode import (
     DECODE_CONFIG,
     MAX_DECODE_SPLITS,
@@ -38,9 +39,9 @@ __all__ = [
 def _write_kv_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
     stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
-    stride_c_block, stride_c_slot, stride_c_head,
+    stride_c_block, stride_c_slot, stride_c_head, k_scale, v_scale,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     tok = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
@@ -55,6 +56,10 @@ def _write_kv_kernel(
     dst_offs = dst + heads[:, None] * stride_c_head + dims[None, :]
     k = tl.load(src_k, mask=mask)
     v = tl.load(src_v, mask=mask)
+    if KV_FP8:
+        # Saturate rather than overflow; div_rn rounds like torch's x / scale (bit-equal cache).
+        k = tl.clamp(tl.div_rn(k.to(tl.float32), k_scale), -FP8_MAX, FP8_MAX)
+        v = tl.clamp(tl.div_rn(v.to(tl.float32), v_scale), -FP8_MAX, FP8_MAX)
     tl.store(k_cache_ptr + dst_offs, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_cache_ptr + dst_offs, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
@@ -65,17 +70,19 @@ def write_kv_cache(
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [>= num_tokens] int64, -1 = skip
+    k_scale: float = 1.0,  # fp8 cache only: stored = k / k_scale
+    v_scale: float = 1.0,
 ) -> None:
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
         return
-    check_cache(k_cache, v_cache)
+    kv_fp8 = check_cache(k_cache, v_cache)
     assert k.stride(-1) == 1 and v.stride(-1) == 1, "k/v need a contiguous last dim"
     _write_kv_kernel[(num_tokens,)](
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), float(k_scale), float(v_scale),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, PAGE=k_cache.shape[1],
         BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
-        num_warps=4,
+        KV_FP8=kv_fp8, num_warps=4,
     )

@@ -4,7 +4,8 @@ Keys come from two places: the cached prefix (tokens before this step's chunk, t
 table) and this step's own K/V, read straight from the `k`/`v` inputs. So a chunk or a
 prefix-cache hit attends over its cached prefix, and a fresh prompt never touches the cache at all
 (the profile run's one-block dummy cache and slot -1 padding are fine). Grid: (request, tile of
-BLOCK_M queries, query head); tiles past a request's query length exit at once.
+BLOCK_M queries, query head); tiles past a request's query length exit at once. With an fp8 cache
+only the prefix is dequantized; this step's own K/V stay exact.
 """
 
 from __future__ import annotations
@@ -47,9 +48,9 @@ def _paged_prefill_kernel(
     scale_log2, first_req,
     stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
     stride_o_tok, stride_o_head,
-    stride_c_block, stride_c_slot, stride_c_head, stride_bt_req,
+    stride_c_block, stride_c_slot, stride_c_head, stride_bt_req, k_scale, v_scale,
     GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     req = first_req + tl.program_id(0)
     m_block = tl.program_id(1)
@@ -83,7 +84,7 @@ def _paged_prefill_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k, v = load_kv_tile(
             k_cache_ptr, v_cache_ptr, block_row_ptr, offs_n, offs_n < context_len, kv_head, dims,
-            dim_mask, stride_c_block, stride_c_slot, stride_c_head, PAGE,
+            dim_mask, stride_c_block, stride_c_slot, stride_c_head, k_scale, v_scale, PAGE, KV_FP8,
         )
         m_i, l_i, acc = online_softmax_step(q, k, v, offs_n[None, :] >= 0, m_i, l_i, acc, scale_log2)
     if prefix_full_end < context_len:
@@ -91,7 +92,7 @@ def _paged_prefill_kernel(
         key_mask = offs_n < context_len
         k, v = load_kv_tile(
             k_cache_ptr, v_cache_ptr, block_row_ptr, offs_n, key_mask, kv_head, dims, dim_mask,
-            stride_c_block, stride_c_slot, stride_c_head, PAGE,
+            stride_c_block, stride_c_slot, stride_c_head, k_scale, v_scale, PAGE, KV_FP8,
         )
         m_i, l_i, acc = online_softmax_step(q, k, v, key_mask[None, :], m_i, l_i, acc, scale_log2)
 
@@ -144,13 +145,15 @@ def paged_prefill(
     scale: float,
     causal: bool = True,
     config: KernelConfig = PREFILL_CONFIG,
+    k_scale: float = 1.0,  # fp8 cache only: k = stored * k_scale (the cached prefix)
+    v_scale: float = 1.0,
 ) -> None:
     """Attention for requests `first_req : first_req + num_reqs`: each attends over its cached
     prefix (`seq_len - query_len` tokens, from the cache) and, causally, over its own new tokens
     (from k/v)."""
     if num_reqs == 0:
         return
-    check_cache(k_cache, v_cache)
+    kv_fp8 = check_cache(k_cache, v_cache)
     if config is PREFILL_CONFIG and q.element_size() > 2:
         config = PREFILL_CONFIG_FP32
     num_heads, head_dim = q.shape[1:]
@@ -164,7 +167,9 @@ def paged_prefill(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
+        float(k_scale), float(v_scale),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         PAGE=k_cache.shape[1], BLOCK_M=config.block_m, BLOCK_N=config.block_n, CAUSAL=causal,
+        KV_FP8=kv_fp8,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

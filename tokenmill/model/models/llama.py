@@ -49,6 +49,10 @@ class LlamaAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.backend = backend
         self.scale = self.head_dim ** -0.5
+        # Per-tensor fp8 KV-cache scales (used only with kv_cache_dtype="fp8"): 1.0, uncalibrated,
+        # as vLLM defaults to. A checkpoint with calibrated scales would set them here.
+        self.k_scale = 1.0
+        self.v_scale = 1.0
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -60,7 +64,7 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, k, *rope)
-        out = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
+        out = self.backend.forward(q, k, v, kv_cache, meta, self.scale, self.k_scale, self.v_scale)
         return self.o_proj(out.reshape(out.shape[0], -1))
 
 
