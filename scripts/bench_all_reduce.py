@@ -52,7 +52,14 @@ def _graph_of(fn, n: int) -> torch.cuda.CUDAGraph:
     return graph
 
 
+def _progress(rank: int, what: str) -> None:
+    if rank == 0:
+        print(f"[rank 0] {what}", flush=True)
+
+
 def _worker(rank: int, world: int, store: str, out_path: str | None) -> None:
+    import faulthandler
+    faulthandler.dump_traceback_later(float(os.environ.get("HANG_DUMP_S", "60")), exit=True)
     sys.path.insert(0, os.getcwd())
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -60,7 +67,9 @@ def _worker(rank: int, world: int, store: str, out_path: str | None) -> None:
 
     device = torch.device("cuda", rank)
     ok = sm.locally_supported(device, world)
+    _progress(rank, f"process group up; locally supported: {ok}")
     comm = sm.try_create(dist.group.WORLD.group_name, device, torch.bfloat16) if ok else None
+    _progress(rank, f"symmetric memory set up: {comm is not None}")
     if comm is None:
         raise SystemExit(f"rank {rank}: symmetric memory unavailable (locally_supported={ok})")
     rows, failures = [], []
@@ -79,6 +88,7 @@ def _worker(rank: int, world: int, store: str, out_path: str | None) -> None:
         err_symm = (b.double() - exact).abs().max().item()
         if err_symm > tol:
             failures.append(f"{kb} KB eager: error {err_symm:.3g} > {tol:.3g}")
+        _progress(rank, f"{kb} KB eager sum done (error {err_symm:.3g})")
         # Many sums of different data back to back in one graph: each result must be right.
         k = 200
         inputs = torch.randn(k, n, device=device, dtype=torch.bfloat16, generator=gen)
@@ -97,6 +107,7 @@ def _worker(rank: int, world: int, store: str, out_path: str | None) -> None:
         err_graph = (work.double() - want).abs().max().item()
         if err_graph > 2 ** -7 * want.abs().max().item() + 1e-2:
             failures.append(f"{kb} KB graph: error {err_graph:.3g}")
+        _progress(rank, f"{kb} KB graph sums done (error {err_graph:.3g})")
         y = x.clone()
         nccl_eager = _time_us(lambda: dist.all_reduce(y), 200)
         symm_eager = _time_us(lambda: comm.all_reduce_(y), 200)
