@@ -134,7 +134,12 @@ def _worker(rank: int, world: int, store: str, out_path: str | None) -> None:
             with open(out_path, "w") as f:
                 json.dump({"world_size": world, "rows": rows, "failures": bad}, f, indent=1)
     dist.barrier()
-    dist.destroy_process_group()
+    torch.cuda.synchronize()
+    # As the engine does (parallel_state.destroy_tensor_parallel): NCCL's orderly shutdown hangs
+    # once symmetric memory is mapped, so abort the communicators.
+    from torch.distributed.distributed_c10d import _abort_process_group
+    _abort_process_group()
+    _progress(rank, "done")
     if any(all_failures):
         raise SystemExit(1)
 

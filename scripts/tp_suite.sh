@@ -72,6 +72,16 @@ if [[ "$part" == symm ]]; then
   lat llama70b llama-3.1-70b 2 --gpu-memory-utilization 0.92
   lat llama70b llama-3.1-70b 4
 fi
+# The same on a 2-GPU machine in one short call (symm hung at process-group teardown on its first
+# try; the tests now check that engines start and stop again in one process).
+if [[ "$part" == symm2 ]]; then
+  timeout "${TESTS_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider tests/gpu/test_tensor_parallel_gpu.py \
+      -o addopts="" -k "${TP_TESTS_K:-llama-2 or symm}" 2>&1 | tee "$out/tests_tp.log" || rc=1
+  lat llama8b llama-3.1-8b 1
+  TOKENMILL_SYMM_MEM_ALL_REDUCE=0 lat llama8b_nccl llama-3.1-8b 2
+  lat llama8b llama-3.1-8b 2
+  lat llama70b llama-3.1-70b 2 --gpu-memory-utilization 0.92
+fi
 # Async scheduling (default on CUDA) on a 4-GPU machine, in two calls of under 10 minutes:
 #   async-a  TP tests (+ the single-GPU async test); Llama-3.1-8B batch-1 at TP=1, 2, 4, and TP=2 with
 #            synchronous steps beside it; Llama-3.1-70B TP=2 batch-1

@@ -64,14 +64,23 @@ def destroy_tensor_parallel() -> None:
     """Leave the process group (so a later engine in this process can start a new one)."""
     global _OWNS_PROCESS_GROUP, _SYMM_MEM
     set_tensor_parallel(0, 1, None)
-    _SYMM_MEM = None
+    used_symm_mem, _SYMM_MEM = _SYMM_MEM is not None, None
     if _OWNS_PROCESS_GROUP:
         import torch.distributed as dist
+        from torch.distributed.distributed_c10d import _abort_process_group
 
         _OWNS_PROCESS_GROUP = False
         if dist.is_initialized():
             try:
-                dist.destroy_process_group()
+                if used_symm_mem:
+                    # NCCL's orderly shutdown never returned once symmetric memory had been mapped
+                    # (2x H200, torch 2.11). Every rank is stopping here with nothing in flight,
+                    # so aborting the communicators loses nothing; it also forgets the group, so
+                    # a later engine in this process can start a new one.
+                    torch.cuda.synchronize()
+                    _abort_process_group()
+                else:
+                    dist.destroy_process_group()
             except Exception:  # noqa: BLE001 - a dead peer can make teardown fail; nothing to save
                 logger.warning("process group teardown failed", exc_info=True)
 

@@ -40,7 +40,10 @@ MAX_DECODE_SPLITS = 32
 _MIN_TOKENS_PER_SPLIT = 64
 
 
-@triton.jit
+# Values that change from step to step are not specialised on (Triton would otherwise compile a
+# new variant the first time one is 1 or a multiple of 16: a ~1-3 s stall in the middle of
+# serving, measured on the H100 in docs/perf.md).
+@triton.jit(do_not_specialize=["num_splits", "stride_bt_req"])
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, seq_lens_ptr,
     out_ptr, part_out_ptr, part_lse_ptr, counter_ptr,
@@ -149,6 +152,12 @@ def decode_num_splits(num_decodes: int, num_kv_heads: int, max_seq_len: int, dev
     return max(1, min(wanted, useful, MAX_DECODE_SPLITS))
 
 
+def _merge_width(num_splits: int) -> int:
+    """Split lanes the merge loads at once: two widths only, so two compiled variants serve every
+    split count (both compiled while the decode graphs are captured)."""
+    return 8 if num_splits <= 8 else triton.next_power_of_2(MAX_DECODE_SPLITS)
+
+
 def new_split_counters(num_entries: int, device: torch.device) -> torch.Tensor:
     """Zeroed counters for `paged_decode(split_counters=...)`, one per (request, KV head). The
     kernel leaves them zero, so one buffer serves every later launch on the same stream."""
@@ -201,6 +210,6 @@ def paged_decode(
         float(k_scale), float(v_scale),
         BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         PAGE=k_cache.shape[1], BLOCK_N=config.block_n if head_dim <= 128 else min(config.block_n, 32),
-        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), DIRECT=direct, KV_FP8=kv_fp8,
+        BLOCK_S=_merge_width(num_splits), DIRECT=direct, KV_FP8=kv_fp8,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

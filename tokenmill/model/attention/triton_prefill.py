@@ -41,7 +41,7 @@ def _load_new_kv_tile(k_ptr, v_ptr, tok_rows, tok_mask, kv_head, dims, dim_mask,
     return k, v
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["first_req", "stride_bt_req"])  # per-step values: see triton_decode.py
 def _paged_prefill_kernel(
     q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, query_start_loc_ptr,
     seq_lens_ptr, out_ptr,
