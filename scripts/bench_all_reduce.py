@@ -135,13 +135,11 @@ def _worker(rank: int, world: int, store: str, out_path: str | None) -> None:
                 json.dump({"world_size": world, "rows": rows, "failures": bad}, f, indent=1)
     dist.barrier()
     torch.cuda.synchronize()
-    # As the engine does (parallel_state.destroy_tensor_parallel): NCCL's orderly shutdown hangs
-    # once symmetric memory is mapped, so abort the communicators.
-    from torch.distributed.distributed_c10d import _abort_process_group
-    _abort_process_group()
-    _progress(rank, "done")
-    if any(all_failures):
-        raise SystemExit(1)
+    # No process-group teardown: with this script's CUDA graphs of NCCL calls still alive, both
+    # NCCL's orderly shutdown and its abort hung (2x H200). The engine drops its graphs first and
+    # then aborts (parallel_state.destroy_tensor_parallel); a benchmark process can just exit.
+    sys.stdout.flush()
+    os._exit(1 if any(all_failures) else 0)
 
 
 def main() -> None:

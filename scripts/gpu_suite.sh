@@ -120,4 +120,20 @@ if [[ "$part" == timeline ]]; then
         | tee "$out/timeline_$budget.log" || rc=1
   done
 fi
+if [[ "$part" == fp8 ]]; then
+  # fp8 KV cache kernels against torch_native; batch-1 latency with the (default) graph GEMV run
+  # first in its call; Qwen3-0.6B 256 x 256/256 beside HF (bf16 KV), then with an fp8 KV cache.
+  TESTS="${TESTS:-tests/kernels/test_attention_kernels.py -k fp8}" gpu_tests ""
+  timeout 120 python3 -m tokenmill.entrypoints.cli.main bench latency --model llama-3.1-8b --load-format dummy \
+      --dtype bfloat16 --input-len 512 --output-len 256 --max-model-len 4096 --max-num-seqs 8 \
+      --gpu-memory-utilization 0.5 --baseline none --output-json "$out/latency_llama8b.json" 2>&1 \
+      | grep -v Warning | tee "$out/latency_llama8b.log" || rc=1
+  for kv in auto fp8; do
+    base=hf; [[ $kv == fp8 ]] && base=none
+    timeout 150 python3 -m tokenmill.entrypoints.cli.main bench throughput --model qwen3-0.6b --load-format dummy \
+        --dtype bfloat16 --workload random --num-prompts 256 --input-len 256 --output-len 256 --hf-batch-size 256 \
+        --max-model-len 1024 --gpu-memory-utilization 0.5 --kv-cache-dtype $kv --baseline $base \
+        --output-json "$out/tput_qwen06b_$kv.json" 2>&1 | grep -v Warning | tee "$out/tput_qwen06b_$kv.log" || rc=1
+  done
+fi
 exit $rc
