@@ -136,4 +136,13 @@ if [[ "$part" == fp8 ]]; then
         --output-json "$out/tput_qwen06b_$kv.json" 2>&1 | grep -v Warning | tee "$out/tput_qwen06b_$kv.log" || rc=1
   done
 fi
+if [[ "$part" == fp8-qwen8b ]]; then
+  # Qwen3-8B shape, 200 x 1024 in / 2048 out, with an fp8 KV cache and then the bf16 cache.
+  for kv in fp8 auto; do
+    timeout 135 python3 -m tokenmill.entrypoints.cli.main bench throughput --model qwen3-8b --load-format dummy \
+        --dtype bfloat16 --workload random --num-prompts 200 --input-len 1024 --output-len 2048 \
+        --max-model-len 3072 --kv-cache-dtype $kv --baseline none --output-json "$out/tput_qwen8b_$kv.json" 2>&1 \
+        | grep -v Warning | tee "$out/tput_qwen8b_$kv.log" || rc=1
+  done
+fi
 exit $rc
