@@ -58,3 +58,31 @@ def test_impossible_split_is_refused_before_any_worker_starts():
     with pytest.raises(ValueError, match=">= 1"):
         EngineArgs(tensor_parallel_size=0, device="cpu").create_engine_config()
     assert EngineArgs(tensor_parallel_size=3, device="cpu").create_engine_config().parallel.tensor_parallel_size == 3
+
+
+def test_small_sums_take_the_symmetric_memory_path_and_the_rest_nccl(monkeypatch):
+    """`tp_all_reduce` dispatch: tensors the one-shot buffer can hold (dtype, size, contiguity) go
+    to it, everything else to torch.distributed. (The kernel itself runs only on GPUs:
+    tests/gpu/test_tensor_parallel_gpu.py.)"""
+    import torch
+
+    from tokenmill.distributed import parallel_state
+    from tokenmill.distributed.symm_mem_all_reduce import SymmMemAllReduce, locally_supported
+
+    assert not locally_supported(torch.device("cpu"), 2)
+    comm = object.__new__(SymmMemAllReduce)  # no GPU here: only the size/dtype rule
+    comm.dtype, comm.max_numel = torch.bfloat16, 1024
+    took_symm, took_nccl = [], []
+    monkeypatch.setattr(comm, "all_reduce_", lambda x: took_symm.append(x.shape) or x, raising=False)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda x, group=None: took_nccl.append(x.shape))
+    monkeypatch.setattr(parallel_state, "_SYMM_MEM", comm)
+    parallel_state.set_tensor_parallel(0, 2, None)
+    try:
+        parallel_state.tp_all_reduce(torch.zeros(1, 1024, dtype=torch.bfloat16))  # fits
+        parallel_state.tp_all_reduce(torch.zeros(2, 1024, dtype=torch.bfloat16))  # too big
+        parallel_state.tp_all_reduce(torch.zeros(1, 512, dtype=torch.float32))  # other dtype
+        parallel_state.tp_all_reduce(torch.zeros(64, 16, dtype=torch.bfloat16).t())  # strided
+    finally:
+        parallel_state.set_tensor_parallel(0, 1, None)
+    assert took_symm == [(1, 1024)]
+    assert took_nccl == [(2, 1024), (1, 512), (16, 64)]
