@@ -122,7 +122,7 @@ def _worker(rank: int, world: int, store: str, out_path: str | None) -> None:
     dist.all_gather_object(all_failures, failures)
     if rank == 0:
         print(f"world size {world}, {torch.cuda.get_device_name(0)}, torch {torch.__version__}, "
-              f"fused copy: {comm._copy_out is not None}")
+              "one_shot_all_reduce_copy_out")
         print(f"{'KB':>5} {'NCCL eager':>11} {'symm eager':>11} {'NCCL graph':>11} {'symm graph':>11} {'graph ratio':>12}")
         for r in rows:
             print(f"{r['kb']:5d} {r['nccl_eager_us']:9.1f}us {r['symm_eager_us']:9.1f}us "

@@ -43,10 +43,8 @@ class SymmMemAllReduce:
         self.max_numel = max_bytes // dtype.itemsize
         self.buffer = symm_mem.empty(self.max_numel, dtype=dtype, device=device)
         self.handle = symm_mem.rendezvous(self.buffer, group_name)  # collective: every rank calls it
-        ops = torch.ops.symm_mem
-        # The fused form copies the local input into the shared buffer inside the kernel.
-        self._copy_out = getattr(ops, "one_shot_all_reduce_copy_out", None)
-        self._out = ops.one_shot_all_reduce_out
+        # Copies the local input into the shared buffer inside the kernel, then sums every rank's.
+        self._copy_out = torch.ops.symm_mem.one_shot_all_reduce_copy_out
 
     def can_reduce(self, x: torch.Tensor) -> bool:
         return x.dtype == self.dtype and x.is_contiguous() and x.numel() <= self.max_numel
@@ -54,11 +52,7 @@ class SymmMemAllReduce:
     def all_reduce_(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.view(-1)
         shared = self.buffer[:flat.numel()]
-        if self._copy_out is not None:
-            self._copy_out(shared, flat, "sum", self.group_name, out=flat)
-        else:
-            shared.copy_(flat)
-            self._out(shared, "sum", self.group_name, out=flat)
+        self._copy_out(shared, flat, "sum", self.group_name, out=flat)
         return x
 
 
@@ -69,7 +63,7 @@ def locally_supported(device: torch.device, world_size: int) -> bool:
         return False
     try:
         import torch.distributed._symmetric_memory  # noqa: F401
-        torch.ops.symm_mem.one_shot_all_reduce_out  # noqa: B018 - raises if this build lacks it
+        torch.ops.symm_mem.one_shot_all_reduce_copy_out  # noqa: B018 - raises if this build lacks it
     except (ImportError, AttributeError, RuntimeError) as exc:
         logger.info("symmetric-memory all-reduce not in this torch build: %s", exc)
         return False
