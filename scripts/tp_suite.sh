@@ -75,6 +75,25 @@ if [[ "$part" == symm ]]; then
   lat llama70b llama-3.1-70b 2 --gpu-memory-utilization 0.92
   (( ngpu >= 4 )) && lat llama70b llama-3.1-70b 4
 fi
+# The all-reduce fused with add + RMSNorm (fifth session), on a 2- or 4-GPU machine: its check and
+# benchmark, the TP logits tests, then Llama-3.1-8B batch-1 at TP=1 and at TP=2 without and with
+# the fused kernel; FUSED_70B=1 adds Llama-3.1-70B batch-1 at TP=2 (and TP=4 with 4 GPUs).
+if [[ "$part" == fused ]]; then
+  ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+  timeout 150 python3 scripts/bench_all_reduce.py --world-size 2 --output-json "$out/allreduce_w2.json" 2>&1 \
+      | tee "$out/allreduce_w2.log" || rc=1
+  (( ngpu >= 4 )) && { timeout 150 python3 scripts/bench_all_reduce.py --world-size 4 \
+      --output-json "$out/allreduce_w4.json" 2>&1 | tee "$out/allreduce_w4.log" || rc=1; }
+  [[ -n "${TP_TESTS_K:-}" ]] && { timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider \
+      tests/gpu/test_tensor_parallel_gpu.py -o addopts="" -k "$TP_TESTS_K" 2>&1 | tee "$out/tests_tp.log" || rc=1; }
+  lat llama8b llama-3.1-8b 1
+  TOKENMILL_FUSED_ALL_REDUCE_NORM=0 lat llama8b_unfused llama-3.1-8b 2
+  lat llama8b llama-3.1-8b 2
+  if [[ -n "${FUSED_70B:-}" ]]; then
+    lat llama70b llama-3.1-70b 2 --gpu-memory-utilization 0.92
+    (( ngpu >= 4 )) && lat llama70b llama-3.1-70b 4
+  fi
+fi
 # Async scheduling (default on CUDA) on a 4-GPU machine, in two calls of under 10 minutes:
 #   async-a  TP tests (+ the single-GPU async test); Llama-3.1-8B batch-1 at TP=1, 2, 4, and TP=2 with
 #            synchronous steps beside it; Llama-3.1-70B TP=2 batch-1

@@ -40,16 +40,20 @@ def test_tp_logits_match_hf_bf16(name, tp, tmp_path_factory):
     folder, hf = hf_folder(tmp_path_factory, name, 0.05)
     with LLM(folder, dtype="bfloat16", max_model_len=2048, gpu_memory_utilization=0.3,
              tensor_parallel_size=tp) as llm:
-        # The decode all-reduces must go through the one-shot symmetric-memory path being tested
-        # (rank 0 runs in this process; every rank agrees on it at start-up).
+        # The decode all-reduces must go through the symmetric-memory paths being tested, the
+        # one-shot sum and the sum fused with add + RMSNorm (rank 0 runs in this process; every
+        # rank agrees on it at start-up).
         assert parallel_state.symm_mem_all_reduce_active()
+        assert parallel_state.fused_all_reduce_norm_active()
         outs = llm.generate(LOGIT_PROMPTS, LOGIT_PARAMS, use_tqdm=False)
     assert_logprobs_match_hf(hf, LOGIT_PROMPTS, outs, (name, tp))
 
 
 def test_symm_mem_all_reduce_sums_right(tmp_path):
     """The one-shot all-reduce against a float64 sum, eagerly and 200 times back to back inside a
-    CUDA graph, for every decode message size (the script exits non-zero on a wrong sum)."""
+    CUDA graph, for every decode message size; and the fused all-reduce + add + RMSNorm against
+    its reference, identical on every rank, 200 calls in one graph (the script exits non-zero on
+    any wrong result)."""
     import json
     import subprocess
     import sys

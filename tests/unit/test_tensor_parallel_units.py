@@ -86,3 +86,52 @@ def test_small_sums_take_the_symmetric_memory_path_and_the_rest_nccl(monkeypatch
         parallel_state.set_tensor_parallel(0, 1, None)
     assert took_symm == [(1, 1024)]
     assert took_nccl == [(2, 1024), (1, 512), (16, 64)]
+
+
+def test_norm_after_a_row_parallel_layer_fuses_the_sum_where_it_can(monkeypatch):
+    """`RMSNorm.reduce_add` dispatch: decode-sized rows go to the fused all-reduce + add + norm
+    kernel with the caller's slot; other shapes fall back to the all-reduce, then the norm, with
+    the same result as before the fusion. (The kernel runs only on GPUs: bench_all_reduce.py,
+    run by tests/gpu/test_tensor_parallel_gpu.py.)"""
+    import torch
+
+    from tokenmill.distributed import parallel_state
+    from tokenmill.distributed.symm_mem_all_reduce import SymmMemAllReduce
+    from tokenmill.model.layers.basic import RMSNorm
+
+    comm = object.__new__(SymmMemAllReduce)
+    comm.dtype, comm.max_numel, comm.fused_slot_numel, comm.max_fused_rows = torch.float32, 1 << 20, 4096, 2
+    fused_calls, summed = [], []
+
+    def fake_fused(x, residual, weight, eps, slot):
+        fused_calls.append((tuple(x.shape), slot))
+        return "fused", slot
+
+    def fake_all_reduce(x):  # two identical ranks: the sum is twice this rank's part
+        summed.append(tuple(x.shape))
+        return x.mul_(2)
+
+    monkeypatch.setattr(comm, "all_reduce_add_rms_norm", fake_fused, raising=False)
+    monkeypatch.setattr(comm, "all_reduce_", fake_all_reduce, raising=False)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda x, group=None: summed.append("nccl"))
+    monkeypatch.setattr(parallel_state, "_SYMM_MEM", comm)
+    norm = RMSNorm(8, 1e-6)
+    norm.weight.data = torch.linspace(0.5, 1.5, 8)
+    parallel_state.set_tensor_parallel(0, 2, None)
+    try:
+        assert parallel_state.fused_all_reduce_norm_active()
+        assert norm.reduce_add(torch.ones(2, 8), torch.ones(2, 8), slot=1) == ("fused", 1)
+        partial, residual = torch.randn(3, 8), torch.randn(3, 8)  # 3 rows: more than the kernel takes
+        want = norm(2 * partial, residual)
+        got = norm.reduce_add(partial.clone(), residual, slot=0)
+        strided = norm.reduce_add(torch.randn(8, 2).t(), torch.randn(2, 8), slot=0)  # not contiguous
+    finally:
+        parallel_state.set_tensor_parallel(0, 1, None)
+    assert fused_calls == [((2, 8), 1)]
+    assert summed == [(3, 8), "nccl"]
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert strided[0].shape == (2, 8)
+    # One rank: no collective at all, the plain fused add + norm.
+    partial = torch.randn(2, 8)
+    assert all(torch.equal(a, b) for a, b in zip(norm.reduce_add(partial, residual[:2], slot=0),
+                                                  norm(partial, residual[:2])))

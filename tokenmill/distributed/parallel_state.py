@@ -103,6 +103,11 @@ def symm_mem_all_reduce_active() -> bool:
     return _SYMM_MEM is not None
 
 
+def fused_all_reduce_norm_active() -> bool:
+    """Whether decode's all-reduces are fused with the following add + RMSNorm (`RMSNorm.reduce_add`)."""
+    return _SYMM_MEM is not None and _SYMM_MEM.fused_slot_numel > 0
+
+
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum `x` over the ranks, in place (small CUDA tensors: one-shot over symmetric memory;
     otherwise NCCL on GPUs, gloo on CPUs)."""
@@ -112,6 +117,17 @@ def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
         return _SYMM_MEM.all_reduce_(x)
     torch.distributed.all_reduce(x, group=_TP_GROUP)
     return x
+
+
+def tp_all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                               slot: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The sum over ranks of `x`, plus `residual`, normalised, in one kernel
+    (`all_reduce_rms_norm.py`): (normed, new residual), or None where that kernel does not apply
+    (one rank, no symmetric memory, too many rows) and the caller must do the three steps itself.
+    `slot` (0 or 1) must alternate between consecutive calls."""
+    if _TP_SIZE == 1 or _SYMM_MEM is None or not _SYMM_MEM.can_fuse(x, residual):
+        return None
+    return _SYMM_MEM.all_reduce_add_rms_norm(x, residual, weight, eps, slot)
 
 
 def tp_all_reduce_min(value: int, device: torch.device) -> int:

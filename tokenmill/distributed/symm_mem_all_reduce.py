@@ -10,6 +10,10 @@ the lent machines keep off), and it can be captured in a CUDA graph because the 
 Used for tensors up to `max_bytes` in the dtype the buffer was made for; anything else goes
 through NCCL. Off with `TOKENMILL_SYMM_MEM_ALL_REDUCE=0`; when symmetric memory cannot be set up
 (no peer access, a torch without it) the engine logs why and keeps NCCL.
+
+The same object also owns a second, two-slot buffer for `all_reduce_rms_norm.py`, the kernel that
+does a row-parallel sum, the residual add and the next RMSNorm in one launch (decode batches of up
+to `MAX_FUSED_ROWS` rows; off alone with `TOKENMILL_FUSED_ALL_REDUCE_NORM=0`).
 """
 
 from __future__ import annotations
@@ -22,14 +26,22 @@ import torch
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 512 * 1024  # one-shot reads world_size copies: past this NCCL's ring wins
+# The fused kernel's programs (one per row) spin on each other across GPUs, so all of them must be
+# resident at once; 64 rows is far below one program per SM on any GPU this runs on.
+MAX_FUSED_ROWS = 64
 
 
 def enabled_by_env() -> bool:
     return os.environ.get("TOKENMILL_SYMM_MEM_ALL_REDUCE", "1") != "0"
 
 
+def fused_norm_enabled_by_env() -> bool:
+    return os.environ.get("TOKENMILL_FUSED_ALL_REDUCE_NORM", "1") != "0"
+
+
 class SymmMemAllReduce:
-    """`all_reduce_(x)`: sum x over the group in place, if `can_reduce(x)`."""
+    """`all_reduce_(x)`: sum x over the group in place, if `can_reduce(x)`; and
+    `all_reduce_add_rms_norm(...)`, if `can_fuse(x)`."""
 
     def __init__(self, group_name: str, device: torch.device, dtype: torch.dtype,
                  max_bytes: int = DEFAULT_MAX_BYTES):
@@ -45,6 +57,25 @@ class SymmMemAllReduce:
         self.handle = symm_mem.rendezvous(self.buffer, group_name)  # collective: every rank calls it
         # Copies the local input into the shared buffer inside the kernel, then sums every rank's.
         self._copy_out = torch.ops.symm_mem.one_shot_all_reduce_copy_out
+        self.rank, self.world_size = self.handle.rank, self.handle.world_size
+        self.fused_slot_numel = self.max_fused_rows = 0
+        if fused_norm_enabled_by_env():
+            self._init_fused(symm_mem, group_name, device, dtype, max_bytes)
+
+    def _init_fused(self, symm_mem, group_name, device, dtype, max_bytes) -> None:
+        # Two slots (see all_reduce_rms_norm.py: "Buffer reuse"); its own allocation, so its
+        # signal pad is not shared with the one-shot op's barriers.
+        slot = max_bytes // dtype.itemsize
+        self.fused_buffer = symm_mem.empty(2 * slot, dtype=dtype, device=device)
+        handle = symm_mem.rendezvous(self.fused_buffer, group_name)  # collective
+        if handle.buffer_ptrs[self.rank] != self.fused_buffer.data_ptr():
+            raise RuntimeError("symmetric buffer pointer table does not start at the tensor")
+        pad_words = handle.signal_pad_size // 4  # int32 flags, one per (row, sending rank)
+        self.max_fused_rows = min(MAX_FUSED_ROWS, pad_words // self.world_size)
+        self.fused_handle = handle
+        self.buffer_ptrs = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
+        self.signal_ptrs = torch.tensor(handle.signal_pad_ptrs, dtype=torch.int64, device=device)
+        self.fused_slot_numel = slot
 
     def can_reduce(self, x: torch.Tensor) -> bool:
         return x.dtype == self.dtype and x.is_contiguous() and x.numel() <= self.max_numel
@@ -54,6 +85,18 @@ class SymmMemAllReduce:
         shared = self.buffer[:flat.numel()]
         self._copy_out(shared, flat, "sum", self.group_name, out=flat)
         return x
+
+    def can_fuse(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
+        return (x.dim() == 2 and x.dtype == self.dtype and x.is_contiguous() and residual.is_contiguous()
+                and residual.shape == x.shape and x.numel() <= self.fused_slot_numel
+                and x.shape[0] <= self.max_fused_rows)
+
+    def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                                eps: float, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from tokenmill.distributed.all_reduce_rms_norm import all_reduce_add_rms_norm
+
+        return all_reduce_add_rms_norm(x, residual, weight, eps, self.buffer_ptrs, self.signal_ptrs,
+                                       slot * self.fused_slot_numel, self.rank, self.world_size)
 
 
 def locally_supported(device: torch.device, world_size: int) -> bool:

@@ -10,7 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenmill.distributed.parallel_state import tp_all_gather_last_dim, tp_all_reduce, tp_rank, tp_world_size
+from tokenmill.distributed.parallel_state import (
+    tp_all_gather_last_dim,
+    tp_all_reduce,
+    tp_all_reduce_add_rms_norm,
+    tp_rank,
+    tp_world_size,
+)
 
 
 def _fused_ops():
@@ -41,6 +47,16 @@ class RMSNorm(nn.Module):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         out = self.weight * h.to(orig_dtype)
         return out if residual is None else (out, residual)
+
+    def reduce_add(self, partial: torch.Tensor, residual: torch.Tensor, slot: int):
+        """`self(sum over ranks of partial, residual)`: a row-parallel layer's unreduced output
+        summed, added to the residual and normalised; (normed, new residual). Under tensor
+        parallelism on GPUs the three are one kernel (`distributed/all_reduce_rms_norm.py`);
+        `slot` (0 or 1) must alternate between consecutive calls."""
+        fused = tp_all_reduce_add_rms_norm(partial, residual, self.weight, self.eps, slot)
+        if fused is not None:
+            return fused
+        return self(tp_all_reduce(partial), residual)
 
 
 class SiluAndMul(nn.Module):

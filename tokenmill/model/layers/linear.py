@@ -139,14 +139,17 @@ class RowParallelLinear(LinearBase):
 
     `input_slice=(start, size)` gives this rank's columns explicitly (attention's output projection
     follows the rank's query heads, which may be uneven); by default they split evenly.
+    `reduce_results=False` returns this rank's partial sums (the bias, if any, in rank 0's) for the
+    caller to reduce, e.g. fused with the next norm (`RMSNorm.reduce_add`).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 input_slice: tuple[int, int] | None = None) -> None:
+                 input_slice: tuple[int, int] | None = None, reduce_results: bool = True) -> None:
         if input_slice is None:
             size = _divide(in_features, tp_world_size(), "input features")
             input_slice = (tp_rank() * size, size)
         self.in_start, self.in_per_rank = input_slice
+        self.reduce_results = reduce_results
         super().__init__(self.in_per_rank, out_features, bias)
 
     def weight_loader(self, param, loaded, shard_id=None) -> None:
@@ -157,5 +160,7 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = linear(x, self.weight, self.packed_weight)
+        if not self.reduce_results:
+            return y if self.bias is None or tp_rank() != 0 else y + self.bias
         y = tp_all_reduce(y)
         return y if self.bias is None else y + self.bias

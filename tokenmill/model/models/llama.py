@@ -44,7 +44,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(
             config.num_attention_heads * self.head_dim, config.hidden_size,
             bias=getattr(config, "o_proj_bias", False),
-            input_slice=(self.qkv_proj.q_start * self.head_dim, self.qkv_proj.q_size))
+            input_slice=(self.qkv_proj.q_start * self.head_dim, self.qkv_proj.q_size), reduce_results=False)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.backend = backend
@@ -74,7 +74,8 @@ class LlamaMLP(nn.Module):
         bias = getattr(config, "mlp_bias", False)
         self.gate_up_proj = MergedColumnParallelLinear(
             config.hidden_size, [config.intermediate_size] * 2, bias=bias)
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=bias,
+                                           reduce_results=False)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,13 +91,20 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, rope, hidden, residual, kv_cache, meta):
+        """`hidden`: the embeddings (first layer, `residual` None) or the previous layer's MLP
+        output as this rank's unreduced partial sums. Returns the same for the next layer.
+
+        Each row-parallel projection's all-reduce is left to the norm that follows it, so that
+        under tensor parallelism the sum, the residual add and the norm are one kernel. Slots 0
+        and 1 alternate as that kernel requires (attention 0, MLP 1, the final norm 1).
+        """
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+            hidden, residual = self.input_layernorm.reduce_add(hidden, residual, slot=1)
         hidden = self.self_attn(rope, hidden, kv_cache, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        hidden, residual = self.post_attention_layernorm.reduce_add(hidden, residual, slot=0)
         return self.mlp(hidden), residual
 
 
@@ -118,7 +126,7 @@ class LlamaModel(nn.Module):
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(rope, hidden, residual, kv_cache, meta)
-        hidden, _ = self.norm(hidden, residual)
+        hidden, _ = self.norm.reduce_add(hidden, residual, slot=1)
         return hidden
 
 
