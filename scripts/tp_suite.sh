@@ -94,6 +94,16 @@ if [[ "$part" == fused ]]; then
     (( ngpu >= 4 )) && lat llama70b llama-3.1-70b 4
   fi
 fi
+# The same on the 4-GPU machine, in one call: the check and benchmark at 4 ranks, Llama-3.1-70B
+# batch-1 at TP=4, then the eager == graphs == graphs + async tests at TP=2 and TP=4 (three
+# engines one after another in one process: the second engine's set-up is what they also check).
+if [[ "$part" == fused-x4 ]]; then
+  timeout 110 python3 scripts/bench_all_reduce.py --world-size 4 --output-json "$out/allreduce_w4.json" 2>&1 \
+      | tee "$out/allreduce_w4.log" || rc=1
+  lat llama70b llama-3.1-70b 4
+  timeout "${TESTS_TIMEOUT:-230}" python3 -m pytest -q -p no:cacheprovider tests/gpu/test_tensor_parallel_gpu.py \
+      -o addopts="" -k graphs_match_eager -o faulthandler_timeout=200 2>&1 | tee "$out/tests_tp.log" || rc=1
+fi
 # Async scheduling (default on CUDA) on a 4-GPU machine, in two calls of under 10 minutes:
 #   async-a  TP tests (+ the single-GPU async test); Llama-3.1-8B batch-1 at TP=1, 2, 4, and TP=2 with
 #            synchronous steps beside it; Llama-3.1-70B TP=2 batch-1

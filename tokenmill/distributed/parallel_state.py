@@ -44,17 +44,35 @@ def init_tensor_parallel(rank: int, world_size: int, device: torch.device, store
     set_tensor_parallel(rank, world_size, None)
     logger.info("rank %d of %d joined the tensor-parallel group (%s)", rank, world_size, backend)
     if dtype is not None:
-        _init_symm_mem_all_reduce(device, dtype)
+        _init_symm_mem_all_reduce(device, dtype, store_path)
 
 
-def _init_symm_mem_all_reduce(device: torch.device, dtype: torch.dtype) -> None:
+def _group_for_symm_mem(store_path: str):
+    """A process group of every rank, named uniquely for this engine.
+
+    torch keeps symmetric-memory state per group name for the life of the process (the store a
+    name rendezvouses through, among others), and every new default group is named "0" again. A
+    second engine in the same process (rank 0 lives in the caller's process) then rendezvoused
+    through the first engine's dead store and hung (2x H200, torch 2.11). torch names a new group
+    after its group counter, so setting the counter to a number derived from this engine's store
+    path, the same string on every rank, gives a name no earlier engine here has used.
+    """
+    import hashlib
+
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d._world.group_count = 1 + int(hashlib.sha1(store_path.encode()).hexdigest()[:8], 16)
+    return torch.distributed.new_group(list(range(_TP_SIZE)))
+
+
+def _init_symm_mem_all_reduce(device: torch.device, dtype: torch.dtype, store_path: str) -> None:
     """Every rank uses it or none does: the ranks agree before and after the collective set-up."""
     global _SYMM_MEM
     from tokenmill.distributed import symm_mem_all_reduce as sm
 
     if device.type != "cuda" or not tp_all_reduce_min(int(sm.locally_supported(device, _TP_SIZE)), device):
         return
-    comm = sm.try_create(torch.distributed.group.WORLD.group_name, device, dtype)
+    comm = sm.try_create(_group_for_symm_mem(store_path).group_name, device, dtype)
     if tp_all_reduce_min(int(comm is not None), device):
         _SYMM_MEM = comm
         logger.info("all-reduces up to %d KiB use symmetric memory (one-shot)", comm.max_numel * dtype.itemsize // 1024)

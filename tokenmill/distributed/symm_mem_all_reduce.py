@@ -48,7 +48,7 @@ class SymmMemAllReduce:
         import torch.distributed._symmetric_memory as symm_mem
 
         enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
-        if enable is not None:  # needed by older releases, a no-op or absent in newer ones
+        if enable is not None:  # needed by older releases; deprecated (still registers the store) in newer
             enable(group_name)
         self.group_name = group_name
         self.dtype = dtype
