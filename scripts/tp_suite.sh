@@ -104,6 +104,14 @@ if [[ "$part" == fused-x4 ]]; then
   timeout "${TESTS_TIMEOUT:-230}" python3 -m pytest -q -p no:cacheprovider tests/gpu/test_tensor_parallel_gpu.py \
       -o addopts="" -k graphs_match_eager -o faulthandler_timeout=200 2>&1 | tee "$out/tests_tp.log" || rc=1
 fi
+# Last call of the fifth session (4x H200): Llama-3.1-70B batch-1 at TP=4 (one-shot sums + norm,
+# the fused kernel being for TP=2 only), then eager == graphs == graphs + async at TP=2 (three
+# engines in one process: the first with symmetric memory, the later two with NCCL).
+if [[ "$part" == x4-last ]]; then
+  lat llama70b llama-3.1-70b 4
+  timeout "${TESTS_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider tests/gpu/test_tensor_parallel_gpu.py \
+      -o addopts="" -k "graphs_match_eager and 2" -o faulthandler_timeout=140 2>&1 | tee "$out/tests_tp.log" || rc=1
+fi
 # Async scheduling (default on CUDA) on a 4-GPU machine, in two calls of under 10 minutes:
 #   async-a  TP tests (+ the single-GPU async test); Llama-3.1-8B batch-1 at TP=1, 2, 4, and TP=2 with
 #            synchronous steps beside it; Llama-3.1-70B TP=2 batch-1

@@ -61,11 +61,14 @@ def greedy_eager_and_graphs(folder: str, **engine_args) -> list[list[list[int]]]
     CUDA graphs and async scheduling (the default on CUDA); the first two step synchronously."""
     prompts = [[(11 * i + 5 * j) % 2048 for i in range(n)] for j, n in enumerate((300, 17, 64, 5, 900))]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    results = []
-    for eager, async_scheduling in ((True, False), (False, False), (False, True)):
+    results = {}
+    # The default configuration first: under tensor parallelism only a process's first engine
+    # gets the symmetric-memory all-reduces (parallel_state._init_symm_mem_all_reduce).
+    for eager, async_scheduling in ((False, True), (True, False), (False, False)):
         with LLM(folder, max_model_len=2048, gpu_memory_utilization=0.3, enforce_eager=eager, max_num_seqs=8,
                  async_scheduling=async_scheduling, **engine_args) as llm:
             assert (llm.engine.core.runner.graphs is None) == eager
-            results.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            results[eager, async_scheduling] = [o.outputs[0].token_ids for o in outs]
         torch.cuda.empty_cache()
-    return results
+    return [results[True, False], results[False, False], results[False, True]]

@@ -38,13 +38,14 @@ CASES = [(name, tp) for tp in TP_SIZES for name in sorted(SHAPES) if _splits(nam
 @pytest.mark.parametrize("name,tp", CASES)
 def test_tp_logits_match_hf_bf16(name, tp, tmp_path_factory):
     folder, hf = hf_folder(tmp_path_factory, name, 0.05)
+    first_engine = not parallel_state.symm_mem_set_up_in_process()
     with LLM(folder, dtype="bfloat16", max_model_len=2048, gpu_memory_utilization=0.3,
              tensor_parallel_size=tp) as llm:
-        # The decode all-reduces must go through the symmetric-memory paths being tested, the
-        # one-shot sum and the sum fused with add + RMSNorm (rank 0 runs in this process; every
-        # rank agrees on it at start-up).
-        assert parallel_state.symm_mem_all_reduce_active()
-        assert parallel_state.fused_all_reduce_norm_active()
+        # The first TP engine of this process (rank 0 runs here) must take the symmetric-memory
+        # paths being tested: the one-shot sum and, at TP=2, the sum fused with add + RMSNorm.
+        # Later engines in the process use NCCL (parallel_state._init_symm_mem_all_reduce).
+        assert parallel_state.symm_mem_all_reduce_active() == first_engine
+        assert parallel_state.fused_all_reduce_norm_active() == (first_engine and tp == 2)
         outs = llm.generate(LOGIT_PROMPTS, LOGIT_PARAMS, use_tqdm=False)
     assert_logprobs_match_hf(hf, LOGIT_PROMPTS, outs, (name, tp))
 

@@ -22,6 +22,7 @@ _TP_SIZE = 1
 _TP_GROUP = None
 _OWNS_PROCESS_GROUP = False
 _SYMM_MEM = None  # SymmMemAllReduce for small CUDA sums, when every rank could set it up
+_SYMM_MEM_SET_UP_IN_PROCESS = False  # see _init_symm_mem_all_reduce
 
 
 def init_tensor_parallel(rank: int, world_size: int, device: torch.device, store_path: str,
@@ -44,35 +45,30 @@ def init_tensor_parallel(rank: int, world_size: int, device: torch.device, store
     set_tensor_parallel(rank, world_size, None)
     logger.info("rank %d of %d joined the tensor-parallel group (%s)", rank, world_size, backend)
     if dtype is not None:
-        _init_symm_mem_all_reduce(device, dtype, store_path)
+        _init_symm_mem_all_reduce(device, dtype)
 
 
-def _group_for_symm_mem(store_path: str):
-    """A process group of every rank, named uniquely for this engine.
+def _init_symm_mem_all_reduce(device: torch.device, dtype: torch.dtype) -> None:
+    """Every rank uses it or none does: the ranks agree before and after the collective set-up.
 
-    torch keeps symmetric-memory state per group name for the life of the process (the store a
-    name rendezvouses through, among others), and every new default group is named "0" again. A
-    second engine in the same process (rank 0 lives in the caller's process) then rendezvoused
-    through the first engine's dead store and hung (2x H200, torch 2.11). torch names a new group
-    after its group counter, so setting the counter to a number derived from this engine's store
-    path, the same string on every rank, gives a name no earlier engine here has used.
+    Only the first tensor-parallel engine of a process gets it. A second engine in the same
+    process (rank 0 runs in the caller's) hung in the symmetric-memory rendezvous (2x and 4x
+    H200, torch 2.11), also on a freshly named group, so some per-process state of torch's
+    symmetric memory does not survive a process group's end; that engine uses NCCL (logged).
     """
-    import hashlib
-
-    import torch.distributed.distributed_c10d as c10d
-
-    c10d._world.group_count = 1 + int(hashlib.sha1(store_path.encode()).hexdigest()[:8], 16)
-    return torch.distributed.new_group(list(range(_TP_SIZE)))
-
-
-def _init_symm_mem_all_reduce(device: torch.device, dtype: torch.dtype, store_path: str) -> None:
-    """Every rank uses it or none does: the ranks agree before and after the collective set-up."""
-    global _SYMM_MEM
+    global _SYMM_MEM, _SYMM_MEM_SET_UP_IN_PROCESS
     from tokenmill.distributed import symm_mem_all_reduce as sm
 
-    if device.type != "cuda" or not tp_all_reduce_min(int(sm.locally_supported(device, _TP_SIZE)), device):
+    if device.type != "cuda":
         return
-    comm = sm.try_create(_group_for_symm_mem(store_path).group_name, device, dtype)
+    fresh = not _SYMM_MEM_SET_UP_IN_PROCESS
+    if not fresh:
+        logger.warning("symmetric memory was already set up once in this process: this engine's "
+                       "all-reduces use NCCL (start one engine per process for the faster path)")
+    if not tp_all_reduce_min(int(fresh and sm.locally_supported(device, _TP_SIZE)), device):
+        return
+    _SYMM_MEM_SET_UP_IN_PROCESS = True
+    comm = sm.try_create(torch.distributed.group.WORLD.group_name, device, dtype)
     if tp_all_reduce_min(int(comm is not None), device):
         _SYMM_MEM = comm
         logger.info("all-reduces up to %d KiB use symmetric memory (one-shot)", comm.max_numel * dtype.itemsize // 1024)
@@ -114,6 +110,11 @@ def tp_rank() -> int:
 
 def tp_world_size() -> int:
     return _TP_SIZE
+
+
+def symm_mem_set_up_in_process() -> bool:
+    """Whether an engine in this process has set up symmetric memory (later ones use NCCL)."""
+    return _SYMM_MEM_SET_UP_IN_PROCESS
 
 
 def symm_mem_all_reduce_active() -> bool:

@@ -29,6 +29,10 @@ DEFAULT_MAX_BYTES = 512 * 1024  # one-shot reads world_size copies: past this NC
 # The fused kernel's programs (one per row) spin on each other across GPUs, so all of them must be
 # resident at once; 64 rows is far below one program per SM on any GPU this runs on.
 MAX_FUSED_ROWS = 64
+# Its barrier signals and waits for the peers one after another. With one peer (TP=2) the fused
+# kernel beat the one-shot sum + separate norm (5.2-7.4 vs 8.4-13.7 us, 2x H200); with three
+# (TP=4) it lost (11.9-15.7 vs 8.9-15.7 us, 4x H200), so larger groups keep the two kernels.
+FUSED_MAX_WORLD_SIZE = 2
 
 
 def enabled_by_env() -> bool:
@@ -59,7 +63,7 @@ class SymmMemAllReduce:
         self._copy_out = torch.ops.symm_mem.one_shot_all_reduce_copy_out
         self.rank, self.world_size = self.handle.rank, self.handle.world_size
         self.fused_slot_numel = self.max_fused_rows = 0
-        if fused_norm_enabled_by_env():
+        if fused_norm_enabled_by_env() and self.world_size <= FUSED_MAX_WORLD_SIZE:
             self._init_fused(symm_mem, group_name, device, dtype, max_bytes)
 
     def _init_fused(self, symm_mem, group_name, device, dtype, max_bytes) -> None:
