@@ -153,7 +153,8 @@ def _worker(rank: int, world: int, store: str, out_path: str | None) -> None:
     device = torch.device("cuda", rank)
     ok = sm.locally_supported(device, world)
     _progress(rank, f"process group up; locally supported: {ok}")
-    comm = sm.try_create(dist.group.WORLD.group_name, device, torch.bfloat16) if ok else None
+    # The fused kernel is set up whatever the engine's policy (FUSED_MAX_WORLD_SIZE), to time it.
+    comm = sm.SymmMemAllReduce(dist.group.WORLD.group_name, device, torch.bfloat16, fuse_norm=True) if ok else None
     _progress(rank, f"symmetric memory set up: {comm is not None}")
     if comm is None:
         raise SystemExit(f"rank {rank}: symmetric memory unavailable (locally_supported={ok})")

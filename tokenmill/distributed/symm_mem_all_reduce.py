@@ -48,7 +48,9 @@ class SymmMemAllReduce:
     `all_reduce_add_rms_norm(...)`, if `can_fuse(x)`."""
 
     def __init__(self, group_name: str, device: torch.device, dtype: torch.dtype,
-                 max_bytes: int = DEFAULT_MAX_BYTES):
+                 max_bytes: int = DEFAULT_MAX_BYTES, fuse_norm: bool | None = None):
+        """`fuse_norm`: also set up the fused all-reduce + add + RMSNorm kernel; None follows the
+        switch and FUSED_MAX_WORLD_SIZE (the benchmark script forces it to time it anywhere)."""
         import torch.distributed._symmetric_memory as symm_mem
 
         enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
@@ -63,7 +65,9 @@ class SymmMemAllReduce:
         self._copy_out = torch.ops.symm_mem.one_shot_all_reduce_copy_out
         self.rank, self.world_size = self.handle.rank, self.handle.world_size
         self.fused_slot_numel = self.max_fused_rows = 0
-        if fused_norm_enabled_by_env() and self.world_size <= FUSED_MAX_WORLD_SIZE:
+        if fuse_norm is None:
+            fuse_norm = fused_norm_enabled_by_env() and self.world_size <= FUSED_MAX_WORLD_SIZE
+        if fuse_norm:
             self._init_fused(symm_mem, group_name, device, dtype, max_bytes)
 
     def _init_fused(self, symm_mem, group_name, device, dtype, max_bytes) -> None:
