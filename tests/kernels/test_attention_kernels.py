@@ -401,21 +401,25 @@ def test_paged_decode_merge_is_race_free(num_splits):
 
 # Not 1.0, so a kernel that drops either scale fails (about 0.45 relative error).
 K_SCALE, V_SCALE = 0.37, 1.9
+# The attention kernels take two paths: scaled tiles dequantized to float32, and unit scales
+# (the uncalibrated default) converted straight to the model dtype inside the dots.
+SCALES = pytest.mark.parametrize("scales", [(K_SCALE, V_SCALE), (1.0, 1.0)], ids=["scaled", "unit"])
 
 
-def to_fp8(batch: PagedBatch) -> PagedBatch:
+def to_fp8(batch: PagedBatch, scales: tuple[float, float] = (K_SCALE, V_SCALE)) -> PagedBatch:
     """The batch with its cached prefixes quantized into fp8 caches (K with a wider range)."""
-    batch.k_cache = quantize_fp8(batch.k_cache.float() * 2, K_SCALE)
-    batch.v_cache = quantize_fp8(batch.v_cache.float(), V_SCALE)
+    batch.k_cache = quantize_fp8(batch.k_cache.float() * 2, scales[0])
+    batch.v_cache = quantize_fp8(batch.v_cache.float(), scales[1])
     return batch
 
 
-def write_fp8(batch: PagedBatch, k_ref: torch.Tensor, v_ref: torch.Tensor, slots: torch.Tensor | None = None) -> None:
+def write_fp8(batch: PagedBatch, k_ref: torch.Tensor, v_ref: torch.Tensor, slots: torch.Tensor | None = None,
+              scales: tuple[float, float] = (K_SCALE, V_SCALE)) -> None:
     """The Triton cache write, which must leave bit-for-bit torch_native's cache. Triton's
     interpreter rounds float32 -> fp8 wrongly when rounding carries into the exponent (7.9 ->
     4.0; the GPU's conversion is right), so there the reference's bytes are used instead."""
     slots = batch.meta.slot_mapping if slots is None else slots
-    write_kv_cache(batch.k, batch.v, batch.k_cache, batch.v_cache, slots, K_SCALE, V_SCALE)
+    write_kv_cache(batch.k, batch.v, batch.k_cache, batch.v_cache, slots, *scales)
     if INTERPRET:
         batch.k_cache.copy_(k_ref)
         batch.v_cache.copy_(v_ref)
@@ -441,18 +445,19 @@ def test_write_kv_cache_fp8(block_size, num_kv_heads, head_dim):
     write_fp8(batch, k_ref, v_ref, slots)
 
 
+@SCALES
 @pytest.mark.parametrize("block_size,group,head_dim", [(16, 1, 64), (32, 4, 128), (16, 8, 64)])
 @pytest.mark.parametrize("num_splits", [None, 1, 5])
-def test_paged_decode_fp8(block_size, group, head_dim, num_splits):
+def test_paged_decode_fp8(block_size, group, head_dim, num_splits, scales):
     seq_lens = [1, 2, 17, 64, 65, 200, 333]
-    batch = to_fp8(make_batch([1] * len(seq_lens), seq_lens, 2, group, head_dim, block_size))
+    batch = to_fp8(make_batch([1] * len(seq_lens), seq_lens, 2, group, head_dim, block_size), scales)
     scale = head_dim ** -0.5
-    ref, k_ref, v_ref = reference(batch, scale, k_scale=K_SCALE, v_scale=V_SCALE)
-    write_fp8(batch, k_ref, v_ref)
+    ref, k_ref, v_ref = reference(batch, scale, k_scale=scales[0], v_scale=scales[1])
+    write_fp8(batch, k_ref, v_ref, scales=scales)
     out = poisoned_like(batch.q)
     paged_decode(
         batch.q, batch.k_cache, batch.v_cache, batch.meta.block_table, batch.meta.seq_lens, out,
-        batch.meta.max_seq_len, scale, num_splits=num_splits, k_scale=K_SCALE, v_scale=V_SCALE,
+        batch.meta.max_seq_len, scale, num_splits=num_splits, k_scale=scales[0], v_scale=scales[1],
     )
     assert rel_err(out, ref) < REL_TOL
 
@@ -474,22 +479,24 @@ def test_paged_decode_long_fp8(group, head_dim):
         assert rel_err(out, ref) < REL_TOL, f"num_splits={num_splits}"
 
 
+@SCALES
 @pytest.mark.parametrize("block_size,group,head_dim", [(16, 1, 64), (32, 4, 128), (16, 8, 64)])
 @pytest.mark.parametrize("case", range(len(_prefill_cases())))
 @pytest.mark.parametrize("causal", [True, False])
-def test_paged_prefill_fp8(block_size, group, head_dim, case, causal):
+def test_paged_prefill_fp8(block_size, group, head_dim, case, causal, scales):
     """The cached prefix is read (dequantized) from the fp8 cache; the chunk's own K/V from k/v."""
     query_lens, seq_lens = _prefill_cases()[case]
-    batch = to_fp8(make_batch([1] + query_lens, [9] + seq_lens, 2, group, head_dim, block_size, qkv_strided=True))
+    batch = to_fp8(make_batch([1] + query_lens, [9] + seq_lens, 2, group, head_dim, block_size, qkv_strided=True),
+                   scales)
     scale = head_dim ** -0.5
-    ref, k_ref, v_ref = reference(batch, scale, causal, K_SCALE, V_SCALE)
-    write_fp8(batch, k_ref, v_ref)
+    ref, k_ref, v_ref = reference(batch, scale, causal, *scales)
+    write_fp8(batch, k_ref, v_ref, scales=scales)
     out = poisoned_like(batch.q)
     meta = batch.meta
     paged_prefill(
         batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, meta.block_table, meta.query_start_loc,
         meta.seq_lens, out, first_req=1, num_reqs=meta.num_reqs - 1, max_query_len=meta.max_query_len,
-        scale=scale, causal=causal, k_scale=K_SCALE, v_scale=V_SCALE,
+        scale=scale, causal=causal, k_scale=scales[0], v_scale=scales[1],
     )
     assert torch.isnan(out[0]).all(), "the decode row belongs to the decode kernel"
     assert rel_err(out[1:], ref[1:]) < REL_TOL

@@ -30,17 +30,22 @@ class KernelConfig:
 def load_kv_tile(
     k_cache_ptr, v_cache_ptr, block_row_ptr, token_offs, token_mask, kv_head, dims, dim_mask,
     stride_c_block, stride_c_slot, stride_c_head, k_scale, v_scale, PAGE: tl.constexpr,
-    KV_FP8: tl.constexpr,
+    KV_FP8: tl.constexpr, KV_SCALED: tl.constexpr,
 ):
     """K and V of the tokens `token_offs` of one request and one KV head: [BLOCK_N, BLOCK_D] each.
-    An fp8 cache (KV_FP8) is dequantized to float32 with the per-layer scales."""
+
+    An fp8 cache with scales other than 1.0 (KV_SCALED) is dequantized to float32 here. With unit
+    scales (uncalibrated, the default) the fp8 tiles are returned as they are and converted
+    straight to the model dtype for the dot products (`online_softmax_step`): the same values,
+    since every e4m3 value is exact in bf16 and fp16, without a float32 tile and two extra
+    conversions per element in a kernel whose prefill form is otherwise bound by the dots."""
     block_ids = tl.load(block_row_ptr + token_offs // PAGE, mask=token_mask, other=0).to(tl.int64)
     rows = block_ids * stride_c_block + (token_offs % PAGE) * stride_c_slot + kv_head * stride_c_head
     offs = rows[:, None] + dims[None, :]
     mask = token_mask[:, None] & dim_mask[None, :]
     k = tl.load(k_cache_ptr + offs, mask=mask, other=0.0)
     v = tl.load(v_cache_ptr + offs, mask=mask, other=0.0)
-    if KV_FP8:  # a constexpr branch: caches in the model dtype compile without it
+    if KV_FP8 and KV_SCALED:  # constexpr branches: other caches compile without it
         k = k.to(tl.float32) * k_scale
         v = v.to(tl.float32) * v_scale
     return k, v

@@ -52,7 +52,7 @@ def _paged_decode_kernel(
     stride_c_block, stride_c_slot, stride_c_head, stride_bt_req, k_scale, v_scale,
     BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, DIRECT: tl.constexpr,
-    KV_FP8: tl.constexpr,
+    KV_FP8: tl.constexpr, KV_SCALED: tl.constexpr,
 ):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -84,7 +84,7 @@ def _paged_decode_kernel(
         key_mask = offs_n < seq_len
         k, v = load_kv_tile(
             k_cache_ptr, v_cache_ptr, block_row_ptr, offs_n, key_mask, kv_head, dims, dim_mask,
-            stride_c_block, stride_c_slot, stride_c_head, k_scale, v_scale, PAGE, KV_FP8,
+            stride_c_block, stride_c_slot, stride_c_head, k_scale, v_scale, PAGE, KV_FP8, KV_SCALED,
         )
         m_i, l_i, acc = online_softmax_step(q, k, v, key_mask[None, :], m_i, l_i, acc, scale_log2)
 
@@ -210,6 +210,7 @@ def paged_decode(
         float(k_scale), float(v_scale),
         BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         PAGE=k_cache.shape[1], BLOCK_N=config.block_n if head_dim <= 128 else min(config.block_n, 32),
-        BLOCK_S=_merge_width(num_splits), DIRECT=direct, KV_FP8=kv_fp8,
+        BLOCK_S=_merge_width(num_splits), DIRECT=direct,
+        KV_FP8=kv_fp8, KV_SCALED=kv_fp8 and (k_scale, v_scale) != (1.0, 1.0),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -50,7 +50,8 @@ def _paged_prefill_kernel(
     stride_o_tok, stride_o_head,
     stride_c_block, stride_c_slot, stride_c_head, stride_bt_req, k_scale, v_scale,
     GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, KV_FP8: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    KV_FP8: tl.constexpr, KV_SCALED: tl.constexpr,
 ):
     req = first_req + tl.program_id(0)
     m_block = tl.program_id(1)
@@ -84,7 +85,7 @@ def _paged_prefill_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k, v = load_kv_tile(
             k_cache_ptr, v_cache_ptr, block_row_ptr, offs_n, offs_n < context_len, kv_head, dims,
-            dim_mask, stride_c_block, stride_c_slot, stride_c_head, k_scale, v_scale, PAGE, KV_FP8,
+            dim_mask, stride_c_block, stride_c_slot, stride_c_head, k_scale, v_scale, PAGE, KV_FP8, KV_SCALED,
         )
         m_i, l_i, acc = online_softmax_step(q, k, v, offs_n[None, :] >= 0, m_i, l_i, acc, scale_log2)
     if prefix_full_end < context_len:
@@ -92,7 +93,7 @@ def _paged_prefill_kernel(
         key_mask = offs_n < context_len
         k, v = load_kv_tile(
             k_cache_ptr, v_cache_ptr, block_row_ptr, offs_n, key_mask, kv_head, dims, dim_mask,
-            stride_c_block, stride_c_slot, stride_c_head, k_scale, v_scale, PAGE, KV_FP8,
+            stride_c_block, stride_c_slot, stride_c_head, k_scale, v_scale, PAGE, KV_FP8, KV_SCALED,
         )
         m_i, l_i, acc = online_softmax_step(q, k, v, key_mask[None, :], m_i, l_i, acc, scale_log2)
 
@@ -170,6 +171,6 @@ def paged_prefill(
         float(k_scale), float(v_scale),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         PAGE=k_cache.shape[1], BLOCK_M=config.block_m, BLOCK_N=config.block_n, CAUSAL=causal,
-        KV_FP8=kv_fp8,
+        KV_FP8=kv_fp8, KV_SCALED=kv_fp8 and (k_scale, v_scale) != (1.0, 1.0),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
