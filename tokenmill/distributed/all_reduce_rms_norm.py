@@ -13,7 +13,7 @@ mostly latency. This kernel does all of it in one launch. Each program takes one
 3. it sums every rank's row in rank order, in float32, so that every rank computes bit-identical
    results, as the replicated residual stream requires; the sum is rounded to the model dtype,
    as the separate all-reduce would leave it;
-4. it adds the residual and normalises exactly as `layers/triton_ops.rms_norm` does.
+4. it adds the residual and normalises with `layers/triton_ops.rms_norm`'s own code.
 
 Buffer reuse: the caller alternates two slots (attention's sums in slot 0, the MLP's in slot 1).
 A rank writes slot s again only two calls later, after passing the other slot's barrier, which a
@@ -31,6 +31,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from tokenmill.model.layers.triton_ops import rms_norm_store
 
 
 @triton.jit
@@ -84,11 +86,7 @@ def _all_reduce_add_rms_norm_kernel(
     x = reduced + tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     x_rounded = x.to(dtype)
     tl.store(residual_out_ptr + offs, x_rounded, mask=mask)
-    x = x_rounded.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(x * x, 0) / hidden + eps)
-    normed = (x * rstd).to(dtype).to(tl.float32)
-    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, (normed * w).to(dtype), mask=mask)
+    rms_norm_store(x_rounded.to(tl.float32), weight_ptr, out_ptr, offs, cols, mask, hidden, eps)
 
 
 def all_reduce_add_rms_norm(

@@ -80,7 +80,10 @@ class SymmMemAllReduce:
             raise RuntimeError("symmetric buffer pointer table does not start at the tensor")
         pad_words = handle.signal_pad_size // 4  # int32 flags, one per (row, sending rank)
         self.max_fused_rows = min(MAX_FUSED_ROWS, pad_words // self.world_size)
-        self.fused_handle = handle
+        self.fused_handle = handle  # kept alive with the buffer it maps
+        from tokenmill.distributed.all_reduce_rms_norm import all_reduce_add_rms_norm
+
+        self._fused = all_reduce_add_rms_norm
         self.buffer_ptrs = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
         self.signal_ptrs = torch.tensor(handle.signal_pad_ptrs, dtype=torch.int64, device=device)
         self.fused_slot_numel = slot
@@ -101,9 +104,7 @@ class SymmMemAllReduce:
 
     def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                                 eps: float, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from tokenmill.distributed.all_reduce_rms_norm import all_reduce_add_rms_norm
-
-        return all_reduce_add_rms_norm(x, residual, weight, eps, self.buffer_ptrs, self.signal_ptrs,
+        return self._fused(x, residual, weight, eps, self.buffer_ptrs, self.signal_ptrs,
                                        slot * self.fused_slot_numel, self.rank, self.world_size)
 
 

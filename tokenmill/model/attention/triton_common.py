@@ -66,6 +66,11 @@ def online_softmax_step(q, k, v, score_mask, m_i, l_i, acc, scale_log2):
     return m_new, l_i, acc
 
 
+def dequantize_to_float32(kv_fp8: bool, k_scale: float, v_scale: float) -> bool:
+    """The KV_SCALED flag of `load_kv_tile`: an fp8 cache whose scales are not both 1.0."""
+    return kv_fp8 and (k_scale, v_scale) != (1.0, 1.0)
+
+
 def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """Asserts the layout the kernels assume; returns whether the cache is fp8 (the KV_FP8 flag)."""
     assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride(), \

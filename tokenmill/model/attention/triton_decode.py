@@ -28,6 +28,7 @@ from tokenmill.model.attention.triton_common import (
     LOG2E,
     KernelConfig,
     check_cache,
+    dequantize_to_float32,
     load_kv_tile,
     online_softmax_step,
 )
@@ -211,6 +212,6 @@ def paged_decode(
         BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         PAGE=k_cache.shape[1], BLOCK_N=config.block_n if head_dim <= 128 else min(config.block_n, 32),
         BLOCK_S=_merge_width(num_splits), DIRECT=direct,
-        KV_FP8=kv_fp8, KV_SCALED=kv_fp8 and (k_scale, v_scale) != (1.0, 1.0),
+        KV_FP8=kv_fp8, KV_SCALED=dequantize_to_float32(kv_fp8, k_scale, v_scale),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -18,6 +18,7 @@ from tokenmill.model.attention.triton_common import (
     LOG2E,
     KernelConfig,
     check_cache,
+    dequantize_to_float32,
     load_kv_tile,
     online_softmax_step,
 )
@@ -171,6 +172,6 @@ def paged_prefill(
         float(k_scale), float(v_scale),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         PAGE=k_cache.shape[1], BLOCK_M=config.block_m, BLOCK_N=config.block_n, CAUSAL=causal,
-        KV_FP8=kv_fp8, KV_SCALED=kv_fp8 and (k_scale, v_scale) != (1.0, 1.0),
+        KV_FP8=kv_fp8, KV_SCALED=dequantize_to_float32(kv_fp8, k_scale, v_scale),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

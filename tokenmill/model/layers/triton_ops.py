@@ -51,10 +51,17 @@ def _rms_norm_kernel(
         x_rounded = x.to(residual_out_ptr.dtype.element_ty)
         tl.store(residual_out_ptr + row * hidden + cols, x_rounded, mask=mask)
         x = x_rounded.to(tl.float32)
+    rms_norm_store(x, weight_ptr, out_ptr, row * hidden + cols, cols, mask, hidden, eps)
+
+
+@triton.jit
+def rms_norm_store(x, weight_ptr, out_ptr, out_offs, cols, mask, hidden, eps):
+    """Normalise one float32 row `x` and store it times the weight, rounding as HF does (also
+    the tail of `distributed/all_reduce_rms_norm.py`'s kernel, which must match this one)."""
     rstd = tl.rsqrt(tl.sum(x * x, 0) / hidden + eps)
     normed = (x * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * hidden + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + out_offs, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def rms_norm(
