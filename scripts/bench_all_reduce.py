@@ -75,7 +75,7 @@ def _check_fused(rank: int, world: int, comm, device, failures: list[str]) -> li
     from tokenmill.distributed.all_reduce_rms_norm import all_reduce_add_rms_norm_ref
     from tokenmill.model.layers.triton_ops import rms_norm
 
-    if not comm.fused_slot_numel:
+    if not comm.fused_region_words:
         failures.append("fused kernel not set up (TOKENMILL_FUSED_ALL_REDUCE_NORM=0?)")
         return []
     results = []

@@ -4,6 +4,9 @@
 
 1. Per shape of Llama-3.1-8B (QKV, O, gate/up, down, LM head): the result against `F.linear`
    (relative error) and each one's time and bandwidth (`triton.testing.do_bench`, L2 flushed).
+   `--tp N` splits the shapes as tensor parallelism does (one rank's share).
+   `--sweep` also times every configuration of a wider grid than the autotuner's on each shape and
+   prints the best three beside the autotuner's pick (to choose the tuning space).
 2. The whole decode weight set (`--layers` x the four layer matrices + the LM head, 15.0 GB at 32
    layers) as one CUDA graph of GEMVs, replayed: ms per token for each, as in BENCHMARKS.md.
 """
@@ -43,15 +46,46 @@ def graph_ms(fn, weights, xs) -> float:
     return min(times)
 
 
+def sweep(x: torch.Tensor, w: torch.Tensor) -> list[dict]:
+    """Every configuration of a grid wider than the autotuner's, timed on one shape; best first."""
+    from tokenmill.model.layers.triton_gemv import _gemv_kernel
+
+    n, k = w.shape
+    y = torch.empty(1, n, dtype=w.dtype, device=w.device)
+    rows = []
+    for bn in (2, 4, 8, 16):
+        for bk in (256, 512, 1024):
+            for warps in (2, 4, 8):
+                for stages in (1, 3, 4):
+                    def run(bn=bn, bk=bk, warps=warps, stages=stages):
+                        _gemv_kernel.fn[(triton.cdiv(n, bn),)](x, w, y, n, k, w.stride(0), SILU_MUL=False,
+                                                               BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+                                                               num_stages=stages)
+                    us = triton.testing.do_bench(run) * 1e3
+                    rows.append({"block_n": bn, "block_k": bk, "warps": warps, "stages": stages, "us": us,
+                                 "tb_s": n * k * w.element_size() / us / 1e6})
+    rows.sort(key=lambda r: r["us"])
+    picked = getattr(_gemv_kernel, "best_config", None)
+    print(f"    sweep best: " + "; ".join(f"{r['block_n']}x{r['block_k']} w{r['warps']} s{r['stages']} "
+                                          f"{r['us']:.1f} us {r['tb_s']:.2f} TB/s" for r in rows[:3])
+          + f" (autotuner's last pick: {picked})")
+    return rows[:10]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--sweep", action="store_true")
     p.add_argument("--output-json")
     args = p.parse_args()
     torch.manual_seed(0)
     dev = torch.device("cuda")
-    result = {"device": torch.cuda.get_device_name(), "shapes": {}}
-    for name, (n, k) in SHAPES.items():
+    result = {"device": torch.cuda.get_device_name(), "tp": args.tp, "shapes": {}}
+    column_parallel = {"qkv", "gate_up", "lm_head"}  # split along N; the rest along K
+    shapes = {name: (n // args.tp, k) if name in column_parallel else (n, k // args.tp)
+              for name, (n, k) in SHAPES.items()}
+    for name, (n, k) in shapes.items():
         w = torch.randn(n, k, dtype=torch.bfloat16, device=dev) * 0.02
         x = torch.randn(1, k, dtype=torch.bfloat16, device=dev)
         ref = F.linear(x, w).float()
@@ -65,14 +99,16 @@ def main() -> None:
                                   "triton_tb_s": gb / t_triton}
         print(f"{name:8s} {n:6d}x{k:5d}: rel err {rel:.1e}; cuBLAS {t_cublas * 1e3:7.1f} us "
               f"({gb / t_cublas:.2f} TB/s), Triton {t_triton * 1e3:7.1f} us ({gb / t_triton:.2f} TB/s)")
+        if args.sweep:
+            result["shapes"][name]["sweep"] = sweep(x, w)
         del w
     weights, xs = [], []
     for _ in range(args.layers):
         for name in ("qkv", "o", "gate_up", "down"):
-            n, k = SHAPES[name]
+            n, k = shapes[name]
             weights.append(torch.randn(n, k, dtype=torch.bfloat16, device=dev) * 0.02)
             xs.append(torch.randn(1, k, dtype=torch.bfloat16, device=dev))
-    n, k = SHAPES["lm_head"]
+    n, k = shapes["lm_head"]
     weights.append(torch.randn(n, k, dtype=torch.bfloat16, device=dev) * 0.02)
     xs.append(torch.randn(1, k, dtype=torch.bfloat16, device=dev))
     total_gb = sum(w.numel() for w in weights) * 2 / 1e9

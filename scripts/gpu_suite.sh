@@ -8,6 +8,7 @@ set -u -o pipefail
 part="${1:-all}"
 out="${OUT:-./gpu_out}"
 mkdir -p "$out"
+out="$(cd "$out" && pwd)"  # absolute: some parts run from another directory
 export PYTHONPATH=.:/tmp/tm_wheels PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 pip install --quiet --no-deps --no-index --target /tmp/tm_wheels wheels/*.whl 2>&1 | tail -1
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; } | tee "$out/device.txt"
@@ -155,6 +156,23 @@ if [[ "$part" == fp8-qwen8b ]]; then
         --dtype bfloat16 --workload random --num-prompts 200 --input-len 1024 --output-len 2048 \
         --max-model-len 3072 --kv-cache-dtype $kv --baseline none --output-json "$out/tput_qwen8b_$kv.json" 2>&1 \
         | grep -v Warning | tee "$out/tput_qwen8b_$kv.log" || rc=1
+  done
+fi
+if [[ "$part" == ab ]]; then
+  # Sixth session: the GPU tests, the GEMV per shape at TP=1 and TP=2 shapes with a configuration
+  # sweep, then Llama-3.1-8B batch-1 with the fifth session's code (BASELINE directory holding that
+  # commit's tokenmill/, see tp_suite.sh "ab") and with this tree, side by side.
+  gpu_tests "tests/kernels tests/gpu"
+  for tp in ${GEMV_TP:-1 2}; do
+    timeout 300 python3 scripts/bench_gemv.py --tp $tp --layers 4 ${SWEEP:+--sweep} --output-json "$out/gemv_tp$tp.json" \
+        2>&1 | grep -v -i warn | tee "$out/gemv_tp$tp.log" || rc=1
+  done
+  for where in "${BASELINE:-.baseline}" .; do
+    name=latency_llama8b; [[ "$where" != . ]] && name=latency_llama8b_base
+    ( cd "$where" && timeout 200 python3 -m tokenmill.entrypoints.cli.main bench latency --model llama-3.1-8b \
+        --load-format dummy --dtype bfloat16 --input-len 512 --output-len 256 --max-model-len 4096 --max-num-seqs 8 \
+        --gpu-memory-utilization 0.5 --baseline none --output-json "$out/$name.json" 2>&1 | grep -v Warning \
+        | tee "$out/$name.log" ) || rc=1
   done
 fi
 exit $rc

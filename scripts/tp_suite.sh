@@ -10,6 +10,7 @@ set -u -o pipefail
 part="${1:-tests}"
 out="${OUT:-./gpu_out}"
 mkdir -p "$out"
+out="$(cd "$out" && pwd)"  # absolute: some parts run from another directory
 export PYTHONPATH=.:/tmp/tm_wheels PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 pip install --quiet --no-deps --no-index --target /tmp/tm_wheels wheels/*.whl 2>&1 | tail -1
@@ -134,6 +135,28 @@ if [[ "$part" == async-b ]]; then
   tput llama70b llama-3.1-70b 4 64
   tput llama70b llama-3.1-70b 2 64
   tput llama70b llama-3.1-70b 4 256
+fi
+# Sixth session, on the 2-GPU machine: the pushed fused all-reduce (check + benchmark), the TP
+# tests, then Llama-3.1-8B batch-1 at TP=1 and TP=2 with this tree and with the fifth session's
+# code side by side (BASELINE: a directory holding that commit's `tokenmill/`, e.g. `git archive
+# 5cc6e0d tokenmill | tar -x -C .baseline`), and the step profile at TP=2.
+lat_in() {  # lat_in DIR NAME MODEL TP [extra]: `lat` with the tokenmill package found in DIR
+  local dir=$1; shift
+  ( cd "$dir" && lat "$@" )
+}
+if [[ "$part" == ab ]]; then
+  base="${BASELINE:-.baseline}"
+  timeout 150 python3 scripts/bench_all_reduce.py --world-size 2 --output-json "$out/allreduce_w2.json" 2>&1 \
+      | tee "$out/allreduce_w2.log" || rc=1
+  [[ -n "${TP_TESTS_K:-}" ]] && { timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider \
+      tests/gpu/test_tensor_parallel_gpu.py -o addopts="" -k "$TP_TESTS_K" 2>&1 | tee "$out/tests_tp.log" || rc=1; }
+  for tp in 1 2; do
+    lat_in "$base" llama8b_base llama-3.1-8b $tp
+    lat llama8b llama-3.1-8b $tp
+  done
+  [[ -n "${PROFILE:-}" ]] && timeout 200 python3 -m bench.gpu_step_profile --model llama-3.1-8b --batch 1 \
+      --input-len 512 --warm-steps 16 --steps 30 --max-model-len 4096 --gaps --rows 22 --tensor-parallel-size 2 \
+      2>&1 | grep -v -i warn > "$out/profile_tp2.log"
 fi
 python3 - "$out" <<'PY'
 import glob, json, os, sys

@@ -34,15 +34,17 @@ def test_cuda_graphs_match_eager(name, tmp_path_factory):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_batch1_decode_graph_gemv_matches_eager(dtype, tmp_path_factory, monkeypatch):
-    """Batch-1 decode graphs run the Triton GEMV (model/layers/matmul.py) where eager steps run
-    cuBLAS: the same greedy tokens, and the GEMV really is what the graph replays."""
+    """Batch-1 decode graphs run the Triton GEMV (model/layers/matmul.py), the MLP's down projection
+    with SiLU-and-mul fused in, where eager steps run cuBLAS: the same greedy tokens, and the GEMV
+    really is what the graph replays."""
     from tokenmill.model.layers import matmul, triton_gemv
 
     if not matmul.gemv_enabled():
         pytest.skip("TOKENMILL_TRITON_GEMV=0")
     calls = []
     real_gemv = triton_gemv.gemv
-    monkeypatch.setattr(triton_gemv, "gemv", lambda x, w: calls.append(w.shape) or real_gemv(x, w))
+    monkeypatch.setattr(triton_gemv, "gemv", lambda x, w, silu_mul=False:
+                        calls.append((w.shape, silu_mul)) or real_gemv(x, w, silu_mul))
     folder, _ = hf_folder(tmp_path_factory, "llama", 0.5)  # peaky logits: greedy margins far above rounding
     prompt = [[(13 * i) % 2048 for i in range(77)]]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
@@ -52,6 +54,7 @@ def test_batch1_decode_graph_gemv_matches_eager(dtype, tmp_path_factory, monkeyp
         with LLM(folder, dtype=dtype, max_model_len=1024, gpu_memory_utilization=0.3, enforce_eager=eager,
                  max_num_seqs=4, async_scheduling=async_scheduling) as llm:
             assert bool(calls) == (not eager)  # captured (graphs) or never called (eager)
+            assert any(fused for _, fused in calls) == (not eager)  # the MLP's SiLU-and-mul fused
             results.append(llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids)
         torch.cuda.empty_cache()
     assert results[0] == results[1] == results[2]

@@ -220,6 +220,43 @@ def test_paged_decode_zero_length_padding():
         assert rel_err(out[:2], ref) < REL_TOL
 
 
+@pytest.mark.parametrize("group,head_dim", [(4, 128), (8, 128), (7, 64)])
+@pytest.mark.parametrize("num_splits", [5, 32])
+def test_paged_decode_active_splits(group, head_dim, num_splits):
+    """Splits past a context's last tile return at once and the counter waits for the active ones
+    only; a padding request (seq_len 0) still gets its zero output. Lengths cover one active split
+    (written directly), few (the narrow merge: every head of the group in one load), many (the
+    wide merge: heads in rounds, group 7 with a masked head) and all 32; two batches of different
+    lengths, each launched twice, share one counter buffer, which every launch leaves at 0."""
+    num_kv_heads = 2
+    counters = new_split_counters(16 * num_kv_heads, DEVICE)
+    scale = head_dim ** -0.5
+    for lens in ([0, 1, 64, 65, 200, 540, 1100, 0], [4096, 0, 130, 2100, 17]):
+        real = [i for i, n in enumerate(lens) if n > 0]
+        batch = make_batch([1] * len(real), [lens[i] for i in real], num_kv_heads, group, head_dim, 16)
+        ref, _, _ = reference(batch, scale)
+        write_kv_cache(batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta.slot_mapping)
+        q = torch.randn(len(lens), *batch.q.shape[1:], dtype=DTYPE, device=DEVICE)
+        q[real] = batch.q
+        seq_lens = torch.zeros(len(lens), dtype=torch.int32, device=DEVICE)
+        seq_lens[real] = batch.meta.seq_lens
+        block_table = torch.zeros(len(lens), batch.meta.block_table.shape[1], dtype=torch.int32, device=DEVICE)
+        block_table[real] = batch.meta.block_table
+        pads = [i for i, n in enumerate(lens) if n == 0]
+        first = None
+        for _ in range(2):
+            out = poisoned_like(q)
+            paged_decode(q, batch.k_cache, batch.v_cache, block_table, seq_lens, out, max(lens), scale,
+                         num_splits=num_splits, split_counters=counters)
+            assert torch.equal(out[pads], torch.zeros_like(out[pads]))
+            assert rel_err(out[real], ref) < REL_TOL
+            assert not counters.any(), "the decode kernel must leave its split counters at zero"
+            if first is None:
+                first = out
+            else:
+                assert torch.equal(out, first)
+
+
 def _prefill_cases():
     small = [
         # (query_lens, seq_lens): prefix length = seq_len - query_len

@@ -1,10 +1,13 @@
 """The batch-1 Triton GEMV (used inside decode CUDA graphs) against `F.linear` (the torch_native
-path) on random inputs.
+path) on random inputs, and its fused SiLU-and-mul variant against the unfused kernels (bit for bit).
 
-GPU only (skipped without CUDA): the kernel is autotuned, which needs a GPU.
+The autotuned tests need a GPU (tuning benchmarks on it); the exactness tests also run under
+`TRITON_INTERPRET=1` on the CPU, each with one fixed kernel config in place of the tuner.
 """
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -12,12 +15,14 @@ import torch.nn.functional as F
 
 from kernel_device import DEVICE, INTERPRET  # noqa: E402  (skips the module without a GPU)
 
-if INTERPRET:
-    pytest.skip("autotuning needs a GPU", allow_module_level=True)
-
+from tokenmill.model.layers import triton_gemv  # noqa: E402
 from tokenmill.model.layers.triton_gemv import gemv  # noqa: E402
+from tokenmill.model.layers.triton_ops import silu_and_mul  # noqa: E402
+
+needs_autotune = pytest.mark.skipif(INTERPRET, reason="autotuning needs a GPU")
 
 
+@needs_autotune
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (1000, 576), (37, 300), (151936, 1024), (8, 64)])
 def test_gemv_matches_linear(n, k, dtype):
@@ -31,6 +36,7 @@ def test_gemv_matches_linear(n, k, dtype):
     assert rel < 1e-2, rel
 
 
+@needs_autotune
 def test_gemv_on_a_weight_shard_view():
     """A row-parallel shard is a view with its own row stride; the kernel must honour it."""
     full = torch.randn(512, 2048, dtype=torch.bfloat16, device=DEVICE)
@@ -38,3 +44,59 @@ def test_gemv_on_a_weight_shard_view():
     x = torch.randn(1, 2048, dtype=torch.bfloat16, device=DEVICE)
     ref = F.linear(x.float(), shard.float())
     assert ((gemv(x, shard).float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+_UNTUNED_KERNEL = triton_gemv._gemv_kernel.fn
+
+
+class _FixedConfig:
+    """Stands in for the autotuned `_gemv_kernel`: launches the plain kernel with one config."""
+
+    def __init__(self, block_n: int, block_k: int) -> None:
+        self.meta = {"BLOCK_N": block_n, "BLOCK_K": block_k}
+
+    def __getitem__(self, grid):
+        return functools.partial(_UNTUNED_KERNEL[grid], **self.meta)
+
+
+_SHAPES = [(37, 300), (64, 1000), (16, 2048), (5, 64)]  # K = 300, 1000: not a multiple of BLOCK_K
+
+
+def _gate_up_and_weight(n, k, dtype, seed):
+    torch.manual_seed(seed)
+    gate_up = torch.randn(1, 2 * k, dtype=dtype, device=DEVICE) * 3  # well into silu's curved part
+    w = torch.randn(n, k, dtype=dtype, device=DEVICE) * 0.05
+    return gate_up, w
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n,k", _SHAPES)
+@pytest.mark.parametrize("block_n,block_k", [(4, 512), (8, 256), (32, 128)])
+def test_fused_silu_mul_is_bit_identical(n, k, dtype, block_n, block_k, monkeypatch):
+    """gemv(gate_up, w, silu_mul=True) == gemv(silu_and_mul(gate_up), w) exactly, per config, so the
+    fused batch-1 MLP cannot change a greedy token."""
+    monkeypatch.setattr(triton_gemv, "_gemv_kernel", _FixedConfig(block_n, block_k))
+    gate_up, w = _gate_up_and_weight(n, k, dtype, seed=n * k + block_n)
+    unfused = gemv(silu_and_mul(gate_up), w)
+    fused = gemv(gate_up, w, silu_mul=True)
+    assert fused.shape == (1, n) and fused.dtype == dtype
+    assert torch.equal(fused, unfused)
+    ref = F.linear(silu_and_mul(gate_up).float(), w.float())
+    assert ((fused.float() - ref).norm() / ref.norm()).item() < 1e-2  # and the product is right
+
+
+@needs_autotune
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n,k", [(4096, 14336), (2048, 7168), (576, 1536), (37, 300)])
+def test_fused_silu_mul_is_bit_identical_autotuned(n, k, dtype):
+    """As above with the tuner's pick (the fused and plain variants are tuned apart, so they may
+    run different configs: the result must still be the same bits when they pick the same one)."""
+    gate_up, w = _gate_up_and_weight(n, k, dtype, seed=n + k)
+    fused = gemv(gate_up, w, silu_mul=True)
+    fused_cfg = triton_gemv._gemv_kernel.best_config
+    act = silu_and_mul(gate_up)
+    unfused = gemv(act, w)
+    if triton_gemv._gemv_kernel.best_config.all_kwargs() == fused_cfg.all_kwargs():
+        assert torch.equal(fused, unfused)
+    ref = F.linear(act.float(), w.float())
+    assert ((fused.float() - ref).norm() / ref.norm()).item() < 1e-2

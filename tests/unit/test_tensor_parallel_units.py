@@ -100,7 +100,7 @@ def test_norm_after_a_row_parallel_layer_fuses_the_sum_where_it_can(monkeypatch)
     from tokenmill.model.layers.basic import RMSNorm
 
     comm = object.__new__(SymmMemAllReduce)
-    comm.dtype, comm.max_numel, comm.fused_slot_numel, comm.max_fused_rows = torch.float32, 1 << 20, 4096, 2
+    comm.dtype, comm.max_numel, comm.fused_region_words, comm.max_fused_rows = torch.float32, 1 << 20, 4096, 2
     fused_calls, summed = [], []
 
     def fake_fused(x, residual, weight, eps, slot):

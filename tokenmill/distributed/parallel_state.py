@@ -124,7 +124,7 @@ def symm_mem_all_reduce_active() -> bool:
 
 def fused_all_reduce_norm_active() -> bool:
     """Whether decode's all-reduces are fused with the following add + RMSNorm (`RMSNorm.reduce_add`)."""
-    return _SYMM_MEM is not None and _SYMM_MEM.fused_slot_numel > 0
+    return _SYMM_MEM is not None and _SYMM_MEM.fused_region_words > 0
 
 
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:

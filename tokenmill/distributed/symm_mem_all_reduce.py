@@ -64,29 +64,31 @@ class SymmMemAllReduce:
         # Copies the local input into the shared buffer inside the kernel, then sums every rank's.
         self._copy_out = torch.ops.symm_mem.one_shot_all_reduce_copy_out
         self.rank, self.world_size = self.handle.rank, self.handle.world_size
-        self.fused_slot_numel = self.max_fused_rows = 0
+        self.fused_region_words = self.max_fused_rows = 0
         if fuse_norm is None:
             fuse_norm = fused_norm_enabled_by_env() and self.world_size <= FUSED_MAX_WORLD_SIZE
         if fuse_norm:
             self._init_fused(symm_mem, group_name, device, dtype, max_bytes)
 
     def _init_fused(self, symm_mem, group_name, device, dtype, max_bytes) -> None:
-        # Two slots (see all_reduce_rms_norm.py: "Buffer reuse"); its own allocation, so its
-        # signal pad is not shared with the one-shot op's barriers.
-        slot = max_bytes // dtype.itemsize
-        self.fused_buffer = symm_mem.empty(2 * slot, dtype=dtype, device=device)
+        # Two slots, each with a region per sending rank of 8-byte words that carry 4 bytes of
+        # data and a call number (all_reduce_rms_norm.py). Zeroed before the rendezvous, which no
+        # rank leaves before all have arrived, so no peer's first row can land before the zeroing.
+        from tokenmill.distributed.all_reduce_rms_norm import all_reduce_add_rms_norm
+
+        region_words = max_bytes // 4
+        self.fused_buffer = symm_mem.empty(2 * self.world_size * region_words, dtype=torch.int64, device=device)
+        self.fused_buffer.zero_()
+        torch.cuda.synchronize(device)
         handle = symm_mem.rendezvous(self.fused_buffer, group_name)  # collective
         if handle.buffer_ptrs[self.rank] != self.fused_buffer.data_ptr():
             raise RuntimeError("symmetric buffer pointer table does not start at the tensor")
-        pad_words = handle.signal_pad_size // 4  # int32 flags, one per (row, sending rank)
-        self.max_fused_rows = min(MAX_FUSED_ROWS, pad_words // self.world_size)
         self.fused_handle = handle  # kept alive with the buffer it maps
-        from tokenmill.distributed.all_reduce_rms_norm import all_reduce_add_rms_norm
-
         self._fused = all_reduce_add_rms_norm
         self.buffer_ptrs = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
-        self.signal_ptrs = torch.tensor(handle.signal_pad_ptrs, dtype=torch.int64, device=device)
-        self.fused_slot_numel = slot
+        self.call_counters = torch.zeros(2, MAX_FUSED_ROWS, dtype=torch.int32, device=device)
+        self.max_fused_rows = MAX_FUSED_ROWS
+        self.fused_region_words = region_words
 
     def can_reduce(self, x: torch.Tensor) -> bool:
         return x.dtype == self.dtype and x.is_contiguous() and x.numel() <= self.max_numel
@@ -99,13 +101,14 @@ class SymmMemAllReduce:
 
     def can_fuse(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
         return (x.dim() == 2 and x.dtype == self.dtype and x.is_contiguous() and residual.is_contiguous()
-                and residual.shape == x.shape and x.numel() <= self.fused_slot_numel
-                and x.shape[0] <= self.max_fused_rows)
+                and residual.shape == x.shape and x.shape[0] <= self.max_fused_rows
+                and x.numel() * x.element_size() <= 4 * self.fused_region_words
+                and (x.shape[1] * x.element_size()) % 16 == 0)
 
     def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                                 eps: float, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._fused(x, residual, weight, eps, self.buffer_ptrs, self.signal_ptrs,
-                                       slot * self.fused_slot_numel, self.rank, self.world_size)
+        return self._fused(x, residual, weight, eps, self.buffer_ptrs, self.call_counters, slot,
+                           self.fused_region_words, self.rank, self.world_size)
 
 
 def locally_supported(device: torch.device, world_size: int) -> bool:

@@ -5,11 +5,22 @@ contiguous ranges of whole tiles, one program each. One program serves all the q
 KV head group (padded to BLOCK_H rows for `tl.dot`), so each K/V block is read from memory once
 per group, not once per query head.
 
-Each program writes a normalised partial output and its log-sum-exp, then counts itself in on a
-per-(request, KV head) counter; the program that arrives last merges the partials and writes the
-output, and resets the counter to 0 for the next launch. This saves the separate reduce kernel
-(a launch and a round of latency per layer, which is most of the cost at batch 1 and short
-contexts). With one split the program writes the output directly and touches no counter.
+A context shorter than `num_splits` tiles leaves the last splits without tiles (a graph captured
+for 4k tokens and replayed at 528 has 9 tiles of 64 for 32 splits): those programs return at once,
+without loading q, storing anything or touching the counter. The active count,
+cdiv(num_tiles, tiles_per_split), comes from the real `seq_len` on the device, so every program
+of a (request, KV head) computes the same one; split 0 always counts, so a padding request
+(seq_len 0) still writes its zero output.
+
+Each active program writes a normalised partial output and its log-sum-exp, then counts itself in
+on a per-(request, KV head) counter; the program that arrives last (the active count is the
+counter's target) merges the partials and writes the output, and resets the counter to 0 for the
+next launch. This saves the separate reduce kernel (a launch and a round of latency per layer,
+which is most of the cost at batch 1 and short contexts). The merge loads the split lanes of
+MERGE_H query heads at once (every head of the group at the usual shapes), so it costs one
+dependent round trip to L2 for the lot, not one per head. With one split, or when only one split
+is active (at most one tile of context, or seq_len 0), the program writes the output directly
+and touches no counter.
 
 The split count is a Python int chosen from batch size, head count and `max_seq_len`; the split
 ranges come from the real `seq_lens` on the device, so the result is right for any length and a
@@ -52,7 +63,8 @@ def _paged_decode_kernel(
     stride_q_tok, stride_q_head, stride_o_tok, stride_o_head,
     stride_c_block, stride_c_slot, stride_c_head, stride_bt_req, k_scale, v_scale,
     BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, DIRECT: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, GROUP_P2: tl.constexpr,
+    MERGE_H: tl.constexpr, MERGE_S: tl.constexpr, DIRECT: tl.constexpr,
     KV_FP8: tl.constexpr, KV_SCALED: tl.constexpr,
 ):
     req = tl.program_id(0)
@@ -61,7 +73,13 @@ def _paged_decode_kernel(
     num_kv_heads = tl.num_programs(1)
     seq_len = tl.load(seq_lens_ptr + req)
     num_tiles = tl.cdiv(seq_len, BLOCK_N)
-    tiles_per_split = tl.cdiv(num_tiles, num_splits)
+    # At least 1, so that seq_len 0 gives split 0 an empty range (and no division by 0 below).
+    tiles_per_split = tl.maximum(tl.cdiv(num_tiles, num_splits), 1)
+    # Splits [0, num_active) have tiles; split 0 counts even without (seq_len 0: it writes zeros).
+    # The same value in every program of this (request, KV head): the counter's target.
+    num_active = tl.maximum(tl.cdiv(num_tiles, tiles_per_split), 1)
+    if split >= num_active:
+        return  # no tiles: nothing to store, not counted in (never taken with DIRECT: 1 split)
     tile_begin = split * tiles_per_split
     tile_end = tl.minimum(tile_begin + tiles_per_split, num_tiles)
 
@@ -89,14 +107,19 @@ def _paged_decode_kernel(
         )
         m_i, l_i, acc = online_softmax_step(q, k, v, key_mask[None, :], m_i, l_i, acc, scale_log2)
 
-    # An empty split (or a padding request with seq_len 0) leaves l = 0: output 0, lse = -inf.
+    # A padding request (seq_len 0) leaves l = 0: output 0 (and lse = -inf).
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     out_offs = req.to(tl.int64) * stride_o_tok + heads[:, None] * stride_o_head + dims[None, :]
     if DIRECT:
         tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=qh_mask)
+    elif num_active == 1:
+        # The only active split: its partial is the output (a one-lane merge would multiply it by
+        # exp2(0) = 1 and divide by 1), so no partials and no counter.
+        tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=qh_mask)
     else:
         # part_out: [num_decodes, num_heads, num_splits, BLOCK_D]; part_lse without the last axis.
+        # Only the lanes of active splits are written, and only those are read by the merge.
         part_rows = (req.to(tl.int64) * (GROUP * num_kv_heads) + heads) * num_splits  # [BLOCK_H]
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
         tl.store(part_out_ptr + (part_rows + split)[:, None] * BLOCK_D + dims[None, :], out, mask=qh_mask)
@@ -106,27 +129,57 @@ def _paged_decode_kernel(
         tl.debug_barrier()
         counter = counter_ptr + req * num_kv_heads + kv_head
         arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-        if arrived == num_splits - 1:
+        if arrived == num_active - 1:
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
             tl.debug_barrier()
-            # Merge in the log2 domain, one query head at a time with all its splits in one
-            # vector load (a loop over splits would be a chain of dependent L2 round trips).
-            # Loads bypass L1 (.cg): other programs wrote these lines, and an L1 line this SM
-            # read earlier in the launch could be stale.
-            s_offs = tl.arange(0, BLOCK_S)
-            s_mask = s_offs < num_splits
-            for h in range(0, GROUP):
-                row = (req.to(tl.int64) * (GROUP * num_kv_heads) + kv_head * GROUP + h) * num_splits
-                lse_s = tl.load(part_lse_ptr + row + s_offs, mask=s_mask, other=float("-inf"),
-                                cache_modifier=".cg")
-                parts = tl.load(part_out_ptr + (row + s_offs)[:, None] * BLOCK_D + dims[None, :],
-                                mask=s_mask[:, None] & dim_mask[None, :], other=0.0, cache_modifier=".cg")
-                lse_max = tl.max(lse_s, 0)
-                weights = tl.exp2(lse_s - tl.where(lse_max == float("-inf"), 0.0, lse_max))
-                total = tl.sum(weights, 0)
-                merged = tl.sum(parts * weights[:, None], 0) / tl.where(total > 0.0, total, 1.0)
-                head_offs = req.to(tl.int64) * stride_o_tok + (kv_head * GROUP + h) * stride_o_head
-                tl.store(out_ptr + head_offs + dims, merged.to(out_ptr.dtype.element_ty), mask=dim_mask)
+            # Merge in the log2 domain (_merge_partials), in one dependent L2 round trip for the
+            # whole group where the tile fits: a context with few active splits (the common case
+            # at short contexts) takes the narrow form, MERGE_S lanes by all GROUP_P2 heads.
+            group_row = req.to(tl.int64) * (GROUP * num_kv_heads) + kv_head * GROUP
+            out_row_ptr = out_ptr + req.to(tl.int64) * stride_o_tok + kv_head * GROUP * stride_o_head
+            if MERGE_S < BLOCK_S:
+                if num_active <= MERGE_S:
+                    _merge_partials(out_row_ptr, part_out_ptr, part_lse_ptr, group_row, num_active, num_splits,
+                                    GROUP, stride_o_head, dims, dim_mask, MERGE_S, GROUP_P2, BLOCK_D)
+                else:
+                    _merge_partials(out_row_ptr, part_out_ptr, part_lse_ptr, group_row, num_active, num_splits,
+                                    GROUP, stride_o_head, dims, dim_mask, BLOCK_S, MERGE_H, BLOCK_D)
+            else:
+                _merge_partials(out_row_ptr, part_out_ptr, part_lse_ptr, group_row, num_active, num_splits,
+                                GROUP, stride_o_head, dims, dim_mask, BLOCK_S, MERGE_H, BLOCK_D)
+
+
+@triton.jit
+def _merge_partials(
+    out_row_ptr, part_out_ptr, part_lse_ptr, group_row, num_active, num_splits, GROUP, stride_o_head,
+    dims, dim_mask, LANES: tl.constexpr, HEADS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Merge the partials of the active splits of one KV group's query heads and write the output
+    (`out_row_ptr` points at the group's first head). Per round of HEADS query heads, one load
+    brings the lse of LANES split lanes each ([HEADS, LANES]) and one more their partial outputs
+    ([HEADS, LANES, BLOCK_D]): one dependent L2 round trip per round (a loop over single heads or
+    splits would be a chain of them; the stores of one round keep the next round's loads behind
+    them). Lanes of splits past `num_active` were not written this launch and are masked off:
+    they read as lse -inf and output 0, i.e. weight 0, as an empty split's partial would be.
+    Loads bypass L1 (.cg): other programs wrote these lines, and an L1 line this SM read earlier
+    in the launch could be stale."""
+    s_offs = tl.arange(0, LANES)
+    s_mask = s_offs < num_active
+    h_offs = tl.arange(0, HEADS)
+    for h0 in range(0, GROUP, HEADS):
+        hs = h0 + h_offs
+        hs_mask = hs < GROUP
+        lanes = (group_row + hs)[:, None] * num_splits + s_offs[None, :]  # [HEADS, LANES]
+        lane_mask = hs_mask[:, None] & s_mask[None, :]
+        lse_s = tl.load(part_lse_ptr + lanes, mask=lane_mask, other=float("-inf"), cache_modifier=".cg")
+        parts = tl.load(part_out_ptr + lanes[:, :, None] * BLOCK_D + dims[None, None, :],
+                        mask=lane_mask[:, :, None] & dim_mask[None, None, :], other=0.0, cache_modifier=".cg")
+        lse_max = tl.max(lse_s, 1)
+        weights = tl.exp2(lse_s - tl.where(lse_max == float("-inf"), 0.0, lse_max)[:, None])
+        total = tl.sum(weights, 1)
+        merged = tl.sum(parts * weights[:, :, None], 1) / tl.where(total > 0.0, total, 1.0)[:, None]
+        tl.store(out_row_ptr + hs[:, None] * stride_o_head + dims[None, :],
+                 merged.to(out_row_ptr.dtype.element_ty), mask=hs_mask[:, None] & dim_mask[None, :])
 
 
 @functools.lru_cache(maxsize=8)
@@ -156,7 +209,34 @@ def decode_num_splits(num_decodes: int, num_kv_heads: int, max_seq_len: int, dev
 def _merge_width(num_splits: int) -> int:
     """Split lanes the merge loads at once: two widths only, so two compiled variants serve every
     split count (both compiled while the decode graphs are captured)."""
-    return 8 if num_splits <= 8 else triton.next_power_of_2(MAX_DECODE_SPLITS)
+    # (An explicit num_splits above MAX_DECODE_SPLITS gets a wider variant of its own rather than
+    # a merge that drops lanes.)
+    return 8 if num_splits <= 8 else triton.next_power_of_2(max(num_splits, MAX_DECODE_SPLITS))
+
+
+def _merge_tile(block_s: int) -> int:
+    """Float32 elements of the partial-output tile the merge loads at once. The tile lives only in
+    the merge, but the kernel's register count is its peak, and that sets how many programs share
+    an SM in the K/V loop (compiled for sm90, bf16 cache, 4 warps, head_dim 128): with 8192
+    elements (64 registers a thread) the 32-lane variant takes 135 registers, 3 programs an SM,
+    enough for the ~2 programs an SM the split heuristic gives where it is used (16384 would take
+    177, 2 an SM). The 8-lane variant also serves large batches with 2 splits, so 4096 there:
+    96 registers at group 4 (5 programs an SM, as before), 115 at group 8 (4), as many as the
+    1-split variant takes."""
+    return 4096 if block_s <= 8 else 8192
+
+
+def _merge_shape(group: int, block_s: int, block_d: int) -> tuple[int, int, int]:
+    """(GROUP_P2, MERGE_H, MERGE_S) of the merge: query heads per round at the full BLOCK_S lanes,
+    and a narrower lane count at which the whole group fits one round (for contexts with that
+    many active splits or fewer); MERGE_S = BLOCK_S where the full tile already takes the group."""
+    group_p2 = triton.next_power_of_2(group)
+    tile = _merge_tile(block_s)
+    merge_h = max(1, min(group_p2, tile // (block_s * block_d)))
+    merge_s = min(block_s, tile // (group_p2 * block_d))
+    if merge_h == group_p2 or merge_s < 2:
+        merge_s = block_s
+    return group_p2, merge_h, merge_s
 
 
 def new_split_counters(num_entries: int, device: torch.device) -> torch.Tensor:
@@ -193,6 +273,8 @@ def paged_decode(
     if num_splits is None:
         num_splits = decode_num_splits(num_decodes, num_kv_heads, max_seq_len, q.device)
     block_d = max(16, triton.next_power_of_2(head_dim))
+    block_s = _merge_width(num_splits)
+    group_p2, merge_h, merge_s = _merge_shape(group, block_s, block_d)
     direct = num_splits == 1
     if direct:
         part_out = part_lse = counters = out  # not touched by the kernel
@@ -211,7 +293,7 @@ def paged_decode(
         float(k_scale), float(v_scale),
         BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         PAGE=k_cache.shape[1], BLOCK_N=config.block_n if head_dim <= 128 else min(config.block_n, 32),
-        BLOCK_S=_merge_width(num_splits), DIRECT=direct,
+        BLOCK_S=block_s, GROUP_P2=group_p2, MERGE_H=merge_h, MERGE_S=merge_s, DIRECT=direct,
         KV_FP8=kv_fp8, KV_SCALED=dequantize_to_float32(kv_fp8, k_scale, v_scale),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -14,7 +14,7 @@ from torch import nn
 
 from tokenmill.distributed.parallel_state import tp_all_reduce, tp_rank, tp_world_size
 from tokenmill.model.layers import cpu_gemm
-from tokenmill.model.layers.matmul import linear
+from tokenmill.model.layers.matmul import linear, linear_silu_mul
 
 
 def _divide(total: int, parts: int, what: str) -> int:
@@ -141,6 +141,8 @@ class RowParallelLinear(LinearBase):
     follows the rank's query heads, which may be uneven); by default they split evenly.
     `reduce_results=False` returns this rank's partial sums (the bias, if any, in rank 0's) for the
     caller to reduce, e.g. fused with the next norm (`RMSNorm.reduce_add`).
+    `forward_silu_mul(gate_up)` is `forward(silu_and_mul(gate_up))`, the activation fused into the
+    batch-1 decode GEMV.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
@@ -159,7 +161,15 @@ class RowParallelLinear(LinearBase):
         _default_loader(param, loaded.narrow(1, self.in_start, self.in_per_rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, self.packed_weight)
+        return self._bias_and_reduce(linear(x, self.weight, self.packed_weight))
+
+    def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """`self(silu(gate) * up)` for `gate_up` = [gate | up], this rank's shard of each as a
+        `MergedColumnParallelLinear` of the same rank count outputs them. Lets batch-1 decode fold
+        the activation into the GEMV (`matmul.linear_silu_mul`) instead of running it apart."""
+        return self._bias_and_reduce(linear_silu_mul(gate_up, self.weight, self.packed_weight))
+
+    def _bias_and_reduce(self, y: torch.Tensor) -> torch.Tensor:
         if not self.reduce_results:
             return y if self.bias is None or tp_rank() != 0 else y + self.bias
         y = tp_all_reduce(y)

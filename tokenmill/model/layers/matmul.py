@@ -5,6 +5,10 @@
   the Triton GEMV (`triton_gemv`), 1.08x cuBLAS on the Llama-3.1-8B weight set (H100,
   docs/perf.md). `TOKENMILL_TRITON_GEMV=0` turns it off; eager steps keep cuBLAS either way.
 - Otherwise `F.linear` (cuBLAS on CUDA).
+
+`linear_silu_mul(x, ...)` is `linear(silu(gate) * up, ...)` for x = [gate | up], the MLP's down
+projection: where the Triton GEMV applies, the activation is computed inside it (bit-identical,
+one kernel less per MLP at batch-1 decode); elsewhere `SiluAndMul` runs first, as before.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.model.layers import cpu_gemm
+from tokenmill.model.layers.basic import SiluAndMul
 
 _ENABLED = os.environ.get("TOKENMILL_TRITON_GEMV", "1") != "0"
 _in_decode_graph = False
+_silu_and_mul = SiluAndMul()
 
 
 def gemv_enabled() -> bool:
@@ -38,12 +44,31 @@ def decode_graph_kernels():
         _in_decode_graph = previous
 
 
+def _use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """One CUDA row inside the decode graphs, in the weight's dtype: where the GEMV measured faster."""
+    return (_in_decode_graph and x.is_cuda and x.dim() == 2 and x.shape[0] == 1
+            and x.dtype == weight.dtype)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = None,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     if packed is not None:
         return cpu_gemm.linear(x, weight, packed, bias)
-    if _in_decode_graph and x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.dtype == weight.dtype:
+    if _use_gemv(x, weight):
         from tokenmill.model.layers.triton_gemv import gemv
         y = gemv(x, weight)
         return y if bias is None else y + bias
     return F.linear(x, weight, bias)
+
+
+def linear_silu_mul(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = None,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`linear(silu_and_mul(x), weight, packed, bias)` for x = [gate | up] along its last dim.
+
+    At batch-1 decode the GEMV computes the activation as it loads x, with the same rounding as
+    `silu_and_mul`, so the result is the same bits without the activation kernel in the graph."""
+    if packed is None and _use_gemv(x, weight):
+        from tokenmill.model.layers.triton_gemv import gemv
+        y = gemv(x, weight, silu_mul=True)
+        return y if bias is None else y + bias
+    return linear(_silu_and_mul(x), weight, packed, bias)

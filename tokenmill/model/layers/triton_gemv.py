@@ -5,8 +5,15 @@ products reach. cuBLAS runs them as small-N GEMM tiles (2.75 TB/s on the H100 fo
 weight set, docs/perf.md). This kernel streams each weight row block once with wide loads, keeps
 the partial products in registers across the K loop and reduces them once at the end.
 
-`gemv(x, weight)` computes `x @ weight.T` for x of one row; `linear()` in `linear.py` calls it only
+`gemv(x, weight)` computes `x @ weight.T` for x of one row; `linear()` in `matmul.py` calls it only
 where it measured faster (see docs/perf.md, "Batch-1 GEMV").
+
+`gemv(gate_up, weight, silu_mul=True)` is the MLP's down projection fed the gate/up projection's
+raw output: it computes `silu(gate) * up` as it loads x (`linear_silu_mul()` in `matmul.py`), so
+batch-1 decode runs no separate activation kernel. The activation is rounded exactly as
+`triton_ops.silu_and_mul` rounds it, so the result is bit-identical to
+`gemv(silu_and_mul(gate_up), weight)`. Every program recomputes the activation of the x it reads
+(K sigmoids per program), which is small next to its share of the weight stream.
 """
 
 from __future__ import annotations
@@ -23,9 +30,23 @@ _CONFIGS = [
 ]
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "K"])
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn,
+def _load_x(x_ptr, offs, mask, K, SILU_MUL: tl.constexpr):
+    """x[offs] in float32; with SILU_MUL, x = [gate | up] (each K long) and this is
+    silu(gate) * up rounded like `triton_ops._silu_and_mul_kernel` (the activation, then the
+    product, each rounded to x's dtype), which keeps the fused path bit-identical to the unfused."""
+    if SILU_MUL:
+        gate = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + K + offs, mask=mask, other=0.0).to(tl.float32)
+        act = (gate * tl.sigmoid(gate)).to(x_ptr.dtype.element_ty).to(tl.float32)
+        return (act * up).to(x_ptr.dtype.element_ty).to(tl.float32)
+    else:
+        return tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.autotune(configs=_CONFIGS, key=["N", "K", "SILU_MUL"])
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn, SILU_MUL: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -38,19 +59,22 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn,
         # Weights are read once per token: don't let them evict what is reused (activations).
         w = tl.load(w_ptrs + k, mask=row_mask[:, None] & k_mask[None, :], other=0.0,
                     eviction_policy="evict_first")
-        x = tl.load(x_ptr + k + cols, mask=k_mask, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        x = _load_x(x_ptr, k + cols, k_mask, K, SILU_MUL)
+        acc += w.to(tl.float32) * x[None, :]
     y = tl.sum(acc, axis=1)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_mask)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`x @ weight.T` for x [1, K] (or [K]) and weight [N, K], both contiguous in K."""
-    assert x.shape[-1] == weight.shape[1] and x.numel() == weight.shape[1]
-    assert weight.stride(1) == 1
+def gemv(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
+    """`x @ weight.T` for x [1, K] (or [K]) and weight [N, K], both contiguous in K.
+
+    With `silu_mul`, x is [1, 2K] (gate, then up) and the product is `silu_and_mul(x) @ weight.T`,
+    bit for bit."""
     n, k = weight.shape
+    assert x.numel() == x.shape[-1] == (2 * k if silu_mul else k)
+    assert weight.stride(1) == 1
     x = x.contiguous()
     y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _gemv_kernel[grid](x, weight, y, n, k, weight.stride(0))
+    _gemv_kernel[grid](x, weight, y, n, k, weight.stride(0), SILU_MUL=silu_mul)
     return y

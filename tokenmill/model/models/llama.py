@@ -18,7 +18,6 @@ from tokenmill.model.layers.basic import (
     ParallelLMHead,
     RMSNorm,
     RotaryEmbedding,
-    SiluAndMul,
     VocabParallelEmbedding,
     apply_rotary,
     rope_parameters,
@@ -76,10 +75,11 @@ class LlamaMLP(nn.Module):
             config.hidden_size, [config.intermediate_size] * 2, bias=bias)
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=bias,
                                            reduce_results=False)
-        self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        # down_proj(silu(gate) * up), the activation applied by down_proj: at batch-1 decode it
+        # is fused into the GEMV (RowParallelLinear.forward_silu_mul).
+        return self.down_proj.forward_silu_mul(self.gate_up_proj(x))
 
 
 class LlamaDecoderLayer(nn.Module):
