@@ -55,8 +55,8 @@ def sweep(x: torch.Tensor, w: torch.Tensor) -> list[dict]:
     rows = []
     for bn in (2, 4, 8, 16):
         for bk in (256, 512, 1024):
-            for warps in (2, 4, 8):
-                for stages in (1, 3, 4):
+            for warps in (4, 8):
+                for stages in (1, 3):
                     def run(bn=bn, bk=bk, warps=warps, stages=stages):
                         _gemv_kernel.fn[(triton.cdiv(n, bn),)](x, w, y, n, k, w.stride(0), SILU_MUL=False,
                                                                BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,

@@ -18,7 +18,7 @@ gpu_tests() {  # gpu_tests DEFAULT_SELECTION: pytest on $TESTS (or the default; 
   # TESTS is split on spaces (paths, node ids); a -k expression goes in TESTS_K, passed as one argument.
   local sel="${TESTS:-$1}"
   [[ -z "$sel" ]] && return
-  timeout 300 python3 -m pytest -q -p no:cacheprovider $sel ${TESTS_K:+-k "$TESTS_K"} -o addopts="" \
+  timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider $sel ${TESTS_K:+-k "$TESTS_K"} -o addopts="" \
       --durations=5 2>&1 | tee "$out/tests.log" || rc=1
 }
 if [[ "$part" == tests || "$part" == all ]]; then
