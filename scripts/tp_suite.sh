@@ -150,8 +150,10 @@ if [[ "$part" == ab ]]; then
       | tee "$out/allreduce_w2.log" || rc=1
   [[ -n "${TP_TESTS_K:-}" ]] && { timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider \
       tests/gpu/test_tensor_parallel_gpu.py -o addopts="" -k "$TP_TESTS_K" 2>&1 | tee "$out/tests_tp.log" || rc=1; }
+  [[ -n "${GPU_TESTS:-}" ]] && { timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider $GPU_TESTS \
+      -o addopts="" ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} 2>&1 | tee "$out/tests_gpu.log" || rc=1; }
   for tp in 1 2; do
-    lat_in "$base" llama8b_base llama-3.1-8b $tp
+    [[ -n "${AB_BASE:-}" ]] && lat_in "$base" llama8b_base llama-3.1-8b $tp
     lat llama8b llama-3.1-8b $tp
   done
   [[ -n "${PROFILE:-}" ]] && timeout 200 python3 -m bench.gpu_step_profile --model llama-3.1-8b --batch 1 \
