@@ -54,7 +54,9 @@ def _words_to_float(words, DTYPE: tl.constexpr, PER_WORD: tl.constexpr, BLOCK: t
     return values
 
 
-@triton.jit
+# `slot` is 0 or 1: unspecialised, so both slots share one compiled kernel and it stays a tensor
+# (Triton would otherwise fold a 1 into a Python int).
+@triton.jit(do_not_specialize=["slot"])
 def _all_reduce_add_rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
     buffer_ptrs,  # int64 [WORLD]: every rank's symmetric buffer
