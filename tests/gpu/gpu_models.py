@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -25,7 +27,8 @@ SHAPES = {
 }
 
 
-def hf_folder(tmp_path_factory, name: str, initializer_range: float) -> tuple[str, torch.nn.Module]:
+def hf_folder(tmp_path_factory, name: str, initializer_range: float,
+              device: str = "cuda") -> tuple[str, torch.nn.Module]:
     values = dict(SHAPES[name])
     model_type = values.pop("model_type")
     config = AutoConfig.for_model(model_type, initializer_range=initializer_range, **values)
@@ -33,7 +36,52 @@ def hf_folder(tmp_path_factory, name: str, initializer_range: float) -> tuple[st
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     folder = tmp_path_factory.mktemp(name)
     model.save_pretrained(folder)
-    return str(folder), model.cuda().eval()
+    return str(folder), model.to(device).eval()
+
+
+@contextlib.contextmanager
+def hf_with_fp8_kv(model: torch.nn.Module):
+    """HF Llama whose attention sees K (after RoPE) and V rounded through the fp8 KV-cache format
+    (`kv_quant.quantize_fp8`, unit scale), as tokenmill stores them: the reference an fp8 engine
+    should follow. (Against plain bf16 HF even the reference backend is far off on peaky random
+    weights: ~4.6 nats per token on the test below, CPU.)"""
+    from transformers.models.llama import modeling_llama
+
+    from tokenmill.model.attention.kv_quant import quantize_fp8
+
+    real_rope = modeling_llama.apply_rotary_pos_emb
+
+    def rope_then_round(q, k, *args, **kwargs):
+        q, k = real_rope(q, k, *args, **kwargs)
+        return q, quantize_fp8(k, 1.0).to(k.dtype)
+
+    hooks = [layer.self_attn.v_proj.register_forward_hook(lambda m, i, out: quantize_fp8(out, 1.0).to(out.dtype))
+             for layer in model.model.layers]
+    modeling_llama.apply_rotary_pos_emb = rope_then_round
+    try:
+        yield model
+    finally:
+        modeling_llama.apply_rotary_pos_emb = real_rope
+        for hook in hooks:
+            hook.remove()
+
+
+def fp8_logprob_gaps(folder: str, hf: torch.nn.Module, device: str, **engine_args) -> list[float]:
+    """|logprob the fp8-cache engine gave each of its greedy tokens - what fp8-rounded HF gives it|,
+    over a chunked 300-token prefill (cached prefix read back) and two short prompts, 24 tokens each."""
+    prompts = [[(11 * i + 5 * j) % 2048 for i in range(n)] for j, n in enumerate((300, 40, 7))]
+    params = SamplingParams(temperature=0, max_tokens=24, logprobs=1, ignore_eos=True)
+    with LLM(folder, dtype="bfloat16", max_model_len=1024, kv_cache_dtype="fp8", max_num_batched_tokens=128,
+             enable_prefix_caching=False, device=device, **engine_args) as llm:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    gaps = []
+    with hf_with_fp8_kv(hf), torch.no_grad():
+        for prompt, out in zip(prompts, outs):
+            generated = out.outputs[0].token_ids
+            ref = torch.log_softmax(hf(torch.tensor([prompt + generated], device=device)).logits[0].float(), -1)
+            for j, token in enumerate(generated):
+                gaps.append(abs(out.outputs[0].logprobs[j][token].logprob - ref[len(prompt) - 1 + j, token].item()))
+    return gaps
 
 
 # Prompts of several lengths (a long prefill, short ones, a one-token prompt), token ids < 2048.

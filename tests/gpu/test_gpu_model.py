@@ -12,7 +12,8 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from gpu_models import (  # noqa: E402
-    LOGIT_PARAMS, LOGIT_PROMPTS, SHAPES, assert_logprobs_match_hf, greedy_eager_and_graphs, hf_folder)
+    LOGIT_PARAMS, LOGIT_PROMPTS, SHAPES, assert_logprobs_match_hf, fp8_logprob_gaps, greedy_eager_and_graphs,
+    hf_folder)
 
 from tokenmill import LLM, SamplingParams  # noqa: E402
 
@@ -62,28 +63,15 @@ def test_batch1_decode_graph_gemv_matches_eager(dtype, tmp_path_factory, monkeyp
 
 def test_fp8_kv_cache_follows_hf_on_its_own_greedy_path(tmp_path_factory):
     """`kv_cache_dtype="fp8"` through the whole GPU path (Triton write, chunked prefill reading the
-    cached prefix, decode from CUDA graphs): on its own greedy tokens, HF (bf16 K/V) gives those
-    tokens nearly the log-probabilities the fp8 engine reported. Peaky logits, so a cache read
-    back wrong makes the engine pick tokens HF finds unlikely (nats apart, not tenths)."""
+    cached prefix, decode from CUDA graphs): on its own greedy tokens, HF with the same fp8 rounding
+    of K and V gives those tokens nearly the log-probabilities the engine reported. Peaky logits,
+    so a cache read back wrong makes the engine pick tokens HF finds unlikely (a bf16 engine against
+    this reference is ~4 nats off per token). The reference backend on the CPU is ~0.36 off
+    (tests/gpu/test_fp8_kv_format.py)."""
     folder, hf = hf_folder(tmp_path_factory, "llama", 0.5)
-    prompts = [[(11 * i + 5 * j) % 2048 for i in range(n)] for j, n in enumerate((300, 40, 7))]
-    params = SamplingParams(temperature=0, max_tokens=24, logprobs=1, ignore_eos=True)
-    with LLM(folder, dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.3, kv_cache_dtype="fp8",
-             max_num_batched_tokens=128, enable_prefix_caching=False) as llm:
-        runner = llm.engine.core.runner
-        assert runner.graphs is not None
-        assert all(k.dtype == v.dtype == torch.float8_e4m3fn for k, v in runner.kv_caches)
-        outs = llm.generate(prompts, params, use_tqdm=False)
-    diffs = []
-    for prompt, out in zip(prompts, outs):
-        generated = out.outputs[0].token_ids
-        tokens = prompt + generated
-        with torch.no_grad():
-            ref = torch.log_softmax(hf(torch.tensor([tokens], device="cuda")).logits[0].float(), -1)
-        for j, token in enumerate(generated):
-            diffs.append(abs(out.outputs[0].logprobs[j][token].logprob - ref[len(prompt) - 1 + j, token].item()))
-    assert len(diffs) == 72
-    assert sum(diffs) / len(diffs) < 0.3, sorted(diffs)[-5:]
+    gaps = fp8_logprob_gaps(folder, hf, "cuda")
+    assert len(gaps) == 72
+    assert sum(gaps) / len(gaps) < 1.0, sorted(gaps)[-5:]
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
