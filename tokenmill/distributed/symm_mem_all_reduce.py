@@ -11,9 +11,10 @@ Used for tensors up to `max_bytes` in the dtype the buffer was made for; anythin
 through NCCL. Off with `TOKENMILL_SYMM_MEM_ALL_REDUCE=0`; when symmetric memory cannot be set up
 (no peer access, a torch without it) the engine logs why and keeps NCCL.
 
-The same object also owns a second, two-slot buffer for `all_reduce_rms_norm.py`, the kernel that
-does a row-parallel sum, the residual add and the next RMSNorm in one launch (decode batches of up
-to `MAX_FUSED_ROWS` rows; off alone with `TOKENMILL_FUSED_ALL_REDUCE_NORM=0`).
+The same object also owns a second buffer (two slots, a region per sender) for
+`all_reduce_rms_norm.py`, the kernel that does a row-parallel sum, the residual add and the next
+RMSNorm in one launch (decode batches of up to `MAX_FUSED_ROWS` rows; off alone with
+`TOKENMILL_FUSED_ALL_REDUCE_NORM=0`).
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ DEFAULT_MAX_BYTES = 512 * 1024  # one-shot reads world_size copies: past this NC
 # The fused kernel's programs (one per row) spin on each other across GPUs, so all of them must be
 # resident at once; 64 rows is far below one program per SM on any GPU this runs on.
 MAX_FUSED_ROWS = 64
-# Its barrier signals and waits for the peers one after another. With one peer (TP=2) the fused
-# kernel beat the one-shot sum + separate norm (5.2-7.4 vs 8.4-13.7 us, 2x H200); with three
-# (TP=4) it lost (11.9-15.7 vs 8.9-15.7 us, 4x H200), so larger groups keep the two kernels.
+# At TP=2 the fused kernel beats the one-shot sum + separate norm (pushed rows: 3.9-7.3 vs
+# 8.3-13.5 us, 2x H200). At TP=4 the fifth session's version (peers signalled one after another)
+# lost (11.9-15.7 vs 8.9-15.7 us, 4x H200); the pushed one has not run on four GPUs yet, so
+# larger groups keep the two kernels until it has.
 FUSED_MAX_WORLD_SIZE = 2
 
 
