@@ -38,9 +38,6 @@ import triton.language as tl
 
 from tokenmill.model.layers.triton_ops import rms_norm_store
 
-# Bytes of the buffer per (slot, sending rank) for each byte of a row: data and call number.
-WIRE_BYTES_PER_BYTE = 2
-
 
 @triton.jit
 def _words_to_float(words, DTYPE: tl.constexpr, PER_WORD: tl.constexpr, BLOCK: tl.constexpr):
@@ -80,18 +77,18 @@ def _all_reduce_add_rms_norm_kernel(
     data = tl.load(x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + row.to(tl.int64) * row_words + words,
                    mask=word_mask, other=0)
     packets = stamp | (data.to(tl.int64) & 0xFFFFFFFF)
-    # Region of `sender` in slot `slot` of any rank's buffer, in 8-byte words; this row's words.
+    # Every buffer holds, per slot, one region per sending rank (in 8-byte words); a row's words
+    # start at row_start in it. Each packet goes out as one 8-byte store, which is what keeps its
+    # data and call number together.
     row_start = row.to(tl.int64) * row_words
+    my_region = (slot * WORLD + RANK).to(tl.int64) * region_words
     for peer in tl.static_range(WORLD):
         if peer != RANK:
-            # Pointers made from integers carry no alignment: the buffers are page-aligned and
-            # regions and rows are multiples of 16 bytes, so say so and the stores vectorise.
-            peer_buffer = tl.multiple_of(tl.load(buffer_ptrs + peer).to(tl.pointer_type(tl.int64)), 16)
-            region = (slot * WORLD + RANK).to(tl.int64) * region_words
-            tl.store(peer_buffer + region + row_start + words, packets, mask=word_mask)
+            peer_buffer = tl.load(buffer_ptrs + peer).to(tl.pointer_type(tl.int64))
+            tl.store(peer_buffer + my_region + row_start + words, packets, mask=word_mask)
 
     # Sum in rank order (identical on every rank), waiting for each peer's row to arrive whole.
-    my_buffer = tl.multiple_of(tl.load(buffer_ptrs + RANK).to(tl.pointer_type(tl.int64)), 16)
+    my_buffer = tl.load(buffer_ptrs + RANK).to(tl.pointer_type(tl.int64))
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for sender in tl.static_range(WORLD):
         if sender == RANK:
