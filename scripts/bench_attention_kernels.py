@@ -81,14 +81,15 @@ def graph_us(fns: list[Callable[[], object]], replays: int = 20) -> float:
     return statistics.median(times) * 1e3
 
 
-def rotated_decode_calls(batch: int, context: int, scale: float, **kwargs) -> list[Callable[[], None]]:
+def rotated_decode_calls(batch: int, context: int, scale: float, kv_dtype: torch.dtype = DTYPE,
+                         **kwargs) -> list[Callable[[], None]]:
     """Decode calls over enough distinct input sets (>= 256 MB together) that L2 (50 MB) holds
     none of them when it is read again."""
-    kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * 2
+    kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * kv_dtype.itemsize
     calls = []
     counters = new_split_counters(batch * NUM_KV_HEADS, DEVICE)  # shared, as in the backend
     for _ in range(max(1, min(64, math.ceil(256e6 / kv_bytes)))):
-        q, k_cache, v_cache, block_table, seq_lens = make_decode_inputs(batch, context)
+        q, k_cache, v_cache, block_table, seq_lens = make_decode_inputs(batch, context, kv_dtype)
         out = torch.empty_like(q)
         calls.append(functools.partial(
             paged_decode, q, k_cache, v_cache, block_table, seq_lens, out, context, scale,
@@ -96,12 +97,12 @@ def rotated_decode_calls(batch: int, context: int, scale: float, **kwargs) -> li
     return calls
 
 
-def make_decode_inputs(batch: int, context: int):
+def make_decode_inputs(batch: int, context: int, kv_dtype: torch.dtype = DTYPE):
     blocks_per_req = math.ceil(context / BLOCK_SIZE)
     num_blocks = batch * blocks_per_req
     shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
-    k_cache = torch.randn(shape, dtype=DTYPE, device=DEVICE)
-    v_cache = torch.randn(shape, dtype=DTYPE, device=DEVICE)
+    k_cache = torch.randn(shape, dtype=DTYPE, device=DEVICE).to(kv_dtype)
+    v_cache = torch.randn(shape, dtype=DTYPE, device=DEVICE).to(kv_dtype)
     block_table = torch.randperm(num_blocks, device=DEVICE, dtype=torch.int32).view(batch, blocks_per_req)
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
     q = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
@@ -271,16 +272,82 @@ def sweep(copy_rate: float) -> dict:
     return result
 
 
+def compare_kv_dtypes(copy_rate: float) -> dict:
+    """bf16 against fp8 caches at the prefix-caching benchmark's shapes (issue 5: 2,048-token
+    prompts, 75% of them cached): decode over ~2k-token contexts at batch 1, 32 and 128 (graph
+    replay, L2-cold), and the prefill of 512 new tokens after 1,536 cached ones for 16 requests
+    (one 8k-token step), beside a fresh 2,048-token prompt. Results are checked against each other
+    (the fp8 run on the same values rounded to fp8)."""
+    fp8 = torch.float8_e4m3fn
+    scale = HEAD_DIM ** -0.5
+    result = {"decode": [], "prefill": []}
+    print("\n# bf16 vs fp8 KV cache, decode (graph_us, L2-cold)")
+    for batch, context in ((1, 2048), (32, 2048), (128, 2048), (128, 2176)):
+        row = {"batch": batch, "context": context}
+        for dtype in (DTYPE, fp8):
+            t = graph_us(rotated_decode_calls(batch, context, scale, kv_dtype=dtype))
+            kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * dtype.itemsize
+            row[str(dtype).split(".")[-1]] = {"us": t, "gb_per_s": kv_bytes / (t * 1e-6) / 1e9,
+                                              "floor_us": kv_bytes / copy_rate * 1e6}
+            torch.cuda.empty_cache()
+        result["decode"].append(row)
+        b, f = row["bfloat16"], row["float8_e4m3fn"]
+        print(f"b={batch:4d} ctx={context:5d}: bf16 {b['us']:8.1f} us ({b['gb_per_s']:5.0f} GB/s, floor "
+              f"{b['floor_us']:7.1f}); fp8 {f['us']:8.1f} us ({f['gb_per_s']:5.0f} GB/s, floor {f['floor_us']:7.1f}); "
+              f"fp8/bf16 time {f['us'] / b['us']:.2f}", flush=True)
+    print("\n# bf16 vs fp8 KV cache, prefill (do_bench us): requests x (cached + new)")
+    for reqs, cached, new in ((16, 1536, 512), (4, 0, 2048), (4, 6144, 2048)):
+        seq_len = cached + new
+        q = torch.randn(reqs * new, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+        k = torch.randn(reqs * new, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+        v = torch.randn_like(k)
+        qsl = torch.arange(0, reqs + 1, dtype=torch.int32, device=DEVICE) * new
+        sl = torch.full((reqs,), seq_len, dtype=torch.int32, device=DEVICE)
+        _, k_cache, v_cache, block_table, _ = make_decode_inputs(reqs, seq_len)
+        row = {"requests": reqs, "cached": cached, "new": new}
+        outs = {}
+        for dtype in (DTYPE, fp8):
+            kc, vc = k_cache.to(dtype), v_cache.to(dtype)
+            out = torch.empty_like(q)
+            fn = functools.partial(paged_prefill, q, k, v, kc, vc, block_table, qsl, sl, out, 0, reqs, new, scale)
+            fn()
+            outs[dtype] = out
+            ms = do_bench(fn, warmup=10, rep=100, return_mode="median")
+            flops = 4 * NUM_HEADS * HEAD_DIM * reqs * new * (cached + new / 2)
+            row[str(dtype).split(".")[-1]] = {"us": ms * 1e3, "tflops": flops / (ms * 1e-3) / 1e12}
+        # fp8 reference: the same kernel on a bf16 cache holding the fp8-rounded values.
+        ref = torch.empty_like(q)
+        paged_prefill(q, k, v, k_cache.to(fp8).to(DTYPE), v_cache.to(fp8).to(DTYPE), block_table, qsl, sl,
+                      ref, 0, reqs, new, scale)
+        row["fp8_rel_err"] = float((outs[fp8].float() - ref.float()).norm() / ref.float().norm())
+        result["prefill"].append(row)
+        b, f = row["bfloat16"], row["float8_e4m3fn"]
+        print(f"{reqs:3d} x ({cached:5d} + {new:5d}): bf16 {b['us']:8.1f} us ({b['tflops']:5.0f} TFLOP/s); "
+              f"fp8 {f['us']:8.1f} us ({f['tflops']:5.0f} TFLOP/s); fp8/bf16 time {f['us'] / b['us']:.2f}; "
+              f"fp8 err vs rounded bf16 {row['fp8_rel_err']:.1e}", flush=True)
+        del k_cache, v_cache
+        torch.cuda.empty_cache()
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", default=None)
     parser.add_argument("--sweep", action="store_true", help="also sweep tile configs and split counts")
+    parser.add_argument("--kv-compare", action="store_true",
+                        help="only the bf16 vs fp8 KV cache comparison (compare_kv_dtypes)")
     args = parser.parse_args()
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
     copy_rate = copy_rate_bytes_per_s()
     print(f"device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, "
           f"triton {triton.__version__}; copy rate {copy_rate / 1e12:.2f} TB/s (read + write)")
+    if args.kv_compare:
+        result = compare_kv_dtypes(copy_rate)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": props.name, "copy_rate_tb_s": copy_rate / 1e12, **result}, f, indent=1)
+        return
     print("\n# paged decode, Llama-3.1-8B attention (32 q / 8 kv heads, d=128, bf16, block 16); one layer")
     print("graph_us: CUDA-graph replay, L2-cold inputs; GB/s and %floor from it. eager_us and native_us:")
     print("do_bench medians of one eager call (launch costs included); speedup = native / eager triton")

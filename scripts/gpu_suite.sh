@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device pass for the GPU engine: install carried wheels, run the GPU tests, then the benchmarks.
-# Usage on the device (repo root):  bash scripts/gpu_suite.sh [tests|bench1|bench2|prefix|async|async2|gemv|profile|timeline|all]
+# Usage on the device (repo root):  bash scripts/gpu_suite.sh [tests|bench1|bench2|prefix|async|async2|gemv|profile|timeline|tune|all]
 #   async, async2: the workloads with synchronous steps and with async scheduling, side by side
 # Carry: wheels/ (msgspec, gguf: `pip download --no-deps --only-binary=:all: --python-version 3.12
 #        --platform manylinux2014_x86_64 msgspec gguf -d wheels`).
@@ -174,5 +174,18 @@ if [[ "$part" == ab ]]; then
         --gpu-memory-utilization 0.5 --baseline none --output-json "$out/$name.json" 2>&1 | grep -v Warning \
         | tee "$out/$name.log" ) || rc=1
   done
+fi
+if [[ "$part" == tune ]]; then
+  # Seventh session, one H200: the batch-1 GEMV configurations timed in CUDA graphs at Llama-3.1-8B's
+  # TP=2 and TP=1 shapes; bf16 against fp8 KV caches at the prefix benchmark's shapes (kernels, then
+  # decode steps of 128 x ~2k-token contexts profiled in the engine); the fp8 and no-compile tests.
+  timeout 260 python3 scripts/bench_gemv.py --graph-sweep --output-json "$out/gemv_graph_sweep.json" 2>&1 \
+      | grep -v -i warn || rc=1
+  timeout 150 python3 scripts/bench_attention_kernels.py --kv-compare --json "$out/kv_compare.json" 2>&1 || rc=1
+  for kv in auto fp8; do
+    timeout 150 python3 -m bench.gpu_step_profile --model llama-3.1-8b --batch 128 --input-len 2048 --warm-steps 4 \
+        --steps 3 --rows 14 --kv-cache-dtype $kv 2>&1 | grep -v -i warn > "$out/profile_b128_$kv.log" || rc=1
+  done
+  gpu_tests ""
 fi
 exit $rc
