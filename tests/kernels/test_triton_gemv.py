@@ -12,9 +12,11 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 from kernel_device import DEVICE, INTERPRET  # noqa: E402  (skips the module without a GPU)
 
+from tokenmill.model.layers import gemv_configs as triton_gemv_configs  # noqa: E402
 from tokenmill.model.layers import triton_gemv  # noqa: E402
 from tokenmill.model.layers.triton_gemv import gemv  # noqa: E402
 from tokenmill.model.layers.triton_ops import silu_and_mul  # noqa: E402
@@ -59,6 +61,16 @@ class _FixedConfig:
         return functools.partial(_UNTUNED_KERNEL[grid], **self.meta)
 
 
+def _config_used(w: torch.Tensor, silu_mul: bool) -> tuple:
+    """(BLOCK_N, BLOCK_K, warps, stages) of the last `gemv` on `w`: the measured table's entry, or
+    else the autotuner's pick (read right after the call)."""
+    tuned = triton_gemv.tuned_config(w, silu_mul)
+    if tuned is not None:
+        return tuple(tuned)
+    cfg = triton_gemv._gemv_kernel.best_config
+    return (cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"], cfg.num_warps, cfg.num_stages)
+
+
 _SHAPES = [(37, 300), (64, 1000), (16, 2048), (5, 64)]  # K = 300, 1000: not a multiple of BLOCK_K
 
 
@@ -93,10 +105,42 @@ def test_fused_silu_mul_is_bit_identical_autotuned(n, k, dtype):
     run different configs: the result must still be the same bits when they pick the same one)."""
     gate_up, w = _gate_up_and_weight(n, k, dtype, seed=n + k)
     fused = gemv(gate_up, w, silu_mul=True)
-    fused_cfg = triton_gemv._gemv_kernel.best_config
+    fused_cfg = _config_used(w, silu_mul=True)
     act = silu_and_mul(gate_up)
     unfused = gemv(act, w)
-    if triton_gemv._gemv_kernel.best_config.all_kwargs() == fused_cfg.all_kwargs():
+    if _config_used(w, silu_mul=False) == fused_cfg:
         assert torch.equal(fused, unfused)
     ref = F.linear(act.float(), w.float())
     assert ((fused.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+_TABLE_CONFIGS = sorted({c for table in triton_gemv_configs.TUNED.values() for c in table.values()})
+
+
+@pytest.mark.parametrize("config", _TABLE_CONFIGS, ids=lambda c: f"{c.block_n}x{c.block_k}w{c.num_warps}s{c.num_stages}")
+@pytest.mark.parametrize("silu_mul", [False, True])
+def test_measured_configs_compute_the_product(config, silu_mul):
+    """Every configuration of the measured table (`gemv_configs.py`) gives the right product, on a
+    shape that is no multiple of its blocks (the table is only consulted for its own shapes, on
+    its GPU; this checks the configurations themselves)."""
+    n, k = 37, 1000
+    torch.manual_seed(n + config.block_n)
+    x = torch.randn(1, 2 * k if silu_mul else k, dtype=torch.float16, device=DEVICE)
+    w = torch.randn(n, k, dtype=torch.float16, device=DEVICE) * 0.05
+    y = torch.empty(1, n, dtype=torch.float16, device=DEVICE)
+    _UNTUNED_KERNEL[(triton.cdiv(n, config.block_n),)](
+        x, w, y, n, k, w.stride(0), SILU_MUL=silu_mul, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    ref = F.linear((silu_and_mul(x) if silu_mul else x).float(), w.float())
+    assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_measured_table_applies_to_its_own_shapes_only():
+    w = torch.empty(3072, 4096, dtype=torch.bfloat16)
+    assert triton_gemv_configs.tuned_config(w, silu_mul=False) is None  # not on a GPU
+    if DEVICE.type == "cuda":
+        on_gpu = torch.empty(3072, 4096, dtype=torch.bfloat16, device=DEVICE)
+        expected = triton_gemv_configs.TUNED.get(torch.cuda.get_device_name(DEVICE), {}).get((3072, 4096, False))
+        assert triton_gemv_configs.tuned_config(on_gpu, silu_mul=False) == expected
+        assert triton_gemv_configs.tuned_config(on_gpu.float(), silu_mul=False) is None  # 4-byte weights
+        assert triton_gemv_configs.tuned_config(on_gpu[:, :100], silu_mul=False) is None  # another shape

@@ -8,6 +8,11 @@ the partial products in registers across the K loop and reduces them once at the
 `gemv(x, weight)` computes `x @ weight.T` for x of one row; `linear()` in `matmul.py` calls it only
 where it measured faster (see docs/perf.md, "Batch-1 GEMV").
 
+Launch configurations: where `gemv_configs.py` lists the device and the (N, K) shape, its measured
+configuration; elsewhere Triton's autotuner. The autotuner times each candidate alone with
+`do_bench`, which at 5-30 us is mostly launch overhead and L2 flushing; in the engine a GEMV runs in
+a CUDA graph right after another kernel, and there its picks were 2-10% slower than the best.
+
 `gemv(gate_up, weight, silu_mul=True)` is the MLP's down projection fed the gate/up projection's
 raw output: it computes `silu(gate) * up` as it loads x (`linear_silu_mul()` in `matmul.py`), so
 batch-1 decode runs no separate activation kernel. The activation is rounded exactly as
@@ -21,6 +26,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from tokenmill.model.layers.gemv_configs import tuned_config
 
 _CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -75,6 +82,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False) -> torch
     assert weight.stride(1) == 1
     x = x.contiguous()
     y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _gemv_kernel[grid](x, weight, y, n, k, weight.stride(0), SILU_MUL=silu_mul)
+    config = tuned_config(weight, silu_mul)
+    if config is not None:
+        _gemv_kernel.fn[(triton.cdiv(n, config.block_n),)](
+            x, weight, y, n, k, weight.stride(0), SILU_MUL=silu_mul, BLOCK_N=config.block_n,
+            BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages)
+    else:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        _gemv_kernel[grid](x, weight, y, n, k, weight.stride(0), SILU_MUL=silu_mul)
     return y
