@@ -5,7 +5,8 @@ stamped with a call number, and each rank poll its own buffer. Here every "rank"
 running the kernel on Triton's CPU interpreter, the "symmetric buffers" are shared-memory tensors
 each process sees at its own addresses, and the ranks really wait for each other. A sequence of
 calls with alternating slots and changing row counts must give every rank the reference result,
-bit-identical across ranks. (On GPUs `scripts/bench_all_reduce.py` checks the same across
+bit-identical across ranks; the calls without a residual (the embeddings' sum) give the normed
+sum and the sum. (On GPUs `scripts/bench_all_reduce.py` checks the same across
 NVLink, run by tests/gpu/test_tensor_parallel_gpu.py.)
 """
 
@@ -20,25 +21,28 @@ import torch.multiprocessing as mp
 HIDDEN = 64
 REGION_WORDS = 512
 MAX_ROWS = 4
-# (rows, slot) per call: slots alternate as the model's norms use them; row counts change.
-CALLS = [(1, 0), (3, 1), (2, 0), (1, 1), (3, 0), (3, 1), (1, 0)]
+# (rows, slot) per call, as forward passes make them: the embeddings' sum (slot 2, no residual),
+# then slots alternating as the norms use them; row counts change between passes.
+CALLS = [(1, 2), (1, 0), (1, 1), (1, 0), (1, 1), (3, 2), (3, 0), (3, 1), (2, 2), (2, 0), (2, 1)]
+NO_RESIDUAL_SLOT = 2
 
 
 def _inputs(world: int, dtype: torch.dtype):
     gen = torch.Generator().manual_seed(world)
     parts = [[torch.randn(rows, HIDDEN, generator=gen).to(dtype) for _ in range(world)] for rows, _ in CALLS]
-    residuals = [torch.randn(rows, HIDDEN, generator=gen).to(dtype) for rows, _ in CALLS]
+    residuals = [None if slot == NO_RESIDUAL_SLOT else torch.randn(rows, HIDDEN, generator=gen).to(dtype)
+                 for rows, slot in CALLS]
     weight = (1 + 0.1 * torch.randn(HIDDEN, generator=gen)).to(dtype)
     return parts, residuals, weight
 
 
 def _rank(rank, world, dtype, buffers, outs, res_outs):
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported in this process
-    from tokenmill.distributed.all_reduce_rms_norm import all_reduce_add_rms_norm
+    from tokenmill.distributed.all_reduce_rms_norm import NUM_SLOTS, all_reduce_add_rms_norm
 
     parts, residuals, weight = _inputs(world, dtype)
     buffer_ptrs = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64)  # this process's view
-    counters = torch.zeros(2, MAX_ROWS, dtype=torch.int32)
+    counters = torch.zeros(NUM_SLOTS, MAX_ROWS, dtype=torch.int32)
     for i, (rows, slot) in enumerate(CALLS):
         out, res = all_reduce_add_rms_norm(parts[i][rank], residuals[i], weight, 1e-5, buffer_ptrs, counters,
                                            slot, REGION_WORDS, rank, world)
@@ -48,9 +52,9 @@ def _rank(rank, world, dtype, buffers, outs, res_outs):
 
 @pytest.mark.parametrize("world,dtype", [(2, torch.float16), (2, torch.float32), (3, torch.float16)])
 def test_every_rank_gets_the_sum_added_and_normed_bit_identically(world, dtype):
-    from tokenmill.distributed.all_reduce_rms_norm import all_reduce_add_rms_norm_ref
+    from tokenmill.distributed.all_reduce_rms_norm import NUM_SLOTS, all_reduce_add_rms_norm_ref
 
-    buffers = [torch.zeros(2 * world * REGION_WORDS, dtype=torch.int64).share_memory_() for _ in range(world)]
+    buffers = [torch.zeros(NUM_SLOTS * world * REGION_WORDS, dtype=torch.int64).share_memory_() for _ in range(world)]
     outs = [[torch.zeros(MAX_ROWS, HIDDEN, dtype=dtype).share_memory_() for _ in CALLS] for _ in range(world)]
     res_outs = [[torch.zeros(MAX_ROWS, HIDDEN, dtype=dtype).share_memory_() for _ in CALLS] for _ in range(world)]
     ctx = mp.get_context("spawn")

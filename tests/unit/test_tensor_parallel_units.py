@@ -125,13 +125,20 @@ def test_norm_after_a_row_parallel_layer_fuses_the_sum_where_it_can(monkeypatch)
         want = norm(2 * partial, residual)
         got = norm.reduce_add(partial.clone(), residual, slot=0)
         strided = norm.reduce_add(torch.randn(8, 2).t(), torch.randn(2, 8), slot=0)  # not contiguous
+        # The first layer: the embeddings' partial sums, no residual yet (slot 2).
+        assert norm.reduce_add(torch.ones(1, 8), None, slot=2) == ("fused", 2)
+        embeddings = torch.randn(3, 8)
+        first_normed, first_residual = norm.reduce_add(embeddings.clone(), None, slot=2)  # too many rows
     finally:
         parallel_state.set_tensor_parallel(0, 1, None)
-    assert fused_calls == [((2, 8), 1)]
-    assert summed == [(3, 8), "nccl"]
+    assert fused_calls == [((2, 8), 1), ((1, 8), 2)]
+    assert summed == [(3, 8), "nccl", (3, 8)]
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert strided[0].shape == (2, 8)
+    assert torch.equal(first_residual, 2 * embeddings) and torch.equal(first_normed, norm(2 * embeddings))
     # One rank: no collective at all, the plain fused add + norm.
     partial = torch.randn(2, 8)
     assert all(torch.equal(a, b) for a, b in zip(norm.reduce_add(partial, residual[:2], slot=0),
                                                   norm(partial, residual[:2])))
+    normed, same = norm.reduce_add(partial, None, slot=2)
+    assert same is partial and torch.equal(normed, norm(partial))

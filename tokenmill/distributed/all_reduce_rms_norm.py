@@ -27,7 +27,9 @@ separate all-reduce would leave it; and it adds the residual and normalises with
 1), each with a region per sending rank. A rank writes a peer's region of slot s again only two
 calls later, after it has received that peer's rows of the other slot, which the peer sends only
 once its previous kernel (the one reading slot s) has finished. So nothing is overwritten while it
-is still read.
+is still read. A third slot (2) serves the vocab-parallel embedding's sum, normalised for the first
+layer with no residual yet: once per forward pass, with the other two slots' calls in between, so
+the same argument holds for it, and the alternation of slots 0 and 1 is left as it was.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenmill.distributed.parallel_state import EMBEDDING_SLOT, FUSED_NUM_SLOTS as NUM_SLOTS  # noqa: F401
 from tokenmill.model.layers.triton_ops import rms_norm_store
 
 
@@ -60,7 +63,7 @@ def _all_reduce_add_rms_norm_kernel(
     calls_ptr,  # int32 [2, MAX_ROWS]: this rank's call counter per (slot, row)
     slot, region_words, hidden, eps,
     RANK: tl.constexpr, WORLD: tl.constexpr, MAX_ROWS: tl.constexpr,
-    PER_WORD: tl.constexpr, BLOCK: tl.constexpr,
+    PER_WORD: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
 ):
     row = tl.program_id(0)
     dtype = x_ptr.dtype.element_ty
@@ -102,7 +105,10 @@ def _all_reduce_add_rms_norm_kernel(
     tl.store(calls_ptr + slot * MAX_ROWS + row, call)
     reduced = acc.to(dtype).to(tl.float32)
 
-    x = reduced + tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        x = reduced + tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:  # the first layer's input: the summed embeddings are the residual stream
+        x = reduced
     x_rounded = x.to(dtype)
     tl.store(residual_out_ptr + offs, x_rounded, mask=mask)
     rms_norm_store(x_rounded.to(tl.float32), weight_ptr, out_ptr, offs, cols, mask, hidden, eps)
@@ -110,17 +116,18 @@ def _all_reduce_add_rms_norm_kernel(
 
 def all_reduce_add_rms_norm(
     x: torch.Tensor,  # [rows, hidden] this rank's partial sums, contiguous
-    residual: torch.Tensor,  # [rows, hidden] contiguous
+    residual: torch.Tensor | None,  # [rows, hidden] contiguous; None: none (the first layer's input)
     weight: torch.Tensor,  # [hidden]
     eps: float,
     buffer_ptrs: torch.Tensor,  # int64 [world] on x's device
-    call_counters: torch.Tensor,  # int32 [2, max_rows] on x's device, zeros at start, this rank's own
-    slot: int,  # 0 or 1, alternating (module docstring)
+    call_counters: torch.Tensor,  # int32 [NUM_SLOTS, max_rows] on x's device, zeros at start, this rank's own
+    slot: int,  # 0 or 1, alternating; EMBEDDING_SLOT for the embeddings (module docstring)
     region_words: int,  # 8-byte words per (slot, sending rank) region of every buffer
     rank: int,
     world_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(RMSNorm(sum_ranks(x) + residual) * weight, sum_ranks(x) + residual), every rank alike."""
+    """(RMSNorm(sum_ranks(x) + residual) * weight, sum_ranks(x) + residual), every rank alike
+    (without a residual: the norm of the sum, and the sum)."""
     rows, hidden = x.shape
     per_word = 4 // x.element_size()
     assert per_word in (1, 2) and hidden % (4 * per_word) == 0 and rows <= call_counters.shape[1]
@@ -130,16 +137,16 @@ def all_reduce_add_rms_norm(
     if rows:
         block = triton.next_power_of_2(hidden)
         _all_reduce_add_rms_norm_kernel[(rows,)](
-            x, residual, weight, out, residual_out, buffer_ptrs, call_counters,
+            x, x if residual is None else residual, weight, out, residual_out, buffer_ptrs, call_counters,
             slot, region_words, hidden, eps,
             RANK=rank, WORLD=world_size, MAX_ROWS=call_counters.shape[1], PER_WORD=per_word, BLOCK=block,
-            num_warps=max(1, min(16, block // 512)),
+            HAS_RESIDUAL=residual is not None, num_warps=max(1, min(16, block // 512)),
         )
     return out, residual_out
 
 
 def all_reduce_add_rms_norm_ref(
-    parts: list[torch.Tensor], residual: torch.Tensor, weight: torch.Tensor, eps: float,
+    parts: list[torch.Tensor], residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What every rank must get, from all ranks' partial rows (tests and the benchmark script):
     the sum in rank order rounded to the model dtype, then the add and norm of `rms_norm_ref`."""
@@ -148,4 +155,7 @@ def all_reduce_add_rms_norm_ref(
     total = torch.zeros(parts[0].shape, dtype=torch.float32, device=parts[0].device)
     for part in parts:
         total += part.float()
-    return rms_norm_ref(total.to(parts[0].dtype), weight, eps, residual)
+    total = total.to(parts[0].dtype)
+    if residual is None:
+        return rms_norm_ref(total, weight, eps), total
+    return rms_norm_ref(total, weight, eps, residual)

@@ -138,12 +138,18 @@ def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def tp_all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+# Slots of the fused kernel's buffers (`all_reduce_rms_norm.py`, "Buffer reuse"): decode's norms
+# alternate slots 0 and 1; the embeddings' sum, once per forward pass, has a slot of its own.
+FUSED_NUM_SLOTS = 3
+EMBEDDING_SLOT = 2
+
+
+def tp_all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
                                slot: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The sum over ranks of `x`, plus `residual`, normalised, in one kernel
+    """The sum over ranks of `x`, plus `residual` (if any), normalised, in one kernel
     (`all_reduce_rms_norm.py`): (normed, new residual), or None where that kernel does not apply
     (one rank, no symmetric memory, too many rows) and the caller must do the three steps itself.
-    `slot` (0 or 1) must alternate between consecutive calls."""
+    `slot` (0 or 1) must alternate between consecutive calls; the embeddings' sum uses slot 2."""
     if _TP_SIZE == 1 or _SYMM_MEM is None or not _SYMM_MEM.can_fuse(x, residual):
         return None
     return _SYMM_MEM.all_reduce_add_rms_norm(x, residual, weight, eps, slot)

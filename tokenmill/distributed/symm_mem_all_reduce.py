@@ -11,7 +11,7 @@ Used for tensors up to `max_bytes` in the dtype the buffer was made for; anythin
 through NCCL. Off with `TOKENMILL_SYMM_MEM_ALL_REDUCE=0`; when symmetric memory cannot be set up
 (no peer access, a torch without it) the engine logs why and keeps NCCL.
 
-The same object also owns a second buffer (two slots, a region per sender) for
+The same object also owns a second buffer (three slots, a region per sender) for
 `all_reduce_rms_norm.py`, the kernel that does a row-parallel sum, the residual add and the next
 RMSNorm in one launch (decode batches of up to `MAX_FUSED_ROWS` rows; off alone with
 `TOKENMILL_FUSED_ALL_REDUCE_NORM=0`).
@@ -73,13 +73,14 @@ class SymmMemAllReduce:
             self._init_fused(symm_mem, group_name, device, dtype, max_bytes)
 
     def _init_fused(self, symm_mem, group_name, device, dtype, max_bytes) -> None:
-        # Two slots, each with a region per sending rank of 8-byte words that carry 4 bytes of
-        # data and a call number (all_reduce_rms_norm.py). Zeroed before the rendezvous, which no
-        # rank leaves before all have arrived, so no peer's first row can land before the zeroing.
-        from tokenmill.distributed.all_reduce_rms_norm import all_reduce_add_rms_norm
+        # NUM_SLOTS slots, each with a region per sending rank of 8-byte words that carry 4 bytes
+        # of data and a call number (all_reduce_rms_norm.py). Zeroed before the rendezvous, which
+        # no rank leaves before all have arrived, so no peer's first row can land before the zeroing.
+        from tokenmill.distributed.all_reduce_rms_norm import NUM_SLOTS, all_reduce_add_rms_norm
 
         region_words = max_bytes // 4
-        self.fused_buffer = symm_mem.empty(2 * self.world_size * region_words, dtype=torch.int64, device=device)
+        self.fused_buffer = symm_mem.empty(NUM_SLOTS * self.world_size * region_words, dtype=torch.int64,
+                                           device=device)
         self.fused_buffer.zero_()
         torch.cuda.synchronize(device)
         handle = symm_mem.rendezvous(self.fused_buffer, group_name)  # collective
@@ -88,7 +89,7 @@ class SymmMemAllReduce:
         self.fused_handle = handle  # kept alive with the buffer it maps
         self._fused = all_reduce_add_rms_norm
         self.buffer_ptrs = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
-        self.call_counters = torch.zeros(2, MAX_FUSED_ROWS, dtype=torch.int32, device=device)
+        self.call_counters = torch.zeros(NUM_SLOTS, MAX_FUSED_ROWS, dtype=torch.int32, device=device)
         self.max_fused_rows = MAX_FUSED_ROWS
         self.fused_region_words = region_words
 
@@ -101,13 +102,14 @@ class SymmMemAllReduce:
         self._copy_out(shared, flat, "sum", self.group_name, out=flat)
         return x
 
-    def can_fuse(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
-        return (x.dim() == 2 and x.dtype == self.dtype and x.is_contiguous() and residual.is_contiguous()
-                and residual.shape == x.shape and x.shape[0] <= self.max_fused_rows
+    def can_fuse(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+        return (x.dim() == 2 and x.dtype == self.dtype and x.is_contiguous()
+                and (residual is None or (residual.is_contiguous() and residual.shape == x.shape))
+                and x.shape[0] <= self.max_fused_rows
                 and x.numel() * x.element_size() <= 4 * self.fused_region_words
                 and (x.shape[1] * x.element_size()) % 16 == 0)
 
-    def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+    def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                                 eps: float, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self._fused(x, residual, weight, eps, self.buffer_ptrs, self.call_counters, slot,
                            self.fused_region_words, self.rank, self.world_size)

@@ -48,15 +48,17 @@ class RMSNorm(nn.Module):
         out = self.weight * h.to(orig_dtype)
         return out if residual is None else (out, residual)
 
-    def reduce_add(self, partial: torch.Tensor, residual: torch.Tensor, slot: int):
+    def reduce_add(self, partial: torch.Tensor, residual: torch.Tensor | None, slot: int):
         """`self(sum over ranks of partial, residual)`: a row-parallel layer's unreduced output
-        summed, added to the residual and normalised; (normed, new residual). Under tensor
-        parallelism on GPUs the three are one kernel (`distributed/all_reduce_rms_norm.py`);
-        `slot` (0 or 1) must alternate between consecutive calls."""
+        summed, added to the residual and normalised; (normed, new residual). Without a residual
+        (the first layer's input, the embeddings' sum): (normed sum, sum). Under tensor
+        parallelism on GPUs the steps are one kernel (`distributed/all_reduce_rms_norm.py`);
+        `slot` (0 or 1) must alternate between consecutive calls (the embeddings use slot 2)."""
         fused = tp_all_reduce_add_rms_norm(partial, residual, self.weight, self.eps, slot)
         if fused is not None:
             return fused
-        return self(tp_all_reduce(partial), residual)
+        summed = tp_all_reduce(partial)
+        return self(summed, residual) if residual is not None else (self(summed), summed)
 
 
 class SiluAndMul(nn.Module):
@@ -162,14 +164,17 @@ class VocabParallelEmbedding(nn.Module):
         param.data.zero_()
         param.data[:rows].copy_(loaded[self.start:self.start + rows])
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """The embeddings of `input_ids`; with `reduce=False` under tensor parallelism this rank's
+        share only (zeros for ids outside its rows), for a caller that sums it later (the first
+        layer's norm, in the same kernel)."""
         if tp_world_size() == 1:
             return F.embedding(input_ids, self.weight)
         local = input_ids - self.start
         in_shard = (local >= 0) & (local < self.rows_per_rank)
         out = F.embedding(local.clamp(0, self.rows_per_rank - 1), self.weight)
         out = out * in_shard.unsqueeze(-1).to(out.dtype)
-        return tp_all_reduce(out)
+        return tp_all_reduce(out) if reduce else out
 
 
 class ParallelLMHead(VocabParallelEmbedding):
