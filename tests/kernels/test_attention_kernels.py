@@ -24,8 +24,11 @@ from tokenmill.model.attention.triton_kernels import (  # noqa: E402
     new_split_counters,
     paged_decode,
     paged_prefill,
+    rope_and_write_kv_cache,
     write_kv_cache,
 )
+from tokenmill.model.layers.basic import RotaryEmbedding  # noqa: E402
+from tokenmill.model.layers.triton_ops import rope_neox_  # noqa: E402
 
 DTYPE = torch.float16 if INTERPRET else torch.bfloat16
 REL_TOL = 1e-2
@@ -603,3 +606,78 @@ def test_backend_decode_cuda_graph_fp8():
     static_out.fill_(float("nan"))
     graph.replay()
     assert rel_err(static_out, ref) < REL_TOL
+
+
+# ----- RoPE fused into the cache write --------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])  # no tl.dot: bf16 is fine interpreted
+@pytest.mark.parametrize("fp8", [False, True], ids=["model_dtype_cache", "fp8_cache"])
+@pytest.mark.parametrize("num_kv_heads,group,head_dim,rotary_dim,positions_dtype", [
+    (1, 8, 64, 64, torch.int64),
+    (8, 4, 128, 128, torch.int32),
+    (2, 7, 96, 32, torch.int64),  # partial rotary; heads not a power of two
+])
+def test_rope_and_write_kv_cache(dtype, fp8, num_kv_heads, group, head_dim, rotary_dim, positions_dtype):
+    """One launch leaves bit for bit what rope_neox_ then write_kv_cache leave: q and k rotated in
+    place (slot -1 tokens too: only their cache write is skipped), the rotated keys and the values
+    in the cache. Both sides are Triton, so this holds under the interpreter too, fp8 included
+    (its float32 -> fp8 rounding, wrong in places, is the same on both sides)."""
+    num_tokens, block_size, num_blocks, max_position = 11, 16, 5, 1000
+    num_heads = num_kv_heads * group
+    # q, k, v: strided views of one fused projection output, as LlamaAttention makes them.
+    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype, device=DEVICE)
+    qkv[0, num_heads * head_dim: num_heads * head_dim + 4] = 1000.0  # k past the fp8 range: saturates
+    positions = torch.randint(0, max_position, (num_tokens,), dtype=positions_dtype, device=DEVICE)
+    cos_sin_cache = torch.randn(max_position, rotary_dim, device=DEVICE)
+    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:num_tokens]
+    slots[[1, 6]] = -1  # padding tokens: rotated, not written
+    cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    if fp8:
+        k_cache, v_cache = quantize_fp8(torch.randn(cache_shape, device=DEVICE), 1.0), \
+            quantize_fp8(torch.randn(cache_shape, device=DEVICE), 1.0)
+        scales = (K_SCALE, V_SCALE)
+    else:
+        k_cache, v_cache = torch.randn(cache_shape, dtype=dtype, device=DEVICE), \
+            torch.randn(cache_shape, dtype=dtype, device=DEVICE)
+        scales = (1.0, 1.0)
+
+    def views(packed):
+        q, k, v = packed.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=1)
+        return (q.view(num_tokens, num_heads, head_dim), k.view(num_tokens, num_kv_heads, head_dim),
+                v.view(num_tokens, num_kv_heads, head_dim))
+
+    qkv_ref, k_cache_ref, v_cache_ref = qkv.clone(), k_cache.clone(), v_cache.clone()
+    q, k, v = views(qkv_ref)
+    rope_neox_(q, k, positions, cos_sin_cache)
+    write_kv_cache(k, v, k_cache_ref, v_cache_ref, slots, *scales)
+
+    q, k, v = views(qkv)
+    rope_and_write_kv_cache(q, k, v, k_cache, v_cache, slots, positions, cos_sin_cache, *scales)
+    assert torch.equal(qkv, qkv_ref), "q/k rotated differently (or v touched)"
+    assert torch.equal(k_cache.view(torch.uint8), k_cache_ref.view(torch.uint8))
+    assert torch.equal(v_cache.view(torch.uint8), v_cache_ref.view(torch.uint8))
+
+
+@pytest.mark.parametrize("group,head_dim", [(1, 64), (4, 128)])
+def test_backend_mixed_batch_rope(group, head_dim):
+    """The backend given `rope` (the CUDA form, positions and table) rotates before it attends:
+    decodes read their rotated key from the cache, the prefills theirs from k, which must be
+    rotated in place. Reference: rope_neox_ on copies, then torch_native without rope."""
+    query_lens, seq_lens = [1, 1, 1, 33, 80], [5, 130, 64, 33, 80 + 200]
+    batch = make_batch(query_lens, seq_lens, 2, group, head_dim, 16, qkv_strided=True)
+    positions = torch.cat([torch.arange(s - n, s) for n, s in zip(query_lens, seq_lens)]).to(DEVICE)
+    cos_sin_cache = RotaryEmbedding(head_dim, max(seq_lens), 10000.0, None).cos_sin_cache.to(DEVICE)
+    q_rot, k_rot = batch.q.clone(), batch.k.clone()
+    rope_neox_(q_rot, k_rot, positions, cos_sin_cache)
+    scale = head_dim ** -0.5
+    ref, k_ref, v_ref = reference(PagedBatch(q_rot, k_rot, batch.v, batch.k_cache, batch.v_cache, batch.meta),
+                                  scale)
+    poison_allocator(batch.q.numel() * batch.q.element_size())
+    out = get_backend("triton").forward(
+        batch.q, batch.k, batch.v, (batch.k_cache, batch.v_cache), batch.meta, scale,
+        rope=(positions, cos_sin_cache),
+    )
+    assert torch.equal(batch.q, q_rot) and torch.equal(batch.k, k_rot)
+    assert rel_err(out, ref) < REL_TOL
+    assert torch.equal(batch.k_cache.float(), k_ref) and torch.equal(batch.v_cache.float(), v_ref)

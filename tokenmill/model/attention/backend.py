@@ -62,6 +62,12 @@ class AttentionBackend(ABC):
     than state of the backend (one instance serves all layers) or extra members of the KVCache
     tuple (which the runner and CUDA graphs pass around as plain tensors). As Python floats fixed
     for the engine's life they are safe to bake into captured graphs.
+
+    `rope`, when given, is the step's rotary embedding as `RotaryEmbedding.cos_sin` returns it
+    (`(positions, cos_sin_cache)` on CUDA, `(cos, sin)` on the CPU): the backend rotates q and k
+    (neox style, exactly as `apply_rotary` does) before it writes k to the cache and attends, so
+    that a backend can fuse the rotation into its cache write. q and k may be rotated in place
+    (on CUDA they are, as `apply_rotary` does there).
     """
 
     name: str = "abstract"
@@ -77,6 +83,7 @@ class AttentionBackend(ABC):
         scale: float,
         k_scale: float = 1.0,
         v_scale: float = 1.0,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         ...
 

@@ -17,6 +17,7 @@ from tokenmill.model.attention.backend import (
     register_backend,
 )
 from tokenmill.model.attention.kv_quant import as_storage, is_fp8, quantize_fp8, read_kv
+from tokenmill.model.layers.basic import apply_rotary
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor,
@@ -59,7 +60,9 @@ class TorchNativeBackend(AttentionBackend):
     name = "torch_native"
 
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float,
-                k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+                k_scale: float = 1.0, v_scale: float = 1.0, rope=None) -> torch.Tensor:
+        if rope is not None:
+            q, k = apply_rotary(q, k, *rope)
         write_kv_cache(k, v, kv_cache, meta.slot_mapping, k_scale, v_scale)
         kv_scales = (k_scale, v_scale)
         out = torch.empty_like(q)

@@ -12,6 +12,9 @@ which is what a model's layers do.
 
 An fp8 cache (`kv_cache_dtype="fp8"`) is recognised by its dtype; the kernels then quantize on
 write and dequantize on read with the layer's `k_scale` / `v_scale`.
+
+Given `rope` in its CUDA form (positions, cos|sin table), the rotation of q and k is fused into
+the cache write (`rope_and_write_kv_cache`).
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ from tokenmill.model.attention.triton_kernels import (
     new_split_counters,
     paged_decode,
     paged_prefill,
+    rope_and_write_kv_cache,
     write_kv_cache,
 )
+from tokenmill.model.layers.basic import apply_rotary
 
 
 @register_backend
@@ -58,10 +63,20 @@ class TritonBackend(AttentionBackend):
         scale: float,
         k_scale: float = 1.0,
         v_scale: float = 1.0,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         k_cache, v_cache = kv_cache
         # Write first: decodes read their own new key back from the cache.
-        write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
+        if rope is not None and _is_positions_form(rope):
+            # One launch rotates q and k in place and writes the rotated keys: a launch per layer
+            # fewer than rope_neox_ + write_kv_cache.
+            positions, cos_sin_cache = rope
+            rope_and_write_kv_cache(q, k, v, k_cache, v_cache, meta.slot_mapping, positions, cos_sin_cache,
+                                    k_scale, v_scale)
+        else:
+            if rope is not None:  # (cos, sin): the CPU form (tensors off the GPU, e.g. the interpreter)
+                q, k = apply_rotary(q, k, *rope)
+            write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         num_decodes = meta.num_decodes
         if num_decodes:
@@ -79,3 +94,9 @@ class TritonBackend(AttentionBackend):
                 k_scale=k_scale, v_scale=v_scale,
             )
         return out
+
+
+def _is_positions_form(rope: tuple[torch.Tensor, torch.Tensor]) -> bool:
+    """Whether `rope` is `RotaryEmbedding.cos_sin`'s CUDA form, (positions, cos_sin_cache), the one
+    the fused kernel reads; the CPU form is (cos, sin), both floating point."""
+    return not rope[0].is_floating_point()

@@ -13,13 +13,13 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from tokenmill.distributed.parallel_state import EMBEDDING_SLOT
 from tokenmill.model.attention.backend import AttentionBackend, AttentionMetadata, KVCache
 from tokenmill.model.layers.basic import (
     ParallelLMHead,
     RMSNorm,
     RotaryEmbedding,
     VocabParallelEmbedding,
-    apply_rotary,
     rope_parameters,
 )
 from tokenmill.model.layers import cpu_gemm
@@ -62,8 +62,8 @@ class LlamaAttention(nn.Module):
         v = qkv[:, q_size + kv_size:].view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, k, *rope)
-        out = self.backend.forward(q, k, v, kv_cache, meta, self.scale, self.k_scale, self.v_scale)
+        # The backend rotates q and k (on CUDA fused into its cache write: a launch per layer saved).
+        out = self.backend.forward(q, k, v, kv_cache, meta, self.scale, self.k_scale, self.v_scale, rope=rope)
         return self.o_proj(out.reshape(out.shape[0], -1))
 
 
@@ -92,15 +92,15 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, rope, hidden, residual, kv_cache, meta):
         """`hidden`: the embeddings (first layer, `residual` None) or the previous layer's MLP
-        output as this rank's unreduced partial sums. Returns the same for the next layer.
+        output, as this rank's unreduced partial sums. Returns the same for the next layer.
 
-        Each row-parallel projection's all-reduce is left to the norm that follows it, so that
-        under tensor parallelism the sum, the residual add and the norm are one kernel. Slots 0
-        and 1 alternate as that kernel requires (attention 0, MLP 1, the final norm 1).
+        Each all-reduce (the vocab-parallel embedding's and each row-parallel projection's) is
+        left to the norm that follows it, so that under tensor parallelism the sum, the residual
+        add and the norm are one kernel. Slots 0 and 1 alternate as that kernel requires
+        (attention 0, MLP 1, the final norm 1); the embeddings' sum has a slot of its own.
         """
         if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
+            hidden, residual = self.input_layernorm.reduce_add(hidden, None, slot=EMBEDDING_SLOT)
         else:
             hidden, residual = self.input_layernorm.reduce_add(hidden, residual, slot=1)
         hidden = self.self_attn(rope, hidden, kv_cache, meta)
@@ -121,7 +121,7 @@ class LlamaModel(nn.Module):
         self.rotary = RotaryEmbedding(head_dim, config.max_position_embeddings, theta, scaling)
 
     def forward(self, input_ids, positions, kv_caches: list[KVCache], meta: AttentionMetadata):
-        hidden = self.embed_tokens(input_ids)
+        hidden = self.embed_tokens(input_ids, reduce=False)  # summed by the first layer's norm
         rope = self.rotary.cos_sin(positions, hidden.dtype)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
