@@ -22,14 +22,14 @@ lat() {  # lat NAME MODEL TP [extra args]
   local name=$1 model=$2 tp=$3; shift 3
   tm bench latency --model "$model" --load-format dummy --dtype bfloat16 --input-len 512 --output-len 256 \
      --max-model-len 4096 --max-num-seqs 16 --tensor-parallel-size "$tp" --baseline none \
-     --output-json "$out/latency_${name}_tp${tp}.json" "$@" | tee "$out/latency_${name}_tp${tp}.log" || rc=1
+     --output-json "$out/latency_${name}_tp${tp}.json" "$@" | tee -a "$out/run.log" || rc=1
 }
 tput() {  # tput NAME MODEL TP NUM_PROMPTS
   local name=$1 model=$2 tp=$3 n=$4
   tm bench throughput --model "$model" --load-format dummy --dtype bfloat16 --workload random \
      --num-prompts "$n" --input-len 512 --output-len 256 --max-model-len 4096 --max-num-seqs "$n" \
      --tensor-parallel-size "$tp" --baseline none --output-json "$out/tput_${name}_tp${tp}_n${n}.json" \
-     | tee "$out/tput_${name}_tp${tp}_n${n}.log" || rc=1
+     | tee -a "$out/run.log" || rc=1
 }
 if [[ "$part" == tests ]]; then
   python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/kernels tests/gpu} -o addopts="" --durations=8 \
@@ -159,6 +159,27 @@ if [[ "$part" == ab ]]; then
   [[ -n "${PROFILE:-}" ]] && timeout 200 python3 -m bench.gpu_step_profile --model llama-3.1-8b --batch 1 \
       --input-len 512 --warm-steps 16 --steps 30 --max-model-len 4096 --gaps --rows 22 --tensor-parallel-size 2 \
       2>&1 | grep -v -i warn > "$out/profile_tp2.log"
+fi
+# Seventh session, 2-GPU machine, call 1 (ab7): the all-reduce check (now with the embeddings'
+# slot), the TP tests (TP_TESTS_K), single-GPU tests (GPU_TESTS, GPU_TESTS_K) with the new kernels,
+# then Llama-3.1-8B batch-1 at TP=1 and TP=2 with this tree, and TP=2 with the sixth session's code
+# (BASELINE directory, see "ab"). Call 2 (x2-70b): Llama-3.1-70B TP=2 batch-1 and 64 x 512/256.
+if [[ "$part" == ab7 ]]; then
+  base="${BASELINE:-.baseline}"
+  timeout 150 python3 scripts/bench_all_reduce.py --world-size 2 --output-json "$out/allreduce_w2.json" 2>&1 \
+      | grep -v -i warn | tail -25 || rc=1
+  [[ -n "${TP_TESTS_K:-}" ]] && { timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider \
+      tests/gpu/test_tensor_parallel_gpu.py -o addopts="" -k "$TP_TESTS_K" 2>&1 | tee "$out/tests_tp.log" || rc=1; }
+  [[ -n "${GPU_TESTS:-}" ]] && { timeout "${GPU_TESTS_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider $GPU_TESTS \
+      -o addopts="" ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} 2>&1 | tee "$out/tests_gpu.log" || rc=1; }
+  lat llama8b llama-3.1-8b 1
+  lat llama8b llama-3.1-8b 2
+  [[ -n "${AB_BASE:-}" ]] && lat_in "$base" llama8b_base llama-3.1-8b 2
+fi
+if [[ "$part" == x2-70b ]]; then
+  python3 scripts/copy_bandwidth.py --output-json "$out/copy.json" | tail -3
+  lat llama70b llama-3.1-70b 2 --gpu-memory-utilization 0.92
+  tput llama70b llama-3.1-70b 2 64
 fi
 python3 - "$out" <<'PY'
 import glob, json, os, sys
