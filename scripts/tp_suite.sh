@@ -176,7 +176,14 @@ if [[ "$part" == ab7 ]]; then
   lat llama8b llama-3.1-8b 2
   [[ -n "${AB_BASE:-}" ]] && lat_in "$base" llama8b_base llama-3.1-8b 2
 fi
-if [[ "$part" == x2-70b ]]; then
+if [[ "$part" == prof7 ]]; then  # batch-1 step profiles of Llama-3.1-8B at TP=1 and TP=2 (rank 0), then x2-70b
+  for tp in 1 2; do
+    timeout 130 python3 -m bench.gpu_step_profile --model llama-3.1-8b --batch 1 --input-len 512 --warm-steps 16 \
+        --steps 30 --max-model-len 4096 --gaps --rows 30 --tensor-parallel-size $tp 2>&1 | grep -v -i warn \
+        > "$out/profile_tp$tp.log" || rc=1
+  done
+fi
+if [[ "$part" == x2-70b || "$part" == prof7 ]]; then
   python3 scripts/copy_bandwidth.py --output-json "$out/copy.json" | tail -3
   lat llama70b llama-3.1-70b 2 --gpu-memory-utilization 0.92
   tput llama70b llama-3.1-70b 2 64
