@@ -63,9 +63,10 @@ def sweep(x: torch.Tensor, w: torch.Tensor) -> list[dict]:
             for warps in (4, 8):
                 for stages in (1, 3):
                     def run(bn=bn, bk=bk, warps=warps, stages=stages):
-                        _gemv_kernel.fn[(triton.cdiv(n, bn),)](x, w, y, n, k, w.stride(0), SILU_MUL=False,
-                                                               BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-                                                               num_stages=stages)
+                        _gemv_kernel.fn[(triton.cdiv(n, bn),)](x, w, y, n, k, w.stride(0), y, y, 0, 0,
+                                                               SILU_MUL=False, PUSH=False, RANK=0, WORLD=1,
+                                                               MAX_ROWS=1, BLOCK_N=bn, BLOCK_K=bk,
+                                                               num_warps=warps, num_stages=stages)
                     us = triton.testing.do_bench(run) * 1e3
                     rows.append({"block_n": bn, "block_k": bk, "warps": warps, "stages": stages, "us": us,
                                  "tb_s": n * k * w.element_size() / us / 1e6})
@@ -89,8 +90,9 @@ def _warm_compiles(configs: list[tuple], silu_mul: bool) -> None:
     x = torch.zeros(1, 2048 if silu_mul else 1024, dtype=torch.bfloat16, device="cuda")
     y = torch.empty(1, 64, dtype=torch.bfloat16, device="cuda")
     for bn, bk, warps, stages in configs:
-        _gemv_kernel.fn.warmup(x, w, y, 64, 1024, 1024, SILU_MUL=silu_mul, BLOCK_N=bn, BLOCK_K=bk,
-                               num_warps=warps, num_stages=stages, grid=(1,))
+        _gemv_kernel.fn.warmup(x, w, y, 64, 1024, 1024, y, y, 0, 0, SILU_MUL=silu_mul, PUSH=False, RANK=0,
+                               WORLD=1, MAX_ROWS=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+                               grid=(1,))
 
 
 def warm_compiles_in_parallel(processes: int = 14) -> None:
@@ -122,7 +124,8 @@ def graph_sweep(shapes: dict[str, tuple[int, int, bool]], min_bytes: float = 1e9
         for bn, bk, warps, stages in GRAPH_SWEEP_GRID:
             def launch(x, w, bn=bn, bk=bk, warps=warps, stages=stages):
                 y = ys[0]
-                _gemv_kernel.fn[(triton.cdiv(n, bn),)](x, w, y, n, k, w.stride(0), SILU_MUL=silu, BLOCK_N=bn,
+                _gemv_kernel.fn[(triton.cdiv(n, bn),)](x, w, y, n, k, w.stride(0), y, y, 0, 0, SILU_MUL=silu,
+                                                       PUSH=False, RANK=0, WORLD=1, MAX_ROWS=1, BLOCK_N=bn,
                                                        BLOCK_K=bk, num_warps=warps, num_stages=stages)
                 return y
             try:

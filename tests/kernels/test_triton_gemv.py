@@ -129,8 +129,8 @@ def test_measured_configs_compute_the_product(config, silu_mul):
     w = torch.randn(n, k, dtype=torch.float16, device=DEVICE) * 0.05
     y = torch.empty(1, n, dtype=torch.float16, device=DEVICE)
     _UNTUNED_KERNEL[(triton.cdiv(n, config.block_n),)](
-        x, w, y, n, k, w.stride(0), SILU_MUL=silu_mul, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        x, w, y, n, k, w.stride(0), y, y, 0, 0, SILU_MUL=silu_mul, PUSH=False, RANK=0, WORLD=1, MAX_ROWS=1,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages)
     ref = F.linear((silu_and_mul(x) if silu_mul else x).float(), w.float())
     assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
 

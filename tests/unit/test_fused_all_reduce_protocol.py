@@ -77,3 +77,83 @@ def test_every_rank_gets_the_sum_added_and_normed_bit_identically(world, dtype):
             assert torch.equal(res_outs[r][i][:rows], want_res), (i, r)
             torch.testing.assert_close(outs[r][i][:rows], want_out, rtol=2e-3, atol=2e-3)
             assert torch.equal(outs[r][i], outs[0][i]) and torch.equal(res_outs[r][i], res_outs[0][i])
+
+
+# Batch-1 decode as the model runs it at TP=2: the embeddings' sum, then per layer the attention's
+# output projection and the MLP's down projection, each a GEMV that pushes its row to the peer
+# itself (`gemv(push=...)`), summed by the fused kernel with `pushed=True`; one unpushed sum per
+# slot in between (an eager step), which must take the same call numbers in turn.
+# (slot, pushed) per call; K columns per rank's GEMV.
+PUSH_CALLS = [(2, False), (0, True), (1, True), (0, True), (1, False), (2, False), (0, False), (1, True)]
+PUSH_K = 40
+
+
+def _push_inputs(world: int):
+    gen = torch.Generator().manual_seed(100 + world)
+    xs = [[torch.randn(1, PUSH_K, generator=gen).half() for _ in range(world)] for _ in PUSH_CALLS]
+    ws = [[(0.2 * torch.randn(HIDDEN, PUSH_K, generator=gen)).half() for _ in range(world)] for _ in PUSH_CALLS]
+    residuals = [None if slot == NO_RESIDUAL_SLOT else torch.randn(1, HIDDEN, generator=gen).half()
+                 for slot, _ in PUSH_CALLS]
+    weight = (1 + 0.1 * torch.randn(HIDDEN, generator=gen)).half()
+    return xs, ws, residuals, weight
+
+
+def _push_rank(rank, world, buffers, partials, outs, res_outs):
+    os.environ["TRITON_INTERPRET"] = "1"
+    import triton
+
+    from tokenmill.distributed.all_reduce_rms_norm import NUM_SLOTS, all_reduce_add_rms_norm
+    from tokenmill.distributed.symm_mem_all_reduce import PushTarget
+    from tokenmill.model.layers import triton_gemv
+
+    xs, ws, residuals, weight = _push_inputs(world)
+    buffer_ptrs = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64)
+    counters = torch.zeros(NUM_SLOTS, MAX_ROWS, dtype=torch.int32)
+    for i, (slot, pushed) in enumerate(PUSH_CALLS):
+        x, w = xs[i][rank], ws[i][rank]
+        y = torch.empty(1, HIDDEN, dtype=torch.float16)
+        target = PushTarget(buffer_ptrs, counters, slot, REGION_WORDS, rank, world)
+        # The plain kernel with one config (the autotuner needs a GPU), as gemv(x, w, push=target).
+        triton_gemv._gemv_kernel.fn[(triton.cdiv(HIDDEN, 4),)](
+            x, w, y, HIDDEN, PUSH_K, w.stride(0), buffer_ptrs, counters, slot, REGION_WORDS, SILU_MUL=False,
+            PUSH=pushed, RANK=rank, WORLD=world, MAX_ROWS=MAX_ROWS, BLOCK_N=4, BLOCK_K=32)
+        assert target.slot == slot
+        out, res = all_reduce_add_rms_norm(y, residuals[i], weight, 1e-5, buffer_ptrs, counters, slot,
+                                           REGION_WORDS, rank, world, pushed=pushed)
+        partials[i].copy_(y)
+        outs[i].copy_(out)
+        res_outs[i].copy_(res)
+
+
+def test_rows_pushed_by_the_gemv_are_summed_by_the_fused_kernel():
+    from tokenmill.distributed.all_reduce_rms_norm import NUM_SLOTS, all_reduce_add_rms_norm_ref
+
+    world = 2
+    buffers = [torch.zeros(NUM_SLOTS * world * REGION_WORDS, dtype=torch.int64).share_memory_() for _ in range(world)]
+    made = lambda: [[torch.zeros(1, HIDDEN, dtype=torch.float16).share_memory_() for _ in PUSH_CALLS]  # noqa: E731
+                    for _ in range(world)]
+    partials, outs, res_outs = made(), made(), made()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_push_rank, args=(r, world, buffers, partials[r], outs[r], res_outs[r]))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    hung = [p.pid for p in procs if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert not hung, "a rank never saw its peer's pushed row"
+    assert all(p.exitcode == 0 for p in procs)
+
+    xs, ws, residuals, weight = _push_inputs(world)
+    for i in range(len(PUSH_CALLS)):
+        for r in range(world):  # each rank's GEMV is right
+            want = (xs[i][r].float() @ ws[i][r].float().T)
+            torch.testing.assert_close(partials[r][i].float(), want, rtol=2e-2, atol=2e-2)
+        want_out, want_res = all_reduce_add_rms_norm_ref([partials[r][i] for r in range(world)], residuals[i],
+                                                         weight, 1e-5)
+        for r in range(world):
+            assert torch.equal(res_outs[r][i], want_res), (i, r)
+            torch.testing.assert_close(outs[r][i], want_out, rtol=2e-3, atol=2e-3)

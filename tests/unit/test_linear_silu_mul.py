@@ -47,7 +47,7 @@ def test_gemv_path_gets_the_raw_gate_up_and_bias(monkeypatch):
     expected = down(SiluAndMul()(gate_up))
     calls = []
     monkeypatch.setattr(matmul, "_use_gemv", lambda x, w: True)
-    monkeypatch.setattr(triton_gemv, "gemv", lambda x, w, silu_mul=False: calls.append((x, silu_mul))
+    monkeypatch.setattr(triton_gemv, "gemv", lambda x, w, silu_mul=False, push=None: calls.append((x, silu_mul))
                         or torch.nn.functional.linear(SiluAndMul()(x), w))
     out = down.forward_silu_mul(gate_up)
     assert len(calls) == 1 and calls[0][0] is gate_up and calls[0][1] is True

@@ -103,7 +103,8 @@ def test_norm_after_a_row_parallel_layer_fuses_the_sum_where_it_can(monkeypatch)
     comm.dtype, comm.max_numel, comm.fused_region_words, comm.max_fused_rows = torch.float32, 1 << 20, 4096, 2
     fused_calls, summed = [], []
 
-    def fake_fused(x, residual, weight, eps, slot):
+    def fake_fused(x, residual, weight, eps, slot, pushed):
+        assert not pushed  # no GEMV ran here
         fused_calls.append((tuple(x.shape), slot))
         return "fused", slot
 

@@ -54,6 +54,19 @@ def _words_to_float(words, DTYPE: tl.constexpr, PER_WORD: tl.constexpr, BLOCK: t
     return values
 
 
+@triton.jit
+def push_row_words(data, words, word_mask, stamp, buffer_ptrs, slot, region_words, row_start,
+                   RANK: tl.constexpr, WORLD: tl.constexpr):
+    """Send int32 words `data` (at word offsets `words` of a row) to every peer, each stamped with
+    the call number as one 8-byte store: that single store is what keeps data and number together."""
+    packets = stamp | (data.to(tl.int64) & 0xFFFFFFFF)
+    my_region = (slot * WORLD + RANK).to(tl.int64) * region_words
+    for peer in tl.static_range(WORLD):
+        if peer != RANK:
+            peer_buffer = tl.load(buffer_ptrs + peer).to(tl.pointer_type(tl.int64))
+            tl.store(peer_buffer + my_region + row_start + words, packets, mask=word_mask)
+
+
 # `slot` is 0 or 1: unspecialised, so both slots share one compiled kernel and it stays a tensor
 # (Triton would otherwise fold a 1 into a Python int).
 @triton.jit(do_not_specialize=["slot"])
@@ -63,7 +76,7 @@ def _all_reduce_add_rms_norm_kernel(
     calls_ptr,  # int32 [2, MAX_ROWS]: this rank's call counter per (slot, row)
     slot, region_words, hidden, eps,
     RANK: tl.constexpr, WORLD: tl.constexpr, MAX_ROWS: tl.constexpr,
-    PER_WORD: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    PER_WORD: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PUSHED: tl.constexpr,
 ):
     row = tl.program_id(0)
     dtype = x_ptr.dtype.element_ty
@@ -77,18 +90,13 @@ def _all_reduce_add_rms_norm_kernel(
 
     call = tl.load(calls_ptr + slot * MAX_ROWS + row) + 1
     stamp = call.to(tl.int64) << 32
-    data = tl.load(x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + row.to(tl.int64) * row_words + words,
-                   mask=word_mask, other=0)
-    packets = stamp | (data.to(tl.int64) & 0xFFFFFFFF)
     # Every buffer holds, per slot, one region per sending rank (in 8-byte words); a row's words
-    # start at row_start in it. Each packet goes out as one 8-byte store, which is what keeps its
-    # data and call number together.
+    # start at row_start in it.
     row_start = row.to(tl.int64) * row_words
-    my_region = (slot * WORLD + RANK).to(tl.int64) * region_words
-    for peer in tl.static_range(WORLD):
-        if peer != RANK:
-            peer_buffer = tl.load(buffer_ptrs + peer).to(tl.pointer_type(tl.int64))
-            tl.store(peer_buffer + my_region + row_start + words, packets, mask=word_mask)
+    if not PUSHED:  # (PUSHED: the GEMV that produced x already sent it, `push_row_words`)
+        data = tl.load(x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + row.to(tl.int64) * row_words + words,
+                       mask=word_mask, other=0)
+        push_row_words(data, words, word_mask, stamp, buffer_ptrs, slot, region_words, row_start, RANK, WORLD)
 
     # Sum in rank order (identical on every rank), waiting for each peer's row to arrive whole.
     my_buffer = tl.load(buffer_ptrs + RANK).to(tl.pointer_type(tl.int64))
@@ -125,6 +133,7 @@ def all_reduce_add_rms_norm(
     region_words: int,  # 8-byte words per (slot, sending rank) region of every buffer
     rank: int,
     world_size: int,
+    pushed: bool = False,  # x's row was already sent to the peers by the GEMV that made it
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(sum_ranks(x) + residual) * weight, sum_ranks(x) + residual), every rank alike
     (without a residual: the norm of the sum, and the sum)."""
@@ -140,7 +149,7 @@ def all_reduce_add_rms_norm(
             x, x if residual is None else residual, weight, out, residual_out, buffer_ptrs, call_counters,
             slot, region_words, hidden, eps,
             RANK=rank, WORLD=world_size, MAX_ROWS=call_counters.shape[1], PER_WORD=per_word, BLOCK=block,
-            HAS_RESIDUAL=residual is not None, num_warps=max(1, min(16, block // 512)),
+            HAS_RESIDUAL=residual is not None, PUSHED=pushed, num_warps=max(1, min(16, block // 512)),
         )
     return out, residual_out
 

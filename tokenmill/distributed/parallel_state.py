@@ -150,9 +150,32 @@ def tp_all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, w
     (`all_reduce_rms_norm.py`): (normed, new residual), or None where that kernel does not apply
     (one rank, no symmetric memory, too many rows) and the caller must do the three steps itself.
     `slot` (0 or 1) must alternate between consecutive calls; the embeddings' sum uses slot 2."""
+    pushed = _PUSHED.pop(slot, None) is x
     if _TP_SIZE == 1 or _SYMM_MEM is None or not _SYMM_MEM.can_fuse(x, residual):
+        assert not pushed, "a pushed row must be summed by the fused kernel"
         return None
-    return _SYMM_MEM.all_reduce_add_rms_norm(x, residual, weight, eps, slot)
+    return _SYMM_MEM.all_reduce_add_rms_norm(x, residual, weight, eps, slot, pushed)
+
+
+# slot -> the GEMV output whose row was already sent to the peers for that slot's next fused sum
+# (`tp_push_target`). Set while a graph is captured (or an eager step runs), read by the norm that
+# follows; the identity check means only that very tensor is taken as sent.
+_PUSHED: dict[int, torch.Tensor] = {}
+
+
+def tp_push_target(slot: int, rows: int, hidden: int, dtype: torch.dtype):
+    """Where a batch-1 GEMV whose output the fused all-reduce + norm of `slot` will sum may send
+    that output itself (`triton_gemv.gemv(push=...)`), or None: only where that fused call is
+    certain to run, so that no sent row is left unsummed. The GEMV's caller then reports the
+    output with `tp_note_pushed`."""
+    if (_TP_SIZE == 1 or _SYMM_MEM is None or slot == EMBEDDING_SLOT or dtype.itemsize != 2
+            or not _SYMM_MEM.can_fuse_rows(rows, hidden, dtype)):
+        return None
+    return _SYMM_MEM.push_target(slot)
+
+
+def tp_note_pushed(slot: int, output: torch.Tensor) -> None:
+    _PUSHED[slot] = output
 
 
 def tp_all_reduce_min(value: int, device: torch.device) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -35,6 +36,18 @@ MAX_FUSED_ROWS = 64
 # lost (11.9-15.7 vs 8.9-15.7 us, 4x H200); the pushed one has not run on four GPUs yet, so
 # larger groups keep the two kernels until it has.
 FUSED_MAX_WORLD_SIZE = 2
+
+
+class PushTarget(NamedTuple):
+    """Where a batch-1 GEMV sends its output row for the fused all-reduce + norm of `slot`
+    (`triton_gemv.gemv(push=...)`): this rank's view of the fused kernel's buffers."""
+
+    buffer_ptrs: torch.Tensor
+    call_counters: torch.Tensor
+    slot: int
+    region_words: int
+    rank: int
+    world_size: int
 
 
 def enabled_by_env() -> bool:
@@ -103,16 +116,22 @@ class SymmMemAllReduce:
         return x
 
     def can_fuse(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
-        return (x.dim() == 2 and x.dtype == self.dtype and x.is_contiguous()
-                and (residual is None or (residual.is_contiguous() and residual.shape == x.shape))
-                and x.shape[0] <= self.max_fused_rows
-                and x.numel() * x.element_size() <= 4 * self.fused_region_words
-                and (x.shape[1] * x.element_size()) % 16 == 0)
+        return (x.dim() == 2 and x.is_contiguous() and self.can_fuse_rows(x.shape[0], x.shape[1], x.dtype)
+                and (residual is None or (residual.is_contiguous() and residual.shape == x.shape)))
+
+    def can_fuse_rows(self, rows: int, hidden: int, dtype: torch.dtype) -> bool:
+        return (self.fused_region_words > 0 and dtype == self.dtype and rows <= self.max_fused_rows
+                and rows * hidden * dtype.itemsize <= 4 * self.fused_region_words
+                and (hidden * dtype.itemsize) % 16 == 0)
+
+    def push_target(self, slot: int) -> PushTarget:
+        return PushTarget(self.buffer_ptrs, self.call_counters, slot, self.fused_region_words, self.rank,
+                          self.world_size)
 
     def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                                eps: float, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+                                eps: float, slot: int, pushed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         return self._fused(x, residual, weight, eps, self.buffer_ptrs, self.call_counters, slot,
-                           self.fused_region_words, self.rank, self.world_size)
+                           self.fused_region_words, self.rank, self.world_size, pushed)
 
 
 def locally_supported(device: torch.device, world_size: int) -> bool:

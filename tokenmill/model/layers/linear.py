@@ -142,16 +142,19 @@ class RowParallelLinear(LinearBase):
     `reduce_results=False` returns this rank's partial sums (the bias, if any, in rank 0's) for the
     caller to reduce, e.g. fused with the next norm (`RMSNorm.reduce_add`).
     `forward_silu_mul(gate_up)` is `forward(silu_and_mul(gate_up))`, the activation fused into the
-    batch-1 decode GEMV.
+    batch-1 decode GEMV. `push_slot` (with `reduce_results=False`): the fused all-reduce slot that
+    will sum the output; the batch-1 GEMV then sends its row to the peers as it finishes.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 input_slice: tuple[int, int] | None = None, reduce_results: bool = True) -> None:
+                 input_slice: tuple[int, int] | None = None, reduce_results: bool = True,
+                 push_slot: int | None = None) -> None:
         if input_slice is None:
             size = _divide(in_features, tp_world_size(), "input features")
             input_slice = (tp_rank() * size, size)
         self.in_start, self.in_per_rank = input_slice
         self.reduce_results = reduce_results
+        self.push_slot = None if reduce_results else push_slot
         super().__init__(self.in_per_rank, out_features, bias)
 
     def weight_loader(self, param, loaded, shard_id=None) -> None:
@@ -161,13 +164,18 @@ class RowParallelLinear(LinearBase):
         _default_loader(param, loaded.narrow(1, self.in_start, self.in_per_rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._bias_and_reduce(linear(x, self.weight, self.packed_weight))
+        return self._bias_and_reduce(linear(x, self.weight, self.packed_weight, push_slot=self._push_slot()))
 
     def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """`self(silu(gate) * up)` for `gate_up` = [gate | up], this rank's shard of each as a
         `MergedColumnParallelLinear` of the same rank count outputs them. Lets batch-1 decode fold
         the activation into the GEMV (`matmul.linear_silu_mul`) instead of running it apart."""
-        return self._bias_and_reduce(linear_silu_mul(gate_up, self.weight, self.packed_weight))
+        return self._bias_and_reduce(linear_silu_mul(gate_up, self.weight, self.packed_weight,
+                                                     push_slot=self._push_slot()))
+
+    def _push_slot(self) -> int | None:
+        # Rank 0 adds the bias after the product, so its rows are not final: none is pushed then.
+        return self.push_slot if self.bias is None else None
 
     def _bias_and_reduce(self, y: torch.Tensor) -> torch.Tensor:
         if not self.reduce_results:

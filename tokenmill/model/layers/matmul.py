@@ -51,24 +51,40 @@ def _use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = None,
-           bias: torch.Tensor | None = None) -> torch.Tensor:
+           bias: torch.Tensor | None = None, push_slot: int | None = None) -> torch.Tensor:
+    """`x @ weight.T (+ bias)`. `push_slot`: the output is this rank's partial sum for the fused
+    all-reduce + norm of that slot (`RMSNorm.reduce_add`); a batch-1 GEMV then sends it to the
+    peers itself (`_gemv`)."""
     if packed is not None:
         return cpu_gemm.linear(x, weight, packed, bias)
     if _use_gemv(x, weight):
-        from tokenmill.model.layers.triton_gemv import gemv
-        y = gemv(x, weight)
-        return y if bias is None else y + bias
+        return _gemv(x, weight, bias, push_slot, silu_mul=False)
     return F.linear(x, weight, bias)
 
 
 def linear_silu_mul(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = None,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`linear(silu_and_mul(x), weight, packed, bias)` for x = [gate | up] along its last dim.
+                    bias: torch.Tensor | None = None, push_slot: int | None = None) -> torch.Tensor:
+    """`linear(silu_and_mul(x), weight, packed, bias, push_slot)` for x = [gate | up] along its
+    last dim.
 
     At batch-1 decode the GEMV computes the activation as it loads x, with the same rounding as
     `silu_and_mul`, so the result is the same bits without the activation kernel in the graph."""
     if packed is None and _use_gemv(x, weight):
-        from tokenmill.model.layers.triton_gemv import gemv
-        y = gemv(x, weight, silu_mul=True)
-        return y if bias is None else y + bias
+        return _gemv(x, weight, bias, push_slot, silu_mul=True)
     return linear(_silu_and_mul(x), weight, packed, bias)
+
+
+def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, push_slot: int | None,
+          silu_mul: bool) -> torch.Tensor:
+    """The Triton GEMV; for a partial sum headed for a fused all-reduce (`push_slot`, no bias to
+    add after it) it also sends its row to the peers, and says so (`tp_note_pushed`)."""
+    from tokenmill.distributed.parallel_state import tp_note_pushed, tp_push_target
+    from tokenmill.model.layers.triton_gemv import gemv
+
+    push = None
+    if push_slot is not None and bias is None:
+        push = tp_push_target(push_slot, 1, weight.shape[0], weight.dtype)
+    y = gemv(x, weight, silu_mul=silu_mul, push=push)
+    if push is not None:
+        tp_note_pushed(push_slot, y)
+    return y if bias is None else y + bias

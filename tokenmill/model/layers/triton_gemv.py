@@ -23,11 +23,17 @@ batch-1 decode runs no separate activation kernel. The activation is rounded exa
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import triton
 import triton.language as tl
 
+from tokenmill.distributed.all_reduce_rms_norm import push_row_words
 from tokenmill.model.layers.gemv_configs import tuned_config
+
+if TYPE_CHECKING:
+    from tokenmill.distributed.symm_mem_all_reduce import PushTarget
 
 _CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -51,10 +57,13 @@ def _load_x(x_ptr, offs, mask, K, SILU_MUL: tl.constexpr):
         return tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
 
+# `slot` alternates 0/1 from call to call: unspecialised, so one compiled kernel serves both.
 @triton.autotune(configs=_CONFIGS, key=["N", "K", "SILU_MUL"])
-@triton.jit
-def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn, SILU_MUL: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+@triton.jit(do_not_specialize=["slot"])
+def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn,
+                 buffer_ptrs, calls_ptr, slot, region_words,  # PUSH only (push_to_peers)
+                 SILU_MUL: tl.constexpr, PUSH: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr,
+                 MAX_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -68,26 +77,48 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn, SILU_MUL: tl.constexpr,
                     eviction_policy="evict_first")
         x = _load_x(x_ptr, k + cols, k_mask, K, SILU_MUL)
         acc += w.to(tl.float32) * x[None, :]
-    y = tl.sum(acc, axis=1)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_mask)
+    y = tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + rows, y, mask=row_mask)
+    if PUSH:
+        # This rank's partial sums, sent now to the peers' buffers for the fused all-reduce + norm
+        # that follows (`distributed/all_reduce_rms_norm.py`), in its format: int32 words of two
+        # 16-bit elements (even one low), stamped with the call number that kernel will use (its
+        # counter + 1; it bumps the counter). Row 0: pushing GEMVs are batch-1 decode's.
+        call = tl.load(calls_ptr + slot * MAX_ROWS) + 1
+        even, odd = tl.split(tl.reshape(y, [BLOCK_N // 2, 2]))
+        words = ((even.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
+                 | (odd.to(tl.int16, bitcast=True).to(tl.int32) << 16))
+        word_offs = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        push_row_words(words, word_offs, word_offs < N // 2, call.to(tl.int64) << 32, buffer_ptrs, slot,
+                       region_words, 0, RANK, WORLD)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
+def gemv(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False, push: "PushTarget | None" = None,
+         ) -> torch.Tensor:
     """`x @ weight.T` for x [1, K] (or [K]) and weight [N, K], both contiguous in K.
 
     With `silu_mul`, x is [1, 2K] (gate, then up) and the product is `silu_and_mul(x) @ weight.T`,
-    bit for bit."""
+    bit for bit. With `push` (a 2-byte dtype, even N), each program also sends its slice of the
+    result to the tensor-parallel peers for the fused all-reduce + norm to come, which then need
+    not send it (`RMSNorm.reduce_add`): the NVLink trip overlaps the GEMV's tail."""
     n, k = weight.shape
     assert x.numel() == x.shape[-1] == (2 * k if silu_mul else k)
     assert weight.stride(1) == 1
     x = x.contiguous()
     y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+    if push is not None:
+        assert x.element_size() == 2 and n % 2 == 0, "pushed rows are words of two 16-bit elements"
+        comm = (push.buffer_ptrs, push.call_counters, push.slot, push.region_words)
+        meta = dict(PUSH=True, RANK=push.rank, WORLD=push.world_size, MAX_ROWS=push.call_counters.shape[1])
+    else:
+        comm = (y, y, 0, 0)  # not read
+        meta = dict(PUSH=False, RANK=0, WORLD=1, MAX_ROWS=1)
     config = tuned_config(weight, silu_mul)
     if config is not None:
         _gemv_kernel.fn[(triton.cdiv(n, config.block_n),)](
-            x, weight, y, n, k, weight.stride(0), SILU_MUL=silu_mul, BLOCK_N=config.block_n,
+            x, weight, y, n, k, weight.stride(0), *comm, SILU_MUL=silu_mul, **meta, BLOCK_N=config.block_n,
             BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages)
     else:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _gemv_kernel[grid](x, weight, y, n, k, weight.stride(0), SILU_MUL=silu_mul)
+        _gemv_kernel[grid](x, weight, y, n, k, weight.stride(0), *comm, SILU_MUL=silu_mul, **meta)
     return y

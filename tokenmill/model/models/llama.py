@@ -43,7 +43,8 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(
             config.num_attention_heads * self.head_dim, config.hidden_size,
             bias=getattr(config, "o_proj_bias", False),
-            input_slice=(self.qkv_proj.q_start * self.head_dim, self.qkv_proj.q_size), reduce_results=False)
+            input_slice=(self.qkv_proj.q_start * self.head_dim, self.qkv_proj.q_size), reduce_results=False,
+            push_slot=0)  # summed by the post-attention norm (LlamaDecoderLayer.forward)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.backend = backend
@@ -74,7 +75,7 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(
             config.hidden_size, [config.intermediate_size] * 2, bias=bias)
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=bias,
-                                           reduce_results=False)
+                                           reduce_results=False, push_slot=1)  # summed by the next input norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # down_proj(silu(gate) * up), the activation applied by down_proj: at batch-1 decode it
