@@ -176,6 +176,13 @@ if [[ "$part" == ab7 ]]; then
   lat llama8b llama-3.1-8b 2
   [[ -n "${AB_BASE:-}" ]] && lat_in "$base" llama8b_base llama-3.1-8b 2
 fi
+if [[ "$part" == confirm7 ]]; then  # Llama-3.1-8B batch-1 TP=1, TP=2 twice over, alternating; 70B TP=2
+  for round in 1 2; do
+    lat llama8b_r$round llama-3.1-8b 1
+    lat llama8b_r$round llama-3.1-8b 2
+  done
+  lat llama70b llama-3.1-70b 2 --gpu-memory-utilization 0.92
+fi
 if [[ "$part" == prof7 ]]; then  # batch-1 step profiles of Llama-3.1-8B at TP=1 and TP=2 (rank 0), then x2-70b
   for tp in 1 2; do
     timeout 130 python3 -m bench.gpu_step_profile --model llama-3.1-8b --batch 1 --input-len 512 --warm-steps 16 \
