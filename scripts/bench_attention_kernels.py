@@ -97,19 +97,12 @@ def rotated_decode_calls(batch: int, context: int, scale: float, kv_dtype: torch
     return calls
 
 
-def engine_v_layout(v_cache: torch.Tensor) -> torch.Tensor:
-    """V in the layout the engine allocates (`kv_quant.new_kv_cache`): token-minor for fp8."""
-    if v_cache.dtype != torch.float8_e4m3fn:
-        return v_cache
-    return v_cache.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
-
-
 def make_decode_inputs(batch: int, context: int, kv_dtype: torch.dtype = DTYPE):
     blocks_per_req = math.ceil(context / BLOCK_SIZE)
     num_blocks = batch * blocks_per_req
     shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
     k_cache = torch.randn(shape, dtype=DTYPE, device=DEVICE).to(kv_dtype)
-    v_cache = engine_v_layout(torch.randn(shape, dtype=DTYPE, device=DEVICE).to(kv_dtype))
+    v_cache = torch.randn(shape, dtype=DTYPE, device=DEVICE).to(kv_dtype)
     block_table = torch.randperm(num_blocks, device=DEVICE, dtype=torch.int32).view(batch, blocks_per_req)
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
     q = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
@@ -314,7 +307,7 @@ def compare_kv_dtypes(copy_rate: float) -> dict:
         row = {"requests": reqs, "cached": cached, "new": new}
         outs = {}
         for dtype in (DTYPE, fp8):
-            kc, vc = k_cache.to(dtype), engine_v_layout(v_cache.to(dtype))
+            kc, vc = k_cache.to(dtype), v_cache.to(dtype)
             out = torch.empty_like(q)
             fn = functools.partial(paged_prefill, q, k, v, kc, vc, block_table, qsl, sl, out, 0, reqs, new, scale)
             fn()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device pass for the GPU engine: install carried wheels, run the GPU tests, then the benchmarks.
-# Usage on the device (repo root):  bash scripts/gpu_suite.sh [tests|bench1|bench2|prefix|async|async2|gemv|profile|timeline|tune|fp8v|all]
+# Usage on the device (repo root):  bash scripts/gpu_suite.sh [tests|bench1|bench2|prefix|async|async2|gemv|profile|timeline|tune|all]
 #   async, async2: the workloads with synchronous steps and with async scheduling, side by side
 # Carry: wheels/ (msgspec, gguf: `pip download --no-deps --only-binary=:all: --python-version 3.12
 #        --platform manylinux2014_x86_64 msgspec gguf -d wheels`).
@@ -173,18 +173,6 @@ if [[ "$part" == ab ]]; then
         --load-format dummy --dtype bfloat16 --input-len 512 --output-len 256 --max-model-len 4096 --max-num-seqs 8 \
         --gpu-memory-utilization 0.5 --baseline none --output-json "$out/$name.json" 2>&1 | grep -v Warning \
         | tee "$out/$name.log" ) || rc=1
-  done
-fi
-if [[ "$part" == fp8v ]]; then
-  # Seventh session, one H200: the token-minor fp8 V cache. Attention kernel tests, bf16 vs fp8
-  # kernels at the prefix benchmark's shapes, then the prefix benchmark with an fp8 and a bf16 cache.
-  TESTS="${TESTS:-tests/kernels/test_attention_kernels.py}" gpu_tests ""
-  timeout 150 python3 scripts/bench_attention_kernels.py --kv-compare --json "$out/kv_compare.json" 2>&1 || rc=1
-  for kv in fp8 auto; do
-    timeout "${STEP_TIMEOUT:-200}" python3 -m tokenmill.entrypoints.cli.main bench prefix --workload hit-rate \
-        --model llama-3.1-8b --load-format dummy --dtype bfloat16 --num-prompts 128 --input-len 2048 \
-        --output-len 128 --max-model-len 4096 --kv-cache-dtype $kv --output-json "$out/prefix_llama8b_$kv.json" \
-        2>&1 | grep -v -i warn || rc=1
   done
 fi
 if [[ "$part" == tune ]]; then

@@ -446,38 +446,11 @@ K_SCALE, V_SCALE = 0.37, 1.9
 SCALES = pytest.mark.parametrize("scales", [(K_SCALE, V_SCALE), (1.0, 1.0)], ids=["scaled", "unit"])
 
 
-def token_minor(cache: torch.Tensor) -> torch.Tensor:
-    """The same values in the engine's fp8 V layout (`kv_quant.new_kv_cache`): stored [blocks,
-    heads, head_dim, slots], viewed as [blocks, slots, heads, head_dim]."""
-    return cache.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
-
-
 def to_fp8(batch: PagedBatch, scales: tuple[float, float] = (K_SCALE, V_SCALE)) -> PagedBatch:
-    """The batch with its cached prefixes quantized into fp8 caches (K with a wider range), V
-    token-minor as the engine allocates it."""
+    """The batch with its cached prefixes quantized into fp8 caches (K with a wider range)."""
     batch.k_cache = quantize_fp8(batch.k_cache.float() * 2, scales[0])
-    batch.v_cache = token_minor(quantize_fp8(batch.v_cache.float(), scales[1]))
-    assert batch.v_cache.stride(1) == 1
+    batch.v_cache = quantize_fp8(batch.v_cache.float(), scales[1])
     return batch
-
-
-@pytest.mark.parametrize("group,head_dim", [(4, 128), (2, 64)])
-def test_token_minor_v_cache_reads_the_same(group, head_dim):
-    """Decode and prefill give the same bits whether V is stored head_dim-minor or token-minor
-    (the layout is only a different address for each value), for fp8 and bf16 caches."""
-    for dtype in ([torch.float16] if INTERPRET else [torch.bfloat16, torch.float8_e4m3fn]):
-        batch = make_batch([1, 1, 40, 7], [5, 90, 40, 70], 2, group, head_dim, 16)
-        batch.k_cache, batch.v_cache = batch.k_cache.to(dtype), batch.v_cache.to(dtype)
-        outs = []
-        for v_cache in (batch.v_cache, token_minor(batch.v_cache)):
-            out = torch.zeros_like(batch.q)
-            meta = batch.meta
-            paged_decode(batch.q[:2], batch.k_cache, v_cache, meta.block_table, meta.seq_lens, out[:2],
-                         meta.max_seq_len, 0.1)
-            paged_prefill(batch.q, batch.k, batch.v, batch.k_cache, v_cache, meta.block_table,
-                          meta.query_start_loc, meta.seq_lens, out, 2, 2, meta.max_query_len, 0.1)
-            outs.append(out)
-        assert torch.equal(outs[0], outs[1]), dtype
 
 
 def write_fp8(batch: PagedBatch, k_ref: torch.Tensor, v_ref: torch.Tensor, slots: torch.Tensor | None = None,

@@ -22,7 +22,6 @@ from tokenmill.config import EngineConfig
 from tokenmill.core.scheduler_output import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from tokenmill.distributed.parallel_state import tp_all_reduce_min, tp_broadcast_from_driver, tp_rank, tp_world_size
 from tokenmill.model.attention.backend import AttentionMetadata, KVCache
-from tokenmill.model.attention.kv_quant import new_kv_cache
 from tokenmill.model.registry import build_model
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.worker.sampler import SampledTokens, Sampler, SamplingBatch, batch_token_logprobs, index_tensor
@@ -122,10 +121,11 @@ class ModelRunner:
             seq_lens_cpu=torch.tensor([n], dtype=torch.int32))
         m = self.config.model
         num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
-        dummy = new_kv_cache((1, self.block_size, num_kv_heads, m.head_dim), self.kv_cache_dtype, self.device)
+        dummy = torch.empty(1, self.block_size, num_kv_heads, m.head_dim, dtype=self.kv_cache_dtype,
+                            device=self.device)
         with torch.inference_mode():
             hidden = self.model(ids, torch.arange(n, device=self.device) % m.max_model_len,
-                                [dummy] * m.num_layers, meta)
+                                [(dummy, dummy)] * m.num_layers, meta)
             self.model.compute_logits(hidden[-min(n, self.config.scheduler.max_num_seqs):])
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
@@ -137,7 +137,9 @@ class ModelRunner:
         m = self.config.model
         num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
         shape = (num_blocks, self.block_size, num_kv_heads, m.head_dim)
-        self.kv_caches = [new_kv_cache(shape, self.kv_cache_dtype, self.device) for _ in range(m.num_layers)]
+        self.kv_caches = [(torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device),
+                           torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device))
+                          for _ in range(m.num_layers)]
         self.num_blocks = num_blocks
 
     def capture_cuda_graphs(self) -> None:

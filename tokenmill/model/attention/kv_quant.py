@@ -31,25 +31,6 @@ def dequantize_fp8(cache: torch.Tensor, scale: float) -> torch.Tensor:
     return cache.float() * scale
 
 
-def new_kv_cache(shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device,
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zeroed (K, V) caches of logical shape [num_blocks, block_size, num_kv_heads, head_dim].
-
-    K is laid out as the shape says. An fp8 V is token-minor inside a block (stored as [num_blocks,
-    num_kv_heads, head_dim, block_size], returned as a view in the logical order): decode and
-    prefill multiply P by V over the tokens, and with V's tiles contiguous along head_dim the
-    tensor cores' operand had to be read from shared memory one byte at a time (no transposing
-    `ldmatrix` for 8-bit types), which made the fp8 decode 1.22x slower than bf16 (H200,
-    docs/perf.md). 16-bit caches keep the plain layout, whose transposed loads are one
-    instruction."""
-    k = torch.zeros(shape, dtype=dtype, device=device)
-    if not (FP8_KV_DTYPE is not None and dtype == FP8_KV_DTYPE):
-        return k, torch.zeros(shape, dtype=dtype, device=device)
-    num_blocks, block_size, num_kv_heads, head_dim = shape
-    v = torch.zeros(num_blocks, num_kv_heads, head_dim, block_size, dtype=dtype, device=device)
-    return k, v.permute(0, 3, 1, 2)
-
-
 def as_storage(cache: torch.Tensor) -> torch.Tensor:
     """A view that indexing ops accept: uint8 for fp8 (same bytes), the tensor itself otherwise."""
     return cache.view(torch.uint8) if is_fp8(cache) else cache

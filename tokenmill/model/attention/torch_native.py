@@ -25,6 +25,7 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slot_map
     """Scatter the step's K/V ([num_tokens, num_kv_heads, head_dim]) into their slots; an fp8
     cache stores them divided by `k_scale` / `v_scale`."""
     k_cache, v_cache = kv_cache
+    num_kv_heads, head_dim = k_cache.shape[-2:]
     slots = slot_mapping[: k.shape[0]]
     if slots.numel() and bool((slots < 0).any()):  # -1 marks padding tokens: nothing to write
         keep = slots >= 0
@@ -33,11 +34,10 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slot_map
         k, v = quantize_fp8(k, k_scale), quantize_fp8(v, v_scale)
     else:
         k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
-    # Indexed by (block, slot within it), which also works on a token-minor V (kv_quant.new_kv_cache).
-    block_size = k_cache.shape[1]
-    blocks, offsets = slots // block_size, slots % block_size
-    as_storage(k_cache)[blocks, offsets] = as_storage(k)
-    as_storage(v_cache)[blocks, offsets] = as_storage(v)
+    k_flat = as_storage(k_cache).view(-1, num_kv_heads, head_dim)
+    v_flat = as_storage(v_cache).view(-1, num_kv_heads, head_dim)
+    k_flat.index_copy_(0, slots, as_storage(k))
+    v_flat.index_copy_(0, slots, as_storage(v))
 
 
 def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:

@@ -29,11 +29,10 @@ class KernelConfig:
 @triton.jit
 def load_kv_tile(
     k_cache_ptr, v_cache_ptr, block_row_ptr, token_offs, token_mask, kv_head, dims, dim_mask,
-    stride_c_block, stride_c_slot, stride_c_head, stride_cv_block, stride_cv_slot, stride_cv_head, stride_cv_dim,
-    k_scale, v_scale, PAGE: tl.constexpr, KV_FP8: tl.constexpr, KV_SCALED: tl.constexpr,
+    stride_c_block, stride_c_slot, stride_c_head, k_scale, v_scale, PAGE: tl.constexpr,
+    KV_FP8: tl.constexpr, KV_SCALED: tl.constexpr,
 ):
     """K and V of the tokens `token_offs` of one request and one KV head: [BLOCK_N, BLOCK_D] each.
-    V has strides of its own: an fp8 V cache is token-minor (`kv_quant.new_kv_cache`).
 
     An fp8 cache with scales other than 1.0 (KV_SCALED) is dequantized to float32 here. With unit
     scales (uncalibrated, the default) the fp8 tiles are returned as they are and converted
@@ -42,10 +41,10 @@ def load_kv_tile(
     conversions per element in a kernel whose prefill form is otherwise bound by the dots."""
     block_ids = tl.load(block_row_ptr + token_offs // PAGE, mask=token_mask, other=0).to(tl.int64)
     rows = block_ids * stride_c_block + (token_offs % PAGE) * stride_c_slot + kv_head * stride_c_head
+    offs = rows[:, None] + dims[None, :]
     mask = token_mask[:, None] & dim_mask[None, :]
-    k = tl.load(k_cache_ptr + rows[:, None] + dims[None, :], mask=mask, other=0.0)
-    v_rows = block_ids * stride_cv_block + (token_offs % PAGE) * stride_cv_slot + kv_head * stride_cv_head
-    v = tl.load(v_cache_ptr + v_rows[:, None] + dims[None, :] * stride_cv_dim, mask=mask, other=0.0)
+    k = tl.load(k_cache_ptr + offs, mask=mask, other=0.0)
+    v = tl.load(v_cache_ptr + offs, mask=mask, other=0.0)
     if KV_FP8 and KV_SCALED:  # constexpr branches: other caches compile without it
         k = k.to(tl.float32) * k_scale
         v = v.to(tl.float32) * v_scale
@@ -73,15 +72,9 @@ def dequantize_to_float32(kv_fp8: bool, k_scale: float, v_scale: float) -> bool:
 
 
 def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """Asserts the layout the kernels assume; returns whether the cache is fp8 (the KV_FP8 flag).
-    K's head_dim is contiguous; V's is too, or V is token-minor (`kv_quant.new_kv_cache`)."""
-    assert k_cache.shape == v_cache.shape, "k_cache and v_cache must share a shape"
+    """Asserts the layout the kernels assume; returns whether the cache is fp8 (the KV_FP8 flag)."""
+    assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride(), \
+        "k_cache and v_cache must share shape and strides"
     assert k_cache.dtype == v_cache.dtype, "k_cache and v_cache must share a dtype"
-    assert k_cache.stride(-1) == 1, "the K cache's head_dim must be contiguous"
-    assert v_cache.stride(-1) == 1 or v_cache.stride(1) == 1, "the V cache: head_dim or slot contiguous"
+    assert k_cache.stride(-1) == 1, "the cache's head_dim must be contiguous"
     return is_fp8(k_cache)
-
-
-def v_strides(v_cache: torch.Tensor) -> tuple[int, int, int, int]:
-    """(block, slot, head, dim) strides of a V cache, passed to the kernels apart from K's."""
-    return tuple(v_cache.stride())

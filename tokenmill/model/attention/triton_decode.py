@@ -39,7 +39,6 @@ from tokenmill.model.attention.triton_common import (
     LOG2E,
     KernelConfig,
     check_cache,
-    v_strides,
     dequantize_to_float32,
     load_kv_tile,
     online_softmax_step,
@@ -62,8 +61,7 @@ def _paged_decode_kernel(
     out_ptr, part_out_ptr, part_lse_ptr, counter_ptr,
     scale_log2, num_splits, GROUP,
     stride_q_tok, stride_q_head, stride_o_tok, stride_o_head,
-    stride_c_block, stride_c_slot, stride_c_head, stride_cv_block, stride_cv_slot, stride_cv_head, stride_cv_dim,
-    stride_bt_req, k_scale, v_scale,
+    stride_c_block, stride_c_slot, stride_c_head, stride_bt_req, k_scale, v_scale,
     BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, GROUP_P2: tl.constexpr,
     MERGE_H: tl.constexpr, MERGE_S: tl.constexpr, DIRECT: tl.constexpr,
@@ -105,8 +103,7 @@ def _paged_decode_kernel(
         key_mask = offs_n < seq_len
         k, v = load_kv_tile(
             k_cache_ptr, v_cache_ptr, block_row_ptr, offs_n, key_mask, kv_head, dims, dim_mask,
-            stride_c_block, stride_c_slot, stride_c_head, stride_cv_block, stride_cv_slot, stride_cv_head,
-            stride_cv_dim, k_scale, v_scale, PAGE, KV_FP8, KV_SCALED,
+            stride_c_block, stride_c_slot, stride_c_head, k_scale, v_scale, PAGE, KV_FP8, KV_SCALED,
         )
         m_i, l_i, acc = online_softmax_step(q, k, v, key_mask[None, :], m_i, l_i, acc, scale_log2)
 
@@ -292,7 +289,7 @@ def paged_decode(
         q, k_cache, v_cache, block_table, seq_lens, out, part_out, part_lse, counters,
         scale * LOG2E, num_splits, group,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_strides(v_cache), block_table.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         float(k_scale), float(v_scale),
         BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         PAGE=k_cache.shape[1], BLOCK_N=config.block_n if head_dim <= 128 else min(config.block_n, 32),

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tokenmill.model.attention.triton_common import FP8_MAX, KernelConfig, check_cache, v_strides
+from tokenmill.model.attention.triton_common import FP8_MAX, KernelConfig, check_cache
 from tokenmill.model.attention.triton_decode import (
     DECODE_CONFIG,
     MAX_DECODE_SPLITS,
@@ -43,8 +43,7 @@ __all__ = [
 def _write_kv_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
     stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
-    stride_c_block, stride_c_slot, stride_c_head, stride_cv_block, stride_cv_slot, stride_cv_head, stride_cv_dim,
-    k_scale, v_scale,
+    stride_c_block, stride_c_slot, stride_c_head, k_scale, v_scale,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, KV_FP8: tl.constexpr,
 ):
@@ -59,9 +58,6 @@ def _write_kv_kernel(
     src_v = v_ptr + tok.to(tl.int64) * stride_v_tok + heads[:, None] * stride_v_head + dims[None, :]
     dst = (slot // PAGE) * stride_c_block + (slot % PAGE) * stride_c_slot
     dst_offs = dst + heads[:, None] * stride_c_head + dims[None, :]
-    # V's cache has strides of its own (token-minor for fp8: kv_quant.new_kv_cache).
-    dst_v = (slot // PAGE) * stride_cv_block + (slot % PAGE) * stride_cv_slot
-    dst_v_offs = dst_v + heads[:, None] * stride_cv_head + dims[None, :] * stride_cv_dim
     k = tl.load(src_k, mask=mask)
     v = tl.load(src_v, mask=mask)
     if KV_FP8:
@@ -69,7 +65,7 @@ def _write_kv_kernel(
         k = tl.clamp(tl.div_rn(k.to(tl.float32), k_scale), -FP8_MAX, FP8_MAX)
         v = tl.clamp(tl.div_rn(v.to(tl.float32), v_scale), -FP8_MAX, FP8_MAX)
     tl.store(k_cache_ptr + dst_offs, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_cache_ptr + dst_v_offs, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + dst_offs, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def write_kv_cache(
@@ -89,7 +85,7 @@ def write_kv_cache(
     _write_kv_kernel[(num_tokens,)](
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_strides(v_cache), float(k_scale), float(v_scale),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), float(k_scale), float(v_scale),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, PAGE=k_cache.shape[1],
         BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
         KV_FP8=kv_fp8, num_warps=4,
@@ -100,8 +96,7 @@ def write_kv_cache(
 def _rope_and_write_kv_kernel(
     q_ptr, k_ptr, v_ptr, positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
     stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head, stride_cs_pos,
-    stride_c_block, stride_c_slot, stride_c_head, stride_cv_block, stride_cv_slot, stride_cv_head, stride_cv_dim,
-    k_scale, v_scale, num_heads,
+    stride_c_block, stride_c_slot, stride_c_head, k_scale, v_scale, num_heads,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, HALF: tl.constexpr,
     BLOCK_HALF: tl.constexpr, BLOCK_Q_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     KV_FP8: tl.constexpr,
@@ -124,8 +119,7 @@ def _rope_and_write_kv_kernel(
     _write_kv_kernel(
         k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
         stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
-        stride_c_block, stride_c_slot, stride_c_head, stride_cv_block, stride_cv_slot, stride_cv_head, stride_cv_dim,
-        k_scale, v_scale,
+        stride_c_block, stride_c_slot, stride_c_head, k_scale, v_scale,
         NUM_KV_HEADS=NUM_KV_HEADS, HEAD_DIM=HEAD_DIM, PAGE=PAGE, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D,
         KV_FP8=KV_FP8,
     )
@@ -160,8 +154,7 @@ def rope_and_write_kv_cache(
     _rope_and_write_kv_kernel[(num_tokens,)](
         q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_strides(v_cache), float(k_scale), float(v_scale),
-        num_heads,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), float(k_scale), float(v_scale), num_heads,
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, PAGE=k_cache.shape[1], HALF=half,
         BLOCK_HALF=triton.next_power_of_2(half), BLOCK_Q_HEADS=block_q_heads,
         BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),

@@ -18,7 +18,6 @@ from tokenmill.model.attention.triton_common import (
     LOG2E,
     KernelConfig,
     check_cache,
-    v_strides,
     dequantize_to_float32,
     load_kv_tile,
     online_softmax_step,
@@ -50,8 +49,7 @@ def _paged_prefill_kernel(
     scale_log2, first_req,
     stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
     stride_o_tok, stride_o_head,
-    stride_c_block, stride_c_slot, stride_c_head, stride_cv_block, stride_cv_slot, stride_cv_head, stride_cv_dim,
-    stride_bt_req, k_scale, v_scale,
+    stride_c_block, stride_c_slot, stride_c_head, stride_bt_req, k_scale, v_scale,
     GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     KV_FP8: tl.constexpr, KV_SCALED: tl.constexpr,
@@ -88,8 +86,7 @@ def _paged_prefill_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k, v = load_kv_tile(
             k_cache_ptr, v_cache_ptr, block_row_ptr, offs_n, offs_n < context_len, kv_head, dims,
-            dim_mask, stride_c_block, stride_c_slot, stride_c_head, stride_cv_block, stride_cv_slot, stride_cv_head,
-            stride_cv_dim, k_scale, v_scale, PAGE, KV_FP8, KV_SCALED,
+            dim_mask, stride_c_block, stride_c_slot, stride_c_head, k_scale, v_scale, PAGE, KV_FP8, KV_SCALED,
         )
         m_i, l_i, acc = online_softmax_step(q, k, v, offs_n[None, :] >= 0, m_i, l_i, acc, scale_log2)
     if prefix_full_end < context_len:
@@ -97,8 +94,7 @@ def _paged_prefill_kernel(
         key_mask = offs_n < context_len
         k, v = load_kv_tile(
             k_cache_ptr, v_cache_ptr, block_row_ptr, offs_n, key_mask, kv_head, dims, dim_mask,
-            stride_c_block, stride_c_slot, stride_c_head, stride_cv_block, stride_cv_slot, stride_cv_head,
-            stride_cv_dim, k_scale, v_scale, PAGE, KV_FP8, KV_SCALED,
+            stride_c_block, stride_c_slot, stride_c_head, k_scale, v_scale, PAGE, KV_FP8, KV_SCALED,
         )
         m_i, l_i, acc = online_softmax_step(q, k, v, key_mask[None, :], m_i, l_i, acc, scale_log2)
 
@@ -172,7 +168,7 @@ def paged_prefill(
         scale * LOG2E, first_req,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_strides(v_cache), block_table.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         float(k_scale), float(v_scale),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         PAGE=k_cache.shape[1], BLOCK_M=config.block_m, BLOCK_N=config.block_n, CAUSAL=causal,
