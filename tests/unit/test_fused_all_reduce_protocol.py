@@ -50,15 +50,10 @@ def _rank(rank, world, dtype, buffers, outs, res_outs):
         res_outs[i][:rows].copy_(res)
 
 
-@pytest.mark.parametrize("world,dtype", [(2, torch.float16), (2, torch.float32), (3, torch.float16)])
-def test_every_rank_gets_the_sum_added_and_normed_bit_identically(world, dtype):
-    from tokenmill.distributed.all_reduce_rms_norm import NUM_SLOTS, all_reduce_add_rms_norm_ref
-
-    buffers = [torch.zeros(NUM_SLOTS * world * REGION_WORDS, dtype=torch.int64).share_memory_() for _ in range(world)]
-    outs = [[torch.zeros(MAX_ROWS, HIDDEN, dtype=dtype).share_memory_() for _ in CALLS] for _ in range(world)]
-    res_outs = [[torch.zeros(MAX_ROWS, HIDDEN, dtype=dtype).share_memory_() for _ in CALLS] for _ in range(world)]
+def _run_ranks(target, args_per_rank: list[tuple]) -> None:
+    """One spawned process per rank, running `target(*args)`; all must finish, and cleanly."""
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_rank, args=(r, world, dtype, buffers, outs[r], res_outs[r])) for r in range(world)]
+    procs = [ctx.Process(target=target, args=args) for args in args_per_rank]
     for p in procs:
         p.start()
     for p in procs:
@@ -69,6 +64,16 @@ def test_every_rank_gets_the_sum_added_and_normed_bit_identically(world, dtype):
             p.kill()
     assert not hung, "a rank never saw its peers' rows"
     assert all(p.exitcode == 0 for p in procs)
+
+
+@pytest.mark.parametrize("world,dtype", [(2, torch.float16), (2, torch.float32), (3, torch.float16)])
+def test_every_rank_gets_the_sum_added_and_normed_bit_identically(world, dtype):
+    from tokenmill.distributed.all_reduce_rms_norm import NUM_SLOTS, all_reduce_add_rms_norm_ref
+
+    buffers = [torch.zeros(NUM_SLOTS * world * REGION_WORDS, dtype=torch.int64).share_memory_() for _ in range(world)]
+    outs = [[torch.zeros(MAX_ROWS, HIDDEN, dtype=dtype).share_memory_() for _ in CALLS] for _ in range(world)]
+    res_outs = [[torch.zeros(MAX_ROWS, HIDDEN, dtype=dtype).share_memory_() for _ in CALLS] for _ in range(world)]
+    _run_ranks(_rank, [(r, world, dtype, buffers, outs[r], res_outs[r]) for r in range(world)])
 
     parts, residuals, weight = _inputs(world, dtype)
     for i, (rows, _) in enumerate(CALLS):
@@ -133,19 +138,7 @@ def test_rows_pushed_by_the_gemv_are_summed_by_the_fused_kernel():
     made = lambda: [[torch.zeros(1, HIDDEN, dtype=torch.float16).share_memory_() for _ in PUSH_CALLS]  # noqa: E731
                     for _ in range(world)]
     partials, outs, res_outs = made(), made(), made()
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_push_rank, args=(r, world, buffers, partials[r], outs[r], res_outs[r]))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    hung = [p.pid for p in procs if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert not hung, "a rank never saw its peer's pushed row"
-    assert all(p.exitcode == 0 for p in procs)
+    _run_ranks(_push_rank, [(r, world, buffers, partials[r], outs[r], res_outs[r]) for r in range(world)])
 
     xs, ws, residuals, weight = _push_inputs(world)
     for i in range(len(PUSH_CALLS)):

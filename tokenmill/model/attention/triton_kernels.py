@@ -31,7 +31,7 @@ from tokenmill.model.attention.triton_decode import (
     paged_decode,
 )
 from tokenmill.model.attention.triton_prefill import PREFILL_CONFIG, paged_prefill
-from tokenmill.model.layers.triton_ops import _rope_neox_kernel
+from tokenmill.model.layers.triton_ops import _rope_neox_kernel, rope_launch_meta
 
 __all__ = [
     "DECODE_CONFIG", "MAX_DECODE_SPLITS", "PREFILL_CONFIG", "KernelConfig", "decode_num_splits",
@@ -141,22 +141,19 @@ def rope_and_write_kv_cache(
     with bit-identical results; dims past rotary_dim are left alone (partial rotary)."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
-    rotary_dim = cos_sin_cache.shape[1]
-    assert rotary_dim % 2 == 0 and rotary_dim <= head_dim and k.shape[2] == head_dim == v.shape[2]
-    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1 and cos_sin_cache.stride(-1) == 1
+    rope_meta = rope_launch_meta(q, k, cos_sin_cache)
+    assert v.shape[2] == head_dim and v.stride(-1) == 1
     if num_tokens == 0:
         return
     kv_fp8 = check_cache(k_cache, v_cache)
-    half = rotary_dim // 2
-    block_q_heads = triton.next_power_of_2(num_heads)
     # Every argument is fixed for a model's life (shapes, strides of the qkv views, scales), and the
     # step's token count is only the grid: nothing here recompiles from one step to the next.
     _rope_and_write_kv_kernel[(num_tokens,)](
         q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), float(k_scale), float(v_scale), num_heads,
-        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, PAGE=k_cache.shape[1], HALF=half,
-        BLOCK_HALF=triton.next_power_of_2(half), BLOCK_Q_HEADS=block_q_heads,
-        BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
-        KV_FP8=kv_fp8, num_warps=4 if block_q_heads * half <= 2048 else 8,  # rope_neox_'s choice
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, PAGE=k_cache.shape[1], HALF=rope_meta["HALF"],
+        BLOCK_HALF=rope_meta["BLOCK_HALF"], BLOCK_Q_HEADS=rope_meta["BLOCK_Q_HEADS"],
+        BLOCK_H=rope_meta["BLOCK_K_HEADS"], BLOCK_D=triton.next_power_of_2(head_dim),
+        KV_FP8=kv_fp8, num_warps=rope_meta["num_warps"],
     )

@@ -205,20 +205,25 @@ def rope_neox_(
     cos_sin_cache: torch.Tensor,  # [max_position, rotary_dim]: cos first half, sin second half
 ) -> None:
     """Rotates q and k in place (both in one launch); dims past rotary_dim are left alone."""
-    num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
+    meta = rope_launch_meta(q, k, cos_sin_cache)
+    if q.shape[0] == 0:
+        return
+    _rope_neox_kernel[(q.shape[0],)](
+        q, k, positions, cos_sin_cache,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
+        q.shape[1], k.shape[1], **meta,
+    )
+
+
+def rope_launch_meta(q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor) -> dict:
+    """The checks and launch constants of `_rope_neox_kernel`, for `rope_neox_` and for the
+    kernels that inline it (`triton_kernels.rope_and_write_kv_cache`)."""
+    num_heads, head_dim = q.shape[1:]
     rotary_dim = cos_sin_cache.shape[1]
     assert rotary_dim % 2 == 0 and rotary_dim <= head_dim and k.shape[2] == head_dim
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and cos_sin_cache.stride(-1) == 1
-    if num_tokens == 0:
-        return
     half = rotary_dim // 2
     block_q_heads = triton.next_power_of_2(num_heads)
-    _rope_neox_kernel[(num_tokens,)](
-        q, k, positions, cos_sin_cache,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
-        num_heads, num_kv_heads,
-        HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
-        BLOCK_Q_HEADS=block_q_heads, BLOCK_K_HEADS=triton.next_power_of_2(num_kv_heads),
-        num_warps=4 if block_q_heads * half <= 2048 else 8,
-    )
+    return dict(HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_Q_HEADS=block_q_heads,
+                BLOCK_K_HEADS=triton.next_power_of_2(k.shape[1]),
+                num_warps=4 if block_q_heads * half <= 2048 else 8)
