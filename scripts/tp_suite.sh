@@ -195,6 +195,27 @@ if [[ "$part" == x2-70b || "$part" == prof7 ]]; then
   lat llama70b llama-3.1-70b 2 --gpu-memory-utilization 0.92
   tput llama70b llama-3.1-70b 2 64
 fi
+# Eighth session, 4-GPU machine (issue 9). x4s8a: the all-reduce check and benchmark at 4 ranks (the
+# pushed fused kernel's first run there), the copy rate, Llama-3.1-70B TP=4 batch-1 with one-shot
+# sums + norm (the default then) and with the fused kernel (TOKENMILL_FUSED_MAX_WORLD_SIZE=4), then
+# 64 x 512/256 both ways. x4s8b (FUSED4=1: fused at TP=4): the TP tests at TP=4 (TP_TESTS_K),
+# 70B TP=4 at 256 concurrent, Llama-3.1-8B batch-1 at TP=1, 2, 4.
+if [[ "$part" == x4s8a ]]; then
+  timeout 150 python3 scripts/bench_all_reduce.py --world-size 4 --output-json "$out/allreduce_w4.json" 2>&1 \
+      | grep -v -i warn | tail -30 || rc=1
+  python3 scripts/copy_bandwidth.py --output-json "$out/copy.json" | tail -3
+  lat llama70b llama-3.1-70b 4
+  TOKENMILL_FUSED_MAX_WORLD_SIZE=4 lat llama70b_fused llama-3.1-70b 4
+  TOKENMILL_FUSED_MAX_WORLD_SIZE=4 tput llama70b_fused llama-3.1-70b 4 64
+  tput llama70b llama-3.1-70b 4 64
+fi
+if [[ "$part" == x4s8b ]]; then
+  [[ -n "${FUSED4:-}" ]] && export TOKENMILL_FUSED_MAX_WORLD_SIZE=4
+  timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests/gpu/test_tensor_parallel_gpu.py \
+      -o addopts="" -k "${TP_TESTS_K:-}" -o faulthandler_timeout=230 2>&1 | tee "$out/tests_tp.log" || rc=1
+  tput llama70b llama-3.1-70b 4 256
+  for tp in 1 2 4; do lat llama8b llama-3.1-8b $tp; done
+fi
 python3 - "$out" <<'PY'
 import glob, json, os, sys
 rows = []

@@ -38,6 +38,11 @@ MAX_FUSED_ROWS = 64
 FUSED_MAX_WORLD_SIZE = 2
 
 
+def fused_max_world_size() -> int:
+    """FUSED_MAX_WORLD_SIZE, or `TOKENMILL_FUSED_MAX_WORLD_SIZE` (to time the fused kernel on more GPUs)."""
+    return int(os.environ.get("TOKENMILL_FUSED_MAX_WORLD_SIZE", FUSED_MAX_WORLD_SIZE))
+
+
 class PushTarget(NamedTuple):
     """Where a batch-1 GEMV sends its output row for the fused all-reduce + norm of `slot`
     (`triton_gemv.gemv(push=...)`): this rank's view of the fused kernel's buffers."""
@@ -65,7 +70,7 @@ class SymmMemAllReduce:
     def __init__(self, group_name: str, device: torch.device, dtype: torch.dtype,
                  max_bytes: int = DEFAULT_MAX_BYTES, fuse_norm: bool | None = None):
         """`fuse_norm`: also set up the fused all-reduce + add + RMSNorm kernel; None follows the
-        switch and FUSED_MAX_WORLD_SIZE (the benchmark script forces it to time it anywhere)."""
+        switch and `fused_max_world_size()` (the benchmark script forces it to time it anywhere)."""
         import torch.distributed._symmetric_memory as symm_mem
 
         enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
@@ -81,7 +86,7 @@ class SymmMemAllReduce:
         self.rank, self.world_size = self.handle.rank, self.handle.world_size
         self.fused_region_words = self.max_fused_rows = 0
         if fuse_norm is None:
-            fuse_norm = fused_norm_enabled_by_env() and self.world_size <= FUSED_MAX_WORLD_SIZE
+            fuse_norm = fused_norm_enabled_by_env() and self.world_size <= fused_max_world_size()
         if fuse_norm:
             self._init_fused(symm_mem, group_name, device, dtype, max_bytes)
 
