@@ -31,11 +31,11 @@ DEFAULT_MAX_BYTES = 512 * 1024  # one-shot reads world_size copies: past this NC
 # The fused kernel's programs (one per row) spin on each other across GPUs, so all of them must be
 # resident at once; 64 rows is far below one program per SM on any GPU this runs on.
 MAX_FUSED_ROWS = 64
-# At TP=2 the fused kernel beats the one-shot sum + separate norm (pushed rows: 3.9-7.3 vs
-# 8.3-13.5 us, 2x H200). At TP=4 the fifth session's version (peers signalled one after another)
-# lost (11.9-15.7 vs 8.9-15.7 us, 4x H200); the pushed one has not run on four GPUs yet, so
-# larger groups keep the two kernels until it has.
-FUSED_MAX_WORLD_SIZE = 2
+# Measured on H200s (docs/perf.md): at TP=2 the fused kernel beats the one-shot sum + separate
+# norm (3.9-7.3 vs 8.3-13.5 us); at TP=4 the pushed kernel wins at decode's batch-1 shapes (5.6 vs
+# 8.8 us at 1 x 4096, 8.1 vs 9.5 at 1 x 8192) and took Llama-3.1-70B from 11.53 to 10.73 ms/token,
+# with 64-request throughput unchanged. Eight ranks have not been measured (no 8-GPU machine lent).
+FUSED_MAX_WORLD_SIZE = 4
 
 
 def fused_max_world_size() -> int:
