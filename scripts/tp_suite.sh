@@ -216,6 +216,13 @@ if [[ "$part" == x4s8b ]]; then
   tput llama70b llama-3.1-70b 4 256
   for tp in 1 2 4; do lat llama8b llama-3.1-8b $tp; done
 fi
+# x4s8c: the TP logits test at TP=4 (TP_TESTS_K), then Llama-3.1-70B batch-1 at TP=2 and TP=4 side by side.
+if [[ "$part" == x4s8c ]]; then
+  timeout "${TESTS_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider tests/gpu/test_tensor_parallel_gpu.py \
+      -o addopts="" -k "${TP_TESTS_K:-}" 2>&1 | tee "$out/tests_tp.log" || rc=1
+  lat llama70b llama-3.1-70b 2 --gpu-memory-utilization 0.92
+  lat llama70b llama-3.1-70b 4
+fi
 python3 - "$out" <<'PY'
 import glob, json, os, sys
 rows = []

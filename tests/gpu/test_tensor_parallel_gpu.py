@@ -17,6 +17,7 @@ from gpu_models import (  # noqa: E402
 
 from tokenmill import LLM  # noqa: E402
 from tokenmill.distributed import parallel_state  # noqa: E402
+from tokenmill.distributed.symm_mem_all_reduce import FUSED_MAX_WORLD_SIZE  # noqa: E402
 from tokenmill.model.layers.linear import head_partition  # noqa: E402
 
 TP_SIZES = [n for n in (2, 4, 8) if n <= torch.cuda.device_count()]
@@ -42,10 +43,11 @@ def test_tp_logits_match_hf_bf16(name, tp, tmp_path_factory):
     with LLM(folder, dtype="bfloat16", max_model_len=2048, gpu_memory_utilization=0.3,
              tensor_parallel_size=tp) as llm:
         # The first TP engine of this process (rank 0 runs here) must take the symmetric-memory
-        # paths being tested: the one-shot sum and, at TP=2, the sum fused with add + RMSNorm.
+        # paths being tested: the one-shot sum and, up to FUSED_MAX_WORLD_SIZE ranks, the sum fused
+        # with add + RMSNorm.
         # Later engines in the process use NCCL (parallel_state._init_symm_mem_all_reduce).
         assert parallel_state.symm_mem_all_reduce_active() == first_engine
-        assert parallel_state.fused_all_reduce_norm_active() == (first_engine and tp == 2)
+        assert parallel_state.fused_all_reduce_norm_active() == (first_engine and tp <= FUSED_MAX_WORLD_SIZE)
         outs = llm.generate(LOGIT_PROMPTS, LOGIT_PARAMS, use_tqdm=False)
     assert_logprobs_match_hf(hf, LOGIT_PROMPTS, outs, (name, tp))
 
