@@ -89,6 +89,7 @@ def test_no_triton_compiles_after_start_up(kv_cache_dtype, tmp_path):
 
     out = tmp_path / "timeline.json"
     env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton")}
+    torch.cuda.empty_cache()  # earlier tests' cached blocks: the child's share must be free
     proc = subprocess.run(
         [sys.executable, "-m", "bench.step_timeline", "--model", "qwen3-0.6b", "--num-prompts", "48",
          "--input-len", "200", "--output-len", "24", "--max-model-len", "512", "--max-num-batched-tokens", "1024",
@@ -145,3 +146,24 @@ def test_async_scheduling_matches_synchronous_steps(tmp_path_factory):
     (sync_tokens, sync_logprobs), (async_tokens, async_logprobs) = results
     assert async_tokens == sync_tokens
     assert max(abs(a - b) for a, b in zip(sync_logprobs, async_logprobs)) < 2e-2
+
+
+def test_kv_pool_is_this_engines_share_of_the_gpu(tmp_path_factory):
+    """`gpu_memory_utilization` is the engine's own share of the GPU: memory held elsewhere (here a
+    block this process took before the engine started, as another process would) leaves its KV
+    pool the same size; asking for more than is free is refused at start-up, with the numbers."""
+    folder, _ = hf_folder(tmp_path_factory, "llama", 0.05)
+    engine = dict(dtype="bfloat16", max_model_len=512, gpu_memory_utilization=0.2)
+    with LLM(folder, **engine) as llm:
+        alone = llm.engine.core.kv_capacity_tokens
+    free, total = torch.cuda.mem_get_info()
+    held = torch.empty(int(free - 0.5 * total), dtype=torch.uint8, device="cuda")  # half the GPU stays free
+    try:
+        with LLM(folder, **engine) as llm:
+            beside = llm.engine.core.kv_capacity_tokens
+        assert abs(beside - alone) <= 0.02 * alone, (alone, beside)
+        with pytest.raises(ValueError, match="GiB free of"):
+            LLM(folder, **{**engine, "gpu_memory_utilization": 0.6})
+    finally:
+        del held
+        torch.cuda.empty_cache()

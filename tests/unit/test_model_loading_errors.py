@@ -50,3 +50,30 @@ def test_corrupt_safetensors(tmp_path):
 def test_wrong_load_format_for_a_gguf_file(default_gguf_path):
     with pytest.raises(ValueError, match="GGUF file"):
         EngineArgs(model=default_gguf_path, load_format="safetensors").create_engine_config()
+
+
+def _tiny_llama(folder, max_len):
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 32, "hidden_size": 16,
+        "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "max_position_embeddings": max_len}))
+    return str(folder)
+
+
+def test_kv_pool_smaller_than_one_request_is_refused(tmp_path, monkeypatch, caplog):
+    """A pool sized from the memory left (here the CPU default, shrunk) that cannot hold one request
+    of max_model_len would leave such a request waiting forever: the engine refuses to start and
+    names the fix. An explicitly sized pool is taken as asked, with a warning."""
+    from tokenmill import LLM
+    from tokenmill.worker import model_runner
+    folder = _tiny_llama(tmp_path, 4096)
+    per_token = 2 * 1 * 2 * 8 * 4  # K and V, 1 layer, 2 KV heads of 8, float32
+    monkeypatch.setattr(model_runner, "DEFAULT_CPU_KV_CACHE_BYTES", 1024 * per_token)
+    with pytest.raises(ValueError, match=r"fits only 1024 tokens.*max_model_len 4096.*at most 1024"):
+        LLM(folder, load_format="dummy", dtype="float32", max_model_len=4096)
+    with LLM(folder, load_format="dummy", dtype="float32", max_model_len=1024) as llm:
+        assert llm.engine.core.kv_capacity_tokens == 1024
+    with LLM(folder, load_format="dummy", dtype="float32", max_model_len=4096,
+             kv_cache_memory=1024 * per_token) as llm:
+        assert llm.engine.core.kv_capacity_tokens == 1024
+    assert "less than max_model_len 4096" in caplog.text

@@ -48,6 +48,23 @@ class _LaunchedStep(NamedTuple):
     future: object  # StepFuture: .result() -> ModelRunnerOutput
 
 
+def _check_kv_capacity(config: EngineConfig, capacity_tokens: int) -> None:
+    """A pool sized from free memory must hold one request of max_model_len, or such a request
+    could never run: refuse to start and say what to change. A pool sized explicitly
+    (`num_gpu_blocks_override`, `kv_cache_memory`) is taken as asked, with a warning."""
+    max_len = config.model.max_model_len
+    if capacity_tokens >= max_len:
+        return
+    if config.cache.num_gpu_blocks_override or config.cache.kv_cache_memory:
+        logger.warning("the KV cache holds %d tokens, less than max_model_len %d: long requests will be "
+                       "preempted repeatedly", capacity_tokens, max_len)
+        return
+    raise ValueError(
+        f"the KV cache fits only {capacity_tokens} tokens in the memory left for it, less than one request "
+        f"of max_model_len {max_len}: raise --gpu-memory-utilization (on a GPU) or set --kv-cache-memory, "
+        f"or lower --max-model-len to at most {capacity_tokens}")
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -56,15 +73,13 @@ class EngineCore:
         self.runner = make_model_executor(config)
         try:
             num_blocks = self.runner.determine_num_blocks()
+            self.kv_capacity_tokens = num_blocks * config.cache.block_size
+            _check_kv_capacity(config, self.kv_capacity_tokens)
             self.runner.allocate_kv_cache(num_blocks)
             self.runner.capture_cuda_graphs()
         except BaseException:
             self.runner.shutdown()  # stop any worker ranks, so a later engine in this process can start
             raise
-        self.kv_capacity_tokens = num_blocks * config.cache.block_size
-        if self.kv_capacity_tokens < config.model.max_model_len:
-            logger.warning("the KV cache holds %d tokens, less than max_model_len %d: long requests "
-                           "will be preempted repeatedly", self.kv_capacity_tokens, config.model.max_model_len)
         self.kv_manager = KVCacheManager(num_blocks, config.cache.block_size,
                                          config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager)

@@ -63,6 +63,7 @@ class ModelRunner:
         self.device = config.device
         self.block_size = config.cache.block_size
         torch.manual_seed(config.model.seed)
+        self._memory_at_start = self._check_free_gpu_memory() if self.device.type == "cuda" else None
         self.model = build_model(config)
         self.sampler = Sampler()
         self.states: dict[str, RequestState] = {}
@@ -95,18 +96,42 @@ class ModelRunner:
         return 2 * m.num_layers * self.block_size * num_kv_heads * m.head_dim * element
 
     def determine_num_blocks(self) -> int:
-        """KV blocks for this rank's pool; every tensor-parallel rank agrees on the smallest."""
+        """KV blocks for this rank's pool; every tensor-parallel rank agrees on the smallest.
+        Explicit sizes first (`num_gpu_blocks_override`, then `kv_cache_memory`); otherwise what
+        `gpu_memory_utilization` leaves on a GPU, or DEFAULT_CPU_KV_CACHE_BYTES on the CPU."""
         cache = self.config.cache
         if cache.num_gpu_blocks_override:
             return cache.num_gpu_blocks_override
         if self.device.type == "cuda":
-            num_blocks = self._profile_gpu_blocks()
+            budget = self._profile_gpu_kv_budget()  # also compiles the prefill kernels: always run it
+            if cache.kv_cache_memory:
+                budget = cache.kv_cache_memory
         else:
-            num_blocks = max(1, (cache.kv_cache_memory or DEFAULT_CPU_KV_CACHE_BYTES) // self.bytes_per_block())
-        return tp_all_reduce_min(num_blocks, self.device)
+            budget = cache.kv_cache_memory or DEFAULT_CPU_KV_CACHE_BYTES
+        return tp_all_reduce_min(max(1, int(budget // self.bytes_per_block())), self.device)
 
-    def _profile_gpu_blocks(self) -> int:
-        """Run the largest batch once, then give what `gpu_memory_utilization` leaves to the KV pool."""
+    def _check_free_gpu_memory(self) -> tuple[int, int, int]:
+        """Before anything is loaded: refuse to start where `gpu_memory_utilization` of the GPU is
+        more than is free (other processes hold the rest), rather than find out at the KV pool.
+        Returns (free, torch reserved, torch allocated) now: the baseline `_profile_gpu_kv_budget`
+        measures this engine's own use from."""
+        torch.cuda.empty_cache()  # an earlier engine's cached blocks in this process are free memory
+        free, total = torch.cuda.mem_get_info(self.device)
+        cache = self.config.cache
+        wanted = total * cache.gpu_memory_utilization
+        if cache.num_gpu_blocks_override is None and cache.kv_cache_memory is None and wanted > free:
+            raise ValueError(
+                f"{self.device} has {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB, less than "
+                f"gpu_memory_utilization={cache.gpu_memory_utilization} asks for ({wanted / 2**30:.1f} GiB): "
+                f"lower --gpu-memory-utilization, or free the memory other processes hold")
+        return free, torch.cuda.memory_reserved(self.device), torch.cuda.memory_allocated(self.device)
+
+    def _profile_gpu_kv_budget(self) -> float:
+        """Run the largest batch once, then give the KV pool what `gpu_memory_utilization` of the
+        GPU leaves after this engine's own use: weights and peak activations (torch's allocator),
+        and what it holds outside torch (CUDA context growth, NCCL and symmetric-memory buffers),
+        both measured from the start-up baseline. Memory other processes hold is not charged: the
+        fraction is this engine's share, as in vLLM (two engines at 0.45 can share one GPU)."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         n = self.config.scheduler.max_num_batched_tokens
@@ -128,10 +153,11 @@ class ModelRunner:
                                 [(dummy, dummy)] * m.num_layers, meta)
             self.model.compute_logits(hidden[-min(n, self.config.scheduler.max_num_seqs):])
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-        free, total = torch.cuda.mem_get_info()
-        budget = total * self.config.cache.gpu_memory_utilization - peak - (total - free - torch.cuda.memory_reserved())
-        return max(1, int(budget // self.bytes_per_block()))
+        free_at_start, reserved_at_start, allocated_at_start = self._memory_at_start
+        free, total = torch.cuda.mem_get_info(self.device)
+        torch_peak = torch.cuda.max_memory_allocated(self.device) - allocated_at_start
+        outside_torch = (free_at_start - free) - (torch.cuda.memory_reserved(self.device) - reserved_at_start)
+        return total * self.config.cache.gpu_memory_utilization - torch_peak - max(0, outside_torch)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         m = self.config.model
