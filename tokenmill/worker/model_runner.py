@@ -24,7 +24,8 @@ from tokenmill.distributed.parallel_state import tp_all_reduce_min, tp_broadcast
 from tokenmill.model.attention.backend import AttentionMetadata, KVCache
 from tokenmill.model.registry import build_model
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.worker.sampler import SampledTokens, Sampler, SamplingBatch, batch_token_logprobs, index_tensor
+from tokenmill.worker.sampler import (
+    SampledTokens, Sampler, SamplingBatch, argmax, batch_token_logprobs, index_tensor)
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +152,8 @@ class ModelRunner:
         with torch.inference_mode():
             hidden = self.model(ids, torch.arange(n, device=self.device) % m.max_model_len,
                                 [(dummy, dummy)] * m.num_layers, meta)
-            self.model.compute_logits(hidden[-min(n, self.config.scheduler.max_num_seqs):])
+            logits = self.model.compute_logits(hidden[-min(n, self.config.scheduler.max_num_seqs):])
+            argmax(logits[:1].float())  # compiles the sampler's Triton argmax now, not on a served step
         torch.cuda.synchronize()
         free_at_start, reserved_at_start, allocated_at_start = self._memory_at_start
         free, total = torch.cuda.mem_get_info(self.device)
