@@ -14,3 +14,20 @@ def test_unknown_model_exits_with_a_clear_message():
     assert proc.returncode == 2
     assert "cannot serve" in proc.stderr and "not found" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_engine_start_up_error_reaches_the_log_with_its_cause(tmp_path):
+    """An engine that refuses to start (here: its KV pool cannot hold one max_model_len request)
+    stops the server with a non-zero exit and the engine's own reason in the log, not only
+    "engine core exited"."""
+    import json
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 128,
+        "intermediate_size": 64, "num_hidden_layers": 64, "num_attention_heads": 2,
+        "max_position_embeddings": 65536}))
+    # 64 layers x K and V x 2 heads x 64 dims x 4 bytes = 64 KiB a token: the 2 GiB CPU pool holds 32768.
+    argv = serve_argv(free_port()) + ["--model", str(tmp_path), "--load-format", "dummy", "--dtype", "float32",
+                                      "--max-model-len", "65536"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    assert "engine failed to start: ValueError: the KV cache fits only 32768 tokens" in proc.stderr

@@ -77,3 +77,14 @@ def test_kv_pool_smaller_than_one_request_is_refused(tmp_path, monkeypatch, capl
              kv_cache_memory=1024 * per_token) as llm:
         assert llm.engine.core.kv_capacity_tokens == 1024
     assert "less than max_model_len 4096" in caplog.text
+
+
+def test_cli_prints_the_error_alone(capsys):
+    """The `tokenmill` command reports what the user can fix as one line and exit status 1, not a
+    traceback (which `--log-level debug` still shows)."""
+    from tokenmill.entrypoints.cli.main import main
+    assert main(["chat", "--model", "/no/such"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("tokenmill: error: model '/no/such' not found") and "Traceback" not in err
+    with pytest.raises(ValueError, match="not found"):
+        main(["--log-level", "debug", "chat", "--model", "/no/such"])

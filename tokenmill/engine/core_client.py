@@ -65,6 +65,7 @@ class EngineCoreClient:
         self.dead = False
         self.death_reason = ""
         self._closing = False
+        self._core_failed = False  # it sent CoreFailed during start-up
         self._on_death: Callable[[str], None] | None = None
 
     @classmethod
@@ -106,8 +107,11 @@ class EngineCoreClient:
                 if isinstance(msg, CoreReady):
                     return msg
                 if isinstance(msg, CoreFailed):
+                    self._core_failed = True  # it exits on its own: `close` sends it nothing
                     raise EngineDeadError(msg.message)
             if not self.process.is_alive():
+                if await self._out_sock.poll(timeout=200):  # its last words (CoreFailed) may be in flight
+                    continue
                 raise EngineDeadError(f"engine core exited during start-up (code {self.process.exitcode})")
             if loop.time() > deadline:
                 raise EngineDeadError(f"engine core not ready after {timeout_s:.0f}s")
@@ -161,10 +165,11 @@ class EngineCoreClient:
         self._closing = True
         proc = self.process
         if proc is not None and proc.is_alive():
-            try:
-                self._in_sock.send(self._encoder.encode(Shutdown()), flags=zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
+            if not self._core_failed:  # one that reported failure exits by itself and reads nothing
+                try:
+                    self._in_sock.send(self._encoder.encode(Shutdown()), flags=zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
             proc.join(timeout_s)
             if proc.is_alive():
                 proc.terminate()

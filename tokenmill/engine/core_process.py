@@ -139,8 +139,10 @@ def run_engine_core(
         engine = make_engine(engine_args_msgpack)
     except Exception as exc:  # noqa: BLE001 - reported to the parent, then we exit non-zero
         logger.exception("engine core failed to start")
-        out_sock.send(encoder.encode(CoreFailed(message=f"engine failed to start: {type(exc).__name__}")))
+        # The cause itself: start-up errors are mostly the user's to fix (memory, max_model_len).
+        out_sock.send(encoder.encode(CoreFailed(message=f"engine failed to start: {type(exc).__name__}: {exc}")))
         out_sock.close()
+        ctx.term()  # waits (up to LINGER) until the message is out: os._exit would drop it
         os._exit(1)
     in_sock = ctx.socket(zmq.PULL)
     in_sock.connect(input_addr)

@@ -50,7 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 2
-    result = func(args)
+    try:
+        result = func(args)
+    except ValueError as exc:
+        # What the user can fix (no such model, too little GPU memory, a bad setting): the message
+        # names the fix, so print it alone; `--log-level debug` keeps the traceback.
+        if str(args.log_level).upper() == "DEBUG":
+            raise
+        print(f"tokenmill: error: {exc}", file=sys.stderr)
+        return 1
     return result if isinstance(result, int) else 0
 
 
