@@ -55,12 +55,17 @@ class ModelConfig:
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int
-    kv_cache_memory: int | None  # bytes for the KV pool (CPU); None: derived
+    kv_cache_memory: int | None  # bytes for the KV pool; None: derived (GPU: gpu_memory_utilization)
     gpu_memory_utilization: float
     enable_prefix_caching: bool
     num_gpu_blocks_override: int | None = None
     # Element type of the paged K/V; None: the model dtype. float8_e4m3fn halves the pool's bytes.
     kv_cache_dtype: torch.dtype | None = None
+
+    @property
+    def pool_size_given(self) -> bool:
+        """Whether the user sized the KV pool (blocks or bytes) rather than leaving it to free memory."""
+        return bool(self.num_gpu_blocks_override or self.kv_cache_memory)
 
 
 @dataclass(frozen=True)

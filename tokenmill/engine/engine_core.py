@@ -55,7 +55,7 @@ def _check_kv_capacity(config: EngineConfig, capacity_tokens: int) -> None:
     max_len = config.model.max_model_len
     if capacity_tokens >= max_len:
         return
-    if config.cache.num_gpu_blocks_override or config.cache.kv_cache_memory:
+    if config.cache.pool_size_given:
         logger.warning("the KV cache holds %d tokens, less than max_model_len %d: long requests will be "
                        "preempted repeatedly", capacity_tokens, max_len)
         return

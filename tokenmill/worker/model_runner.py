@@ -64,7 +64,7 @@ class ModelRunner:
         self.device = config.device
         self.block_size = config.cache.block_size
         torch.manual_seed(config.model.seed)
-        self._memory_at_start = self._check_free_gpu_memory() if self.device.type == "cuda" else None
+        self._memory_at_start = self._gpu_memory_baseline() if self.device.type == "cuda" else None
         self.model = build_model(config)
         self.sampler = Sampler()
         self.states: dict[str, RequestState] = {}
@@ -111,7 +111,7 @@ class ModelRunner:
             budget = cache.kv_cache_memory or DEFAULT_CPU_KV_CACHE_BYTES
         return tp_all_reduce_min(max(1, int(budget // self.bytes_per_block())), self.device)
 
-    def _check_free_gpu_memory(self) -> tuple[int, int, int]:
+    def _gpu_memory_baseline(self) -> tuple[int, int, int]:
         """Before anything is loaded: refuse to start where `gpu_memory_utilization` of the GPU is
         more than is free (other processes hold the rest), rather than find out at the KV pool.
         Returns (free, torch reserved, torch allocated) now: the baseline `_profile_gpu_kv_budget`
@@ -120,7 +120,7 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info(self.device)
         cache = self.config.cache
         wanted = total * cache.gpu_memory_utilization
-        if cache.num_gpu_blocks_override is None and cache.kv_cache_memory is None and wanted > free:
+        if not cache.pool_size_given and wanted > free:
             raise ValueError(
                 f"{self.device} has {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB, less than "
                 f"gpu_memory_utilization={cache.gpu_memory_utilization} asks for ({wanted / 2**30:.1f} GiB): "

@@ -100,12 +100,13 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
         return out
     num_chunks = triton.cdiv(vocab, _CHUNK)
     single = num_chunks == 1
-    # Per-chunk partials, [rows, num_chunks] each: keys and first indices. Two allocations, not
-    # two halves of one: a second half starting rows * num_chunks words in would change its
-    # 16-byte alignment with the row count, and Triton would compile a variant per alignment.
-    shape = (1,) if single else (rows, num_chunks)
-    keys = torch.empty(shape, dtype=torch.int32, device=x.device)
-    idxs = keys if single else torch.empty(shape, dtype=torch.int32, device=x.device)
+    # Per-chunk partials, [2, rows, num_chunks]: keys, then first indices (one allocation). The
+    # rows are padded to a multiple of 4 so the second half starts a multiple of 16 bytes in
+    # whatever the row count: Triton specialises on 16-byte alignment and would otherwise compile
+    # a variant of both kernels for odd row counts mid-serving.
+    padded_rows = -(-rows // 4) * 4
+    partials = torch.empty((1,) if single else (2, padded_rows, num_chunks), dtype=torch.int32, device=x.device)
+    keys, idxs = (partials, partials) if single else (partials[0], partials[1])
     _chunk_argmax_kernel[(rows, num_chunks)](
         x, keys, idxs, out, vocab, x.stride(0), num_chunks,
         CHUNK=_CHUNK, BLOCK=_BLOCK, SINGLE_CHUNK=single, num_warps=_NUM_WARPS)
