@@ -34,6 +34,10 @@ def main() -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     p.add_argument("--kv-cache-dtype", default="auto")
     p.add_argument("--no-async-scheduling", action="store_true")
+    p.add_argument("--shared-pct", type=int, default=None,
+                   help="the prompts of `tokenmill bench prefix --workload hit-rate` instead: the first "
+                        "N%% of every prompt shared, computed once by a request before the timed run")
+    p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--no-warmup", action="store_true",
                    help="skip the two-prompt warm-up: count every compile after start-up")
     p.add_argument("--slowest", type=int, default=12)
@@ -44,17 +48,27 @@ def main() -> None:
     import torch
 
     from tokenmill import LLM, SamplingParams
+    from tokenmill.bench.prefix import _hit_rate_prompts
     from tokenmill.bench.workloads import fixed_random_workload
 
     llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_model_len=args.max_model_len,
               max_num_batched_tokens=args.max_num_batched_tokens,
               gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_dtype=args.kv_cache_dtype,
-              async_scheduling=False if args.no_async_scheduling else None)
+              async_scheduling=False if args.no_async_scheduling else None,
+              enable_prefix_caching=not args.no_prefix_caching)
     engine = llm.engine
     config = engine.config
-    work = fixed_random_workload(args.num_prompts, args.input_len, args.output_len, config.model.vocab_size)
+    vocab = config.model.vocab_size
+    if args.shared_pct is None:
+        prompts = fixed_random_workload(args.num_prompts, args.input_len, args.output_len, vocab).prompts
+    else:
+        prompts = _hit_rate_prompts(args.num_prompts + 1, args.input_len, args.shared_pct, vocab, seed=args.shared_pct)
     if not args.no_warmup:
-        llm.generate(work.prompts[:2], [SamplingParams(max_tokens=4, ignore_eos=True)] * 2, use_tqdm=False)
+        warm = fixed_random_workload(2, args.input_len, 4, vocab, seed=99).prompts
+        llm.generate(warm, [SamplingParams(max_tokens=4, ignore_eos=True)] * 2, use_tqdm=False)
+    if args.shared_pct is not None:  # the preceding request that leaves the shared prefix cached
+        llm.generate(prompts[0], SamplingParams(max_tokens=1), use_tqdm=False)
+        prompts = prompts[1:]
     sync = torch.cuda.synchronize if config.device.type == "cuda" else (lambda: None)
     sync()
 
@@ -70,7 +84,7 @@ def main() -> None:
     compiled_before = _cache_files(cache_dir)
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     start = time.perf_counter()
-    for i, prompt in enumerate(work.prompts):
+    for i, prompt in enumerate(prompts):
         engine.add_request(f"r{i}", prompt, params)
     steps = []
     last = time.perf_counter()
@@ -91,12 +105,14 @@ def main() -> None:
 
     prefill_steps = [s for s in steps if s["prompt_tokens"] > 0]
     decode_steps = [s for s in steps if s["prompt_tokens"] == 0 and s["tokens"] > 0]
-    out_tokens = args.num_prompts * args.output_len
+    out_tokens = len(prompts) * args.output_len
     summary = {
         "model": args.model, "num_prompts": args.num_prompts, "input_len": args.input_len,
         "output_len": args.output_len, "max_num_batched_tokens": config.scheduler.max_num_batched_tokens,
-        "async_scheduling": config.scheduler.async_scheduling, "seconds": elapsed,
-        "output_tok_per_s": out_tokens / elapsed, "steps": len(steps),
+        "async_scheduling": config.scheduler.async_scheduling, "shared_pct": args.shared_pct,
+        "prefix_caching": config.cache.enable_prefix_caching, "seconds": elapsed,
+        "output_tok_per_s": out_tokens / elapsed,
+        "prompt_and_output_tok_per_s": (len(prompts) * args.input_len + out_tokens) / elapsed, "steps": len(steps),
         "prefill_steps": len(prefill_steps), "prefill_ms": sum(s["ms"] for s in prefill_steps),
         "decode_steps": len(decode_steps), "decode_ms": sum(s["ms"] for s in decode_steps),
         "other_ms": sum(s["ms"] for s in steps if s["tokens"] == 0),

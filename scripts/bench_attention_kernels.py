@@ -82,14 +82,14 @@ def graph_us(fns: list[Callable[[], object]], replays: int = 20) -> float:
 
 
 def rotated_decode_calls(batch: int, context: int, scale: float, kv_dtype: torch.dtype = DTYPE,
-                         **kwargs) -> list[Callable[[], None]]:
+                         shared: int = 0, **kwargs) -> list[Callable[[], None]]:
     """Decode calls over enough distinct input sets (>= 256 MB together) that L2 (50 MB) holds
     none of them when it is read again."""
     kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * kv_dtype.itemsize
     calls = []
     counters = new_split_counters(batch * NUM_KV_HEADS, DEVICE)  # shared, as in the backend
     for _ in range(max(1, min(64, math.ceil(256e6 / kv_bytes)))):
-        q, k_cache, v_cache, block_table, seq_lens = make_decode_inputs(batch, context, kv_dtype)
+        q, k_cache, v_cache, block_table, seq_lens = make_decode_inputs(batch, context, kv_dtype, shared)
         out = torch.empty_like(q)
         calls.append(functools.partial(
             paged_decode, q, k_cache, v_cache, block_table, seq_lens, out, context, scale,
@@ -97,13 +97,19 @@ def rotated_decode_calls(batch: int, context: int, scale: float, kv_dtype: torch
     return calls
 
 
-def make_decode_inputs(batch: int, context: int, kv_dtype: torch.dtype = DTYPE):
+def make_decode_inputs(batch: int, context: int, kv_dtype: torch.dtype = DTYPE, shared: int = 0):
+    """Random q and cache; every request's block-table row is a random set of blocks, except that
+    the blocks of its first `shared` tokens (whole blocks) are the same physical blocks in every
+    row, as the prefix cache leaves a shared prompt prefix."""
     blocks_per_req = math.ceil(context / BLOCK_SIZE)
-    num_blocks = batch * blocks_per_req
+    shared_blocks = shared // BLOCK_SIZE
+    num_blocks = shared_blocks + batch * (blocks_per_req - shared_blocks)
     shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
     k_cache = torch.randn(shape, dtype=DTYPE, device=DEVICE).to(kv_dtype)
     v_cache = torch.randn(shape, dtype=DTYPE, device=DEVICE).to(kv_dtype)
-    block_table = torch.randperm(num_blocks, device=DEVICE, dtype=torch.int32).view(batch, blocks_per_req)
+    ids = torch.randperm(num_blocks, device=DEVICE, dtype=torch.int32)
+    own = ids[shared_blocks:].view(batch, blocks_per_req - shared_blocks)
+    block_table = torch.cat([ids[:shared_blocks].expand(batch, shared_blocks), own], dim=1).contiguous()
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
     q = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
     return q, k_cache, v_cache, block_table, seq_lens
@@ -330,20 +336,46 @@ def compare_kv_dtypes(copy_rate: float) -> dict:
     return result
 
 
+def compare_shared_prefix(copy_rate: float) -> dict:
+    """Decode at the prefix benchmark's shapes (128 requests, 2,048-token prompts plus up to 128
+    generated tokens) when the first `shared` tokens of every context are the same physical
+    blocks, as with a 0/25/50/75% prefix-cache hit: how much of the shared part the kernel reads
+    from L2 instead of memory. `unique_floor_us` is the time to read each distinct block once at
+    the copy rate."""
+    scale = HEAD_DIM ** -0.5
+    rows = []
+    print("\n# decode with a shared prefix (graph_us, L2-cold between calls), batch 128")
+    for context in (2048, 2176):
+        for shared in (0, 512, 1024, 1536):
+            t = graph_us(rotated_decode_calls(128, context, scale, shared=shared))
+            token_bytes = 2 * NUM_KV_HEADS * HEAD_DIM * 2
+            read_bytes = 128 * context * token_bytes
+            unique_bytes = (shared + 128 * (context - shared)) * token_bytes
+            row = {"batch": 128, "context": context, "shared": shared, "us": t,
+                   "floor_us": read_bytes / copy_rate * 1e6, "unique_floor_us": unique_bytes / copy_rate * 1e6}
+            rows.append(row)
+            print(f"ctx={context:5d} shared={shared:5d}: {t:8.1f} us (all reads at the copy rate "
+                  f"{row['floor_us']:7.1f}, distinct blocks once {row['unique_floor_us']:7.1f})", flush=True)
+            torch.cuda.empty_cache()
+    return {"decode_shared_prefix": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", default=None)
     parser.add_argument("--sweep", action="store_true", help="also sweep tile configs and split counts")
     parser.add_argument("--kv-compare", action="store_true",
                         help="only the bf16 vs fp8 KV cache comparison (compare_kv_dtypes)")
+    parser.add_argument("--shared-prefix", action="store_true",
+                        help="only decode with a shared prefix (compare_shared_prefix)")
     args = parser.parse_args()
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
     copy_rate = copy_rate_bytes_per_s()
     print(f"device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, "
           f"triton {triton.__version__}; copy rate {copy_rate / 1e12:.2f} TB/s (read + write)")
-    if args.kv_compare:
-        result = compare_kv_dtypes(copy_rate)
+    if args.kv_compare or args.shared_prefix:
+        result = compare_kv_dtypes(copy_rate) if args.kv_compare else compare_shared_prefix(copy_rate)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"device": props.name, "copy_rate_tb_s": copy_rate / 1e12, **result}, f, indent=1)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device pass for the GPU engine: install carried wheels, run the GPU tests, then the benchmarks.
-# Usage on the device (repo root):  bash scripts/gpu_suite.sh [tests|bench1|bench2|prefix|async|async2|gemv|profile|timeline|tune|all]
+# Usage on the device (repo root):  bash scripts/gpu_suite.sh [tests|bench1|bench2|prefix|async|async2|gemv|profile|timeline|tune|prefixtime|all]
 #   async, async2: the workloads with synchronous steps and with async scheduling, side by side
 # Carry: wheels/ (msgspec, gguf: `pip download --no-deps --only-binary=:all: --python-version 3.12
 #        --platform manylinux2014_x86_64 msgspec gguf -d wheels`).
@@ -185,6 +185,20 @@ if [[ "$part" == tune ]]; then
   for kv in auto fp8; do
     timeout 150 python3 -m bench.gpu_step_profile --model llama-3.1-8b --batch 128 --input-len 2048 --warm-steps 4 \
         --steps 3 --rows 14 --kv-cache-dtype $kv 2>&1 | grep -v -i warn > "$out/profile_b128_$kv.log" || rc=1
+  done
+  gpu_tests ""
+fi
+if [[ "$part" == prefixtime ]]; then
+  # Ninth session: where the prefix benchmark's time goes at 75% hit (issue 5). The decode kernel
+  # with 0-75% of every context in shared blocks; then the hit-rate workload step by step (prefill
+  # steps vs decode steps), cache on and off.
+  timeout 150 python3 scripts/bench_attention_kernels.py --shared-prefix --json "$out/shared_prefix.json" 2>&1 \
+      | grep -v -i warn || rc=1
+  for arm in on off; do
+    flag=(); [[ $arm == off ]] && flag=(--no-prefix-caching)
+    timeout 200 python3 -m bench.step_timeline --model llama-3.1-8b --num-prompts 128 --input-len 2048 \
+        --output-len 128 --max-model-len 4096 --gpu-memory-utilization 0.9 --shared-pct "${PCT:-75}" "${flag[@]}" \
+        --output-json "$out/timeline_prefix${PCT:-75}_$arm.json" 2>&1 | grep -v Warning | head -40 || rc=1
   done
   gpu_tests ""
 fi
