@@ -337,25 +337,43 @@ def compare_kv_dtypes(copy_rate: float) -> dict:
 
 
 def compare_shared_prefix(copy_rate: float) -> dict:
-    """Decode at the prefix benchmark's shapes (128 requests, 2,048-token prompts plus up to 128
-    generated tokens) when the first `shared` tokens of every context are the same physical
-    blocks, as with a 0/25/50/75% prefix-cache hit: how much of the shared part the kernel reads
-    from L2 instead of memory. `unique_floor_us` is the time to read each distinct block once at
-    the copy rate."""
+    """Decode when the first `shared` tokens of every context are the same physical blocks, as
+    with a prefix-cache hit (the prefix benchmark: 128 requests, 2,048-token prompts, 75% shared,
+    plus up to 128 generated tokens): the plain kernel (which reads the shared blocks once per
+    request, from L2 at best) against cascade attention (triton_cascade.py), on the same inputs,
+    L2-cold between calls. `unique_floor_us`: each distinct block read once at the copy rate."""
+    from tokenmill.model.attention.triton_cascade import cascade_decode
+
     scale = HEAD_DIM ** -0.5
     rows = []
-    print("\n# decode with a shared prefix (graph_us, L2-cold between calls), batch 128")
-    for context in (2048, 2176):
-        for shared in (0, 512, 1024, 1536):
-            t = graph_us(rotated_decode_calls(128, context, scale, shared=shared))
-            token_bytes = 2 * NUM_KV_HEADS * HEAD_DIM * 2
-            read_bytes = 128 * context * token_bytes
-            unique_bytes = (shared + 128 * (context - shared)) * token_bytes
-            row = {"batch": 128, "context": context, "shared": shared, "us": t,
-                   "floor_us": read_bytes / copy_rate * 1e6, "unique_floor_us": unique_bytes / copy_rate * 1e6}
+    token_bytes = 2 * NUM_KV_HEADS * HEAD_DIM * 2
+    print("\n# decode with a shared prefix: plain vs cascade (graph_us, L2-cold between calls)")
+    for batch, context in ((128, 2176), (128, 2048), (32, 2176), (64, 2176), (256, 2176), (128, 8192)):
+        for shared in (0, 256, 512, 1536) if context < 8192 else (0, 6144):
+            plain = rotated_decode_calls(batch, context, scale, shared=shared)
+            # (paged_decode's arguments: q, k_cache, v_cache, block_table, seq_lens, out, ...;
+            # cascade_decode takes prefix_len before out, and writes the same out)
+            cascade = [functools.partial(cascade_decode, c.args[0], c.args[1], c.args[2], c.args[3], c.args[4],
+                                         torch.tensor([shared], dtype=torch.int32, device=DEVICE), c.args[5], scale)
+                       for c in plain]
+            check = plain[0]
+            check()
+            want = check.args[5].clone()
+            cascade[0]()
+            err = float((check.args[5].float() - want.float()).norm() / want.float().norm())
+            t_plain = graph_us(plain)
+            t_cascade = graph_us(cascade)
+            unique_bytes = (shared + batch * (context - shared)) * token_bytes
+            row = {"batch": batch, "context": context, "shared": shared, "plain_us": t_plain,
+                   "cascade_us": t_cascade, "cascade_rel_err": err,
+                   "floor_us": batch * context * token_bytes / copy_rate * 1e6,
+                   "unique_floor_us": unique_bytes / copy_rate * 1e6}
             rows.append(row)
-            print(f"ctx={context:5d} shared={shared:5d}: {t:8.1f} us (all reads at the copy rate "
-                  f"{row['floor_us']:7.1f}, distinct blocks once {row['unique_floor_us']:7.1f})", flush=True)
+            print(f"b={batch:4d} ctx={context:5d} shared={shared:5d}: plain {t_plain:8.1f} us, cascade "
+                  f"{t_cascade:8.1f} us ({t_plain / t_cascade:4.2f}x); floors: all reads {row['floor_us']:7.1f}, "
+                  f"distinct blocks once {row['unique_floor_us']:7.1f}; cascade vs plain rel err {err:.1e}",
+                  flush=True)
+            del plain, cascade, check
             torch.cuda.empty_cache()
     return {"decode_shared_prefix": rows}
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device pass for the GPU engine: install carried wheels, run the GPU tests, then the benchmarks.
-# Usage on the device (repo root):  bash scripts/gpu_suite.sh [tests|bench1|bench2|prefix|async|async2|gemv|profile|timeline|tune|prefixtime|all]
+# Usage on the device (repo root):  bash scripts/gpu_suite.sh [tests|bench1|bench2|prefix|async|async2|gemv|profile|timeline|tune|prefixtime|cascade|all]
 #   async, async2: the workloads with synchronous steps and with async scheduling, side by side
 # Carry: wheels/ (msgspec, gguf: `pip download --no-deps --only-binary=:all: --python-version 3.12
 #        --platform manylinux2014_x86_64 msgspec gguf -d wheels`).
@@ -201,5 +201,15 @@ if [[ "$part" == prefixtime ]]; then
         --output-json "$out/timeline_prefix${PCT:-75}_$arm.json" 2>&1 | grep -v Warning | head -40 || rc=1
   done
   gpu_tests ""
+fi
+if [[ "$part" == cascade ]]; then
+  # Ninth session: cascade attention (issue 5). Kernel tests, then plain vs cascade decode with a
+  # shared prefix, then the prefix benchmark (cascade on: the default).
+  gpu_tests "tests/kernels/test_cascade_attention.py"
+  timeout 200 python3 scripts/bench_attention_kernels.py --shared-prefix --json "$out/cascade_kernels.json" 2>&1 \
+      | grep -v -i warn || rc=1
+  tm bench prefix --workload hit-rate --model llama-3.1-8b --load-format dummy --dtype bfloat16 \
+      --num-prompts 128 --input-len 2048 --output-len 128 --max-model-len 4096 --kv-cache-dtype "${KV:-auto}" \
+      --output-json "$out/prefix_llama8b_${KV:-auto}.json" 2>&1 | grep -v Warning | tee "$out/prefix_llama8b.log" || rc=1
 fi
 exit $rc

@@ -93,6 +93,8 @@ class EngineConfig:
     load_format: str
     attention_backend: str
     enforce_eager: bool
+    # Decode steps whose requests share a long prefix attend it once for the batch (Triton only).
+    cascade_attention: bool = False
     # What the config was built from: tensor-parallel worker processes rebuild it from these.
     engine_args: "EngineArgs | None" = field(default=None, compare=False, repr=False)
 
@@ -166,6 +168,7 @@ class EngineArgs:
     # None: on where it pays (CUDA, whose kernels run behind the host), off on CPU.
     async_scheduling: bool | None = None
     kv_cache_dtype: str = "auto"  # "auto" (the model dtype) or "fp8" / "fp8_e4m3"
+    disable_cascade_attn: bool = False
 
     # ----- CLI -----
     @staticmethod
@@ -199,6 +202,9 @@ class EngineArgs:
         parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=d.kv_cache_dtype,
                             help="KV cache element type: auto (the model dtype) or fp8 (e4m3, half "
                                  "the bytes, scale 1.0)")
+        parser.add_argument("--disable-cascade-attn", action="store_true",
+                            help="never attend a prefix shared by a whole decode batch once for all "
+                                 "of it (cascade attention, Triton backend; on by default)")
         return parser
 
     @classmethod
@@ -257,6 +263,7 @@ class EngineArgs:
             load_format=source.load_format,
             attention_backend=attention_backend,
             enforce_eager=self.enforce_eager or device.type != "cuda",
+            cascade_attention=attention_backend == "triton" and not self.disable_cascade_attn,
             engine_args=dataclasses.replace(self),
         )
 

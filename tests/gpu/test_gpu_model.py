@@ -168,3 +168,31 @@ def test_kv_pool_is_this_engines_share_of_the_gpu(tmp_path_factory):
     finally:
         del held
         torch.cuda.empty_cache()
+
+
+def test_cascade_attention_matches_plain_decode(tmp_path_factory):
+    """40 requests sharing a 320-token prefix (computed once before them, so the prefix cache
+    gives every one the same blocks): greedy tokens with cascade attention, in CUDA graphs and
+    eager, equal those of the plain decode kernel; and cascade steps did run."""
+    folder, _ = hf_folder(tmp_path_factory, "llama", 0.5)  # peaky logits: greedy margins far above rounding
+    shared = [(7 * i + 3) % 2048 for i in range(320)]
+    prompts = [shared + [(5 * i + 11 * j) % 2048 for i in range(3 + j % 37)] for j in range(40)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    results = {}
+    for eager, cascade in ((False, True), (False, False), (True, True)):
+        with LLM(folder, dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.3, max_num_seqs=64,
+                 enforce_eager=eager, disable_cascade_attn=not cascade) as llm:
+            runner = llm.engine.core.runner
+            prefix_lens = []
+            real = runner._common_prefix_len
+            runner._common_prefix_len = lambda host: prefix_lens.append(real(host)) or prefix_lens[-1]
+            llm.generate([shared + [1]], SamplingParams(max_tokens=1), use_tqdm=False)
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            results[eager, cascade] = [o.outputs[0].token_ids for o in outs]
+            if cascade:
+                assert max(prefix_lens) == 320, "no step ran as cascade attention"
+            else:
+                assert not any(prefix_lens)
+        torch.cuda.empty_cache()
+    assert results[False, True] == results[False, False]
+    assert results[True, True] == results[False, False]

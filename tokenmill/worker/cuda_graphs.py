@@ -10,6 +10,11 @@ N's copies may still wait in the stream.
 
 Padded rows have `seq_len = 0` (the decode kernel writes zeros for them) and slot -1 (no KV write);
 their logits are sliced away.
+
+With `cascade_min_batch`, each size from there up is captured a second time with cascade
+attention (`model/attention/triton_cascade.py`), reading the shared prefix's length from one more
+device buffer; a step whose decodes share a prefix (`common_prefix_len > 0`) replays that one.
+Both sets share one memory pool, and a step replays exactly one graph.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ class _PinnedBuffer:
 
 class CudaGraphDecoder:
     def __init__(self, model: torch.nn.Module, kv_caches: list, max_batch: int, max_model_len: int,
-                 block_size: int, device: torch.device) -> None:
+                 block_size: int, device: torch.device, cascade_min_batch: int | None = None) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.device = device
@@ -56,22 +61,26 @@ class CudaGraphDecoder:
         self.seq_lens = _PinnedBuffer((max_batch,), torch.int32, device)
         self.block_table = _PinnedBuffer((max_batch, max_blocks), torch.int32, device)
         self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        self.prefix_len = _PinnedBuffer((1,), torch.int32, device)
+        self.cascade_sizes = [] if cascade_min_batch is None else [s for s in self.sizes if s >= cascade_min_batch]
+        # Keyed (batch, cascade).
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.logits: dict[tuple[int, bool], torch.Tensor] = {}
         self.pool = None
         self._turn = 0  # which host twin this step writes
 
-    def _meta(self, batch: int) -> AttentionMetadata:
+    def _meta(self, batch: int, cascade: bool) -> AttentionMetadata:
         return AttentionMetadata(
             num_reqs=batch, num_tokens=batch, num_decodes=batch, max_query_len=1,
             max_seq_len=self.max_model_len,  # sizes the split count; kernels read the real lengths
             query_start_loc=self.query_start_loc[:batch + 1], seq_lens=self.seq_lens.device_tensor[:batch],
             block_table=self.block_table.device_tensor[:batch],
-            slot_mapping=self.slot_mapping.device_tensor[:batch])
+            slot_mapping=self.slot_mapping.device_tensor[:batch],
+            common_prefix_len=self.prefix_len.device_tensor if cascade else None)
 
-    def _forward(self, batch: int) -> torch.Tensor:
+    def _forward(self, batch: int, cascade: bool) -> torch.Tensor:
         hidden = self.model(self.input_ids.device_tensor[:batch], self.positions.device_tensor[:batch],
-                            self.kv_caches, self._meta(batch))
+                            self.kv_caches, self._meta(batch, cascade))
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
@@ -79,41 +88,51 @@ class CudaGraphDecoder:
         """Capture every size, largest first, sharing one memory pool."""
         self.slot_mapping.device_tensor.fill_(-1)  # capture and warm-up write no KV
         self.seq_lens.device_tensor.zero_()
-        for batch in reversed(self.sizes):
+        self.prefix_len.device_tensor.zero_()
+        variants = [(b, False) for b in self.sizes] + [(b, True) for b in self.cascade_sizes]
+        for key in sorted(variants, reverse=True):
             with decode_graph_kernels():  # (batch 1: the Triton GEMV instead of cuBLAS)
-                self._forward(batch)  # warm-up: Triton compiles, buffers get allocated outside the graph
+                self._forward(*key)  # warm-up: Triton compiles, buffers get allocated outside the graph
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool):
-                    self.logits[batch] = self._forward(batch)
+                    self.logits[key] = self._forward(*key)
             if self.pool is None:
                 self.pool = graph.pool()
-            self.graphs[batch] = graph
+            self.graphs[key] = graph
         torch.cuda.synchronize()
-        logger.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
+        logger.info("captured CUDA graphs for decode batch sizes %s%s", self.sizes,
+                    f" (and with cascade attention from {self.cascade_sizes[0]})" if self.cascade_sizes else "")
 
     def can_run(self, num_reqs: int) -> bool:
         return bool(self.graphs) and num_reqs <= self.sizes[-1]
 
     def run(self, input_ids: np.ndarray, positions: np.ndarray, slot_mapping: np.ndarray,
             seq_lens: np.ndarray, block_table: np.ndarray,
-            device_tokens: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+            device_tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
+            common_prefix_len: int = 0) -> torch.Tensor:
         """Replay for a decode batch of len(input_ids) requests; returns their logits [n, vocab].
 
         `device_tokens` = (rows, token ids), both on the device: input ids the host does not know
         yet (the previous step's samples, async scheduling), written over `input_ids` at `rows`.
+        `common_prefix_len` > 0 (tokens every request has in row 0's blocks, see
+        worker/common_prefix.py) replays the cascade graph, where one was captured for the size.
         """
         n = len(input_ids)
         batch = self.sizes[bisect.bisect_left(self.sizes, n)]
+        cascade = common_prefix_len > 0 and batch in self.cascade_sizes
         turn = self._turn
         self._turn ^= 1
         fills = ((self.input_ids, input_ids, 0), (self.positions, positions, 0),
                  (self.slot_mapping, slot_mapping, -1), (self.seq_lens, seq_lens, 0))
+        if cascade:
+            fills += ((self.prefix_len, (common_prefix_len,), 0),)
         for buf, values, pad in fills:
             host = buf.nps[turn]
-            host[:n] = values
-            host[n:batch] = pad
-            buf.device_tensor[:batch].copy_(buf.hosts[turn][:batch], non_blocking=True)
+            rows = min(batch, len(host))  # (the prefix length is one value, not one per row)
+            host[:len(values)] = values
+            host[len(values):rows] = pad
+            buf.device_tensor[:rows].copy_(buf.hosts[turn][:rows], non_blocking=True)
         num_blocks = block_table.shape[1]
         table = self.block_table.nps[turn]
         table[:n, :num_blocks] = block_table
@@ -122,5 +141,5 @@ class CudaGraphDecoder:
             self.block_table.hosts[turn][:batch, :num_blocks], non_blocking=True)
         if device_tokens is not None:
             self.input_ids.device_tensor.index_copy_(0, *device_tokens)
-        self.graphs[batch].replay()
-        return self.logits[batch][:n]
+        self.graphs[batch, cascade].replay()
+        return self.logits[batch, cascade][:n]

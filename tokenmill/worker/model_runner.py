@@ -24,6 +24,7 @@ from tokenmill.distributed.parallel_state import tp_all_reduce_min, tp_broadcast
 from tokenmill.model.attention.backend import AttentionMetadata, KVCache
 from tokenmill.model.registry import build_model
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.worker.common_prefix import CASCADE_MIN_DECODES, common_prefix_tokens
 from tokenmill.worker.sampler import (
     SampledTokens, Sampler, SamplingBatch, argmax, batch_token_logprobs, index_tensor)
 
@@ -176,7 +177,8 @@ class ModelRunner:
             return
         from tokenmill.worker.cuda_graphs import CudaGraphDecoder
         self.graphs = CudaGraphDecoder(self.model, self.kv_caches, min(self.config.scheduler.max_num_seqs, 512),
-                                       self.config.model.max_model_len, self.block_size, self.device)
+                                       self.config.model.max_model_len, self.block_size, self.device,
+                                       CASCADE_MIN_DECODES if self.config.cascade_attention else None)
         self.graphs.capture()
 
     def shutdown(self) -> None:
@@ -283,12 +285,13 @@ class ModelRunner:
         needs_prompt_logprobs = not (one_token_each and len(sample_rows) == num_reqs) and any(
             s.params.prompt_logprobs is not None and s.num_computed_tokens < s.num_prompt_tokens - 1
             for s in states)
+        prefix_len = self._common_prefix_len(host)
         if (self.graphs is not None and len(sample_rows) == host.num_decodes == len(states)
                 and not needs_prompt_logprobs and self.graphs.can_run(len(states))):
             logits = self.graphs.run(host.input_ids, host.positions, host.slot_mapping,
-                                     host.seq_lens, host.block_table, device_tokens)
+                                     host.seq_lens, host.block_table, device_tokens, prefix_len)
         else:
-            inputs = self._to_device(host)
+            inputs = self._to_device(host, prefix_len)
             if device_tokens is not None:
                 inputs.input_ids.index_copy_(0, *device_tokens)
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
@@ -362,7 +365,15 @@ class ModelRunner:
         return HostInputs(input_ids, positions, slot_mapping, seq_lens.astype(np.int32), block_table,
                           query_start, int(np.count_nonzero(counts == 1)), int(counts.max()), num_known, lag_rows)
 
-    def _to_device(self, host: "HostInputs") -> "StepInputs":
+    def _common_prefix_len(self, host: "HostInputs") -> int:
+        """Tokens every decode of the step has in the same blocks, where enough decodes share
+        enough for cascade attention (worker/common_prefix.py); else 0."""
+        n = host.num_decodes
+        if not self.config.cascade_attention or n < CASCADE_MIN_DECODES:
+            return 0
+        return common_prefix_tokens(host.block_table[:n], host.seq_lens[:n], self.block_size)
+
+    def _to_device(self, host: "HostInputs", common_prefix_len: int = 0) -> "StepInputs":
         dev = self.device
         qsl_cpu = torch.from_numpy(host.query_start.astype(np.int32))
         seq_cpu = torch.from_numpy(host.seq_lens)
@@ -374,6 +385,8 @@ class ModelRunner:
             block_table=torch.from_numpy(host.block_table).to(dev, non_blocking=True),
             slot_mapping=torch.from_numpy(host.slot_mapping).to(dev, non_blocking=True),
             query_start_loc_cpu=qsl_cpu, seq_lens_cpu=seq_cpu)
+        if common_prefix_len:
+            meta.common_prefix_len = torch.tensor([common_prefix_len], dtype=torch.int32).to(dev, non_blocking=True)
         return StepInputs(torch.from_numpy(host.input_ids).to(dev, non_blocking=True),
                           torch.from_numpy(host.positions).to(dev, non_blocking=True), meta)
 

@@ -39,6 +39,11 @@ class AttentionMetadata:
     # Host copies, so CPU-side loops over requests never sync with the device.
     query_start_loc_cpu: torch.Tensor | None = None
     seq_lens_cpu: torch.Tensor | None = None
+    # [1] int32 on the device, or None: the first this-many context tokens of every decode request
+    # sit in the same KV blocks (row 0's), and each decode has at least one token past them. A
+    # backend may attend that shared prefix once for all of them (cascade attention); 0 or None:
+    # nothing shared. Set by the model runner only where the backend can use it.
+    common_prefix_len: torch.Tensor | None = None
 
     @property
     def num_prefills(self) -> int:

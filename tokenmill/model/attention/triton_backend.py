@@ -1,6 +1,9 @@
 """The CUDA attention backend: Triton kernels for the KV-cache write, paged prefill and split-KV
 paged decode (see `triton_kernels.py`).
 
+Given `meta.common_prefix_len`, the decodes run as cascade attention (`triton_cascade.py`): the
+prefix all of them share is attended once for the whole batch.
+
 A decode-only step (what CUDA graphs capture) reads no device value on the host and allocates
 only buffers whose sizes follow from Python ints, so it can be captured and replayed. Capture
 with `meta.max_seq_len` set to the longest context the graph will replay with (e.g.
@@ -27,6 +30,7 @@ from tokenmill.model.attention.backend import (
     KVCache,
     register_backend,
 )
+from tokenmill.model.attention.triton_cascade import cascade_decode
 from tokenmill.model.attention.triton_kernels import (
     new_split_counters,
     paged_decode,
@@ -79,7 +83,12 @@ class TritonBackend(AttentionBackend):
             write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         num_decodes = meta.num_decodes
-        if num_decodes:
+        if num_decodes and meta.common_prefix_len is not None:
+            cascade_decode(
+                q[:num_decodes], k_cache, v_cache, meta.block_table, meta.seq_lens, meta.common_prefix_len,
+                out[:num_decodes], scale, k_scale=k_scale, v_scale=v_scale,
+            )
+        elif num_decodes:
             paged_decode(
                 q[:num_decodes], k_cache, v_cache, meta.block_table, meta.seq_lens,
                 out[:num_decodes], meta.max_seq_len, scale,

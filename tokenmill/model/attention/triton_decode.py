@@ -57,7 +57,7 @@ _MIN_TOKENS_PER_SPLIT = 64
 # serving, measured on the H100 in docs/perf.md).
 @triton.jit(do_not_specialize=["num_splits", "stride_bt_req"])
 def _paged_decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, seq_lens_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, seq_lens_ptr, prefix_len_ptr,
     out_ptr, part_out_ptr, part_lse_ptr, counter_ptr,
     scale_log2, num_splits, GROUP,
     stride_q_tok, stride_q_head, stride_o_tok, stride_o_head,
@@ -65,23 +65,31 @@ def _paged_decode_kernel(
     BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, GROUP_P2: tl.constexpr,
     MERGE_H: tl.constexpr, MERGE_S: tl.constexpr, DIRECT: tl.constexpr,
-    KV_FP8: tl.constexpr, KV_SCALED: tl.constexpr,
+    KV_FP8: tl.constexpr, KV_SCALED: tl.constexpr, CASCADE: tl.constexpr,
 ):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     num_kv_heads = tl.num_programs(1)
     seq_len = tl.load(seq_lens_ptr + req)
-    num_tiles = tl.cdiv(seq_len, BLOCK_N)
-    # At least 1, so that seq_len 0 gives split 0 an empty range (and no division by 0 below).
-    tiles_per_split = tl.maximum(tl.cdiv(num_tiles, num_splits), 1)
-    # Splits [0, num_active) have tiles; split 0 counts even without (seq_len 0: it writes zeros).
-    # The same value in every program of this (request, KV head): the counter's target.
-    num_active = tl.maximum(tl.cdiv(num_tiles, tiles_per_split), 1)
-    if split >= num_active:
-        return  # no tiles: nothing to store, not counted in (never taken with DIRECT: 1 split)
-    tile_begin = split * tiles_per_split
-    tile_end = tl.minimum(tile_begin + tiles_per_split, num_tiles)
+    # CASCADE (one split, see triton_cascade.py): the first `start` tokens are the shared prefix,
+    # attended by the prefix kernel into lanes 0 .. num_splits - 2; this program takes the rest.
+    start = tl.load(prefix_len_ptr) if CASCADE else 0
+    num_tiles = tl.cdiv(tl.maximum(seq_len - start, 0), BLOCK_N)
+    if CASCADE:  # one program per (request, KV head); num_splits counts the merge's lanes
+        num_active = 1
+        tile_begin = 0
+        tile_end = num_tiles
+    else:
+        # At least 1, so that seq_len 0 gives split 0 an empty range (and no division by 0 below).
+        tiles_per_split = tl.maximum(tl.cdiv(num_tiles, num_splits), 1)
+        # Splits [0, num_active) have tiles; split 0 counts even without (seq_len 0: it writes
+        # zeros). The same value in every program of this (request, KV head): the counter's target.
+        num_active = tl.maximum(tl.cdiv(num_tiles, tiles_per_split), 1)
+        if split >= num_active:
+            return  # no tiles: nothing to store, not counted in (never taken with DIRECT: 1 split)
+        tile_begin = split * tiles_per_split
+        tile_end = tl.minimum(tile_begin + tiles_per_split, num_tiles)
 
     h_offs = tl.arange(0, BLOCK_H)
     h_mask = h_offs < GROUP
@@ -99,7 +107,7 @@ def _paged_decode_kernel(
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     for tile in range(tile_begin, tile_end):
-        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = start + tile * BLOCK_N + tl.arange(0, BLOCK_N)
         key_mask = offs_n < seq_len
         k, v = load_kv_tile(
             k_cache_ptr, v_cache_ptr, block_row_ptr, offs_n, key_mask, kv_head, dims, dim_mask,
@@ -111,7 +119,22 @@ def _paged_decode_kernel(
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     out_offs = req.to(tl.int64) * stride_o_tok + heads[:, None] * stride_o_head + dims[None, :]
-    if DIRECT:
+    if CASCADE:
+        if start == 0:  # no shared prefix this step: the suffix is the whole context
+            tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=qh_mask)
+        else:
+            # The prefix kernel ran before this launch (stream order): its lanes are written.
+            # Add this program's as the last lane and merge them all, as the split merge does.
+            part_rows = (req.to(tl.int64) * (GROUP * num_kv_heads) + heads) * num_splits
+            lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+            tl.store(part_out_ptr + (part_rows + num_splits - 1)[:, None] * BLOCK_D + dims[None, :], out,
+                     mask=qh_mask)
+            tl.store(part_lse_ptr + part_rows + num_splits - 1, lse, mask=h_mask)
+            tl.debug_barrier()  # the block's own stores are visible to its (.cg) loads after this
+            _merge_group(out_ptr, part_out_ptr, part_lse_ptr, req, kv_head, num_kv_heads, num_splits,
+                         num_splits, GROUP, stride_o_tok, stride_o_head, dims, dim_mask,
+                         BLOCK_S, GROUP_P2, MERGE_H, MERGE_S, BLOCK_D)
+    elif DIRECT:
         tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=qh_mask)
     elif num_active == 1:
         # The only active split: its partial is the output (a one-lane merge would multiply it by
@@ -132,21 +155,33 @@ def _paged_decode_kernel(
         if arrived == num_active - 1:
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
             tl.debug_barrier()
-            # Merge in the log2 domain (_merge_partials), in one dependent L2 round trip for the
-            # whole group where the tile fits: a context with few active splits (the common case
-            # at short contexts) takes the narrow form, MERGE_S lanes by all GROUP_P2 heads.
-            group_row = req.to(tl.int64) * (GROUP * num_kv_heads) + kv_head * GROUP
-            out_row_ptr = out_ptr + req.to(tl.int64) * stride_o_tok + kv_head * GROUP * stride_o_head
-            if MERGE_S < BLOCK_S:
-                if num_active <= MERGE_S:
-                    _merge_partials(out_row_ptr, part_out_ptr, part_lse_ptr, group_row, num_active, num_splits,
-                                    GROUP, stride_o_head, dims, dim_mask, MERGE_S, GROUP_P2, BLOCK_D)
-                else:
-                    _merge_partials(out_row_ptr, part_out_ptr, part_lse_ptr, group_row, num_active, num_splits,
-                                    GROUP, stride_o_head, dims, dim_mask, BLOCK_S, MERGE_H, BLOCK_D)
-            else:
-                _merge_partials(out_row_ptr, part_out_ptr, part_lse_ptr, group_row, num_active, num_splits,
-                                GROUP, stride_o_head, dims, dim_mask, BLOCK_S, MERGE_H, BLOCK_D)
+            _merge_group(out_ptr, part_out_ptr, part_lse_ptr, req, kv_head, num_kv_heads, num_active,
+                         num_splits, GROUP, stride_o_tok, stride_o_head, dims, dim_mask,
+                         BLOCK_S, GROUP_P2, MERGE_H, MERGE_S, BLOCK_D)
+
+
+@triton.jit
+def _merge_group(
+    out_ptr, part_out_ptr, part_lse_ptr, req, kv_head, num_kv_heads, num_active, num_splits, GROUP,
+    stride_o_tok, stride_o_head, dims, dim_mask, BLOCK_S: tl.constexpr, GROUP_P2: tl.constexpr,
+    MERGE_H: tl.constexpr, MERGE_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Merge the `num_active` lanes of one (request, KV head) and write its query heads' output.
+    Merge in the log2 domain (_merge_partials), in one dependent L2 round trip for the whole group
+    where the tile fits: a context with few active splits (the common case at short contexts)
+    takes the narrow form, MERGE_S lanes by all GROUP_P2 heads."""
+    group_row = req.to(tl.int64) * (GROUP * num_kv_heads) + kv_head * GROUP
+    out_row_ptr = out_ptr + req.to(tl.int64) * stride_o_tok + kv_head * GROUP * stride_o_head
+    if MERGE_S < BLOCK_S:
+        if num_active <= MERGE_S:
+            _merge_partials(out_row_ptr, part_out_ptr, part_lse_ptr, group_row, num_active, num_splits,
+                            GROUP, stride_o_head, dims, dim_mask, MERGE_S, GROUP_P2, BLOCK_D)
+        else:
+            _merge_partials(out_row_ptr, part_out_ptr, part_lse_ptr, group_row, num_active, num_splits,
+                            GROUP, stride_o_head, dims, dim_mask, BLOCK_S, MERGE_H, BLOCK_D)
+    else:
+        _merge_partials(out_row_ptr, part_out_ptr, part_lse_ptr, group_row, num_active, num_splits,
+                        GROUP, stride_o_head, dims, dim_mask, BLOCK_S, MERGE_H, BLOCK_D)
 
 
 @triton.jit
@@ -260,9 +295,43 @@ def paged_decode(
     k_scale: float = 1.0,  # fp8 cache only: k = stored * k_scale
     v_scale: float = 1.0,
 ) -> None:
-    num_decodes, num_heads, head_dim = q.shape
+    num_decodes, num_heads, _ = q.shape
     if num_decodes == 0:
         return
+    num_kv_heads = k_cache.shape[2]
+    if num_splits is None:
+        num_splits = decode_num_splits(num_decodes, num_kv_heads, max_seq_len, q.device)
+    if num_splits == 1:
+        part_out = part_lse = counters = out  # not touched by the kernel
+    else:
+        part_out, part_lse = new_partials(num_decodes, num_heads, num_splits, q)
+        if split_counters is None:
+            split_counters = new_split_counters(num_decodes * num_kv_heads, q.device)
+        assert split_counters.numel() >= num_decodes * num_kv_heads and split_counters.dtype == torch.int32
+        counters = split_counters
+    launch_decode_kernel(q, k_cache, v_cache, block_table, seq_lens, out, part_out, part_lse, counters,
+                         num_splits, scale, config, k_scale, v_scale)
+
+
+def new_partials(num_decodes: int, num_heads: int, num_lanes: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial outputs [num_decodes, num_heads, num_lanes, BLOCK_D] and their log-sum-exps
+    [num_decodes, num_heads, num_lanes], float32, for the decode kernel's merge."""
+    block_d = max(16, triton.next_power_of_2(q.shape[-1]))
+    return (torch.empty(num_decodes, num_heads, num_lanes, block_d, dtype=torch.float32, device=q.device),
+            torch.empty(num_decodes, num_heads, num_lanes, dtype=torch.float32, device=q.device))
+
+
+def launch_decode_kernel(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+    seq_lens: torch.Tensor, out: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor,
+    counters: torch.Tensor, num_splits: int, scale: float, config: KernelConfig, k_scale: float,
+    v_scale: float, prefix_len: torch.Tensor | None = None,
+) -> None:
+    """One launch of `_paged_decode_kernel` over `num_splits` splits (see `paged_decode`), or, given
+    `prefix_len` (device int32 [1]), its cascade form: one program per (request, KV head) over the
+    context past the shared prefix, merged with the `num_splits - 1` prefix lanes already in
+    `part_out` / `part_lse` (triton_cascade.py)."""
+    num_decodes, num_heads, head_dim = q.shape
     kv_fp8 = check_cache(k_cache, v_cache)
     if config is DECODE_CONFIG and q.element_size() > 2:
         config = DECODE_CONFIG_FP32
@@ -270,30 +339,21 @@ def paged_decode(
     group = num_heads // num_kv_heads
     assert group * num_kv_heads == num_heads, "num_heads must be a multiple of num_kv_heads"
     assert q.stride(-1) == 1 and out.stride(-1) == 1
-    if num_splits is None:
-        num_splits = decode_num_splits(num_decodes, num_kv_heads, max_seq_len, q.device)
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_s = _merge_width(num_splits)
     group_p2, merge_h, merge_s = _merge_shape(group, block_s, block_d)
-    direct = num_splits == 1
-    if direct:
-        part_out = part_lse = counters = out  # not touched by the kernel
-    else:
-        part_out = torch.empty(num_decodes, num_heads, num_splits, block_d, dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(num_decodes, num_heads, num_splits, dtype=torch.float32, device=q.device)
-        if split_counters is None:
-            split_counters = new_split_counters(num_decodes * num_kv_heads, q.device)
-        assert split_counters.numel() >= num_decodes * num_kv_heads and split_counters.dtype == torch.int32
-        counters = split_counters
-    _paged_decode_kernel[(num_decodes, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_table, seq_lens, out, part_out, part_lse, counters,
+    cascade = prefix_len is not None
+    _paged_decode_kernel[(num_decodes, num_kv_heads, 1 if cascade else num_splits)](
+        q, k_cache, v_cache, block_table, seq_lens, prefix_len if cascade else seq_lens,
+        out, part_out, part_lse, counters,
         scale * LOG2E, num_splits, group,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         float(k_scale), float(v_scale),
         BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         PAGE=k_cache.shape[1], BLOCK_N=config.block_n if head_dim <= 128 else min(config.block_n, 32),
-        BLOCK_S=block_s, GROUP_P2=group_p2, MERGE_H=merge_h, MERGE_S=merge_s, DIRECT=direct,
-        KV_FP8=kv_fp8, KV_SCALED=dequantize_to_float32(kv_fp8, k_scale, v_scale),
+        BLOCK_S=block_s, GROUP_P2=group_p2, MERGE_H=merge_h, MERGE_S=merge_s,
+        DIRECT=num_splits == 1 and not cascade,
+        KV_FP8=kv_fp8, KV_SCALED=dequantize_to_float32(kv_fp8, k_scale, v_scale), CASCADE=cascade,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
