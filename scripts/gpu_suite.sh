@@ -206,8 +206,8 @@ if [[ "$part" == cascade ]]; then
   # Ninth session: cascade attention (issue 5). Kernel tests, then plain vs cascade decode with a
   # shared prefix, then the prefix benchmark (cascade on: the default).
   gpu_tests "tests/kernels/test_cascade_attention.py"
-  timeout 200 python3 scripts/bench_attention_kernels.py --shared-prefix --json "$out/cascade_kernels.json" 2>&1 \
-      | grep -v -i warn || rc=1
+  [[ -z "${NO_KERNELS:-}" ]] && { timeout 200 python3 scripts/bench_attention_kernels.py --shared-prefix \
+      --json "$out/cascade_kernels.json" 2>&1 | grep -v -i warn || rc=1; }
   tm bench prefix --workload hit-rate --model llama-3.1-8b --load-format dummy --dtype bfloat16 \
       --num-prompts 128 --input-len 2048 --output-len 128 --max-model-len 4096 --kv-cache-dtype "${KV:-auto}" \
       --output-json "$out/prefix_llama8b_${KV:-auto}.json" 2>&1 | grep -v Warning | tee "$out/prefix_llama8b.log" || rc=1

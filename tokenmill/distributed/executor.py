@@ -265,8 +265,7 @@ class TensorParallelExecutor:
         self._kill_workers()
         runner = getattr(self, "runner", None)
         if runner is not None:
-            runner.kv_caches = []
-            runner.graphs = None
+            runner.shutdown()
         destroy_tensor_parallel()
         for sock in [*self._step_socks, self._from_workers]:
             sock.close(linger=0)

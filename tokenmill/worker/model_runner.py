@@ -12,6 +12,7 @@ step N's sampled-token tensor on the device.
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 
@@ -117,7 +118,10 @@ class ModelRunner:
         more than is free (other processes hold the rest), rather than find out at the KV pool.
         Returns (free, torch reserved, torch allocated) now: the baseline `_profile_gpu_kv_budget`
         measures this engine's own use from."""
-        torch.cuda.empty_cache()  # an earlier engine's cached blocks in this process are free memory
+        # An earlier engine's tensors in this process are free memory once collected (reference
+        # cycles can keep a shut-down engine's objects alive until then) and returned to CUDA.
+        gc.collect()
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         cache = self.config.cache
         wanted = total * cache.gpu_memory_utilization
@@ -182,8 +186,12 @@ class ModelRunner:
         self.graphs.capture()
 
     def shutdown(self) -> None:
+        """Drop everything on the device (the runner cannot step afterwards): the KV pool, graphs
+        and weights, so that a later engine in this process finds the memory free."""
         self.kv_caches = []
         self.graphs = None
+        self.model = None
+        self._prev_sampled = None
 
     # ----- state updates -----
     def _apply_diffs(self, sched: SchedulerOutput) -> None:
