@@ -157,7 +157,6 @@ class VocabParallelEmbedding(nn.Module):
         self.rows_per_rank = (vocab_size + tp - 1) // tp
         self.start = tp_rank() * self.rows_per_rank
         self.weight = nn.Parameter(torch.empty(self.rows_per_rank, hidden_size), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         rows = min(self.rows_per_rank, loaded.shape[0] - self.start)

@@ -3,7 +3,7 @@
 Column-parallel layers split the output features across ranks (no communication); row-parallel
 layers split the input features and all-reduce their partial sums. QKV and gate/up are merged
 into one matrix each, so a decoder layer does two GEMMs where HF does five, and exactly one
-all-reduce per attention block and per MLP block. Each parameter carries a `weight_loader` that
+all-reduce per attention block and per MLP block. Each layer's `weight_loader(param, tensor)`
 takes a full checkpoint tensor (HF layout `[out, in]`) and copies in this rank's shard.
 """
 
@@ -33,10 +33,8 @@ class LinearBase(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
-            self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
         self.packed_weight: torch.Tensor | None = None  # CPU: oneDNN layout, set after loading

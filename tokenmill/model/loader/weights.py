@@ -1,8 +1,8 @@
 """Weight sources: HF safetensors shards (memory-mapped), GGUF (dequantized), or dummy random.
 
 Every source yields `(hf_name, tensor)` pairs; the model's `load_weights` routes each one through
-its parameter's `weight_loader`, which is where tensor-parallel sharding happens, so no rank ever
-needs the whole tensor set in memory at once.
+the `weight_loader` of its parameter's module, which is where tensor-parallel sharding happens, so
+no rank ever needs the whole tensor set in memory at once.
 """
 
 from __future__ import annotations

@@ -180,6 +180,14 @@ class LlamaForCausalLM(nn.Module):
         """Route each HF tensor to its (possibly merged, possibly sharded) parameter."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
+
+        def loader_of(name: str):
+            """The `weight_loader` of the module owning parameter `name` (where sharding happens),
+            or None. Looked up here, not stored on the parameter: a bound method there would tie
+            parameter and module in a cycle through the tensor, which Python's collector does not
+            free (a shut-down engine's weights stayed on the GPU)."""
+            return getattr(self.get_submodule(name.rpartition(".")[0]), "weight_loader", None)
+
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
                 continue
@@ -189,7 +197,7 @@ class LlamaForCausalLM(nn.Module):
                 if f".{part}." in name:
                     target = name.replace(part, merged)
                     param = params[target]
-                    param.weight_loader(param, tensor.to(param.dtype), shard_id)
+                    loader_of(target)(param, tensor.to(param.dtype), shard_id)
                     loaded.add(target)
                     break
             else:
@@ -197,7 +205,7 @@ class LlamaForCausalLM(nn.Module):
                     raise ValueError(f"checkpoint tensor {name} has no matching parameter in "
                                      f"{type(self).__name__}")
                 param = params[name]
-                loader = getattr(param, "weight_loader", None)
+                loader = loader_of(name)
                 if loader is None:
                     if param.shape != tensor.shape:
                         raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != "
