@@ -24,11 +24,7 @@ from test_attention_kernels import (  # noqa: E402
 
 from tokenmill.model.attention.backend import get_backend  # noqa: E402
 from tokenmill.model.attention.triton_cascade import cascade_decode  # noqa: E402
-from tokenmill.model.attention.triton_kernels import (  # noqa: E402
-    new_split_counters,
-    paged_decode,
-    write_kv_cache,
-)
+from tokenmill.model.attention.triton_kernels import paged_decode, write_kv_cache  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -58,25 +54,18 @@ def run_cascade(batch, prefix_len, scale, **kwargs) -> torch.Tensor:
 
 @pytest.mark.parametrize("block_size,group,head_dim", [(16, 4, 128), (16, 1, 64), (32, 8, 64), (16, 7, 64)])
 @pytest.mark.parametrize("num_prefix_splits", [None, 1, 3, 7])
-@pytest.mark.parametrize("prefix_first", [True, False], ids=["request-merges", "prefix-merges"])
-def test_cascade_decode_matches_reference(block_size, group, head_dim, num_prefix_splits, prefix_first):
+def test_cascade_decode_matches_reference(block_size, group, head_dim, num_prefix_splits):
     """Prefix lengths off the 64-token tile (5 blocks of 16: 80 tokens), more splits than tiles
     (empty lanes), contexts ending one token past the prefix, and a batch spanning several
-    request chunks (19 requests at group 4: 16 + 3). Under the interpreter, programs run in grid
-    order: with the prefix programs first the request's program merges, after them a prefix one
-    does; on a GPU either can. The counters are left at zero, for the next launch."""
+    request chunks (19 requests at group 4: 16 + 3)."""
     seq_lens = [81, 82, 200, 333, 97, 160, 81, 500, 129, 90, 250, 81, 300, 111, 222, 333, 88, 99, 400]
     batch = make_batch([1] * len(seq_lens), seq_lens, 2, group, head_dim, block_size)
     prefix_len = share_prefix(batch, 80 // block_size)
     scale = head_dim ** -0.5
     ref, _, _ = reference(batch, scale)
     write_kv_cache(batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta.slot_mapping)
-    counters = new_split_counters(2 * len(seq_lens), DEVICE)
-    for _ in range(2):
-        out = run_cascade(batch, prefix_len, scale, num_prefix_splits=num_prefix_splits, split_counters=counters,
-                          prefix_programs_first=prefix_first)
-        assert rel_err(out, ref) < REL_TOL
-        assert not counters.any()
+    out = run_cascade(batch, prefix_len, scale, num_prefix_splits=num_prefix_splits)
+    assert rel_err(out, ref) < REL_TOL
 
 
 def test_cascade_decode_without_prefix_is_plain_decode():
@@ -95,8 +84,7 @@ def test_cascade_decode_without_prefix_is_plain_decode():
     assert torch.equal(out, plain)
 
 
-@pytest.mark.parametrize("prefix_first", [True, False], ids=["request-merges", "prefix-merges"])
-def test_cascade_decode_with_padding_rows(prefix_first):
+def test_cascade_decode_with_padding_rows():
     """Rows padded onto a graph's batch (seq_len 0, table row 0s) leave the real rows right."""
     seq_lens = [150, 70, 260]
     batch = make_batch([1] * len(seq_lens), seq_lens, 2, 4, 64, 16)
@@ -108,22 +96,19 @@ def test_cascade_decode_with_padding_rows(prefix_first):
     seq = torch.cat([batch.meta.seq_lens, torch.zeros(2, dtype=torch.int32, device=DEVICE)])
     table = torch.cat([batch.meta.block_table, torch.zeros_like(batch.meta.block_table[:2])])
     out = poisoned_like(q)
-    cascade_decode(q, batch.k_cache, batch.v_cache, table, seq, prefix_len, out, scale,
-                   prefix_programs_first=prefix_first)
+    cascade_decode(q, batch.k_cache, batch.v_cache, table, seq, prefix_len, out, scale)
     assert rel_err(out[:3], ref) < REL_TOL
 
 
 @pytest.mark.parametrize("scales", [(0.37, 1.9), (1.0, 1.0)], ids=["scaled", "unit"])
-@pytest.mark.parametrize("prefix_first", [True, False], ids=["request-merges", "prefix-merges"])
-def test_cascade_decode_fp8(scales, prefix_first):
+def test_cascade_decode_fp8(scales):
     seq_lens = [129, 140, 300, 200, 131]
     batch = to_fp8(make_batch([1] * len(seq_lens), seq_lens, 2, 4, 128, 16), scales)
     prefix_len = share_prefix(batch, 8)
     scale = 128 ** -0.5
     ref, k_ref, v_ref = reference(batch, scale, k_scale=scales[0], v_scale=scales[1])
     write_fp8(batch, k_ref, v_ref, scales=scales)
-    out = run_cascade(batch, prefix_len, scale, k_scale=scales[0], v_scale=scales[1],
-                      prefix_programs_first=prefix_first)
+    out = run_cascade(batch, prefix_len, scale, k_scale=scales[0], v_scale=scales[1])
     assert rel_err(out, ref) < REL_TOL
 
 

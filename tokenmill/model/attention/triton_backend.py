@@ -86,8 +86,7 @@ class TritonBackend(AttentionBackend):
         if num_decodes and meta.common_prefix_len is not None:
             cascade_decode(
                 q[:num_decodes], k_cache, v_cache, meta.block_table, meta.seq_lens, meta.common_prefix_len,
-                out[:num_decodes], scale, split_counters=self._counters(num_decodes * k_cache.shape[2], q.device),
-                k_scale=k_scale, v_scale=v_scale,
+                out[:num_decodes], scale, k_scale=k_scale, v_scale=v_scale,
             )
         elif num_decodes:
             paged_decode(

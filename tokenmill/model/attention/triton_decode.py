@@ -55,52 +55,29 @@ _MIN_TOKENS_PER_SPLIT = 64
 # Values that change from step to step are not specialised on (Triton would otherwise compile a
 # new variant the first time one is 1 or a multiple of 16: a ~1-3 s stall in the middle of
 # serving, measured on the H100 in docs/perf.md).
-@triton.jit(do_not_specialize=["num_splits", "stride_bt_req", "num_prefix_programs", "num_decodes",
-                               "first_prefix_program"])
+@triton.jit(do_not_specialize=["num_splits", "stride_bt_req"])
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, seq_lens_ptr, prefix_len_ptr,
     out_ptr, part_out_ptr, part_lse_ptr, counter_ptr,
-    scale_log2, num_splits, GROUP, num_prefix_programs, num_decodes, first_prefix_program,
+    scale_log2, num_splits, GROUP,
     stride_q_tok, stride_q_head, stride_o_tok, stride_o_head,
     stride_c_block, stride_c_slot, stride_c_head, stride_bt_req, k_scale, v_scale,
     BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, GROUP_P2: tl.constexpr,
     MERGE_H: tl.constexpr, MERGE_S: tl.constexpr, DIRECT: tl.constexpr,
-    KV_FP8: tl.constexpr, KV_SCALED: tl.constexpr,
-    CASCADE: tl.constexpr, PREFIX_M: tl.constexpr, PREFIX_REQS: tl.constexpr,
+    KV_FP8: tl.constexpr, KV_SCALED: tl.constexpr, CASCADE: tl.constexpr,
 ):
+    req = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     num_kv_heads = tl.num_programs(1)
-    dims = tl.arange(0, BLOCK_D)
-    dim_mask = dims < HEAD_DIM
-    if CASCADE:
-        # Cascade form (triton_cascade.py): `num_prefix_programs` programs per KV head from
-        # `first_prefix_program` (0: before the requests' programs, the order launches use; after
-        # them, for tests) attend the shared prefix into lanes 0 .. num_splits - 2 of the merge;
-        # one program per (request, KV head) takes the rest of its context, the last lane.
-        start = tl.load(prefix_len_ptr)
-        pid = tl.program_id(0)
-        prefix_pid = pid - first_prefix_program
-        if (prefix_pid >= 0) & (prefix_pid < num_prefix_programs):
-            if start > 0:
-                _shared_prefix_program(
-                    q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-                    counter_ptr, prefix_pid, kv_head, num_kv_heads, start, num_decodes,
-                    num_splits, scale_log2, GROUP, stride_q_tok, stride_q_head, stride_o_tok, stride_o_head,
-                    stride_c_block, stride_c_slot, stride_c_head, k_scale, v_scale, dims, dim_mask,
-                    PREFIX_M, PREFIX_REQS, PAGE, BLOCK_N, BLOCK_S, GROUP_P2, MERGE_H, MERGE_S, BLOCK_D,
-                    KV_FP8, KV_SCALED)
-            return
-        req = pid - num_prefix_programs if first_prefix_program == 0 else pid
-        split = num_splits - 1
-        num_active = num_splits  # (the counter's target: every lane is written)
-    else:
-        start = 0
-        req = tl.program_id(0)
-        split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + req)
+    # CASCADE (one split, see triton_cascade.py): the first `start` tokens are the shared prefix,
+    # attended by the prefix kernel into lanes 0 .. num_splits - 2; this program takes the rest.
+    start = tl.load(prefix_len_ptr) if CASCADE else 0
     num_tiles = tl.cdiv(tl.maximum(seq_len - start, 0), BLOCK_N)
-    if CASCADE:
+    if CASCADE:  # one program per (request, KV head); num_splits counts the merge's lanes
+        num_active = 1
         tile_begin = 0
         tile_end = num_tiles
     else:
@@ -117,6 +94,8 @@ def _paged_decode_kernel(
     h_offs = tl.arange(0, BLOCK_H)
     h_mask = h_offs < GROUP
     heads = kv_head * GROUP + h_offs
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < HEAD_DIM
     qh_mask = h_mask[:, None] & dim_mask[None, :]
     q = tl.load(
         q_ptr + req.to(tl.int64) * stride_q_tok + heads[:, None] * stride_q_head + dims[None, :],
@@ -140,15 +119,26 @@ def _paged_decode_kernel(
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     out_offs = req.to(tl.int64) * stride_o_tok + heads[:, None] * stride_o_head + dims[None, :]
-    # Written directly: with one split; as the only active split (its partial is the output: a
-    # one-lane merge would multiply it by exp2(0) = 1 and divide by 1); in a cascade launch
-    # without a shared prefix.
-    alone = num_active == 1
     if CASCADE:
-        alone = start == 0
-    if DIRECT:
+        if start == 0:  # no shared prefix this step: the suffix is the whole context
+            tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=qh_mask)
+        else:
+            # The prefix kernel ran before this launch (stream order): its lanes are written.
+            # Add this program's as the last lane and merge them all, as the split merge does.
+            part_rows = (req.to(tl.int64) * (GROUP * num_kv_heads) + heads) * num_splits
+            lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+            tl.store(part_out_ptr + (part_rows + num_splits - 1)[:, None] * BLOCK_D + dims[None, :], out,
+                     mask=qh_mask)
+            tl.store(part_lse_ptr + part_rows + num_splits - 1, lse, mask=h_mask)
+            tl.debug_barrier()  # the block's own stores are visible to its (.cg) loads after this
+            _merge_group(out_ptr, part_out_ptr, part_lse_ptr, req, kv_head, num_kv_heads, num_splits,
+                         num_splits, GROUP, stride_o_tok, stride_o_head, dims, dim_mask,
+                         BLOCK_S, GROUP_P2, MERGE_H, MERGE_S, BLOCK_D)
+    elif DIRECT:
         tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=qh_mask)
-    elif alone:
+    elif num_active == 1:
+        # The only active split: its partial is the output (a one-lane merge would multiply it by
+        # exp2(0) = 1 and divide by 1), so no partials and no counter.
         tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=qh_mask)
     else:
         # part_out: [num_decodes, num_heads, num_splits, BLOCK_D]; part_lse without the last axis.
@@ -168,70 +158,6 @@ def _paged_decode_kernel(
             _merge_group(out_ptr, part_out_ptr, part_lse_ptr, req, kv_head, num_kv_heads, num_active,
                          num_splits, GROUP, stride_o_tok, stride_o_head, dims, dim_mask,
                          BLOCK_S, GROUP_P2, MERGE_H, MERGE_S, BLOCK_D)
-
-
-@triton.jit
-def _shared_prefix_program(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, out_ptr, part_out_ptr, part_lse_ptr, counter_ptr,
-    pid, kv_head, num_kv_heads, prefix_len, num_decodes, num_lanes, scale_log2,
-    GROUP, stride_q_tok, stride_q_head, stride_o_tok, stride_o_head, stride_c_block, stride_c_slot,
-    stride_c_head, k_scale, v_scale, dims, dim_mask,
-    BLOCK_M: tl.constexpr, REQS: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_S: tl.constexpr, GROUP_P2: tl.constexpr, MERGE_H: tl.constexpr, MERGE_S: tl.constexpr,
-    BLOCK_D: tl.constexpr, KV_FP8: tl.constexpr, KV_SCALED: tl.constexpr,
-):
-    """One prefix program of the cascade form: KV head `kv_head`'s query heads of REQS requests
-    (chunk pid // num_lanes-1) as the BLOCK_M rows of one tile, against one range (pid % ...) of
-    the shared prefix, whose blocks are row 0's of the table. Writes each row's lane, counts itself
-    in on each request's counter, and merges the requests it finds itself last for."""
-    num_prefix_splits = num_lanes - 1
-    chunk = pid // num_prefix_splits
-    split = pid % num_prefix_splits
-    num_tiles = tl.cdiv(prefix_len, BLOCK_N)
-    tiles_per_split = tl.cdiv(num_tiles, num_prefix_splits)
-    tile_begin = split * tiles_per_split
-    tile_end = tl.minimum(tile_begin + tiles_per_split, num_tiles)
-
-    # Row r: query head r % GROUP of KV head `kv_head`, of request chunk * REQS + r // GROUP.
-    rows = tl.arange(0, BLOCK_M)
-    reqs = chunk * REQS + rows // GROUP
-    heads = kv_head * GROUP + rows % GROUP
-    row_mask = (rows < REQS * GROUP) & (reqs < num_decodes)
-    q = tl.load(q_ptr + reqs.to(tl.int64)[:, None] * stride_q_tok + heads[:, None] * stride_q_head + dims[None, :],
-                mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for tile in range(tile_begin, tile_end):
-        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        key_mask = offs_n < prefix_len
-        k, v = load_kv_tile(
-            k_cache_ptr, v_cache_ptr, block_table_ptr, offs_n, key_mask, kv_head, dims, dim_mask,
-            stride_c_block, stride_c_slot, stride_c_head, k_scale, v_scale, PAGE, KV_FP8, KV_SCALED,
-        )
-        m_i, l_i, acc = online_softmax_step(q, k, v, key_mask[None, :], m_i, l_i, acc, scale_log2)
-
-    # An empty range (more splits than tiles) writes lse -inf and zeros: weight 0 in the merge.
-    has_keys = l_i > 0.0
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-    lanes = (reqs.to(tl.int64) * (GROUP * num_kv_heads) + heads) * num_lanes + split
-    tl.store(part_out_ptr + lanes[:, None] * BLOCK_D + dims[None, :], out, mask=row_mask[:, None] & dim_mask[None, :])
-    tl.store(part_lse_ptr + lanes, lse, mask=row_mask)
-    tl.debug_barrier()  # (as in the split path: every thread's stores before the releases)
-    # Each request's counter, bumped by its first row: the last of its num_lanes programs merges.
-    lead = row_mask & (rows % GROUP == 0)
-    arrived = tl.atomic_add(counter_ptr + reqs * num_kv_heads + kv_head, 1, mask=lead, sem="acq_rel", scope="gpu")
-    last = lead & (arrived == num_lanes - 1)
-    if tl.max(last.to(tl.int32), 0) > 0:
-        for r in range(REQS):
-            if tl.max(tl.where(rows == r * GROUP, last.to(tl.int32), 0), 0) > 0:
-                req = chunk * REQS + r
-                tl.atomic_xchg(counter_ptr + req * num_kv_heads + kv_head, 0, sem="relaxed", scope="gpu")
-                tl.debug_barrier()
-                _merge_group(out_ptr, part_out_ptr, part_lse_ptr, req, kv_head, num_kv_heads, num_lanes,
-                             num_lanes, GROUP, stride_o_tok, stride_o_head, dims, dim_mask,
-                             BLOCK_S, GROUP_P2, MERGE_H, MERGE_S, BLOCK_D)
 
 
 @triton.jit
@@ -399,14 +325,12 @@ def launch_decode_kernel(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
     seq_lens: torch.Tensor, out: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor,
     counters: torch.Tensor, num_splits: int, scale: float, config: KernelConfig, k_scale: float,
-    v_scale: float, prefix_len: torch.Tensor | None = None, prefix_chunk: tuple[int, int] = (0, 0),
-    num_prefix_programs: int = 0, prefix_programs_first: bool = True,
+    v_scale: float, prefix_len: torch.Tensor | None = None,
 ) -> None:
     """One launch of `_paged_decode_kernel` over `num_splits` splits (see `paged_decode`), or, given
-    `prefix_len` (device int32 [1]), its cascade form (triton_cascade.py): `num_prefix_programs`
-    programs per KV head over the shared prefix (chunks of `prefix_chunk` = (rows, requests)),
-    `num_splits - 1` lanes of them per request, then one program per (request, KV head) over the
-    rest of its context."""
+    `prefix_len` (device int32 [1]), its cascade form: one program per (request, KV head) over the
+    context past the shared prefix, merged with the `num_splits - 1` prefix lanes already in
+    `part_out` / `part_lse` (triton_cascade.py)."""
     num_decodes, num_heads, head_dim = q.shape
     kv_fp8 = check_cache(k_cache, v_cache)
     if config is DECODE_CONFIG and q.element_size() > 2:
@@ -419,12 +343,10 @@ def launch_decode_kernel(
     block_s = _merge_width(num_splits)
     group_p2, merge_h, merge_s = _merge_shape(group, block_s, block_d)
     cascade = prefix_len is not None
-    grid = (num_prefix_programs + num_decodes, num_kv_heads, 1) if cascade else (num_decodes, num_kv_heads, num_splits)
-    _paged_decode_kernel[grid](
+    _paged_decode_kernel[(num_decodes, num_kv_heads, 1 if cascade else num_splits)](
         q, k_cache, v_cache, block_table, seq_lens, prefix_len if cascade else seq_lens,
         out, part_out, part_lse, counters,
-        scale * LOG2E, num_splits, group, num_prefix_programs, num_decodes,
-        0 if prefix_programs_first else num_decodes,
+        scale * LOG2E, num_splits, group,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         float(k_scale), float(v_scale),
@@ -432,7 +354,6 @@ def launch_decode_kernel(
         PAGE=k_cache.shape[1], BLOCK_N=config.block_n if head_dim <= 128 else min(config.block_n, 32),
         BLOCK_S=block_s, GROUP_P2=group_p2, MERGE_H=merge_h, MERGE_S=merge_s,
         DIRECT=num_splits == 1 and not cascade,
-        KV_FP8=kv_fp8, KV_SCALED=dequantize_to_float32(kv_fp8, k_scale, v_scale),
-        CASCADE=cascade, PREFIX_M=prefix_chunk[0], PREFIX_REQS=prefix_chunk[1],
+        KV_FP8=kv_fp8, KV_SCALED=dequantize_to_float32(kv_fp8, k_scale, v_scale), CASCADE=cascade,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
