@@ -373,11 +373,13 @@ def compare_shared_prefix(copy_rate: float) -> dict:
                   f"{t_cascade:8.1f} us ({t_plain / t_cascade:4.2f}x); floors: all reads {row['floor_us']:7.1f}, "
                   f"distinct blocks once {row['unique_floor_us']:7.1f}; cascade vs plain rel err {err:.1e}",
                   flush=True)
-            if shared == 1536 and batch in (64, 128):  # the prefix kernel's split count
-                for splits in range(1, 8):
-                    t = graph_us([functools.partial(c, num_prefix_splits=splits) for c in cascade])
-                    row[f"cascade_us_{splits}_splits"] = t
-                    print(f"    {splits} prefix splits: {t:8.1f} us", flush=True)
+            if shared == 1536 and batch in (64, 128):  # the prefix kernel's tile rows and split count
+                for block_m in (32, 64):
+                    for splits in range(1, 8):
+                        t = graph_us([functools.partial(c, num_prefix_splits=splits, prefix_block_m=block_m)
+                                      for c in cascade])
+                        row[f"cascade_us_m{block_m}_{splits}_splits"] = t
+                        print(f"    {block_m} rows, {splits} prefix splits: {t:8.1f} us", flush=True)
             del plain, cascade, check
             torch.cuda.empty_cache()
     return {"decode_shared_prefix": rows}

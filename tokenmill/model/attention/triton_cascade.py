@@ -120,9 +120,10 @@ def prefix_num_splits(num_decodes: int, num_kv_heads: int, group: int, device: t
     return max(1, min(MAX_PREFIX_SPLITS, 2 * num_sms // programs))
 
 
-def _chunk_shape(group: int) -> tuple[int, int]:
-    """(BLOCK_M, requests per program): 64 rows of whole groups (one request for groups > 64)."""
-    block_m = max(PREFIX_CONFIG.block_m, triton.next_power_of_2(group))
+def _chunk_shape(group: int, block_m: int = PREFIX_CONFIG.block_m) -> tuple[int, int]:
+    """(BLOCK_M, requests per program): `block_m` rows of whole groups (one request for wider
+    groups)."""
+    block_m = max(block_m, triton.next_power_of_2(group))
     return block_m, block_m // group
 
 
@@ -139,6 +140,7 @@ def cascade_decode(
     config: KernelConfig = DECODE_CONFIG,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    prefix_block_m: int = PREFIX_CONFIG.block_m,
 ) -> None:
     """Decode attention in two launches, the shared prefix for all requests at once, then each
     request's own tokens and the merge (module docstring). Host ints only: graph-capturable."""
@@ -154,7 +156,7 @@ def cascade_decode(
     assert prefix_len.dtype == torch.int32 and prefix_len.numel() == 1
     num_lanes = num_prefix_splits + 1
     part_out, part_lse = new_partials(num_decodes, num_heads, num_lanes, q)
-    block_m, reqs = _chunk_shape(group)
+    block_m, reqs = _chunk_shape(group, prefix_block_m)
     cfg = PREFIX_CONFIG
     _shared_prefix_kernel[(triton.cdiv(num_decodes, reqs), num_kv_heads, num_prefix_splits)](
         q, k_cache, v_cache, block_table, prefix_len, part_out, part_lse,
