@@ -11,16 +11,20 @@ N's copies may still wait in the stream.
 Padded rows have `seq_len = 0` (the decode kernel writes zeros for them) and slot -1 (no KV write);
 their logits are sliced away.
 
-With `cascade_min_batch`, each size from there up is captured a second time with cascade
-attention (`model/attention/triton_cascade.py`), reading the shared prefix's length from one more
-device buffer; a step whose decodes share a prefix (`common_prefix_len > 0`) replays that one.
-Both sets share one memory pool, and a step replays exactly one graph.
+With `cascade_min_batch`, a second, sparser ladder (powers of two from there, and the largest
+size) is captured with cascade attention (`model/attention/triton_cascade.py`), reading the
+shared prefix's length from one more device buffer; a step whose decodes share a prefix
+(`common_prefix_len > 0`) pads up to the next of those sizes and replays that graph. Sparser,
+because every capture adds start-up time, and padding costs a large decode batch little (its
+GEMMs are bound by reading the weights; padded rows have no context to attend). Both ladders
+share one memory pool, and a step replays exactly one graph.
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
+import time
 
 import numpy as np
 import torch
@@ -62,7 +66,8 @@ class CudaGraphDecoder:
         self.block_table = _PinnedBuffer((max_batch, max_blocks), torch.int32, device)
         self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
         self.prefix_len = _PinnedBuffer((1,), torch.int32, device)
-        self.cascade_sizes = [] if cascade_min_batch is None else [s for s in self.sizes if s >= cascade_min_batch]
+        self.cascade_sizes = [] if cascade_min_batch is None else [
+            s for s in self.sizes if s >= cascade_min_batch and (s & (s - 1) == 0 or s == self.sizes[-1])]
         # Keyed (batch, cascade).
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self.logits: dict[tuple[int, bool], torch.Tensor] = {}
@@ -89,6 +94,7 @@ class CudaGraphDecoder:
         self.slot_mapping.device_tensor.fill_(-1)  # capture and warm-up write no KV
         self.seq_lens.device_tensor.zero_()
         self.prefix_len.device_tensor.zero_()
+        started = time.perf_counter()
         variants = [(b, False) for b in self.sizes] + [(b, True) for b in self.cascade_sizes]
         for key in sorted(variants, reverse=True):
             with decode_graph_kernels():  # (batch 1: the Triton GEMV instead of cuBLAS)
@@ -101,8 +107,9 @@ class CudaGraphDecoder:
                 self.pool = graph.pool()
             self.graphs[key] = graph
         torch.cuda.synchronize()
-        logger.info("captured CUDA graphs for decode batch sizes %s%s", self.sizes,
-                    f" (and with cascade attention from {self.cascade_sizes[0]})" if self.cascade_sizes else "")
+        logger.info("captured CUDA graphs for decode batch sizes %s%s in %.1f s", self.sizes,
+                    f", with cascade attention for {self.cascade_sizes}" if self.cascade_sizes else "",
+                    time.perf_counter() - started)
 
     def can_run(self, num_reqs: int) -> bool:
         return bool(self.graphs) and num_reqs <= self.sizes[-1]
@@ -116,11 +123,12 @@ class CudaGraphDecoder:
         `device_tokens` = (rows, token ids), both on the device: input ids the host does not know
         yet (the previous step's samples, async scheduling), written over `input_ids` at `rows`.
         `common_prefix_len` > 0 (tokens every request has in row 0's blocks, see
-        worker/common_prefix.py) replays the cascade graph, where one was captured for the size.
+        worker/common_prefix.py) replays a cascade graph, for batches from the smallest such size.
         """
         n = len(input_ids)
-        batch = self.sizes[bisect.bisect_left(self.sizes, n)]
-        cascade = common_prefix_len > 0 and batch in self.cascade_sizes
+        cascade = common_prefix_len > 0 and bool(self.cascade_sizes) and self.cascade_sizes[0] <= n
+        sizes = self.cascade_sizes if cascade else self.sizes
+        batch = sizes[bisect.bisect_left(sizes, n)]
         turn = self._turn
         self._turn ^= 1
         fills = ((self.input_ids, input_ids, 0), (self.positions, positions, 0),
