@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 # Measured on one H200 at Llama-3.1-8B attention shapes (bench_attention_kernels.py
-# --shared-prefix): 256 shared tokens were 2-4% slower as cascade at batch 32-64, 512 were as fast
+# --shared-prefix): 256 shared tokens were 2-5% slower as cascade at batch 32-64, 512 were as fast
 # or faster at every batch (vLLM's FlashAttention backend starts at 256).
 CASCADE_MIN_PREFIX_TOKENS = 512
 # Decode requests a step needs for cascade attention; the CUDA graphs capture a cascade variant

@@ -22,6 +22,10 @@ dependent round trip to L2 for the lot, not one per head. With one split, or whe
 is active (at most one tile of context, or seq_len 0), the program writes the output directly
 and touches no counter.
 
+The cascade form (CASCADE, `launch_decode_kernel(prefix_len=...)`, used by triton_cascade.py)
+runs one program per (request, KV head) from the end of a prefix every request shares, whose
+lanes another kernel has written, and merges its own lane with them in the same merge.
+
 The split count is a Python int chosen from batch size, head count and `max_seq_len`; the split
 ranges come from the real `seq_lens` on the device, so the result is right for any length and a
 CUDA graph captured once replays correctly for every shorter context.

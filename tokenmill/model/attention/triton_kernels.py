@@ -11,6 +11,8 @@ Layouts follow `backend.py`: q/out `[num_tokens, num_heads, head_dim]`, k/v
   results are bit-identical to the two ops run in turn.
 - `paged_prefill` (`triton_prefill.py`): variable-length flash attention: cached prefix + new K/V.
 - `paged_decode` (`triton_decode.py`): split-KV flash-decoding, GQA-aware, one launch.
+- `cascade_decode` (`triton_cascade.py`): decode for a batch sharing a prefix, the prefix attended
+  once for all requests (used by the backend when the runner sets `common_prefix_len`).
 
 All launchers size their grids from Python ints and never read device values on the host, so
 they can be captured in CUDA graphs.
