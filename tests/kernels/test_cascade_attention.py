@@ -112,6 +112,20 @@ def test_cascade_decode_fp8(scales):
     assert rel_err(out, ref) < REL_TOL
 
 
+def test_cascade_decode_float32():
+    """A float32 model (the parity tests' dtype) takes the smaller-stage configuration."""
+    seq_lens = [600, 530, 700, 1000]
+    batch = make_batch([1] * len(seq_lens), seq_lens, 2, 4, 128, 16)
+    prefix_len = share_prefix(batch, 32)
+    for name in ("q", "k", "v", "k_cache", "v_cache"):
+        setattr(batch, name, getattr(batch, name).float())
+    scale = 128 ** -0.5
+    ref, _, _ = reference(batch, scale)
+    write_kv_cache(batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta.slot_mapping)
+    out = run_cascade(batch, prefix_len, scale)
+    assert rel_err(out, ref) < REL_TOL  # (tl.dot takes float32 inputs as TF32 on the GPU)
+
+
 @gpu_only
 def test_cascade_decode_long_shared_prefix():
     """The prefix benchmark's shape, smaller: 64 requests sharing 1,536 of ~2k tokens."""

@@ -47,6 +47,8 @@ from tokenmill.model.attention.triton_decode import (
 )
 
 PREFIX_CONFIG = KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
+# float32 tiles are twice the bytes: two stages keep a program's shared memory at ~160 KB.
+PREFIX_CONFIG_FP32 = KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
 # Prefix lanes at most: with the decode program's own lane, 8 lanes, the decode kernel's narrow
 # merge width (one compiled variant for every lane count).
 MAX_PREFIX_SPLITS = 7
@@ -109,13 +111,13 @@ def _shared_prefix_kernel(
 def prefix_num_splits(num_decodes: int, num_kv_heads: int, group: int, device: torch.device) -> int:
     """Prefix ranges per (request chunk, KV head): about two programs per SM (two fit at once),
     at most MAX_PREFIX_SPLITS. Measured on an H200 at Llama-3.1-8B shapes, 1,536 shared tokens
-    (docs/perf.md): at 128 requests (64 chunk programs) 1-7 splits took 130/113/109/107/115/116/
-    116 us, this gives 4; at 64 requests 88/71/65/63/62/62/63, this gives 7."""
+    (docs/perf.md): at 128 requests (8 chunks x 8 KV heads) 1-7 splits took 130/114/111/109/117/
+    117/118 us, this gives 4; at 64 requests 88/71/66/63/63/62/63, this gives 7."""
     if device.type == "cuda":
         num_sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
     else:
         num_sms = 16  # Triton's CPU interpreter: any value is correct
-    block_m, reqs = _chunk_shape(group)
+    _, reqs = _chunk_shape(group)
     programs = triton.cdiv(num_decodes, reqs) * num_kv_heads
     return max(1, min(MAX_PREFIX_SPLITS, 2 * num_sms // programs))
 
@@ -157,7 +159,7 @@ def cascade_decode(
     num_lanes = num_prefix_splits + 1
     part_out, part_lse = new_partials(num_decodes, num_heads, num_lanes, q)
     block_m, reqs = _chunk_shape(group, prefix_block_m)
-    cfg = PREFIX_CONFIG
+    cfg = PREFIX_CONFIG if q.element_size() <= 2 else PREFIX_CONFIG_FP32
     _shared_prefix_kernel[(triton.cdiv(num_decodes, reqs), num_kv_heads, num_prefix_splits)](
         q, k_cache, v_cache, block_table, prefix_len, part_out, part_lse,
         num_decodes, num_lanes, scale * LOG2E, group,
