@@ -133,14 +133,14 @@ class CudaGraphDecoder:
         self._turn ^= 1
         fills = ((self.input_ids, input_ids, 0), (self.positions, positions, 0),
                  (self.slot_mapping, slot_mapping, -1), (self.seq_lens, seq_lens, 0))
-        if cascade:
-            fills += ((self.prefix_len, (common_prefix_len,), 0),)
         for buf, values, pad in fills:
             host = buf.nps[turn]
-            rows = min(batch, len(host))  # (the prefix length is one value, not one per row)
-            host[:len(values)] = values
-            host[len(values):rows] = pad
-            buf.device_tensor[:rows].copy_(buf.hosts[turn][:rows], non_blocking=True)
+            host[:n] = values
+            host[n:batch] = pad
+            buf.device_tensor[:batch].copy_(buf.hosts[turn][:batch], non_blocking=True)
+        if cascade:
+            self.prefix_len.nps[turn][0] = common_prefix_len
+            self.prefix_len.device_tensor.copy_(self.prefix_len.hosts[turn], non_blocking=True)
         num_blocks = block_table.shape[1]
         table = self.block_table.nps[turn]
         table[:n, :num_blocks] = block_table

@@ -34,16 +34,16 @@ import triton.language as tl
 from tokenmill.model.attention.triton_common import (
     LOG2E,
     KernelConfig,
+    attend_kv_range,
     check_cache,
     dequantize_to_float32,
-    load_kv_tile,
-    online_softmax_step,
+    finish_softmax,
 )
 from tokenmill.model.attention.triton_decode import (
     DECODE_CONFIG,
-    _num_sms,
     launch_decode_kernel,
     new_partials,
+    sm_count,
 )
 
 PREFIX_CONFIG = KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
@@ -88,20 +88,14 @@ def _shared_prefix_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for tile in range(tile_begin, tile_end):
-        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        key_mask = offs_n < prefix_len
-        # The prefix's blocks are the same in every row of the table: row 0's serve the chunk.
-        k, v = load_kv_tile(
-            k_cache_ptr, v_cache_ptr, block_table_ptr, offs_n, key_mask, kv_head, dims, dim_mask,
-            stride_c_block, stride_c_slot, stride_c_head, k_scale, v_scale, PAGE, KV_FP8, KV_SCALED,
-        )
-        m_i, l_i, acc = online_softmax_step(q, k, v, key_mask[None, :], m_i, l_i, acc, scale_log2)
-
+    # The prefix's blocks are the same in every row of the table: row 0's serve the chunk.
+    m_i, l_i, acc = attend_kv_range(
+        q, k_cache_ptr, v_cache_ptr, block_table_ptr, 0, tile_begin, tile_end, prefix_len, kv_head, dims,
+        dim_mask, stride_c_block, stride_c_slot, stride_c_head, k_scale, v_scale, scale_log2, m_i, l_i, acc,
+        PAGE, BLOCK_N, KV_FP8, KV_SCALED,
+    )
     # An empty range (more splits than tiles) writes lse -inf and zeros: weight 0 in the merge.
-    has_keys = l_i > 0.0
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    out, lse = finish_softmax(m_i, l_i, acc)
     lanes = (reqs.to(tl.int64) * (GROUP * num_kv_heads) + heads) * num_lanes + split
     tl.store(part_out_ptr + lanes[:, None] * BLOCK_D + dims[None, :], out,
              mask=row_mask[:, None] & dim_mask[None, :])
@@ -113,13 +107,9 @@ def prefix_num_splits(num_decodes: int, num_kv_heads: int, group: int, device: t
     at most MAX_PREFIX_SPLITS. Measured on an H200 at Llama-3.1-8B shapes, 1,536 shared tokens
     (docs/perf.md): at 128 requests (8 chunks x 8 KV heads) 1-7 splits took 130/114/111/109/117/
     117/118 us, this gives 4; at 64 requests 88/71/66/63/63/62/63, this gives 7."""
-    if device.type == "cuda":
-        num_sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    else:
-        num_sms = 16  # Triton's CPU interpreter: any value is correct
     _, reqs = _chunk_shape(group)
     programs = triton.cdiv(num_decodes, reqs) * num_kv_heads
-    return max(1, min(MAX_PREFIX_SPLITS, 2 * num_sms // programs))
+    return max(1, min(MAX_PREFIX_SPLITS, 2 * sm_count(device) // programs))
 
 
 def _chunk_shape(group: int, block_m: int = PREFIX_CONFIG.block_m) -> tuple[int, int]:

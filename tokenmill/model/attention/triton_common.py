@@ -66,6 +66,34 @@ def online_softmax_step(q, k, v, score_mask, m_i, l_i, acc, scale_log2):
     return m_new, l_i, acc
 
 
+@triton.jit
+def attend_kv_range(
+    q, k_cache_ptr, v_cache_ptr, block_row_ptr, first_token, tile_begin, tile_end, end, kv_head, dims,
+    dim_mask, stride_c_block, stride_c_slot, stride_c_head, k_scale, v_scale, scale_log2, m_i, l_i, acc,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, KV_FP8: tl.constexpr, KV_SCALED: tl.constexpr,
+):
+    """Fold the cached tokens of tiles [tile_begin, tile_end) counted from `first_token` (tokens
+    at or past `end` masked) into the running softmax of `q`: the decode kernels' main loop."""
+    for tile in range(tile_begin, tile_end):
+        offs_n = first_token + tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        key_mask = offs_n < end
+        k, v = load_kv_tile(
+            k_cache_ptr, v_cache_ptr, block_row_ptr, offs_n, key_mask, kv_head, dims, dim_mask,
+            stride_c_block, stride_c_slot, stride_c_head, k_scale, v_scale, PAGE, KV_FP8, KV_SCALED,
+        )
+        m_i, l_i, acc = online_softmax_step(q, k, v, key_mask[None, :], m_i, l_i, acc, scale_log2)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def finish_softmax(m_i, l_i, acc):
+    """(normalised output, log2-sum-exp) of a running softmax, for a split-KV merge. A row that
+    saw no key (l = 0: padding, an empty range) gives output 0 and lse -inf, weight 0 in a merge."""
+    has_keys = l_i > 0.0
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    return acc / l_safe[:, None], tl.where(has_keys, m_i + tl.log2(l_safe), float("-inf"))
+
+
 def dequantize_to_float32(kv_fp8: bool, k_scale: float, v_scale: float) -> bool:
     """The KV_SCALED flag of `load_kv_tile`: an fp8 cache whose scales are not both 1.0."""
     return kv_fp8 and (k_scale, v_scale) != (1.0, 1.0)

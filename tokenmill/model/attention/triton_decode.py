@@ -42,10 +42,10 @@ import triton.language as tl
 from tokenmill.model.attention.triton_common import (
     LOG2E,
     KernelConfig,
+    attend_kv_range,
     check_cache,
     dequantize_to_float32,
-    load_kv_tile,
-    online_softmax_step,
+    finish_softmax,
 )
 
 DECODE_CONFIG = KernelConfig(block_m=0, block_n=64, num_warps=4, num_stages=3)
@@ -76,12 +76,14 @@ def _paged_decode_kernel(
     split = tl.program_id(2)
     num_kv_heads = tl.num_programs(1)
     seq_len = tl.load(seq_lens_ptr + req)
-    # CASCADE (one split, see triton_cascade.py): the first `start` tokens are the shared prefix,
-    # attended by the prefix kernel into lanes 0 .. num_splits - 2; this program takes the rest.
+    # CASCADE (one program per (request, KV head), see triton_cascade.py): the first `start`
+    # tokens are the shared prefix, which the prefix kernel attended into lanes 0 .. num_splits - 2;
+    # this program takes the rest, as the last lane (with no prefix, alone: the output).
     start = tl.load(prefix_len_ptr) if CASCADE else 0
     num_tiles = tl.cdiv(tl.maximum(seq_len - start, 0), BLOCK_N)
-    if CASCADE:  # one program per (request, KV head); num_splits counts the merge's lanes
-        num_active = 1
+    if CASCADE:
+        split = num_splits - 1
+        num_active = tl.where(start == 0, 1, num_splits)
         tile_begin = 0
         tile_end = num_tiles
     else:
@@ -110,35 +112,16 @@ def _paged_decode_kernel(
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    for tile in range(tile_begin, tile_end):
-        offs_n = start + tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        key_mask = offs_n < seq_len
-        k, v = load_kv_tile(
-            k_cache_ptr, v_cache_ptr, block_row_ptr, offs_n, key_mask, kv_head, dims, dim_mask,
-            stride_c_block, stride_c_slot, stride_c_head, k_scale, v_scale, PAGE, KV_FP8, KV_SCALED,
-        )
-        m_i, l_i, acc = online_softmax_step(q, k, v, key_mask[None, :], m_i, l_i, acc, scale_log2)
+    m_i, l_i, acc = attend_kv_range(
+        q, k_cache_ptr, v_cache_ptr, block_row_ptr, start, tile_begin, tile_end, seq_len, kv_head, dims,
+        dim_mask, stride_c_block, stride_c_slot, stride_c_head, k_scale, v_scale, scale_log2, m_i, l_i, acc,
+        PAGE, BLOCK_N, KV_FP8, KV_SCALED,
+    )
 
     # A padding request (seq_len 0) leaves l = 0: output 0 (and lse = -inf).
-    has_keys = l_i > 0.0
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    out, lse = finish_softmax(m_i, l_i, acc)
     out_offs = req.to(tl.int64) * stride_o_tok + heads[:, None] * stride_o_head + dims[None, :]
-    if CASCADE:
-        if start == 0:  # no shared prefix this step: the suffix is the whole context
-            tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=qh_mask)
-        else:
-            # The prefix kernel ran before this launch (stream order): its lanes are written.
-            # Add this program's as the last lane and merge them all, as the split merge does.
-            part_rows = (req.to(tl.int64) * (GROUP * num_kv_heads) + heads) * num_splits
-            lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-            tl.store(part_out_ptr + (part_rows + num_splits - 1)[:, None] * BLOCK_D + dims[None, :], out,
-                     mask=qh_mask)
-            tl.store(part_lse_ptr + part_rows + num_splits - 1, lse, mask=h_mask)
-            tl.debug_barrier()  # the block's own stores are visible to its (.cg) loads after this
-            _merge_group(out_ptr, part_out_ptr, part_lse_ptr, req, kv_head, num_kv_heads, num_splits,
-                         num_splits, GROUP, stride_o_tok, stride_o_head, dims, dim_mask,
-                         BLOCK_S, GROUP_P2, MERGE_H, MERGE_S, BLOCK_D)
-    elif DIRECT:
+    if DIRECT:
         tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=qh_mask)
     elif num_active == 1:
         # The only active split: its partial is the output (a one-lane merge would multiply it by
@@ -148,20 +131,26 @@ def _paged_decode_kernel(
         # part_out: [num_decodes, num_heads, num_splits, BLOCK_D]; part_lse without the last axis.
         # Only the lanes of active splits are written, and only those are read by the merge.
         part_rows = (req.to(tl.int64) * (GROUP * num_kv_heads) + heads) * num_splits  # [BLOCK_H]
-        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
         tl.store(part_out_ptr + (part_rows + split)[:, None] * BLOCK_D + dims[None, :], out, mask=qh_mask)
         tl.store(part_lse_ptr + part_rows + split, lse, mask=h_mask)
         # Every thread's partial stores are ordered before the (single-thread) release below: the
         # pattern of CUTLASS's split-K semaphore (barrier, then one thread releases at gpu scope).
         tl.debug_barrier()
-        counter = counter_ptr + req * num_kv_heads + kv_head
-        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-        if arrived == num_active - 1:
-            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
-            tl.debug_barrier()
+        if CASCADE:
+            # The prefix kernel ran before this launch (stream order): its lanes are all written,
+            # so this program merges at once (its own stores are visible to it after the barrier).
             _merge_group(out_ptr, part_out_ptr, part_lse_ptr, req, kv_head, num_kv_heads, num_active,
                          num_splits, GROUP, stride_o_tok, stride_o_head, dims, dim_mask,
                          BLOCK_S, GROUP_P2, MERGE_H, MERGE_S, BLOCK_D)
+        else:
+            counter = counter_ptr + req * num_kv_heads + kv_head
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if arrived == num_active - 1:
+                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+                tl.debug_barrier()
+                _merge_group(out_ptr, part_out_ptr, part_lse_ptr, req, kv_head, num_kv_heads, num_active,
+                             num_splits, GROUP, stride_o_tok, stride_o_head, dims, dim_mask,
+                             BLOCK_S, GROUP_P2, MERGE_H, MERGE_S, BLOCK_D)
 
 
 @triton.jit
@@ -226,6 +215,14 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 16 under Triton's CPU interpreter (the split
+    heuristics that use it are right for any value)."""
+    if device.type != "cuda":
+        return 16
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def decode_num_splits(num_decodes: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
     """Programs per (request, KV head). Measured on H100 at Llama-3.1-8B shapes: once the batch
     alone gives every SM a program, splitting adds merge work, except that two splits even out
@@ -233,10 +230,7 @@ def decode_num_splits(num_decodes: int, num_kv_heads: int, max_seq_len: int, dev
     512); below that, about two programs per SM, with no split shorter than
     _MIN_TOKENS_PER_SPLIT tokens of the longest context (batch 1: 8 splits at 512 tokens, 32 from
     2k tokens up)."""
-    if device.type == "cuda":
-        num_sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    else:
-        num_sms = 16  # Triton's CPU interpreter: any value is correct
+    num_sms = sm_count(device)
     num_programs = num_decodes * num_kv_heads
     if num_programs >= num_sms:
         return 2 if num_programs < 4 * num_sms and max_seq_len >= 4096 else 1
