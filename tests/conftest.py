@@ -22,7 +22,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def default_gguf_path() -> str:
-    from tokenmill.model.loader.model_source import default_gguf_path
+    from tokenmill.config.model_source import default_gguf_path
     return default_gguf_path()
 
 

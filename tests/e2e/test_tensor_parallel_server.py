@@ -36,7 +36,7 @@ def _worker_pids(server_pid: int) -> list[int]:
     children = {pid for pid, ppid in parents.items() if ppid == server_pid}
     pids = []
     for pid, cmd in cmdlines.items():
-        if b"tokenmill.distributed.worker" in cmd and b"--parent-pid" in cmd:
+        if b"tokenmill.executor.worker_process" in cmd and b"--parent-pid" in cmd:
             parent = int(cmd[cmd.index(b"--parent-pid") + 1])
             if parent in children:
                 pids.append(pid)

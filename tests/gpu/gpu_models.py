@@ -47,7 +47,7 @@ def hf_with_fp8_kv(model: torch.nn.Module):
     weights: ~4.6 nats per token on the test below, CPU.)"""
     from transformers.models.llama import modeling_llama
 
-    from tokenmill.model.attention.kv_quant import quantize_fp8
+    from tokenmill.ops.kv_quant import quantize_fp8
 
     real_rope = modeling_llama.apply_rotary_pos_emb
 
@@ -111,11 +111,11 @@ def greedy_eager_and_graphs(folder: str, **engine_args) -> list[list[list[int]]]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     results = {}
     # The default configuration first: under tensor parallelism only a process's first engine
-    # gets the symmetric-memory all-reduces (parallel_state._init_symm_mem_all_reduce).
+    # gets the symmetric-memory all-reduces (distributed/symm_mem.create_communicator).
     for eager, async_scheduling in ((False, True), (True, False), (False, False)):
         with LLM(folder, max_model_len=2048, gpu_memory_utilization=0.3, enforce_eager=eager, max_num_seqs=8,
                  async_scheduling=async_scheduling, **engine_args) as llm:
-            assert (llm.engine.core.runner.graphs is None) == eager
+            assert (llm.engine.core.executor.driver_worker.graphs is None) == eager
             outs = llm.generate(prompts, params, use_tqdm=False)
             results[eager, async_scheduling] = [o.outputs[0].token_ids for o in outs]
         torch.cuda.empty_cache()

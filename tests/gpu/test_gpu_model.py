@@ -35,13 +35,11 @@ def test_cuda_graphs_match_eager(name, tmp_path_factory):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_batch1_decode_graph_gemv_matches_eager(dtype, tmp_path_factory, monkeypatch):
-    """Batch-1 decode graphs run the Triton GEMV (model/layers/matmul.py), the MLP's down projection
-    with SiLU-and-mul fused in, where eager steps run cuBLAS: the same greedy tokens, and the GEMV
-    really is what the graph replays."""
-    from tokenmill.model.layers import matmul, triton_gemv
+    """Batch-1 decode graphs run the Triton GEMV (model/layers/linear_method.py), the MLP's down
+    projection with SiLU-and-mul fused in, where eager steps run cuBLAS: the same greedy tokens, and
+    the GEMV really is what the graph replays."""
+    from tokenmill.ops import gemv as triton_gemv
 
-    if not matmul.gemv_enabled():
-        pytest.skip("TOKENMILL_TRITON_GEMV=0")
     calls = []
     real_gemv = triton_gemv.gemv
     monkeypatch.setattr(triton_gemv, "gemv", lambda x, w, silu_mul=False, push=None:
@@ -78,7 +76,7 @@ def test_fp8_kv_cache_follows_hf_on_its_own_greedy_path(tmp_path_factory):
 def test_no_triton_compiles_after_start_up(kv_cache_dtype, tmp_path):
     """Every Triton kernel variant a serving engine needs is compiled at start-up (profile run,
     graph capture), none while it serves: a fresh Triton cache, an engine with no warm-up, then
-    chunked prefills mixed with decode batches of changing sizes (bench/step_timeline.py counts
+    chunked prefills mixed with decode batches of changing sizes (tokenmill/benchmarks/step_timeline.py counts
     the files Triton writes to its cache while the steps run). Before the kernels stopped
     specialising on per-step values this wrote 16-32 files, stalling steps for seconds."""
     import json
@@ -182,10 +180,10 @@ def test_cascade_attention_matches_plain_decode(tmp_path_factory):
     for eager, cascade in ((False, True), (False, False), (True, True)):
         with LLM(folder, dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.3, max_num_seqs=64,
                  enforce_eager=eager, disable_cascade_attn=not cascade) as llm:
-            runner = llm.engine.core.runner
+            builder = llm.engine.core.executor.driver_worker.runner.attn_builder
             prefix_lens = []
-            real = runner._common_prefix_len
-            runner._common_prefix_len = lambda host: prefix_lens.append(real(host)) or prefix_lens[-1]
+            real = builder.common_prefix_len
+            builder.common_prefix_len = lambda table, lens: prefix_lens.append(real(table, lens)) or prefix_lens[-1]
             llm.generate([shared + [1]], SamplingParams(max_tokens=1), use_tqdm=False)
             outs = llm.generate(prompts, params, use_tqdm=False)
             results[eager, cascade] = [o.outputs[0].token_ids for o in outs]

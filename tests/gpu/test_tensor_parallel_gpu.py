@@ -16,9 +16,11 @@ from gpu_models import (  # noqa: E402
     LOGIT_PARAMS, LOGIT_PROMPTS, SHAPES, assert_logprobs_match_hf, greedy_eager_and_graphs, hf_folder)
 
 from tokenmill import LLM  # noqa: E402
-from tokenmill.distributed import parallel_state  # noqa: E402
-from tokenmill.distributed.symm_mem_all_reduce import FUSED_MAX_WORLD_SIZE  # noqa: E402
-from tokenmill.model.layers.linear import head_partition  # noqa: E402
+from tokenmill.config.engine_config import KernelConfig  # noqa: E402
+from tokenmill.config.parallel import head_partition  # noqa: E402
+from tokenmill.distributed import symm_mem  # noqa: E402
+
+FUSED_MAX_WORLD_SIZE = KernelConfig().fused_all_reduce_max_world_size
 
 TP_SIZES = [n for n in (2, 4, 8) if n <= torch.cuda.device_count()]
 
@@ -39,15 +41,15 @@ CASES = [(name, tp) for tp in TP_SIZES for name in sorted(SHAPES) if _splits(nam
 @pytest.mark.parametrize("name,tp", CASES)
 def test_tp_logits_match_hf_bf16(name, tp, tmp_path_factory):
     folder, hf = hf_folder(tmp_path_factory, name, 0.05)
-    first_engine = not parallel_state.symm_mem_set_up_in_process()
+    first_engine = not symm_mem._set_up_in_process
     with LLM(folder, dtype="bfloat16", max_model_len=2048, gpu_memory_utilization=0.3,
              tensor_parallel_size=tp) as llm:
         # The first TP engine of this process (rank 0 runs here) must take the symmetric-memory
         # paths being tested: the one-shot sum and, up to FUSED_MAX_WORLD_SIZE ranks, the sum fused
-        # with add + RMSNorm.
-        # Later engines in the process use NCCL (parallel_state._init_symm_mem_all_reduce).
-        assert parallel_state.symm_mem_all_reduce_active() == first_engine
-        assert parallel_state.fused_all_reduce_norm_active() == (first_engine and tp <= FUSED_MAX_WORLD_SIZE)
+        # with add + RMSNorm. Later engines in the process use NCCL (symm_mem.create_communicator).
+        comm = llm.engine.core.executor.tp.communicator
+        assert (comm is not None) == first_engine
+        assert (comm is not None and comm.fuses_norm) == (first_engine and tp <= FUSED_MAX_WORLD_SIZE)
         outs = llm.generate(LOGIT_PROMPTS, LOGIT_PARAMS, use_tqdm=False)
     assert_logprobs_match_hf(hf, LOGIT_PROMPTS, outs, (name, tp))
 
@@ -64,7 +66,7 @@ def test_symm_mem_all_reduce_sums_right(tmp_path):
 
     root = Path(__file__).resolve().parents[2]
     out = tmp_path / "ar.json"
-    proc = subprocess.run([sys.executable, "scripts/bench_all_reduce.py", "--world-size", "2",
+    proc = subprocess.run([sys.executable, "-m", "tokenmill.benchmarks.kernels.all_reduce", "--world-size", "2",
                            "--output-json", str(out)], capture_output=True, text=True, timeout=300, cwd=root)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert json.loads(out.read_text())["failures"] == []

@@ -55,7 +55,8 @@ def _teacher_forced(llm: LLM, tokens: list[int]) -> list[float]:
 
 def test_fp8_logprobs_close_to_model_dtype_cache(tiny_llama):
     with LLM(tiny_llama, kv_cache_dtype="fp8", **ENGINE) as llm:
-        assert all(k.dtype == v.dtype == torch.float8_e4m3fn for k, v in llm.engine.core.runner.kv_caches)
+        assert all(k.dtype == v.dtype == torch.float8_e4m3fn for k, v in
+                   llm.engine.core.executor.driver_worker.runner.kv_caches)
         tokens, fp8 = _fp8_logprobs(llm)
     with LLM(tiny_llama, **ENGINE) as llm:
         ref = _teacher_forced(llm, tokens)
@@ -71,16 +72,17 @@ def test_fp8_pool_holds_more_blocks(tiny_llama, dtype, ratio):
     """Same bytes for the pool, one byte per element instead of 4 (float32) or 2 (bfloat16)."""
     kwargs = dict(ENGINE, dtype=dtype)
     with LLM(tiny_llama, **kwargs) as llm:
-        auto_runner = llm.engine.core.runner
-        auto_blocks, auto_bytes = auto_runner.num_blocks, auto_runner.bytes_per_block()
+        auto_worker = llm.engine.core.executor.driver_worker
+        auto_blocks, auto_bytes = auto_worker.num_blocks, auto_worker.runner.kv_cache_bytes_per_block()
         assert llm.engine.core.kv_manager.pool.num_blocks == auto_blocks
     with LLM(tiny_llama, kv_cache_dtype="fp8", **kwargs) as llm:
-        runner = llm.engine.core.runner
-        assert runner.bytes_per_block() * ratio == auto_bytes
-        assert runner.num_blocks == ENGINE["kv_cache_memory"] // runner.bytes_per_block()
-        assert ratio * auto_blocks <= runner.num_blocks < ratio * (auto_blocks + 1)
-        assert runner.kv_caches[0][0].element_size() == 1
-        assert llm.engine.core.kv_manager.pool.num_blocks == runner.num_blocks
+        worker = llm.engine.core.executor.driver_worker
+        bytes_per_block = worker.runner.kv_cache_bytes_per_block()
+        assert bytes_per_block * ratio == auto_bytes
+        assert worker.num_blocks == ENGINE["kv_cache_memory"] // bytes_per_block
+        assert ratio * auto_blocks <= worker.num_blocks < ratio * (auto_blocks + 1)
+        assert worker.runner.kv_caches[0][0].element_size() == 1
+        assert llm.engine.core.kv_manager.pool.num_blocks == worker.num_blocks
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import pytest
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.sampling_params import StructuredOutputsParams
-from tokenmill.distributed.executor import TensorParallelExecutor, WorkerDiedError
+from tokenmill.executor.multiproc import MultiprocExecutor, WorkerDiedError
 
 from test_hf_parity_embedded import MAX_TOKENS, PROMPTS
 
@@ -39,9 +39,9 @@ def test_tp2_greedy_matches_tp1_and_extras_work(tp1_greedy, llm_fp32):
                                  structured_outputs=StructuredOutputsParams(json=schema))
     expected_sampled = llm_fp32.generate(PROMPTS[:3], sampled, use_tqdm=False)
     with LLM(tensor_parallel_size=2, **ENGINE) as llm:
-        runner = llm.engine.core.runner
-        assert isinstance(runner, TensorParallelExecutor)
-        attn = runner.model.model.layers[0].self_attn
+        executor = llm.engine.core.executor
+        assert isinstance(executor, MultiprocExecutor)
+        attn = executor.driver_worker.model.model.layers[0].self_attn.attn
         assert (attn.num_heads, attn.num_kv_heads) == (6, 2)  # rank 0's share
         assert _greedy(llm) == tp1_greedy
         # Seeded sampling, logprobs and prompt logprobs come from rank 0 as with one rank.
@@ -84,12 +84,15 @@ def test_tp2_async_scheduling(tp1_greedy, llm_fp32):
 
 def test_tp3_greedy_matches_tp1(tp1_greedy):
     with LLM(tensor_parallel_size=3, **ENGINE) as llm:
-        attn = llm.engine.core.runner.model.model.layers[0].self_attn
+        attn = llm.engine.core.executor.driver_worker.model.model.layers[0].self_attn.attn
         assert (attn.num_heads, attn.num_kv_heads) == (3, 1)
         assert _greedy(llm) == tp1_greedy
-        # One tensor-parallel engine per process: a second engine is refused while this one runs.
+        # No parallel state in globals: a single-rank engine runs beside it in the same process,
+        # while a second tensor-parallel engine (one torch.distributed group per process) is refused.
+        with LLM(**ENGINE) as single:
+            assert _greedy(single) == tp1_greedy
         with pytest.raises(RuntimeError, match="shutdown"):
-            LLM(**ENGINE)
+            LLM(tensor_parallel_size=2, **ENGINE)
 
 
 def test_failed_start_up_leaves_no_tensor_parallel_state(monkeypatch):
@@ -111,7 +114,7 @@ def test_failed_start_up_leaves_no_tensor_parallel_state(monkeypatch):
 def test_dead_rank_fails_the_engine_cleanly():
     llm = LLM(tensor_parallel_size=2, **ENGINE)
     try:
-        executor = llm.engine.core.runner
+        executor = llm.engine.core.executor
         assert llm.generate("Hi", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
         os.kill(executor._procs[0].pid, signal.SIGKILL)
         deadline = time.monotonic() + 10

@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from tokenmill.engine.messages import EngineOutput, EngineOutputs, EngineRequest, FinishReason, SchedulerStats
+from tokenmill.core.messages import EngineOutput, EngineOutputs, EngineRequest, FinishReason, SchedulerStats
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 

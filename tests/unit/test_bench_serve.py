@@ -9,7 +9,7 @@ import json
 import pytest
 
 from server_harness import start_fake_server
-from tokenmill.bench import serve as bench_serve
+from tokenmill.benchmarks import serve as bench_serve
 
 pytestmark = pytest.mark.slow
 

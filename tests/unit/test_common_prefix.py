@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from tokenmill.worker.common_prefix import CASCADE_MIN_PREFIX_TOKENS, common_prefix_tokens
+from tokenmill.model.attention.common_prefix import CASCADE_MIN_PREFIX_TOKENS, common_prefix_tokens
 
 BS = 16
 

@@ -11,7 +11,7 @@ import pytest
 from tokenmill.engine.core_process import (
     AbortRequests, AddRequests, CoreMessage, CoreReady, CoreRequest, CoreStep, cpu_threads_for_core,
 )
-from tokenmill.engine.messages import EngineOutput, EngineOutputs, EngineRequest, FinishReason
+from tokenmill.core.messages import EngineOutput, EngineOutputs, EngineRequest, FinishReason
 from tokenmill.sampling_params import SamplingParams
 
 

@@ -19,7 +19,7 @@ def test_shut_down_engine_frees_its_weights(tmp_path):
         "max_position_embeddings": 256}))
     llm = LLM(str(tmp_path), load_format="dummy", dtype="float32", kv_cache_memory=1 << 20)
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)
-    params = [weakref.ref(p) for p in llm.engine.core.runner.model.parameters()]
+    params = [weakref.ref(p) for p in llm.engine.core.executor.driver_worker.model.parameters()]
     assert len(params) > 10
     llm.shutdown()
     del llm

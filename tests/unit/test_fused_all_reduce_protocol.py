@@ -1,13 +1,13 @@
 """The fused all-reduce + add + RMSNorm kernel's wire protocol, on the CPU.
 
-`distributed/all_reduce_rms_norm.py` has each rank push its row into every peer's buffer as words
+`ops/all_reduce_rms_norm.py` has each rank push its row into every peer's buffer as words
 stamped with a call number, and each rank poll its own buffer. Here every "rank" is a process
 running the kernel on Triton's CPU interpreter, the "symmetric buffers" are shared-memory tensors
 each process sees at its own addresses, and the ranks really wait for each other. A sequence of
 calls with alternating slots and changing row counts must give every rank the reference result,
-bit-identical across ranks; the calls without a residual (the embeddings' sum) give the normed
-sum and the sum. (On GPUs `scripts/bench_all_reduce.py` checks the same across
-NVLink, run by tests/gpu/test_tensor_parallel_gpu.py.)
+bit-identical across ranks; calls without a residual give the normed sum and the sum. (On GPUs
+`tokenmill/benchmarks/kernels/all_reduce.py` checks the same across NVLink, run by
+tests/gpu/test_tensor_parallel_gpu.py.)
 """
 
 from __future__ import annotations
@@ -21,24 +21,24 @@ import torch.multiprocessing as mp
 HIDDEN = 64
 REGION_WORDS = 512
 MAX_ROWS = 4
-# (rows, slot) per call, as forward passes make them: the embeddings' sum (slot 2, no residual),
-# then slots alternating as the norms use them; row counts change between passes.
-CALLS = [(1, 2), (1, 0), (1, 1), (1, 0), (1, 1), (3, 2), (3, 0), (3, 1), (2, 2), (2, 0), (2, 1)]
-NO_RESIDUAL_SLOT = 2
+# (rows, slot) per call, slots alternating as the communicator assigns them (distributed/symm_mem.py);
+# row counts change between forward passes. The calls at NO_RESIDUAL have no residual to add.
+CALLS = [(1, 0), (1, 1), (1, 0), (1, 1), (3, 0), (3, 1), (3, 0), (3, 1), (2, 0), (2, 1)]
+NO_RESIDUAL = {0, 4, 7}
 
 
 def _inputs(world: int, dtype: torch.dtype):
     gen = torch.Generator().manual_seed(world)
     parts = [[torch.randn(rows, HIDDEN, generator=gen).to(dtype) for _ in range(world)] for rows, _ in CALLS]
-    residuals = [None if slot == NO_RESIDUAL_SLOT else torch.randn(rows, HIDDEN, generator=gen).to(dtype)
-                 for rows, slot in CALLS]
+    residuals = [None if i in NO_RESIDUAL else torch.randn(rows, HIDDEN, generator=gen).to(dtype)
+                 for i, (rows, slot) in enumerate(CALLS)]
     weight = (1 + 0.1 * torch.randn(HIDDEN, generator=gen)).to(dtype)
     return parts, residuals, weight
 
 
 def _rank(rank, world, dtype, buffers, outs, res_outs):
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported in this process
-    from tokenmill.distributed.all_reduce_rms_norm import NUM_SLOTS, all_reduce_add_rms_norm
+    from tokenmill.ops.all_reduce_rms_norm import NUM_SLOTS, all_reduce_add_rms_norm
 
     parts, residuals, weight = _inputs(world, dtype)
     buffer_ptrs = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64)  # this process's view
@@ -68,7 +68,7 @@ def _run_ranks(target, args_per_rank: list[tuple]) -> None:
 
 @pytest.mark.parametrize("world,dtype", [(2, torch.float16), (2, torch.float32), (3, torch.float16)])
 def test_every_rank_gets_the_sum_added_and_normed_bit_identically(world, dtype):
-    from tokenmill.distributed.all_reduce_rms_norm import NUM_SLOTS, all_reduce_add_rms_norm_ref
+    from tokenmill.ops.all_reduce_rms_norm import NUM_SLOTS, all_reduce_add_rms_norm_ref
 
     buffers = [torch.zeros(NUM_SLOTS * world * REGION_WORDS, dtype=torch.int64).share_memory_() for _ in range(world)]
     outs = [[torch.zeros(MAX_ROWS, HIDDEN, dtype=dtype).share_memory_() for _ in CALLS] for _ in range(world)]
@@ -84,12 +84,11 @@ def test_every_rank_gets_the_sum_added_and_normed_bit_identically(world, dtype):
             assert torch.equal(outs[r][i], outs[0][i]) and torch.equal(res_outs[r][i], res_outs[0][i])
 
 
-# Batch-1 decode as the model runs it at TP=2: the embeddings' sum, then per layer the attention's
-# output projection and the MLP's down projection, each a GEMV that pushes its row to the peer
-# itself (`gemv(push=...)`), summed by the fused kernel with `pushed=True`; one unpushed sum per
-# slot in between (an eager step), which must take the same call numbers in turn.
-# (slot, pushed) per call; K columns per rank's GEMV.
-PUSH_CALLS = [(2, False), (0, True), (1, True), (0, True), (1, False), (2, False), (0, False), (1, True)]
+# Batch-1 decode as the model runs it at TP=2: per layer the attention's output projection and the
+# MLP's down projection, each a GEMV that pushes its row to the peer itself (`gemv(push=...)`),
+# summed by the fused kernel with `pushed=True`; unpushed sums in between (an eager step), which
+# must take the same call numbers in turn. (slot, pushed) per call; K columns per rank's GEMV.
+PUSH_CALLS = [(0, True), (1, True), (0, True), (1, False), (0, False), (1, True), (0, False), (1, True)]
 PUSH_K = 40
 
 
@@ -97,8 +96,7 @@ def _push_inputs(world: int):
     gen = torch.Generator().manual_seed(100 + world)
     xs = [[torch.randn(1, PUSH_K, generator=gen).half() for _ in range(world)] for _ in PUSH_CALLS]
     ws = [[(0.2 * torch.randn(HIDDEN, PUSH_K, generator=gen)).half() for _ in range(world)] for _ in PUSH_CALLS]
-    residuals = [None if slot == NO_RESIDUAL_SLOT else torch.randn(1, HIDDEN, generator=gen).half()
-                 for slot, _ in PUSH_CALLS]
+    residuals = [torch.randn(1, HIDDEN, generator=gen).half() for _ in PUSH_CALLS]
     weight = (1 + 0.1 * torch.randn(HIDDEN, generator=gen)).half()
     return xs, ws, residuals, weight
 
@@ -107,9 +105,9 @@ def _push_rank(rank, world, buffers, partials, outs, res_outs):
     os.environ["TRITON_INTERPRET"] = "1"
     import triton
 
-    from tokenmill.distributed.all_reduce_rms_norm import NUM_SLOTS, all_reduce_add_rms_norm
-    from tokenmill.distributed.symm_mem_all_reduce import PushTarget
-    from tokenmill.model.layers import triton_gemv
+    from tokenmill.ops.all_reduce_rms_norm import NUM_SLOTS, all_reduce_add_rms_norm
+    from tokenmill.distributed.symm_mem import PushTarget
+    from tokenmill.ops import gemv as triton_gemv
 
     xs, ws, residuals, weight = _push_inputs(world)
     buffer_ptrs = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64)
@@ -131,7 +129,7 @@ def _push_rank(rank, world, buffers, partials, outs, res_outs):
 
 
 def test_rows_pushed_by_the_gemv_are_summed_by_the_fused_kernel():
-    from tokenmill.distributed.all_reduce_rms_norm import NUM_SLOTS, all_reduce_add_rms_norm_ref
+    from tokenmill.ops.all_reduce_rms_norm import NUM_SLOTS, all_reduce_add_rms_norm_ref
 
     world = 2
     buffers = [torch.zeros(NUM_SLOTS * world * REGION_WORDS, dtype=torch.int64).share_memory_() for _ in range(world)]

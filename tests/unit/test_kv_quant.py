@@ -1,6 +1,6 @@
 """The fp8 KV cache on the CPU: the number format against a brute-force table of all fp8 values,
 `torch_native` attention on an fp8 cache against float32 attention, and the option's validation.
-(The Triton kernels on an fp8 cache: tests/kernels/test_attention_kernels.py, `*_fp8`.)"""
+(The Triton kernels on an fp8 cache: tests/gpu/kernels/test_attention_kernels.py, `*_fp8`.)"""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from tokenmill.config import EngineArgs
-from tokenmill.model.attention.backend import AttentionMetadata, get_backend
-from tokenmill.model.attention.kv_quant import FP8_KV_DTYPE, dequantize_fp8, quantize_fp8
+from layer_context import attention_backend
+from tokenmill.model.attention.backend import AttentionMetadata
+from tokenmill.ops.kv_quant import FP8_KV_DTYPE, dequantize_fp8, quantize_fp8
 
 pytestmark = pytest.mark.skipif(FP8_KV_DTYPE is None, reason="this torch has no float8_e4m3fn")
 
@@ -91,7 +92,7 @@ def test_torch_native_fp8_attention_close_to_float32(magnitude, k_scale, v_scale
     q /= magnitude  # scores of order 1 whatever the magnitude
     prefix_k = torch.randn(num_blocks, block_size, num_kv_heads, head_dim) * magnitude
     prefix_v = torch.randn(num_blocks, block_size, num_kv_heads, head_dim) * magnitude
-    backend = get_backend("torch_native")
+    backend = attention_backend("torch_native")
     scale = head_dim ** -0.5
     ref = backend.forward(q, k, v, (prefix_k.clone(), prefix_v.clone()), meta, scale)
     fp8_cache = (quantize_fp8(prefix_k, k_scale), quantize_fp8(prefix_v, v_scale))
@@ -120,7 +121,7 @@ def test_torch_native_fp8_write_skips_padding_slots():
     meta.slot_mapping[1] = -1
     cache = (torch.zeros(4, 4, 1, 8, dtype=FP8_KV_DTYPE), torch.zeros(4, 4, 1, 8, dtype=FP8_KV_DTYPE))
     k = torch.full((2, 1, 8), 3.0)
-    get_backend("torch_native").forward(torch.ones(2, 1, 8), k, -k, cache, meta, 1.0, 0.5, 2.0)
+    attention_backend("torch_native").forward(torch.ones(2, 1, 8), k, -k, cache, meta, 1.0, 0.5, 2.0)
     k_flat, v_flat = (c.float().view(-1, 8) for c in cache)
     slot = int(meta.slot_mapping[0])
     assert (k_flat[slot] == 6.0).all() and (v_flat[slot] == -1.5).all()  # stored = x / scale

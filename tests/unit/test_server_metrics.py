@@ -3,7 +3,7 @@ the hit rate of each interval."""
 
 from __future__ import annotations
 
-from tokenmill.engine.messages import SchedulerStats
+from tokenmill.core.messages import SchedulerStats
 from tokenmill.entrypoints.server.metrics import ServerMetrics
 
 

@@ -6,8 +6,8 @@ import msgspec
 import pytest
 
 from tokenmill.core.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
-from tokenmill.distributed.messages import DriverMessage, WorkerShutdown, WorkerStep
-from tokenmill.model.layers.linear import head_partition
+from tokenmill.executor.messages import DriverMessage, WorkerShutdown, WorkerStep
+from tokenmill.config.parallel import head_partition
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -61,85 +61,92 @@ def test_impossible_split_is_refused_before_any_worker_starts():
 
 
 def test_small_sums_take_the_symmetric_memory_path_and_the_rest_nccl(monkeypatch):
-    """`tp_all_reduce` dispatch: tensors the one-shot buffer can hold (dtype, size, contiguity) go
-    to it, everything else to torch.distributed. (The kernel itself runs only on GPUs:
-    tests/gpu/test_tensor_parallel_gpu.py.)"""
+    """`TensorParallelGroup.all_reduce` dispatch: tensors the one-shot buffer can hold (dtype, size,
+    contiguity) go to it, everything else to torch.distributed. (The kernel itself runs only on
+    GPUs: tests/gpu/test_tensor_parallel_gpu.py.)"""
     import torch
 
-    from tokenmill.distributed import parallel_state
-    from tokenmill.distributed.symm_mem_all_reduce import SymmMemAllReduce, locally_supported
+    from tokenmill.distributed.parallel_state import TensorParallelGroup
+    from tokenmill.distributed.symm_mem import SymmMemCommunicator, locally_supported
 
     assert not locally_supported(torch.device("cpu"), 2)
-    comm = object.__new__(SymmMemAllReduce)  # no GPU here: only the size/dtype rule
+    comm = object.__new__(SymmMemCommunicator)  # no GPU here: only the size/dtype rule
     comm.dtype, comm.max_numel = torch.bfloat16, 1024
     took_symm, took_nccl = [], []
     monkeypatch.setattr(comm, "all_reduce_", lambda x: took_symm.append(x.shape) or x, raising=False)
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda x, group=None: took_nccl.append(x.shape))
-    monkeypatch.setattr(parallel_state, "_SYMM_MEM", comm)
-    parallel_state.set_tensor_parallel(0, 2, None)
-    try:
-        parallel_state.tp_all_reduce(torch.zeros(1, 1024, dtype=torch.bfloat16))  # fits
-        parallel_state.tp_all_reduce(torch.zeros(2, 1024, dtype=torch.bfloat16))  # too big
-        parallel_state.tp_all_reduce(torch.zeros(1, 512, dtype=torch.float32))  # other dtype
-        parallel_state.tp_all_reduce(torch.zeros(64, 16, dtype=torch.bfloat16).t())  # strided
-    finally:
-        parallel_state.set_tensor_parallel(0, 1, None)
+    group = TensorParallelGroup(0, 2, torch.device("cpu"), communicator=comm)
+    group.all_reduce(torch.zeros(1, 1024, dtype=torch.bfloat16))  # fits
+    group.all_reduce(torch.zeros(2, 1024, dtype=torch.bfloat16))  # too big
+    group.all_reduce(torch.zeros(1, 512, dtype=torch.float32))  # other dtype
+    group.all_reduce(torch.zeros(64, 16, dtype=torch.bfloat16).t())  # strided
     assert took_symm == [(1, 1024)]
     assert took_nccl == [(2, 1024), (1, 512), (16, 64)]
 
 
-def test_norm_after_a_row_parallel_layer_fuses_the_sum_where_it_can(monkeypatch):
-    """`RMSNorm.reduce_add` dispatch: decode-sized rows go to the fused all-reduce + add + norm
-    kernel with the caller's slot; other shapes fall back to the all-reduce, then the norm, with
-    the same result as before the fusion. (The kernel runs only on GPUs: bench_all_reduce.py,
-    run by tests/gpu/test_tensor_parallel_gpu.py.)"""
+def _fused_communicator(dtype, region_words=4096):
+    """A `SymmMemCommunicator` with its fused-sum bookkeeping but no GPU buffers."""
     import torch
 
-    from tokenmill.distributed import parallel_state
-    from tokenmill.distributed.symm_mem_all_reduce import SymmMemAllReduce
-    from tokenmill.model.layers.basic import RMSNorm
+    from tokenmill.distributed.symm_mem import SymmMemCommunicator
 
-    comm = object.__new__(SymmMemAllReduce)
-    comm.dtype, comm.max_numel, comm.fused_region_words, comm.max_fused_rows = torch.float32, 1 << 20, 4096, 2
-    fused_calls, summed = [], []
+    comm = object.__new__(SymmMemCommunicator)
+    comm.dtype, comm.max_numel, comm.fused_region_words = dtype, 1 << 20, region_words
+    comm.rank, comm.world_size = 0, 2
+    comm.buffer_ptrs = comm.call_counters = torch.zeros(1)
+    comm._deferred = comm._deferred_sum = None
+    comm._next_slot = 0
+    return comm
 
-    def fake_fused(x, residual, weight, eps, slot, pushed):
-        assert not pushed  # no GEMV ran here
-        fused_calls.append((tuple(x.shape), slot))
-        return "fused", slot
 
-    def fake_all_reduce(x):  # two identical ranks: the sum is twice this rank's part
-        summed.append(tuple(x.shape))
-        return x.mul_(2)
+def test_row_parallel_sums_are_deferred_to_the_next_norm_with_alternating_slots(monkeypatch):
+    """A row-parallel layer's sum is deferred where the fused kernel can take it (decode-sized,
+    contiguous rows), each deferral taking the next slot; the norm that follows takes it, and
+    anything else reaching for it is an error, not a silent unsummed value."""
+    import torch
 
-    monkeypatch.setattr(comm, "all_reduce_add_rms_norm", fake_fused, raising=False)
-    monkeypatch.setattr(comm, "all_reduce_", fake_all_reduce, raising=False)
-    monkeypatch.setattr(torch.distributed, "all_reduce", lambda x, group=None: summed.append("nccl"))
-    monkeypatch.setattr(parallel_state, "_SYMM_MEM", comm)
-    norm = RMSNorm(8, 1e-6)
-    norm.weight.data = torch.linspace(0.5, 1.5, 8)
-    parallel_state.set_tensor_parallel(0, 2, None)
-    try:
-        assert parallel_state.fused_all_reduce_norm_active()
-        assert norm.reduce_add(torch.ones(2, 8), torch.ones(2, 8), slot=1) == ("fused", 1)
-        partial, residual = torch.randn(3, 8), torch.randn(3, 8)  # 3 rows: more than the kernel takes
-        want = norm(2 * partial, residual)
-        got = norm.reduce_add(partial.clone(), residual, slot=0)
-        strided = norm.reduce_add(torch.randn(8, 2).t(), torch.randn(2, 8), slot=0)  # not contiguous
-        # The first layer: the embeddings' partial sums, no residual yet (slot 2).
-        assert norm.reduce_add(torch.ones(1, 8), None, slot=2) == ("fused", 2)
-        embeddings = torch.randn(3, 8)
-        first_normed, first_residual = norm.reduce_add(embeddings.clone(), None, slot=2)  # too many rows
-    finally:
-        parallel_state.set_tensor_parallel(0, 1, None)
-    assert fused_calls == [((2, 8), 1), ((1, 8), 2)]
-    assert summed == [(3, 8), "nccl", (3, 8)]
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    assert strided[0].shape == (2, 8)
-    assert torch.equal(first_residual, 2 * embeddings) and torch.equal(first_normed, norm(2 * embeddings))
-    # One rank: no collective at all, the plain fused add + norm.
-    partial = torch.randn(2, 8)
-    assert all(torch.equal(a, b) for a, b in zip(norm.reduce_add(partial, residual[:2], slot=0),
-                                                  norm(partial, residual[:2])))
-    normed, same = norm.reduce_add(partial, None, slot=2)
-    assert same is partial and torch.equal(normed, norm(partial))
+    from tokenmill.distributed.parallel_state import TensorParallelGroup
+
+    comm = _fused_communicator(torch.float32)
+    summed = []
+    monkeypatch.setattr(comm, "all_reduce_", lambda x: summed.append(tuple(x.shape)) or x, raising=False)
+    group = TensorParallelGroup(0, 2, torch.device("cpu"), communicator=comm)
+    slots = []
+    for _ in range(4):
+        x = torch.randn(2, 8)
+        assert group.defer_sum(x) is x  # deferred: returned unreduced
+        fused = group.take_deferred(x)
+        slots.append(fused.target.slot)
+        assert group.take_deferred(x) is None  # taken once
+    assert slots == [0, 1, 0, 1] and summed == []
+    big = torch.randn(65, 8)  # more rows than the fused kernel's programs: summed at once
+    assert group.defer_sum(big) is big and summed == [(65, 8)] and group.take_deferred(big) is None
+    x = torch.randn(1, 8)
+    group.defer_sum(x)
+    with pytest.raises(RuntimeError, match="other than the RMSNorm"):
+        group.take_deferred(x * 2)  # a model must hand the sum straight to the norm
+    assert comm.push_target(1, 8, torch.float32) is None  # pushed rows are 16-bit words
+
+
+def test_rms_norm_computes_a_deferred_sum_in_the_fused_kernel(monkeypatch):
+    """`RMSNorm`'s CUDA path: a deferred partial sum goes to the fused all-reduce + add + norm kernel
+    with the slot it was given; anything else to the plain fused add + norm kernel."""
+    import torch
+
+    from layer_context import layers_for
+    from tokenmill.distributed.parallel_state import TensorParallelGroup
+    from tokenmill.model.layers.layernorm import RMSNorm
+
+    comm = _fused_communicator(torch.float32)
+    group = TensorParallelGroup(0, 2, torch.device("cpu"), communicator=comm)
+    with layers_for("cpu", tp=group):
+        norm = RMSNorm(8, 1e-6)
+    calls = []
+    norm._kernel = lambda x, w, eps, residual=None: calls.append(("plain", residual is not None)) or "plain"
+    norm._fused_sum_kernel = lambda x, residual, *args: calls.append(("fused", args[4], args[-1])) or "fused"
+    x, residual = torch.randn(2, 8), torch.randn(2, 8)
+    group.defer_sum(x)
+    assert RMSNorm.forward_cuda(norm, x, residual) == "fused"
+    assert RMSNorm.forward_cuda(norm, torch.randn(2, 8), residual) == "plain"  # nothing deferred
+    assert RMSNorm.forward_cuda(norm, x) == "plain"  # no residual: a plain norm
+    assert calls == [("fused", 0, False), ("plain", True), ("plain", False)]

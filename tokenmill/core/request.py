@@ -6,7 +6,7 @@ import sys
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-from tokenmill.engine.messages import EngineRequest, FinishReason, TokenLogprobs
+from tokenmill.core.messages import EngineRequest, FinishReason, TokenLogprobs
 from tokenmill.sampling_params import SamplingParams
 
 

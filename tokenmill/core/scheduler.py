@@ -29,7 +29,7 @@ from tokenmill.core.scheduler_output import (
     NewRequestData,
     SchedulerOutput,
 )
-from tokenmill.engine.messages import EngineOutput, SchedulerStats
+from tokenmill.core.messages import EngineOutput, SchedulerStats
 
 _RUNNING = RequestStatus.RUNNING
 _PREEMPTED = RequestStatus.PREEMPTED

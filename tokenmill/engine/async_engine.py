@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Protocol
 import msgspec
 
 from tokenmill.engine.core_client import EngineCoreClient, EngineDeadError
-from tokenmill.engine.messages import SchedulerStats
+from tokenmill.core.messages import SchedulerStats
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 

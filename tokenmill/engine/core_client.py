@@ -35,7 +35,7 @@ from tokenmill.engine.core_process import (
     make_real_engine,
     run_engine_core,
 )
-from tokenmill.engine.messages import EngineOutputs, EngineRequest
+from tokenmill.core.messages import EngineOutputs, EngineRequest
 
 logger = logging.getLogger(__name__)
 

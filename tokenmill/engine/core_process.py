@@ -21,13 +21,13 @@ from typing import Callable, Protocol, Union
 import msgspec
 import zmq
 
-from tokenmill.engine.messages import EngineOutputs, EngineRequest, SchedulerStats
+from tokenmill.core.messages import EngineOutputs, EngineRequest, SchedulerStats
+from tokenmill.utils.process import watch_parent
 
 logger = logging.getLogger(__name__)
 
 # How often an idle core reports its stats, and how often it checks that its parent still lives.
 IDLE_HEARTBEAT_S = 1.0
-PARENT_POLL_S = 1.0
 
 
 # ----- client -> core -----
@@ -88,7 +88,8 @@ def make_real_engine(engine_args_msgpack: bytes) -> EngineCoreLike:
     from tokenmill.engine.engine_core import EngineCore
 
     engine_args = msgspec.msgpack.decode(engine_args_msgpack, type=EngineArgs)
-    return EngineCore(engine_args.create_engine_config())
+    # In its own process a dead tensor-parallel rank is engine death: the process ends at once.
+    return EngineCore(engine_args.create_engine_config(), exit_process_on_worker_death=True)
 
 
 def cpu_threads_for_core(requested: int | None) -> int | None:
@@ -133,8 +134,6 @@ def run_engine_core(
     out_sock.setsockopt(zmq.LINGER, 2000)
     out_sock.connect(output_addr)
     encoder = msgspec.msgpack.Encoder()
-    from tokenmill.distributed import executor as tp_executor
-    tp_executor.EXIT_PROCESS_ON_WORKER_DEATH = True  # a dead tensor-parallel rank is engine death
     try:
         engine = make_engine(engine_args_msgpack)
     except Exception as exc:  # noqa: BLE001 - reported to the parent, then we exit non-zero
@@ -226,13 +225,3 @@ def _output_thread(sock: zmq.Socket, outbox: queue.Queue) -> None:
         if msg is None:
             return
         sock.send(encoder.encode(msg), copy=False)
-
-
-def watch_parent(parent_pid: int) -> None:
-    """Exit as soon as the parent process is gone (killed -9: nobody will ever send Shutdown).
-    Runs on a daemon thread, so it also ends a process stuck in a call that would wait for the
-    dead parent (a TP worker inside a collective). Also used by `distributed/worker.py`."""
-    while True:
-        time.sleep(PARENT_POLL_S)
-        if os.getppid() != parent_pid:
-            os._exit(0)

@@ -11,36 +11,20 @@ sampling reads its previous tokens (penalties, a grammar) is live, steps run one
 
 from __future__ import annotations
 
-import atexit
-import gc
 import logging
 import time
 from typing import Iterable, NamedTuple
 
-from tokenmill.config import EngineConfig
+from tokenmill.config.engine_config import EngineConfig
 from tokenmill.core.kv_cache_manager import KVCacheManager
+from tokenmill.core.messages import EngineOutput, EngineOutputs, EngineRequest, SchedulerStats
 from tokenmill.core.request import Request, RequestStatus
 from tokenmill.core.scheduler import Scheduler
 from tokenmill.core.scheduler_output import SchedulerOutput
-from tokenmill.engine.messages import EngineOutput, EngineOutputs, EngineRequest, SchedulerStats
-from tokenmill.distributed.executor import make_model_executor
+from tokenmill.executor import make_executor
+from tokenmill.utils.process import freeze_long_lived_objects
 
 logger = logging.getLogger(__name__)
-
-
-def freeze_long_lived_objects() -> None:
-    """Move everything built so far (model, KV blocks, graphs) out of the cyclic GC's generations.
-
-    They live as long as the engine; left in, each full collection scans ~280k objects (65k KV
-    blocks) and pauses a step for ~140 ms. Measured at batch 256 (bench/host_overhead.py, CPU):
-    GC pauses 1.33 -> 0.13 ms per step on average.
-    """
-    gc.collect()
-    gc.freeze()
-    # Unfrozen at exit so the interpreter's final collection still frees them (native extensions
-    # such as xgrammar's report never-freed objects as leaks otherwise).
-    atexit.unregister(gc.unfreeze)
-    atexit.register(gc.unfreeze)
 
 
 class _LaunchedStep(NamedTuple):
@@ -66,19 +50,20 @@ def _check_kv_capacity(config: EngineConfig, capacity_tokens: int) -> None:
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig) -> None:
+    """`exit_process_on_worker_death`: set where the engine core has a process of its own (the
+    server's), so a dead tensor-parallel rank ends it at once (executor/multiproc.py)."""
+
+    def __init__(self, config: EngineConfig, exit_process_on_worker_death: bool = False) -> None:
         self.config = config
         start = time.perf_counter()
-        # One ModelRunner, or rank 0's plus tensor-parallel worker processes (same methods).
-        self.runner = make_model_executor(config)
+        self.executor = make_executor(config, exit_process_on_worker_death)
         try:
-            num_blocks = self.runner.determine_num_blocks()
+            num_blocks = self.executor.determine_num_blocks()
             self.kv_capacity_tokens = num_blocks * config.cache.block_size
             _check_kv_capacity(config, self.kv_capacity_tokens)
-            self.runner.allocate_kv_cache(num_blocks)
-            self.runner.capture_cuda_graphs()
+            self.executor.initialize_kv_cache(num_blocks)
         except BaseException:
-            self.runner.shutdown()  # stop any worker ranks, so a later engine in this process can start
+            self.executor.shutdown()  # stop any worker ranks, so a later engine in this process can start
             raise
         self.kv_manager = KVCacheManager(num_blocks, config.cache.block_size,
                                          config.cache.enable_prefix_caching)
@@ -107,7 +92,7 @@ class EngineCore:
             outputs += self._finish(self._in_flight, counts)  # the next schedule needs its tokens
             self._in_flight = None
         sched = self.scheduler.schedule()
-        launched = _LaunchedStep(sched, self.runner.launch(sched))
+        launched = _LaunchedStep(sched, self.executor.launch(sched))
         if self._in_flight is not None:
             # Step N+1 is queued on the GPU: now wait for step N's tokens and do its bookkeeping.
             outputs += self._finish(self._in_flight, counts)
@@ -134,4 +119,4 @@ class EngineCore:
 
     def shutdown(self) -> None:
         """Release the KV pool and graphs, stop any worker ranks (the engine cannot step afterwards)."""
-        self.runner.shutdown()
+        self.executor.shutdown()

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from tokenmill.config import ModelConfig
-from tokenmill.engine.messages import EngineRequest
+from tokenmill.core.messages import EngineRequest
 from tokenmill.sampling_params import SamplingParams
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.input_processor import child_request_id
-from tokenmill.engine.messages import EngineOutput, FinishReason, TokenLogprobs
+from tokenmill.core.messages import EngineOutput, FinishReason, TokenLogprobs
 from tokenmill.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tokenmill.model.attention.backend import get_backend
+from tokenmill.config.engine_config import EngineConfig
+from tokenmill.distributed.parallel_state import TensorParallelGroup
+from tokenmill.model.build_context import BuildContext, building
 from tokenmill.model.models.llama import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
@@ -25,28 +27,24 @@ def model_class(architecture: str) -> type[nn.Module]:
 
 
 @torch.no_grad()
-def build_model(config) -> nn.Module:
-    """Instantiate the model of `config` (an EngineConfig) on its device and load its weights."""
-    from tokenmill.model.loader.weights import init_dummy_weights, iter_weights
+def build_model(config: EngineConfig, tp: TensorParallelGroup) -> nn.Module:
+    """Instantiate the model of `config` on its device, sharded for `tp`, and load its weights."""
+    from tokenmill.model.loader.weights import init_dummy_weights, iter_weights, load_weights
 
     model_config = config.model
     cls = model_class(model_config.architecture)
-    backend = get_backend(config.attention_backend)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(model_config.dtype)
     try:
-        with torch.device(config.device):
-            model = cls(model_config.hf_config, backend)
+        with torch.device(config.device), building(BuildContext(config.device, config.kernels, tp)):
+            model = cls(model_config.hf_config)
     finally:
         torch.set_default_dtype(default_dtype)
-    # The RoPE cache stays float32 for accuracy whatever the model dtype.
-    for module in model.modules():
-        if hasattr(module, "cos_sin_cache"):
-            module.cos_sin_cache = module.cos_sin_cache.float()
     if config.load_format == "dummy":
         init_dummy_weights(model, model_config.seed)
     else:
-        model.load_weights(iter_weights(model_config.source, model_config.hf_config))
-    if config.device.type == "cpu" and hasattr(model, "pack_for_cpu"):
-        model.pack_for_cpu()
+        load_weights(model, iter_weights(model_config.source, model_config.hf_config))
+    for module in model.modules():
+        if hasattr(module, "process_weights_after_loading"):
+            module.process_weights_after_loading()
     return model.eval()

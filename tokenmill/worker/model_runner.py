@@ -1,5 +1,5 @@
-"""The model runner: applies the scheduler's diffs to its persistent per-request state, builds the
-step's flattened inputs, runs the model and samples.
+"""The model runner: applies the scheduler's diffs to its persistent request state, stages the
+step's inputs, runs the model (eagerly or by replaying a CUDA graph) and samples.
 
 It makes no scheduling decisions. Requests are ordered decodes-first so the attention backend can
 batch all one-token queries together.
@@ -12,47 +12,26 @@ step N's sampled-token tensor on the device.
 
 from __future__ import annotations
 
-import gc
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from tokenmill.config import EngineConfig
+from tokenmill.config.engine_config import EngineConfig
 from tokenmill.core.scheduler_output import ModelRunnerOutput, NewRequestData, SchedulerOutput
-from tokenmill.distributed.parallel_state import tp_all_reduce_min, tp_broadcast_from_driver, tp_rank, tp_world_size
-from tokenmill.model.attention.backend import AttentionMetadata, KVCache
+from tokenmill.distributed.parallel_state import TensorParallelGroup
+from tokenmill.model.attention.backend import KVCache
+from tokenmill.model.attention.layer import Attention
+from tokenmill.model.attention.selector import backend_class
+from tokenmill.model.forward_context import ForwardContext, forward_context
 from tokenmill.model.registry import build_model
-from tokenmill.sampling_params import SamplingParams
-from tokenmill.worker.common_prefix import CASCADE_MIN_DECODES, common_prefix_tokens
-from tokenmill.worker.sampler import (
-    SampledTokens, Sampler, SamplingBatch, argmax, batch_token_logprobs, index_tensor)
+from tokenmill.worker.input_batch import HostInputs, InputBatch, RequestState
+from tokenmill.worker.input_buffers import InputBuffers
+from tokenmill.worker.sampler import SampledTokens, Sampler, SamplingBatch, batch_token_logprobs, index_tensor
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
-
-
-@dataclass(slots=True)
-class RequestState:
-    """What the runner remembers about a running request between steps."""
-
-    request_id: str
-    token_ids: list[int]  # prompt + sampled so far
-    num_prompt_tokens: int
-    params: SamplingParams
-    block_ids: list[int]
-    num_computed_tokens: int
-    eos_token_id: int | None
-    table_row: int  # this request's row of the runner's persistent host block table
-    grammar: object | None = None  # structured_output.RequestGrammar for constrained requests
-    # Logit bias, min_tokens, penalties or a grammar: the rows _sampling_batch must look at.
-    sampling_extras: bool = False
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+_EAGER = ForwardContext(decode_graph=False)
 
 
 class ModelRunner:
@@ -60,130 +39,77 @@ class ModelRunner:
     forward passes (their collectives pair up with rank 0's) and learn the sampled tokens from the
     next step's message (`append_sampled_tokens`)."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, tp: TensorParallelGroup) -> None:
         self.config = config
-        self.is_driver = tp_rank() == 0
+        self.tp = tp
+        self.is_driver = tp.is_driver
         self.device = config.device
         self.block_size = config.cache.block_size
-        torch.manual_seed(config.model.seed)
-        self._memory_at_start = self._gpu_memory_baseline() if self.device.type == "cuda" else None
-        self.model = build_model(config)
-        self.sampler = Sampler()
-        self.states: dict[str, RequestState] = {}
+        self.model = build_model(config, tp)
+        # The model's attention layers, in the order of its layers: each owns its part of the KV cache.
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.attn_builder = backend_class(config.kernels.attention_backend).builder_class()(config, self.device)
+        self.sampler = Sampler(self.device)
+        sched = config.scheduler
+        self.input_batch = InputBatch(sched.max_num_seqs, config.model.max_model_len, self.block_size)
+        self.buffers = InputBuffers(max(sched.max_num_batched_tokens, sched.max_num_seqs), sched.max_num_seqs,
+                                    -(-config.model.max_model_len // self.block_size), self.device)
         # Seeded generators outlive preemption, so a resumed request continues its random stream.
         self.generators: dict[str, torch.Generator] = {}
         self.kv_caches: list[KVCache] = []
-        self.num_blocks = 0
         self.graphs = None  # CudaGraphDecoder once captured
         self._structured = None  # StructuredOutputManager, built on the first constrained request
-        # One row per running request, written only when it gets new blocks (block ids only grow);
-        # each step gathers its rows in one numpy call instead of copying Python lists row by row.
-        max_seqs = config.scheduler.max_num_seqs
-        self._block_table = np.zeros((max_seqs, -(-config.model.max_model_len // self.block_size)), np.int32)
-        self._free_table_rows = list(range(max_seqs - 1, -1, -1))
-        self.async_scheduling = config.scheduler.async_scheduling
+        self.async_scheduling = sched.async_scheduling
         # Rank 0 sends each step's sampled tokens to the other ranks on the device (async + TP).
-        self._share_sampled = self.async_scheduling and tp_world_size() > 1
+        self._share_sampled = self.async_scheduling and tp.world_size > 1
         # The last step's sampled tokens on the device and each request's row in them.
         self._prev_sampled: tuple[torch.Tensor, dict[str, int]] | None = None
 
-    # ----- KV cache -----
+    # ----- KV cache and graphs -----
     @property
     def kv_cache_dtype(self) -> torch.dtype:
         return self.config.cache.kv_cache_dtype or self.config.model.dtype
 
-    def bytes_per_block(self) -> int:
-        m = self.config.model
-        element = torch.empty((), dtype=self.kv_cache_dtype).element_size()  # 1 for fp8: twice the blocks
-        num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
-        return 2 * m.num_layers * self.block_size * num_kv_heads * m.head_dim * element
-
-    def determine_num_blocks(self) -> int:
-        """KV blocks for this rank's pool; every tensor-parallel rank agrees on the smallest.
-        Explicit sizes first (`num_gpu_blocks_override`, then `kv_cache_memory`); otherwise what
-        `gpu_memory_utilization` leaves on a GPU, or DEFAULT_CPU_KV_CACHE_BYTES on the CPU."""
-        cache = self.config.cache
-        if cache.num_gpu_blocks_override:
-            return cache.num_gpu_blocks_override
-        if self.device.type == "cuda":
-            budget = self._profile_gpu_kv_budget()  # also compiles the prefill kernels: always run it
-            if cache.kv_cache_memory:
-                budget = cache.kv_cache_memory
-        else:
-            budget = cache.kv_cache_memory or DEFAULT_CPU_KV_CACHE_BYTES
-        return tp_all_reduce_min(max(1, int(budget // self.bytes_per_block())), self.device)
-
-    def _gpu_memory_baseline(self) -> tuple[int, int, int]:
-        """Before anything is loaded: refuse to start where `gpu_memory_utilization` of the GPU is
-        more than is free (other processes hold the rest), rather than find out at the KV pool.
-        Returns (free, torch reserved, torch allocated) now: the baseline `_profile_gpu_kv_budget`
-        measures this engine's own use from."""
-        # An earlier engine's tensors in this process are free memory once collected (reference
-        # cycles can keep a shut-down engine's objects alive until then) and returned to CUDA.
-        gc.collect()
-        torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(self.device)
-        cache = self.config.cache
-        wanted = total * cache.gpu_memory_utilization
-        if not cache.pool_size_given and wanted > free:
-            raise ValueError(
-                f"{self.device} has {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB, less than "
-                f"gpu_memory_utilization={cache.gpu_memory_utilization} asks for ({wanted / 2**30:.1f} GiB): "
-                f"lower --gpu-memory-utilization, or free the memory other processes hold")
-        return free, torch.cuda.memory_reserved(self.device), torch.cuda.memory_allocated(self.device)
-
-    def _profile_gpu_kv_budget(self) -> float:
-        """Run the largest batch once, then give the KV pool what `gpu_memory_utilization` of the
-        GPU leaves after this engine's own use: weights and peak activations (torch's allocator),
-        and what it holds outside torch (CUDA context growth, NCCL and symmetric-memory buffers),
-        both measured from the start-up baseline. Memory other processes hold is not charged: the
-        fraction is this engine's share, as in vLLM (two engines at 0.45 can share one GPU)."""
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        n = self.config.scheduler.max_num_batched_tokens
-        ids = torch.zeros(n, dtype=torch.long, device=self.device)
-        meta = AttentionMetadata(
-            num_reqs=1, num_tokens=n, num_decodes=0, max_query_len=n, max_seq_len=n,
-            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=self.device),
-            seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
-            block_table=torch.zeros(1, 1, dtype=torch.int32, device=self.device),
-            slot_mapping=torch.full((n,), -1, dtype=torch.long, device=self.device),
-            query_start_loc_cpu=torch.tensor([0, n], dtype=torch.int32),
-            seq_lens_cpu=torch.tensor([n], dtype=torch.int32))
-        m = self.config.model
-        num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
-        dummy = torch.empty(1, self.block_size, num_kv_heads, m.head_dim, dtype=self.kv_cache_dtype,
-                            device=self.device)
-        with torch.inference_mode():
-            hidden = self.model(ids, torch.arange(n, device=self.device) % m.max_model_len,
-                                [(dummy, dummy)] * m.num_layers, meta)
-            logits = self.model.compute_logits(hidden[-min(n, self.config.scheduler.max_num_seqs):])
-            argmax(logits[:1].float())  # compiles the sampler's Triton argmax now, not on a served step
-        torch.cuda.synchronize()
-        free_at_start, reserved_at_start, allocated_at_start = self._memory_at_start
-        free, total = torch.cuda.mem_get_info(self.device)
-        torch_peak = torch.cuda.max_memory_allocated(self.device) - allocated_at_start
-        outside_torch = (free_at_start - free) - (torch.cuda.memory_reserved(self.device) - reserved_at_start)
-        return total * self.config.cache.gpu_memory_utilization - torch_peak - max(0, outside_torch)
+    def kv_cache_bytes_per_block(self) -> int:
+        return sum(layer.kv_cache_bytes_per_block(self.block_size, self.kv_cache_dtype)
+                   for layer in self.attention_layers)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        m = self.config.model
-        num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
-        shape = (num_blocks, self.block_size, num_kv_heads, m.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device),
-                           torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device))
-                          for _ in range(m.num_layers)]
-        self.num_blocks = num_blocks
+        self.kv_caches = [layer.allocate_kv_cache(num_blocks, self.block_size, self.kv_cache_dtype, self.device)
+                          for layer in self.attention_layers]
 
     def capture_cuda_graphs(self) -> None:
-        """Capture decode graphs (CUDA only, after the KV cache exists; `enforce_eager` skips)."""
-        if self.device.type != "cuda" or self.config.enforce_eager:
+        """Decode graphs (CUDA, after the KV cache exists; `enforce_eager` skips)."""
+        if self.config.kernels.enforce_eager or not self.attn_builder.supports_decode_graphs:
             return
         from tokenmill.worker.cuda_graphs import CudaGraphDecoder
-        self.graphs = CudaGraphDecoder(self.model, self.kv_caches, min(self.config.scheduler.max_num_seqs, 512),
-                                       self.config.model.max_model_len, self.block_size, self.device,
-                                       CASCADE_MIN_DECODES if self.config.cascade_attention else None)
+        self.graphs = CudaGraphDecoder(
+            self.model, self.kv_caches, self.buffers, self.attn_builder,
+            min(self.config.scheduler.max_num_seqs, 512), self.config.model.max_model_len, self.tp,
+            getattr(self.attn_builder, "cascade_min_decodes", None))
         self.graphs.capture()
+
+    @torch.inference_mode()
+    def profile_run(self) -> None:
+        """The largest step the engine can schedule, once, with no KV cache written (its peak
+        activation memory is what the KV pool must leave room for); also compiles the prefill
+        kernels and the sampler's argmax, so no served step compiles."""
+        n = self.config.scheduler.max_num_batched_tokens
+        max_len = self.config.model.max_model_len
+        positions = np.arange(n, dtype=np.int64) % max_len
+        host = HostInputs(
+            input_ids=np.zeros(n, np.int64), positions=positions, slot_mapping=np.full(n, -1, np.int64),
+            seq_lens=np.array([n], np.int32), block_table=np.zeros((1, 1), np.int32),
+            query_start=np.array([0, n], np.int64), num_decodes=0, max_query_len=n,
+            num_known=np.array([n], np.int64), lag_rows=[])
+        staged = self.buffers.stage(host)
+        meta = self.attn_builder.build(staged.batch)
+        dummy = [layer.allocate_kv_cache(1, self.block_size, self.kv_cache_dtype, self.device)
+                 for layer in self.attention_layers]
+        with forward_context(_EAGER):
+            hidden = self.model(staged.input_ids, staged.positions, dummy, meta)
+            logits = self.model.compute_logits(hidden[-min(n, self.config.scheduler.max_num_seqs):])
+        self.sampler.argmax(logits[:1].float())
 
     def shutdown(self) -> None:
         """Drop everything on the device (the runner cannot step afterwards): the KV pool, graphs
@@ -191,36 +117,20 @@ class ModelRunner:
         self.kv_caches = []
         self.graphs = None
         self.model = None
+        self.attention_layers = []
         self._prev_sampled = None
 
     # ----- state updates -----
     def _apply_diffs(self, sched: SchedulerOutput) -> None:
+        batch = self.input_batch
         for request_id in sched.finished_request_ids:
-            self._drop_request(request_id)
+            batch.drop(request_id)
             self.generators.pop(request_id, None)
         for request_id in sched.preempted_request_ids:
-            self._drop_request(request_id)
+            batch.drop(request_id)
         for new in sched.new_requests:
             self._add_request(new)
-        for cached in sched.cached_requests:
-            state = self.states[cached.request_id]
-            if cached.new_block_ids:
-                self._write_block_ids(state.table_row, len(state.block_ids), cached.new_block_ids)
-                state.block_ids.extend(cached.new_block_ids)
-            state.num_computed_tokens = cached.num_computed_tokens
-
-    def _drop_request(self, request_id: str) -> None:
-        state = self.states.pop(request_id, None)
-        if state is not None:
-            self._free_table_rows.append(state.table_row)
-
-    def _write_block_ids(self, row: int, start: int, block_ids: list[int]) -> None:
-        end = start + len(block_ids)
-        if end > self._block_table.shape[1]:
-            grown = np.zeros((self._block_table.shape[0], end), np.int32)
-            grown[:, :self._block_table.shape[1]] = self._block_table
-            self._block_table = grown
-        self._block_table[row, start:end] = block_ids
+        batch.apply_progress(sched)
 
     def _structured_outputs(self):
         if self._structured is None:
@@ -231,37 +141,22 @@ class ModelRunner:
         return self._structured
 
     def _add_request(self, new: NewRequestData) -> None:
-        if not self._free_table_rows:  # more requests than max_num_seqs: grow the table
-            self._free_table_rows.append(len(self._block_table))
-            self._block_table = np.concatenate([self._block_table, np.zeros_like(self._block_table[:1])])
-        row = self._free_table_rows.pop()
-        self._block_table[row] = 0
-        self._write_block_ids(row, 0, new.block_ids)
-        state = RequestState(
-            new.request_id, list(new.token_ids), new.num_prompt_tokens, new.sampling_params,
-            list(new.block_ids), new.num_computed_tokens, new.eos_token_id, row)
-        spec = new.sampling_params.structured_outputs
-        if spec is not None and self.is_driver:
-            params = new.sampling_params
+        state = self.input_batch.add(new)
+        params = new.sampling_params
+        if params.structured_outputs is not None and self.is_driver:
             stops = [t for t in [new.eos_token_id, *(params.all_stop_token_ids or [])] if t is not None]
             # A resumed request replays its earlier output so the grammar continues where it was.
             state.grammar = self._structured_outputs().new_request(
-                spec, stop_token_ids=stops, prefix_token_ids=state.output_token_ids)
-        p = new.sampling_params
-        state.sampling_extras = bool(p.logit_bias or p.min_tokens > 0 or p.needs_penalties
+                params.structured_outputs, stop_token_ids=stops, prefix_token_ids=state.output_token_ids)
+        state.sampling_extras = bool(params.logit_bias or params.min_tokens > 0 or params.needs_penalties
                                      or state.grammar is not None)
-        self.states[new.request_id] = state
-        seed = new.sampling_params.seed
-        if seed is not None and self.is_driver and new.request_id not in self.generators:
-            self.generators[new.request_id] = torch.Generator(device=self.device).manual_seed(seed)
+        if params.seed is not None and self.is_driver and new.request_id not in self.generators:
+            self.generators[new.request_id] = torch.Generator(device=self.device).manual_seed(params.seed)
 
     def append_sampled_tokens(self, sampled: dict[str, list[int]]) -> None:
         """Non-driver ranks: the tokens rank 0 read back since its last message (before this
         step's diffs)."""
-        for request_id, tokens in sampled.items():
-            state = self.states.get(request_id)
-            if state is not None:
-                state.token_ids.extend(tokens)
+        self.input_batch.append_tokens(sampled)
 
     # ----- one step -----
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
@@ -284,25 +179,30 @@ class ModelRunner:
             # Decodes first; stable otherwise, so batch order follows the scheduler's.
             order = sorted(num_scheduled, key=lambda r: num_scheduled[r] != 1)
             counts = np.array([num_scheduled[r] for r in order], dtype=np.int64)
-        states = [self.states[r] for r in order]
-        host = self._prepare_host_inputs(states, counts)
+        states = [self.input_batch.states[r] for r in order]
+        host = self.input_batch.prepare(states, counts)
         output = ModelRunnerOutput()
         sample_rows = np.flatnonzero(host.seq_lens >= host.num_known).tolist()
-        device_tokens = self._device_tokens(states, host) if host.lag_rows else None
         # A one-token row that samples is past its prompt, so it needs no prompt logprobs.
         needs_prompt_logprobs = not (one_token_each and len(sample_rows) == num_reqs) and any(
             s.params.prompt_logprobs is not None and s.num_computed_tokens < s.num_prompt_tokens - 1
             for s in states)
-        prefix_len = self._common_prefix_len(host)
-        if (self.graphs is not None and len(sample_rows) == host.num_decodes == len(states)
-                and not needs_prompt_logprobs and self.graphs.can_run(len(states))):
-            logits = self.graphs.run(host.input_ids, host.positions, host.slot_mapping,
-                                     host.seq_lens, host.block_table, device_tokens, prefix_len)
+        nd = host.num_decodes
+        prefix_len = self.attn_builder.common_prefix_len(host.block_table[:nd], host.seq_lens[:nd]) if nd else 0
+        graph_key = None
+        if (self.graphs is not None and len(sample_rows) == nd == num_reqs and not needs_prompt_logprobs):
+            graph_key = self.graphs.padded_batch(num_reqs, prefix_len > 0)
+        staged = self.buffers.stage(host, pad_to=graph_key[0] if graph_key else None)
+        if host.lag_rows:
+            staged.input_ids.index_copy_(0, *self._device_tokens(states, host))
+        if graph_key is not None:
+            self.attn_builder.build(staged.batch, prefix_len if graph_key[1] else 0)
+            logits = self.graphs.replay(graph_key, num_reqs)
         else:
-            inputs = self._to_device(host, prefix_len)
-            if device_tokens is not None:
-                inputs.input_ids.index_copy_(0, *device_tokens)
-            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+            meta = self.attn_builder.build(staged.batch, prefix_len)
+            with forward_context(_EAGER):
+                hidden = self.model(staged.input_ids, staged.positions, self.kv_caches, meta)
+            self.tp.check_all_sums_taken()
             for i, s in enumerate(states):
                 if s.params.prompt_logprobs is not None and s.num_computed_tokens < s.num_prompt_tokens - 1:
                     output.prompt_logprobs[s.request_id] = self._prompt_logprobs(
@@ -320,20 +220,19 @@ class ModelRunner:
         if not self.is_driver:  # rank 0 samples; this rank hears the tokens from it
             if self._share_sampled:
                 tokens = torch.empty(len(sample_rows), dtype=torch.long, device=self.device)
-                tp_broadcast_from_driver(tokens)
+                self.tp.broadcast_from_driver(tokens)
                 self._prev_sampled = (tokens, dict(zip(sampled_ids, range(len(sampled_ids)))))
             return StepFuture(output)
         sampled_states = states if all_sample else [states[i] for i in sample_rows]
         batch = self._sampling_batch(sampled_states, host.seq_lens if all_sample else host.seq_lens[sample_rows])
         sampled = self.sampler.sample(logits, batch)
         if self._share_sampled:
-            tp_broadcast_from_driver(sampled.token_ids)
+            self.tp.broadcast_from_driver(sampled.token_ids)
         if self.async_scheduling:
             self._prev_sampled = (sampled.token_ids, dict(zip(sampled_ids, range(len(sampled_ids)))))
-        return StepFuture(output, sampled_states, sampled_ids, sampled.to_host(),
-                          _record_event(self.device))
+        return StepFuture(output, sampled_states, sampled_ids, sampled.to_host(), _record_event(self.device))
 
-    def _device_tokens(self, states: list[RequestState], host: "HostInputs") -> tuple[torch.Tensor, torch.Tensor]:
+    def _device_tokens(self, states: list[RequestState], host: HostInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """(token rows, token ids) on the device for the rows whose input the host does not know yet."""
         if self._prev_sampled is None:
             raise RuntimeError("a request's next input token is unknown, and no step sampled it")
@@ -341,62 +240,6 @@ class ModelRunner:
         src = [prev_rows[states[i].request_id] for i in host.lag_rows]
         dst = host.query_start[host.lag_rows].tolist()
         return index_tensor(dst, self.device), prev_tokens.index_select(0, index_tensor(src, self.device))
-
-    def _prepare_host_inputs(self, states: list[RequestState], counts: np.ndarray) -> "HostInputs":
-        """The step's flattened inputs as numpy arrays (no per-token Python loop)."""
-        bs = self.block_size
-        num_reqs = len(states)
-        starts = np.fromiter((s.num_computed_tokens for s in states), np.int64, num_reqs)
-        seq_lens = starts + counts
-        query_start = np.zeros(num_reqs + 1, dtype=np.int64)
-        np.cumsum(counts, out=query_start[1:])
-        num_tokens = int(query_start[-1])
-        row_of_token = np.repeat(np.arange(num_reqs), counts)
-        positions = np.arange(num_tokens, dtype=np.int64) - query_start[row_of_token] + starts[row_of_token]
-        # Only the blocks this step's contexts reach (a request may hold one more, preallocated).
-        max_blocks = int(-(-seq_lens.max() // bs))
-        table_rows = np.fromiter((s.table_row for s in states), np.intp, num_reqs)
-        block_table = self._block_table[table_rows, :max_blocks]
-        # Known tokens per request; one short (its input still on the device) under async scheduling.
-        num_known = np.fromiter((len(s.token_ids) for s in states), np.int64, num_reqs)
-        lag = seq_lens > num_known
-        lag_rows = np.flatnonzero(lag).tolist() if lag.any() else []
-        if lag_rows and counts[lag].max() != 1:
-            raise RuntimeError("only a one-token step can start from a token still on the device")
-        if num_tokens == num_reqs and not lag_rows:  # one token each: the token after the computed ones
-            input_ids = np.fromiter((s.token_ids[s.num_computed_tokens] for s in states), np.int64, num_reqs)
-        else:
-            input_ids = np.zeros(num_tokens, dtype=np.int64)
-            for i in (np.flatnonzero(~lag).tolist() if lag_rows else range(num_reqs)):
-                input_ids[query_start[i]:query_start[i + 1]] = states[i].token_ids[starts[i]:seq_lens[i]]
-        slot_mapping = block_table[row_of_token, positions // bs].astype(np.int64) * bs + positions % bs
-        return HostInputs(input_ids, positions, slot_mapping, seq_lens.astype(np.int32), block_table,
-                          query_start, int(np.count_nonzero(counts == 1)), int(counts.max()), num_known, lag_rows)
-
-    def _common_prefix_len(self, host: "HostInputs") -> int:
-        """Tokens every decode of the step has in the same blocks, where enough decodes share
-        enough for cascade attention (worker/common_prefix.py); else 0."""
-        n = host.num_decodes
-        if not self.config.cascade_attention or n < CASCADE_MIN_DECODES:
-            return 0
-        return common_prefix_tokens(host.block_table[:n], host.seq_lens[:n], self.block_size)
-
-    def _to_device(self, host: "HostInputs", common_prefix_len: int = 0) -> "StepInputs":
-        dev = self.device
-        qsl_cpu = torch.from_numpy(host.query_start.astype(np.int32))
-        seq_cpu = torch.from_numpy(host.seq_lens)
-        meta = AttentionMetadata(
-            num_reqs=len(host.seq_lens), num_tokens=len(host.input_ids), num_decodes=host.num_decodes,
-            max_query_len=host.max_query_len, max_seq_len=int(host.seq_lens.max()),
-            query_start_loc=qsl_cpu.to(dev, non_blocking=True),
-            seq_lens=seq_cpu.to(dev, non_blocking=True),
-            block_table=torch.from_numpy(host.block_table).to(dev, non_blocking=True),
-            slot_mapping=torch.from_numpy(host.slot_mapping).to(dev, non_blocking=True),
-            query_start_loc_cpu=qsl_cpu, seq_lens_cpu=seq_cpu)
-        if common_prefix_len:
-            meta.common_prefix_len = torch.tensor([common_prefix_len], dtype=torch.int32).to(dev, non_blocking=True)
-        return StepInputs(torch.from_numpy(host.input_ids).to(dev, non_blocking=True),
-                          torch.from_numpy(host.positions).to(dev, non_blocking=True), meta)
 
     def _sampling_batch(self, states: list[RequestState], seq_lens: np.ndarray) -> SamplingBatch:
         """Rows in `states` order; `seq_lens` are their context lengths after this step."""
@@ -445,27 +288,6 @@ class ModelRunner:
         k = s.params.prompt_logprobs
         next_tokens = s.token_ids[first_pos + 1:first_pos + 1 + n]
         return batch_token_logprobs(logprobs, list(range(n)), next_tokens, [k] * n)
-
-
-@dataclass(slots=True)
-class HostInputs:
-    input_ids: np.ndarray  # [num_tokens] int64
-    positions: np.ndarray  # [num_tokens] int64
-    slot_mapping: np.ndarray  # [num_tokens] int64
-    seq_lens: np.ndarray  # [num_reqs] int32
-    block_table: np.ndarray  # [num_reqs, max_blocks] int32
-    query_start: np.ndarray  # [num_reqs + 1] int64
-    num_decodes: int
-    max_query_len: int
-    num_known: np.ndarray  # [num_reqs] tokens the runner knows per request
-    lag_rows: list[int]  # rows whose (one) input token is the previous step's sample, on the device
-
-
-@dataclass(slots=True)
-class StepInputs:
-    input_ids: torch.Tensor  # [num_tokens]
-    positions: torch.Tensor  # [num_tokens]
-    meta: AttentionMetadata
 
 
 def _record_event(device: torch.device):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tokenmill.engine.messages import TokenLogprobs
+from tokenmill.core.messages import TokenLogprobs
 
 _NEG_INF = float("-inf")
 _GREEDY_BELOW = 1e-5  # a temperature below this means greedy
@@ -102,6 +102,15 @@ class SampledTokens:
 
 
 class Sampler:
+    """The batched sampler for one device; its argmax kernel is chosen once, here."""
+
+    def __init__(self, device: torch.device = torch.device("cpu")) -> None:
+        if device.type == "cuda":
+            from tokenmill.ops.argmax import argmax_rows
+            self.argmax = _triton_argmax(argmax_rows)
+        else:
+            self.argmax = _torch_argmax
+
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """logits: [B, V] float32 (modified in place)."""
         return self.sample(logits, batch).result()
@@ -123,7 +132,7 @@ class Sampler:
             apply_bitmask(logits, batch.grammar_bitmask, batch.grammar_rows)
 
         if max(batch.temperature) < _GREEDY_BELOW:
-            tokens = argmax(logits)
+            tokens = self.argmax(logits)
         else:
             tokens = self._sample(logits, batch)
         out = SampledTokens(tokens, num_rows)
@@ -167,13 +176,12 @@ class Sampler:
             if pres:
                 logits[row] -= pres * (counts > 0).to(logits.dtype)
 
-    @staticmethod
-    def _sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         device = logits.device
         temperatures = batch.temperature
         greedy_rows = ([i for i, t in enumerate(temperatures) if t < _GREEDY_BELOW]
                        if min(temperatures) < _GREEDY_BELOW else [])
-        greedy_tokens = argmax(logits) if greedy_rows else None
+        greedy_tokens = self.argmax(logits) if greedy_rows else None
         if greedy_rows:
             temperatures = [t if t >= _GREEDY_BELOW else 1.0 for t in temperatures]
         logits.div_(per_row_tensor(temperatures, logits.dtype, device).unsqueeze(1))
@@ -194,23 +202,26 @@ class Sampler:
             for i, g in enumerate(generators):
                 if g is not None:
                     noise[i].exponential_(generator=g)
-        tokens = argmax(probs.div_(noise))
+        tokens = self.argmax(probs.div_(noise))
         if greedy_rows:
             rows = index_tensor(greedy_rows, device)
             tokens[rows] = greedy_tokens[rows]
         return tokens
 
 
-def argmax(logits: torch.Tensor) -> torch.Tensor:
-    """`logits.argmax(dim=-1)` over the vocab ([B, V] -> int64 [B]), the same indices bit for bit.
-
-    On CUDA a two-launch Triton kernel (`triton_argmax`): torch's reduction runs a vocab-sized row
-    on one block, 27 us per step at batch 1 on the H200. Triton is imported on first CUDA use, so
-    CPU-only installs never import it."""
-    if logits.is_cuda and logits.dim() == 2 and logits.stride(1) == 1 and logits.dtype in _TRITON_ARGMAX_DTYPES:
-        from tokenmill.worker.triton_argmax import argmax_rows
-        return argmax_rows(logits)
+def _torch_argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
+
+
+def _triton_argmax(argmax_rows):
+    """`logits.argmax(dim=-1)` over the vocab ([B, V] -> int64 [B]), the same indices bit for bit,
+    by a two-launch Triton kernel (`ops/argmax.py`) where it applies: torch's reduction runs a
+    vocab-sized row on one block, 27 us per step at batch 1 on the H200."""
+    def argmax(logits: torch.Tensor) -> torch.Tensor:
+        if logits.dim() == 2 and logits.stride(1) == 1 and logits.dtype in _TRITON_ARGMAX_DTYPES:
+            return argmax_rows(logits)
+        return logits.argmax(dim=-1)
+    return argmax
 
 
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

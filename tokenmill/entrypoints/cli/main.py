@@ -27,12 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (each prints tokenmill and its baseline side by side)")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK")
-    from tokenmill.bench import latency, throughput
+    from tokenmill.benchmarks import latency, throughput
     throughput.add_parser(bench_sub)
     latency.add_parser(bench_sub)
     for module in ("serve", "embed", "structured", "prefix"):
         try:
-            mod = __import__(f"tokenmill.bench.{module}", fromlist=["add_parser"])
+            mod = __import__(f"tokenmill.benchmarks.{module}", fromlist=["add_parser"])
         except ImportError:
             continue  # optional parts (e.g. the server stack) not installed
         mod.add_parser(bench_sub)

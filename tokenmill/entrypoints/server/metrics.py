@@ -13,7 +13,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
 from tokenmill.engine.async_engine import RequestTiming
-from tokenmill.engine.messages import SchedulerStats
+from tokenmill.core.messages import SchedulerStats
 
 logger = logging.getLogger("tokenmill.server")
 disable_created_metrics()  # `*_created` series double the output and nobody graphs them

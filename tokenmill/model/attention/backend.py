@@ -1,27 +1,39 @@
-"""The attention-backend interface and the per-step metadata every backend reads.
+"""The attention-backend interface: per-step metadata, the builder that makes it, and the backend
+implementation every attention layer calls.
 
 A step's tokens are flattened into one batch (no padding): request i owns tokens
 `query_start_loc[i]:query_start_loc[i+1]`. The model runner orders requests so that decodes
-(one new token) come first: `num_decodes` requests with `num_decode_tokens == num_decodes` tokens,
-then prefills / prefill chunks. Each request's K/V live in fixed-size blocks of the paged cache,
-listed in its row of `block_table`; token t of request i sits at slot
+(one new token) come first: `num_decodes` requests with one token each, then prefills / prefill
+chunks. Each request's K/V live in fixed-size blocks of the paged cache, listed in its row of
+`block_table`; token t of request i sits at slot
 `block_table[i, t // block_size] * block_size + t % block_size`.
+
+Each backend brings an `AttentionMetadataBuilder`: the runner hands it the step's batch (device
+views of its persistent input buffers, plus host copies) and gets the `AttentionMetadata` the
+backend reads. Backend-specific decisions live there, not in the runner: whether a decode batch
+runs as cascade attention (`common_prefix_len`), and what a CUDA-graph capture needs.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from tokenmill.config.engine_config import EngineConfig
+    from tokenmill.model.layers.rotary_embedding import RotaryInputs
 
 
 @dataclass(slots=True)
 class AttentionMetadata:
-    """Per-step inputs of attention, built once per step by the model runner.
+    """Per-step inputs of attention.
 
     Shapes: `query_start_loc` [num_reqs + 1] int32, `seq_lens` [num_reqs] int32 (tokens in context
-    after this step, cached prefix included), `block_table` [num_reqs, max_blocks] int32,
+    after this step, cached prefix included), `block_table` [num_reqs, >= max_blocks] int32,
     `slot_mapping` [num_tokens] int64 (where each new token's K/V are written; -1 = skip, used for
     padding tokens in CUDA graphs).
     """
@@ -40,42 +52,80 @@ class AttentionMetadata:
     query_start_loc_cpu: torch.Tensor | None = None
     seq_lens_cpu: torch.Tensor | None = None
     # [1] int32 on the device, or None: the first this-many context tokens of every decode request
-    # sit in the same KV blocks (row 0's), and each decode has at least one token past them. A
-    # backend may attend that shared prefix once for all of them (cascade attention); 0 or None:
-    # nothing shared. Set by the model runner only where the backend can use it.
+    # sit in the same KV blocks (row 0's), and each decode has at least one token past them. The
+    # backend attends that shared prefix once for all of them (cascade attention). Decided by the
+    # backend's builder.
     common_prefix_len: torch.Tensor | None = None
 
     @property
     def num_prefills(self) -> int:
         return self.num_reqs - self.num_decodes
 
-    @property
-    def num_decode_tokens(self) -> int:
-        return self.num_decodes
+
+@dataclass(slots=True)
+class StepBatch:
+    """What the runner knows about a step's batch, for the builder: the metadata's device tensors
+    (views of the runner's persistent buffers, possibly padded for a CUDA graph) and host copies."""
+
+    meta: AttentionMetadata  # common_prefix_len not yet decided
+    block_table_host: np.ndarray  # [num_reqs, >= blocks] int32, this step's rows
+    seq_lens_host: np.ndarray  # [num_reqs] int32
 
 
 # (k_cache, v_cache), each [num_blocks, block_size, num_kv_heads, head_dim], in the model dtype or
-# float8_e4m3fn (`kv_cache_dtype="fp8"`, format in kv_quant.py). The cache's dtype alone says which.
+# float8_e4m3fn (`kv_cache_dtype="fp8"`, format in ops/kv_quant.py). The cache's dtype alone says which.
 KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+class AttentionMetadataBuilder(ABC):
+    """Makes a backend's `AttentionMetadata` for a step and for CUDA-graph capture."""
+
+    # Decode-only steps can be captured and replayed as CUDA graphs.
+    supports_decode_graphs: bool = False
+
+    def __init__(self, config: "EngineConfig", device: torch.device) -> None:
+        self.config = config
+        self.device = device
+
+    def common_prefix_len(self, block_table: np.ndarray, seq_lens: np.ndarray) -> int:
+        """Tokens the step's decode requests (`block_table` / `seq_lens`: their host rows) attend
+        once for all of them (cascade attention); 0: attend each request's context alone."""
+        return 0
+
+    @abstractmethod
+    def build(self, batch: StepBatch, common_prefix_len: int = 0) -> AttentionMetadata:
+        """This step's metadata (`common_prefix_len` from `common_prefix_len()` on the same batch)."""
+
+    def build_for_capture(self, batch: StepBatch, cascade: bool, max_model_len: int) -> AttentionMetadata:
+        """Metadata for capturing a decode graph over `batch`'s buffers: kernel launch sizes follow
+        `max_model_len` (the longest context a replay can have), not the buffers' current values."""
+        raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
 
 
 class AttentionBackend(ABC):
     """Writes the step's K/V into the paged cache and computes attention for the step's queries.
 
-    `k_scale` / `v_scale` are the per-layer fp8 scales (stored = x / scale), used only when the
-    cache is fp8. They are constants of the attention layer, passed by it on every call, rather
-    than state of the backend (one instance serves all layers) or extra members of the KVCache
-    tuple (which the runner and CUDA graphs pass around as plain tensors). As Python floats fixed
-    for the engine's life they are safe to bake into captured graphs.
+    One instance per attention layer (`model/attention/layer.py` builds it). `k_scale` / `v_scale`
+    are the layer's fp8 scales (stored = x / scale), used only when the cache is fp8: constants of
+    the layer, fixed for the engine's life, so safe to bake into captured graphs.
 
-    `rope`, when given, is the step's rotary embedding as `RotaryEmbedding.cos_sin` returns it
-    (`(positions, cos_sin_cache)` on CUDA, `(cos, sin)` on the CPU): the backend rotates q and k
-    (neox style, exactly as `apply_rotary` does) before it writes k to the cache and attends, so
-    that a backend can fuse the rotation into its cache write. q and k may be rotated in place
-    (on CUDA they are, as `apply_rotary` does there).
+    `rope`, when given, is the step's rotary embedding (`RotaryInputs`): the backend rotates q and k
+    (neox style) before it writes k to the cache and attends, so that it can fuse the rotation into
+    its cache write. q and k may be rotated in place.
     """
 
     name: str = "abstract"
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+
+    @staticmethod
+    @abstractmethod
+    def builder_class() -> type[AttentionMetadataBuilder]:
+        ...
 
     @abstractmethod
     def forward(
@@ -85,32 +135,8 @@ class AttentionBackend(ABC):
         v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         kv_cache: KVCache,
         meta: AttentionMetadata,
-        scale: float,
         k_scale: float = 1.0,
         v_scale: float = 1.0,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        rope: "RotaryInputs | None" = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         ...
-
-
-_BACKENDS: dict[str, type[AttentionBackend]] = {}
-
-
-def register_backend(cls: type[AttentionBackend]) -> type[AttentionBackend]:
-    _BACKENDS[cls.name] = cls
-    return cls
-
-
-def get_backend(name: str) -> AttentionBackend:
-    """`torch_native` or `triton` (imported lazily so CPU installs never need Triton)."""
-    if name == "triton" and name not in _BACKENDS:
-        import tokenmill.model.attention.triton_backend  # noqa: F401  (registers itself)
-    if name == "torch_native" and name not in _BACKENDS:
-        import tokenmill.model.attention.torch_native  # noqa: F401
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose from torch_native, triton")
-    return _BACKENDS[name]()
-
-
-def default_backend_name(device: torch.device) -> str:
-    return "triton" if device.type == "cuda" else "torch_native"

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from tokenmill.model.attention.backend import (
     AttentionBackend,
     AttentionMetadata,
+    AttentionMetadataBuilder,
     KVCache,
-    register_backend,
+    StepBatch,
 )
-from tokenmill.model.attention.kv_quant import as_storage, is_fp8, quantize_fp8, read_kv
-from tokenmill.model.layers.basic import apply_rotary
+from tokenmill.model.layers.rotary_embedding import RotaryInputs, rotate_neox
+from tokenmill.ops.kv_quant import as_storage, is_fp8, quantize_fp8, read_kv
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor,
@@ -55,15 +56,24 @@ def gather_kv(kv_cache: KVCache, block_ids: torch.Tensor, num_tokens: int, k_sca
     return read_kv(k, k_scale, dtype), read_kv(v, v_scale, dtype)
 
 
-@register_backend
+class TorchNativeMetadataBuilder(AttentionMetadataBuilder):
+    def build(self, batch: StepBatch, common_prefix_len: int = 0) -> AttentionMetadata:
+        return batch.meta
+
+
 class TorchNativeBackend(AttentionBackend):
     name = "torch_native"
 
-    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float,
-                k_scale: float = 1.0, v_scale: float = 1.0, rope=None) -> torch.Tensor:
+    @staticmethod
+    def builder_class() -> type[AttentionMetadataBuilder]:
+        return TorchNativeMetadataBuilder
+
+    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, k_scale: float = 1.0, v_scale: float = 1.0,
+                rope: RotaryInputs | None = None) -> torch.Tensor:
         if rope is not None:
-            q, k = apply_rotary(q, k, *rope)
+            q, k = rotate_neox(q, k, rope)
         write_kv_cache(k, v, kv_cache, meta.slot_mapping, k_scale, v_scale)
+        scale = self.scale
         kv_scales = (k_scale, v_scale)
         out = torch.empty_like(q)
         if meta.num_decodes:

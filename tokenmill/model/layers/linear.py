@@ -1,10 +1,11 @@
 """Tensor-parallel-aware linear layers (Megatron style).
 
 Column-parallel layers split the output features across ranks (no communication); row-parallel
-layers split the input features and all-reduce their partial sums. QKV and gate/up are merged
-into one matrix each, so a decoder layer does two GEMMs where HF does five, and exactly one
-all-reduce per attention block and per MLP block. Each layer's `weight_loader(param, tensor)`
-takes a full checkpoint tensor (HF layout `[out, in]`) and copies in this rank's shard.
+layers split the input features and sum their partial outputs over the ranks. QKV and gate/up are
+merged into one matrix each, so a decoder layer does two GEMMs where HF does five, and exactly one
+sum over ranks per attention block and per MLP block. Each layer's `weight_loader(param, tensor)`
+takes a full checkpoint tensor (HF layout `[out, in]`) and copies in this rank's shard. The matrix
+product itself is the layer's `method` (`linear_method.py`), chosen when the layer is built.
 """
 
 from __future__ import annotations
@@ -12,15 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tokenmill.distributed.parallel_state import tp_all_reduce, tp_rank, tp_world_size
-from tokenmill.model.layers import cpu_gemm
-from tokenmill.model.layers.matmul import linear, linear_silu_mul
-
-
-def _divide(total: int, parts: int, what: str) -> int:
-    if total % parts:
-        raise ValueError(f"{what} ({total}) is not divisible by tensor_parallel_size ({parts})")
-    return total // parts
+from tokenmill.config.parallel import divide, head_partition
+from tokenmill.model.build_context import build_context
+from tokenmill.model.layers.linear_method import unquantized_linear_method
 
 
 def _default_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
@@ -32,38 +27,39 @@ def _default_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
 class LinearBase(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
+        self.tp = build_context().tp
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        self.packed_weight: torch.Tensor | None = None  # CPU: oneDNN layout, set after loading
+        self.method = unquantized_linear_method()
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         _default_loader(param, loaded)
 
-    def pack_for_cpu(self) -> None:
-        """Re-lay the loaded weight out for oneDNN (CPU only; see cpu_gemm.py)."""
-        self.packed_weight = cpu_gemm.pack_weight(self.weight)
+    def process_weights_after_loading(self) -> None:
+        self.method.process_weights_after_loading(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.packed_weight, self.bias)
+        return self.method.apply(self, x, self.bias)[0]
 
 
 class ReplicatedLinear(LinearBase):
-    pass
+    """The whole matrix on every rank."""
 
 
 class ColumnParallelLinear(LinearBase):
     """y = x W^T with W's rows (output features) split across ranks."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
-        self.out_per_rank = _divide(out_features, tp_world_size(), "output features")
+        tp = build_context().tp
+        self.out_per_rank = divide(out_features, tp.world_size, "output features")
         super().__init__(in_features, self.out_per_rank, bias)
 
     def weight_loader(self, param, loaded, shard_id=None) -> None:
         rows = self.out_per_rank
-        _default_loader(param, loaded.narrow(0, tp_rank() * rows, rows))
+        _default_loader(param, loaded.narrow(0, self.tp.rank * rows, rows))
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -75,42 +71,21 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
     def weight_loader(self, param, loaded, shard_id=None) -> None:
         assert shard_id is not None, "merged layers load one shard at a time"
-        size = self.out_sizes[shard_id] // tp_world_size()
-        offset = sum(self.out_sizes[:shard_id]) // tp_world_size()
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, tp_rank() * size, size))
-
-
-def head_partition(num_heads: int, num_kv_heads: int, tp: int, rank: int) -> tuple[int, int, int, int]:
-    """This rank's attention heads: `(q_start, q_count, kv_start, kv_count)`.
-
-    KV heads are spread as evenly as they go, each taking its whole group of query heads, so a
-    model whose KV heads do not divide by the rank count still splits (SmolLM2-135M's 3 KV heads
-    over 2 ranks: 2 + 1, with 6 + 3 query heads). With fewer KV heads than ranks, each KV head is
-    replicated on `tp // num_kv_heads` ranks and the query heads split evenly.
-    """
-    if num_heads % num_kv_heads:
-        raise ValueError(f"attention heads ({num_heads}) must be a multiple of KV heads ({num_kv_heads})")
-    if num_kv_heads >= tp:
-        base, extra = divmod(num_kv_heads, tp)
-        kv_count = base + (rank < extra)
-        kv_start = rank * base + min(rank, extra)
-        group = num_heads // num_kv_heads
-        return kv_start * group, kv_count * group, kv_start, kv_count
-    if tp % num_kv_heads:
-        raise ValueError(f"tensor_parallel_size ({tp}) must be a multiple of the KV heads ({num_kv_heads}) "
-                         "when there are fewer KV heads than ranks")
-    q_count = _divide(num_heads, tp, "attention heads")
-    return rank * q_count, q_count, rank // (tp // num_kv_heads), 1
+        world = self.tp.world_size
+        size = self.out_sizes[shard_id] // world
+        offset = sum(self.out_sizes[:shard_id]) // world
+        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp.rank * size, size))
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """Q, K and V projections in one matrix, heads split across ranks (see `head_partition`)."""
+    """Q, K and V projections in one matrix, heads split across ranks (`config/parallel.head_partition`)."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
                  bias: bool = False) -> None:
+        tp = build_context().tp
         self.head_dim = head_dim
         self.q_start, self.num_heads, self.kv_start, self.num_kv_heads = head_partition(
-            num_heads, num_kv_heads, tp_world_size(), tp_rank())
+            num_heads, num_kv_heads, tp.world_size, tp.rank)
         local_out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
         LinearBase.__init__(self, hidden_size, local_out, bias)
 
@@ -131,52 +106,56 @@ class QKVParallelLinear(ColumnParallelLinear):
             size, start = self.kv_size, self.kv_start * self.head_dim
         param.data.narrow(0, offset, size).copy_(loaded.narrow(0, start, size))
 
+    def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[T, local_out] -> q [T, heads, head_dim], k and v [T, kv_heads, head_dim] (views)."""
+        q_size, kv_size = self.q_size, self.kv_size
+        q = qkv[:, :q_size].view(-1, self.num_heads, self.head_dim)
+        k = qkv[:, q_size:q_size + kv_size].view(-1, self.num_kv_heads, self.head_dim)
+        v = qkv[:, q_size + kv_size:].view(-1, self.num_kv_heads, self.head_dim)
+        return q, k, v
+
 
 class RowParallelLinear(LinearBase):
-    """y = x W^T with W's columns (input features) split across ranks, partial sums all-reduced.
+    """y = x W^T with W's columns (input features) split across ranks; the output is the sum of
+    every rank's partial product.
 
     `input_slice=(start, size)` gives this rank's columns explicitly (attention's output projection
-    follows the rank's query heads, which may be uneven); by default they split evenly.
-    `reduce_results=False` returns this rank's partial sums (the bias, if any, in rank 0's) for the
-    caller to reduce, e.g. fused with the next norm (`RMSNorm.reduce_add`).
-    `forward_silu_mul(gate_up)` is `forward(silu_and_mul(gate_up))`, the activation fused into the
-    batch-1 decode GEMV. `push_slot` (with `reduce_results=False`): the fused all-reduce slot that
-    will sum the output; the batch-1 GEMV then sends its row to the peers as it finishes.
+    follows the rank's query heads, which may be uneven); by default they split evenly. The sum over
+    ranks may be deferred to the RMSNorm that follows (`TensorParallelGroup.defer_sum`), which then
+    computes it fused with the residual add and the norm; the caller sees the summed output either
+    way, as long as it hands it straight to that norm. The bias, if any, is added once (rank 0).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 input_slice: tuple[int, int] | None = None, reduce_results: bool = True,
-                 push_slot: int | None = None) -> None:
+                 input_slice: tuple[int, int] | None = None) -> None:
+        tp = build_context().tp
         if input_slice is None:
-            size = _divide(in_features, tp_world_size(), "input features")
-            input_slice = (tp_rank() * size, size)
+            size = divide(in_features, tp.world_size, "input features")
+            input_slice = (tp.rank * size, size)
         self.in_start, self.in_per_rank = input_slice
-        self.reduce_results = reduce_results
-        self.push_slot = None if reduce_results else push_slot
         super().__init__(self.in_per_rank, out_features, bias)
 
     def weight_loader(self, param, loaded, shard_id=None) -> None:
-        if param.dim() == 1:  # the bias is added once, after the reduce
+        if param.dim() == 1:  # the bias is added once, by rank 0
             _default_loader(param, loaded)
             return
         _default_loader(param, loaded.narrow(1, self.in_start, self.in_per_rank))
 
+    def _bias(self) -> torch.Tensor | None:
+        return self.bias if self.tp.rank == 0 else None
+
+    def _push_target(self, x: torch.Tensor):
+        if self.tp.world_size == 1:
+            return None
+        return self.tp.push_target(x.shape[0], self.weight.shape[0], x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._bias_and_reduce(linear(x, self.weight, self.packed_weight, push_slot=self._push_slot()))
+        y, pushed = self.method.apply(self, x, self._bias(), self._push_target(x))
+        return y if self.tp.world_size == 1 else self.tp.defer_sum(y, pushed)
 
-    def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """`self(silu(gate) * up)` for `gate_up` = [gate | up], this rank's shard of each as a
-        `MergedColumnParallelLinear` of the same rank count outputs them. Lets batch-1 decode fold
-        the activation into the GEMV (`matmul.linear_silu_mul`) instead of running it apart."""
-        return self._bias_and_reduce(linear_silu_mul(gate_up, self.weight, self.packed_weight,
-                                                     push_slot=self._push_slot()))
-
-    def _push_slot(self) -> int | None:
-        # Rank 0 adds the bias after the product, so its rows are not final: none is pushed then.
-        return self.push_slot if self.bias is None else None
-
-    def _bias_and_reduce(self, y: torch.Tensor) -> torch.Tensor:
-        if not self.reduce_results:
-            return y if self.bias is None or tp_rank() != 0 else y + self.bias
-        y = tp_all_reduce(y)
-        return y if self.bias is None else y + self.bias
+    def forward_silu_mul(self, gate_up: torch.Tensor, silu_and_mul: nn.Module) -> torch.Tensor:
+        """`self(silu_and_mul(gate_up))` for `gate_up` = [gate | up], this rank's shard of each as a
+        `MergedColumnParallelLinear` of the same rank count outputs them; lets batch-1 decode fold
+        the activation into the GEMV (`linear_method.py`)."""
+        y, pushed = self.method.apply_silu_mul(self, gate_up, silu_and_mul, self._bias(), self._push_target(gate_up))
+        return y if self.tp.world_size == 1 else self.tp.defer_sum(y, pushed)

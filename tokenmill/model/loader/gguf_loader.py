@@ -1,4 +1,4 @@
-"""GGUF files: config from the metadata, weights dequantized with the `gguf` library.
+"""GGUF weights, dequantized with the `gguf` library (the config comes from `config/gguf_metadata.py`).
 
 llama.cpp's converter renames every tensor and, for the Llama architecture, permutes the rows of
 the Q and K projections (its RoPE pairs adjacent dimensions, HF's pairs the two halves). We map the
@@ -8,19 +8,12 @@ names back to HF's and undo the permutation, so the rest of tokenmill only ever 
 from __future__ import annotations
 
 import re
-from functools import lru_cache
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-# GGUF architecture -> (HF architecture, HF model_type)
-_ARCHITECTURES = {
-    "llama": ("LlamaForCausalLM", "llama"),
-    "mistral": ("LlamaForCausalLM", "llama"),
-    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
-    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
-}
+from tokenmill.config.gguf_metadata import CorruptModelError, gguf_field, gguf_reader
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -43,63 +36,6 @@ _LAYER_NAMES = {
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
-class CorruptModelError(ValueError):
-    pass
-
-
-@lru_cache(maxsize=4)
-def _reader(path: str):
-    import gguf
-    try:
-        return gguf.GGUFReader(path)
-    except Exception as exc:  # the gguf library raises assorted errors on bad files
-        raise CorruptModelError(f"{path} is not a readable GGUF file ({type(exc).__name__})") from None
-
-
-def _field(reader, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    return field.contents()
-
-
-def gguf_hf_config(path: str) -> Any:
-    """A transformers config built from the file's metadata."""
-    from transformers import AutoConfig
-
-    reader = _reader(path)
-    arch = _field(reader, "general.architecture")
-    if arch not in _ARCHITECTURES:
-        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported "
-                         f"(supported: {', '.join(_ARCHITECTURES)})")
-    hf_arch, model_type = _ARCHITECTURES[arch]
-    names = {t.name for t in reader.tensors}
-    vocab = _field(reader, f"{arch}.vocab_size") or len(_field(reader, "tokenizer.ggml.tokens"))
-    heads = _field(reader, f"{arch}.attention.head_count")
-    hidden = _field(reader, f"{arch}.embedding_length")
-    kwargs = dict(
-        architectures=[hf_arch],
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=_field(reader, f"{arch}.feed_forward_length"),
-        num_hidden_layers=_field(reader, f"{arch}.block_count"),
-        num_attention_heads=heads,
-        num_key_value_heads=_field(reader, f"{arch}.attention.head_count_kv", heads),
-        max_position_embeddings=_field(reader, f"{arch}.context_length", 2048),
-        rms_norm_eps=_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
-        rope_theta=_field(reader, f"{arch}.rope.freq_base", 10000.0),
-        tie_word_embeddings="output.weight" not in names,
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
-    )
-    key_length = _field(reader, f"{arch}.attention.key_length")
-    if key_length:
-        kwargs["head_dim"] = key_length
-    if arch == "qwen2":
-        kwargs["attention_bias"] = True
-    return AutoConfig.for_model(model_type, **kwargs)
-
-
 def _unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
     """Undo llama.cpp's Q/K row permutation (interleaved RoPE pairs -> HF's half split)."""
     rows = weight.shape[0]
@@ -111,8 +47,8 @@ def iter_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch.Te
     """Yield `(hf_name, float32 tensor)` for every tensor in the file."""
     import gguf
 
-    reader = _reader(path)
-    arch = _field(reader, "general.architecture")
+    reader = gguf_reader(path)
+    arch = gguf_field(reader, "general.architecture")
     for tensor in reader.tensors:
         name = _GLOBAL_NAMES.get(tensor.name)
         if name is None:

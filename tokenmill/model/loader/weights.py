@@ -1,6 +1,6 @@
 """Weight sources: HF safetensors shards (memory-mapped), GGUF (dequantized), or dummy random.
 
-Every source yields `(hf_name, tensor)` pairs; the model's `load_weights` routes each one through
+Every source yields `(hf_name, tensor)` pairs; `load_weights` routes each one through
 the `weight_loader` of its parameter's module, which is where tensor-parallel sharding happens, so
 no rank ever needs the whole tensor set in memory at once.
 """
@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import torch
 
-from tokenmill.model.loader.model_source import ModelSource
+from tokenmill.config.model_source import ModelSource
 
 
 def iter_safetensors_weights(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -55,3 +55,56 @@ def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
             param.fill_(1.0)
         else:
             param.uniform_(-0.02, 0.02, generator=generator)
+
+
+def _weight_loader_of(model: torch.nn.Module, name: str):
+    """The `weight_loader` of the module owning parameter `name` (where sharding happens), or None.
+    Looked up, not stored on the parameter: a bound method there would tie parameter and module in a
+    cycle through the tensor, which Python's collector does not free (a shut-down engine's weights
+    would stay on the GPU)."""
+    return getattr(model.get_submodule(name.rpartition(".")[0]), "weight_loader", None)
+
+
+@torch.no_grad()
+def load_weights(model: torch.nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) -> set[str]:
+    """Route each HF tensor to its (possibly merged, possibly sharded) parameter.
+
+    The model class declares its name mapping: `stacked_params` ((merged fragment, HF fragment,
+    shard id), e.g. q/k/v into `qkv_proj`), `ignored_weights` (fragments of tensors it recomputes)
+    and optionally `skip_weight(name)`. Every parameter must be loaded exactly from the checkpoint:
+    unknown tensors and missing parameters are errors, not silent gaps.
+    """
+    params = dict(model.named_parameters())
+    stacked = getattr(model, "stacked_params", ())
+    ignored = getattr(model, "ignored_weights", ())
+    skip = getattr(model, "skip_weight", lambda name: False)
+    loaded: set[str] = set()
+    for name, tensor in weights:
+        if any(fragment in name for fragment in ignored) or skip(name):
+            continue
+        for merged, part, shard_id in stacked:
+            if f".{part}." in name:
+                target = name.replace(part, merged)
+                if target not in params:
+                    raise ValueError(f"checkpoint tensor {name} has no matching parameter in {type(model).__name__}")
+                param = params[target]
+                _weight_loader_of(model, target)(param, tensor.to(param.dtype), shard_id)
+                loaded.add(target)
+                break
+        else:
+            if name not in params:
+                raise ValueError(f"checkpoint tensor {name} has no matching parameter in {type(model).__name__}")
+            param = params[name]
+            loader = _weight_loader_of(model, name)
+            if loader is None:
+                if param.shape != tensor.shape:
+                    raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != "
+                                     f"parameter shape {tuple(param.shape)}")
+                param.data.copy_(tensor)
+            else:
+                loader(param, tensor.to(param.dtype))
+            loaded.add(name)
+    missing = set(params) - loaded
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+    return loaded

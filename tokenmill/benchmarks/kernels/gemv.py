@@ -1,0 +1,238 @@
+"""Batch-1 GEMV: the Triton kernel (`ops/gemv.py`) against cuBLAS (`F.linear`).
+
+    python3 -m tokenmill.benchmarks.kernels.gemv [--layers 32] [--output-json gemv.json]
+
+1. Per shape of Llama-3.1-8B (QKV, O, gate/up, down, LM head): the result against `F.linear`
+   (relative error) and each one's time and bandwidth (`triton.testing.do_bench`, L2 flushed).
+   `--tp N` splits the shapes as tensor parallelism does (one rank's share).
+   `--sweep` also times every configuration of a wider grid than the autotuner's on each shape and
+   prints the best three beside the autotuner's pick (to choose the tuning space).
+   `--graph-sweep` instead times each configuration the way the engine runs it: one CUDA graph of
+   back-to-back launches over >= 1 GB of distinct weights (so L2 holds none of them), per
+   one-rank shape at `--graph-sweep-tp` sizes (the down projection with its fused SiLU-and-mul),
+   beside the autotuner's pick and cuBLAS in the same graph form. Compiles are warmed in parallel
+   processes first (a few hundred variants).
+2. The whole decode weight set (`--layers` x the four layer matrices + the LM head, 15.0 GB at 32
+   layers) as one CUDA graph of GEMVs, replayed: ms per token for each, as in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+
+from tokenmill.ops.gemv import gemv
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+          "lm_head": (128256, 4096)}
+
+
+def graph_ms(fn, weights, xs) -> float:
+    """One CUDA graph that runs `fn` over every weight; best replay time of 20."""
+    for w, x in zip(weights, xs):
+        fn(x, w)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for w, x in zip(weights, xs):
+            fn(x, w)
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return min(times)
+
+
+def sweep(x: torch.Tensor, w: torch.Tensor) -> list[dict]:
+    """Every configuration of a grid wider than the autotuner's, timed on one shape; best first."""
+    from tokenmill.ops.gemv import _gemv_kernel
+
+    n, k = w.shape
+    y = torch.empty(1, n, dtype=w.dtype, device=w.device)
+    rows = []
+    for bn in (2, 4, 8, 16):
+        for bk in (256, 512, 1024):
+            for warps in (4, 8):
+                for stages in (1, 3):
+                    def run(bn=bn, bk=bk, warps=warps, stages=stages):
+                        _gemv_kernel.fn[(triton.cdiv(n, bn),)](x, w, y, n, k, w.stride(0), y, y, 0, 0,
+                                                               SILU_MUL=False, PUSH=False, RANK=0, WORLD=1,
+                                                               MAX_ROWS=1, BLOCK_N=bn, BLOCK_K=bk,
+                                                               num_warps=warps, num_stages=stages)
+                    us = triton.testing.do_bench(run) * 1e3
+                    rows.append({"block_n": bn, "block_k": bk, "warps": warps, "stages": stages, "us": us,
+                                 "tb_s": n * k * w.element_size() / us / 1e6})
+    rows.sort(key=lambda r: r["us"])
+    picked = getattr(_gemv_kernel, "best_config", None)
+    print(f"    sweep best: " + "; ".join(f"{r['block_n']}x{r['block_k']} w{r['warps']} s{r['stages']} "
+                                          f"{r['us']:.1f} us {r['tb_s']:.2f} TB/s" for r in rows[:3])
+          + f" (autotuner's last pick: {picked})")
+    return rows[:10]
+
+
+GRAPH_SWEEP_GRID = [(bn, bk, w, s) for bn in (1, 2, 4, 8, 16) for bk in (128, 256, 512, 1024)
+                    for w in (1, 2, 4, 8) for s in (1, 2, 3, 4) if 512 <= bn * bk <= 8192 and w * 32 <= bk]
+
+
+def _warm_compiles(configs: list[tuple], silu_mul: bool) -> None:
+    """Compile `configs` of the GEMV kernel into Triton's on-disk cache (one process of a pool)."""
+    from tokenmill.ops.gemv import _gemv_kernel
+
+    w = torch.zeros(64, 1024, dtype=torch.bfloat16, device="cuda")
+    x = torch.zeros(1, 2048 if silu_mul else 1024, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty(1, 64, dtype=torch.bfloat16, device="cuda")
+    for bn, bk, warps, stages in configs:
+        _gemv_kernel.fn.warmup(x, w, y, 64, 1024, 1024, y, y, 0, 0, SILU_MUL=silu_mul, PUSH=False, RANK=0,
+                               WORLD=1, MAX_ROWS=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+                               grid=(1,))
+
+
+def warm_compiles_in_parallel(processes: int = 14) -> None:
+    import concurrent.futures
+    import multiprocessing
+
+    jobs = [(GRAPH_SWEEP_GRID[i::processes], silu) for i in range(processes) for silu in (False, True)]
+    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_warm_compiles, *zip(*jobs)))
+
+
+def graph_sweep(shapes: dict[str, tuple[int, int, bool]], min_bytes: float = 1e9) -> dict:
+    """Per shape: every GRAPH_SWEEP_GRID config as a CUDA graph of back-to-back GEMVs over distinct
+    weights (us per GEMV, best of 10 replays), plus the autotuner's pick and cuBLAS the same way."""
+    from tokenmill.ops.gemv import _gemv_kernel
+
+    result = {}
+    for name, (n, k, silu) in shapes.items():
+        copies = max(4, int(min_bytes // (n * k * 2)) + 1)
+        ws = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(copies)]
+        xs = [torch.randn(1, 2 * k if silu else k, dtype=torch.bfloat16, device="cuda") for _ in range(copies)]
+        ys = [torch.empty(1, n, dtype=torch.bfloat16, device="cuda") for _ in range(copies)]
+        ref = gemv(xs[0], ws[0], silu_mul=silu).float()
+
+        def per_call_us(fn) -> float:
+            return graph_ms(fn, ws, xs) * 1e3 / copies
+
+        rows = []
+        for bn, bk, warps, stages in GRAPH_SWEEP_GRID:
+            def launch(x, w, bn=bn, bk=bk, warps=warps, stages=stages):
+                y = ys[0]
+                _gemv_kernel.fn[(triton.cdiv(n, bn),)](x, w, y, n, k, w.stride(0), y, y, 0, 0, SILU_MUL=silu,
+                                                       PUSH=False, RANK=0, WORLD=1, MAX_ROWS=1, BLOCK_N=bn,
+                                                       BLOCK_K=bk, num_warps=warps, num_stages=stages)
+                return y
+            try:
+                out = launch(xs[0], ws[0]).float()
+                us = per_call_us(launch)
+            except Exception as e:  # a config this device cannot run (resources): skip it
+                print(f"  {name} {bn}x{bk} w{warps} s{stages}: {type(e).__name__}: {e}"[:200], flush=True)
+                continue
+            if not torch.allclose(out, ref, rtol=2e-2, atol=2e-2):
+                raise AssertionError(f"{name} {bn}x{bk} w{warps} s{stages}: wrong result")
+            rows.append({"block_n": bn, "block_k": bk, "warps": warps, "stages": stages, "us": us,
+                         "tb_s": n * k * 2 / us / 1e6})
+        rows.sort(key=lambda r: r["us"])
+        tuned_us = per_call_us(lambda x, w: gemv(x, w, silu_mul=silu))
+        picked = str(getattr(_gemv_kernel, "best_config", None))
+        if silu:
+            from tokenmill.ops.activation import silu_and_mul
+            cublas_us = per_call_us(lambda x, w: F.linear(silu_and_mul(x), w))
+        else:
+            cublas_us = per_call_us(lambda x, w: F.linear(x, w))
+        gb = n * k * 2 / 1e9
+        result[name] = {"n": n, "k": k, "silu_mul": silu, "copies": copies, "autotuned_us": tuned_us,
+                        "autotuned_config": picked, "cublas_us": cublas_us, "best": rows[:8],
+                        "worst_us": rows[-1]["us"]}
+        print(f"{name:14s} {n:6d}x{k:5d}{' +silu' if silu else '      '}: autotuned {tuned_us:6.2f} us "
+              f"({gb / tuned_us * 1e3:.2f} TB/s; {picked}); cuBLAS {cublas_us:6.2f} us; best: "
+              + "; ".join(f"{r['block_n']}x{r['block_k']} w{r['warps']} s{r['stages']} {r['us']:.2f} us "
+                          f"{r['tb_s']:.2f} TB/s" for r in rows[:4]), flush=True)
+        del ws, xs, ys
+        torch.cuda.empty_cache()
+    return result
+
+
+def sweep_shapes(tp: int) -> dict[str, tuple[int, int, bool]]:
+    """One rank's GEMV shapes of Llama-3.1-8B at TP=`tp`, as the engine runs them."""
+    column_parallel = {"qkv", "gate_up", "lm_head"}  # split along N; the rest along K
+    shapes = {}
+    for name, (n, k) in SHAPES.items():
+        n, k = (n // tp, k) if name in column_parallel else (n, k // tp)
+        shapes[f"{name}_tp{tp}"] = (n, k, name == "down")
+    return shapes
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--graph-sweep", action="store_true")
+    p.add_argument("--graph-sweep-tp", default="2,1", help="comma-separated TP sizes for --graph-sweep")
+    p.add_argument("--output-json")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    if args.graph_sweep:
+        import time
+        t0 = time.perf_counter()
+        warm_compiles_in_parallel()
+        print(f"{len(GRAPH_SWEEP_GRID)} configs x 2 compiled in {time.perf_counter() - t0:.0f} s", flush=True)
+        result = {"device": torch.cuda.get_device_name(), "grid": GRAPH_SWEEP_GRID, "shapes": {}}
+        for tp in (int(t) for t in args.graph_sweep_tp.split(",")):
+            result["shapes"].update(graph_sweep(sweep_shapes(tp)))
+        if args.output_json:
+            with open(args.output_json, "w") as f:
+                json.dump(result, f, indent=2)
+        return
+    result = {"device": torch.cuda.get_device_name(), "tp": args.tp, "shapes": {}}
+    column_parallel = {"qkv", "gate_up", "lm_head"}  # split along N; the rest along K
+    shapes = {name: (n // args.tp, k) if name in column_parallel else (n, k // args.tp)
+              for name, (n, k) in SHAPES.items()}
+    for name, (n, k) in shapes.items():
+        w = torch.randn(n, k, dtype=torch.bfloat16, device=dev) * 0.02
+        x = torch.randn(1, k, dtype=torch.bfloat16, device=dev)
+        ref = F.linear(x, w).float()
+        ours = gemv(x, w).float()
+        rel = float((ours - ref).norm() / ref.norm())
+        t_cublas = triton.testing.do_bench(lambda: F.linear(x, w))
+        t_triton = triton.testing.do_bench(lambda: gemv(x, w))
+        gb = n * k * 2 / 1e9
+        result["shapes"][name] = {"n": n, "k": k, "rel_err": rel, "cublas_us": t_cublas * 1e3,
+                                  "triton_us": t_triton * 1e3, "cublas_tb_s": gb / t_cublas,
+                                  "triton_tb_s": gb / t_triton}
+        print(f"{name:8s} {n:6d}x{k:5d}: rel err {rel:.1e}; cuBLAS {t_cublas * 1e3:7.1f} us "
+              f"({gb / t_cublas:.2f} TB/s), Triton {t_triton * 1e3:7.1f} us ({gb / t_triton:.2f} TB/s)")
+        if args.sweep:
+            result["shapes"][name]["sweep"] = sweep(x, w)
+        del w
+    weights, xs = [], []
+    for _ in range(args.layers):
+        for name in ("qkv", "o", "gate_up", "down"):
+            n, k = shapes[name]
+            weights.append(torch.randn(n, k, dtype=torch.bfloat16, device=dev) * 0.02)
+            xs.append(torch.randn(1, k, dtype=torch.bfloat16, device=dev))
+    n, k = shapes["lm_head"]
+    weights.append(torch.randn(n, k, dtype=torch.bfloat16, device=dev) * 0.02)
+    xs.append(torch.randn(1, k, dtype=torch.bfloat16, device=dev))
+    total_gb = sum(w.numel() for w in weights) * 2 / 1e9
+    ms_cublas = graph_ms(lambda x, w: F.linear(x, w), weights, xs)
+    ms_triton = graph_ms(gemv, weights, xs)
+    result["weight_set"] = {"gb": total_gb, "cublas_ms": ms_cublas, "triton_ms": ms_triton,
+                            "speedup": ms_cublas / ms_triton}
+    print(f"weight set {total_gb:.2f} GB as one graph: cuBLAS {ms_cublas:.3f} ms ({total_gb / ms_cublas:.2f} TB/s), "
+          f"Triton {ms_triton:.3f} ms ({total_gb / ms_triton:.2f} TB/s): {ms_cublas / ms_triton:.3f}x")
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

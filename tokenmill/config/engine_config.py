@@ -1,0 +1,115 @@
+"""The frozen configuration an engine runs with, built once by `EngineArgs.create_engine_config()`.
+
+Every switch that changes what runs (kernels included) is a field here, read when the part it
+configures is built; nothing reads environment variables or mutates a config after start-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tokenmill.config.model_source import ModelSource
+
+TASKS = ("generate", "embed")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str  # what the user named (path, shape name, or the default)
+    source: ModelSource  # where weights, config and tokenizer come from
+    hf_config: Any  # a transformers PretrainedConfig
+    architecture: str
+    dtype: torch.dtype
+    max_model_len: int
+    served_model_name: str
+    seed: int
+    task: str = "generate"  # "generate" (a decoder, paged KV cache) or "embed" (an encoder, pooled)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf_config.vocab_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.hf_config.num_hidden_layers
+
+    @property
+    def num_kv_heads(self) -> int:
+        return getattr(self.hf_config, "num_key_value_heads", None) or self.hf_config.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.hf_config, "head_dim", None) or (
+            self.hf_config.hidden_size // self.hf_config.num_attention_heads)
+
+    @property
+    def is_encoder(self) -> bool:
+        """Bidirectional attention over the prompt only: no KV cache, no decoding."""
+        return self.task == "embed"
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int
+    kv_cache_memory: int | None  # bytes for the KV pool; None: derived (GPU: gpu_memory_utilization)
+    gpu_memory_utilization: float
+    enable_prefix_caching: bool
+    num_gpu_blocks_override: int | None = None
+    # Element type of the paged K/V; None: the model dtype. float8_e4m3fn halves the pool's bytes.
+    kv_cache_dtype: torch.dtype | None = None
+
+    @property
+    def pool_size_given(self) -> bool:
+        """Whether the user sized the KV pool (blocks or bytes) rather than leaving it to free memory."""
+        return bool(self.num_gpu_blocks_override or self.kv_cache_memory)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    scheduling_policy: str
+    max_model_len: int
+    # Schedule and launch step N+1 before step N's sampled tokens reach the host (docs/gpu.md).
+    async_scheduling: bool = False
+    # Prompts run whole in one step (encoders: bidirectional attention cannot be chunked).
+    chunked_prefill: bool = True
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Which implementation each part runs; chosen once, when that part is built."""
+
+    attention_backend: str = "torch_native"  # "torch_native" (reference, CPU) or "triton" (CUDA)
+    enforce_eager: bool = True  # no CUDA graphs
+    # Decode steps whose requests share a long prefix attend it once for the batch (Triton only).
+    cascade_attention: bool = False
+    # The Triton GEMV for one-row products inside the decode CUDA graphs (cuBLAS otherwise).
+    triton_gemv: bool = True
+    # Tensor parallel on GPUs: the one-shot symmetric-memory all-reduce for small sums (NCCL otherwise).
+    custom_all_reduce: bool = True
+    # ... and the all-reduce, residual add and next RMSNorm in one kernel at decode (with the one above).
+    fused_all_reduce_norm: bool = True
+    # The fused kernel is used up to this many ranks (measured faster up to 4; see docs/scale-out.md).
+    fused_all_reduce_max_world_size: int = 4
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    parallel: ParallelConfig
+    device: torch.device
+    load_format: str
+    kernels: KernelConfig = KernelConfig()
+    # The `EngineArgs` the config was built from: tensor-parallel worker processes rebuild it from them.
+    engine_args: Any = field(default=None, compare=False, repr=False)

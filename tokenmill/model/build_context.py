@@ -1,0 +1,51 @@
+"""What a layer needs to know when it is built: the device, the kernels the engine chose, and the
+tensor-parallel group it shards itself over.
+
+`model/registry.build_model` opens the context around the model's construction; layers read it in
+their `__init__` (never in `forward`), so each picks its implementation and its shard once. Models
+and layers therefore take only their HF config and sizes as arguments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from tokenmill.config.engine_config import KernelConfig
+from tokenmill.distributed.parallel_state import TensorParallelGroup
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    device: torch.device
+    kernels: KernelConfig
+    tp: TensorParallelGroup
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+_current: ContextVar[BuildContext | None] = ContextVar("tokenmill_build_context", default=None)
+
+
+@contextlib.contextmanager
+def building(context: BuildContext) -> Iterator[BuildContext]:
+    """Layers constructed inside read `context` (`build_context()`)."""
+    token = _current.set(context)
+    try:
+        yield context
+    finally:
+        _current.reset(token)
+
+
+def build_context() -> BuildContext:
+    context = _current.get()
+    if context is None:
+        raise RuntimeError("tokenmill layers are built inside model.build_context.building(...) "
+                           "(model/registry.build_model opens it)")
+    return context

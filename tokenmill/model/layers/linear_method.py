@@ -1,0 +1,94 @@
+"""How a linear layer multiplies by its weight: the kernel picked once, when the layer is built.
+
+- CPU: oneDNN with the weight re-laid-out once after loading (`ops/cpu_gemm.py`: faster GEMMs at
+  decode shapes than `F.linear`).
+- CUDA: cuBLAS (`F.linear`); inside a decode CUDA graph (`forward_context().decode_graph`), one-row
+  products run the Triton GEMV (`ops/gemv.py`), 1.08x cuBLAS on the Llama-3.1-8B weight set
+  (docs/perf.md). `--no-triton-gemv` keeps cuBLAS everywhere.
+
+`apply_silu_mul(layer, gate_up)` is `apply(layer, silu_and_mul(gate_up))`, the gated MLP's down
+projection: where the GEMV runs, it computes the activation as it loads x (bit-identical, one
+kernel less per MLP at batch-1 decode). `push`: a `PushTarget` (distributed/symm_mem.py) the GEMV
+sends its output row to, for a tensor-parallel sum fused into the next RMSNorm; `apply` returns
+whether it did.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenmill.model.build_context import build_context
+from tokenmill.model.forward_context import current_forward_context
+from tokenmill.ops import cpu_gemm
+
+if TYPE_CHECKING:
+    from tokenmill.distributed.symm_mem import PushTarget
+
+
+class LinearMethod:
+    """Base: `F.linear` on the layer's `weight` (and `bias`), the reference."""
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        pass
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None,
+              push: "PushTarget | None" = None) -> tuple[torch.Tensor, bool]:
+        return F.linear(x, layer.weight, bias), False
+
+    def apply_silu_mul(self, layer: nn.Module, gate_up: torch.Tensor, silu_and_mul: nn.Module,
+                       bias: torch.Tensor | None = None, push: "PushTarget | None" = None
+                       ) -> tuple[torch.Tensor, bool]:
+        return self.apply(layer, silu_and_mul(gate_up), bias, push)
+
+
+class CpuLinearMethod(LinearMethod):
+    """oneDNN with a pre-packed weight where this torch build has it; `F.linear` otherwise."""
+
+    def __init__(self) -> None:
+        self.packed: torch.Tensor | None = None
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        self.packed = cpu_gemm.pack_weight(layer.weight)
+
+    def apply(self, layer, x, bias=None, push=None):
+        return cpu_gemm.linear(x, layer.weight, self.packed, bias), False
+
+
+class CudaLinearMethod(LinearMethod):
+    def __init__(self, triton_gemv: bool) -> None:
+        self.triton_gemv = triton_gemv
+        if triton_gemv:
+            from tokenmill.ops import gemv
+            self._gemv = gemv.gemv
+
+    def _use_gemv(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        return (self.triton_gemv and x.dim() == 2 and x.shape[0] == 1 and x.dtype == weight.dtype
+                and current_forward_context().decode_graph)
+
+    def apply(self, layer, x, bias=None, push=None):
+        if not self._use_gemv(x, layer.weight):
+            return F.linear(x, layer.weight, bias), False
+        push = push if bias is None else None  # a bias is added after the product: rows not final
+        y = self._gemv(x, layer.weight, silu_mul=False, push=push)
+        return (y if bias is None else y + bias), push is not None
+
+    def apply_silu_mul(self, layer, gate_up, silu_and_mul, bias=None, push=None):
+        if not self._use_gemv(gate_up, layer.weight):
+            return self.apply(layer, silu_and_mul(gate_up), bias, push)
+        push = push if bias is None else None
+        y = self._gemv(gate_up, layer.weight, silu_mul=True, push=push)
+        return (y if bias is None else y + bias), push is not None
+
+
+def unquantized_linear_method() -> LinearMethod:
+    """The method for a bf16/fp16/fp32 weight, for the device being built for."""
+    context = build_context()
+    if context.on_cuda:
+        return CudaLinearMethod(context.kernels.triton_gemv)
+    if context.device.type == "cpu":
+        return CpuLinearMethod()
+    return LinearMethod()

@@ -1,0 +1,59 @@
+"""Measured launch configurations of the batch-1 GEMV (`gemv.py`), per GPU and matrix shape.
+
+Each entry is the fastest of 244 configurations (BLOCK_N x BLOCK_K, warps, stages) timed the way
+the engine runs the kernel: a CUDA graph of back-to-back GEMVs over >= 1 GB of distinct bf16
+weights, so none is served from L2 (`python scripts/bench_gemv.py --graph-sweep`; results and the
+autotuner's picks beside them in docs/perf.md and docs/results/session7/). Shapes are one rank's
+matrices of Llama-3.1-8B at TP=1 and TP=2 (QKV, O, gate/up, down with its fused SiLU-and-mul, LM
+head). Anything not listed (another GPU, shape or dtype) is left to Triton's autotuner.
+
+The neighbours of each winner were within ~1% of it, so these are not fragile choices; what they
+replace is the autotuner's `do_bench` pick, 2-10% slower in the graph (its timings of a lone 5 us
+launch are mostly launch overhead).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+
+
+class GemvConfig(NamedTuple):
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# (N, K, fused SiLU-and-mul) -> config; 2-byte weights (bf16 / fp16) only.
+_H200 = {
+    # Llama-3.1-8B, TP=2 (one rank's share)
+    (3072, 4096, False): GemvConfig(8, 1024, 8, 2),  # QKV: 8.08 us in the graph (autotuner's pick 8.74)
+    (4096, 2048, False): GemvConfig(2, 1024, 1, 2),  # O: 5.68 (6.27)
+    (14336, 4096, False): GemvConfig(8, 256, 2, 3),  # gate/up: 28.59 (29.04)
+    (4096, 7168, True): GemvConfig(8, 1024, 4, 2),  # down + SiLU: 16.37 (16.81)
+    (64128, 4096, False): GemvConfig(4, 512, 1, 3),  # LM head: 117.8 (121.9)
+    # Llama-3.1-8B, TP=1
+    (6144, 4096, False): GemvConfig(16, 512, 8, 1),  # QKV: 13.87 (13.97)
+    (4096, 4096, False): GemvConfig(2, 1024, 1, 2),  # O: 9.71 (10.37)
+    (28672, 4096, False): GemvConfig(16, 256, 4, 2),  # gate/up: 54.34 (54.85)
+    (4096, 14336, True): GemvConfig(8, 1024, 4, 3),  # down + SiLU: 30.06 (30.40)
+    (128256, 4096, False): GemvConfig(16, 256, 4, 2),  # LM head: 229.9 (237.0)
+}
+
+TUNED: dict[str, dict[tuple[int, int, bool], GemvConfig]] = {"NVIDIA H200": _H200}
+
+
+@functools.lru_cache(maxsize=8)
+def _device_table(device_index: int) -> dict[tuple[int, int, bool], GemvConfig]:
+    return TUNED.get(torch.cuda.get_device_name(device_index), {})
+
+
+def tuned_config(weight: torch.Tensor, silu_mul: bool) -> GemvConfig | None:
+    """The measured configuration for this weight's shape on its GPU, or None (autotune)."""
+    if weight.device.type != "cuda" or weight.element_size() != 2:
+        return None
+    index = weight.device.index if weight.device.index is not None else torch.cuda.current_device()
+    return _device_table(index).get((weight.shape[0], weight.shape[1], silu_mul))

@@ -1,0 +1,120 @@
+"""The runner's persistent input buffers: one set on the device that every step, eager or
+replayed from a CUDA graph, reads its inputs from.
+
+Each step the runner computes its flattened inputs on the host (`input_batch.HostInputs`), writes them
+into a pinned host twin and copies the live prefix to the device with one async copy per buffer.
+There are two twins per buffer, used in turn: under async scheduling the host writes step N+1's
+inputs while step N's copies may still wait in the stream. A CUDA graph captured over
+`capture_views(batch)` reads whatever a later step staged there, so eager and graph paths share the same
+code and the same buffers. On the CPU the "device" buffers are the host ones (no copies).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tokenmill.model.attention.backend import AttentionMetadata, StepBatch
+from tokenmill.worker.input_batch import HostInputs
+
+
+@dataclass(slots=True)
+class StagedStep:
+    """A step's inputs on the device (views of the persistent buffers) and its attention batch."""
+
+    input_ids: torch.Tensor  # [num_tokens (padded)]
+    positions: torch.Tensor
+    batch: StepBatch
+
+
+class _Buffer:
+    """A device tensor and its host twins (pinned on CUDA; on the CPU the device tensor itself)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+        self.device_tensor = torch.zeros(shape, dtype=dtype, device=device)
+        if device.type == "cpu":
+            self.hosts = [self.device_tensor]
+        else:
+            self.hosts = [torch.zeros(shape, dtype=dtype, pin_memory=True) for _ in range(2)]
+        self.nps = [h.numpy() for h in self.hosts]
+        self.copies = device.type != "cpu"
+
+
+class InputBuffers:
+    def __init__(self, max_tokens: int, max_reqs: int, max_blocks: int, device: torch.device) -> None:
+        self.device = device
+        self.max_tokens, self.max_reqs, self.max_blocks = max_tokens, max_reqs, max_blocks
+        self.input_ids = _Buffer((max_tokens,), torch.long, device)
+        self.positions = _Buffer((max_tokens,), torch.long, device)
+        self.slot_mapping = _Buffer((max_tokens,), torch.long, device)
+        self.query_start_loc = _Buffer((max_reqs + 1,), torch.int32, device)
+        self.seq_lens = _Buffer((max_reqs,), torch.int32, device)
+        self.block_table = _Buffer((max_reqs, max_blocks), torch.int32, device)
+        self._turn = 0
+        self._twins = len(self.input_ids.hosts)
+
+    def stage(self, host: HostInputs, pad_to: int | None = None) -> StagedStep:
+        """Write `host` into the buffers and start the copies. `pad_to`: a decode batch padded to
+        that many requests (a CUDA graph's size): padded rows have seq_len 0 and slot -1 (the decode
+        kernel writes zeros for them and no KV is written)."""
+        num_reqs, num_tokens = len(host.seq_lens), len(host.input_ids)
+        reqs = pad_to or num_reqs
+        tokens = num_tokens + (reqs - num_reqs)  # (padding only for decode batches: a token each)
+        if tokens > self.max_tokens or reqs > self.max_reqs:
+            raise RuntimeError(f"a step of {num_tokens} tokens / {num_reqs} requests exceeds the input "
+                               f"buffers ({self.max_tokens} / {self.max_reqs})")
+        turn = self._turn
+        self._turn = (turn + 1) % self._twins
+        for buf, values, pad, length in ((self.input_ids, host.input_ids, 0, tokens),
+                                         (self.positions, host.positions, 0, tokens),
+                                         (self.slot_mapping, host.slot_mapping, -1, tokens),
+                                         (self.seq_lens, host.seq_lens, 0, reqs)):
+            np_host = buf.nps[turn]
+            np_host[:len(values)] = values
+            np_host[len(values):length] = pad
+            if buf.copies:
+                buf.device_tensor[:length].copy_(buf.hosts[turn][:length], non_blocking=True)
+        qsl = self.query_start_loc.nps[turn]
+        qsl[:num_reqs + 1] = host.query_start
+        if reqs > num_reqs:  # padded decodes: one token each
+            qsl[num_reqs + 1:reqs + 1] = num_tokens + np.arange(1, reqs - num_reqs + 1)
+        if self.query_start_loc.copies:
+            self.query_start_loc.device_tensor[:reqs + 1].copy_(self.query_start_loc.hosts[turn][:reqs + 1],
+                                                                non_blocking=True)
+        num_blocks = host.block_table.shape[1]
+        table = self.block_table.nps[turn]
+        table[:num_reqs, :num_blocks] = host.block_table
+        table[num_reqs:reqs, :num_blocks] = 0
+        if self.block_table.copies:
+            self.block_table.device_tensor[:reqs, :num_blocks].copy_(
+                self.block_table.hosts[turn][:reqs, :num_blocks], non_blocking=True)
+        meta = AttentionMetadata(
+            num_reqs=reqs, num_tokens=tokens, num_decodes=host.num_decodes + (reqs - num_reqs),
+            max_query_len=host.max_query_len, max_seq_len=int(host.seq_lens.max()),
+            query_start_loc=self.query_start_loc.device_tensor[:reqs + 1],
+            seq_lens=self.seq_lens.device_tensor[:reqs],
+            block_table=self.block_table.device_tensor[:reqs],
+            slot_mapping=self.slot_mapping.device_tensor[:tokens],
+            query_start_loc_cpu=self.query_start_loc.hosts[turn][:reqs + 1],
+            seq_lens_cpu=self.seq_lens.hosts[turn][:reqs])
+        return StagedStep(self.input_ids.device_tensor[:tokens], self.positions.device_tensor[:tokens],
+                          StepBatch(meta, host.block_table, host.seq_lens))
+
+    def capture_views(self, batch: int) -> StagedStep:
+        """The buffers of a decode batch of `batch` requests, for a CUDA-graph capture: whatever a
+        later `stage(..., pad_to=batch)` writes there is what the graph reads when replayed."""
+        self.slot_mapping.device_tensor[:batch].fill_(-1)  # capture and warm-up write no KV
+        self.seq_lens.device_tensor[:batch].zero_()
+        self.query_start_loc.device_tensor[:batch + 1].copy_(
+            torch.arange(batch + 1, dtype=torch.int32, device=self.device))
+        meta = AttentionMetadata(
+            num_reqs=batch, num_tokens=batch, num_decodes=batch, max_query_len=1, max_seq_len=1,
+            query_start_loc=self.query_start_loc.device_tensor[:batch + 1],
+            seq_lens=self.seq_lens.device_tensor[:batch],
+            block_table=self.block_table.device_tensor[:batch],
+            slot_mapping=self.slot_mapping.device_tensor[:batch])
+        host_table = np.zeros((batch, 1), np.int32)
+        return StagedStep(self.input_ids.device_tensor[:batch], self.positions.device_tensor[:batch],
+                          StepBatch(meta, host_table, np.zeros(batch, np.int32)))

@@ -1,0 +1,111 @@
+"""A worker: one rank's device, its share of the model (the `ModelRunner`) and its KV pool.
+
+The executor (`executor/`) makes one per rank and calls the same methods on each: size the KV pool
+(every rank agrees on the smallest), allocate it, capture CUDA graphs, then run steps.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+import torch
+
+from tokenmill.config.engine_config import EngineConfig
+from tokenmill.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from tokenmill.distributed.parallel_state import TensorParallelGroup
+from tokenmill.worker.model_runner import ModelRunner, StepFuture
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, tp: TensorParallelGroup) -> None:
+        self.config = config
+        self.tp = tp
+        self.device = config.device
+        torch.manual_seed(config.model.seed)
+        self._memory_at_start = self._gpu_memory_baseline() if self.device.type == "cuda" else None
+        self.runner = ModelRunner(config, tp)
+        self.num_blocks = 0
+
+    @property
+    def model(self):
+        return self.runner.model
+
+    @property
+    def graphs(self):
+        return self.runner.graphs
+
+    # ----- KV pool -----
+    def determine_num_blocks(self) -> int:
+        """KV blocks for this rank's pool; every tensor-parallel rank agrees on the smallest.
+        Explicit sizes first (`num_gpu_blocks_override`, then `kv_cache_memory`); otherwise what
+        `gpu_memory_utilization` leaves on a GPU, or DEFAULT_CPU_KV_CACHE_BYTES on the CPU."""
+        cache = self.config.cache
+        if cache.num_gpu_blocks_override:
+            return cache.num_gpu_blocks_override
+        if self.device.type == "cuda":
+            budget = self._profile_gpu_kv_budget()  # also compiles the prefill kernels: always run it
+            if cache.kv_cache_memory:
+                budget = cache.kv_cache_memory
+        else:
+            budget = cache.kv_cache_memory or DEFAULT_CPU_KV_CACHE_BYTES
+        return self.tp.all_reduce_min(max(1, int(budget // self.runner.kv_cache_bytes_per_block())))
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        """Allocate the pool, then capture the decode graphs that read it."""
+        self.runner.allocate_kv_cache(num_blocks)
+        self.num_blocks = num_blocks
+        self.runner.capture_cuda_graphs()
+
+    def _gpu_memory_baseline(self) -> tuple[int, int, int]:
+        """Before anything is loaded: refuse to start where `gpu_memory_utilization` of the GPU is
+        more than is free (other processes hold the rest), rather than find out at the KV pool.
+        Returns (free, torch reserved, torch allocated) now: the baseline `_profile_gpu_kv_budget`
+        measures this engine's own use from."""
+        # An earlier engine's tensors in this process are free memory once collected (reference
+        # cycles can keep a shut-down engine's objects alive until then) and returned to CUDA.
+        gc.collect()
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        cache = self.config.cache
+        wanted = total * cache.gpu_memory_utilization
+        if not cache.pool_size_given and wanted > free:
+            raise ValueError(
+                f"{self.device} has {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB, less than "
+                f"gpu_memory_utilization={cache.gpu_memory_utilization} asks for ({wanted / 2**30:.1f} GiB): "
+                f"lower --gpu-memory-utilization, or free the memory other processes hold")
+        return free, torch.cuda.memory_reserved(self.device), torch.cuda.memory_allocated(self.device)
+
+    def _profile_gpu_kv_budget(self) -> float:
+        """Run the largest batch once, then give the KV pool what `gpu_memory_utilization` of the
+        GPU leaves after this engine's own use: weights and peak activations (torch's allocator),
+        and what it holds outside torch (CUDA context growth, NCCL and symmetric-memory buffers),
+        both measured from the start-up baseline. Memory other processes hold is not charged: the
+        fraction is this engine's share, as in vLLM (two engines at 0.45 can share one GPU)."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        self.runner.profile_run()
+        torch.cuda.synchronize()
+        free_at_start, reserved_at_start, allocated_at_start = self._memory_at_start
+        free, total = torch.cuda.mem_get_info(self.device)
+        torch_peak = torch.cuda.max_memory_allocated(self.device) - allocated_at_start
+        outside_torch = (free_at_start - free) - (torch.cuda.memory_reserved(self.device) - reserved_at_start)
+        return total * self.config.cache.gpu_memory_utilization - torch_peak - max(0, outside_torch)
+
+    # ----- steps -----
+    def launch(self, sched: SchedulerOutput) -> StepFuture:
+        return self.runner.launch(sched)
+
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        return self.runner.execute(sched)
+
+    def append_sampled_tokens(self, sampled: dict[str, list[int]]) -> None:
+        self.runner.append_sampled_tokens(sampled)
+
+    def shutdown(self) -> None:
+        """Free the device memory this rank holds (the worker cannot step afterwards)."""
+        self.runner.shutdown()
