@@ -1,6 +1,6 @@
 """`tokenmill bench throughput`: offline generation throughput, with HF `generate()` beside it.
 
-Defaults reproduce the CPU benchmark of BENCHMARKS.md: the embedded model, 32 prompts x 128 new
+Defaults reproduce the CPU benchmark of docs/perf.md: the embedded model, 32 prompts x 128 new
 tokens, against HF at batch 32 in the same dtype in the same run.
 """
 

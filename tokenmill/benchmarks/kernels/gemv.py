@@ -13,7 +13,7 @@
    beside the autotuner's pick and cuBLAS in the same graph form. Compiles are warmed in parallel
    processes first (a few hundred variants).
 2. The whole decode weight set (`--layers` x the four layer matrices + the LM head, 15.0 GB at 32
-   layers) as one CUDA graph of GEMVs, replayed: ms per token for each, as in BENCHMARKS.md.
+   layers) as one CUDA graph of GEMVs, replayed: ms per token for each, as in docs/perf.md.
 """
 
 from __future__ import annotations
