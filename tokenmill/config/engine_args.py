@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from tokenmill.config.engine_config import (
+    TASKS,
     CacheConfig,
     EngineConfig,
     KernelConfig,
@@ -20,7 +21,13 @@ from tokenmill.config.engine_config import (
     ParallelConfig,
     SchedulerConfig,
 )
-from tokenmill.config.model_source import resolve_model_source
+from tokenmill.config.model_source import (
+    ENCODER_ARCHITECTURES,
+    is_embedding_model,
+    resolve_embedding_source,
+    resolve_model_source,
+)
+from tokenmill.config.pooling import PoolingConfig, trained_max_len
 from tokenmill.config.parallel import head_partition
 
 LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
@@ -85,7 +92,7 @@ class EngineArgs:
     dtype: str = "auto"
     seed: int = 0
     max_model_len: int | None = None
-    max_num_seqs: int = 256
+    max_num_seqs: int | None = None  # None: 256 for generation; no cap beyond the token budget for embeddings
     max_num_batched_tokens: int | None = None
     block_size: int = 16
     kv_cache_memory: int | None = None
@@ -106,6 +113,9 @@ class EngineArgs:
     disable_custom_all_reduce: bool = False
     fused_all_reduce_norm: bool = True
     fused_all_reduce_max_world_size: int = 4
+    # "generate" (a decoder), "embed" (an embedding model: pooled vectors, no decoding) or "auto"
+    # (embed when `model` is an embedding model's folder).
+    task: str = "generate"
 
     # ----- CLI -----
     @staticmethod
@@ -120,7 +130,8 @@ class EngineArgs:
         parser.add_argument("--dtype", choices=list(DTYPES), default=d.dtype)
         parser.add_argument("--seed", type=int, default=d.seed)
         parser.add_argument("--max-model-len", type=int, default=None)
-        parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+        parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
+                            help="most requests running at once (default 256)")
         parser.add_argument("--max-num-batched-tokens", type=int, default=None)
         parser.add_argument("--block-size", type=int, default=d.block_size)
         parser.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV pool")
@@ -171,12 +182,19 @@ class EngineArgs:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be a power of two up to 128, got {self.block_size}")
-        if self.max_num_seqs < 1:
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
         device = torch.device(_default_device() if self.device == "auto" else self.device)
         if device.type == "cuda" and self.tensor_parallel_size > torch.cuda.device_count():
             raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} needs as many GPUs; "
                              f"{torch.cuda.device_count()} visible")
+        task = self.task
+        if task == "auto":
+            task = "embed" if is_embedding_model(self.model) else "generate"
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)} or auto, got {self.task!r}")
+        if task == "embed":
+            return self._create_embedding_config(device)
         source = resolve_model_source(self.model, self.load_format, self.tokenizer)
         hf_config = source.load_hf_config()
         architecture = (getattr(hf_config, "architectures", None) or ["?"])[0]
@@ -215,13 +233,59 @@ class EngineArgs:
             model=model_cfg,
             cache=CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
                               self.enable_prefix_caching, self.num_gpu_blocks_override, kv_cache_dtype),
-            scheduler=SchedulerConfig(self.max_num_seqs, max_batched, self.scheduling_policy, max_model_len,
+            scheduler=SchedulerConfig(self.max_num_seqs or 256, max_batched, self.scheduling_policy, max_model_len,
                                       device.type == "cuda" if self.async_scheduling is None
                                       else self.async_scheduling),
             parallel=ParallelConfig(self.tensor_parallel_size),
             device=device,
             load_format=source.load_format,
             kernels=kernels,
+            engine_args=dataclasses.replace(self),
+        )
+
+
+    def _create_embedding_config(self, device: torch.device) -> EngineConfig:
+        """An embedding model: whole prompts (bidirectional attention cannot be chunked), pooled
+        once; no KV cache, no decoding, no CUDA graphs, nothing to share between prompts."""
+        if self.tensor_parallel_size != 1:
+            raise ValueError("embedding models run on one rank: tensor_parallel_size must be 1")
+        if self.kv_cache_dtype != "auto":
+            raise ValueError("an embedding model has no KV cache: kv_cache_dtype does not apply")
+        source = resolve_embedding_source(self.model, self.load_format)
+        hf_config = source.load_hf_config()
+        architecture = (getattr(hf_config, "architectures", None) or ["?"])[0]
+        if architecture not in ENCODER_ARCHITECTURES:
+            raise ValueError(f"architecture {architecture!r} is not an embedding model this engine runs "
+                             f"(encoders: {', '.join(ENCODER_ARCHITECTURES)})")
+        if self.dtype == "auto":
+            # The CPU has no fast float16 GEMM: float16 checkpoints (and untyped ones) run in float32.
+            checkpoint = str(getattr(hf_config, "dtype", None) or "")
+            dtype = torch.bfloat16 if checkpoint.endswith("bfloat16") else torch.float32
+        else:
+            dtype = resolve_dtype(self.dtype, hf_config, device)
+        trained = trained_max_len(source.pooling_root)
+        model_max = min(getattr(hf_config, "max_position_embeddings", 512), trained or 1 << 30)
+        max_model_len = self.max_model_len or model_max
+        if not 1 <= max_model_len <= model_max:
+            raise ValueError(f"max_model_len must be in [1, {model_max}] for this model, got {max_model_len}")
+        # Real tokens per forward pass: 4096 measured best on a 2-core x86 CPU (large GEMMs whose
+        # activations still fit in cache); one longest input always fits.
+        max_batched = max(self.max_num_batched_tokens or (32768 if device.type == "cuda" else 4096), max_model_len)
+        pooling = PoolingConfig.from_model_dir(source.pooling_root, hf_config.to_dict())
+        model_cfg = ModelConfig(
+            model=self.model or source.display_name, source=source, hf_config=hf_config,
+            architecture=architecture, dtype=dtype, max_model_len=max_model_len,
+            served_model_name=self.served_model_name or source.display_name, seed=self.seed, task="embed",
+            pooling=pooling)
+        return EngineConfig(
+            model=model_cfg,
+            cache=CacheConfig(self.block_size, None, self.gpu_memory_utilization, False),
+            scheduler=SchedulerConfig(self.max_num_seqs or max_batched, max_batched, self.scheduling_policy,
+                                      max_model_len, async_scheduling=False, chunked_prefill=False),
+            parallel=ParallelConfig(1),
+            device=device,
+            load_format=source.load_format,
+            kernels=KernelConfig(attention_backend="encoder", enforce_eager=True),
             engine_args=dataclasses.replace(self),
         )
 

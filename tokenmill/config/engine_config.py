@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from tokenmill.config.model_source import ModelSource
+from tokenmill.config.pooling import PoolingConfig
 
 TASKS = ("generate", "embed")
 
@@ -27,6 +28,7 @@ class ModelConfig:
     served_model_name: str
     seed: int
     task: str = "generate"  # "generate" (a decoder, paged KV cache) or "embed" (an encoder, pooled)
+    pooling: PoolingConfig | None = None  # embed: how hidden states become one vector
 
     @property
     def vocab_size(self) -> int:

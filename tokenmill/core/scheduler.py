@@ -188,6 +188,8 @@ class Scheduler:
             if request.num_computed_tokens == 0:
                 computed_blocks, num_hit = self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit, budget)
+            if num_new < request.num_tokens - num_hit and not self.config.chunked_prefill:
+                break  # a whole prompt or nothing (encoders): it waits for the next step's budget
             new_block_ids = self.kv.allocate_slots(request, num_new, computed_blocks)
             if new_block_ids is None:
                 break  # the pool is full: wait for running requests to finish
@@ -207,7 +209,8 @@ class Scheduler:
                 request_id=request.request_id, token_ids=list(request.all_token_ids),
                 num_prompt_tokens=request.num_prompt_tokens, sampling_params=request.sampling_params,
                 block_ids=self.kv.block_ids(request.request_id), num_computed_tokens=num_hit,
-                num_output_tokens=request.num_output_tokens, eos_token_id=request.eos_token_id))
+                num_output_tokens=request.num_output_tokens, eos_token_id=request.eos_token_id,
+                pooling_params=request.pooling_params))
             out.num_scheduled_tokens[request.request_id] = num_new
             budget -= num_new
 
@@ -246,6 +249,7 @@ class Scheduler:
         sampled = result.sampled_token_ids
         all_prompt_lps = result.prompt_logprobs
         all_lps = result.logprobs
+        pooled = result.pooled
         max_len = self.config.max_model_len
         block_size = self.kv.block_size
         any_finished = False
@@ -262,6 +266,13 @@ class Scheduler:
                 prompt_lps = all_prompt_lps.get(request_id)
                 if prompt_lps:
                     request.prompt_logprobs.extend(prompt_lps)
+            if pooled and request_id in pooled:  # an embedding request: done with its prompt
+                request.status = RequestStatus.FINISHED_STOPPED
+                outputs.append(EngineOutput(request_id, [], finish_reason=request.status.finish_reason,
+                                            pooled=pooled[request_id]))
+                self._free(request)
+                any_finished = True
+                continue
             token = sampled.get(request_id)
             if token is None:
                 continue  # a prompt chunk that did not reach the end

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -20,6 +21,7 @@ class NewRequestData:
     num_computed_tokens: int  # > 0 on a prefix-cache hit
     num_output_tokens: int = 0  # outputs already produced (resuming)
     eos_token_id: int | None = None
+    pooling_params: PoolingParams | None = None  # an embedding request: pooled, not sampled
 
 
 @dataclass(slots=True)
@@ -52,3 +54,4 @@ class ModelRunnerOutput:
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, object] = field(default_factory=dict)  # request id -> TokenLogprobs
     prompt_logprobs: dict[str, list] = field(default_factory=dict)  # request id -> [TokenLogprobs]
+    pooled: dict[str, list[float]] = field(default_factory=dict)  # embedding requests: their vectors

@@ -32,11 +32,8 @@ class LLM:
         self._counter = itertools.count()
         if task == "embed":
             from tokenmill.engine.embedding_engine import EmbeddingEngine
-            self.embedding_engine = EmbeddingEngine(
-                model, dtype=engine_args.pop("dtype", "auto"), device=engine_args.pop("device", "auto"),
-                max_batch_tokens=engine_args.pop("max_num_batched_tokens", None))
-            if engine_args:
-                raise TypeError(f"engine arguments not used by embedding models: {', '.join(engine_args)}")
+            engine_args_from_kwargs(model, **engine_args)  # names any unknown argument
+            self.embedding_engine = EmbeddingEngine(model, **engine_args)
             self.engine = None
             return
         self.engine = LLMEngine.from_engine_args(engine_args_from_kwargs(model, **engine_args))
@@ -52,6 +49,9 @@ class LLM:
         if self.engine is not None:
             self.engine.core.shutdown()
             self.engine = None
+        if getattr(self, "embedding_engine", None) is not None:
+            self.embedding_engine.shutdown()
+            self.embedding_engine = None
 
     def __enter__(self) -> "LLM":
         return self

@@ -8,9 +8,15 @@ from torch import nn
 from tokenmill.config.engine_config import EngineConfig
 from tokenmill.distributed.parallel_state import TensorParallelGroup
 from tokenmill.model.build_context import BuildContext, building
+from tokenmill.model.models.bert import BertModel
 from tokenmill.model.models.llama import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    # Encoders (embedding models: `task="embed"`).
+    "BertModel": BertModel,
+    "BertForMaskedLM": BertModel,
+    "BertForPreTraining": BertModel,
+    # Decoders.
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
@@ -33,6 +39,9 @@ def build_model(config: EngineConfig, tp: TensorParallelGroup) -> nn.Module:
 
     model_config = config.model
     cls = model_class(model_config.architecture)
+    if getattr(cls, "is_encoder", False) != model_config.is_encoder:
+        kind = "an embedding model (task='embed')" if model_config.is_encoder else "a generation model"
+        raise ValueError(f"{model_config.architecture} cannot be served as {kind}")
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(model_config.dtype)
     try:

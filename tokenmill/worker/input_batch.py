@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tokenmill.core.scheduler_output import NewRequestData, SchedulerOutput
+from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -32,6 +33,7 @@ class RequestState:
     grammar: object | None = None  # structured_output.RequestGrammar for constrained requests
     # Logit bias, min_tokens, penalties or a grammar: the rows the sampling batch must look at.
     sampling_extras: bool = False
+    pooling_params: PoolingParams | None = None  # an embedding request
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -88,7 +90,8 @@ class InputBatch:
         self._write_block_ids(row, 0, new.block_ids)
         state = RequestState(
             new.request_id, list(new.token_ids), new.num_prompt_tokens, new.sampling_params,
-            list(new.block_ids), new.num_computed_tokens, new.eos_token_id, row)
+            list(new.block_ids), new.num_computed_tokens, new.eos_token_id, row,
+            pooling_params=new.pooling_params)
         self.states[new.request_id] = state
         return state
 

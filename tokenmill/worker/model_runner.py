@@ -24,6 +24,7 @@ from tokenmill.model.attention.backend import KVCache
 from tokenmill.model.attention.layer import Attention
 from tokenmill.model.attention.selector import backend_class
 from tokenmill.model.forward_context import ForwardContext, forward_context
+from tokenmill.model.layers.pooler import pool, truncate_and_normalize
 from tokenmill.model.registry import build_model
 from tokenmill.worker.input_batch import HostInputs, InputBatch, RequestState
 from tokenmill.worker.input_buffers import InputBuffers
@@ -50,6 +51,7 @@ class ModelRunner:
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.attn_builder = backend_class(config.kernels.attention_backend).builder_class()(config, self.device)
         self.sampler = Sampler(self.device)
+        self.pooling = config.model.pooling  # an embedding model: prompts are pooled, not sampled
         sched = config.scheduler
         self.input_batch = InputBatch(sched.max_num_seqs, config.model.max_model_len, self.block_size)
         self.buffers = InputBuffers(max(sched.max_num_batched_tokens, sched.max_num_seqs), sched.max_num_seqs,
@@ -181,6 +183,8 @@ class ModelRunner:
             counts = np.array([num_scheduled[r] for r in order], dtype=np.int64)
         states = [self.input_batch.states[r] for r in order]
         host = self.input_batch.prepare(states, counts)
+        if self.pooling is not None:
+            return self._pool_step(order, states, host)
         output = ModelRunnerOutput()
         sample_rows = np.flatnonzero(host.seq_lens >= host.num_known).tolist()
         # A one-token row that samples is past its prompt, so it needs no prompt logprobs.
@@ -231,6 +235,19 @@ class ModelRunner:
         if self.async_scheduling:
             self._prev_sampled = (sampled.token_ids, dict(zip(sampled_ids, range(len(sampled_ids)))))
         return StepFuture(output, sampled_states, sampled_ids, sampled.to_host(), _record_event(self.device))
+
+    def _pool_step(self, order: list[str], states: list[RequestState], host: HostInputs) -> "StepFuture":
+        """An embedding model's step: every request's whole prompt, pooled into its vector."""
+        staged = self.buffers.stage(host)
+        meta = self.attn_builder.build(staged.batch)
+        with forward_context(_EAGER):
+            hidden = self.model(staged.input_ids, staged.positions, self.kv_caches, meta)
+        rows = pool(hidden, meta.query_start_loc.long(), self.pooling).cpu()  # one device sync per step
+        output = ModelRunnerOutput()
+        for request_id, state, row in zip(order, states, rows):
+            dims = state.pooling_params.dimensions if state.pooling_params is not None else None
+            output.pooled[request_id] = (truncate_and_normalize(row, dims) if dims else row).tolist()
+        return StepFuture(output)
 
     def _device_tokens(self, states: list[RequestState], host: HostInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """(token rows, token ids) on the device for the rows whose input the host does not know yet."""

@@ -47,13 +47,18 @@ class Worker:
         cache = self.config.cache
         if cache.num_gpu_blocks_override:
             return cache.num_gpu_blocks_override
+        bytes_per_block = self.runner.kv_cache_bytes_per_block()
+        if bytes_per_block == 0:
+            # No cache (an encoder): blocks only count tokens, and each step's requests end in it.
+            sched = self.config.scheduler
+            return -(-sched.max_num_batched_tokens // cache.block_size) + sched.max_num_seqs
         if self.device.type == "cuda":
             budget = self._profile_gpu_kv_budget()  # also compiles the prefill kernels: always run it
             if cache.kv_cache_memory:
                 budget = cache.kv_cache_memory
         else:
             budget = cache.kv_cache_memory or DEFAULT_CPU_KV_CACHE_BYTES
-        return self.tp.all_reduce_min(max(1, int(budget // self.runner.kv_cache_bytes_per_block())))
+        return self.tp.all_reduce_min(max(1, int(budget // bytes_per_block)))
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         """Allocate the pool, then capture the decode graphs that read it."""

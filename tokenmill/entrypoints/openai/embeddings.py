@@ -169,7 +169,7 @@ class AsyncEmbedder:
     def _run(self, jobs: list[_Job]) -> list[EmbedResult | Exception]:
         """On the worker thread: tokenize each job (its errors stay its own), embed all valid
         inputs in one call (the engine packs them by length), then split and encode per job."""
-        from tokenmill.model.pooling import truncate_and_normalize
+        from tokenmill.model.layers.pooler import truncate_and_normalize
 
         tokenized: list[list[list[int]] | Exception] = []
         for job in jobs:

@@ -115,6 +115,7 @@ class AttentionBackend(ABC):
     """
 
     name: str = "abstract"
+    uses_kv_cache: bool = True  # False: attention within the step only (encoders)
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
         self.num_heads = num_heads

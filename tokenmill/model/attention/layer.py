@@ -26,11 +26,16 @@ class Attention(nn.Module):
 
     # ----- the layer's share of the paged KV cache -----
     def kv_cache_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
+        if not self.impl.uses_kv_cache:
+            return 0
         return 2 * block_size * self.num_kv_heads * self.head_dim * torch.empty((), dtype=dtype).element_size()
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype,
-                          device: torch.device) -> KVCache:
-        """(k_cache, v_cache), each [num_blocks, block_size, num_kv_heads, head_dim]."""
+                          device: torch.device) -> KVCache | None:
+        """(k_cache, v_cache), each [num_blocks, block_size, num_kv_heads, head_dim]; None for a
+        backend that keeps no cache (encoders)."""
+        if not self.impl.uses_kv_cache:
+            return None
         shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
         return (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 

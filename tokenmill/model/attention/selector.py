@@ -6,11 +6,15 @@ from tokenmill.model.attention.backend import AttentionBackend
 
 
 def backend_class(name: str) -> type[AttentionBackend]:
-    """`torch_native` or `triton` (imported on first use, so CPU processes never import Triton)."""
+    """`torch_native` or `triton` for decoders (imported on first use, so CPU processes never import
+    Triton); `encoder` for embedding models (bidirectional, no KV cache)."""
     if name == "torch_native":
         from tokenmill.model.attention.torch_native import TorchNativeBackend
         return TorchNativeBackend
     if name == "triton":
         from tokenmill.model.attention.triton import TritonBackend
         return TritonBackend
+    if name == "encoder":
+        from tokenmill.model.attention.encoder import EncoderBackend
+        return EncoderBackend
     raise ValueError(f"unknown attention backend {name!r}; choose from torch_native, triton")

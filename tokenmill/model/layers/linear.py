@@ -16,6 +16,7 @@ from torch import nn
 from tokenmill.config.parallel import divide, head_partition
 from tokenmill.model.build_context import build_context
 from tokenmill.model.layers.linear_method import unquantized_linear_method
+from tokenmill.ops.cpu_gemm import ACTIVATIONS
 
 
 def _default_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
@@ -25,8 +26,15 @@ def _default_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
 
 
 class LinearBase(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+    """`activation` (an HF name: gelu, gelu_new, gelu_pytorch_tanh, relu) is applied to the output,
+    inside the GEMM where the kernel can (oneDNN on the CPU); only for layers whose output is final
+    on every rank (replicated or column-parallel)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, activation: str | None = None) -> None:
         super().__init__()
+        if activation is not None and activation not in ACTIVATIONS:
+            raise ValueError(f"activation {activation!r} is not supported ({', '.join(ACTIVATIONS)})")
+        self.activation = activation
         self.tp = build_context().tp
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         if bias:
@@ -52,10 +60,11 @@ class ReplicatedLinear(LinearBase):
 class ColumnParallelLinear(LinearBase):
     """y = x W^T with W's rows (output features) split across ranks."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 activation: str | None = None) -> None:
         tp = build_context().tp
         self.out_per_rank = divide(out_features, tp.world_size, "output features")
-        super().__init__(in_features, self.out_per_rank, bias)
+        super().__init__(in_features, self.out_per_rank, bias, activation)
 
     def weight_loader(self, param, loaded, shard_id=None) -> None:
         rows = self.out_per_rank

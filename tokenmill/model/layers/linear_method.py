@@ -24,20 +24,21 @@ from torch import nn
 from tokenmill.model.build_context import build_context
 from tokenmill.model.forward_context import current_forward_context
 from tokenmill.ops import cpu_gemm
+from tokenmill.ops.cpu_gemm import apply_activation
 
 if TYPE_CHECKING:
     from tokenmill.distributed.symm_mem import PushTarget
 
 
 class LinearMethod:
-    """Base: `F.linear` on the layer's `weight` (and `bias`), the reference."""
+    """Base: `F.linear` on the layer's `weight` (and `bias`), then its `activation`; the reference."""
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         pass
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None,
               push: "PushTarget | None" = None) -> tuple[torch.Tensor, bool]:
-        return F.linear(x, layer.weight, bias), False
+        return apply_activation(F.linear(x, layer.weight, bias), layer.activation), False
 
     def apply_silu_mul(self, layer: nn.Module, gate_up: torch.Tensor, silu_and_mul: nn.Module,
                        bias: torch.Tensor | None = None, push: "PushTarget | None" = None
@@ -55,7 +56,8 @@ class CpuLinearMethod(LinearMethod):
         self.packed = cpu_gemm.pack_weight(layer.weight)
 
     def apply(self, layer, x, bias=None, push=None):
-        return cpu_gemm.linear(x, layer.weight, self.packed, bias), False
+        # oneDNN applies the activation inside the GEMM (a post-op): no extra pass over the output.
+        return cpu_gemm.linear(x, layer.weight, self.packed, bias, layer.activation), False
 
 
 class CudaLinearMethod(LinearMethod):
@@ -70,8 +72,8 @@ class CudaLinearMethod(LinearMethod):
                 and current_forward_context().decode_graph)
 
     def apply(self, layer, x, bias=None, push=None):
-        if not self._use_gemv(x, layer.weight):
-            return F.linear(x, layer.weight, bias), False
+        if layer.activation is not None or not self._use_gemv(x, layer.weight):
+            return apply_activation(F.linear(x, layer.weight, bias), layer.activation), False
         push = push if bias is None else None  # a bias is added after the product: rows not final
         y = self._gemv(x, layer.weight, silu_mul=False, push=push)
         return (y if bias is None else y + bias), push is not None

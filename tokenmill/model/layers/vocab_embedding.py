@@ -46,6 +46,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         if tied_to is not None:
             self.weight = tied_to.weight
         self.method = unquantized_linear_method()
+        self.activation = None  # (read by the linear method)
 
     def process_weights_after_loading(self) -> None:
         self.method.process_weights_after_loading(self)

@@ -70,16 +70,19 @@ def load_weights(model: torch.nn.Module, weights: Iterator[tuple[str, torch.Tens
     """Route each HF tensor to its (possibly merged, possibly sharded) parameter.
 
     The model class declares its name mapping: `stacked_params` ((merged fragment, HF fragment,
-    shard id), e.g. q/k/v into `qkv_proj`), `ignored_weights` (fragments of tensors it recomputes)
-    and optionally `skip_weight(name)`. Every parameter must be loaded exactly from the checkpoint:
+    shard id), e.g. q/k/v into `qkv_proj`), `ignored_weights` (fragments of tensors it recomputes
+    or does not use), optionally `skip_weight(name)` and `hf_name_prefix` (dropped from names). Every parameter must be loaded exactly from the checkpoint:
     unknown tensors and missing parameters are errors, not silent gaps.
     """
     params = dict(model.named_parameters())
     stacked = getattr(model, "stacked_params", ())
     ignored = getattr(model, "ignored_weights", ())
     skip = getattr(model, "skip_weight", lambda name: False)
+    prefix = getattr(model, "hf_name_prefix", None)  # dropped where present (a head class's checkpoint)
     loaded: set[str] = set()
     for name, tensor in weights:
+        if prefix and name.startswith(prefix):
+            name = name[len(prefix):]
         if any(fragment in name for fragment in ignored) or skip(name):
             continue
         for merged, part, shard_id in stacked:
