@@ -102,13 +102,19 @@ class InputBuffers:
         return StagedStep(self.input_ids.device_tensor[:tokens], self.positions.device_tensor[:tokens],
                           StepBatch(meta, host.block_table, host.seq_lens))
 
+    def prepare_for_capture(self, max_batch: int) -> None:
+        """Before capturing decode graphs: the warm-up and capture passes write no KV (slot -1) and
+        attend nothing (seq_len 0). Run once, outside any capture: an op issued while a graph is
+        captured would become part of it and run again at every replay."""
+        self.slot_mapping.device_tensor[:max_batch].fill_(-1)
+        self.seq_lens.device_tensor[:max_batch].zero_()
+        self.query_start_loc.device_tensor[:max_batch + 1].copy_(
+            torch.arange(max_batch + 1, dtype=torch.int32, device=self.device))
+
     def capture_views(self, batch: int) -> StagedStep:
         """The buffers of a decode batch of `batch` requests, for a CUDA-graph capture: whatever a
-        later `stage(..., pad_to=batch)` writes there is what the graph reads when replayed."""
-        self.slot_mapping.device_tensor[:batch].fill_(-1)  # capture and warm-up write no KV
-        self.seq_lens.device_tensor[:batch].zero_()
-        self.query_start_loc.device_tensor[:batch + 1].copy_(
-            torch.arange(batch + 1, dtype=torch.int32, device=self.device))
+        later `stage(..., pad_to=batch)` writes there is what the graph reads when replayed. Views
+        only: nothing here runs on the device (`prepare_for_capture` set the contents)."""
         meta = AttentionMetadata(
             num_reqs=batch, num_tokens=batch, num_decodes=batch, max_query_len=1, max_seq_len=1,
             query_start_loc=self.query_start_loc.device_tensor[:batch + 1],
