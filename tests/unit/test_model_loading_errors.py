@@ -65,10 +65,10 @@ def test_kv_pool_smaller_than_one_request_is_refused(tmp_path, monkeypatch, capl
     of max_model_len would leave such a request waiting forever: the engine refuses to start and
     names the fix. An explicitly sized pool is taken as asked, with a warning."""
     from tokenmill import LLM
-    from tokenmill.worker import model_runner
+    from tokenmill.worker import worker
     folder = _tiny_llama(tmp_path, 4096)
     per_token = 2 * 1 * 2 * 8 * 4  # K and V, 1 layer, 2 KV heads of 8, float32
-    monkeypatch.setattr(model_runner, "DEFAULT_CPU_KV_CACHE_BYTES", 1024 * per_token)
+    monkeypatch.setattr(worker, "DEFAULT_CPU_KV_CACHE_BYTES", 1024 * per_token)
     with pytest.raises(ValueError, match=r"fits only 1024 tokens.*max_model_len 4096.*at most 1024"):
         LLM(folder, load_format="dummy", dtype="float32", max_model_len=4096)
     with LLM(folder, load_format="dummy", dtype="float32", max_model_len=1024) as llm:
