@@ -167,6 +167,10 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput) -> "StepFuture":
         """Enqueue one step; the future's `result()` waits for its sampled tokens."""
+        with forward_context(_EAGER):  # (a graph replay runs what was captured under its own)
+            return self._launch(sched)
+
+    def _launch(self, sched: SchedulerOutput) -> "StepFuture":
         self._apply_diffs(sched)
         if sched.is_empty:
             return StepFuture(ModelRunnerOutput())
@@ -204,8 +208,7 @@ class ModelRunner:
             logits = self.graphs.replay(graph_key, num_reqs)
         else:
             meta = self.attn_builder.build(staged.batch, prefix_len)
-            with forward_context(_EAGER):
-                hidden = self.model(staged.input_ids, staged.positions, self.kv_caches, meta)
+            hidden = self.model(staged.input_ids, staged.positions, self.kv_caches, meta)
             self.tp.check_all_sums_taken()
             for i, s in enumerate(states):
                 if s.params.prompt_logprobs is not None and s.num_computed_tokens < s.num_prompt_tokens - 1:
@@ -240,8 +243,7 @@ class ModelRunner:
         """An embedding model's step: every request's whole prompt, pooled into its vector."""
         staged = self.buffers.stage(host)
         meta = self.attn_builder.build(staged.batch)
-        with forward_context(_EAGER):
-            hidden = self.model(staged.input_ids, staged.positions, self.kv_caches, meta)
+        hidden = self.model(staged.input_ids, staged.positions, self.kv_caches, meta)
         rows = pool(hidden, meta.query_start_loc.long(), self.pooling).cpu()  # one device sync per step
         output = ModelRunnerOutput()
         for request_id, state, row in zip(order, states, rows):
