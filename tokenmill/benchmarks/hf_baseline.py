@@ -28,8 +28,14 @@ def load_hf_model(llm: Any) -> tuple[Any, Any]:
     else:
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config.model.hf_config, dtype=dtype)
-        ours = llm.engine.core.runner.model
-        ours.load_weights((name, t) for name, t in model.state_dict().items())
+        from tokenmill.model.loader.weights import load_weights
+
+        # The same random weights on both sides: HF's, loaded into the engine's model.
+        ours = llm.engine.core.executor.driver_worker.model
+        load_weights(ours, model.state_dict().items())
+        for module in ours.modules():  # re-derive what the kernels keep from the weights (CPU packing)
+            if hasattr(module, "process_weights_after_loading"):
+                module.process_weights_after_loading()
     return model.to(device).eval(), llm.engine.tokenizer
 
 

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> dict:
     prefill = min(timed(1) for _ in range(args.num_iters))
     full = min(timed(args.output_len) for _ in range(args.num_iters))
     ms_per_token = (full - prefill) / (args.output_len - 1) * 1000
-    weight_bytes = _weight_bytes(llm.engine.core.runner.model)  # rank 0's shard: per GPU
+    weight_bytes = _weight_bytes(llm.engine.core.executor.driver_worker.model)  # rank 0's shard: per GPU
     result = {
         "benchmark": "latency", "model": config.model.served_model_name, "device": str(device),
         "dtype": str(config.model.dtype).removeprefix("torch."), "batch_size": args.batch_size,
