@@ -32,7 +32,8 @@ from tokenmill.ops.fused_moe_configs import MoeKernelConfig, moe_config
 from tokenmill.ops.moe_align import MoeAlignment, moe_align
 
 
-@triton.jit
+# One compiled kernel for every batch size: the sizes that follow the batch are not specialised on.
+@triton.jit(do_not_specialize=["num_entries", "max_padded"])
 def _grouped_gemm_kernel(
     a_ptr, b_ptr, c_ptr, topk_weights_ptr, sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
     N, K, num_entries, max_padded,
