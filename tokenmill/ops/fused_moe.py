@@ -133,7 +133,7 @@ def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
     topk_ids = topk_ids.to(torch.int32).contiguous()
     topk_weights = topk_weights.contiguous()
     if config is None:
-        config = moe_config(num_tokens, num_local, hidden_size, inter, hidden.dtype, hidden.device)
+        config = moe_config(num_tokens, num_local, top_k, hidden_size, inter, hidden.dtype, hidden.device)
     align = moe_align(topk_ids, config.block_m, num_local, expert_map)
     num_entries = num_tokens * top_k
     act = torch.empty(num_entries, inter, dtype=hidden.dtype, device=hidden.device)

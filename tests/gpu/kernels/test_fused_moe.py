@@ -127,7 +127,7 @@ def test_fused_experts_match_reference_half(case, dtype):
 def test_default_configs_give_the_product():
     """The heuristic's configurations at decode and prefill token counts."""
     for num_tokens in (1, 64, 600):
-        config = fused_moe_configs.default_config(num_tokens, 8, 4)
+        config = fused_moe_configs.default_config(num_tokens, 8, 2, 4)
         _check_experts((min(num_tokens, 70), 32, 48, 8, 2, "random", False), config, torch.float32, 1e-4)
 
 

@@ -104,7 +104,7 @@ def measure_shape(name: str, layers: Layers, copy_gb_s: float, peak_tflops: floa
         flops = 2 * tokens * layers.top_k * 3 * layers.hidden * inter
         row = {"shape": name, "tokens": tokens, "us": seconds * 1e6, "experts_read": distinct,
                "tb_s": bytes_read / seconds / 1e12, "tflops": flops / seconds / 1e12,
-               "config": list(default_config(tokens, layers.experts, 2))}
+               "config": list(default_config(tokens, layers.experts, layers.top_k, 2))}
         row["of_copy_rate"] = row["tb_s"] * 1e3 / copy_gb_s
         row["of_matmul_peak"] = row["tflops"] / peak_tflops
         rows.append(row)
