@@ -26,6 +26,11 @@ class MoeKernelConfig(NamedTuple):
     num_stages: int
 
 
+# Up to this many tokens the routed experts run token by token (`fused_moe_gemv.py`): two launches
+# instead of five, at the cost of reading an expert twice when two tokens share it (at 4 tokens,
+# top-8 of 128 experts: ~1.1x the bytes). The micro-benchmark prints both paths at decode sizes.
+GEMV_MAX_TOKENS = 4
+
 # device name -> (E_local, H, I_local, element bytes) -> tokens -> config
 TUNED: dict[str, dict[tuple[int, int, int, int], dict[int, MoeKernelConfig]]] = {}
 

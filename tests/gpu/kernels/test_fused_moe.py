@@ -91,7 +91,7 @@ def _weights(num_experts, hidden, inter, dtype, seed):
     return w13.to(dtype), w2.to(dtype)
 
 
-def _check_experts(case, config, dtype, tol):
+def _check_experts(case, config, dtype, tol, path="grouped"):
     num_tokens, hidden, inter, num_experts, top_k, kind, parallel = case
     topk_ids = _routing(num_tokens, top_k, num_experts, kind, seed=hidden + num_tokens)
     g = torch.Generator().manual_seed(num_tokens)
@@ -102,7 +102,7 @@ def _check_experts(case, config, dtype, tol):
     w13, w2 = _weights(len(held), hidden, inter, dtype, seed=num_experts)
     ref = experts_ref(x.float(), w13.float(), w2.float(), topk_weights, topk_ids, expert_map)
     out = fused_experts(x.to(DEVICE), w13.to(DEVICE), w2.to(DEVICE), topk_weights.to(DEVICE), topk_ids.to(DEVICE),
-                        expert_map.to(DEVICE) if parallel else None, config=config)
+                        expert_map.to(DEVICE) if parallel else None, config=config, path=path)
     assert out.shape == x.shape and out.dtype == dtype
     torch.testing.assert_close(out.float().cpu(), ref, rtol=tol, atol=tol)
     return out
@@ -122,6 +122,32 @@ BF16 = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(INTERPRET, reason="
 @pytest.mark.parametrize("case", EXPERT_CASES[:3], ids=str)
 def test_fused_experts_match_reference_half(case, dtype):
     _check_experts(case, CONFIGS[0], dtype, 3e-2)
+
+
+GEMV_CASES = [  # T, H, I, E, k, kind, expert parallel: the token-by-token path's sizes
+    (1, 64, 48, 16, 4, "random", False),
+    (3, 300, 40, 8, 2, "hot", False),  # H past one K slice, no multiple of it; I no multiple of BLOCK_N
+    (4, 48, 520, 12, 3, "random", True),  # I past one K slice; half the experts on another rank
+    (2, 32, 24, 4, 4, "random", False),  # every expert chosen by both tokens
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", GEMV_CASES, ids=str)
+def test_token_by_token_path_matches_reference(case, dtype):
+    _check_experts(case, None, dtype, 1e-4 if dtype == torch.float32 else 3e-2, path="gemv")
+
+
+def test_auto_path_takes_gemv_for_a_few_tokens(monkeypatch):
+    from tokenmill.ops import fused_moe, fused_moe_configs as configs
+
+    taken = []
+    monkeypatch.setattr(fused_moe, "fused_experts_gemv", lambda *a: taken.append(a[0].shape[0]) or a[0])
+    x = torch.zeros(configs.GEMV_MAX_TOKENS, 16, device=DEVICE)
+    w13, w2 = torch.zeros(4, 16, 16, device=DEVICE), torch.zeros(4, 16, 8, device=DEVICE)
+    ids = torch.zeros(x.shape[0], 1, dtype=torch.int32, device=DEVICE)
+    fused_moe.fused_experts(x, w13, w2, torch.ones(x.shape[0], 1, device=DEVICE), ids)
+    assert taken == [configs.GEMV_MAX_TOKENS]
 
 
 def test_default_configs_give_the_product():

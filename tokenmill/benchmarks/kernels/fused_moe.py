@@ -25,12 +25,12 @@ import torch
 
 from tokenmill.benchmarks.kernels.copy_bandwidth import copy_rate
 from tokenmill.ops.fused_moe import fused_experts
-from tokenmill.ops.fused_moe_configs import MoeKernelConfig, default_config
+from tokenmill.ops.fused_moe_configs import GEMV_MAX_TOKENS, MoeKernelConfig, default_config
 
 # name: (experts, hidden, intermediate, top_k), one layer at TP=1 (the shipped shapes' values)
 SHAPES = {"qwen3-30b-a3b": (128, 2048, 768, 8), "mixtral-8x7b": (8, 4096, 14336, 2),
           "minimax-m2": (256, 3072, 1536, 8)}
-DECODE_TOKENS = (1, 4, 16, 64, 128)
+DECODE_TOKENS = (1, 2, 4, 8, 16, 64, 128)
 PREFILL_TOKENS = (512, 2048, 8192)
 LAYERS_BYTES = 16 << 30  # several layers' experts per shape, cycled so that L2 (tens of MB) holds none
 
@@ -79,10 +79,11 @@ class Layers:
         weights, ids = scores.topk(self.top_k, dim=-1)
         return x, weights.float().contiguous(), ids.to(torch.int32).contiguous()
 
-    def time(self, tokens: int, config: MoeKernelConfig | None = None) -> tuple[float, int]:
+    def time(self, tokens: int, config: MoeKernelConfig | None = None, path: str = "auto") -> tuple[float, int]:
         """Seconds per layer call, and the distinct experts one call reads (averaged over layers)."""
         inputs = [self.inputs(tokens, seed) for seed in range(len(self.w13))]
-        calls = [lambda w13=w13, w2=w2, inp=inp: fused_experts(inp[0], w13, w2, inp[1], inp[2], config=config)
+        calls = [lambda w13=w13, w2=w2, inp=inp: fused_experts(inp[0], w13, w2, inp[1], inp[2], config=config,
+                                                               path=path)
                  for w13, w2, inp in zip(self.w13, self.w2, inputs)]
         seconds = graph_seconds(calls) / len(calls)
         distinct = sum(torch.unique(inp[2]).numel() for inp in inputs) / len(inputs)
@@ -109,9 +110,14 @@ def measure_shape(name: str, layers: Layers, copy_gb_s: float, peak_tflops: floa
         row["of_matmul_peak"] = row["tflops"] / peak_tflops
         rows.append(row)
         kind = "decode " if tokens in DECODE_TOKENS else "prefill"
+        row["path"] = "gemv" if tokens <= GEMV_MAX_TOKENS else "grouped"
         print(f"  {name:14s} {kind} T={tokens:5d}: {row['us']:8.1f} us  {row['tb_s']:5.2f} TB/s "
               f"({row['of_copy_rate']:4.0%} of copy)  {row['tflops']:6.1f} TFLOP/s "
-              f"({row['of_matmul_peak']:4.0%} of peak)  experts read {distinct:.0f}")
+              f"({row['of_matmul_peak']:4.0%} of peak)  experts read {distinct:.0f}  [{row['path']}]")
+        if tokens <= 2 * GEMV_MAX_TOKENS:  # where the two paths cross: both, for GEMV_MAX_TOKENS
+            other = "grouped" if row["path"] == "gemv" else "gemv"
+            row[f"us_{other}"] = layers.time(tokens, path=other)[0] * 1e6
+            print(f"  {'':14s}         T={tokens:5d}: {row[f'us_{other}']:8.1f} us  [{other}]")
     return rows
 
 
@@ -140,11 +146,11 @@ def sweep_shape(name: str, layers: Layers) -> dict[int, MoeKernelConfig]:
         timed = []
         for config in candidate_configs(tokens):
             try:
-                timed.append((layers.time(tokens, config)[0], config))
+                timed.append((layers.time(tokens, config, path="grouped")[0], config))
             except Exception as exc:  # noqa: BLE001 - a config past the device's limits: skip it
                 print(f"    skip {config}: {type(exc).__name__}")
         timed.sort(key=lambda t: t[0])
-        heuristic = layers.time(tokens)[0]
+        heuristic = layers.time(tokens, path="grouped")[0]
         best_by_tokens[tokens] = timed[0][1]
         print(f"  sweep {name} T={tokens}: best {timed[0][0] * 1e6:.1f} us {tuple(timed[0][1])}, "
               f"heuristic {heuristic * 1e6:.1f} us ({heuristic / timed[0][0]:.2f}x the best)")

@@ -19,7 +19,7 @@ fi
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; } | tee "$out/device.txt"
 rc=0
 if [[ "$part" == tests || "$part" == all ]]; then
-  timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider tests/gpu/kernels/test_fused_moe.py \
+  timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider tests/gpu/kernels/test_fused_moe.py tests/gpu/kernels/test_moe_routing.py \
       tests/gpu/test_moe_gpu.py -o addopts="" --durations=8 2>&1 | tee "$out/tests.log" || rc=1
 fi
 if [[ "$part" == kernels || "$part" == all ]]; then
