@@ -12,7 +12,7 @@ pytestmark = pytest.mark.cuda
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from gpu_models import LOGIT_PARAMS, LOGIT_PROMPTS, assert_logprobs_match_hf, greedy_eager_and_graphs  # noqa: E402
+from gpu_models import LOGIT_PARAMS, LOGIT_PROMPTS, greedy_eager_and_graphs  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from tokenmill import LLM, SamplingParams  # noqa: E402
@@ -47,12 +47,31 @@ def moe_folder(tmp_path_factory, name: str, initializer_range: float, dtype=torc
     return str(folder), model.to("cuda").eval()
 
 
+def logprob_errors(hf, prompts, outs) -> list[float]:
+    """Per generated position: relative error of the top-20 logprob vector against HF's."""
+    errors = []
+    for prompt, out in zip(prompts, outs):
+        tokens = prompt + out.outputs[0].token_ids
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(torch.tensor([tokens], device="cuda")).logits[0].float(), -1)
+        for j, position in enumerate(out.outputs[0].logprobs):
+            ids = list(position)
+            ours = torch.tensor([position[t].logprob for t in ids])
+            theirs = ref[len(prompt) - 1 + j][ids].cpu()
+            errors.append(float((ours - theirs).norm() / theirs.norm()))
+    return errors
+
+
 @pytest.mark.parametrize("name", sorted(MOE_SHAPES))
 def test_moe_logits_match_hf_bf16(name, tmp_path_factory):
+    """bf16 against HF: on average as close as the dense models (2e-2 per position there); a
+    position may be further off where rounding moved a router score across the k-th one and the
+    two sides chose a different expert (on the CPU in bf16: mean 0.003, one position 0.027)."""
     folder, hf = moe_folder(tmp_path_factory, name, 0.05)
     with LLM(folder, dtype="bfloat16", max_model_len=2048, gpu_memory_utilization=0.3, block_size=16) as llm:
         outs = llm.generate(LOGIT_PROMPTS, LOGIT_PARAMS, use_tqdm=False)
-    assert_logprobs_match_hf(hf, LOGIT_PROMPTS, outs, name)
+    errors = logprob_errors(hf, LOGIT_PROMPTS, outs)
+    assert sum(errors) / len(errors) < 1e-2 and max(errors) < 6e-2, (name, sorted(errors)[-4:])
 
 
 @pytest.mark.parametrize("name", ["qwen2_moe", "minimax_m2"])

@@ -18,7 +18,7 @@ expert is not on this rank (`expert_map[e] == -1`, expert parallelism) are left 
 The kernel works on chunks of entries (the next power of two >= M, at most `MAX_CHUNK`): per
 chunk, a histogram of its experts and an in-register sort of (expert, entry) keys give each entry
 its rank within its expert; a prefix over experts (padded counts) and over chunks gives where each
-run starts. One chunk (M <= MAX_CHUNK, every decode step) runs as one program in one launch;
+run starts. One chunk (M <= MAX_CHUNK: decode batches up to 1024 / k tokens) runs as one program;
 more run as three launches (histograms, prefix, scatter). Deterministic: no atomics.
 """
 

@@ -168,10 +168,11 @@ def test_measured_configs_give_the_product(config):
 
 
 @needs_cuda
-def test_fused_experts_replays_in_a_cuda_graph():
+@pytest.mark.parametrize("num_tokens", [2, 8])  # the token-by-token path, the grouped one
+def test_fused_experts_replays_in_a_cuda_graph(num_tokens):
     """Captured once, replayed with new routing and inputs: the same result as eager (no host
     sync, nothing sized by the routing)."""
-    num_tokens, hidden, inter, num_experts, top_k = 8, 256, 128, 32, 4
+    hidden, inter, num_experts, top_k = 256, 128, 32, 4
     w13, w2 = (w.cuda() for w in _weights(num_experts, hidden, inter, torch.bfloat16, seed=5))
     x = torch.randn(num_tokens, hidden, device="cuda", dtype=torch.bfloat16)
     weights = torch.rand(num_tokens, top_k, device="cuda")
