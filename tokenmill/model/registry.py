@@ -8,9 +8,12 @@ from torch import nn
 from tokenmill.config.engine_config import EngineConfig
 from tokenmill.distributed.parallel_state import TensorParallelGroup
 from tokenmill.model.build_context import BuildContext, building
+from tokenmill.model.models.deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from tokenmill.model.models.llama import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
+    "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
@@ -26,20 +29,34 @@ def model_class(architecture: str) -> type[nn.Module]:
                          f"{', '.join(sorted(MODEL_REGISTRY))}") from None
 
 
+def weight_bytes_per_rank(config: EngineConfig, tp: TensorParallelGroup) -> int:
+    """Bytes of `tp`'s rank's parameters and buffers in the model dtype, counted on PyTorch's meta
+    device (shapes only, nothing allocated), so the memory planner can refuse a model that cannot
+    fit before a byte of it is loaded."""
+    meta = torch.device("meta")
+    model = _instantiate(config, meta, TensorParallelGroup(tp.rank, tp.world_size, meta))
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def _instantiate(config: EngineConfig, device: torch.device, tp: TensorParallelGroup) -> nn.Module:
+    model_config = config.model
+    cls = model_class(model_config.architecture)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(model_config.dtype)
+    try:
+        with torch.device(device), building(BuildContext(device, config.kernels, tp)):
+            return cls(model_config.hf_config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+
+
 @torch.no_grad()
 def build_model(config: EngineConfig, tp: TensorParallelGroup) -> nn.Module:
     """Instantiate the model of `config` on its device, sharded for `tp`, and load its weights."""
     from tokenmill.model.loader.weights import init_dummy_weights, iter_weights, load_weights
 
     model_config = config.model
-    cls = model_class(model_config.architecture)
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(model_config.dtype)
-    try:
-        with torch.device(config.device), building(BuildContext(config.device, config.kernels, tp)):
-            model = cls(model_config.hf_config)
-    finally:
-        torch.set_default_dtype(default_dtype)
+    model = _instantiate(config, config.device, tp)
     if config.load_format == "dummy":
         init_dummy_weights(model, model_config.seed)
     else:
