@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from tokenmill.config.engine_config import EngineConfig
 from tokenmill.distributed.parallel_state import TensorParallelGroup
@@ -29,12 +30,24 @@ def model_class(architecture: str) -> type[nn.Module]:
                          f"{', '.join(sorted(MODEL_REGISTRY))}") from None
 
 
+class _WeightsOnMeta(TorchFunctionMode):
+    """`torch.empty`, which layers allocate their weights with, makes meta tensors (a shape, no
+    memory); every other call runs as usual (the small host tensors a layer computes when built)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.empty:
+            kwargs["device"] = torch.device("meta")
+        return func(*args, **kwargs)
+
+
 def weight_bytes_per_rank(config: EngineConfig, tp: TensorParallelGroup) -> int:
-    """Bytes of `tp`'s rank's parameters and buffers in the model dtype, counted on PyTorch's meta
-    device (shapes only, nothing allocated), so the memory planner can refuse a model that cannot
-    fit before a byte of it is loaded."""
-    meta = torch.device("meta")
-    model = _instantiate(config, meta, TensorParallelGroup(tp.rank, tp.world_size, meta))
+    """Bytes of `tp`'s rank's parameters and buffers in the model dtype, counted without
+    allocating the weights (`_WeightsOnMeta`), so the memory planner can refuse a model that
+    cannot fit before a byte of it is loaded."""
+    cpu = torch.device("cpu")
+    with _WeightsOnMeta():
+        model = _instantiate(config, cpu, TensorParallelGroup(tp.rank, tp.world_size, cpu))
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 

@@ -19,6 +19,7 @@ import re
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.config.parallel import divide
@@ -29,22 +30,62 @@ from tokenmill.model.build_context import build_context
 from tokenmill.model.layers.layernorm import RMSNorm
 from tokenmill.model.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from tokenmill.model.layers.mlp import GatedMLP
+from tokenmill.model.layers.moe.fused_moe import FusedMoE
+from tokenmill.model.layers.moe.router import RoutingConfig
 from tokenmill.model.layers.rotary_embedding import RotaryEmbedding, RotaryInputs, rope_parameters, softmax_mscale
 from tokenmill.model.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
 
 
 def check_supported(config: Any) -> None:
-    """Refuse, naming the field, a config whose math this implementation does not do."""
+    """Refuse, naming the field, a config whose math this implementation does not do (the routing
+    fields are checked by each family's `routing`)."""
     if getattr(config, "quantization_config", None):
         method = config.quantization_config.get("quant_method", "?")
         raise ValueError(f"quantization_config (quant_method={method!r}) is not supported for "
                          f"{config.architectures[0]}: serve the bf16 weights")
     if not getattr(config, "kv_lora_rank", None):
         raise ValueError("kv_lora_rank is not set: DeepSeek models without latent attention are not supported")
-    num_moe = config.num_hidden_layers - min(config.first_k_dense_replace or 0, config.num_hidden_layers)
-    if num_moe:
-        raise ValueError(f"mixture-of-experts layers (first_k_dense_replace={config.first_k_dense_replace} < "
-                         f"num_hidden_layers={config.num_hidden_layers}) are not supported yet")
+    if _num_dense_layers(config) < config.num_hidden_layers and getattr(config, "moe_layer_freq", 1) != 1:
+        raise ValueError(f"moe_layer_freq={config.moe_layer_freq} is not supported (every layer after "
+                         "first_k_dense_replace is a mixture of experts)")
+
+
+def _num_dense_layers(config: Any) -> int:
+    return min(config.first_k_dense_replace or 0, config.num_hidden_layers)
+
+
+class DeepseekGate(nn.Module):
+    """The router: logits [T, num_experts] in float32 (HF computes them from float32 copies of
+    the hidden state and weight), and DeepSeek-V3's `e_score_correction_bias` (float32) where the
+    routing has one. HF names: `mlp.gate.weight`, `mlp.gate.e_score_correction_bias`."""
+
+    def __init__(self, hidden_size: int, num_experts: int, correction_bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size), requires_grad=False)
+        self.e_score_correction_bias = (nn.Parameter(torch.empty(num_experts, dtype=torch.float32),
+                                                     requires_grad=False) if correction_bias else None)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden.float(), self.weight.float())
+
+
+class DeepseekV2MoE(nn.Module):
+    """Routed experts (`FusedMoE` at HF's `mlp.experts`) plus the shared experts, summed over
+    tensor-parallel ranks once, by the next RMSNorm."""
+
+    def __init__(self, config: Any, routing: RoutingConfig) -> None:
+        super().__init__()
+        num_experts, hidden = config.n_routed_experts, config.hidden_size
+        self.gate = DeepseekGate(hidden, num_experts, routing.correction_bias)
+        self.shared_experts = None
+        if config.n_shared_experts:
+            self.shared_experts = GatedMLP(hidden, config.moe_intermediate_size * config.n_shared_experts,
+                                           hidden_act=config.hidden_act, reduce_results=False)
+        self.experts = FusedMoE(num_experts, hidden, config.moe_intermediate_size, routing,
+                                shared_experts=self.shared_experts, hidden_act=config.hidden_act)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.experts(hidden, self.gate(hidden), self.gate.e_score_correction_bias)
 
 
 class DeepseekV2Attention(nn.Module):
@@ -85,11 +126,15 @@ class DeepseekV2Attention(nn.Module):
 
 
 class DeepseekV2DecoderLayer(nn.Module):
-    def __init__(self, config: Any, interleaved_rope: bool, mlp_bias: bool) -> None:
+    def __init__(self, config: Any, interleaved_rope: bool, mlp_bias: bool, routing: RoutingConfig | None) -> None:
+        """`routing`: this layer's experts' (None: a dense MLP)."""
         super().__init__()
         self.self_attn = DeepseekV2Attention(config, interleaved_rope)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, bias=mlp_bias,
-                            hidden_act=getattr(config, "hidden_act", "silu"))
+        if routing is None:
+            self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, bias=mlp_bias,
+                                hidden_act=getattr(config, "hidden_act", "silu"))
+        else:
+            self.mlp = DeepseekV2MoE(config, routing)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -107,11 +152,13 @@ class DeepseekV2DecoderLayer(nn.Module):
 
 
 class DeepseekV2Model(nn.Module):
-    def __init__(self, config: Any, interleaved_rope: bool, mlp_bias: bool) -> None:
+    def __init__(self, config: Any, interleaved_rope: bool, mlp_bias: bool, routing: RoutingConfig | None) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DeepseekV2DecoderLayer(config, interleaved_rope, mlp_bias)
-                                    for _ in range(config.num_hidden_layers))
+        dense = _num_dense_layers(config)
+        self.layers = nn.ModuleList(DeepseekV2DecoderLayer(config, interleaved_rope, mlp_bias,
+                                                           None if i < dense else routing)
+                                    for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         theta, scaling = rope_parameters(config)
         # Only the qk_rope_head_dim dims of q and of the shared key rotate.
@@ -141,7 +188,8 @@ class DeepseekV2ForCausalLM(nn.Module):
         super().__init__()
         check_supported(config)
         self.config = config
-        self.model = DeepseekV2Model(config, self.interleaved_rope(config), self.mlp_bias(config))
+        routing = self.routing(config) if _num_dense_layers(config) < config.num_hidden_layers else None
+        self.model = DeepseekV2Model(config, self.interleaved_rope(config), self.mlp_bias(config), routing)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
                                       tied_to=self.model.embed_tokens if self.tie_word_embeddings else None)
@@ -153,6 +201,24 @@ class DeepseekV2ForCausalLM(nn.Module):
     @staticmethod
     def mlp_bias(config: Any) -> bool:
         return bool(getattr(config, "mlp_bias", False))
+
+    @staticmethod
+    def routing(config: Any) -> RoutingConfig:
+        """DeepSeek-V2's experts: softmax scores, top-k (`greedy`) or top-k within the `topk_group`
+        best of `n_group` groups by their best score (`group_limited_greedy`), never renormalised,
+        times `routed_scaling_factor` (HF's DeepseekV2TopkRouter)."""
+        _require(config, "scoring_func", "softmax")
+        method = getattr(config, "topk_method", "greedy")
+        if method not in ("greedy", "group_limited_greedy"):
+            raise ValueError(f"topk_method={method!r} is not supported for DeepSeek-V2 (greedy, group_limited_greedy)")
+        if getattr(config, "norm_topk_prob", False):
+            # (DeepSeek's own code renormalises where HF's does not: refuse rather than pick one.)
+            raise ValueError("norm_topk_prob=True is not supported for DeepSeek-V2")
+        grouped = method == "group_limited_greedy"
+        return RoutingConfig(top_k=config.num_experts_per_tok, scoring="softmax",
+                             num_expert_groups=config.n_group if grouped else None,
+                             topk_groups=config.topk_group if grouped else None,
+                             routed_scaling_factor=config.routed_scaling_factor)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -181,3 +247,23 @@ class DeepseekV3ForCausalLM(DeepseekV2ForCausalLM):
     @staticmethod
     def mlp_bias(config: Any) -> bool:
         return False  # HF's DeepseekV3MLP has no bias
+
+    @staticmethod
+    def routing(config: Any) -> RoutingConfig:
+        """DeepSeek-V3's experts (`noaux_tc`): sigmoid scores; the experts chosen by score +
+        `e_score_correction_bias` within the `topk_group` best of `n_group` groups (a group's score:
+        its two best); weights the chosen unbiased scores, renormalised if `norm_topk_prob`, times
+        `routed_scaling_factor` (HF's DeepseekV3TopkRouter)."""
+        _require(config, "scoring_func", "sigmoid")
+        _require(config, "topk_method", "noaux_tc")
+        return RoutingConfig(top_k=config.num_experts_per_tok, scoring="sigmoid",
+                             renormalize=bool(config.norm_topk_prob), num_expert_groups=config.n_group,
+                             topk_groups=config.topk_group, routed_scaling_factor=config.routed_scaling_factor,
+                             correction_bias=True)
+
+
+def _require(config: Any, field: str, value: str) -> None:
+    """Refuse a routing field (where the config has it) naming another method than `value`."""
+    found = getattr(config, field, value)
+    if found != value:
+        raise ValueError(f"{field}={found!r} is not supported for {config.architectures[0]} ({value!r} only)")
