@@ -24,7 +24,8 @@ import torch
 
 from tokenmill.model.attention.backend import AttentionMetadata
 from tokenmill.model.attention.layer import KVCacheLayer
-from tokenmill.model.attention.mla_backend import MLADims, mla_backend_class
+from tokenmill.model.attention.mla_backend import MLADims
+from tokenmill.model.attention.selector import mla_backend_class
 from tokenmill.model.build_context import build_context
 from tokenmill.model.layers.linear import ColumnParallelLinear
 from tokenmill.model.layers.rotary_embedding import RotaryInputs

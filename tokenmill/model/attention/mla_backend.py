@@ -13,6 +13,8 @@ A backend does three things for the layer:
 - `decode`: one-token queries, up-projections absorbed (`mla.py`): attention in latent space;
 - `prefill`: prefills and chunks attend in the expanded space (per-head keys and values from the
   latent through `kv_b_proj`), the cached prefix read back from the cache and expanded.
+
+`selector.mla_backend_class(name)` picks the implementation by the engine's backend name.
 """
 
 from __future__ import annotations
@@ -109,15 +111,3 @@ def gather_latent_rows(cache: torch.Tensor, block_ids: torch.Tensor, kv_scale: f
 def host_tensor(host: torch.Tensor | None, device_tensor: torch.Tensor) -> torch.Tensor:
     """The metadata's host copy where the runner gave one (every eager step), else a device read."""
     return host if host is not None else device_tensor.cpu()
-
-
-def mla_backend_class(name: str) -> type[MLABackend]:
-    """The MLA form of the engine's attention backend (`--attention-backend`), imported on first
-    use so CPU processes never import Triton."""
-    if name == "torch_native":
-        from tokenmill.model.attention.mla_torch_native import TorchNativeMLABackend
-        return TorchNativeMLABackend
-    if name == "triton":
-        from tokenmill.model.attention.mla_triton import TritonMLABackend
-        return TritonMLABackend
-    raise ValueError(f"unknown attention backend {name!r}; choose from torch_native, triton")

@@ -42,7 +42,7 @@ def check_supported(config: Any) -> None:
     if getattr(config, "quantization_config", None):
         method = config.quantization_config.get("quant_method", "?")
         raise ValueError(f"quantization_config (quant_method={method!r}) is not supported for "
-                         f"{config.architectures[0]}: serve the bf16 weights")
+                         f"{_family(config)}: serve the bf16 weights")
     if not getattr(config, "kv_lora_rank", None):
         raise ValueError("kv_lora_rank is not set: DeepSeek models without latent attention are not supported")
     if _num_dense_layers(config) < config.num_hidden_layers and getattr(config, "moe_layer_freq", 1) != 1:
@@ -266,4 +266,8 @@ def _require(config: Any, field: str, value: str) -> None:
     """Refuse a routing field (where the config has it) naming another method than `value`."""
     found = getattr(config, field, value)
     if found != value:
-        raise ValueError(f"{field}={found!r} is not supported for {config.architectures[0]} ({value!r} only)")
+        raise ValueError(f"{field}={found!r} is not supported for {_family(config)} ({value!r} only)")
+
+
+def _family(config: Any) -> str:
+    return (getattr(config, "architectures", None) or [config.model_type])[0]
