@@ -138,19 +138,28 @@ class FusedMoE(CustomOp):
 
     def forward_native(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
                        ) -> torch.Tensor:
-        """The routed experts: hidden [T, H], topk_weights [T, k] float32, topk_ids [T, k] global
-        -> [T, H], this rank's (partial) weighted sum."""
-        out = torch.zeros_like(hidden)
-        local_ids = self.expert_map[topk_ids.long()]
-        for expert in torch.unique(local_ids[local_ids >= 0]).tolist():  # ascending, as HF sums them
-            tokens, slot = torch.where(local_ids == expert)
-            gate, up = F.linear(hidden[tokens], self.w13_weight[expert]).chunk(2, dim=-1)
-            act = F.silu(gate) * up
-            y = F.linear(act, self.w2_weight[expert]) * topk_weights[tokens, slot, None]
-            out.index_add_(0, tokens, y.to(out.dtype))
-        return out
+        return experts_ref(hidden, self.w13_weight, self.w2_weight, topk_weights, topk_ids, self.expert_map)
 
     def forward_cuda(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
                      ) -> torch.Tensor:
         expert_map = None if self.all_experts_local else self.expert_map
         return self._fused_experts(hidden, self.w13_weight, self.w2_weight, topk_weights, topk_ids, expert_map)
+
+
+def experts_ref(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                topk_ids: torch.Tensor, expert_map: torch.Tensor) -> torch.Tensor:
+    """The routed experts in plain torch (the CPU path and the reference of `ops/fused_moe.py`),
+    computed as HF's experts modules compute them: per expert that received tokens, ascending.
+
+    hidden [T, H], w13 [E_local, 2I, H], w2 [E_local, H, I], topk_weights [T, k] float32,
+    topk_ids [T, k] global ids, expert_map [E] (global -> local, -1 absent) -> [T, H], this
+    rank's (partial) weighted sum.
+    """
+    out = torch.zeros_like(hidden)
+    local_ids = expert_map[topk_ids.long()]
+    for expert in torch.unique(local_ids[local_ids >= 0]).tolist():
+        tokens, slot = torch.where(local_ids == expert)
+        gate, up = F.linear(hidden[tokens], w13[expert]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, w2[expert]) * topk_weights[tokens, slot, None]
+        out.index_add_(0, tokens, y.to(out.dtype))
+    return out
