@@ -198,8 +198,9 @@ def mla_decode(
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if not direct:
+        block_s = max(2, triton.next_power_of_2(num_splits))
         _mla_merge_kernel[(num_decodes, num_heads)](
             part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
-            D_LATENT=d_latent, BLOCK_DL=block_dl, BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
-            num_warps=4,
+            D_LATENT=d_latent, BLOCK_DL=block_dl, BLOCK_S=block_s,
+            num_warps=8 if block_s * block_dl > 4096 else 4,  # the [BLOCK_S, BLOCK_DL] float32 tile
         )
