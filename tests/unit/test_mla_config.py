@@ -137,3 +137,21 @@ def test_planner_refuses_a_model_too_large_for_the_host():
     with pytest.raises(ValueError, match=r"deepseek-v3 needs \d+\.\d GiB of weights per rank"):
         from tokenmill import LLM
         LLM("deepseek-v3", load_format="dummy", device="cpu", max_model_len=4096)
+
+
+# Published activated parameters per token (DeepSeek-V2-Lite 2.4B, DeepSeek-V3 37B, Kimi-K2 32B).
+ACTIVE = {"deepseek-v2-lite": 2.4e9, "deepseek-v3": 37e9, "kimi-k2": 32e9}
+
+
+@pytest.mark.parametrize("shape,active", sorted(ACTIVE.items()))
+def test_decode_floor_counts_the_activated_weights(shape, active):
+    """The batch-1 floor's bytes (benchmarks/decode_floor.py): attention, dense and shared
+    weights, top-k of the routed experts, one embedding row."""
+    from tokenmill.benchmarks.decode_floor import decode_bytes_per_token, decode_weight_bytes
+    from tokenmill.model.registry import model_skeleton
+
+    config = EngineArgs(model=shape, load_format="dummy", dtype="bfloat16", device="cpu").create_engine_config()
+    model = model_skeleton(config, TensorParallelGroup(0, 1, torch.device("cpu")))
+    weights = decode_weight_bytes(model)
+    assert abs(weights / 2 - active) / active < 0.05, weights / 2
+    assert decode_bytes_per_token(model, 1000, 7) == weights + 7000

@@ -48,13 +48,18 @@ class _WeightsOnMeta(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def weight_bytes_per_rank(config: EngineConfig, tp: TensorParallelGroup) -> int:
-    """Bytes of `tp`'s rank's parameters and buffers in the model dtype, counted without
-    allocating the weights (`_WeightsOnMeta`), so the memory planner can refuse a model that
-    cannot fit before a byte of it is loaded."""
+def model_skeleton(config: EngineConfig, tp: TensorParallelGroup) -> nn.Module:
+    """The model of `config` as `tp`'s rank would build it, its weights on the meta device
+    (shapes and dtypes, no memory): for sizing a model before loading it."""
     cpu = torch.device("cpu")
     with _WeightsOnMeta():
-        model = _instantiate(config, cpu, TensorParallelGroup(tp.rank, tp.world_size, cpu))
+        return _instantiate(config, cpu, TensorParallelGroup(tp.rank, tp.world_size, cpu))
+
+
+def weight_bytes_per_rank(config: EngineConfig, tp: TensorParallelGroup) -> int:
+    """Bytes of `tp`'s rank's parameters and buffers in the model dtype, counted on its skeleton,
+    so the memory planner can refuse a model that cannot fit before a byte of it is loaded."""
+    model = model_skeleton(config, tp)
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
