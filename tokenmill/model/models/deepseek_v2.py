@@ -55,18 +55,18 @@ def _num_dense_layers(config: Any) -> int:
 
 
 class DeepseekGate(nn.Module):
-    """The router: logits [T, num_experts] in float32 (HF computes them from float32 copies of
-    the hidden state and weight), and DeepSeek-V3's `e_score_correction_bias` (float32) where the
-    routing has one. HF names: `mlp.gate.weight`, `mlp.gate.e_score_correction_bias`."""
+    """The router: logits [T, num_experts] in float32 from a float32 weight and a float32 copy of
+    the hidden state (HF keeps both `mlp.gate.weight` and DeepSeek-V3's
+    `mlp.gate.e_score_correction_bias` in float32, so routing ties break as HF's do)."""
 
     def __init__(self, hidden_size: int, num_experts: int, correction_bias: bool) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32), requires_grad=False)
         self.e_score_correction_bias = (nn.Parameter(torch.empty(num_experts, dtype=torch.float32),
                                                      requires_grad=False) if correction_bias else None)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden.float(), self.weight.float())
+        return F.linear(hidden.float(), self.weight)
 
 
 class DeepseekV2MoE(nn.Module):
