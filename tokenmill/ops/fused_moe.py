@@ -15,6 +15,9 @@ tests hold the two together.
    scaled by the entry's routing weight, written per entry.
 4. The k rows of each token are summed (`torch.sum` over the entry axis: deterministic, no atomics).
 
+Up to `GEMV_MAX_TOKENS` tokens (batch-1 decode), `fused_moe_gemv.py` does the same in two
+GEMV-style launches instead (no alignment, the top-k sum in registers).
+
 Programs whose block lies past the used blocks return at once, so sizes (grid, buffers) depend
 only on T, k and the shapes: no host sync, CUDA-graph capturable. Experts no token chose get no
 block and cost nothing. Rounding follows HF's experts (gate and up rounded to the model dtype,
@@ -28,11 +31,13 @@ import torch
 import triton
 import triton.language as tl
 
-from tokenmill.ops.fused_moe_configs import MoeKernelConfig, moe_config
+from tokenmill.ops.fused_moe_configs import GEMV_MAX_TOKENS, MoeKernelConfig, moe_config
+from tokenmill.ops.fused_moe_gemv import fused_experts_gemv
 from tokenmill.ops.moe_align import MoeAlignment, moe_align
 
 
-@triton.jit
+# One compiled kernel for every batch size: the sizes that follow the batch are not specialised on.
+@triton.jit(do_not_specialize=["num_entries", "max_padded"])
 def _grouped_gemm_kernel(
     a_ptr, b_ptr, c_ptr, topk_weights_ptr, sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
     N, K, num_entries, max_padded,
@@ -108,7 +113,7 @@ def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, topk_weight
 
 def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, expert_map: torch.Tensor | None = None,
-                  config: MoeKernelConfig | None = None) -> torch.Tensor:
+                  config: MoeKernelConfig | None = None, path: str = "auto") -> torch.Tensor:
     """The routed experts' weighted sum for every token.
 
     Args:
@@ -116,7 +121,9 @@ def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
         topk_weights: [T, k] float32. topk_ids: [T, k] int32, global expert ids.
         expert_map: [E] int32 global -> local id, -1 where this rank holds no copy (those entries
             contribute nothing); None: every expert is local.
-        config: launch configuration (default: `fused_moe_configs.moe_config`).
+        config: launch configuration of the grouped GEMMs (default: `fused_moe_configs.moe_config`).
+        path: "grouped" (alignment + grouped GEMMs), "gemv" (token by token, `fused_moe_gemv.py`)
+            or "auto": "gemv" up to `GEMV_MAX_TOKENS` tokens unless a config is given.
     Returns:
         [T, H] in hidden's dtype.
     """
@@ -128,11 +135,17 @@ def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
     assert topk_weights.dtype == torch.float32 and topk_weights.shape == topk_ids.shape
     if num_tokens == 0:
         return torch.zeros_like(hidden)
+    assert w13.stride(2) == 1 and w2.stride(2) == 1
     hidden = hidden.contiguous()
     topk_ids = topk_ids.to(torch.int32).contiguous()
     topk_weights = topk_weights.contiguous()
+    if path == "auto":
+        path = "gemv" if config is None and num_tokens <= GEMV_MAX_TOKENS else "grouped"
+    if path == "gemv":
+        return fused_experts_gemv(hidden, w13, w2, topk_weights, topk_ids, expert_map)
+    assert path == "grouped", path
     if config is None:
-        config = moe_config(num_tokens, num_local, hidden_size, inter, hidden.dtype, hidden.device)
+        config = moe_config(num_tokens, num_local, top_k, hidden_size, inter, hidden.dtype, hidden.device)
     align = moe_align(topk_ids, config.block_m, num_local, expert_map)
     num_entries = num_tokens * top_k
     act = torch.empty(num_entries, inter, dtype=hidden.dtype, device=hidden.device)

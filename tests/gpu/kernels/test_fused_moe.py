@@ -91,7 +91,7 @@ def _weights(num_experts, hidden, inter, dtype, seed):
     return w13.to(dtype), w2.to(dtype)
 
 
-def _check_experts(case, config, dtype, tol):
+def _check_experts(case, config, dtype, tol, path="grouped"):
     num_tokens, hidden, inter, num_experts, top_k, kind, parallel = case
     topk_ids = _routing(num_tokens, top_k, num_experts, kind, seed=hidden + num_tokens)
     g = torch.Generator().manual_seed(num_tokens)
@@ -102,7 +102,7 @@ def _check_experts(case, config, dtype, tol):
     w13, w2 = _weights(len(held), hidden, inter, dtype, seed=num_experts)
     ref = experts_ref(x.float(), w13.float(), w2.float(), topk_weights, topk_ids, expert_map)
     out = fused_experts(x.to(DEVICE), w13.to(DEVICE), w2.to(DEVICE), topk_weights.to(DEVICE), topk_ids.to(DEVICE),
-                        expert_map.to(DEVICE) if parallel else None, config=config)
+                        expert_map.to(DEVICE) if parallel else None, config=config, path=path)
     assert out.shape == x.shape and out.dtype == dtype
     torch.testing.assert_close(out.float().cpu(), ref, rtol=tol, atol=tol)
     return out
@@ -124,10 +124,36 @@ def test_fused_experts_match_reference_half(case, dtype):
     _check_experts(case, CONFIGS[0], dtype, 3e-2)
 
 
+GEMV_CASES = [  # T, H, I, E, k, kind, expert parallel: the token-by-token path's sizes
+    (1, 64, 48, 16, 4, "random", False),
+    (3, 300, 40, 8, 2, "hot", False),  # H past one K slice, no multiple of it; I no multiple of BLOCK_N
+    (4, 48, 520, 12, 3, "random", True),  # I past one K slice; half the experts on another rank
+    (2, 32, 24, 4, 4, "random", False),  # every expert chosen by both tokens
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", GEMV_CASES, ids=str)
+def test_token_by_token_path_matches_reference(case, dtype):
+    _check_experts(case, None, dtype, 1e-4 if dtype == torch.float32 else 3e-2, path="gemv")
+
+
+def test_auto_path_takes_gemv_for_a_few_tokens(monkeypatch):
+    from tokenmill.ops import fused_moe, fused_moe_configs as configs
+
+    taken = []
+    monkeypatch.setattr(fused_moe, "fused_experts_gemv", lambda *a: taken.append(a[0].shape[0]) or a[0])
+    x = torch.zeros(configs.GEMV_MAX_TOKENS, 16, device=DEVICE)
+    w13, w2 = torch.zeros(4, 16, 16, device=DEVICE), torch.zeros(4, 16, 8, device=DEVICE)
+    ids = torch.zeros(x.shape[0], 1, dtype=torch.int32, device=DEVICE)
+    fused_moe.fused_experts(x, w13, w2, torch.ones(x.shape[0], 1, device=DEVICE), ids)
+    assert taken == [configs.GEMV_MAX_TOKENS]
+
+
 def test_default_configs_give_the_product():
     """The heuristic's configurations at decode and prefill token counts."""
     for num_tokens in (1, 64, 600):
-        config = fused_moe_configs.default_config(num_tokens, 8, 4)
+        config = fused_moe_configs.default_config(num_tokens, 8, 2, 4)
         _check_experts((min(num_tokens, 70), 32, 48, 8, 2, "random", False), config, torch.float32, 1e-4)
 
 
@@ -160,3 +186,24 @@ def test_fused_experts_replays_in_a_cuda_graph():
         weights.uniform_()
         graph.replay()
         torch.testing.assert_close(out, fused_experts(x, w13, w2, weights, ids), rtol=0, atol=0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("num_tokens", [1, 10, 64, 300, 2048])
+@pytest.mark.parametrize("shape", [(128, 2048, 768, 8), (256, 3072, 1536, 8), (8, 4096, 14336, 2)],
+                         ids=["qwen3-30b-a3b", "minimax-m2", "mixtral-8x7b"])
+def test_fused_experts_at_real_shapes_bf16(shape, num_tokens):
+    """The default configurations at the served models' expert shapes (one layer, TP=1), bf16,
+    against the float32 reference on the same bf16 values."""
+    num_experts, hidden, inter, top_k = shape
+    torch.manual_seed(num_tokens)
+    w13 = (torch.randn(num_experts, 2 * inter, hidden, device="cuda") / hidden ** 0.5).bfloat16()
+    w2 = (torch.randn(num_experts, hidden, inter, device="cuda") / inter ** 0.5).bfloat16()
+    x = torch.randn(num_tokens, hidden, device="cuda").bfloat16()
+    weights, ids = torch.rand(num_tokens, num_experts, device="cuda").topk(top_k, dim=-1)
+    ids = ids.to(torch.int32)
+    out = fused_experts(x, w13, w2, weights, ids)
+    expert_map = torch.arange(num_experts, dtype=torch.int32, device="cuda")
+    ref = experts_ref(x.float(), w13.float(), w2.float(), weights, ids, expert_map)
+    rel = ((out.float() - ref).norm() / ref.norm()).item()
+    assert rel < 1e-2, rel
