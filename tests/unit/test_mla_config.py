@@ -145,13 +145,12 @@ ACTIVE = {"deepseek-v2-lite": 2.4e9, "deepseek-v3": 37e9, "kimi-k2": 32e9}
 
 @pytest.mark.parametrize("shape,active", sorted(ACTIVE.items()))
 def test_decode_floor_counts_the_activated_weights(shape, active):
-    """The batch-1 floor's bytes (benchmarks/decode_floor.py): attention, dense and shared
-    weights, top-k of the routed experts, one embedding row."""
-    from tokenmill.benchmarks.decode_floor import decode_bytes_per_token, decode_weight_bytes
+    """The batch-1 floor's weight bytes (`benchmarks.common.weight_bytes_read`): attention, dense
+    and shared weights, top-k of the routed experts, no embedding table."""
+    from tokenmill.benchmarks.common import weight_bytes_read
     from tokenmill.model.registry import model_skeleton
 
     config = EngineArgs(model=shape, load_format="dummy", dtype="bfloat16", device="cpu").create_engine_config()
     model = model_skeleton(config, TensorParallelGroup(0, 1, torch.device("cpu")))
-    weights = decode_weight_bytes(model)
+    weights = weight_bytes_read(model, 1)
     assert abs(weights / 2 - active) / active < 0.05, weights / 2
-    assert decode_bytes_per_token(model, 1000, 7) == weights + 7000

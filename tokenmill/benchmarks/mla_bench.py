@@ -7,9 +7,9 @@ one engine, each figure beside its baseline:
 - the largest batch whose requests each hold `--context` tokens, from the KV pool the engine
   derives (`gpu_memory_utilization`), for both cache forms;
 - batch-1 decode latency (`--latency-input-len` in, `--latency-output-len` out, as `bench
-  latency`) against the floor: the bytes a decode step reads (`decode_floor.py`: attention, dense
-  and shared weights, the routed top-k experts, the context's latents) at the copy rate measured
-  in the same run;
+  latency`) against the floor: the bytes a decode step reads (attention, dense and shared weights,
+  the routed top-k experts: `common.weight_bytes_read`; the context's latents) at the copy rate
+  measured in the same run;
 - offline throughput of `--num-prompts` x `--input-len` / `--output-len` random prompts (as
   `bench throughput --workload random`).
 
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from tokenmill.benchmarks.common import sync, write_json
+from tokenmill.benchmarks.common import sync, weight_bytes_read, write_json
 
 MLA_SHAPES = ("deepseek-v2-lite", "moonlight-16b-a3b", "deepseek-v3", "kimi-k2")
 
@@ -63,7 +63,6 @@ def main() -> None:
     args = p.parse_args()
 
     from tokenmill import LLM, SamplingParams
-    from tokenmill.benchmarks.decode_floor import decode_bytes_per_token, decode_weight_bytes
     from tokenmill.benchmarks.kernels.copy_bandwidth import copy_rate
     from tokenmill.benchmarks.workloads import fixed_random_workload
     from tokenmill.config.model_source import resolve_model_source
@@ -113,7 +112,8 @@ def main() -> None:
     full = min(timed(work.prompts, args.latency_output_len) for _ in range(3))
     ms_per_token = (full - prefill) / (args.latency_output_len - 1) * 1000
     mean_context = args.latency_input_len + args.latency_output_len // 2
-    floor_bytes = decode_bytes_per_token(runner.model, mla_per_token, mean_context)
+    weight_bytes = weight_bytes_read(runner.model, 1)
+    floor_bytes = weight_bytes + mla_per_token * mean_context
     floor_ms = floor_bytes / (copy_gb_per_s * 1e9) * 1000
 
     # ----- offline throughput -----
@@ -130,7 +130,7 @@ def main() -> None:
                "max_batch_latent": mla_batch, "max_batch_mha": mha_batch, "shapes": shapes},
         "batch1": {"input_len": args.latency_input_len, "output_len": args.latency_output_len,
                    "ms_per_token": ms_per_token, "floor_ms": floor_ms, "ratio_to_floor": ms_per_token / floor_ms,
-                   "bytes_per_token": floor_bytes, "weight_bytes_per_token": decode_weight_bytes(runner.model)},
+                   "bytes_per_token": floor_bytes, "weight_bytes_per_token": weight_bytes},
         "throughput": {"num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
                        "seconds": elapsed, "output_tok_per_s": out_tok_per_s},
     }
