@@ -8,6 +8,7 @@ from torch import nn
 from tokenmill.config.engine_config import EngineConfig
 from tokenmill.distributed.parallel_state import TensorParallelGroup
 from tokenmill.model.build_context import BuildContext, building
+from tokenmill.model.layers.quantization.not_converted import keep_unquantized_modules
 from tokenmill.model.models.bert import BertModel
 from tokenmill.model.models.llama import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
@@ -45,8 +46,11 @@ def build_model(config: EngineConfig, tp: TensorParallelGroup) -> nn.Module:
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(model_config.dtype)
     try:
-        with torch.device(config.device), building(BuildContext(config.device, config.kernels, tp)):
+        quant = model_config.quantization
+        with torch.device(config.device), building(BuildContext(config.device, config.kernels, tp, quant)):
             model = cls(model_config.hf_config)
+            if quant is not None:
+                keep_unquantized_modules(model, quant)
     finally:
         torch.set_default_dtype(default_dtype)
     if config.load_format == "dummy":

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import torch
 
 from tokenmill.config.model_source import ModelSource
+from tokenmill.ops.fp8_format import FP8_DTYPE, FP8_MAX
 
 
 def iter_safetensors_weights(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -47,12 +48,18 @@ def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
     """Random weights at the real shapes, for benchmarks with no download.
 
     Small uniform values keep activations finite through many layers; norm weights are 1 like a
-    freshly initialised model. Generated on the parameter's own device (fast on a GPU).
+    freshly initialised model. fp8 weights are uniform in [-448, 448] with every scale
+    (`weight_scale_inv`) 0.02 / 448, so they dequantise to the same range. Generated on the
+    parameter's own device (fast on a GPU).
     """
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name, param in model.named_parameters():
         if "norm" in name:
             param.fill_(1.0)
+        elif param.dtype == FP8_DTYPE:
+            param.copy_(torch.empty(param.shape, device=param.device).uniform_(-FP8_MAX, FP8_MAX, generator=generator))
+        elif name.endswith("weight_scale_inv"):
+            param.fill_(0.02 / FP8_MAX)
         else:
             param.uniform_(-0.02, 0.02, generator=generator)
 
@@ -80,6 +87,19 @@ def load_weights(model: torch.nn.Module, weights: Iterator[tuple[str, torch.Tens
     skip = getattr(model, "skip_weight", lambda name: False)
     prefix = getattr(model, "hf_name_prefix", None)  # dropped where present (a head class's checkpoint)
     loaded: set[str] = set()
+
+    def as_param_dtype(name: str, tensor: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
+        # fp8 weights mean nothing without their scales: never cast into or out of fp8.
+        if (tensor.dtype == FP8_DTYPE) != (param.dtype == FP8_DTYPE):
+            if tensor.dtype == FP8_DTYPE:
+                raise ValueError(f"checkpoint tensor {name} is float8_e4m3fn, but the layer is not quantised: "
+                                 "the checkpoint's config.json needs its quantization_config (or the module is "
+                                 "in modules_to_not_convert)")
+            raise ValueError(f"checkpoint tensor {name} is {str(tensor.dtype).removeprefix('torch.')}, but its "
+                             "layer holds fp8 weights (quantization_config); a module the checkpoint keeps "
+                             "unquantised must be listed in modules_to_not_convert")
+        return tensor.to(param.dtype)
+
     for name, tensor in weights:
         if prefix and name.startswith(prefix):
             name = name[len(prefix):]
@@ -91,7 +111,7 @@ def load_weights(model: torch.nn.Module, weights: Iterator[tuple[str, torch.Tens
                 if target not in params:
                     raise ValueError(f"checkpoint tensor {name} has no matching parameter in {type(model).__name__}")
                 param = params[target]
-                _weight_loader_of(model, target)(param, tensor.to(param.dtype), shard_id)
+                _weight_loader_of(model, target)(param, as_param_dtype(name, tensor, param), shard_id)
                 loaded.add(target)
                 break
         else:
@@ -103,9 +123,9 @@ def load_weights(model: torch.nn.Module, weights: Iterator[tuple[str, torch.Tens
                 if param.shape != tensor.shape:
                     raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != "
                                      f"parameter shape {tuple(param.shape)}")
-                param.data.copy_(tensor)
+                param.data.copy_(as_param_dtype(name, tensor, param))
             else:
-                loader(param, tensor.to(param.dtype))
+                loader(param, as_param_dtype(name, tensor, param))
             loaded.add(name)
     missing = set(params) - loaded
     if missing:
