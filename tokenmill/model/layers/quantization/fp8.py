@@ -131,8 +131,10 @@ def check_block_alignment(layer: nn.Module, block: tuple[int, int]) -> None:
         if r.dst % b or r.src % b or (r.size % b and not ends_together):
             tp = layer.tp
             raise ValueError(
-                f"block-FP8 weights (weight_block_size {list(block)}) cannot be split as this "
-                f"{type(layer).__name__} needs: on tensor-parallel rank {tp.rank} of {tp.world_size} it holds "
-                f"{what} features [{r.src}, {r.src + r.size}) of a {r.src_total}-wide checkpoint tensor at "
-                f"[{r.dst}, {r.dst + r.size}) of its {dst_total}, which cuts a {b}-wide block; choose a "
-                f"tensor_parallel_size that splits this model's {what} features on {b}-feature boundaries")
+                f"block-FP8 weights (weight_block_size {list(block)}) cannot be laid out in this "
+                f"{type(layer).__name__} [{layer.out_features} x {layer.in_features}]: it holds {what} features "
+                f"[{r.src}, {r.src + r.size}) of a {r.src_total}-wide checkpoint tensor at [{r.dst}, "
+                f"{r.dst + r.size}) of its {dst_total} (tensor-parallel rank {tp.rank} of {tp.world_size}), "
+                f"which does not start and end on {b}-feature blocks. Merged parts (q/k/v, gate/up) must each "
+                f"be whole blocks, and a tensor-parallel split must cut on block boundaries (another "
+                f"tensor_parallel_size may fit)")
