@@ -15,9 +15,16 @@ Scales, as in `fp8_gemm.py`:
 `silu_mul=True` takes the MLP's `[gate | up]` row and computes `silu(gate) * up` as it loads x,
 rounded as `ops/activation.silu_and_mul` rounds it (`gemv._load_x`), so the down projection needs
 no separate activation kernel.
+
+Launch configuration: Triton's autotuner on a GPU (per shape, at the warm-up before the decode
+graphs are captured), over tiles of about the bf16 GEMV's measured winners in bytes (a 1 KB row
+slice: 1024 e4m3 elements); a fixed one under the interpreter or when `config` is given (the
+benchmark's sweep, `benchmarks/kernels/fp8.py`).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -54,28 +61,50 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_wn, stride_sn,
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_mask)
 
 
-def _config(n: int, k: int, block: tuple[int, int] | None) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps): 16-byte loads of e4m3 are 16 elements, so a warp covers 512
-    bytes of a row per load; BLOCK_N must divide the scale's row block."""
-    block_n = 16
-    if block is not None:
-        while block[0] % block_n:
-            block_n //= 2
-    block_k = 512 if k >= 512 else max(16, triton.next_power_of_2(k))
-    return block_n, block_k, 4
+class GemvConfig(NamedTuple):
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+CONFIGS = [GemvConfig(bn, bk, w, s) for bn, bk, w in ((4, 1024, 4), (8, 1024, 8), (8, 512, 4), (16, 512, 8),
+                                                     (16, 256, 4), (32, 256, 8), (2, 2048, 4))
+           for s in (1, 2)]
+
+
+def _fits_blocks(configs, named_args, **kwargs):
+    """A program's rows must lie in one row block of the scales (BLOCK_N divides it)."""
+    scale_block_n = kwargs.get("SCALE_BLOCK_N", named_args.get("SCALE_BLOCK_N", 1))
+    fitting = [c for c in configs if not kwargs.get("BLOCKWISE") or scale_block_n % c.kwargs["BLOCK_N"] == 0]
+    return fitting or configs[:1]
+
+
+_fp8_gemv_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_N": c.block_n, "BLOCK_K": c.block_k}, num_warps=c.num_warps,
+                           num_stages=c.num_stages) for c in CONFIGS],
+    key=["N", "K", "SILU_MUL", "BLOCKWISE", "SCALE_BLOCK_N"],
+    prune_configs_by={"early_config_prune": _fits_blocks})(_fp8_gemv_kernel)
+
+
+def default_config(block: tuple[int, int] | None) -> GemvConfig:
+    """The untuned configuration (interpreter): 8 rows of 512, halved until 8 divides the row block."""
+    block_n = 8
+    while block is not None and block[0] % block_n:
+        block_n //= 2
+    return GemvConfig(block_n, 512, 4, 1)
 
 
 def fp8_gemv(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, block: tuple[int, int] | None,
-             silu_mul: bool = False) -> torch.Tensor:
+             silu_mul: bool = False, config: GemvConfig | None = None) -> torch.Tensor:
     """x [1, K] (or [1, 2K] with `silu_mul`: gate then up) in bf16/fp16/fp32, w_q [N, K] e4m3
     (unit stride in K), w_scale [cdiv(N, bn), cdiv(K, bk)] for `block = (bn, bk)` else [N]
-    -> [1, N] in x's dtype."""
+    -> [1, N] in x's dtype. `config`: a fixed launch configuration (default: autotuned on a GPU)."""
     n, k = w_q.shape
     assert x.numel() == x.shape[-1] == (2 * k if silu_mul else k)
     assert w_q.stride(1) == 1
     x = x.contiguous()
     y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
-    block_n, block_k, warps = _config(n, k, block)
     if block is not None:
         assert w_scale.shape == (triton.cdiv(n, block[0]), triton.cdiv(k, block[1]))
         scale_block_n, scale_block_k, stride_sn = block[0], block[1], w_scale.stride(0)
@@ -83,10 +112,17 @@ def fp8_gemv(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, block: t
         assert w_scale.numel() == n
         w_scale = w_scale.reshape(n)
         scale_block_n, scale_block_k, stride_sn = 1, 1, 0
-    _fp8_gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, w_q, w_scale, y, n, k, w_q.stride(0), stride_sn,
-        BLOCKWISE=block is not None, SCALE_BLOCK_N=scale_block_n, SCALE_BLOCK_K=scale_block_k,
-        SILU_MUL=silu_mul, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    args = (x, w_q, w_scale, y, n, k, w_q.stride(0), stride_sn)
+    meta = dict(BLOCKWISE=block is not None, SCALE_BLOCK_N=scale_block_n, SCALE_BLOCK_K=scale_block_k,
+                SILU_MUL=silu_mul)
+    if config is None and x.is_cuda:
+        _fp8_gemv_tuned[lambda m: (triton.cdiv(n, m["BLOCK_N"]),)](*args, **meta)
+        return y
+    config = config or default_config(block)
+    assert block is None or block[0] % config.block_n == 0, "a program's rows must share one row of scales"
+    _fp8_gemv_kernel[(triton.cdiv(n, config.block_n),)](
+        *args, **meta, BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
+        num_stages=config.num_stages)
     return y
 
 

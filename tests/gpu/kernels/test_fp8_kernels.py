@@ -26,6 +26,7 @@ from tokenmill.ops.fp8_format import (  # noqa: E402
     quantize_weight_per_channel,
 )
 from tokenmill.ops.fp8_gemm import GemmConfig, fp8_gemm, fp8_gemm_ref, fp8_linear, gemm_config  # noqa: E402
+from tokenmill.ops.fp8_gemv import CONFIGS as GEMV_CONFIGS  # noqa: E402
 from tokenmill.ops.fp8_gemv import fp8_gemv, fp8_gemv_ref  # noqa: E402
 from tokenmill.ops.fp8_quant import per_token_group_quant  # noqa: E402
 
@@ -129,13 +130,25 @@ def test_gemv_matches_the_dequantised_product(n, k, block, dtype):
     assert _rel(out, ref) < (1e-6 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("config", GEMV_CONFIGS, ids=lambda c: f"{c.block_n}x{c.block_k}w{c.num_warps}s{c.num_stages}")
+@pytest.mark.parametrize("block", [(128, 128), None])
+def test_every_gemv_configuration_computes_the_product(config, block):
+    """Each configuration the autotuner may pick, on a shape that is no multiple of its tiles."""
+    n, k = 200, 1000
+    w_q, w_s = _weight(n, k, block, seed=config.block_n * config.block_k)
+    x = torch.randn(1, k, device=DEVICE)
+    out = fp8_gemv(x, w_q, w_s, block, config=config)
+    assert _rel(out, fp8_gemv_ref(x, w_q, w_s, block)) < 1e-6
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("block", [(128, 128), None])
 def test_gemv_fused_silu_mul_is_bit_identical(dtype, block):
     w_q, w_s = _weight(96, 384, block, seed=3)
     gate_up = (torch.randn(1, 768, device=DEVICE) * 3).to(dtype)
-    fused = fp8_gemv(gate_up, w_q, w_s, block, silu_mul=True)
-    assert torch.equal(fused, fp8_gemv(silu_and_mul(gate_up), w_q, w_s, block))
+    config = GEMV_CONFIGS[1]  # the same configuration for both (the tuner may pick apart)
+    fused = fp8_gemv(gate_up, w_q, w_s, block, silu_mul=True, config=config)
+    assert torch.equal(fused, fp8_gemv(silu_and_mul(gate_up), w_q, w_s, block, config=config))
 
 
 # ----- the linear method on the kernels -----
