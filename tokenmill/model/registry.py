@@ -11,6 +11,9 @@ from tokenmill.model.build_context import BuildContext, building
 from tokenmill.model.layers.quantization.not_converted import keep_unquantized_modules
 from tokenmill.model.models.bert import BertModel
 from tokenmill.model.models.llama import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+from tokenmill.model.models.minimax_m2 import MiniMaxM2ForCausalLM
+from tokenmill.model.models.mixtral import MixtralForCausalLM
+from tokenmill.model.models.qwen_moe import Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     # Encoders (embedding models: `task="embed"`).
@@ -22,6 +25,10 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "MiniMaxM2ForCausalLM": MiniMaxM2ForCausalLM,
 }
 
 

@@ -9,7 +9,7 @@ checkpoint is a short mapping from HF's separate q/k/v and gate/up tensors onto 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -25,6 +25,16 @@ from tokenmill.model.layers.vocab_embedding import ParallelLMHead, VocabParallel
 
 def head_dim_of(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def rotary_dim_of(config: Any) -> int:
+    """The rotated dims of each head: all of them, or `partial_rotary_factor` of them (HF's
+    `rope_parameters` or the config's own field)."""
+    params = getattr(config, "rope_parameters", None)
+    factor = params.get("partial_rotary_factor") if isinstance(params, dict) else None
+    if factor is None:
+        factor = getattr(config, "partial_rotary_factor", None) or 1.0
+    return int(head_dim_of(config) * factor)
 
 
 class LlamaAttention(nn.Module):
@@ -51,11 +61,14 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: Any, qkv_bias: bool, qk_norm: bool) -> None:
+    """`mlp`: the feed-forward block (default: the config's gated MLP; a MoE model passes its own)."""
+
+    def __init__(self, config: Any, qkv_bias: bool, qk_norm: bool, mlp: nn.Module | None = None) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, qkv_bias, qk_norm)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, bias=getattr(config, "mlp_bias", False),
-                            hidden_act=getattr(config, "hidden_act", "silu"))
+        self.mlp = mlp if mlp is not None else GatedMLP(
+            config.hidden_size, config.intermediate_size, bias=getattr(config, "mlp_bias", False),
+            hidden_act=getattr(config, "hidden_act", "silu"))
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -73,15 +86,17 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: Any, qkv_bias: bool, qk_norm: bool) -> None:
+    """Embedding, `make_layer(i)` for each decoder layer i (a module called as `layer(hidden,
+    residual, rope, kv_cache, meta) -> (hidden, residual)`), the final norm and the rotary table."""
+
+    def __init__(self, config: Any, make_layer: Callable[[int], nn.Module]) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, qkv_bias, qk_norm) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(make_layer(i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         theta, scaling = rope_parameters(config)
         # One table for all layers (a 128k-position table is 64 MB).
-        self.rotary_emb = RotaryEmbedding(head_dim_of(config), config.max_position_embeddings, theta, scaling)
+        self.rotary_emb = RotaryEmbedding(rotary_dim_of(config), config.max_position_embeddings, theta, scaling)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -95,7 +110,8 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Llama 2/3, SmolLM and Mistral (and, through two switches, Qwen2 and Qwen3)."""
+    """Llama 2/3, SmolLM and Mistral (and, through two switches, Qwen2 and Qwen3). Families with
+    other decoder layers (mixtures of experts) subclass it and override `decoder_layer`."""
 
     qkv_bias_default = False
     qk_norm = False
@@ -114,10 +130,14 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, getattr(config, "attention_bias", self.qkv_bias_default), self.qk_norm)
+        self.model = LlamaModel(config, lambda index: self.decoder_layer(config, index))
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
                                       tied_to=self.model.embed_tokens if self.tie_word_embeddings else None)
+
+    def decoder_layer(self, config: Any, index: int) -> nn.Module:
+        """Decoder layer `index` of the model."""
+        return LlamaDecoderLayer(config, getattr(config, "attention_bias", self.qkv_bias_default), self.qk_norm)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata) -> torch.Tensor:
