@@ -28,7 +28,7 @@ from tokenmill.config.model_source import (
     resolve_model_source,
 )
 from tokenmill.config.pooling import PoolingConfig, trained_max_len
-from tokenmill.config.parallel import head_partition
+from tokenmill.config.parallel import divide, head_partition
 from tokenmill.config.quantization import QUANTIZATION_METHODS, resolve_quantization
 
 LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
@@ -234,7 +234,9 @@ class EngineArgs:
         kernels = KernelConfig(
             attention_backend=attention_backend,
             enforce_eager=self.enforce_eager or device.type != "cuda",
-            cascade_attention=attention_backend == "triton" and not self.disable_cascade_attn,
+            # (Latent attention has no cascade form: its decodes read one shared row per token.)
+            cascade_attention=(attention_backend == "triton" and not self.disable_cascade_attn
+                               and not getattr(hf_config, "kv_lora_rank", None)),
             triton_gemv=self.triton_gemv,
             custom_all_reduce=not self.disable_custom_all_reduce,
             fused_all_reduce_norm=self.fused_all_reduce_norm,
@@ -308,9 +310,13 @@ class EngineArgs:
 def _check_tensor_parallel_split(hf_config: Any, tp: int) -> None:
     """Refuse a split the layers cannot make, before any worker process starts."""
     heads = hf_config.num_attention_heads
-    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
-    for rank in range(tp):
-        head_partition(heads, kv_heads, tp, rank)  # raises ValueError with the reason
+    if getattr(hf_config, "kv_lora_rank", None):
+        # Latent attention (DeepSeek): query heads split evenly, the latent is replicated.
+        divide(heads, tp, "attention heads")
+    else:
+        kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+        for rank in range(tp):
+            head_partition(heads, kv_heads, tp, rank)  # raises ValueError with the reason
     intermediate = getattr(hf_config, "intermediate_size", None)
     if intermediate is not None and intermediate % tp:
         raise ValueError(f"the MLP's intermediate size ({intermediate}) is not divisible by "

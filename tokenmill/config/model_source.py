@@ -42,15 +42,23 @@ class ModelSource:
             return gguf_hf_config(self.path)
         if self.kind == "hf":
             from transformers import AutoConfig
+            config_file = Path(self.path) / "config.json"
+            if json.loads(config_file.read_text()).get("model_type") in MODEL_TYPE_ALIASES:
+                return config_from_json(config_file)
             return AutoConfig.from_pretrained(self.path)
         return config_from_json(Path(self.path))
+
+
+# Model types transformers does not know whose config.json holds another type's fields, read as
+# that type (Kimi-K2 ships DeepSeek-V3's configuration code under its own name).
+MODEL_TYPE_ALIASES = {"kimi_k2": "deepseek_v3"}
 
 
 def config_from_json(path: Path) -> Any:
     from transformers import AutoConfig
     data = json.loads(path.read_text())
     model_type = data.pop("model_type")
-    return AutoConfig.for_model(model_type, **data)
+    return AutoConfig.for_model(MODEL_TYPE_ALIASES.get(model_type, model_type), **data)
 
 
 def default_gguf_path() -> str:

@@ -21,7 +21,7 @@ from tokenmill.config.engine_config import EngineConfig
 from tokenmill.core.scheduler_output import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from tokenmill.distributed.parallel_state import TensorParallelGroup
 from tokenmill.model.attention.backend import KVCache
-from tokenmill.model.attention.layer import Attention
+from tokenmill.model.attention.layer import KVCacheLayer
 from tokenmill.model.attention.selector import backend_class
 from tokenmill.model.forward_context import ForwardContext, forward_context
 from tokenmill.model.layers.pooler import pool, truncate_and_normalize
@@ -48,7 +48,7 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.model = build_model(config, tp)
         # The model's attention layers, in the order of its layers: each owns its part of the KV cache.
-        self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, KVCacheLayer)]
         self.attn_builder = backend_class(config.kernels.attention_backend).builder_class()(config, self.device)
         self.sampler = Sampler(self.device)
         self.pooling = config.model.pooling  # an embedding model: prompts are pooled, not sampled

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
+import os
 
 import torch
 
 from tokenmill.config.engine_config import EngineConfig
 from tokenmill.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from tokenmill.distributed.parallel_state import TensorParallelGroup
+from tokenmill.model.registry import weight_bytes_per_rank
 from tokenmill.worker.model_runner import ModelRunner, StepFuture
 
 logger = logging.getLogger(__name__)
@@ -28,6 +31,7 @@ class Worker:
         self.device = config.device
         torch.manual_seed(config.model.seed)
         self._memory_at_start = self._gpu_memory_baseline() if self.device.type == "cuda" else None
+        self._check_weights_fit()
         self.runner = ModelRunner(config, tp)
         self.num_blocks = 0
 
@@ -65,6 +69,28 @@ class Worker:
         self.runner.allocate_kv_cache(num_blocks)
         self.num_blocks = num_blocks
         self.runner.capture_cuda_graphs()
+
+    def _check_weights_fit(self) -> None:
+        """Refuse, before loading anything, a model whose weights alone exceed this rank's memory:
+        `gpu_memory_utilization` of the GPU, or the host's physical memory on the CPU."""
+        weights = weight_bytes_per_rank(self.config, self.tp)
+        name = self.config.model.served_model_name
+        shard = (f"{weights / 2**30:.1f} GiB of weights per rank "
+                 f"({str(self.config.model.dtype).removeprefix('torch.')}, tensor_parallel_size={self.tp.world_size})")
+        if self.device.type == "cuda":
+            total = torch.cuda.mem_get_info(self.device)[1]
+            budget = total * self.config.cache.gpu_memory_utilization
+            if weights > budget:
+                needed = math.ceil(weights * self.tp.world_size / budget)
+                raise ValueError(
+                    f"{name} needs {shard}, more than {self.device} offers ({budget / 2**30:.1f} GiB: "
+                    f"gpu_memory_utilization={self.config.cache.gpu_memory_utilization} of {total / 2**30:.1f} "
+                    f"GiB): it needs about {needed} GPUs of this size on one host (--tensor-parallel-size)")
+        else:
+            budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            if weights > budget:
+                raise ValueError(f"{name} needs {shard}, more than this host's {budget / 2**30:.1f} GiB of memory "
+                                 f"(CPU ranks share it: no tensor-parallel size helps)")
 
     def _gpu_memory_baseline(self) -> tuple[int, int, int]:
         """Before anything is loaded: refuse to start where `gpu_memory_utilization` of the GPU is

@@ -1,5 +1,9 @@
 """`Attention`: the layer a model calls with its projected q, k and v. It owns the backend chosen
-for the engine (`--attention-backend`) and the layer's fp8 KV-cache scales."""
+for the engine (`--attention-backend`) and the layer's fp8 KV-cache scales.
+
+Every layer that keeps state in the paged KV cache is a `KVCacheLayer`: the runner finds them in
+the model, asks each for its bytes per block and allocates each its own cache, in whatever layout
+the layer declares (K and V per head here; one latent row per token for MLA, `mla.py`)."""
 
 from __future__ import annotations
 
@@ -12,7 +16,18 @@ from tokenmill.model.build_context import build_context
 from tokenmill.model.layers.rotary_embedding import RotaryInputs
 
 
-class Attention(nn.Module):
+class KVCacheLayer(nn.Module):
+    """A layer with its own share of the paged KV cache (its layout is the layer's business)."""
+
+    def kv_cache_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
+        raise NotImplementedError
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
+        """This layer's cache for `num_blocks` blocks of `block_size` tokens, passed back to its forward."""
+        raise NotImplementedError
+
+
+class Attention(KVCacheLayer):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
         """`num_heads` / `num_kv_heads`: this rank's."""
         super().__init__()

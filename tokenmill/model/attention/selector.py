@@ -1,8 +1,14 @@
-"""The attention backend an engine runs, by name (`--attention-backend`)."""
+"""The attention backend an engine runs, by name (`--attention-backend`), in its dense and its
+latent (MLA) form."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from tokenmill.model.attention.backend import AttentionBackend
+
+if TYPE_CHECKING:
+    from tokenmill.model.attention.mla_backend import MLABackend
 
 
 def backend_class(name: str) -> type[AttentionBackend]:
@@ -17,4 +23,15 @@ def backend_class(name: str) -> type[AttentionBackend]:
     if name == "encoder":
         from tokenmill.model.attention.encoder import EncoderBackend
         return EncoderBackend
+    raise ValueError(f"unknown attention backend {name!r}; choose from torch_native, triton")
+
+
+def mla_backend_class(name: str) -> type["MLABackend"]:
+    """The MLA form of backend `name` (`mla_backend.py`), imported on first use likewise."""
+    if name == "torch_native":
+        from tokenmill.model.attention.mla_torch_native import TorchNativeMLABackend
+        return TorchNativeMLABackend
+    if name == "triton":
+        from tokenmill.model.attention.mla_triton import TritonMLABackend
+        return TritonMLABackend
     raise ValueError(f"unknown attention backend {name!r}; choose from torch_native, triton")
