@@ -56,7 +56,7 @@ def test_block_fp8_checkpoints_resolve():
 
 def test_online_fp8_and_no_quantisation():
     assert resolve_quantization(_Config(), None) is None
-    assert resolve_quantization(_Config(), "fp8") == ONLINE_FP8
+    assert resolve_quantization(_Config(), "fp8") == QuantizationConfig("fp8", None, False, ("gate",))
     with pytest.raises(ValueError, match="quantization must be one of fp8"):
         resolve_quantization(_Config(), "awq")
 

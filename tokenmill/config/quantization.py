@@ -9,8 +9,9 @@ Two fp8 forms (e4m3 weights, dynamic activation scales):
   float8_e4m3fn with `weight_scale_inv [ceil(N/bn), ceil(K/bk)]` (float32; the name is
   DeepSeek's: the weight is `fp8 * scale_inv`). Activations are quantised per token and group of
   `bk` input features at run time.
-- **Online fp8** (`quantization="fp8"` on a bf16/fp16/fp32 checkpoint): every linear weight is
-  quantised at load with one scale per output channel; activations per token at run time.
+- **Online fp8** (`quantization="fp8"` on a bf16/fp16/fp32 checkpoint): every linear weight (and
+  every routed expert) is quantised at load with one scale per output channel, except MoE routers
+  (modules named `gate`); activations per token at run time.
 
 Anything else (another `quant_method`, static activation scales, fp8 checkpoints without block
 scales, e5m2, fp4 experts, ...) is refused with the field named: a checkpoint is never loaded as
@@ -28,6 +29,7 @@ QUANTIZATION_METHODS = ("fp8",)
 _FP8_KEYS = {"quant_method", "weight_block_size", "activation_scheme", "fmt", "modules_to_not_convert",
              "ignored_layers", "scale_fmt", "dequantize", "modules_to_convert", "expert_dtype"}
 _E4M3_NAMES = ("e4m3", "float8_e4m3fn", "e4m3fn")
+ONLINE_KEPT_MODULES = ("gate",)  # online fp8 keeps these unquantised (HF names; suffix match)
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,10 @@ def resolve_quantization(hf_config: Any, requested: str | None) -> QuantizationC
     if raw is None:
         if requested is None:
             return None
-        return QuantizationConfig(method=requested, weight_block_size=None, from_checkpoint=False)
+        # Mixture-of-experts routers (`gate`) stay in the model dtype, as vLLM keeps them: their
+        # weights are tiny, and their logits choose the experts.
+        return QuantizationConfig(method=requested, weight_block_size=None, from_checkpoint=False,
+                                  modules_to_not_convert=ONLINE_KEPT_MODULES)
     quant = _from_checkpoint(raw if isinstance(raw, dict) else raw.to_dict())
     if requested is not None and requested != quant.method:
         raise ValueError(f"quantization={requested!r} was asked for, but the checkpoint is quantised with "

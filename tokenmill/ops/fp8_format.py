@@ -18,6 +18,8 @@ quantisation. Here the reference (`per_token_group_quant_ref`); the Triton kerne
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -85,3 +87,23 @@ def per_token_group_quant_ref(x: torch.Tensor, group: int, ue8m0: bool = False
     x_q = _to_fp8(tiles, scale[:, :, None]).view(m, groups * group)[:, :k].contiguous()
     return x_q, scale
 
+
+
+class ExpertScales(NamedTuple):
+    """The scales of a MoE layer's fp8 experts (`ops/fused_moe.py`): `block = (bn, bk)` with
+    `w13 [E, cdiv(2I, bn), cdiv(H, bk)]` and `w2 [E, cdiv(H, bn), cdiv(I, bk)]` (block-FP8
+    checkpoints), or `block = None` with channel scales `w13 [E, 2I]` and `w2 [E, H]` (online
+    fp8). `ue8m0`: activation scales rounded up to powers of two."""
+
+    w13: torch.Tensor
+    w2: torch.Tensor
+    block: tuple[int, int] | None
+    ue8m0: bool = False
+
+
+def dequantize_experts(w_q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """Stacked expert weights [E, N, K] (e4m3) with `ExpertScales`-style scales -> `dtype`."""
+    if block is None:
+        return (w_q.float() * scale[:, :, None]).to(dtype)
+    return torch.stack([dequantize_weight_blocks(w, s, block, dtype) for w, s in zip(w_q, scale)])

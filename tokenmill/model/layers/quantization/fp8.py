@@ -38,8 +38,12 @@ from tokenmill.ops.fp8_format import (
 MIN_CAPABILITY = (8, 9)
 
 
+def fp8_kernels_available(context: BuildContext) -> bool:
+    return context.on_cuda and torch.cuda.get_device_capability(context.device) >= MIN_CAPABILITY
+
+
 def fp8_linear_method(quant: QuantizationConfig, context: BuildContext) -> LinearMethod:
-    kernels = context.on_cuda and torch.cuda.get_device_capability(context.device) >= MIN_CAPABILITY
+    kernels = fp8_kernels_available(context)
     gemv = kernels and context.kernels.triton_gemv
     if quant.block_fp8:
         return BlockFp8LinearMethod(quant.weight_block_size, quant.ue8m0_activation_scales, kernels, gemv)
