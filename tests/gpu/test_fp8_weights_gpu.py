@@ -120,3 +120,29 @@ def test_block_fp8_with_fp8_kv_cache_and_prefix_caching(tmp_path_factory):
             results.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
         torch.cuda.empty_cache()
     assert results[0] == results[1]
+
+
+def test_fp8_weights_compile_nothing_after_start_up(tmp_path):
+    """The fp8 kernels (activation quantisation, GEMM buckets, GEMV) are all compiled and tuned at
+    start-up (profile run, graph capture): chunked prefills beside decode batches of changing sizes
+    write nothing to a fresh Triton cache (as `test_gpu_model.test_no_triton_compiles_after_start_up`
+    checks for bf16)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "timeline.json"
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton")}
+    torch.cuda.empty_cache()
+    proc = subprocess.run(
+        [sys.executable, "-m", "tokenmill.benchmarks.step_timeline", "--model", "qwen3-0.6b", "--quantization", "fp8",
+         "--num-prompts", "48", "--input-len", "200", "--output-len", "24", "--max-model-len", "512",
+         "--max-num-batched-tokens", "1024", "--gpu-memory-utilization", "0.3", "--no-warmup",
+         "--output-json", str(out)],
+        cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    timeline = json.loads(out.read_text())
+    assert timeline["prefill_steps"] >= 8
+    assert timeline["triton_cache_files_written"] == 0, timeline["kernels_compiled_while_timed"]

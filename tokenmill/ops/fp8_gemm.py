@@ -38,7 +38,8 @@ class GemmConfig(NamedTuple):
     num_stages: int
 
 
-@triton.jit
+# One compiled kernel for every token count (M follows the batch; only its tile bucket is a constant).
+@triton.jit(do_not_specialize=["M"])
 def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K,
                      stride_am, stride_bn, stride_cm, stride_asm, stride_bsn,
                      BLOCKWISE: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,

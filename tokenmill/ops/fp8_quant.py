@@ -21,7 +21,8 @@ import triton.language as tl
 from tokenmill.ops.fp8_format import _AMAX_EPS, FP8_DTYPE, FP8_MAX
 
 
-@triton.jit
+# One compiled kernel for every token count (M follows the batch).
+@triton.jit(do_not_specialize=["M"])
 def _group_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
                         GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
                         UE8M0: tl.constexpr, EPS: tl.constexpr, FMAX: tl.constexpr):
@@ -61,7 +62,7 @@ def per_token_group_quant(x: torch.Tensor, group: int, ue8m0: bool = False) -> t
     if m == 0:
         return x_q, scales
     block = min(triton.next_power_of_2(group), 1024)
-    rows = max(1, min(16, 2048 // block, triton.next_power_of_2(m)))  # ~2k elements a program
+    rows = max(1, min(16, 2048 // block))  # ~2k elements a program; not m's: one variant per group size
     _group_quant_kernel[(triton.cdiv(m, rows), groups)](
         x, x_q, scales, m, k, x.stride(0), x_q.stride(0), scales.stride(0),
         GROUP=group, ROWS=rows, BLOCK=block, UE8M0=ue8m0, EPS=_AMAX_EPS, FMAX=FP8_MAX,
