@@ -227,3 +227,67 @@ def test_online_fp8_quantises_each_rank_per_channel_after_loading():
     assert ((deq - shard).abs() <= shard.abs().amax(dim=1, keepdim=True) / 16).all()  # e4m3: 3 mantissa bits
     x = torch.randn(4, 256)
     assert torch.allclose(layer(x), x @ deq.T, atol=1e-5)
+
+
+# ----- routed experts -----
+
+def _expert_checkpoint(inter: int, hidden: int, seed: int):
+    """One expert's gate, up and down as a block-FP8 checkpoint stores them (128-blocks)."""
+    return {shard: _checkpoint(*shape, seed=seed + i) for i, (shard, shape) in
+            enumerate((("w1", (inter, hidden)), ("w3", (inter, hidden)), ("w2", (hidden, inter))))}
+
+
+@pytest.mark.parametrize("world,rank", [(1, 0), (2, 1)])
+def test_fp8_experts_load_their_rank_slice_with_its_scales(world, rank):
+    from tokenmill.model.layers.moe.fused_moe import FusedMoE
+    from tokenmill.model.layers.moe.router import RoutingConfig
+
+    inter, hidden = 512, 320  # 320: a partial block of the hidden size
+    with layers_for("cpu", rank, world, quantization=BLOCK_FP8):
+        layer = FusedMoE(4, hidden, inter, RoutingConfig(top_k=2))
+    assert layer.w13_weight.dtype == FP8_DTYPE and layer.w13_weight_scale_inv.shape == (4, 2 * inter // world // 128, 3)
+    experts = [_expert_checkpoint(inter, hidden, seed=10 * e) for e in range(4)]
+    for e, tensors in enumerate(experts):
+        for shard, (w_q, scale, _) in tensors.items():
+            stacked = "w2" if shard == "w2" else "w13"
+            layer.weight_loader(getattr(layer, f"{stacked}_weight"), w_q, shard, e)
+            layer.weight_loader(getattr(layer, f"{stacked}_weight_scale_inv"), scale, shard, e)
+    assert layer.unloaded_weights() == []
+    w13, w2 = layer.method.reference_weights(layer, torch.float32)
+    part = inter // world
+    for e, tensors in enumerate(experts):
+        rows = slice(rank * part, (rank + 1) * part)
+        assert torch.equal(w13[e], torch.cat([tensors["w1"][2][rows], tensors["w3"][2][rows]]))
+        assert torch.equal(w2[e], tensors["w2"][2][:, rows])
+
+
+def test_missing_expert_scales_are_reported():
+    from tokenmill.model.layers.moe.fused_moe import FusedMoE
+    from tokenmill.model.layers.moe.router import RoutingConfig
+
+    with layers_for("cpu", quantization=BLOCK_FP8):
+        layer = FusedMoE(2, 256, 128, RoutingConfig(top_k=1))
+    for e in range(2):
+        for shard, (w_q, scale, _) in _expert_checkpoint(128, 256, seed=e).items():
+            layer.weight_loader(layer.w2_weight if shard == "w2" else layer.w13_weight, w_q, shard, e)
+    missing = layer.unloaded_weights()
+    assert len(missing) == 6 and "expert 0 w1 w13_weight_scale_inv" in missing
+
+
+def test_experts_in_modules_to_not_convert_stay_unquantised():
+    from tokenmill.model.layers.moe.fused_moe import FusedMoE
+    from tokenmill.model.layers.moe.router import RoutingConfig
+
+    class _Moe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = FusedMoE(2, 256, 128, RoutingConfig(top_k=1))
+
+    quant = QuantizationConfig("fp8", (128, 128), True, modules_to_not_convert=("mlp.experts",))
+    with layers_for("cpu", quantization=quant):
+        model = nn.Module()
+        model.mlp = _Moe()
+        assert model.mlp.experts.w13_weight.dtype == FP8_DTYPE
+        assert keep_unquantized_modules(model, quant) == ["mlp.experts"]
+    experts = model.mlp.experts
+    assert experts.w13_weight.dtype == torch.float32 and not hasattr(experts, "w13_weight_scale_inv")

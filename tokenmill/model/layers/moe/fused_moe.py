@@ -41,6 +41,7 @@ from tokenmill.model.build_context import build_context
 from tokenmill.model.custom_op import CustomOp
 from tokenmill.model.layers.moe.router import RoutingConfig, select_experts
 from tokenmill.model.layers.quantization import moe_method
+from tokenmill.model.layers.quantization.moe_method import MoeMethod
 
 SHARD_IDS = ("w1", "w2", "w3")  # gate, down, up (Mixtral's names; `loader/expert_weights.py`)
 
@@ -82,8 +83,7 @@ class FusedMoE(CustomOp):
         self._expert_map_host = expert_map.tolist()
         self.register_buffer("expert_map", expert_map.to(context.device), persistent=False)
         # The stacked expert weights (w13_weight, w2_weight and, for fp8 experts, their scales).
-        self.method = moe_method()
-        self.method.create_weights(self, self.num_local_experts, hidden_size, self.intermediate_per_rank)
+        self.use_method(moe_method())
         # Held, not registered: the model registers them under their checkpoint names.
         self._shared = (shared_experts, shared_expert_gate)
         self._loaded: set[tuple[int, str, str]] = set()  # (expert, shard, parameter) loaded from a checkpoint
@@ -93,6 +93,13 @@ class FusedMoE(CustomOp):
             self._route = moe_routing.route  # the routings without expert groups, in one kernel
 
     # ----- weights -----
+    def use_method(self, method: MoeMethod) -> None:
+        """Hold the experts as `method` stores them (replacing the current method's parameters)."""
+        for name in list(self._parameters):
+            delattr(self, name)
+        self.method = method
+        method.create_weights(self, self.num_local_experts, self.hidden_size, self.intermediate_per_rank)
+
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str, expert_id: int) -> None:
         """Copy this rank's slice of one expert's HF matrix (`[I, H]` for w1/w3, `[H, I]` for w2),
         or of its scales (one entry per block of it: the method's `param_granularity`)."""

@@ -1,6 +1,6 @@
 """Layers a quantised checkpoint keeps unquantised (`modules_to_not_convert`, e.g. MiniMax-M2's
 `gate` and `lm_head`): matched by their HF names once the model is built, and switched to the
-plain method before any weight is loaded.
+plain method before any weight is loaded (linear layers, and routed experts as a whole).
 
 Layers are built before they have names, so every linear layer first takes the model's
 quantisation; `keep_unquantized_modules` then names them (a merged layer by the HF modules merged
@@ -15,6 +15,8 @@ from torch import nn
 from tokenmill.config.quantization import QuantizationConfig
 from tokenmill.model.layers.linear import LinearBase
 from tokenmill.model.layers.linear_method import unquantized_linear_method
+from tokenmill.model.layers.moe.fused_moe import FusedMoE
+from tokenmill.model.layers.quantization.moe_method import MoeMethod
 
 
 def hf_module_names(model: nn.Module, name: str) -> list[str]:
@@ -25,13 +27,18 @@ def hf_module_names(model: nn.Module, name: str) -> list[str]:
 
 
 def keep_unquantized_modules(model: nn.Module, quant: QuantizationConfig) -> list[str]:
-    """Switch the linear layers `quant.modules_to_not_convert` names to the unquantised method;
-    returns their names."""
+    """Switch the linear layers and routed experts (`FusedMoE`, HF's `...experts` module)
+    `quant.modules_to_not_convert` names to the unquantised methods; returns their names."""
     if not quant.modules_to_not_convert:
         return []
     prefix = getattr(model, "hf_name_prefix", "") or ""
     kept = []
     for name, module in model.named_modules():
+        if isinstance(module, FusedMoE):
+            if quant.keeps_unquantized(prefix + name):
+                module.use_method(MoeMethod())
+                kept.append(name)
+            continue
         if not isinstance(module, LinearBase):
             continue
         hf_names = [prefix + n for n in hf_module_names(model, name)]
