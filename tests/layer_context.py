@@ -9,18 +9,20 @@ import contextlib
 import torch
 
 from tokenmill.config.engine_config import KernelConfig
+from tokenmill.config.quantization import QuantizationConfig
 from tokenmill.distributed.parallel_state import TensorParallelGroup
 from tokenmill.model.build_context import BuildContext, building
 
 
 @contextlib.contextmanager
 def layers_for(device: str = "cpu", rank: int = 0, world_size: int = 1, tp: TensorParallelGroup | None = None,
-               **kernels):
-    """Layers built inside are for `device` and rank `rank` of `world_size` (or the group `tp`)."""
+               quantization: QuantizationConfig | None = None, **kernels):
+    """Layers built inside are for `device` and rank `rank` of `world_size` (or the group `tp`),
+    with weights in the format `quantization` gives (None: unquantised)."""
     dev = torch.device(device)
     group = tp or TensorParallelGroup(rank, world_size, dev)
     defaults = dict(attention_backend="triton" if dev.type == "cuda" else "torch_native")
-    with building(BuildContext(dev, KernelConfig(**{**defaults, **kernels}), group)) as context:
+    with building(BuildContext(dev, KernelConfig(**{**defaults, **kernels}), group, quantization)) as context:
         yield context
 
 

@@ -95,7 +95,6 @@ def test_interleaved_rotation_gives_hf_attention_scores():
 
 @pytest.mark.parametrize("cls,model_type,overrides,field", [
     (DeepseekV3ForCausalLM, "deepseek_v3", dict(moe_layer_freq=2), "moe_layer_freq"),
-    (DeepseekV3ForCausalLM, "deepseek_v3", dict(quantization_config={"quant_method": "fp8"}), "quantization_config"),
     (DeepseekV3ForCausalLM, "deepseek_v3", dict(scoring_func="softmax"), "scoring_func"),
     (DeepseekV3ForCausalLM, "deepseek_v3", dict(topk_method="greedy"), "topk_method"),
     (DeepseekV3ForCausalLM, "deepseek_v3", dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4,

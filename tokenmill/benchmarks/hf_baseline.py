@@ -18,6 +18,9 @@ def load_hf_model(llm: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM
 
     config = llm.engine.config
+    if config.model.quantization is not None:
+        raise ValueError("the HF baseline runs the unquantised model: benchmark quantised weights with "
+                         "--baseline none (and the unquantised model beside them)")
     source = config.model.source
     dtype, device = config.model.dtype, config.device
     if source.load_format == "gguf":

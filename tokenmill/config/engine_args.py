@@ -29,6 +29,7 @@ from tokenmill.config.model_source import (
 )
 from tokenmill.config.parallel import divide, head_partition
 from tokenmill.config.pooling import PoolingConfig, trained_max_len
+from tokenmill.config.quantization import QUANTIZATION_METHODS, resolve_quantization
 
 LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
 DTYPES = {"auto": None, "float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
@@ -107,6 +108,9 @@ class EngineArgs:
     # None: on where it pays (CUDA, whose kernels run behind the host), off on CPU.
     async_scheduling: bool | None = None
     kv_cache_dtype: str = "auto"  # "auto" (the model dtype) or "fp8" / "fp8_e4m3"
+    # Linear weights' format: None (the checkpoint's: its quantization_config, else unquantised) or
+    # "fp8" (an unquantised checkpoint quantised at load; docs/quantization.md).
+    quantization: str | None = None
     disable_cascade_attn: bool = False
     # GPU kernel switches (docs/gpu.md): all on by default, each off for measurement or a workaround.
     triton_gemv: bool = True
@@ -150,6 +154,11 @@ class EngineArgs:
         parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=d.kv_cache_dtype,
                             help="KV cache element type: auto (the model dtype) or fp8 (e4m3, half "
                                  "the bytes, scale 1.0)")
+        parser.add_argument("--quantization", "-q", choices=QUANTIZATION_METHODS, default=None,
+                            help="weight format: fp8 quantises an unquantised checkpoint at load "
+                                 "(per-channel weight scales, dynamic per-token activation scales); "
+                                 "default: the checkpoint's quantization_config (block-FP8 checkpoints "
+                                 "load as fp8 either way)")
         parser.add_argument("--disable-cascade-attn", action="store_true",
                             help="never attend a prefix shared by a whole decode batch once for all "
                                  "of it (cascade attention, Triton backend; on by default)")
@@ -201,6 +210,7 @@ class EngineArgs:
         dtype = resolve_dtype(self.dtype, hf_config, device)
         attention_backend = self.attention_backend or ("triton" if device.type == "cuda" else "torch_native")
         kv_cache_dtype = resolve_kv_cache_dtype(self.kv_cache_dtype, dtype, device, attention_backend)
+        quantization = resolve_quantization(hf_config, self.quantization)
         if self.tensor_parallel_size > 1:
             _check_tensor_parallel_split(hf_config, self.tensor_parallel_size)
         model_max = (getattr(hf_config, "max_position_embeddings", None) or 2048)
@@ -217,7 +227,8 @@ class EngineArgs:
         model_cfg = ModelConfig(
             model=self.model or source.display_name, source=source, hf_config=hf_config,
             architecture=architecture, dtype=dtype, max_model_len=max_model_len,
-            served_model_name=self.served_model_name or source.display_name, seed=self.seed)
+            served_model_name=self.served_model_name or source.display_name, seed=self.seed,
+            quantization=quantization)
         if self.fused_all_reduce_max_world_size < 1:
             raise ValueError("fused_all_reduce_max_world_size must be >= 1")
         kernels = KernelConfig(
@@ -253,9 +264,13 @@ class EngineArgs:
             raise ValueError("embedding models run on one rank: tensor_parallel_size must be 1")
         if self.kv_cache_dtype != "auto":
             raise ValueError("an embedding model has no KV cache: kv_cache_dtype does not apply")
+        if self.quantization is not None:
+            raise ValueError("quantization is not supported for embedding models")
         source = resolve_embedding_source(self.model, self.load_format)
         hf_config = source.load_hf_config()
         architecture = (getattr(hf_config, "architectures", None) or ["?"])[0]
+        if getattr(hf_config, "quantization_config", None) is not None:
+            raise ValueError("quantised embedding models (quantization_config) are not supported")
         if architecture not in ENCODER_ARCHITECTURES:
             raise ValueError(f"architecture {architecture!r} is not an embedding model this engine runs "
                              f"(encoders: {', '.join(ENCODER_ARCHITECTURES)})")

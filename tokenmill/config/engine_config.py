@@ -13,6 +13,7 @@ import torch
 
 from tokenmill.config.model_source import ModelSource
 from tokenmill.config.pooling import PoolingConfig
+from tokenmill.config.quantization import QuantizationConfig
 
 TASKS = ("generate", "embed")
 
@@ -29,6 +30,8 @@ class ModelConfig:
     seed: int
     task: str = "generate"  # "generate" (a decoder, paged KV cache) or "embed" (an encoder, pooled)
     pooling: PoolingConfig | None = None  # embed: how hidden states become one vector
+    # How linear weights are stored and multiplied (fp8); None: in `dtype`, unquantised.
+    quantization: QuantizationConfig | None = None
 
     @property
     def vocab_size(self) -> int:

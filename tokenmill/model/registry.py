@@ -9,6 +9,7 @@ from torch.overrides import TorchFunctionMode
 from tokenmill.config.engine_config import EngineConfig
 from tokenmill.distributed.parallel_state import TensorParallelGroup
 from tokenmill.model.build_context import BuildContext, building
+from tokenmill.model.layers.quantization.not_converted import keep_unquantized_modules
 from tokenmill.model.models.bert import BertModel
 from tokenmill.model.models.deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from tokenmill.model.models.llama import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
@@ -75,11 +76,15 @@ def _instantiate(config: EngineConfig, device: torch.device, tp: TensorParallelG
     if getattr(cls, "is_encoder", False) != model_config.is_encoder:
         kind = "an embedding model (task='embed')" if model_config.is_encoder else "a generation model"
         raise ValueError(f"{model_config.architecture} cannot be served as {kind}")
+    quant = model_config.quantization
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(model_config.dtype)
     try:
-        with torch.device(device), building(BuildContext(device, config.kernels, tp)):
-            return cls(model_config.hf_config)
+        with torch.device(device), building(BuildContext(device, config.kernels, tp, quant)):
+            model = cls(model_config.hf_config)
+            if quant is not None:
+                keep_unquantized_modules(model, quant)
+            return model
     finally:
         torch.set_default_dtype(default_dtype)
 

@@ -10,7 +10,8 @@ against 128 heads x 2 x 192 expanded).
 - Decode absorbs the up-projections: q_nope W_UK[h]^T is a query in latent space, so a decode
   token attends over the cached rows directly (multi-query attention over rows of kv_lora_rank +
   qk_rope values, values = the latents), and its latent output goes through W_UV[h] afterwards.
-  W_UK and W_UV are views of `kv_b_proj`'s weight: no second copy.
+  W_UK and W_UV are views of `kv_b_proj`'s weight: no second copy. An fp8 `kv_b_proj` (block-FP8
+  checkpoints, online fp8) is dequantised once after loading for them, in the model dtype.
 - Prefill expands: keys and values per head from the latents through `kv_b_proj` (cheaper than
   absorbing when many queries share a key), the cached prefix expanded from the cache.
 
@@ -28,6 +29,7 @@ from tokenmill.model.attention.mla_backend import MLADims
 from tokenmill.model.attention.selector import mla_backend_class
 from tokenmill.model.build_context import build_context
 from tokenmill.model.layers.linear import ColumnParallelLinear
+from tokenmill.model.layers.quantization.fp8 import Fp8LinearMethod
 from tokenmill.model.layers.rotary_embedding import RotaryInputs
 
 
@@ -43,6 +45,16 @@ class MLAAttention(KVCacheLayer):
         # Per-layer fp8 scale of the latent cache (kv_cache_dtype="fp8"): 1.0, uncalibrated, as
         # for the dense layers.
         self.kv_scale = 1.0
+        self.dtype = torch.get_default_dtype()  # the model's (set while it is built)
+        self._w_kv_b: torch.Tensor | None = None  # kv_b_proj's weight dequantised, where it is fp8
+
+    def process_weights_after_loading(self) -> None:
+        """The absorbed products read `kv_b_proj`'s weight in the model dtype: an fp8 one is
+        dequantised here, once. (`kv_b_proj` is registered before this layer, so it has been
+        processed, e.g. quantised by online fp8, by the time this runs.)"""
+        method = self.kv_b_proj.method
+        if isinstance(method, Fp8LinearMethod):
+            self._w_kv_b = method.dequantized_weight(self.kv_b_proj, self.dtype)
 
     # ----- the layer's share of the paged KV cache -----
     def kv_cache_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
@@ -55,9 +67,10 @@ class MLAAttention(KVCacheLayer):
 
     # ----- the up-projections -----
     def _absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W_UK [heads, qk_nope, rank], W_UV [heads, v_head_dim, rank]): views of kv_b_proj."""
+        """(W_UK [heads, qk_nope, rank], W_UV [heads, v_head_dim, rank]): views of kv_b_proj's weight."""
         d = self.dims
-        weight = self.kv_b_proj.weight.view(d.num_heads, d.qk_nope_head_dim + d.v_head_dim, d.kv_lora_rank)
+        weight = self.kv_b_proj.weight if self._w_kv_b is None else self._w_kv_b
+        weight = weight.view(d.num_heads, d.qk_nope_head_dim + d.v_head_dim, d.kv_lora_rank)
         return weight[:, : d.qk_nope_head_dim], weight[:, d.qk_nope_head_dim:]
 
     def _expand(self, latent: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,23 @@ if TYPE_CHECKING:
 
 
 class LinearMethod:
-    """Base: `F.linear` on the layer's `weight` (and `bias`), then its `activation`; the reference."""
+    """Base: `F.linear` on the layer's `weight` (and `bias`), then its `activation`; the reference.
+
+    A method owns the parameters it multiplies by (`create_weights`): a plain `weight [out, in]`
+    here, an fp8 weight and its scales for the quantised methods (`layers/quantization/`). The
+    layer's `weight_loader` shards every 2-D parameter as `[out, in]` and every 1-D one as `[out]`,
+    at the granularity `param_granularity(name)` gives: (1, 1) elements, or one entry per
+    `(bn, bk)` block for block scales.
+    """
+
+    def create_weights(self, layer: nn.Module, in_features: int, out_features: int) -> None:
+        """Register the parameters of a `[out_features, in_features]` product on `layer` (this
+        rank's shard; `layer.output_ranges()` / `input_range()` say where it comes from)."""
+        layer.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+
+    def param_granularity(self, name: str) -> tuple[int, int]:
+        """Weight elements per entry of parameter `name`, along (out, in)."""
+        return 1, 1
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         pass

@@ -15,6 +15,7 @@ import torch
 
 from tokenmill.config.model_source import ModelSource
 from tokenmill.model.loader.expert_weights import expert_weight
+from tokenmill.ops.fp8_format import FP8_DTYPE, FP8_MAX
 
 
 def iter_safetensors_weights(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -48,12 +49,18 @@ def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
     """Random weights at the real shapes, for benchmarks with no download.
 
     Small uniform values keep activations finite through many layers; norm weights are 1 like a
-    freshly initialised model. Generated on the parameter's own device (fast on a GPU).
+    freshly initialised model. fp8 weights are uniform in [-448, 448] with every scale
+    (`weight_scale_inv`) 0.02 / 448, so they dequantise to the same range. Generated on the
+    parameter's own device (fast on a GPU).
     """
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name, param in model.named_parameters():
         if "norm" in name:
             param.fill_(1.0)
+        elif param.dtype == FP8_DTYPE:
+            param.copy_(torch.empty(param.shape, device=param.device).uniform_(-FP8_MAX, FP8_MAX, generator=generator))
+        elif name.endswith("weight_scale_inv"):
+            param.fill_(0.02 / FP8_MAX)
         else:
             param.uniform_(-0.02, 0.02, generator=generator)
 
@@ -75,7 +82,8 @@ def load_weights(model: torch.nn.Module, weights: Iterator[tuple[str, torch.Tens
     or does not use), optionally `skip_weight(name)` and `hf_name_prefix` (dropped from names).
     Routed experts' matrices go to their `FusedMoE` layer's stacked parameters through the shared
     table of `expert_weights.py`. Every parameter must be loaded exactly from the checkpoint:
-    unknown tensors, missing parameters and missing experts are errors, not silent gaps.
+    unknown tensors, missing parameters and missing experts are errors, not silent gaps; fp8
+    tensors load only into fp8 parameters (with their scales), never cast.
     """
     params = dict(model.named_parameters())
     stacked = getattr(model, "stacked_params", ())
@@ -89,6 +97,18 @@ def load_weights(model: torch.nn.Module, weights: Iterator[tuple[str, torch.Tens
             raise ValueError(f"checkpoint tensor {name} has no matching parameter in {type(model).__name__}")
         return params[target]
 
+    def as_param_dtype(name: str, tensor: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
+        # fp8 weights mean nothing without their scales: never cast into or out of fp8.
+        if (tensor.dtype == FP8_DTYPE) != (param.dtype == FP8_DTYPE):
+            if tensor.dtype == FP8_DTYPE:
+                raise ValueError(f"checkpoint tensor {name} is float8_e4m3fn, but the layer is not quantised: "
+                                 "the checkpoint's config.json needs its quantization_config (or the module is "
+                                 "in modules_to_not_convert)")
+            raise ValueError(f"checkpoint tensor {name} is {str(tensor.dtype).removeprefix('torch.')}, but its "
+                             "layer holds fp8 weights (quantization_config); a module the checkpoint keeps "
+                             "unquantised must be listed in modules_to_not_convert")
+        return tensor.to(param.dtype)
+
     for name, tensor in weights:
         if prefix and name.startswith(prefix):
             name = name[len(prefix):]
@@ -97,15 +117,15 @@ def load_weights(model: torch.nn.Module, weights: Iterator[tuple[str, torch.Tens
         expert = expert_weight(name)
         if expert is not None:
             param = param_of(expert.param_name, name)
-            _weight_loader_of(model, expert.param_name)(param, tensor.to(param.dtype), expert.shard_id,
-                                                        expert.expert_id)
+            _weight_loader_of(model, expert.param_name)(param, as_param_dtype(name, tensor, param),
+                                                        expert.shard_id, expert.expert_id)
             loaded.add(expert.param_name)
             continue
         for merged, part, shard_id in stacked:
             if f".{part}." in name:
                 target = name.replace(part, merged)
                 param = param_of(target, name)
-                _weight_loader_of(model, target)(param, tensor.to(param.dtype), shard_id)
+                _weight_loader_of(model, target)(param, as_param_dtype(name, tensor, param), shard_id)
                 loaded.add(target)
                 break
         else:
@@ -115,9 +135,9 @@ def load_weights(model: torch.nn.Module, weights: Iterator[tuple[str, torch.Tens
                 if param.shape != tensor.shape:
                     raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != "
                                      f"parameter shape {tuple(param.shape)}")
-                param.data.copy_(tensor)
+                param.data.copy_(as_param_dtype(name, tensor, param))
             else:
-                loader(param, tensor.to(param.dtype))
+                loader(param, as_param_dtype(name, tensor, param))
             loaded.add(name)
     missing = set(params) - loaded
     if missing:

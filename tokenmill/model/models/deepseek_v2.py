@@ -39,10 +39,6 @@ from tokenmill.model.layers.vocab_embedding import ParallelLMHead, VocabParallel
 def check_supported(config: Any) -> None:
     """Refuse, naming the field, a config whose math this implementation does not do (the routing
     fields are checked by each family's `routing`)."""
-    if getattr(config, "quantization_config", None):
-        method = config.quantization_config.get("quant_method", "?")
-        raise ValueError(f"quantization_config (quant_method={method!r}) is not supported for "
-                         f"{_family(config)}: serve the bf16 weights")
     if not getattr(config, "kv_lora_rank", None):
         raise ValueError("kv_lora_rank is not set: DeepSeek models without latent attention are not supported")
     if _num_dense_layers(config) < config.num_hidden_layers and getattr(config, "moe_layer_freq", 1) != 1:

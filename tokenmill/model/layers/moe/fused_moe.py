@@ -2,7 +2,8 @@
 the top-k weighted sum, optional shared experts, and one tensor-parallel sum for all of it.
 
 Weights are stacked per expert: `w13_weight [E_local, 2 * I_local, H]` (gate rows, then up rows)
-and `w2_weight [E_local, H, I_local]`, loaded one HF tensor at a time through
+and `w2_weight [E_local, H, I_local]` (with their scales for fp8 experts: the layer's `method`,
+`layers/quantization/moe_method.py` / `fp8_moe.py`), loaded one HF tensor at a time through
 `weight_loader(param, tensor, shard_id, expert_id)` with `shard_id` "w1" (gate), "w3" (up) or
 "w2" (down) (`model/loader/expert_weights.py` maps the checkpoint names). Under tensor
 parallelism every rank holds every expert's slice of the intermediate dimension (`I_local = I /
@@ -39,6 +40,8 @@ from tokenmill.config.parallel import divide
 from tokenmill.model.build_context import build_context
 from tokenmill.model.custom_op import CustomOp
 from tokenmill.model.layers.moe.router import RoutingConfig, select_experts
+from tokenmill.model.layers.quantization import moe_method
+from tokenmill.model.layers.quantization.moe_method import MoeMethod
 
 SHARD_IDS = ("w1", "w2", "w3")  # gate, down, up (Mixtral's names; `loader/expert_weights.py`)
 
@@ -79,49 +82,69 @@ class FusedMoE(CustomOp):
         expert_map[local] = torch.arange(len(local), dtype=torch.int32)
         self._expert_map_host = expert_map.tolist()
         self.register_buffer("expert_map", expert_map.to(context.device), persistent=False)
-        inter = self.intermediate_per_rank
-        self.w13_weight = nn.Parameter(torch.empty(self.num_local_experts, 2 * inter, hidden_size),
-                                       requires_grad=False)
-        self.w2_weight = nn.Parameter(torch.empty(self.num_local_experts, hidden_size, inter), requires_grad=False)
+        # The stacked expert weights (w13_weight, w2_weight and, for fp8 experts, their scales).
+        self.use_method(moe_method())
         # Held, not registered: the model registers them under their checkpoint names.
         self._shared = (shared_experts, shared_expert_gate)
-        self._loaded: set[tuple[int, str]] = set()  # (expert, shard) loaded from a checkpoint
+        self._loaded: set[tuple[int, str, str]] = set()  # (expert, shard, parameter) loaded from a checkpoint
         if self.uses_cuda_kernels:
             from tokenmill.ops import fused_moe, moe_routing
             self._fused_experts = fused_moe.fused_experts
             self._route = moe_routing.route  # the routings without expert groups, in one kernel
 
     # ----- weights -----
+    def use_method(self, method: MoeMethod) -> None:
+        """Hold the experts as `method` stores them (replacing the current method's parameters)."""
+        for name in list(self._parameters):
+            delattr(self, name)
+        self.method = method
+        method.create_weights(self, self.num_local_experts, self.hidden_size, self.intermediate_per_rank)
+
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str, expert_id: int) -> None:
-        """Copy this rank's slice of one expert's HF matrix (`[I, H]` for w1/w3, `[H, I]` for w2)."""
+        """Copy this rank's slice of one expert's HF matrix (`[I, H]` for w1/w3, `[H, I]` for w2),
+        or of its scales (one entry per block of it: the method's `param_granularity`)."""
         if shard_id not in SHARD_IDS:
             raise ValueError(f"expert shard id {shard_id!r} is not one of {SHARD_IDS}")
         if not 0 <= expert_id < self.num_experts:
             raise ValueError(f"expert id {expert_id} out of range: the layer has {self.num_experts} experts")
-        assert (param is self.w2_weight) == (shard_id == "w2"), "w1/w3 load into w13_weight, w2 into w2_weight"
+        name = next(n for n, p in self._parameters.items() if p is param)
+        assert name.startswith("w2_") == (shard_id == "w2"), "w1/w3 load into w13_*, w2 into w2_*"
         local = self._expert_map_host[expert_id]
         if local < 0:
             return
+        rows_per, cols_per = self.method.param_granularity(name)  # elements per entry (1, or a block)
         inter, rank = self.intermediate_per_rank, self.tp.rank
         full_inter = inter * self.tp.world_size
-        expected = (self.hidden_size, full_inter) if shard_id == "w2" else (full_inter, self.hidden_size)
-        if tuple(loaded.shape) != expected:
-            raise ValueError(f"expert {expert_id} {shard_id}: checkpoint shape {tuple(loaded.shape)}, "
-                             f"expected {expected}")
+        hidden = self.hidden_size
         if shard_id == "w2":
-            param.data[local].copy_(loaded.narrow(1, rank * inter, inter))
+            expected = (-(-hidden // rows_per), -(-full_inter // cols_per))
         else:
-            offset = 0 if shard_id == "w1" else inter
-            param.data[local].narrow(0, offset, inter).copy_(loaded.narrow(0, rank * inter, inter))
-        self._loaded.add((expert_id, shard_id))
+            expected = (-(-full_inter // rows_per), -(-hidden // cols_per))
+        if tuple(loaded.shape) != expected:
+            raise ValueError(f"expert {expert_id} {shard_id} ({name}): checkpoint shape {tuple(loaded.shape)}, "
+                             f"expected {expected}")
+        # This rank's slice starts on a block (`quantization/fp8_moe.py` checks when built).
+        if shard_id == "w2":
+            param.data[local].copy_(loaded.narrow(1, rank * inter // cols_per, -(-inter // cols_per)))
+        else:
+            rows = inter // rows_per
+            offset = 0 if shard_id == "w1" else rows
+            param.data[local].narrow(0, offset, rows).copy_(loaded.narrow(0, rank * rows, rows))
+        self._loaded.add((expert_id, shard_id, name))
 
     def unloaded_weights(self) -> list[str]:
-        """After a checkpoint load: the (expert, shard) matrices this rank holds that were never
-        loaded (`load_weights` refuses a checkpoint with any). Clears the record."""
-        wanted = {(e, s) for e, slot in enumerate(self._expert_map_host) if slot >= 0 for s in SHARD_IDS}
-        missing = [f"expert {e} {s}" for e, s in sorted(wanted - self._loaded)]
+        """After a checkpoint load: the (expert, shard, parameter) matrices this rank holds that
+        were never loaded (`load_weights` refuses a checkpoint with any). Clears the record."""
+        params = list(self._parameters)
+        wanted = {(e, s, n) for e, slot in enumerate(self._expert_map_host) if slot >= 0 for s in SHARD_IDS
+                  for n in params if n.startswith("w2_") == (s == "w2")}
+        missing = [f"expert {e} {s}" + ("" if n.endswith("_weight") else f" {n}")
+                   for e, s, n in sorted(wanted - self._loaded)]
         self._loaded.clear()
         return missing
+
+    def process_weights_after_loading(self) -> None:
+        self.method.process_weights_after_loading(self)
 
     # ----- forward -----
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor,
@@ -142,7 +165,8 @@ class FusedMoE(CustomOp):
                        correction_bias: torch.Tensor | None) -> torch.Tensor:
         """The routed experts only: [T, H], this rank's (partial) weighted sum."""
         topk_weights, topk_ids = select_experts(router_logits, self.routing, correction_bias)
-        return experts_ref(hidden, self.w13_weight, self.w2_weight, topk_weights, topk_ids, self.expert_map)
+        w13, w2 = self.method.reference_weights(self, hidden.dtype)
+        return experts_ref(hidden, w13, w2, topk_weights, topk_ids, self.expert_map)
 
     def forward_cuda(self, hidden: torch.Tensor, router_logits: torch.Tensor,
                      correction_bias: torch.Tensor | None) -> torch.Tensor:
@@ -155,7 +179,8 @@ class FusedMoE(CustomOp):
             topk_weights, topk_ids = self._route(router_logits, routing.top_k, routing.scoring == "sigmoid",
                                                  routing.renormalize, routing.routed_scaling_factor, correction_bias)
         expert_map = None if self.all_experts_local else self.expert_map
-        return self._fused_experts(hidden, self.w13_weight, self.w2_weight, topk_weights, topk_ids, expert_map)
+        w13, w2, scales = self.method.kernel_weights(self, hidden.dtype)
+        return self._fused_experts(hidden, w13, w2, topk_weights, topk_ids, expert_map, scales=scales)
 
 def experts_ref(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                 topk_ids: torch.Tensor, expert_map: torch.Tensor) -> torch.Tensor:
