@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from tokenmill.model.loader.model_source import ModelSource, resolve_model_source
+from tokenmill.config_kv_sizing import available_memory_bytes, fit_cpu_max_model_len, kv_bytes_per_token
+from tokenmill.model.loader.model_source import ModelSource, default_gguf_path, resolve_model_source
+
+logger = logging.getLogger(__name__)
 
 LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
 DTYPES = {"auto": None, "float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
@@ -21,6 +26,8 @@ DTYPES = {"auto": None, "float32": torch.float32, "float": torch.float32, "bfloa
 SCHEDULING_POLICIES = ("fcfs", "priority")
 # KV cache element types; "auto" stores K/V in the model dtype. fp8 is e4m3 with a per-layer scale.
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+# The most top logprobs per token the sampler returns (also SamplingParams' own bound).
+MAX_LOGPROBS_LIMIT = 20
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,11 @@ class ModelConfig:
     max_model_len: int
     served_model_name: str
     seed: int
+    # A chat template that replaces the tokenizer's (`--chat-template`), as text.
+    chat_template: str | None = None
+    # Sampling defaults for requests that leave a field unset (`--generation-config`).
+    sampling_defaults: dict = field(default_factory=dict)
+    max_logprobs: int = MAX_LOGPROBS_LIMIT
 
     @property
     def vocab_size(self) -> int:
@@ -169,6 +181,14 @@ class EngineArgs:
     async_scheduling: bool | None = None
     kv_cache_dtype: str = "auto"  # "auto" (the model dtype) or "fp8" / "fp8_e4m3"
     disable_cascade_attn: bool = False
+    # vLLM's model flags (docs/cli.md says how each applies when nothing is downloaded).
+    chat_template: str | None = None  # a file, or the template itself
+    generation_config: str = "auto"  # "auto" (the model's generation_config.json), "vllm", or a folder
+    max_logprobs: int = MAX_LOGPROBS_LIMIT
+    quantization: str | None = None
+    trust_remote_code: bool = False
+    revision: str | None = None
+    download_dir: str | None = None
 
     # ----- CLI -----
     @staticmethod
@@ -205,6 +225,7 @@ class EngineArgs:
         parser.add_argument("--disable-cascade-attn", action="store_true",
                             help="never attend a prefix shared by a whole decode batch once for all "
                                  "of it (cascade attention, Triton backend; on by default)")
+        add_vllm_model_args(parser)
         return parser
 
     @classmethod
@@ -228,8 +249,14 @@ class EngineArgs:
         if device.type == "cuda" and self.tensor_parallel_size > torch.cuda.device_count():
             raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} needs as many GPUs; "
                              f"{torch.cuda.device_count()} visible")
+        _check_vllm_model_args(self)
         source = resolve_model_source(self.model, self.load_format, self.tokenizer)
+        _check_quantization(self.quantization, source)
+        from tokenmill.gguf_cache import use_cached_conversion
+
+        source = use_cached_conversion(source)  # a GGUF is read from its converted copy after the first start
         hf_config = source.load_hf_config()
+        source = _with_dummy_tokenizer(source, hf_config)
         architecture = (getattr(hf_config, "architectures", None) or ["?"])[0]
         dtype = resolve_dtype(self.dtype, hf_config, device)
         attention_backend = self.attention_backend or ("triton" if device.type == "cuda" else "torch_native")
@@ -238,6 +265,20 @@ class EngineArgs:
             _check_tensor_parallel_split(hf_config, self.tensor_parallel_size)
         model_max = (getattr(hf_config, "max_position_embeddings", None) or 2048)
         max_model_len = self.max_model_len or model_max
+        if (self.max_model_len is None and device.type == "cpu" and not self.kv_cache_memory
+                and not self.num_gpu_blocks_override):
+            # The default CPU KV pool is a share of the memory available (config_kv_sizing.py); a
+            # context it cannot hold once would make the engine refuse to start.
+            element = torch.empty((), dtype=kv_cache_dtype).element_size()
+            per_token = kv_bytes_per_token(
+                hf_config.num_hidden_layers,
+                getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads,
+                getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads,
+                element) // self.tensor_parallel_size
+            max_model_len, note = fit_cpu_max_model_len(
+                model_max, per_token, available_memory_bytes() // self.tensor_parallel_size)
+            if note:
+                logger.info("%s", note)
         if max_model_len < 1:
             raise ValueError("max_model_len must be >= 1")
         # GPUs: 8192, vLLM's serving default; fewer, larger prefill chunks paid off on the H100 (a
@@ -250,7 +291,10 @@ class EngineArgs:
         model_cfg = ModelConfig(
             model=self.model or source.display_name, source=source, hf_config=hf_config,
             architecture=architecture, dtype=dtype, max_model_len=max_model_len,
-            served_model_name=self.served_model_name or source.display_name, seed=self.seed)
+            served_model_name=self.served_model_name or source.display_name, seed=self.seed,
+            chat_template=_read_chat_template(self.chat_template),
+            sampling_defaults=_sampling_defaults(self.generation_config, source),
+            max_logprobs=self.max_logprobs)
         return EngineConfig(
             model=model_cfg,
             cache=CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
@@ -280,6 +324,120 @@ def _check_tensor_parallel_split(hf_config: Any, tp: int) -> None:
     if intermediate is not None and intermediate % tp:
         raise ValueError(f"the MLP's intermediate size ({intermediate}) is not divisible by "
                          f"tensor_parallel_size ({tp})")
+
+
+def add_vllm_model_args(parser: argparse.ArgumentParser) -> None:
+    """Flags a vLLM user types, with vLLM's meaning where it applies (docs/cli.md)."""
+    d = EngineArgs()
+    parser.add_argument("--chat-template", default=None,
+                        help="chat template for chat requests, replacing the model's: a file, or the "
+                             "Jinja template itself")
+    parser.add_argument("--generation-config", default=d.generation_config,
+                        help="sampling defaults for requests that leave a field unset: auto (the "
+                             "model folder's generation_config.json, if any), vllm (none: "
+                             "tokenmill's defaults), or a folder holding generation_config.json")
+    parser.add_argument("--max-logprobs", type=int, default=d.max_logprobs,
+                        help=f"most logprobs a request may ask for per token (at most {MAX_LOGPROBS_LIMIT})")
+    parser.add_argument("--quantization", "-q", default=None,
+                        help="accepted only as 'gguf' for a .gguf model (dequantized at load); "
+                             "tokenmill quantizes no weights")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="accepted; changes nothing: tokenmill never runs code from a model "
+                             "folder, only its own implementations of supported architectures")
+    parser.add_argument("--revision", default=None,
+                        help="refused: models are local files, so no revision can be checked out")
+    parser.add_argument("--download-dir", default=None,
+                        help="accepted and unused, as vLLM ignores it for a local model: tokenmill "
+                             "never downloads")
+
+
+def _check_vllm_model_args(args: EngineArgs) -> None:
+    if args.revision is not None:
+        raise ValueError(f"--revision {args.revision}: tokenmill loads local files and never downloads, "
+                         f"so it cannot check out a revision; point --model at that revision's folder")
+    if not 0 <= args.max_logprobs <= MAX_LOGPROBS_LIMIT:
+        raise ValueError(f"max_logprobs must be in [0, {MAX_LOGPROBS_LIMIT}] (the most the sampler "
+                         f"returns), got {args.max_logprobs}")
+    if args.trust_remote_code:
+        logger.info("--trust-remote-code changes nothing: tokenmill runs no code from model folders, "
+                    "only its own implementations of the architectures it supports")
+
+
+def _check_quantization(method: str | None, source: ModelSource) -> None:
+    if method is None:
+        return
+    if method.lower() == "gguf" and source.kind == "gguf":
+        return  # the file's quantization: dequantized at load, as always for GGUF
+    raise ValueError(f"--quantization {method}: tokenmill runs unquantized weights (a .gguf file is "
+                     f"dequantized at load, accepted as --quantization gguf); leave the flag out")
+
+
+def _read_chat_template(value: str | None) -> str | None:
+    """vLLM's rule: a path to a file is read; text with Jinja markup is the template itself."""
+    if value is None:
+        return None
+    path = os.path.expanduser(value)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template")
+
+
+# generation_config.json fields a request's sampling can take, as SamplingParams names.
+_GENERATION_CONFIG_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                             "min_p": "min_p", "repetition_penalty": "repetition_penalty",
+                             "max_new_tokens": "max_tokens"}
+
+
+def _sampling_defaults(generation_config: str, source: ModelSource) -> dict:
+    """Sampling defaults from a generation_config.json (vLLM's `--generation-config`): `auto`
+    reads the model folder's file if it has one, `vllm` reads none, anything else is a folder."""
+    if generation_config == "vllm":
+        return {}
+    if generation_config == "auto":
+        folder = source.path if source.kind == "hf" else None
+        if folder is None or not os.path.isfile(os.path.join(folder, "generation_config.json")):
+            return {}
+    else:
+        folder = os.path.expanduser(generation_config)
+        if not os.path.isfile(os.path.join(folder, "generation_config.json")):
+            raise ValueError(f"--generation-config {generation_config}: no generation_config.json there "
+                             f"(give auto, vllm or a folder that holds one)")
+    import json
+
+    with open(os.path.join(folder, "generation_config.json"), encoding="utf-8") as f:
+        data = json.load(f)
+    if data.get("do_sample") is False:
+        data.setdefault("temperature", 0.0)  # greedy, as transformers runs it
+    defaults = {name: data[key] for key, name in _GENERATION_CONFIG_FIELDS.items() if data.get(key) is not None}
+    if defaults:
+        logger.info("sampling defaults from %s/generation_config.json: %s", folder, defaults)
+    return defaults
+
+
+def _with_dummy_tokenizer(source: ModelSource, hf_config: Any) -> ModelSource:
+    """Dummy weights at a shipped shape have no tokenizer of their own; the embedded model's
+    (49,152 tokens, with a chat template) fits any vocabulary at least that large, so text and chat
+    prompts work. The output is random text either way; `--tokenizer` names the real one."""
+    if source.tokenizer_path is not None or source.load_format != "dummy":
+        return source
+    try:
+        path = default_gguf_path()
+    except ValueError:
+        return source
+    from tokenmill.gguf_cache import converted_folder
+
+    folder = converted_folder(path)
+    tokenizer = str(folder) if (folder / "tokenizer.json").is_file() else path
+    if hf_config.vocab_size < EMBEDDED_TOKENIZER_VOCAB:
+        return source
+    logger.info("dummy weights: text goes through the embedded SmolLM2 tokenizer; --tokenizer names another")
+    return dataclasses.replace(source, tokenizer_path=tokenizer)
+
+
+EMBEDDED_TOKENIZER_VOCAB = 49152
 
 
 def engine_args_from_kwargs(model: str | None, **kwargs: Any) -> EngineArgs:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol
 
 import msgspec
@@ -51,6 +51,8 @@ class RequestTiming:
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0
     finish_reason: str | None = None
+    # Seconds between successive outputs that carried tokens (the inter-token latencies).
+    inter_token_latencies: list[float] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -118,6 +120,10 @@ class AsyncEngine:
         self.max_num_seqs = max_num_seqs
         self.vocab_size = vocab_size
         self.model_aliases: set[str] = set()  # other names clients may use for the model
+        self.sampling_defaults: dict = {}  # --generation-config: for fields a request leaves unset
+        # Called as (request_id, prompt, prompt_token_ids, params) for each admitted request
+        # (--enable-log-requests); see tokenmill/entrypoints/server/request_log.py.
+        self.request_logger: Any = None
         self.max_queue_len = max_queue_len
         self.wedge_timeout_s = wedge_timeout_s
         self.stats_listener = stats_listener
@@ -153,6 +159,7 @@ class AsyncEngine:
         )
         engine.config = config
         engine.model_aliases = {config.model.model}
+        engine.sampling_defaults = dict(config.model.sampling_defaults)
         engine.start()
         return engine
 
@@ -215,6 +222,8 @@ class AsyncEngine:
             cache_salt=cache_salt, add_special_tokens=add_special_tokens,
         )
         prompt_token_ids = list(engine_requests[0].prompt_token_ids)
+        if self.request_logger is not None:
+            self.request_logger(request_id, prompt, prompt_token_ids, params)
         self.output_processor.add_request(request_id, prompt if isinstance(prompt, str) else None,
                                           prompt_token_ids, params)
         timing = RequestTiming(arrival=arrival, num_prompt_tokens=len(prompt_token_ids))
@@ -287,6 +296,8 @@ class AsyncEngine:
             if new_tokens and not timing.first_token:
                 timing.first_token = now
             if new_tokens:
+                if timing.last_token:
+                    timing.inter_token_latencies.append(now - timing.last_token)
                 timing.last_token = now
             if state.delta_outputs:
                 timing.num_generation_tokens += new_tokens

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from tokenmill.config import EngineConfig
+from tokenmill.config_kv_sizing import available_memory_bytes, default_cpu_kv_cache_bytes
 from tokenmill.core.scheduler_output import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from tokenmill.distributed.parallel_state import tp_all_reduce_min, tp_broadcast_from_driver, tp_rank, tp_world_size
 from tokenmill.model.attention.backend import AttentionMetadata, KVCache
@@ -30,9 +31,6 @@ from tokenmill.worker.sampler import (
     SampledTokens, Sampler, SamplingBatch, argmax, batch_token_logprobs, index_tensor)
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
-
 
 @dataclass(slots=True)
 class RequestState:
@@ -101,7 +99,7 @@ class ModelRunner:
     def determine_num_blocks(self) -> int:
         """KV blocks for this rank's pool; every tensor-parallel rank agrees on the smallest.
         Explicit sizes first (`num_gpu_blocks_override`, then `kv_cache_memory`); otherwise what
-        `gpu_memory_utilization` leaves on a GPU, or DEFAULT_CPU_KV_CACHE_BYTES on the CPU."""
+        `gpu_memory_utilization` leaves on a GPU, or the CPU default (tokenmill/config_kv_sizing.py)."""
         cache = self.config.cache
         if cache.num_gpu_blocks_override:
             return cache.num_gpu_blocks_override
@@ -110,7 +108,12 @@ class ModelRunner:
             if cache.kv_cache_memory:
                 budget = cache.kv_cache_memory
         else:
-            budget = cache.kv_cache_memory or DEFAULT_CPU_KV_CACHE_BYTES
+            budget = cache.kv_cache_memory
+            if not budget:
+                budget, reason = default_cpu_kv_cache_bytes(
+                    self.bytes_per_block() // self.block_size, self.config.model.max_model_len,
+                    self.config.scheduler.max_num_seqs, available_memory_bytes() // tp_world_size())
+                logger.info("%s", reason)
         return tp_all_reduce_min(max(1, int(budget // self.bytes_per_block())), self.device)
 
     def _gpu_memory_baseline(self) -> tuple[int, int, int]:
