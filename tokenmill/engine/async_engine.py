@@ -283,22 +283,28 @@ class AsyncEngine:
             self.client._mark_dead("output processing failed")
 
     def _dispatch(self, outputs: list) -> None:
+        now = time.monotonic()
+        # Token times from the core's outputs, which arrive every step whatever the request's
+        # output kind (a non-streamed request's RequestOutput comes only at the end).
+        for output in outputs:
+            state = self._requests.get(self._child_to_parent.get(output.request_id, ""))
+            if state is None or not output.new_token_ids:
+                continue
+            timing = state.timing
+            if not timing.first_token:
+                timing.first_token = now
+            elif timing.last_token < now:  # n > 1: one gap per step, not one per child
+                timing.inter_token_latencies.append(now - timing.last_token)
+            timing.last_token = now
         processed = self.output_processor.process(outputs)
         if processed.to_abort:
             asyncio.get_running_loop().create_task(self.client.abort_requests(processed.to_abort))
-        now = time.monotonic()
         for request_output in processed.request_outputs:
             state = self._requests.get(request_output.request_id)
             if state is None:
                 continue
             timing = state.timing
             new_tokens = sum(len(c.token_ids) for c in request_output.outputs)
-            if new_tokens and not timing.first_token:
-                timing.first_token = now
-            if new_tokens:
-                if timing.last_token:
-                    timing.inter_token_latencies.append(now - timing.last_token)
-                timing.last_token = now
             if state.delta_outputs:
                 timing.num_generation_tokens += new_tokens
             else:

@@ -71,6 +71,15 @@ class ServerState:
         return self.config.max_body_bytes
 
 
+def route_path(scope) -> str:
+    """The path the routes see: with --root-path, uvicorn puts the prefix in front of the path
+    (ASGI), and the router takes it off again; the guard must judge the same path."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root):
+        return path[len(root):] or "/"
+    return path
+
+
 class GuardMiddleware:
     """Pure ASGI (streams pass through untouched): 503 while draining, API-key check, and the count
     of requests in flight that a drain waits for. `/health` is never guarded."""
@@ -82,10 +91,10 @@ class GuardMiddleware:
         self._key = key.encode() if key else None
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] in UNGUARDED_PATHS:
+        if scope["type"] != "http" or route_path(scope) in UNGUARDED_PATHS:
             await self.app(scope, receive, send)
             return
-        path = scope["path"]
+        path = route_path(scope)
         if self.state.draining or self.state.engine_died:
             await error_response(path, APIError(503, "the server is shutting down"))(scope, receive, send)
             return
