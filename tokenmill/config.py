@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from tokenmill.config_kv_sizing import available_memory_bytes, fit_cpu_max_model_len, kv_bytes_per_token
-from tokenmill.model.loader.model_source import ModelSource, default_gguf_path, resolve_model_source
+from tokenmill.model.loader.model_source import ModelSource, resolve_model_source
 
 logger = logging.getLogger(__name__)
 
@@ -418,26 +418,19 @@ def _sampling_defaults(generation_config: str, source: ModelSource) -> dict:
 
 
 def _with_dummy_tokenizer(source: ModelSource, hf_config: Any) -> ModelSource:
-    """Dummy weights at a shipped shape have no tokenizer of their own; the embedded model's
-    (49,152 tokens, with a chat template) fits any vocabulary at least that large, so text and chat
-    prompts work. The output is random text either way; `--tokenizer` names the real one."""
+    """Dummy weights at a shipped shape have no tokenizer of their own: text goes through the
+    embedded model's, widened to the model's vocabulary (tokenmill/dummy_tokenizer.py).
+    `--tokenizer` names the real one."""
     if source.tokenizer_path is not None or source.load_format != "dummy":
         return source
-    try:
-        path = default_gguf_path()
-    except ValueError:
-        return source
-    from tokenmill.gguf_cache import converted_folder
+    from tokenmill.dummy_tokenizer import tokenizer_for_dummy_weights
 
-    folder = converted_folder(path)
-    tokenizer = str(folder) if (folder / "tokenizer.json").is_file() else path
-    if hf_config.vocab_size < EMBEDDED_TOKENIZER_VOCAB:
+    tokenizer = tokenizer_for_dummy_weights(hf_config.vocab_size)
+    if tokenizer is None:
         return source
-    logger.info("dummy weights: text goes through the embedded SmolLM2 tokenizer; --tokenizer names another")
+    logger.info("dummy weights: text goes through the embedded SmolLM2 tokenizer (the model's other "
+                "ids print as <|dummy_N|>); --tokenizer names another")
     return dataclasses.replace(source, tokenizer_path=tokenizer)
-
-
-EMBEDDED_TOKENIZER_VOCAB = 49152
 
 
 def engine_args_from_kwargs(model: str | None, **kwargs: Any) -> EngineArgs:
