@@ -198,24 +198,43 @@ class EngineArgs:
             parser.add_argument("--model", default=None,
                                 help="GGUF file, HF folder, or a shipped shape name (default: embedded SmolLM2-135M-Instruct)")
         parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
-        parser.add_argument("--served-model-name", default=None)
-        parser.add_argument("--load-format", choices=LOAD_FORMATS, default=d.load_format)
-        parser.add_argument("--dtype", choices=list(DTYPES), default=d.dtype)
-        parser.add_argument("--seed", type=int, default=d.seed)
-        parser.add_argument("--max-model-len", type=int, default=None)
-        parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
-        parser.add_argument("--max-num-batched-tokens", type=int, default=None)
-        parser.add_argument("--block-size", type=int, default=d.block_size)
-        parser.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV pool")
-        parser.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
+        parser.add_argument("--served-model-name", default=None,
+                            help="the model name the API reports and accepts (default: from the model)")
+        parser.add_argument("--load-format", choices=LOAD_FORMATS, default=d.load_format,
+                            help="auto: by what --model is; dummy: random weights at the model's shape")
+        parser.add_argument("--dtype", choices=list(DTYPES), default=d.dtype,
+                            help="weights and activations; auto: bfloat16 where the CPU/GPU has fast bf16, else float32")
+        parser.add_argument("--seed", type=int, default=d.seed,
+                            help="engine seed (dummy weights, sampling without a per-request seed)")
+        parser.add_argument("--max-model-len", type=int, default=None,
+                            help="context length, prompt + output (default: the model's; on a CPU, what the "
+                                 "default KV pool holds once)")
+        parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
+                            help="most requests running at once")
+        parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                            help="token budget per step; longer prompts are chunked (default: 8192 on "
+                                 "CUDA; max(2048, min(max_model_len, 8192)) on a CPU)")
+        parser.add_argument("--block-size", type=int, default=d.block_size,
+                            help="tokens per KV-cache block")
+        parser.add_argument("--kv-cache-memory", type=int, default=None,
+                            help="bytes for the KV pool (default: on a GPU what --gpu-memory-utilization "
+                                 "leaves; on a CPU sized from the model, max_model_len, max_num_seqs and "
+                                 "the memory available, see docs/cli.md)")
+        parser.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
+                            help="this engine's share of the GPU for weights, activations and KV cache")
         parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
-                            default=d.enable_prefix_caching)
-        parser.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES, default=d.scheduling_policy)
+                            default=d.enable_prefix_caching,
+                            help="reuse the KV blocks of identical prompt prefixes")
+        parser.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES, default=d.scheduling_policy,
+                            help="fcfs, or priority (lower first)")
         parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,
                             help="ranks (GPUs, or CPU processes) to split the model over")
-        parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
-        parser.add_argument("--attention-backend", choices=("torch_native", "triton"), default=None)
-        parser.add_argument("--enforce-eager", action="store_true")
+        parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device,
+                            help="auto: CUDA when a GPU is visible, else the CPU")
+        parser.add_argument("--attention-backend", choices=("torch_native", "triton"), default=None,
+                            help="default: triton on CUDA, torch_native on the CPU")
+        parser.add_argument("--enforce-eager", action="store_true",
+                            help="no CUDA graphs (the CPU always runs eagerly)")
         parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                             help="prepare and launch the next step while the GPU runs this one "
                                  "(default: on for CUDA, off on CPU)")

@@ -119,3 +119,17 @@ def test_generation_config_defaults(tmp_path):
     with LLM(str(folder), load_format="dummy", max_num_seqs=2) as llm:
         default = llm.get_default_sampling_params()
         assert (default.temperature, default.top_k, default.max_tokens) == (0.6, 20, 33)
+
+
+@pytest.mark.parametrize("command", [["bench", "throughput"], ["bench", "latency"], ["generate"], ["chat"],
+                                     ["serve"]])
+def test_every_option_is_documented_in_help(command):
+    """`tokenmill ... --help` explains every option, not just lists it."""
+    import argparse
+    parser = build_parser()
+    for name in command:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[name]
+    undocumented = [a.option_strings[0] for a in parser._actions
+                    if a.option_strings and not a.help and not isinstance(a, argparse._HelpAction)]
+    assert not undocumented, f"tokenmill {' '.join(command)}: no help for {undocumented}"

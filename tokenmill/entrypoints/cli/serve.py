@@ -29,7 +29,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default loopback; 0.0.0.0 exposes the server to the network)")
-    group.add_argument("--port", type=int, default=8000)
+    group.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     group.add_argument("--api-key", default=None,
                        help="require this key (Authorization: Bearer or x-api-key) on every route but "
                             "/health; default: $TOKENMILL_API_KEY if set")
@@ -77,7 +77,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                        help="embed: serve /v1/embeddings with an embedding model (no MODEL: the bundled "
                             "all-MiniLM-L6-v2); auto: embed when MODEL is an embedding model")
     group.add_argument("--uvicorn-log-level", default="warning",
-                       choices=["critical", "error", "warning", "info", "debug", "trace"])
+                       choices=["critical", "error", "warning", "info", "debug", "trace"],
+                       help="uvicorn's own log level (HTTP server messages)")
 
 
 # `--ray`'s own flags (docs/scale-out.md): (flag, type, help). All default to None, "not given",
