@@ -327,7 +327,9 @@ class EngineArgs:
             attention_backend=attention_backend,
             enforce_eager=self.enforce_eager or device.type != "cuda",
             cascade_attention=attention_backend == "triton" and not self.disable_cascade_attn,
-            engine_args=dataclasses.replace(self),
+            # max_model_len as resolved here: the engine core and tensor-parallel ranks rebuild the
+            # config from these, and must not size a CPU default again against other free memory.
+            engine_args=dataclasses.replace(self, max_model_len=max_model_len),
         )
 
 

@@ -69,3 +69,19 @@ def test_engine_pool_follows_the_rule(tmp_path, monkeypatch):
         assert llm.engine.core.kv_capacity_tokens == 4 * 1024  # all 4 at full length, no more
     with LLM(folder, load_format="dummy", dtype="float32", kv_cache_memory=100 * per_token * 16) as llm:
         assert llm.engine.core.kv_capacity_tokens == 1600
+
+
+def test_the_default_max_model_len_is_decided_once(monkeypatch):
+    """The engine core and tensor-parallel ranks rebuild the config from `config.engine_args`: the
+    CPU default context resolved in the API process travels with it, instead of being sized again
+    against whatever memory is free in the other process."""
+    from tokenmill import config as config_module
+    from tokenmill.config import EngineArgs
+    monkeypatch.setattr(config_module, "available_memory_bytes", lambda: 4 * GiB)
+    config = EngineArgs(model="qwen3-0.6b", load_format="dummy", dtype="float32").create_engine_config()
+    assert config.model.max_model_len == 2048  # 4 GiB / 8 = 512 MiB at 224 KiB a token: 2340 -> 2048
+    assert config.engine_args.max_model_len == 2048
+    monkeypatch.setattr(config_module, "available_memory_bytes", lambda: 64 * GiB)
+    assert config.engine_args.create_engine_config().model.max_model_len == 2048
+    assert EngineArgs(model="qwen3-0.6b", load_format="dummy",
+                      dtype="float32").create_engine_config().model.max_model_len == 32768

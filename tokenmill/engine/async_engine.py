@@ -148,7 +148,9 @@ class AsyncEngine:
 
         config = config or engine_args.create_engine_config()
         tokenizer = load_tokenizer(config.model.source.tokenizer_path)
-        client = await EngineCoreClient.start(msgspec.msgpack.encode(engine_args), num_threads=engine_threads)
+        # The config's own copy: values resolved here (a CPU's default max_model_len) travel as is.
+        client = await EngineCoreClient.start(msgspec.msgpack.encode(config.engine_args or engine_args),
+                                              num_threads=engine_threads)
         engine = cls(
             client, InputProcessor(tokenizer, config.model), OutputProcessor(tokenizer), tokenizer,
             model_name=config.model.served_model_name or config.model.model,
