@@ -17,7 +17,8 @@ from typing import Callable
 from tokenmill.entrypoints.cli.sampling_args import add_sampling_args, sampling_params_from_args
 from tokenmill.entrypoints.cli.startup import add_thread_arg, start_engine
 
-HELP = "Enter sends, Alt-Enter adds a line; /reset clears the conversation, /exit (or Ctrl-D) quits."
+HELP = ("Enter sends, Alt-Enter adds a line, Ctrl-C stops a reply; /reset clears the conversation, "
+        "/exit (or Ctrl-D) quits.")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -58,7 +59,9 @@ def make_line_reader(interactive: bool, input=None, output=None) -> Callable[[],
         event.current_buffer.insert_text("\n")
 
     session = PromptSession(history=InMemoryHistory(), key_bindings=bindings, multiline=True,
-                            prompt_continuation=lambda width, line, wrap: "." * (width - 1) + " ",
+                            # "." marks a line the user added; a line wrapped at the edge is indented.
+                            prompt_continuation=lambda width, line, wrap: " " * width if wrap
+                            else "." * (width - 1) + " ",
                             input=input, output=output)
     return lambda: session.prompt("> ")
 
@@ -78,7 +81,11 @@ def run(args: argparse.Namespace) -> int:
     while True:
         try:
             user = read_line()
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            if interactive:
+                continue  # Ctrl-C clears the line, as in a shell; Ctrl-D or /exit quits
             break
         if user.strip() in ("/exit", "/quit"):
             break
