@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from tokenmill.config_kv_sizing import available_memory_bytes, fit_cpu_max_model_len, kv_bytes_per_token
+from tokenmill.config_kv_sizing import fit_cpu_max_model_len, kv_bytes_per_token, total_memory_bytes
 from tokenmill.model.loader.model_source import ModelSource, resolve_model_source
 
 logger = logging.getLogger(__name__)
@@ -286,7 +286,7 @@ class EngineArgs:
         max_model_len = self.max_model_len or model_max
         if (self.max_model_len is None and device.type == "cpu" and not self.kv_cache_memory
                 and not self.num_gpu_blocks_override):
-            # The default CPU KV pool is a share of the memory available (config_kv_sizing.py); a
+            # The default CPU KV pool is a share of the machine's memory (config_kv_sizing.py); a
             # context it cannot hold once would make the engine refuse to start.
             element = torch.empty((), dtype=kv_cache_dtype).element_size()
             per_token = kv_bytes_per_token(
@@ -295,7 +295,7 @@ class EngineArgs:
                 getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads,
                 element) // self.tensor_parallel_size
             max_model_len, note = fit_cpu_max_model_len(
-                model_max, per_token, available_memory_bytes() // self.tensor_parallel_size)
+                model_max, per_token, total_memory_bytes() // self.tensor_parallel_size)
             if note:
                 logger.info("%s", note)
         if max_model_len < 1:
@@ -328,7 +328,8 @@ class EngineArgs:
             enforce_eager=self.enforce_eager or device.type != "cuda",
             cascade_attention=attention_backend == "triton" and not self.disable_cascade_attn,
             # max_model_len as resolved here: the engine core and tensor-parallel ranks rebuild the
-            # config from these, and must not size a CPU default again against other free memory.
+            # config from these and must not resolve the CPU default again (another process, another
+            # cgroup limit).
             engine_args=dataclasses.replace(self, max_model_len=max_model_len),
         )
 

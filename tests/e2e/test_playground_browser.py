@@ -7,10 +7,10 @@ a missing browser is a failure."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
-import httpx
 import pytest
 
 from conftest import API_KEY
@@ -37,6 +37,8 @@ def _browser(tmp_path):
                  "--disable-dev-shm-usage", "--window-size=1280,1000",
                  f"--user-data-dir={tmp_path / 'chromium-profile'}"):
         options.add_argument(flag)
+    # The network log names the chat request, whose streamed body the test reads back over CDP.
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
     # The driver is given by path, so selenium never looks one up on the network.
     return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
 
@@ -56,6 +58,7 @@ def test_playground_streams_a_reply_in_chromium(server, tmp_path):
             element = driver.find_element(By.ID, field)
             element.clear()
             element.send_keys(value)
+        driver.execute_cdp_cmd("Network.enable", {})
         driver.find_element(By.ID, "prompt").send_keys(QUESTION)
         driver.find_element(By.ID, "send").click()
 
@@ -70,13 +73,33 @@ def test_playground_streams_a_reply_in_chromium(server, tmp_path):
         chunks = int(bubble.get_attribute("data-chunks"))
         # The live metrics panel has read /metrics with the key: tokens were generated.
         WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, "m-gen-total").text not in ("–", "0"))
+        streamed = _streamed_chat_body(driver)
     finally:
         driver.quit()
     assert (tmp_path / "playground.png").stat().st_size > 10_000
     assert chunks > 1  # streamed: the text grew piece by piece
-    # Greedy decoding: the page shows exactly what the API answers for the same conversation. The
-    # cache salt keeps this request off the page's cached prefix blocks, so both prefill alike.
-    reply = httpx.post(f"{server.url}/v1/chat/completions", headers=server.headers(), timeout=120, json={
-        "messages": [{"role": "user", "content": QUESTION}], "temperature": 0, "top_p": 1,
-        "max_tokens": MAX_TOKENS, "cache_salt": "playground-test"}).json()["choices"][0]["message"]["content"]
-    assert shown == reply.strip() and shown
+    # What the page shows is exactly the text of the server's SSE stream, as the browser received it.
+    request, events = streamed
+    assert request["stream"] is True and request["temperature"] == 0 and request["max_tokens"] == MAX_TOKENS
+    assert request["messages"] == [{"role": "user", "content": QUESTION}]
+    deltas = [e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices")]
+    usage = [e["usage"] for e in events if e.get("usage")]
+    assert shown and shown == "".join(deltas).strip()
+    assert usage and usage[0]["completion_tokens"] <= MAX_TOKENS
+
+
+def _streamed_chat_body(driver) -> tuple[dict, list[dict]]:
+    """The chat request the page sent and the SSE events it got, from Chromium's network log."""
+    request_id = posted = None
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        params = message.get("params", {})
+        if message["method"] == "Network.requestWillBeSent" and \
+                params["request"]["url"].endswith("/v1/chat/completions"):
+            request_id = params["requestId"]
+            posted = json.loads(params["request"]["postData"])
+    assert request_id is not None, "the page sent no chat request"
+    body = driver.execute_cdp_cmd("Network.getResponseBody", {"requestId": request_id})["body"]
+    events = [json.loads(line[6:]) for line in body.splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    return posted, events

@@ -61,21 +61,20 @@ def _tiny_llama(folder, max_len):
 
 
 def test_kv_pool_smaller_than_one_request_is_refused(tmp_path, monkeypatch, caplog):
-    """A pool sized from the memory left (here the CPU default, with little memory available) that
-    cannot hold one request of max_model_len would leave such a request waiting forever: the engine
-    refuses to start and names the fix. An explicitly sized pool is taken as asked, with a warning."""
+    """A default pool that cannot hold one request of max_model_len (here: one request would need
+    more than half the machine) would leave such a request waiting forever: the engine refuses to
+    start and names the fix. An explicitly sized pool is taken as asked, with a warning."""
     from tokenmill import LLM
     from tokenmill.config_kv_sizing import CPU_POOL_MAX_FRACTION
     from tokenmill.worker import model_runner
     folder = _tiny_llama(tmp_path, 4096)
     per_token = 2 * 1 * 2 * 8 * 4  # K and V, 1 layer, 2 KV heads of 8, float32
-    # The default pool takes at most 1/8 of what is available: here exactly 1024 tokens.
-    monkeypatch.setattr(model_runner, "available_memory_bytes",
-                        lambda: int(1024 * per_token / CPU_POOL_MAX_FRACTION))
-    with pytest.raises(ValueError, match=r"fits only 1024 tokens.*max_model_len 4096.*at most 1024"):
+    # A "machine" whose default share (1/8) is 256 tokens and whose half is 1024.
+    monkeypatch.setattr(model_runner, "total_memory_bytes", lambda: int(256 * per_token / CPU_POOL_MAX_FRACTION))
+    with pytest.raises(ValueError, match=r"fits only 256 tokens.*max_model_len 4096.*at most 256"):
         LLM(folder, load_format="dummy", dtype="float32", max_model_len=4096)
     with LLM(folder, load_format="dummy", dtype="float32", max_model_len=1024) as llm:
-        assert llm.engine.core.kv_capacity_tokens == 1024
+        assert llm.engine.core.kv_capacity_tokens == 1024  # one request: the floor
     with LLM(folder, load_format="dummy", dtype="float32", max_model_len=4096,
              kv_cache_memory=1024 * per_token) as llm:
         assert llm.engine.core.kv_capacity_tokens == 1024

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from tokenmill.config import EngineConfig
-from tokenmill.config_kv_sizing import available_memory_bytes, default_cpu_kv_cache_bytes
+from tokenmill.config_kv_sizing import available_memory_bytes, default_cpu_kv_cache_bytes, total_memory_bytes
 from tokenmill.core.scheduler_output import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from tokenmill.distributed.parallel_state import tp_all_reduce_min, tp_broadcast_from_driver, tp_rank, tp_world_size
 from tokenmill.model.attention.backend import AttentionMetadata, KVCache
@@ -112,7 +112,8 @@ class ModelRunner:
             if not budget:
                 budget, reason = default_cpu_kv_cache_bytes(
                     self.bytes_per_block() // self.block_size, self.config.model.max_model_len,
-                    self.config.scheduler.max_num_seqs, available_memory_bytes() // tp_world_size())
+                    self.config.scheduler.max_num_seqs, available_memory_bytes() // tp_world_size(),
+                    total_memory_bytes() // tp_world_size())
                 logger.info("%s", reason)
         return tp_all_reduce_min(max(1, int(budget // self.bytes_per_block())), self.device)
 
