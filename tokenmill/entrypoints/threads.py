@@ -3,8 +3,8 @@
 
 torch's OpenMP team splits every matmul into equal parts and waits at a barrier for the slowest.
 A thread that shares its core with another busy process runs half the time, so the whole team
-runs at its pace: on a 2-core machine with one core taken by other work, two threads decoded
-10-14x slower than one. The team is therefore sized to the cores that are free now: the usable
+runs at its pace: on a 2-core machine with its cores already busy, two threads decoded 7-16x
+slower than one (docs/cli.md#measured). The team is therefore sized to the cores that are free now: the usable
 cores (CPU affinity) minus what other processes kept busy over a short sample of /proc/stat,
 minus the cores the caller keeps for itself (the server's API process), and at least one.
 An explicit count, or OMP_NUM_THREADS, always wins.

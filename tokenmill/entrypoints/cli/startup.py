@@ -1,6 +1,6 @@
 """Starting an in-process engine for `tokenmill generate` and `tokenmill chat`, saying what it does.
 
-A start takes from under 5 s (warm cache) to most of a minute (first start: the GGUF is converted,
+A start takes a few seconds (warm cache) to most of a minute (first start: the GGUF is converted,
 tokenmill/gguf_cache.py), so each step is announced on stderr as it begins: the thread count,
 the model, the conversion (with a progress bar on a terminal), the KV pool and why that size, and
 the time to ready. Once the engine is up, the engine's loggers go back to the `--log-level` the
