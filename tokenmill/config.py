@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from tokenmill.config_kv_sizing import fit_cpu_max_model_len, kv_bytes_per_token, total_memory_bytes
+from tokenmill.config_model_flags import MAX_LOGPROBS_LIMIT
 from tokenmill.model.loader.model_source import ModelSource, resolve_model_source
 
 logger = logging.getLogger(__name__)
@@ -26,8 +26,6 @@ DTYPES = {"auto": None, "float32": torch.float32, "float": torch.float32, "bfloa
 SCHEDULING_POLICIES = ("fcfs", "priority")
 # KV cache element types; "auto" stores K/V in the model dtype. fp8 is e4m3 with a per-layer scale.
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
-# The most top logprobs per token the sampler returns (also SamplingParams' own bound).
-MAX_LOGPROBS_LIMIT = 20
 
 
 @dataclass(frozen=True)
@@ -244,6 +242,8 @@ class EngineArgs:
         parser.add_argument("--disable-cascade-attn", action="store_true",
                             help="never attend a prefix shared by a whole decode batch once for all "
                                  "of it (cascade attention, Triton backend; on by default)")
+        from tokenmill.config_model_flags import add_vllm_model_args
+
         add_vllm_model_args(parser)
         return parser
 
@@ -268,14 +268,15 @@ class EngineArgs:
         if device.type == "cuda" and self.tensor_parallel_size > torch.cuda.device_count():
             raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} needs as many GPUs; "
                              f"{torch.cuda.device_count()} visible")
-        _check_vllm_model_args(self)
-        source = resolve_model_source(self.model, self.load_format, self.tokenizer)
-        _check_quantization(self.quantization, source)
+        from tokenmill import config_model_flags as flags
         from tokenmill.gguf_cache import use_cached_conversion
 
+        flags.check_vllm_model_args(self)
+        source = resolve_model_source(self.model, self.load_format, self.tokenizer)
+        flags.check_quantization(self.quantization, source)
         source = use_cached_conversion(source)  # a GGUF is read from its converted copy after the first start
         hf_config = source.load_hf_config()
-        source = _with_dummy_tokenizer(source, hf_config)
+        source = flags.with_dummy_tokenizer(source, hf_config)
         architecture = (getattr(hf_config, "architectures", None) or ["?"])[0]
         dtype = resolve_dtype(self.dtype, hf_config, device)
         attention_backend = self.attention_backend or ("triton" if device.type == "cuda" else "torch_native")
@@ -311,8 +312,8 @@ class EngineArgs:
             model=self.model or source.display_name, source=source, hf_config=hf_config,
             architecture=architecture, dtype=dtype, max_model_len=max_model_len,
             served_model_name=self.served_model_name or source.display_name, seed=self.seed,
-            chat_template=_read_chat_template(self.chat_template),
-            sampling_defaults=_sampling_defaults(self.generation_config, source),
+            chat_template=flags.read_chat_template(self.chat_template),
+            sampling_defaults=flags.sampling_defaults(self.generation_config, source),
             max_logprobs=self.max_logprobs)
         return EngineConfig(
             model=model_cfg,
@@ -346,113 +347,6 @@ def _check_tensor_parallel_split(hf_config: Any, tp: int) -> None:
     if intermediate is not None and intermediate % tp:
         raise ValueError(f"the MLP's intermediate size ({intermediate}) is not divisible by "
                          f"tensor_parallel_size ({tp})")
-
-
-def add_vllm_model_args(parser: argparse.ArgumentParser) -> None:
-    """Flags a vLLM user types, with vLLM's meaning where it applies (docs/cli.md)."""
-    d = EngineArgs()
-    parser.add_argument("--chat-template", default=None,
-                        help="chat template for chat requests, replacing the model's: a file, or the "
-                             "Jinja template itself")
-    parser.add_argument("--generation-config", default=d.generation_config,
-                        help="sampling defaults for requests that leave a field unset: auto (the "
-                             "model folder's generation_config.json, if any), vllm (none: "
-                             "tokenmill's defaults), or a folder holding generation_config.json")
-    parser.add_argument("--max-logprobs", type=int, default=d.max_logprobs,
-                        help=f"most logprobs a request may ask for per token (at most {MAX_LOGPROBS_LIMIT})")
-    parser.add_argument("--quantization", "-q", default=None,
-                        help="accepted only as 'gguf' for a .gguf model (dequantized at load); "
-                             "tokenmill quantizes no weights")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="accepted; changes nothing: tokenmill never runs code from a model "
-                             "folder, only its own implementations of supported architectures")
-    parser.add_argument("--revision", default=None,
-                        help="refused: models are local files, so no revision can be checked out")
-    parser.add_argument("--download-dir", default=None,
-                        help="accepted and unused, as vLLM ignores it for a local model: tokenmill "
-                             "never downloads")
-
-
-def _check_vllm_model_args(args: EngineArgs) -> None:
-    if args.revision is not None:
-        raise ValueError(f"--revision {args.revision}: tokenmill loads local files and never downloads, "
-                         f"so it cannot check out a revision; point --model at that revision's folder")
-    if not 0 <= args.max_logprobs <= MAX_LOGPROBS_LIMIT:
-        raise ValueError(f"max_logprobs must be in [0, {MAX_LOGPROBS_LIMIT}] (the most the sampler "
-                         f"returns), got {args.max_logprobs}")
-    if args.trust_remote_code:
-        logger.info("--trust-remote-code changes nothing: tokenmill runs no code from model folders, "
-                    "only its own implementations of the architectures it supports")
-
-
-def _check_quantization(method: str | None, source: ModelSource) -> None:
-    if method is None:
-        return
-    if method.lower() == "gguf" and source.kind == "gguf":
-        return  # the file's quantization: dequantized at load, as always for GGUF
-    raise ValueError(f"--quantization {method}: tokenmill runs unquantized weights (a .gguf file is "
-                     f"dequantized at load, accepted as --quantization gguf); leave the flag out")
-
-
-def _read_chat_template(value: str | None) -> str | None:
-    """vLLM's rule: a path to a file is read; text with Jinja markup is the template itself."""
-    if value is None:
-        return None
-    path = os.path.expanduser(value)
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    if "{{" in value or "{%" in value:
-        return value
-    raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template")
-
-
-# generation_config.json fields a request's sampling can take, as SamplingParams names.
-_GENERATION_CONFIG_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-                             "min_p": "min_p", "repetition_penalty": "repetition_penalty",
-                             "max_new_tokens": "max_tokens"}
-
-
-def _sampling_defaults(generation_config: str, source: ModelSource) -> dict:
-    """Sampling defaults from a generation_config.json (vLLM's `--generation-config`): `auto`
-    reads the model folder's file if it has one, `vllm` reads none, anything else is a folder."""
-    if generation_config == "vllm":
-        return {}
-    if generation_config == "auto":
-        folder = source.path if source.kind == "hf" else None
-        if folder is None or not os.path.isfile(os.path.join(folder, "generation_config.json")):
-            return {}
-    else:
-        folder = os.path.expanduser(generation_config)
-        if not os.path.isfile(os.path.join(folder, "generation_config.json")):
-            raise ValueError(f"--generation-config {generation_config}: no generation_config.json there "
-                             f"(give auto, vllm or a folder that holds one)")
-    import json
-
-    with open(os.path.join(folder, "generation_config.json"), encoding="utf-8") as f:
-        data = json.load(f)
-    if data.get("do_sample") is False:
-        data.setdefault("temperature", 0.0)  # greedy, as transformers runs it
-    defaults = {name: data[key] for key, name in _GENERATION_CONFIG_FIELDS.items() if data.get(key) is not None}
-    if defaults:
-        logger.info("sampling defaults from %s/generation_config.json: %s", folder, defaults)
-    return defaults
-
-
-def _with_dummy_tokenizer(source: ModelSource, hf_config: Any) -> ModelSource:
-    """Dummy weights at a shipped shape have no tokenizer of their own: text goes through the
-    embedded model's, widened to the model's vocabulary (tokenmill/dummy_tokenizer.py).
-    `--tokenizer` names the real one."""
-    if source.tokenizer_path is not None or source.load_format != "dummy":
-        return source
-    from tokenmill.dummy_tokenizer import tokenizer_for_dummy_weights
-
-    tokenizer = tokenizer_for_dummy_weights(hf_config.vocab_size)
-    if tokenizer is None:
-        return source
-    logger.info("dummy weights: text goes through the embedded SmolLM2 tokenizer (the model's other "
-                "ids print as <|dummy_N|>); --tokenizer names another")
-    return dataclasses.replace(source, tokenizer_path=tokenizer)
 
 
 def engine_args_from_kwargs(model: str | None, **kwargs: Any) -> EngineArgs:
