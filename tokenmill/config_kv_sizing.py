@@ -8,12 +8,11 @@ with everything else on the machine, so its default pool is sized from what the 
   decodes a few hundred tokens a second at best, so a larger pool only sits there; 16384 tokens
   still hold dozens of chat-sized requests at once.
 - bytes: those tokens times the model's KV bytes per token, at most `CPU_POOL_MAX_FRACTION` of the
-  machine's memory (a fixed share, so a start does not depend on what other processes hold at
-  that moment) and at most half of the memory available now (a shared machine's OOM killer takes
-  the largest process);
+  machine's memory: a fixed share, so the pool (and with it how often requests are preempted) does
+  not depend on what other processes hold at the moment of a start; the log line says when the
+  pool is more than half of the memory available then;
 - but never less than one `max_model_len` request while that fits in half the machine: a pool
-  that cannot hold one request makes the engine refuse to start, which a busy moment on a shared
-  machine should not cause.
+  that cannot hold one request makes the engine refuse to start.
 
 The default `max_model_len` on a CPU is shortened, when the model's own would not fit that share
 once, to the largest power of two that does. The functions are pure (the caller measures memory
@@ -50,26 +49,26 @@ def default_cpu_kv_cache_bytes(bytes_per_token: int, max_model_len: int, max_num
     tokens = min(max_num_seqs * max_model_len, max(2 * max_model_len, CPU_POOL_MIN_TOKENS))
     wanted = tokens * bytes_per_token
     share = int(total_bytes * CPU_POOL_MAX_FRACTION)
-    free_now = int(available_bytes * AVAILABLE_FRACTION)
     one_request = max_model_len * bytes_per_token
     per_token = f"at {_size(bytes_per_token)} each"
-    if wanted <= min(share, free_now):
-        return wanted, (f"KV cache {_size(wanted)} ({tokens} tokens {per_token}: "
-                        f"{_why_tokens(tokens, max_model_len, max_num_seqs)})")
     if one_request > total_bytes * AVAILABLE_FRACTION:
         return share, (f"KV cache {_size(share)} (1/{_inverse(CPU_POOL_MAX_FRACTION)} of the machine's "
                        f"{_size(total_bytes)}; one request of max_model_len {max_model_len} would need "
                        f"{_size(one_request)})")
-    size = max(min(wanted, share, free_now), one_request)
-    if size == one_request and one_request > min(share, free_now):
-        why = (f"one request of max_model_len {max_model_len}, although that is more than "
-               f"{'half the memory available now' if free_now < share else 'the default share'}")
+    size = max(min(wanted, share), one_request)
+    if size == wanted:
+        why = _why_tokens(tokens, max_model_len, max_num_seqs)
     elif size == share:
         why = f"capped at 1/{_inverse(CPU_POOL_MAX_FRACTION)} of the machine's {_size(total_bytes)}"
     else:
-        why = f"capped at half of the {_size(available_bytes)} available now"
-    return size, (f"KV cache {_size(size)} ({size // bytes_per_token} tokens {per_token}: {why}; "
-                  f"{tokens} tokens wanted; --kv-cache-memory sets it)")
+        why = f"one request of max_model_len {max_model_len}, more than the default share"
+    note = ""
+    if size > available_bytes * AVAILABLE_FRACTION:
+        # Not shrunk: a pool that follows a busy moment's free memory would change how often
+        # requests are preempted (and so their numerics) from one start to the next.
+        note = f"; more than half of the {_size(available_bytes)} available now"
+    return size, (f"KV cache {_size(size)} ({size // bytes_per_token} tokens {per_token}: {why}"
+                  f"{note}; --kv-cache-memory sets it)")
 
 
 def fit_cpu_max_model_len(model_max_len: int, bytes_per_token: int,
