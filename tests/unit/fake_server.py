@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -33,7 +34,11 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
     port = int(sys.argv[1])
     key = sys.argv[2] if len(sys.argv) > 2 else None
+    # FAKE_SERVER_CONFIG: more ServerConfig fields; FAKE_SERVE_KWARGS: serve()'s (ssl_*, root_path).
+    extra = {k: tuple(v) if isinstance(v, list) else v
+             for k, v in json.loads(os.environ.get("FAKE_SERVER_CONFIG", "{}")).items()}
     config = ServerConfig(api_key=key, max_body_bytes=64 * 1024,
                           drain_timeout_s=float(os.environ.get("FAKE_DRAIN_TIMEOUT_S", "5")),
-                          log_stats_interval_s=1.0)
-    sys.exit(serve(make_engine, config, host="127.0.0.1", port=port))
+                          log_stats_interval_s=1.0, **extra)
+    sys.exit(serve(make_engine, config, host="127.0.0.1", port=port,
+                   **json.loads(os.environ.get("FAKE_SERVE_KWARGS", "{}"))))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,16 @@ from tokenmill.config.engine_config import (
     ParallelConfig,
     SchedulerConfig,
 )
+from tokenmill.config.kv_sizing import fit_cpu_max_model_len, kv_bytes_per_token, total_memory_bytes
+from tokenmill.config.model_flags import (
+    MAX_LOGPROBS_LIMIT,
+    add_vllm_model_args,
+    check_vllm_model_args,
+    read_chat_template,
+    sampling_defaults,
+)
+from tokenmill.config.dummy_tokenizer import with_dummy_tokenizer
+from tokenmill.config.gguf_cache import use_cached_conversion
 from tokenmill.config.model_source import (
     ENCODER_ARCHITECTURES,
     is_embedding_model,
@@ -30,6 +41,8 @@ from tokenmill.config.model_source import (
 from tokenmill.config.parallel import divide, head_partition
 from tokenmill.config.pooling import PoolingConfig, trained_max_len
 from tokenmill.config.quantization import QUANTIZATION_METHODS, resolve_quantization
+
+logger = logging.getLogger(__name__)
 
 LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
 DTYPES = {"auto": None, "float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
@@ -120,6 +133,13 @@ class EngineArgs:
     # "generate" (a decoder), "embed" (an embedding model: pooled vectors, no decoding) or "auto"
     # (embed when `model` is an embedding model's folder).
     task: str = "generate"
+    # vLLM's model flags (docs/cli.md says how each applies when nothing is downloaded).
+    chat_template: str | None = None  # a file, or the template itself
+    generation_config: str = "auto"  # "auto" (the model's generation_config.json), "vllm", or a folder
+    max_logprobs: int = MAX_LOGPROBS_LIMIT
+    trust_remote_code: bool = False
+    revision: str | None = None
+    download_dir: str | None = None
 
     # ----- CLI -----
     @staticmethod
@@ -129,25 +149,43 @@ class EngineArgs:
             parser.add_argument("--model", default=None,
                                 help="GGUF file, HF folder, or a shipped shape name (default: embedded SmolLM2-135M-Instruct)")
         parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
-        parser.add_argument("--served-model-name", default=None)
-        parser.add_argument("--load-format", choices=LOAD_FORMATS, default=d.load_format)
-        parser.add_argument("--dtype", choices=list(DTYPES), default=d.dtype)
-        parser.add_argument("--seed", type=int, default=d.seed)
-        parser.add_argument("--max-model-len", type=int, default=None)
+        parser.add_argument("--served-model-name", default=None,
+                            help="the model name the API reports and accepts (default: from the model)")
+        parser.add_argument("--load-format", choices=LOAD_FORMATS, default=d.load_format,
+                            help="auto: by what --model is; dummy: random weights at the model's shape")
+        parser.add_argument("--dtype", choices=list(DTYPES), default=d.dtype,
+                            help="weights and activations; auto: bfloat16 where the CPU/GPU has fast bf16, else float32")
+        parser.add_argument("--seed", type=int, default=d.seed,
+                            help="engine seed (dummy weights, sampling without a per-request seed)")
+        parser.add_argument("--max-model-len", type=int, default=None,
+                            help="context length, prompt + output (default: the model's; on a CPU, what the "
+                                 "default KV pool holds once)")
         parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
                             help="most requests running at once (default 256)")
-        parser.add_argument("--max-num-batched-tokens", type=int, default=None)
-        parser.add_argument("--block-size", type=int, default=d.block_size)
-        parser.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV pool")
-        parser.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
+        parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                            help="token budget per step; longer prompts are chunked (default: 8192 on "
+                                 "CUDA, smaller on a CPU; see docs/server.md)")
+        parser.add_argument("--block-size", type=int, default=d.block_size,
+                            help="tokens per KV-cache block")
+        parser.add_argument("--kv-cache-memory", type=int, default=None,
+                            help="bytes for the KV pool (default: on a GPU what --gpu-memory-utilization "
+                                 "leaves; on a CPU sized from the model, max_model_len, max_num_seqs and "
+                                 "the machine's memory, see docs/cli.md)")
+        parser.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
+                            help="this engine's share of the GPU for weights, activations and KV cache")
         parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
-                            default=d.enable_prefix_caching)
-        parser.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES, default=d.scheduling_policy)
+                            default=d.enable_prefix_caching,
+                            help="reuse the KV blocks of identical prompt prefixes")
+        parser.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES, default=d.scheduling_policy,
+                            help="fcfs, or priority (lower first)")
         parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,
                             help="ranks (GPUs, or CPU processes) to split the model over")
-        parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
-        parser.add_argument("--attention-backend", choices=("torch_native", "triton"), default=None)
-        parser.add_argument("--enforce-eager", action="store_true")
+        parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device,
+                            help="auto: CUDA when a GPU is visible, else the CPU")
+        parser.add_argument("--attention-backend", choices=("torch_native", "triton"), default=None,
+                            help="default: triton on CUDA, torch_native on the CPU")
+        parser.add_argument("--enforce-eager", action="store_true",
+                            help="no CUDA graphs (the CPU always runs eagerly)")
         parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                             help="prepare and launch the next step while the GPU runs this one "
                                  "(default: on for CUDA, off on CPU)")
@@ -174,6 +212,7 @@ class EngineArgs:
         parser.add_argument("--fused-all-reduce-max-world-size", type=int,
                             default=d.fused_all_reduce_max_world_size,
                             help="use the fused all-reduce + RMSNorm kernel up to this many ranks")
+        add_vllm_model_args(parser, d)
         return parser
 
     @classmethod
@@ -202,10 +241,13 @@ class EngineArgs:
             task = "embed" if is_embedding_model(self.model) else "generate"
         if task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)} or auto, got {self.task!r}")
+        check_vllm_model_args(self)
         if task == "embed":
             return self._create_embedding_config(device)
         source = resolve_model_source(self.model, self.load_format, self.tokenizer)
+        source = use_cached_conversion(source)  # a GGUF is read from its converted copy after the first start
         hf_config = source.load_hf_config()
+        source = with_dummy_tokenizer(source, hf_config)
         architecture = (getattr(hf_config, "architectures", None) or ["?"])[0]
         dtype = resolve_dtype(self.dtype, hf_config, device)
         attention_backend = self.attention_backend or ("triton" if device.type == "cuda" else "torch_native")
@@ -215,6 +257,20 @@ class EngineArgs:
             _check_tensor_parallel_split(hf_config, self.tensor_parallel_size)
         model_max = (getattr(hf_config, "max_position_embeddings", None) or 2048)
         max_model_len = self.max_model_len or model_max
+        if (self.max_model_len is None and device.type == "cpu" and not self.kv_cache_memory
+                and not self.num_gpu_blocks_override):
+            # The default CPU KV pool is a share of the machine's memory (config/kv_sizing.py); a
+            # context it cannot hold once would make the engine refuse to start.
+            element = torch.empty((), dtype=kv_cache_dtype).element_size()
+            per_token = kv_bytes_per_token(
+                hf_config.num_hidden_layers,
+                getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads,
+                getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads,
+                element) // self.tensor_parallel_size
+            max_model_len, note = fit_cpu_max_model_len(
+                model_max, per_token, total_memory_bytes() // self.tensor_parallel_size)
+            if note:
+                logger.info("%s", note)
         if max_model_len < 1:
             raise ValueError("max_model_len must be >= 1")
         # GPUs: 8192, vLLM's serving default; fewer, larger prefill chunks paid off on the H100 (a
@@ -228,7 +284,8 @@ class EngineArgs:
             model=self.model or source.display_name, source=source, hf_config=hf_config,
             architecture=architecture, dtype=dtype, max_model_len=max_model_len,
             served_model_name=self.served_model_name or source.display_name, seed=self.seed,
-            quantization=quantization)
+            quantization=quantization, chat_template=read_chat_template(self.chat_template),
+            sampling_defaults=sampling_defaults(self.generation_config, source), max_logprobs=self.max_logprobs)
         if self.fused_all_reduce_max_world_size < 1:
             raise ValueError("fused_all_reduce_max_world_size must be >= 1")
         kernels = KernelConfig(
@@ -253,7 +310,10 @@ class EngineArgs:
             device=device,
             load_format=source.load_format,
             kernels=kernels,
-            engine_args=dataclasses.replace(self),
+            # max_model_len as resolved here: the engine core and tensor-parallel ranks rebuild the
+            # config from these and must not resolve the CPU default again (another process, another
+            # cgroup limit).
+            engine_args=dataclasses.replace(self, max_model_len=max_model_len),
         )
 
 

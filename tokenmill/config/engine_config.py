@@ -30,6 +30,11 @@ class ModelConfig:
     seed: int
     task: str = "generate"  # "generate" (a decoder, paged KV cache) or "embed" (an encoder, pooled)
     pooling: PoolingConfig | None = None  # embed: how hidden states become one vector
+    # A chat template that replaces the tokenizer's (`--chat-template`), as text.
+    chat_template: str | None = None
+    # Sampling defaults for requests that leave a field unset (`--generation-config`).
+    sampling_defaults: dict = field(default_factory=dict)
+    max_logprobs: int = 20  # most top logprobs a request may ask for (`--max-logprobs`)
     # How linear weights are stored and multiplied (fp8); None: in `dtype`, unquantised.
     quantization: QuantizationConfig | None = None
 

@@ -1,5 +1,5 @@
 """A GGUF file's metadata as a transformers config (the tensors are read by
-`model/loader/gguf_loader.py`)."""
+`config/gguf_weights.py`)."""
 
 from __future__ import annotations
 

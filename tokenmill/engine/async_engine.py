@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol
 
 import msgspec
@@ -51,6 +51,8 @@ class RequestTiming:
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0
     finish_reason: str | None = None
+    # Seconds between successive outputs that carried tokens (the inter-token latencies).
+    inter_token_latencies: list[float] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -118,6 +120,10 @@ class AsyncEngine:
         self.max_num_seqs = max_num_seqs
         self.vocab_size = vocab_size
         self.model_aliases: set[str] = set()  # other names clients may use for the model
+        self.sampling_defaults: dict = {}  # --generation-config: for fields a request leaves unset
+        # Called as (request_id, prompt, prompt_token_ids, params) for each admitted request
+        # (--enable-log-requests); see tokenmill/entrypoints/server/request_log.py.
+        self.request_logger: Any = None
         self.max_queue_len = max_queue_len
         self.wedge_timeout_s = wedge_timeout_s
         self.stats_listener = stats_listener
@@ -138,11 +144,13 @@ class AsyncEngine:
         `EngineConfig` of `engine_args` when the caller already built it."""
         from tokenmill.engine.input_processor import InputProcessor
         from tokenmill.engine.output_processor import OutputProcessor
-        from tokenmill.model.loader.tokenizer import load_tokenizer
+        from tokenmill.config.tokenizer import load_tokenizer
 
         config = config or engine_args.create_engine_config()
         tokenizer = load_tokenizer(config.model.source.tokenizer_path)
-        client = await EngineCoreClient.start(msgspec.msgpack.encode(engine_args), num_threads=engine_threads)
+        # The config's own copy: values resolved here (a CPU's default max_model_len) travel as is.
+        client = await EngineCoreClient.start(msgspec.msgpack.encode(config.engine_args or engine_args),
+                                              num_threads=engine_threads)
         engine = cls(
             client, InputProcessor(tokenizer, config.model), OutputProcessor(tokenizer), tokenizer,
             model_name=config.model.served_model_name or config.model.model,
@@ -153,6 +161,7 @@ class AsyncEngine:
         )
         engine.config = config
         engine.model_aliases = {config.model.model}
+        engine.sampling_defaults = dict(config.model.sampling_defaults)
         engine.start()
         return engine
 
@@ -215,6 +224,8 @@ class AsyncEngine:
             cache_salt=cache_salt, add_special_tokens=add_special_tokens,
         )
         prompt_token_ids = list(engine_requests[0].prompt_token_ids)
+        if self.request_logger is not None:
+            self.request_logger(request_id, prompt, prompt_token_ids, params)
         self.output_processor.add_request(request_id, prompt if isinstance(prompt, str) else None,
                                           prompt_token_ids, params)
         timing = RequestTiming(arrival=arrival, num_prompt_tokens=len(prompt_token_ids))
@@ -274,20 +285,28 @@ class AsyncEngine:
             self.client._mark_dead("output processing failed")
 
     def _dispatch(self, outputs: list) -> None:
+        now = time.monotonic()
+        # Token times from the core's outputs, which arrive every step whatever the request's
+        # output kind (a non-streamed request's RequestOutput comes only at the end).
+        for output in outputs:
+            state = self._requests.get(self._child_to_parent.get(output.request_id, ""))
+            if state is None or not output.new_token_ids:
+                continue
+            timing = state.timing
+            if not timing.first_token:
+                timing.first_token = now
+            elif timing.last_token < now:  # n > 1: one gap per step, not one per child
+                timing.inter_token_latencies.append(now - timing.last_token)
+            timing.last_token = now
         processed = self.output_processor.process(outputs)
         if processed.to_abort:
             asyncio.get_running_loop().create_task(self.client.abort_requests(processed.to_abort))
-        now = time.monotonic()
         for request_output in processed.request_outputs:
             state = self._requests.get(request_output.request_id)
             if state is None:
                 continue
             timing = state.timing
             new_tokens = sum(len(c.token_ids) for c in request_output.outputs)
-            if new_tokens and not timing.first_token:
-                timing.first_token = now
-            if new_tokens:
-                timing.last_token = now
             if state.delta_outputs:
                 timing.num_generation_tokens += new_tokens
             else:

@@ -70,11 +70,12 @@ class InputProcessor:
         """The conversation as the model's chat template renders it (transformers' sandboxed Jinja)."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer: send token ids, not chat messages")
-        if getattr(self.tokenizer, "chat_template", None) is None:
+        template = self.model_config.chat_template  # --chat-template replaces the tokenizer's
+        if template is None and getattr(self.tokenizer, "chat_template", None) is None:
             raise ValueError("this model has no chat template; use completions instead")
         return self.tokenizer.apply_chat_template(
             messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False,
-            **(chat_template_kwargs or {}))
+            chat_template=template, **(chat_template_kwargs or {}))
 
     def tokenize(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
         if self.tokenizer is None:
@@ -96,6 +97,11 @@ class InputProcessor:
         max_tokens = params.max_tokens
         if len(token_ids) + (max_tokens or 1) > self.max_model_len:
             raise ContextLengthError(len(token_ids), max_tokens, self.max_model_len)
+        for name in ("logprobs", "prompt_logprobs"):
+            asked = getattr(params, name)
+            if asked is not None and asked > self.model_config.max_logprobs:
+                raise ValueError(f"{name}={asked} is more than this server's --max-logprobs "
+                                 f"{self.model_config.max_logprobs}")
         if params.logit_bias:
             bad = [t for t in params.logit_bias if t >= self.vocab_size]
             if bad:

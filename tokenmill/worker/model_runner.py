@@ -136,7 +136,7 @@ class ModelRunner:
 
     def _structured_outputs(self):
         if self._structured is None:
-            from tokenmill.model.loader.tokenizer import load_tokenizer
+            from tokenmill.config.tokenizer import load_tokenizer
             from tokenmill.structured_output import StructuredOutputManager
             tokenizer = load_tokenizer(self.config.model.source.tokenizer_path)
             self._structured = StructuredOutputManager(tokenizer, self.config.model.vocab_size)

@@ -14,14 +14,13 @@ import os
 import torch
 
 from tokenmill.config.engine_config import EngineConfig
+from tokenmill.config.kv_sizing import available_memory_bytes, default_cpu_kv_cache_bytes, total_memory_bytes
 from tokenmill.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from tokenmill.distributed.parallel_state import TensorParallelGroup
 from tokenmill.model.registry import weight_bytes_per_rank
 from tokenmill.worker.model_runner import ModelRunner, StepFuture
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
 
 
 class Worker:
@@ -47,7 +46,7 @@ class Worker:
     def determine_num_blocks(self) -> int:
         """KV blocks for this rank's pool; every tensor-parallel rank agrees on the smallest.
         Explicit sizes first (`num_gpu_blocks_override`, then `kv_cache_memory`); otherwise what
-        `gpu_memory_utilization` leaves on a GPU, or DEFAULT_CPU_KV_CACHE_BYTES on the CPU."""
+        `gpu_memory_utilization` leaves on a GPU, or the CPU default (`config/kv_sizing.py`)."""
         cache = self.config.cache
         if cache.num_gpu_blocks_override:
             return cache.num_gpu_blocks_override
@@ -61,7 +60,14 @@ class Worker:
             if cache.kv_cache_memory:
                 budget = cache.kv_cache_memory
         else:
-            budget = cache.kv_cache_memory or DEFAULT_CPU_KV_CACHE_BYTES
+            budget = cache.kv_cache_memory
+            if not budget:
+                world = self.tp.world_size
+                budget, reason = default_cpu_kv_cache_bytes(
+                    bytes_per_block // cache.block_size, self.config.model.max_model_len,
+                    self.config.scheduler.max_num_seqs, available_memory_bytes() // world,
+                    total_memory_bytes() // world)
+                logger.info("%s", reason)
         return self.tp.all_reduce_min(max(1, int(budget // bytes_per_block)))
 
     def initialize_kv_cache(self, num_blocks: int) -> None:

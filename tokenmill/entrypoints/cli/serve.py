@@ -29,7 +29,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default loopback; 0.0.0.0 exposes the server to the network)")
-    group.add_argument("--port", type=int, default=8000)
+    group.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     group.add_argument("--api-key", default=None,
                        help="require this key (Authorization: Bearer or x-api-key) on every route but "
                             "/health; default: $TOKENMILL_API_KEY if set")
@@ -47,13 +47,38 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tool-call-parser", default=None,
                        help="how to find tool calls in the model's text for tool_choice auto: "
                             "hermes (also qwen) or llama3_json; without it, such text is content")
+    group.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help="vLLM's switch for tool_choice auto; needs --tool-call-parser, which "
+                            "alone already turns it on here")
     group.add_argument("--log-stats-interval", type=float, default=10.0,
                        help="seconds between throughput log lines")
+    group.add_argument("--disable-log-stats", action="store_true", help="no periodic throughput line")
+    group.add_argument("--enable-log-requests", action="store_true",
+                       help="log each request: id, prompt, sampling parameters, prompt token ids")
+    group.add_argument("--disable-log-requests", action="store_true",
+                       help="accepted for older vLLM command lines: requests are not logged by default")
+    group.add_argument("--max-log-len", type=int, default=None,
+                       help="with --enable-log-requests, log at most this many prompt characters "
+                            "and token ids (default: all)")
+    group.add_argument("--metrics-prefix", default="tokenmill", choices=("tokenmill", "vllm"),
+                       help="name prefix of the /metrics series: vllm serves them under vLLM's "
+                            "names for its dashboards and alerts")
+    group.add_argument("--ssl-keyfile", default=None, help="serve HTTPS with this private key (PEM)")
+    group.add_argument("--ssl-certfile", default=None, help="... and this certificate (PEM)")
+    group.add_argument("--root-path", default=None,
+                       help="URL prefix under which a proxy serves the app (FastAPI's root_path)")
+    group.add_argument("--allowed-origins", default=None,
+                       help="CORS: JSON list of origins whose pages may call the API from a browser, "
+                            "e.g. '[\"https://app.example\"]' or '[\"*\"]' (default: none)")
+    group.add_argument("--allowed-methods", default=None, help='CORS: JSON list of methods (default ["*"])')
+    group.add_argument("--allowed-headers", default=None, help='CORS: JSON list of headers (default ["*"])')
+    group.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
     group.add_argument("--task", default="auto", choices=["auto", "generate", "embed"],
                        help="embed: serve /v1/embeddings with an embedding model (no MODEL: the bundled "
                             "all-MiniLM-L6-v2); auto: embed when MODEL is an embedding model")
     group.add_argument("--uvicorn-log-level", default="warning",
-                       choices=["critical", "error", "warning", "info", "debug", "trace"])
+                       choices=["critical", "error", "warning", "info", "debug", "trace"],
+                       help="uvicorn's own log level (HTTP server messages)")
 
 
 # `--ray`'s own flags (docs/scale-out.md): (flag, type, help). All default to None, "not given",
@@ -104,7 +129,9 @@ def configure_logging() -> None:
     even when the CLI's --log-level keeps everything else quiet."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     level = min(logging.INFO, logging.getLogger().getEffectiveLevel())
-    for name in ("tokenmill.server", "tokenmill.engine.core_client"):
+    # Start-up steps: the model's config and its sizing, the GGUF conversion, the thread count.
+    for name in ("tokenmill.server", "tokenmill.engine.core_client", "tokenmill.config",
+                 "tokenmill.config.gguf_cache"):
         logging.getLogger(name).setLevel(level)
 
 
@@ -129,7 +156,8 @@ def run(args: argparse.Namespace) -> None:
         logger.error("cannot serve: %s", exc)
         sys.exit(2)
     sys.exit(serve(plan.make_engine, plan.config, host=args.host, port=args.port,
-                   log_level=args.uvicorn_log_level))
+                   log_level=args.uvicorn_log_level, ssl_keyfile=args.ssl_keyfile,
+                   ssl_certfile=args.ssl_certfile, root_path=args.root_path or ""))
 
 
 class CannotServe(Exception):
@@ -151,25 +179,64 @@ def plan_server(args: argparse.Namespace, served_at: str | None = None) -> Serve
     from tokenmill.entrypoints.server.app import ServerConfig
 
     api_key = args.api_key or os.environ.get("TOKENMILL_API_KEY") or None
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise CannotServe("--enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)")
+    if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
+        raise CannotServe("HTTPS needs both --ssl-keyfile and --ssl-certfile")
+    for path in (args.ssl_keyfile, args.ssl_certfile):
+        if path and not os.path.isfile(path):
+            raise CannotServe(f"{path}: no such file")
+    if args.max_log_len is not None and args.max_log_len < 0:
+        raise CannotServe("--max-log-len must be >= 0")
     config = ServerConfig(api_key=api_key, max_body_bytes=args.max_request_body_bytes,
                           drain_timeout_s=args.drain_timeout, log_stats_interval_s=args.log_stats_interval,
-                          tool_call_parser=args.tool_call_parser)
-    url = served_at or f"http://{args.host}:{args.port}"
+                          tool_call_parser=args.tool_call_parser, metrics_prefix=args.metrics_prefix,
+                          log_stats=not args.disable_log_stats, log_requests=args.enable_log_requests,
+                          max_log_len=args.max_log_len,
+                          allowed_origins=_json_list(args.allowed_origins, "--allowed-origins", ()),
+                          allowed_methods=_json_list(args.allowed_methods, "--allowed-methods", ("*",)),
+                          allowed_headers=_json_list(args.allowed_headers, "--allowed-headers", ("*",)),
+                          allow_credentials=args.allow_credentials)
+    scheme = "https" if args.ssl_certfile else "http"
+    url = served_at or f"{scheme}://{args.host}:{args.port}{args.root_path or ''}"
     key_note = f"API key {'required' if api_key else 'not required'}"
     if _wants_embedding(args):
         return ServerPlan(config, _embedder_factory(args, url, key_note))
     return ServerPlan(config, _engine_factory(args, url, key_note))
 
 
+def _json_list(value: str | None, flag: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """vLLM takes these CORS flags as JSON lists; a bare origin is taken as a list of one."""
+    if value is None:
+        return default
+    import json
+
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = [value]
+    if isinstance(parsed, str):
+        parsed = [parsed]
+    if not isinstance(parsed, list) or not all(isinstance(v, str) for v in parsed):
+        raise CannotServe(f"{flag} takes a JSON list of strings, e.g. '[\"*\"]'")
+    return tuple(parsed)
+
+
 def _engine_factory(args: argparse.Namespace, url: str, key_note: str):
     from tokenmill.config import EngineArgs
     from tokenmill.engine.async_engine import AsyncEngine
+    from tokenmill.entrypoints.threads import choose_cpu_threads, start_load_sample
 
+    load = start_load_sample()  # spans reading the model's config (tokenmill/entrypoints/threads.py)
     engine_args = EngineArgs.from_cli_args(args)
+    logger.info("loading %s", engine_args.model or "the embedded SmolLM2-135M-Instruct")
     try:
         engine_config = engine_args.create_engine_config()
     except (ValueError, OSError) as exc:
         raise CannotServe(str(exc)) from None
+    # The API process (HTTP, tokenizing, detokenizing) keeps one core.
+    threads = choose_cpu_threads(args.engine_threads, reserve=1, since=load)
+    logger.info("engine core: %s", threads.reason)
     if args.tool_call_parser is not None:
         from tokenmill.entrypoints.tool_parsers import get_tool_parser
 
@@ -181,7 +248,7 @@ def _engine_factory(args: argparse.Namespace, url: str, key_note: str):
     async def make_engine() -> AsyncEngine:
         engine = await AsyncEngine.from_engine_args(engine_args, max_queue_len=args.max_queue_len,
                                                     wedge_timeout_s=args.engine_wedge_timeout,
-                                                    engine_threads=args.engine_threads,
+                                                    engine_threads=threads.num_threads,
                                                     config=engine_config)
         model = engine.config.model
         logger.info("model %s (served as %r), dtype %s, max_model_len %d, KV cache %d tokens",

@@ -30,7 +30,8 @@ async def create_chat_completion(request: Request) -> Response:
     model = check_model(engine, body.model)
     check_logit_bias(engine, body.logit_bias)
     try:
-        params = body.to_sampling_params(default_max_tokens=None, logprobs=body.num_logprobs())
+        params = body.to_sampling_params(default_max_tokens=None, logprobs=body.num_logprobs(),
+                                         defaults=engine.sampling_defaults)
         tools = plan_tool_calling(body, request.app.state.server.config.tool_call_parser)
         if tools.constraint is not None:
             if params.structured_outputs is not None:

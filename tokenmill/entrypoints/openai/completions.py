@@ -33,7 +33,8 @@ async def create_completion(request: Request) -> Response:
     want_prompt_logprobs = body.echo and body.logprobs is not None
     try:
         params = body.to_sampling_params(default_max_tokens=None, logprobs=body.logprobs,
-                                         prompt_logprobs=body.logprobs if want_prompt_logprobs else None)
+                                         prompt_logprobs=body.logprobs if want_prompt_logprobs else None,
+                                         defaults=engine.sampling_defaults)
     except ValueError as exc:
         raise to_api_error(exc) from None
     request_id = new_id("cmpl")

@@ -151,22 +151,25 @@ class _SamplingFields(_Model):
         return constraints[0] if constraints else None
 
     def to_sampling_params(self, *, default_max_tokens: int | None, logprobs: int | None,
-                           prompt_logprobs: int | None = None) -> SamplingParams:
-        """Raises `ValueError` with a user-facing message for out-of-range values."""
+                           prompt_logprobs: int | None = None,
+                           defaults: dict[str, Any] | None = None) -> SamplingParams:
+        """Raises `ValueError` with a user-facing message for out-of-range values. `defaults`: the
+        model's sampling defaults (`--generation-config`) for the fields the request leaves unset."""
+        d = defaults or {}
         max_tokens = self._max_tokens()
         if max_tokens is None:
-            max_tokens = default_max_tokens
+            max_tokens = d.get("max_tokens", default_max_tokens)
         if max_tokens is not None and self.n * max_tokens > MAX_TOTAL_COMPLETION_TOKENS:
             raise ValueError(f"n * max_tokens must be at most {MAX_TOTAL_COMPLETION_TOKENS}")
         return SamplingParams(
             n=self.n,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=0 if self.top_k is None else self.top_k,
-            min_p=0.0 if self.min_p is None else self.min_p,
+            temperature=d.get("temperature", 1.0) if self.temperature is None else self.temperature,
+            top_p=d.get("top_p", 1.0) if self.top_p is None else self.top_p,
+            top_k=d.get("top_k", 0) if self.top_k is None else self.top_k,
+            min_p=d.get("min_p", 0.0) if self.min_p is None else self.min_p,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            repetition_penalty=d.get("repetition_penalty", 1.0) if self.repetition_penalty is None else self.repetition_penalty,
             seed=self.seed,
             stop=[self.stop] if isinstance(self.stop, str) else self.stop,
             stop_token_ids=self.stop_token_ids,

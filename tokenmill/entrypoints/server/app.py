@@ -25,11 +25,14 @@ from tokenmill.entrypoints.openai.embeddings import AsyncEmbedder
 from tokenmill.entrypoints.openai.routes import router as openai_router
 from tokenmill.entrypoints.server.errors import APIError, error_response
 from tokenmill.entrypoints.server.metrics import ServerMetrics, log_periodically
+from tokenmill.entrypoints.server.playground import PLAYGROUND_PATHS, add_playground_routes
+from tokenmill.entrypoints.server.request_log import RequestLogger
 from tokenmill.version import __version__
 
 logger = logging.getLogger("tokenmill.server")
 
-UNGUARDED_PATHS = frozenset({"/health"})
+# The playground's page holds no data (it asks for the key and sends it with every API call).
+UNGUARDED_PATHS = frozenset({"/health", *PLAYGROUND_PATHS})
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,16 @@ class ServerConfig:
     drain_timeout_s: float = 30.0
     log_stats_interval_s: float = 10.0
     tool_call_parser: str | None = None  # for tool_choice "auto" (see tool_parsers.TOOL_PARSERS)
+    metrics_prefix: str = "tokenmill"  # or "vllm", for vLLM's dashboards and alerts
+    log_stats: bool = True  # the periodic throughput line (--disable-log-stats turns it off)
+    log_requests: bool = False  # one line per request (--enable-log-requests)
+    max_log_len: int | None = None  # prompt characters / token ids in that line
+    # CORS (--allowed-origins ...): none by default, so no other web page can read the API's
+    # answers through a visitor's browser.
+    allowed_origins: tuple[str, ...] = ()
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
 
 
 class ServerState:
@@ -58,6 +71,15 @@ class ServerState:
         return self.config.max_body_bytes
 
 
+def route_path(scope) -> str:
+    """The path the routes see: with --root-path, uvicorn puts the prefix in front of the path
+    (ASGI), and the router takes it off again; the guard must judge the same path."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root):
+        return path[len(root):] or "/"
+    return path
+
+
 class GuardMiddleware:
     """Pure ASGI (streams pass through untouched): 503 while draining, API-key check, and the count
     of requests in flight that a drain waits for. `/health` is never guarded."""
@@ -69,10 +91,10 @@ class GuardMiddleware:
         self._key = key.encode() if key else None
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] in UNGUARDED_PATHS:
+        if scope["type"] != "http" or route_path(scope) in UNGUARDED_PATHS:
             await self.app(scope, receive, send)
             return
-        path = scope["path"]
+        path = route_path(scope)
         if self.state.draining or self.state.engine_died:
             await error_response(path, APIError(503, "the server is shutting down"))(scope, receive, send)
             return
@@ -107,7 +129,8 @@ def build_app(config: ServerConfig,
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine = await make_engine()
-        metrics = ServerMetrics(engine.model_name)
+        metrics = ServerMetrics(engine.model_name, prefix=config.metrics_prefix,
+                                max_model_len=getattr(engine, "max_model_len", 8192))
         if isinstance(engine, AsyncEmbedder):
             # An embedding model runs in this process; the generation routes answer 400.
             app.state.engine = None
@@ -115,14 +138,19 @@ def build_app(config: ServerConfig,
         else:
             engine.stats_listener = metrics
             engine.add_death_callback(lambda reason: _on_engine_death(state))
+            if config.log_requests:
+                engine.request_logger = RequestLogger(config.max_log_len)
+            _describe_cache(metrics, engine)
             app.state.engine = engine
             app.state.embedder = None
         app.state.metrics = metrics
-        log_task = asyncio.create_task(log_periodically(metrics, config.log_stats_interval_s))
+        log_task = (asyncio.create_task(log_periodically(metrics, config.log_stats_interval_s))
+                    if config.log_stats else None)
         try:
             yield
         finally:
-            log_task.cancel()
+            if log_task is not None:
+                log_task.cancel()
             await engine.shutdown()
 
     app = FastAPI(title="tokenmill", version=__version__, lifespan=lifespan,
@@ -131,9 +159,31 @@ def build_app(config: ServerConfig,
     app.include_router(openai_router)
     app.include_router(anthropic_router)
     _add_basic_routes(app)
+    add_playground_routes(app)
     _add_error_handlers(app)
     app.add_middleware(GuardMiddleware, state=state)
+    if config.allowed_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        # Outermost, so a browser's preflight (OPTIONS, no API key) is answered before the guard.
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
+                           allow_methods=list(config.allowed_methods),
+                           allow_headers=list(config.allowed_headers),
+                           allow_credentials=config.allow_credentials)
     return app
+
+
+def _describe_cache(metrics: ServerMetrics, engine: AsyncEngine) -> None:
+    config = getattr(engine, "config", None)  # absent on test engines built from parts
+    if config is None:
+        return
+    cache = config.cache
+    block_size = cache.block_size
+    metrics.set_cache_config(
+        block_size=block_size, num_gpu_blocks=engine.client.kv_capacity_tokens // block_size,
+        cache_dtype=str(cache.kv_cache_dtype or config.model.dtype).removeprefix("torch."),
+        enable_prefix_caching=cache.enable_prefix_caching,
+        gpu_memory_utilization=cache.gpu_memory_utilization, device=config.device.type)
 
 
 def is_serving(app: FastAPI) -> bool:

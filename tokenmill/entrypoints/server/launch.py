@@ -57,13 +57,16 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(make_engine: Callable[[], Awaitable[AsyncEngine]], config: ServerConfig, *, host: str,
-          port: int, log_level: str = "info") -> int:
-    """Runs the server until it stops; returns the process exit code."""
+          port: int, log_level: str = "info", ssl_keyfile: str | None = None,
+          ssl_certfile: str | None = None, root_path: str = "") -> int:
+    """Runs the server until it stops; returns the process exit code. `ssl_*`: serve HTTPS;
+    `root_path`: the URL prefix a proxy serves the app under."""
     app = build_app(config, make_engine)
     state: ServerState = app.state.server
     uv_config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                                lifespan="on", timeout_graceful_shutdown=CUTOFF_AFTER_DRAIN_S,
-                               timeout_keep_alive=5)
+                               timeout_keep_alive=5, ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile,
+                               root_path=root_path)
     server = DrainingServer(uv_config, state)
     try:
         asyncio.run(server.serve())

@@ -37,7 +37,7 @@ def iter_safetensors_weights(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 def iter_weights(source: ModelSource, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
     if source.load_format == "gguf":
-        from tokenmill.model.loader.gguf_loader import iter_gguf_weights
+        from tokenmill.config.gguf_weights import iter_gguf_weights
         return iter_gguf_weights(source.path, hf_config)
     if source.load_format == "safetensors":
         return iter_safetensors_weights(source.path)
