@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "tokenmill"
 
 # Lowest first; a module may import its own layer or any layer below it.
 LAYERS = [
-    ("version", "sampling_params", "outputs", "pooling_outputs", "utils", "config"),
+    ("version", "sampling_params", "pooling_params", "outputs", "pooling_outputs", "utils", "config"),
     ("structured_output", "core", "distributed"),
     ("ops",),
     ("model",),

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from tokenmill import gguf_cache
+from tokenmill.config import gguf_cache
 from tokenmill.config.model_source import resolve_model_source
 
 pytestmark = pytest.mark.slow
@@ -25,7 +25,8 @@ def converted(tmp_path, monkeypatch):
 def test_converted_folder_matches_the_gguf(converted):
     from safetensors.torch import load_file
 
-    from tokenmill.config.gguf_weights import gguf_hf_config, iter_gguf_weights
+    from tokenmill.config.gguf_metadata import gguf_hf_config
+    from tokenmill.config.gguf_weights import iter_gguf_weights
     from tokenmill.config.tokenizer import load_tokenizer
 
     gguf, folder = converted

@@ -88,7 +88,7 @@ def test_the_default_max_model_len_is_decided_once(monkeypatch):
     """The engine core and tensor-parallel ranks rebuild the config from `config.engine_args`: the
     CPU default context resolved in the API process travels with it, instead of being resolved
     again in another process (which may see another cgroup limit)."""
-    from tokenmill import config as config_module
+    from tokenmill.config import engine_args as config_module
     from tokenmill.config import EngineArgs
     monkeypatch.setattr(config_module, "total_memory_bytes", lambda: 4 * GiB)
     config = EngineArgs(model="qwen3-0.6b", load_format="dummy", dtype="float32").create_engine_config()

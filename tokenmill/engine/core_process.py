@@ -93,18 +93,10 @@ def make_real_engine(engine_args_msgpack: bytes) -> EngineCoreLike:
 
 
 def cpu_threads_for_core(requested: int | None) -> int | None:
-    """Intra-op threads for the core's CPU math: `requested`, else all usable cores but one.
-
-    The API process (tokenization, detokenization, HTTP) runs on the same machine during every
-    step. If torch's OpenMP team takes every core, whichever of its threads the API process
-    preempts stalls the whole team at the next barrier; on the 2-core CI box that made decoding
-    ~4x slower than one thread. None means "leave torch alone" (OMP_NUM_THREADS is set).
-    """
-    if requested is not None:
-        return max(1, requested)
-    if os.environ.get("OMP_NUM_THREADS"):
-        return None
-    return max(1, len(os.sched_getaffinity(0)) - 1)
+    """Intra-op threads for the core's CPU math: `requested` (the serving entry point chooses it,
+    `entrypoints/threads.py`: the cores free of other work, one left for the API process), or None:
+    leave torch as it is (OMP_NUM_THREADS set it)."""
+    return None if requested is None else max(1, requested)
 
 
 def run_engine_core(
