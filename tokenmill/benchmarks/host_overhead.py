@@ -43,7 +43,7 @@ from typing import Callable
 
 import torch
 
-from tokenmill.entrypoints.cli.sampling_args import add_sampling_args, sampling_params_from_args
+from tokenmill.config.sampling_args import add_sampling_args, sampling_params_from_args
 
 # Phases in display order; "other" rows are the parent's time minus its timed children.
 PHASES = [

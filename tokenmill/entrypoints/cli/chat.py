@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Callable
 
-from tokenmill.entrypoints.cli.sampling_args import add_sampling_args, sampling_params_from_args
+from tokenmill.config.sampling_args import add_sampling_args, sampling_params_from_args
 from tokenmill.entrypoints.cli.startup import add_thread_arg, start_engine
 
 HELP = ("Enter sends, Alt-Enter adds a line, Ctrl-C stops a reply; /reset clears the conversation, "

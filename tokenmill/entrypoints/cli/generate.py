@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tokenmill.entrypoints.cli.sampling_args import add_sampling_args, sampling_params_from_args
+from tokenmill.config.sampling_args import add_sampling_args, sampling_params_from_args
 from tokenmill.entrypoints.cli.startup import add_thread_arg, start_engine
 
 
