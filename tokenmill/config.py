@@ -241,10 +241,11 @@ class EngineArgs:
         if max_model_len < 1:
             raise ValueError("max_model_len must be >= 1")
         # GPUs: 8192, vLLM's serving default; fewer, larger prefill chunks paid off on the H100 (a
-        # 256 x 256/256 batch: 1.8 s at 8192 against 2.6 s at 2048, docs/perf.md). CPUs: small
-        # chunks, so running requests keep decoding between the slow prefill chunks.
-        max_batched = self.max_num_batched_tokens or (
-            8192 if device.type == "cuda" else max(2048, min(max_model_len, 8192)))
+        # 256 x 256/256 batch: 1.8 s at 8192 against 2.6 s at 2048, docs/perf.md). CPUs: 128, so
+        # no step runs much over a second: the last chunk of an 8k prompt of the default model takes
+        # ~0.6 s on one core (256: ~1.4 s), and running requests decode between chunks
+        # (docs/reliability.md, bench/cpu_prefill_steps.py).
+        max_batched = self.max_num_batched_tokens or (8192 if device.type == "cuda" else 128)
         if max_batched < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
         model_cfg = ModelConfig(

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from tokenmill.entrypoints.server.app import ServerConfig
 
 DEFAULT_MAX_QUEUE_LEN = 1024
+DEFAULT_MAX_QUEUE_WAIT_S = 30.0
 
 logger = logging.getLogger("tokenmill.server")
 
@@ -37,8 +38,20 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                        help="on SIGTERM, seconds to let in-flight requests finish")
     group.add_argument("--max-queue-len", type=int, default=DEFAULT_MAX_QUEUE_LEN,
                        help="requests allowed to wait beyond --max-num-seqs; past it, 429 / 529")
+    group.add_argument("--max-queue-wait", type=float, default=DEFAULT_MAX_QUEUE_WAIT_S,
+                       help="seconds: a request projected to wait longer than this before the engine "
+                            "starts on it (from the measured speed and the work ahead) gets 429 / 529 "
+                            "at once, with retry-after; 0 turns this off")
+    group.add_argument("--request-timeout", type=float, default=None,
+                       help="seconds: a request still queued or running this long after it arrived is "
+                            "aborted with 408 (a request's own `timeout` field wins); default none")
     group.add_argument("--max-request-body-bytes", type=int, default=8 * 1024 * 1024,
                        help="larger request bodies get 413")
+    group.add_argument("--header-timeout", type=float, default=10.0,
+                       help="seconds from a request's first byte to the end of its headers; slower "
+                            "clients get 408 and are disconnected")
+    group.add_argument("--body-timeout", type=float, default=30.0,
+                       help="seconds for a request body to arrive after its headers; then 408")
     group.add_argument("--engine-wedge-timeout", type=float, default=120.0,
                        help="/health turns 503 when work is pending and no engine step finished for this long")
     group.add_argument("--engine-threads", type=int, default=None,
@@ -151,9 +164,13 @@ def plan_server(args: argparse.Namespace, served_at: str | None = None) -> Serve
     from tokenmill.entrypoints.server.app import ServerConfig
 
     api_key = args.api_key or os.environ.get("TOKENMILL_API_KEY") or None
-    config = ServerConfig(api_key=api_key, max_body_bytes=args.max_request_body_bytes,
-                          drain_timeout_s=args.drain_timeout, log_stats_interval_s=args.log_stats_interval,
-                          tool_call_parser=args.tool_call_parser)
+    try:
+        config = ServerConfig(api_key=api_key, max_body_bytes=args.max_request_body_bytes,
+                              drain_timeout_s=args.drain_timeout, log_stats_interval_s=args.log_stats_interval,
+                              tool_call_parser=args.tool_call_parser, header_timeout_s=args.header_timeout,
+                              body_timeout_s=args.body_timeout, request_timeout_s=args.request_timeout)
+    except ValueError as exc:
+        raise CannotServe(str(exc)) from None
     url = served_at or f"http://{args.host}:{args.port}"
     key_note = f"API key {'required' if api_key else 'not required'}"
     if _wants_embedding(args):
@@ -179,10 +196,10 @@ def _engine_factory(args: argparse.Namespace, url: str, key_note: str):
             raise CannotServe(str(exc)) from None
 
     async def make_engine() -> AsyncEngine:
-        engine = await AsyncEngine.from_engine_args(engine_args, max_queue_len=args.max_queue_len,
-                                                    wedge_timeout_s=args.engine_wedge_timeout,
-                                                    engine_threads=args.engine_threads,
-                                                    config=engine_config)
+        engine = await AsyncEngine.from_engine_args(
+            engine_args, max_queue_len=args.max_queue_len, wedge_timeout_s=args.engine_wedge_timeout,
+            engine_threads=args.engine_threads, config=engine_config,
+            max_queue_wait_s=args.max_queue_wait if args.max_queue_wait > 0 else None)
         model = engine.config.model
         logger.info("model %s (served as %r), dtype %s, max_model_len %d, KV cache %d tokens",
                     model.model, engine.model_name, model.dtype, model.max_model_len,

@@ -2,7 +2,7 @@
 
 Handlers raise `APIError(status, message)`; the exception handler renders it as an OpenAI error
 object, or, under `/v1/messages`, as an Anthropic one (with a `request-id` header). Messages are
-built from validation details only (RELIABILITY.md item 29) and capped in length (item 3).
+built from validation details only (docs/reliability.md item 29) and capped in length (item 3).
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ MAX_LISTED_ERRORS = 5
 
 OPENAI_TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-    404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+    404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error",
     415: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error",
 }
 ANTHROPIC_TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-    404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+    404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error", 413: "request_too_large",
     415: "invalid_request_error", 429: "rate_limit_error", 500: "api_error", 503: "api_error",
     529: "overloaded_error",
 }
