@@ -70,13 +70,26 @@ def error_response(path: str, err: APIError) -> JSONResponse:
     return JSONResponse(openai_error_body(err), status_code=err.status, headers=headers)
 
 
+def _loc(error: dict) -> str:
+    return ".".join(str(x) for x in error.get("loc", ()) if x not in ("function-after", "function-before"))
+
+
+def first_error_field(exc: pydantic.ValidationError) -> str | None:
+    """The dotted path of the first invalid field (OpenAI's `param`), if the error has one."""
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    loc = _loc(errors[0]) if errors else ""
+    return loc[:200] or None
+
+
 def validation_message(exc: pydantic.ValidationError) -> str:
     """"field.path: what is wrong" for the first few errors, never the offending input itself."""
     errors = exc.errors(include_url=False, include_input=False, include_context=False)
     parts = []
     for e in errors[:MAX_LISTED_ERRORS]:
-        loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("function-after", "function-before"))
-        parts.append(f"{loc}: {e.get('msg', 'invalid')}" if loc else e.get("msg", "invalid"))
+        loc = _loc(e)
+        # Our validators' messages read as sentences; pydantic prefixes them with "Value error, ".
+        msg = e.get("msg", "invalid").removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
     if len(errors) > MAX_LISTED_ERRORS:
         parts.append(f"... and {len(errors) - MAX_LISTED_ERRORS} more errors")
     return bounded("; ".join(parts))

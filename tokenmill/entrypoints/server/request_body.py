@@ -2,8 +2,8 @@
 whose parsing alone would stall the event loop.
 
 The body is read with a deadline (a client trickling bytes is cut off with 408), capped in bytes
-before parsing (413), and capped in parsing work: pydantic parses on the event loop and holds the
-GIL while it does, so a body of millions of small JSON values would freeze every other request,
+before parsing (413), and capped in parsing work (400): pydantic parses on the event loop and holds
+the GIL while it does, so a body of millions of small JSON values would freeze every other request,
 `/health` included, for seconds. `json_cost` bounds that work from the raw bytes at C speed first.
 Parsing and validation are one strict pass (`model_validate_json`): depth is limited by the parser,
 and invalid UTF-8 or lone surrogates (`"\\ud800"`) are a 400 here, not a failure in the tokenizer.
@@ -18,7 +18,7 @@ import pydantic
 from fastapi import Request
 from starlette.requests import ClientDisconnect
 
-from tokenmill.entrypoints.server.errors import APIError, validation_message
+from tokenmill.entrypoints.server.errors import APIError, first_error_field, validation_message
 
 M = TypeVar("M", bound=pydantic.BaseModel)
 
@@ -74,20 +74,21 @@ async def read_body(request: Request) -> bytes:
 
 
 async def read_model(request: Request, model_cls: type[M]) -> M:
-    """Parses the body into `model_cls`, raising `APIError` 408 / 413 / 415 / 400 for bad bodies."""
+    """Parses the body into `model_cls`, raising `APIError` 408 / 413 / 415 / 400 for bad bodies
+    (with `param` naming the first bad field)."""
     content_type = request.headers.get("content-type", "")
     if content_type.split(";")[0].strip().lower() != "application/json":
         raise APIError(415, "Content-Type must be application/json")
     body = await read_body(request)
     cost = json_cost(body)
     if cost > MAX_JSON_COST:
-        raise APIError(413, f"request body has too many JSON values (about {cost} units of work; "
-                            f"at most {MAX_JSON_COST})")
+        raise APIError(400, f"request body has too many JSON values or is nested too deeply (about {cost} "
+                            f"units of parsing work; at most {MAX_JSON_COST})")
     await asyncio.sleep(0)  # let other requests run between the scan and the parse
     try:
         return model_cls.model_validate_json(body)
     except pydantic.ValidationError as exc:
-        raise APIError(400, _body_error(exc)) from None
+        raise APIError(400, _body_error(exc), param=first_error_field(exc)) from None
     except ValueError as exc:  # raised by our own validators with a user-facing message
         raise APIError(400, str(exc)) from None
 
