@@ -7,8 +7,9 @@ tokenization run on one input thread, never on the event loop, so a megabyte pro
 `RequestOutput`s, so a slow client never slows the others.
 
 Admission is bounded twice, before anything is registered: past `max_num_seqs + max_queue_len`
-sequences in flight, or when the projected wait before the engine would start on the request is
-over `max_queue_wait_s` (`admission.py`), `submit` raises `QueueFullError`. A request may carry a
+sequences in flight, or when the work already in flight would delay the request more than
+`max_queue_wait_s` at the engine's measured speed (`admission.py`), `submit` raises
+`QueueFullError`. A request may carry a
 deadline: still queued or running past it, it is aborted in the core (its KV blocks freed) and its
 stream raises `RequestTimeoutError`.
 
@@ -80,7 +81,11 @@ class _RequestState:
     timing: RequestTiming
     delta_outputs: bool  # DELTA outputs carry only new tokens, so counts are summed
     timeout_s: float | None = None
-    pending_prefill: int = 0  # its prompt tokens counted as work ahead until its first token
+    # For admission by time (admission.py): its prompt tokens (all sequences) until its first
+    # token, the most tokens each sequence may generate, and how many all of them have.
+    pending_prefill: int = 0
+    max_tokens: int = 0
+    num_generated: int = 0
     deadline_timer: asyncio.TimerHandle | None = None
     finished: bool = False
 
@@ -157,7 +162,7 @@ class AsyncEngine:
         self._last_progress = time.monotonic()
         self._output_task: asyncio.Task | None = None
         self._death_callbacks: list[Any] = []
-        self.queue_wait = QueueWaitEstimator(max_num_seqs)
+        self.queue_wait = QueueWaitEstimator()
         # One thread: requests are tokenized in arrival order and HF tokenizers are not built for
         # many concurrent callers; a megabyte prompt still costs the event loop nothing.
         self._input_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenmill-input")
@@ -262,6 +267,8 @@ class AsyncEngine:
             raise QueueFullError(
                 f"server is at capacity ({self._num_inflight_seqs} sequences in flight); retry later"
             )
+        if params.max_tokens is not None:
+            self._admit_by_time(params.max_tokens)  # at once, before the tokenizer's queue
         arrival = time.monotonic() if arrival_time is None else arrival_time
         # Held from here (and then by the request's state), so requests tokenizing side by side
         # cannot all pass the count above.
@@ -273,7 +280,7 @@ class AsyncEngine:
                 priority=priority, cache_salt=cache_salt, add_special_tokens=add_special_tokens)
             assert len(engine_requests) == num_seqs
             prompt_token_ids = list(engine_requests[0].prompt_token_ids)
-            self._admit_by_time(len(prompt_token_ids), num_seqs)
+            self._admit_by_time(engine_requests[0].sampling_params.max_tokens)
             if timeout_s is not None and time.monotonic() - arrival > timeout_s:
                 raise RequestTimeoutError(f"the request ran past its {timeout_s:g} s timeout before it "
                                           "was admitted")
@@ -293,17 +300,28 @@ class AsyncEngine:
         state.timing.submitted = time.monotonic()
         return RequestStream(self, request_id, state, prompt_token_ids)
 
-    def _admit_by_time(self, num_prompt_tokens: int, num_seqs: int) -> None:
+    def _admit_by_time(self, max_tokens: int) -> None:
+        """Refuses a request whose sequences, `max_tokens` each, would be delayed more than
+        `max_queue_wait_s` by the work already in flight (admission.py)."""
         if self.max_queue_wait_s is None:
             return
-        # This request's sequences are counted in _num_inflight_seqs already.
-        wait = self.queue_wait.projected_wait_s(num_prompt_tokens, num_seqs,
-                                                self._num_inflight_seqs - num_seqs)
+        wait = self.queue_wait.wait_s(self.tokens_ahead(max_tokens))
         if wait > self.max_queue_wait_s:
             retry_after = min(600, max(1, math.ceil(wait - self.max_queue_wait_s)))
-            raise QueueFullError(f"server is overloaded: this request would wait about {wait:.0f} s "
-                                 f"to start (the limit is {self.max_queue_wait_s:g} s); retry later",
+            raise QueueFullError(f"server is overloaded: the work ahead would delay this request about "
+                                 f"{wait:.0f} s (the limit is {self.max_queue_wait_s:g} s); retry later",
                                  retry_after_s=retry_after)
+
+    def tokens_ahead(self, max_tokens: int) -> int:
+        """Tokens the engine computes for the requests in flight while a new one generates
+        `max_tokens` per sequence: their prompts not yet computed, and up to `max_tokens` more
+        for each of their sequences."""
+        total = 0
+        for state in self._requests.values():
+            num_seqs = len(state.child_ids)
+            left = max(0, state.max_tokens - state.num_generated // num_seqs)
+            total += state.pending_prefill + num_seqs * min(left, max_tokens)
+        return total
 
     def _register(self, request_id: str, prompt: str | list[int], prompt_token_ids: list[int],
                   params: SamplingParams, engine_requests: list, arrival: float,
@@ -319,11 +337,11 @@ class AsyncEngine:
         state = _RequestState(queue=asyncio.Queue(), child_ids=[r.request_id for r in engine_requests],
                               timing=timing, delta_outputs=params.output_kind == RequestOutputKind.DELTA,
                               timeout_s=timeout_s,
-                              pending_prefill=len(prompt_token_ids) * len(engine_requests))
+                              pending_prefill=len(prompt_token_ids) * len(engine_requests),
+                              max_tokens=engine_requests[0].sampling_params.max_tokens or 0)
         self._requests[request_id] = state
         for child_id in state.child_ids:
             self._child_to_parent[child_id] = request_id
-        self.queue_wait.add_prefill(state.pending_prefill)
         if timeout_s is not None:
             state.deadline_timer = asyncio.get_running_loop().call_at(
                 arrival + timeout_s, self._expire, request_id)
@@ -355,8 +373,6 @@ class AsyncEngine:
         for child_id in state.child_ids:
             self._child_to_parent.pop(child_id, None)
         self._num_inflight_seqs -= len(state.child_ids)
-        self.queue_wait.remove_prefill(state.pending_prefill)
-        state.pending_prefill = 0
         return state
 
     # ----- the output task -----
@@ -371,12 +387,12 @@ class AsyncEngine:
                     self.last_stats = stats
                     if self.stats_listener is not None:
                         self.stats_listener.on_scheduler_stats(stats)
-                self.queue_wait.on_step(step.step_s, stats.num_prompt_tokens if stats is not None else 0,
-                                        sum(o.finish_reason is not None for o in engine_outputs.outputs))
+                if stats is not None:
+                    self.queue_wait.on_step(step.step_s, stats.num_prompt_tokens + stats.num_generation_tokens)
                 # Outputs of requests aborted meanwhile are dropped: their state is gone here.
                 outputs = [o for o in engine_outputs.outputs if o.request_id in self._child_to_parent]
                 if outputs:
-                    self._mark_started(outputs)
+                    self._count_progress(outputs)
                     self._dispatch(outputs)
         except EngineDeadError:
             pass  # _on_core_death fails the requests
@@ -386,18 +402,19 @@ class AsyncEngine:
             logger.exception("output processing failed")
             self.client._mark_dead("output processing failed")
 
-    def _mark_started(self, outputs: list) -> None:
-        """A request's first token ends its prefill: its prompt is no longer work ahead of others.
-        Read from the core's outputs, since FINAL_ONLY requests report nothing until they end."""
+    def _count_progress(self, outputs: list) -> None:
+        """Generated tokens per request, and the end of its prefill at its first token. Read from
+        the core's outputs: FINAL_ONLY requests report nothing else until they end."""
         now = time.monotonic()
         for output in outputs:
             if not output.new_token_ids:
                 continue
             state = self._requests.get(self._child_to_parent[output.request_id])
-            if state is not None and state.pending_prefill:
-                self.queue_wait.remove_prefill(state.pending_prefill)
-                state.pending_prefill = 0
-                state.timing.first_token = state.timing.first_token or now
+            if state is None:
+                continue
+            state.num_generated += len(output.new_token_ids)
+            state.pending_prefill = 0
+            state.timing.first_token = state.timing.first_token or now
 
     def _dispatch(self, outputs: list) -> None:
         processed = self.output_processor.process(outputs)
