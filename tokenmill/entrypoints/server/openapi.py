@@ -4,6 +4,8 @@ The handlers read their bodies themselves (`request_body.read_model`: size, cont
 caps before parsing), so FastAPI cannot see the models from their signatures; the table below
 names each operation's model, and every status it can answer, in the format of its API. A fuzzer
 such as schemathesis reads this document: it must promise no more and no less than the server does.
+It is built on the first request, once the engine is up, so `model` lists the names this server
+answers to and each operation carries a working example.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ _OVERLOADED = {
     ("openai", "embed"): ("429", "too many embedding requests waiting (retry-after)"),
 }
 
+# One server-sent event (`stream: true`): `data` is a JSON object or OpenAI's final "[DONE]";
+# Anthropic names each event.
+_SSE_EVENT = {"type": "object", "required": ["data"],
+              "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}
 _OPENAI_ERROR = {
     "type": "object", "required": ["error"],
     "properties": {"error": {"type": "object", "required": ["message", "type"], "properties": {
@@ -68,7 +74,7 @@ def _error(description: str, api: str) -> dict[str, Any]:
 def _post_operation(ref: str, api: str, kind: str) -> dict[str, Any]:
     ok: dict[str, Any] = {"application/json": {"schema": {"type": "object"}}}
     if kind == "generate":
-        ok["text/event-stream"] = {"schema": {"type": "string"}}
+        ok["text/event-stream"] = {"schema": _SSE_EVENT}
     responses = {"200": {"description": "the result (with `stream`: server-sent events)", "content": ok}}
     errors = {**_BODY_ERRORS, **_ALWAYS_ERRORS}
     if (api, kind) in _OVERLOADED:
@@ -77,6 +83,26 @@ def _post_operation(ref: str, api: str, kind: str) -> dict[str, Any]:
         responses[status] = _error(description, api)
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": ref}}}},
             "responses": responses}
+
+
+def _example(model: type[BaseModel], served: str) -> dict[str, Any]:
+    messages = [{"role": "user", "content": "Say hello."}]
+    return {
+        ChatCompletionRequest: {"model": served, "messages": messages, "max_tokens": 8},
+        CompletionRequest: {"model": served, "prompt": "Once upon a time", "max_tokens": 8},
+        EmbeddingRequest: {"model": served, "input": ["a sentence to embed"]},
+        TokenizeRequest: {"model": served, "prompt": "Hello world"},
+        DetokenizeRequest: {"model": served, "tokens": [1, 2, 3]},
+        MessagesRequest: {"model": served, "max_tokens": 8, "messages": messages},
+        CountTokensRequest: {"model": served, "messages": messages},
+    }[model]
+
+
+def _served_names(app: FastAPI) -> list[str]:
+    engine = getattr(app.state, "engine", None) or getattr(app.state, "embedder", None)
+    if engine is None:
+        return []
+    return [engine.model_name, *sorted(set(getattr(engine, "model_aliases", ())) - {engine.model_name})]
 
 
 def build_openapi(app: FastAPI, api_key_required: bool) -> dict[str, Any]:
@@ -89,11 +115,18 @@ def build_openapi(app: FastAPI, api_key_required: bool) -> dict[str, Any]:
     schemas.update(defs.get("$defs", {}))
     schemas["OpenAIError"] = _OPENAI_ERROR
     schemas["AnthropicError"] = _ANTHROPIC_ERROR
+    served = _served_names(app)
+    for path in _unserved_paths(app):
+        schema["paths"].pop(path, None)
     for path, item in schema["paths"].items():
         for method, operation in item.items():
             if (path, method) in OPERATIONS:
                 model, api, kind = OPERATIONS[path, method]
-                operation.update(_post_operation(names[model, "validation"]["$ref"], api, kind))
+                ref = names[model, "validation"]["$ref"]
+                operation.update(_post_operation(ref, api, kind))
+                if served:
+                    operation["requestBody"]["content"]["application/json"]["example"] = _example(model, served[0])
+                    _only_served_models(schemas[ref.rsplit("/", 1)[1]], served)
             else:
                 operation["responses"] = _get_responses(path)
     if api_key_required:
@@ -104,6 +137,28 @@ def build_openapi(app: FastAPI, api_key_required: bool) -> dict[str, Any]:
         schema["security"] = [{"bearer": []}, {"apiKey": []}]
         schema["paths"]["/health"]["get"]["security"] = []
     return schema
+
+
+def _unserved_paths(app: FastAPI) -> set[str]:
+    """Routes that only answer "this server runs another kind of model" (400) here."""
+    engine, embedder = getattr(app.state, "engine", None), getattr(app.state, "embedder", None)
+    embedding_paths = {path for (path, _), (_, _, kind) in OPERATIONS.items() if kind == "embed"}
+    if engine is not None:
+        return embedding_paths
+    if embedder is not None:
+        return {path for path, _ in OPERATIONS} - embedding_paths
+    return set()
+
+
+def _only_served_models(model_schema: dict[str, Any], served: list[str]) -> None:
+    """`model` may name only this server's model (any other name is a 404)."""
+    prop = model_schema.get("properties", {}).get("model")
+    if prop is None:
+        return
+    names = {"type": "string", "enum": served}
+    nullable = any(option.get("type") == "null" for option in prop.get("anyOf", ()))
+    prop.pop("type", None)
+    prop["anyOf"] = [names, {"type": "null"}] if nullable else [names]
 
 
 def _get_responses(path: str) -> dict[str, Any]:
