@@ -158,14 +158,14 @@ def test_queue_wait_estimate():
     assert estimator.wait_s(3000) == pytest.approx(30)
 
 
-def test_tokens_ahead_counts_prompts_and_capped_outputs():
+def test_tokens_ahead_counts_what_each_sequence_lacks_up_to_the_new_ones_work():
     async def run() -> None:
         engine = await make_engine()
         try:
             slow = SamplingParams(max_tokens=50, n=2)
-            stream = await engine.submit("r1", "hello", slow)  # 5 prompt tokens, 2 x 50 to generate
-            assert engine.tokens_ahead(10) == 2 * 5 + 2 * 10
-            assert engine.tokens_ahead(100) == 2 * 5 + 2 * 50
+            stream = await engine.submit("r1", "hello", slow)  # 2 sequences of 5 + 50 tokens
+            assert engine.tokens_ahead(10) == 2 * 10  # a short request waits for 10 of each
+            assert engine.tokens_ahead(100) == 2 * (5 + 50)
             engine.abort(stream.request_id)
             assert engine.tokens_ahead(100) == 0
         finally:

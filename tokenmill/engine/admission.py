@@ -1,17 +1,18 @@
 """Admission by time: how long the work already admitted would delay a new request.
 
 Counting sequences alone admits requests that then take minutes (500 requests on a CPU: a median
-latency of 141 s). The engine shares its steps among all running requests, one token each per
-step, so a new request asking for `w` tokens per sequence finishes only after the engine has also
-computed, for every sequence in flight, the prompt tokens it still lacks and up to `w` of the
-tokens it may still generate. That work, over the engine's measured speed, is the delay the
-others cause it, its queue wait:
+latency of 141 s). The engine shares its steps among the running requests (a prompt being
+prefilled leaves room for the others, core/scheduler.py), so a new sequence that must compute `W`
+tokens (its prompt plus `max_tokens`) finishes only after the engine has also computed, for every
+sequence in flight, what that sequence still lacks (prompt not yet computed plus tokens it may
+still generate) or `W` of it, whichever is less. That work, over the engine's measured speed, is
+the delay the others cause it, its queue wait:
 
-    wait = (prompt tokens not yet computed + sum over sequences of min(tokens left, w)) / tokens per second
+    wait = sum over sequences in flight of min(tokens left, W) / tokens per second
 
-"Tokens left" is each sequence's `max_tokens` minus what it generated (an upper bound: EOS often
-comes first). The speed is prompt plus generated tokens per second of step time, smoothed over
-the last few dozen busy steps. Until one step has been measured the wait is 0: a cold server
+"Tokens left" counts each sequence's `max_tokens` minus what it generated (an upper bound: EOS
+often comes first). The speed is prompt plus generated tokens per second of step time, smoothed
+over the last few dozen busy steps. Until one step has been measured the wait is 0: a cold server
 admits by count only.
 """
 

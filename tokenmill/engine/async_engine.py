@@ -268,7 +268,7 @@ class AsyncEngine:
                 f"server is at capacity ({self._num_inflight_seqs} sequences in flight); retry later"
             )
         if params.max_tokens is not None:
-            self._admit_by_time(params.max_tokens)  # at once, before the tokenizer's queue
+            self._admit_by_time(0, params.max_tokens)  # at once, before the tokenizer's queue
         arrival = time.monotonic() if arrival_time is None else arrival_time
         # Held from here (and then by the request's state), so requests tokenizing side by side
         # cannot all pass the count above.
@@ -280,7 +280,7 @@ class AsyncEngine:
                 priority=priority, cache_salt=cache_salt, add_special_tokens=add_special_tokens)
             assert len(engine_requests) == num_seqs
             prompt_token_ids = list(engine_requests[0].prompt_token_ids)
-            self._admit_by_time(engine_requests[0].sampling_params.max_tokens)
+            self._admit_by_time(len(prompt_token_ids), engine_requests[0].sampling_params.max_tokens)
             if timeout_s is not None and time.monotonic() - arrival > timeout_s:
                 raise RequestTimeoutError(f"the request ran past its {timeout_s:g} s timeout before it "
                                           "was admitted")
@@ -300,27 +300,27 @@ class AsyncEngine:
         state.timing.submitted = time.monotonic()
         return RequestStream(self, request_id, state, prompt_token_ids)
 
-    def _admit_by_time(self, max_tokens: int) -> None:
-        """Refuses a request whose sequences, `max_tokens` each, would be delayed more than
-        `max_queue_wait_s` by the work already in flight (admission.py)."""
+    def _admit_by_time(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Refuses a request (its prompt, and `max_tokens` per sequence) that the work already in
+        flight would delay more than `max_queue_wait_s` (admission.py)."""
         if self.max_queue_wait_s is None:
             return
-        wait = self.queue_wait.wait_s(self.tokens_ahead(max_tokens))
+        wait = self.queue_wait.wait_s(self.tokens_ahead(num_prompt_tokens + max_tokens))
         if wait > self.max_queue_wait_s:
             retry_after = min(600, max(1, math.ceil(wait - self.max_queue_wait_s)))
             raise QueueFullError(f"server is overloaded: the work ahead would delay this request about "
                                  f"{wait:.0f} s (the limit is {self.max_queue_wait_s:g} s); retry later",
                                  retry_after_s=retry_after)
 
-    def tokens_ahead(self, max_tokens: int) -> int:
-        """Tokens the engine computes for the requests in flight while a new one generates
-        `max_tokens` per sequence: their prompts not yet computed, and up to `max_tokens` more
-        for each of their sequences."""
+    def tokens_ahead(self, num_tokens: int) -> int:
+        """Tokens the engine computes for the sequences in flight while a new sequence computes
+        its own `num_tokens` (prompt and output): each shares the steps, so each delays it by its
+        remaining prompt and output tokens, or by `num_tokens` at most."""
         total = 0
         for state in self._requests.values():
             num_seqs = len(state.child_ids)
             left = max(0, state.max_tokens - state.num_generated // num_seqs)
-            total += state.pending_prefill + num_seqs * min(left, max_tokens)
+            total += num_seqs * min(state.pending_prefill // num_seqs + left, num_tokens)
         return total
 
     def _register(self, request_id: str, prompt: str | list[int], prompt_token_ids: list[int],
