@@ -11,6 +11,7 @@ import json
 import random
 import threading
 import time
+from collections import Counter
 
 import httpx
 import pytest
@@ -112,7 +113,8 @@ def test_request_templates_are_refused_without_rendering(server, client, fields)
 
 def test_template_variables_reach_the_models_template(client):
     # chat_template_kwargs are variables for the model's own template, not a way to replace it.
-    resp = client.post(CHAT, json={"messages": USER, "max_tokens": 2, "chat_template_kwargs": {"enable_thinking": False}})
+    resp = client.post(CHAT, json={"messages": USER, "max_tokens": 2,
+                                   "chat_template_kwargs": {"enable_thinking": False}})
     assert resp.status_code == 200, resp.text
 
 
@@ -122,7 +124,8 @@ def test_a_7_5_mb_prompt_does_not_block_health(server, client, model_name, path)
     text = "hello world, this is a prompt. " * 240_000
     body = {"/tokenize": {"prompt": text}, COMPLETIONS: {"prompt": text, "max_tokens": 1},
             CHAT: {"messages": [{"role": "user", "content": text}], "max_tokens": 1},
-            MESSAGES: {"model": model_name, "max_tokens": 1, "messages": [{"role": "user", "content": text}]}}[path]
+            MESSAGES: {"model": model_name, "max_tokens": 1,
+                       "messages": [{"role": "user", "content": text}]}}[path]
     raw = json.dumps(body).encode()
     with HealthWatch(server.url) as watch:
         resp = post_raw(client, path, raw)
@@ -226,7 +229,8 @@ def test_soak(server, model_name):
             statuses["cancelled"].append(0)
 
     async def malformed(ac: httpx.AsyncClient, i: int) -> None:
-        resp = await ac.post(COMPLETIONS, content=rng.choice(MALFORMED), headers={"content-type": "application/json"})
+        resp = await ac.post(COMPLETIONS, content=rng.choice(MALFORMED),
+                             headers={"content-type": "application/json"})
         statuses["malformed"].append(resp.status_code)
 
     async def run() -> None:
@@ -246,7 +250,7 @@ def test_soak(server, model_name):
     with HealthWatch(server.url) as watch:
         asyncio.run(run())
     all_statuses = [s for group in statuses.values() for s in group]
-    print("soak statuses:", {kind: {s: group.count(s) for s in sorted(set(group))} for kind, group in statuses.items()})
+    print("soak statuses:", {kind: dict(sorted(Counter(group).items())) for kind, group in statuses.items()})
     assert len(statuses["normal"]) == 180 and len(statuses["malformed"]) == 30
     assert not [s for s in all_statuses if s >= 500 and s != 529], statuses  # 529: Anthropic's overloaded
     assert set(statuses["normal"]) <= {200, 429, 529} and 200 in statuses["normal"]

@@ -23,9 +23,9 @@ pytestmark = pytest.mark.slow
 
 async def make_engine(input_processor=None, **kwargs) -> AsyncEngine:
     client = await EngineCoreClient.start(b"", make_engine=make_fake_engine)
-    engine = AsyncEngine(client, input_processor or FakeInputProcessor(), FakeOutputProcessor(), FakeTokenizer(),
-                         model_name="fake", max_model_len=64, max_num_seqs=4, max_queue_len=4, vocab_size=1000,
-                         **kwargs)
+    engine = AsyncEngine(client, input_processor or FakeInputProcessor(), FakeOutputProcessor(),
+                         FakeTokenizer(), model_name="fake", max_model_len=64, max_num_seqs=4, max_queue_len=4,
+                         vocab_size=1000, **kwargs)
     engine.start()
     return engine
 

@@ -27,7 +27,7 @@ class FakeEmbeddingEngine:
         ids = []
         for x in inputs:
             if x == "TYPE":
-                raise TypeError("TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, InputSequence]]")
+                raise TypeError("TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, ...]]")
             ids.append([ord(c) for c in x] if isinstance(x, str) else list(x))
         return inputs, ids
 

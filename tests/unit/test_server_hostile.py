@@ -54,7 +54,8 @@ def read_response(sock: socket.socket) -> tuple[int, bytes]:
             raise ConnectionError("closed before a response")
         data += chunk
     head, rest = data.split(b"\r\n\r\n", 1)
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    lengths = [line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")]
+    length = int(lengths[0])
     while len(rest) < length:
         rest += sock.recv(65536)
     return int(head.split()[1]), rest
@@ -89,7 +90,8 @@ def test_deeply_nested_json_is_400(client, path, template):
     (CHAT, '{"messages": [{"role": "user", "content": "a\\ud800"}]}'),
     (COMPLETIONS, '{"prompt": "\\udfff"}'),
     (MESSAGES, '{"model": "fake-model", "max_tokens": 2, "messages": [{"role": "user", "content": "\\ud800"}]}'),
-    ("/v1/messages/count_tokens", '{"model": "fake-model", "messages": [{"role": "user", "content": "\\ud800"}]}'),
+    ("/v1/messages/count_tokens",
+     '{"model": "fake-model", "messages": [{"role": "user", "content": "\\ud800"}]}'),
     ("/tokenize", '{"prompt": "\\ud800"}'),
 ])
 def test_lone_surrogates_are_400(client, path, raw):
@@ -206,7 +208,8 @@ def test_slow_body_does_not_hold_up_the_drain():
 # ----- deadlines -----
 def test_a_request_past_its_timeout_is_aborted_with_408(server, client):
     start = time.monotonic()
-    err = assert_openai_error(client.post(COMPLETIONS, json={"prompt": "a", "max_tokens": 60, "timeout": 0.4}), 408)
+    resp = client.post(COMPLETIONS, json={"prompt": "a", "max_tokens": 60, "timeout": 0.4})
+    err = assert_openai_error(resp, 408)
     assert err["type"] == "timeout_error" and err["code"] == "request_timeout" and "0.4" in err["message"]
     assert time.monotonic() - start < 2.0
     assert server.wait_idle(timeout_s=2.0) < 2.0  # aborted in the core, not left running
@@ -223,7 +226,8 @@ def test_a_stream_past_its_timeout_ends_with_an_error_event(server, client):
 
 
 def test_anthropic_timeout_is_408_in_its_format(client):
-    resp = client.post(MESSAGES, json={"model": "fake-model", "max_tokens": 40, "messages": USER, "timeout": 0.3})
+    body = {"model": "fake-model", "max_tokens": 40, "messages": USER, "timeout": 0.3}
+    resp = client.post(MESSAGES, json=body)
     assert resp.status_code == 408 and resp.json()["error"]["type"] == "timeout_error"
 
 
@@ -265,9 +269,9 @@ def test_admission_by_time_refuses_at_once_with_retry_after():
                     assert int(resp.headers["retry-after"]) >= 1
                     assert elapsed < 1.0  # refused at once, not after waiting
                 assert all(len(r.json()["choices"][0]["text"]) == 40 for r in admitted)
-                over = await ac.post(MESSAGES, json={"model": "fake-model", "max_tokens": 40, "messages": USER})
-                over2 = await ac.post(MESSAGES, json={"model": "fake-model", "max_tokens": 40, "messages": USER})
-                assert {over.status_code, over2.status_code} <= {200, 529}
+                body = {"model": "fake-model", "max_tokens": 40, "messages": USER}
+                answers = [await ac.post(MESSAGES, json=body) for _ in range(2)]
+                assert {r.status_code for r in answers} <= {200, 529}
 
         asyncio.run(run())
         srv.wait_idle()

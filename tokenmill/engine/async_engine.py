@@ -9,9 +9,8 @@ tokenization run on one input thread, never on the event loop, so a megabyte pro
 Admission is bounded twice, before anything is registered: past `max_num_seqs + max_queue_len`
 sequences in flight, or when the work already in flight would delay the request more than
 `max_queue_wait_s` at the engine's measured speed (`admission.py`), `submit` raises
-`QueueFullError`. A request may carry a
-deadline: still queued or running past it, it is aborted in the core (its KV blocks freed) and its
-stream raises `RequestTimeoutError`.
+`QueueFullError`. A request may carry a deadline: still queued or running past it, it is aborted
+in the core (its KV blocks freed) and its stream raises `RequestTimeoutError`.
 
 `submit()` does every check up front and returns a `RequestStream`; only then may a caller start
 writing a response (so a context-length error is a plain 400, before any SSE byte). Whatever fails
@@ -387,7 +386,6 @@ class AsyncEngine:
                     self.last_stats = stats
                     if self.stats_listener is not None:
                         self.stats_listener.on_scheduler_stats(stats)
-                if stats is not None:
                     self.queue_wait.on_step(step.step_s, stats.num_prompt_tokens + stats.num_generation_tokens)
                 # Outputs of requests aborted meanwhile are dropped: their state is gone here.
                 outputs = [o for o in engine_outputs.outputs if o.request_id in self._child_to_parent]

@@ -186,8 +186,8 @@ class InputProcessor:
             return [EngineRequest(request_id, token_ids, base.clone(n=1), arrival, self.eos_token_id,
                                   priority, cache_salt)]
         # Child i draws from seed + i, folded into 64 bits so the largest seed still has n children.
-        return [EngineRequest(child_request_id(i, request_id), token_ids,
-                              base.clone(n=1, seed=None if params.seed is None else wrap_int64(params.seed + i)),
+        seeds = [None if params.seed is None else wrap_int64(params.seed + i) for i in range(params.n)]
+        return [EngineRequest(child_request_id(i, request_id), token_ids, base.clone(n=1, seed=seeds[i]),
                               arrival, self.eos_token_id, priority, cache_salt)
                 for i in range(params.n)]
 

@@ -125,7 +125,8 @@ def build_openapi(app: FastAPI, api_key_required: bool) -> dict[str, Any]:
                 ref = names[model, "validation"]["$ref"]
                 operation.update(_post_operation(ref, api, kind))
                 if served:
-                    operation["requestBody"]["content"]["application/json"]["example"] = _example(model, served[0])
+                    body = operation["requestBody"]["content"]["application/json"]
+                    body["example"] = _example(model, served[0])
                     _only_served_models(schemas[ref.rsplit("/", 1)[1]], served)
             else:
                 operation["responses"] = _get_responses(path)
