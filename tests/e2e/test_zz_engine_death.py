@@ -1,6 +1,6 @@
 """Runs last (file order): kills the session server's engine-core process mid-stream.
 
-RELIABILITY.md item 20: `/health` 503, the in-flight stream ends with an error chunk (never a fake
+docs/reliability.md item 20: `/health` 503, the in-flight stream ends with an error chunk (never a fake
 `finish_reason: stop`), and the server exits non-zero so a supervisor restarts it.
 """
 

@@ -1,5 +1,5 @@
 """vLLM command lines: --config YAML, --log-level after the subcommand, and the model flags that
-either apply as in vLLM or are refused with one line (tokenmill/config.py, cli/main.py)."""
+either apply as in vLLM or are refused with one line (config/engine_args.py, config/model_flags.py, cli/main.py)."""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ def test_messages_round_trip_as_typed_msgpack():
 
 
 def test_a_pickled_frame_is_rejected():
-    # RELIABILITY.md item 27: nothing on the socket is ever unpickled.
+    # docs/reliability.md item 27: nothing on the socket is ever unpickled.
     with pytest.raises(msgspec.DecodeError):
         msgspec.msgpack.Decoder(CoreRequest).decode(pickle.dumps({"requests": []}))
 

@@ -133,6 +133,8 @@ class EngineArgs:
     # "generate" (a decoder), "embed" (an embedding model: pooled vectors, no decoding) or "auto"
     # (embed when `model` is an embedding model's folder).
     task: str = "generate"
+    # The engine answers requests as they arrive (`tokenmill serve`): on a CPU, steps stay short.
+    serving: bool = False
     # vLLM's model flags (docs/cli.md says how each applies when nothing is downloaded).
     chat_template: str | None = None  # a file, or the template itself
     generation_config: str = "auto"  # "auto" (the model's generation_config.json), "vllm", or a folder
@@ -274,10 +276,16 @@ class EngineArgs:
         if max_model_len < 1:
             raise ValueError("max_model_len must be >= 1")
         # GPUs: 8192, vLLM's serving default; fewer, larger prefill chunks paid off on the H100 (a
-        # 256 x 256/256 batch: 1.8 s at 8192 against 2.6 s at 2048, docs/perf.md). CPUs: small
-        # chunks, so running requests keep decoding between the slow prefill chunks.
-        max_batched = self.max_num_batched_tokens or (
-            8192 if device.type == "cuda" else max(2048, min(max_model_len, 8192)))
+        # 256 x 256/256 batch: 1.8 s at 8192 against 2.6 s at 2048, docs/perf.md). A CPU serving
+        # requests: 128, so no step runs much over a second (the last chunk of an 8k prompt of the
+        # default model takes ~0.6 s on one core, 256 ~1.4 s) and running requests decode between
+        # chunks (docs/reliability.md, benchmarks/cpu_prefill_steps.py). A CPU running a batch
+        # offline: larger chunks, fewer steps (nobody waits on one request).
+        if device.type == "cuda":
+            default_batched = 8192
+        else:
+            default_batched = 128 if self.serving else max(2048, min(max_model_len, 8192))
+        max_batched = self.max_num_batched_tokens or default_batched
         if max_batched < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
         model_cfg = ModelConfig(

@@ -152,6 +152,13 @@ class Scheduler:
                 i += 1  # its in-flight token ends it (length): nothing more to compute
                 continue
             num_new = min(num_known - num_computed, budget, max_len - num_computed)
+            if num_new > 1:
+                # A prompt being prefilled leaves a token for each running request after it, and
+                # half the budget to requests waiting for a slot: one long prompt must not stall
+                # the others until it is done.
+                num_new = min(num_new, max(1, budget - (len(running) - i - 1)))
+                if len(self.waiting) and len(running) < self.config.max_num_seqs:
+                    num_new = min(num_new, max(1, self.config.max_num_batched_tokens // 2))
             if num_new <= 0:
                 i += 1
                 continue

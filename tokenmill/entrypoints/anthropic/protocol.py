@@ -1,34 +1,33 @@
 """Anthropic Messages API request models (pydantic) and their translation to a prompt and
-`SamplingParams`. Only text content blocks are served; other block types are a 400."""
+`SamplingParams`. Only text content blocks are served; other block types are a 400. Types are
+strict and integers range-checked, as on the OpenAI routes (`openai/protocol.py`)."""
 
 from __future__ import annotations
 
 import json
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, model_validator
 
-from tokenmill.entrypoints.openai.protocol import MAX_MESSAGES, MAX_STOP_SEQUENCES, MAX_TOOLS
-from tokenmill.sampling_params import RequestOutputKind, SamplingParams
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+from tokenmill.entrypoints.openai.protocol import (
+    MAX_MESSAGES, MAX_STOP_SEQUENCES, MAX_TOOLS, NonEmptyStr, PositiveInt64, StrictModel, Timeout,
+)
+from tokenmill.sampling_params import INT64_MAX, RequestOutputKind, SamplingParams
 
 
-class TextBlock(_Model):
+class TextBlock(StrictModel):
     type: Literal["text"]
     text: str
 
 
-class ToolUseBlock(_Model):
+class ToolUseBlock(StrictModel):
     type: Literal["tool_use"]
     id: str
     name: str
     input: dict[str, Any]
 
 
-class ToolResultBlock(_Model):
+class ToolResultBlock(StrictModel):
     type: Literal["tool_result"]
     tool_use_id: str
     content: Union[str, list[TextBlock], None] = None
@@ -43,7 +42,7 @@ class ToolResultBlock(_Model):
 ContentBlock = Annotated[Union[TextBlock, ToolUseBlock, ToolResultBlock], Field(discriminator="type")]
 
 
-class Message(_Model):
+class Message(StrictModel):
     role: Literal["user", "assistant"]
     content: Union[str, list[ContentBlock]]
 
@@ -72,8 +71,8 @@ class Message(_Model):
         return out
 
 
-class Tool(_Model):
-    name: Annotated[str, Field(min_length=1)]
+class Tool(StrictModel):
+    name: Annotated[str, Field(min_length=1, max_length=256)]
     description: str | None = None
     input_schema: dict[str, Any]
 
@@ -82,16 +81,28 @@ class Tool(_Model):
                                                  "parameters": self.input_schema}}
 
 
-class Metadata(_Model):
+class Metadata(StrictModel):
     user_id: str | None = None
 
 
-class _Conversation(_Model):
+class ToolChoice(StrictModel):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None  # the tool, for type "tool"
+    disable_parallel_tool_use: bool = False
+
+    @model_validator(mode="after")
+    def _name_for_tool(self) -> "ToolChoice":
+        if self.type == "tool" and self.name is None:
+            raise ValueError('tool_choice of type "tool" needs the tool\'s name')
+        return self
+
+
+class _Conversation(StrictModel):
     model: str
     messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
     system: Union[str, list[TextBlock], None] = None
     tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
-    tool_choice: dict[str, Any] | None = None  # {"type": "auto" | "any" | "tool" | "none", "name"?}
+    tool_choice: ToolChoice | None = None
 
     def chat_messages(self) -> list[dict]:
         """OpenAI-style role/content dicts for the model's chat template."""
@@ -104,19 +115,20 @@ class _Conversation(_Model):
         return out
 
     def template_tools(self) -> list[dict] | None:
-        if not self.tools or (self.tool_choice or {}).get("type") == "none":
+        if not self.tools or (self.tool_choice is not None and self.tool_choice.type == "none"):
             return None
         return [t.to_openai() for t in self.tools]
 
 
 class MessagesRequest(_Conversation):
-    max_tokens: int  # required by the Anthropic API
-    stop_sequences: Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
+    max_tokens: PositiveInt64  # required by the Anthropic API
+    stop_sequences: Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    top_p: float | None = None
-    top_k: int | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=0, le=INT64_MAX)] | None = None
     metadata: Metadata | None = None
     stream: bool = False
+    timeout: Timeout | None = None  # tokenmill's extra, as on the OpenAI routes
     # vLLM's extra, as on the OpenAI routes: requests with different salts never share cached
     # prefix blocks, so one tenant cannot time another's prompts.
     cache_salt: str | None = None

@@ -7,21 +7,22 @@ Stream order, as the official SDK expects it: `message_start`, `content_block_st
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from tokenmill.engine.async_engine import AsyncEngine, RequestStream
+from tokenmill.engine.async_engine import AsyncEngine, RequestStream, RequestTimeoutError
 from tokenmill.engine.core_client import EngineDeadError
 from tokenmill.entrypoints.anthropic.protocol import CountTokensRequest, MessagesRequest
 from tokenmill.entrypoints.anthropic.tools import BlockStreamer, ToolUse, content_blocks, plan_tool_use
-from tokenmill.entrypoints.openai.common import collect_final, render_chat
+from tokenmill.entrypoints.openai.common import collect_final, encode, render_chat
 from tokenmill.entrypoints.server.errors import APIError, anthropic_error_body
 from tokenmill.entrypoints.server.request_body import read_model
 from tokenmill.entrypoints.server.serving import (
-    SSE_HEADERS, check_model, engine_of, sse, submit_all, to_api_error, unless_disconnected,
+    SSE_HEADERS, check_model, engine_of, request_timeout, sse, submit_all, to_api_error, unless_disconnected,
 )
 from tokenmill.outputs import CompletionOutput
 
@@ -49,6 +50,7 @@ def _headers(message_id: str) -> dict[str, str]:
 
 @router.post("/v1/messages")
 async def create_message(request: Request) -> Response:
+    arrival = time.monotonic()
     body = await read_model(request, MessagesRequest)
     engine = engine_of(request)
     model = check_model(engine, body.model)
@@ -59,11 +61,12 @@ async def create_message(request: Request) -> Response:
             params = params.clone(structured_outputs=tools.constraint)
     except ValueError as exc:
         raise to_api_error(exc, anthropic=True) from None
-    prompt = render_chat(request, engine, body.chat_messages(), add_generation_prompt=True,
-                         tools=body.template_tools())
+    prompt = await render_chat(engine, body.chat_messages(), add_generation_prompt=True,
+                               tools=body.template_tools())
     message_id = f"msg_{uuid.uuid4().hex}"
     streams = await submit_all(engine, message_id, [prompt], params, anthropic=True, chat=True,
-                               cache_salt=body.cache_salt)
+                               cache_salt=body.cache_salt, arrival=arrival,
+                               timeout_s=request_timeout(request, body.timeout))
     stream = streams[0]
     if body.stream:
         return StreamingResponse(_stream(engine, stream, body, message_id, model, tools),
@@ -129,6 +132,8 @@ async def _stream(engine: AsyncEngine, stream: RequestStream, body: MessagesRequ
         yield sse({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
                    "usage": _usage(input_tokens, cached_tokens, output_tokens)}, event="message_delta")
         yield sse({"type": "message_stop"}, event="message_stop")
+    except RequestTimeoutError as exc:
+        yield sse(anthropic_error_body(APIError(408, str(exc))), event="error")
     except EngineDeadError:
         yield sse(anthropic_error_body(APIError(500, "the engine failed while serving this request")),
                   event="error")
@@ -141,9 +146,9 @@ async def count_tokens(request: Request) -> JSONResponse:
     body = await read_model(request, CountTokensRequest)
     engine = engine_of(request)
     check_model(engine, body.model)
-    prompt = render_chat(request, engine, body.chat_messages(), add_generation_prompt=True,
-                         tools=body.template_tools())
-    return JSONResponse({"input_tokens": len(engine.encode(prompt, add_special_tokens=False))})
+    prompt = await render_chat(engine, body.chat_messages(), add_generation_prompt=True,
+                               tools=body.template_tools())
+    return JSONResponse({"input_tokens": len(await encode(engine, prompt, add_special_tokens=False))})
 
 
 __all__ = ["router", "APIError"]

@@ -35,11 +35,11 @@ def plan_tool_use(body: MessagesRequest, default_parser: str | None) -> ToolUse:
     tools = body.template_tools()
     if not tools:
         return ToolUse()
-    choice = body.tool_choice or {"type": "auto"}
+    choice = body.tool_choice.model_dump() if body.tool_choice is not None else {"type": "auto"}
     parallel = not choice.get("disable_parallel_tool_use", False)
     constraint = tool_choice_params(tools, choice, parallel)
     if constraint is not None:
-        named = choice.get("name") if choice.get("type") == "tool" else None
+        named = choice["name"] if choice["type"] == "tool" else None
         return ToolUse(constraint, lambda: forced_tool_call_parser(named))
     if default_parser:
         return ToolUse(None, get_tool_parser(default_parser))

@@ -9,6 +9,7 @@ the factory of its engine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from tokenmill.entrypoints.server.app import ServerConfig
 
 DEFAULT_MAX_QUEUE_LEN = 1024
+DEFAULT_MAX_QUEUE_WAIT_S = 30.0
 
 logger = logging.getLogger("tokenmill.server")
 
@@ -37,8 +39,20 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                        help="on SIGTERM, seconds to let in-flight requests finish")
     group.add_argument("--max-queue-len", type=int, default=DEFAULT_MAX_QUEUE_LEN,
                        help="requests allowed to wait beyond --max-num-seqs; past it, 429 / 529")
+    group.add_argument("--max-queue-wait", type=float, default=DEFAULT_MAX_QUEUE_WAIT_S,
+                       help="seconds: a request projected to wait longer than this before the engine "
+                            "starts on it (from the measured speed and the work ahead) gets 429 / 529 "
+                            "at once, with retry-after; 0 turns this off")
+    group.add_argument("--request-timeout", type=float, default=None,
+                       help="seconds: a request still queued or running this long after it arrived is "
+                            "aborted with 408 (a request's own `timeout` field wins); default none")
     group.add_argument("--max-request-body-bytes", type=int, default=8 * 1024 * 1024,
                        help="larger request bodies get 413")
+    group.add_argument("--header-timeout", type=float, default=10.0,
+                       help="seconds from a request's first byte to the end of its headers; slower "
+                            "clients get 408 and are disconnected")
+    group.add_argument("--body-timeout", type=float, default=30.0,
+                       help="seconds for a request body to arrive after its headers; then 408")
     group.add_argument("--engine-wedge-timeout", type=float, default=120.0,
                        help="/health turns 503 when work is pending and no engine step finished for this long")
     group.add_argument("--engine-threads", type=int, default=None,
@@ -188,15 +202,19 @@ def plan_server(args: argparse.Namespace, served_at: str | None = None) -> Serve
             raise CannotServe(f"{path}: no such file")
     if args.max_log_len is not None and args.max_log_len < 0:
         raise CannotServe("--max-log-len must be >= 0")
-    config = ServerConfig(api_key=api_key, max_body_bytes=args.max_request_body_bytes,
-                          drain_timeout_s=args.drain_timeout, log_stats_interval_s=args.log_stats_interval,
-                          tool_call_parser=args.tool_call_parser, metrics_prefix=args.metrics_prefix,
-                          log_stats=not args.disable_log_stats, log_requests=args.enable_log_requests,
-                          max_log_len=args.max_log_len,
-                          allowed_origins=_json_list(args.allowed_origins, "--allowed-origins", ()),
-                          allowed_methods=_json_list(args.allowed_methods, "--allowed-methods", ("*",)),
-                          allowed_headers=_json_list(args.allowed_headers, "--allowed-headers", ("*",)),
-                          allow_credentials=args.allow_credentials)
+    try:
+        config = ServerConfig(api_key=api_key, max_body_bytes=args.max_request_body_bytes,
+                              drain_timeout_s=args.drain_timeout, log_stats_interval_s=args.log_stats_interval,
+                              tool_call_parser=args.tool_call_parser, metrics_prefix=args.metrics_prefix,
+                              log_stats=not args.disable_log_stats, log_requests=args.enable_log_requests,
+                              max_log_len=args.max_log_len,
+                              allowed_origins=_json_list(args.allowed_origins, "--allowed-origins", ()),
+                              allowed_methods=_json_list(args.allowed_methods, "--allowed-methods", ("*",)),
+                              allowed_headers=_json_list(args.allowed_headers, "--allowed-headers", ("*",)),
+                              allow_credentials=args.allow_credentials, header_timeout_s=args.header_timeout,
+                              body_timeout_s=args.body_timeout, request_timeout_s=args.request_timeout)
+    except ValueError as exc:
+        raise CannotServe(str(exc)) from None
     scheme = "https" if args.ssl_certfile else "http"
     url = served_at or f"{scheme}://{args.host}:{args.port}{args.root_path or ''}"
     key_note = f"API key {'required' if api_key else 'not required'}"
@@ -228,7 +246,8 @@ def _engine_factory(args: argparse.Namespace, url: str, key_note: str):
     from tokenmill.entrypoints.threads import choose_cpu_threads, start_load_sample
 
     load = start_load_sample()  # spans reading the model's config (tokenmill/entrypoints/threads.py)
-    engine_args = EngineArgs.from_cli_args(args)
+    # Requests arrive while others run: on a CPU the steps stay short (config/engine_args.py).
+    engine_args = dataclasses.replace(EngineArgs.from_cli_args(args), serving=True)
     logger.info("loading %s", engine_args.model or "the embedded SmolLM2-135M-Instruct")
     try:
         engine_config = engine_args.create_engine_config()
@@ -246,10 +265,10 @@ def _engine_factory(args: argparse.Namespace, url: str, key_note: str):
             raise CannotServe(str(exc)) from None
 
     async def make_engine() -> AsyncEngine:
-        engine = await AsyncEngine.from_engine_args(engine_args, max_queue_len=args.max_queue_len,
-                                                    wedge_timeout_s=args.engine_wedge_timeout,
-                                                    engine_threads=threads.num_threads,
-                                                    config=engine_config)
+        engine = await AsyncEngine.from_engine_args(
+            engine_args, max_queue_len=args.max_queue_len, wedge_timeout_s=args.engine_wedge_timeout,
+            engine_threads=threads.num_threads, config=engine_config,
+            max_queue_wait_s=args.max_queue_wait if args.max_queue_wait > 0 else None)
         model = engine.config.model
         logger.info("model %s (served as %r), dtype %s, max_model_len %d, KV cache %d tokens",
                     model.model, engine.model_name, model.dtype, model.max_model_len,

@@ -8,7 +8,7 @@ from typing import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from tokenmill.engine.async_engine import RequestStream
+from tokenmill.engine.async_engine import RequestStream, RequestTimeoutError
 from tokenmill.engine.core_client import EngineDeadError
 from tokenmill.entrypoints.openai.logprobs import chat_logprobs
 from tokenmill.entrypoints.openai.protocol import ChatCompletionRequest
@@ -19,12 +19,13 @@ from tokenmill.entrypoints.openai.common import (
 from tokenmill.entrypoints.server.errors import APIError
 from tokenmill.entrypoints.server.request_body import read_model
 from tokenmill.entrypoints.server.serving import (
-    SSE_HEADERS, check_model, engine_of, merge_streams, new_id, sse, submit_all, to_api_error,
-    unless_disconnected,
+    SSE_HEADERS, check_model, engine_of, merge_streams, new_id, request_timeout, sse, submit_all,
+    to_api_error, unless_disconnected,
 )
 
 
 async def create_chat_completion(request: Request) -> Response:
+    arrival = time.monotonic()
     body = await read_model(request, ChatCompletionRequest)
     engine = engine_of(request)
     model = check_model(engine, body.model)
@@ -39,14 +40,14 @@ async def create_chat_completion(request: Request) -> Response:
             params = params.clone(structured_outputs=tools.constraint)
     except ValueError as exc:
         raise to_api_error(exc) from None
-    prompt = render_chat(request, engine, [m.to_template() for m in body.messages],
-                         add_generation_prompt=body.add_generation_prompt,
-                         chat_template=body.chat_template,
-                         chat_template_kwargs=body.chat_template_kwargs,
-                         tools=body.tools if body.tool_choice != "none" else None)
+    prompt = await render_chat(engine, [m.to_template() for m in body.messages],
+                               add_generation_prompt=body.add_generation_prompt,
+                               chat_template_kwargs=body.chat_template_kwargs,
+                               tools=body.template_tools() if body.tool_choice != "none" else None)
     request_id = new_id("chatcmpl")
     streams = await submit_all(engine, request_id, [prompt], params, priority=body.priority,
-                               cache_salt=body.cache_salt, chat=True)
+                               cache_salt=body.cache_salt, chat=True, arrival=arrival,
+                               timeout_s=request_timeout(request, body.timeout))
     created = int(time.time())
     if body.stream:
         return StreamingResponse(_stream(engine, streams[0], body, request_id, model, created, tools),
@@ -125,8 +126,8 @@ async def _stream(engine, stream: RequestStream, body: ChatCompletionRequest, re
         if include_usage:
             yield chunk([], usage_dict(prompt_tokens, completion_tokens, cached_tokens))
         yield sse("[DONE]")
-    except EngineDeadError:
-        yield stream_error_chunk()
+    except (EngineDeadError, RequestTimeoutError) as exc:
+        yield stream_error_chunk(exc)
     finally:
         engine.abort(stream.request_id)  # no-op when it finished; frees KV on a disconnect
 

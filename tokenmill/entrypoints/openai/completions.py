@@ -11,7 +11,7 @@ from typing import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from tokenmill.engine.async_engine import AsyncEngine, RequestStream
+from tokenmill.engine.async_engine import AsyncEngine, RequestStream, RequestTimeoutError
 from tokenmill.engine.core_client import EngineDeadError
 from tokenmill.entrypoints.openai.common import check_logit_bias, collect_final, stream_error_chunk, usage_dict
 from tokenmill.entrypoints.openai.logprobs import completion_logprobs
@@ -19,13 +19,14 @@ from tokenmill.entrypoints.openai.protocol import CompletionRequest
 from tokenmill.entrypoints.server.errors import APIError
 from tokenmill.entrypoints.server.request_body import read_model
 from tokenmill.entrypoints.server.serving import (
-    SSE_HEADERS, check_model, engine_of, merge_streams, new_id, sse, submit_all, to_api_error,
-    unless_disconnected,
+    SSE_HEADERS, check_model, engine_of, merge_streams, new_id, request_timeout, sse, submit_all,
+    to_api_error, unless_disconnected,
 )
 from tokenmill.outputs import CompletionOutput, RequestOutput
 
 
 async def create_completion(request: Request) -> Response:
+    arrival = time.monotonic()
     body = await read_model(request, CompletionRequest)
     engine = engine_of(request)
     model = check_model(engine, body.model)
@@ -39,7 +40,8 @@ async def create_completion(request: Request) -> Response:
         raise to_api_error(exc) from None
     request_id = new_id("cmpl")
     streams = await submit_all(engine, request_id, body.prompts(), params, priority=body.priority,
-                               cache_salt=body.cache_salt)
+                               cache_salt=body.cache_salt, arrival=arrival,
+                               timeout_s=request_timeout(request, body.timeout))
     created = int(time.time())
     if body.stream:
         return StreamingResponse(_stream(engine, streams, body, request_id, model, created),
@@ -123,8 +125,8 @@ async def _stream(engine: AsyncEngine, streams: list[RequestStream], body: Compl
             prompt_tokens = sum(len(s.prompt_token_ids) for s in streams)
             yield chunk([], usage_dict(prompt_tokens, completion_tokens, sum(cached.values())))
         yield sse("[DONE]")
-    except EngineDeadError:
-        yield stream_error_chunk()
+    except (EngineDeadError, RequestTimeoutError) as exc:
+        yield stream_error_chunk(exc)
     finally:
         for s in streams:
             engine.abort(s.request_id)

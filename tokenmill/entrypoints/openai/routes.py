@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from tokenmill.entrypoints.openai.chat import create_chat_completion
-from tokenmill.entrypoints.openai.common import render_chat
+from tokenmill.entrypoints.openai.common import encode, render_chat
 from tokenmill.entrypoints.openai.completions import create_completion
 from tokenmill.entrypoints.openai.embeddings import create_embedding
 from tokenmill.entrypoints.openai.protocol import DetokenizeRequest, TokenizeRequest
@@ -40,12 +40,12 @@ async def tokenize(request: Request) -> JSONResponse:
     engine = engine_of(request)
     check_model(engine, body.model)
     if body.messages is not None:
-        text = render_chat(request, engine, [{"role": m.role, "content": m.text()} for m in body.messages],
-                           add_generation_prompt=body.add_generation_prompt)
+        text = await render_chat(engine, [{"role": m.role, "content": m.text()} for m in body.messages],
+                                 add_generation_prompt=body.add_generation_prompt)
         # The template already wrote any BOS it wants.
-        tokens = engine.encode(text, add_special_tokens=False)
+        tokens = await encode(engine, text, add_special_tokens=False)
     else:
-        tokens = engine.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        tokens = await encode(engine, body.prompt, add_special_tokens=body.add_special_tokens)
     return JSONResponse({"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens})
 
 
@@ -58,4 +58,4 @@ async def detokenize(request: Request) -> JSONResponse:
     if bad:
         raise APIError(400, f"token ids outside the vocabulary [0, {engine.vocab_size}): {bad[:10]}",
                        param="tokens")
-    return JSONResponse({"prompt": engine.decode(body.tokens)})
+    return JSONResponse({"prompt": await engine.run_input(engine.decode, body.tokens)})

@@ -34,11 +34,10 @@ def plan_tool_calling(body: ChatCompletionRequest, default_parser: str | None) -
     """Raises `ValueError` (-> 400) for a tool_choice naming no given tool, or a bad one."""
     if not body.tools or body.tool_choice == "none":
         return ToolCalling()
-    constraint = tool_choice_params(body.tools, body.tool_choice, body.parallel_tool_calls)
+    choice = body.tool_choice_value()
+    constraint = tool_choice_params(body.template_tools(), choice, body.parallel_tool_calls)
     if constraint is not None:
-        named = None
-        if isinstance(body.tool_choice, dict) and body.tool_choice.get("type") == "function":
-            named = (body.tool_choice.get("function") or {}).get("name")
+        named = choice["function"]["name"] if isinstance(choice, dict) else None
         return ToolCalling(constraint, lambda: forced_tool_call_parser(named))
     if default_parser:
         return ToolCalling(None, get_tool_parser(default_parser))

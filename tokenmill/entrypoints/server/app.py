@@ -1,4 +1,5 @@
-"""The FastAPI app: routes of both APIs, the guard in front of them, error rendering, lifespan.
+"""The FastAPI app: routes of both APIs, the guard in front of them, error rendering, lifespan,
+and the OpenAPI schema (`/openapi.json`, `/docs`) built from the request models.
 
 `build_app(config, make_engine)` takes the engine as an async factory so tests can hand in an
 `AsyncEngine` over a fake core; `launch.py` passes the real one.
@@ -27,6 +28,7 @@ from tokenmill.entrypoints.server.errors import APIError, error_response
 from tokenmill.entrypoints.server.metrics import ServerMetrics, log_periodically
 from tokenmill.entrypoints.server.playground import PLAYGROUND_PATHS, add_playground_routes
 from tokenmill.entrypoints.server.request_log import RequestLogger
+from tokenmill.entrypoints.server.openapi import install_openapi
 from tokenmill.version import __version__
 
 logger = logging.getLogger("tokenmill.server")
@@ -52,6 +54,21 @@ class ServerConfig:
     allowed_methods: tuple[str, ...] = ("*",)
     allowed_headers: tuple[str, ...] = ("*",)
     allow_credentials: bool = False
+    # Slow clients: headers must arrive within header_timeout_s of the first byte (launch.py), a
+    # body within body_timeout_s of its headers (request_body.py); 408 otherwise.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    # A deadline for requests that give no `timeout` of their own; None: none.
+    request_timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "header_timeout_s", "body_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.drain_timeout_s >= 0:
+            raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+        if self.request_timeout_s is not None and not self.request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
 
 
 class ServerState:
@@ -61,14 +78,19 @@ class ServerState:
         self.config = config
         self.draining = False
         self.engine_died = False
-        self.inflight = 0
+        self.inflight = 0  # requests whose body has arrived (or that have none): a drain waits for them
         self.idle = asyncio.Event()
         self.idle.set()
         self.on_fatal: Callable[[], None] | None = None  # set by the launcher: stop uvicorn
 
-    @property
-    def max_body_bytes(self) -> int:
-        return self.config.max_body_bytes
+    def enter(self) -> None:
+        self.inflight += 1
+        self.idle.clear()
+
+    def leave(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self.idle.set()
 
 
 def route_path(scope) -> str:
@@ -81,8 +103,13 @@ def route_path(scope) -> str:
 
 
 class GuardMiddleware:
-    """Pure ASGI (streams pass through untouched): 503 while draining, API-key check, and the count
-    of requests in flight that a drain waits for. `/health` is never guarded."""
+    """Pure ASGI (streams pass through untouched): 503 while draining, API-key check, the count of
+    requests in flight that a drain waits for, and the last resort for an unexpected exception.
+    `/health` is never guarded.
+
+    A request counts as in flight once its body has fully arrived: a client trickling a body in
+    does not hold up a drain (it is cut off with the connection when the server stops).
+    """
 
     def __init__(self, app, state: ServerState) -> None:
         self.app = app
@@ -91,24 +118,61 @@ class GuardMiddleware:
         self._key = key.encode() if key else None
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or route_path(scope) in UNGUARDED_PATHS:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path = route_path(scope)
+        if path in UNGUARDED_PATHS:
+            await self._run(scope, receive, send)
+            return
         if self.state.draining or self.state.engine_died:
             await error_response(path, APIError(503, "the server is shutting down"))(scope, receive, send)
             return
         if self._key is not None and not self._authorized(scope):
             await error_response(path, APIError(401, "invalid or missing API key"))(scope, receive, send)
             return
-        self.state.inflight += 1
-        self.state.idle.clear()
+        counted = False
+
+        def count() -> None:
+            nonlocal counted
+            if not counted:
+                counted = True
+                self.state.enter()
+
+        async def receive_counted():
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                count()  # the whole body is here (or the client left)
+            return message
+
+        async def send_counted(message) -> None:
+            count()  # a response started before the body was read (GET, an early error)
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self._run(scope, receive_counted, send_counted)
         finally:
-            self.state.inflight -= 1
-            if self.state.inflight == 0:
-                self.state.idle.set()
+            if counted:
+                self.state.leave()
+
+    async def _run(self, scope, receive, send) -> None:
+        """The app, with any exception that escaped its handlers answered here as a 500. Letting
+        it reach uvicorn would close the connection under the 500 already sent, and a client
+        reusing that keep-alive connection would see a reset."""
+        started = False
+
+        async def send_tracked(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception:  # noqa: BLE001 - logged; never str(exc) to the client (item 29)
+            logger.exception("unhandled error on %s", scope["path"])
+            if started:
+                raise  # a response half-sent cannot be fixed: uvicorn closes the connection
+            await error_response(scope["path"], APIError(500, "internal server error"))(scope, receive, send)
 
     def _authorized(self, scope) -> bool:
         supplied = b""
@@ -154,13 +218,14 @@ def build_app(config: ServerConfig,
             await engine.shutdown()
 
     app = FastAPI(title="tokenmill", version=__version__, lifespan=lifespan,
-                  docs_url=None, redoc_url=None, openapi_url=None)
+                  docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
     app.state.server = state
     app.include_router(openai_router)
     app.include_router(anthropic_router)
     _add_basic_routes(app)
     add_playground_routes(app)
     _add_error_handlers(app)
+    install_openapi(app, api_key_required=config.api_key is not None)
     app.add_middleware(GuardMiddleware, state=state)
     if config.allowed_origins:
         from starlette.middleware.cors import CORSMiddleware
@@ -197,7 +262,7 @@ def is_serving(app: FastAPI) -> bool:
 
 def _on_engine_death(state: ServerState) -> None:
     # In-flight requests already got their error; /health answers 503 for a moment, then the
-    # server exits non-zero so a supervisor restarts it (RELIABILITY.md item 20). A Ray Serve
+    # server exits non-zero so a supervisor restarts it (docs/reliability.md item 20). A Ray Serve
     # replica has no `on_fatal`: its failing health check makes Ray replace it.
     state.engine_died = True
     if state.on_fatal is not None:
@@ -226,14 +291,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         message = {404: "no such route", 405: "method not allowed"}.get(exc.status_code, "request failed")
-        return error_response(request.url.path, APIError(exc.status_code, message))
+        # Starlette's 405 carries `Allow` (RFC 9110 requires it); keep it.
+        return error_response(request.url.path, APIError(exc.status_code, message, headers=exc.headers))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         return error_response(request.url.path, APIError(400, "invalid request"))
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> Response:
-        # Never str(exc): internals (paths, reprs) stay in the log (RELIABILITY.md item 29).
-        logger.exception("unhandled error on %s", request.url.path)
-        return error_response(request.url.path, APIError(500, "internal server error"))
+    # Anything else is answered by GuardMiddleware._run: as a 500, and never with str(exc).
