@@ -9,7 +9,6 @@ config's own resolution stays short.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os

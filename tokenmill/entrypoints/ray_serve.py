@@ -202,7 +202,7 @@ def build_replica_app(args: argparse.Namespace) -> "FastAPI":
     lifespan (run by Ray) starts this replica's engine core."""
     from ray import serve
 
-    from tokenmill.entrypoints.cli.serve import configure_logging, plan_server
+    from tokenmill.entrypoints.cli.serve_plan import configure_logging, plan_server
     from tokenmill.entrypoints.server.app import build_app
 
     configure_logging()
@@ -251,10 +251,10 @@ def app(args: dict[str, Any]) -> "Application":
 def parse_app_args(args: dict[str, Any]) -> argparse.Namespace:
     """`{"model": "/m", "max_model_len": 4096}` -> the Namespace `tokenmill serve --model /m
     --max-model-len 4096` parses to. Raises ValueError naming what it rejects."""
-    from tokenmill.entrypoints.cli.serve import add_parser
+    from tokenmill.entrypoints.cli.serve_plan import build_serve_parser
 
     parser = argparse.ArgumentParser(prog="tokenmill")
-    options = add_parser(parser.add_subparsers(dest="command"))._option_string_actions
+    options = build_serve_parser(parser.add_subparsers(dest="command"))._option_string_actions
     argv: list[str] = []
     for key, value in (args or {}).items():
         flag = "--" + str(key).replace("_", "-")
@@ -281,7 +281,7 @@ def parse_app_args(args: dict[str, Any]) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> int:
     """`tokenmill serve --ray`: joins or starts a Ray cluster, deploys the application, and keeps
     it up until SIGINT / SIGTERM, which delete it (replicas drain for `--drain-timeout`)."""
-    from tokenmill.entrypoints.cli.serve import CannotServe, plan_server
+    from tokenmill.entrypoints.cli.serve_plan import CannotServe, plan_server
 
     try:
         _require_ray()

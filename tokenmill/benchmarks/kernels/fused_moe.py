@@ -18,7 +18,6 @@ best beside the heuristic's, and writes the winners as `ops/fused_moe_configs.TU
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 
 import torch
