@@ -29,6 +29,7 @@ DTYPES = {"auto": None, "float32": torch.float32, "float": torch.float32, "bfloa
 SCHEDULING_POLICIES = ("fcfs", "priority")
 # KV cache element types; "auto" stores K/V in the model dtype. fp8 is e4m3 with a per-layer scale.
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+QUANTIZATIONS = ("gguf",)
 
 
 def _default_device() -> str:
@@ -106,6 +107,12 @@ class EngineArgs:
     disable_custom_all_reduce: bool = False
     fused_all_reduce_norm: bool = True
     fused_all_reduce_max_world_size: int = 4
+    # CPU: compile the forward pass with inductor (None: on for a one-rank CPU engine unless
+    # enforce_eager). Needs a C++ compiler at run time; compiled kernels are cached on disk.
+    cpu_compile: bool | None = None
+    # "gguf": a GGUF file's linear weights stay in their blocks (Q4_0 / Q4_1 / Q8_0, CPU) instead
+    # of being dequantised to `dtype` at load (vLLM's name for it).
+    quantization: str | None = None
 
     # ----- CLI -----
     @staticmethod
@@ -131,7 +138,7 @@ class EngineArgs:
         parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,
                             help="ranks (GPUs, or CPU processes) to split the model over")
         parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
-        parser.add_argument("--attention-backend", choices=("torch_native", "triton"), default=None)
+        parser.add_argument("--attention-backend", choices=("torch_native", "cpu", "triton"), default=None)
         parser.add_argument("--enforce-eager", action="store_true")
         parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                             help="prepare and launch the next step while the GPU runs this one "
@@ -154,6 +161,12 @@ class EngineArgs:
         parser.add_argument("--fused-all-reduce-max-world-size", type=int,
                             default=d.fused_all_reduce_max_world_size,
                             help="use the fused all-reduce + RMSNorm kernel up to this many ranks")
+        parser.add_argument("--cpu-compile", action=argparse.BooleanOptionalAction, default=None,
+                            help="CPU: compile the forward pass with inductor (default: on for a "
+                                 "one-rank CPU engine unless --enforce-eager)")
+        parser.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
+                            help="gguf: keep a GGUF file's Q4_0/Q4_1/Q8_0 linear weights quantised "
+                                 "(CPU; default: dequantise them to --dtype at load)")
         return parser
 
     @classmethod
@@ -181,7 +194,10 @@ class EngineArgs:
         hf_config = source.load_hf_config()
         architecture = (getattr(hf_config, "architectures", None) or ["?"])[0]
         dtype = resolve_dtype(self.dtype, hf_config, device)
-        attention_backend = self.attention_backend or ("triton" if device.type == "cuda" else "torch_native")
+        cpu_compile = _resolve_cpu_compile(self.cpu_compile, device, self.tensor_parallel_size, self.enforce_eager,
+                                           self.attention_backend)
+        attention_backend = self.attention_backend or (
+            "triton" if device.type == "cuda" else "cpu" if cpu_compile else "torch_native")
         kv_cache_dtype = resolve_kv_cache_dtype(self.kv_cache_dtype, dtype, device, attention_backend)
         if self.tensor_parallel_size > 1:
             _check_tensor_parallel_split(hf_config, self.tensor_parallel_size)
@@ -210,6 +226,8 @@ class EngineArgs:
             custom_all_reduce=not self.disable_custom_all_reduce,
             fused_all_reduce_norm=self.fused_all_reduce_norm,
             fused_all_reduce_max_world_size=self.fused_all_reduce_max_world_size,
+            cpu_compile=cpu_compile,
+            gguf_weight_type=_gguf_weight_type(self.quantization, source, device, self.tensor_parallel_size),
         )
         return EngineConfig(
             model=model_cfg,
@@ -224,6 +242,40 @@ class EngineArgs:
             kernels=kernels,
             engine_args=dataclasses.replace(self),
         )
+
+
+def _resolve_cpu_compile(requested: bool | None, device: torch.device, tensor_parallel_size: int,
+                         enforce_eager: bool, attention_backend: str | None) -> bool:
+    """Whether the CPU forward is compiled; an explicit request that cannot be honoured is refused."""
+    possible = device.type == "cpu" and tensor_parallel_size == 1 and attention_backend in (None, "cpu")
+    if requested is None:
+        return possible and not enforce_eager and _DEFAULT_CPU_COMPILE
+    if requested and not possible:
+        raise ValueError(f"cpu_compile needs device cpu, tensor_parallel_size 1 and the cpu attention backend "
+                         f"(got device {device.type}, tensor_parallel_size {tensor_parallel_size}, "
+                         f"attention_backend {attention_backend})")
+    if requested and enforce_eager:
+        raise ValueError("cpu_compile and enforce_eager contradict each other")
+    return requested
+
+
+def _gguf_weight_type(quantization: str | None, source, device: torch.device, tensor_parallel_size: int
+                      ) -> str | None:
+    if quantization is None:
+        return None
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+    if source.load_format != "gguf":
+        raise ValueError(f"quantization='gguf' needs a GGUF model; {source.display_name} loads as {source.load_format}")
+    if device.type != "cpu" or tensor_parallel_size != 1:
+        raise ValueError(f"quantization='gguf' runs on one CPU rank (got device {device.type}, "
+                         f"tensor_parallel_size {tensor_parallel_size})")
+    from tokenmill.config.gguf_metadata import gguf_linear_weight_type
+    return gguf_linear_weight_type(source.path)
+
+
+# Whether a CPU engine compiles when nobody says (see EngineArgs.cpu_compile).
+_DEFAULT_CPU_COMPILE = False
 
 
 def _check_tensor_parallel_split(hf_config: Any, tp: int) -> None:

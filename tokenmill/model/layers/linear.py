@@ -15,7 +15,7 @@ from torch import nn
 
 from tokenmill.config.parallel import divide, head_partition
 from tokenmill.model.build_context import build_context
-from tokenmill.model.layers.linear_method import unquantized_linear_method
+from tokenmill.model.layers.linear_method import linear_method
 
 
 def _default_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
@@ -28,12 +28,12 @@ class LinearBase(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
         self.tp = build_context().tp
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.method = linear_method()
+        self.weight = self.method.create_weight(out_features, in_features)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        self.method = unquantized_linear_method()
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         _default_loader(param, loaded)
@@ -136,7 +136,7 @@ class RowParallelLinear(LinearBase):
         super().__init__(self.in_per_rank, out_features, bias)
 
     def weight_loader(self, param, loaded, shard_id=None) -> None:
-        if param.dim() == 1:  # the bias is added once, by rank 0
+        if param.dim() == 1 or self.tp.world_size == 1:  # (the bias is added once, by rank 0)
             _default_loader(param, loaded)
             return
         _default_loader(param, loaded.narrow(1, self.in_start, self.in_per_rank))
