@@ -24,6 +24,7 @@ import torch
 BLOCK = 32  # input features per block, every type here
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 INT4_TYPES = ("Q4_0", "Q4_1")
+INT4_OUT_MULTIPLE = 16  # `_convert_weight_to_int4pack_for_cpu` packs output rows in sixteens
 
 
 def _blocks(raw: torch.Tensor, kind: str) -> torch.Tensor:

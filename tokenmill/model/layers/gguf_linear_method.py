@@ -30,6 +30,9 @@ class GgufLinearMethod(LinearMethod):
         if in_features % gguf_blocks.BLOCK:
             raise ValueError(f"a {self.kind} weight needs input features divisible by {gguf_blocks.BLOCK}, "
                              f"got {in_features}")
+        if self.kind in gguf_blocks.INT4_TYPES and out_features % gguf_blocks.INT4_OUT_MULTIPLE:
+            raise ValueError(f"the 4-bit CPU kernel needs output features divisible by "
+                             f"{gguf_blocks.INT4_OUT_MULTIPLE}, got {out_features}")
         row_bytes = in_features // gguf_blocks.BLOCK * gguf_blocks.BLOCK_BYTES[self.kind]
         return nn.Parameter(torch.empty(out_features, row_bytes, dtype=torch.uint8), requires_grad=False)
 
