@@ -107,9 +107,10 @@ class EngineArgs:
     disable_custom_all_reduce: bool = False
     fused_all_reduce_norm: bool = True
     fused_all_reduce_max_world_size: int = 4
-    # CPU: compile the forward pass with inductor (None: on for a one-rank CPU engine unless
-    # enforce_eager). Needs a C++ compiler at run time; compiled kernels are cached on disk.
-    cpu_compile: bool | None = None
+    # CPU: compile the forward pass with inductor (worker/cpu_compile.py). Off unless asked: the
+    # first start-up compiles for minutes on a 2-core machine (later ones reuse inductor's on-disk
+    # cache) and it needs a C++ compiler at run time.
+    cpu_compile: bool = False
     # "gguf": a GGUF file's linear weights stay in their blocks (Q4_0 / Q4_1 / Q8_0, CPU) instead
     # of being dequantised to `dtype` at load (vLLM's name for it).
     quantization: str | None = None
@@ -161,9 +162,9 @@ class EngineArgs:
         parser.add_argument("--fused-all-reduce-max-world-size", type=int,
                             default=d.fused_all_reduce_max_world_size,
                             help="use the fused all-reduce + RMSNorm kernel up to this many ranks")
-        parser.add_argument("--cpu-compile", action=argparse.BooleanOptionalAction, default=None,
-                            help="CPU: compile the forward pass with inductor (default: on for a "
-                                 "one-rank CPU engine unless --enforce-eager)")
+        parser.add_argument("--cpu-compile", action="store_true",
+                            help="CPU: compile the forward pass with inductor (faster steps; the first "
+                                 "start-up compiles for minutes, later ones reuse the on-disk cache)")
         parser.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
                             help="gguf: keep a GGUF file's Q4_0/Q4_1/Q8_0 linear weights quantised "
                                  "(CPU; default: dequantise them to --dtype at load)")
@@ -244,12 +245,10 @@ class EngineArgs:
         )
 
 
-def _resolve_cpu_compile(requested: bool | None, device: torch.device, tensor_parallel_size: int,
+def _resolve_cpu_compile(requested: bool, device: torch.device, tensor_parallel_size: int,
                          enforce_eager: bool, attention_backend: str | None) -> bool:
-    """Whether the CPU forward is compiled; an explicit request that cannot be honoured is refused."""
+    """Whether the CPU forward is compiled; a request that cannot be honoured is refused."""
     possible = device.type == "cpu" and tensor_parallel_size == 1 and attention_backend in (None, "cpu")
-    if requested is None:
-        return possible and not enforce_eager and _DEFAULT_CPU_COMPILE
     if requested and not possible:
         raise ValueError(f"cpu_compile needs device cpu, tensor_parallel_size 1 and the cpu attention backend "
                          f"(got device {device.type}, tensor_parallel_size {tensor_parallel_size}, "
@@ -273,9 +272,6 @@ def _gguf_weight_type(quantization: str | None, source, device: torch.device, te
     from tokenmill.config.gguf_metadata import gguf_linear_weight_type
     return gguf_linear_weight_type(source.path)
 
-
-# Whether a CPU engine compiles when nobody says (see EngineArgs.cpu_compile).
-_DEFAULT_CPU_COMPILE = False
 
 
 def _check_tensor_parallel_split(hf_config: Any, tp: int) -> None:
