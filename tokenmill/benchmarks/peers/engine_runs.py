@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -111,12 +112,16 @@ def run_vllm(spec: dict) -> dict:
 
 def run_llamacpp(spec: dict) -> dict:
     """llama-server with one slot per batch prompt and continuous batching, driven over HTTP."""
-    port = spec.get("port", 18990)
+    with socket.socket() as probe:  # a free loopback port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     cmd = [spec["server"], "-m", spec["model"], "--port", str(port), "-t", str(spec["threads"]),
            "-tb", str(spec["threads"]), "-c", str(spec["ctx"]), "-np", str(len(spec["prompts"])), "-cb",
+           "--host", "127.0.0.1",
            "--kv-unified", "--no-webui", "-ngl", "0"]
     start = time.perf_counter()
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = open("llama-server.log", "w")  # in the run's temporary directory
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
         while True:
@@ -127,7 +132,10 @@ def run_llamacpp(spec: dict) -> dict:
             except OSError:
                 pass
             if server.poll() is not None or time.perf_counter() - start > 600:
-                raise RuntimeError(f"llama-server did not start: {' '.join(cmd)}")
+                log.flush()
+                with open("llama-server.log") as f:
+                    tail = f.read()[-2000:]
+                raise RuntimeError(f"llama-server did not start: {' '.join(cmd)}\n{tail}")
             time.sleep(0.5)
         startup = time.perf_counter() - start
 
