@@ -57,8 +57,11 @@ def engine_specs(args: argparse.Namespace, hf_folder: str, bf16_gguf: str, q4_gg
                                  "seed": 0}},
         "llamacpp": {"runner": "llamacpp", "python": python, "model": bf16_gguf, "server": server, "ctx": 8192,
                      "env": []},
+        "tokenmill-eager": {"runner": "tokenmill", "python": python, "model": hf_folder,
+                            "engine_args": {**tokenmill_args, "cpu_compile": False},
+                            "env": [f"PYTHONPATH={REPO}", f"OMP_NUM_THREADS={threads}"]},
         "tokenmill-q4": {"runner": "tokenmill", "python": python, "model": q4_gguf,
-                         "engine_args": {**tokenmill_args, "quantization": "gguf"},
+                         "engine_args": {**tokenmill_args, "cpu_compile": False, "quantization": "gguf"},
                          "env": [f"PYTHONPATH={REPO}", f"OMP_NUM_THREADS={threads}"]},
         "llamacpp-q4": {"runner": "llamacpp", "python": python, "model": q4_gguf, "server": server, "ctx": 8192,
                         "env": []},
@@ -113,7 +116,9 @@ def print_table(table: dict[str, dict], threads: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--engines", default="tokenmill,vllm,llamacpp,tokenmill-q4,llamacpp-q4")
+    parser.add_argument("--engines", default="tokenmill,tokenmill-eager,vllm,llamacpp,tokenmill-q4,llamacpp-q4",
+                        help="tokenmill (compiled), tokenmill-eager, vllm, llamacpp (bf16 GGUF), "
+                             "tokenmill-q4 (--quantization gguf, eager), llamacpp-q4 (the Q4_1 file)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="fresh processes per engine, interleaved")
     parser.add_argument("--repeats", type=int, default=2, help="repeats of each measurement per process")

@@ -42,7 +42,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     through `block_table` rows [B, >= blocks]); returns [B, heads, head_dim]."""
     num_decodes, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    max_len = int(seq_lens.max())
+    max_len = int(seq_lens.numpy().max())
     num_blocks = -(-max_len // block_size)
     block_ids = block_table[:num_decodes, :num_blocks].reshape(-1)
     # [B, kv_heads, num_blocks * block_size, head_dim] as a strided view of one gathered copy
@@ -56,6 +56,18 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     return out.view(num_decodes, num_heads, head_dim)
 
 
+def _write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              slot_mapping: torch.Tensor, k_scale: float, v_scale: float) -> None:
+    """`write_kv_cache`, with its checks made on the host copy (the tensors themselves on the CPU)."""
+    slots = slot_mapping[:k.shape[0]]
+    if k_cache.dtype != k.dtype or bool((slots.numpy() < 0).any()):  # fp8, or padding slots
+        write_kv_cache(k, v, (k_cache, v_cache), slot_mapping, k_scale, v_scale)
+        return
+    num_kv_heads, head_dim = k_cache.shape[-2:]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
+
+
 @torch.library.custom_op("tokenmill::cpu_paged_attention", mutates_args=("k_cache", "v_cache"))
 def cpu_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_table: torch.Tensor,
@@ -63,7 +75,7 @@ def cpu_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
                         k_scale: float, v_scale: float, causal: bool) -> torch.Tensor:
     """Write the step's k / v [T, kv_heads, head_dim] into the paged cache, then attend q
     [T, heads, head_dim] (metadata as in `AttentionMetadata`); returns [T, heads, head_dim]."""
-    write_kv_cache(k, v, (k_cache, v_cache), slot_mapping, k_scale, v_scale)
+    _write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     starts = query_start_loc.numpy()
     num_reqs = len(starts) - 1
     num_decodes = _num_decodes(starts)
