@@ -15,7 +15,17 @@ from torch import nn
 
 from tokenmill.config.parallel import divide, head_partition
 from tokenmill.model.build_context import build_context
-from tokenmill.model.layers.linear_method import linear_method
+from tokenmill.model.layers.gguf_linear_method import GgufLinearMethod
+from tokenmill.model.layers.linear_method import LinearMethod, unquantized_linear_method
+
+
+def linear_method() -> LinearMethod:
+    """A linear layer's method: GGUF blocks kept quantised where the engine keeps them
+    (`KernelConfig.gguf_weight_type`), the unquantized method for the device otherwise."""
+    kind = build_context().kernels.gguf_weight_type
+    if kind is None:
+        return unquantized_linear_method()
+    return GgufLinearMethod(kind, torch.get_default_dtype())
 
 
 def _default_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:

@@ -93,16 +93,6 @@ class CudaLinearMethod(LinearMethod):
         return (y if bias is None else y + bias), push is not None
 
 
-def linear_method() -> LinearMethod:
-    """The method of a linear layer inside the model: GGUF blocks kept quantised where the engine
-    keeps them (`KernelConfig.gguf_weight_type`), the unquantized method otherwise."""
-    kind = build_context().kernels.gguf_weight_type
-    if kind is None:
-        return unquantized_linear_method()
-    from tokenmill.model.layers.gguf_linear_method import GgufLinearMethod
-    return GgufLinearMethod(kind, torch.get_default_dtype())
-
-
 def unquantized_linear_method(in_compiled_graph: bool = True) -> LinearMethod:
     """The method for a bf16/fp16/fp32 weight, for the device being built for.
     `in_compiled_graph`: whether the layer runs inside the model forward (which `cpu_compile`
