@@ -107,9 +107,8 @@ class EngineArgs:
     disable_custom_all_reduce: bool = False
     fused_all_reduce_norm: bool = True
     fused_all_reduce_max_world_size: int = 4
-    # CPU: compile the forward pass with inductor (worker/cpu_compile.py). Off unless asked: the
-    # first start-up compiles for minutes on a 2-core machine (later ones reuse inductor's on-disk
-    # cache) and it needs a C++ compiler at run time.
+    # CPU: compile the forward pass with inductor (worker/cpu_compile.py). Off unless asked: every
+    # start-up compiles for minutes on a 2-core machine, and it needs a C++ compiler at run time.
     cpu_compile: bool = False
     # "gguf": a GGUF file's linear weights stay in their blocks (Q4_0 / Q4_1 / Q8_0, CPU) instead
     # of being dequantised to `dtype` at load (vLLM's name for it).

@@ -6,9 +6,10 @@ The whole model forward is one graph; each attention layer is one opaque op in i
 depends on the step's lengths but the tensor sizes. Sizes are symbolic: the token count is a
 dynamic dimension, and the request count is unbacked (only the attention op reads it, and the
 compiler never specialises on it). A graph is compiled for one-token steps (batch-1 decode) and
-one for every other size, both at start-up (`warm_up`), so no served step compiles. Inductor keeps
-its compiled kernels in its on-disk cache (`TORCHINDUCTOR_CACHE_DIR`, by default under /tmp), so a
-later start-up of the same model reuses them and only traces.
+one for every other size, both at start-up (`warm_up`), so no served step compiles. Weights are
+frozen into the graph (inductor packs each linear's for oneDNN); start-up therefore compiles for
+minutes on a 2-core machine every time: with frozen weights inductor's on-disk cache did not
+shorten a second start-up in our measurement (docs/perf-cpu.md).
 """
 
 from __future__ import annotations
