@@ -76,9 +76,13 @@ def run_engine(name: str, spec: dict, timeout_s: float) -> dict:
         load = os.getloadavg()[0]
         cmd = ["env", *spec["env"], spec["python"], str(HERE / "engine_runs.py"), str(spec_path), str(out_path)]
         start = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=tmp, timeout=timeout_s, capture_output=True, text=True)
+        # Output to a file, not a pipe: an engine's helper processes (vLLM's resource tracker)
+        # outlive it and would hold a pipe open.
+        log_path = Path(tmp) / "engine.log"
+        with open(log_path, "w") as log:
+            proc = subprocess.run(cmd, cwd=tmp, timeout=timeout_s, stdout=log, stderr=subprocess.STDOUT)
         if proc.returncode != 0 or not out_path.exists():
-            tail = (proc.stderr or proc.stdout)[-3000:]
+            tail = log_path.read_text()[-3000:]
             raise RuntimeError(f"{name} failed (exit {proc.returncode}):\n{tail}")
         result = json.loads(out_path.read_text())
         result.update(load_before=load, wall_s=time.perf_counter() - start)
