@@ -22,7 +22,7 @@ def dequantised_hf_folder(gguf_path: str, out: str) -> str:
     from tokenmill.model.loader.tokenizer import load_tokenizer
 
     config = gguf_hf_config(gguf_path)
-    config.torch_dtype = "bfloat16"
+    config.dtype = "bfloat16"
     tensors = {name: t.to(torch.bfloat16).contiguous() for name, t in iter_gguf_weights(gguf_path, config)}
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(folder))
