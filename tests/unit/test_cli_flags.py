@@ -43,18 +43,19 @@ def test_config_yaml_unknown_option_is_an_error(tmp_path, capsys):
 def test_revision_and_unsupported_quantization_are_refused_in_one_line(capsys):
     assert main(["generate", "x", "--revision", "v1.0"]) == 1
     assert "cannot check out a revision" in capsys.readouterr().err.splitlines()[-1]
-    with pytest.raises(ValueError, match="--quantization awq: tokenmill runs unquantized weights"):
+    with pytest.raises(ValueError, match="quantization must be one of fp8, gguf \\(or unset\\), got 'awq'"):
         EngineArgs(quantization="awq").create_engine_config()
     with pytest.raises(ValueError, match="max_logprobs must be in"):
         EngineArgs(max_logprobs=50).create_engine_config()
 
 
 def test_accepted_vllm_model_flags(tmp_path):
-    """--quantization gguf names what a .gguf file is; --download-dir and --trust-remote-code
+    """--quantization gguf keeps a .gguf file's blocks; --download-dir and --trust-remote-code
     change nothing (no downloads, no remote code), as vLLM behaves for a local model."""
     config = EngineArgs(quantization="gguf", download_dir=str(tmp_path), trust_remote_code=True,
                         max_logprobs=5).create_engine_config()
     assert config.model.max_logprobs == 5
+    assert config.load_format == "gguf" and config.kernels.gguf_weight_type is not None
 
 
 def test_chat_template_from_a_file_inline_or_refused(tmp_path):

@@ -50,6 +50,8 @@ DTYPES = {"auto": None, "float32": torch.float32, "float": torch.float32, "bfloa
 SCHEDULING_POLICIES = ("fcfs", "priority")
 # KV cache element types; "auto" stores K/V in the model dtype. fp8 is e4m3 with a per-layer scale.
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+# Weight formats run from their own blocks rather than through config/quantization.py.
+QUANTIZATIONS = ("gguf",)
 
 
 def _default_device() -> str:
@@ -121,8 +123,9 @@ class EngineArgs:
     # None: on where it pays (CUDA, whose kernels run behind the host), off on CPU.
     async_scheduling: bool | None = None
     kv_cache_dtype: str = "auto"  # "auto" (the model dtype) or "fp8" / "fp8_e4m3"
-    # Linear weights' format: None (the checkpoint's: its quantization_config, else unquantised) or
-    # "fp8" (an unquantised checkpoint quantised at load; docs/quantization.md).
+    # Linear weights' format: None (the checkpoint's: its quantization_config, else unquantised),
+    # "fp8" (an unquantised checkpoint quantised at load; docs/quantization.md) or "gguf" (a GGUF
+    # file's Q4_0/Q4_1/Q8_0 weights stay in their blocks, CPU; docs/perf-cpu.md).
     quantization: str | None = None
     disable_cascade_attn: bool = False
     # GPU kernel switches (docs/gpu.md): all on by default, each off for measurement or a workaround.
@@ -142,6 +145,9 @@ class EngineArgs:
     trust_remote_code: bool = False
     revision: str | None = None
     download_dir: str | None = None
+    # CPU: compile the forward pass with inductor (worker/cpu_compile.py). Off unless asked: every
+    # start-up compiles for minutes on a 2-core machine, and it needs a C++ compiler at run time.
+    cpu_compile: bool = False
 
     # ----- CLI -----
     @staticmethod
@@ -184,8 +190,8 @@ class EngineArgs:
                             help="ranks (GPUs, or CPU processes) to split the model over")
         parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device,
                             help="auto: CUDA when a GPU is visible, else the CPU")
-        parser.add_argument("--attention-backend", choices=("torch_native", "triton"), default=None,
-                            help="default: triton on CUDA, torch_native on the CPU")
+        parser.add_argument("--attention-backend", choices=("torch_native", "cpu", "triton"), default=None,
+                            help="default: triton on CUDA, torch_native on the CPU (cpu with --cpu-compile)")
         parser.add_argument("--enforce-eager", action="store_true",
                             help="no CUDA graphs (the CPU always runs eagerly)")
         parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
@@ -194,9 +200,11 @@ class EngineArgs:
         parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=d.kv_cache_dtype,
                             help="KV cache element type: auto (the model dtype) or fp8 (e4m3, half "
                                  "the bytes, scale 1.0)")
-        parser.add_argument("--quantization", "-q", choices=QUANTIZATION_METHODS, default=None,
+        parser.add_argument("--quantization", "-q", choices=QUANTIZATION_METHODS + QUANTIZATIONS, default=None,
                             help="weight format: fp8 quantises an unquantised checkpoint at load "
                                  "(per-channel weight scales, dynamic per-token activation scales); "
+                                 "gguf keeps a GGUF file's Q4_0/Q4_1/Q8_0 linear weights in their "
+                                 "blocks (one CPU rank; otherwise they are dequantised at load); "
                                  "default: the checkpoint's quantization_config (block-FP8 checkpoints "
                                  "load as fp8 either way)")
         parser.add_argument("--disable-cascade-attn", action="store_true",
@@ -215,6 +223,9 @@ class EngineArgs:
                             default=d.fused_all_reduce_max_world_size,
                             help="use the fused all-reduce + RMSNorm kernel up to this many ranks")
         add_vllm_model_args(parser, d)
+        parser.add_argument("--cpu-compile", action="store_true",
+                            help="CPU: compile the forward pass with inductor (faster steps; the first "
+                                 "start-up compiles for minutes, later ones reuse the on-disk cache)")
         return parser
 
     @classmethod
@@ -247,14 +258,21 @@ class EngineArgs:
         if task == "embed":
             return self._create_embedding_config(device)
         source = resolve_model_source(self.model, self.load_format, self.tokenizer)
-        source = use_cached_conversion(source)  # a GGUF is read from its converted copy after the first start
+        if self.quantization != "gguf":  # (kept in its blocks, a GGUF is read from the file itself)
+            source = use_cached_conversion(source)  # a GGUF is read from its converted copy after the first start
         hf_config = source.load_hf_config()
         source = with_dummy_tokenizer(source, hf_config)
         architecture = (getattr(hf_config, "architectures", None) or ["?"])[0]
         dtype = resolve_dtype(self.dtype, hf_config, device)
-        attention_backend = self.attention_backend or ("triton" if device.type == "cuda" else "torch_native")
+        cpu_compile = _resolve_cpu_compile(self.cpu_compile, device, self.tensor_parallel_size, self.enforce_eager,
+                                           self.attention_backend)
+        attention_backend = self.attention_backend or (
+            "triton" if device.type == "cuda" else "cpu" if cpu_compile else "torch_native")
         kv_cache_dtype = resolve_kv_cache_dtype(self.kv_cache_dtype, dtype, device, attention_backend)
-        quantization = resolve_quantization(hf_config, self.quantization)
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS + QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS + QUANTIZATIONS)} "
+                             f"(or unset), got {self.quantization!r}")
+        quantization = resolve_quantization(hf_config, None if self.quantization in QUANTIZATIONS else self.quantization)
         if self.tensor_parallel_size > 1:
             _check_tensor_parallel_split(hf_config, self.tensor_parallel_size)
         model_max = (getattr(hf_config, "max_position_embeddings", None) or 2048)
@@ -306,6 +324,8 @@ class EngineArgs:
             custom_all_reduce=not self.disable_custom_all_reduce,
             fused_all_reduce_norm=self.fused_all_reduce_norm,
             fused_all_reduce_max_world_size=self.fused_all_reduce_max_world_size,
+            cpu_compile=cpu_compile,
+            gguf_weight_type=_gguf_weight_type(self.quantization, source, device, self.tensor_parallel_size),
         )
         return EngineConfig(
             model=model_cfg,
@@ -373,6 +393,32 @@ class EngineArgs:
             kernels=KernelConfig(attention_backend="encoder", enforce_eager=True),
             engine_args=dataclasses.replace(self),
         )
+
+
+def _resolve_cpu_compile(requested: bool, device: torch.device, tensor_parallel_size: int,
+                         enforce_eager: bool, attention_backend: str | None) -> bool:
+    """Whether the CPU forward is compiled; a request that cannot be honoured is refused."""
+    possible = device.type == "cpu" and tensor_parallel_size == 1 and attention_backend in (None, "cpu")
+    if requested and not possible:
+        raise ValueError(f"cpu_compile needs device cpu, tensor_parallel_size 1 and the cpu attention backend "
+                         f"(got device {device.type}, tensor_parallel_size {tensor_parallel_size}, "
+                         f"attention_backend {attention_backend})")
+    if requested and enforce_eager:
+        raise ValueError("cpu_compile and enforce_eager contradict each other")
+    return requested
+
+
+def _gguf_weight_type(quantization: str | None, source, device: torch.device, tensor_parallel_size: int
+                      ) -> str | None:
+    if quantization not in QUANTIZATIONS:
+        return None
+    if source.load_format != "gguf":
+        raise ValueError(f"quantization='gguf' needs a GGUF model; {source.display_name} loads as {source.load_format}")
+    if device.type != "cpu" or tensor_parallel_size != 1:
+        raise ValueError(f"quantization='gguf' runs on one CPU rank (got device {device.type}, "
+                         f"tensor_parallel_size {tensor_parallel_size})")
+    from tokenmill.config.gguf_metadata import gguf_linear_weight_type
+    return gguf_linear_weight_type(source.path)
 
 
 def _check_tensor_parallel_split(hf_config: Any, tp: int) -> None:

@@ -98,8 +98,13 @@ class ParallelConfig:
 class KernelConfig:
     """Which implementation each part runs; chosen once, when that part is built."""
 
-    attention_backend: str = "torch_native"  # "torch_native" (reference, CPU) or "triton" (CUDA)
+    attention_backend: str = "torch_native"  # "torch_native" (reference), "cpu" or "triton" (CUDA)
     enforce_eager: bool = True  # no CUDA graphs
+    # CPU: the forward pass compiled by inductor (worker/cpu_compile.py; needs the "cpu" backend).
+    cpu_compile: bool = False
+    # GGUF block type kept quantised in every linear layer ("Q4_0", "Q4_1", "Q8_0"; CPU,
+    # `quantization="gguf"`); None: GGUF weights are dequantised to the model dtype at load.
+    gguf_weight_type: str | None = None
     # Decode steps whose requests share a long prefix attend it once for the batch (Triton only).
     cascade_attention: bool = False
     # The Triton GEMV for one-row products inside the decode CUDA graphs (cuBLAS otherwise).

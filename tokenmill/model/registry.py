@@ -99,7 +99,7 @@ def build_model(config: EngineConfig, tp: TensorParallelGroup) -> nn.Module:
     if config.load_format == "dummy":
         init_dummy_weights(model, model_config.seed)
     else:
-        load_weights(model, iter_weights(model_config.source, model_config.hf_config))
+        load_weights(model, iter_weights(model_config.source, model_config.hf_config, config.kernels.gguf_weight_type))
     for module in model.modules():
         if hasattr(module, "process_weights_after_loading"):
             module.process_weights_after_loading()

@@ -60,6 +60,7 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator] = {}
         self.kv_caches: list[KVCache] = []
         self.graphs = None  # CudaGraphDecoder once captured
+        self._forward = self.model  # or the compiled CPU forward (capture_cuda_graphs)
         self._structured = None  # StructuredOutputManager, built on the first constrained request
         self.async_scheduling = sched.async_scheduling
         # Rank 0 sends each step's sampled tokens to the other ranks on the device (async + TP).
@@ -81,7 +82,13 @@ class ModelRunner:
                           for layer in self.attention_layers]
 
     def capture_cuda_graphs(self) -> None:
-        """Decode graphs (CUDA, after the KV cache exists; `enforce_eager` skips)."""
+        """Decode graphs (CUDA, after the KV cache exists; `enforce_eager` skips); on the CPU, the
+        compiled forward pass (`cpu_compile`), warmed up here."""
+        if self.config.kernels.cpu_compile:
+            from tokenmill.worker.cpu_compile import CompiledCpuForward
+            self._forward = CompiledCpuForward(self.model, self.buffers.max_tokens)
+            self._forward.warm_up(self._dummy_step)
+            return
         if self.config.kernels.enforce_eager or not self.attn_builder.supports_decode_graphs:
             return
         from tokenmill.worker.cuda_graphs import CudaGraphDecoder
@@ -113,12 +120,25 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[-min(n, self.config.scheduler.max_num_seqs):])
         self.sampler.argmax(logits[:1].float())
 
+    @torch.inference_mode()
+    def _dummy_step(self, num_tokens: int) -> None:
+        """A step of `num_tokens` one-token requests that writes no KV (slot -1), for warm-ups."""
+        n = num_tokens
+        host = HostInputs(
+            input_ids=np.zeros(n, np.int64), positions=np.zeros(n, np.int64), slot_mapping=np.full(n, -1, np.int64),
+            seq_lens=np.ones(n, np.int32), block_table=np.zeros((n, 1), np.int32),
+            query_start=np.arange(n + 1, dtype=np.int64), num_decodes=n, max_query_len=1,
+            num_known=np.ones(n, np.int64), lag_rows=[])
+        staged = self.buffers.stage(host)
+        with forward_context(_EAGER):
+            self._forward(staged.input_ids, staged.positions, self.kv_caches, self.attn_builder.build(staged.batch))
+
     def shutdown(self) -> None:
         """Drop everything on the device (the runner cannot step afterwards): the KV pool, graphs
         and weights, so that a later engine in this process finds the memory free."""
         self.kv_caches = []
         self.graphs = None
-        self.model = None
+        self.model = self._forward = None
         self.attention_layers = []
         self._prev_sampled = None
 
@@ -208,7 +228,7 @@ class ModelRunner:
             logits = self.graphs.replay(graph_key, num_reqs)
         else:
             meta = self.attn_builder.build(staged.batch, prefix_len)
-            hidden = self.model(staged.input_ids, staged.positions, self.kv_caches, meta)
+            hidden = self._forward(staged.input_ids, staged.positions, self.kv_caches, meta)
             self.tp.check_all_sums_taken()
             for i, s in enumerate(states):
                 if s.params.prompt_logprobs is not None and s.num_computed_tokens < s.num_prompt_tokens - 1:

@@ -12,8 +12,11 @@ if TYPE_CHECKING:
 
 
 def backend_class(name: str) -> type[AttentionBackend]:
-    """`torch_native` or `triton` for decoders (imported on first use, so CPU processes never import
-    Triton); `encoder` for embedding models (bidirectional, no KV cache)."""
+    """`torch_native`, `cpu` (compiled CPU forward) or `triton` for decoders (imported on first use,
+    so CPU processes never import Triton); `encoder` for embedding models (bidirectional, no KV cache)."""
+    if name == "cpu":
+        from tokenmill.model.attention.cpu import CpuBackend
+        return CpuBackend
     if name == "torch_native":
         from tokenmill.model.attention.torch_native import TorchNativeBackend
         return TorchNativeBackend
@@ -23,7 +26,7 @@ def backend_class(name: str) -> type[AttentionBackend]:
     if name == "encoder":
         from tokenmill.model.attention.encoder import EncoderBackend
         return EncoderBackend
-    raise ValueError(f"unknown attention backend {name!r}; choose from torch_native, triton")
+    raise ValueError(f"unknown attention backend {name!r}; choose from torch_native, cpu, triton")
 
 
 def mla_backend_class(name: str) -> type["MLABackend"]:

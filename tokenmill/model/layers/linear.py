@@ -93,7 +93,7 @@ class LinearBase(nn.Module):
             raise ValueError(f"{name}: checkpoint shape {tuple(loaded.shape)} does not match the layer "
                              f"({out.src_total} rows expected)")
         src = loaded.narrow(0, out.src, out.size)
-        if param.dim() == 2:
+        if param.dim() >= 2:  # (a GGUF weight is [out, blocks, block bytes])
             cols = self.input_range().in_entries(cols_per_entry)
             if loaded.shape[1] != cols.src_total:
                 raise ValueError(f"{name}: checkpoint shape {tuple(loaded.shape)} does not match the layer "

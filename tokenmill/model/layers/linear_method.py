@@ -49,6 +49,10 @@ class LinearMethod:
         """Weight elements per entry of parameter `name`, along (out, in)."""
         return 1, 1
 
+    def create_weight(self, out_features: int, in_features: int) -> nn.Parameter:
+        """The layer's `weight` parameter, in the form the checkpoint stores it (`[out, in]`)."""
+        return nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         pass
 
@@ -63,13 +67,18 @@ class LinearMethod:
 
 
 class CpuLinearMethod(LinearMethod):
-    """oneDNN with a pre-packed weight where this torch build has it; `F.linear` otherwise."""
+    """oneDNN with a pre-packed weight where this torch build has it; `F.linear` otherwise.
 
-    def __init__(self) -> None:
+    `pack=False` (a layer inside the compiled CPU forward): `F.linear`, which inductor's freezing
+    pass turns into oneDNN with a weight it packs itself."""
+
+    def __init__(self, pack: bool = True) -> None:
+        self.pack = pack
         self.packed: torch.Tensor | None = None
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        self.packed = cpu_gemm.pack_weight(layer.weight)
+        if self.pack:
+            self.packed = cpu_gemm.pack_weight(layer.weight)
 
     def apply(self, layer, x, bias=None, push=None):
         # oneDNN applies the activation inside the GEMM (a post-op): no extra pass over the output.
@@ -102,11 +111,13 @@ class CudaLinearMethod(LinearMethod):
         return (y if bias is None else y + bias), push is not None
 
 
-def unquantized_linear_method() -> LinearMethod:
-    """The method for a bf16/fp16/fp32 weight, for the device being built for."""
+def unquantized_linear_method(in_compiled_graph: bool = True) -> LinearMethod:
+    """The method for a bf16/fp16/fp32 weight, for the device being built for.
+    `in_compiled_graph`: whether the layer runs inside the model forward (which `cpu_compile`
+    compiles), not after it (the LM head)."""
     context = build_context()
     if context.on_cuda:
         return CudaLinearMethod(context.kernels.triton_gemv)
     if context.device.type == "cpu":
-        return CpuLinearMethod()
+        return CpuLinearMethod(pack=not (context.kernels.cpu_compile and in_compiled_graph))
     return LinearMethod()
