@@ -147,12 +147,13 @@ def test_weights_from_an_hf_model_in_memory(tiny_moe):
     _check_against_hf(name, hf_model, out, PROMPT)
 
 
-def test_decode_bytes_count_only_the_chosen_experts(tiny_moe):
-    """The benchmarks' bytes-read floor: of each routed-experts layer, top_k experts per token."""
+def test_decode_bytes_count_only_the_chosen_experts(tmp_path):
+    """The benchmarks' bytes-read floor: of each routed-experts layer, top_k experts per token
+    (shared experts and dense layers whole)."""
     from tokenmill.benchmarks.common import weight_bytes_read
 
-    name, folder, _ = tiny_moe
-    with LLM(folder, load_format="dummy", **ENGINE) as llm:
+    _hf_model("qwen2_moe").save_pretrained(tmp_path)
+    with LLM(str(tmp_path), load_format="dummy", **ENGINE) as llm:
         model = llm.engine.core.executor.driver_worker.model
         total = sum(p.numel() * p.element_size() for p in model.parameters())
         embed = model.model.embed_tokens.weight
