@@ -20,6 +20,7 @@ from tokenmill.config.engine_config import (
     ParallelConfig,
     SchedulerConfig,
 )
+from tokenmill.config.model_checks import check_model_config
 from tokenmill.config.model_source import resolve_model_source
 from tokenmill.config.parallel import head_partition
 
@@ -106,6 +107,9 @@ class EngineArgs:
     disable_custom_all_reduce: bool = False
     fused_all_reduce_norm: bool = True
     fused_all_reduce_max_world_size: int = 4
+    # Hybrid (linear-attention) models with prefix caching: checkpoint the recurrent state every
+    # this many tokens (a multiple of block_size); a cached prefix is reused up to a checkpoint.
+    state_checkpoint_interval: int = 512
 
     # ----- CLI -----
     @staticmethod
@@ -154,6 +158,9 @@ class EngineArgs:
         parser.add_argument("--fused-all-reduce-max-world-size", type=int,
                             default=d.fused_all_reduce_max_world_size,
                             help="use the fused all-reduce + RMSNorm kernel up to this many ranks")
+        parser.add_argument("--state-checkpoint-interval", type=int, default=d.state_checkpoint_interval,
+                            help="hybrid linear-attention models with prefix caching: tokens between "
+                                 "checkpoints of the recurrent state (a multiple of --block-size)")
         return parser
 
     @classmethod
@@ -180,6 +187,7 @@ class EngineArgs:
         source = resolve_model_source(self.model, self.load_format, self.tokenizer)
         hf_config = source.load_hf_config()
         architecture = (getattr(hf_config, "architectures", None) or ["?"])[0]
+        check_model_config(hf_config, architecture)
         dtype = resolve_dtype(self.dtype, hf_config, device)
         attention_backend = self.attention_backend or ("triton" if device.type == "cuda" else "torch_native")
         kv_cache_dtype = resolve_kv_cache_dtype(self.kv_cache_dtype, dtype, device, attention_backend)
@@ -205,16 +213,27 @@ class EngineArgs:
         kernels = KernelConfig(
             attention_backend=attention_backend,
             enforce_eager=self.enforce_eager or device.type != "cuda",
-            cascade_attention=attention_backend == "triton" and not self.disable_cascade_attn,
+            # A sliding window cuts each request's context at its own point: no prefix is shared.
+            cascade_attention=(attention_backend == "triton" and not self.disable_cascade_attn
+                               and model_cfg.attention_layout.sliding_window is None),
             triton_gemv=self.triton_gemv,
             custom_all_reduce=not self.disable_custom_all_reduce,
             fused_all_reduce_norm=self.fused_all_reduce_norm,
             fused_all_reduce_max_world_size=self.fused_all_reduce_max_world_size,
         )
+        layout = model_cfg.attention_layout
+        if layout.is_hybrid and (self.state_checkpoint_interval < self.block_size
+                                 or self.state_checkpoint_interval % self.block_size):
+            raise ValueError(f"state_checkpoint_interval ({self.state_checkpoint_interval}) must be a "
+                             f"multiple of block_size ({self.block_size})")
         return EngineConfig(
             model=model_cfg,
             cache=CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
-                              self.enable_prefix_caching, self.num_gpu_blocks_override, kv_cache_dtype),
+                              self.enable_prefix_caching, self.num_gpu_blocks_override, kv_cache_dtype,
+                              sliding_window=layout.kv_free_window,
+                              num_state_slots=_num_state_slots(layout.is_hybrid, self.max_num_seqs,
+                                                               self.enable_prefix_caching),
+                              state_checkpoint_interval=self.state_checkpoint_interval if layout.is_hybrid else 0),
             scheduler=SchedulerConfig(self.max_num_seqs, max_batched, self.scheduling_policy, max_model_len,
                                       device.type == "cuda" if self.async_scheduling is None
                                       else self.async_scheduling),
@@ -224,6 +243,14 @@ class EngineArgs:
             kernels=kernels,
             engine_args=dataclasses.replace(self),
         )
+
+
+def _num_state_slots(hybrid: bool, max_num_seqs: int, prefix_caching: bool) -> int:
+    """A hybrid model's state slots: one per request that can run, and as many again for
+    prefix-cache checkpoints when caching is on (checkpoints only ever take free slots)."""
+    if not hybrid:
+        return 0
+    return max_num_seqs * (2 if prefix_caching else 1)
 
 
 def _check_tensor_parallel_split(hf_config: Any, tp: int) -> None:

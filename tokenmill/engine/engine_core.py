@@ -66,7 +66,7 @@ class EngineCore:
             self.executor.shutdown()  # stop any worker ranks, so a later engine in this process can start
             raise
         self.kv_manager = KVCacheManager(num_blocks, config.cache.block_size,
-                                         config.cache.enable_prefix_caching)
+                                         config.cache.enable_prefix_caching, config.cache.sliding_window)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager)
         self.async_scheduling = config.scheduler.async_scheduling
         self._in_flight: _LaunchedStep | None = None  # launched, tokens not read yet (async only)

@@ -112,15 +112,23 @@ class AttentionBackend(ABC):
     `rope`, when given, is the step's rotary embedding (`RotaryInputs`): the backend rotates q and k
     (neox style) before it writes k to the cache and attends, so that it can fuse the rotation into
     its cache write. q and k may be rotated in place.
+
+    `sliding_window` (a layer constant, None for full attention): the query at position p attends
+    the keys at positions (p - sliding_window, p] only. The KV blocks wholly before that range may
+    already have been freed and handed to other requests (core/kv_cache_manager.py), so a backend
+    must not read them, not even to mask them out.
     """
 
     name: str = "abstract"
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None) -> None:
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        assert sliding_window is None or sliding_window >= 1
+        self.sliding_window = sliding_window
 
     @staticmethod
     @abstractmethod

@@ -13,12 +13,16 @@ from tokenmill.model.layers.rotary_embedding import RotaryInputs
 
 
 class Attention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
-        """`num_heads` / `num_kv_heads`: this rank's."""
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None) -> None:
+        """`num_heads` / `num_kv_heads`: this rank's. `sliding_window`: the query at position p
+        attends the keys in (p - sliding_window, p] (None: the whole context)."""
         super().__init__()
         context = build_context()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.impl = backend_class(context.kernels.attention_backend)(num_heads, num_kv_heads, head_dim, scale)
+        self.sliding_window = sliding_window
+        self.impl = backend_class(context.kernels.attention_backend)(num_heads, num_kv_heads, head_dim, scale,
+                                                                     sliding_window)
         # Per-tensor fp8 KV-cache scales (used only with kv_cache_dtype="fp8"): 1.0, uncalibrated,
         # as vLLM defaults to. A checkpoint with calibrated scales would set them here.
         self.k_scale = 1.0

@@ -1,6 +1,8 @@
 """The Llama family of decoders: Llama 2/3, SmolLM, Mistral, Qwen2 (QKV bias) and Qwen3 (Q/K norm).
 
-These differ only in a few switches read from the HF config, so one module serves them all.
+These differ only in a few switches read from the HF config, so one module serves them all; a
+sliding window (Mistral, Qwen2/3 with `use_sliding_window`) is a per-layer setting of the attention
+(`config/attention_layout.py`), and `config/model_checks.py` refuses any field not handled here.
 Tokens of all requests in a step are flattened into one batch: `input_ids` and `positions` are
 `[num_tokens]`, hidden states `[num_tokens, hidden_size]`. HF weight names are kept, so loading a
 checkpoint is a short mapping from HF's separate q/k/v and gate/up tensors onto merged matrices
@@ -14,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokenmill.config.attention_layout import attention_layout
 from tokenmill.model.attention.backend import AttentionMetadata, KVCache
 from tokenmill.model.attention.layer import Attention
 from tokenmill.model.layers.layernorm import RMSNorm
@@ -28,7 +31,8 @@ def head_dim_of(config: Any) -> int:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: Any, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool,
+                 sliding_window: int | None) -> None:
         super().__init__()
         head_dim = head_dim_of(config)
         num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -36,11 +40,12 @@ class LlamaAttention(nn.Module):
                                           num_kv_heads, bias=qkv_bias)
         # This rank's columns follow its query heads (which may be uneven across ranks).
         self.o_proj = RowParallelLinear(
-            config.num_attention_heads * head_dim, config.hidden_size, bias=getattr(config, "o_proj_bias", False),
+            config.num_attention_heads * head_dim, config.hidden_size, bias=o_bias,
             input_slice=(self.qkv_proj.q_start * head_dim, self.qkv_proj.q_size))
         self.q_norm = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
-        self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, head_dim ** -0.5)
+        self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, head_dim ** -0.5,
+                              sliding_window)
 
     def forward(self, hidden: torch.Tensor, rope: RotaryInputs, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -51,9 +56,10 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: Any, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool,
+                 sliding_window: int | None) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, qkv_bias, qk_norm)
+        self.self_attn = LlamaAttention(config, qkv_bias, o_bias, qk_norm, sliding_window)
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, bias=getattr(config, "mlp_bias", False),
                             hidden_act=getattr(config, "hidden_act", "silu"))
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -73,11 +79,14 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: Any, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        # Mistral's window covers every layer; Qwen2/3's the layers its layer_types name.
+        layout = attention_layout(config, config.architectures[0])
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, qkv_bias, qk_norm) for _ in range(config.num_hidden_layers))
+            LlamaDecoderLayer(config, qkv_bias, o_bias, qk_norm, layout.window(i))
+            for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         theta, scaling = rope_parameters(config)
         # One table for all layers (a 128k-position table is 64 MB).
@@ -95,9 +104,11 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Llama 2/3, SmolLM and Mistral (and, through two switches, Qwen2 and Qwen3)."""
+    """Llama 2/3, SmolLM and Mistral (and, through a few switches, Qwen2 and Qwen3)."""
 
     qkv_bias_default = False
+    # HF's Llama and Qwen3 put `attention_bias` on o_proj too; Qwen2 biases only q, k and v.
+    o_bias_with_qkv = True
     qk_norm = False
 
     # HF name fragment -> (merged parameter fragment, shard id)
@@ -114,7 +125,8 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, getattr(config, "attention_bias", self.qkv_bias_default), self.qk_norm)
+        qkv_bias = bool(getattr(config, "attention_bias", self.qkv_bias_default))
+        self.model = LlamaModel(config, qkv_bias, qkv_bias and self.o_bias_with_qkv, self.qk_norm)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
                                       tied_to=self.model.embed_tokens if self.tie_word_embeddings else None)
@@ -133,6 +145,7 @@ class LlamaForCausalLM(nn.Module):
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
     qkv_bias_default = True
+    o_bias_with_qkv = False
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
