@@ -30,6 +30,8 @@ DTYPES = {"auto": None, "float32": torch.float32, "float": torch.float32, "bfloa
 SCHEDULING_POLICIES = ("fcfs", "priority")
 # KV cache element types; "auto" stores K/V in the model dtype. fp8 is e4m3 with a per-layer scale.
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+# State checkpoints end a block of the lightning-attention scan, whose blocks are at least 16 tokens.
+STATE_CHECKPOINT_ALIGNMENT = 16
 
 
 def _default_device() -> str:
@@ -222,10 +224,10 @@ class EngineArgs:
             fused_all_reduce_max_world_size=self.fused_all_reduce_max_world_size,
         )
         layout = model_cfg.attention_layout
-        if layout.is_hybrid and (self.state_checkpoint_interval < self.block_size
-                                 or self.state_checkpoint_interval % self.block_size):
+        step = max(self.block_size, STATE_CHECKPOINT_ALIGNMENT)
+        if layout.is_hybrid and (self.state_checkpoint_interval < step or self.state_checkpoint_interval % step):
             raise ValueError(f"state_checkpoint_interval ({self.state_checkpoint_interval}) must be a "
-                             f"multiple of block_size ({self.block_size})")
+                             f"multiple of block_size ({self.block_size}) and of {STATE_CHECKPOINT_ALIGNMENT}")
         return EngineConfig(
             model=model_cfg,
             cache=CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
