@@ -15,6 +15,8 @@ How each family names it (transformers 5):
 - MiniMax: `layer_types` of `full_attention` / `linear_attention` (the original checkpoints'
   `attn_type_list`: 1 softmax, 0 linear); a `sliding_window` windows its softmax layers.
 - Llama: no window field; one there is ambiguous (HF's Llama ignores it) and is refused.
+- Families whose window rule is the same (Mixtral as Mistral, Qwen2/3-MoE as Qwen2/3) get the same
+  layout; other families are read as full attention, and their model classes refuse a window.
 
 The layout is used by the model (a window per layer), the engine config (whether KV blocks can be
 freed behind the window, whether the model keeps recurrent state) and the start-up checks.
@@ -89,7 +91,7 @@ def attention_layout(hf_config: Any, architecture: str) -> AttentionLayout:
     num_layers = hf_config.num_hidden_layers
     window = getattr(hf_config, "sliding_window", None)
     layer_types = getattr(hf_config, "layer_types", None)
-    if architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+    if architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
         # HF's config nulls the window unless use_sliding_window; layer_types then follows from
         # max_window_layers, unless the checkpoint gave its own.
         window = window if getattr(hf_config, "use_sliding_window", False) else None
@@ -102,7 +104,7 @@ def attention_layout(hf_config: Any, architecture: str) -> AttentionLayout:
             raise UnsupportedModelConfig(architecture, "layer_types", SLIDING,
                                          "sliding layers without a window (use_sliding_window / sliding_window)")
         return AttentionLayout(tuple(kinds), _window(architecture, window) if SLIDING in kinds else None)
-    if architecture == "MistralForCausalLM":
+    if architecture in ("MistralForCausalLM", "MixtralForCausalLM"):
         if layer_types is not None:
             raise UnsupportedModelConfig(architecture, "layer_types", layer_types,
                                          "HF's Mistral applies sliding_window to every layer")
@@ -122,10 +124,10 @@ def attention_layout(hf_config: Any, architecture: str) -> AttentionLayout:
             window = _window(architecture, window)
             kinds = [SLIDING if kind == FULL else kind for kind in kinds]
         return AttentionLayout(tuple(kinds), window)
-    # Llama and anything else with one kind of attention.
-    if window is not None:
-        raise UnsupportedModelConfig(architecture, "sliding_window", window,
-                                     "this family has no sliding window in HF (its models ignore the field)")
-    if layer_types is not None and set(layer_types) != {FULL}:
-        raise UnsupportedModelConfig(architecture, "layer_types", layer_types)
+    if architecture == "LlamaForCausalLM":
+        if window is not None:
+            raise UnsupportedModelConfig(architecture, "sliding_window", window,
+                                         "this family has no sliding window in HF (its models ignore the field)")
+        if layer_types is not None and set(layer_types) != {FULL}:
+            raise UnsupportedModelConfig(architecture, "layer_types", layer_types)
     return AttentionLayout((FULL,) * num_layers)

@@ -124,11 +124,16 @@ class RowParallelLinear(LinearBase):
     ranks may be deferred to the RMSNorm that follows (`TensorParallelGroup.defer_sum`), which then
     computes it fused with the residual add and the norm; the caller sees the summed output either
     way, as long as it hands it straight to that norm. The bias, if any, is added once (rank 0).
+
+    `reduce_results=False` returns this rank's partial product unsummed, for a caller that adds it
+    to other partial sums and has the total summed once (a mixture-of-experts layer's shared
+    expert, `layers/moe/fused_moe.py`).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 input_slice: tuple[int, int] | None = None) -> None:
+                 input_slice: tuple[int, int] | None = None, reduce_results: bool = True) -> None:
         tp = build_context().tp
+        self.reduce_results = reduce_results
         if input_slice is None:
             size = divide(in_features, tp.world_size, "input features")
             input_slice = (tp.rank * size, size)
@@ -145,17 +150,22 @@ class RowParallelLinear(LinearBase):
         return self.bias if self.tp.rank == 0 else None
 
     def _push_target(self, x: torch.Tensor):
-        if self.tp.world_size == 1:
+        if self.tp.world_size == 1 or not self.reduce_results:
             return None
         return self.tp.push_target(x.shape[0], self.weight.shape[0], x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y, pushed = self.method.apply(self, x, self._bias(), self._push_target(x))
-        return y if self.tp.world_size == 1 else self.tp.defer_sum(y, pushed)
+        return self._sum(y, pushed)
 
     def forward_silu_mul(self, gate_up: torch.Tensor, silu_and_mul: nn.Module) -> torch.Tensor:
         """`self(silu_and_mul(gate_up))` for `gate_up` = [gate | up], this rank's shard of each as a
         `MergedColumnParallelLinear` of the same rank count outputs them; lets batch-1 decode fold
         the activation into the GEMV (`linear_method.py`)."""
         y, pushed = self.method.apply_silu_mul(self, gate_up, silu_and_mul, self._bias(), self._push_target(gate_up))
-        return y if self.tp.world_size == 1 else self.tp.defer_sum(y, pushed)
+        return self._sum(y, pushed)
+
+    def _sum(self, y: torch.Tensor, pushed: bool) -> torch.Tensor:
+        if self.tp.world_size == 1 or not self.reduce_results:
+            return y
+        return self.tp.defer_sum(y, pushed)

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import torch
 
 from tokenmill.config.model_source import ModelSource
+from tokenmill.model.loader.expert_weights import expert_weight
 
 
 def iter_safetensors_weights(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -71,30 +72,41 @@ def load_weights(model: torch.nn.Module, weights: Iterator[tuple[str, torch.Tens
 
     The model class declares its name mapping: `stacked_params` ((merged fragment, HF fragment,
     shard id), e.g. q/k/v into `qkv_proj`), `ignored_weights` (fragments of tensors it recomputes)
-    and optionally `skip_weight(name)`. Every parameter must be loaded exactly from the checkpoint:
-    unknown tensors and missing parameters are errors, not silent gaps.
+    and optionally `skip_weight(name)`. Routed experts' matrices go to their `FusedMoE` layer's
+    stacked parameters through the shared table of `expert_weights.py`. Every parameter must be
+    loaded exactly from the checkpoint: unknown tensors, missing parameters and missing experts
+    are errors, not silent gaps.
     """
     params = dict(model.named_parameters())
     stacked = getattr(model, "stacked_params", ())
     ignored = getattr(model, "ignored_weights", ())
     skip = getattr(model, "skip_weight", lambda name: False)
     loaded: set[str] = set()
+
+    def param_of(target: str, name: str) -> torch.nn.Parameter:
+        if target not in params:
+            raise ValueError(f"checkpoint tensor {name} has no matching parameter in {type(model).__name__}")
+        return params[target]
+
     for name, tensor in weights:
         if any(fragment in name for fragment in ignored) or skip(name):
+            continue
+        expert = expert_weight(name)
+        if expert is not None:
+            param = param_of(expert.param_name, name)
+            _weight_loader_of(model, expert.param_name)(param, tensor.to(param.dtype), expert.shard_id,
+                                                        expert.expert_id)
+            loaded.add(expert.param_name)
             continue
         for merged, part, shard_id in stacked:
             if f".{part}." in name:
                 target = name.replace(part, merged)
-                if target not in params:
-                    raise ValueError(f"checkpoint tensor {name} has no matching parameter in {type(model).__name__}")
-                param = params[target]
+                param = param_of(target, name)
                 _weight_loader_of(model, target)(param, tensor.to(param.dtype), shard_id)
                 loaded.add(target)
                 break
         else:
-            if name not in params:
-                raise ValueError(f"checkpoint tensor {name} has no matching parameter in {type(model).__name__}")
-            param = params[name]
+            param = param_of(name, name)
             loader = _weight_loader_of(model, name)
             if loader is None:
                 if param.shape != tensor.shape:
@@ -107,4 +119,9 @@ def load_weights(model: torch.nn.Module, weights: Iterator[tuple[str, torch.Tens
     missing = set(params) - loaded
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+    for module_name, module in model.named_modules():
+        unloaded = module.unloaded_weights() if hasattr(module, "unloaded_weights") else []
+        if unloaded:
+            raise ValueError(f"checkpoint is missing {len(unloaded)} expert matrices of {module_name}, "
+                             f"e.g. {unloaded[:3]}")
     return loaded

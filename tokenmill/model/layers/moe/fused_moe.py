@@ -1,0 +1,165 @@
+"""`FusedMoE`: a mixture-of-experts feed-forward layer: routing, the routed experts' gated MLPs,
+the top-k weighted sum, optional shared experts, and one tensor-parallel sum for all of it.
+
+Weights are stacked per expert: `w13_weight [E_local, 2 * I_local, H]` (gate rows, then up rows)
+and `w2_weight [E_local, H, I_local]`, loaded one HF tensor at a time through
+`weight_loader(param, tensor, shard_id, expert_id)` with `shard_id` "w1" (gate), "w3" (up) or
+"w2" (down) (`model/loader/expert_weights.py` maps the checkpoint names). Under tensor
+parallelism every rank holds every expert's slice of the intermediate dimension (`I_local = I /
+tp`), so each rank's output is a partial sum. `expert_map` ([E] int32: global expert id -> local
+slot, -1 where this rank holds no copy) is what expert parallelism will change: a rank computes
+only the (token, expert) pairs of its local experts and the sum over ranks adds the rest.
+
+Implementation, chosen once when built (`CustomOp`):
+- `forward_native` (CPU, and the reference every kernel is tested against): a loop over the
+  experts that received tokens, each a gathered GEMM pair, scattered back with `index_add_`.
+- `forward_cuda`: the fused Triton kernels of `ops/fused_moe.py` (tokens aligned by expert in
+  blocks, grouped GEMMs with SiLU-and-mul and the routing weight fused). No host sync: CUDA-graph
+  capturable.
+Experts no token chose cost nothing in either.
+
+Shared experts (DeepSeek's `shared_experts`, Qwen2-MoE's sigmoid-gated `shared_expert`) are
+modules the model registers where its checkpoint names them and hands to this layer: built with
+`reduce_results=False`, their partial outputs join the routed experts' before the single sum over
+ranks, which `TensorParallelGroup.defer_sum` hands to the next RMSNorm. So the output of `forward`
+must go straight into that norm (as every MoE decoder's does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenmill.config.parallel import divide
+from tokenmill.model.build_context import build_context
+from tokenmill.model.custom_op import CustomOp
+from tokenmill.model.layers.moe.router import RoutingConfig, select_experts
+
+SHARD_IDS = ("w1", "w2", "w3")  # gate, down, up (Mixtral's names; `loader/expert_weights.py`)
+
+
+class FusedMoE(CustomOp):
+    """Args:
+        num_experts: routed experts of the model (global count, E).
+        hidden_size: H. intermediate_size: each expert's I (whole, before the tensor-parallel split).
+        routing: how tokens pick experts (`router.RoutingConfig`).
+        shared_experts: optional `GatedMLP(..., reduce_results=False)`, registered by the caller.
+        shared_expert_gate: optional [H -> 1] linear: the shared output is scaled by
+            `sigmoid(shared_expert_gate(x))` (Qwen2-MoE), registered by the caller.
+        hidden_act: the experts' activation (silu only).
+        local_experts: the global ids this rank holds (None: all of them).
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, routing: RoutingConfig,
+                 shared_experts: nn.Module | None = None, shared_expert_gate: nn.Module | None = None,
+                 hidden_act: str = "silu", local_experts: Sequence[int] | None = None) -> None:
+        super().__init__()
+        if hidden_act != "silu":
+            raise ValueError(f"expert activation {hidden_act!r} is not supported (silu)")
+        if shared_expert_gate is not None and shared_experts is None:
+            raise ValueError("a shared_expert_gate needs shared_experts")
+        routing.check_num_experts(num_experts)
+        context = build_context()
+        self.tp = context.tp
+        self.routing = routing
+        self.num_experts = num_experts
+        self.hidden_size = hidden_size
+        self.intermediate_per_rank = divide(intermediate_size, self.tp.world_size, "expert intermediate size")
+        local = list(range(num_experts)) if local_experts is None else sorted(local_experts)
+        if len(set(local)) != len(local) or not all(0 <= e < num_experts for e in local):
+            raise ValueError(f"local_experts must be distinct ids in 0..{num_experts - 1}")
+        self.num_local_experts = len(local)
+        self.all_experts_local = len(local) == num_experts
+        expert_map = torch.full((num_experts,), -1, dtype=torch.int32)
+        expert_map[local] = torch.arange(len(local), dtype=torch.int32)
+        self._expert_map_host = expert_map.tolist()
+        self.register_buffer("expert_map", expert_map.to(context.device), persistent=False)
+        inter = self.intermediate_per_rank
+        self.w13_weight = nn.Parameter(torch.empty(self.num_local_experts, 2 * inter, hidden_size),
+                                       requires_grad=False)
+        self.w2_weight = nn.Parameter(torch.empty(self.num_local_experts, hidden_size, inter), requires_grad=False)
+        # Held, not registered: the model registers them under their checkpoint names.
+        self._shared = (shared_experts, shared_expert_gate)
+        self._loaded: set[tuple[int, str]] = set()  # (expert, shard) loaded from a checkpoint
+        if self.uses_cuda_kernels:
+            from tokenmill.ops import fused_moe
+            self._fused_experts = fused_moe.fused_experts
+
+    # ----- weights -----
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str, expert_id: int) -> None:
+        """Copy this rank's slice of one expert's HF matrix (`[I, H]` for w1/w3, `[H, I]` for w2)."""
+        if shard_id not in SHARD_IDS:
+            raise ValueError(f"expert shard id {shard_id!r} is not one of {SHARD_IDS}")
+        if not 0 <= expert_id < self.num_experts:
+            raise ValueError(f"expert id {expert_id} out of range: the layer has {self.num_experts} experts")
+        assert (param is self.w2_weight) == (shard_id == "w2"), "w1/w3 load into w13_weight, w2 into w2_weight"
+        local = self._expert_map_host[expert_id]
+        if local < 0:
+            return
+        inter, rank = self.intermediate_per_rank, self.tp.rank
+        full_inter = inter * self.tp.world_size
+        expected = (self.hidden_size, full_inter) if shard_id == "w2" else (full_inter, self.hidden_size)
+        if tuple(loaded.shape) != expected:
+            raise ValueError(f"expert {expert_id} {shard_id}: checkpoint shape {tuple(loaded.shape)}, "
+                             f"expected {expected}")
+        if shard_id == "w2":
+            param.data[local].copy_(loaded.narrow(1, rank * inter, inter))
+        else:
+            offset = 0 if shard_id == "w1" else inter
+            param.data[local].narrow(0, offset, inter).copy_(loaded.narrow(0, rank * inter, inter))
+        self._loaded.add((expert_id, shard_id))
+
+    def unloaded_weights(self) -> list[str]:
+        """After a checkpoint load: the (expert, shard) matrices this rank holds that were never
+        loaded (`load_weights` refuses a checkpoint with any). Clears the record."""
+        wanted = {(e, s) for e, slot in enumerate(self._expert_map_host) if slot >= 0 for s in SHARD_IDS}
+        missing = [f"expert {e} {s}" for e, s in sorted(wanted - self._loaded)]
+        self._loaded.clear()
+        return missing
+
+    # ----- forward -----
+    def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor,
+                correction_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [T, H], router_logits [T, E] (correction_bias [E] where the routing has one)
+        -> [T, H]: the routed experts' weighted sum plus the shared experts' output, summed over
+        tensor-parallel ranks (deferred to the next RMSNorm)."""
+        topk_weights, topk_ids = select_experts(router_logits, self.routing, correction_bias)
+        out = self._impl(self, hidden, topk_weights, topk_ids)
+        shared_experts, shared_gate = self._shared
+        if shared_experts is not None:
+            shared = shared_experts(hidden)
+            if shared_gate is not None:
+                shared = torch.sigmoid(shared_gate(hidden)) * shared
+            out = out + shared
+        return out if self.tp.world_size == 1 else self.tp.defer_sum(out)
+
+    def forward_native(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+                       ) -> torch.Tensor:
+        return experts_ref(hidden, self.w13_weight, self.w2_weight, topk_weights, topk_ids, self.expert_map)
+
+    def forward_cuda(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+                     ) -> torch.Tensor:
+        expert_map = None if self.all_experts_local else self.expert_map
+        return self._fused_experts(hidden, self.w13_weight, self.w2_weight, topk_weights, topk_ids, expert_map)
+
+
+def experts_ref(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                topk_ids: torch.Tensor, expert_map: torch.Tensor) -> torch.Tensor:
+    """The routed experts in plain torch (the CPU path and the reference of `ops/fused_moe.py`),
+    computed as HF's experts modules compute them: per expert that received tokens, ascending.
+
+    hidden [T, H], w13 [E_local, 2I, H], w2 [E_local, H, I], topk_weights [T, k] float32,
+    topk_ids [T, k] global ids, expert_map [E] (global -> local, -1 absent) -> [T, H], this
+    rank's (partial) weighted sum.
+    """
+    out = torch.zeros_like(hidden)
+    local_ids = expert_map[topk_ids.long()]
+    for expert in torch.unique(local_ids[local_ids >= 0]).tolist():
+        tokens, slot = torch.where(local_ids == expert)
+        gate, up = F.linear(hidden[tokens], w13[expert]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, w2[expert]) * topk_weights[tokens, slot, None]
+        out.index_add_(0, tokens, y.to(out.dtype))
+    return out
