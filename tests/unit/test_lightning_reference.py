@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.ops.lightning_attention import lightning_decode_ref, lightning_prefill_ref
+from tokenmill.ops.lightning_attention_ref import lightning_decode_ref, lightning_prefill_ref
 
 H, D = 3, 8
 

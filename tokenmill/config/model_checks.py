@@ -16,6 +16,15 @@ from tokenmill.config.attention_layout import UnsupportedModelConfig, attention_
 
 LLAMA_FAMILY = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 HYBRID_FAMILY = ("MiniMaxForCausalLM",)
+# MiniMax-Text-01 / M1 remote-code names -> HF's MiniMaxConfig names.
+LEGACY_MINIMAX_FIELDS = {
+    "layernorm_full_attention_alpha": "full_attn_alpha_factor",
+    "layernorm_full_attention_beta": "full_attn_beta_factor",
+    "layernorm_linear_attention_alpha": "linear_attn_alpha_factor",
+    "layernorm_linear_attention_beta": "linear_attn_beta_factor",
+    "layernorm_mlp_alpha": "mlp_alpha_factor",
+    "layernorm_mlp_beta": "mlp_beta_factor",
+}
 # RoPE variants `model/layers/rotary_embedding.py` computes as HF does.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -63,6 +72,17 @@ def _check_minimax(architecture: str, hf_config: Any) -> None:
     if shared:
         raise UnsupportedModelConfig(architecture, "shared_intermediate_size", shared,
                                      "MiniMax shared experts are not implemented")
+    # The original checkpoints' names for fields HF renamed: honoured only where they agree.
+    for legacy, field in LEGACY_MINIMAX_FIELDS.items():
+        if hasattr(hf_config, legacy) and float(getattr(hf_config, legacy)) != float(getattr(hf_config, field)):
+            raise UnsupportedModelConfig(architecture, legacy, getattr(hf_config, legacy),
+                                         f"disagrees with {field}={getattr(hf_config, field)!r} (rename it)")
+    attn_types = getattr(hf_config, "attn_type_list", None)
+    if attn_types is not None:
+        kinds = ["full_attention" if t == 1 else "linear_attention" for t in attn_types]
+        if list(getattr(hf_config, "layer_types", None) or kinds) != kinds:
+            raise UnsupportedModelConfig(architecture, "attn_type_list", attn_types,
+                                         "disagrees with layer_types (1: full_attention, 0: linear_attention)")
     rotary_dim = getattr(hf_config, "rotary_dim", None)
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
     if rotary_dim is not None and (rotary_dim % 2 or not 0 < rotary_dim <= head_dim):

@@ -6,12 +6,17 @@ their places, so block i still holds tokens i * block_size ...): a long generati
 window / block_size + 1 blocks, not its whole context. A freed block that was published keeps its
 prefix hash in the pool until it is handed out again, so it can still be a prefix hit; once
 evicted, the chain lookup stops there and the prefix is simply not a hit.
+
+A hybrid model's state slots (`state_cache.py`) are managed beside the blocks: a request starts
+only with a free slot as well as its blocks, a prefix hit is cut back to the last boundary whose
+state checkpoint is cached, and freeing a request returns both.
 """
 
 from __future__ import annotations
 
 from tokenmill.core.block_pool import BlockPool, KVBlock, hash_block
 from tokenmill.core.request import Request
+from tokenmill.core.state_cache import NO_SLOT, StateCache
 
 
 # The id the runner's block table gets for a block freed behind the window (never read).
@@ -20,11 +25,13 @@ FREED_BLOCK_ID = -1
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_caching: bool,
-                 sliding_window: int | None = None) -> None:
+                 sliding_window: int | None = None, states: StateCache | None = None) -> None:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, enable_caching)
         self.enable_caching = enable_caching
         self.sliding_window = sliding_window
+        self.states = states  # hybrid models only
+        self._hit_checkpoints: dict[str, KVBlock] = {}  # the state checkpoint a prefix hit ends at
         # None in place of a block freed behind the sliding window.
         self.req_blocks: dict[str, list[KVBlock | None]] = {}
         self._num_freed: dict[str, int] = {}  # leading blocks of the request freed behind the window
@@ -73,6 +80,14 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
+        if self.states is not None:
+            self._hit_checkpoints.pop(request.request_id, None)
+        if self.states is not None and hits:
+            # Never the blocks without the state: only up to the last cached state checkpoint.
+            num_blocks, checkpoint = self.states.longest_hit(request, len(hits), self.block_size)
+            hits = hits[:num_blocks]
+            if checkpoint is not None:
+                self._hit_checkpoints[request.request_id] = checkpoint
         self.prefix_queries += request.num_tokens
         self.prefix_hits += len(hits) * self.block_size
         return hits, len(hits) * self.block_size
@@ -117,6 +132,11 @@ class KVCacheManager:
             revived = sum(1 for b in computed_blocks if b.ref_cnt == 0)
             if max(needed, 0) + revived > self.pool.num_free_blocks:
                 return None
+            if blocks is None and self.states is not None:
+                if not self.states.can_admit:
+                    return None
+                self.states.admit(request.request_id, self._hit_checkpoints.pop(request.request_id, None)
+                                  if computed_blocks else None)
             if blocks is None:
                 self.pool.touch(computed_blocks)
                 blocks = self.req_blocks[request.request_id] = list(computed_blocks)
@@ -159,6 +179,9 @@ class KVCacheManager:
         Blocks published for a step that will now not run for this request (preempted while being
         scheduled) are unpublished first: their contents were never computed.
         """
+        if self.states is not None:
+            self.states.free(request)
+            self._hit_checkpoints.pop(request.request_id, None)
         blocks = self.req_blocks.pop(request.request_id, None)
         registered = self._num_registered.pop(request.request_id, 0)
         num_freed = self._num_freed.pop(request.request_id, 0)
@@ -169,6 +192,28 @@ class KVCacheManager:
             if block.ref_cnt == 1:
                 self.pool.unregister(block)
         self.pool.free(reversed(blocks[num_freed:]))
+
+    # ----- state slots (hybrid models) -----
+    def begin_step(self) -> None:
+        """Called when a step starts to be scheduled: the previous step's state checkpoints are
+        launched, so they become hits."""
+        if self.states is not None:
+            self.states.begin_step()
+
+    def state_slot(self, request_id: str) -> int:
+        return NO_SLOT if self.states is None else self.states.slot(request_id)
+
+    def take_state_restore(self, request_id: str) -> int:
+        """The state checkpoint slot a starting request copies first, or NO_SLOT."""
+        return NO_SLOT if self.states is None else self.states.take_restore(request_id)
+
+    def checkpoint_states(self, request: Request, start: int, end: int) -> list[int]:
+        """State checkpoint slots the step computing tokens [start, end) of `request` stores (one
+        per interval boundary in (start, end], NO_SLOT where none), or []."""
+        if self.states is None or not self.enable_caching:
+            return []
+        self._update_block_hashes(request)
+        return self.states.checkpoint(request, start, end, self.block_size)
 
     def reset_counters(self) -> None:
         self.prefix_queries = self.prefix_hits = 0

@@ -21,6 +21,7 @@ from tokenmill.core.messages import EngineOutput, EngineOutputs, EngineRequest, 
 from tokenmill.core.request import Request, RequestStatus
 from tokenmill.core.scheduler import Scheduler
 from tokenmill.core.scheduler_output import SchedulerOutput
+from tokenmill.core.state_cache import StateCache
 from tokenmill.executor import make_executor
 from tokenmill.utils.process import freeze_long_lived_objects
 
@@ -65,8 +66,13 @@ class EngineCore:
         except BaseException:
             self.executor.shutdown()  # stop any worker ranks, so a later engine in this process can start
             raise
-        self.kv_manager = KVCacheManager(num_blocks, config.cache.block_size,
-                                         config.cache.enable_prefix_caching, config.cache.sliding_window)
+        cache = config.cache
+        states = None
+        if cache.num_state_slots:  # a hybrid model: state slots beside the blocks
+            states = StateCache(cache.num_state_slots, cache.state_checkpoint_interval,
+                                cache.enable_prefix_caching, config.scheduler.max_num_seqs)
+        self.kv_manager = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching,
+                                         cache.sliding_window, states)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager)
         self.async_scheduling = config.scheduler.async_scheduling
         self._in_flight: _LaunchedStep | None = None  # launched, tokens not read yet (async only)

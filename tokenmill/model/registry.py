@@ -9,6 +9,7 @@ from tokenmill.config.engine_config import EngineConfig
 from tokenmill.distributed.parallel_state import TensorParallelGroup
 from tokenmill.model.build_context import BuildContext, building
 from tokenmill.model.models.llama import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+from tokenmill.model.models.minimax import MiniMaxForCausalLM
 from tokenmill.model.models.minimax_m2 import MiniMaxM2ForCausalLM
 from tokenmill.model.models.mixtral import MixtralForCausalLM
 from tokenmill.model.models.qwen_moe import Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
@@ -22,6 +23,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "MiniMaxM2ForCausalLM": MiniMaxM2ForCausalLM,
+    "MiniMaxForCausalLM": MiniMaxForCausalLM,
 }
 
 

@@ -21,7 +21,7 @@ from tokenmill.config.engine_config import EngineConfig
 from tokenmill.core.scheduler_output import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from tokenmill.distributed.parallel_state import TensorParallelGroup
 from tokenmill.model.attention.backend import KVCache
-from tokenmill.model.attention.layer import Attention
+from tokenmill.model.attention.cache_layer import CacheLayer
 from tokenmill.model.attention.selector import backend_class
 from tokenmill.model.forward_context import ForwardContext, forward_context
 from tokenmill.model.registry import build_model
@@ -46,8 +46,9 @@ class ModelRunner:
         self.device = config.device
         self.block_size = config.cache.block_size
         self.model = build_model(config, tp)
-        # The model's attention layers, in the order of its layers: each owns its part of the KV cache.
-        self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        # The model's layers that keep per-request memory (attention: KV blocks; linear attention:
+        # state slots), in the order of its layers: each owns its part of the cache.
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, CacheLayer)]
         self.attn_builder = backend_class(config.kernels.attention_backend).builder_class()(config, self.device)
         self.sampler = Sampler(self.device)
         sched = config.scheduler
@@ -57,6 +58,8 @@ class ModelRunner:
         # Seeded generators outlive preemption, so a resumed request continues its random stream.
         self.generators: dict[str, torch.Generator] = {}
         self.kv_caches: list[KVCache] = []
+        # Hybrid models: (source, destination) state-slot copies for the next step (prefix-cache restores).
+        self._state_restores: list[tuple[int, int]] = []
         self.graphs = None  # CudaGraphDecoder once captured
         self._structured = None  # StructuredOutputManager, built on the first constrained request
         self.async_scheduling = sched.async_scheduling
@@ -74,8 +77,14 @@ class ModelRunner:
         return sum(layer.kv_cache_bytes_per_block(self.block_size, self.kv_cache_dtype)
                    for layer in self.attention_layers)
 
+    def state_bytes_per_slot(self) -> int:
+        """Bytes of one state slot over the model's linear-attention layers (0: none)."""
+        return sum(layer.state_bytes_per_slot() for layer in self.attention_layers)
+
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        self.kv_caches = [layer.allocate_kv_cache(num_blocks, self.block_size, self.kv_cache_dtype, self.device)
+        slots = self.config.cache.num_state_slots
+        self.kv_caches = [layer.allocate_kv_cache(num_blocks, self.block_size, self.kv_cache_dtype, self.device,
+                                                  slots)
                           for layer in self.attention_layers]
 
     def capture_cuda_graphs(self) -> None:
@@ -150,6 +159,8 @@ class ModelRunner:
                 params.structured_outputs, stop_token_ids=stops, prefix_token_ids=state.output_token_ids)
         state.sampling_extras = bool(params.logit_bias or params.min_tokens > 0 or params.needs_penalties
                                      or state.grammar is not None)
+        if new.restore_state_from >= 0:
+            self._state_restores.append((new.restore_state_from, new.state_slot))
         if params.seed is not None and self.is_driver and new.request_id not in self.generators:
             self.generators[new.request_id] = torch.Generator(device=self.device).manual_seed(params.seed)
 
@@ -181,6 +192,8 @@ class ModelRunner:
             counts = np.array([num_scheduled[r] for r in order], dtype=np.int64)
         states = [self.input_batch.states[r] for r in order]
         host = self.input_batch.prepare(states, counts)
+        if self._state_restores or sched.state_checkpoints:
+            self._stage_state_ops(host, order, sched)
         output = ModelRunnerOutput()
         sample_rows = np.flatnonzero(host.seq_lens >= host.num_known).tolist()
         # A one-token row that samples is past its prompt, so it needs no prompt logprobs.
@@ -190,7 +203,8 @@ class ModelRunner:
         nd = host.num_decodes
         prefix_len = self.attn_builder.common_prefix_len(host.block_table[:nd], host.seq_lens[:nd]) if nd else 0
         graph_key = None
-        if (self.graphs is not None and len(sample_rows) == nd == num_reqs and not needs_prompt_logprobs):
+        if (self.graphs is not None and len(sample_rows) == nd == num_reqs and not needs_prompt_logprobs
+                and host.state_restores is None):
             graph_key = self.graphs.padded_batch(num_reqs, prefix_len > 0)
         staged = self.buffers.stage(host, pad_to=graph_key[0] if graph_key else None)
         if host.lag_rows:
@@ -231,6 +245,21 @@ class ModelRunner:
         if self.async_scheduling:
             self._prev_sampled = (sampled.token_ids, dict(zip(sampled_ids, range(len(sampled_ids)))))
         return StepFuture(output, sampled_states, sampled_ids, sampled.to_host(), _record_event(self.device))
+
+    def _stage_state_ops(self, host: HostInputs, order: list[str], sched: SchedulerOutput) -> None:
+        """Hybrid models: this step's state restores and checkpoint slots, rows in batch order."""
+        if self._state_restores:
+            host.state_restores = np.array(self._state_restores, dtype=np.int64).T.copy()
+            self._state_restores = []
+        if sched.state_checkpoints:
+            width = max(len(slots) for slots in sched.state_checkpoints.values())
+            table = np.full((len(order), width), -1, dtype=np.int32)
+            for row, request_id in enumerate(order):
+                slots = sched.state_checkpoints.get(request_id)
+                if slots:
+                    table[row, :len(slots)] = slots
+            host.state_checkpoints = table
+            host.state_checkpoint_interval = self.config.cache.state_checkpoint_interval
 
     def _device_tokens(self, states: list[RequestState], host: HostInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """(token rows, token ids) on the device for the rows whose input the host does not know yet."""

@@ -53,7 +53,22 @@ class Worker:
                 budget = cache.kv_cache_memory
         else:
             budget = cache.kv_cache_memory or DEFAULT_CPU_KV_CACHE_BYTES
-        return self.tp.all_reduce_min(max(1, int(budget // self.runner.kv_cache_bytes_per_block())))
+        # A hybrid model's state slots (a fixed count, config/engine_args.py) come out of the same
+        # budget first; the blocks take the rest.
+        state_bytes = cache.num_state_slots * self.runner.state_bytes_per_slot()
+        if state_bytes:
+            if state_bytes >= budget:
+                raise ValueError(
+                    f"the {cache.num_state_slots} recurrent-state slots of this hybrid model need "
+                    f"{state_bytes / 2**30:.2f} GiB, more than the {budget / 2**30:.2f} GiB left for the "
+                    f"cache: lower --max-num-seqs (slots: one per running request, twice that with "
+                    f"prefix caching) or give the cache more memory")
+            budget -= state_bytes
+            logger.info("state slots: %d x %.1f MiB", cache.num_state_slots, self.runner.state_bytes_per_slot() / 2**20)
+        per_block = self.runner.kv_cache_bytes_per_block()
+        if per_block == 0:  # no layer with a KV cache: blocks are bookkeeping only
+            return -(-self.config.model.max_model_len // cache.block_size) * self.config.scheduler.max_num_seqs
+        return self.tp.all_reduce_min(max(1, int(budget // per_block)))
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         """Allocate the pool, then capture the decode graphs that read it."""

@@ -14,12 +14,8 @@ import torch
 from kernel_device import DEVICE, INTERPRET  # noqa: F401  (skips the module without a GPU or the interpreter)
 from test_attention_kernels import gpu_only, rel_err  # noqa: E402
 
-from tokenmill.ops.lightning_attention import (  # noqa: E402
-    lightning_decode,
-    lightning_decode_ref,
-    lightning_prefill,
-    lightning_prefill_ref,
-)
+from tokenmill.ops.lightning_attention import lightning_decode, lightning_prefill  # noqa: E402
+from tokenmill.ops.lightning_attention_ref import lightning_decode_ref, lightning_prefill_ref  # noqa: E402
 
 DTYPE = torch.float16 if INTERPRET else torch.bfloat16
 REL_TOL = 1e-2

@@ -56,6 +56,17 @@ class AttentionMetadata:
     # backend attends that shared prefix once for all of them (cascade attention). Decided by the
     # backend's builder.
     common_prefix_len: torch.Tensor | None = None
+    # Hybrid models (linear-attention layers keep a recurrent state per request in a slot of their
+    # state pool, model/attention/lightning.py). [num_reqs] int32: each request's slot (-1: none,
+    # e.g. CUDA-graph padding); None for models without state.
+    state_slots: torch.Tensor | None = None
+    # [2, n] int64 or None: before the step, copy state slot [0, i] into slot [1, i] (a prefix-cache
+    # hit restores a request's state from a checkpoint).
+    state_restores: torch.Tensor | None = None
+    # [num_reqs, max_boundaries] int32 or None: the slot to store each request's state into at the
+    # j-th multiple of `state_checkpoint_interval` after its chunk's first token (-1: none).
+    state_checkpoints: torch.Tensor | None = None
+    state_checkpoint_interval: int = 0
 
     @property
     def num_prefills(self) -> int:

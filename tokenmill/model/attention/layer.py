@@ -1,18 +1,19 @@
 """`Attention`: the layer a model calls with its projected q, k and v. It owns the backend chosen
-for the engine (`--attention-backend`) and the layer's fp8 KV-cache scales."""
+for the engine (`--attention-backend`), the layer's fp8 KV-cache scales and, as a `CacheLayer`,
+the layout of its share of the paged KV cache."""
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from tokenmill.model.attention.backend import AttentionMetadata, KVCache
+from tokenmill.model.attention.cache_layer import CacheLayer
 from tokenmill.model.attention.selector import backend_class
 from tokenmill.model.build_context import build_context
 from tokenmill.model.layers.rotary_embedding import RotaryInputs
 
 
-class Attention(nn.Module):
+class Attention(CacheLayer):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  sliding_window: int | None = None) -> None:
         """`num_heads` / `num_kv_heads`: this rank's. `sliding_window`: the query at position p
@@ -33,7 +34,7 @@ class Attention(nn.Module):
         return 2 * block_size * self.num_kv_heads * self.head_dim * torch.empty((), dtype=dtype).element_size()
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype,
-                          device: torch.device) -> KVCache:
+                          device: torch.device, num_state_slots: int = 0) -> KVCache:
         """(k_cache, v_cache), each [num_blocks, block_size, num_kv_heads, head_dim]."""
         shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
         return (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
