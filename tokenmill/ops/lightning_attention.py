@@ -39,7 +39,8 @@ from tokenmill.ops.lightning_attention_ref import scan_block
 # Value columns of the state per program: [head_dim, BLOCK_DV] float32.
 BLOCK_DV = 64
 
-@triton.jit
+# Per-step values are not specialised on (a new variant would compile mid-serving; see attention_decode.py).
+@triton.jit(do_not_specialize=["first_req", "ckpt_interval", "ckpt_stride"])
 def _lightning_prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, slopes_ptr, state_ptr, query_start_loc_ptr, seq_lens_ptr,
     state_slots_ptr, ckpt_ptr, first_req, ckpt_interval, ckpt_stride,
@@ -78,22 +79,26 @@ def _lightning_prefill_kernel(
         n = end - begin
         rows = (q_start + begin - context + idx).to(tl.int64)
         row_mask = idx < n
+        # Tensor-core products take the model dtype (float32 state and accumulators): the state,
+        # a sum over the whole history, is rounded only as an operand, never as it accumulates.
         q = tl.load(q_ptr + rows[:, None] * stride_q_tok + head * stride_q_head + dims[None, :],
-                    mask=row_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
+                    mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
         k = tl.load(k_ptr + rows[:, None] * stride_k_tok + head * stride_k_head + dims[None, :],
-                    mask=row_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
+                    mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
         v = tl.load(v_ptr + rows[:, None] * stride_v_tok + head * stride_v_head + vdims[None, :],
-                    mask=row_mask[:, None] & vdim_mask[None, :], other=0.0).to(tl.float32)
+                    mask=row_mask[:, None] & vdim_mask[None, :], other=0.0)
+        dtype = q.dtype
         fidx = idx.to(tl.float32)
         q_decay = tl.exp2(neg_slope_log2 * (fidx + 1.0))  # lambda^(i+1)
-        inter = tl.dot(q * q_decay[:, None], state)
+        inter = tl.dot((q.to(tl.float32) * q_decay[:, None]).to(dtype), state.to(dtype))
         scores = tl.dot(q, tl.trans(k))
         scores = tl.where(causal, scores * tl.exp2(neg_slope_log2 * tl.maximum(diff, 0.0)), 0.0)
-        out = inter + tl.dot(scores, v)
+        out = inter + tl.dot(scores.to(dtype), v)
         tl.store(out_ptr + rows[:, None] * stride_o_tok + head * stride_o_head + vdims[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & vdim_mask[None, :])
         k_decay = tl.where(row_mask, tl.exp2(neg_slope_log2 * (n - 1 - fidx)), 0.0)  # lambda^(n-1-j)
-        state = state * tl.exp2(neg_slope_log2 * n) + tl.dot(tl.trans(k * k_decay[:, None]), v)
+        k_decayed = (k.to(tl.float32) * k_decay[:, None]).to(dtype)
+        state = state * tl.exp2(neg_slope_log2 * n) + tl.dot(tl.trans(k_decayed), v)
         if CHECKPOINTS:
             if end % ckpt_interval == 0:
                 j = end // ckpt_interval - context // ckpt_interval - 1
