@@ -125,3 +125,39 @@ def test_unsupported_fields_are_refused_at_start(tmp_path):
         AutoModelForCausalLM.from_config(config).save_pretrained(folder)
         with pytest.raises(ValueError, match=field):
             LLM(str(folder), **ENGINE)
+
+
+def test_weights_from_an_hf_model_in_memory(tiny_moe):
+    """HF's in-memory tensors (transformers 5 stacks experts as `experts.gate_up_proj`), renamed to
+    checkpoint names, load through the same mapping as a checkpoint: the benchmark baseline's path
+    (`benchmarks/hf_baseline.py`) and the one a weight update from tensors takes."""
+    from tokenmill.benchmarks.hf_baseline import checkpoint_named_weights
+    from tokenmill.model.loader.weights import load_weights
+
+    name, folder, hf_model = tiny_moe
+    with LLM(folder, load_format="dummy", **ENGINE) as llm:
+        ours = llm.engine.core.executor.driver_worker.model
+        assert any(n.endswith("experts.gate_up_proj") for n, _ in hf_model.named_parameters())
+        load_weights(ours, checkpoint_named_weights(hf_model))
+        for module in ours.modules():
+            if hasattr(module, "process_weights_after_loading"):
+                module.process_weights_after_loading()
+        out = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=NEW_TOKENS, logprobs=5,
+                                                    ignore_eos=True), use_tqdm=False)[0]
+    _check_against_hf(name, hf_model, out, PROMPT)
+
+
+def test_decode_bytes_count_only_the_chosen_experts(tiny_moe):
+    """The benchmarks' bytes-read floor: of each routed-experts layer, top_k experts per token."""
+    from tokenmill.benchmarks.common import weight_bytes_read
+
+    name, folder, _ = tiny_moe
+    with LLM(folder, load_format="dummy", **ENGINE) as llm:
+        model = llm.engine.core.executor.driver_worker.model
+        total = sum(p.numel() * p.element_size() for p in model.parameters())
+        embed = model.model.embed_tokens.weight
+        moe = [m for m in model.modules() if hasattr(m, "num_local_experts")]
+        experts = sum(m.w13_weight.numel() + m.w2_weight.numel() for m in moe) * 4
+        k, e = moe[0].routing.top_k, moe[0].num_local_experts
+        assert weight_bytes_read(model, 1) == total - embed.numel() * 4 - experts + experts * k // e
+        assert weight_bytes_read(model, 1000) == total - embed.numel() * 4  # every expert read

@@ -80,7 +80,8 @@ def test_select_experts_matches_hf_routers(case):
         _, ref_weights, ref_ids = router(hidden)
     _assert_same_choice(select_experts(_logits_of(router, hidden), routing, bias), ref_weights, ref_ids)
     if has_bias:  # the bias really changed the choice somewhere (else the test proves little)
-        plain = select_experts(_logits_of(router, hidden), RoutingConfig(**{**routing.__dict__, "correction_bias": False}))
+        unbiased = RoutingConfig(**{**routing.__dict__, "correction_bias": False})
+        plain = select_experts(_logits_of(router, hidden), unbiased)
         assert not torch.equal(plain[1].sort().values, ref_ids.int().sort().values)
 
 

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from tokenmill.benchmarks.common import sync, write_json
+from tokenmill.benchmarks.common import sync, weight_bytes_read, write_json
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -24,16 +24,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     EngineArgs.add_cli_args(p)
     p.set_defaults(func=run)
     return p
-
-
-def _weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes read per decode step: every weight except the embedding table (only gathered)."""
-    total = 0
-    for name, p in model.named_parameters():
-        if name.endswith("embed_tokens.weight") and getattr(model, "lm_head", None) is not None:
-            continue
-        total += p.numel() * p.element_size()
-    return total
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -62,7 +52,8 @@ def run(args: argparse.Namespace) -> dict:
     prefill = min(timed(1) for _ in range(args.num_iters))
     full = min(timed(args.output_len) for _ in range(args.num_iters))
     ms_per_token = (full - prefill) / (args.output_len - 1) * 1000
-    weight_bytes = _weight_bytes(llm.engine.core.runner.model)  # rank 0's shard: per GPU
+    # Rank 0's shard: per GPU; of a mixture of experts, the experts the batch's tokens chose.
+    weight_bytes = weight_bytes_read(llm.engine.core.executor.driver_worker.model, args.batch_size)
     result = {
         "benchmark": "latency", "model": config.model.served_model_name, "device": str(device),
         "dtype": str(config.model.dtype).removeprefix("torch."), "batch_size": args.batch_size,

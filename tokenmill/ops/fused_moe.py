@@ -32,7 +32,8 @@ from tokenmill.ops.fused_moe_configs import MoeKernelConfig, moe_config
 from tokenmill.ops.moe_align import MoeAlignment, moe_align
 
 
-@triton.jit
+# One compiled kernel for every batch size: the sizes that follow the batch are not specialised on.
+@triton.jit(do_not_specialize=["num_entries", "max_padded"])
 def _grouped_gemm_kernel(
     a_ptr, b_ptr, c_ptr, topk_weights_ptr, sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
     N, K, num_entries, max_padded,
@@ -132,7 +133,7 @@ def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
     topk_ids = topk_ids.to(torch.int32).contiguous()
     topk_weights = topk_weights.contiguous()
     if config is None:
-        config = moe_config(num_tokens, num_local, hidden_size, inter, hidden.dtype, hidden.device)
+        config = moe_config(num_tokens, num_local, top_k, hidden_size, inter, hidden.dtype, hidden.device)
     align = moe_align(topk_ids, config.block_m, num_local, expert_map)
     num_entries = num_tokens * top_k
     act = torch.empty(num_entries, inter, dtype=hidden.dtype, device=hidden.device)

@@ -30,16 +30,15 @@ class MoeKernelConfig(NamedTuple):
 TUNED: dict[str, dict[tuple[int, int, int, int], dict[int, MoeKernelConfig]]] = {}
 
 
-def default_config(num_tokens: int, num_local_experts: int, element_bytes: int) -> MoeKernelConfig:
-    """The heuristic: few rows per expert (decode) -> short row blocks over wide K slices, the
-    weight stream dominating; many rows -> large tiles, grouped for L2 reuse. Float32 halves the
-    K slice and the pipeline depth to stay within shared memory."""
+def default_config(num_tokens: int, num_local_experts: int, top_k: int, element_bytes: int) -> MoeKernelConfig:
+    """The heuristic: while an expert gets few rows (decode), 16-row blocks over wide K slices
+    (the weight stream dominates); with many, 64x128 tiles grouped for L2 reuse. Two regimes
+    only, so a serving engine compiles few variants. Float32 halves the K slice and the pipeline
+    depth to stay within shared memory."""
     wide = element_bytes <= 2
-    rows_per_expert = num_tokens * 8 / max(num_local_experts, 1)  # a typical top-k of 8
+    rows_per_expert = num_tokens * top_k / max(num_local_experts, 1)
     if num_tokens <= 32 or rows_per_expert <= 16:
         return MoeKernelConfig(16, 64, 128 if wide else 32, 1, 4, 3 if wide else 2)
-    if rows_per_expert <= 64:
-        return MoeKernelConfig(32, 64, 64 if wide else 32, 8, 4, 3 if wide else 2)
     return MoeKernelConfig(64, 128, 64 if wide else 32, 8, 8 if wide else 4, 3 if wide else 2)
 
 
@@ -48,7 +47,7 @@ def _device_table(device_index: int) -> dict:
     return TUNED.get(torch.cuda.get_device_name(device_index), {})
 
 
-def moe_config(num_tokens: int, num_local_experts: int, hidden_size: int, intermediate_per_rank: int,
+def moe_config(num_tokens: int, num_local_experts: int, top_k: int, hidden_size: int, intermediate_per_rank: int,
                dtype: torch.dtype, device: torch.device) -> MoeKernelConfig:
     """The configuration for a call with `num_tokens` tokens on this layer shape and device."""
     element_bytes = torch.empty((), dtype=dtype).element_size()
@@ -57,4 +56,4 @@ def moe_config(num_tokens: int, num_local_experts: int, hidden_size: int, interm
         by_tokens = _device_table(index).get((num_local_experts, hidden_size, intermediate_per_rank, element_bytes))
         if by_tokens:
             return by_tokens[min(by_tokens, key=lambda measured: abs(measured - num_tokens))]
-    return default_config(num_tokens, num_local_experts, element_bytes)
+    return default_config(num_tokens, num_local_experts, top_k, element_bytes)

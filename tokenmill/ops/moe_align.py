@@ -124,7 +124,12 @@ def _scatter_chunk(chunk, expert, run_start_ptr, scratch_ptr, sorted_ids_ptr, nu
     tl.store(sorted_ids_ptr + slot, chunk * CHUNK + keys % CHUNK, mask=key_real)
 
 
-@triton.jit
+# Sizes that change with the batch are not specialised on (divisibility, == 1): one compiled
+# kernel serves every batch size.
+_BATCH_SIZES = ["num_entries", "max_padded", "max_blocks", "num_chunks"]
+
+
+@triton.jit(do_not_specialize=_BATCH_SIZES[:3])
 def _align_one_chunk_kernel(topk_ids_ptr, expert_map_ptr, sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
                             run_start_ptr, scratch_ptr, num_entries, num_local, max_padded, max_blocks,
                             HAS_MAP: tl.constexpr, BLOCK_M: tl.constexpr, NUM_BINS: tl.constexpr,
@@ -138,7 +143,7 @@ def _align_one_chunk_kernel(topk_ids_ptr, expert_map_ptr, sorted_ids_ptr, block_
     _scatter_chunk(0, expert, run_start_ptr, scratch_ptr, sorted_ids_ptr, num_local, NUM_BINS, CHUNK)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_BATCH_SIZES[:1])
 def _chunk_counts_kernel(topk_ids_ptr, expert_map_ptr, counts_ptr, num_entries, num_local,
                          HAS_MAP: tl.constexpr, NUM_BINS: tl.constexpr, CHUNK: tl.constexpr):
     chunk = tl.program_id(0)
@@ -146,7 +151,7 @@ def _chunk_counts_kernel(topk_ids_ptr, expert_map_ptr, counts_ptr, num_entries, 
     tl.store(counts_ptr + chunk * NUM_BINS + tl.arange(0, NUM_BINS), tl.histogram(expert, NUM_BINS))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_BATCH_SIZES)
 def _chunk_offsets_kernel(counts_ptr, chunk_start_ptr, sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
                           num_chunks, num_entries, num_local, max_padded, max_blocks,
                           BLOCK_M: tl.constexpr, NUM_BINS: tl.constexpr, BLOCKS_PER_ITER: tl.constexpr):
@@ -162,7 +167,7 @@ def _chunk_offsets_kernel(counts_ptr, chunk_start_ptr, sorted_ids_ptr, block_exp
         start += tl.load(counts_ptr + chunk * NUM_BINS + bins)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_BATCH_SIZES[:1])
 def _chunk_scatter_kernel(topk_ids_ptr, expert_map_ptr, chunk_start_ptr, scratch_ptr, sorted_ids_ptr,
                           num_entries, num_local,
                           HAS_MAP: tl.constexpr, NUM_BINS: tl.constexpr, CHUNK: tl.constexpr):

@@ -127,7 +127,7 @@ def test_fused_experts_match_reference_half(case, dtype):
 def test_default_configs_give_the_product():
     """The heuristic's configurations at decode and prefill token counts."""
     for num_tokens in (1, 64, 600):
-        config = fused_moe_configs.default_config(num_tokens, 8, 4)
+        config = fused_moe_configs.default_config(num_tokens, 8, 2, 4)
         _check_experts((min(num_tokens, 70), 32, 48, 8, 2, "random", False), config, torch.float32, 1e-4)
 
 
@@ -160,3 +160,24 @@ def test_fused_experts_replays_in_a_cuda_graph():
         weights.uniform_()
         graph.replay()
         torch.testing.assert_close(out, fused_experts(x, w13, w2, weights, ids), rtol=0, atol=0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("num_tokens", [1, 10, 64, 300, 2048])
+@pytest.mark.parametrize("shape", [(128, 2048, 768, 8), (256, 3072, 1536, 8), (8, 4096, 14336, 2)],
+                         ids=["qwen3-30b-a3b", "minimax-m2", "mixtral-8x7b"])
+def test_fused_experts_at_real_shapes_bf16(shape, num_tokens):
+    """The default configurations at the served models' expert shapes (one layer, TP=1), bf16,
+    against the float32 reference on the same bf16 values."""
+    num_experts, hidden, inter, top_k = shape
+    torch.manual_seed(num_tokens)
+    w13 = (torch.randn(num_experts, 2 * inter, hidden, device="cuda") / hidden ** 0.5).bfloat16()
+    w2 = (torch.randn(num_experts, hidden, inter, device="cuda") / inter ** 0.5).bfloat16()
+    x = torch.randn(num_tokens, hidden, device="cuda").bfloat16()
+    weights, ids = torch.rand(num_tokens, num_experts, device="cuda").topk(top_k, dim=-1)
+    ids = ids.to(torch.int32)
+    out = fused_experts(x, w13, w2, weights, ids)
+    expert_map = torch.arange(num_experts, dtype=torch.int32, device="cuda")
+    ref = experts_ref(x.float(), w13.float(), w2.float(), weights, ids, expert_map)
+    rel = ((out.float() - ref).norm() / ref.norm()).item()
+    assert rel < 1e-2, rel

@@ -27,9 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (each prints tokenmill and its baseline side by side)")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK")
-    from tokenmill.benchmarks import latency, throughput
+    from tokenmill.benchmarks import concurrency, latency, moe, throughput
     throughput.add_parser(bench_sub)
     latency.add_parser(bench_sub)
+    concurrency.add_parser(bench_sub)
+    moe.add_parser(bench_sub)
     for module in ("serve", "embed", "structured", "prefix"):
         try:
             mod = __import__(f"tokenmill.benchmarks.{module}", fromlist=["add_parser"])

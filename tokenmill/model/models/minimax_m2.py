@@ -88,6 +88,8 @@ class MiniMaxM2ForCausalLM(LlamaForCausalLM):
                       "shared experts")
         refuse_unless(getattr(config, "sliding_window", None) is None, config, "sliding_window",
                       "sliding-window attention")
+        refuse_unless(all(getattr(config, "attn_type_list", None) or [1]), config, "attn_type_list",
+                      "linear-attention layers (type 0)")
         super().__init__(config)
 
     def decoder_layer(self, config: Any, index: int) -> nn.Module:

@@ -11,11 +11,13 @@ slot, -1 where this rank holds no copy) is what expert parallelism will change: 
 only the (token, expert) pairs of its local experts and the sum over ranks adds the rest.
 
 Implementation, chosen once when built (`CustomOp`):
-- `forward_native` (CPU, and the reference every kernel is tested against): a loop over the
-  experts that received tokens, each a gathered GEMM pair, scattered back with `index_add_`.
-- `forward_cuda`: the fused Triton kernels of `ops/fused_moe.py` (tokens aligned by expert in
-  blocks, grouped GEMMs with SiLU-and-mul and the routing weight fused). No host sync: CUDA-graph
-  capturable.
+- `forward_native` (CPU, and the reference every kernel is tested against): `select_experts`,
+  then a loop over the experts that received tokens, each a gathered GEMM pair, scattered back
+  with `index_add_`.
+- `forward_cuda`: routing in one kernel (`ops/moe_routing.py`; grouped routings through
+  `select_experts`), then the fused Triton kernels of `ops/fused_moe.py` (tokens aligned by
+  expert in blocks, grouped GEMMs with SiLU-and-mul and the routing weight fused). No host sync:
+  CUDA-graph capturable.
 Experts no token chose cost nothing in either.
 
 Shared experts (DeepSeek's `shared_experts`, Qwen2-MoE's sigmoid-gated `shared_expert`) are
@@ -85,8 +87,9 @@ class FusedMoE(CustomOp):
         self._shared = (shared_experts, shared_expert_gate)
         self._loaded: set[tuple[int, str]] = set()  # (expert, shard) loaded from a checkpoint
         if self.uses_cuda_kernels:
-            from tokenmill.ops import fused_moe
+            from tokenmill.ops import fused_moe, moe_routing
             self._fused_experts = fused_moe.fused_experts
+            self._route = moe_routing.route  # the routings without expert groups, in one kernel
 
     # ----- weights -----
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str, expert_id: int) -> None:
@@ -126,8 +129,7 @@ class FusedMoE(CustomOp):
         """hidden [T, H], router_logits [T, E] (correction_bias [E] where the routing has one)
         -> [T, H]: the routed experts' weighted sum plus the shared experts' output, summed over
         tensor-parallel ranks (deferred to the next RMSNorm)."""
-        topk_weights, topk_ids = select_experts(router_logits, self.routing, correction_bias)
-        out = self._impl(self, hidden, topk_weights, topk_ids)
+        out = self._impl(self, hidden, router_logits, correction_bias)
         shared_experts, shared_gate = self._shared
         if shared_experts is not None:
             shared = shared_experts(hidden)
@@ -136,15 +138,24 @@ class FusedMoE(CustomOp):
             out = out + shared
         return out if self.tp.world_size == 1 else self.tp.defer_sum(out)
 
-    def forward_native(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
-                       ) -> torch.Tensor:
+    def forward_native(self, hidden: torch.Tensor, router_logits: torch.Tensor,
+                       correction_bias: torch.Tensor | None) -> torch.Tensor:
+        """The routed experts only: [T, H], this rank's (partial) weighted sum."""
+        topk_weights, topk_ids = select_experts(router_logits, self.routing, correction_bias)
         return experts_ref(hidden, self.w13_weight, self.w2_weight, topk_weights, topk_ids, self.expert_map)
 
-    def forward_cuda(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
-                     ) -> torch.Tensor:
+    def forward_cuda(self, hidden: torch.Tensor, router_logits: torch.Tensor,
+                     correction_bias: torch.Tensor | None) -> torch.Tensor:
+        routing = self.routing
+        if routing.grouped:
+            topk_weights, topk_ids = select_experts(router_logits, routing, correction_bias)
+        else:
+            if routing.correction_bias != (correction_bias is not None):
+                raise ValueError("correction_bias must be given exactly when RoutingConfig.correction_bias is set")
+            topk_weights, topk_ids = self._route(router_logits, routing.top_k, routing.scoring == "sigmoid",
+                                                 routing.renormalize, routing.routed_scaling_factor, correction_bias)
         expert_map = None if self.all_experts_local else self.expert_map
         return self._fused_experts(hidden, self.w13_weight, self.w2_weight, topk_weights, topk_ids, expert_map)
-
 
 def experts_ref(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                 topk_ids: torch.Tensor, expert_map: torch.Tensor) -> torch.Tensor:

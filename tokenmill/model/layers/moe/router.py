@@ -4,12 +4,12 @@ One function covers every routing form the supported mixture-of-experts models u
 with the same operations, in the same order and precision, as HF transformers, so the chosen
 experts are identical (ties included) and the weights equal in float32:
 
-| model | scoring | correction bias | groups | renormalize | scaling |
+| model | scoring | correction bias | groups (`n_group`, `topk_group`) | renormalize | scaling |
 |---|---|---|---|---|---|
 | Mixtral | softmax | - | - | yes | 1 |
 | Qwen2-MoE, Qwen3-MoE | softmax | - | - | `norm_topk_prob` | 1 |
-| DeepSeek-V2 (`group_limited_greedy`) | softmax | - | `n_group` / `topk_group`, group score = max | no | `routed_scaling_factor` |
-| DeepSeek-V3, Kimi-K2 (`noaux_tc`) | sigmoid | `e_score_correction_bias` | group score = sum of the top 2 | `norm_topk_prob` | `routed_scaling_factor` |
+| DeepSeek-V2 `group_limited_greedy` | softmax | - | group score = its max | no | `routed_scaling_factor` |
+| DeepSeek-V3, Kimi-K2 `noaux_tc` | sigmoid | `e_score_correction_bias` | score = sum of top 2 | `norm_topk_prob` | ditto |
 | MiniMax-M2 | sigmoid | `e_score_correction_bias` | - | yes | 1 |
 
 With a correction bias, the bias only *chooses* the experts (scores + bias); the weights are the
