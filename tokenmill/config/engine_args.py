@@ -20,9 +20,10 @@ from tokenmill.config.engine_config import (
     ParallelConfig,
     SchedulerConfig,
 )
+from tokenmill.config.attention_layout import attention_layout
 from tokenmill.config.model_checks import check_model_config
 from tokenmill.config.model_source import resolve_model_source
-from tokenmill.config.parallel import head_partition
+from tokenmill.config.parallel import divide, head_partition
 
 LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
 DTYPES = {"auto": None, "float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
@@ -195,6 +196,8 @@ class EngineArgs:
         kv_cache_dtype = resolve_kv_cache_dtype(self.kv_cache_dtype, dtype, device, attention_backend)
         if self.tensor_parallel_size > 1:
             _check_tensor_parallel_split(hf_config, self.tensor_parallel_size)
+            if attention_layout(hf_config, architecture).is_hybrid:
+                divide(hf_config.num_attention_heads, self.tensor_parallel_size, "linear-attention heads")
         model_max = (getattr(hf_config, "max_position_embeddings", None) or 2048)
         max_model_len = self.max_model_len or model_max
         if max_model_len < 1:
