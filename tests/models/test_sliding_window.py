@@ -151,3 +151,22 @@ def test_unsupported_fields_are_refused(tmp_path_factory, field, value):
     folder, _ = _hf_folder("qwen3", tmp_path_factory, **{field: value})
     with pytest.raises(ValueError, match=field.split("_")[0]):
         LLM(folder, dtype="float32")
+
+
+def test_a_pool_for_the_window_is_enough(tmp_path_factory, monkeypatch):
+    """A pool sized from memory that holds 100 tokens starts a windowed model of max_model_len 512
+    (a request holds its window and one chunk) and generates past the pool's size; the same pool
+    refuses the model without its window."""
+    from tokenmill.worker import worker
+
+    folder, model = _hf_folder("mistral", tmp_path_factory)
+    per_token = 3 * 2 * 2 * 16 * 4  # layers x (K, V) x KV heads x head_dim x float32
+    monkeypatch.setattr(worker, "DEFAULT_CPU_KV_CACHE_BYTES", 100 * per_token)
+    engine = dict(dtype="float32", block_size=4, enable_prefix_caching=False, max_num_batched_tokens=16)
+    with LLM(folder, **engine) as llm:
+        out = llm.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=80, ignore_eos=True),
+                           use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == _hf_greedy(model, PROMPTS[1], 80)[0]
+    plain, _ = _hf_folder("mistral", tmp_path_factory, sliding_window=None)
+    with pytest.raises(ValueError, match="max_model_len 512"):
+        LLM(plain, **engine)
