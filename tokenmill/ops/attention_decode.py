@@ -83,11 +83,10 @@ def _paged_decode_kernel(
     # CASCADE (one program per (request, KV head), see attention_cascade.py): the first `start`
     # tokens are the shared prefix, which the prefix kernel attended into lanes 0 .. num_splits - 2;
     # this program takes the rest, as the last lane (with no prefix, alone: the output).
-    start = tl.load(prefix_len_ptr) if CASCADE else 0
-    if window > 0:
-        # A sliding window (never with CASCADE): the last `window` keys only. The tiles before them
-        # are never read (their blocks may be freed), so the cost is bounded by the window.
-        start = tl.maximum(seq_len - window, 0)
+    # Otherwise the context starts at 0, or with a sliding window (never with CASCADE) at the
+    # window's first key: the tiles before it are never read (their blocks may be freed), so the
+    # cost is bounded by the window.
+    start = tl.load(prefix_len_ptr) if CASCADE else tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)
     num_tiles = tl.cdiv(tl.maximum(seq_len - start, 0), BLOCK_N)
     if CASCADE:
         split = num_splits - 1

@@ -36,6 +36,7 @@ import triton.language as tl
 from tokenmill.ops.attention_common import LOG2E
 from tokenmill.ops.lightning_attention_ref import scan_block
 
+_LOG2E = tl.constexpr(LOG2E)  # (a jit function reads only constexpr globals)
 # Value columns of the state per program: [head_dim, BLOCK_DV] float32.
 BLOCK_DV = 64
 
@@ -57,7 +58,7 @@ def _lightning_prefill_kernel(
     seq_len = tl.load(seq_lens_ptr + req)
     context = seq_len - q_len
     slot = tl.load(state_slots_ptr + req).to(tl.int64)
-    neg_slope_log2 = -tl.load(slopes_ptr + head) * LOG2E  # lambda^x = exp2(neg_slope_log2 * x)
+    neg_slope_log2 = -tl.load(slopes_ptr + head) * _LOG2E  # lambda^x = exp2(neg_slope_log2 * x)
 
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < HEAD_DIM
@@ -174,7 +175,7 @@ def _lightning_decode_kernel(
                 other=0.0).to(tl.float32)
     v = tl.load(v_ptr + req.to(tl.int64) * stride_v_tok + head * stride_v_head + vdims, mask=vdim_mask,
                 other=0.0).to(tl.float32)
-    decay = tl.exp2(-tl.load(slopes_ptr + head) * LOG2E)
+    decay = tl.exp2(-tl.load(slopes_ptr + head) * _LOG2E)
     state = state * decay + k[:, None] * v[None, :]
     out = tl.sum(q[:, None] * state, 0)
     tl.store(state_ptr + s_offs, state, mask=s_mask)
