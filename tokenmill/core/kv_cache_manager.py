@@ -81,9 +81,8 @@ class KVCacheManager:
                 break
             hits.append(block)
         if self.states is not None:
-            self._hit_checkpoints.pop(request.request_id, None)
-        if self.states is not None and hits:
             # Never the blocks without the state: only up to the last cached state checkpoint.
+            self._hit_checkpoints.pop(request.request_id, None)
             num_blocks, checkpoint = self.states.longest_hit(request, len(hits), self.block_size)
             hits = hits[:num_blocks]
             if checkpoint is not None:
