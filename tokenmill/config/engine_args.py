@@ -22,6 +22,8 @@ from tokenmill.config.engine_config import (
     ParallelConfig,
     SchedulerConfig,
 )
+from tokenmill.config.attention_layout import attention_layout
+from tokenmill.config.model_checks import check_model_config
 from tokenmill.config.kv_sizing import fit_cpu_max_model_len, kv_bytes_per_token, total_memory_bytes
 from tokenmill.config.model_flags import (
     MAX_LOGPROBS_LIMIT,
@@ -52,6 +54,8 @@ SCHEDULING_POLICIES = ("fcfs", "priority")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 # Weight formats run from their own blocks rather than through config/quantization.py.
 QUANTIZATIONS = ("gguf",)
+# State checkpoints end a block of the lightning-attention scan, whose blocks are at least 16 tokens.
+STATE_CHECKPOINT_ALIGNMENT = 16
 
 
 def _default_device() -> str:
@@ -148,6 +152,9 @@ class EngineArgs:
     # CPU: compile the forward pass with inductor (worker/cpu_compile.py). Off unless asked: every
     # start-up compiles for minutes on a 2-core machine, and it needs a C++ compiler at run time.
     cpu_compile: bool = False
+    # Hybrid (linear-attention) models with prefix caching: checkpoint the recurrent state every
+    # this many tokens (a multiple of block_size); a cached prefix is reused up to a checkpoint.
+    state_checkpoint_interval: int = 512
 
     # ----- CLI -----
     @staticmethod
@@ -226,6 +233,9 @@ class EngineArgs:
         parser.add_argument("--cpu-compile", action="store_true",
                             help="CPU: compile the forward pass with inductor (faster steps; the first "
                                  "start-up compiles for minutes, later ones reuse the on-disk cache)")
+        parser.add_argument("--state-checkpoint-interval", type=int, default=d.state_checkpoint_interval,
+                            help="hybrid linear-attention models with prefix caching: tokens between "
+                                 "checkpoints of the recurrent state (a multiple of --block-size)")
         return parser
 
     @classmethod
@@ -263,6 +273,7 @@ class EngineArgs:
         hf_config = source.load_hf_config()
         source = with_dummy_tokenizer(source, hf_config)
         architecture = (getattr(hf_config, "architectures", None) or ["?"])[0]
+        check_model_config(hf_config, architecture)
         dtype = resolve_dtype(self.dtype, hf_config, device)
         cpu_compile = _resolve_cpu_compile(self.cpu_compile, device, self.tensor_parallel_size, self.enforce_eager,
                                            self.attention_backend)
@@ -275,6 +286,8 @@ class EngineArgs:
         quantization = resolve_quantization(hf_config, None if self.quantization in QUANTIZATIONS else self.quantization)
         if self.tensor_parallel_size > 1:
             _check_tensor_parallel_split(hf_config, self.tensor_parallel_size)
+            if attention_layout(hf_config, architecture).is_hybrid:
+                divide(hf_config.num_attention_heads, self.tensor_parallel_size, "linear-attention heads")
         model_max = (getattr(hf_config, "max_position_embeddings", None) or 2048)
         max_model_len = self.max_model_len or model_max
         if (self.max_model_len is None and device.type == "cpu" and not self.kv_cache_memory
@@ -317,9 +330,11 @@ class EngineArgs:
         kernels = KernelConfig(
             attention_backend=attention_backend,
             enforce_eager=self.enforce_eager or device.type != "cuda",
-            # (Latent attention has no cascade form: its decodes read one shared row per token.)
+            # (Latent attention has no cascade form: its decodes read one shared row per token. A
+            # sliding window cuts each request's context at its own point: no prefix is shared.)
             cascade_attention=(attention_backend == "triton" and not self.disable_cascade_attn
-                               and not getattr(hf_config, "kv_lora_rank", None)),
+                               and not getattr(hf_config, "kv_lora_rank", None)
+                               and model_cfg.attention_layout.sliding_window is None),
             triton_gemv=self.triton_gemv,
             custom_all_reduce=not self.disable_custom_all_reduce,
             fused_all_reduce_norm=self.fused_all_reduce_norm,
@@ -327,11 +342,21 @@ class EngineArgs:
             cpu_compile=cpu_compile,
             gguf_weight_type=_gguf_weight_type(self.quantization, source, device, self.tensor_parallel_size),
         )
+        layout = model_cfg.attention_layout
+        max_num_seqs = self.max_num_seqs or 256
+        step = max(self.block_size, STATE_CHECKPOINT_ALIGNMENT)
+        if layout.is_hybrid and (self.state_checkpoint_interval < step or self.state_checkpoint_interval % step):
+            raise ValueError(f"state_checkpoint_interval ({self.state_checkpoint_interval}) must be a "
+                             f"multiple of block_size ({self.block_size}) and of {STATE_CHECKPOINT_ALIGNMENT}")
         return EngineConfig(
             model=model_cfg,
             cache=CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
-                              self.enable_prefix_caching, self.num_gpu_blocks_override, kv_cache_dtype),
-            scheduler=SchedulerConfig(self.max_num_seqs or 256, max_batched, self.scheduling_policy, max_model_len,
+                              self.enable_prefix_caching, self.num_gpu_blocks_override, kv_cache_dtype,
+                              sliding_window=layout.kv_free_window,
+                              num_state_slots=_num_state_slots(layout.is_hybrid, max_num_seqs,
+                                                               self.enable_prefix_caching),
+                              state_checkpoint_interval=self.state_checkpoint_interval if layout.is_hybrid else 0),
+            scheduler=SchedulerConfig(max_num_seqs, max_batched, self.scheduling_policy, max_model_len,
                                       device.type == "cuda" if self.async_scheduling is None
                                       else self.async_scheduling),
             parallel=ParallelConfig(self.tensor_parallel_size),
@@ -343,7 +368,6 @@ class EngineArgs:
             # cgroup limit).
             engine_args=dataclasses.replace(self, max_model_len=max_model_len),
         )
-
 
     def _create_embedding_config(self, device: torch.device) -> EngineConfig:
         """An embedding model: whole prompts (bidirectional attention cannot be chunked), pooled
@@ -419,6 +443,14 @@ def _gguf_weight_type(quantization: str | None, source, device: torch.device, te
                          f"tensor_parallel_size {tensor_parallel_size})")
     from tokenmill.config.gguf_metadata import gguf_linear_weight_type
     return gguf_linear_weight_type(source.path)
+
+
+def _num_state_slots(hybrid: bool, max_num_seqs: int, prefix_caching: bool) -> int:
+    """A hybrid model's state slots: one per request that can run, and as many again for
+    prefix-cache checkpoints when caching is on (checkpoints only ever take free slots)."""
+    if not hybrid:
+        return 0
+    return max_num_seqs * (2 if prefix_caching else 1)
 
 
 def _check_tensor_parallel_split(hf_config: Any, tp: int) -> None:

@@ -7,10 +7,12 @@ configures is built; nothing reads environment variables or mutates a config aft
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
 
+from tokenmill.config.attention_layout import AttentionLayout, attention_layout
 from tokenmill.config.model_source import ModelSource
 from tokenmill.config.pooling import PoolingConfig
 from tokenmill.config.quantization import QuantizationConfig
@@ -55,6 +57,11 @@ class ModelConfig:
         return getattr(self.hf_config, "head_dim", None) or (
             self.hf_config.hidden_size // self.hf_config.num_attention_heads)
 
+    @cached_property
+    def attention_layout(self) -> AttentionLayout:
+        """Each decoder layer's attention kind and the sliding window (config/attention_layout.py)."""
+        return attention_layout(self.hf_config, self.architecture)
+
     @property
     def is_encoder(self) -> bool:
         """Bidirectional attention over the prompt only: no KV cache, no decoding."""
@@ -70,6 +77,15 @@ class CacheConfig:
     num_gpu_blocks_override: int | None = None
     # Element type of the paged K/V; None: the model dtype. float8_e4m3fn halves the pool's bytes.
     kv_cache_dtype: torch.dtype | None = None
+    # Every layer with a KV cache slides over this many tokens: blocks wholly behind the window of
+    # a request's next query are freed (None: some layer reads the whole context).
+    sliding_window: int | None = None
+    # Hybrid models (linear-attention layers): recurrent-state slots, one per running request, the
+    # rest holding prefix-cache checkpoints of the state (0: the model keeps no state).
+    num_state_slots: int = 0
+    # Prefix caching on a hybrid model: the state is checkpointed every this many tokens (a
+    # multiple of block_size), and a cached prefix is reused up to its last checkpoint.
+    state_checkpoint_interval: int = 0
 
     @property
     def pool_size_given(self) -> bool:

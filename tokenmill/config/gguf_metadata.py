@@ -64,6 +64,12 @@ def gguf_hf_config(path: str) -> Any:
         bos_token_id=gguf_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_id=gguf_field(reader, "tokenizer.ggml.eos_token_id"),
     )
+    window = gguf_field(reader, f"{arch}.attention.sliding_window")
+    if window:
+        # The file's tensors load as this family's plain (full-attention) model: refuse rather
+        # than serve a windowed model without its window.
+        raise ValueError(f"{path}: GGUF field {arch}.attention.sliding_window={window} is not supported "
+                         "(load the model from an HF folder, where sliding windows are)")
     key_length = gguf_field(reader, f"{arch}.attention.key_length")
     if key_length:
         kwargs["head_dim"] = key_length

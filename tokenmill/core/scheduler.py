@@ -137,6 +137,7 @@ class Scheduler:
         out = SchedulerOutput(finished_request_ids=self._finished_since_last_step)
         self._finished_since_last_step = set()
         preempted_this_step = False
+        self.kv.begin_step()
 
         # 1. Running requests, oldest first. (Hot at large batch: locals instead of attribute chains.)
         kv = self.kv
@@ -183,6 +184,8 @@ class Scheduler:
                 request.num_inflight_tokens += 1  # this step samples
             # Only known tokens: a block holding an in-flight token is published by `update`.
             kv.cache_full_blocks(request, min(num_computed + num_new, len(request.all_token_ids)))
+            if kv.states is not None:
+                self._checkpoint_states(request, num_computed, num_computed + num_new, out)
             budget -= num_new
             # A priority-policy victim may sit before this request: find our place again.
             i = running.index(request) + 1 if preempted_here else i + 1
@@ -208,6 +211,8 @@ class Scheduler:
             if num_hit + num_new == request.num_tokens:
                 request.num_inflight_tokens = 1
             self.kv.cache_full_blocks(request, num_hit + num_new)
+            if self.kv.states is not None:
+                self._checkpoint_states(request, num_hit, num_hit + num_new, out)
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit
             request.status = RequestStatus.RUNNING
@@ -217,7 +222,9 @@ class Scheduler:
                 num_prompt_tokens=request.num_prompt_tokens, sampling_params=request.sampling_params,
                 block_ids=self.kv.block_ids(request.request_id), num_computed_tokens=num_hit,
                 num_output_tokens=request.num_output_tokens, eos_token_id=request.eos_token_id,
-                pooling_params=request.pooling_params))
+                pooling_params=request.pooling_params,
+                state_slot=self.kv.state_slot(request.request_id),
+                restore_state_from=self.kv.take_state_restore(request.request_id)))
             out.num_scheduled_tokens[request.request_id] = num_new
             budget -= num_new
 
@@ -225,6 +232,12 @@ class Scheduler:
         assert out.total_num_scheduled_tokens <= self.config.max_num_batched_tokens
         assert len(self.running) <= self.config.max_num_seqs
         return out
+
+    def _checkpoint_states(self, request: Request, start: int, end: int, out: SchedulerOutput) -> None:
+        """Hybrid models: the state checkpoints the step computing tokens [start, end) stores."""
+        slots = self.kv.checkpoint_states(request, start, end)
+        if slots:
+            out.state_checkpoints[request.request_id] = slots
 
     def _pick_victim(self) -> Request:
         if self.config.scheduling_policy == "priority":
@@ -248,6 +261,7 @@ class Scheduler:
         self.waiting.add_front(request)
         out.preempted_request_ids.add(request.request_id)
         out.cached_requests = [c for c in out.cached_requests if c.request_id != request.request_id]
+        out.state_checkpoints.pop(request.request_id, None)
 
     # ----- after the model ran -----
     def update(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineOutput]:

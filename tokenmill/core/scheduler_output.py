@@ -22,6 +22,10 @@ class NewRequestData:
     num_output_tokens: int = 0  # outputs already produced (resuming)
     eos_token_id: int | None = None
     pooling_params: PoolingParams | None = None  # an embedding request: pooled, not sampled
+    # Hybrid models: the request's state slot, and the checkpoint slot its state starts from
+    # (a prefix-cache hit; -1: none, it starts from zero).
+    state_slot: int = -1
+    restore_state_from: int = -1
 
 
 @dataclass(slots=True)
@@ -41,6 +45,9 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int = 0
     finished_request_ids: set[str] = field(default_factory=set)  # finished since the last step
     preempted_request_ids: set[str] = field(default_factory=set)
+    # Hybrid models with prefix caching: request id -> the slots to store its state into at each
+    # checkpoint boundary its chunk crosses (core/state_cache.py; -1: none).
+    state_checkpoints: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:

@@ -13,6 +13,7 @@ from tokenmill.model.layers.quantization.not_converted import keep_unquantized_m
 from tokenmill.model.models.bert import BertModel
 from tokenmill.model.models.deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from tokenmill.model.models.llama import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+from tokenmill.model.models.minimax import MiniMaxForCausalLM
 from tokenmill.model.models.minimax_m2 import MiniMaxM2ForCausalLM
 from tokenmill.model.models.mixtral import MixtralForCausalLM
 from tokenmill.model.models.qwen_moe import Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
@@ -33,6 +34,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "MiniMaxM2ForCausalLM": MiniMaxM2ForCausalLM,
+    "MiniMaxForCausalLM": MiniMaxForCausalLM,
 }
 
 

@@ -21,7 +21,7 @@ from tokenmill.config.engine_config import EngineConfig
 from tokenmill.core.scheduler_output import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from tokenmill.distributed.parallel_state import TensorParallelGroup
 from tokenmill.model.attention.backend import KVCache
-from tokenmill.model.attention.layer import KVCacheLayer
+from tokenmill.model.attention.cache_layer import CacheLayer
 from tokenmill.model.attention.selector import backend_class
 from tokenmill.model.forward_context import ForwardContext, forward_context
 from tokenmill.model.layers.pooler import pool, truncate_and_normalize
@@ -47,8 +47,9 @@ class ModelRunner:
         self.device = config.device
         self.block_size = config.cache.block_size
         self.model = build_model(config, tp)
-        # The model's attention layers, in the order of its layers: each owns its part of the KV cache.
-        self.attention_layers = [m for m in self.model.modules() if isinstance(m, KVCacheLayer)]
+        # The model's layers that keep per-request memory (attention: KV blocks; linear attention:
+        # state slots), in the order of its layers: each owns its part of the cache.
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, CacheLayer)]
         self.attn_builder = backend_class(config.kernels.attention_backend).builder_class()(config, self.device)
         self.sampler = Sampler(self.device)
         self.pooling = config.model.pooling  # an embedding model: prompts are pooled, not sampled
@@ -59,6 +60,8 @@ class ModelRunner:
         # Seeded generators outlive preemption, so a resumed request continues its random stream.
         self.generators: dict[str, torch.Generator] = {}
         self.kv_caches: list[KVCache] = []
+        # Hybrid models: (source, destination) state-slot copies for the next step (prefix-cache restores).
+        self._state_restores: list[tuple[int, int]] = []
         self.graphs = None  # CudaGraphDecoder once captured
         self._forward = self.model  # or the compiled CPU forward (capture_cuda_graphs)
         self._structured = None  # StructuredOutputManager, built on the first constrained request
@@ -77,8 +80,14 @@ class ModelRunner:
         return sum(layer.kv_cache_bytes_per_block(self.block_size, self.kv_cache_dtype)
                    for layer in self.attention_layers)
 
+    def state_bytes_per_slot(self) -> int:
+        """Bytes of one state slot over the model's linear-attention layers (0: none)."""
+        return sum(layer.state_bytes_per_slot() for layer in self.attention_layers)
+
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        self.kv_caches = [layer.allocate_kv_cache(num_blocks, self.block_size, self.kv_cache_dtype, self.device)
+        slots = self.config.cache.num_state_slots
+        self.kv_caches = [layer.allocate_kv_cache(num_blocks, self.block_size, self.kv_cache_dtype, self.device,
+                                                  slots)
                           for layer in self.attention_layers]
 
     def capture_cuda_graphs(self) -> None:
@@ -172,6 +181,8 @@ class ModelRunner:
                 params.structured_outputs, stop_token_ids=stops, prefix_token_ids=state.output_token_ids)
         state.sampling_extras = bool(params.logit_bias or params.min_tokens > 0 or params.needs_penalties
                                      or state.grammar is not None)
+        if new.restore_state_from >= 0:
+            self._state_restores.append((new.restore_state_from, new.state_slot))
         if params.seed is not None and self.is_driver and new.request_id not in self.generators:
             self.generators[new.request_id] = torch.Generator(device=self.device).manual_seed(params.seed)
 
@@ -207,6 +218,8 @@ class ModelRunner:
             counts = np.array([num_scheduled[r] for r in order], dtype=np.int64)
         states = [self.input_batch.states[r] for r in order]
         host = self.input_batch.prepare(states, counts)
+        if self._state_restores or sched.state_checkpoints:
+            self._stage_state_ops(host, order, sched)
         if self.pooling is not None:
             return self._pool_step(order, states, host)
         output = ModelRunnerOutput()
@@ -218,7 +231,8 @@ class ModelRunner:
         nd = host.num_decodes
         prefix_len = self.attn_builder.common_prefix_len(host.block_table[:nd], host.seq_lens[:nd]) if nd else 0
         graph_key = None
-        if (self.graphs is not None and len(sample_rows) == nd == num_reqs and not needs_prompt_logprobs):
+        if (self.graphs is not None and len(sample_rows) == nd == num_reqs and not needs_prompt_logprobs
+                and host.state_restores is None):
             graph_key = self.graphs.padded_batch(num_reqs, prefix_len > 0)
         staged = self.buffers.stage(host, pad_to=graph_key[0] if graph_key else None)
         if host.lag_rows:
@@ -270,6 +284,21 @@ class ModelRunner:
             dims = state.pooling_params.dimensions if state.pooling_params is not None else None
             output.pooled[request_id] = (truncate_and_normalize(row, dims) if dims else row).tolist()
         return StepFuture(output)
+
+    def _stage_state_ops(self, host: HostInputs, order: list[str], sched: SchedulerOutput) -> None:
+        """Hybrid models: this step's state restores and checkpoint slots, rows in batch order."""
+        if self._state_restores:
+            host.state_restores = np.array(self._state_restores, dtype=np.int64).T.copy()
+            self._state_restores = []
+        if sched.state_checkpoints:
+            width = max(len(slots) for slots in sched.state_checkpoints.values())
+            table = np.full((len(order), width), -1, dtype=np.int32)
+            for row, request_id in enumerate(order):
+                slots = sched.state_checkpoints.get(request_id)
+                if slots:
+                    table[row, :len(slots)] = slots
+            host.state_checkpoints = table
+            host.state_checkpoint_interval = self.config.cache.state_checkpoint_interval
 
     def _device_tokens(self, states: list[RequestState], host: HostInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """(token rows, token ids) on the device for the rows whose input the host does not know yet."""

@@ -14,7 +14,8 @@ import os
 import torch
 
 from tokenmill.config.engine_config import EngineConfig
-from tokenmill.config.kv_sizing import available_memory_bytes, default_cpu_kv_cache_bytes, total_memory_bytes
+from tokenmill.config.kv_sizing import (CPU_POOL_MAX_FRACTION, available_memory_bytes, default_cpu_kv_cache_bytes,
+                                        total_memory_bytes)
 from tokenmill.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from tokenmill.distributed.parallel_state import TensorParallelGroup
 from tokenmill.model.registry import weight_bytes_per_rank
@@ -51,9 +52,9 @@ class Worker:
         if cache.num_gpu_blocks_override:
             return cache.num_gpu_blocks_override
         bytes_per_block = self.runner.kv_cache_bytes_per_block()
-        if bytes_per_block == 0:
+        sched = self.config.scheduler
+        if bytes_per_block == 0 and not cache.num_state_slots:
             # No cache (an encoder): blocks only count tokens, and each step's requests end in it.
-            sched = self.config.scheduler
             return -(-sched.max_num_batched_tokens // cache.block_size) + sched.max_num_seqs
         if self.device.type == "cuda":
             budget = self._profile_gpu_kv_budget()  # also compiles the prefill kernels: always run it
@@ -61,13 +62,29 @@ class Worker:
                 budget = cache.kv_cache_memory
         else:
             budget = cache.kv_cache_memory
-            if not budget:
-                world = self.tp.world_size
+            world = self.tp.world_size
+            if not budget and bytes_per_block == 0:  # only recurrent state to hold
+                budget = int(total_memory_bytes() // world * CPU_POOL_MAX_FRACTION)
+            elif not budget:
                 budget, reason = default_cpu_kv_cache_bytes(
                     bytes_per_block // cache.block_size, self.config.model.max_model_len,
                     self.config.scheduler.max_num_seqs, available_memory_bytes() // world,
                     total_memory_bytes() // world)
                 logger.info("%s", reason)
+        # A hybrid model's state slots (a fixed count, config/engine_args.py) come out of the same
+        # budget first; the blocks take the rest.
+        state_bytes = cache.num_state_slots * self.runner.state_bytes_per_slot()
+        if state_bytes:
+            if state_bytes >= budget:
+                raise ValueError(
+                    f"the {cache.num_state_slots} recurrent-state slots of this hybrid model need "
+                    f"{state_bytes / 2**30:.2f} GiB, more than the {budget / 2**30:.2f} GiB left for the "
+                    f"cache: lower --max-num-seqs (slots: one per running request, twice that with "
+                    f"prefix caching) or give the cache more memory")
+            budget -= state_bytes
+            logger.info("state slots: %d x %.1f MiB", cache.num_state_slots, self.runner.state_bytes_per_slot() / 2**20)
+        if bytes_per_block == 0:  # only linear-attention layers: blocks are bookkeeping only
+            return -(-self.config.model.max_model_len // cache.block_size) * sched.max_num_seqs
         return self.tp.all_reduce_min(max(1, int(budget // bytes_per_block)))
 
     def initialize_kv_cache(self, num_blocks: int) -> None:

@@ -89,7 +89,8 @@ def cpu_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
             max_query_len=int(np.diff(starts).max()), max_seq_len=int(seq_lens.max()),
             query_start_loc=query_start_loc, seq_lens=seq_lens, block_table=block_table,
             slot_mapping=slot_mapping, causal=causal, query_start_loc_cpu=query_start_loc, seq_lens_cpu=seq_lens)
-        TorchNativeBackend._prefill(q, k, v, (k_cache, v_cache), meta, scale, (k_scale, v_scale), out)
+        reference = TorchNativeBackend(q.shape[1], k_cache.shape[2], k_cache.shape[3], scale)
+        reference._prefill(q, k, v, (k_cache, v_cache), meta, (k_scale, v_scale), out)
     return out
 
 
@@ -106,6 +107,7 @@ class CpuMetadataBuilder(AttentionMetadataBuilder):
 
 class CpuBackend(AttentionBackend):
     name = "cpu"
+    supports_sliding_window = False  # (its decode reads whole contexts: torch_native has the window)
 
     @staticmethod
     def builder_class() -> type[AttentionMetadataBuilder]:

@@ -89,6 +89,7 @@ class EncoderMetadataBuilder(AttentionMetadataBuilder):
 class EncoderBackend(AttentionBackend):
     name = "encoder"
     uses_kv_cache = False
+    supports_sliding_window = False
 
     @staticmethod
     def builder_class() -> type[AttentionMetadataBuilder]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from tokenmill.model.attention.backend import AttentionMetadata
-from tokenmill.model.attention.layer import KVCacheLayer
+from tokenmill.model.attention.cache_layer import CacheLayer
 from tokenmill.model.attention.mla_backend import MLADims
 from tokenmill.model.attention.selector import mla_backend_class
 from tokenmill.model.build_context import build_context
@@ -33,7 +33,7 @@ from tokenmill.model.layers.quantization.fp8 import Fp8LinearMethod
 from tokenmill.model.layers.rotary_embedding import RotaryInputs
 
 
-class MLAAttention(KVCacheLayer):
+class MLAAttention(CacheLayer):
     def __init__(self, dims: MLADims, scale: float, kv_b_proj: ColumnParallelLinear,
                  interleaved_rope: bool) -> None:
         """`dims.num_heads`: this rank's; `kv_b_proj` holds this rank's heads, [heads * (qk_nope +
@@ -61,7 +61,7 @@ class MLAAttention(KVCacheLayer):
         return block_size * self.dims.cache_width * torch.empty((), dtype=dtype).element_size()
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype,
-                          device: torch.device) -> torch.Tensor:
+                          device: torch.device, num_state_slots: int = 0) -> torch.Tensor:
         """[num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]."""
         return torch.zeros((num_blocks, block_size, self.dims.cache_width), dtype=dtype, device=device)
 
