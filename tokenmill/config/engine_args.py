@@ -54,6 +54,8 @@ SCHEDULING_POLICIES = ("fcfs", "priority")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 # Weight formats run from their own blocks rather than through config/quantization.py.
 QUANTIZATIONS = ("gguf",)
+# Sequences a decoder runs at once unless --max-num-seqs says otherwise (vLLM's default).
+DEFAULT_MAX_NUM_SEQS = 256
 # State checkpoints end a block of the lightning-attention scan, whose blocks are at least 16 tokens.
 STATE_CHECKPOINT_ALIGNMENT = 16
 
@@ -112,7 +114,7 @@ class EngineArgs:
     dtype: str = "auto"
     seed: int = 0
     max_model_len: int | None = None
-    max_num_seqs: int | None = None  # None: 256 for generation; no cap beyond the token budget for embeddings
+    max_num_seqs: int | None = None  # None: DEFAULT_MAX_NUM_SEQS for generation; no cap beyond the token budget for embeddings
     max_num_batched_tokens: int | None = None
     block_size: int = 16
     kv_cache_memory: int | None = None
@@ -343,7 +345,7 @@ class EngineArgs:
             gguf_weight_type=_gguf_weight_type(self.quantization, source, device, self.tensor_parallel_size),
         )
         layout = model_cfg.attention_layout
-        max_num_seqs = self.max_num_seqs or 256
+        max_num_seqs = self.max_num_seqs or DEFAULT_MAX_NUM_SEQS
         step = max(self.block_size, STATE_CHECKPOINT_ALIGNMENT)
         if layout.is_hybrid and (self.state_checkpoint_interval < step or self.state_checkpoint_interval % step):
             raise ValueError(f"state_checkpoint_interval ({self.state_checkpoint_interval}) must be a "

@@ -22,6 +22,8 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from tokenmill.config.engine_args import DEFAULT_MAX_NUM_SEQS
+
 if TYPE_CHECKING:
     from fastapi import FastAPI
     from ray.serve import Application
@@ -90,7 +92,7 @@ class ReplicaConfig:
             num_replicas = max(min_replicas, 1) if autoscaling else 1
         target = args.target_ongoing_requests
         if autoscaling and target is None:
-            target = float(args.max_num_seqs)  # scale out once replicas' batches are full on average
+            target = float(args.max_num_seqs or DEFAULT_MAX_NUM_SEQS)  # scale out once replicas' batches are full on average
         on_cuda = args.device == "cuda" or (args.device == "auto" and cluster_has_gpus)
         num_gpus = args.ray_num_gpus_per_replica
         if num_gpus is None:
@@ -99,7 +101,7 @@ class ReplicaConfig:
         if max_ongoing is None:
             # What one replica admits itself (its batch plus its queue): past that its own 429 /
             # 529 would answer, so Ray queues the excess instead, for whichever replica frees first.
-            max_ongoing = args.max_num_seqs + args.max_queue_len
+            max_ongoing = (args.max_num_seqs or DEFAULT_MAX_NUM_SEQS) + args.max_queue_len
         return cls(num_replicas=num_replicas, min_replicas=min_replicas, max_replicas=args.max_replicas,
                    target_ongoing_requests=target, max_ongoing_requests=max_ongoing, num_gpus=num_gpus,
                    num_cpus=1.0 if args.ray_num_cpus_per_replica is None else args.ray_num_cpus_per_replica,
