@@ -413,8 +413,8 @@ class AsyncEngine:
 
     def _count_progress(self, outputs: list) -> None:
         """Generated tokens per request, and the end of its prefill at its first token. Read from
-        the core's outputs: FINAL_ONLY requests report nothing else until they end."""
-        now = time.monotonic()
+        the core's outputs: FINAL_ONLY requests report nothing else until they end. Token times
+        are `_dispatch`'s: setting them here too would count a first gap from time zero."""
         for output in outputs:
             if not output.new_token_ids:
                 continue
@@ -423,7 +423,6 @@ class AsyncEngine:
                 continue
             state.num_generated += len(output.new_token_ids)
             state.pending_prefill = 0
-            state.timing.first_token = state.timing.first_token or now
 
     def _dispatch(self, outputs: list) -> None:
         now = time.monotonic()

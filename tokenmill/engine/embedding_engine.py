@@ -79,6 +79,15 @@ class EmbeddingEngine:
     # --- model facts -------------------------------------------------------------------------
 
     @property
+    def dtype(self) -> torch.dtype:
+        """Element type the encoder computes in."""
+        return self.config.model.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.config.device
+
+    @property
     def dimensions(self) -> int:
         """Length of the embeddings `embed` returns (without Matryoshka truncation)."""
         return self.hf_config["hidden_size"]
