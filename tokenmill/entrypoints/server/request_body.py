@@ -29,23 +29,35 @@ MAX_JSON_COST = 300_000
 CONTAINER_COST = 10
 
 
-def json_cost(body: bytes) -> int:
-    """An upper bound on the work of parsing `body`: its values and (weighted) containers, found
-    outside string literals. Runs at C speed; the exact pass runs only when the quick count over
-    the raw bytes (which also counts brackets and commas inside strings) is over the budget."""
-    def count(data: bytes) -> int:
-        return data.count(b",") + CONTAINER_COST * (data.count(b"[") + data.count(b"{"))
+def _structure(data: bytes) -> int:
+    return data.count(b",") + CONTAINER_COST * (data.count(b"[") + data.count(b"{"))
 
-    quick = count(body)
+
+def json_cost(body: bytes) -> int:
+    """The work of parsing `body` in units of one JSON value, good enough to compare with
+    `MAX_JSON_COST`: exact up to it, and past it some count that is past it too. Runs at C speed;
+    the string-aware pass runs only when the quick count over the raw bytes (which also counts
+    brackets and commas inside strings) is over the budget."""
+    quick = _structure(body)
     if quick <= MAX_JSON_COST:
         return quick
-    num_strings = body.count(b'"') // 2
-    if num_strings > MAX_JSON_COST:  # that many strings alone are over the budget
-        return num_strings
+    num_quotes = body.count(b'"')
+    if num_quotes // 2 > MAX_JSON_COST:  # that many strings alone are over the budget
+        return num_quotes // 2
+    return string_aware_cost(body)
+
+
+def string_aware_cost(body: bytes) -> int:
+    """Separators and (weighted) containers outside string literals, plus one per string."""
     # Escaped backslashes go first, then escaped quotes: what is left of `"` delimits strings, so
     # every other piece of the split is outside them.
-    unescaped = body.replace(b"\\\\", b"").replace(b'\\"', b"")
-    return count(b"".join(unescaped.split(b'"')[::2])) + num_strings
+    if b"\\" in body:
+        body = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    pieces = body.split(b'"')
+    outside = pieces[::2]
+    if len(outside) > 64:  # many pieces: one join is cheaper than a count per piece
+        outside = [b"".join(outside)]
+    return sum(_structure(piece) for piece in outside) + len(pieces) // 2
 
 
 async def read_body(request: Request) -> bytes:
