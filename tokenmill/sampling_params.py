@@ -74,6 +74,35 @@ class StructuredOutputsParams(msgspec.Struct, omit_defaults=True):
             raise ValueError("structured_outputs.choice must not be empty")
 
 
+class ReasoningParams(msgspec.Struct, omit_defaults=True):
+    """Where a reasoning model's thinking ends in its output, for the engine.
+
+    `structured_outputs` constrain only what follows the thinking, so a model may think freely and
+    still answer in the schema; `max_tokens` bounds the thinking, after which the end sequence is
+    forced. The API server fills this in from its `--reasoning-parser` and the tokenizer.
+
+    Args:
+        end_token_ids: the token sequence that closes the thinking (e.g. `</think>`'s ids).
+        start_token_id: when set, the output has not begun thinking yet and may open it with this
+            token as its first; any other first token means no thinking and the constraint applies
+            from there. When None, the output starts inside the thinking (the prompt opened it).
+        max_tokens: most thinking tokens (the start token included); None: unbounded.
+    """
+
+    end_token_ids: list[int]
+    start_token_id: int | None = None
+    max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.end_token_ids, list) or not self.end_token_ids or \
+                not all(is_int(t, 0) for t in self.end_token_ids):
+            raise ValueError("reasoning.end_token_ids must be a non-empty list of token ids")
+        if self.start_token_id is not None and not is_int(self.start_token_id, 0):
+            raise ValueError("reasoning.start_token_id must be a token id")
+        if self.max_tokens is not None and not is_int(self.max_tokens, 0):
+            raise ValueError(f"the thinking budget must be an integer >= 0, got {self.max_tokens!r}")
+
+
 def _check_finite(name: str, value: float) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -101,7 +130,8 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
         prompt_logprobs: the same for every prompt token.
         logit_bias: token id -> bias added to its logit, in [-100, 100].
         skip_special_tokens: leave special tokens out of the text.
-        structured_outputs: a grammar the output must follow.
+        structured_outputs: a grammar the output must follow (after the thinking, with `reasoning`).
+        reasoning: where a reasoning model's thinking ends, and its budget (`ReasoningParams`).
         output_kind: cumulative, delta or final-only outputs while running.
     """
 
@@ -127,6 +157,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
     spaces_between_special_tokens: bool = True
     detokenize: bool = True
     structured_outputs: StructuredOutputsParams | None = None
+    reasoning: ReasoningParams | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Extra stop ids the engine adds from the model (e.g. <|im_end|> besides EOS); not user-set.
     all_stop_token_ids: list[int] | None = None
@@ -192,6 +223,8 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
         if self.structured_outputs is not None and not isinstance(self.structured_outputs,
                                                                   StructuredOutputsParams):
             raise ValueError("structured_outputs must be a StructuredOutputsParams")
+        if self.reasoning is not None and not isinstance(self.reasoning, ReasoningParams):
+            raise ValueError("reasoning must be a ReasoningParams")
 
     # ----- derived properties (read by the sampler to pick fast paths) -----
     @property
@@ -202,6 +235,13 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
     def needs_penalties(self) -> bool:
         return (self.presence_penalty != 0 or self.frequency_penalty != 0
                 or self.repetition_penalty != 1.0)
+
+    @property
+    def constrains_output(self) -> bool:
+        """Each sampled token depends on the request's earlier output through a mask: a grammar,
+        or a thinking budget that forces the end of the thinking."""
+        return self.structured_outputs is not None or (
+            self.reasoning is not None and self.reasoning.max_tokens is not None)
 
     def clone(self, **changes: Any) -> "SamplingParams":
         """A copy with some fields changed (used to fan `n` out into child requests)."""

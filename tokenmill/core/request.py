@@ -67,8 +67,9 @@ class Request:
     stop_check_token_ids: frozenset[int] = field(init=False)
     # The token count at which max_tokens is reached (no limit: a count never reached).
     max_num_tokens: int = field(init=False)
-    # Its next step's sampling reads its previous tokens on the host (penalties, a grammar), so it
-    # cannot be scheduled ahead of them: the engine steps synchronously while it runs.
+    # Its next step's sampling reads its previous tokens on the host (penalties, a grammar, a
+    # thinking budget), so it cannot be scheduled ahead of them: the engine steps synchronously
+    # while it runs.
     needs_host_tokens: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -81,7 +82,7 @@ class Request:
         if self.eos_token_id is not None and not params.ignore_eos:
             stop_ids.add(self.eos_token_id)
         self.stop_check_token_ids = frozenset(stop_ids)
-        self.needs_host_tokens = params.needs_penalties or params.structured_outputs is not None
+        self.needs_host_tokens = params.needs_penalties or params.constrains_output
         self.max_num_tokens = (self.num_prompt_tokens + params.max_tokens if params.max_tokens is not None
                                else sys.maxsize)
 

@@ -184,6 +184,12 @@ class InputProcessor:
             if params.ignore_eos:
                 raise ValueError("ignore_eos cannot be combined with structured outputs: the grammar "
                                  "ends the output")
+        if params.reasoning is not None:
+            ids = [*params.reasoning.end_token_ids, params.reasoning.start_token_id]
+            bad = [t for t in ids if t is not None and t >= self.vocab_size]
+            if bad:
+                raise ValueError(f"reasoning marker token ids outside the vocabulary (size {self.vocab_size}): "
+                                 f"{bad[:10]}")
         stop_ids = list(params.stop_token_ids or []) + self.extra_stop_token_ids
         base = params.clone(all_stop_token_ids=stop_ids or None,
                             max_tokens=max_tokens if max_tokens is not None

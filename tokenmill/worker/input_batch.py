@@ -30,7 +30,7 @@ class RequestState:
     num_computed_tokens: int
     eos_token_id: int | None
     table_row: int  # this request's row of the persistent host block table
-    grammar: object | None = None  # structured_output.RequestGrammar for constrained requests
+    grammar: object | None = None  # structured_output.RequestGrammar / ReasoningGate: constrained requests
     # Logit bias, min_tokens, penalties or a grammar: the rows the sampling batch must look at.
     sampling_extras: bool = False
     pooling_params: PoolingParams | None = None  # an embedding request

@@ -174,11 +174,13 @@ class ModelRunner:
     def _add_request(self, new: NewRequestData) -> None:
         state = self.input_batch.add(new)
         params = new.sampling_params
-        if params.structured_outputs is not None and self.is_driver:
+        if params.constrains_output and self.is_driver:
             stops = [t for t in [new.eos_token_id, *(params.all_stop_token_ids or [])] if t is not None]
             # A resumed request replays its earlier output so the grammar continues where it was.
+            # A reasoning model's grammar waits behind its thinking (structured_output/reasoning_gate.py).
             state.grammar = self._structured_outputs().new_request(
-                params.structured_outputs, stop_token_ids=stops, prefix_token_ids=state.output_token_ids)
+                params.structured_outputs, reasoning=params.reasoning, stop_token_ids=stops,
+                prefix_token_ids=state.output_token_ids)
         state.sampling_extras = bool(params.logit_bias or params.min_tokens > 0 or params.needs_penalties
                                      or state.grammar is not None)
         if new.restore_state_from >= 0:

@@ -23,6 +23,11 @@ DEFAULT_MAX_QUEUE_WAIT_S = 30.0
 
 logger = logging.getLogger("tokenmill.server")
 
+# The parser names (listed in --help; checked against the registries when the server is planned).
+_TOOL_PARSERS = ("hermes", "qwen3", "llama3_json", "deepseek_v3", "deepseek_v31", "kimi_k2", "minimax_m2",
+                 "mistral")
+_REASONING_PARSERS = ("deepseek_r1", "deepseek_v3", "qwen3", "kimi_k2", "minimax_m2", "minimax_m2_append_think")
+
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server")
@@ -56,11 +61,18 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                        help="CPU threads for the engine core's math (default: all cores but one, "
                             "leaving one to the API process; or $OMP_NUM_THREADS if set)")
     group.add_argument("--tool-call-parser", default=None,
-                       help="how to find tool calls in the model's text for tool_choice auto: "
-                            "hermes (also qwen) or llama3_json; without it, such text is content")
+                       help="the model's tool-call format, for tool_choice auto: " + ", ".join(_TOOL_PARSERS)
+                            + "; without it, tool_choice auto is refused (400)")
     group.add_argument("--enable-auto-tool-choice", action="store_true",
                        help="vLLM's switch for tool_choice auto; needs --tool-call-parser, which "
                             "alone already turns it on here")
+    group.add_argument("--reasoning-parser", default=None,
+                       help="the model's thinking format, returned apart from the answer "
+                            "(reasoning_content, Anthropic thinking blocks, Responses reasoning items): "
+                            + ", ".join(_REASONING_PARSERS))
+    group.add_argument("--response-role", default="assistant",
+                       help="the role of chat completion replies when the request asks for a new "
+                            "turn (add_generation_prompt)")
     group.add_argument("--log-stats-interval", type=float, default=10.0,
                        help="seconds between throughput log lines")
     group.add_argument("--disable-log-stats", action="store_true", help="no periodic throughput line")
@@ -166,7 +178,8 @@ def plan_server(args: argparse.Namespace, served_at: str | None = None) -> Serve
 
     api_key = args.api_key or os.environ.get("TOKENMILL_API_KEY") or None
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
-        raise CannotServe("--enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)")
+        raise CannotServe("--enable-auto-tool-choice needs --tool-call-parser (" + ", ".join(_TOOL_PARSERS) + ")")
+    _check_parsers(args)
     if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
         raise CannotServe("HTTPS needs both --ssl-keyfile and --ssl-certfile")
     for path in (args.ssl_keyfile, args.ssl_certfile):
@@ -177,7 +190,8 @@ def plan_server(args: argparse.Namespace, served_at: str | None = None) -> Serve
     try:
         config = ServerConfig(api_key=api_key, max_body_bytes=args.max_request_body_bytes,
                               drain_timeout_s=args.drain_timeout, log_stats_interval_s=args.log_stats_interval,
-                              tool_call_parser=args.tool_call_parser, metrics_prefix=args.metrics_prefix,
+                              tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
+                              response_role=args.response_role, metrics_prefix=args.metrics_prefix,
                               log_stats=not args.disable_log_stats, log_requests=args.enable_log_requests,
                               max_log_len=args.max_log_len,
                               allowed_origins=_json_list(args.allowed_origins, "--allowed-origins", ()),
@@ -193,6 +207,21 @@ def plan_server(args: argparse.Namespace, served_at: str | None = None) -> Serve
     if _wants_embedding(args):
         return ServerPlan(config, _embedder_factory(args, url, key_note))
     return ServerPlan(config, _engine_factory(args, url, key_note))
+
+
+def _check_parsers(args: argparse.Namespace) -> None:
+    from tokenmill.entrypoints.reasoning import get_reasoning_parser
+    from tokenmill.entrypoints.tool_parsers import get_tool_parser
+
+    try:
+        if args.tool_call_parser is not None:
+            get_tool_parser(args.tool_call_parser)
+        if args.reasoning_parser is not None:
+            get_reasoning_parser(args.reasoning_parser)
+    except ValueError as exc:
+        raise CannotServe(str(exc)) from None
+    if not args.response_role or not args.response_role.strip():
+        raise CannotServe("--response-role must not be empty")
 
 
 def _json_list(value: str | None, flag: str, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -228,13 +257,6 @@ def _engine_factory(args: argparse.Namespace, url: str, key_note: str):
     # The API process (HTTP, tokenizing, detokenizing) keeps one core.
     threads = choose_cpu_threads(args.engine_threads, reserve=1, since=load)
     logger.info("engine core: %s", threads.reason)
-    if args.tool_call_parser is not None:
-        from tokenmill.entrypoints.tool_parsers import get_tool_parser
-
-        try:
-            get_tool_parser(args.tool_call_parser)
-        except ValueError as exc:
-            raise CannotServe(str(exc)) from None
 
     async def make_engine() -> AsyncEngine:
         engine = await AsyncEngine.from_engine_args(

@@ -59,7 +59,7 @@ async def create_completion(request: Request) -> Response:
     for p, final in enumerate(finals):
         for c in final.outputs:
             choices.append(_choice(engine, body, p * body.n + c.index, c, final, streams[p], echo=body.echo))
-    completion_tokens = sum(len(c.token_ids) for f in finals for c in f.outputs)
+    completion_tokens = 0 if body.echo_only else sum(len(c.token_ids) for f in finals for c in f.outputs)
     prompt_tokens = sum(len(s.prompt_token_ids) for s in streams)
     return JSONResponse({
         "id": request_id, "object": "text_completion", "created": created, "model": model,
@@ -71,13 +71,19 @@ async def create_completion(request: Request) -> Response:
 def _choice(engine: AsyncEngine, body: CompletionRequest, index: int, c: CompletionOutput,
             out: RequestOutput, stream: RequestStream, *, echo: bool, text_offset: int = 0) -> dict:
     text, logprobs = c.text, None
+    finish_reason = c.finish_reason
+    if body.echo_only:  # the one token the engine sampled is not part of the answer
+        text, c = "", CompletionOutput(index=c.index, text="", token_ids=[],
+                                       logprobs=[] if c.logprobs is not None else None)
+        finish_reason = "length" if finish_reason is not None else None
     if body.logprobs is not None:
         logprobs = completion_logprobs(c.token_ids, c.logprobs, body.logprobs, text_offset)
     if echo:
         prompt_text = out.prompt if out.prompt is not None else engine.decode(stream.prompt_token_ids)
         text = prompt_text + text
         if logprobs is not None and out.prompt_logprobs is not None:
-            prompt_lp = completion_logprobs(stream.prompt_token_ids, out.prompt_logprobs, body.logprobs)
+            prompt_lp = completion_logprobs(stream.prompt_token_ids, out.prompt_logprobs, body.logprobs,
+                                            token_text=lambda t: engine.decode([t]))
             shift = len(prompt_text)
             logprobs = {
                 "tokens": prompt_lp["tokens"] + logprobs["tokens"],
@@ -85,7 +91,7 @@ def _choice(engine: AsyncEngine, body: CompletionRequest, index: int, c: Complet
                 "top_logprobs": prompt_lp["top_logprobs"] + logprobs["top_logprobs"],
                 "text_offset": prompt_lp["text_offset"] + [o + shift for o in logprobs["text_offset"]],
             }
-    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 async def _stream(engine: AsyncEngine, streams: list[RequestStream], body: CompletionRequest,
@@ -109,7 +115,7 @@ async def _stream(engine: AsyncEngine, streams: list[RequestStream], body: Compl
             for c in out.outputs:
                 if c.finish_reason == "error":
                     raise EngineDeadError("the engine failed while serving this request")
-                completion_tokens += len(c.token_ids)
+                completion_tokens += 0 if body.echo_only else len(c.token_ids)
                 index = p * body.n + c.index
                 echo = body.echo and index not in echoed
                 echoed.add(index)

@@ -257,6 +257,13 @@ class ChatCompletionRequest(_SamplingFields):
     tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: bool = True
+    # Reasoning models (`--reasoning-parser`): passed to the chat template as `reasoning_effort`
+    # (templates that read it, such as gpt-oss's, honour it; the others have no such switch).
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+    # vLLM's extras: leave the thinking out of the response; end the thinking after this many
+    # tokens (the engine then forces the end marker).
+    include_reasoning: bool = True
+    thinking_token_budget: Annotated[int, Field(ge=0, le=INT64_MAX)] | None = None
 
     @field_validator("chat_template", mode="before")
     @classmethod
@@ -312,6 +319,23 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     suffix: None = Field(default=None, description="not supported")
+    # 0 with `echo`: score the prompt without generating (lm-eval's loglikelihood call).
+    max_tokens: Annotated[int, Field(ge=0, le=INT64_MAX)] | None = None
+
+    @model_validator(mode="after")
+    def _zero_tokens_only_to_echo(self) -> "CompletionRequest":
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens may be 0 only with echo (to score the prompt)")
+        return self
+
+    @property
+    def echo_only(self) -> bool:
+        """The prompt comes back (with its logprobs) and nothing is generated."""
+        return self.echo and self.max_tokens == 0
+
+    def _max_tokens(self) -> int | None:
+        # The engine always samples one token; an echo-only response leaves it out.
+        return 1 if self.max_tokens == 0 else self.max_tokens
 
     @field_validator("suffix", mode="before")
     @classmethod

@@ -14,7 +14,7 @@ from tokenmill.entrypoints.openai.embeddings import create_embedding
 from tokenmill.entrypoints.openai.protocol import DetokenizeRequest, TokenizeRequest
 from tokenmill.entrypoints.server.errors import APIError
 from tokenmill.entrypoints.server.request_body import read_model
-from tokenmill.entrypoints.server.serving import check_model, engine_of
+from tokenmill.entrypoints.server.serving import check_model, engine_model_names, engine_of
 
 router = APIRouter()
 router.add_api_route("/v1/chat/completions", create_chat_completion, methods=["POST"])
@@ -24,14 +24,29 @@ router.add_api_route("/v1/embeddings", create_embedding, methods=["POST"])
 _STARTED = int(time.time())
 
 
+def _served(request: Request):
+    # Whichever model this server runs: the generation engine or the embedder.
+    return getattr(request.app.state, "engine", None) or getattr(request.app.state, "embedder", None)
+
+
+def _model_card(engine) -> dict:
+    return {"id": engine.model_name, "object": "model", "created": _STARTED, "owned_by": "tokenmill",
+            "root": engine.model_name, "max_model_len": engine.max_model_len}
+
+
 @router.get("/v1/models")
 async def list_models(request: Request) -> JSONResponse:
-    # Whichever model this server runs: the generation engine or the embedder.
-    engine = getattr(request.app.state, "engine", None) or getattr(request.app.state, "embedder", None)
-    return JSONResponse({"object": "list", "data": [{
-        "id": engine.model_name, "object": "model", "created": _STARTED, "owned_by": "tokenmill",
-        "root": engine.model_name, "max_model_len": engine.max_model_len,
-    }]})
+    return JSONResponse({"object": "list", "data": [_model_card(_served(request))]})
+
+
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(request: Request, model_id: str) -> JSONResponse:
+    """`client.models.retrieve(id)`: the served model under any name it answers to, else 404."""
+    engine = _served(request)
+    if model_id not in engine_model_names(engine):
+        raise APIError(404, f"The model `{model_id[:200]}` does not exist.", code="model_not_found",
+                       param="model")
+    return JSONResponse(_model_card(engine))
 
 
 @router.post("/tokenize")

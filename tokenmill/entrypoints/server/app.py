@@ -29,6 +29,7 @@ from tokenmill.entrypoints.server.metrics import ServerMetrics, log_periodically
 from tokenmill.entrypoints.server.playground import PLAYGROUND_PATHS, add_playground_routes
 from tokenmill.entrypoints.server.request_log import RequestLogger
 from tokenmill.entrypoints.server.openapi import install_openapi
+from tokenmill.entrypoints.server.output_parsing import ServerParsers
 from tokenmill.version import __version__
 
 logger = logging.getLogger("tokenmill.server")
@@ -44,6 +45,8 @@ class ServerConfig:
     drain_timeout_s: float = 30.0
     log_stats_interval_s: float = 10.0
     tool_call_parser: str | None = None  # for tool_choice "auto" (see tool_parsers.TOOL_PARSERS)
+    reasoning_parser: str | None = None  # splits thinking from the answer (reasoning.REASONING_PARSERS)
+    response_role: str = "assistant"  # the role of chat replies to a new turn
     metrics_prefix: str = "tokenmill"  # or "vllm", for vLLM's dashboards and alerts
     log_stats: bool = True  # the periodic throughput line (--disable-log-stats turns it off)
     log_requests: bool = False  # one line per request (--enable-log-requests)
@@ -207,6 +210,7 @@ def build_app(config: ServerConfig,
             _describe_cache(metrics, engine)
             app.state.engine = engine
             app.state.embedder = None
+            app.state.parsers = ServerParsers(engine.tokenizer, config.tool_call_parser, config.reasoning_parser)
         app.state.metrics = metrics
         log_task = (asyncio.create_task(log_periodically(metrics, config.log_stats_interval_s))
                     if config.log_stats else None)
