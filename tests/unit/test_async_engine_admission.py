@@ -189,3 +189,14 @@ def test_tokens_ahead_counts_what_each_sequence_lacks_up_to_the_new_ones_work():
         finally:
             await engine.shutdown()
     asyncio.run(run())
+
+
+def test_queue_wait_believes_no_slope_from_small_steps_alone():
+    # A warm-up request: one slow 3-token prompt step and 7 single decodes. The line through them
+    # would charge ~130 ms a token at any batch; the average is the price until a batch is seen.
+    estimator = QueueWaitEstimator(max_num_seqs=64)
+    estimator.on_step(0.30, 3)
+    for _ in range(7):
+        estimator.on_step(0.04, 1)
+    a, b = estimator.step_cost()
+    assert a == 0.0 and b == pytest.approx((0.30 + 7 * 0.04) / 10, rel=0.05)

@@ -14,8 +14,8 @@ often comes first). The cost of a token depends on how many share its step: a st
 less per token than one decode alone. `a` and `b` are a least-squares line through the recent busy
 steps (time against tokens computed, smoothed over the last few dozen). Decode tokens ahead are
 priced at the batch they will run in (the sequences in flight, up to `max_num_seqs`), prompt
-tokens at a full step (`max_step_tokens`). Until the steps seen differ in size the line is
-unknown and every token is priced at the average seen (pessimistic for large batches). Until
+tokens at a full step (`max_step_tokens`). Until steps of quite different sizes have been seen
+the line is unknown and every token is priced at the average seen (pessimistic for batches). Until
 one step has been measured the wait is 0: a cold server admits by count only.
 """
 
@@ -23,6 +23,8 @@ from __future__ import annotations
 
 # Weight of the past in the smoothed sums, per step: ~50 steps of memory.
 _DECAY = 0.98
+# Tokens the largest step seen must have before the per-token slope is believed.
+_MIN_SPREAD = 16
 
 
 class QueueWaitEstimator:
@@ -58,7 +60,10 @@ class QueueWaitEstimator:
             return None
         mean_n, mean_t = self._n / self._w, self._t / self._w
         var_n = self._nn / self._w - mean_n * mean_n
-        if var_n < 0.25:  # every step about the same size: no slope to see
+        if var_n < 1.0 or self._largest_step < _MIN_SPREAD:
+            # Only small steps seen (a warm-up request): the slope between a 1- and a 3-token step
+            # is noise, and a wrong slope is off by the batch size. Price every token at the
+            # average instead, which overcharges batches until one has been seen.
             return 0.0, mean_t / mean_n
         b = (self._nt / self._w - mean_n * mean_t) / var_n
         a = mean_t - b * mean_n
