@@ -23,6 +23,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.entrypoints.anthropic.routes import router as anthropic_router
 from tokenmill.entrypoints.openai.embeddings import AsyncEmbedder
+from tokenmill.entrypoints.openai.responses.routes import router as responses_router
+from tokenmill.entrypoints.openai.responses.store import ResponseStore
 from tokenmill.entrypoints.openai.routes import router as openai_router
 from tokenmill.entrypoints.server.errors import APIError, error_response
 from tokenmill.entrypoints.server.metrics import ServerMetrics, log_periodically
@@ -226,6 +228,8 @@ def build_app(config: ServerConfig,
     app.state.server = state
     app.include_router(openai_router)
     app.include_router(anthropic_router)
+    app.include_router(responses_router)
+    app.state.responses = ResponseStore()
     _add_basic_routes(app)
     add_playground_routes(app)
     _add_error_handlers(app)

@@ -19,6 +19,7 @@ from pydantic.json_schema import models_json_schema
 
 from tokenmill.entrypoints.anthropic.protocol import CountTokensRequest, MessagesRequest
 from tokenmill.entrypoints.openai.embeddings import EmbeddingRequest
+from tokenmill.entrypoints.openai.responses.protocol import ResponsesRequest
 from tokenmill.entrypoints.openai.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
 )
@@ -31,6 +32,7 @@ OPERATIONS: dict[tuple[str, str], tuple[type[BaseModel], str, str]] = {
     ("/v1/embeddings", "post"): (EmbeddingRequest, "openai", "embed"),
     ("/tokenize", "post"): (TokenizeRequest, "openai", "tokenize"),
     ("/detokenize", "post"): (DetokenizeRequest, "openai", "tokenize"),
+    ("/v1/responses", "post"): (ResponsesRequest, "openai", "generate"),
     ("/v1/messages", "post"): (MessagesRequest, "anthropic", "generate"),
     ("/v1/messages/count_tokens", "post"): (CountTokensRequest, "anthropic", "tokenize"),
 }
@@ -94,6 +96,7 @@ def _example(model: type[BaseModel], served: str) -> dict[str, Any]:
         TokenizeRequest: {"model": served, "prompt": "Hello world"},
         DetokenizeRequest: {"model": served, "tokens": [1, 2, 3]},
         MessagesRequest: {"model": served, "max_tokens": 8, "messages": messages},
+        ResponsesRequest: {"model": served, "input": "Say hello.", "max_output_tokens": 8},
         CountTokensRequest: {"model": served, "messages": messages},
     }[model]
 
@@ -170,7 +173,10 @@ def _get_responses(path: str) -> dict[str, Any]:
         ok = {"description": "Prometheus text", "content": {"text/plain": {"schema": {"type": "string"}}}}
     else:
         ok = {"description": "the result", "content": {"application/json": {"schema": {"type": "object"}}}}
-    return {"200": ok, **{status: _error(d, "openai") for status, d in _ALWAYS_ERRORS.items()}}
+    responses = {"200": ok, **{status: _error(d, "openai") for status, d in _ALWAYS_ERRORS.items()}}
+    if "{" in path:  # a model or a stored response, by id
+        responses["404"] = _error("no such model or stored response", "openai")
+    return responses
 
 
 def install_openapi(app: FastAPI, api_key_required: bool) -> None:
