@@ -227,3 +227,8 @@ def test_store_is_lru_and_bounded_by_count_and_bytes():
     assert store.get("d") is None and store.get("e") is not None and store.num_bytes <= 10_000
     store.put({"id": "huge"}, [{"role": "user", "content": "x" * 20_000}])
     assert store.get("huge") is None and store.get("e") is not None
+
+
+def test_405_allow_lists_every_method_of_the_path(server):
+    r = httpx.request("PUT", f"{server.url}/v1/responses/resp_x", headers=server.headers())
+    assert r.status_code == 405 and {"GET", "DELETE"} <= {m.strip() for m in r.headers["allow"].split(",")}

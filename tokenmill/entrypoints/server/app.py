@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.entrypoints.anthropic.routes import router as anthropic_router
@@ -291,6 +292,15 @@ def _add_basic_routes(app: FastAPI) -> None:
         return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+def _allowed_methods(app: FastAPI, scope) -> list[str]:
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches(scope)
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> Response:
@@ -299,8 +309,13 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         message = {404: "no such route", 405: "method not allowed"}.get(exc.status_code, "request failed")
-        # Starlette's 405 carries `Allow` (RFC 9110 requires it); keep it.
-        return error_response(request.url.path, APIError(exc.status_code, message, headers=exc.headers))
+        headers = exc.headers
+        if exc.status_code == 405:
+            # RFC 9110: `Allow` lists every method of the path. Starlette's names only the first
+            # route that matched the path, and a path may have several (GET and DELETE of a
+            # stored response).
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(app, request.scope))}
+        return error_response(request.url.path, APIError(exc.status_code, message, headers=headers))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
