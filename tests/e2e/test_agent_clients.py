@@ -173,11 +173,15 @@ def test_anthropic_messages_parse(anthropic_client, model_name):
     assert isinstance(message.parsed_output, City)
 
 
-def test_anthropic_thinking_without_a_reasoning_parser_is_400(anthropic_client, model_name):
+def test_anthropic_refusals_in_anthropics_format(anthropic_client, model_name):
     import anthropic
-    with pytest.raises(anthropic.BadRequestError, match="--reasoning-parser"):
+    with pytest.raises(anthropic.BadRequestError, match="--reasoning-parser") as err:
         anthropic_client.messages.create(model=model_name, max_tokens=60, messages=ASK,
                                          thinking={"type": "enabled", "budget_tokens": 20})
+    assert err.value.body["type"] == "error" and err.value.body["error"]["type"] == "invalid_request_error"
+    with pytest.raises(anthropic.BadRequestError, match="output_config.effort"):
+        anthropic_client.messages.create(model=model_name, max_tokens=60, messages=ASK,
+                                         extra_body={"output_config": {"effort": "high"}})
 
 
 # ----- legacy completions: echo for scoring -----
