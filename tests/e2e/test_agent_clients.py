@@ -198,37 +198,47 @@ def test_completions_echo_offsets_and_scoring_call(openai_client, model_name):
 
 
 # ----- lm-eval -----
-def test_lm_eval_loglikelihood_matches_hf(tmp_path):
-    """lm-eval's `local-completions` model scores continuations through `/v1/completions`
-    (echo, max_tokens 0, logprobs); in float32 its numbers are HF transformers' on the same weights."""
+FACTS = [{"question": "The capital of France is", "choices": [" Paris", " London", " Rome"], "answer": 0},
+         {"question": "2 + 2 =", "choices": [" 4", " 5"], "answer": 0},
+         {"question": "Water is made of hydrogen and", "choices": [" oxygen", " gold"], "answer": 0}]
+
+
+def test_lm_eval_local_task_loglikelihood_matches_hf(tmp_path, monkeypatch):
+    """lm-eval's `local-completions` model runs a small local multiple-choice task through
+    `/v1/completions` (echo, max_tokens 0, logprobs); on a float32 server every continuation's
+    loglikelihood is HF transformers' on the same weights."""
+    import lm_eval
     import torch
-    from lm_eval.api.instance import Instance
-    from lm_eval.models.openai_completions import LocalCompletionsAPI
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tokenmill.config.gguf_cache import converted_folder
     from tokenmill.config.model_source import default_gguf_path
 
-    docs = [("The capital of France is", " Paris"), ("The capital of France is", " London"),
-            ("2 + 2 =", " 4"), ("Water is made of hydrogen and", " oxygen")]
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    data = tmp_path / "facts.jsonl"
+    data.write_text("".join(json.dumps(doc) + "\n" for doc in FACTS))
+    task = {"task": "tiny_facts", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+            "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "{{question}}",
+            "doc_to_choice": "{{choices}}", "doc_to_target": "{{answer}}", "target_delimiter": "",
+            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}
+    folder = str(converted_folder(default_gguf_path()))  # the HF folder the server loads
     with running_server(lambda port: serve_argv(port) + ["--dtype", "float32"], api_key=API_KEY) as server:
-        folder = str(converted_folder(default_gguf_path()))
-        lm = LocalCompletionsAPI(base_url=f"{server.url}/v1/completions", model="SmolLM2-135M-Instruct",
-                                 tokenizer=folder, tokenizer_backend="huggingface",
-                                 header={"Authorization": f"Bearer {API_KEY}"},
-                                 max_retries=1, num_concurrent=1)
-        requests = [Instance("loglikelihood", doc, args, idx=i) for i, (doc, args) in
-                    enumerate(zip(docs, docs))]
-        scores = lm.loglikelihood(requests)
+        results = lm_eval.simple_evaluate(
+            model="local-completions", tasks=[task], log_samples=True,
+            model_args={"base_url": f"{server.url}/v1/completions", "model": "SmolLM2-135M-Instruct",
+                        "tokenizer": folder, "tokenizer_backend": "huggingface", "max_retries": 1,
+                        "header": {"Authorization": f"Bearer {API_KEY}"}})
+    assert results["results"]["tiny_facts"]["acc,none"] == 1.0
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
-    for (context, continuation), (logprob, greedy) in zip(docs, scores):
-        ctx = tokenizer(context, add_special_tokens=False).input_ids
-        whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
-        with torch.no_grad():
-            logits = model(torch.tensor([whole])).logits[0].float().log_softmax(-1)
-        expected = sum(logits[i - 1, whole[i]].item() for i in range(len(ctx), len(whole)))
-        assert math.isclose(logprob, expected, abs_tol=1e-3), (context, continuation, logprob, expected)
-        hf_greedy = all(logits[i - 1].argmax().item() == whole[i] for i in range(len(ctx), len(whole)))
-        assert greedy == hf_greedy
-    assert scores[0][0] > scores[1][0]  # Paris beats London
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    scored = 0
+    for sample in results["samples"]["tiny_facts"]:
+        for (context, continuation), ((logprob, _),) in zip(sample["arguments"], sample["resps"]):
+            ctx = tokenizer(context, add_special_tokens=False).input_ids
+            whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
+            with torch.no_grad():
+                logits = model(torch.tensor([whole])).logits[0].float().log_softmax(-1)
+            expected = sum(logits[i - 1, whole[i]].item() for i in range(len(ctx), len(whole)))
+            assert math.isclose(logprob, expected, abs_tol=5e-5), (context, continuation, logprob, expected)
+            scored += 1
+    assert scored == sum(len(doc["choices"]) for doc in FACTS)
