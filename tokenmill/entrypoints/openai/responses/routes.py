@@ -9,6 +9,7 @@ default, `store: true`) live in the server's bounded memory (`store.py`).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -37,16 +38,20 @@ def store_of(request: Request) -> ResponseStore:
     return request.app.state.responses
 
 
-class _Plan:
-    def __init__(self, params: SamplingParams, tools: ToolCalling, start: Start | None,
-                 conversation: list[dict[str, Any]]) -> None:
-        self.params, self.tools, self.start, self.conversation = params, tools, start, conversation
+@dataclass(frozen=True)
+class ResponsePlan:
+    """How one response is produced and read, and the conversation it continues."""
+
+    params: SamplingParams
+    tools: ToolCalling
+    start: Start | None  # where the output begins relative to the thinking (None: no parser)
+    conversation: list[dict[str, Any]]  # the stored turns, then this request's input, as chat messages
 
     def output_parser(self, parsers: ServerParsers) -> OutputParser:
         return parsers.output_parser(self.start, self.tools.make_parser)
 
 
-async def _plan(request: Request, engine: AsyncEngine, body: ResponsesRequest) -> tuple[str, _Plan]:
+async def _plan(request: Request, engine: AsyncEngine, body: ResponsesRequest) -> tuple[str, ResponsePlan]:
     parsers: ServerParsers = request.app.state.parsers
     history: list[dict[str, Any]] = []
     if body.previous_response_id is not None:
@@ -76,7 +81,7 @@ async def _plan(request: Request, engine: AsyncEngine, body: ResponsesRequest) -
         params = params.clone(reasoning=reasoning)
     if parsers.keeps_special_tokens(tools.active):
         params = params.clone(skip_special_tokens=False)
-    return prompt, _Plan(params, tools, start, conversation)
+    return prompt, ResponsePlan(params, tools, start, conversation)
 
 
 def _response(body: ResponsesRequest, response_id: str, model: str, created: int, status: str,
@@ -142,7 +147,7 @@ async def create_response(request: Request) -> Response:
 
 
 async def _stream(request: Request, engine: AsyncEngine, stream: RequestStream, body: ResponsesRequest,
-                  response_id: str, model: str, created: int, plan: _Plan) -> AsyncIterator[bytes]:
+                  response_id: str, model: str, created: int, plan: ResponsePlan) -> AsyncIterator[bytes]:
     parsers: ServerParsers = request.app.state.parsers
     parser = plan.output_parser(parsers)
     events = ResponseEvents(with_reasoning=parsers.reasoning is not None)
