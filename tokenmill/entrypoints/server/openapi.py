@@ -174,8 +174,8 @@ def _get_responses(path: str) -> dict[str, Any]:
     else:
         ok = {"description": "the result", "content": {"application/json": {"schema": {"type": "object"}}}}
     responses = {"200": ok, **{status: _error(d, "openai") for status, d in _ALWAYS_ERRORS.items()}}
-    if "{" in path:  # a model or a stored response, by id
-        responses["404"] = _error("no such model or stored response", "openai")
+    if "{" in path:  # a route that names a resource (`/v1/models/{model_id}`)
+        responses["404"] = _error("no such resource on this server", "openai")
     return responses
 
 
