@@ -186,7 +186,12 @@ def _complete(url: str) -> httpx.Response:
 @pytest.mark.slow
 def test_killed_replica_fails_its_requests_cleanly_and_is_replaced(ray_server):
     url = ray_server.url
+    # Ray may be replacing a replica it found unhealthy on a loaded machine: start from two.
+    deadline = time.monotonic() + 120
+    while len(replica_pids()) != 2 and time.monotonic() < deadline:
+        time.sleep(1)
     assert len(replica_pids()) == 2
+    wait_for_a_new_replica(url, before=set())  # both answer
     opened: list[str] = []
     with ThreadPoolExecutor(6) as pool:
         streams = [pool.submit(_stream, url, opened) for _ in range(4)]
