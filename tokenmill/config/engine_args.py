@@ -106,6 +106,10 @@ class EngineArgs:
     disable_custom_all_reduce: bool = False
     fused_all_reduce_norm: bool = True
     fused_all_reduce_max_world_size: int = 4
+    # RL rollouts (docs/rl.md).
+    enable_sleep_mode: bool = False
+    worker_extension_cls: str | None = None
+    batch_invariant: bool = False
 
     # ----- CLI -----
     @staticmethod
@@ -154,6 +158,15 @@ class EngineArgs:
         parser.add_argument("--fused-all-reduce-max-world-size", type=int,
                             default=d.fused_all_reduce_max_world_size,
                             help="use the fused all-reduce + RMSNorm kernel up to this many ranks")
+        parser.add_argument("--enable-sleep-mode", action="store_true",
+                            help="allow sleep/wake_up, which hand the device memory back (the server "
+                                 "also serves POST /sleep, /wake_up and GET /is_sleeping)")
+        parser.add_argument("--worker-extension-cls", default=None,
+                            help="pkg.module.Class whose methods are mixed into every rank's worker, "
+                                 "callable through collective_rpc")
+        parser.add_argument("--batch-invariant", action="store_true",
+                            help="a request's tokens do not depend on what else is batched with it "
+                                 "(fixed-order matmuls, norms and attention; slower; docs/rl.md)")
         return parser
 
     @classmethod
@@ -199,7 +212,8 @@ class EngineArgs:
         model_cfg = ModelConfig(
             model=self.model or source.display_name, source=source, hf_config=hf_config,
             architecture=architecture, dtype=dtype, max_model_len=max_model_len,
-            served_model_name=self.served_model_name or source.display_name, seed=self.seed)
+            served_model_name=self.served_model_name or source.display_name, seed=self.seed,
+            enable_sleep_mode=self.enable_sleep_mode)
         if self.fused_all_reduce_max_world_size < 1:
             raise ValueError("fused_all_reduce_max_world_size must be >= 1")
         kernels = KernelConfig(
@@ -218,7 +232,7 @@ class EngineArgs:
             scheduler=SchedulerConfig(self.max_num_seqs, max_batched, self.scheduling_policy, max_model_len,
                                       device.type == "cuda" if self.async_scheduling is None
                                       else self.async_scheduling),
-            parallel=ParallelConfig(self.tensor_parallel_size),
+            parallel=ParallelConfig(self.tensor_parallel_size, self.worker_extension_cls),
             device=device,
             load_format=source.load_format,
             kernels=kernels,

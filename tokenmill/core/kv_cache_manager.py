@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 from tokenmill.core.block_pool import BlockPool, KVBlock, hash_block
 from tokenmill.core.request import Request
+
+# `_num_registered` of a request whose blocks must never be published (see `reset_prefix_cache`).
+_NEVER_PUBLISH = sys.maxsize
 
 
 class KVCacheManager:
@@ -128,6 +133,19 @@ class KVCacheManager:
             if block.ref_cnt == 1:
                 self.pool.unregister(block)
         self.pool.free(reversed(blocks))
+
+    def reset_prefix_cache(self) -> None:
+        """After new weights: no block computed before now is ever found by a prefix lookup.
+
+        Every published hash is dropped (free and in-use blocks alike). Requests that hold blocks
+        now keep running on them, but their blocks, and the ones they fill later, mix K/V of the
+        old and new weights, so they are never published; a request that starts (or restarts
+        after preemption) from here on publishes normally. Hashes depend only on tokens and salt,
+        so requests keep the hashes they computed.
+        """
+        self.pool.drop_cached_prefixes()
+        for request_id in self.req_blocks:
+            self._num_registered[request_id] = _NEVER_PUBLISH
 
     def reset_counters(self) -> None:
         self.prefix_queries = self.prefix_hits = 0

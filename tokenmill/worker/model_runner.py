@@ -78,6 +78,18 @@ class ModelRunner:
         self.kv_caches = [layer.allocate_kv_cache(num_blocks, self.block_size, self.kv_cache_dtype, self.device)
                           for layer in self.attention_layers]
 
+    def release_kv_cache(self) -> None:
+        """Drop the KV pool and the decode graphs that read it (sleep); `allocate_kv_cache` and
+        `capture_cuda_graphs` make them again."""
+        self.kv_caches = []
+        self.graphs = None
+        self._prev_sampled = None
+
+    def recapture_cuda_graphs(self) -> None:
+        """After the weights moved in memory: the graphs bake in their addresses."""
+        self.graphs = None
+        self.capture_cuda_graphs()
+
     def capture_cuda_graphs(self) -> None:
         """Decode graphs (CUDA, after the KV cache exists; `enforce_eager` skips)."""
         if self.config.kernels.enforce_eager or not self.attn_builder.supports_decode_graphs:

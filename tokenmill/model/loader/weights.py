@@ -66,13 +66,15 @@ def _weight_loader_of(model: torch.nn.Module, name: str):
 
 
 @torch.no_grad()
-def load_weights(model: torch.nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) -> set[str]:
+def load_weights(model: torch.nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
+                 require_all: bool = True) -> set[str]:
     """Route each HF tensor to its (possibly merged, possibly sharded) parameter.
 
     The model class declares its name mapping: `stacked_params` ((merged fragment, HF fragment,
     shard id), e.g. q/k/v into `qkv_proj`), `ignored_weights` (fragments of tensors it recomputes)
     and optionally `skip_weight(name)`. Every parameter must be loaded exactly from the checkpoint:
-    unknown tensors and missing parameters are errors, not silent gaps.
+    unknown tensors and missing parameters are errors, not silent gaps. `require_all=False`
+    (an in-place weight update) takes any subset of the checkpoint. Returns the parameters loaded.
     """
     params = dict(model.named_parameters())
     stacked = getattr(model, "stacked_params", ())
@@ -105,6 +107,6 @@ def load_weights(model: torch.nn.Module, weights: Iterator[tuple[str, torch.Tens
                 loader(param, tensor.to(param.dtype))
             loaded.add(name)
     missing = set(params) - loaded
-    if missing:
+    if missing and require_all:
         raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
     return loaded
