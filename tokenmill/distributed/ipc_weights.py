@@ -31,6 +31,9 @@ import zmq
 logger = logging.getLogger(__name__)
 
 ALIGN_BYTES = 256  # each tensor starts on this boundary in the buffer (checkpoint-engine's)
+# How long an engine rank waits for the sender's next message before giving the update up
+# (checkpoint-engine's request timeout), so a sender that died does not hang the engine.
+RECEIVE_TIMEOUT_S = 300.0
 WeightBatch = list[tuple[str, torch.Tensor]]
 
 
@@ -42,22 +45,27 @@ def device_uuid(device: torch.device) -> str:
 
 
 # ----- handles -----
-def share_buffer(buffer: torch.Tensor) -> tuple[Callable, tuple]:
-    """(rebuild function, arguments) that give another process `buffer`'s memory."""
-    if buffer.is_cuda:
+def share_tensor(tensor: torch.Tensor) -> tuple[Callable, tuple]:
+    """(rebuild function, arguments) that give another process `tensor` itself (its memory, not a
+    copy): torch's CUDA IPC handle; on the CPU, a shared-memory file opened by name."""
+    if tensor.is_cuda:
         from torch.multiprocessing.reductions import reduce_tensor
-        return reduce_tensor(buffer)
-    manager, handle, size = buffer.untyped_storage()._share_filename_cpu_()
-    return rebuild_shared_cpu_buffer, (manager, handle, size)
+        return reduce_tensor(tensor)
+    if not tensor.is_shared():
+        tensor.share_memory_()
+    manager, handle, size = tensor.untyped_storage()._share_filename_cpu_()
+    return rebuild_shared_cpu_tensor, (manager, handle, size, str(tensor.dtype).removeprefix("torch."),
+                                       list(tensor.shape), list(tensor.stride()), tensor.storage_offset())
 
 
-def rebuild_shared_cpu_buffer(manager: bytes, handle: bytes, size: int) -> torch.Tensor:
+def rebuild_shared_cpu_tensor(manager: bytes, handle: bytes, size: int, dtype: str, shape: list[int],
+                              stride: list[int], offset: int) -> torch.Tensor:
     storage = torch.UntypedStorage._new_shared_filename_cpu(manager, handle, size)
-    return torch.empty(0, dtype=torch.uint8).set_(storage)
+    return torch.empty(0, dtype=getattr(torch, dtype)).set_(storage, offset, shape, stride)
 
 
-def rebuild_buffer(handle: tuple[Callable, tuple], device: torch.device) -> torch.Tensor:
-    """The sender's buffer in this process; a CUDA handle is opened on `device` (the sender may
+def open_shared(handle: tuple[Callable, tuple], device: torch.device) -> torch.Tensor:
+    """The sender's tensor in this process; a CUDA handle is opened on `device` (the sender may
     number its GPUs differently, under another CUDA_VISIBLE_DEVICES)."""
     func, args = handle
     args = list(args)
@@ -85,24 +93,29 @@ def _synchronize(device: torch.device) -> None:
 
 # ----- the engine rank's side -----
 def receive_ipc_stream(context: zmq.Context, address: str, device: torch.device,
-                       load: Callable[[WeightBatch], None]) -> int:
+                       load: Callable[[WeightBatch], None], timeout_s: float = RECEIVE_TIMEOUT_S) -> int:
     """Serve one update from the sender at `address`: `load` each bucket (it must copy what it
     keeps: the sender overwrites the buffer after the ack). Returns the buckets received. A
-    failing `load` is reported to the sender and raised here."""
+    failing `load` is reported to the sender and raised here; `timeout_s` of silence from the
+    sender raises TimeoutError."""
     sock = context.socket(zmq.REP)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
     sock.connect(address)
     buffer: torch.Tensor | None = None
     num_buckets = 0
     try:
         while True:
-            payload = sock.recv_pyobj()
+            try:
+                payload = sock.recv_pyobj()
+            except zmq.Again:
+                raise TimeoutError(f"no message from the weight sender at {address} for {timeout_s:.0f} s") from None
             if payload is None:
                 _synchronize(device)
                 sock.send(b"")
                 return num_buckets
             if isinstance(payload, tuple):
-                buffer = rebuild_buffer(payload, device)
+                buffer = open_shared(payload, device)
                 sock.send(b"")
                 continue
             if isinstance(payload, Exception):  # the sender gave up
@@ -130,6 +143,10 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES
 
 
+class _EngineFailed(RuntimeError):
+    pass
+
+
 class IpcWeightSender:
     """Sends named tensors to one engine rank through one shared buffer of `buffer_bytes`.
 
@@ -140,8 +157,6 @@ class IpcWeightSender:
     def __init__(self, address: str, device: torch.device, buffer_bytes: int) -> None:
         self.device = device
         self.buffer = torch.empty(buffer_bytes, dtype=torch.uint8, device=device)
-        if device.type == "cpu":
-            self.buffer.share_memory_()
         self._context = zmq.Context()
         self._sock = self._context.socket(zmq.REQ)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -151,11 +166,20 @@ class IpcWeightSender:
         self._sock.send_pyobj(payload)
         reply = self._sock.recv()
         if reply:
-            raise RuntimeError(f"the engine rank failed to load the weights:\n{reply.decode(errors='replace')}")
+            raise _EngineFailed(f"the engine rank failed to load the weights:\n{reply.decode(errors='replace')}")
 
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-        """Stream every tensor (bucket by bucket), then end the update. Returns the bytes sent."""
-        self._request(share_buffer(self.buffer))
+        """Stream every tensor (bucket by bucket), then end the update. Returns the bytes sent.
+        A failure here is passed on to the engine rank (which then fails its update too)."""
+        self._request(share_tensor(self.buffer))
+        try:
+            return self._send_all(named_tensors)
+        except Exception as exc:
+            if not isinstance(exc, _EngineFailed):
+                self._sock.send_pyobj(RuntimeError(f"the weight sender failed: {type(exc).__name__}: {exc}"))
+            raise
+
+    def _send_all(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         capacity = self.buffer.numel()
         metas: list[dict[str, Any]] = []
         offset = sent = 0

@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator, Protocol
 import msgspec
 
 from tokenmill.engine.core_client import EngineCoreClient, EngineDeadError
+from tokenmill.engine.rl_control import AdmissionGate, RolloutControl
 from tokenmill.core.messages import SchedulerStats
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import RequestOutputKind, SamplingParams
@@ -128,6 +129,10 @@ class AsyncEngine:
         self._last_progress = time.monotonic()
         self._output_task: asyncio.Task | None = None
         self._death_callbacks: list[Any] = []
+        # RL calls (sleep, weight updates; engine/rl_control.py), and the gate new requests meet
+        # while the engine is paused or asleep.
+        self.gate = AdmissionGate()
+        self.rollouts = RolloutControl(self)
 
     @classmethod
     async def from_engine_args(cls, engine_args: Any, *, max_queue_len: int,
@@ -199,10 +204,12 @@ class AsyncEngine:
         """Validates, tokenizes and admits one request.
 
         Raises (before anything reaches the core): `QueueFullError`, `EngineDeadError`, `ValueError`
-        (incl. `ContextLengthError`) for bad input.
+        (incl. `ContextLengthError`) for bad input, `EngineSleepingError` while paused or asleep
+        if the gate refuses rather than holds requests.
         """
         if self.dead:
             raise EngineDeadError(self.death_reason)
+        await self.gate.admit()
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in flight")
         if self._num_inflight_seqs + params.n > self.max_num_seqs + self.max_queue_len:

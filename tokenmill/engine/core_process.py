@@ -22,6 +22,7 @@ import msgspec
 import zmq
 
 from tokenmill.core.messages import EngineOutputs, EngineRequest, SchedulerStats
+from tokenmill.engine.rl_control import ControlReply, ControlRequest, run_control
 from tokenmill.utils.process import watch_parent
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,8 @@ class Shutdown(msgspec.Struct, tag="shutdown"):
     pass
 
 
-CoreRequest = Union[AddRequests, AbortRequests, Shutdown]
+# ControlRequest: an RL call (sleep, weight update, ...; engine/rl_control.py), run between steps.
+CoreRequest = Union[AddRequests, AbortRequests, Shutdown, ControlRequest]
 
 
 # ----- core -> client -----
@@ -66,7 +68,7 @@ class CoreFailed(msgspec.Struct, tag="failed"):
     message: str
 
 
-CoreMessage = Union[CoreReady, CoreStep, CoreFailed]
+CoreMessage = Union[CoreReady, CoreStep, CoreFailed, ControlReply]
 
 
 class EngineCoreLike(Protocol):
@@ -185,6 +187,12 @@ def _busy_loop(engine: EngineCoreLike, inbox: queue.Queue, outbox: queue.Queue) 
             if isinstance(msg, AddRequests):
                 for request in msg.requests:
                     engine.add_request(request)
+            elif isinstance(msg, ControlRequest):
+                outputs, reply = run_control(engine, msg)
+                if outputs:
+                    outbox.put(CoreStep(outputs=EngineOutputs(outputs=outputs, scheduler_stats=engine.get_stats(),
+                                                              timestamp=time.time())))
+                outbox.put(reply)
             else:
                 engine.abort_requests(msg.request_ids)
             busy = True  # drain the rest without blocking

@@ -159,9 +159,10 @@ class EngineCore:
         """Abort every unfinished request; returns an ABORT output for each (the server's
         `pause_generation(mode="abort")`)."""
         self._finish_in_flight()
+        outputs, self._held_outputs = self._held_outputs, []  # their tokens come first
         request_ids = list(self.scheduler.requests)
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
-        return [EngineOutput(request_id, [], finish_reason=FinishReason.ABORT) for request_id in request_ids]
+        return outputs + [EngineOutput(request_id, [], finish_reason=FinishReason.ABORT) for request_id in request_ids]
 
     def reset_prefix_cache(self) -> None:
         """No block computed before now is ever reused (blocks of running requests included:

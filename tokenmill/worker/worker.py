@@ -268,12 +268,12 @@ class Worker:
     def update_weights_from_ipc_handles(self, handles: dict[str, dict[str, tuple]]) -> int:
         """vLLM's colocated form: `{device_uuid: {name: torch IPC handle}}`; each rank opens the
         handles of its own device."""
-        from tokenmill.distributed.ipc_weights import device_uuid, rebuild_buffer
+        from tokenmill.distributed.ipc_weights import device_uuid, open_shared
         mine = handles.get(device_uuid(self.device))
         if mine is None:
             raise ValueError(f"no IPC handles for this rank's device {device_uuid(self.device)}")
         with self._update() as update:
-            update.load((name, rebuild_buffer(handle, self.device)) for name, handle in mine.items())
+            update.load((name, open_shared(handle, self.device)) for name, handle in mine.items())
         return len(update.loaded)
 
     def update_weights_from_ipc(self, zmq_handles: dict[str, str]) -> int:

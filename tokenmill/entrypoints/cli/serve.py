@@ -52,6 +52,13 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--task", default="auto", choices=["auto", "generate", "embed"],
                        help="embed: serve /v1/embeddings with an embedding model (no MODEL: the bundled "
                             "all-MiniLM-L6-v2); auto: embed when MODEL is an embedding model")
+    group.add_argument("--enable-weight-updates", action="store_true",
+                       help="serve the RL routes (docs/rl.md): /pause, /resume, /reset_prefix_cache, "
+                            "/update_weights_from_disk, /init_weights_update_group, "
+                            "/update_weights_from_distributed, /collective_rpc (behind --api-key)")
+    group.add_argument("--requests-while-paused", choices=("wait", "reject"), default="wait",
+                       help="requests arriving while the engine is paused or asleep wait until it "
+                            "resumes (default), or get 503 at once")
     group.add_argument("--uvicorn-log-level", default="warning",
                        choices=["critical", "error", "warning", "info", "debug", "trace"])
 
@@ -153,7 +160,10 @@ def plan_server(args: argparse.Namespace, served_at: str | None = None) -> Serve
     api_key = args.api_key or os.environ.get("TOKENMILL_API_KEY") or None
     config = ServerConfig(api_key=api_key, max_body_bytes=args.max_request_body_bytes,
                           drain_timeout_s=args.drain_timeout, log_stats_interval_s=args.log_stats_interval,
-                          tool_call_parser=args.tool_call_parser)
+                          tool_call_parser=args.tool_call_parser,
+                          sleep_routes=bool(getattr(args, "enable_sleep_mode", False)),
+                          weight_update_routes=bool(getattr(args, "enable_weight_updates", False)),
+                          requests_while_paused=getattr(args, "requests_while_paused", "wait"))
     url = served_at or f"http://{args.host}:{args.port}"
     key_note = f"API key {'required' if api_key else 'not required'}"
     if _wants_embedding(args):

@@ -25,6 +25,7 @@ from tokenmill.entrypoints.openai.embeddings import AsyncEmbedder
 from tokenmill.entrypoints.openai.routes import router as openai_router
 from tokenmill.entrypoints.server.errors import APIError, error_response
 from tokenmill.entrypoints.server.metrics import ServerMetrics, log_periodically
+from tokenmill.entrypoints.server.rl_routes import sleep_router, weights_router
 from tokenmill.version import __version__
 
 logger = logging.getLogger("tokenmill.server")
@@ -39,6 +40,11 @@ class ServerConfig:
     drain_timeout_s: float = 30.0
     log_stats_interval_s: float = 10.0
     tool_call_parser: str | None = None  # for tool_choice "auto" (see tool_parsers.TOOL_PARSERS)
+    # RL routes (rl_routes.py), off unless asked for; and what a request meets while the engine
+    # is paused or asleep: "wait" until it resumes, or "reject" (503).
+    sleep_routes: bool = False
+    weight_update_routes: bool = False
+    requests_while_paused: str = "wait"
 
 
 class ServerState:
@@ -115,6 +121,7 @@ def build_app(config: ServerConfig,
         else:
             engine.stats_listener = metrics
             engine.add_death_callback(lambda reason: _on_engine_death(state))
+            engine.gate.reject_while_closed = config.requests_while_paused == "reject"
             app.state.engine = engine
             app.state.embedder = None
         app.state.metrics = metrics
@@ -130,6 +137,10 @@ def build_app(config: ServerConfig,
     app.state.server = state
     app.include_router(openai_router)
     app.include_router(anthropic_router)
+    if config.sleep_routes:
+        app.include_router(sleep_router)
+    if config.weight_update_routes:
+        app.include_router(weights_router)
     _add_basic_routes(app)
     _add_error_handlers(app)
     app.add_middleware(GuardMiddleware, state=state)

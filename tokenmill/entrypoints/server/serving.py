@@ -13,6 +13,7 @@ from fastapi import Request
 
 from tokenmill.engine.async_engine import AsyncEngine, QueueFullError, RequestStream
 from tokenmill.engine.core_client import EngineDeadError
+from tokenmill.engine.rl_control import EngineSleepingError
 from tokenmill.entrypoints.server.errors import APIError
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -76,6 +77,8 @@ def _to_api_error(exc: BaseException, anthropic: bool) -> BaseException:
         return APIError(429, str(exc), headers={"retry-after": RETRY_AFTER_S})
     if isinstance(exc, EngineDeadError):
         return APIError(503, "the engine is not running")
+    if isinstance(exc, EngineSleepingError):  # paused or asleep, --requests-while-paused reject
+        return APIError(503, str(exc), headers={"retry-after": RETRY_AFTER_S})
     if isinstance(exc, ContextLengthError):
         return APIError(400, str(exc), code="context_length_exceeded")
     if isinstance(exc, ValueError):  # user-input errors from InputProcessor / SamplingParams
