@@ -66,7 +66,7 @@ def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, device: torch.de
         raise ValueError(f"kv_cache_dtype={name!r} needs torch.float8_e4m3fn, which this torch "
                          f"({torch.__version__}) lacks")
     # Triton converts to/from e4m3 only on sm_89+ (Ada, Hopper and later).
-    if device.type == "cuda" and attention_backend == "triton":
+    if device.type == "cuda" and attention_backend in ("triton", "batch_invariant"):
         capability = torch.cuda.get_device_capability(device)
         if capability < (8, 9):
             raise ValueError(f"kv_cache_dtype={name!r} with the triton backend needs a GPU of compute "
@@ -135,7 +135,9 @@ class EngineArgs:
         parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,
                             help="ranks (GPUs, or CPU processes) to split the model over")
         parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
-        parser.add_argument("--attention-backend", choices=("torch_native", "triton"), default=None)
+        parser.add_argument("--attention-backend", choices=("torch_native", "triton", "batch_invariant"),
+                            default=None, help="default: triton on CUDA, torch_native on CPU, "
+                                               "batch_invariant with --batch-invariant")
         parser.add_argument("--enforce-eager", action="store_true")
         parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                             help="prepare and launch the next step while the GPU runs this one "
@@ -195,6 +197,11 @@ class EngineArgs:
         architecture = (getattr(hf_config, "architectures", None) or ["?"])[0]
         dtype = resolve_dtype(self.dtype, hf_config, device)
         attention_backend = self.attention_backend or ("triton" if device.type == "cuda" else "torch_native")
+        if self.batch_invariant:
+            _check_batch_invariant(self)
+            attention_backend = "batch_invariant"
+        elif attention_backend == "batch_invariant":
+            raise ValueError("attention_backend='batch_invariant' is part of --batch-invariant: set batch_invariant")
         kv_cache_dtype = resolve_kv_cache_dtype(self.kv_cache_dtype, dtype, device, attention_backend)
         if self.tensor_parallel_size > 1:
             _check_tensor_parallel_split(hf_config, self.tensor_parallel_size)
@@ -220,10 +227,13 @@ class EngineArgs:
             attention_backend=attention_backend,
             enforce_eager=self.enforce_eager or device.type != "cuda",
             cascade_attention=attention_backend == "triton" and not self.disable_cascade_attn,
-            triton_gemv=self.triton_gemv,
+            # Batch-invariant: no kernel whose use depends on the batch (the batch-1 GEMV, the
+            # fused all-reduce + norm of small decode batches).
+            triton_gemv=self.triton_gemv and not self.batch_invariant,
             custom_all_reduce=not self.disable_custom_all_reduce,
-            fused_all_reduce_norm=self.fused_all_reduce_norm,
+            fused_all_reduce_norm=self.fused_all_reduce_norm and not self.batch_invariant,
             fused_all_reduce_max_world_size=self.fused_all_reduce_max_world_size,
+            batch_invariant=self.batch_invariant,
         )
         return EngineConfig(
             model=model_cfg,
@@ -238,6 +248,17 @@ class EngineArgs:
             kernels=kernels,
             engine_args=dataclasses.replace(self),
         )
+
+
+def _check_batch_invariant(args: EngineArgs) -> None:
+    """Refuse what batch-invariant mode cannot honour (docs/rl.md)."""
+    if args.attention_backend not in (None, "batch_invariant"):
+        raise ValueError(f"batch_invariant uses its own attention backend; attention_backend="
+                         f"{args.attention_backend!r} cannot be combined with it")
+    # Two ranks' partial sums add the same way in either order; three or more do not, and the
+    # collective's order follows the message size.
+    if args.tensor_parallel_size > 2:
+        raise ValueError(f"batch_invariant supports tensor_parallel_size up to 2, got {args.tensor_parallel_size}")
 
 
 def _check_tensor_parallel_split(hf_config: Any, tp: int) -> None:
