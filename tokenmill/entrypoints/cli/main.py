@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     from tokenmill.benchmarks import latency, throughput
     throughput.add_parser(bench_sub)
     latency.add_parser(bench_sub)
-    for module in ("serve", "embed", "structured", "prefix"):
+    for module in ("serve", "embed", "structured", "prefix", "rl"):
         try:
             mod = __import__(f"tokenmill.benchmarks.{module}", fromlist=["add_parser"])
         except ImportError:
