@@ -83,7 +83,6 @@ class EngineCore:
         self._held_outputs: list[EngineOutput] = []
         self._held_counts = SchedulerStats()
         self.asleep: set[str] = set()  # of SLEEP_TAGS
-        self.sleep_level = 0
         self.paused = False
         freeze_long_lived_objects()
         logger.info("engine ready in %.1fs: %s (%s, %s) on %s, KV cache %d tokens (%d blocks of %d)",
@@ -189,7 +188,6 @@ class EngineCore:
         self.kv_manager.reset_prefix_cache()  # the cache's contents are about to go
         self.executor.sleep(level)
         self.asleep = set(SLEEP_TAGS)
-        self.sleep_level = level
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         """Take the memory of `tags` back ("weights", "kv_cache"; None: both). Waking the weights
@@ -203,42 +201,29 @@ class EngineCore:
         self.executor.wake_up(tags)
         self.asleep -= set(tags)
 
-    def _before_weight_update(self) -> None:
+    def _update_weights(self, update, *args) -> int:
+        """Run an executor weight update between steps; the prefix cache is reset after it, also
+        after a failure (some tensors may have loaded)."""
         if "weights" in self.asleep:
             raise ValueError("the weights are asleep: wake_up(tags=['weights']) before updating them")
         self._finish_in_flight()
-
-    def _after_weight_update(self) -> None:
-        self.kv_manager.reset_prefix_cache()
+        try:
+            return update(*args)
+        finally:
+            self.kv_manager.reset_prefix_cache()
 
     def update_weights_from_disk(self, path: str) -> int:
-        self._before_weight_update()
-        try:
-            return self.executor.update_weights_from_disk(path)
-        finally:
-            self._after_weight_update()
+        return self._update_weights(self.executor.update_weights_from_disk, path)
 
     def update_weights_from_tensors(self, named_tensors: list[tuple[str, torch.Tensor]],
                                     bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> int:
-        self._before_weight_update()
-        try:
-            return self.executor.update_weights_from_tensors(named_tensors, bucket_bytes)
-        finally:
-            self._after_weight_update()
+        return self._update_weights(self.executor.update_weights_from_tensors, named_tensors, bucket_bytes)
 
     def update_weights_from_ipc_handles(self, handles: dict[str, dict[str, tuple]]) -> int:
-        self._before_weight_update()
-        try:
-            return self.executor.update_weights_from_ipc_handles(handles)
-        finally:
-            self._after_weight_update()
+        return self._update_weights(self.executor.update_weights_from_ipc_handles, handles)
 
     def update_weights_from_ipc(self, zmq_handles: dict[str, str]) -> int:
-        self._before_weight_update()
-        try:
-            return self.executor.update_weights_from_ipc(zmq_handles)
-        finally:
-            self._after_weight_update()
+        return self._update_weights(self.executor.update_weights_from_ipc, zmq_handles)
 
     def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int,
                                   world_size: int, group_name: str, backend: str | None = None) -> None:
@@ -249,11 +234,7 @@ class EngineCore:
 
     def update_weights_from_distributed(self, specs: list[TensorSpec], group_name: str,
                                         bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> int:
-        self._before_weight_update()
-        try:
-            return self.executor.update_weights_from_distributed(specs, group_name, bucket_bytes)
-        finally:
-            self._after_weight_update()
+        return self._update_weights(self.executor.update_weights_from_distributed, specs, group_name, bucket_bytes)
 
     def destroy_weights_update_group(self, group_name: str) -> None:
         self._finish_in_flight()

@@ -22,6 +22,7 @@ from tokenmill.config.engine_config import EngineConfig
 from tokenmill.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from tokenmill.distributed.parallel_state import TensorParallelGroup
 from tokenmill.distributed.weight_transfer import TensorSpec, buckets
+from tokenmill.model.registry import process_weights_after_loading
 from tokenmill.worker import control
 from tokenmill.worker.model_runner import ModelRunner, StepFuture
 from tokenmill.worker.sleep_mode import WeightOffload, return_device_memory
@@ -219,7 +220,6 @@ class Worker:
         if self.weights_asleep and "weights" in tags:
             self._offload.restore(self.model)
             self._offload = None
-            from tokenmill.model.registry import process_weights_after_loading
             process_weights_after_loading(self.model)
         if self.kv_asleep and "kv_cache" in tags:
             self.runner.allocate_kv_cache(self.num_blocks)
