@@ -197,11 +197,15 @@ def test_sleep_preempts_running_requests_which_resume_after_waking(ckpt, referen
         engine.core.shutdown()
 
 
-def test_collective_rpc_reaches_the_extension(ckpt):
+def test_collective_rpc_reaches_the_extension(ckpt, reference):
     with LLM(ckpt.a, worker_extension_cls="rl_worker_ext.WeightProbe", **ENGINE) as llm:
         [(rank, total)] = llm.collective_rpc("weight_sum", kwargs={"scale": 2.0})
         expected = sum(float(v.double().sum()) for v in ckpt_tensors(ckpt.a).values())
         assert rank == 0 and total == pytest.approx(2 * expected, rel=1e-9)
+        _cached(llm)
+        assert llm.collective_rpc("load_checkpoint_file", args=[ckpt.b]) == [15]
+        assert _cached(llm) == [0] * len(PROMPTS)  # dropped: the extension may change the weights
+        assert _outputs(llm) == reference["b"]
         with pytest.raises(ValueError, match="not a worker extension method"):
             llm.collective_rpc("shutdown")
     with pytest.raises(ValueError, match="cannot be imported"):

@@ -13,7 +13,7 @@ import gc
 import importlib
 import logging
 import pickle
-from typing import Any
+from typing import Any, Iterable
 
 import msgspec
 import torch
@@ -56,6 +56,7 @@ class Worker:
     # Worker methods `collective_rpc` may call besides an extension's: what RL frameworks call on
     # vLLM's workers (checkpoint-engine's `update_weights_from_ipc`, `report_device_id`).
     rpc_methods = frozenset({"update_weights_from_ipc", "report_device_id"})
+    # (`load_weights` is for extension methods: its tensors cannot come through collective_rpc.)
     extension_methods: frozenset[str] = frozenset()
 
     def __init__(self, config: EngineConfig, tp: TensorParallelGroup) -> None:
@@ -235,12 +236,17 @@ class Worker:
             raise RuntimeError("the weights are asleep: wake_up(tags=['weights']) before updating them")
         return InPlaceUpdate(self.runner)
 
-    def update_weights_from_disk(self, path: str) -> int:
-        """Load a checkpoint's tensors (any subset of the model's) from `path`; returns how many
-        parameters were written."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Load `(hf_name, tensor)` pairs into the running model, in place (any subset; this
+        rank takes its shard). For worker extensions: vLLM's `model_runner.model.load_weights`.
+        Returns how many parameters were written."""
         with self._update() as update:
-            update.load(iter_checkpoint(path, self.config.model.hf_config))
+            update.load(weights)
         return len(update.loaded)
+
+    def update_weights_from_disk(self, path: str) -> int:
+        """Load a checkpoint's tensors (any subset of the model's) from `path`."""
+        return self.load_weights(iter_checkpoint(path, self.config.model.hf_config))
 
     def update_weights_from_driver(self, specs: list[TensorSpec], bucket_bytes: int,
                                    tensors: list[torch.Tensor] | None) -> int:
@@ -272,9 +278,7 @@ class Worker:
         mine = handles.get(device_uuid(self.device))
         if mine is None:
             raise ValueError(f"no IPC handles for this rank's device {device_uuid(self.device)}")
-        with self._update() as update:
-            update.load((name, open_shared(handle, self.device)) for name, handle in mine.items())
-        return len(update.loaded)
+        return self.load_weights((name, open_shared(handle, self.device)) for name, handle in mine.items())
 
     def update_weights_from_ipc(self, zmq_handles: dict[str, str]) -> int:
         """checkpoint-engine's protocol (`distributed/ipc_weights.py`): serve the sender at this
