@@ -74,8 +74,13 @@ def test_tensor_parallel_tokens_do_not_depend_on_the_batch(tiny):
         assert _tokens(llm, PROMPTS * 2, GREEDY) == alone * 2
 
 
-def test_refused_combinations(tiny):
+def test_refused_combinations(tiny, tmp_path):
     folder, _ = tiny
+    from transformers import MixtralConfig
+    MixtralConfig(architectures=["MixtralForCausalLM"], num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=64).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="not implemented for MixtralForCausalLM"):
+        LLM(str(tmp_path), load_format="dummy", batch_invariant=True)
     with pytest.raises(ValueError, match="tensor_parallel_size up to 2"):
         LLM(folder, batch_invariant=True, tensor_parallel_size=3)
     with pytest.raises(ValueError, match="cannot be combined"):

@@ -198,7 +198,7 @@ class EngineArgs:
         dtype = resolve_dtype(self.dtype, hf_config, device)
         attention_backend = self.attention_backend or ("triton" if device.type == "cuda" else "torch_native")
         if self.batch_invariant:
-            _check_batch_invariant(self)
+            _check_batch_invariant(self, architecture)
             attention_backend = "batch_invariant"
         elif attention_backend == "batch_invariant":
             raise ValueError("attention_backend='batch_invariant' is part of --batch-invariant: set batch_invariant")
@@ -250,8 +250,15 @@ class EngineArgs:
         )
 
 
-def _check_batch_invariant(args: EngineArgs) -> None:
+# Model families whose every layer has a batch-invariant form (docs/rl.md); others are refused.
+BATCH_INVARIANT_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+def _check_batch_invariant(args: EngineArgs, architecture: str) -> None:
     """Refuse what batch-invariant mode cannot honour (docs/rl.md)."""
+    if architecture not in BATCH_INVARIANT_ARCHITECTURES:
+        raise ValueError(f"batch_invariant is not implemented for {architecture} (supported: "
+                         f"{', '.join(BATCH_INVARIANT_ARCHITECTURES)})")
     if args.attention_backend not in (None, "batch_invariant"):
         raise ValueError(f"batch_invariant uses its own attention backend; attention_backend="
                          f"{args.attention_backend!r} cannot be combined with it")
