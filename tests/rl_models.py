@@ -88,6 +88,24 @@ def trainer_ipc_handles(checkpoint: str, handles_queue, done) -> None:
     done.wait(120)
 
 
+def trainer_cuda_ipc(folder: str, address: str, mode: str, queue, done) -> None:
+    """A trainer on GPU 0 holding `folder`'s tensors: checkpoint-engine's protocol ("stream",
+    4 MiB buckets), or one handle per tensor ("handles", alive until `done`)."""
+    from safetensors.torch import load_file
+
+    from tokenmill.distributed.ipc_weights import IpcWeightSender, device_uuid, share_tensor
+    device = torch.device("cuda", 0)
+    tensors = {k: v.to(device) for k, v in load_file(os.path.join(folder, "model.safetensors")).items()}
+    if mode == "stream":
+        sender = IpcWeightSender(address, device, 4 << 20)
+        queue.put("bound")
+        sender.send(tensors.items())
+        sender.close()
+    else:
+        queue.put({device_uuid(device): {k: share_tensor(v) for k, v in tensors.items()}})
+        done.wait(120)
+
+
 def free_port() -> int:
     import socket
     with socket.socket() as s:

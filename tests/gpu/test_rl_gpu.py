@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from gpu_models import hf_folder  # noqa: E402
+from rl_models import trainer_cuda_ipc  # noqa: E402
 
 from tokenmill import LLM, SamplingParams  # noqa: E402
 
@@ -64,22 +65,6 @@ def test_sleep_returns_memory_and_wakes_identically(folders):
         assert _tokens(llm) == before
 
 
-def _ipc_trainer(folder: str, address: str, mode: str, queue, done) -> None:
-    from safetensors.torch import load_file
-
-    from tokenmill.distributed.ipc_weights import IpcWeightSender, device_uuid, share_tensor
-    device = torch.device("cuda", 0)
-    tensors = {k: v.to(device) for k, v in load_file(f"{folder}/model.safetensors").items()}
-    if mode == "stream":
-        sender = IpcWeightSender(address, device, 4 << 20)  # several buckets
-        queue.put("bound")
-        sender.send(tensors.items())
-        sender.close()
-    else:
-        queue.put({device_uuid(device): {k: share_tensor(v) for k, v in tensors.items()}})
-        done.wait(120)
-
-
 def test_updates_equal_a_fresh_engine(folders):
     a, b = folders
     with LLM(b, **ENGINE) as llm:
@@ -93,7 +78,7 @@ def test_updates_equal_a_fresh_engine(folders):
         # CUDA IPC from a second process: checkpoint-engine's protocol.
         queue, done = ctx.Queue(), ctx.Event()
         address = f"ipc://{tempfile.mkdtemp()}/w"
-        trainer = ctx.Process(target=_ipc_trainer, args=(a, address, "stream", queue, done))
+        trainer = ctx.Process(target=trainer_cuda_ipc, args=(a, address, "stream", queue, done))
         trainer.start()
         assert queue.get(timeout=120) == "bound"
         uuid = llm.collective_rpc("report_device_id")[0]
@@ -102,7 +87,7 @@ def test_updates_equal_a_fresh_engine(folders):
         trainer.join(120)
         assert _tokens(llm) == expected_a
         # One handle per tensor (vLLM's colocated example).
-        trainer = ctx.Process(target=_ipc_trainer, args=(b, address, "handles", queue, done))
+        trainer = ctx.Process(target=trainer_cuda_ipc, args=(b, address, "handles", queue, done))
         trainer.start()
         try:
             llm.update_weights_from_ipc_handles(queue.get(timeout=120))

@@ -234,7 +234,7 @@ class RolloutControl:
     async def is_sleeping(self) -> bool:
         return bool(await self._call(IsSleepingOp()))
 
-    async def pause(self, mode: str = "abort", clear_cache: bool = True) -> None:
+    async def pause_generation(self, mode: str = "abort", clear_cache: bool = True) -> None:
         """abort: unfinished requests end now (finish_reason "abort"); wait: they run to the end
         first; keep: they stay where they are and continue on `resume`. New requests meet the
         gate. `clear_cache` (abort and wait): drop the prefix cache too."""
@@ -255,7 +255,7 @@ class RolloutControl:
                 self._update_gate()
                 raise
 
-    async def resume(self) -> None:
+    async def resume_generation(self) -> None:
         async with self._lock:
             await self._call(ResumeOp())
             self.paused = False

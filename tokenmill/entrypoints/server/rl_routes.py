@@ -68,13 +68,13 @@ async def is_sleeping(request: Request) -> JSONResponse:
 async def pause(request: Request, mode: str = Query("abort"), clear_cache: bool = Query(True)) -> JSONResponse:
     if mode not in PAUSE_MODES:
         raise APIError(400, f"mode must be one of {', '.join(PAUSE_MODES)}", param="mode")
-    await _run(_rollouts(request).pause(mode, clear_cache))
+    await _run(_rollouts(request).pause_generation(mode, clear_cache))
     return JSONResponse({"status": "paused"})
 
 
 @weights_router.post("/resume")
 async def resume(request: Request) -> JSONResponse:
-    await _run(_rollouts(request).resume())
+    await _run(_rollouts(request).resume_generation())
     return JSONResponse({"status": "resumed"})
 
 
