@@ -13,11 +13,23 @@ from typing import Any
 
 import msgspec
 
-# Caps on fan-out (RELIABILITY.md item 28): generous for real use, small enough that one request
-# cannot allocate the world.
+# Caps on fan-out (docs/reliability.md item 28): generous for real use, small enough that one
+# request cannot allocate the world.
 MAX_N = 128
 MAX_LOGPROBS = 20
+# Every integer crosses to the engine core as msgpack, which holds 64 bits: anything wider is a
+# user error here, not an encoding failure after the request was registered.
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def is_int(value: Any, lo: int = INT64_MIN, hi: int = INT64_MAX) -> bool:
+    """A true integer (not a bool) in [lo, hi]."""
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
+def wrap_int64(value: int) -> int:
+    """`value` folded into int64 (two's complement), e.g. a child's seed `seed + i` at the top."""
+    return (value - INT64_MIN) % 2**64 + INT64_MIN
 
 
 class RequestOutputKind(IntEnum):
@@ -38,6 +50,18 @@ class StructuredOutputsParams(msgspec.Struct, omit_defaults=True):
     grammar: str | None = None  # EBNF (GBNF) grammar text
 
     def __post_init__(self) -> None:
+        # msgspec does not check types in __init__: a wrong type here would only fail when the
+        # engine core decodes the request, so every field is checked now.
+        if self.json is not None and not isinstance(self.json, (str, dict)):
+            raise ValueError("structured_outputs.json must be a JSON schema (an object or its text)")
+        if not isinstance(self.json_object, bool):
+            raise ValueError("structured_outputs.json_object must be a boolean")
+        for name in ("regex", "grammar"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"structured_outputs.{name} must be a string")
+        if self.choice is not None and (not isinstance(self.choice, list)
+                                        or not all(isinstance(c, str) for c in self.choice)):
+            raise ValueError("structured_outputs.choice must be a list of strings")
         count = sum(
             x is not None and x is not False
             for x in (self.json, self.regex, self.choice, self.grammar, self.json_object or None)
@@ -48,6 +72,35 @@ class StructuredOutputsParams(msgspec.Struct, omit_defaults=True):
             )
         if self.choice is not None and not self.choice:
             raise ValueError("structured_outputs.choice must not be empty")
+
+
+class ReasoningParams(msgspec.Struct, omit_defaults=True):
+    """Where a reasoning model's thinking ends in its output, for the engine.
+
+    `structured_outputs` constrain only what follows the thinking, so a model may think freely and
+    still answer in the schema; `max_tokens` bounds the thinking, after which the end sequence is
+    forced. The API server fills this in from its `--reasoning-parser` and the tokenizer.
+
+    Args:
+        end_token_ids: the token sequence that closes the thinking (e.g. `</think>`'s ids).
+        start_token_id: when set, the output has not begun thinking yet and may open it with this
+            token as its first; any other first token means no thinking and the constraint applies
+            from there. When None, the output starts inside the thinking (the prompt opened it).
+        max_tokens: most thinking tokens (the start token included); None: unbounded.
+    """
+
+    end_token_ids: list[int]
+    start_token_id: int | None = None
+    max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.end_token_ids, list) or not self.end_token_ids or \
+                not all(is_int(t, 0) for t in self.end_token_ids):
+            raise ValueError("reasoning.end_token_ids must be a non-empty list of token ids")
+        if self.start_token_id is not None and not is_int(self.start_token_id, 0):
+            raise ValueError("reasoning.start_token_id must be a token id")
+        if self.max_tokens is not None and not is_int(self.max_tokens, 0):
+            raise ValueError(f"the thinking budget must be an integer >= 0, got {self.max_tokens!r}")
 
 
 def _check_finite(name: str, value: float) -> None:
@@ -77,7 +130,8 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
         prompt_logprobs: the same for every prompt token.
         logit_bias: token id -> bias added to its logit, in [-100, 100].
         skip_special_tokens: leave special tokens out of the text.
-        structured_outputs: a grammar the output must follow.
+        structured_outputs: a grammar the output must follow (after the thinking, with `reasoning`).
+        reasoning: where a reasoning model's thinking ends, and its budget (`ReasoningParams`).
         output_kind: cumulative, delta or final-only outputs while running.
     """
 
@@ -103,6 +157,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
     spaces_between_special_tokens: bool = True
     detokenize: bool = True
     structured_outputs: StructuredOutputsParams | None = None
+    reasoning: ReasoningParams | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Extra stop ids the engine adds from the model (e.g. <|im_end|> besides EOS); not user-set.
     all_stop_token_ids: list[int] | None = None
@@ -119,7 +174,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
         self._validate()
 
     def _validate(self) -> None:
-        if not isinstance(self.n, int) or isinstance(self.n, bool) or not 1 <= self.n <= MAX_N:
+        if not is_int(self.n, 1, MAX_N):
             raise ValueError(f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty"):
@@ -128,8 +183,9 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be 0 (disabled), -1 (disabled) or a positive integer, got {self.top_k!r}")
+        if not is_int(self.top_k, 0):
+            raise ValueError(f"top_k must be 0 (disabled), -1 (disabled) or a positive 64-bit integer, "
+                             f"got {self.top_k!r}")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -137,36 +193,38 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.seed is not None and (
-            not isinstance(self.seed, int) or isinstance(self.seed, bool)
-            or not INT64_MIN <= self.seed <= INT64_MAX
-        ):
+        if self.seed is not None and not is_int(self.seed):
             raise ValueError(f"seed must be a 64-bit integer, got {self.seed!r}")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens!r}")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens!r}")
+        if self.max_tokens is not None and not is_int(self.max_tokens, 1):
+            raise ValueError(f"max_tokens must be an integer of at least 1, got {self.max_tokens!r}")
+        if not is_int(self.min_tokens, 0):
+            raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(
                 f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})"
             )
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS):
+            if value is not None and not is_int(value, 0, MAX_LOGPROBS):
                 raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
-        if self.stop_token_ids is not None and any(
-            not isinstance(t, int) or t < 0 for t in self.stop_token_ids
-        ):
-            raise ValueError("stop_token_ids must be non-negative integers")
+        for name in ("stop_token_ids", "all_stop_token_ids"):
+            ids = getattr(self, name)
+            if ids is not None and (not isinstance(ids, list) or not all(is_int(t, 0) for t in ids)):
+                raise ValueError(f"{name} must be a list of non-negative 64-bit integers")
         if self.logit_bias is not None:
             bad = [k for k, v in self.logit_bias.items()
-                   if not isinstance(k, int) or k < 0 or not isinstance(v, (int, float))
+                   if not is_int(k, 0) or not isinstance(v, (int, float)) or isinstance(v, bool)
                    or not math.isfinite(v) or not -100 <= v <= 100]
             if bad:
                 raise ValueError(
                     f"logit_bias has invalid entries for token ids {bad[:10]}: keys must be "
                     "non-negative token ids and values numbers in [-100, 100]"
                 )
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs,
+                                                                  StructuredOutputsParams):
+            raise ValueError("structured_outputs must be a StructuredOutputsParams")
+        if self.reasoning is not None and not isinstance(self.reasoning, ReasoningParams):
+            raise ValueError("reasoning must be a ReasoningParams")
 
     # ----- derived properties (read by the sampler to pick fast paths) -----
     @property
@@ -177,6 +235,13 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
     def needs_penalties(self) -> bool:
         return (self.presence_penalty != 0 or self.frequency_penalty != 0
                 or self.repetition_penalty != 1.0)
+
+    @property
+    def constrains_output(self) -> bool:
+        """Each sampled token depends on the request's earlier output through a mask: a grammar,
+        or a thinking budget that forces the end of the thinking."""
+        return self.structured_outputs is not None or (
+            self.reasoning is not None and self.reasoning.max_tokens is not None)
 
     def clone(self, **changes: Any) -> "SamplingParams":
         """A copy with some fields changed (used to fan `n` out into child requests)."""

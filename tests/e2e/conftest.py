@@ -32,6 +32,13 @@ def server():
         yield srv
 
 
+@pytest.fixture()
+def own_server():
+    """A server for one test that breaks it (the session's `server` stays up for the others)."""
+    with running_server(serve_argv, api_key=API_KEY) as srv:
+        yield srv
+
+
 @pytest.fixture(scope="session")
 def batch_invariant_server():
     """The same server in batch-invariant mode (docs/rl.md): greedy tokens do not depend on what

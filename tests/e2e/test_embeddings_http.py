@@ -172,3 +172,21 @@ def test_event_loop_stays_free_during_a_large_request(embed_server, client):
         assert len(big.result().data) == 1000
     assert len(latencies) >= 5, "the large request finished too fast to observe the loop"
     assert max(latencies) < 1.0, latencies
+
+
+def test_one_bad_input_does_not_fail_its_neighbours(embed_server):
+    """Ten valid requests and one with a lone surrogate, sent while the worker is busy: only the
+    bad one fails (400), whatever batch it would have shared (docs/reliability.md)."""
+    bad = '{"input": "\\ud800"}'
+
+    def post(i: int) -> int:
+        if i == 5:
+            return httpx.post(f"{embed_server.url}/v1/embeddings", content=bad, timeout=300,
+                              headers={**embed_server.headers(), "content-type": "application/json"}).status_code
+        return httpx.post(f"{embed_server.url}/v1/embeddings", headers=embed_server.headers(), timeout=300,
+                          json={"input": [TEXTS[3]] * 8}).status_code
+
+    for _ in range(3):
+        with concurrent.futures.ThreadPoolExecutor(11) as pool:
+            statuses = list(pool.map(post, range(11)))
+        assert statuses[5] == 400 and statuses[:5] + statuses[6:] == [200] * 10

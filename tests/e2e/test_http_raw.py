@@ -20,7 +20,7 @@ def client(server):
 
 
 def assert_engine_clean(server) -> None:
-    """RELIABILITY.md's "engine OK": nothing running or waiting, no KV block held."""
+    """docs/reliability.md's "engine OK": nothing running or waiting, no KV block held."""
     server.wait_idle(timeout_s=5)
     assert server.metric("kv_cache_usage_perc") == 0.0
 
@@ -98,7 +98,7 @@ def test_disconnect_mid_non_stream_frees_the_request(server):
 
 def test_64_concurrent_streams_complete_independently(batch_invariant_server):
     """64 streaming clients at once, 8 distinct prompts x 8 copies (greedy): every stream completes,
-    copies of one prompt return identical text (RELIABILITY.md item 23) and different prompts
+    copies of one prompt return identical text (docs/reliability.md item 23) and different prompts
     different text (no cross-talk between requests). Batch-invariant mode: otherwise greedy tokens
     may change with the batch a copy landed in (bf16 GEMM kernels are picked by row count)."""
     server = batch_invariant_server

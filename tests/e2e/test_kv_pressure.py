@@ -1,4 +1,4 @@
-"""RELIABILITY.md item 24: a KV pool far smaller than the load. Requests are preempted and
+"""docs/reliability.md item 24: a KV pool far smaller than the load. Requests are preempted and
 recomputed, never dropped: every one completes with all its tokens, and the pool drains to empty."""
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ def test_no_triton_compiles_after_start_up(kv_cache_dtype, tmp_path):
     env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton")}
     torch.cuda.empty_cache()  # earlier tests' cached blocks: the child's share must be free
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.step_timeline", "--model", "qwen3-0.6b", "--num-prompts", "48",
+        [sys.executable, "-m", "tokenmill.benchmarks.step_timeline", "--model", "qwen3-0.6b", "--num-prompts", "48",
          "--input-len", "200", "--output-len", "24", "--max-model-len", "512", "--max-num-batched-tokens", "1024",
          "--gpu-memory-utilization", "0.3", "--no-warmup", "--kv-cache-dtype", kv_cache_dtype,
          "--output-json", str(out)],

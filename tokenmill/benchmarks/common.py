@@ -13,6 +13,25 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def weight_bytes_read(model: torch.nn.Module, batch_size: int = 1) -> int:
+    """Bytes of weights one decode step of `batch_size` tokens reads: every weight except the
+    embedding table (only its rows are gathered), and of a mixture-of-experts layer's routed
+    experts only those the tokens chose: top_k per token, at most all of them (exact at batch 1;
+    an upper bound above it)."""
+    total = 0
+    has_head = getattr(model, "lm_head", None) is not None
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if name == "weight" and module_name.endswith("embed_tokens") and has_head:
+                continue
+            size = p.numel() * p.element_size()
+            experts = getattr(module, "num_local_experts", None)
+            if experts is not None and name in ("w13_weight", "w2_weight"):
+                size = size * min(experts, batch_size * module.routing.top_k) // experts
+            total += size
+    return total
+
+
 def write_json(path: str | None, result: dict) -> None:
     if path:
         with open(path, "w") as f:

@@ -18,6 +18,9 @@ def load_hf_model(llm: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM
 
     config = llm.engine.config
+    if config.model.quantization is not None:
+        raise ValueError("the HF baseline runs the unquantised model: benchmark quantised weights with "
+                         "--baseline none (and the unquantised model beside them)")
     source = config.model.source
     dtype, device = config.model.dtype, config.device
     if source.load_format == "gguf":
@@ -26,11 +29,27 @@ def load_hf_model(llm: Any) -> tuple[Any, Any]:
     elif source.load_format == "safetensors":
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
     else:
+        from tokenmill.model.loader.weights import load_weights
+
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config.model.hf_config, dtype=dtype)
-        ours = llm.engine.core.runner.model
-        ours.load_weights((name, t) for name, t in model.state_dict().items())
+        ours = llm.engine.core.executor.driver_worker.model
+        load_weights(ours, checkpoint_named_weights(model))
+        for module in ours.modules():  # re-derive what was computed from the dummy weights
+            if hasattr(module, "process_weights_after_loading"):
+                module.process_weights_after_loading()
     return model.to(device).eval(), llm.engine.tokenizer
+
+
+def checkpoint_named_weights(model: Any) -> Any:
+    """An HF model's tensors under the names its checkpoints use (transformers 5 holds some
+    differently in memory, e.g. a mixture of experts' stacked `experts.gate_up_proj`)."""
+    state = model.state_dict()
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4: memory and checkpoint names agree
+        return state.items()
+    return revert_weight_conversion(model, state).items()
 
 
 @torch.inference_mode()

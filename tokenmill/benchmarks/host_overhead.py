@@ -43,7 +43,7 @@ from typing import Callable
 
 import torch
 
-from tokenmill.entrypoints.cli.sampling_args import add_sampling_args, sampling_params_from_args
+from tokenmill.config.sampling_args import add_sampling_args, sampling_params_from_args
 
 # Phases in display order; "other" rows are the parent's time minus its timed children.
 PHASES = [
@@ -134,7 +134,7 @@ class PhaseTimer:
 
 def instrument(engine, timer: PhaseTimer) -> dict:
     """Wrap the engine's stage methods (instance attributes shadow the class methods)."""
-    core, runner, sched = engine.core, engine.core.runner, engine.core.scheduler
+    core, runner, sched = engine.core, engine.core.executor.driver_worker.runner, engine.core.scheduler
     info: dict = {}
     schedule = sched.schedule
 
@@ -147,8 +147,8 @@ def instrument(engine, timer: PhaseTimer) -> dict:
     sched.schedule = timer.wrap("schedule", schedule_and_record)
     sched.update = timer.wrap("update", sched.update)
     runner._apply_diffs = timer.wrap("apply_diffs", runner._apply_diffs)
-    runner._prepare_host_inputs = timer.wrap("prepare_inputs", runner._prepare_host_inputs)
-    runner._to_device = timer.wrap("prepare_inputs", runner._to_device)
+    runner.input_batch.prepare = timer.wrap("prepare_inputs", runner.input_batch.prepare)
+    runner.buffers.stage = timer.wrap("prepare_inputs", runner.buffers.stage)
     runner._sampling_batch = timer.wrap("sampling_batch", runner._sampling_batch)
     runner.sampler.sample = timer.wrap("sampler", runner.sampler.sample)
     runner.model.compute_logits = timer.wrap("lm_head", runner.model.compute_logits)

@@ -8,32 +8,26 @@ import time
 
 import torch
 
-from tokenmill.benchmarks.common import sync, write_json
+from tokenmill.benchmarks.common import sync, weight_bytes_read, write_json
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from tokenmill.config import EngineArgs
 
     p = subparsers.add_parser("latency", help="decode latency (ms/token) vs HF generate()")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--input-len", type=int, default=512)
-    p.add_argument("--output-len", type=int, default=256)
-    p.add_argument("--num-iters", type=int, default=3)
-    p.add_argument("--baseline", choices=("hf", "none"), default="hf")
-    p.add_argument("--output-json", default=None)
+    p.add_argument("--batch-size", type=int, default=1, help="requests decoded together")
+    p.add_argument("--input-len", type=int, default=512, help="prompt tokens per request")
+    p.add_argument("--output-len", type=int, default=256, help="tokens generated per request")
+    p.add_argument("--num-iters", type=int, default=3, help="timed runs of each measurement; the fastest is reported")
+    p.add_argument("--baseline", choices=("hf", "none"), default="hf",
+                   help="hf: run HF transformers generate() on the same prompt beside tokenmill")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for both tokenmill and the baseline (default: the cores not "
+                        "busy with other work, tokenmill/entrypoints/threads.py)")
+    p.add_argument("--output-json", default=None, help="also write the results to this JSON file")
     EngineArgs.add_cli_args(p)
     p.set_defaults(func=run)
     return p
-
-
-def _weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes read per decode step: every weight except the embedding table (only gathered)."""
-    total = 0
-    for name, p in model.named_parameters():
-        if name.endswith("embed_tokens.weight") and getattr(model, "lm_head", None) is not None:
-            continue
-        total += p.numel() * p.element_size()
-    return total
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -41,7 +35,7 @@ def run(args: argparse.Namespace) -> dict:
     from tokenmill.benchmarks.workloads import fixed_random_workload
     from tokenmill.config import EngineArgs
 
-    llm = LLM(**vars(EngineArgs.from_cli_args(args)))
+    llm = LLM(**vars(EngineArgs.from_cli_args(args)), engine_threads=args.threads)
     config = llm.engine.config
     device = config.device
     work = fixed_random_workload(args.batch_size, args.input_len, args.output_len, config.model.vocab_size)
@@ -62,7 +56,8 @@ def run(args: argparse.Namespace) -> dict:
     prefill = min(timed(1) for _ in range(args.num_iters))
     full = min(timed(args.output_len) for _ in range(args.num_iters))
     ms_per_token = (full - prefill) / (args.output_len - 1) * 1000
-    weight_bytes = _weight_bytes(llm.engine.core.runner.model)  # rank 0's shard: per GPU
+    # Rank 0's shard: per GPU; of a mixture of experts, the experts the batch's tokens chose.
+    weight_bytes = weight_bytes_read(llm.engine.core.executor.driver_worker.model, args.batch_size)
     result = {
         "benchmark": "latency", "model": config.model.served_model_name, "device": str(device),
         "dtype": str(config.model.dtype).removeprefix("torch."), "batch_size": args.batch_size,

@@ -5,7 +5,7 @@ Two workloads:
   the first token of a cold request against a repeat of the document with another question.
 - `hit-rate`: N prompts of `--input-len` tokens whose first `h`% are shared (h in `--hit-rates`),
   `--output-len` new tokens each; throughput with the cache on against the cache off on the same
-  prompts (the BENCHMARKS.md prefix-reuse workload).
+  prompts (the prefix-reuse workload of docs/perf.md).
 """
 
 from __future__ import annotations

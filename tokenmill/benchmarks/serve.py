@@ -186,22 +186,30 @@ def print_summary(s: dict, args: argparse.Namespace) -> None:
 
 
 def offline_throughput(args: argparse.Namespace, dataset: list[tuple[list[int], int]]) -> float:
-    """Output tok/s of `LLM.generate` on the same prompts, in this process."""
-    from tokenmill import SamplingParams
-    from tokenmill.entrypoints.llm import LLM
+    """Output tok/s of the offline engine (what `LLM.generate` runs) on the same prompts, in this process."""
+    from tokenmill.config import EngineArgs
+    from tokenmill.engine.llm_engine import LLMEngine
+    from tokenmill.sampling_params import SamplingParams
 
     if args.offline_threads:
         import torch
 
         torch.set_num_threads(args.offline_threads)
-    llm = LLM(args.offline_model, max_num_seqs=args.offline_max_num_seqs)
-    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=args.ignore_eos) for _, n in dataset]
-    prompts = [{"prompt_token_ids": p} for p, _ in dataset]
-    llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up, as the server is already warm
+    engine = LLMEngine.from_engine_args(EngineArgs(model=args.offline_model, max_num_seqs=args.offline_max_num_seqs))
+
+    def generate(items: list[tuple[list[int], int]]) -> int:
+        for i, (prompt, n) in enumerate(items):
+            engine.add_request(str(i), prompt, SamplingParams(max_tokens=n, temperature=0.0,
+                                                               ignore_eos=args.ignore_eos))
+        tokens = 0
+        while engine.has_unfinished_requests():
+            tokens += sum(len(o.outputs[0].token_ids) for o in engine.step() if o.finished)
+        return tokens
+
+    generate(dataset[:2])  # warm-up, as the server is already warm
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    duration = time.perf_counter() - start
-    return sum(len(o.outputs[0].token_ids) for o in outputs) / duration
+    tokens = generate(dataset)
+    return tokens / (time.perf_counter() - start)
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     p.add_argument("--kv-cache-dtype", default="auto")
+    p.add_argument("--quantization", default=None, help="weight format (fp8: quantised at load)")
     p.add_argument("--no-async-scheduling", action="store_true")
     p.add_argument("--shared-pct", type=int, default=None,
                    help="the prompts of `tokenmill bench prefix --workload hit-rate` instead: the first "
@@ -54,6 +55,7 @@ def main() -> None:
     llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_model_len=args.max_model_len,
               max_num_batched_tokens=args.max_num_batched_tokens,
               gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_dtype=args.kv_cache_dtype,
+              quantization=args.quantization,
               async_scheduling=False if args.no_async_scheduling else None,
               enable_prefix_caching=not args.no_prefix_caching)
     engine = llm.engine

@@ -1,6 +1,6 @@
 """`tokenmill bench throughput`: offline generation throughput, with HF `generate()` beside it.
 
-Defaults reproduce the CPU benchmark of BENCHMARKS.md: the embedded model, 32 prompts x 128 new
+Defaults reproduce the CPU benchmark of docs/perf.md: the embedded model, 32 prompts x 128 new
 tokens, against HF at batch 32 in the same dtype in the same run.
 """
 
@@ -21,14 +21,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--workload", choices=("text", "random", "nanovllm"), default=None,
                    help="text: built-in prompts (default with a tokenizer); random: token ids of "
                         "--input-len; nanovllm: the nano-vllm benchmark exactly")
-    p.add_argument("--num-prompts", type=int, default=32)
-    p.add_argument("--input-len", type=int, default=256)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--baseline", choices=("hf", "none"), default="hf")
-    p.add_argument("--hf-batch-size", type=int, default=32)
+    p.add_argument("--num-prompts", type=int, default=32, help="prompts in the batch")
+    p.add_argument("--input-len", type=int, default=256,
+                   help="prompt tokens each (random workload)")
+    p.add_argument("--output-len", type=int, default=128, help="tokens generated per prompt")
+    p.add_argument("--baseline", choices=("hf", "none"), default="hf",
+                   help="hf: run HF transformers generate() on the same work beside tokenmill")
+    p.add_argument("--hf-batch-size", type=int, default=32, help="prompts per HF generate() call")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for both tokenmill and the baseline (default: torch's)")
-    p.add_argument("--output-json", default=None)
+                   help="CPU threads for both tokenmill and the baseline (default: the cores not "
+                        "busy with other work, tokenmill/entrypoints/threads.py)")
+    p.add_argument("--output-json", default=None, help="also write the results to this JSON file")
     EngineArgs.add_cli_args(p)
     p.set_defaults(func=run)
     return p
@@ -39,12 +42,10 @@ def run(args: argparse.Namespace) -> dict:
     from tokenmill.benchmarks.workloads import fixed_random_workload, nanovllm_workload, text_workload
     from tokenmill.config import EngineArgs
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     engine_args = EngineArgs.from_cli_args(args)
     if args.workload == "nanovllm" and args.max_model_len is None:
         engine_args.max_model_len = 4096
-    llm = LLM(**{k: v for k, v in vars(engine_args).items()})
+    llm = LLM(**vars(engine_args), engine_threads=args.threads)  # sets torch's threads for HF too
     config = llm.engine.config
     workload_name = args.workload or ("text" if llm.engine.tokenizer is not None else "random")
     if workload_name == "text":

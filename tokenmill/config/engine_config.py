@@ -7,11 +7,15 @@ configures is built; nothing reads environment variables or mutates a config aft
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
 
+from tokenmill.config.attention_layout import AttentionLayout, attention_layout
 from tokenmill.config.model_source import ModelSource
+from tokenmill.config.pooling import PoolingConfig
+from tokenmill.config.quantization import QuantizationConfig
 
 TASKS = ("generate", "embed")
 
@@ -27,6 +31,14 @@ class ModelConfig:
     served_model_name: str
     seed: int
     task: str = "generate"  # "generate" (a decoder, paged KV cache) or "embed" (an encoder, pooled)
+    pooling: PoolingConfig | None = None  # embed: how hidden states become one vector
+    # A chat template that replaces the tokenizer's (`--chat-template`), as text.
+    chat_template: str | None = None
+    # Sampling defaults for requests that leave a field unset (`--generation-config`).
+    sampling_defaults: dict = field(default_factory=dict)
+    max_logprobs: int = 20  # most top logprobs a request may ask for (`--max-logprobs`)
+    # How linear weights are stored and multiplied (fp8); None: in `dtype`, unquantised.
+    quantization: QuantizationConfig | None = None
     # `sleep()` may hand the device memory back (docs/rl.md); off, sleep is refused.
     enable_sleep_mode: bool = False
 
@@ -47,6 +59,11 @@ class ModelConfig:
         return getattr(self.hf_config, "head_dim", None) or (
             self.hf_config.hidden_size // self.hf_config.num_attention_heads)
 
+    @cached_property
+    def attention_layout(self) -> AttentionLayout:
+        """Each decoder layer's attention kind and the sliding window (config/attention_layout.py)."""
+        return attention_layout(self.hf_config, self.architecture)
+
     @property
     def is_encoder(self) -> bool:
         """Bidirectional attention over the prompt only: no KV cache, no decoding."""
@@ -62,6 +79,15 @@ class CacheConfig:
     num_gpu_blocks_override: int | None = None
     # Element type of the paged K/V; None: the model dtype. float8_e4m3fn halves the pool's bytes.
     kv_cache_dtype: torch.dtype | None = None
+    # Every layer with a KV cache slides over this many tokens: blocks wholly behind the window of
+    # a request's next query are freed (None: some layer reads the whole context).
+    sliding_window: int | None = None
+    # Hybrid models (linear-attention layers): recurrent-state slots, one per running request, the
+    # rest holding prefix-cache checkpoints of the state (0: the model keeps no state).
+    num_state_slots: int = 0
+    # Prefix caching on a hybrid model: the state is checkpointed every this many tokens (a
+    # multiple of block_size), and a cached prefix is reused up to its last checkpoint.
+    state_checkpoint_interval: int = 0
 
     @property
     def pool_size_given(self) -> bool:
@@ -92,8 +118,13 @@ class ParallelConfig:
 class KernelConfig:
     """Which implementation each part runs; chosen once, when that part is built."""
 
-    attention_backend: str = "torch_native"  # "torch_native" (reference, CPU) or "triton" (CUDA)
+    attention_backend: str = "torch_native"  # "torch_native" (reference), "cpu" or "triton" (CUDA)
     enforce_eager: bool = True  # no CUDA graphs
+    # CPU: the forward pass compiled by inductor (worker/cpu_compile.py; needs the "cpu" backend).
+    cpu_compile: bool = False
+    # GGUF block type kept quantised in every linear layer ("Q4_0", "Q4_1", "Q8_0"; CPU,
+    # `quantization="gguf"`); None: GGUF weights are dequantised to the model dtype at load.
+    gguf_weight_type: str | None = None
     # Decode steps whose requests share a long prefix attend it once for the batch (Triton only).
     cascade_attention: bool = False
     # The Triton GEMV for one-row products inside the decode CUDA graphs (cuBLAS otherwise).

@@ -1,5 +1,5 @@
 """A GGUF file's metadata as a transformers config (the tensors are read by
-`model/loader/gguf_loader.py`)."""
+`config/gguf_weights.py`)."""
 
 from __future__ import annotations
 
@@ -64,9 +64,33 @@ def gguf_hf_config(path: str) -> Any:
         bos_token_id=gguf_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_id=gguf_field(reader, "tokenizer.ggml.eos_token_id"),
     )
+    window = gguf_field(reader, f"{arch}.attention.sliding_window")
+    if window:
+        # The file's tensors load as this family's plain (full-attention) model: refuse rather
+        # than serve a windowed model without its window.
+        raise ValueError(f"{path}: GGUF field {arch}.attention.sliding_window={window} is not supported "
+                         "(load the model from an HF folder, where sliding windows are)")
     key_length = gguf_field(reader, f"{arch}.attention.key_length")
     if key_length:
         kwargs["head_dim"] = key_length
     if arch == "qwen2":
         kwargs["attention_bias"] = True
     return AutoConfig.for_model(model_type, **kwargs)
+
+
+# GGUF tensor-name parts of the linear layers (the weights `quantization="gguf"` keeps quantised).
+LINEAR_TENSOR_PARTS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+KEEPABLE_TYPES = ("Q4_0", "Q4_1", "Q8_0")
+
+
+def gguf_linear_weight_type(path: str) -> str:
+    """The block type every linear layer's weight in the file has; refuses a file whose linear
+    weights mix types or use a type that cannot be kept quantised (`KEEPABLE_TYPES`)."""
+    reader = gguf_reader(path)
+    kinds = sorted({t.tensor_type.name for t in reader.tensors
+                    if t.name.startswith("blk.") and t.name.split(".")[2] in LINEAR_TENSOR_PARTS})
+    if len(kinds) != 1 or kinds[0] not in KEEPABLE_TYPES:
+        raise ValueError(f"{path}: quantization='gguf' keeps the linear weights quantised when all are one of "
+                         f"{', '.join(KEEPABLE_TYPES)}; this file's are {', '.join(kinds) or 'absent'} "
+                         f"(leave quantization unset to dequantise them)")
+    return kinds[0]

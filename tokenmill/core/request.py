@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from tokenmill.core.messages import EngineRequest, FinishReason, TokenLogprobs
+from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -58,6 +59,7 @@ class Request:
     stop_reason: int | str | None = None
     block_hashes: list[bytes] = field(default_factory=list)  # one per full block of all_token_ids
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # accumulated across chunks
+    pooling_params: PoolingParams | None = None  # an embedding request (pooled once, nothing sampled)
     # Derived once from the parameters, for the scheduler's per-token checks.
     num_prompt_tokens: int = field(init=False)
     wants_prompt_logprobs: bool = field(init=False)
@@ -65,8 +67,9 @@ class Request:
     stop_check_token_ids: frozenset[int] = field(init=False)
     # The token count at which max_tokens is reached (no limit: a count never reached).
     max_num_tokens: int = field(init=False)
-    # Its next step's sampling reads its previous tokens on the host (penalties, a grammar), so it
-    # cannot be scheduled ahead of them: the engine steps synchronously while it runs.
+    # Its next step's sampling reads its previous tokens on the host (penalties, a grammar, a
+    # thinking budget), so it cannot be scheduled ahead of them: the engine steps synchronously
+    # while it runs.
     needs_host_tokens: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -79,7 +82,7 @@ class Request:
         if self.eos_token_id is not None and not params.ignore_eos:
             stop_ids.add(self.eos_token_id)
         self.stop_check_token_ids = frozenset(stop_ids)
-        self.needs_host_tokens = params.needs_penalties or params.structured_outputs is not None
+        self.needs_host_tokens = params.needs_penalties or params.constrains_output
         self.max_num_tokens = (self.num_prompt_tokens + params.max_tokens if params.max_tokens is not None
                                else sys.maxsize)
 
@@ -87,7 +90,8 @@ class Request:
     def from_engine_request(cls, req: EngineRequest) -> "Request":
         return cls(request_id=req.request_id, prompt_token_ids=list(req.prompt_token_ids),
                    sampling_params=req.sampling_params, arrival_time=req.arrival_time,
-                   eos_token_id=req.eos_token_id, priority=req.priority, cache_salt=req.cache_salt)
+                   eos_token_id=req.eos_token_id, priority=req.priority, cache_salt=req.cache_salt,
+                   pooling_params=req.pooling_params)
 
     @property
     def num_tokens(self) -> int:

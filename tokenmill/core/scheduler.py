@@ -140,6 +140,7 @@ class Scheduler:
         self._finished_since_last_step = set()
         self._preempted_since_last_step = set()
         preempted_this_step = False
+        self.kv.begin_step()
 
         # 1. Running requests, oldest first. (Hot at large batch: locals instead of attribute chains.)
         kv = self.kv
@@ -155,6 +156,13 @@ class Scheduler:
                 i += 1  # its in-flight token ends it (length): nothing more to compute
                 continue
             num_new = min(num_known - num_computed, budget, max_len - num_computed)
+            if num_new > 1:
+                # A prompt being prefilled leaves a token for each running request after it, and
+                # half the budget to requests waiting for a slot: one long prompt must not stall
+                # the others until it is done.
+                num_new = min(num_new, max(1, budget - (len(running) - i - 1)))
+                if len(self.waiting) and len(running) < self.config.max_num_seqs:
+                    num_new = min(num_new, max(1, self.config.max_num_batched_tokens // 2))
             if num_new <= 0:
                 i += 1
                 continue
@@ -179,6 +187,8 @@ class Scheduler:
                 request.num_inflight_tokens += 1  # this step samples
             # Only known tokens: a block holding an in-flight token is published by `update`.
             kv.cache_full_blocks(request, min(num_computed + num_new, len(request.all_token_ids)))
+            if kv.states is not None:
+                self._checkpoint_states(request, num_computed, num_computed + num_new, out)
             budget -= num_new
             # A priority-policy victim may sit before this request: find our place again.
             i = running.index(request) + 1 if preempted_here else i + 1
@@ -191,6 +201,8 @@ class Scheduler:
             if request.num_computed_tokens == 0:
                 computed_blocks, num_hit = self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit, budget)
+            if num_new < request.num_tokens - num_hit and not self.config.chunked_prefill:
+                break  # a whole prompt or nothing (encoders): it waits for the next step's budget
             new_block_ids = self.kv.allocate_slots(request, num_new, computed_blocks)
             if new_block_ids is None:
                 break  # the pool is full: wait for running requests to finish
@@ -202,6 +214,8 @@ class Scheduler:
             if num_hit + num_new == request.num_tokens:
                 request.num_inflight_tokens = 1
             self.kv.cache_full_blocks(request, num_hit + num_new)
+            if self.kv.states is not None:
+                self._checkpoint_states(request, num_hit, num_hit + num_new, out)
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit
             request.status = RequestStatus.RUNNING
@@ -210,7 +224,10 @@ class Scheduler:
                 request_id=request.request_id, token_ids=list(request.all_token_ids),
                 num_prompt_tokens=request.num_prompt_tokens, sampling_params=request.sampling_params,
                 block_ids=self.kv.block_ids(request.request_id), num_computed_tokens=num_hit,
-                num_output_tokens=request.num_output_tokens, eos_token_id=request.eos_token_id))
+                num_output_tokens=request.num_output_tokens, eos_token_id=request.eos_token_id,
+                pooling_params=request.pooling_params,
+                state_slot=self.kv.state_slot(request.request_id),
+                restore_state_from=self.kv.take_state_restore(request.request_id)))
             out.num_scheduled_tokens[request.request_id] = num_new
             budget -= num_new
 
@@ -228,6 +245,12 @@ class Scheduler:
             assert request.num_inflight_tokens == 0, "preempt_all with a step in flight"
             self._preempt(request, out)
         self._preempted_since_last_step |= out.preempted_request_ids
+
+    def _checkpoint_states(self, request: Request, start: int, end: int, out: SchedulerOutput) -> None:
+        """Hybrid models: the state checkpoints the step computing tokens [start, end) stores."""
+        slots = self.kv.checkpoint_states(request, start, end)
+        if slots:
+            out.state_checkpoints[request.request_id] = slots
 
     def _pick_victim(self) -> Request:
         if self.config.scheduling_policy == "priority":
@@ -251,6 +274,7 @@ class Scheduler:
         self.waiting.add_front(request)
         out.preempted_request_ids.add(request.request_id)
         out.cached_requests = [c for c in out.cached_requests if c.request_id != request.request_id]
+        out.state_checkpoints.pop(request.request_id, None)
 
     # ----- after the model ran -----
     def update(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineOutput]:
@@ -259,6 +283,7 @@ class Scheduler:
         sampled = result.sampled_token_ids
         all_prompt_lps = result.prompt_logprobs
         all_lps = result.logprobs
+        pooled = result.pooled
         max_len = self.config.max_model_len
         block_size = self.kv.block_size
         any_finished = False
@@ -275,6 +300,13 @@ class Scheduler:
                 prompt_lps = all_prompt_lps.get(request_id)
                 if prompt_lps:
                     request.prompt_logprobs.extend(prompt_lps)
+            if pooled and request_id in pooled:  # an embedding request: done with its prompt
+                request.status = RequestStatus.FINISHED_STOPPED
+                outputs.append(EngineOutput(request_id, [], finish_reason=request.status.finish_reason,
+                                            pooled=pooled[request_id]))
+                self._free(request)
+                any_finished = True
+                continue
             token = sampled.get(request_id)
             if token is None:
                 continue  # a prompt chunk that did not reach the end

@@ -2,7 +2,9 @@
 
 `EngineCoreClient` owns the child process and the two ipc sockets (in a private 0700 temp dir, so
 nothing listens on a network interface). It is asyncio-native (`zmq.asyncio`): `add_requests` and
-`abort_requests` send, `get_output` awaits the next `CoreStep`. A thread blocks on the process
+`abort_requests` send (`encode_add_requests` + `send_add_requests` split the first, so a request
+msgpack cannot carry fails before anything about it is registered), `get_output` awaits the next
+`CoreStep`. A thread blocks on the process
 sentinel; when the child exits unexpectedly, `on_death` is called on the event loop so the
 `AsyncEngine` can fail every in-flight request at once instead of letting them hang.
 """
@@ -35,7 +37,7 @@ from tokenmill.engine.core_process import (
     make_real_engine,
     run_engine_core,
 )
-from tokenmill.core.messages import EngineOutputs, EngineRequest
+from tokenmill.core.messages import EngineRequest
 from tokenmill.engine.rl_control import ControlReply, ControlRequest
 
 logger = logging.getLogger(__name__)
@@ -146,10 +148,18 @@ class EngineCoreClient:
         if self._on_death is not None:
             self._on_death(reason)
 
-    async def add_requests(self, requests: list[EngineRequest]) -> None:
+    def encode_add_requests(self, requests: list[EngineRequest]) -> bytes:
+        """The wire message; raises `OverflowError` / `msgspec.EncodeError` for a value msgpack
+        cannot carry (an integer wider than 64 bits)."""
+        return self._encoder.encode(AddRequests(requests=requests))
+
+    async def send_add_requests(self, payload: bytes) -> None:
         if self.dead:
             raise EngineDeadError(self.death_reason)
-        await self._in_sock.send(self._encoder.encode(AddRequests(requests=requests)), copy=False)
+        await self._in_sock.send(payload, copy=False)
+
+    async def add_requests(self, requests: list[EngineRequest]) -> None:
+        await self.send_add_requests(self.encode_add_requests(requests))
 
     async def abort_requests(self, request_ids: list[str]) -> None:
         if self.dead or not request_ids:
@@ -169,12 +179,12 @@ class EngineCoreClient:
         finally:
             self._control_calls.pop(request.call_id, None)
 
-    async def get_output(self) -> EngineOutputs:
-        """The next step's outputs. Raises `EngineDeadError` if the core reports a crash."""
+    async def get_output(self) -> CoreStep:
+        """The next step's outputs and duration. Raises `EngineDeadError` if the core reports a crash."""
         while True:
             msg = self._decoder.decode(await self._out_sock.recv())
             if isinstance(msg, CoreStep):
-                return msg.outputs
+                return msg
             if isinstance(msg, ControlReply):
                 future = self._control_calls.get(msg.call_id)
                 if future is not None and not future.done():

@@ -2,11 +2,14 @@
 
 Two ipc sockets in a private temp dir: the client PUSHes `CoreRequest`s to `input_addr`, the core
 PUSHes `CoreMessage`s to `output_addr`. Everything on the wire is msgspec msgpack of the typed
-structs below (RELIABILITY.md item 27: never pickle). Socket I/O and (de)serialization run on two
-threads so the busy loop only schedules and computes:
+structs below (docs/reliability.md item 27: never pickle). Socket I/O and (de)serialization run on
+two threads so the busy loop only schedules and computes:
 
     input thread:  recv -> decode -> queue.Queue  ->  busy loop: add/abort, step()
     busy loop:     EngineOutputs -> queue.Queue   ->  output thread: encode -> send
+
+Every request the core is sent gets an answer: one it cannot decode or add finishes at once with
+`FinishReason.ERROR`, so its client fails fast instead of holding admission capacity forever.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Callable, Protocol, Union
 import msgspec
 import zmq
 
-from tokenmill.core.messages import EngineOutputs, EngineRequest, SchedulerStats
+from tokenmill.core.messages import EngineOutput, EngineOutputs, EngineRequest, FinishReason, SchedulerStats
 from tokenmill.engine.rl_control import ControlReply, ControlRequest, run_control
 from tokenmill.utils.process import watch_parent
 
@@ -57,9 +60,11 @@ class CoreReady(msgspec.Struct, tag="ready"):
 
 
 class CoreStep(msgspec.Struct, tag="step", gc=False):
-    """One `step()`'s outputs; an idle heartbeat carries no outputs, only stats."""
+    """One `step()`'s outputs and how long it took (seconds; 0 for an idle heartbeat, which
+    carries no outputs, only stats, or for requests refused without a step)."""
 
     outputs: EngineOutputs
+    step_s: float = 0.0
 
 
 class CoreFailed(msgspec.Struct, tag="failed"):
@@ -69,6 +74,21 @@ class CoreFailed(msgspec.Struct, tag="failed"):
 
 
 CoreMessage = Union[CoreReady, CoreStep, CoreFailed, ControlReply]
+
+
+# ----- inside the core: the input thread's note that requests could not be decoded -----
+class _RequestId(msgspec.Struct):
+    request_id: str  # every other field is skipped, so a bad one cannot stop this decode
+
+
+class _AddedIds(msgspec.Struct, tag="add"):
+    requests: list[_RequestId]
+
+
+class RefuseRequests(msgspec.Struct):
+    """Requests the busy loop must answer with an error instead of adding."""
+
+    request_ids: list[str]
 
 
 class EngineCoreLike(Protocol):
@@ -95,18 +115,10 @@ def make_real_engine(engine_args_msgpack: bytes) -> EngineCoreLike:
 
 
 def cpu_threads_for_core(requested: int | None) -> int | None:
-    """Intra-op threads for the core's CPU math: `requested`, else all usable cores but one.
-
-    The API process (tokenization, detokenization, HTTP) runs on the same machine during every
-    step. If torch's OpenMP team takes every core, whichever of its threads the API process
-    preempts stalls the whole team at the next barrier; on the 2-core CI box that made decoding
-    ~4x slower than one thread. None means "leave torch alone" (OMP_NUM_THREADS is set).
-    """
-    if requested is not None:
-        return max(1, requested)
-    if os.environ.get("OMP_NUM_THREADS"):
-        return None
-    return max(1, len(os.sched_getaffinity(0)) - 1)
+    """Intra-op threads for the core's CPU math: `requested` (the serving entry point chooses it,
+    `entrypoints/threads.py`: the cores free of other work, one left for the API process), or None:
+    leave torch as it is (OMP_NUM_THREADS set it)."""
+    return None if requested is None else max(1, requested)
 
 
 def run_engine_core(
@@ -185,8 +197,16 @@ def _busy_loop(engine: EngineCoreLike, inbox: queue.Queue, outbox: queue.Queue) 
             if isinstance(msg, Shutdown):
                 return
             if isinstance(msg, AddRequests):
+                refused = []
                 for request in msg.requests:
-                    engine.add_request(request)
+                    try:
+                        engine.add_request(request)
+                    except Exception:  # noqa: BLE001 - this request's failure, not the engine's
+                        logger.exception("could not add request %s", request.request_id)
+                        refused.append(request.request_id)
+                _refuse(refused, outbox)
+            elif isinstance(msg, RefuseRequests):
+                _refuse(msg.request_ids, outbox)
             elif isinstance(msg, ControlRequest):
                 outputs, reply = run_control(engine, msg)
                 if outputs:
@@ -200,11 +220,13 @@ def _busy_loop(engine: EngineCoreLike, inbox: queue.Queue, outbox: queue.Queue) 
                 break
         now = time.time()
         if engine.has_unfinished_requests():
+            start = time.perf_counter()
             outputs = engine.step()
+            step_s = time.perf_counter() - start
             outputs.timestamp = outputs.timestamp or now
             if outputs.scheduler_stats is None:
                 outputs.scheduler_stats = engine.get_stats()
-            outbox.put(CoreStep(outputs=outputs))
+            outbox.put(CoreStep(outputs=outputs, step_s=step_s))
             last_sent = now
         elif now - last_sent >= IDLE_HEARTBEAT_S:
             # Idle heartbeat: the client sees fresh stats (running 0, KV usage) and knows we live.
@@ -213,17 +235,33 @@ def _busy_loop(engine: EngineCoreLike, inbox: queue.Queue, outbox: queue.Queue) 
             last_sent = now
 
 
+def _refuse(request_ids: list[str], outbox: queue.Queue) -> None:
+    if request_ids:
+        outbox.put(CoreStep(outputs=EngineOutputs(
+            outputs=[EngineOutput(request_id=rid, new_token_ids=[], finish_reason=FinishReason.ERROR)
+                     for rid in request_ids], timestamp=time.time())))
+
+
 def _input_thread(sock: zmq.Socket, inbox: queue.Queue) -> None:
     decoder = msgspec.msgpack.Decoder(CoreRequest)
+    ids_decoder = msgspec.msgpack.Decoder(_AddedIds)
     while True:
         try:
             frame = sock.recv(copy=False)
-            inbox.put(decoder.decode(frame.buffer))
         except zmq.ContextTerminated:
             return
-        except msgspec.DecodeError:
-            # A malformed frame is a bug in the client; drop it rather than kill every request.
-            logger.error("dropped an undecodable message from the client")
+        try:
+            inbox.put(decoder.decode(frame.buffer))
+        except msgspec.DecodeError as exc:
+            # A field the front end should have refused: answer each request in the message with
+            # an error, so none waits forever. Only a frame without request ids is dropped.
+            try:
+                ids = [r.request_id for r in ids_decoder.decode(frame.buffer).requests]
+            except msgspec.DecodeError:
+                logger.error("dropped an undecodable message from the client: %s", exc)
+                continue
+            logger.error("refused %d requests the core cannot decode: %s", len(ids), exc)
+            inbox.put(RefuseRequests(request_ids=ids))
 
 
 def _output_thread(sock: zmq.Socket, outbox: queue.Queue) -> None:

@@ -28,6 +28,7 @@ from tokenmill.core.messages import EngineOutput, EngineOutputs, EngineRequest, 
 from tokenmill.core.request import Request, RequestStatus
 from tokenmill.core.scheduler import Scheduler
 from tokenmill.core.scheduler_output import SchedulerOutput
+from tokenmill.core.state_cache import StateCache
 from tokenmill.distributed.weight_transfer import DEFAULT_BUCKET_BYTES, TensorSpec
 from tokenmill.executor import make_executor
 from tokenmill.utils.process import freeze_long_lived_objects
@@ -44,17 +45,23 @@ class _LaunchedStep(NamedTuple):
 def _check_kv_capacity(config: EngineConfig, capacity_tokens: int) -> None:
     """A pool sized from free memory must hold one request of max_model_len, or such a request
     could never run: refuse to start and say what to change. A pool sized explicitly
-    (`num_gpu_blocks_override`, `kv_cache_memory`) is taken as asked, with a warning."""
+    (`num_gpu_blocks_override`, `kv_cache_memory`) is taken as asked, with a warning. Where every
+    KV layer slides, a request holds at most its window and one step's chunk at once."""
     max_len = config.model.max_model_len
-    if capacity_tokens >= max_len:
+    needed = max_len  # tokens one request can hold in the pool at once
+    if config.cache.sliding_window is not None:
+        needed = min(max_len, config.cache.sliding_window + config.scheduler.max_num_batched_tokens
+                     + 2 * config.cache.block_size)
+    if capacity_tokens >= needed:
         return
+    what = f"max_model_len {max_len}" if needed == max_len else f"the {needed} tokens a windowed request holds"
     if config.cache.pool_size_given:
-        logger.warning("the KV cache holds %d tokens, less than max_model_len %d: long requests will be "
-                       "preempted repeatedly", capacity_tokens, max_len)
+        logger.warning("the KV cache holds %d tokens, less than %s: long requests will be preempted repeatedly",
+                       capacity_tokens, what)
         return
     raise ValueError(
         f"the KV cache fits only {capacity_tokens} tokens in the memory left for it, less than one request "
-        f"of max_model_len {max_len}: raise --gpu-memory-utilization (on a GPU) or set --kv-cache-memory, "
+        f"of {what}: raise --gpu-memory-utilization (on a GPU) or set --kv-cache-memory, "
         f"or lower --max-model-len to at most {capacity_tokens}")
 
 
@@ -74,8 +81,13 @@ class EngineCore:
         except BaseException:
             self.executor.shutdown()  # stop any worker ranks, so a later engine in this process can start
             raise
-        self.kv_manager = KVCacheManager(num_blocks, config.cache.block_size,
-                                         config.cache.enable_prefix_caching)
+        cache = config.cache
+        states = None
+        if cache.num_state_slots:  # a hybrid model: state slots beside the blocks
+            states = StateCache(cache.num_state_slots, cache.state_checkpoint_interval,
+                                cache.enable_prefix_caching, config.scheduler.max_num_seqs)
+        self.kv_manager = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching,
+                                         cache.sliding_window, states)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager)
         self.async_scheduling = config.scheduler.async_scheduling
         self._in_flight: _LaunchedStep | None = None  # launched, tokens not read yet (async only)

@@ -8,7 +8,7 @@ from tokenmill.config import EngineArgs, EngineConfig
 from tokenmill.engine.engine_core import EngineCore
 from tokenmill.engine.input_processor import InputProcessor
 from tokenmill.engine.output_processor import OutputProcessor
-from tokenmill.model.loader.tokenizer import load_tokenizer
+from tokenmill.config.tokenizer import load_tokenizer
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from tokenmill.config import engine_args_from_kwargs
 from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.entrypoints.threads import apply_cpu_threads, start_load_sample
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 
@@ -26,27 +27,37 @@ class LLM:
         model: a GGUF file, an HF folder, or a shipped shape name (with `load_format="dummy"`);
             None uses the embedded SmolLM2-135M-Instruct (or all-MiniLM-L6-v2 with `task="embed"`).
         task: "generate" (default) or "embed".
+        engine_threads: CPU threads for the model's math; None picks the cores free now
+            (tokenmill/entrypoints/threads.py). Sets torch's thread count for this process.
         **engine_args: any `EngineArgs` field (`max_model_len`, `max_num_seqs`, `dtype`, ...).
     """
 
-    def __init__(self, model: str | None = None, task: str = "generate", **engine_args: Any) -> None:
+    def __init__(self, model: str | None = None, task: str = "generate", engine_threads: int | None = None,
+                 **engine_args: Any) -> None:
         if task not in ("generate", "embed"):
             raise ValueError(f"task must be 'generate' or 'embed', got {task!r}")
+        load = start_load_sample()  # spans reading the model's config (tokenmill/entrypoints/threads.py)
         self.task = task
         self._counter = itertools.count()
         if task == "embed":
             from tokenmill.engine.embedding_engine import EmbeddingEngine
-            self.embedding_engine = EmbeddingEngine(
-                model, dtype=engine_args.pop("dtype", "auto"), device=engine_args.pop("device", "auto"),
-                max_batch_tokens=engine_args.pop("max_num_batched_tokens", None))
-            if engine_args:
-                raise TypeError(f"engine arguments not used by embedding models: {', '.join(engine_args)}")
+            engine_args_from_kwargs(model, **engine_args)  # names any unknown argument
+            apply_cpu_threads(engine_threads, since=load)
+            self.embedding_engine = EmbeddingEngine(model, **engine_args)
             self.engine = None
             return
-        self.engine = LLMEngine.from_engine_args(engine_args_from_kwargs(model, **engine_args))
+        config = engine_args_from_kwargs(model, **engine_args).create_engine_config()
+        apply_cpu_threads(engine_threads, since=load)
+        self.engine = LLMEngine(config)
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What `generate` and `chat` use when given no `SamplingParams`: the model's
+        generation_config.json sampling fields (`generation_config="auto"`), else the defaults."""
+        self._require_generate()
+        return SamplingParams(**self.engine.config.model.sampling_defaults)
 
     def shutdown(self) -> None:
         """Free the KV cache and stop tensor-parallel worker processes (also at interpreter exit).
@@ -56,6 +67,9 @@ class LLM:
         if self.engine is not None:
             self.engine.core.shutdown()
             self.engine = None
+        if getattr(self, "embedding_engine", None) is not None:
+            self.embedding_engine.shutdown()
+            self.embedding_engine = None
 
     def __enter__(self) -> "LLM":
         return self
@@ -75,7 +89,7 @@ class LLM:
         """
         self._require_generate()
         prompt_list = self._as_prompt_list(prompts)
-        params_list = self._broadcast(sampling_params or SamplingParams(), len(prompt_list), "sampling_params")
+        params_list = self._broadcast(sampling_params or self.get_default_sampling_params(), len(prompt_list), "sampling_params")
         priorities = list(priority) if priority is not None else [0] * len(prompt_list)
         salts = self._broadcast(cache_salt, len(prompt_list), "cache_salt")
         return self._run(prompt_list, params_list, priorities, salts, use_tqdm, add_special_tokens=True)
@@ -91,7 +105,7 @@ class LLM:
         prompts = [processor.render_chat(conv, tools=tools, add_generation_prompt=add_generation_prompt,
                                          chat_template_kwargs=chat_template_kwargs)
                    for conv in conversations]
-        params_list = self._broadcast(sampling_params or SamplingParams(), len(prompts), "sampling_params")
+        params_list = self._broadcast(sampling_params or self.get_default_sampling_params(), len(prompts), "sampling_params")
         # The template already placed BOS and other special tokens.
         return self._run(prompts, params_list, [0] * len(prompts), [None] * len(prompts), use_tqdm,
                          add_special_tokens=False)

@@ -22,6 +22,8 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from tokenmill.config.engine_args import DEFAULT_MAX_NUM_SEQS
+
 if TYPE_CHECKING:
     from fastapi import FastAPI
     from ray.serve import Application
@@ -90,7 +92,7 @@ class ReplicaConfig:
             num_replicas = max(min_replicas, 1) if autoscaling else 1
         target = args.target_ongoing_requests
         if autoscaling and target is None:
-            target = float(args.max_num_seqs)  # scale out once replicas' batches are full on average
+            target = float(args.max_num_seqs or DEFAULT_MAX_NUM_SEQS)  # scale out once replicas' batches are full on average
         on_cuda = args.device == "cuda" or (args.device == "auto" and cluster_has_gpus)
         num_gpus = args.ray_num_gpus_per_replica
         if num_gpus is None:
@@ -99,7 +101,7 @@ class ReplicaConfig:
         if max_ongoing is None:
             # What one replica admits itself (its batch plus its queue): past that its own 429 /
             # 529 would answer, so Ray queues the excess instead, for whichever replica frees first.
-            max_ongoing = args.max_num_seqs + args.max_queue_len
+            max_ongoing = (args.max_num_seqs or DEFAULT_MAX_NUM_SEQS) + args.max_queue_len
         return cls(num_replicas=num_replicas, min_replicas=min_replicas, max_replicas=args.max_replicas,
                    target_ongoing_requests=target, max_ongoing_requests=max_ongoing, num_gpus=num_gpus,
                    num_cpus=1.0 if args.ray_num_cpus_per_replica is None else args.ray_num_cpus_per_replica,
@@ -202,7 +204,7 @@ def build_replica_app(args: argparse.Namespace) -> "FastAPI":
     lifespan (run by Ray) starts this replica's engine core."""
     from ray import serve
 
-    from tokenmill.entrypoints.cli.serve import configure_logging, plan_server
+    from tokenmill.entrypoints.cli.serve_plan import configure_logging, plan_server
     from tokenmill.entrypoints.server.app import build_app
 
     configure_logging()
@@ -251,10 +253,10 @@ def app(args: dict[str, Any]) -> "Application":
 def parse_app_args(args: dict[str, Any]) -> argparse.Namespace:
     """`{"model": "/m", "max_model_len": 4096}` -> the Namespace `tokenmill serve --model /m
     --max-model-len 4096` parses to. Raises ValueError naming what it rejects."""
-    from tokenmill.entrypoints.cli.serve import add_parser
+    from tokenmill.entrypoints.cli.serve_plan import build_serve_parser
 
     parser = argparse.ArgumentParser(prog="tokenmill")
-    options = add_parser(parser.add_subparsers(dest="command"))._option_string_actions
+    options = build_serve_parser(parser.add_subparsers(dest="command"))._option_string_actions
     argv: list[str] = []
     for key, value in (args or {}).items():
         flag = "--" + str(key).replace("_", "-")
@@ -281,7 +283,7 @@ def parse_app_args(args: dict[str, Any]) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> int:
     """`tokenmill serve --ray`: joins or starts a Ray cluster, deploys the application, and keeps
     it up until SIGINT / SIGTERM, which delete it (replicas drain for `--drain-timeout`)."""
-    from tokenmill.entrypoints.cli.serve import CannotServe, plan_server
+    from tokenmill.entrypoints.cli.serve_plan import CannotServe, plan_server
 
     try:
         _require_ray()

@@ -1,5 +1,5 @@
-"""What a layer needs to know when it is built: the device, the kernels the engine chose, and the
-tensor-parallel group it shards itself over.
+"""What a layer needs to know when it is built: the device, the kernels the engine chose, the
+tensor-parallel group it shards itself over, and how the model's weights are quantised.
 
 `model/registry.build_model` opens the context around the model's construction; layers read it in
 their `__init__` (never in `forward`), so each picks its implementation and its shard once. Models
@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 
 from tokenmill.config.engine_config import KernelConfig
+from tokenmill.config.quantization import QuantizationConfig
 from tokenmill.distributed.parallel_state import TensorParallelGroup
 
 
@@ -24,6 +25,7 @@ class BuildContext:
     device: torch.device
     kernels: KernelConfig
     tp: TensorParallelGroup
+    quantization: QuantizationConfig | None = None  # linear layers' weight format (None: unquantised)
 
     @property
     def on_cuda(self) -> bool:

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tokenmill.distributed.symm_mem import FUSED_NUM_SLOTS as NUM_SLOTS
+from tokenmill.distributed.symm_mem import FUSED_NUM_SLOTS as NUM_SLOTS  # noqa: F401 (sizes the callers' buffers)
 from tokenmill.ops.rms_norm import rms_norm_store
 
 

@@ -29,6 +29,10 @@ lanes another kernel has written, and merges its own lane with them in the same 
 The split count is a Python int chosen from batch size, head count and `max_seq_len`; the split
 ranges come from the real `seq_lens` on the device, so the result is right for any length and a
 CUDA graph captured once replays correctly for every shorter context.
+
+With a sliding window (`sliding_window=W`, a layer constant) each request's context starts at its
+key `seq_len - W`: the tiles before it are neither read nor split over, so a decode costs at most
+W keys however long the request has run.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ _MIN_TOKENS_PER_SPLIT = 64
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, seq_lens_ptr, prefix_len_ptr,
     out_ptr, part_out_ptr, part_lse_ptr, counter_ptr,
-    scale_log2, num_splits, GROUP,
+    scale_log2, num_splits, window, GROUP,
     stride_q_tok, stride_q_head, stride_o_tok, stride_o_head,
     stride_c_block, stride_c_slot, stride_c_head, stride_bt_req, k_scale, v_scale,
     BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -79,7 +83,10 @@ def _paged_decode_kernel(
     # CASCADE (one program per (request, KV head), see attention_cascade.py): the first `start`
     # tokens are the shared prefix, which the prefix kernel attended into lanes 0 .. num_splits - 2;
     # this program takes the rest, as the last lane (with no prefix, alone: the output).
-    start = tl.load(prefix_len_ptr) if CASCADE else 0
+    # Otherwise the context starts at 0, or with a sliding window (never with CASCADE) at the
+    # window's first key: the tiles before it are never read (their blocks may be freed), so the
+    # cost is bounded by the window.
+    start = tl.load(prefix_len_ptr) if CASCADE else tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)
     num_tiles = tl.cdiv(tl.maximum(seq_len - start, 0), BLOCK_N)
     if CASCADE:
         split = num_splits - 1
@@ -292,13 +299,15 @@ def paged_decode(
     config: LaunchConfig = DECODE_CONFIG,
     k_scale: float = 1.0,  # fp8 cache only: k = stored * k_scale
     v_scale: float = 1.0,
+    sliding_window: int | None = None,  # attend the last this-many keys only (None: all)
 ) -> None:
     num_decodes, num_heads, _ = q.shape
     if num_decodes == 0:
         return
     num_kv_heads = k_cache.shape[2]
     if num_splits is None:
-        num_splits = decode_num_splits(num_decodes, num_kv_heads, max_seq_len, q.device)
+        attended = max_seq_len if sliding_window is None else min(max_seq_len, sliding_window)
+        num_splits = decode_num_splits(num_decodes, num_kv_heads, attended, q.device)
     if num_splits == 1:
         part_out = part_lse = counters = out  # not touched by the kernel
     else:
@@ -308,7 +317,7 @@ def paged_decode(
         assert split_counters.numel() >= num_decodes * num_kv_heads and split_counters.dtype == torch.int32
         counters = split_counters
     launch_decode_kernel(q, k_cache, v_cache, block_table, seq_lens, out, part_out, part_lse, counters,
-                         num_splits, scale, config, k_scale, v_scale)
+                         num_splits, scale, config, k_scale, v_scale, sliding_window=sliding_window)
 
 
 def new_partials(num_decodes: int, num_heads: int, num_lanes: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,12 +332,15 @@ def launch_decode_kernel(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
     seq_lens: torch.Tensor, out: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor,
     counters: torch.Tensor, num_splits: int, scale: float, config: LaunchConfig, k_scale: float,
-    v_scale: float, prefix_len: torch.Tensor | None = None,
+    v_scale: float, prefix_len: torch.Tensor | None = None, sliding_window: int | None = None,
 ) -> None:
     """One launch of `_paged_decode_kernel` over `num_splits` splits (see `paged_decode`), or, given
     `prefix_len` (device int32 [1]), its cascade form: one program per (request, KV head) over the
     context past the shared prefix, merged with the `num_splits - 1` prefix lanes already in
-    `part_out` / `part_lse` (attention_cascade.py)."""
+    `part_out` / `part_lse` (attention_cascade.py). A sliding window cannot be cascaded: the
+    shared prefix would have to be cut at a different point for every request."""
+    assert prefix_len is None or sliding_window is None, "cascade attention with a sliding window"
+    assert sliding_window is None or sliding_window >= 1
     num_decodes, num_heads, head_dim = q.shape
     kv_fp8 = check_cache(k_cache, v_cache)
     if config is DECODE_CONFIG and q.element_size() > 2:
@@ -344,7 +356,7 @@ def launch_decode_kernel(
     _paged_decode_kernel[(num_decodes, num_kv_heads, 1 if cascade else num_splits)](
         q, k_cache, v_cache, block_table, seq_lens, prefix_len if cascade else seq_lens,
         out, part_out, part_lse, counters,
-        scale * LOG2E, num_splits, group,
+        scale * LOG2E, num_splits, sliding_window or 0, group,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         float(k_scale), float(v_scale),

@@ -5,7 +5,8 @@ table) and this step's own K/V, read straight from the `k`/`v` inputs. So a chun
 prefix-cache hit attends over its cached prefix, and a fresh prompt never touches the cache at all
 (the profile run's one-block dummy cache and slot -1 padding are fine). Grid: (request, tile of
 BLOCK_M queries, query head); tiles past a request's query length exit at once. With an fp8 cache
-only the prefix is dequantized; this step's own K/V stay exact.
+only the prefix is dequantized; this step's own K/V stay exact. With a sliding window (a layer
+constant, compiled in) a query tile reads only the keys its queries' windows reach.
 """
 
 from __future__ import annotations
@@ -42,6 +43,45 @@ def _load_new_kv_tile(k_ptr, v_ptr, tok_rows, tok_mask, kv_head, dims, dim_mask,
     return k, v
 
 
+@triton.jit
+def _attend_window(
+    q, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, block_row_ptr, q_start, q_len, context_len, rows, m_block,
+    kv_head, dims, dim_mask, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
+    stride_c_block, stride_c_slot, stride_c_head, k_scale, v_scale, scale_log2, m_i, l_i, acc,
+    PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_FP8: tl.constexpr,
+    KV_SCALED: tl.constexpr, WINDOW: tl.constexpr,
+):
+    """The causal sliding-window form: query row r (position context_len + r) sees the keys at
+    positions (context_len + r - WINDOW, context_len + r]. Keys start at the tile's first query's
+    window, so tiles before it are never read (their blocks may be freed) and the cost per query
+    tile is bounded by WINDOW + BLOCK_M keys; every tile is masked (the window's edge crosses them)."""
+    first_key = tl.maximum(context_len + m_block * BLOCK_M - WINDOW + 1, 0)  # absolute position
+    query_pos = context_len + rows
+    # 1) The cached prefix, from the window's first key.
+    for start_n in range(first_key, context_len, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_mask = offs_n < context_len
+        k, v = load_kv_tile(
+            k_cache_ptr, v_cache_ptr, block_row_ptr, offs_n, key_mask, kv_head, dims, dim_mask,
+            stride_c_block, stride_c_slot, stride_c_head, k_scale, v_scale, PAGE, KV_FP8, KV_SCALED,
+        )
+        score_mask = key_mask[None, :] & (offs_n[None, :] > query_pos[:, None] - WINDOW)
+        m_i, l_i, acc = online_softmax_step(q, k, v, score_mask, m_i, l_i, acc, scale_log2)
+    # 2) This step's own keys (chunk-relative j: position context_len + j), up to the tile's last query.
+    new_end = tl.minimum(q_len, (m_block + 1) * BLOCK_M)
+    for start_j in range(tl.maximum(first_key - context_len, 0), new_end, BLOCK_N):
+        offs_j = start_j + tl.arange(0, BLOCK_N)
+        key_mask = offs_j < q_len
+        k, v = _load_new_kv_tile(
+            k_ptr, v_ptr, (q_start + offs_j).to(tl.int64), key_mask, kv_head, dims, dim_mask,
+            stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
+        )
+        score_mask = (key_mask[None, :] & (offs_j[None, :] <= rows[:, None])
+                      & (offs_j[None, :] > rows[:, None] - WINDOW))
+        m_i, l_i, acc = online_softmax_step(q, k, v, score_mask, m_i, l_i, acc, scale_log2)
+    return m_i, l_i, acc
+
+
 @triton.jit(do_not_specialize=["first_req", "stride_bt_req"])  # per-step values: see attention_decode.py
 def _paged_prefill_kernel(
     q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, query_start_loc_ptr,
@@ -52,7 +92,7 @@ def _paged_prefill_kernel(
     stride_c_block, stride_c_slot, stride_c_head, stride_bt_req, k_scale, v_scale,
     GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    KV_FP8: tl.constexpr, KV_SCALED: tl.constexpr,
+    KV_FP8: tl.constexpr, KV_SCALED: tl.constexpr, WINDOW: tl.constexpr,
 ):
     req = first_req + tl.program_id(0)
     m_block = tl.program_id(1)
@@ -78,6 +118,20 @@ def _paged_prefill_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    if WINDOW > 0:
+        m_i, l_i, acc = _attend_window(
+            q, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, block_row_ptr, q_start, q_len, context_len, rows,
+            m_block, kv_head, dims, dim_mask, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
+            stride_c_block, stride_c_slot, stride_c_head, k_scale, v_scale, scale_log2, m_i, l_i, acc,
+            PAGE, BLOCK_M, BLOCK_N, KV_FP8, KV_SCALED, WINDOW,
+        )
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(
+            out_ptr + q_rows[:, None] * stride_o_tok + head * stride_o_head + dims[None, :],
+            out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :],
+        )
+        return
 
     # 1) The cached prefix: every query of the chunk sees all of it. Whole tiles need no score
     # mask (a per-element select on every tile costs ~10% at long prefixes); the tail tile does.
@@ -149,12 +203,14 @@ def paged_prefill(
     config: LaunchConfig = PREFILL_CONFIG,
     k_scale: float = 1.0,  # fp8 cache only: k = stored * k_scale (the cached prefix)
     v_scale: float = 1.0,
+    sliding_window: int | None = None,  # causal only: query p attends keys (p - window, p]
 ) -> None:
     """Attention for requests `first_req : first_req + num_reqs`: each attends over its cached
     prefix (`seq_len - query_len` tokens, from the cache) and, causally, over its own new tokens
-    (from k/v)."""
+    (from k/v); with a sliding window, over the keys in each query's window only."""
     if num_reqs == 0:
         return
+    assert sliding_window is None or (causal and sliding_window >= 1), "a window is causal and >= 1"
     kv_fp8 = check_cache(k_cache, v_cache)
     if config is PREFILL_CONFIG and q.element_size() > 2:
         config = PREFILL_CONFIG_FP32
@@ -172,6 +228,6 @@ def paged_prefill(
         float(k_scale), float(v_scale),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         PAGE=k_cache.shape[1], BLOCK_M=config.block_m, BLOCK_N=config.block_n, CAUSAL=causal,
-        KV_FP8=kv_fp8, KV_SCALED=dequantize_to_float32(kv_fp8, k_scale, v_scale),
+        KV_FP8=kv_fp8, KV_SCALED=dequantize_to_float32(kv_fp8, k_scale, v_scale), WINDOW=sliding_window or 0,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -26,8 +26,24 @@ def pack_weight(weight: torch.Tensor, tokens_hint: int = 32) -> torch.Tensor | N
         return None
 
 
+# HF activation name -> (oneDNN post-op, its algorithm). HF "gelu" is the exact erf form.
+ACTIVATIONS = {"gelu": ("gelu", "none"), "gelu_new": ("gelu", "tanh"), "gelu_pytorch_tanh": ("gelu", "tanh"),
+               "relu": ("relu", "")}
+
+
+def apply_activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """`activation` (an HF name, see ACTIVATIONS) applied to `y` in plain torch; None: `y`."""
+    if activation is None:
+        return y
+    op, algo = ACTIVATIONS[activation]
+    return F.relu(y) if op == "relu" else F.gelu(y, approximate=algo)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
-           bias: torch.Tensor | None = None) -> torch.Tensor:
+           bias: torch.Tensor | None = None, activation: str | None = None) -> torch.Tensor:
+    """`x @ weight.T + bias`, then `activation`; with a packed weight, one oneDNN call that applies
+    the bias and the activation inside the GEMM."""
     if packed is not None and x.device.type == "cpu" and x.dim() == 2 and x.dtype == weight.dtype:
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+        op, algo = ACTIVATIONS[activation] if activation else ("none", "")
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, op, [], algo)
+    return apply_activation(F.linear(x, weight, bias), activation)

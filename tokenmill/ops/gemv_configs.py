@@ -2,7 +2,7 @@
 
 Each entry is the fastest of 244 configurations (BLOCK_N x BLOCK_K, warps, stages) timed the way
 the engine runs the kernel: a CUDA graph of back-to-back GEMVs over >= 1 GB of distinct bf16
-weights, so none is served from L2 (`python scripts/bench_gemv.py --graph-sweep`; results and the
+weights, so none is served from L2 (`python3 -m tokenmill.benchmarks.kernels.gemv --graph-sweep`; results and the
 autotuner's picks beside them in docs/perf.md and docs/results/session7/). Shapes are one rank's
 matrices of Llama-3.1-8B at TP=1 and TP=2 (QKV, O, gate/up, down with its fused SiLU-and-mul, LM
 head). Anything not listed (another GPU, shape or dtype) is left to Triton's autotuner.

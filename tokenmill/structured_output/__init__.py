@@ -7,10 +7,12 @@ from tokenmill.structured_output.manager import (
     constrained_rows,
 )
 from tokenmill.structured_output.matcher import RequestGrammar
+from tokenmill.structured_output.reasoning_gate import ReasoningGate
 
 __all__ = [
     "GrammarCompiler",
     "GrammarError",
+    "ReasoningGate",
     "RequestGrammar",
     "StructuredOutputManager",
     "apply_bitmask",

@@ -2,11 +2,11 @@
 
 Compilation costs milliseconds to seconds (long `maxLength` bounds, deep nesting), so compiled
 grammars are kept in a bounded LRU cache keyed by the canonical spec. Both bounds (entries and
-bytes) matter: a flood of distinct schemas must not grow memory without limit (RELIABILITY.md 28),
+bytes) matter: a flood of distinct schemas must not grow memory without limit (docs/reliability.md 28),
 and one huge grammar must not push everything else out for nothing.
 
 Every user error comes out as `GrammarError(ValueError)` with a short message built from the
-parser's own reason, with xgrammar's timestamp / source-path prefix stripped (RELIABILITY.md 29).
+parser's own reason, with xgrammar's timestamp / source-path prefix stripped (docs/reliability.md 29).
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 Who calls what (see docs/structured_output.md):
 - front end: `manager.compile(params.structured_outputs)` to validate -> `GrammarError` is a 400;
 - engine core: `manager.compile_async(params)` when a request is added (it waits until done, off
-  the step loop), then `manager.new_request(params)` (a cache hit) -> its `RequestGrammar`;
+  the step loop), then `manager.new_request(params)` (a cache hit) -> its `RequestGrammar`, or,
+  for a reasoning model (`reasoning=`), a `ReasoningGate` that holds the grammar back until the
+  thinking ends (`reasoning_gate.py`);
 - runner, per step: `bitmask = manager.batch_bitmask(grammars)` (row i <-> batch row i), then
   `apply_bitmask(logits, bitmask, rows)` before sampling, and `grammar.accept_token(t)` after.
 """
@@ -15,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 import xgrammar as xgr
 
-from tokenmill.sampling_params import StructuredOutputsParams
+from tokenmill.sampling_params import ReasoningParams, StructuredOutputsParams
 from tokenmill.structured_output.compiler import (
     DEFAULT_MAX_CACHE_BYTES,
     DEFAULT_MAX_CACHE_ENTRIES,
@@ -23,6 +25,7 @@ from tokenmill.structured_output.compiler import (
     GrammarError,
 )
 from tokenmill.structured_output.matcher import RequestGrammar
+from tokenmill.structured_output.reasoning_gate import ReasoningGate
 
 _ALL_ALLOWED = -1  # int32 with every bit set
 
@@ -98,15 +101,18 @@ class StructuredOutputManager:
 
     def new_request(
         self,
-        params: StructuredOutputsParams,
+        params: StructuredOutputsParams | None,
         *,
+        reasoning: ReasoningParams | None = None,
         stop_token_ids: list[int] | None = None,
         prefix_token_ids: list[int] | tuple[int, ...] = (),
-    ) -> RequestGrammar:
+    ) -> RequestGrammar | ReasoningGate:
         """A fresh grammar state for one request (one per `n` child: each samples its own text).
 
         Args:
-            params: the request's constraint (already validated by `compile` in the front end).
+            params: the request's constraint (already validated by `compile` in the front end);
+                None only with `reasoning` (a thinking budget alone).
+            reasoning: a reasoning model's thinking, which the constraint does not apply to.
             stop_token_ids: this request's stop tokens (EOS + `all_stop_token_ids`), when they differ
                 from the manager's; the mask allows exactly these once the text is complete.
             prefix_token_ids: output tokens generated before (a preempted request that resumes):
@@ -114,13 +120,16 @@ class StructuredOutputManager:
         Raises:
             GrammarError: the spec is invalid, or a prefix token breaks it.
         """
+        assert params is not None or reasoning is not None
         stops = sorted({int(t) for t in stop_token_ids}) if stop_token_ids is not None else self.stop_token_ids
-        grammar = RequestGrammar(self.compile(params), stops)
+        grammar = RequestGrammar(self.compile(params), stops) if params is not None else None
+        if reasoning is not None:
+            grammar = ReasoningGate(grammar, reasoning)
         if prefix_token_ids and grammar.accept_tokens(list(prefix_token_ids)) != len(prefix_token_ids):
             raise GrammarError("the request's earlier output does not follow its grammar")
         return grammar
 
-    def batch_bitmask(self, grammars: list[RequestGrammar | None]) -> torch.Tensor | None:
+    def batch_bitmask(self, grammars: list[RequestGrammar | ReasoningGate | None]) -> torch.Tensor | None:
         """The next-token bitmask for a batch, or None when no row has a grammar.
 
         Args:
@@ -151,9 +160,10 @@ class StructuredOutputManager:
         return bitmask
 
 
-def constrained_rows(grammars: list[RequestGrammar | None]) -> list[int]:
-    """Rows whose logits must be masked (a grammar that has not terminated)."""
-    return [i for i, g in enumerate(grammars) if g is not None and not g.is_terminated()]
+def constrained_rows(grammars: list[RequestGrammar | ReasoningGate | None]) -> list[int]:
+    """Rows whose logits must be masked (a grammar that has not terminated, or a gate forcing
+    the end of the thinking)."""
+    return [i for i, g in enumerate(grammars) if g is not None and g.is_constraining()]
 
 
 def apply_bitmask(

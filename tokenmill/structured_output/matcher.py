@@ -66,6 +66,10 @@ class RequestGrammar:
     def is_terminated(self) -> bool:
         return self._matcher.is_terminated()
 
+    def is_constraining(self) -> bool:
+        """This step's logits must be masked (the grammar has not accepted a stop token yet)."""
+        return not self._matcher.is_terminated()
+
     def is_completed(self) -> bool:
         """The text so far is a complete match (only stop tokens may follow)."""
         return self._matcher.is_completed()

@@ -68,6 +68,7 @@ class CudaGraphDecoder:
     def capture(self) -> None:
         """Capture every size, largest first, sharing one memory pool."""
         started = time.perf_counter()
+        self.buffers.prepare_for_capture(self.sizes[-1])
         variants = [(b, False) for b in self.sizes] + [(b, True) for b in self.cascade_sizes]
         comm = self.tp.communicator
         for key in sorted(variants, reverse=True):

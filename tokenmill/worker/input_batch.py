@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tokenmill.core.scheduler_output import NewRequestData, SchedulerOutput
+from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -29,9 +30,11 @@ class RequestState:
     num_computed_tokens: int
     eos_token_id: int | None
     table_row: int  # this request's row of the persistent host block table
-    grammar: object | None = None  # structured_output.RequestGrammar for constrained requests
+    grammar: object | None = None  # structured_output.RequestGrammar / ReasoningGate: constrained requests
     # Logit bias, min_tokens, penalties or a grammar: the rows the sampling batch must look at.
     sampling_extras: bool = False
+    pooling_params: PoolingParams | None = None  # an embedding request
+    state_slot: int = -1  # hybrid models: its slot in the linear layers' state pools
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -52,6 +55,14 @@ class HostInputs:
     max_query_len: int
     num_known: np.ndarray  # [num_reqs] tokens the runner knows per request
     lag_rows: list[int]  # rows whose (one) input token is the previous step's sample, on the device
+    # Hybrid models: [num_reqs] int32 state slots; None: -1 for every row (no state).
+    state_slots: np.ndarray | None = None
+    # [2, n] int64 (source, destination) slot copies before the step (prefix-cache restores).
+    state_restores: np.ndarray | None = None
+    # [num_reqs, max_boundaries] int32 checkpoint slots (-1: none) every `state_checkpoint_interval`
+    # tokens; see AttentionMetadata.
+    state_checkpoints: np.ndarray | None = None
+    state_checkpoint_interval: int = 0
 
 
 class InputBatch:
@@ -88,7 +99,8 @@ class InputBatch:
         self._write_block_ids(row, 0, new.block_ids)
         state = RequestState(
             new.request_id, list(new.token_ids), new.num_prompt_tokens, new.sampling_params,
-            list(new.block_ids), new.num_computed_tokens, new.eos_token_id, row)
+            list(new.block_ids), new.num_computed_tokens, new.eos_token_id, row,
+            pooling_params=new.pooling_params, state_slot=new.state_slot)
         self.states[new.request_id] = state
         return state
 
@@ -136,5 +148,9 @@ class InputBatch:
             for i in (np.flatnonzero(~lag).tolist() if lag_rows else range(num_reqs)):
                 input_ids[query_start[i]:query_start[i + 1]] = states[i].token_ids[starts[i]:seq_lens[i]]
         slot_mapping = block_table[row_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+        state_slots = None
+        if states[0].state_slot >= 0:  # a hybrid model: every request holds a slot
+            state_slots = np.fromiter((s.state_slot for s in states), np.int32, num_reqs)
         return HostInputs(input_ids, positions, slot_mapping, seq_lens.astype(np.int32), block_table,
-                          query_start, int(np.count_nonzero(counts == 1)), int(counts.max()), num_known, lag_rows)
+                          query_start, int(np.count_nonzero(counts == 1)), int(counts.max()), num_known, lag_rows,
+                          state_slots)

@@ -52,6 +52,7 @@ class InputBuffers:
         self.query_start_loc = _Buffer((max_reqs + 1,), torch.int32, device)
         self.seq_lens = _Buffer((max_reqs,), torch.int32, device)
         self.block_table = _Buffer((max_reqs, max_blocks), torch.int32, device)
+        self.state_slots = _Buffer((max_reqs,), torch.int32, device)  # hybrid models; -1 elsewhere
         self._turn = 0
         self._twins = len(self.input_ids.hosts)
 
@@ -67,10 +68,12 @@ class InputBuffers:
                                f"buffers ({self.max_tokens} / {self.max_reqs})")
         turn = self._turn
         self._turn = (turn + 1) % self._twins
+        state_slots = host.state_slots if host.state_slots is not None else np.full(num_reqs, -1, np.int32)
         for buf, values, pad, length in ((self.input_ids, host.input_ids, 0, tokens),
                                          (self.positions, host.positions, 0, tokens),
                                          (self.slot_mapping, host.slot_mapping, -1, tokens),
-                                         (self.seq_lens, host.seq_lens, 0, reqs)):
+                                         (self.seq_lens, host.seq_lens, 0, reqs),
+                                         (self.state_slots, state_slots, -1, reqs)):
             np_host = buf.nps[turn]
             np_host[:len(values)] = values
             np_host[len(values):length] = pad
@@ -98,23 +101,37 @@ class InputBuffers:
             block_table=self.block_table.device_tensor[:reqs],
             slot_mapping=self.slot_mapping.device_tensor[:tokens],
             query_start_loc_cpu=self.query_start_loc.hosts[turn][:reqs + 1],
-            seq_lens_cpu=self.seq_lens.hosts[turn][:reqs])
+            seq_lens_cpu=self.seq_lens.hosts[turn][:reqs],
+            state_slots=self.state_slots.device_tensor[:reqs])
+        if host.state_restores is not None:  # (eager steps only: a restoring request prefills)
+            meta.state_restores = torch.from_numpy(host.state_restores).to(self.device)
+        if host.state_checkpoints is not None:
+            meta.state_checkpoints = torch.from_numpy(host.state_checkpoints).to(self.device)
+            meta.state_checkpoint_interval = host.state_checkpoint_interval
         return StagedStep(self.input_ids.device_tensor[:tokens], self.positions.device_tensor[:tokens],
                           StepBatch(meta, host.block_table, host.seq_lens))
 
+    def prepare_for_capture(self, max_batch: int) -> None:
+        """Before capturing decode graphs: the warm-up and capture passes write no KV (slot -1) and
+        attend nothing (seq_len 0). Run once, outside any capture: an op issued while a graph is
+        captured would become part of it and run again at every replay."""
+        self.slot_mapping.device_tensor[:max_batch].fill_(-1)
+        self.seq_lens.device_tensor[:max_batch].zero_()
+        self.state_slots.device_tensor[:max_batch].fill_(-1)  # ... and touch no recurrent state
+        self.query_start_loc.device_tensor[:max_batch + 1].copy_(
+            torch.arange(max_batch + 1, dtype=torch.int32, device=self.device))
+
     def capture_views(self, batch: int) -> StagedStep:
         """The buffers of a decode batch of `batch` requests, for a CUDA-graph capture: whatever a
-        later `stage(..., pad_to=batch)` writes there is what the graph reads when replayed."""
-        self.slot_mapping.device_tensor[:batch].fill_(-1)  # capture and warm-up write no KV
-        self.seq_lens.device_tensor[:batch].zero_()
-        self.query_start_loc.device_tensor[:batch + 1].copy_(
-            torch.arange(batch + 1, dtype=torch.int32, device=self.device))
+        later `stage(..., pad_to=batch)` writes there is what the graph reads when replayed. Views
+        only: nothing here runs on the device (`prepare_for_capture` set the contents)."""
         meta = AttentionMetadata(
             num_reqs=batch, num_tokens=batch, num_decodes=batch, max_query_len=1, max_seq_len=1,
             query_start_loc=self.query_start_loc.device_tensor[:batch + 1],
             seq_lens=self.seq_lens.device_tensor[:batch],
             block_table=self.block_table.device_tensor[:batch],
-            slot_mapping=self.slot_mapping.device_tensor[:batch])
+            slot_mapping=self.slot_mapping.device_tensor[:batch],
+            state_slots=self.state_slots.device_tensor[:batch])
         host_table = np.zeros((batch, 1), np.int32)
         return StagedStep(self.input_ids.device_tensor[:batch], self.positions.device_tensor[:batch],
                           StepBatch(meta, host_table, np.zeros(batch, np.int32)))

@@ -21,9 +21,10 @@ from tokenmill.config.engine_config import EngineConfig
 from tokenmill.core.scheduler_output import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from tokenmill.distributed.parallel_state import TensorParallelGroup
 from tokenmill.model.attention.backend import KVCache
-from tokenmill.model.attention.layer import Attention
+from tokenmill.model.attention.cache_layer import CacheLayer
 from tokenmill.model.attention.selector import backend_class
 from tokenmill.model.forward_context import ForwardContext, forward_context
+from tokenmill.model.layers.pooler import pool, truncate_and_normalize
 from tokenmill.model.registry import build_model
 from tokenmill.worker.input_batch import HostInputs, InputBatch, RequestState
 from tokenmill.worker.input_buffers import InputBuffers
@@ -46,10 +47,12 @@ class ModelRunner:
         self.device = config.device
         self.block_size = config.cache.block_size
         self.model = build_model(config, tp)
-        # The model's attention layers, in the order of its layers: each owns its part of the KV cache.
-        self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        # The model's layers that keep per-request memory (attention: KV blocks; linear attention:
+        # state slots), in the order of its layers: each owns its part of the cache.
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, CacheLayer)]
         self.attn_builder = backend_class(config.kernels.attention_backend).builder_class()(config, self.device)
         self.sampler = Sampler(self.device)
+        self.pooling = config.model.pooling  # an embedding model: prompts are pooled, not sampled
         sched = config.scheduler
         self.input_batch = InputBatch(sched.max_num_seqs, config.model.max_model_len, self.block_size)
         self.buffers = InputBuffers(max(sched.max_num_batched_tokens, sched.max_num_seqs), sched.max_num_seqs,
@@ -57,7 +60,10 @@ class ModelRunner:
         # Seeded generators outlive preemption, so a resumed request continues its random stream.
         self.generators: dict[str, torch.Generator] = {}
         self.kv_caches: list[KVCache] = []
+        # Hybrid models: (source, destination) state-slot copies for the next step (prefix-cache restores).
+        self._state_restores: list[tuple[int, int]] = []
         self.graphs = None  # CudaGraphDecoder once captured
+        self._forward = self.model  # or the compiled CPU forward (capture_cuda_graphs)
         self._structured = None  # StructuredOutputManager, built on the first constrained request
         self.async_scheduling = sched.async_scheduling
         # Rank 0 sends each step's sampled tokens to the other ranks on the device (async + TP).
@@ -74,14 +80,21 @@ class ModelRunner:
         return sum(layer.kv_cache_bytes_per_block(self.block_size, self.kv_cache_dtype)
                    for layer in self.attention_layers)
 
+    def state_bytes_per_slot(self) -> int:
+        """Bytes of one state slot over the model's linear-attention layers (0: none)."""
+        return sum(layer.state_bytes_per_slot() for layer in self.attention_layers)
+
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        self.kv_caches = [layer.allocate_kv_cache(num_blocks, self.block_size, self.kv_cache_dtype, self.device)
+        slots = self.config.cache.num_state_slots
+        self.kv_caches = [layer.allocate_kv_cache(num_blocks, self.block_size, self.kv_cache_dtype, self.device,
+                                                  slots)
                           for layer in self.attention_layers]
 
     def release_kv_cache(self) -> None:
         """Drop the KV pool and the decode graphs that read it (sleep); `allocate_kv_cache` and
         `capture_cuda_graphs` make them again."""
         self.kv_caches = []
+        self._state_restores = []
         self.graphs = None
         self._prev_sampled = None
 
@@ -91,7 +104,13 @@ class ModelRunner:
         self.capture_cuda_graphs()
 
     def capture_cuda_graphs(self) -> None:
-        """Decode graphs (CUDA, after the KV cache exists; `enforce_eager` skips)."""
+        """Decode graphs (CUDA, after the KV cache exists; `enforce_eager` skips); on the CPU, the
+        compiled forward pass (`cpu_compile`), warmed up here."""
+        if self.config.kernels.cpu_compile:
+            from tokenmill.worker.cpu_compile import CompiledCpuForward
+            self._forward = CompiledCpuForward(self.model, self.buffers.max_tokens)
+            self._forward.warm_up(self._dummy_step)
+            return
         if self.config.kernels.enforce_eager or not self.attn_builder.supports_decode_graphs:
             return
         from tokenmill.worker.cuda_graphs import CudaGraphDecoder
@@ -123,12 +142,25 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[-min(n, self.config.scheduler.max_num_seqs):])
         self.sampler.argmax(logits[:1].float())
 
+    @torch.inference_mode()
+    def _dummy_step(self, num_tokens: int) -> None:
+        """A step of `num_tokens` one-token requests that writes no KV (slot -1), for warm-ups."""
+        n = num_tokens
+        host = HostInputs(
+            input_ids=np.zeros(n, np.int64), positions=np.zeros(n, np.int64), slot_mapping=np.full(n, -1, np.int64),
+            seq_lens=np.ones(n, np.int32), block_table=np.zeros((n, 1), np.int32),
+            query_start=np.arange(n + 1, dtype=np.int64), num_decodes=n, max_query_len=1,
+            num_known=np.ones(n, np.int64), lag_rows=[])
+        staged = self.buffers.stage(host)
+        with forward_context(_EAGER):
+            self._forward(staged.input_ids, staged.positions, self.kv_caches, self.attn_builder.build(staged.batch))
+
     def shutdown(self) -> None:
         """Drop everything on the device (the runner cannot step afterwards): the KV pool, graphs
         and weights, so that a later engine in this process finds the memory free."""
         self.kv_caches = []
         self.graphs = None
-        self.model = None
+        self.model = self._forward = None
         self.attention_layers = []
         self._prev_sampled = None
 
@@ -146,7 +178,7 @@ class ModelRunner:
 
     def _structured_outputs(self):
         if self._structured is None:
-            from tokenmill.model.loader.tokenizer import load_tokenizer
+            from tokenmill.config.tokenizer import load_tokenizer
             from tokenmill.structured_output import StructuredOutputManager
             tokenizer = load_tokenizer(self.config.model.source.tokenizer_path)
             self._structured = StructuredOutputManager(tokenizer, self.config.model.vocab_size)
@@ -155,13 +187,17 @@ class ModelRunner:
     def _add_request(self, new: NewRequestData) -> None:
         state = self.input_batch.add(new)
         params = new.sampling_params
-        if params.structured_outputs is not None and self.is_driver:
+        if params.constrains_output and self.is_driver:
             stops = [t for t in [new.eos_token_id, *(params.all_stop_token_ids or [])] if t is not None]
             # A resumed request replays its earlier output so the grammar continues where it was.
+            # A reasoning model's grammar waits behind its thinking (structured_output/reasoning_gate.py).
             state.grammar = self._structured_outputs().new_request(
-                params.structured_outputs, stop_token_ids=stops, prefix_token_ids=state.output_token_ids)
+                params.structured_outputs, reasoning=params.reasoning, stop_token_ids=stops,
+                prefix_token_ids=state.output_token_ids)
         state.sampling_extras = bool(params.logit_bias or params.min_tokens > 0 or params.needs_penalties
                                      or state.grammar is not None)
+        if new.restore_state_from >= 0:
+            self._state_restores.append((new.restore_state_from, new.state_slot))
         if params.seed is not None and self.is_driver and new.request_id not in self.generators:
             self.generators[new.request_id] = torch.Generator(device=self.device).manual_seed(params.seed)
 
@@ -177,6 +213,10 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput) -> "StepFuture":
         """Enqueue one step; the future's `result()` waits for its sampled tokens."""
+        with forward_context(_EAGER):  # (a graph replay runs what was captured under its own)
+            return self._launch(sched)
+
+    def _launch(self, sched: SchedulerOutput) -> "StepFuture":
         self._apply_diffs(sched)
         if sched.is_empty:
             return StepFuture(ModelRunnerOutput())
@@ -193,6 +233,10 @@ class ModelRunner:
             counts = np.array([num_scheduled[r] for r in order], dtype=np.int64)
         states = [self.input_batch.states[r] for r in order]
         host = self.input_batch.prepare(states, counts)
+        if self._state_restores or sched.state_checkpoints:
+            self._stage_state_ops(host, order, sched)
+        if self.pooling is not None:
+            return self._pool_step(order, states, host)
         output = ModelRunnerOutput()
         sample_rows = np.flatnonzero(host.seq_lens >= host.num_known).tolist()
         # A one-token row that samples is past its prompt, so it needs no prompt logprobs.
@@ -202,7 +246,8 @@ class ModelRunner:
         nd = host.num_decodes
         prefix_len = self.attn_builder.common_prefix_len(host.block_table[:nd], host.seq_lens[:nd]) if nd else 0
         graph_key = None
-        if (self.graphs is not None and len(sample_rows) == nd == num_reqs and not needs_prompt_logprobs):
+        if (self.graphs is not None and len(sample_rows) == nd == num_reqs and not needs_prompt_logprobs
+                and host.state_restores is None):
             graph_key = self.graphs.padded_batch(num_reqs, prefix_len > 0)
         staged = self.buffers.stage(host, pad_to=graph_key[0] if graph_key else None)
         if host.lag_rows:
@@ -212,8 +257,7 @@ class ModelRunner:
             logits = self.graphs.replay(graph_key, num_reqs)
         else:
             meta = self.attn_builder.build(staged.batch, prefix_len)
-            with forward_context(_EAGER):
-                hidden = self.model(staged.input_ids, staged.positions, self.kv_caches, meta)
+            hidden = self._forward(staged.input_ids, staged.positions, self.kv_caches, meta)
             self.tp.check_all_sums_taken()
             for i, s in enumerate(states):
                 if s.params.prompt_logprobs is not None and s.num_computed_tokens < s.num_prompt_tokens - 1:
@@ -243,6 +287,33 @@ class ModelRunner:
         if self.async_scheduling:
             self._prev_sampled = (sampled.token_ids, dict(zip(sampled_ids, range(len(sampled_ids)))))
         return StepFuture(output, sampled_states, sampled_ids, sampled.to_host(), _record_event(self.device))
+
+    def _pool_step(self, order: list[str], states: list[RequestState], host: HostInputs) -> "StepFuture":
+        """An embedding model's step: every request's whole prompt, pooled into its vector."""
+        staged = self.buffers.stage(host)
+        meta = self.attn_builder.build(staged.batch)
+        hidden = self.model(staged.input_ids, staged.positions, self.kv_caches, meta)
+        rows = pool(hidden, meta.query_start_loc.long(), self.pooling).cpu()  # one device sync per step
+        output = ModelRunnerOutput()
+        for request_id, state, row in zip(order, states, rows):
+            dims = state.pooling_params.dimensions if state.pooling_params is not None else None
+            output.pooled[request_id] = (truncate_and_normalize(row, dims) if dims else row).tolist()
+        return StepFuture(output)
+
+    def _stage_state_ops(self, host: HostInputs, order: list[str], sched: SchedulerOutput) -> None:
+        """Hybrid models: this step's state restores and checkpoint slots, rows in batch order."""
+        if self._state_restores:
+            host.state_restores = np.array(self._state_restores, dtype=np.int64).T.copy()
+            self._state_restores = []
+        if sched.state_checkpoints:
+            width = max(len(slots) for slots in sched.state_checkpoints.values())
+            table = np.full((len(order), width), -1, dtype=np.int32)
+            for row, request_id in enumerate(order):
+                slots = sched.state_checkpoints.get(request_id)
+                if slots:
+                    table[row, :len(slots)] = slots
+            host.state_checkpoints = table
+            host.state_checkpoint_interval = self.config.cache.state_checkpoint_interval
 
     def _device_tokens(self, states: list[RequestState], host: HostInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """(token rows, token ids) on the device for the rows whose input the host does not know yet."""

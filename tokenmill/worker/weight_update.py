@@ -28,7 +28,7 @@ def iter_checkpoint(path: str, hf_config: Any) -> Iterator[tuple[str, torch.Tens
     """The tensors of a safetensors folder or a GGUF file, with HF names."""
     expanded = os.path.expanduser(path)
     if os.path.isfile(expanded) and expanded.endswith(".gguf"):
-        from tokenmill.model.loader.gguf_loader import iter_gguf_weights
+        from tokenmill.config.gguf_weights import iter_gguf_weights
         return iter_gguf_weights(expanded, hf_config)
     if os.path.isdir(expanded):
         return iter_safetensors_weights(expanded)

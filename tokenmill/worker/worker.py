@@ -12,6 +12,8 @@ from __future__ import annotations
 import gc
 import importlib
 import logging
+import math
+import os
 import pickle
 from typing import Any, Iterable
 
@@ -19,18 +21,18 @@ import msgspec
 import torch
 
 from tokenmill.config.engine_config import EngineConfig
+from tokenmill.config.kv_sizing import (CPU_POOL_MAX_FRACTION, available_memory_bytes, default_cpu_kv_cache_bytes,
+                                        total_memory_bytes)
 from tokenmill.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from tokenmill.distributed.parallel_state import TensorParallelGroup
 from tokenmill.distributed.weight_transfer import TensorSpec, buckets
-from tokenmill.model.registry import process_weights_after_loading
+from tokenmill.model.registry import process_weights_after_loading, weight_bytes_per_rank
 from tokenmill.worker import control
 from tokenmill.worker.model_runner import ModelRunner, StepFuture
 from tokenmill.worker.sleep_mode import WeightOffload, return_device_memory
 from tokenmill.worker.weight_update import InPlaceUpdate, iter_checkpoint
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
 
 
 def make_worker(config: EngineConfig, tp: TensorParallelGroup) -> "Worker":
@@ -65,6 +67,7 @@ class Worker:
         self.device = config.device
         torch.manual_seed(config.model.seed)
         self._memory_at_start = self._gpu_memory_baseline() if self.device.type == "cuda" else None
+        self._check_weights_fit()
         self.runner = ModelRunner(config, tp)
         self.num_blocks = 0
         self._offload: WeightOffload | None = None  # the weights while asleep
@@ -84,23 +87,73 @@ class Worker:
     def determine_num_blocks(self) -> int:
         """KV blocks for this rank's pool; every tensor-parallel rank agrees on the smallest.
         Explicit sizes first (`num_gpu_blocks_override`, then `kv_cache_memory`); otherwise what
-        `gpu_memory_utilization` leaves on a GPU, or DEFAULT_CPU_KV_CACHE_BYTES on the CPU."""
+        `gpu_memory_utilization` leaves on a GPU, or the CPU default (`config/kv_sizing.py`)."""
         cache = self.config.cache
         if cache.num_gpu_blocks_override:
             return cache.num_gpu_blocks_override
+        bytes_per_block = self.runner.kv_cache_bytes_per_block()
+        sched = self.config.scheduler
+        if bytes_per_block == 0 and not cache.num_state_slots:
+            # No cache (an encoder): blocks only count tokens, and each step's requests end in it.
+            return -(-sched.max_num_batched_tokens // cache.block_size) + sched.max_num_seqs
         if self.device.type == "cuda":
             budget = self._profile_gpu_kv_budget()  # also compiles the prefill kernels: always run it
             if cache.kv_cache_memory:
                 budget = cache.kv_cache_memory
         else:
-            budget = cache.kv_cache_memory or DEFAULT_CPU_KV_CACHE_BYTES
-        return self.tp.all_reduce_min(max(1, int(budget // self.runner.kv_cache_bytes_per_block())))
+            budget = cache.kv_cache_memory
+            world = self.tp.world_size
+            if not budget and bytes_per_block == 0:  # only recurrent state to hold
+                budget = int(total_memory_bytes() // world * CPU_POOL_MAX_FRACTION)
+            elif not budget:
+                budget, reason = default_cpu_kv_cache_bytes(
+                    bytes_per_block // cache.block_size, self.config.model.max_model_len,
+                    self.config.scheduler.max_num_seqs, available_memory_bytes() // world,
+                    total_memory_bytes() // world)
+                logger.info("%s", reason)
+        # A hybrid model's state slots (a fixed count, config/engine_args.py) come out of the same
+        # budget first; the blocks take the rest.
+        state_bytes = cache.num_state_slots * self.runner.state_bytes_per_slot()
+        if state_bytes:
+            if state_bytes >= budget:
+                raise ValueError(
+                    f"the {cache.num_state_slots} recurrent-state slots of this hybrid model need "
+                    f"{state_bytes / 2**30:.2f} GiB, more than the {budget / 2**30:.2f} GiB left for the "
+                    f"cache: lower --max-num-seqs (slots: one per running request, twice that with "
+                    f"prefix caching) or give the cache more memory")
+            budget -= state_bytes
+            logger.info("state slots: %d x %.1f MiB", cache.num_state_slots, self.runner.state_bytes_per_slot() / 2**20)
+        if bytes_per_block == 0:  # only linear-attention layers: blocks are bookkeeping only
+            return -(-self.config.model.max_model_len // cache.block_size) * sched.max_num_seqs
+        return self.tp.all_reduce_min(max(1, int(budget // bytes_per_block)))
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         """Allocate the pool, then capture the decode graphs that read it."""
         self.runner.allocate_kv_cache(num_blocks)
         self.num_blocks = num_blocks
         self.runner.capture_cuda_graphs()
+
+    def _check_weights_fit(self) -> None:
+        """Refuse, before loading anything, a model whose weights alone exceed this rank's memory:
+        `gpu_memory_utilization` of the GPU, or the host's physical memory on the CPU."""
+        weights = weight_bytes_per_rank(self.config, self.tp)
+        name = self.config.model.served_model_name
+        shard = (f"{weights / 2**30:.1f} GiB of weights per rank "
+                 f"({str(self.config.model.dtype).removeprefix('torch.')}, tensor_parallel_size={self.tp.world_size})")
+        if self.device.type == "cuda":
+            total = torch.cuda.mem_get_info(self.device)[1]
+            budget = total * self.config.cache.gpu_memory_utilization
+            if weights > budget:
+                needed = math.ceil(weights * self.tp.world_size / budget)
+                raise ValueError(
+                    f"{name} needs {shard}, more than {self.device} offers ({budget / 2**30:.1f} GiB: "
+                    f"gpu_memory_utilization={self.config.cache.gpu_memory_utilization} of {total / 2**30:.1f} "
+                    f"GiB): it needs about {needed} GPUs of this size on one host (--tensor-parallel-size)")
+        else:
+            budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            if weights > budget:
+                raise ValueError(f"{name} needs {shard}, more than this host's {budget / 2**30:.1f} GiB of memory "
+                                 f"(CPU ranks share it: no tensor-parallel size helps)")
 
     def _gpu_memory_baseline(self) -> tuple[int, int, int]:
         """Before anything is loaded: refuse to start where `gpu_memory_utilization` of the GPU is

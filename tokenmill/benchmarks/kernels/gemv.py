@@ -13,7 +13,7 @@
    beside the autotuner's pick and cuBLAS in the same graph form. Compiles are warmed in parallel
    processes first (a few hundred variants).
 2. The whole decode weight set (`--layers` x the four layer matrices + the LM head, 15.0 GB at 32
-   layers) as one CUDA graph of GEMVs, replayed: ms per token for each, as in BENCHMARKS.md.
+   layers) as one CUDA graph of GEMVs, replayed: ms per token for each, as in docs/perf.md.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def sweep(x: torch.Tensor, w: torch.Tensor) -> list[dict]:
                                  "tb_s": n * k * w.element_size() / us / 1e6})
     rows.sort(key=lambda r: r["us"])
     picked = getattr(_gemv_kernel, "best_config", None)
-    print(f"    sweep best: " + "; ".join(f"{r['block_n']}x{r['block_k']} w{r['warps']} s{r['stages']} "
+    print("    sweep best: " + "; ".join(f"{r['block_n']}x{r['block_k']} w{r['warps']} s{r['stages']} "
                                           f"{r['us']:.1f} us {r['tb_s']:.2f} TB/s" for r in rows[:3])
           + f" (autotuner's last pick: {picked})")
     return rows[:10]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tokenmill.entrypoints.cli.sampling_args import add_sampling_args, sampling_params_from_args
+from tokenmill.config.sampling_args import add_sampling_args, sampling_params_from_args
+from tokenmill.entrypoints.cli.startup import add_thread_arg, start_engine
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -15,6 +16,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("prompt", help="the text to continue")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user chat message")
     parser.add_argument("--n", type=int, default=1, help="samples (printed one after another)")
+    add_thread_arg(parser)
     add_sampling_args(parser, default_max_tokens=128)
     EngineArgs.add_cli_args(parser)
     parser.set_defaults(func=run)
@@ -22,11 +24,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tokenmill.config import EngineArgs
-    from tokenmill.engine.llm_engine import LLMEngine
     from tokenmill.sampling_params import RequestOutputKind
 
-    engine = LLMEngine.from_engine_args(EngineArgs.from_cli_args(args))
+    engine = start_engine(args)
     prompt = args.prompt
     add_special = True
     if args.chat:

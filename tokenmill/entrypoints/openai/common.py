@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import jinja2
-from fastapi import Request
-
-from tokenmill.engine.async_engine import AsyncEngine, RequestStream
+from tokenmill.engine.async_engine import AsyncEngine, RequestStream, RequestTimeoutError
 from tokenmill.engine.core_client import EngineDeadError
+from tokenmill.engine.input_processor import ContextLengthError
 from tokenmill.entrypoints.server.errors import APIError, openai_error_body
 from tokenmill.entrypoints.server.serving import sse
 from tokenmill.outputs import RequestOutput
@@ -22,31 +20,39 @@ def check_logit_bias(engine: AsyncEngine, logit_bias: dict[str, float] | None) -
                             f"{bad[:10]}", param="logit_bias")
 
 
-def render_chat(request: Request, engine: AsyncEngine, messages: list[dict], *, add_generation_prompt: bool,
-                chat_template: str | None = None, chat_template_kwargs: dict | None = None,
-                tools: list[dict] | None = None) -> str:
-    """The prompt text from the model's chat template (sandboxed Jinja in the input processor)."""
-    if chat_template is not None:
-        # A request-supplied template is code run on the server (RELIABILITY.md item 16).
-        raise APIError(400, "request-supplied chat templates are not allowed on this server",
-                       param="chat_template")
+async def render_chat(engine: AsyncEngine, messages: list[dict], *, add_generation_prompt: bool,
+                      chat_template_kwargs: dict | None = None, tools: list[dict] | None = None) -> str:
+    """The prompt text from the model's own chat template, rendered on the engine's input thread
+    (request-supplied templates are refused by the protocol models, docs/reliability.md item 16)."""
     try:
-        return engine.input_processor.render_chat(messages, tools=tools,
-                                                  add_generation_prompt=add_generation_prompt,
-                                                  chat_template_kwargs=chat_template_kwargs)
-    except (jinja2.TemplateError, ValueError, TypeError) as exc:
-        # Templates raise on e.g. roles that do not alternate; their message is written for users.
-        raise APIError(400, f"the chat template rejected these messages: {exc}"[:500]) from None
+        return await engine.render_chat(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                        chat_template_kwargs=chat_template_kwargs)
+    except ValueError as exc:  # ChatTemplateError and the like: messages written for users
+        raise APIError(400, str(exc)) from None
+
+
+async def encode(engine: AsyncEngine, text: str, add_special_tokens: bool = True) -> list[int]:
+    """Token ids for /tokenize and count_tokens, on the input thread; 400 for text that is too
+    long to ever fit the context window (no point tokenizing megabytes to say so)."""
+    try:
+        return await engine.encode(text, add_special_tokens=add_special_tokens)
+    except ContextLengthError as exc:
+        raise APIError(400, str(exc), code="context_length_exceeded") from None
+    except ValueError as exc:
+        raise APIError(400, str(exc)) from None
 
 
 async def collect_final(stream: RequestStream) -> RequestOutput:
-    """The last output of a stream; 500 if the engine failed while serving it."""
+    """The last output of a stream; 500 if the engine failed while serving it, 408 past its
+    deadline."""
     final = None
     try:
         async for out in stream:
             final = out
     except EngineDeadError:
         raise APIError(500, "the engine failed while serving this request") from None
+    except RequestTimeoutError as exc:
+        raise APIError(408, str(exc), code="request_timeout") from None
     if final is None or any(c.finish_reason == "error" for c in final.outputs):
         raise APIError(500, "the engine failed while serving this request")
     return final
@@ -59,6 +65,9 @@ def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def stream_error_chunk() -> bytes:
-    """How an OpenAI stream reports a failure after it started: a `data:` chunk with `error`."""
+def stream_error_chunk(exc: BaseException | None = None) -> bytes:
+    """How an OpenAI stream reports a failure after it started: a `data:` chunk with `error`
+    (408 for a request past its deadline, else 500)."""
+    if isinstance(exc, RequestTimeoutError):
+        return sse(openai_error_body(APIError(408, str(exc), code="request_timeout")))
     return sse(openai_error_body(APIError(500, "the engine failed while serving this request")))

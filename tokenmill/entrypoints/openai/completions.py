@@ -11,7 +11,7 @@ from typing import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from tokenmill.engine.async_engine import AsyncEngine, RequestStream
+from tokenmill.engine.async_engine import AsyncEngine, RequestStream, RequestTimeoutError
 from tokenmill.engine.core_client import EngineDeadError
 from tokenmill.entrypoints.openai.common import check_logit_bias, collect_final, stream_error_chunk, usage_dict
 from tokenmill.entrypoints.openai.logprobs import completion_logprobs
@@ -19,13 +19,14 @@ from tokenmill.entrypoints.openai.protocol import CompletionRequest
 from tokenmill.entrypoints.server.errors import APIError
 from tokenmill.entrypoints.server.request_body import read_model
 from tokenmill.entrypoints.server.serving import (
-    SSE_HEADERS, check_model, engine_of, merge_streams, new_id, sse, submit_all, to_api_error,
-    unless_disconnected,
+    SSE_HEADERS, check_model, engine_of, merge_streams, new_id, request_timeout, sse, submit_all,
+    to_api_error, unless_disconnected,
 )
 from tokenmill.outputs import CompletionOutput, RequestOutput
 
 
 async def create_completion(request: Request) -> Response:
+    arrival = time.monotonic()
     body = await read_model(request, CompletionRequest)
     engine = engine_of(request)
     model = check_model(engine, body.model)
@@ -33,12 +34,14 @@ async def create_completion(request: Request) -> Response:
     want_prompt_logprobs = body.echo and body.logprobs is not None
     try:
         params = body.to_sampling_params(default_max_tokens=None, logprobs=body.logprobs,
-                                         prompt_logprobs=body.logprobs if want_prompt_logprobs else None)
+                                         prompt_logprobs=body.logprobs if want_prompt_logprobs else None,
+                                         defaults=engine.sampling_defaults)
     except ValueError as exc:
         raise to_api_error(exc) from None
     request_id = new_id("cmpl")
     streams = await submit_all(engine, request_id, body.prompts(), params, priority=body.priority,
-                               cache_salt=body.cache_salt)
+                               cache_salt=body.cache_salt, arrival=arrival,
+                               timeout_s=request_timeout(request, body.timeout))
     created = int(time.time())
     if body.stream:
         return StreamingResponse(_stream(engine, streams, body, request_id, model, created),
@@ -56,7 +59,7 @@ async def create_completion(request: Request) -> Response:
     for p, final in enumerate(finals):
         for c in final.outputs:
             choices.append(_choice(engine, body, p * body.n + c.index, c, final, streams[p], echo=body.echo))
-    completion_tokens = sum(len(c.token_ids) for f in finals for c in f.outputs)
+    completion_tokens = 0 if body.echo_only else sum(len(c.token_ids) for f in finals for c in f.outputs)
     prompt_tokens = sum(len(s.prompt_token_ids) for s in streams)
     return JSONResponse({
         "id": request_id, "object": "text_completion", "created": created, "model": model,
@@ -68,13 +71,19 @@ async def create_completion(request: Request) -> Response:
 def _choice(engine: AsyncEngine, body: CompletionRequest, index: int, c: CompletionOutput,
             out: RequestOutput, stream: RequestStream, *, echo: bool, text_offset: int = 0) -> dict:
     text, logprobs = c.text, None
+    finish_reason = c.finish_reason
+    if body.echo_only:  # the one token the engine sampled is not part of the answer
+        text, c = "", CompletionOutput(index=c.index, text="", token_ids=[],
+                                       logprobs=[] if c.logprobs is not None else None)
+        finish_reason = "length" if finish_reason is not None else None
     if body.logprobs is not None:
         logprobs = completion_logprobs(c.token_ids, c.logprobs, body.logprobs, text_offset)
     if echo:
         prompt_text = out.prompt if out.prompt is not None else engine.decode(stream.prompt_token_ids)
         text = prompt_text + text
         if logprobs is not None and out.prompt_logprobs is not None:
-            prompt_lp = completion_logprobs(stream.prompt_token_ids, out.prompt_logprobs, body.logprobs)
+            prompt_lp = completion_logprobs(stream.prompt_token_ids, out.prompt_logprobs, body.logprobs,
+                                            token_text=lambda t: engine.decode([t]))
             shift = len(prompt_text)
             logprobs = {
                 "tokens": prompt_lp["tokens"] + logprobs["tokens"],
@@ -82,7 +91,7 @@ def _choice(engine: AsyncEngine, body: CompletionRequest, index: int, c: Complet
                 "top_logprobs": prompt_lp["top_logprobs"] + logprobs["top_logprobs"],
                 "text_offset": prompt_lp["text_offset"] + [o + shift for o in logprobs["text_offset"]],
             }
-    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 async def _stream(engine: AsyncEngine, streams: list[RequestStream], body: CompletionRequest,
@@ -106,7 +115,7 @@ async def _stream(engine: AsyncEngine, streams: list[RequestStream], body: Compl
             for c in out.outputs:
                 if c.finish_reason == "error":
                     raise EngineDeadError("the engine failed while serving this request")
-                completion_tokens += len(c.token_ids)
+                completion_tokens += 0 if body.echo_only else len(c.token_ids)
                 index = p * body.n + c.index
                 echo = body.echo and index not in echoed
                 echoed.add(index)
@@ -122,8 +131,8 @@ async def _stream(engine: AsyncEngine, streams: list[RequestStream], body: Compl
             prompt_tokens = sum(len(s.prompt_token_ids) for s in streams)
             yield chunk([], usage_dict(prompt_tokens, completion_tokens, sum(cached.values())))
         yield sse("[DONE]")
-    except EngineDeadError:
-        yield stream_error_chunk()
+    except (EngineDeadError, RequestTimeoutError) as exc:
+        yield stream_error_chunk(exc)
     finally:
         for s in streams:
             engine.abort(s.request_id)

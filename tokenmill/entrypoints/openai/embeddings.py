@@ -15,17 +15,19 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import msgspec
 from fastapi import Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from tokenmill.engine.async_engine import QueueFullError
+from tokenmill.entrypoints.openai.protocol import StrictModel, TokenId
 from tokenmill.entrypoints.server.errors import APIError
 from tokenmill.entrypoints.server.request_body import read_model
 from tokenmill.entrypoints.server.serving import RETRY_AFTER_S, new_id, unless_disconnected
+from tokenmill.sampling_params import INT64_MAX
 
 logger = logging.getLogger("tokenmill.server")
 
@@ -33,41 +35,38 @@ MAX_INPUTS_PER_REQUEST = 2048  # OpenAI's limit: bounds the work one request can
 MAX_INPUTS_PER_PASS = 4096  # inputs merged from several requests into one worker call
 
 
-class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # SDKs add fields over time, as on the other routes
+EmbeddingInput = Union[
+    str,
+    Annotated[list[str], Field(min_length=1)],
+    Annotated[list[TokenId], Field(min_length=1)],  # one prompt as token ids
+    Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)],
+]
 
+
+class EmbeddingRequest(StrictModel):
     model: str | None = None
-    input: Any
+    input: EmbeddingInput
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(default=None, ge=1)
+    dimensions: Annotated[int, Field(ge=1, le=INT64_MAX)] | None = None
     user: str | None = None
     # vLLM's extra: keep this many tokens (-1: the model's maximum) instead of refusing long inputs.
-    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1, le=INT64_MAX)] | None = None
 
-    @field_validator("input", mode="before")
+    @field_validator("input")
     @classmethod
-    def _check_input(cls, value: Any) -> list[str | list[int]]:
-        """Normalizes to a list of texts / token-id lists. Hand-written rather than a pydantic
-        union, which would coerce booleans to token ids and hide which form was meant."""
-        def is_ids(x: Any) -> bool:
-            return isinstance(x, list) and bool(x) and all(type(t) is int for t in x)
-
+    def _check_input(cls, value: EmbeddingInput) -> list[str | list[int]]:
+        """Normalizes to a list of texts / token-id lists."""
         if isinstance(value, str):
             items = [value]
-        elif is_ids(value):
-            items = [value]  # one prompt as token ids
-        elif isinstance(value, list) and value and all(isinstance(x, str) or is_ids(x) for x in value):
-            items = value
+        elif value and isinstance(value[0], int):
+            items = [value]
         else:
-            raise ValueError("input must be a non-empty string, a list of strings, a list of token ids "
-                             "or a list of token-id lists")
+            items = list(value)
         if len(items) > MAX_INPUTS_PER_REQUEST:
             raise ValueError(f"input has {len(items)} items; at most {MAX_INPUTS_PER_REQUEST} are allowed")
         empty = [i for i, x in enumerate(items) if isinstance(x, str) and not x]
         if empty:
             raise ValueError(f"input {empty[0]} is an empty string")
-        if any(t < 0 for x in items if isinstance(x, list) for t in x):
-            raise ValueError("token ids must be non-negative")
         return items
 
 
@@ -111,9 +110,7 @@ class AsyncEmbedder:
 
         # Loading reads and packs the weights: seconds, kept off the event loop.
         engine = await asyncio.to_thread(EmbeddingEngine, model_path, dtype=dtype, device=device)
-        from tokenmill.entrypoints.batch_runner import backend_model_name
-
-        base = backend_model_name(engine)  # "all-MiniLM-L6-v2" for the bundled model, else the folder
+        base = engine.config.model.served_model_name  # "all-MiniLM-L6-v2" for the bundled model, else the folder
         name = served_model_name or model_path or base
         aliases = {base, engine.model_path} | ({model_path} if model_path else set())
         embedder = cls(engine, name, aliases - {name}, max_pending=max_pending)
@@ -168,23 +165,41 @@ class AsyncEmbedder:
 
     def _run(self, jobs: list[_Job]) -> list[EmbedResult | Exception]:
         """On the worker thread: tokenize each job (its errors stay its own), embed all valid
-        inputs in one call (the engine packs them by length), then split and encode per job."""
-        from tokenmill.model.pooling import truncate_and_normalize
+        inputs in one call (the engine packs them by length), then split and encode per job. If
+        that shared call fails, each job is embedded alone, so one bad input fails one request."""
+        tokenized = [self._tokenize(job) for job in jobs]
+        valid = [i for i, ids in enumerate(tokenized) if not isinstance(ids, Exception)]
+        results: list[EmbedResult | Exception] = list(tokenized)
+        try:
+            for i, result in zip(valid, self._embed([jobs[i] for i in valid], [tokenized[i] for i in valid])):
+                results[i] = result
+        except Exception:  # noqa: BLE001 - isolated below
+            logger.exception("embedding batch of %d requests failed; embedding them one by one", len(valid))
+            for i in valid:
+                try:
+                    results[i] = self._embed([jobs[i]], [tokenized[i]])[0]
+                except Exception:  # noqa: BLE001 - this request's own failure
+                    logger.exception("embedding request failed")
+                    results[i] = RuntimeError("embedding failed")
+        return results
 
-        tokenized: list[list[list[int]] | Exception] = []
-        for job in jobs:
-            try:
-                tokenized.append(self.engine.tokenize(job.inputs, job.truncate_prompt_tokens)[1])
-            except ValueError as exc:
-                tokenized.append(exc)
-        flat = [ids for t in tokenized if not isinstance(t, Exception) for ids in t]
+    def _tokenize(self, job: _Job) -> list[list[int]] | Exception:
+        try:
+            return self.engine.tokenize(job.inputs, job.truncate_prompt_tokens)[1]
+        except ValueError as exc:  # written for users: lengths, vocabulary
+            return exc
+        except Exception:  # noqa: BLE001 - input the tokenizer cannot take is this request's fault
+            logger.warning("embedding input could not be tokenized", exc_info=True)
+            return ValueError("the input could not be tokenized")
+
+    def _embed(self, jobs: list[_Job], tokenized: list[list[list[int]]]) -> list[EmbedResult]:
+        from tokenmill.model.layers.pooler import truncate_and_normalize
+
+        flat = [ids for job_ids in tokenized for ids in job_ids]
         emb = self.engine.embed_token_ids(flat, use_tqdm=False) if flat else None
-        results: list[EmbedResult | Exception] = []
+        results = []
         start = 0
         for job, ids in zip(jobs, tokenized):
-            if isinstance(ids, Exception):
-                results.append(ids)
-                continue
             rows = emb[start:start + len(ids)]
             start += len(ids)
             if job.dimensions is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from tokenmill.outputs import PositionLogprobs
 
 
@@ -40,16 +42,22 @@ def chat_logprobs(token_ids: list[int], positions: list[PositionLogprobs] | None
 
 
 def completion_logprobs(token_ids: list[int], positions: list[PositionLogprobs | None] | None, k: int,
-                        text_offset_start: int = 0) -> dict | None:
+                        text_offset_start: int = 0,
+                        token_text: Callable[[int], str] | None = None) -> dict | None:
     """`{tokens, token_logprobs, top_logprobs, text_offset}` for legacy completions. A `None`
-    position (the first prompt token when echoing) has no logprob."""
+    position (the first prompt token when echoing) has no logprob; its text comes from
+    `token_text` (the token decoded alone, as every other position's text is), so the texts add
+    up to the echoed prompt and the offsets after it are right."""
     if positions is None:
         return None
     tokens, token_logprobs, tops, offsets = [], [], [], []
     offset = text_offset_start
     for token_id, position in zip(token_ids, positions):
         entry = position.get(token_id) if position else None
-        text = _token_text(entry, token_id) if entry is not None else ""
+        if entry is not None:
+            text = _token_text(entry, token_id)
+        else:
+            text = token_text(token_id) if token_text is not None else ""
         tokens.append(text)
         token_logprobs.append(None if entry is None else max(entry.logprob, -9999.0))
         tops.append(None if position is None else

@@ -2,7 +2,7 @@
 
 Handlers raise `APIError(status, message)`; the exception handler renders it as an OpenAI error
 object, or, under `/v1/messages`, as an Anthropic one (with a `request-id` header). Messages are
-built from validation details only (RELIABILITY.md item 29) and capped in length (item 3).
+built from validation details only (docs/reliability.md item 29) and capped in length (item 3).
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ MAX_LISTED_ERRORS = 5
 
 OPENAI_TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-    404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+    404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error",
     415: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error",
 }
 ANTHROPIC_TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-    404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+    404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error", 413: "request_too_large",
     415: "invalid_request_error", 429: "rate_limit_error", 500: "api_error", 503: "api_error",
     529: "overloaded_error",
 }
@@ -70,13 +70,26 @@ def error_response(path: str, err: APIError) -> JSONResponse:
     return JSONResponse(openai_error_body(err), status_code=err.status, headers=headers)
 
 
+def _loc(error: dict) -> str:
+    return ".".join(str(x) for x in error.get("loc", ()) if x not in ("function-after", "function-before"))
+
+
+def first_error_field(exc: pydantic.ValidationError) -> str | None:
+    """The dotted path of the first invalid field (OpenAI's `param`), if the error has one."""
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    loc = _loc(errors[0]) if errors else ""
+    return loc[:200] or None
+
+
 def validation_message(exc: pydantic.ValidationError) -> str:
     """"field.path: what is wrong" for the first few errors, never the offending input itself."""
     errors = exc.errors(include_url=False, include_input=False, include_context=False)
     parts = []
     for e in errors[:MAX_LISTED_ERRORS]:
-        loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("function-after", "function-before"))
-        parts.append(f"{loc}: {e.get('msg', 'invalid')}" if loc else e.get("msg", "invalid"))
+        loc = _loc(e)
+        # Our validators' messages read as sentences; pydantic prefixes them with "Value error, ".
+        msg = e.get("msg", "invalid").removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
     if len(errors) > MAX_LISTED_ERRORS:
         parts.append(f"... and {len(errors) - MAX_LISTED_ERRORS} more errors")
     return bounded("; ".join(parts))

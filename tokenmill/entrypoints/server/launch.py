@@ -1,4 +1,5 @@
-"""Running the app under uvicorn: SIGTERM drains, engine death exits non-zero.
+"""Running the app under uvicorn: SIGTERM drains, engine death exits non-zero, slow clients are
+cut off.
 
 Exit codes: 0 after a clean shutdown or drain, 1 if the engine core died or never started.
 """
@@ -6,11 +7,14 @@ Exit codes: 0 after a clean shutdown or drain, 1 if the engine core died or neve
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 from typing import Awaitable, Callable
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.entrypoints.server.app import ServerConfig, ServerState, build_app
@@ -19,6 +23,53 @@ logger = logging.getLogger("tokenmill.server")
 
 # After the drain, connections still open are cut after this long (their requests are aborted).
 CUTOFF_AFTER_DRAIN_S = 1
+
+
+class HeaderTimeoutProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline on request headers. uvicorn times out idle
+    keep-alive connections but waits forever for headers that have begun to arrive, so a client
+    sending one header byte at a time (slow-loris) holds a connection open indefinitely; here it
+    gets a 408 and the connection is closed `header_timeout_s` after its first byte.
+
+    The deadline is armed when the connection opens and whenever bytes of a new request arrive,
+    and disarmed once h11 has the whole head (its view of the peer leaves IDLE)."""
+
+    def __init__(self, *args, header_timeout_s: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.header_timeout_s = header_timeout_s
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is h11.IDLE:
+            if self._header_timer is None and data:
+                self._arm_header_timer()
+        else:
+            self._disarm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        self._disarm_header_timer()
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
+
+    def _disarm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n"
+                                 b"connection: close\r\n\r\n")
+            self.transport.close()
 
 
 class DrainingServer(uvicorn.Server):
@@ -57,13 +108,17 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(make_engine: Callable[[], Awaitable[AsyncEngine]], config: ServerConfig, *, host: str,
-          port: int, log_level: str = "info") -> int:
-    """Runs the server until it stops; returns the process exit code."""
+          port: int, log_level: str = "info", ssl_keyfile: str | None = None,
+          ssl_certfile: str | None = None, root_path: str = "") -> int:
+    """Runs the server until it stops; returns the process exit code. `ssl_*`: serve HTTPS;
+    `root_path`: the URL prefix a proxy serves the app under."""
     app = build_app(config, make_engine)
     state: ServerState = app.state.server
+    protocol = functools.partial(HeaderTimeoutProtocol, header_timeout_s=config.header_timeout_s)
     uv_config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                                lifespan="on", timeout_graceful_shutdown=CUTOFF_AFTER_DRAIN_S,
-                               timeout_keep_alive=5)
+                               timeout_keep_alive=5, ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile,
+                               root_path=root_path, http=protocol)
     server = DrainingServer(uv_config, state)
     try:
         asyncio.run(server.serve())

@@ -11,14 +11,13 @@ from typing import AsyncIterator, Awaitable, TypeVar
 
 from fastapi import Request
 
-from tokenmill.engine.async_engine import AsyncEngine, QueueFullError, RequestStream
+from tokenmill.engine.async_engine import AsyncEngine, QueueFullError, RequestStream, RequestTimeoutError
 from tokenmill.engine.core_client import EngineDeadError
+from tokenmill.engine.input_processor import ContextLengthError
 from tokenmill.engine.rl_control import EngineSleepingError
 from tokenmill.entrypoints.server.errors import APIError
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
-
-from tokenmill.engine.input_processor import ContextLengthError
 
 T = TypeVar("T")
 DISCONNECT_POLL_S = 0.25
@@ -50,19 +49,26 @@ def engine_model_names(engine: AsyncEngine) -> set[str]:
     return {engine.model_name, *getattr(engine, "model_aliases", ())}
 
 
+def request_timeout(request: Request, timeout: float | None) -> float | None:
+    """The request's own `timeout`, else the server's `--request-timeout` (None: no deadline)."""
+    return timeout if timeout is not None else request.app.state.server.config.request_timeout_s
+
+
 async def submit_all(engine: AsyncEngine, base_id: str, prompts: list[str | list[int]],
                      params: SamplingParams, *, anthropic: bool = False, priority: int = 0,
-                     cache_salt: str | None = None, chat: bool = False) -> list[RequestStream]:
-    """Admits one request per prompt, all or nothing, mapping failures to `APIError`s."""
+                     cache_salt: str | None = None, chat: bool = False, arrival: float | None = None,
+                     timeout_s: float | None = None) -> list[RequestStream]:
+    """Admits one request per prompt, all or nothing, mapping failures to `APIError`s.
+    `timeout_s` counts from `arrival` (default: now)."""
     streams: list[RequestStream] = []
-    arrival = time.monotonic()
+    arrival = time.monotonic() if arrival is None else arrival
     try:
         for i, prompt in enumerate(prompts):
             request_id = base_id if len(prompts) == 1 else f"{base_id}-{i}"
             streams.append(await engine.submit(request_id, prompt, params, arrival_time=arrival,
                                                priority=priority, cache_salt=cache_salt,
                                                # a chat template writes its own BOS
-                                               add_special_tokens=not chat))
+                                               add_special_tokens=not chat, timeout_s=timeout_s))
     except BaseException as exc:
         for stream in streams:
             engine.abort(stream.request_id)
@@ -72,13 +78,14 @@ async def submit_all(engine: AsyncEngine, base_id: str, prompts: list[str | list
 
 def _to_api_error(exc: BaseException, anthropic: bool) -> BaseException:
     if isinstance(exc, QueueFullError):
-        if anthropic:
-            return APIError(529, str(exc), headers={"retry-after": RETRY_AFTER_S})
-        return APIError(429, str(exc), headers={"retry-after": RETRY_AFTER_S})
+        headers = {"retry-after": str(exc.retry_after_s)}
+        return APIError(529 if anthropic else 429, str(exc), headers=headers)
     if isinstance(exc, EngineDeadError):
         return APIError(503, "the engine is not running")
     if isinstance(exc, EngineSleepingError):  # paused or asleep, --requests-while-paused reject
         return APIError(503, str(exc), headers={"retry-after": RETRY_AFTER_S})
+    if isinstance(exc, RequestTimeoutError):
+        return APIError(408, str(exc), code="request_timeout")
     if isinstance(exc, ContextLengthError):
         return APIError(400, str(exc), code="context_length_exceeded")
     if isinstance(exc, ValueError):  # user-input errors from InputProcessor / SamplingParams

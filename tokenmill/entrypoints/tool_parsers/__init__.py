@@ -1,7 +1,7 @@
 """Tool-call parsers for `tool_choice="auto"`, keyed by the name the server's
 `--tool-call-parser` flag takes. One parser instance per response:
 
-    parser = get_tool_parser("hermes")()
+    parser = get_tool_parser("hermes")(tools)
     parser.extract_tool_calls(text)                       # non-streaming
     parser.extract_tool_calls_streaming(prev, cur, delta) # streaming, then finish_streaming(cur)
 """
@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from tokenmill.entrypoints.tool_parsers.base import (
+    CallText,
     DeltaMessage,
     DeltaToolCall,
     ExtractedToolCalls,
@@ -16,13 +17,23 @@ from tokenmill.entrypoints.tool_parsers.base import (
     ToolParser,
     make_tool_call_id,
 )
+from tokenmill.entrypoints.tool_parsers.deepseek import DeepSeekV3ToolParser, DeepSeekV31ToolParser
 from tokenmill.entrypoints.tool_parsers.hermes import HermesToolParser
+from tokenmill.entrypoints.tool_parsers.kimi_k2 import KimiK2ToolParser
 from tokenmill.entrypoints.tool_parsers.llama3_json import Llama3JsonToolParser
+from tokenmill.entrypoints.tool_parsers.minimax_m2 import MiniMaxM2ToolParser
+from tokenmill.entrypoints.tool_parsers.mistral import MistralToolParser
 
 TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "hermes": HermesToolParser,
-    "qwen": HermesToolParser,  # Qwen 2.5 / 3 use the Hermes tags
+    "qwen": HermesToolParser,  # Qwen 2.5 and Qwen3 write the Hermes tags
+    "qwen3": HermesToolParser,
     "llama3_json": Llama3JsonToolParser,
+    "deepseek_v3": DeepSeekV3ToolParser,  # also DeepSeek-R1
+    "deepseek_v31": DeepSeekV31ToolParser,  # V3.1 and later
+    "kimi_k2": KimiK2ToolParser,
+    "minimax_m2": MiniMaxM2ToolParser,
+    "mistral": MistralToolParser,
 }
 
 
@@ -37,6 +48,7 @@ def get_tool_parser(name: str) -> type[ToolParser]:
 
 
 __all__ = [
+    "CallText",
     "DeltaMessage",
     "DeltaToolCall",
     "ExtractedToolCalls",

@@ -3,38 +3,41 @@
 `tool_choice="required"` output is `[{"name": ..., "arguments": {...}}, ...]`; a named tool_choice's
 output is the arguments object alone. Both stream like the model-format parsers (name first, then
 argument fragments), so the server handles every tool_choice with one streaming loop.
+
+The grammar makes every complete call valid, so output cut off by `max_tokens` still yields the
+calls completed before the cut (the unfinished last one is dropped, and the text is never
+returned as content: it is a fragment of JSON, not an answer).
 """
 
 from __future__ import annotations
 
 import json
 
-from tokenmill.entrypoints.tool_parsers.base import (
-    ExtractedToolCalls,
-    ToolParser,
-    parse_call_object,
-    scan_json_value,
-    skip_ws,
-)
+from tokenmill.entrypoints.tool_parsers.base import CallText, ExtractedToolCalls, ToolCall, ToolParser
+from tokenmill.entrypoints.tool_parsers.json_text import json_call, scan_json_value, skip_ws
 
 
-class RequiredToolCallParser(ToolParser):
+class _ForcedParser(ToolParser):
+    def extract_tool_calls(self, text: str) -> ExtractedToolCalls:
+        _, calls = self._split(text, final=True)
+        complete = []
+        for call in calls:
+            if not call.done:
+                break
+            complete.append(ToolCall(call.name, call.arguments))
+        return ExtractedToolCalls(bool(complete), complete, None)
+
+
+class RequiredToolCallParser(_ForcedParser):
     """Output of `required_tool_calls_params`: a JSON array of call objects."""
 
     name = "required"
 
-    def extract_tool_calls(self, text: str) -> ExtractedToolCalls:
-        _, objects = self._split(text, final=True)
-        calls = [parse_call_object(obj) for obj in objects]
-        if not calls or any(c is None for c in calls):
-            return ExtractedToolCalls(False, content=text or None)
-        return ExtractedToolCalls(True, calls, None)
-
-    def _split(self, text: str, final: bool) -> tuple[str, list[str]]:
+    def _split(self, text: str, final: bool) -> tuple[str, list[CallText]]:
         i = skip_ws(text, 0)
         if i >= len(text) or text[i] != "[":
             return "", []
-        objects = []
+        calls = []
         i += 1
         while True:
             i = skip_ws(text, i)
@@ -42,15 +45,15 @@ class RequiredToolCallParser(ToolParser):
                 i += 1
                 continue
             if i >= len(text) or text[i] != "{":
-                return "", objects
+                return "", calls
             end = scan_json_value(text, i)
-            objects.append(text[i:] if end is None else text[i:end])
+            calls.append(json_call(text[i:] if end is None else text[i:end]))
             if end is None:
-                return "", objects
+                return "", calls
             i = end
 
 
-class NamedToolCallParser(ToolParser):
+class NamedToolCallParser(_ForcedParser):
     """Output of `named_tool_params`: the arguments object of the one named function."""
 
     name = "named"
@@ -61,12 +64,5 @@ class NamedToolCallParser(ToolParser):
         # The output read as the body of a call object, so the shared code streams it.
         self._prefix = '{"name": ' + json.dumps(function_name) + ', "arguments": '
 
-    def extract_tool_calls(self, text: str) -> ExtractedToolCalls:
-        _, objects = self._split(text.strip(), final=True)
-        call = parse_call_object(objects[0])
-        if call is None:
-            return ExtractedToolCalls(False, content=text or None)
-        return ExtractedToolCalls(True, [call], None)
-
-    def _split(self, text: str, final: bool) -> tuple[str, list[str]]:
-        return "", [self._prefix + text[skip_ws(text, 0):]]
+    def _split(self, text: str, final: bool) -> tuple[str, list[CallText]]:
+        return "", [json_call(self._prefix + text[skip_ws(text, 0):])]

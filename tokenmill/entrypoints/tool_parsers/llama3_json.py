@@ -3,30 +3,17 @@
 
 from __future__ import annotations
 
-from tokenmill.entrypoints.tool_parsers.base import (
-    ExtractedToolCalls,
-    ToolParser,
-    parse_call_object,
-    scan_json_value,
-    skip_ws,
-)
+from tokenmill.entrypoints.tool_parsers.base import CallText, ToolParser
+from tokenmill.entrypoints.tool_parsers.json_text import json_call, scan_json_value, skip_ws
 
 PYTHON_TAG = "<|python_tag|>"
 
 
 class Llama3JsonToolParser(ToolParser):
     name = "llama3_json"
+    markers = (PYTHON_TAG,)
 
-    def extract_tool_calls(self, text: str) -> ExtractedToolCalls:
-        _, objects = self._split(text, final=True)
-        if not objects:
-            return ExtractedToolCalls(False, content=text or None)
-        calls = [parse_call_object(obj) for obj in objects]
-        if any(c is None for c in calls):
-            return ExtractedToolCalls(False, content=text)
-        return ExtractedToolCalls(True, calls, None)
-
-    def _split(self, text: str, final: bool) -> tuple[str, list[str]]:
+    def _split(self, text: str, final: bool) -> tuple[str, list[CallText]]:
         i = skip_ws(text, 0)
         rest = text[i:]
         if not final and (not rest or (PYTHON_TAG.startswith(rest) and rest != PYTHON_TAG)):
@@ -37,14 +24,14 @@ class Llama3JsonToolParser(ToolParser):
             if rest.startswith(PYTHON_TAG) and not final:
                 return "", []
             return text, []
-        objects = []
+        calls = []
         while i < len(text) and text[i] == "{":
             end = scan_json_value(text, i)
             if end is None:
-                objects.append(text[i:])
+                calls.append(json_call(text[i:]))
                 break
-            objects.append(text[i:end])
+            calls.append(json_call(text[i:end]))
             i = skip_ws(text, end)
             if i < len(text) and text[i] == ";":
                 i = skip_ws(text, i + 1)
-        return "", objects
+        return "", calls

@@ -115,8 +115,8 @@ def parse_forced_tool_calls(text: str, named: str | None = None) -> list[ToolCal
         named: the function name for a named tool_choice (the text is its arguments); None for
             "required" (the text is the array of calls).
     Raises:
-        ValueError: the text does not parse (only when generation stopped early, e.g. at
-            max_tokens).
+        ValueError: no call is complete (only when generation stopped early, e.g. at
+            max_tokens); calls completed before such a cut are returned.
     """
     result = forced_tool_call_parser(named).extract_tool_calls(text)
     if not result.tools_called:

@@ -56,6 +56,17 @@ class AttentionMetadata:
     # backend attends that shared prefix once for all of them (cascade attention). Decided by the
     # backend's builder.
     common_prefix_len: torch.Tensor | None = None
+    # Hybrid models (linear-attention layers keep a recurrent state per request in a slot of their
+    # state pool, model/attention/lightning.py). [num_reqs] int32: each request's slot (-1: none,
+    # e.g. CUDA-graph padding); None for models without state.
+    state_slots: torch.Tensor | None = None
+    # [2, n] int64 or None: before the step, copy state slot [0, i] into slot [1, i] (a prefix-cache
+    # hit restores a request's state from a checkpoint).
+    state_restores: torch.Tensor | None = None
+    # [num_reqs, max_boundaries] int32 or None: the slot to store each request's state into at the
+    # j-th multiple of `state_checkpoint_interval` after its chunk's first token (-1: none).
+    state_checkpoints: torch.Tensor | None = None
+    state_checkpoint_interval: int = 0
 
     @property
     def num_prefills(self) -> int:
@@ -112,15 +123,28 @@ class AttentionBackend(ABC):
     `rope`, when given, is the step's rotary embedding (`RotaryInputs`): the backend rotates q and k
     (neox style) before it writes k to the cache and attends, so that it can fuse the rotation into
     its cache write. q and k may be rotated in place.
+
+    `sliding_window` (a layer constant, None for full attention): the query at position p attends
+    the keys at positions (p - sliding_window, p] only. The KV blocks wholly before that range may
+    already have been freed and handed to other requests (core/kv_cache_manager.py), so a backend
+    must not read them, not even to mask them out.
     """
 
     name: str = "abstract"
+    uses_kv_cache: bool = True  # False: attention within the step only (encoders)
+    supports_sliding_window: bool = True  # False: a windowed layer is refused when it is built
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None) -> None:
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        assert sliding_window is None or sliding_window >= 1
+        if sliding_window is not None and not self.supports_sliding_window:
+            raise ValueError(f"the {self.name} attention backend has no sliding-window attention; this "
+                             "model's windowed layers need torch_native (CPU, without --cpu-compile) or triton")
+        self.sliding_window = sliding_window
 
     @staticmethod
     @abstractmethod

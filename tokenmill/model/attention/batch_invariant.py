@@ -78,9 +78,11 @@ class BatchInvariantMetadataBuilder(AttentionMetadataBuilder):
 
 class BatchInvariantBackend(AttentionBackend):
     name = "batch_invariant"
+    supports_sliding_window = False  # (config/batch_invariant.py refuses windowed models first)
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
-        super().__init__(num_heads, num_kv_heads, head_dim, scale)
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None) -> None:
+        super().__init__(num_heads, num_kv_heads, head_dim, scale, sliding_window)
         from tokenmill.model.build_context import build_context
         self._on_cuda = build_context().on_cuda
         if self._on_cuda:

@@ -82,8 +82,9 @@ class TritonMetadataBuilder(AttentionMetadataBuilder):
 class TritonBackend(AttentionBackend):
     name = "triton"
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
-        super().__init__(num_heads, num_kv_heads, head_dim, scale)
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None) -> None:
+        super().__init__(num_heads, num_kv_heads, head_dim, scale, sliding_window)
         self._split_counters: torch.Tensor | None = None  # [>= num_decodes * num_kv_heads] int32
 
     @staticmethod
@@ -111,6 +112,7 @@ class TritonBackend(AttentionBackend):
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         num_decodes = meta.num_decodes
         if num_decodes and meta.common_prefix_len is not None:
+            assert self.sliding_window is None, "cascade attention is off for models with a sliding window"
             cascade_decode(
                 q[:num_decodes], k_cache, v_cache, meta.block_table, meta.seq_lens, meta.common_prefix_len,
                 out[:num_decodes], self.scale, k_scale=k_scale, v_scale=v_scale,
@@ -120,13 +122,13 @@ class TritonBackend(AttentionBackend):
                 q[:num_decodes], k_cache, v_cache, meta.block_table, meta.seq_lens,
                 out[:num_decodes], meta.max_seq_len, self.scale,
                 split_counters=self._counters(num_decodes * k_cache.shape[2], q.device),
-                k_scale=k_scale, v_scale=v_scale,
+                k_scale=k_scale, v_scale=v_scale, sliding_window=self.sliding_window,
             )
         if meta.num_prefills:
             paged_prefill(
                 q, k, v, k_cache, v_cache, meta.block_table, meta.query_start_loc, meta.seq_lens, out,
                 first_req=num_decodes, num_reqs=meta.num_prefills,
                 max_query_len=meta.max_query_len, scale=self.scale, causal=meta.causal,
-                k_scale=k_scale, v_scale=v_scale,
+                k_scale=k_scale, v_scale=v_scale, sliding_window=self.sliding_window,
             )
         return out

@@ -29,20 +29,41 @@ from torch import nn
 from tokenmill.model.build_context import build_context
 from tokenmill.model.forward_context import current_forward_context
 from tokenmill.ops import cpu_gemm
+from tokenmill.ops.cpu_gemm import apply_activation
 
 if TYPE_CHECKING:
     from tokenmill.distributed.symm_mem import PushTarget
 
 
 class LinearMethod:
-    """Base: `F.linear` on the layer's `weight` (and `bias`), the reference."""
+    """Base: `F.linear` on the layer's `weight` (and `bias`), then its `activation`; the reference.
+
+    A method owns the parameters it multiplies by (`create_weights`): a plain `weight [out, in]`
+    here, an fp8 weight and its scales for the quantised methods (`layers/quantization/`). The
+    layer's `weight_loader` shards every 2-D parameter as `[out, in]` and every 1-D one as `[out]`,
+    at the granularity `param_granularity(name)` gives: (1, 1) elements, or one entry per
+    `(bn, bk)` block for block scales.
+    """
+
+    def create_weights(self, layer: nn.Module, in_features: int, out_features: int) -> None:
+        """Register the parameters of a `[out_features, in_features]` product on `layer` (this
+        rank's shard; `layer.output_ranges()` / `input_range()` say where it comes from)."""
+        layer.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+
+    def param_granularity(self, name: str) -> tuple[int, int]:
+        """Weight elements per entry of parameter `name`, along (out, in)."""
+        return 1, 1
+
+    def create_weight(self, out_features: int, in_features: int) -> nn.Parameter:
+        """The layer's `weight` parameter, in the form the checkpoint stores it (`[out, in]`)."""
+        return nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         pass
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None,
               push: "PushTarget | None" = None) -> tuple[torch.Tensor, bool]:
-        return F.linear(x, layer.weight, bias), False
+        return apply_activation(F.linear(x, layer.weight, bias), layer.activation), False
 
     def apply_silu_mul(self, layer: nn.Module, gate_up: torch.Tensor, silu_and_mul: nn.Module,
                        bias: torch.Tensor | None = None, push: "PushTarget | None" = None
@@ -51,16 +72,22 @@ class LinearMethod:
 
 
 class CpuLinearMethod(LinearMethod):
-    """oneDNN with a pre-packed weight where this torch build has it; `F.linear` otherwise."""
+    """oneDNN with a pre-packed weight where this torch build has it; `F.linear` otherwise.
 
-    def __init__(self) -> None:
+    `pack=False` (a layer inside the compiled CPU forward): `F.linear`, which inductor's freezing
+    pass turns into oneDNN with a weight it packs itself."""
+
+    def __init__(self, pack: bool = True) -> None:
+        self.pack = pack
         self.packed: torch.Tensor | None = None
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        self.packed = cpu_gemm.pack_weight(layer.weight)
+        if self.pack:
+            self.packed = cpu_gemm.pack_weight(layer.weight)
 
     def apply(self, layer, x, bias=None, push=None):
-        return cpu_gemm.linear(x, layer.weight, self.packed, bias), False
+        # oneDNN applies the activation inside the GEMM (a post-op): no extra pass over the output.
+        return cpu_gemm.linear(x, layer.weight, self.packed, bias, layer.activation), False
 
 
 class CudaLinearMethod(LinearMethod):
@@ -75,8 +102,8 @@ class CudaLinearMethod(LinearMethod):
                 and current_forward_context().decode_graph)
 
     def apply(self, layer, x, bias=None, push=None):
-        if not self._use_gemv(x, layer.weight):
-            return F.linear(x, layer.weight, bias), False
+        if layer.activation is not None or not self._use_gemv(x, layer.weight):
+            return apply_activation(F.linear(x, layer.weight, bias), layer.activation), False
         push = push if bias is None else None  # a bias is added after the product: rows not final
         y = self._gemv(x, layer.weight, silu_mul=False, push=push)
         return (y if bias is None else y + bias), push is not None
@@ -112,7 +139,7 @@ class BatchInvariantCpuLinearMethod(CpuLinearMethod):
                     padded = x2.new_zeros((tile, shape[-1]))
                 padded[:n] = chunk
                 chunk = padded
-            out[start:start + n] = cpu_gemm.linear(chunk, layer.weight, self.packed, bias)[:n]
+            out[start:start + n] = cpu_gemm.linear(chunk, layer.weight, self.packed, bias, layer.activation)[:n]
         return out.view(*shape[:-1], out.shape[-1]), False
 
 
@@ -122,16 +149,18 @@ class BatchInvariantCudaLinearMethod(LinearMethod):
         self._matmul = matmul_batch_invariant.matmul
 
     def apply(self, layer, x, bias=None, push=None):
-        return self._matmul(x, layer.weight, bias), False
+        return apply_activation(self._matmul(x, layer.weight, bias), layer.activation), False
 
 
-def unquantized_linear_method() -> LinearMethod:
-    """The method for a bf16/fp16/fp32 weight, for the device being built for."""
+def unquantized_linear_method(in_compiled_graph: bool = True) -> LinearMethod:
+    """The method for a bf16/fp16/fp32 weight, for the device being built for.
+    `in_compiled_graph`: whether the layer runs inside the model forward (which `cpu_compile`
+    compiles), not after it (the LM head)."""
     context = build_context()
     if context.kernels.batch_invariant:
         return BatchInvariantCudaLinearMethod() if context.on_cuda else BatchInvariantCpuLinearMethod()
     if context.on_cuda:
         return CudaLinearMethod(context.kernels.triton_gemv)
     if context.device.type == "cpu":
-        return CpuLinearMethod()
+        return CpuLinearMethod(pack=not (context.kernels.cpu_compile and in_compiled_graph))
     return LinearMethod()

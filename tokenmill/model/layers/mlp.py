@@ -11,12 +11,16 @@ from tokenmill.model.layers.linear import MergedColumnParallelLinear, RowParalle
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, hidden_act: str = "silu") -> None:
+    """`reduce_results=False`: under tensor parallelism, return this rank's partial output unsummed
+    (a shared expert whose output the MoE layer sums over ranks together with the routed experts')."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, hidden_act: str = "silu",
+                 reduce_results: bool = True) -> None:
         super().__init__()
         if hidden_act != "silu":
             raise ValueError(f"MLP activation {hidden_act!r} is not supported (silu)")
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias)
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias, reduce_results=reduce_results)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,18 @@
-"""Rotary position embedding (RoPE), neox style (HF's `rotate_half`), with the scalings HF configs
-name: default, linear, llama3.
+"""Rotary position embedding (RoPE) with the scalings HF configs name: default, linear, llama3,
+yarn.
 
 One `RotaryEmbedding` per model holds the `[max_position, rotary_dim]` cos|sin table (float32,
-computed as HF computes it, so greedy tokens match bit for bit). Each step the model calls
-`prepare(positions)` once; every attention layer then rotates its q and k with that
-`RotaryInputs`, either through `rotate_neox` (the reference) or fused into its KV-cache write
-(the Triton backend reads `positions` and the table itself).
+computed as HF computes it, so greedy tokens match bit for bit; YaRN's attention factor is folded
+into it, as HF multiplies cos and sin by it). Each step the model calls `prepare(positions)` once;
+every attention layer then rotates its q and k with that `RotaryInputs`, either through
+`rotate_neox` / `rotate_interleaved` (the references) or fused into its KV-cache write (the Triton
+backends read `positions` and the table themselves).
+
+Two layouts of the rotated dims: neox (HF's `rotate_half`: dim i pairs with dim i + rotary_dim/2),
+and interleaved (DeepSeek's: dims 2i and 2i+1 form a pair). Both use the table's frequency i for
+pair i. HF's DeepSeek-V3 code writes the interleaved result de-interleaved (evens, then odds);
+`rotate_interleaved` keeps each pair in place instead. q and k are permuted alike either way, so
+every q.k product, which is all attention reads, is the same.
 """
 
 from __future__ import annotations
@@ -56,7 +63,54 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-SUPPORTED_SCALINGS = ("default", "linear", "llama3")
+def yarn_get_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction `0.1 * mscale * ln(factor) + 1` (1 for factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn_inv_freq(rotary_dim: int, theta: float, max_position: int, scaling: dict) -> tuple[torch.Tensor, float]:
+    """(inv_freq [rotary_dim / 2], attention factor) of YaRN, as HF's `_compute_yarn_parameters`:
+    frequencies above `beta_fast` rotations over the original context are kept (extrapolated),
+    those below `beta_slow` are divided by `factor` (interpolated), with a linear ramp between."""
+    factor = scaling.get("factor")
+    original = scaling["original_max_position_embeddings"]
+    if factor is None:
+        factor = max_position / original
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = float(yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim))
+        else:
+            attention_factor = yarn_get_mscale(factor)
+    beta_fast = scaling.get("beta_fast") or 32
+    beta_slow = scaling.get("beta_slow") or 1
+
+    def correction_dim(num_rotations: float) -> float:
+        return (rotary_dim * math.log(original / (num_rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
+    if low == high:
+        high += 0.001  # (HF's guard against a zero-width ramp)
+    ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = theta ** (torch.arange(0, rotary_dim, 2).to(dtype=torch.float) / rotary_dim)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, attention_factor
+
+
+def softmax_mscale(scaling: dict | None) -> float:
+    """The factor DeepSeek's attention multiplies its softmax scale by under YaRN:
+    `yarn_get_mscale(factor, mscale_all_dim) ** 2` (HF's `yarn_apply_mscale`; 1 without it)."""
+    if scaling is None or not scaling.get("mscale_all_dim"):
+        return 1.0
+    return yarn_get_mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
+
+
+SUPPORTED_SCALINGS = ("default", "linear", "llama3", "yarn")
 
 
 class RotaryEmbedding(CustomOp):
@@ -64,17 +118,22 @@ class RotaryEmbedding(CustomOp):
         super().__init__()
         self.rotary_dim = rotary_dim
         inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
+        attention_factor = 1.0
         if scaling is not None:
             kind = scaling.get("rope_type", scaling.get("type"))
             if kind == "llama3":
                 inv_freq = _llama3_inv_freq(inv_freq, scaling)
             elif kind == "linear":
                 inv_freq = inv_freq / scaling["factor"]
+            elif kind == "yarn":
+                inv_freq, attention_factor = _yarn_inv_freq(rotary_dim, theta, max_position, scaling)
             else:
                 raise ValueError(f"rope scaling type {kind!r} is not supported ({', '.join(SUPPORTED_SCALINGS)})")
         positions = torch.arange(max_position, dtype=torch.int64).float()
         freqs = torch.outer(positions, inv_freq)
         cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+        if attention_factor != 1.0:
+            cache = cache * attention_factor
         self.register_buffer("cos_sin_cache", cache.float(), persistent=False)
 
     def forward_native(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryInputs:
@@ -92,12 +151,28 @@ class RotaryEmbedding(CustomOp):
 def rotate_neox(q: torch.Tensor, k: torch.Tensor, rope: RotaryInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference rotation: q [T, heads, head_dim], k [T, kv_heads, head_dim] -> rotated copies;
     dims past the table's rotary_dim pass through (partial rotary)."""
-    cos, sin = rope.cos, rope.sin
-    if cos is None:
-        cos, sin = rope.cos_sin_cache.index_select(0, rope.positions).chunk(2, dim=-1)
-        cos, sin = cos.unsqueeze(1).to(q.dtype), sin.unsqueeze(1).to(q.dtype)
+    cos, sin = _cos_sin(rope, q.dtype)
     rotary_dim = rope.cos_sin_cache.shape[1]
     return _rotate(q, cos, sin, rotary_dim), _rotate(k, cos, sin, rotary_dim)
+
+
+def rotate_interleaved(q: torch.Tensor, k: torch.Tensor, rope: RotaryInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference rotation of the interleaved layout: dims (2i, 2i+1) rotate by frequency i, and
+    stay where they are. q [T, heads, rotary_dim], k [T, kv_heads, rotary_dim] -> rotated copies."""
+    cos, sin = _cos_sin(rope, q.dtype)
+    return _rotate_pairs(q, cos, sin), _rotate_pairs(k, cos, sin)
+
+
+def _cos_sin(rope: RotaryInputs, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    if rope.cos is not None:
+        return rope.cos, rope.sin
+    cos, sin = rope.cos_sin_cache.index_select(0, rope.positions).chunk(2, dim=-1)
+    return cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype)
+
+
+def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:

@@ -45,7 +45,8 @@ class ParallelLMHead(VocabParallelEmbedding):
         super().__init__(vocab_size, hidden_size)
         if tied_to is not None:
             self.weight = tied_to.weight
-        self.method = unquantized_linear_method()
+        self.method = unquantized_linear_method(in_compiled_graph=False)
+        self.activation = None  # (read by the linear method)
 
     def process_weights_after_loading(self) -> None:
         self.method.process_weights_after_loading(self)

@@ -1,6 +1,8 @@
 """The Llama family of decoders: Llama 2/3, SmolLM, Mistral, Qwen2 (QKV bias) and Qwen3 (Q/K norm).
 
-These differ only in a few switches read from the HF config, so one module serves them all.
+These differ only in a few switches read from the HF config, so one module serves them all; a
+sliding window (Mistral, Qwen2/3 with `use_sliding_window`) is a per-layer setting of the attention
+(`config/attention_layout.py`), and `config/model_checks.py` refuses any field not handled here.
 Tokens of all requests in a step are flattened into one batch: `input_ids` and `positions` are
 `[num_tokens]`, hidden states `[num_tokens, hidden_size]`. HF weight names are kept, so loading a
 checkpoint is a short mapping from HF's separate q/k/v and gate/up tensors onto merged matrices
@@ -9,11 +11,12 @@ checkpoint is a short mapping from HF's separate q/k/v and gate/up tensors onto 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from tokenmill.config.attention_layout import attention_layout
 from tokenmill.model.attention.backend import AttentionMetadata, KVCache
 from tokenmill.model.attention.layer import Attention
 from tokenmill.model.layers.layernorm import RMSNorm
@@ -27,8 +30,22 @@ def head_dim_of(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def rotary_dim_of(config: Any) -> int:
+    """The rotated dims of each head: all of them, or `partial_rotary_factor` of them (HF's
+    `rope_parameters` or the config's own field)."""
+    params = getattr(config, "rope_parameters", None)
+    factor = params.get("partial_rotary_factor") if isinstance(params, dict) else None
+    if factor is None:
+        factor = getattr(config, "partial_rotary_factor", None) or 1.0
+    return int(head_dim_of(config) * factor)
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config: Any, qkv_bias: bool, qk_norm: bool) -> None:
+    """`o_bias`: a bias on o_proj (HF's Llama and Qwen3 with `attention_bias`); `sliding_window`:
+    the layer's window, None for full attention."""
+
+    def __init__(self, config: Any, qkv_bias: bool, qk_norm: bool, o_bias: bool = False,
+                 sliding_window: int | None = None) -> None:
         super().__init__()
         head_dim = head_dim_of(config)
         num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -36,11 +53,12 @@ class LlamaAttention(nn.Module):
                                           num_kv_heads, bias=qkv_bias)
         # This rank's columns follow its query heads (which may be uneven across ranks).
         self.o_proj = RowParallelLinear(
-            config.num_attention_heads * head_dim, config.hidden_size, bias=getattr(config, "o_proj_bias", False),
+            config.num_attention_heads * head_dim, config.hidden_size, bias=o_bias,
             input_slice=(self.qkv_proj.q_start * head_dim, self.qkv_proj.q_size))
         self.q_norm = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
-        self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, head_dim ** -0.5)
+        self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, head_dim ** -0.5,
+                              sliding_window)
 
     def forward(self, hidden: torch.Tensor, rope: RotaryInputs, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -51,11 +69,16 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: Any, qkv_bias: bool, qk_norm: bool) -> None:
+    """`mlp`: the feed-forward block (default: the config's gated MLP; a MoE model passes its own).
+    `o_bias`, `sliding_window`: as `LlamaAttention`'s."""
+
+    def __init__(self, config: Any, qkv_bias: bool, qk_norm: bool, mlp: nn.Module | None = None,
+                 o_bias: bool = False, sliding_window: int | None = None) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, qkv_bias, qk_norm)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, bias=getattr(config, "mlp_bias", False),
-                            hidden_act=getattr(config, "hidden_act", "silu"))
+        self.self_attn = LlamaAttention(config, qkv_bias, qk_norm, o_bias, sliding_window)
+        self.mlp = mlp if mlp is not None else GatedMLP(
+            config.hidden_size, config.intermediate_size, bias=getattr(config, "mlp_bias", False),
+            hidden_act=getattr(config, "hidden_act", "silu"))
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -73,15 +96,17 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: Any, qkv_bias: bool, qk_norm: bool) -> None:
+    """Embedding, `make_layer(i)` for each decoder layer i (a module called as `layer(hidden,
+    residual, rope, kv_cache, meta) -> (hidden, residual)`), the final norm and the rotary table."""
+
+    def __init__(self, config: Any, make_layer: Callable[[int], nn.Module]) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, qkv_bias, qk_norm) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(make_layer(i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         theta, scaling = rope_parameters(config)
         # One table for all layers (a 128k-position table is 64 MB).
-        self.rotary_emb = RotaryEmbedding(head_dim_of(config), config.max_position_embeddings, theta, scaling)
+        self.rotary_emb = RotaryEmbedding(rotary_dim_of(config), config.max_position_embeddings, theta, scaling)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -95,9 +120,12 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Llama 2/3, SmolLM and Mistral (and, through two switches, Qwen2 and Qwen3)."""
+    """Llama 2/3, SmolLM and Mistral (and, through two switches, Qwen2 and Qwen3). Families with
+    other decoder layers (mixtures of experts) subclass it and override `decoder_layer`."""
 
     qkv_bias_default = False
+    # HF's Llama and Qwen3 put `attention_bias` on o_proj too; Qwen2 biases only q, k and v.
+    o_bias_with_qkv = True
     qk_norm = False
 
     # HF name fragment -> (merged parameter fragment, shard id)
@@ -114,10 +142,18 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, getattr(config, "attention_bias", self.qkv_bias_default), self.qk_norm)
+        self.model = LlamaModel(config, lambda index: self.decoder_layer(config, index))
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
                                       tied_to=self.model.embed_tokens if self.tie_word_embeddings else None)
+
+    def decoder_layer(self, config: Any, index: int) -> nn.Module:
+        """Decoder layer `index` of the model; Mistral's window covers every layer, Qwen2/3's the
+        layers their layer_types name."""
+        qkv_bias = bool(getattr(config, "attention_bias", self.qkv_bias_default))
+        window = attention_layout(config, config.architectures[0]).window(index)
+        return LlamaDecoderLayer(config, qkv_bias, self.qk_norm, o_bias=qkv_bias and self.o_bias_with_qkv,
+                                 sliding_window=window)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -133,6 +169,7 @@ class LlamaForCausalLM(nn.Module):
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
     qkv_bias_default = True
+    o_bias_with_qkv = False
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):

@@ -1,6 +1,6 @@
-"""Runs last (file order): kills the session server's engine-core process mid-stream.
+"""Kills a server's engine-core process mid-stream (a server of its own: the session's stays up).
 
-RELIABILITY.md item 20: `/health` 503, the in-flight stream ends with an error chunk (never a fake
+docs/reliability.md item 20: `/health` 503, the in-flight stream ends with an error chunk (never a fake
 `finish_reason: stop`), and the server exits non-zero so a supervisor restarts it.
 """
 
@@ -15,7 +15,8 @@ import time
 import httpx
 
 
-def test_engine_death_is_reported_and_the_server_exits_nonzero(server):
+def test_engine_death_is_reported_and_the_server_exits_nonzero(own_server):
+    server = own_server
     core_pid = int(re.search(r"engine core ready \(pid (\d+)\)", server.log()).group(1))
     body = {"messages": [{"role": "user", "content": "Count to a thousand."}], "max_tokens": 400,
             "ignore_eos": True, "stream": True}

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from tokenmill.config.gguf_metadata import CorruptModelError, gguf_field, gguf_reader
+from tokenmill.config.gguf_metadata import LINEAR_TENSOR_PARTS, CorruptModelError, gguf_field, gguf_reader
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -43,8 +43,11 @@ def _unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def iter_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield `(hf_name, float32 tensor)` for every tensor in the file."""
+def iter_gguf_weights(path: str, hf_config: Any, keep_quantized: str | None = None
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(hf_name, float32 tensor)` for every tensor in the file. `keep_quantized`: a block
+    type ("Q4_1", ...) whose linear-layer weights are yielded as their GGUF blocks instead (uint8
+    `[out, blocks, block bytes]`, Q/K rows un-permuted like the floats), for `GgufLinearMethod`."""
     import gguf
 
     reader = gguf_reader(path)
@@ -57,6 +60,12 @@ def iter_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch.Te
                 continue  # e.g. rope_freqs: recomputed from the config
             layer, part, kind = match.groups()
             name = f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+            if keep_quantized is not None and part in LINEAR_TENSOR_PARTS and kind == "weight":
+                if tensor.tensor_type.name != keep_quantized:
+                    raise CorruptModelError(f"{path}: tensor {tensor.name} is {tensor.tensor_type.name}, "
+                                            f"not {keep_quantized} like the other linear weights")
+                yield name, _quantized_rows(tensor, name, arch, hf_config)
+                continue
         try:
             data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         except Exception as exc:
@@ -71,3 +80,19 @@ def iter_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch.Te
         if not data.flags.writeable:  # F32 tensors come straight from the read-only memory map
             data = data.copy()
         yield name, torch.from_numpy(np.ascontiguousarray(data))
+
+
+def _quantized_rows(tensor: Any, name: str, arch: str, hf_config: Any) -> torch.Tensor:
+    """A quantised tensor's GGUF blocks (uint8 `[out, blocks, block bytes]`; a row is whole blocks,
+    so the Q/K row permutation applies to them as to float rows)."""
+    import gguf
+
+    _, block_bytes = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
+    data = np.asarray(tensor.data, dtype=np.uint8)
+    data = data.reshape(int(tensor.shape[-1]) if len(tensor.shape) > 1 else 1, -1, block_bytes)
+    if arch in ("llama", "mistral") and name.endswith(("q_proj.weight", "k_proj.weight")):
+        heads = hf_config.num_attention_heads if "q_proj" in name else hf_config.num_key_value_heads
+        data = _unpermute(data, heads)
+    if not data.flags.writeable:  # straight from the read-only memory map
+        data = data.copy()
+    return torch.from_numpy(np.ascontiguousarray(data))

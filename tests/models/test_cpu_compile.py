@@ -1,0 +1,62 @@
+"""`cpu_compile`: the inductor-compiled CPU forward (`worker/cpu_compile.py`) against HF
+transformers on a tiny random Llama, through batch-1 decode, batched decode and prefill (its two
+graphs), and the refusals of settings it cannot honour."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from tokenmill import LLM, SamplingParams
+
+PROMPTS = [[(7 * i + 3) % 160 for i in range(23)], [(5 * i + 1) % 160 for i in range(9)]]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    config = AutoConfig.for_model("llama", vocab_size=160, hidden_size=64, intermediate_size=96,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    return str(folder), model
+
+
+def _hf_greedy(model, prompt, n):
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_compiled_cpu_forward_matches_hf(tiny_llama):
+    folder, hf_model = tiny_llama
+    llm = LLM(folder, dtype="float32", cpu_compile=True, block_size=4, max_model_len=128,
+              kv_cache_memory=16 << 20)
+    try:
+        runner = llm.engine.core.executor.driver_worker.runner
+        assert type(runner._forward).__name__ == "CompiledCpuForward"
+        assert llm.engine.config.kernels.attention_backend == "cpu"
+        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        together = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+        alone = llm.generate(PROMPTS[:1], params, use_tqdm=False)[0].outputs[0].token_ids
+    finally:
+        llm.shutdown()
+    expected = [_hf_greedy(hf_model, p, 8) for p in PROMPTS]
+    assert together == expected
+    assert alone == expected[0]
+
+
+def test_cpu_compile_refused_where_it_cannot_apply():
+    from tokenmill.config import EngineArgs
+
+    with pytest.raises(ValueError, match="cpu_compile"):
+        EngineArgs(cpu_compile=True, tensor_parallel_size=2, device="cpu").create_engine_config()
+    with pytest.raises(ValueError, match="cpu_compile"):
+        EngineArgs(cpu_compile=True, attention_backend="torch_native", device="cpu").create_engine_config()
+    with pytest.raises(ValueError, match="enforce_eager"):
+        EngineArgs(cpu_compile=True, enforce_eager=True, device="cpu").create_engine_config()

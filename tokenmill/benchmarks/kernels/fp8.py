@@ -1,0 +1,152 @@
+"""fp8 linear kernels against cuBLAS, on Llama-3.1-8B's matrices (one H100/H200).
+
+    python3 -m tokenmill.benchmarks.kernels.fp8 [gemm] [gemv] [--sweep] [--output-json fp8.json]
+
+gemm: prefill shapes (M tokens x each weight), TFLOP/s of
+  - `bf16`: cuBLAS `F.linear` on bf16 weights (what an unquantised model runs),
+  - `scaled_mm`: cuBLAS's fp8 GEMM (`torch._scaled_mm`, per-tensor scales): the fp8 peak to beat,
+  - `scaled_mm_rowwise`: the same with per-token x per-channel scales (what online fp8 computes),
+  - `block_gemm`: ours with 128x128 block scales (`ops/fp8_gemm.fp8_gemm`, activations already
+    quantised), and `block_linear`: with the activation quantisation pass (`fp8_linear`),
+  - `channel_linear`: ours with channel scales, quantisation pass included.
+  `--sweep` also times other tile configurations of the block GEMM per shape (best three printed).
+gemv: batch-1 decode over the whole weight set (`--layers` x QKV, O, gate/up, down with its fused
+  SiLU-and-mul), each as one CUDA graph: the bf16 Triton GEMV against the fp8 one (block scales and
+  channel scales); ms per token and GB/s of weights read, beside the device's copy rate measured in
+  the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.testing
+
+from tokenmill.benchmarks.kernels.copy_bandwidth import copy_rate
+from tokenmill.benchmarks.kernels.gemv import SHAPES, graph_ms
+from tokenmill.ops.fp8_format import quantize_weight_blocks, quantize_weight_per_channel
+from tokenmill.ops.fp8_gemm import GemmConfig, fp8_gemm, fp8_linear, gemm_config
+from tokenmill.ops.fp8_gemv import fp8_gemv
+from tokenmill.ops.fp8_quant import per_token_group_quant
+from tokenmill.ops.gemv import gemv
+
+BLOCK = (128, 128)
+PREFILL_SHAPES = {name: SHAPES[name] for name in ("qkv", "o", "gate_up", "down")}
+SWEEP = [GemmConfig(bm, bn, 8, w, s) for bm in (64, 128) for bn in (64, 128, 256) for w in (4, 8) for s in (3, 4)
+         if not (bm == 128 and bn == 256 and s == 4)]
+
+
+def _tflops(m: int, n: int, k: int, ms: float) -> float:
+    return 2 * m * n * k / ms / 1e9
+
+
+def bench_gemm(ms_list: list[int], sweep: bool) -> list[dict]:
+    rows = []
+    for m in ms_list:
+        for name, (n, k) in PREFILL_SHAPES.items():
+            torch.manual_seed(0)
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            w_blk, s_blk = quantize_weight_blocks(w, BLOCK)
+            w_ch, s_ch = quantize_weight_per_channel(w)
+            x_q, x_s = per_token_group_quant(x, BLOCK[1])
+            x_qt, x_st = per_token_group_quant(x, k)
+            one = torch.ones((), device="cuda")
+            w_t = w_blk.t()  # column-major, as cuBLAS's fp8 GEMM wants its second operand
+            cases = {
+                "bf16": lambda: F.linear(x, w),
+                "scaled_mm": lambda: torch._scaled_mm(x_q, w_t, scale_a=one, scale_b=one, out_dtype=torch.bfloat16),
+                "scaled_mm_rowwise": lambda: torch._scaled_mm(x_qt, w_ch.t(), scale_a=x_st, scale_b=s_ch.view(1, n),
+                                                              out_dtype=torch.bfloat16),
+                "block_gemm": lambda: fp8_gemm(x_q, x_s, w_blk, s_blk, BLOCK, torch.bfloat16),
+                "block_linear": lambda: fp8_linear(x, w_blk, s_blk, BLOCK),
+                "channel_linear": lambda: fp8_linear(x, w_ch, s_ch, None),
+            }
+            row = {"m": m, "shape": name, "n": n, "k": k}
+            for case, fn in cases.items():
+                try:
+                    row[case] = _tflops(m, n, k, triton.testing.do_bench(fn))
+                except RuntimeError as exc:  # e.g. a cuBLAS without row-wise fp8 scaling
+                    row[case] = None
+                    print(f"  {case} failed: {str(exc).splitlines()[0]}")
+            row["block_gemm_vs_scaled_mm"] = row["block_gemm"] / row["scaled_mm"] if row["scaled_mm"] else None
+            if sweep:
+                timed = []
+                for config in SWEEP:
+                    ms = triton.testing.do_bench(
+                        lambda c=config: fp8_gemm(x_q, x_s, w_blk, s_blk, BLOCK, torch.bfloat16, config=c))
+                    timed.append((_tflops(m, n, k, ms), config))
+                timed.sort(key=lambda t: -t[0])
+                row["sweep_best"] = [{"tflops": t, "config": c._asdict()} for t, c in timed[:3]]
+                row["heuristic"] = gemm_config(m, n, k)._asdict()
+            rows.append(row)
+            fmt = lambda v: f"{v:6.0f}" if v else "   n/a"  # noqa: E731
+            print(f"M={m:5d} {name:8s} {n:5d}x{k:5d}: bf16 {fmt(row['bf16'])} | scaled_mm {fmt(row['scaled_mm'])} "
+                  f"rowwise {fmt(row['scaled_mm_rowwise'])} | block gemm {fmt(row['block_gemm'])} "
+                  f"+quant {fmt(row['block_linear'])} | channel+quant {fmt(row['channel_linear'])} TFLOP/s"
+                  + (f" | sweep best {timed[0][0]:.0f} {tuple(timed[0][1])}" if sweep else ""))
+            del w, w_blk, w_ch, w_t
+            torch.cuda.empty_cache()
+    return rows
+
+
+def bench_gemv(layers: int) -> dict:
+    """ms per decode token over the layer weight set, each kernel in one CUDA graph."""
+    shapes = [PREFILL_SHAPES[name] for name in ("qkv", "o", "gate_up", "down")]
+    silu = [False, False, False, True]
+    torch.manual_seed(0)
+    bf16, blocks, channels, xs = [], [], [], []
+    for _ in range(layers):
+        for (n, k), fused in zip(shapes, silu):
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+            bf16.append(w)
+            blocks.append(quantize_weight_blocks(w, BLOCK))
+            channels.append(quantize_weight_per_channel(w))
+            # (input row, whether it is the down projection's [gate | up] with the fused SiLU-and-mul)
+            xs.append((torch.randn(1, 2 * k if fused else k, device="cuda", dtype=torch.bfloat16), fused))
+    result = {"layers": layers, "copy_gb_per_s": copy_rate(torch.cuda.current_device(), 4.0)}
+    runs = {
+        "bf16_gemv": (bf16, lambda x, w: gemv(x[0], w, silu_mul=x[1])),
+        "fp8_block_gemv": (blocks, lambda x, w: fp8_gemv(x[0], w[0], w[1], BLOCK, silu_mul=x[1])),
+        "fp8_channel_gemv": (channels, lambda x, w: fp8_gemv(x[0], w[0], w[1], None, silu_mul=x[1])),
+    }
+    for name, (weights, fn) in runs.items():
+        nbytes = sum(w.numel() * w.element_size() if isinstance(w, torch.Tensor)
+                     else w[0].numel() + w[1].numel() * 4 for w in weights)
+        ms = graph_ms(fn, weights, xs)
+        result[name] = {"ms": ms, "gb": nbytes / 1e9, "gb_per_s": nbytes / ms / 1e6}
+        print(f"{name:17s}: {ms:7.3f} ms for {nbytes / 1e9:5.2f} GB = {nbytes / ms / 1e6:6.0f} GB/s "
+              f"({nbytes / ms / 1e6 / result['copy_gb_per_s'] * 100:.0f}% of the copy rate "
+              f"{result['copy_gb_per_s']:.0f} GB/s)")
+    result["fp8_block_vs_bf16_time"] = result["fp8_block_gemv"]["ms"] / result["bf16_gemv"]["ms"]
+    result["fp8_channel_vs_bf16_time"] = result["fp8_channel_gemv"]["ms"] / result["bf16_gemv"]["ms"]
+    print(f"fp8 GEMV time / bf16 GEMV time: block {result['fp8_block_vs_bf16_time']:.2f}x, "
+          f"channel {result['fp8_channel_vs_bf16_time']:.2f}x")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("parts", nargs="*", default=["gemm", "gemv"], choices=["gemm", "gemv"])
+    parser.add_argument("--m", type=int, nargs="+", default=[512, 2048, 8192], help="prefill token counts")
+    parser.add_argument("--sweep", action="store_true", help="also time other block-GEMM tile configurations")
+    parser.add_argument("--layers", type=int, default=32, help="decoder layers in the GEMV weight set")
+    parser.add_argument("--output-json", default=None)
+    args = parser.parse_args()
+    print(f"device: {torch.cuda.get_device_name()}")
+    result = {"device": torch.cuda.get_device_name()}
+    if "gemm" in args.parts:
+        result["gemm"] = bench_gemm(args.m, args.sweep)
+    if "gemv" in args.parts:
+        result["gemv"] = bench_gemv(args.layers)
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""The fused MoE kernels (`ops/fused_moe.py`) against the device's own limits, measured in the same run.
+
+    python3 -m tokenmill.benchmarks.kernels.fused_moe [--shapes qwen3-30b-a3b,mixtral-8x7b,minimax-m2]
+        [--sweep [--sweep-shapes qwen3-30b-a3b]] [--output-json moe.json] [--tuned-out fused_moe_tuned.py]
+
+For each model's expert shape (one layer's routed experts at TP=1), at decode token counts the
+achieved bandwidth (bytes of the experts actually chosen + activations, over the time) beside the
+device copy rate, and at prefill token counts the achieved TFLOP/s beside the bf16 matmul peak
+(a large cuBLAS GEMM). Routing is uniform random, like dummy weights give. Every time is a CUDA
+graph of back-to-back calls over several layers' weights (more bytes than L2 holds), as the
+engine's decode graphs run them; the best of several replays.
+
+`--sweep` times every candidate launch configuration at each token count and shape, prints the
+best beside the heuristic's, and writes the winners as `ops/fused_moe_configs.TUNED` entries
+(`--tuned-out`) to paste into that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from tokenmill.benchmarks.kernels.copy_bandwidth import copy_rate
+from tokenmill.ops.fused_moe import fused_experts
+from tokenmill.ops.fused_moe_configs import GEMV_MAX_TOKENS, MoeKernelConfig, default_config
+
+# name: (experts, hidden, intermediate, top_k), one layer at TP=1 (the shipped shapes' values)
+SHAPES = {"qwen3-30b-a3b": (128, 2048, 768, 8), "mixtral-8x7b": (8, 4096, 14336, 2),
+          "minimax-m2": (256, 3072, 1536, 8)}
+DECODE_TOKENS = (1, 2, 4, 8, 16, 64, 128)
+PREFILL_TOKENS = (512, 2048, 8192)
+LAYERS_BYTES = 16 << 30  # several layers' experts per shape, cycled so that L2 (tens of MB) holds none
+
+
+def matmul_peak_tflops(dtype=torch.bfloat16, n: int = 8192) -> float:
+    a = torch.randn(n, n, dtype=dtype, device="cuda")
+    b = torch.randn(n, n, dtype=dtype, device="cuda")
+    return 2 * n ** 3 / graph_seconds([lambda: torch.matmul(a, b)]) / 1e12
+
+
+def graph_seconds(calls: list, replays: int = 10) -> float:
+    """Best replay time of one CUDA graph running every call once, in seconds."""
+    for call in calls:
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    best = float("inf")
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1000)
+    return best
+
+
+class Layers:
+    """`count` layers' expert weights of one shape (distinct memory each), and one step's inputs."""
+
+    def __init__(self, experts: int, hidden: int, inter: int, top_k: int, count: int, dtype=torch.bfloat16):
+        self.top_k, self.experts, self.hidden = top_k, experts, hidden
+        scale = 0.02
+        self.w13 = [torch.randn(experts, 2 * inter, hidden, dtype=dtype, device="cuda") * scale for _ in range(count)]
+        self.w2 = [torch.randn(experts, hidden, inter, dtype=dtype, device="cuda") * scale for _ in range(count)]
+        self.expert_bytes = 3 * hidden * inter * torch.empty((), dtype=dtype).element_size()
+        self.dtype = dtype
+
+    def inputs(self, tokens: int, seed: int):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        x = torch.randn(tokens, self.hidden, dtype=self.dtype, device="cuda", generator=g)
+        scores = torch.rand(tokens, self.experts, device="cuda", generator=g)
+        weights, ids = scores.topk(self.top_k, dim=-1)
+        return x, weights.float().contiguous(), ids.to(torch.int32).contiguous()
+
+    def time(self, tokens: int, config: MoeKernelConfig | None = None, path: str = "auto") -> tuple[float, int]:
+        """Seconds per layer call, and the distinct experts one call reads (averaged over layers)."""
+        inputs = [self.inputs(tokens, seed) for seed in range(len(self.w13))]
+        calls = [lambda w13=w13, w2=w2, inp=inp: fused_experts(inp[0], w13, w2, inp[1], inp[2], config=config,
+                                                               path=path)
+                 for w13, w2, inp in zip(self.w13, self.w2, inputs)]
+        seconds = graph_seconds(calls) / len(calls)
+        distinct = sum(torch.unique(inp[2]).numel() for inp in inputs) / len(inputs)
+        return seconds, distinct
+
+
+def layers_for(shape: tuple[int, int, int, int]) -> Layers:
+    experts, hidden, inter, top_k = shape
+    layer_bytes = 3 * experts * hidden * inter * 2
+    return Layers(experts, hidden, inter, top_k, count=max(2, min(8, LAYERS_BYTES // layer_bytes)))
+
+
+def measure_shape(name: str, layers: Layers, copy_gb_s: float, peak_tflops: float) -> list[dict]:
+    rows = []
+    inter = layers.w2[0].shape[2]
+    for tokens in DECODE_TOKENS + PREFILL_TOKENS:
+        seconds, distinct = layers.time(tokens)
+        bytes_read = distinct * layers.expert_bytes + 2 * tokens * layers.hidden * 2 * (1 + layers.top_k)
+        flops = 2 * tokens * layers.top_k * 3 * layers.hidden * inter
+        row = {"shape": name, "tokens": tokens, "us": seconds * 1e6, "experts_read": distinct,
+               "tb_s": bytes_read / seconds / 1e12, "tflops": flops / seconds / 1e12,
+               "config": list(default_config(tokens, layers.experts, layers.top_k, 2))}
+        row["of_copy_rate"] = row["tb_s"] * 1e3 / copy_gb_s
+        row["of_matmul_peak"] = row["tflops"] / peak_tflops
+        rows.append(row)
+        kind = "decode " if tokens in DECODE_TOKENS else "prefill"
+        row["path"] = "gemv" if tokens <= GEMV_MAX_TOKENS else "grouped"
+        print(f"  {name:14s} {kind} T={tokens:5d}: {row['us']:8.1f} us  {row['tb_s']:5.2f} TB/s "
+              f"({row['of_copy_rate']:4.0%} of copy)  {row['tflops']:6.1f} TFLOP/s "
+              f"({row['of_matmul_peak']:4.0%} of peak)  experts read {distinct:.0f}  [{row['path']}]")
+        if tokens <= 2 * GEMV_MAX_TOKENS:  # where the two paths cross: both, for GEMV_MAX_TOKENS
+            other = "grouped" if row["path"] == "gemv" else "gemv"
+            row[f"us_{other}"] = layers.time(tokens, path=other)[0] * 1e6
+            print(f"  {'':14s}         T={tokens:5d}: {row[f'us_{other}']:8.1f} us  [{other}]")
+    return rows
+
+
+# (block_n, block_k, warps, stages) tried at each row-block size: a small space, so the sweep's
+# compiles (two kernels per configuration) stay within a couple of minutes.
+_FEW_ROWS = ((32, 128, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (64, 256, 4, 2), (128, 64, 4, 3),
+             (128, 128, 4, 3), (32, 256, 4, 3), (64, 128, 8, 3))
+_MANY_ROWS = ((64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (256, 64, 8, 3), (128, 128, 8, 3))
+
+
+def candidate_configs(tokens: int) -> list[MoeKernelConfig]:
+    """The sweep's space at a token count: short row blocks for decode, large tiles for prefill."""
+    if tokens <= 16:
+        shapes = [(16, t) for t in _FEW_ROWS]
+    elif tokens <= 128:
+        shapes = [(bm, t) for bm in (16, 32) for t in _FEW_ROWS]
+    else:
+        shapes = [(bm, t) for bm in (64, 128) for t in _MANY_ROWS]
+    return [MoeKernelConfig(bm, bn, bk, 1 if bm == 16 else 8, warps, stages) for bm, (bn, bk, warps, stages) in shapes]
+
+
+def sweep_shape(name: str, layers: Layers) -> dict[int, MoeKernelConfig]:
+    inter = layers.w2[0].shape[2]
+    best_by_tokens = {}
+    for tokens in DECODE_TOKENS + PREFILL_TOKENS:
+        timed = []
+        for config in candidate_configs(tokens):
+            try:
+                timed.append((layers.time(tokens, config, path="grouped")[0], config))
+            except Exception as exc:  # noqa: BLE001 - a config past the device's limits: skip it
+                print(f"    skip {config}: {type(exc).__name__}")
+        timed.sort(key=lambda t: t[0])
+        heuristic = layers.time(tokens, path="grouped")[0]
+        best_by_tokens[tokens] = timed[0][1]
+        print(f"  sweep {name} T={tokens}: best {timed[0][0] * 1e6:.1f} us {tuple(timed[0][1])}, "
+              f"heuristic {heuristic * 1e6:.1f} us ({heuristic / timed[0][0]:.2f}x the best)")
+    key = (layers.experts, layers.hidden, inter, 2)
+    return {key: best_by_tokens}
+
+
+def tuned_source(device_name: str, tables: dict) -> str:
+    lines = [f"# {device_name}: python -m tokenmill.benchmarks.kernels.fused_moe --sweep", f"{device_name!r}: {{"]
+    for key, by_tokens in tables.items():
+        lines.append(f"    {key}: {{")
+        lines += [f"        {t}: MoeKernelConfig{tuple(c)}," for t, c in sorted(by_tokens.items())]
+        lines.append("    },")
+    lines.append("},")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--sweep-shapes", default=None, help="shapes to sweep (default: every measured one)")
+    parser.add_argument("--output-json", default=None)
+    parser.add_argument("--tuned-out", default="fused_moe_tuned.py")
+    args = parser.parse_args()
+    device_name = torch.cuda.get_device_name()
+    copy_gb_s = copy_rate(torch.cuda.current_device(), 2.0)
+    peak = matmul_peak_tflops()
+    print(f"{device_name}: copy {copy_gb_s:.0f} GB/s, bf16 matmul peak {peak:.0f} TFLOP/s (cuBLAS 8192^3)")
+    result = {"device": device_name, "copy_gb_per_s": copy_gb_s, "matmul_tflops": peak, "rows": [], "tuned": {}}
+    tables = {}
+    for name in args.shapes.split(","):
+        layers = layers_for(SHAPES[name])
+        result["rows"] += measure_shape(name, layers, copy_gb_s, peak)
+        if args.sweep and name in (args.sweep_shapes or args.shapes).split(","):
+            tables.update(sweep_shape(name, layers))
+        del layers
+        torch.cuda.empty_cache()
+    if args.sweep:
+        source = tuned_source(device_name, tables)
+        with open(args.tuned_out, "w") as f:
+            f.write(source)
+        result["tuned"] = {str(k): {t: list(c) for t, c in v.items()} for k, v in tables.items()}
+        print(f"tuned entries written to {args.tuned_out} (paste into ops/fused_moe_configs.TUNED)")
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

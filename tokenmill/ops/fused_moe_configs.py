@@ -1,0 +1,64 @@
+"""Launch configurations of the fused MoE kernels (`fused_moe.py`): measured ones per GPU and
+expert shape where the sweep has run, a heuristic elsewhere.
+
+A configuration serves both grouped GEMMs of one layer call (they share the alignment, hence
+`block_m`). Measured tables come from `python -m tokenmill.benchmarks.kernels.fused_moe --sweep`
+(every candidate timed in a CUDA graph at each batch size; it writes the entries to paste into
+`TUNED`). Keys: the device name, then (local experts, hidden size, per-rank intermediate size,
+element bytes), then the token count the entry was measured at; a call uses the entry measured at
+the nearest token count.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+
+
+class MoeKernelConfig(NamedTuple):
+    block_m: int  # rows (token-expert entries) per program; also the alignment's block
+    block_n: int
+    block_k: int
+    group_m: int  # row blocks walked together (L2 reuse of the expert weights)
+    num_warps: int
+    num_stages: int
+
+
+# Up to this many tokens the routed experts run token by token (`fused_moe_gemv.py`): two launches
+# instead of five, at the cost of reading an expert twice when two tokens share it (at 4 tokens,
+# top-8 of 128 experts: ~1.1x the bytes). The micro-benchmark prints both paths at decode sizes.
+GEMV_MAX_TOKENS = 4
+
+# device name -> (E_local, H, I_local, element bytes) -> tokens -> config
+TUNED: dict[str, dict[tuple[int, int, int, int], dict[int, MoeKernelConfig]]] = {}
+
+
+def default_config(num_tokens: int, num_local_experts: int, top_k: int, element_bytes: int) -> MoeKernelConfig:
+    """The heuristic: while an expert gets few rows (decode), 16-row blocks over wide K slices
+    (the weight stream dominates); with many, 64x128 tiles grouped for L2 reuse. Two regimes
+    only, so a serving engine compiles few variants. Float32 halves the K slice and the pipeline
+    depth to stay within shared memory."""
+    wide = element_bytes <= 2
+    rows_per_expert = num_tokens * top_k / max(num_local_experts, 1)
+    if num_tokens <= 32 or rows_per_expert <= 16:
+        return MoeKernelConfig(16, 64, 128 if wide else 32, 1, 4, 3 if wide else 2)
+    return MoeKernelConfig(64, 128, 64 if wide else 32, 8, 8 if wide else 4, 3 if wide else 2)
+
+
+@functools.lru_cache(maxsize=8)
+def _device_table(device_index: int) -> dict:
+    return TUNED.get(torch.cuda.get_device_name(device_index), {})
+
+
+def moe_config(num_tokens: int, num_local_experts: int, top_k: int, hidden_size: int, intermediate_per_rank: int,
+               dtype: torch.dtype, device: torch.device) -> MoeKernelConfig:
+    """The configuration for a call with `num_tokens` tokens on this layer shape and device."""
+    element_bytes = torch.empty((), dtype=dtype).element_size()
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        by_tokens = _device_table(index).get((num_local_experts, hidden_size, intermediate_per_rank, element_bytes))
+        if by_tokens:
+            return by_tokens[min(by_tokens, key=lambda measured: abs(measured - num_tokens))]
+    return default_config(num_tokens, num_local_experts, top_k, element_bytes)

@@ -1,0 +1,53 @@
+"""The CPU forward pass compiled by inductor (`--cpu-compile`): on the CPU it plays the part CUDA
+graphs play on the GPU, removing the per-op cost of thousands of small eager ops per step.
+
+The whole model forward is one graph; each attention layer is one opaque op in it
+(`torch.ops.tokenmill.cpu_paged_attention`, `model/attention/cpu.py`), so nothing in the graph
+depends on the step's lengths but the tensor sizes. Sizes are symbolic: the token count is a
+dynamic dimension, and the request count is unbacked (only the attention op reads it, and the
+compiler never specialises on it). A graph is compiled for one-token steps (batch-1 decode) and
+one for every other size, both at start-up (`warm_up`), so no served step compiles. Weights are
+frozen into the graph (inductor packs each linear's for oneDNN); start-up therefore compiles for
+minutes on a 2-core machine every time: with frozen weights inductor's on-disk cache did not
+shorten a second start-up in our measurement (docs/perf-cpu.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+
+from tokenmill.model.attention.backend import AttentionMetadata, KVCache
+
+logger = logging.getLogger(__name__)
+
+
+class CompiledCpuForward:
+    """`model(input_ids, positions, kv_caches, meta)`, compiled on first use of each graph."""
+
+    def __init__(self, model: nn.Module, max_tokens: int) -> None:
+        self.max_tokens = max(max_tokens, 3)
+        # Weights are constants of the graph: inductor folds them and packs each linear's weight
+        # for oneDNN once, at compile time.
+        torch._inductor.config.freezing = True
+        self._compiled = torch.compile(model, dynamic=False, fullgraph=True)
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
+                 meta: AttentionMetadata) -> torch.Tensor:
+        if input_ids.shape[0] > 1:
+            for per_token in (input_ids, positions, meta.slot_mapping):
+                torch._dynamo.mark_dynamic(per_token, 0, min=2, max=self.max_tokens)
+        for per_request in (meta.seq_lens, meta.block_table, meta.query_start_loc):
+            torch._dynamo.decorators.mark_unbacked(per_request, 0)
+        return self._compiled(input_ids, positions, kv_caches, meta)
+
+    def warm_up(self, run_step) -> None:
+        """Compile both graphs now: `run_step(num_tokens)` runs one step of that many tokens."""
+        for num_tokens in (1, 2):
+            start = time.perf_counter()
+            run_step(num_tokens)
+            logger.info("compiled the CPU forward for %s-token steps in %.1f s",
+                        "one" if num_tokens == 1 else "multi", time.perf_counter() - start)
