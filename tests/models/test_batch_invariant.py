@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from tokenmill import LLM, SamplingParams
+from tokenmill.config import EngineArgs
 
 CONFIG = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2, rms_norm_eps=1e-6)
@@ -75,15 +76,34 @@ def test_tensor_parallel_tokens_do_not_depend_on_the_batch(tiny):
 
 
 def test_refused_combinations(tiny, tmp_path):
+    """What batch-invariant mode has no invariant form of is refused at start, the reason named:
+    mixture-of-experts, latent (MLA) and linear-attention models, sliding windows, quantised
+    weights, the compiled CPU forward, more than two ranks, another attention backend."""
     folder, _ = tiny
-    from transformers import MixtralConfig
-    MixtralConfig(architectures=["MixtralForCausalLM"], num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=64).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="not implemented for MixtralForCausalLM"):
-        LLM(str(tmp_path), load_format="dummy", batch_invariant=True)
-    with pytest.raises(ValueError, match="tensor_parallel_size up to 2"):
-        LLM(folder, batch_invariant=True, tensor_parallel_size=3)
-    with pytest.raises(ValueError, match="cannot be combined"):
-        LLM(folder, batch_invariant=True, attention_backend="torch_native")
+    from transformers import DeepseekV3Config, MiniMaxConfig, MistralConfig, MixtralConfig, Qwen3MoeConfig
+
+    small = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=64)
+    refused = {
+        "MixtralForCausalLM": (MixtralConfig, {}, "form of its mixture-of-experts layers"),
+        "Qwen3MoeForCausalLM": (Qwen3MoeConfig, dict(moe_intermediate_size=16), "form of its mixture-of-experts layers"),
+        "DeepseekV3ForCausalLM": (DeepseekV3Config, dict(kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8,
+                                                         qk_rope_head_dim=8, v_head_dim=8), "latent attention \\(MLA\\)"),
+        "MiniMaxForCausalLM": (MiniMaxConfig, dict(layer_types=["linear_attention", "full_attention"]),
+                               "mixture-of-experts and linear-attention layers"),
+        "MistralForCausalLM": (MistralConfig, dict(sliding_window=16), "sliding-window"),
+    }
+    for architecture, (config_class, extra, reason) in refused.items():
+        path = tmp_path / architecture
+        config_class(architectures=[architecture], **small, **extra).save_pretrained(path)
+        with pytest.raises(ValueError, match=f"batch_invariant .*{reason}"):
+            EngineArgs(model=str(path), load_format="dummy", batch_invariant=True).create_engine_config()
+    for args, reason in [(dict(model=folder, quantization="fp8"), "quantization='fp8'"),
+                         (dict(quantization="gguf"), "quantization='gguf'"),  # (the embedded GGUF)
+                         (dict(model=folder, cpu_compile=True), "cpu_compile"),
+                         (dict(model=folder, tensor_parallel_size=3), "tensor_parallel_size up to 2"),
+                         (dict(model=folder, attention_backend="torch_native"), "cannot be combined")]:
+        with pytest.raises(ValueError, match=reason):
+            EngineArgs(batch_invariant=True, device="cpu", **args).create_engine_config()
     with pytest.raises(ValueError, match="set batch_invariant"):
         LLM(folder, attention_backend="batch_invariant")

@@ -65,3 +65,31 @@ def test_preempt_all_requeues_running_requests_in_order():
 def _request(rid):
     from test_scheduler import make_request as scheduler_request
     return scheduler_request(rid, 10, max_tokens=5)
+
+
+def test_reset_drops_state_checkpoints_and_running_requests_take_none():
+    """Hybrid models: a state checkpoint stored before the reset is never restored, and a request
+    running across the reset (its state mixes old and new weights) stores no checkpoint after it;
+    one that starts afterwards does."""
+    from test_state_cache import make, request
+
+    sched = make(8, budget=24)
+    doc = list(range(100, 164))  # boundaries at 16, 32, 48
+    runner = FakeRunner(sched)
+    sched.add_request(request("a", doc[:20], max_tokens=1))
+    step(sched, runner)
+    step(sched, runner)  # a's checkpoint at 16 is written and published
+    sched.add_request(request("long", doc + [1], max_tokens=1))
+    out = sched.schedule()  # first chunk of 24 tokens: hits a's checkpoint at 16
+    assert {n.request_id: n.num_computed_tokens for n in out.new_requests} == {"long": 16}
+    sched.update(out, runner.execute(out))
+    sched.kv.reset_prefix_cache()
+    assert sched.kv.states.pool.cached == {}
+    while sched.has_unfinished_requests():  # its later chunks cross 32 and 48: no checkpoint taken
+        out, _ = step(sched, runner)
+        assert "long" not in out.state_checkpoints
+    sched.add_request(request("fresh", doc[:40] + [2], max_tokens=1))
+    out = sched.schedule()
+    assert out.new_requests[0].num_computed_tokens == 0  # nothing from before the reset
+    assert out.state_checkpoints["fresh"]  # a request started after the reset checkpoints again
+    sched.kv.states.pool.check_invariants()

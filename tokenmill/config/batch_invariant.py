@@ -5,19 +5,27 @@ refused with the reason, never run with batch-dependent kernels behind the flag'
 
 from __future__ import annotations
 
+from typing import Any
+
 from tokenmill.config.attention_layout import AttentionLayout
 
 # Model families whose every layer has a batch-invariant form; others are refused.
 BATCH_INVARIANT_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# The HF config fields that give a family's routed-expert count.
+_EXPERT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 
-def check_batch_invariant(architecture: str, layout: AttentionLayout, attention_backend: str | None,
+def check_batch_invariant(architecture: str, hf_config: Any, layout: AttentionLayout, attention_backend: str | None,
                           quantization: str | None, cpu_compile: bool, tensor_parallel_size: int) -> None:
     """Raise ValueError naming what batch-invariant mode cannot honour. `attention_backend`: the
     one asked for (None: the default); `quantization`: the method the weights would run with."""
     if architecture not in BATCH_INVARIANT_ARCHITECTURES:
-        raise ValueError(f"batch_invariant is not implemented for {architecture}: it has no batch-invariant "
-                         f"mixture-of-experts, latent (MLA) or linear-attention layers (supported: "
+        layers = [what for what, present in (
+            ("mixture-of-experts", any(getattr(hf_config, f, None) for f in _EXPERT_FIELDS)),
+            ("latent attention (MLA)", getattr(hf_config, "kv_lora_rank", None)),
+            ("linear-attention", layout.is_hybrid)) if present]
+        raise ValueError(f"batch_invariant is not implemented for {architecture}: there is no batch-invariant "
+                         f"form of its {' and '.join(layers) + ' layers' if layers else 'layers'} (supported: "
                          f"{', '.join(BATCH_INVARIANT_ARCHITECTURES)})")
     if attention_backend not in (None, "batch_invariant"):
         raise ValueError(f"batch_invariant uses its own attention backend; attention_backend="

@@ -301,7 +301,8 @@ class EngineArgs:
                              f"(or unset), got {self.quantization!r}")
         quantization = resolve_quantization(hf_config, None if self.quantization in QUANTIZATIONS else self.quantization)
         if self.batch_invariant:
-            check_batch_invariant(architecture, attention_layout(hf_config, architecture), self.attention_backend,
+            check_batch_invariant(architecture, hf_config, attention_layout(hf_config, architecture),
+                                  self.attention_backend,
                                   "gguf" if self.quantization == "gguf" else quantization and quantization.method,
                                   self.cpu_compile, self.tensor_parallel_size)
             attention_backend = "batch_invariant"
@@ -406,6 +407,9 @@ class EngineArgs:
             raise ValueError("an embedding model has no KV cache: kv_cache_dtype does not apply")
         if self.quantization is not None:
             raise ValueError("quantization is not supported for embedding models")
+        if self.batch_invariant:
+            raise ValueError("batch_invariant is not implemented for embedding models (no batch-invariant "
+                             "encoder layers)")
         source = resolve_embedding_source(self.model, self.load_format)
         hf_config = source.load_hf_config()
         architecture = (getattr(hf_config, "architectures", None) or ["?"])[0]

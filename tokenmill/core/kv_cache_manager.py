@@ -220,7 +220,8 @@ class KVCacheManager:
         return self.states.checkpoint(request, start, end, self.block_size)
 
     def reset_prefix_cache(self) -> None:
-        """After new weights: no block computed before now is ever found by a prefix lookup.
+        """After new weights: no block (nor, for a hybrid model, state checkpoint) computed before
+        now is ever found by a prefix lookup.
 
         Every published hash is dropped (free and in-use blocks alike). Requests that hold blocks
         now keep running on them, but their blocks, and the ones they fill later, mix K/V of the
@@ -231,6 +232,9 @@ class KVCacheManager:
         self.pool.drop_cached_prefixes()
         for request_id in self.req_blocks:
             self._num_registered[request_id] = _NEVER_PUBLISH
+        if self.states is not None:  # the recurrent states' checkpoints, likewise
+            self.states.reset_prefix_cache()
+            self._hit_checkpoints.clear()
 
     def reset_counters(self) -> None:
         self.prefix_queries = self.prefix_hits = 0

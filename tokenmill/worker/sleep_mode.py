@@ -1,15 +1,18 @@
 """Sleep mode: hand a rank's device memory back while a trainer uses the GPU, and take it again.
 
-Two things hold the memory: the weights (the model's parameters) and the KV pool, with the decode
-CUDA graphs (they bake in the pool's and the weights' addresses, and own a memory pool of their
-own). `WeightOffload` empties every parameter (`param.data` becomes a 0-element tensor, so the
-caching allocator frees the storage once nothing else refers to it), keeping a host copy at level
-1 (pinned on CUDA, for a fast copy back) and none at level 2. Waking puts tensors of the recorded
-shapes back: the copies, or uninitialised memory that a weight update must fill. The runner drops
-and rebuilds the KV pool and recaptures the graphs (`ModelRunner.release_kv_cache`).
+Two things hold the memory: the weights (the model's parameters) and the cache of every
+`CacheLayer` (KV blocks, MLA latent rows, linear-attention state slots), with the decode CUDA
+graphs (they bake in the pool's and the weights' addresses, and own a memory pool of their own)
+or the compiled CPU forward (the weights frozen into it). `WeightOffload` empties every parameter
+(`param.data` becomes a 0-element tensor, so the caching allocator frees the storage once nothing
+else refers to it), keeping a host copy at level 1 (pinned on CUDA, for a fast copy back) and none
+at level 2. Waking puts tensors of the recorded shapes back: the copies, or uninitialised memory
+that a weight update must fill. The runner drops and rebuilds the caches and the graphs
+(`ModelRunner.release_kv_cache`, `capture_cuda_graphs`).
 
 Parameters are emptied in place, so the modules (and tied weights, one Parameter shared by two
-modules) keep pointing at the same objects. Buffers (rotary tables) are not weights and stay.
+modules) keep pointing at the same objects. Buffers (rotary tables) are not weights and stay;
+tensors a layer derived from its weights (`drop_derived_weights`) are dropped with them.
 """
 
 from __future__ import annotations
@@ -42,6 +45,11 @@ class WeightOffload:
             torch.cuda.synchronize(device)  # the copies are complete before the storage goes
         for name, param in model.named_parameters():
             param.data = torch.empty(0, dtype=param.dtype, device=device)
+        # Copies the layers derived from their weights (a dequantised fp8 matrix, a packed CPU
+        # weight) go too; `process_weights_after_loading` derives them again on waking.
+        for module in model.modules():
+            if hasattr(module, "drop_derived_weights"):
+                module.drop_derived_weights()
 
     def restore(self, model: nn.Module) -> None:
         """Parameters back on the device: the host copies, or (level 2) uninitialised storage."""

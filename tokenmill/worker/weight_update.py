@@ -35,11 +35,28 @@ def iter_checkpoint(path: str, hf_config: Any) -> Iterator[tuple[str, torch.Tens
     raise FileNotFoundError(f"{path}: not a folder of *.safetensors files nor a .gguf file")
 
 
+def check_updatable(config) -> None:
+    """Refuse an update into weights the engine transformed at load, where a checkpoint tensor can
+    no longer be copied into its parameter: online fp8 (quantised from the checkpoint's model-dtype
+    weights; a block-FP8 checkpoint's own e4m3 weights and scales load in place) and GGUF blocks
+    repacked for the CPU kernels."""
+    quant = config.model.quantization
+    if quant is not None and not quant.from_checkpoint:
+        raise ValueError("in-place weight updates are not supported with quantization='fp8' applied at load "
+                         "(the layers hold weights quantised from the checkpoint's): run unquantised, or from "
+                         "a block-FP8 checkpoint, whose e4m3 weights and scales update in place")
+    if config.kernels.gguf_weight_type is not None:
+        raise ValueError("in-place weight updates are not supported with quantization='gguf' (the GGUF blocks "
+                         "are repacked for the CPU kernels at load): load the GGUF file dequantised "
+                         "(without --quantization gguf) to update its weights")
+
+
 class InPlaceUpdate:
     """One update: `load` any number of batches, then `finish` (the layers' post-load step,
     graphs recaptured if a parameter moved). Use as a context manager."""
 
     def __init__(self, runner) -> None:
+        check_updatable(runner.config)
         self.runner = runner
         self.model = runner.model
         self._addresses = {name: p.data_ptr() for name, p in self.model.named_parameters()}
@@ -51,7 +68,7 @@ class InPlaceUpdate:
     def finish(self) -> None:
         process_weights_after_loading(self.model)
         moved = any(p.data_ptr() != self._addresses[name] for name, p in self.model.named_parameters())
-        if moved and self.runner.graphs is not None:
+        if self.runner.graphs_ready and (moved or self.runner.config.kernels.cpu_compile):
             self.runner.recapture_cuda_graphs()
         if self.runner.device.type == "cuda":
             torch.cuda.synchronize(self.runner.device)

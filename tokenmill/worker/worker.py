@@ -278,10 +278,8 @@ class Worker:
         if self.kv_asleep and "kv_cache" in tags:
             self.runner.allocate_kv_cache(self.num_blocks)
             self.kv_asleep = False
-            if not self.weights_asleep:
-                self.runner.capture_cuda_graphs()
-        elif not self.kv_asleep and not self.weights_asleep and self.runner.graphs is None:
-            self.runner.capture_cuda_graphs()  # weights back after the KV pool
+        if not self.kv_asleep and not self.weights_asleep and not self.runner.graphs_ready:
+            self.runner.capture_cuda_graphs()  # over the pool and weights, once both are back
 
     # ----- weight updates -----
     def _update(self) -> InPlaceUpdate:

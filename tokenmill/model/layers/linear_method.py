@@ -61,6 +61,10 @@ class LinearMethod:
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         pass
 
+    def drop_derived_weights(self, layer: nn.Module) -> None:
+        """Drop what `process_weights_after_loading` derived from the weights (sleep); it is
+        derived again when the weights come back."""
+
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None,
               push: "PushTarget | None" = None) -> tuple[torch.Tensor, bool]:
         return apply_activation(F.linear(x, layer.weight, bias), layer.activation), False
@@ -84,6 +88,9 @@ class CpuLinearMethod(LinearMethod):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         if self.pack:
             self.packed = cpu_gemm.pack_weight(layer.weight)
+
+    def drop_derived_weights(self, layer: nn.Module) -> None:
+        self.packed = None
 
     def apply(self, layer, x, bias=None, push=None):
         # oneDNN applies the activation inside the GEMM (a post-op): no extra pass over the output.
