@@ -117,3 +117,49 @@ def test_batch_invariant_tokens_do_not_depend_on_the_batch(name, tmp_path_factor
              **engine) as llm:
         assert _tokens(llm, PROMPTS * 2) == alone * 2  # chunked prefill and preemption
         assert llm.engine.core.scheduler.num_preemptions > 0
+
+
+def _family_folder(tmp_path_factory, name: str, seed: int) -> str:
+    """DeepSeek-V3 at its real attention widths as a block-FP8 checkpoint (e4m3 weights with
+    128x128 block scales: MLA projections and stacked experts), or the MiniMax hybrid (lightning
+    attention's state slots beside the KV cache); `seed` picks the weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fp8_checkpoints import save_block_fp8
+    from test_hybrid_gpu import BASE as HYBRID_BASE
+    from test_hybrid_gpu import SHAPES as HYBRID_SHAPES
+    from test_mla_gpu import SHAPES as MLA_SHAPES
+    from test_mla_gpu import WIDTHS as MLA_WIDTHS
+
+    values = {**MLA_WIDTHS, **MLA_SHAPES["v3"]} if name == "deepseek_v3_fp8" else {**HYBRID_BASE, **HYBRID_SHAPES[name]}
+    config = AutoConfig.for_model(values.pop("model_type"), initializer_range=0.05, **values)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    folder = str(tmp_path_factory.mktemp(f"{name}_{seed}"))
+    if name == "deepseek_v3_fp8":
+        save_block_fp8(model, folder, skip=("mlp.gate",))
+    else:
+        model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3_fp8", "minimax"])
+def test_mla_fp8_moe_and_hybrid_sleep_and_update(name, tmp_path_factory):
+    """Sleep frees the latent cache (or the state slots and KV blocks) with the graphs and weights,
+    waking gives identical tokens, and an update from disk equals a fresh engine on it."""
+    if name == "deepseek_v3_fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 weights need compute capability 8.9+")
+    a, b = (_family_folder(tmp_path_factory, name, seed) for seed in (0, 1))
+    prompts = PROMPTS[:4]
+    with LLM(b, **ENGINE) as llm:
+        expected_b = _tokens(llm, prompts)
+    with LLM(a, **ENGINE) as llm:
+        before = _tokens(llm, prompts)
+        assert before != expected_b
+        free_before = _free_gib()
+        llm.sleep(level=1)
+        assert _free_gib() - free_before > 1.9  # the 2 GiB of cache at least
+        llm.wake_up()
+        assert _tokens(llm, prompts) == before
+        llm.update_weights_from_disk(b)
+        assert _tokens(llm, prompts) == expected_b

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Device pass for RL rollouts (docs/rl.md) on one GPU, about 6 minutes on an H100.
+# Device pass for RL rollouts (docs/rl.md) on one GPU, about 7 minutes on an H100.
 # Usage on the device (repo root):  bash tokenmill/benchmarks/suites/rl_suite.sh [tests|bench|all]
-#   tests  the RL and batch-invariant GPU tests (sleep memory, updates over CUDA IPC, kernels)
+#   tests  the RL and batch-invariant GPU tests (sleep memory, updates over CUDA IPC, block-FP8
+#          DeepSeek-V3 and MiniMax hybrid sleep and updates, kernels)
 #   bench  Llama-3.1-8B shape: memory freed by sleep, time to wake, weight pushes over CUDA IPC
 #          from a second process and from disk (GB/s); Qwen3-0.6B shape, 256 x 256/256: tok/s
 #          with and without --batch-invariant
@@ -18,7 +19,7 @@ pip install --quiet --no-deps --no-index --target /tmp/tm_wheels wheels/*.whl 2>
 tm() { timeout "${STEP_TIMEOUT:-300}" python3 -m tokenmill.entrypoints.cli.main "$@" 2>&1 | grep -v -i warning; }
 rc=0
 if [[ "$part" == tests || "$part" == all ]]; then
-  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_rl_gpu.py \
+  timeout 330 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_rl_gpu.py \
       tests/gpu/kernels/test_batch_invariant_kernels.py -o addopts="" --durations=5 2>&1 | tee "$out/tests.log" || rc=1
 fi
 if [[ "$part" == bench || "$part" == all ]]; then
