@@ -150,12 +150,29 @@ def test_a_well_formed_message_still_decodes():
 
 
 def test_queue_wait_estimate():
-    estimator = QueueWaitEstimator()
-    assert estimator.wait_s(10_000) == 0.0  # nothing measured: admit by count only
+    estimator = QueueWaitEstimator(max_num_seqs=64)
+    assert estimator.wait_s(0, 10_000, 1) == 0.0  # nothing measured: admit by count only
     for _ in range(10):
-        estimator.on_step(0.5, 50)  # 100 tokens/s
+        estimator.on_step(0.5, 50)  # 100 tokens/s, every step the same size
     assert estimator.tokens_per_s == pytest.approx(100)
-    assert estimator.wait_s(3000) == pytest.approx(30)
+    assert estimator.wait_s(0, 3000, 1) == pytest.approx(30)
+    assert estimator.wait_s(0, 3000, 64) == pytest.approx(30)  # no slope seen: no batch discount
+
+
+def test_queue_wait_prices_tokens_at_the_batch_they_run_in():
+    # Steps cost 40 ms plus 1 ms a token: mostly single decodes, a few 30-token prompts.
+    estimator = QueueWaitEstimator(max_num_seqs=64, max_step_tokens=128)
+    for i in range(60):
+        n = 30 if i % 10 == 0 else 1
+        estimator.on_step(0.040 + 0.001 * n, n)
+    a, b = estimator.step_cost()
+    assert a == pytest.approx(0.040) and b == pytest.approx(0.001)
+    assert estimator.wait_s(0, 50, 1) == pytest.approx(50 * 0.041)  # alone: a whole step a token
+    # 64 sequences x 50 decode tokens share 50 steps: ~5 s, where the average step's speed
+    # (a 1-2 token step) would project 100 s and refuse them.
+    assert estimator.wait_s(0, 64 * 50, 64) == pytest.approx(64 * 50 * (0.040 + 0.064) / 64)
+    assert estimator.wait_s(0, 64 * 50, 1000) == estimator.wait_s(0, 64 * 50, 64)  # capped at max_num_seqs
+    assert estimator.wait_s(1280, 0, 1) == pytest.approx(10 * (0.040 + 0.128))  # prompts in full steps
 
 
 def test_tokens_ahead_counts_what_each_sequence_lacks_up_to_the_new_ones_work():
@@ -164,10 +181,22 @@ def test_tokens_ahead_counts_what_each_sequence_lacks_up_to_the_new_ones_work():
         try:
             slow = SamplingParams(max_tokens=50, n=2)
             stream = await engine.submit("r1", "hello", slow)  # 2 sequences of 5 + 50 tokens
-            assert engine.tokens_ahead(10) == 2 * 10  # a short request waits for 10 of each
-            assert engine.tokens_ahead(100) == 2 * (5 + 50)
+            assert engine.tokens_ahead(3) == (2 * 3, 0, 2)  # a short request waits for 3 of each
+            assert engine.tokens_ahead(10) == (2 * 5, 2 * 5, 2)
+            assert engine.tokens_ahead(100) == (2 * 5, 2 * 50, 2)
             engine.abort(stream.request_id)
-            assert engine.tokens_ahead(100) == 0
+            assert engine.tokens_ahead(100) == (0, 0, 0)
         finally:
             await engine.shutdown()
     asyncio.run(run())
+
+
+def test_queue_wait_believes_no_slope_from_small_steps_alone():
+    # A warm-up request: one slow 3-token prompt step and 7 single decodes. The line through them
+    # would charge ~130 ms a token at any batch; the average is the price until a batch is seen.
+    estimator = QueueWaitEstimator(max_num_seqs=64)
+    estimator.on_step(0.30, 3)
+    for _ in range(7):
+        estimator.on_step(0.04, 1)
+    a, b = estimator.step_cost()
+    assert a == 0.0 and b == pytest.approx((0.30 + 7 * 0.04) / 10, rel=0.05)

@@ -143,6 +143,7 @@ class AsyncEngine:
         wedge_timeout_s: float = 120.0,
         stats_listener: StatsListener | None = None,
         max_queue_wait_s: float | None = None,
+        max_step_tokens: int | None = None,
     ) -> None:
         self.client = client
         self.input_processor = input_processor
@@ -172,7 +173,7 @@ class AsyncEngine:
         # while the engine is paused or asleep.
         self.gate = AdmissionGate()
         self.rollouts = RolloutControl(self)
-        self.queue_wait = QueueWaitEstimator()
+        self.queue_wait = QueueWaitEstimator(max_num_seqs, max_step_tokens)
         # One thread: requests are tokenized in arrival order and HF tokenizers are not built for
         # many concurrent callers; a megabyte prompt still costs the event loop nothing.
         self._input_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenmill-input")
@@ -201,6 +202,7 @@ class AsyncEngine:
             max_num_seqs=config.scheduler.max_num_seqs, vocab_size=config.model.vocab_size,
             max_queue_len=max_queue_len, wedge_timeout_s=wedge_timeout_s,
             stats_listener=stats_listener, max_queue_wait_s=max_queue_wait_s,
+            max_step_tokens=config.scheduler.max_num_batched_tokens,
         )
         engine.config = config
         engine.model_aliases = {config.model.model}
@@ -283,7 +285,7 @@ class AsyncEngine:
                 f"server is at capacity ({self._num_inflight_seqs} sequences in flight); retry later"
             )
         if params.max_tokens is not None:
-            self._admit_by_time(0, params.max_tokens)  # at once, before the tokenizer's queue
+            self._admit_by_time(0, params.max_tokens, num_seqs)  # at once, before the tokenizer's queue
         arrival = time.monotonic() if arrival_time is None else arrival_time
         # Held from here (and then by the request's state), so requests tokenizing side by side
         # cannot all pass the count above.
@@ -297,7 +299,7 @@ class AsyncEngine:
             prompt_token_ids = list(engine_requests[0].prompt_token_ids)
             if self.request_logger is not None:
                 self.request_logger(request_id, prompt, prompt_token_ids, params)
-            self._admit_by_time(len(prompt_token_ids), engine_requests[0].sampling_params.max_tokens)
+            self._admit_by_time(len(prompt_token_ids), engine_requests[0].sampling_params.max_tokens, num_seqs)
             if timeout_s is not None and time.monotonic() - arrival > timeout_s:
                 raise RequestTimeoutError(f"the request ran past its {timeout_s:g} s timeout before it "
                                           "was admitted")
@@ -317,28 +319,32 @@ class AsyncEngine:
         state.timing.submitted = time.monotonic()
         return RequestStream(self, request_id, state, prompt_token_ids)
 
-    def _admit_by_time(self, num_prompt_tokens: int, max_tokens: int) -> None:
+    def _admit_by_time(self, num_prompt_tokens: int, max_tokens: int, num_seqs: int) -> None:
         """Refuses a request (its prompt, and `max_tokens` per sequence) that the work already in
         flight would delay more than `max_queue_wait_s` (admission.py)."""
         if self.max_queue_wait_s is None:
             return
-        wait = self.queue_wait.wait_s(self.tokens_ahead(num_prompt_tokens + max_tokens))
+        prompt_ahead, decode_ahead, seqs_ahead = self.tokens_ahead(num_prompt_tokens + max_tokens)
+        wait = self.queue_wait.wait_s(prompt_ahead, decode_ahead, seqs_ahead + num_seqs)
         if wait > self.max_queue_wait_s:
             retry_after = min(600, max(1, math.ceil(wait - self.max_queue_wait_s)))
             raise QueueFullError(f"server is overloaded: the work ahead would delay this request about "
                                  f"{wait:.0f} s (the limit is {self.max_queue_wait_s:g} s); retry later",
                                  retry_after_s=retry_after)
 
-    def tokens_ahead(self, num_tokens: int) -> int:
-        """Tokens the engine computes for the sequences in flight while a new sequence computes
-        its own `num_tokens` (prompt and output): each shares the steps, so each delays it by its
-        remaining prompt and output tokens, or by `num_tokens` at most."""
-        total = 0
+    def tokens_ahead(self, num_tokens: int) -> tuple[int, int, int]:
+        """(prompt tokens, decode tokens, sequences) in flight that a new sequence computing its
+        own `num_tokens` (prompt and output) waits for: the steps are shared, so each sequence
+        delays it by its remaining prompt, then output, tokens, by `num_tokens` at most."""
+        prompt_total = decode_total = seqs = 0
         for state in self._requests.values():
             num_seqs = len(state.child_ids)
+            prompt = min(state.pending_prefill // num_seqs, num_tokens)
             left = max(0, state.max_tokens - state.num_generated // num_seqs)
-            total += num_seqs * min(state.pending_prefill // num_seqs + left, num_tokens)
-        return total
+            prompt_total += num_seqs * prompt
+            decode_total += num_seqs * min(left, num_tokens - prompt)
+            seqs += num_seqs
+        return prompt_total, decode_total, seqs
 
     def _register(self, request_id: str, prompt: str | list[int], prompt_token_ids: list[int],
                   params: SamplingParams, engine_requests: list, arrival: float,

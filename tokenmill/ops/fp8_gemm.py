@@ -14,7 +14,7 @@ A bias, if given, is added in the epilogue. Its reference is `fp8_gemm_ref` (deq
 operands, one float32 matmul), which the tests hold the kernel to.
 
 Launch configuration: `gemm_config(M, N, K, block)`, a heuristic by M (small M is bound by reading
-the weights; large M by the tensor cores); the benchmark (`tokenmill/benchmarks/kernels/fp8_gemm.py`)
+the weights; large M by the tensor cores); the benchmark (`tokenmill/benchmarks/kernels/fp8.py`)
 sweeps the alternatives on the device.
 """
 

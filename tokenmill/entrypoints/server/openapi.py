@@ -170,7 +170,10 @@ def _get_responses(path: str) -> dict[str, Any]:
         ok = {"description": "Prometheus text", "content": {"text/plain": {"schema": {"type": "string"}}}}
     else:
         ok = {"description": "the result", "content": {"application/json": {"schema": {"type": "object"}}}}
-    return {"200": ok, **{status: _error(d, "openai") for status, d in _ALWAYS_ERRORS.items()}}
+    responses = {"200": ok, **{status: _error(d, "openai") for status, d in _ALWAYS_ERRORS.items()}}
+    if "{" in path:  # a route that names a resource (`/v1/models/{model_id}`)
+        responses["404"] = _error("no such resource on this server", "openai")
+    return responses
 
 
 def install_openapi(app: FastAPI, api_key_required: bool) -> None:
