@@ -5,10 +5,17 @@ the letters "abcdefghij..." in turn, one token per step; prompt token 7 crashes 
 prompt token 8 wedges it (step never returns), prompt token 9 is refused by `add_request`, and
 prompt token 6 makes the input processor fail with an unexpected exception (a server bug).
 `FAKE_FAULT_TOKENS=0` turns these faults off (for fuzzing, which sends such prompts at random).
+
+`FAKE_SCRIPT` scripts the replies instead, for formats no small model writes by itself (tool calls
+in each model family's syntax, thinking): a JSON list of `[prompt substring, reply]`; the first
+rule whose substring is in the prompt gives the reply, one character (token) per step, then the
+request stops ("stop"), or at max_tokens ("length"). Prompts no rule matches get the letters.
+`FAKE_MAX_MODEL_LEN` raises the context window (64) for the longer prompts of conversations.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -18,8 +25,14 @@ from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 
 VOCAB = 1000
-MAX_MODEL_LEN = 64
+MAX_MODEL_LEN = int(os.environ.get("FAKE_MAX_MODEL_LEN", "64"))
 FAULTS = os.environ.get("FAKE_FAULT_TOKENS", "1") != "0"
+SCRIPT: list[tuple[str, str]] = [tuple(rule) for rule in json.loads(os.environ.get("FAKE_SCRIPT", "[]"))]
+
+
+def scripted_reply(prompt_token_ids: list[int]) -> str | None:
+    prompt = "".join(chr(t) for t in prompt_token_ids)
+    return next((reply for key, reply in SCRIPT if key in prompt), None)
 
 
 from tokenmill.engine.input_processor import ContextLengthError  # noqa: E402
@@ -31,6 +44,7 @@ class FakeEngineCore:
     def __init__(self) -> None:
         self.requests: dict[str, EngineRequest] = {}
         self.generated: dict[str, int] = {}
+        self.replies: dict[str, str] = {}  # scripted replies (FAKE_SCRIPT)
         self.step_delay_s = float(os.environ.get("FAKE_STEP_DELAY_S", "0.002"))
 
     def add_request(self, request: EngineRequest) -> None:
@@ -38,11 +52,15 @@ class FakeEngineCore:
             raise ValueError("the fake core refuses prompts that start with token 9")
         self.requests[request.request_id] = request
         self.generated[request.request_id] = 0
+        reply = scripted_reply(request.prompt_token_ids)
+        if reply is not None:
+            self.replies[request.request_id] = reply
 
     def abort_requests(self, request_ids) -> None:
         for rid in request_ids:
             self.requests.pop(rid, None)
             self.generated.pop(rid, None)
+            self.replies.pop(rid, None)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -56,11 +74,16 @@ class FakeEngineCore:
             while FAULTS and req.prompt_token_ids[0] == 8:
                 time.sleep(1)
             count = self.generated[rid]
-            token = ord("a") + count % 26
+            reply = self.replies.get(rid)
+            token = ord(reply[count]) if reply is not None else ord("a") + count % 26
             self.generated[rid] = count + 1
             out = EngineOutput(request_id=rid, new_token_ids=[token])
-            if count + 1 >= (req.sampling_params.max_tokens or 16):
+            limit = req.sampling_params.max_tokens or (len(reply) if reply is not None else 16)
+            if count + 1 >= limit and (reply is None or count + 1 < len(reply)):
                 out.finish_reason = FinishReason.LENGTH
+                self.abort_requests([rid])
+            elif reply is not None and count + 1 == len(reply):
+                out.finish_reason = FinishReason.STOP
                 self.abort_requests([rid])
             outputs.append(out)
         stats = self.get_stats()

@@ -134,3 +134,23 @@ def test_every_option_is_documented_in_help(command):
     undocumented = [a.option_strings[0] for a in parser._actions
                     if a.option_strings and not a.help and not isinstance(a, argparse._HelpAction)]
     assert not undocumented, f"tokenmill {' '.join(command)}: no help for {undocumented}"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--enable-auto-tool-choice"], "--enable-auto-tool-choice needs --tool-call-parser"),
+    (["--tool-call-parser", "nope"], "unknown tool call parser 'nope'"),
+    (["--reasoning-parser", "nope"], "unknown reasoning parser"),
+    (["--response-role", " "], "--response-role must not be empty"),
+])
+def test_serve_refuses_bad_parser_flags_before_starting(argv, message):
+    from tokenmill.entrypoints.cli.serve_plan import CannotServe, plan_server
+    with pytest.raises(CannotServe, match=message):
+        plan_server(parse(["serve", *argv]))
+
+
+def test_serve_accepts_the_vllm_reasoning_and_tool_flags():
+    from tokenmill.entrypoints.cli.serve_plan import plan_server
+    plan = plan_server(parse(["serve", "--tool-call-parser", "hermes", "--enable-auto-tool-choice",
+                              "--reasoning-parser", "deepseek_r1", "--response-role", "bot"]))
+    assert (plan.config.tool_call_parser, plan.config.reasoning_parser, plan.config.response_role) == (
+        "hermes", "deepseek_r1", "bot")

@@ -213,3 +213,13 @@ def test_anthropic_types_are_strict():
                 {"temperature": 1.5}):
         with pytest.raises(pydantic.ValidationError):
             MessagesRequest.model_validate({**base, **bad})
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"output_config": {"effort": "high"}}, "output_config.effort is not supported"),
+    ({"thinking": {"type": "between_tools"}}, "between_tools"),
+])
+def test_anthropic_fields_that_cannot_be_honoured_are_refused(fields, message):
+    body = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}], **fields}
+    with pytest.raises(ValueError, match=message):
+        MessagesRequest.model_validate(body)

@@ -37,6 +37,19 @@ Timeout = Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S,
                                  description="seconds: past this the request is aborted (408)")]
 
 
+def check_template_kwargs(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`chat_template_kwargs` are variables for the model's template: never a template of their
+    own, nor the arguments the server sets."""
+    if value is not None:
+        if "chat_template" in value:
+            raise ValueError("request-supplied chat templates are not allowed on this server")
+        reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(value))
+        if reserved:
+            raise ValueError(f"these chat_template_kwargs are set by the server, not the request: "
+                             f"{reserved[:5]}")
+    return value
+
+
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
@@ -275,14 +288,7 @@ class ChatCompletionRequest(_SamplingFields):
     @field_validator("chat_template_kwargs")
     @classmethod
     def _refuse_reserved_kwargs(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None:
-            if "chat_template" in value:
-                raise ValueError("request-supplied chat templates are not allowed on this server")
-            reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(value))
-            if reserved:
-                raise ValueError(f"these chat_template_kwargs are set by the server, not the request: "
-                                 f"{reserved[:5]}")
-        return value
+        return check_template_kwargs(value)
 
     @model_validator(mode="after")
     def _check_chat(self) -> "ChatCompletionRequest":

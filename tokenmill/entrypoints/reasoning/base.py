@@ -12,7 +12,9 @@ built for one response from that prompt (`for_prompt`):
 - otherwise the output thinks only if it opens with the start marker (Qwen3's hybrid template,
   Kimi-K2), unless the family always thinks (`opens_in_prompt`).
 
-Streaming works like the tool parsers: `stream(text, final)` is given the whole text so far and
+The thinking is returned without the whitespace around it and the answer without the
+whitespace that separates it from the thinking (`</think>\n\n`), as the templates write them
+back. Streaming works like the tool parsers: `stream(text, final)` is given the whole text so far and
 returns what is new; text that may still become a marker is held back until it is decided, so
 the pieces add up to `extract_reasoning(text)` however the text arrives in chunks.
 """
@@ -97,9 +99,12 @@ class ReasoningParser:
             if at >= 0 and (cut is None or at < cut[0]):
                 cut = (at, at)  # the marker stays in the answer (a tool parser reads it)
         if cut is not None:
-            return body[:cut[0]], body[cut[1]:]
+            return body[:cut[0]].strip(), body[cut[1]:].lstrip()
+        # Text that may still become a marker is held back; whitespace at either end of the
+        # thinking is layout (`<think>\n...\n</think>`), and stripping it keeps what was sent a
+        # prefix of what follows (trailing whitespace is sent once text comes after it).
         held = 0 if final else held_suffix(body, self.end_marker, *self.implicit_ends)
-        return body[: len(body) - held], ""
+        return body[: len(body) - held].strip(), ""
 
     def extract_reasoning(self, text: str) -> tuple[str | None, str | None]:
         """(thinking or None, answer or None) of a finished output."""

@@ -19,10 +19,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.entrypoints.anthropic.routes import router as anthropic_router
 from tokenmill.entrypoints.openai.embeddings import AsyncEmbedder
+from tokenmill.entrypoints.openai.responses.routes import router as responses_router
+from tokenmill.entrypoints.openai.responses.store import ResponseStore
 from tokenmill.entrypoints.openai.routes import router as openai_router
 from tokenmill.entrypoints.server.errors import APIError, error_response
 from tokenmill.entrypoints.server.metrics import ServerMetrics, log_periodically
@@ -235,6 +238,8 @@ def build_app(config: ServerConfig,
     app.state.server = state
     app.include_router(openai_router)
     app.include_router(anthropic_router)
+    app.include_router(responses_router)
+    app.state.responses = ResponseStore()
     if config.sleep_routes:
         app.include_router(sleep_router)
     if config.weight_update_routes:
@@ -300,6 +305,15 @@ def _add_basic_routes(app: FastAPI) -> None:
         return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def _allowed_methods(app: FastAPI, scope) -> list[str]:
+    """The methods some route serves at this request's path."""
+    return [method for method in _METHODS
+            if any(route.matches({**scope, "method": method})[0] == Match.FULL for route in app.router.routes)]
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> Response:
@@ -308,8 +322,13 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         message = {404: "no such route", 405: "method not allowed"}.get(exc.status_code, "request failed")
-        # Starlette's 405 carries `Allow` (RFC 9110 requires it); keep it.
-        return error_response(request.url.path, APIError(exc.status_code, message, headers=exc.headers))
+        headers = exc.headers
+        if exc.status_code == 405:
+            # RFC 9110: `Allow` lists every method of the path. Starlette's names only the first
+            # route that matched the path, and a path may have several (GET and DELETE of a
+            # stored response).
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(app, request.scope))}
+        return error_response(request.url.path, APIError(exc.status_code, message, headers=headers))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:

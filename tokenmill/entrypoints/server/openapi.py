@@ -19,6 +19,7 @@ from pydantic.json_schema import models_json_schema
 
 from tokenmill.entrypoints.anthropic.protocol import CountTokensRequest, MessagesRequest
 from tokenmill.entrypoints.openai.embeddings import EmbeddingRequest
+from tokenmill.entrypoints.openai.responses.protocol import ResponsesRequest
 from tokenmill.entrypoints.openai.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
 )
@@ -31,6 +32,7 @@ OPERATIONS: dict[tuple[str, str], tuple[type[BaseModel], str, str]] = {
     ("/v1/embeddings", "post"): (EmbeddingRequest, "openai", "embed"),
     ("/tokenize", "post"): (TokenizeRequest, "openai", "tokenize"),
     ("/detokenize", "post"): (DetokenizeRequest, "openai", "tokenize"),
+    ("/v1/responses", "post"): (ResponsesRequest, "openai", "generate"),
     ("/v1/messages", "post"): (MessagesRequest, "anthropic", "generate"),
     ("/v1/messages/count_tokens", "post"): (CountTokensRequest, "anthropic", "tokenize"),
 }
@@ -94,6 +96,7 @@ def _example(model: type[BaseModel], served: str) -> dict[str, Any]:
         TokenizeRequest: {"model": served, "prompt": "Hello world"},
         DetokenizeRequest: {"model": served, "tokens": [1, 2, 3]},
         MessagesRequest: {"model": served, "max_tokens": 8, "messages": messages},
+        ResponsesRequest: {"model": served, "input": "Say hello.", "max_output_tokens": 8},
         CountTokensRequest: {"model": served, "messages": messages},
     }[model]
 

@@ -153,6 +153,17 @@ class ServerParsers:
             return ReasoningParams(self._end_ids, start_token_id=self._start_id, max_tokens=budget)
         return ReasoningParams(self._end_ids, max_tokens=budget)
 
+    def reasoning_token_count(self, token_ids: list[int], start: Start | None) -> int:
+        """Output tokens up to and including the end of the thinking (all of them when it never
+        ended)."""
+        end = self._end_ids
+        if start is None or start == Start.ANSWER or not end:
+            return 0
+        for i in range(len(token_ids) - len(end) + 1):
+            if token_ids[i:i + len(end)] == end:
+                return i + len(end)
+        return len(token_ids)
+
     def keeps_special_tokens(self, tools_active: bool) -> bool:
         """The response's text must keep special tokens: a marker the parsers read is one."""
         return self._special_reasoning_markers or (tools_active and self._special_tool_markers)

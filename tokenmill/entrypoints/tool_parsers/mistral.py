@@ -68,7 +68,9 @@ def _named_call(piece: str) -> CallText:
     if rest.startswith("["):
         args = rest.find(ARGS)
         if args < 0:
-            return CallText(name or None, "", False)
+            # The name is held back until [ARGS]: a [CALL_ID] before it brings the model's own id,
+            # which must go out with the name.
+            return CallText(None, "", False)
         call_id = rest[len(CALL_ID):args].strip() if rest.startswith(CALL_ID) else None
         return json_arguments(name or None, rest, args + len(ARGS), call_id=call_id or None)
     return json_arguments(name or None, rest, 0)
