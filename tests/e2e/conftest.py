@@ -40,6 +40,14 @@ def own_server():
 
 
 @pytest.fixture(scope="session")
+def batch_invariant_server():
+    """The same server in batch-invariant mode (docs/rl.md): greedy tokens do not depend on what
+    else is batched, which tests that compare concurrent requests' outputs rely on."""
+    with running_server(lambda port: serve_argv(port) + ["--batch-invariant"], api_key=API_KEY) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
 def model_name(server) -> str:
     import httpx
     return httpx.get(f"{server.url}/v1/models", headers=server.headers()).json()["data"][0]["id"]

@@ -23,6 +23,7 @@ from tokenmill.config.engine_config import (
     SchedulerConfig,
 )
 from tokenmill.config.attention_layout import attention_layout
+from tokenmill.config.batch_invariant import check_batch_invariant
 from tokenmill.config.model_checks import check_model_config
 from tokenmill.config.kv_sizing import fit_cpu_max_model_len, kv_bytes_per_token, total_memory_bytes
 from tokenmill.config.model_flags import (
@@ -95,7 +96,7 @@ def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, device: torch.de
         raise ValueError(f"kv_cache_dtype={name!r} needs torch.float8_e4m3fn, which this torch "
                          f"({torch.__version__}) lacks")
     # Triton converts to/from e4m3 only on sm_89+ (Ada, Hopper and later).
-    if device.type == "cuda" and attention_backend == "triton":
+    if device.type == "cuda" and attention_backend in ("triton", "batch_invariant"):
         capability = torch.cuda.get_device_capability(device)
         if capability < (8, 9):
             raise ValueError(f"kv_cache_dtype={name!r} with the triton backend needs a GPU of compute "
@@ -157,6 +158,10 @@ class EngineArgs:
     # Hybrid (linear-attention) models with prefix caching: checkpoint the recurrent state every
     # this many tokens (a multiple of block_size); a cached prefix is reused up to a checkpoint.
     state_checkpoint_interval: int = 512
+    # RL rollouts (docs/rl.md).
+    enable_sleep_mode: bool = False
+    worker_extension_cls: str | None = None
+    batch_invariant: bool = False
 
     # ----- CLI -----
     @staticmethod
@@ -199,8 +204,9 @@ class EngineArgs:
                             help="ranks (GPUs, or CPU processes) to split the model over")
         parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device,
                             help="auto: CUDA when a GPU is visible, else the CPU")
-        parser.add_argument("--attention-backend", choices=("torch_native", "cpu", "triton"), default=None,
-                            help="default: triton on CUDA, torch_native on the CPU (cpu with --cpu-compile)")
+        parser.add_argument("--attention-backend", choices=("torch_native", "cpu", "triton", "batch_invariant"),
+                            default=None, help="default: triton on CUDA, torch_native on the CPU (cpu with "
+                                               "--cpu-compile), batch_invariant with --batch-invariant")
         parser.add_argument("--enforce-eager", action="store_true",
                             help="no CUDA graphs (the CPU always runs eagerly)")
         parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
@@ -238,6 +244,15 @@ class EngineArgs:
         parser.add_argument("--state-checkpoint-interval", type=int, default=d.state_checkpoint_interval,
                             help="hybrid linear-attention models with prefix caching: tokens between "
                                  "checkpoints of the recurrent state (a multiple of --block-size)")
+        parser.add_argument("--enable-sleep-mode", action="store_true",
+                            help="allow sleep/wake_up, which hand the device memory back (the server "
+                                 "also serves POST /sleep, /wake_up and GET /is_sleeping)")
+        parser.add_argument("--worker-extension-cls", default=None,
+                            help="pkg.module.Class whose methods are mixed into every rank's worker, "
+                                 "callable through collective_rpc")
+        parser.add_argument("--batch-invariant", action="store_true",
+                            help="a request's tokens do not depend on what else is batched with it "
+                                 "(fixed-order matmuls, norms and attention; slower; docs/rl.md)")
         return parser
 
     @classmethod
@@ -281,11 +296,19 @@ class EngineArgs:
                                            self.attention_backend)
         attention_backend = self.attention_backend or (
             "triton" if device.type == "cuda" else "cpu" if cpu_compile else "torch_native")
-        kv_cache_dtype = resolve_kv_cache_dtype(self.kv_cache_dtype, dtype, device, attention_backend)
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS + QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS + QUANTIZATIONS)} "
                              f"(or unset), got {self.quantization!r}")
         quantization = resolve_quantization(hf_config, None if self.quantization in QUANTIZATIONS else self.quantization)
+        if self.batch_invariant:
+            check_batch_invariant(architecture, hf_config, attention_layout(hf_config, architecture),
+                                  self.attention_backend,
+                                  "gguf" if self.quantization == "gguf" else quantization and quantization.method,
+                                  self.cpu_compile, self.tensor_parallel_size)
+            attention_backend = "batch_invariant"
+        elif attention_backend == "batch_invariant":
+            raise ValueError("attention_backend='batch_invariant' is part of --batch-invariant: set batch_invariant")
+        kv_cache_dtype = resolve_kv_cache_dtype(self.kv_cache_dtype, dtype, device, attention_backend)
         if self.tensor_parallel_size > 1:
             _check_tensor_parallel_split(hf_config, self.tensor_parallel_size)
             if attention_layout(hf_config, architecture).is_hybrid:
@@ -326,7 +349,8 @@ class EngineArgs:
             architecture=architecture, dtype=dtype, max_model_len=max_model_len,
             served_model_name=self.served_model_name or source.display_name, seed=self.seed,
             quantization=quantization, chat_template=read_chat_template(self.chat_template),
-            sampling_defaults=sampling_defaults(self.generation_config, source), max_logprobs=self.max_logprobs)
+            sampling_defaults=sampling_defaults(self.generation_config, source), max_logprobs=self.max_logprobs,
+            enable_sleep_mode=self.enable_sleep_mode)
         if self.fused_all_reduce_max_world_size < 1:
             raise ValueError("fused_all_reduce_max_world_size must be >= 1")
         kernels = KernelConfig(
@@ -337,10 +361,13 @@ class EngineArgs:
             cascade_attention=(attention_backend == "triton" and not self.disable_cascade_attn
                                and not getattr(hf_config, "kv_lora_rank", None)
                                and model_cfg.attention_layout.sliding_window is None),
-            triton_gemv=self.triton_gemv,
+            # Batch-invariant: no kernel whose use depends on the batch (the batch-1 GEMV, the
+            # fused all-reduce + norm of small decode batches).
+            triton_gemv=self.triton_gemv and not self.batch_invariant,
             custom_all_reduce=not self.disable_custom_all_reduce,
-            fused_all_reduce_norm=self.fused_all_reduce_norm,
+            fused_all_reduce_norm=self.fused_all_reduce_norm and not self.batch_invariant,
             fused_all_reduce_max_world_size=self.fused_all_reduce_max_world_size,
+            batch_invariant=self.batch_invariant,
             cpu_compile=cpu_compile,
             gguf_weight_type=_gguf_weight_type(self.quantization, source, device, self.tensor_parallel_size),
         )
@@ -361,7 +388,7 @@ class EngineArgs:
             scheduler=SchedulerConfig(max_num_seqs, max_batched, self.scheduling_policy, max_model_len,
                                       device.type == "cuda" if self.async_scheduling is None
                                       else self.async_scheduling),
-            parallel=ParallelConfig(self.tensor_parallel_size),
+            parallel=ParallelConfig(self.tensor_parallel_size, self.worker_extension_cls),
             device=device,
             load_format=source.load_format,
             kernels=kernels,
@@ -380,6 +407,9 @@ class EngineArgs:
             raise ValueError("an embedding model has no KV cache: kv_cache_dtype does not apply")
         if self.quantization is not None:
             raise ValueError("quantization is not supported for embedding models")
+        if self.batch_invariant:
+            raise ValueError("batch_invariant is not implemented for embedding models (no batch-invariant "
+                             "encoder layers)")
         source = resolve_embedding_source(self.model, self.load_format)
         hf_config = source.load_hf_config()
         architecture = (getattr(hf_config, "architectures", None) or ["?"])[0]

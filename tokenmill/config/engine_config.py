@@ -39,6 +39,8 @@ class ModelConfig:
     max_logprobs: int = 20  # most top logprobs a request may ask for (`--max-logprobs`)
     # How linear weights are stored and multiplied (fp8); None: in `dtype`, unquantised.
     quantization: QuantizationConfig | None = None
+    # `sleep()` may hand the device memory back (docs/rl.md); off, sleep is refused.
+    enable_sleep_mode: bool = False
 
     @property
     def vocab_size(self) -> int:
@@ -108,6 +110,8 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     tensor_parallel_size: int = 1
+    # "pkg.module.Class" whose methods are mixed into every rank's worker, for collective_rpc.
+    worker_extension_cls: str | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,9 @@ class KernelConfig:
     fused_all_reduce_norm: bool = True
     # The fused kernel is used up to this many ranks (measured faster up to 4; see docs/scale-out.md).
     fused_all_reduce_max_world_size: int = 4
+    # A request's tokens do not depend on what else is in its batch (docs/rl.md): fixed-order
+    # matmuls, norms and attention, chosen when the layers are built.
+    batch_invariant: bool = False
 
 
 @dataclass(frozen=True)

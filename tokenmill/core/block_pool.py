@@ -125,6 +125,13 @@ class BlockPool:
             del self.cached[block.block_hash]
         block.block_hash = None
 
+    def drop_cached_prefixes(self) -> None:
+        """Forget every block's prefix hash, free or in use: no later lookup finds K/V computed
+        before now (new weights make them stale). The blocks themselves stay where they are."""
+        for block in self.blocks:
+            block.block_hash = None
+        self.cached.clear()
+
     def free(self, blocks: Iterable[KVBlock]) -> None:
         """Drop one reference on each block, in the order given (pass deepest first)."""
         for block in blocks:

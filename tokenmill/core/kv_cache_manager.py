@@ -14,6 +14,8 @@ state checkpoint is cached, and freeing a request returns both.
 
 from __future__ import annotations
 
+import sys
+
 from tokenmill.core.block_pool import BlockPool, KVBlock, hash_block
 from tokenmill.core.request import Request
 from tokenmill.core.state_cache import NO_SLOT, StateCache
@@ -21,6 +23,9 @@ from tokenmill.core.state_cache import NO_SLOT, StateCache
 
 # The id the runner's block table gets for a block freed behind the window (never read).
 FREED_BLOCK_ID = -1
+
+# `_num_registered` of a request whose blocks must never be published (see `reset_prefix_cache`).
+_NEVER_PUBLISH = sys.maxsize
 
 
 class KVCacheManager:
@@ -213,6 +218,23 @@ class KVCacheManager:
             return []
         self._update_block_hashes(request)
         return self.states.checkpoint(request, start, end, self.block_size)
+
+    def reset_prefix_cache(self) -> None:
+        """After new weights: no block (nor, for a hybrid model, state checkpoint) computed before
+        now is ever found by a prefix lookup.
+
+        Every published hash is dropped (free and in-use blocks alike). Requests that hold blocks
+        now keep running on them, but their blocks, and the ones they fill later, mix K/V of the
+        old and new weights, so they are never published; a request that starts (or restarts
+        after preemption) from here on publishes normally. Hashes depend only on tokens and salt,
+        so requests keep the hashes they computed.
+        """
+        self.pool.drop_cached_prefixes()
+        for request_id in self.req_blocks:
+            self._num_registered[request_id] = _NEVER_PUBLISH
+        if self.states is not None:  # the recurrent states' checkpoints, likewise
+            self.states.reset_prefix_cache()
+            self._hit_checkpoints.clear()
 
     def reset_counters(self) -> None:
         self.prefix_queries = self.prefix_hits = 0

@@ -89,6 +89,7 @@ class Scheduler:
         self.waiting = WaitingQueue(config.scheduling_policy)
         self.running: list[Request] = []
         self._finished_since_last_step: set[str] = set()
+        self._preempted_since_last_step: set[str] = set()  # by `preempt_all`, between steps
         self.num_preemptions = 0
         self._num_needing_host_tokens = 0  # live requests whose sampling reads earlier tokens
 
@@ -134,8 +135,10 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         max_len = self.config.max_model_len
-        out = SchedulerOutput(finished_request_ids=self._finished_since_last_step)
+        out = SchedulerOutput(finished_request_ids=self._finished_since_last_step,
+                              preempted_request_ids=self._preempted_since_last_step)
         self._finished_since_last_step = set()
+        self._preempted_since_last_step = set()
         preempted_this_step = False
         self.kv.begin_step()
 
@@ -232,6 +235,16 @@ class Scheduler:
         assert out.total_num_scheduled_tokens <= self.config.max_num_batched_tokens
         assert len(self.running) <= self.config.max_num_seqs
         return out
+
+    def preempt_all(self) -> None:
+        """Between steps (no token in flight): send every running request back to the waiting
+        queue, oldest first, its blocks freed; each is recomputed from its tokens when scheduled
+        again (the KV cache is about to be dropped). The runner hears of it with the next step."""
+        out = SchedulerOutput()
+        for request in reversed(list(self.running)):
+            assert request.num_inflight_tokens == 0, "preempt_all with a step in flight"
+            self._preempt(request, out)
+        self._preempted_since_last_step |= out.preempted_request_ids
 
     def _checkpoint_states(self, request: Request, start: int, end: int, out: SchedulerOutput) -> None:
         """Hybrid models: the state checkpoints the step computing tokens [start, end) stores."""

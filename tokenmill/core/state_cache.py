@@ -51,6 +51,9 @@ class StateCache:
         self._restores: dict[str, int] = {}  # request -> checkpoint slot to copy, for its NewRequestData
         # Checkpoints published for the step being scheduled, per request: (boundary, slot).
         self._published: dict[str, list[tuple[int, KVBlock]]] = {}
+        # Requests whose state mixes weights from before and after a `reset_prefix_cache`: they
+        # take no checkpoints until they restart (preempted) or finish.
+        self._no_checkpoints: set[str] = set()
 
     def begin_step(self) -> None:
         """Every checkpoint published for earlier steps is now written (its step was launched
@@ -100,7 +103,8 @@ class StateCache:
         computes for `request` (NO_SLOT where none is taken), or [] if none is. Taken where the
         boundary's tokens are known and hashed, its checkpoint is not there already, and a slot is
         free beyond those requests not yet running may need."""
-        if not self.checkpointing or end - start < 2 or request.wants_prompt_logprobs:
+        if (not self.checkpointing or end - start < 2 or request.wants_prompt_logprobs
+                or request.request_id in self._no_checkpoints):
             return []
         first = start // self.interval + 1
         boundaries = range(first * self.interval, end + 1, self.interval)
@@ -123,6 +127,7 @@ class StateCache:
         """The request stops (finished, aborted, preempted): its working slot returns; checkpoints
         published for a step that will now not run for it (past its computed tokens) are withdrawn."""
         self._restores.pop(request.request_id, None)
+        self._no_checkpoints.discard(request.request_id)
         slot = self.working.pop(request.request_id, None)
         if slot is not None:
             self.pool.free([slot])
@@ -134,3 +139,11 @@ class StateCache:
             self.pool.free(withdrawn)
             self._published[request.request_id] = [
                 (b, s) for b, s in published if b <= request.num_computed_tokens]
+
+    def reset_prefix_cache(self) -> None:
+        """New weights (or a state pool about to be dropped): no checkpoint stored before now is
+        ever restored, and the running requests, whose states were computed with the old weights,
+        store none from here on (until they restart after a preemption). Called between steps,
+        when no restore is pending: a restore is taken in the same `schedule()` that admits."""
+        self.pool.drop_cached_prefixes()
+        self._no_checkpoints = set(self.working)

@@ -31,6 +31,7 @@ import msgspec
 
 from tokenmill.engine.admission import QueueWaitEstimator
 from tokenmill.engine.core_client import EngineCoreClient, EngineDeadError
+from tokenmill.engine.rl_control import AdmissionGate, RolloutControl
 from tokenmill.core.messages import SchedulerStats
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import RequestOutputKind, SamplingParams
@@ -168,6 +169,10 @@ class AsyncEngine:
         self._last_progress = time.monotonic()
         self._output_task: asyncio.Task | None = None
         self._death_callbacks: list[Any] = []
+        # RL calls (sleep, weight updates; engine/rl_control.py), and the gate new requests meet
+        # while the engine is paused or asleep.
+        self.gate = AdmissionGate()
+        self.rollouts = RolloutControl(self)
         self.queue_wait = QueueWaitEstimator(max_num_seqs, max_step_tokens)
         # One thread: requests are tokenized in arrival order and HF tokenizers are not built for
         # many concurrent callers; a megabyte prompt still costs the event loop nothing.
@@ -266,10 +271,12 @@ class AsyncEngine:
         """Validates, tokenizes and admits one request; `timeout_s` from `arrival_time` on.
 
         Raises, with nothing left registered: `QueueFullError`, `EngineDeadError`,
-        `RequestTimeoutError`, `ValueError` (incl. `ContextLengthError`) for bad input.
+        `RequestTimeoutError`, `ValueError` (incl. `ContextLengthError`) for bad input,
+        `EngineSleepingError` while paused or asleep if the gate refuses rather than holds requests.
         """
         if self.dead:
             raise EngineDeadError(self.death_reason)
+        await self.gate.admit()
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in flight")
         num_seqs = params.n

@@ -38,6 +38,7 @@ from tokenmill.engine.core_process import (
     run_engine_core,
 )
 from tokenmill.core.messages import EngineRequest
+from tokenmill.engine.rl_control import ControlReply, ControlRequest
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class EngineCoreClient:
         self._closing = False
         self._core_failed = False  # it sent CoreFailed during start-up
         self._on_death: Callable[[str], None] | None = None
+        self._control_calls: dict[int, asyncio.Future] = {}  # call id -> its ControlReply, when it comes
 
     @classmethod
     async def start(
@@ -139,6 +141,10 @@ class EngineCoreClient:
         self.dead = True
         self.death_reason = reason
         logger.error("%s", reason)
+        for future in self._control_calls.values():
+            if not future.done():
+                future.set_exception(EngineDeadError(reason))
+        self._control_calls.clear()
         if self._on_death is not None:
             self._on_death(reason)
 
@@ -160,12 +166,30 @@ class EngineCoreClient:
             return
         await self._in_sock.send(self._encoder.encode(AbortRequests(request_ids=request_ids)), copy=False)
 
+    async def control(self, request: ControlRequest) -> ControlReply:
+        """Send an RL call (engine/rl_control.py) and wait for its reply, which `get_output`
+        (the AsyncEngine's output task) hands over."""
+        if self.dead:
+            raise EngineDeadError(self.death_reason)
+        future = asyncio.get_running_loop().create_future()
+        self._control_calls[request.call_id] = future
+        try:
+            await self._in_sock.send(self._encoder.encode(request), copy=False)
+            return await future
+        finally:
+            self._control_calls.pop(request.call_id, None)
+
     async def get_output(self) -> CoreStep:
         """The next step's outputs and duration. Raises `EngineDeadError` if the core reports a crash."""
         while True:
             msg = self._decoder.decode(await self._out_sock.recv())
             if isinstance(msg, CoreStep):
                 return msg
+            if isinstance(msg, ControlReply):
+                future = self._control_calls.get(msg.call_id)
+                if future is not None and not future.done():
+                    future.set_result(msg)
+                continue
             if isinstance(msg, CoreFailed):
                 self._mark_dead(msg.message)
                 raise EngineDeadError(msg.message)

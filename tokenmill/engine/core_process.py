@@ -25,6 +25,7 @@ import msgspec
 import zmq
 
 from tokenmill.core.messages import EngineOutput, EngineOutputs, EngineRequest, FinishReason, SchedulerStats
+from tokenmill.engine.rl_control import ControlReply, ControlRequest, run_control
 from tokenmill.utils.process import watch_parent
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ class Shutdown(msgspec.Struct, tag="shutdown"):
     pass
 
 
-CoreRequest = Union[AddRequests, AbortRequests, Shutdown]
+# ControlRequest: an RL call (sleep, weight update, ...; engine/rl_control.py), run between steps.
+CoreRequest = Union[AddRequests, AbortRequests, Shutdown, ControlRequest]
 
 
 # ----- core -> client -----
@@ -71,7 +73,7 @@ class CoreFailed(msgspec.Struct, tag="failed"):
     message: str
 
 
-CoreMessage = Union[CoreReady, CoreStep, CoreFailed]
+CoreMessage = Union[CoreReady, CoreStep, CoreFailed, ControlReply]
 
 
 # ----- inside the core: the input thread's note that requests could not be decoded -----
@@ -205,6 +207,12 @@ def _busy_loop(engine: EngineCoreLike, inbox: queue.Queue, outbox: queue.Queue) 
                 _refuse(refused, outbox)
             elif isinstance(msg, RefuseRequests):
                 _refuse(msg.request_ids, outbox)
+            elif isinstance(msg, ControlRequest):
+                outputs, reply = run_control(engine, msg)
+                if outputs:
+                    outbox.put(CoreStep(outputs=EngineOutputs(outputs=outputs, scheduler_stats=engine.get_stats(),
+                                                              timestamp=time.time())))
+                outbox.put(reply)
             else:
                 engine.abort_requests(msg.request_ids)
             busy = True  # drain the rest without blocking

@@ -7,23 +7,32 @@ With async scheduling (the default on CUDA) a step schedules and launches step N
 step N's sampled tokens and updates the scheduler with them: the host's bookkeeping for N overlaps
 the GPU's work on N+1, instead of the GPU idling while the host catches up. While a request whose
 sampling reads its previous tokens (penalties, a grammar) is live, steps run one at a time.
+
+Between steps the engine also takes the RL calls (docs/rl.md): sleep and wake, pause and resume,
+prefix-cache reset, weight updates and `collective_rpc`. Each first finishes the step in flight
+(its outputs go out with the next `step()`), so the executor runs it between steps on every rank;
+every call that may change the weights also drops the prefix cache.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Iterable, NamedTuple
+from typing import Any, Iterable, NamedTuple
+
+import torch
 
 from tokenmill.config.engine_config import EngineConfig
 from tokenmill.core.kv_cache_manager import KVCacheManager
-from tokenmill.core.messages import EngineOutput, EngineOutputs, EngineRequest, SchedulerStats
+from tokenmill.core.messages import EngineOutput, EngineOutputs, EngineRequest, FinishReason, SchedulerStats
 from tokenmill.core.request import Request, RequestStatus
 from tokenmill.core.scheduler import Scheduler
 from tokenmill.core.scheduler_output import SchedulerOutput
 from tokenmill.core.state_cache import StateCache
+from tokenmill.distributed.weight_transfer import DEFAULT_BUCKET_BYTES, TensorSpec
 from tokenmill.executor import make_executor
 from tokenmill.utils.process import freeze_long_lived_objects
+from tokenmill.worker.control import SLEEP_TAGS
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +91,11 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, self.kv_manager)
         self.async_scheduling = config.scheduler.async_scheduling
         self._in_flight: _LaunchedStep | None = None  # launched, tokens not read yet (async only)
+        # Outputs of a step finished early by a call between steps, sent with the next step().
+        self._held_outputs: list[EngineOutput] = []
+        self._held_counts = SchedulerStats()
+        self.asleep: set[str] = set()  # of SLEEP_TAGS
+        self.paused = False
         freeze_long_lived_objects()
         logger.info("engine ready in %.1fs: %s (%s, %s) on %s, KV cache %d tokens (%d blocks of %d)",
                     time.perf_counter() - start, config.model.served_model_name, config.model.architecture,
@@ -95,11 +109,18 @@ class EngineCore:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
+        """Whether a `step()` would make progress (none while paused or asleep, until resumed)."""
+        if self._held_outputs:
+            return True
+        if self.paused or self.asleep:
+            return False
         return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
     def step(self) -> EngineOutputs:
-        counts = SchedulerStats()  # token counts of the steps whose tokens this call reads
-        outputs: list[EngineOutput] = []
+        counts, self._held_counts = self._held_counts, SchedulerStats()  # of the steps read here
+        outputs, self._held_outputs = self._held_outputs, []
+        if self.paused or self.asleep:
+            return self._outputs(outputs, counts)
         if self._in_flight is not None and self.scheduler.needs_synchronous_steps:
             outputs += self._finish(self._in_flight, counts)  # the next schedule needs its tokens
             self._in_flight = None
@@ -113,6 +134,9 @@ class EngineCore:
             self._in_flight = launched
         else:
             outputs += self._finish(launched, counts)
+        return self._outputs(outputs, counts)
+
+    def _outputs(self, outputs: list[EngineOutput], counts: SchedulerStats) -> EngineOutputs:
         stats = self.scheduler.stats()
         stats.num_generation_tokens = counts.num_generation_tokens
         stats.num_prompt_tokens = counts.num_prompt_tokens
@@ -125,6 +149,117 @@ class EngineCore:
         counts.num_generation_tokens += num_sampled
         counts.num_prompt_tokens += step.sched.total_num_scheduled_tokens - num_sampled
         return self.scheduler.update(step.sched, result)
+
+    # ----- between steps: RL calls (docs/rl.md) -----
+    def _finish_in_flight(self) -> None:
+        """Read the step in flight (async scheduling) so no step runs during the call; its
+        outputs go out with the next `step()`."""
+        if self._in_flight is not None:
+            self._held_outputs += self._finish(self._in_flight, self._held_counts)
+            self._in_flight = None
+
+    def pause(self) -> None:
+        """Stop scheduling; requests keep their place and their KV blocks until `resume`."""
+        self._finish_in_flight()
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+
+    def abort_all(self) -> list[EngineOutput]:
+        """Abort every unfinished request; returns an ABORT output for each (the server's
+        `pause_generation(mode="abort")`)."""
+        self._finish_in_flight()
+        outputs, self._held_outputs = self._held_outputs, []  # their tokens come first
+        request_ids = list(self.scheduler.requests)
+        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+        return outputs + [EngineOutput(request_id, [], finish_reason=FinishReason.ABORT) for request_id in request_ids]
+
+    def reset_prefix_cache(self) -> None:
+        """No block computed before now is ever reused (blocks of running requests included:
+        `KVCacheManager.reset_prefix_cache`)."""
+        self._finish_in_flight()
+        self.kv_manager.reset_prefix_cache()
+
+    def is_sleeping(self) -> bool:
+        return bool(self.asleep)
+
+    def sleep(self, level: int = 1) -> None:
+        """Hand the device memory back: the KV cache is dropped, the weights go to host memory
+        (level 1) or are dropped (level 2: load new ones after waking). Running requests are
+        preempted (recomputed after waking); nothing is scheduled until every part is awake."""
+        if not self.config.model.enable_sleep_mode:
+            raise ValueError("sleep mode is off: start the engine with enable_sleep_mode=True "
+                             "(--enable-sleep-mode)")
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level}")
+        if self.asleep:
+            raise ValueError(f"the engine is already asleep ({', '.join(sorted(self.asleep))})")
+        self._finish_in_flight()
+        self.scheduler.preempt_all()
+        self.kv_manager.reset_prefix_cache()  # the cache's contents are about to go
+        self.executor.sleep(level)
+        self.asleep = set(SLEEP_TAGS)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Take the memory of `tags` back ("weights", "kv_cache"; None: both). Waking the weights
+        first lets an update land before the KV pool takes its memory again."""
+        tags = list(SLEEP_TAGS) if tags is None else list(tags)
+        unknown = sorted(set(tags) - set(SLEEP_TAGS))
+        if unknown:
+            raise ValueError(f"unknown wake_up tags {unknown}; choose from {list(SLEEP_TAGS)}")
+        if not self.asleep & set(tags):
+            return
+        self.executor.wake_up(tags)
+        self.asleep -= set(tags)
+
+    def _update_weights(self, update, *args) -> int:
+        """Run an executor weight update between steps; the prefix cache is reset after it, also
+        after a failure (some tensors may have loaded)."""
+        if "weights" in self.asleep:
+            raise ValueError("the weights are asleep: wake_up(tags=['weights']) before updating them")
+        self._finish_in_flight()
+        try:
+            return update(*args)
+        finally:
+            self.kv_manager.reset_prefix_cache()
+
+    def update_weights_from_disk(self, path: str) -> int:
+        return self._update_weights(self.executor.update_weights_from_disk, path)
+
+    def update_weights_from_tensors(self, named_tensors: list[tuple[str, torch.Tensor]],
+                                    bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> int:
+        return self._update_weights(self.executor.update_weights_from_tensors, named_tensors, bucket_bytes)
+
+    def update_weights_from_ipc_handles(self, handles: dict[str, dict[str, tuple]]) -> int:
+        return self._update_weights(self.executor.update_weights_from_ipc_handles, handles)
+
+    def update_weights_from_ipc(self, zmq_handles: dict[str, str]) -> int:
+        return self._update_weights(self.executor.update_weights_from_ipc, zmq_handles)
+
+    def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int,
+                                  world_size: int, group_name: str, backend: str | None = None) -> None:
+        self._finish_in_flight()
+        backend = backend or ("nccl" if self.config.device.type == "cuda" else "gloo")
+        self.executor.init_weights_update_group(master_address, master_port, rank_offset, world_size,
+                                                group_name, backend)
+
+    def update_weights_from_distributed(self, specs: list[TensorSpec], group_name: str,
+                                        bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> int:
+        return self._update_weights(self.executor.update_weights_from_distributed, specs, group_name, bucket_bytes)
+
+    def destroy_weights_update_group(self, group_name: str) -> None:
+        self._finish_in_flight()
+        self.executor.destroy_weights_update_group(group_name)
+
+    def collective_rpc(self, method: str, args: tuple | list = (), kwargs: dict | None = None) -> list[Any]:
+        """An extension method on every rank; it may change the weights, so the prefix cache is
+        dropped after it."""
+        self._finish_in_flight()
+        try:
+            return self.executor.collective_rpc(method, args, kwargs)
+        finally:
+            self.kv_manager.reset_prefix_cache()
 
     def get_stats(self) -> SchedulerStats:
         return self.scheduler.stats()

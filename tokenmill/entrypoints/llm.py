@@ -1,9 +1,13 @@
-"""`LLM`: offline batch inference with vLLM's API (`generate`, `chat`, `embed`)."""
+"""`LLM`: offline batch inference with vLLM's API (`generate`, `chat`, `embed`), and the calls RL
+frameworks make between rollouts (`sleep`, `wake_up`, weight updates, `collective_rpc`;
+docs/rl.md)."""
 
 from __future__ import annotations
 
 import itertools
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
+
+import torch
 
 from tqdm.auto import tqdm
 
@@ -108,6 +112,9 @@ class LLM:
 
     def _run(self, prompts, params_list, priorities, salts, use_tqdm, add_special_tokens) -> list[RequestOutput]:
         engine = self.engine
+        if engine.core.asleep:
+            raise RuntimeError(f"the engine is asleep ({', '.join(sorted(engine.core.asleep))}): "
+                               "call wake_up() before generating")
         ids = []
         try:
             for prompt, params, prio, salt in zip(prompts, params_list, priorities, salts):
@@ -143,6 +150,90 @@ class LLM:
         finally:
             bar.close()
         return [results[i] for i in ids]
+
+    # ----- between rollouts (docs/rl.md) -----
+    def sleep(self, level: int = 1) -> None:
+        """Hand the device memory back (needs `enable_sleep_mode=True`): the KV cache is dropped,
+        the weights go to pinned host memory (level 1) or are dropped (level 2: load new ones
+        after `wake_up`). The prefix cache is emptied."""
+        self._require_generate()
+        self.engine.core.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Take the memory back: `tags` of "weights", "kv_cache" (None: both). Waking the weights
+        alone first lets new weights land before the KV cache is allocated again."""
+        self._require_generate()
+        self.engine.core.wake_up(tags)
+
+    def is_sleeping(self) -> bool:
+        self._require_generate()
+        return self.engine.core.is_sleeping()
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached prefix: no block computed before now is reused. (Weight updates do
+        this themselves.)"""
+        self._require_generate()
+        self.engine.core.reset_prefix_cache()
+        return True
+
+    def update_weights_from_disk(self, path: str) -> int:
+        """Load new weights, in place, from a safetensors folder (or a GGUF file) with the model's
+        HF tensor names; any subset of them. Returns the number of parameters written."""
+        self._require_generate()
+        return self.engine.core.update_weights_from_disk(path)
+
+    def update_weights_from_tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]] | dict) -> int:
+        """Load `(hf_name, tensor)` pairs from this process (any device); with tensor
+        parallelism rank 0 broadcasts them to the other ranks. Returns the parameters written."""
+        self._require_generate()
+        items = list(named_tensors.items() if isinstance(named_tensors, dict) else named_tensors)
+        return self.engine.core.update_weights_from_tensors(items)
+
+    def update_weights_from_ipc_handles(self, ipc_handles: dict[str, dict[str, tuple]]) -> int:
+        """vLLM's colocated form: `{device_uuid: {hf_name: torch IPC handle}}` (handles from
+        `torch.multiprocessing.reductions.reduce_tensor` in the trainer's process); each rank
+        opens the handles of its own GPU."""
+        self._require_generate()
+        return self.engine.core.update_weights_from_ipc_handles(ipc_handles)
+
+    def update_weights_from_ipc(self, zmq_handles: dict[str, str]) -> int:
+        """checkpoint-engine's protocol: each rank serves the sender at `zmq_handles[device_uuid]`
+        (`tokenmill.distributed.ipc_weights.IpcWeightSender` is a sender)."""
+        self._require_generate()
+        return self.engine.core.update_weights_from_ipc(zmq_handles)
+
+    def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int,
+                                  world_size: int, group_name: str = "weight_update_group",
+                                  backend: str | None = None) -> None:
+        """Join a trainer's torch.distributed group (SGLang's call): the trainer is rank 0,
+        tensor-parallel rank r is `rank_offset + r`; NCCL on GPUs, gloo on CPUs by default.
+        Blocks until every member joined."""
+        self._require_generate()
+        self.engine.core.init_weights_update_group(master_address, master_port, rank_offset, world_size,
+                                                   group_name, backend)
+
+    def update_weights_from_distributed(self, names: list[str], dtypes: list[str | torch.dtype],
+                                        shapes: list[list[int]], group_name: str = "weight_update_group",
+                                        bucket_bytes: int | None = None) -> int:
+        """Receive the trainer's broadcast of these tensors (it broadcasts them from rank 0, in
+        this order, `tokenmill.distributed.weight_transfer.broadcast_weights`), in buckets of at
+        most `bucket_bytes` (default 1 GiB). Returns the parameters written."""
+        from tokenmill.distributed.weight_transfer import DEFAULT_BUCKET_BYTES, dtype_name, specs_from
+        self._require_generate()
+        specs = specs_from(names, [d if isinstance(d, str) else dtype_name(d) for d in dtypes], shapes)
+        return self.engine.core.update_weights_from_distributed(specs, group_name,
+                                                                bucket_bytes or DEFAULT_BUCKET_BYTES)
+
+    def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> None:
+        self._require_generate()
+        self.engine.core.destroy_weights_update_group(group_name)
+
+    def collective_rpc(self, method: str, args: tuple | list = (), kwargs: dict | None = None) -> list[Any]:
+        """Call `method` on every rank's worker (a method of `worker_extension_cls`, or
+        `update_weights_from_ipc` / `report_device_id`); returns each rank's result, rank 0 first.
+        The prefix cache is dropped afterwards (the method may have changed the weights)."""
+        self._require_generate()
+        return self.engine.core.collective_rpc(method, args, kwargs)
 
     # ----- embeddings -----
     def embed(self, inputs, truncate_prompt_tokens: int | None = None, use_tqdm: bool = True,

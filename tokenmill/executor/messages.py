@@ -3,10 +3,16 @@ msgpack (typed, never pickle).
 
 driver -> worker, on one ZMQ PUSH socket per worker:
     WorkerInit once (the EngineArgs to rebuild the same EngineConfig), then a WorkerStep per engine
-    step, then WorkerShutdown.
+    step, between steps any `worker/control.py` call (sleep, wake, weight updates, collective_rpc:
+    the same structs the driver's own worker handles), then WorkerShutdown.
 worker -> driver, on one shared PULL socket:
     WorkerReady once its config resolved (so start-up errors surface before any collective), or
-    WorkerFailed with the reason, just before a worker exits on an error.
+    WorkerFailed with the reason, just before a worker exits on an error; a WorkerReply after
+    each control call.
+
+One control call carries pickle, as opaque bytes inside its typed struct: the torch CUDA IPC
+handles of `update_weights_from_ipc_handles`, which nothing else can carry (a rebuild function and
+its arguments; `LoadWeightsFromIpcHandles`).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Union
 import msgspec
 
 from tokenmill.core.scheduler_output import SchedulerOutput
+from tokenmill.worker.control import WORKER_CALL_TYPES
 
 
 class WorkerInit(msgspec.Struct, tag="init"):
@@ -36,7 +43,7 @@ class WorkerShutdown(msgspec.Struct, tag="shutdown"):
     pass
 
 
-DriverMessage = Union[WorkerInit, WorkerStep, WorkerShutdown]
+DriverMessage = Union[(WorkerInit, WorkerStep, WorkerShutdown) + WORKER_CALL_TYPES]
 
 
 class WorkerReady(msgspec.Struct, tag="ready"):
@@ -49,4 +56,13 @@ class WorkerFailed(msgspec.Struct, tag="failed"):
     message: str
 
 
-WorkerMessage = Union[WorkerReady, WorkerFailed]
+class WorkerReply(msgspec.Struct, tag="reply"):
+    """A control call's outcome on one rank: its msgpack-encoded result, or the error."""
+
+    rank: int
+    ok: bool
+    error: str = ""
+    result: bytes = b""
+
+
+WorkerMessage = Union[WorkerReady, WorkerFailed, WorkerReply]

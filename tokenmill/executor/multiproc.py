@@ -8,7 +8,8 @@ shard of the model.
 
 The scheduler runs once. Each step the driver sends the SchedulerOutput (plus the tokens it has
 read back since the last message) to every worker, then runs its own rank; the collectives inside
-the model keep the ranks in lock step. Workers never sample: they learn the tokens from a later
+the model keep the ranks in lock step. A control call between steps (sleep, a weight update,
+collective_rpc) goes the same way, and each worker answers it with a WorkerReply. Workers never sample: they learn the tokens from a later
 message, and under async scheduling, where step N+1 is sent before step N's tokens are read, from
 a broadcast of rank 0's sampled-token tensor on the devices.
 
@@ -22,12 +23,14 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import queue
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from typing import Any
 
 import msgspec
 import torch
@@ -42,10 +45,12 @@ from tokenmill.executor.messages import (
     WorkerInit,
     WorkerMessage,
     WorkerReady,
+    WorkerReply,
     WorkerShutdown,
     WorkerStep,
 )
-from tokenmill.worker.worker import Worker
+from tokenmill.worker.control import WorkerCall
+from tokenmill.worker.worker import Worker, make_worker
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +90,7 @@ class MultiprocExecutor(Executor):
         self._step_started: float | None = None
         self._closing = False
         self._unsent_tokens: dict[str, list[int]] = {}  # read back since the last WorkerStep
+        self._replies: queue.Queue[WorkerReply] = queue.Queue()  # the watchdog hands them over
         atexit.register(self.shutdown)
 
         num_threads = self._split_cpu_threads()
@@ -101,7 +107,7 @@ class MultiprocExecutor(Executor):
             threading.Thread(target=self._watchdog, daemon=True, name="tp-watchdog").start()
             self.tp = init_tensor_parallel(0, self.world_size, config.device, f"{self._dir}/store",
                                            config.kernels, config.model.dtype)
-            self._worker = Worker(config, self.tp)
+            self._worker = make_worker(config, self.tp)
         except BaseException:
             self.shutdown()
             raise
@@ -164,6 +170,41 @@ class MultiprocExecutor(Executor):
             sock.send(frame, copy=False)
         return _ExecutorStepFuture(self, self._guarded(self._worker.launch, sched))
 
+    def run_on_workers(self, call: WorkerCall, tensors: list[torch.Tensor] | None = None,
+                       ipc_handles: dict | None = None) -> list[Any]:
+        """Send `call` to every worker, run it on rank 0, then wait for every WorkerReply (a worker
+        dying meanwhile raises WorkerDiedError). The first failure, rank 0's first, is raised."""
+        if self.dead_reason is not None:
+            raise WorkerDiedError(self.dead_reason)
+        frame = self._encoder.encode(call)
+        for sock in self._step_socks:
+            sock.send(frame)
+        local_error: Exception | None = None
+        result = None
+        try:
+            result = self._guarded(self._worker.handle, call, tensors, ipc_handles)
+        except WorkerDiedError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - raised once the other ranks answered
+            local_error = exc
+        replies = sorted(self._wait_for_replies(), key=lambda r: r.rank)
+        if local_error is not None:
+            raise local_error
+        for reply in replies:
+            if not reply.ok:
+                raise RuntimeError(f"tensor-parallel rank {reply.rank}: {reply.error}")
+        return [result] + [msgspec.msgpack.decode(r.result) if r.result else None for r in replies]
+
+    def _wait_for_replies(self) -> list[WorkerReply]:
+        replies = []
+        while len(replies) < self.world_size - 1:
+            try:
+                replies.append(self._replies.get(timeout=WATCHDOG_POLL_S))
+            except queue.Empty:
+                if self.dead_reason is not None:
+                    raise WorkerDiedError(self.dead_reason) from None
+        return replies
+
     def _guarded(self, fn, *args):
         """Run a step's part on rank 0, turning a failure caused by a dead rank into WorkerDiedError."""
         self._step_started = time.monotonic()
@@ -206,6 +247,8 @@ class MultiprocExecutor(Executor):
             msg = self._report_decoder.decode(self._from_workers.recv())
             if isinstance(msg, WorkerFailed):
                 self._failures[msg.rank] = msg.message
+            elif isinstance(msg, WorkerReply):
+                self._replies.put(msg)
 
     def _watchdog(self) -> None:
         while not self._closing:

@@ -27,9 +27,11 @@ from tokenmill.executor.messages import (
     WorkerFailed,
     WorkerInit,
     WorkerReady,
+    WorkerReply,
     WorkerShutdown,
     WorkerStep,
 )
+from tokenmill.worker.control import WORKER_CALL_TYPES
 
 logger = logging.getLogger("tokenmill.executor.worker_process")
 
@@ -77,7 +79,7 @@ def run_worker(args: argparse.Namespace, inbox: zmq.Socket, report: zmq.Socket) 
 
     from tokenmill.config import EngineArgs
     from tokenmill.distributed.parallel_state import init_tensor_parallel
-    from tokenmill.worker.worker import Worker
+    from tokenmill.worker.worker import make_worker
 
     decoder = msgspec.msgpack.Decoder(DriverMessage)
     init = _recv(inbox, decoder)
@@ -93,7 +95,7 @@ def run_worker(args: argparse.Namespace, inbox: zmq.Socket, report: zmq.Socket) 
 
     tp = init_tensor_parallel(args.rank, args.world_size, config.device, args.store, config.kernels,
                               config.model.dtype)
-    worker = Worker(config, tp)
+    worker = make_worker(config, tp)
     worker.initialize_kv_cache(worker.determine_num_blocks())
     freeze_long_lived_objects()
     logger.info("rank %d ready: %d KV blocks", args.rank, worker.num_blocks)
@@ -104,8 +106,21 @@ def run_worker(args: argparse.Namespace, inbox: zmq.Socket, report: zmq.Socket) 
         if isinstance(msg, WorkerStep):
             worker.append_sampled_tokens(msg.sampled_token_ids)
             worker.execute(msg.scheduler_output)
+        elif isinstance(msg, WORKER_CALL_TYPES):
+            report.send(msgspec.msgpack.encode(_run_call(worker, msg, args.rank)))
     worker.shutdown()
     tp.destroy()
+
+
+def _run_call(worker, call, rank: int) -> WorkerReply:
+    """A control call's outcome for the driver; an error is reported, not fatal (every rank
+    fails the same way on a bad argument, and the engine carries on)."""
+    try:
+        result = worker.handle(call)
+        return WorkerReply(rank, True, result=b"" if result is None else msgspec.msgpack.encode(result))
+    except Exception as exc:  # noqa: BLE001 - reported to the driver
+        logger.exception("rank %d: %s failed", rank, type(call).__name__)
+        return WorkerReply(rank, False, error=f"{type(exc).__name__}: {exc}")
 
 
 if __name__ == "__main__":

@@ -102,7 +102,14 @@ def build_model(config: EngineConfig, tp: TensorParallelGroup) -> nn.Module:
         init_dummy_weights(model, model_config.seed)
     else:
         load_weights(model, iter_weights(model_config.source, model_config.hf_config, config.kernels.gguf_weight_type))
+    process_weights_after_loading(model)
+    return model.eval()
+
+
+def process_weights_after_loading(model: nn.Module) -> None:
+    """Let every layer derive what it keeps beside its weights (a packed CPU copy, ...) from the
+    weights now loaded; run again after an in-place weight update, so each layer's method must
+    recompute from its parameters, not transform them."""
     for module in model.modules():
         if hasattr(module, "process_weights_after_loading"):
             module.process_weights_after_loading()
-    return model.eval()

@@ -51,3 +51,11 @@ class CompiledCpuForward:
             run_step(num_tokens)
             logger.info("compiled the CPU forward for %s-token steps in %.1f s",
                         "one" if num_tokens == 1 else "multi", time.perf_counter() - start)
+
+
+def forget_compiled_graphs() -> None:
+    """Drop every graph dynamo compiled in this process. Needed before compiling a model again
+    after its weights changed in place: the weights are frozen into the graphs, and dynamo's code
+    cache, whose guards check the parameters' shapes and not their values, would hand back the
+    graph of the old ones. (Other engines in the process compile theirs again on their next call.)"""
+    torch._dynamo.reset()

@@ -64,6 +64,7 @@ class ModelRunner:
         self._state_restores: list[tuple[int, int]] = []
         self.graphs = None  # CudaGraphDecoder once captured
         self._forward = self.model  # or the compiled CPU forward (capture_cuda_graphs)
+        self.graphs_ready = False  # `capture_cuda_graphs` ran over the current pool and weights
         self._structured = None  # StructuredOutputManager, built on the first constrained request
         self.async_scheduling = sched.async_scheduling
         # Rank 0 sends each step's sampled tokens to the other ranks on the device (async + TP).
@@ -90,9 +91,33 @@ class ModelRunner:
                                                   slots)
                           for layer in self.attention_layers]
 
+    def release_kv_cache(self) -> None:
+        """Drop the cache of every `CacheLayer` (KV blocks, MLA latent rows, linear-attention
+        state slots) and what was built over it and the weights: the decode CUDA graphs and the
+        compiled CPU forward (sleep). `allocate_kv_cache` and `capture_cuda_graphs` make them again."""
+        self.kv_caches = []
+        self._state_restores = []
+        self._prev_sampled = None
+        self._drop_graphs()
+
+    def _drop_graphs(self) -> None:
+        self.graphs = None
+        self._forward = self.model
+        self.graphs_ready = False
+
+    def recapture_cuda_graphs(self) -> None:
+        """After the weights changed: CUDA graphs bake in their addresses (recaptured if they
+        moved), the compiled CPU forward their values (frozen into the graph: compiled again)."""
+        self._drop_graphs()
+        if self.config.kernels.cpu_compile:
+            from tokenmill.worker.cpu_compile import forget_compiled_graphs
+            forget_compiled_graphs()
+        self.capture_cuda_graphs()
+
     def capture_cuda_graphs(self) -> None:
         """Decode graphs (CUDA, after the KV cache exists; `enforce_eager` skips); on the CPU, the
         compiled forward pass (`cpu_compile`), warmed up here."""
+        self.graphs_ready = True
         if self.config.kernels.cpu_compile:
             from tokenmill.worker.cpu_compile import CompiledCpuForward
             self._forward = CompiledCpuForward(self.model, self.buffers.max_tokens)

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     latency.add_parser(bench_sub)
     concurrency.add_parser(bench_sub)
     moe.add_parser(bench_sub)
-    for module in ("serve", "embed", "structured", "prefix"):
+    for module in ("serve", "embed", "structured", "prefix", "rl"):
         try:
             mod = __import__(f"tokenmill.benchmarks.{module}", fromlist=["add_parser"])
         except ImportError:

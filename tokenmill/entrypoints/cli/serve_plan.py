@@ -99,6 +99,13 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--task", default="auto", choices=["auto", "generate", "embed"],
                        help="embed: serve /v1/embeddings with an embedding model (no MODEL: the bundled "
                             "all-MiniLM-L6-v2); auto: embed when MODEL is an embedding model")
+    group.add_argument("--enable-weight-updates", action="store_true",
+                       help="serve the RL routes (docs/rl.md): /pause, /resume, /reset_prefix_cache, "
+                            "/update_weights_from_disk, /init_weights_update_group, "
+                            "/update_weights_from_distributed, /collective_rpc (behind --api-key)")
+    group.add_argument("--requests-while-paused", choices=("wait", "reject"), default="wait",
+                       help="requests arriving while the engine is paused or asleep wait until it "
+                            "resumes (default), or get 503 at once")
     group.add_argument("--uvicorn-log-level", default="warning",
                        choices=["critical", "error", "warning", "info", "debug", "trace"],
                        help="uvicorn's own log level (HTTP server messages)")
@@ -198,7 +205,9 @@ def plan_server(args: argparse.Namespace, served_at: str | None = None) -> Serve
                               allowed_methods=_json_list(args.allowed_methods, "--allowed-methods", ("*",)),
                               allowed_headers=_json_list(args.allowed_headers, "--allowed-headers", ("*",)),
                               allow_credentials=args.allow_credentials, header_timeout_s=args.header_timeout,
-                              body_timeout_s=args.body_timeout, request_timeout_s=args.request_timeout)
+                              body_timeout_s=args.body_timeout, request_timeout_s=args.request_timeout,
+                              sleep_routes=args.enable_sleep_mode, weight_update_routes=args.enable_weight_updates,
+                              requests_while_paused=args.requests_while_paused)
     except ValueError as exc:
         raise CannotServe(str(exc)) from None
     scheme = "https" if args.ssl_certfile else "http"

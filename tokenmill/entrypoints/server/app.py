@@ -29,6 +29,7 @@ from tokenmill.entrypoints.openai.responses.store import ResponseStore
 from tokenmill.entrypoints.openai.routes import router as openai_router
 from tokenmill.entrypoints.server.errors import APIError, error_response
 from tokenmill.entrypoints.server.metrics import ServerMetrics, log_periodically
+from tokenmill.entrypoints.server.rl_routes import sleep_router, weights_router
 from tokenmill.entrypoints.server.playground import PLAYGROUND_PATHS, add_playground_routes
 from tokenmill.entrypoints.server.request_log import RequestLogger
 from tokenmill.entrypoints.server.openapi import install_openapi
@@ -66,6 +67,11 @@ class ServerConfig:
     body_timeout_s: float = 30.0
     # A deadline for requests that give no `timeout` of their own; None: none.
     request_timeout_s: float | None = None
+    # RL routes (rl_routes.py), off unless asked for; and what a request meets while the engine
+    # is paused or asleep: "wait" until it resumes, or "reject" (503).
+    sleep_routes: bool = False
+    weight_update_routes: bool = False
+    requests_while_paused: str = "wait"
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "header_timeout_s", "body_timeout_s"):
@@ -75,6 +81,8 @@ class ServerConfig:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         if self.request_timeout_s is not None and not self.request_timeout_s > 0:
             raise ValueError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
+        if self.requests_while_paused not in ("wait", "reject"):
+            raise ValueError(f"requests_while_paused must be wait or reject, got {self.requests_while_paused!r}")
 
 
 class ServerState:
@@ -208,6 +216,7 @@ def build_app(config: ServerConfig,
         else:
             engine.stats_listener = metrics
             engine.add_death_callback(lambda reason: _on_engine_death(state))
+            engine.gate.reject_while_closed = config.requests_while_paused == "reject"
             if config.log_requests:
                 engine.request_logger = RequestLogger(config.max_log_len)
             _describe_cache(metrics, engine)
@@ -231,6 +240,10 @@ def build_app(config: ServerConfig,
     app.include_router(anthropic_router)
     app.include_router(responses_router)
     app.state.responses = ResponseStore()
+    if config.sleep_routes:
+        app.include_router(sleep_router)
+    if config.weight_update_routes:
+        app.include_router(weights_router)
     _add_basic_routes(app)
     add_playground_routes(app)
     _add_error_handlers(app)

@@ -14,6 +14,7 @@ from fastapi import Request
 from tokenmill.engine.async_engine import AsyncEngine, QueueFullError, RequestStream, RequestTimeoutError
 from tokenmill.engine.core_client import EngineDeadError
 from tokenmill.engine.input_processor import ContextLengthError
+from tokenmill.engine.rl_control import EngineSleepingError
 from tokenmill.entrypoints.server.errors import APIError
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -81,6 +82,8 @@ def _to_api_error(exc: BaseException, anthropic: bool) -> BaseException:
         return APIError(529 if anthropic else 429, str(exc), headers=headers)
     if isinstance(exc, EngineDeadError):
         return APIError(503, "the engine is not running")
+    if isinstance(exc, EngineSleepingError):  # paused or asleep, --requests-while-paused reject
+        return APIError(503, str(exc), headers={"retry-after": RETRY_AFTER_S})
     if isinstance(exc, RequestTimeoutError):
         return APIError(408, str(exc), code="request_timeout")
     if isinstance(exc, ContextLengthError):

@@ -56,6 +56,9 @@ class MLAAttention(CacheLayer):
         if isinstance(method, Fp8LinearMethod):
             self._w_kv_b = method.dequantized_weight(self.kv_b_proj, self.dtype)
 
+    def drop_derived_weights(self) -> None:
+        self._w_kv_b = None
+
     # ----- the layer's share of the paged KV cache -----
     def kv_cache_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
         return block_size * self.dims.cache_width * torch.empty((), dtype=dtype).element_size()

@@ -11,9 +11,13 @@ if TYPE_CHECKING:
     from tokenmill.model.attention.mla_backend import MLABackend
 
 
+BACKENDS = ("torch_native", "cpu", "triton", "batch_invariant", "encoder")
+
+
 def backend_class(name: str) -> type[AttentionBackend]:
-    """`torch_native`, `cpu` (compiled CPU forward) or `triton` for decoders (imported on first use,
-    so CPU processes never import Triton); `encoder` for embedding models (bidirectional, no KV cache)."""
+    """`torch_native`, `cpu` (compiled CPU forward), `triton` or `batch_invariant` for decoders
+    (imported on first use, so CPU processes never import Triton); `encoder` for embedding models
+    (bidirectional, no KV cache)."""
     if name == "cpu":
         from tokenmill.model.attention.cpu import CpuBackend
         return CpuBackend
@@ -23,10 +27,13 @@ def backend_class(name: str) -> type[AttentionBackend]:
     if name == "triton":
         from tokenmill.model.attention.triton import TritonBackend
         return TritonBackend
+    if name == "batch_invariant":
+        from tokenmill.model.attention.batch_invariant import BatchInvariantBackend
+        return BatchInvariantBackend
     if name == "encoder":
         from tokenmill.model.attention.encoder import EncoderBackend
         return EncoderBackend
-    raise ValueError(f"unknown attention backend {name!r}; choose from torch_native, cpu, triton")
+    raise ValueError(f"unknown attention backend {name!r}; choose from {', '.join(BACKENDS)}")
 
 
 def mla_backend_class(name: str) -> type["MLABackend"]:

@@ -104,6 +104,9 @@ class LinearBase(nn.Module):
     def process_weights_after_loading(self) -> None:
         self.method.process_weights_after_loading(self)
 
+    def drop_derived_weights(self) -> None:
+        self.method.drop_derived_weights(self)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x, self.bias)[0]
 

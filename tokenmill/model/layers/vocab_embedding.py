@@ -51,6 +51,9 @@ class ParallelLMHead(VocabParallelEmbedding):
     def process_weights_after_loading(self) -> None:
         self.method.process_weights_after_loading(self)
 
+    def drop_derived_weights(self) -> None:
+        self.method.drop_derived_weights(self)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise TypeError("an LM head computes logits (compute_logits), it does not embed")
 

@@ -76,7 +76,8 @@ def _weight_loader_of(model: torch.nn.Module, name: str):
 
 
 @torch.no_grad()
-def load_weights(model: torch.nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) -> set[str]:
+def load_weights(model: torch.nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
+                 require_all: bool = True) -> set[str]:
     """Route each HF tensor to its (possibly merged, possibly sharded) parameter.
 
     The model class declares its name mapping: `stacked_params` ((merged fragment, HF fragment,
@@ -85,7 +86,8 @@ def load_weights(model: torch.nn.Module, weights: Iterator[tuple[str, torch.Tens
     Routed experts' matrices go to their `FusedMoE` layer's stacked parameters through the shared
     table of `expert_weights.py`. Every parameter must be loaded exactly from the checkpoint:
     unknown tensors, missing parameters and missing experts are errors, not silent gaps; fp8
-    tensors load only into fp8 parameters (with their scales), never cast.
+    tensors load only into fp8 parameters (with their scales), never cast. `require_all=False`
+    (an in-place weight update) takes any subset of the checkpoint. Returns the parameters loaded.
     """
     params = dict(model.named_parameters())
     stacked = getattr(model, "stacked_params", ())
@@ -142,11 +144,11 @@ def load_weights(model: torch.nn.Module, weights: Iterator[tuple[str, torch.Tens
                 loader(param, as_param_dtype(name, tensor, param))
             loaded.add(name)
     missing = set(params) - loaded
-    if missing:
+    if missing and require_all:
         raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
     for module_name, module in model.named_modules():
         unloaded = module.unloaded_weights() if hasattr(module, "unloaded_weights") else []
-        if unloaded:
+        if unloaded and require_all:
             raise ValueError(f"checkpoint is missing {len(unloaded)} expert matrices of {module_name}, "
                              f"e.g. {unloaded[:3]}")
     return loaded

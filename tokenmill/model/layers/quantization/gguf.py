@@ -43,6 +43,8 @@ class GgufLinearMethod(LinearMethod):
         return (1, gguf_blocks.BLOCK) if name == "weight" else (1, 1)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
+        if layer.weight.dim() == 2:
+            return  # in the kernel's layout already (a second call: weights woken from sleep)
         raw = layer.weight.data.flatten(1)  # the GGUF rows
         if self.kind in gguf_blocks.INT4_TYPES:
             packed, self.scales = gguf_blocks.pack_int4(raw, self.kind, self.dtype)
