@@ -19,7 +19,7 @@ def dequantised_hf_folder(gguf_path: str, out: str) -> str:
 
     from tokenmill.config.gguf_metadata import gguf_hf_config
     from tokenmill.config.gguf_weights import iter_gguf_weights
-    from tokenmill.model.loader.tokenizer import load_tokenizer
+    from tokenmill.config.tokenizer import load_tokenizer
 
     config = gguf_hf_config(gguf_path)
     config.dtype = "bfloat16"
