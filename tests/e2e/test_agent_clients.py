@@ -7,7 +7,7 @@ the e2e session server): `instructor` (TOOLS, JSON_SCHEMA, `create_partial` stre
 The model's template drops `tools` and it writes no tool-call format of its own, so what runs here
 is what the engine's grammars force (named and required tool choices, response formats); the
 model-format parsers and `tool_choice="auto"` are driven by scripted outputs in
-tests/unit/test_agent_formats.py and tests/unit/test_responses_api.py.
+tests/server/test_agent_formats.py and tests/server/test_responses_api.py.
 """
 
 from __future__ import annotations

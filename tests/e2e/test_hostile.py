@@ -176,7 +176,7 @@ def test_request_timeout_frees_the_engine(server, client):
 
 # ----- schemathesis against the real model -----
 def test_schemathesis_finds_nothing(server, client, tmp_path):
-    # Every phase runs against the fake model (tests/unit/test_schemathesis_fake.py); with the real
+    # Every phase runs against the fake model (tests/server/test_schemathesis_fake.py); with the real
     # one, generation costs seconds per request, so this run is bounded to examples and fuzzing.
     result = run_schemathesis(server, str(tmp_path), phases="examples,fuzzing", max_examples=8)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
