@@ -38,8 +38,10 @@ def token_ids(count: int, length: int, seed: int) -> list[list[int]]:
 
 def engine_specs(args: argparse.Namespace, hf_folder: str, bf16_gguf: str, q4_gguf: str) -> dict[str, dict]:
     threads = args.threads
+    # Prefix caching off in every engine (llama.cpp: `cache_prompt: false`): each measurement
+    # repeats its prompts, and a cache hit would time a lookup instead of a prefill.
     tokenmill_args = {"dtype": "bfloat16", "max_model_len": 2048, "kv_cache_memory": 1 << 30,
-                      "max_num_seqs": max(args.batch, 1), "cpu_compile": True}
+                      "max_num_seqs": max(args.batch, 1), "cpu_compile": True, "enable_prefix_caching": False}
     python = sys.executable
     vllm_python = str(Path(args.cache_dir) / "vllm-venv" / "bin" / "python")
     venv_lib = Path(args.cache_dir) / "vllm-venv" / "lib"
@@ -54,7 +56,7 @@ def engine_specs(args: argparse.Namespace, hf_folder: str, bf16_gguf: str, q4_gg
                       "env": [f"PYTHONPATH={REPO}", f"OMP_NUM_THREADS={threads}"]},
         "vllm": {"runner": "vllm", "python": vllm_python, "model": hf_folder, "env": vllm_env,
                  "engine_args": {"dtype": "bfloat16", "max_model_len": 2048, "max_num_seqs": max(args.batch, 1),
-                                 "seed": 0}},
+                                 "seed": 0, "enable_prefix_caching": False}},
         "llamacpp": {"runner": "llamacpp", "python": python, "model": bf16_gguf, "server": server, "ctx": 8192,
                      "env": []},
         "tokenmill-eager": {"runner": "tokenmill", "python": python, "model": hf_folder,
