@@ -19,7 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tokenmill.config.gguf_cache import cache_root, file_key
+from tokenmill.config.cache_root import cache_root
+from tokenmill.config.gguf_cache import file_key
 from tokenmill.config.model_source import ModelSource, default_gguf_path
 
 logger = logging.getLogger(__name__)

@@ -28,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from tokenmill.config.cache_root import cache_root
 from tokenmill.config.model_source import ModelSource
 
 logger = logging.getLogger(__name__)
@@ -35,10 +36,6 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1  # bump when the folder's layout or contents change
 MAX_CACHED_BYTES = 4 << 30  # float32 weights; about a 1B-parameter model
 SHARD_BYTES = 1 << 30
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("TOKENMILL_CACHE") or Path.home() / ".cache" / "tokenmill")
 
 
 def file_key(path: str) -> str:

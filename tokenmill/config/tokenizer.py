@@ -11,12 +11,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tokenmill.config.cache_root import cache_root
+
 
 def _cache_dir(gguf_path: str) -> Path:
     stat = os.stat(gguf_path)
     key = hashlib.sha256(f"{os.path.abspath(gguf_path)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    root = Path(os.environ.get("TOKENMILL_CACHE", Path.home() / ".cache" / "tokenmill"))
-    return root / "tokenizers" / key
+    return cache_root() / "tokenizers" / key
 
 
 def load_tokenizer(path: str | None) -> Any:

@@ -154,9 +154,9 @@ def _check_fused(rank: int, world: int, comm, device, failures: list[str]) -> li
     return results
 
 
-def _worker(rank: int, world: int, store: str, out_path: str | None) -> None:
+def _worker(rank: int, world: int, store: str, out_path: str | None, hang_dump_s: float) -> None:
     import faulthandler
-    faulthandler.dump_traceback_later(float(os.environ.get("HANG_DUMP_S", "60")), exit=True)
+    faulthandler.dump_traceback_later(hang_dump_s, exit=True)
     sys.path.insert(0, os.getcwd())
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -249,9 +249,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world-size", type=int, default=torch.cuda.device_count())
     p.add_argument("--output-json", default=None)
+    p.add_argument("--hang-dump-s", type=float, default=60,
+                   help="a rank still running after this many seconds prints its stacks and exits")
     args = p.parse_args()
     store = os.path.join(tempfile.mkdtemp(prefix="tm_ar_"), "store")
-    mp.spawn(_worker, args=(args.world_size, store, args.output_json), nprocs=args.world_size)
+    mp.spawn(_worker, args=(args.world_size, store, args.output_json, args.hang_dump_s),
+             nprocs=args.world_size)
 
 
 if __name__ == "__main__":
