@@ -76,6 +76,22 @@ def held_suffix(text: str, *markers: str) -> int:
     return best
 
 
+def delimited_bodies(text: str, start: int, begin: str, end: str) -> list[tuple[str, bool]]:
+    """The bodies between `begin` and `end` markers from `start` on, each with whether its `end`
+    was seen (the last one may still be growing)."""
+    bodies = []
+    pos = text.find(begin, start)
+    while pos >= 0:
+        body_start = pos + len(begin)
+        stop = text.find(end, body_start)
+        if stop < 0:
+            bodies.append((text[body_start:], False))
+            break
+        bodies.append((text[body_start:stop], True))
+        pos = text.find(begin, stop)
+    return bodies
+
+
 class ToolParser(ABC):
     """One instance per response (the streaming methods keep what was already sent).
 

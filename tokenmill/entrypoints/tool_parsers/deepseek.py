@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from tokenmill.entrypoints.tool_parsers.base import CallText, ToolParser, held_suffix
+from tokenmill.entrypoints.tool_parsers.base import CallText, ToolParser, delimited_bodies, held_suffix
 from tokenmill.entrypoints.tool_parsers.json_text import json_arguments
 
 CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
@@ -26,15 +26,7 @@ class _DeepSeekParser(ToolParser):
         if first < 0:
             held = 0 if final else held_suffix(text, CALLS_BEGIN)
             return text[: len(text) - held], []
-        calls = []
-        pos = text.find(CALL_BEGIN, first)
-        while pos >= 0:
-            start = pos + len(CALL_BEGIN)
-            end = text.find(CALL_END, start)
-            calls.append(self._call(text[start:] if end < 0 else text[start:end]))
-            if end < 0:
-                break
-            pos = text.find(CALL_BEGIN, end)
+        calls = [self._call(body) for body, _ in delimited_bodies(text, first, CALL_BEGIN, CALL_END)]
         return text[:first], calls
 
 

@@ -5,7 +5,7 @@ template writes it back when the tool's result comes in, so it is returned as th
 
 from __future__ import annotations
 
-from tokenmill.entrypoints.tool_parsers.base import CallText, ToolParser, held_suffix
+from tokenmill.entrypoints.tool_parsers.base import CallText, ToolParser, delimited_bodies, held_suffix
 from tokenmill.entrypoints.tool_parsers.json_text import json_arguments
 
 SECTION_BEGINS = ("<|tool_calls_section_begin|>", "<|tool_call_section_begin|>")  # both spellings occur
@@ -22,15 +22,7 @@ class KimiK2ToolParser(ToolParser):
             held = 0 if final else held_suffix(text, *SECTION_BEGINS)
             return text[: len(text) - held], []
         first = min(found)
-        calls = []
-        pos = text.find(CALL_BEGIN, first)
-        while pos >= 0:
-            start = pos + len(CALL_BEGIN)
-            end = text.find(CALL_END, start)
-            calls.append(self._call(text[start:] if end < 0 else text[start:end]))
-            if end < 0:
-                break
-            pos = text.find(CALL_BEGIN, end)
+        calls = [self._call(body) for body, _ in delimited_bodies(text, first, CALL_BEGIN, CALL_END)]
         return text[:first], calls
 
     @staticmethod
