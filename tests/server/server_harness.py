@@ -3,6 +3,7 @@ server tests and the e2e tests)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -103,6 +104,15 @@ def start_fake_server(api_key: str | None = None, env: dict[str, str] | None = N
     server = ServerProcess(argv, port, env=env, api_key=api_key)
     server.wait_ready(60)
     return server
+
+
+def start_scripted_server(api_key: str, script: list[list[str]], max_model_len: int) -> ServerProcess:
+    """A fake-model server that answers each prompt containing `script[i][0]` with the text
+    `script[i][1]`, behind the hermes tool parser and the qwen3 reasoning parser."""
+    return start_fake_server(api_key, env={
+        "FAKE_SCRIPT": json.dumps(script), "FAKE_MAX_MODEL_LEN": str(max_model_len), "FAKE_FAULT_TOKENS": "0",
+        "FAKE_STEP_DELAY_S": "0.001",
+        "FAKE_SERVER_CONFIG": json.dumps({"tool_call_parser": "hermes", "reasoning_parser": "qwen3"})})
 
 
 # Statuses that reject a request the schema does not allow: 413 (a body over the byte limit) and

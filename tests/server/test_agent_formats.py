@@ -22,7 +22,7 @@ import openai
 import pytest
 from pydantic import BaseModel
 
-from server_harness import start_fake_server
+from server_harness import start_scripted_server
 
 KEY = "sk-agents"
 PARIS = '{"city": "Paris"}'
@@ -50,10 +50,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def server():
-    srv = start_fake_server(KEY, env={
-        "FAKE_SCRIPT": json.dumps(SCRIPT), "FAKE_MAX_MODEL_LEN": "4096", "FAKE_FAULT_TOKENS": "0",
-        "FAKE_STEP_DELAY_S": "0.001",
-        "FAKE_SERVER_CONFIG": json.dumps({"tool_call_parser": "hermes", "reasoning_parser": "qwen3"})})
+    srv = start_scripted_server(KEY, SCRIPT, max_model_len=4096)
     yield srv
     srv.stop()
 
