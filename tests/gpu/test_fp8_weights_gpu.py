@@ -108,16 +108,24 @@ def test_batch1_decode_runs_the_fp8_gemv(tmp_path_factory, monkeypatch):
 
 def test_block_fp8_with_fp8_kv_cache_and_prefix_caching(tmp_path_factory):
     """fp8 weights beside an fp8 KV cache: prompts sharing a 256-token prefix give the same greedy
-    tokens with prefix caching (the prefix read back from cached fp8 blocks) as without."""
+    tokens with prefix caching (the prefix read back from cached fp8 blocks) as without.
+
+    A fresh prefill attends over its own exact K/V and only a cached prefix is read back rounded to
+    e4m3 (as in vLLM), so "without" is a 256-token chunked prefill: its second chunk reads the
+    first 256 tokens back from fp8 blocks just as a cache hit does, and both runs compute the same
+    numbers. One prompt at a time, so the batches match too."""
     folder, _ = _block_fp8_folder(tmp_path_factory, "llama", 0.5)
     prefix = [(7 * i + 1) % 2048 for i in range(256)]
     prompts = [prefix + [(5 * i + j) % 2048 for i in range(9 + j)] for j in range(4)]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     results = []
     for caching in (False, True):
-        with LLM(folder, kv_cache_dtype="fp8", enable_prefix_caching=caching, **ENGINE) as llm:
+        with LLM(folder, kv_cache_dtype="fp8", enable_prefix_caching=caching, max_num_batched_tokens=256,
+                 **ENGINE) as llm:
             llm.generate(prompts[:1], params, use_tqdm=False)  # fills the cache with the prefix
-            results.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+            outs = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
+            assert [o.num_cached_tokens for o in outs] == ([256] * 4 if caching else [0] * 4)
+            results.append([o.outputs[0].token_ids for o in outs])
         torch.cuda.empty_cache()
     assert results[0] == results[1]
 

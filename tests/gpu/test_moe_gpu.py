@@ -12,7 +12,7 @@ pytestmark = pytest.mark.cuda
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from gpu_models import LOGIT_PARAMS, LOGIT_PROMPTS, greedy_eager_and_graphs  # noqa: E402
+from gpu_models import LOGIT_PARAMS, LOGIT_PROMPTS, greedy_eager_and_graphs, logprob_errors  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from tokenmill import LLM, SamplingParams  # noqa: E402
@@ -45,21 +45,6 @@ def moe_folder(tmp_path_factory, name: str, initializer_range: float, dtype=torc
     folder = tmp_path_factory.mktemp(name)
     model.save_pretrained(folder)
     return str(folder), model.to("cuda").eval()
-
-
-def logprob_errors(hf, prompts, outs) -> list[float]:
-    """Per generated position: relative error of the top-20 logprob vector against HF's."""
-    errors = []
-    for prompt, out in zip(prompts, outs):
-        tokens = prompt + out.outputs[0].token_ids
-        with torch.no_grad():
-            ref = torch.log_softmax(hf(torch.tensor([tokens], device="cuda")).logits[0].float(), -1)
-        for j, position in enumerate(out.outputs[0].logprobs):
-            ids = list(position)
-            ours = torch.tensor([position[t].logprob for t in ids])
-            theirs = ref[len(prompt) - 1 + j][ids].cpu()
-            errors.append(float((ours - theirs).norm() / theirs.norm()))
-    return errors
 
 
 @pytest.mark.parametrize("name", sorted(MOE_SHAPES))

@@ -71,7 +71,8 @@ def open_shared(handle: tuple[Callable, tuple], device: torch.device) -> torch.T
     args = list(args)
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
     if func is rebuild_cuda_tensor:
-        args[6] = device.index  # storage_device
+        # torch.device("cuda") has no index: the current device is the one this rank runs on.
+        args[6] = device.index if device.index is not None else torch.cuda.current_device()  # storage_device
     return func(*args)
 
 

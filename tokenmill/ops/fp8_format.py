@@ -28,7 +28,10 @@ _AMAX_EPS = 1e-10  # an all-zero group still gets a finite, nonzero scale
 
 
 def _scale_of(amax: torch.Tensor, ue8m0: bool = False) -> torch.Tensor:
-    scale = amax.float().clamp(min=_AMAX_EPS) / FP8_MAX
+    amax = amax.float().clamp(min=_AMAX_EPS)
+    # A tensor divisor, not the Python float: CUDA torch turns `tensor / scalar` into a product
+    # with the reciprocal (one ulp off IEEE division), and the Triton quantiser divides exactly.
+    scale = amax / torch.full_like(amax, FP8_MAX)
     return round_up_to_power_of_two(scale) if ue8m0 else scale
 
 
