@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
-from gpu_models import LOGIT_PARAMS, LOGIT_PROMPTS, assert_logprobs_match_hf, greedy_eager_and_graphs  # noqa: E402
+from gpu_models import LOGIT_PARAMS, LOGIT_PROMPTS, greedy_eager_and_graphs, logprob_errors  # noqa: E402
 from tokenmill import LLM, SamplingParams  # noqa: E402
 
 WIDTHS = dict(vocab_size=2048, hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
@@ -55,7 +55,10 @@ def test_mla_logits_match_hf_bf16(name, tmp_path_factory):
     folder, hf = mla_folder(tmp_path_factory, name, 0.05)
     with LLM(folder, dtype="bfloat16", max_model_len=2048, gpu_memory_utilization=0.3, block_size=16) as llm:
         outs = llm.generate(LOGIT_PROMPTS, LOGIT_PARAMS, use_tqdm=False)
-    assert_logprobs_match_hf(hf, LOGIT_PROMPTS, outs, name)
+    # Routed experts (8): close on average; a position may be further off where bf16 rounding moved
+    # a router score across the k-th one (as in test_moe_gpu).
+    errors = logprob_errors(hf, LOGIT_PROMPTS, outs)
+    assert sum(errors) / len(errors) < 1e-2 and max(errors) < 0.12, (name, sorted(errors)[-4:])
 
 
 @pytest.mark.parametrize("name", sorted(SHAPES))
@@ -92,6 +95,34 @@ def test_triton_mla_matches_reference_backend_float32(tmp_path_factory):
         assert tokens == ref.outputs[0].token_ids
         for token, a, b in zip(tokens, out.outputs[0].logprobs, ref.outputs[0].logprobs):
             assert abs(a[token].logprob - b[token].logprob) < 5e-2
+
+
+@pytest.mark.parametrize("features", ["plain", "eager", "chunked", "prefix", "preempt"])
+def test_triton_mla_matches_reference_backend_one_feature_at_a_time(features, tmp_path_factory):
+    """The float32 comparison above with one engine feature at a time, so a failure names the
+    path: one-step prefills ("plain"), no CUDA graphs, chunked prefill over the request's own
+    cached chunks, prefix-cache hits, preemption."""
+    folder, _ = mla_folder(tmp_path_factory, "v3", 0.5, dtype=torch.float32)
+    shared = [(7 * i + 3) % 2048 for i in range(200)]
+    prompts = [shared + [(5 * i + 11 * j) % 2048 for i in range(3 + 17 * j)] for j in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    engine = dict(dtype="float32", max_model_len=1024, gpu_memory_utilization=0.3, block_size=16, max_num_seqs=8,
+                  enable_prefix_caching=features == "prefix", enforce_eager=features == "eager")
+    if features == "chunked":
+        engine["max_num_batched_tokens"] = 128
+    if features == "preempt":
+        engine["num_gpu_blocks_override"] = 34
+    results = []
+    for backend in ("torch_native", "triton"):
+        with LLM(folder, attention_backend=backend, **engine) as llm:
+            if features == "prefix":
+                llm.generate(prompts[:1], params, use_tqdm=False)
+            results.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+            if features == "preempt":
+                assert llm.engine.core.scheduler.num_preemptions > 0
+        torch.cuda.empty_cache()
+    first_diff = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), None) for x, y in zip(*results)]
+    assert results[0] == results[1], (features, first_diff)
 
 
 def test_fp8_latent_cache_follows_fp8_rounded_hf(tmp_path_factory):

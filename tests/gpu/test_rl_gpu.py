@@ -136,7 +136,9 @@ def _family_folder(tmp_path_factory, name: str, seed: int) -> str:
     from test_mla_gpu import WIDTHS as MLA_WIDTHS
 
     values = {**MLA_WIDTHS, **MLA_SHAPES["v3"]} if name == "deepseek_v3_fp8" else {**HYBRID_BASE, **HYBRID_SHAPES[name]}
-    config = AutoConfig.for_model(values.pop("model_type"), initializer_range=0.05, **values)
+    # Peaky logits (0.5): a fresh engine and an updated one may pick other launch configurations
+    # (autotuned sums in another order); greedy margins must be far above that rounding.
+    config = AutoConfig.for_model(values.pop("model_type"), initializer_range=0.5, **values)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
     folder = str(tmp_path_factory.mktemp(f"{name}_{seed}"))

@@ -204,5 +204,5 @@ def test_triton_mla_backend_matches_reference(fp8):
     # kernel in float32 (rounded once): the rope columns agree to rounding.
     rank = dims["rank"]
     assert_same_cache(caches[1][..., :rank].contiguous(), caches[0][..., :rank].contiguous())
-    rope_tol = dict(rtol=0.5, atol=2e-3) if fp8 else dict(rtol=5e-3, atol=2e-3)  # (fp8: one step)
+    rope_tol = dict(rtol=0.5, atol=2e-3) if fp8 else dict(rtol=1e-2, atol=2e-3)  # (one bf16 / fp8 step)
     torch.testing.assert_close(caches[1][..., rank:].float(), caches[0][..., rank:].float(), **rope_tol)

@@ -32,9 +32,11 @@ files() {
 per_test=()
 python3 -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout "${TEST_TIMEOUT:-150}")
 run_group() {  # run_group NAME TIMEOUT
-  # The fp8 no-compiles test starts its own engine on a fresh Triton cache (minutes): fp8_suite.sh compiles.
+  # The fp8 no-compiles test starts its own engine on a fresh Triton cache (minutes): fp8_suite.sh
+  # compiles. K_<group> (e.g. K_mla) replaces the -k selection for that group.
+  local k_var="K_$1"
   timeout "$2" python3 -m pytest -v --tb=short -p no:cacheprovider -o addopts="" --durations=8 "${per_test[@]}" \
-      -k "not compile_nothing" $(files "$1") > "$out/$1.log" 2>&1
+      -k "${!k_var:-not compile_nothing}" $(files "$1") > "$out/$1.log" 2>&1
   echo "$1 rc=$?" >> "$out/rc.txt"
 }
 lane() {  # lane TIMEOUT GROUP...: the groups one after another, within TIMEOUT together
