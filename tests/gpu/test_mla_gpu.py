@@ -71,8 +71,9 @@ def test_mla_cuda_graphs_match_eager(name, tmp_path_factory):
 def test_triton_mla_matches_reference_backend_float32(tmp_path_factory):
     """The same float32 model through the Triton MLA backend (CUDA graphs) and the reference one,
     both on the GPU, with chunked prefill over cached prefixes, prefix-cache hits and preemption:
-    the same greedy tokens, and logprobs to the rounding of the Triton kernels' float32 dots
-    (TF32 on tensor cores, ~1e-3 relative)."""
+    the same greedy tokens, and logprobs to float32 rounding in another summation order (the
+    kernels' float32 dots are IEEE: `ops/attention_common.model_dot`; as TF32 they moved tokens
+    from the first one on, an H100, 2026-12-06)."""
     folder, _ = mla_folder(tmp_path_factory, "v3", 0.5, dtype=torch.float32)  # peaky: greedy margins wide
     shared = [(7 * i + 3) % 2048 for i in range(200)]
     prompts = [shared + [(5 * i + 11 * j) % 2048 for i in range(3 + 17 * j)] for j in range(6)]

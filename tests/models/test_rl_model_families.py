@@ -99,6 +99,11 @@ def _tensors(folder: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _derived_addresses(llm: LLM) -> list[int]:
+    model = llm.engine.core.executor.driver_worker.model
+    return [m._w_kv_b.data_ptr() for m in model.modules() if getattr(m, "_w_kv_b", None) is not None]
+
+
 @pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v3", "deepseek_v3_fp8"])
 def test_updates_equal_a_fresh_engine(checkpoints, name):
     a, b = checkpoints(name)
@@ -107,9 +112,13 @@ def test_updates_equal_a_fresh_engine(checkpoints, name):
     with LLM(a, **ENGINE) as llm:
         assert _outputs(llm) == expected_a
         assert all(n > 0 for n in _cached(llm))
+        derived = _derived_addresses(llm)
         assert llm.update_weights_from_disk(b) > 0
         assert _cached(llm) == [0] * len(PROMPTS)  # no block of A's K/V reused
         assert _outputs(llm) == expected_b
+        # Derived tensors (the fp8 kv_b_proj dequantised for MLA's absorbed products) are refilled
+        # where they were: on a GPU the decode graphs read them, and this update moved no parameter.
+        assert _derived_addresses(llm) == derived
         # Back to A from tensors, the routed experts' per-expert matrices (and their block scales)
         # in one call and everything else in another: any subset loads.
         tensors = _tensors(a)

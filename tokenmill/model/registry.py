@@ -109,7 +109,8 @@ def build_model(config: EngineConfig, tp: TensorParallelGroup) -> nn.Module:
 def process_weights_after_loading(model: nn.Module) -> None:
     """Let every layer derive what it keeps beside its weights (a packed CPU copy, ...) from the
     weights now loaded; run again after an in-place weight update, so each layer's method must
-    recompute from its parameters, not transform them."""
+    recompute from its parameters, not transform them, and refill a derived tensor in place (the
+    decode CUDA graphs captured its address; an update that moves no parameter keeps them)."""
     for module in model.modules():
         if hasattr(module, "process_weights_after_loading"):
             module.process_weights_after_loading()

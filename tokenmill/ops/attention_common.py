@@ -52,9 +52,20 @@ def load_kv_tile(
 
 
 @triton.jit
+def model_dot(a, b):
+    """`tl.dot` for the model's dtype: float32 operands multiply as IEEE float32 (Triton's default
+    rounds them to TF32, 10 mantissa bits, which at a float32 model's attention scores moves a
+    greedy token); bf16 / fp16 operands use the tensor cores as always. A static branch."""
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
 def online_softmax_step(q, k, v, score_mask, m_i, l_i, acc, scale_log2):
     """Fold one tile into the running (max, sum, accumulator); scores in the log2 domain."""
-    s = tl.dot(q, tl.trans(k.to(q.dtype))) * scale_log2
+    s = model_dot(q, tl.trans(k.to(q.dtype))) * scale_log2
     s = tl.where(score_mask, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen only masked keys keeps m = -inf; shift by 0 there so no NaN appears.
@@ -62,7 +73,7 @@ def online_softmax_step(q, k, v, score_mask, m_i, l_i, acc, scale_log2):
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+    acc = acc * alpha[:, None] + model_dot(p.to(q.dtype), v.to(q.dtype))
     return m_new, l_i, acc
 
 

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tokenmill.ops.attention_common import LOG2E
+from tokenmill.ops.attention_common import LOG2E, model_dot
 from tokenmill.ops.lightning_attention_ref import scan_block
 
 _LOG2E = tl.constexpr(LOG2E)  # (a jit function reads only constexpr globals)
@@ -91,15 +91,15 @@ def _lightning_prefill_kernel(
         dtype = q.dtype
         fidx = idx.to(tl.float32)
         q_decay = tl.exp2(neg_slope_log2 * (fidx + 1.0))  # lambda^(i+1)
-        inter = tl.dot((q.to(tl.float32) * q_decay[:, None]).to(dtype), state.to(dtype))
-        scores = tl.dot(q, tl.trans(k))
+        inter = model_dot((q.to(tl.float32) * q_decay[:, None]).to(dtype), state.to(dtype))
+        scores = model_dot(q, tl.trans(k))
         scores = tl.where(causal, scores * tl.exp2(neg_slope_log2 * tl.maximum(diff, 0.0)), 0.0)
-        out = inter + tl.dot(scores.to(dtype), v)
+        out = inter + model_dot(scores.to(dtype), v)
         tl.store(out_ptr + rows[:, None] * stride_o_tok + head * stride_o_head + vdims[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & vdim_mask[None, :])
         k_decay = tl.where(row_mask, tl.exp2(neg_slope_log2 * (n - 1 - fidx)), 0.0)  # lambda^(n-1-j)
         k_decayed = (k.to(tl.float32) * k_decay[:, None]).to(dtype)
-        state = state * tl.exp2(neg_slope_log2 * n) + tl.dot(tl.trans(k_decayed), v)
+        state = state * tl.exp2(neg_slope_log2 * n) + model_dot(tl.trans(k_decayed), v)
         if CHECKPOINTS:
             if end % ckpt_interval == 0:
                 j = end // ckpt_interval - context // ckpt_interval - 1

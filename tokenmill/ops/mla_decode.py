@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tokenmill.ops.attention_common import LOG2E, LaunchConfig, finish_softmax
+from tokenmill.ops.attention_common import LOG2E, LaunchConfig, finish_softmax, model_dot
 from tokenmill.ops.attention_decode import decode_num_splits
 from tokenmill.ops.kv_quant import is_fp8, read_kv
 
@@ -105,14 +105,14 @@ def _mla_decode_kernel(
             latent = latent.to(tl.float32) * kv_scale
             rope_key = rope_key.to(tl.float32) * kv_scale
         latent = latent.to(q_lat.dtype)
-        s = tl.dot(q_lat, tl.trans(latent)) + tl.dot(q_pe, tl.trans(rope_key.to(q_pe.dtype)))
+        s = model_dot(q_lat, tl.trans(latent)) + model_dot(q_pe, tl.trans(rope_key.to(q_pe.dtype)))
         s = tl.where(key_mask[None, :], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw only masked keys
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(latent.dtype), latent)
+        acc = acc * alpha[:, None] + model_dot(p.to(latent.dtype), latent)
         m_i = m_new
 
     out, lse = finish_softmax(m_i, l_i, acc)

@@ -54,7 +54,13 @@ class MLAAttention(CacheLayer):
         processed, e.g. quantised by online fp8, by the time this runs.)"""
         method = self.kv_b_proj.method
         if isinstance(method, Fp8LinearMethod):
-            self._w_kv_b = method.dequantized_weight(self.kv_b_proj, self.dtype)
+            weight = method.dequantized_weight(self.kv_b_proj, self.dtype)
+            if self._w_kv_b is not None and self._w_kv_b.shape == weight.shape:
+                # After an in-place weight update: the decode CUDA graphs read this storage, and
+                # updates that leave the parameters where they were do not recapture them.
+                self._w_kv_b.copy_(weight)
+            else:
+                self._w_kv_b = weight
 
     def drop_derived_weights(self) -> None:
         self._w_kv_b = None
