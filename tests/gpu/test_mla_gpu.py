@@ -129,39 +129,39 @@ def test_triton_mla_matches_reference_backend_one_feature_at_a_time(features, tm
 def test_fp8_latent_cache_follows_fp8_rounded_hf(tmp_path_factory):
     """`kv_cache_dtype="fp8"` through the Triton path (fused rope + e4m3 write, chunked prefill
     expanding the cached prefix, decode from CUDA graphs): on its own greedy tokens, HF with its
-    latents and rope keys rounded the same way gives nearly the engine's log-probabilities."""
-    from transformers.models.deepseek_v3 import modeling_deepseek_v3
+    latents and rope keys rounded the same way is closer to the engine's log-probabilities than
+    plain HF (as tests/models/test_mla_models.py checks on the CPU).
 
-    from tokenmill.ops.kv_quant import quantize_fp8
+    Weights at 0.05, not the peaky 0.5 of the greedy tests: there any rounding difference is
+    amplified, and the reference backend itself is 5.2 nats a token from rounded HF (a step's own
+    latents stay exact in the engine's prefill, HF rounds them all). At 0.05 the reference
+    backend gives 0.048 against rounded HF and 0.086 against plain HF (CPU, bf16, these prompts)."""
+    from fp8_rounded_hf import fp8_rounded_deepseek
 
-    folder, hf = mla_folder(tmp_path_factory, "v3", 0.5)
+    folder, hf = mla_folder(tmp_path_factory, "v3", 0.05)
     prompts = [[(11 * i + 5 * j) % 2048 for i in range(n)] for j, n in enumerate((300, 40, 7))]
     params = SamplingParams(temperature=0, max_tokens=24, logprobs=1, ignore_eos=True)
     with LLM(folder, dtype="bfloat16", max_model_len=1024, kv_cache_dtype="fp8", max_num_batched_tokens=128,
              enable_prefix_caching=False, gpu_memory_utilization=0.3) as llm:
         assert llm.engine.core.executor.driver_worker.runner.kv_caches[0].dtype == torch.float8_e4m3fn
         outs = llm.generate(prompts, params, use_tqdm=False)
-    real_rope = modeling_deepseek_v3.apply_rotary_pos_emb_interleave
 
-    def rope_then_round(q, k, *args, **kwargs):
-        q, k = real_rope(q, k, *args, **kwargs)
-        return q, quantize_fp8(k, 1.0).to(k.dtype)
-
-    hooks = [layer.self_attn.kv_a_layernorm.register_forward_hook(
-        lambda module, inputs, out: quantize_fp8(out, 1.0).to(out.dtype)) for layer in hf.model.layers]
-    modeling_deepseek_v3.apply_rotary_pos_emb_interleave = rope_then_round
-    gaps = []
-    try:
+    def mean_gap() -> float:
+        gaps = []
         with torch.no_grad():
             for prompt, out in zip(prompts, outs):
                 generated = out.outputs[0].token_ids
                 ref = torch.log_softmax(hf(torch.tensor([prompt + generated], device="cuda")).logits[0].float(), -1)
                 gaps += [abs(out.outputs[0].logprobs[j][t].logprob - ref[len(prompt) - 1 + j, t].item())
                          for j, t in enumerate(generated)]
+        assert len(gaps) == 72
+        return sum(gaps) / len(gaps)
+
+    plain = mean_gap()
+    undo = fp8_rounded_deepseek(hf)
+    try:
+        rounded = mean_gap()
     finally:
-        modeling_deepseek_v3.apply_rotary_pos_emb_interleave = real_rope
-        for hook in hooks:
-            hook.remove()
-    assert len(gaps) == 72
-    # The dense fp8 test's bound (test_gpu_model.py): a cache read back wrong is nats off per token.
-    assert sum(gaps) / len(gaps) < 1.0, sorted(gaps)[-5:]
+        undo()
+    # A cache read back wrong is nats off per token, and no closer to rounded HF than to plain.
+    assert rounded < 0.15 and rounded < 0.8 * plain, (rounded, plain)

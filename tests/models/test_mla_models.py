@@ -20,6 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from tokenmill import LLM, SamplingParams
+from fp8_rounded_hf import fp8_rounded_deepseek  # noqa: E402
 
 COMMON = dict(vocab_size=160, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
               num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
@@ -148,30 +149,6 @@ def test_latent_cache_layout_and_size(tiny_models):
         assert runner.kv_cache_bytes_per_block() == c["num_hidden_layers"] * 4 * width * 4
 
 
-def _fp8_rounded_hf(model: torch.nn.Module):
-    """HF DeepSeek-V3 whose cached latent and rotated rope key go through the fp8 format (unit
-    scale), as tokenmill's fp8 latent cache stores them. Returns an undo function."""
-    from transformers.models.deepseek_v3 import modeling_deepseek_v3
-
-    from tokenmill.ops.kv_quant import quantize_fp8
-
-    real_rope = modeling_deepseek_v3.apply_rotary_pos_emb_interleave
-
-    def rope_then_round(q, k, *args, **kwargs):
-        q, k = real_rope(q, k, *args, **kwargs)
-        return q, quantize_fp8(k, 1.0).to(k.dtype)
-
-    hooks = [layer.self_attn.kv_a_layernorm.register_forward_hook(
-        lambda module, inputs, out: quantize_fp8(out, 1.0).to(out.dtype)) for layer in model.model.layers]
-    modeling_deepseek_v3.apply_rotary_pos_emb_interleave = rope_then_round
-
-    def undo():
-        modeling_deepseek_v3.apply_rotary_pos_emb_interleave = real_rope
-        for hook in hooks:
-            hook.remove()
-    return undo
-
-
 @pytest.mark.skipif(getattr(torch, "float8_e4m3fn", None) is None, reason="no float8_e4m3fn")
 def test_fp8_latent_cache_follows_fp8_rounded_hf(tiny_models):
     """With `kv_cache_dtype="fp8"` the cache holds e4m3 rows, and the engine's logprobs follow HF
@@ -195,7 +172,7 @@ def test_fp8_latent_cache_follows_fp8_rounded_hf(tiny_models):
         return sum(gaps) / len(gaps)
 
     plain = mean_gap()
-    undo = _fp8_rounded_hf(hf_model)
+    undo = fp8_rounded_deepseek(hf_model)
     try:
         rounded = mean_gap()
     finally:
