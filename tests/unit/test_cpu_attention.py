@@ -43,6 +43,8 @@ def _batch(query_lens, seq_lens, num_kv_heads, group, head_dim, block_size, dtyp
 
 CASES = {
     "decodes": ([1, 1, 1], [1, 17, 40]),
+    "one decode": ([1], [37]),  # equal lengths: the context is sliced, no mask
+    "equal decodes": ([1, 1], [21, 21]),
     "prefills": ([5, 12], [5, 30]),
     "mixed": ([1, 1, 9, 3, 16], [33, 2, 9, 20, 16]),
 }
