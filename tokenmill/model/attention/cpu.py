@@ -92,7 +92,7 @@ def cpu_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
     starts = query_start_loc.numpy()
     num_reqs = len(starts) - 1
     num_decodes = _num_decodes(starts)
-    if num_decodes == num_reqs:  # a decode-only step: the output is the decode's
+    if num_decodes == num_reqs == q.shape[0]:  # a decode-only step: the output is the decode's
         return paged_decode(q, k_cache, v_cache, block_table, seq_lens[:num_decodes], scale, k_scale, v_scale)
     out = torch.empty_like(q)
     if num_decodes:
