@@ -55,8 +55,12 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     else:
         positions = torch.arange(keys.shape[2])
         valid = (positions[None, :] < seq_lens[:, None])[:, None, None, :]  # [B, 1, 1, L]
-    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=valid, scale=scale,
-                                         enable_gqa=num_heads != num_kv_heads)
+    # The query heads sharing a KV head go in as that head's rows ([B, kv_heads, group, head_dim]),
+    # not as heads of one row each: the same numbers, and SDPA's CPU kernel has a third of the
+    # (request, head) blocks to walk (1.65x faster at batch 32, SmolLM2's 9 / 3 heads).
+    group = num_heads // num_kv_heads
+    out = F.scaled_dot_product_attention(q.view(num_decodes, num_kv_heads, group, head_dim), keys, values,
+                                         attn_mask=valid, scale=scale)
     return out.view(num_decodes, num_heads, head_dim)
 
 
