@@ -3,8 +3,10 @@
 # device call: three lanes side by side (moe, mla, fp8 then hybrid: mostly Triton compiles and tiny
 # models, at most 0.3 of the GPU's memory per engine), then the RL tests alone, since they read the
 # device's free memory around sleep. Side by side, an engine's start-up profile may count memory
-# another lane took meanwhile as its own (a rare "no memory left for the cache"): rerun that lane. Each family's suite (moe_suite.sh, mla_suite.sh, fp8_suite.sh,
-# hybrid_suite.sh, rl_suite.sh) runs the same files one by one, with its benchmarks.
+# another lane took meanwhile as its own ("no memory left for the cache"; seen on an 80 GB H100,
+# not on an H200, whose 141 GB hold the three lanes): rerun that lane alone. Each family's suite
+# (moe_suite.sh, mla_suite.sh, fp8_suite.sh, hybrid_suite.sh, rl_suite.sh) runs the same files one
+# by one, with its benchmarks. About 8 minutes on an H200 with GROUP_TIMEOUT=390 RL_TIMEOUT=150.
 # Usage (repo root, one GPU):  bash tokenmill/benchmarks/suites/family_tests.sh [GROUP...]
 #   groups: moe mla fp8 hybrid rl (default all). GROUP_TIMEOUT (default 360 s a lane), RL_TIMEOUT
 #   (150 s); with pytest-timeout installed (carried in wheels/), TEST_TIMEOUT (150 s) per test.
