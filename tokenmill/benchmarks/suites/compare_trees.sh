@@ -4,16 +4,11 @@
 # table of both and their ratio (benchmarks/compare_results.py).
 # Usage on the device (repo root):  BASELINE=.baseline bash tokenmill/benchmarks/suites/compare_trees.sh
 #   REPEATS (default 1): alternating rounds; WORKLOADS (default "latency tput nanovllm").
-# Carry: wheels/ (see gpu_suite.sh) and the baseline folder.
+# Carry: wheels/ (device_setup.sh installs them) and the baseline folder.
 set -u -o pipefail
-out="${OUT:-./gpu_out}"
-mkdir -p "$out"
-out="$(cd "$out" && pwd)"
+source "$(dirname "$0")/device_setup.sh" ./gpu_out
 here="$(pwd)"
 base="$(cd "${BASELINE:?set BASELINE to the other tree}" && pwd)"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-pip install --quiet --no-deps --no-index --target /tmp/tm_wheels wheels/*.whl 2>&1 | tail -1
-{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; } | tee "$out/device.txt"
 rc=0
 run() {  # run TREE_DIR LABEL WORKLOAD
   local dir=$1 label=$2 workload=$3 json="$out/${3}_${2}_r${round}.json"

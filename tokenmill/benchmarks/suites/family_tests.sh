@@ -10,16 +10,9 @@
 # Usage (repo root, one GPU):  bash tokenmill/benchmarks/suites/family_tests.sh [GROUP...]
 #   groups: moe mla fp8 hybrid rl (default all). GROUP_TIMEOUT (default 360 s a lane), RL_TIMEOUT
 #   (150 s); with pytest-timeout installed (carried in wheels/), TEST_TIMEOUT (150 s) per test.
-# Carry: wheels/ (msgspec, gguf, pyzmq; see gpu_suite.sh). Logs: $OUT/<group>.log, a summary last.
+# Carry: wheels/ (device_setup.sh installs them). Logs: $OUT/<group>.log, a summary last.
 set -u -o pipefail
-out="${OUT:-./gpu_out}"
-mkdir -p "$out"
-out="$(cd "$out" && pwd)"
-export PYTHONPATH=.:/tmp/tm_wheels PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-if compgen -G "wheels/*.whl" >/dev/null; then
-  pip install --quiet --no-deps --no-index --target /tmp/tm_wheels wheels/*.whl 2>&1 | tail -1
-fi
-{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; } | tee "$out/device.txt"
+source "$(dirname "$0")/device_setup.sh" ./gpu_out
 groups="${*:-moe mla fp8 hybrid rl}"
 files() {
   case $1 in

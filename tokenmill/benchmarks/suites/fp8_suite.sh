@@ -16,17 +16,10 @@
 # or a single part (kernels, latency, tput). Every step is capped by its timeout. The issue's
 # 256 x 1024/1024: TPUT_N=256 TPUT_IN=1024 TPUT_OUT=1024 with `tput` or `moe` alone (longer).
 # SWEEP=1 adds the block-GEMM tile sweep to `kernels`.
-# Carry: wheels/ (msgspec, gguf) as for gpu_suite.sh, if the device image lacks them.
+# Carry: wheels/ (device_setup.sh installs them).
 set -u -o pipefail
 part="${1:-bench}"
-out="${OUT:-./fp8_out}"
-mkdir -p "$out"
-out="$(cd "$out" && pwd)"
-export PYTHONPATH=.:/tmp/tm_wheels PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-if compgen -G "wheels/*.whl" >/dev/null; then
-  pip install --quiet --no-deps --no-index --target /tmp/tm_wheels wheels/*.whl 2>&1 | tail -1
-fi
-{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; } | tee "$out/device.txt"
+source "$(dirname "$0")/device_setup.sh" ./fp8_out
 tm() { python3 -m tokenmill.entrypoints.cli.main "$@"; }
 has() { [[ "$part" == bench && "$1" =~ ^(kernels|latency|tput)$ ]] || [[ "$part" == "$1" ]]; }
 rc=0

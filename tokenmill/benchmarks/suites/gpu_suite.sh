@@ -2,16 +2,10 @@
 # Device pass for the GPU engine: install carried wheels, run the GPU tests, then the benchmarks.
 # Usage on the device (repo root):  bash tokenmill/benchmarks/suites/gpu_suite.sh [tests|bench1|bench2|prefix|async|async2|gemv|profile|timeline|fp8|fp8-qwen8b|tune|prefixtime|cascade|all]
 #   async, async2: the workloads with synchronous steps and with async scheduling, side by side
-# Carry: wheels/ (msgspec, gguf: `pip download --no-deps --only-binary=:all: --python-version 3.12
-#        --platform manylinux2014_x86_64 msgspec gguf -d wheels`).
+# Carry: wheels/ (device_setup.sh installs them).
 set -u -o pipefail
 part="${1:-all}"
-out="${OUT:-./gpu_out}"
-mkdir -p "$out"
-out="$(cd "$out" && pwd)"  # absolute: some parts run from another directory
-export PYTHONPATH=.:/tmp/tm_wheels PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-pip install --quiet --no-deps --no-index --target /tmp/tm_wheels wheels/*.whl 2>&1 | tail -1
-{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; } | tee "$out/device.txt"
+source "$(dirname "$0")/device_setup.sh" ./gpu_out
 tm() { python3 -m tokenmill.entrypoints.cli.main "$@"; }
 rc=0
 gpu_tests() {  # gpu_tests DEFAULT_SELECTION: pytest on $TESTS (or the default; none if empty) -> tests.log

@@ -4,15 +4,10 @@
 # Mistral-7B shape with its 4k window vs without), a short table last. About 7 minutes on one H100
 # (at most 9: the parts' timeouts); each part also runs alone.
 # Usage on the device (repo root):  bash tokenmill/benchmarks/suites/hybrid_suite.sh [tests|minimax|mistral|all]
-# Carry: wheels/ (msgspec, gguf; see gpu_suite.sh). Results: $OUT (or ./gpu_out).
+# Carry: wheels/ (device_setup.sh installs them). Results: $OUT (or ./gpu_out).
 set -u -o pipefail
 part="${1:-all}"
-out="${OUT:-./gpu_out}"
-mkdir -p "$out"
-out="$(cd "$out" && pwd)"
-export PYTHONPATH=.:/tmp/tm_wheels PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-pip install --quiet --no-deps --no-index --target /tmp/tm_wheels wheels/*.whl 2>&1 | tail -1
-{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; } | tee "$out/device.txt"
+source "$(dirname "$0")/device_setup.sh" ./gpu_out
 rc=0
 if [[ $part == tests || $part == all ]]; then
   timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -o addopts="" --durations=5 \

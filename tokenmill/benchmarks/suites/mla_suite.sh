@@ -5,15 +5,10 @@
 # pool, batch-1 decode against its bytes-read floor at the copy rate measured in the same run,
 # offline 256 x 1024/1024 throughput). About 6 minutes on one H100.
 # Usage (repo root):  bash tokenmill/benchmarks/suites/mla_suite.sh [tests|bench|all]
-# Carry: wheels/ (msgspec, gguf), as for gpu_suite.sh.
+# Carry: wheels/ (device_setup.sh installs them).
 set -u -o pipefail
 part="${1:-all}"
-out="${OUT:-./mla_out}"
-mkdir -p "$out"
-out="$(cd "$out" && pwd)"
-export PYTHONPATH=.:/tmp/tm_wheels PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-pip install --quiet --no-deps --no-index --target /tmp/tm_wheels wheels/*.whl 2>&1 | tail -1
-{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; } | tee "$out/device.txt"
+source "$(dirname "$0")/device_setup.sh" ./mla_out
 rc=0
 if [[ "$part" == tests || "$part" == all ]]; then
   timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -o addopts="" --durations=8 \

@@ -6,17 +6,10 @@
 # Usage (repo root, one H100):  bash tokenmill/benchmarks/suites/moe_suite.sh [tests|kernels|model|all]
 #   ~2.5 min tests, ~2.5 min kernels, ~4 min model (one engine start of the 30B shape + HF).
 #   MOE_SHAPES / SWEEP_SHAPES choose the micro-benchmark's shapes; MODEL_ARGS adds engine flags.
-# Carry: wheels/ (msgspec, gguf) as for gpu_suite.sh, if the device image lacks them.
+# Carry: wheels/ (device_setup.sh installs them).
 set -u -o pipefail
 part="${1:-all}"
-out="${OUT:-./moe_out}"
-mkdir -p "$out"
-out="$(cd "$out" && pwd)"
-export PYTHONPATH=.:/tmp/tm_wheels PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-if compgen -G "wheels/*.whl" >/dev/null; then
-  pip install --quiet --no-deps --no-index --target /tmp/tm_wheels wheels/*.whl 2>&1 | tail -1
-fi
-{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; } | tee "$out/device.txt"
+source "$(dirname "$0")/device_setup.sh" ./moe_out
 rc=0
 if [[ "$part" == tests || "$part" == all ]]; then
   timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider tests/gpu/kernels/test_fused_moe.py tests/gpu/kernels/test_moe_routing.py \

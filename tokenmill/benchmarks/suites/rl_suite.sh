@@ -6,16 +6,11 @@
 #   bench  Llama-3.1-8B shape: memory freed by sleep, time to wake, weight pushes over CUDA IPC
 #          from a second process and from disk (GB/s); Qwen3-0.6B shape, 256 x 256/256: tok/s
 #          with and without --batch-invariant
-# Carry: wheels/ (msgspec, gguf, pyzmq for Python 3.12; see tokenmill/benchmarks/suites/gpu_suite.sh).
+# Carry: wheels/ (device_setup.sh installs them).
 # Writes $OUT/{tests.log,rl.json,rl.log,tput_*.json,summary.txt}; prints the summary table last.
 set -u -o pipefail
 part="${1:-all}"
-out="${OUT:-./gpu_out}"
-mkdir -p "$out"
-out="$(cd "$out" && pwd)"
-export PYTHONPATH=.:/tmp/tm_wheels PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-pip install --quiet --no-deps --no-index --target /tmp/tm_wheels wheels/*.whl 2>&1 | tail -1
-{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; } | tee "$out/device.txt"
+source "$(dirname "$0")/device_setup.sh" ./gpu_out
 tm() { timeout "${STEP_TIMEOUT:-300}" python3 -m tokenmill.entrypoints.cli.main "$@" 2>&1 | grep -v -i warning; }
 rc=0
 if [[ "$part" == tests || "$part" == all ]]; then

@@ -6,16 +6,11 @@
 #   x4      Llama-3.1-70B TP=4 batch-1, 64 and 256 x 512/256; Llama-3.1-8B batch-1 at TP=1, 2, 4
 #   x8      the x4 runs plus TP=8
 #   ablate  NCCL only / one-shot all-reduce / fused all-reduce + norm, Llama-3.1-8B batch-1 at TP=2 and 4
-# Carry: wheels/ (msgspec, gguf, pyzmq for Python 3.12; see tokenmill/benchmarks/suites/gpu_suite.sh).
+# Carry: wheels/ (device_setup.sh installs them).
 set -u -o pipefail
 part="${1:-tests}"
-out="${OUT:-./gpu_out}"
-mkdir -p "$out"
-out="$(cd "$out" && pwd)"  # absolute: some parts run from another directory
-export PYTHONPATH=.:/tmp/tm_wheels PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+source "$(dirname "$0")/device_setup.sh" ./gpu_out
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-pip install --quiet --no-deps --no-index --target /tmp/tm_wheels wheels/*.whl 2>&1 | tail -1
-{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; } | tee "$out/device.txt"
 # Each run is bounded (STEP_TIMEOUT s) so one hang cannot eat the whole device call.
 tm() { timeout "${STEP_TIMEOUT:-240}" python3 -m tokenmill.entrypoints.cli.main "$@" 2>&1 | grep -v -i warning; }
 rc=0
