@@ -77,6 +77,17 @@ def _in_thread(fn):
     return thread, result
 
 
+def _held_until(client: httpx.Client, release: str) -> dict:
+    """A completion sent now is held (still unanswered a second later) until `release` is posted;
+    then it is served. Returns its choice."""
+    thread, result = _in_thread(lambda: _complete(client))
+    time.sleep(1.0)
+    assert thread.is_alive()
+    assert client.post(release).status_code == 200
+    thread.join(60)
+    return result["value"]
+
+
 def test_update_from_disk_and_sleep_round_trip(server, client, ckpt, expected):
     assert _complete(client)["text"] == expected["a"]
     resp = client.post("/update_weights_from_disk", json={"model_path": ckpt.b})
@@ -85,12 +96,7 @@ def test_update_from_disk_and_sleep_round_trip(server, client, ckpt, expected):
     assert client.post("/sleep", params={"level": 1}).status_code == 200
     assert client.get("/is_sleeping").json() == {"is_sleeping": True}
     # A request arriving while asleep waits (the default) and is served once awake.
-    thread, result = _in_thread(lambda: _complete(client))
-    time.sleep(1.0)
-    assert thread.is_alive()
-    assert client.post("/wake_up").status_code == 200
-    thread.join(60)
-    assert result["value"]["text"] == expected["b"]
+    assert _held_until(client, "/wake_up")["text"] == expected["b"]
     assert client.get("/is_sleeping").json() == {"is_sleeping": False}
     # Level 2, weights pushed back to A before the KV cache returns.
     assert client.post("/sleep", params={"level": 2}).status_code == 200
@@ -130,12 +136,7 @@ def test_pause_modes(server, client, expected):
     assert result["value"] == "abort"
     assert client.get("/is_paused").json() == {"is_paused": True}
     # While paused a new request waits; resume serves it.
-    thread, result = _in_thread(lambda: _complete(client))
-    time.sleep(1.0)
-    assert thread.is_alive()
-    assert client.post("/resume").status_code == 200
-    thread.join(60)
-    assert result["value"]["text"] == expected["a"]
+    assert _held_until(client, "/resume")["text"] == expected["a"]
     # keep: the request stalls where it is and continues, unchanged, on resume.
     thread, result = _in_thread(lambda: _complete(client, max_tokens=400))
     _wait_running(server)
