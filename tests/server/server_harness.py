@@ -15,6 +15,8 @@ from typing import Callable, Iterator
 
 import httpx
 
+from tokenmill.benchmarks.common import wait_for_health
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -37,16 +39,10 @@ class ServerProcess:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; log: {self.log()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        if wait_for_health(self.url, self.proc, timeout_s):
+            return
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"server exited with {self.proc.returncode}; log: {self.log()[-3000:]}")
         raise RuntimeError(f"server not ready after {timeout_s}s; log: {self.log()[-3000:]}")
 
     def log(self) -> str:

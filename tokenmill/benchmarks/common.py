@@ -3,8 +3,26 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import time
+import urllib.request
 
 import torch
+
+
+def wait_for_health(url: str, proc: subprocess.Popen, timeout_s: float, poll_s: float = 0.5) -> bool:
+    """Poll `url`/health until it answers 200 (True), or `proc` exits or `timeout_s` passes
+    (False: the caller reports why, with its log)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(poll_s)
+    return False
 
 
 def sync(device: torch.device) -> None:

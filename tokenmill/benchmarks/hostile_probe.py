@@ -22,6 +22,8 @@ from collections import Counter
 
 import httpx
 
+from tokenmill.benchmarks.common import wait_for_health
+
 KEY = "sk-probe"
 H = {"Authorization": f"Bearer {KEY}"}
 USER = [{"role": "user", "content": "hi"}]
@@ -48,15 +50,8 @@ class Server:
         argv = [sys.executable, "-m", "tokenmill.entrypoints.cli.main", "serve", "--port", str(port),
                 "--api-key", KEY, *extra]
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise RuntimeError("server did not start")
+        if not wait_for_health(self.url, self.proc, 600):
+            raise RuntimeError("server did not start")
 
     def rss_mb(self) -> float:
         with open(f"/proc/{self.proc.pid}/status") as f:

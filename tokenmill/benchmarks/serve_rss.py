@@ -16,6 +16,8 @@ import sys
 import time
 import urllib.request
 
+from tokenmill.benchmarks.common import wait_for_health
+
 
 def rss_mib(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
@@ -48,14 +50,8 @@ def main() -> None:
                              str(port), *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() - start > 300:
-                    raise SystemExit("server did not start")
-                time.sleep(0.5)
+        if not wait_for_health(url, proc, 300):
+            raise SystemExit("server did not start")
         ready_s = time.monotonic() - start
         body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 16}).encode()
         urllib.request.urlopen(urllib.request.Request(f"{url}/v1/chat/completions", body,
