@@ -49,8 +49,23 @@ def folder_and_reference(tmp_path_factory, name: str, initializer_range: float, 
     model.save_pretrained(folder)
     if name == "minimax":
         model = model.float()
+        _float32_decays(model)
         _patch_partial_rotary(model, 64, monkeypatch)
     return str(folder), model.cuda().eval()
+
+
+def _float32_decays(model) -> None:
+    """HF builds MiniMax's lightning decay buffers (slope rates, block decays) in the dtype the model
+    is created in and `.float()` keeps them bf16-rounded; tokenmill computes them in float32. With
+    the rounded slopes HF's float32 tokens drift from the exact recurrence (seen: a 700-token prompt's
+    sixth token on an H100, and on CPU logprobs 0.5 nats apart); recomputed, they agree to 1e-3."""
+    for layer in model.model.layers:
+        attention = layer.self_attn
+        if hasattr(attention, "slope_rate"):
+            slope = attention.get_slope_rate().float()
+            for name, value in zip(("slope_rate", "query_decay", "key_decay", "diagonal_decay"),
+                                   (slope, *attention.decay_factors(slope))):
+                setattr(attention, name, torch.nn.Buffer(value.float()))
 
 
 def _patch_partial_rotary(model, rotary_dim: int, monkeypatch) -> None:

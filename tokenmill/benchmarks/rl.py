@@ -20,6 +20,7 @@ import argparse
 import glob
 import multiprocessing
 import os
+import queue
 import tempfile
 import time
 
@@ -157,6 +158,7 @@ def _drop_from_page_cache(folder: str) -> None:
 def measure_pushes(llm, args, parts: set[str]) -> dict:
     config = llm.engine.config
     folder = args.checkpoint_dir or tempfile.mkdtemp(prefix="tokenmill-rl-ckpt-")
+    os.makedirs(folder, exist_ok=True)
     address = f"ipc://{tempfile.mkdtemp(prefix='tokenmill-rl-ipc-')}/weights"
     ctx = multiprocessing.get_context("spawn")
     commands, replies = ctx.Queue(), ctx.Queue()
@@ -165,27 +167,40 @@ def measure_pushes(llm, args, parts: set[str]) -> dict:
                                                  args.bucket_bytes, folder, commands, replies))
     trainer.start()
     result = {}
+
+    def reply(timeout: float):
+        # Poll, so that a trainer that died (its traceback is on stderr) ends the bench at once
+        # instead of after the whole timeout.
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                return replies.get(timeout=1.0)
+            except queue.Empty:
+                if not trainer.is_alive():
+                    raise RuntimeError(f"the trainer process exited ({trainer.exitcode}); see its traceback above")
+        raise TimeoutError(f"no reply from the trainer in {timeout:.0f}s")
+
     try:
-        nbytes = replies.get(timeout=600)
+        nbytes = reply(600)
         gb = nbytes / 1e9
         result["weights_gb"] = gb
         if "ipc" in parts:
             commands.put("stream")
-            assert replies.get(timeout=600) == "bound"
+            assert reply(600) == "bound"
             uuid = llm.collective_rpc("report_device_id")[0]
             seconds = _timed(device, llm.update_weights_from_ipc, {uuid: address})
             result["ipc_stream"] = {"seconds": seconds, "gb_per_s": gb / seconds, "bucket_bytes": args.bucket_bytes}
             print(f"IPC push (checkpoint-engine protocol, {args.bucket_bytes / GIB:.1f} GiB buckets): "
                   f"{gb:.1f} GB in {seconds:.2f}s = {gb / seconds:.1f} GB/s")
             commands.put("handles")
-            handles = replies.get(timeout=600)
+            handles = reply(600)
             seconds = _timed(device, llm.update_weights_from_ipc_handles, handles)
             del handles
             result["ipc_handles"] = {"seconds": seconds, "gb_per_s": gb / seconds}
             print(f"IPC push (a handle per tensor): {gb:.1f} GB in {seconds:.2f}s = {gb / seconds:.1f} GB/s")
         if "disk" in parts:
             commands.put("disk")
-            write_s = replies.get(timeout=1200)
+            write_s = reply(1200)
             warm = _timed(device, llm.update_weights_from_disk, folder)
             _drop_from_page_cache(folder)
             cold = _timed(device, llm.update_weights_from_disk, folder)

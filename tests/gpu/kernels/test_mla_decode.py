@@ -201,8 +201,10 @@ def test_triton_mla_backend_matches_reference(fp8):
     # float32 -> fp8 rounding): a looser bound.
     assert rel_err(outs[1], outs[0]) < (3e-2 if fp8 else 1e-2)
     # The latents are copied as they are; the reference rotates keys in the model dtype, the
-    # kernel in float32 (rounded once): the rope columns agree to rounding.
+    # kernel in float32 (rounded once): the rope columns agree to rounding. The reference rounds
+    # x*cos, y*sin and their sum to bf16 each, so an element may land two bf16 steps away (seen on
+    # an H100: 0.0078 at 0.58), hence 2**-6 relative; fp8 allows one fp8 step.
     rank = dims["rank"]
     assert_same_cache(caches[1][..., :rank].contiguous(), caches[0][..., :rank].contiguous())
-    rope_tol = dict(rtol=0.5, atol=2e-3) if fp8 else dict(rtol=1e-2, atol=2e-3)  # (one bf16 / fp8 step)
+    rope_tol = dict(rtol=0.5, atol=2e-3) if fp8 else dict(rtol=2 ** -6, atol=2e-3)
     torch.testing.assert_close(caches[1][..., rank:].float(), caches[0][..., rank:].float(), **rope_tol)
