@@ -33,14 +33,16 @@ def _hf_greedy(model, prompt, n):
     return out[0, len(prompt):].tolist()
 
 
-def test_compiled_cpu_forward_matches_hf(tiny_llama):
+@pytest.mark.parametrize("native_decode", [True, False], ids=["native-decode", "sdpa-decode"])
+def test_compiled_cpu_forward_matches_hf(tiny_llama, native_decode):
     folder, hf_model = tiny_llama
     llm = LLM(folder, dtype="float32", cpu_compile=True, block_size=4, max_model_len=128,
-              kv_cache_memory=16 << 20)
+              kv_cache_memory=16 << 20, cpu_native_decode=native_decode)
     try:
         runner = llm.engine.core.executor.driver_worker.runner
         assert type(runner._forward).__name__ == "CompiledCpuForward"
         assert llm.engine.config.kernels.attention_backend == "cpu"
+        assert llm.engine.config.kernels.cpu_native_decode == native_decode
         params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
         together = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
         alone = llm.generate(PROMPTS[:1], params, use_tqdm=False)[0].outputs[0].token_ids

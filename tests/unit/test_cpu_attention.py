@@ -50,16 +50,19 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["sdpa", "native"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("group", [1, 3])
-def test_cpu_backend_matches_torch_native(case, dtype, group):
+def test_cpu_backend_matches_torch_native(case, dtype, group, native):
     (q, k, v), cache, meta = _batch(*CASES[case], num_kv_heads=2, group=group, head_dim=16, block_size=4,
                                     dtype=dtype)
     scale = 16 ** -0.5
     ref_cache = tuple(c.clone() for c in cache)
     ref = TorchNativeBackend(2 * group, 2, 16, scale).forward(q.clone(), k.clone(), v.clone(), ref_cache, meta)
-    out = CpuBackend(2 * group, 2, 16, scale).forward(q.clone(), k.clone(), v.clone(), cache, meta)
+    backend = CpuBackend(2 * group, 2, 16, scale, native_decode=native)
+    assert backend.native_decode == native  # (the kernel builds on this machine)
+    out = backend.forward(q.clone(), k.clone(), v.clone(), cache, meta)
     assert torch.equal(cache[0], ref_cache[0]) and torch.equal(cache[1], ref_cache[1])
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
@@ -70,13 +73,14 @@ def test_cpu_backend_writes_no_kv_for_padding_slots():
                                     dtype=torch.float32)
     meta.slot_mapping[1] = -1
     before = cache[0].clone()
-    CpuBackend(2, 1, 8, 1.0).forward(q, k, v, cache, meta)
+    CpuBackend(2, 1, 8, 1.0, native_decode=False).forward(q, k, v, cache, meta)
     changed = (cache[0] != before).any(dim=(1, 2, 3)).nonzero().flatten().tolist()
     assert changed == [int(meta.slot_mapping[0]) // 4]
 
 
-def test_cpu_attention_op_compiles_without_specialising_on_lengths():
-    backend = CpuBackend(4, 2, 16, 0.25)
+@pytest.mark.parametrize("native", [False, True], ids=["sdpa", "native"])
+def test_cpu_attention_op_compiles_without_specialising_on_lengths(native):
+    backend = CpuBackend(4, 2, 16, 0.25, native_decode=native)
     compiled = torch.compile(lambda q, k, v, cache, meta: backend.forward(q, k, v, cache, meta) * 2,
                              fullgraph=True, dynamic=True)
     for case in ("decodes", "mixed"):

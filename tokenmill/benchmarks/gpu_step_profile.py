@@ -1,6 +1,6 @@
 """Where a decode step's GPU time goes: torch.profiler over a few engine steps at a fixed batch.
 
-    python -m bench.gpu_step_profile --model qwen3-0.6b --batch 256 --input-len 256 [--steps 5]
+    python -m tokenmill.benchmarks.gpu_step_profile --model qwen3-0.6b --batch 256 --input-len 256 [--steps 5]
 
 Builds the engine with dummy weights, admits `--batch` token-id prompts, steps until every request
 is decoding (past `--warm-steps` decode steps), then profiles `--steps` engine steps with CUDA

@@ -15,12 +15,12 @@ and unmaps the 155 MB logits tensor every step (~15 ms, charged to the runner's 
 and a CPU-allocator artifact that bury the few ms of Python being measured. The Python phases read
 the same at either size.
 
-    python -m bench.host_overhead                      # batch 256, 256 in / 128 out, greedy
-    python -m bench.host_overhead --output-kind delta --logprobs 5   # what a streaming server pays
-    python -m bench.host_overhead --temperature 0.6    # random sampling path
-    python -m bench.host_overhead --gc-freeze          # gc.freeze() once the engine is built
-    python -m bench.host_overhead --profile            # plus cProfile of the decode steps
-    python -m bench.host_overhead --shape qwen3-0.6b --device cuda --dtype bfloat16   # on a GPU
+    python -m tokenmill.benchmarks.host_overhead                      # batch 256, 256 in / 128 out, greedy
+    python -m tokenmill.benchmarks.host_overhead --output-kind delta --logprobs 5   # what a streaming server pays
+    python -m tokenmill.benchmarks.host_overhead --temperature 0.6    # random sampling path
+    python -m tokenmill.benchmarks.host_overhead --gc-freeze          # gc.freeze() once the engine is built
+    python -m tokenmill.benchmarks.host_overhead --profile            # plus cProfile of the decode steps
+    python -m tokenmill.benchmarks.host_overhead --shape qwen3-0.6b --device cuda --dtype bfloat16   # on a GPU
 
 On a GPU the decode steps replay CUDA graphs (no forward hook fires): the graph's GPU time shows in
 the sampler's row, which waits for the sampled tokens.

@@ -1,6 +1,6 @@
 """Where an offline batch's wall time goes, step by step: prefill-carrying steps vs pure decode.
 
-    python -m bench.step_timeline --model qwen3-0.6b --num-prompts 256 --input-len 256 --output-len 256
+    python -m tokenmill.benchmarks.step_timeline --model qwen3-0.6b --num-prompts 256 --input-len 256 --output-len 256
 
 Runs the fixed-length random workload of `tokenmill bench throughput --workload random` through
 `LLMEngine.step()` (after the same two-prompt warm-up) and times every step on the host. Each step

@@ -155,6 +155,9 @@ class EngineArgs:
     # CPU: compile the forward pass with inductor (worker/cpu_compile.py). Off unless asked: every
     # start-up compiles for minutes on a 2-core machine, and it needs a C++ compiler at run time.
     cpu_compile: bool = False
+    # CPU backend: decode attention reads the paged cache in place with a C++ kernel built once per
+    # machine (ops/cpu_paged_decode.py); off: the blocks are gathered and SDPA attends them.
+    cpu_native_decode: bool = True
     # Hybrid (linear-attention) models with prefix caching: checkpoint the recurrent state every
     # this many tokens (a multiple of block_size); a cached prefix is reused up to a checkpoint.
     state_checkpoint_interval: int = 512
@@ -241,6 +244,10 @@ class EngineArgs:
         parser.add_argument("--cpu-compile", action="store_true",
                             help="CPU: compile the forward pass with inductor (faster steps; the first "
                                  "start-up compiles for minutes, later ones reuse the on-disk cache)")
+        parser.add_argument("--cpu-native-decode", action=argparse.BooleanOptionalAction,
+                            default=d.cpu_native_decode,
+                            help="CPU backend (--cpu-compile): decode attention reads the paged KV cache in "
+                                 "place with a C++ kernel built on first use (off: gather + SDPA)")
         parser.add_argument("--state-checkpoint-interval", type=int, default=d.state_checkpoint_interval,
                             help="hybrid linear-attention models with prefix caching: tokens between "
                                  "checkpoints of the recurrent state (a multiple of --block-size)")
@@ -369,6 +376,7 @@ class EngineArgs:
             fused_all_reduce_max_world_size=self.fused_all_reduce_max_world_size,
             batch_invariant=self.batch_invariant,
             cpu_compile=cpu_compile,
+            cpu_native_decode=self.cpu_native_decode and attention_backend == "cpu",
             gguf_weight_type=_gguf_weight_type(self.quantization, source, device, self.tensor_parallel_size),
         )
         layout = model_cfg.attention_layout

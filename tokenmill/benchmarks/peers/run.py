@@ -59,6 +59,10 @@ def engine_specs(args: argparse.Namespace, hf_folder: str, bf16_gguf: str, q4_gg
                                  "seed": 0, "enable_prefix_caching": False}},
         "llamacpp": {"runner": "llamacpp", "python": python, "model": bf16_gguf, "server": server, "ctx": 8192,
                      "env": []},
+        # The compiled engine with decode attention through gather + SDPA instead of the C++ kernel.
+        "tokenmill-sdpa": {"runner": "tokenmill", "python": python, "model": hf_folder,
+                           "engine_args": {**tokenmill_args, "cpu_native_decode": False},
+                           "env": [f"PYTHONPATH={REPO}", f"OMP_NUM_THREADS={threads}"]},
         "tokenmill-eager": {"runner": "tokenmill", "python": python, "model": hf_folder,
                             "engine_args": {**tokenmill_args, "cpu_compile": False},
                             "env": [f"PYTHONPATH={REPO}", f"OMP_NUM_THREADS={threads}"]},
@@ -123,7 +127,8 @@ def print_table(table: dict[str, dict], threads: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engines", default="tokenmill,tokenmill-eager,vllm,llamacpp,tokenmill-q4,llamacpp-q4",
-                        help="tokenmill (compiled), tokenmill-eager, vllm, llamacpp (bf16 GGUF), "
+                        help="tokenmill (compiled), tokenmill-sdpa (compiled, decode attention by "
+                             "gather + SDPA), tokenmill-eager, vllm, llamacpp (bf16 GGUF), "
                              "tokenmill-q4 (--quantization gguf, eager), llamacpp-q4 (the Q4_1 file)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="fresh processes per engine, interleaved")
