@@ -68,6 +68,38 @@ inline void weighted_sum(const float* weights, const float* rows, int64_t len, i
   }
 }
 
+// out[t] = dot(query, rows[t, :]) * scale for t < len: the query in registers, the tokens independent
+// of each other (no chain from one to the next), so the core overlaps their reductions.
+template <int64_t CHUNKS>
+inline void scores_fixed(const float* query, const float* rows, int64_t len, float* out) {
+  constexpr int64_t W = Vec::size();
+  Vec q[CHUNKS];
+  for (int64_t c = 0; c < CHUNKS; ++c) q[c] = Vec::loadu(query + c * W);
+  for (int64_t t = 0; t < len; ++t) {
+    Vec sum = q[0] * Vec::loadu(rows + t * CHUNKS * W);
+    for (int64_t c = 1; c < CHUNKS; ++c) sum = at::vec::fmadd(q[c], Vec::loadu(rows + t * CHUNKS * W + c * W), sum);
+    out[t] = sum.reduce_add();
+  }
+}
+
+inline void scores_(const float* query, const float* rows, int64_t len, int64_t n, float* out) {
+  switch (n / Vec::size()) {
+    case 2: return scores_fixed<2>(query, rows, len, out);
+    case 4: return scores_fixed<4>(query, rows, len, out);
+    case 8: return scores_fixed<8>(query, rows, len, out);
+  }
+  for (int64_t t = 0; t < len; ++t) out[t] = dot(query, rows + t * n, n);
+}
+
+inline float max_of(const float* x, int64_t n) {
+  Vec best(-std::numeric_limits<float>::infinity());
+  int64_t t = 0;
+  for (; t + Vec::size() <= n; t += Vec::size()) best = at::vec::maximum(best, Vec::loadu(x + t));
+  float out = best.reduce_max();
+  for (; t < n; ++t) out = std::max(out, x[t]);
+  return out;
+}
+
 // scores[0:n] = exp(scores - max); returns their sum.
 inline float exp_and_sum(float* scores, int64_t n, float max) {
   const Vec shift(max);
@@ -105,8 +137,7 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   const float fscale = static_cast<float>(scale);
 
   at::parallel_for(0, num_reqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> query(group * head_dim), acc(group * head_dim), row(head_dim), scores, values,
-        maxima(group);
+    std::vector<float> query(group * head_dim), acc(group * head_dim), rows, scores, maxima(group), inverse(group);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t req = task / num_kv_heads, kv_head = task % num_kv_heads;
       const int64_t len = lens[req];
@@ -117,28 +148,26 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
         for (int64_t d = 0; d < head_dim; ++d) dst[d] *= fscale;
         maxima[g] = -std::numeric_limits<float>::infinity();
       }
+      // The key rows widened once (they lie block by block anywhere in the pool), then each query
+      // head's scores; likewise the value rows below.
       scores.resize(group * len);
-      for (int64_t t = 0; t < len; ++t) {
-        widen(k_data + blocks[t / block_size] * k_block + (t % block_size) * k_row + kv_head * k_head, row.data(),
-              head_dim);
-        for (int64_t g = 0; g < group; ++g) {
-          const float s = dot(query.data() + g * head_dim, row.data(), head_dim);
-          scores[g * len + t] = s;
-          maxima[g] = std::max(maxima[g], s);
-        }
+      rows.resize(len * head_dim);
+      for (int64_t t = 0; t < len; ++t)
+        widen(k_data + blocks[t / block_size] * k_block + (t % block_size) * k_row + kv_head * k_head,
+              rows.data() + t * head_dim, head_dim);
+      for (int64_t g = 0; g < group; ++g) {
+        scores_(query.data() + g * head_dim, rows.data(), len, head_dim, scores.data() + g * len);
+        maxima[g] = max_of(scores.data() + g * len, len);
       }
-      std::vector<float> inverse(group);
       for (int64_t g = 0; g < group; ++g) {
         const float sum = exp_and_sum(scores.data() + g * len, len, maxima[g]);
         inverse[g] = sum > 0.f ? 1.f / sum : 0.f;
       }
-      // The value rows widened once, then each query head's weighted sum in registers.
-      values.resize(len * head_dim);
       for (int64_t t = 0; t < len; ++t)
         widen(v_data + blocks[t / block_size] * v_block + (t % block_size) * v_row + kv_head * v_head,
-              values.data() + t * head_dim, head_dim);
+              rows.data() + t * head_dim, head_dim);
       for (int64_t g = 0; g < group; ++g)
-        weighted_sum(scores.data() + g * len, values.data(), len, head_dim, acc.data() + g * head_dim);
+        weighted_sum(scores.data() + g * len, rows.data(), len, head_dim, acc.data() + g * head_dim);
       for (int64_t g = 0; g < group; ++g) {
         T* dst = out_data + (req * num_heads + kv_head * group + g) * head_dim;
         for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<T>(acc[g * head_dim + d] * inverse[g]);
