@@ -202,7 +202,51 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
   return out;
 }
 
+// A layer's attention step, as `tokenmill::cpu_paged_attention` (model/attention/cpu.py) computes it,
+// for the step where it is all decodes into a cache of q's dtype: the KV write and the decode in
+// C++, so the compiled forward's C++ wrapper reaches the kernel without entering Python (~50 us a
+// layer). Every other step goes to that Python op, through the dispatcher.
+at::Tensor attention_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
+                          at::Tensor& v_cache, const at::Tensor& slot_mapping, const at::Tensor& block_table,
+                          const at::Tensor& seq_lens, const at::Tensor& query_start_loc, double scale, double k_scale,
+                          double v_scale, bool causal) {
+  const int64_t num_tokens = q.size(0), num_reqs = query_start_loc.size(0) - 1;
+  bool decodes_only = num_reqs == num_tokens && k_cache.scalar_type() == q.scalar_type() &&
+                      k.scalar_type() == q.scalar_type() && query_start_loc.scalar_type() == at::kInt &&
+                      slot_mapping.scalar_type() == at::kLong && q.size(2) % Vec::size() == 0;
+  if (decodes_only) {
+    const int32_t* starts = query_start_loc.data_ptr<int32_t>();
+    const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+    for (int64_t i = 0; i < num_tokens && decodes_only; ++i)
+      decodes_only = starts[i + 1] - starts[i] == 1 && slots[i] >= 0;
+  }
+  if (!decodes_only) {
+    static auto general = c10::Dispatcher::singleton()
+        .findSchemaOrThrow("tokenmill::cpu_paged_attention", "")
+        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&,
+                          const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double,
+                          double, bool, bool)>();
+    return general.call(q, k, v, k_cache, v_cache, slot_mapping, block_table, seq_lens, query_start_loc, scale,
+                        k_scale, v_scale, causal, true);
+  }
+  const int64_t num_kv_heads = k_cache.size(2), head_dim = k_cache.size(3);
+  const at::Tensor rows = slot_mapping.slice(0, 0, num_tokens);
+  k_cache.view({-1, num_kv_heads, head_dim}).index_copy_(0, rows, k);
+  v_cache.view({-1, num_kv_heads, head_dim}).index_copy_(0, rows, v);
+  return paged_decode(q, k_cache, v_cache, block_table, seq_lens.slice(0, 0, num_tokens), scale);
+}
+
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
+  m.def("cpu_paged_attention_native(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "Tensor slot_mapping, Tensor block_table, Tensor seq_lens, Tensor query_start_loc, float scale, "
+        "float k_scale, float v_scale, bool causal) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
+  m.impl("cpu_paged_attention_native", &attention_step);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "paged decode attention, the cache read in place");

@@ -42,11 +42,22 @@ def extension():
         # never hands one machine another's instructions.
         folder = cache_root() / "cpu_kernels" / f"{torch.__version__}-{str(isa) or 'generic'}"
         folder.mkdir(parents=True, exist_ok=True)
-        return load("tokenmill_cpu_paged_decode", [str(_SOURCE)], extra_cflags=flags, build_directory=str(folder))
+        ext = load("tokenmill_cpu_paged_decode", [str(_SOURCE)], extra_cflags=flags, build_directory=str(folder))
+        _register_fake()
+        return ext
     except Exception as error:  # no compiler, no ninja, a header mismatch: the SDPA path serves
         logger.warning("the CPU paged-decode kernel could not be built (%s: %s); decode attention gathers "
                        "the cache blocks and calls SDPA instead", type(error).__name__, str(error).splitlines()[0])
         return None
+
+
+def _register_fake() -> None:
+    """Shapes of `tokenmill::cpu_paged_attention_native` (registered by the extension) for the compiler."""
+    def fake(q, k, v, k_cache, v_cache, slot_mapping, block_table, seq_lens, query_start_loc, scale, k_scale,
+             v_scale, causal):
+        return torch.empty_like(q)
+
+    torch.library.register_fake("tokenmill::cpu_paged_attention_native", fake)
 
 
 def supports(head_dim: int) -> bool:

@@ -157,6 +157,10 @@ class CpuBackend(AttentionBackend):
         if rope is not None:
             q, k = rotate_neox(q, k, rope)
         k_cache, v_cache = kv_cache
+        if self.native_decode:  # the same step in C++ where it is all decodes (ops/cpu_paged_decode.cpp)
+            return torch.ops.tokenmill.cpu_paged_attention_native(
+                q, k, v, k_cache, v_cache, meta.slot_mapping, meta.block_table, meta.seq_lens, meta.query_start_loc,
+                self.scale, k_scale, v_scale, meta.causal)
         return torch.ops.tokenmill.cpu_paged_attention(
             q, k, v, k_cache, v_cache, meta.slot_mapping, meta.block_table, meta.seq_lens, meta.query_start_loc,
-            self.scale, k_scale, v_scale, meta.causal, self.native_decode)
+            self.scale, k_scale, v_scale, meta.causal, False)
