@@ -3,8 +3,9 @@
 The gather + SDPA path of `model/attention/cpu.py` copies every decoding request's blocks out of
 the cache before attending (a memory-bound copy of all K and V each layer); this kernel walks the
 block table instead, one task per (request, KV head), the query heads of a group together. At
-SmolLM2-135M's shape, batch 32 with 64-192 tokens of context, 2 threads: 0.21 ms a layer against
-0.60 for gather + SDPA (`python -m tokenmill.benchmarks.kernels.cpu_paged_decode`).
+SmolLM2-135M's shape, batch 32 with 64-192 tokens of context, 2 threads: 0.16-0.22 ms a layer
+against 0.37-0.56 for gather + SDPA, and 10 against 50-70 us for one request
+(`python -m tokenmill.benchmarks.kernels.cpu_paged_decode`).
 
 No library offers this for PyTorch's CPU build, so it is C++ of our own, built once per machine
 by torch.utils.cpp_extension (ninja and the C++ compiler `--cpu-compile` already needs) with the
@@ -25,7 +26,6 @@ from tokenmill.config.cache_root import cache_root
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu_paged_decode.cpp")
-DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @functools.cache
@@ -62,7 +62,7 @@ def _register_fake() -> None:
 
 def supports(head_dim: int) -> bool:
     """Whether the kernel serves this head size on this machine (builds it on first use). It takes
-    q and the cache in one of DTYPES, the same for both."""
+    q and the cache in bfloat16, float16 or float32, the same for both."""
     ext = extension()
     return ext is not None and head_dim % ext.vector_width() == 0
 
