@@ -5,7 +5,8 @@
 #          DeepSeek-V3 and MiniMax hybrid sleep and updates, kernels)
 #   bench  Llama-3.1-8B shape: memory freed by sleep, time to wake, weight pushes over CUDA IPC
 #          from a second process and from disk (GB/s); Qwen3-0.6B shape, 256 x 256/256: tok/s
-#          with and without --batch-invariant
+#          with and without --batch-invariant. RL_PARTS (default sleep,ipc,disk) narrows the
+#          first; TPUT_MODES="" skips the second (e.g. RL_PARTS=disk TPUT_MODES="": the disk push alone)
 # Carry: wheels/ (device_setup.sh installs them).
 # Writes $OUT/{tests.log,rl.json,rl.log,tput_*.json,summary.txt}; prints the summary table last.
 set -u -o pipefail
@@ -19,9 +20,9 @@ if [[ "$part" == tests || "$part" == all ]]; then
 fi
 if [[ "$part" == bench || "$part" == all ]]; then
   tm bench rl --model llama-3.1-8b --gpu-memory-utilization 0.45 --checkpoint-dir "${CKPT_DIR:-/tmp/tm_rl_ckpt}" \
-      --output-json "$out/rl.json" | tee "$out/rl.log" || rc=1
+      --parts "${RL_PARTS:-sleep,ipc,disk}" --output-json "$out/rl.json" | tee "$out/rl.log" || rc=1
   rm -rf "${CKPT_DIR:-/tmp/tm_rl_ckpt}"
-  for mode in default invariant; do
+  for mode in ${TPUT_MODES-default invariant}; do
     extra=""; [[ "$mode" == invariant ]] && extra="--batch-invariant"
     tm bench throughput --model qwen3-0.6b --load-format dummy --dtype bfloat16 --workload random \
         --num-prompts 256 --input-len 256 --output-len 256 --max-model-len 1024 --gpu-memory-utilization 0.5 \
