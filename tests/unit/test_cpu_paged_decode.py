@@ -10,18 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tokenmill.benchmarks.kernels.cpu_paged_decode import scattered_block_table
 from tokenmill.ops import cpu_paged_decode
 
 def _case(lens, kv_heads, group, head_dim, block_size, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    blocks = [-(-n // block_size) for n in lens]
-    pool = sum(blocks) + 3
-    order = torch.randperm(pool, generator=gen).to(torch.int32)
-    table = torch.full((len(lens), max(blocks) + 2), pool - 1, dtype=torch.int32)  # spare columns
-    used = 0
-    for i, n in enumerate(blocks):
-        table[i, :n] = order[used:used + n]
-        used += n
+    table, pool = scattered_block_table(lens, block_size, gen, spare_columns=2)
     shape = (pool, block_size, kv_heads, head_dim)
     k_cache = torch.randn(shape, generator=gen).to(dtype)
     v_cache = torch.randn(shape, generator=gen).to(dtype)

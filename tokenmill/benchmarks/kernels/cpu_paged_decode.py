@@ -21,18 +21,27 @@ from tokenmill.model.attention.cpu import paged_decode
 from tokenmill.ops import cpu_paged_decode
 
 
-def _inputs(batch: int, heads: int, kv_heads: int, head_dim: int, block_size: int, min_len: int, max_len: int,
-            dtype: torch.dtype, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    lens = torch.randint(min_len, max_len + 1, (batch,), generator=gen, dtype=torch.int32)
+def scattered_block_table(lens: list[int], block_size: int, gen: torch.Generator,
+                          spare_columns: int = 0) -> tuple[torch.Tensor, int]:
+    """A block table (int32) whose requests' blocks lie in random order over a pool a few blocks
+    larger than they need, as a busy cache leaves them; the pool's size in blocks. Spare columns
+    point at the pool's last block."""
     blocks = [-(-int(n) // block_size) for n in lens]
     pool = sum(blocks) + 8
     order = torch.randperm(pool, generator=gen).to(torch.int32)
-    table = torch.zeros(batch, max(blocks), dtype=torch.int32)
+    table = torch.full((len(lens), max(blocks) + spare_columns), pool - 1, dtype=torch.int32)
     used = 0
     for i, n in enumerate(blocks):
         table[i, :n] = order[used:used + n]
         used += n
+    return table, pool
+
+
+def _inputs(batch: int, heads: int, kv_heads: int, head_dim: int, block_size: int, min_len: int, max_len: int,
+            dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    lens = torch.randint(min_len, max_len + 1, (batch,), generator=gen, dtype=torch.int32)
+    table, pool = scattered_block_table(lens.tolist(), block_size, gen)
     shape = (pool, block_size, kv_heads, head_dim)
     k_cache = torch.randn(shape, generator=gen).to(dtype)
     v_cache = torch.randn(shape, generator=gen).to(dtype)
