@@ -40,7 +40,8 @@ def extension():
         flags = ["-O3", "-fopenmp", *str(isa.build_arch_flags()).split(), *(f"-D{m}" for m in isa.build_macro())]
         # The build folder is named after the ISA: a cache folder shared by different machines
         # never hands one machine another's instructions.
-        folder = cache_root() / "cpu_kernels" / f"{torch.__version__}-{str(isa) or 'generic'}"
+        isa_name = "-".join(str(isa).split()) or "generic"  # e.g. "avx512-avx512_vnni-amx_tile"
+        folder = cache_root() / "cpu_kernels" / f"{torch.__version__}-{isa_name}"
         folder.mkdir(parents=True, exist_ok=True)
         ext = load("tokenmill_cpu_paged_decode", [str(_SOURCE)], extra_cflags=flags, build_directory=str(folder))
         _register_fake()
