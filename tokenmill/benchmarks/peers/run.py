@@ -69,6 +69,9 @@ def engine_specs(args: argparse.Namespace, hf_folder: str, bf16_gguf: str, q4_gg
         "tokenmill-q4": {"runner": "tokenmill", "python": python, "model": q4_gguf,
                          "engine_args": {**tokenmill_args, "cpu_compile": False, "quantization": "gguf"},
                          "env": [f"PYTHONPATH={REPO}", f"OMP_NUM_THREADS={threads}"]},
+        "tokenmill-q4-compiled": {"runner": "tokenmill", "python": python, "model": q4_gguf,
+                                  "engine_args": {**tokenmill_args, "quantization": "gguf"},
+                                  "env": [f"PYTHONPATH={REPO}", f"OMP_NUM_THREADS={threads}"]},
         "llamacpp-q4": {"runner": "llamacpp", "python": python, "model": q4_gguf, "server": server, "ctx": 8192,
                         "env": []},
     }
