@@ -132,7 +132,8 @@ def main() -> None:
     parser.add_argument("--engines", default="tokenmill,tokenmill-eager,vllm,llamacpp,tokenmill-q4,llamacpp-q4",
                         help="tokenmill (compiled), tokenmill-sdpa (compiled, decode attention by "
                              "gather + SDPA), tokenmill-eager, vllm, llamacpp (bf16 GGUF), "
-                             "tokenmill-q4 (--quantization gguf, eager), llamacpp-q4 (the Q4_1 file)")
+                             "tokenmill-q4 (--quantization gguf, eager), tokenmill-q4-compiled (the same with "
+                             "--cpu-compile), llamacpp-q4 (the Q4_1 file)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="fresh processes per engine, interleaved")
     parser.add_argument("--repeats", type=int, default=2, help="repeats of each measurement per process")
