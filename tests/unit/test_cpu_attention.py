@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tokenmill.benchmarks.kernels.cpu_paged_decode import scattered_block_table
 from tokenmill.model.attention.backend import AttentionMetadata
 from tokenmill.model.attention.cpu import CpuBackend
 from tokenmill.model.attention.torch_native import TorchNativeBackend
@@ -15,14 +16,7 @@ from tokenmill.model.attention.torch_native import TorchNativeBackend
 def _batch(query_lens, seq_lens, num_kv_heads, group, head_dim, block_size, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
     num_heads = num_kv_heads * group
-    blocks = [-(-s // block_size) for s in seq_lens]
-    num_blocks = sum(blocks) + 5
-    perm = torch.randperm(num_blocks, generator=gen).to(torch.int32)
-    table = torch.zeros(len(seq_lens), max(blocks) + 2, dtype=torch.int32)
-    used = 0
-    for i, n in enumerate(blocks):
-        table[i, :n] = perm[used:used + n]
-        used += n
+    table, num_blocks = scattered_block_table(seq_lens, block_size, gen, spare_columns=2)
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     cache = (torch.randn(shape, generator=gen).to(dtype), torch.randn(shape, generator=gen).to(dtype))
     slots = []

@@ -148,7 +148,6 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
         float* dst = query.data() + g * head_dim;
         widen(q_data + req * q_stride + (kv_head * group + g) * q_head_stride, dst, head_dim);
         for (int64_t d = 0; d < head_dim; ++d) dst[d] *= fscale;
-        maxima[g] = -std::numeric_limits<float>::infinity();
       }
       // The key rows widened once (they lie block by block anywhere in the pool), then each query
       // head's scores; likewise the value rows below.

@@ -12,11 +12,11 @@ The defaults are SmolLM2-135M's layer at the peer benchmark's batch and context 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
+from tokenmill.benchmarks.common import write_json
 from tokenmill.model.attention.cpu import paged_decode
 from tokenmill.ops import cpu_paged_decode
 
@@ -90,9 +90,7 @@ def main() -> None:
         gather = _best_us(lambda: paged_decode(q, k_cache, v_cache, table, lens, scale, 1.0, 1.0, native=False))
         rows.append({"batch": batch, "kernel_us": kernel, "gather_sdpa_us": gather, "speedup": gather / kernel})
         print(f"batch {batch:>3}: kernel {kernel:8.1f} us   gather + SDPA {gather:8.1f} us   {gather / kernel:5.2f}x")
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump({"benchmark": "cpu_paged_decode", "args": vars(args), "rows": rows}, f, indent=2)
+    write_json(args.output_json, {"benchmark": "cpu_paged_decode", "args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":
