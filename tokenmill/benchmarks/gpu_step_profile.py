@@ -33,6 +33,8 @@ def main() -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--kv-cache-dtype", default="auto")
     p.add_argument("--gaps", action="store_true")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.5,
+                   help="raise for shapes whose weights need more than half the GPU (qwen3-30b-a3b: 0.9)")
     p.add_argument("--max-model-len", type=int, help="default: just enough for the run")
     args = p.parse_args()
 
@@ -43,7 +45,7 @@ def main() -> None:
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
     llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_num_seqs=args.batch,
-              max_model_len=args.max_model_len or args.input_len + args.warm_steps + args.steps + 64, gpu_memory_utilization=0.5,
+              max_model_len=args.max_model_len or args.input_len + args.warm_steps + args.steps + 64, gpu_memory_utilization=args.gpu_memory_utilization,
               async_scheduling=not args.no_async_scheduling, tensor_parallel_size=args.tensor_parallel_size,
               kv_cache_dtype=args.kv_cache_dtype)
     engine = llm.engine

@@ -32,7 +32,24 @@ class MoeKernelConfig(NamedTuple):
 GEMV_MAX_TOKENS = 4
 
 # device name -> (E_local, H, I_local, element bytes) -> tokens -> config
-TUNED: dict[str, dict[tuple[int, int, int, int], dict[int, MoeKernelConfig]]] = {}
+TUNED: dict[str, dict[tuple[int, int, int, int], dict[int, MoeKernelConfig]]] = {
+    # Qwen3-30B-A3B's experts, bf16 (the sweep's log: docs/results/families-h100-2026-12-06/fused_moe_kernels.log)
+    # NVIDIA H100 80GB HBM3: python -m tokenmill.benchmarks.kernels.fused_moe --sweep
+    "NVIDIA H100 80GB HBM3": {
+        (128, 2048, 768, 2): {
+            1: MoeKernelConfig(16, 32, 128, 1, 4, 3),
+            2: MoeKernelConfig(16, 32, 128, 1, 4, 3),
+            4: MoeKernelConfig(16, 64, 128, 1, 4, 3),
+            8: MoeKernelConfig(16, 32, 128, 1, 4, 3),
+            16: MoeKernelConfig(16, 32, 256, 1, 4, 3),
+            64: MoeKernelConfig(16, 32, 128, 1, 4, 3),
+            128: MoeKernelConfig(16, 128, 128, 1, 4, 3),
+            512: MoeKernelConfig(64, 64, 64, 8, 4, 3),
+            2048: MoeKernelConfig(128, 128, 64, 8, 8, 3),
+            8192: MoeKernelConfig(128, 128, 64, 8, 8, 3),
+        },
+    },
+}
 
 
 def default_config(num_tokens: int, num_local_experts: int, top_k: int, element_bytes: int) -> MoeKernelConfig:
