@@ -43,6 +43,8 @@ def test_compiled_cpu_forward_matches_hf(tiny_llama, native_decode):
         assert type(runner._forward).__name__ == "CompiledCpuForward"
         assert llm.engine.config.kernels.attention_backend == "cpu"
         assert llm.engine.config.kernels.cpu_native_decode == native_decode
+        # The C++ greedy pick comes with the native decode (where the kernels build: CI has a compiler).
+        assert (runner.sampler.argmax.__module__ == "tokenmill.ops.cpu_argmax") == native_decode
         params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
         together = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
         alone = llm.generate(PROMPTS[:1], params, use_tqdm=False)[0].outputs[0].token_ids
@@ -51,6 +53,19 @@ def test_compiled_cpu_forward_matches_hf(tiny_llama, native_decode):
     expected = [_hf_greedy(hf_model, p, 8) for p in PROMPTS]
     assert together == expected
     assert alone == expected[0]
+
+
+def test_compiled_with_one_request_at_a_time(tiny_llama):
+    """max_num_seqs=1: the start-up compile of the multi-token graph fits its step in one request."""
+    folder, hf_model = tiny_llama
+    llm = LLM(folder, dtype="float32", cpu_compile=True, block_size=4, max_model_len=128,
+              kv_cache_memory=16 << 20, max_num_seqs=1)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        outputs = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+    finally:
+        llm.shutdown()
+    assert outputs == [_hf_greedy(hf_model, p, 6) for p in PROMPTS]
 
 
 def test_cpu_compile_refused_where_it_cannot_apply():

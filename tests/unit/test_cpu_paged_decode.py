@@ -1,9 +1,9 @@
 """The CPU paged-decode kernel (`ops/cpu_paged_decode.cpp`, the cache read in place) against attention
 computed in float64 on the gathered context: ragged lengths (one token, exactly a block, one past
-it, long), blocks scattered over the pool, GQA groups of 1 to 7, head sizes 64 and 128, block
-sizes that are not powers of two, a query that is a strided view, and the three dtypes. The
-kernel is built here as in the engine (a C++ compiler and ninja, which CI has); a machine
-without them gets the gather + SDPA path, checked last."""
+it, long), blocks scattered over the pool, GQA groups of 1 to 7, head sizes 64 and 128 (and 96,
+the kernel's general path), block sizes that are not powers of two, a query that is a strided
+view, and the three dtypes. The kernel is built here as in the engine (a C++ compiler and ninja,
+which CI has); a machine without them gets the gather + SDPA path, checked last."""
 
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("kv_heads,group,head_dim,block_size", [(3, 3, 64, 16), (2, 1, 128, 5), (1, 7, 64, 32),
-                                                                 (4, 4, 128, 16)])
+                                                                 (4, 4, 128, 16),
+                                                                 (2, 2, 96, 7)])
 def test_matches_float64_attention(dtype, kv_heads, group, head_dim, block_size):
     lens = [1, block_size, block_size + 1, 3 * block_size - 1, 300]
     q, k_cache, v_cache, table, seq_lens = _case(lens, kv_heads, group, head_dim, block_size, dtype)

@@ -4,16 +4,21 @@
 // Vectorized<float> is then 16 lanes on AVX-512, 8 on AVX2). Tested against attention in float64
 // (tests/unit/test_cpu_paged_decode.py) and, through the cpu backend, against torch_native.
 //
-// One task per (request, KV head), the query heads sharing that KV head together: the task's key
-// rows are widened to float32 once (they lie block by block anywhere in the pool), each head's
-// scores computed with its query held in registers, their maximum and exp(score - max) taken as
-// vector passes, then the value rows widened and summed with those weights. Everything
-// accumulates in float32; the output is rounded to the model's dtype once.
+// One task per (request, KV head), the query heads sharing that KV head together. Each key row is
+// widened to float32 in registers as it is read and scored against every head of the group (the
+// query in float32, scale folded in); the scores' maximum and exp(score - max) are vector passes;
+// then each value row, widened the same way, is added into the group's accumulators with its
+// weights. Everything accumulates in float32; the output is rounded to the model's dtype once. The
+// rows lie block by block anywhere in the pool, so the loop prefetches the key rows a few tokens
+// ahead and the value rows while scoring (at 1,000 tokens of context, 1.3x without it). Head sizes
+// other than 2, 4 or 8 vectors take a slower path through a widened copy of the context.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -120,6 +125,75 @@ inline float exp_and_sum(float* scores, int64_t n, float max) {
   return total;
 }
 
+// A row of head_dim = CHUNKS * Vec::size() elements widened to float32 in registers. bf16 and
+// half load two float vectors' worth at once.
+template <typename T, int64_t CHUNKS>
+inline void load_row(const T* src, Vec* out) {
+  constexpr int64_t W = Vec::size();
+  if constexpr (std::is_same_v<T, float>) {
+    for (int64_t c = 0; c < CHUNKS; ++c) out[c] = Vec::loadu(src + c * W);
+  } else {
+    using Wide = at::vec::Vectorized<T>;
+    for (int64_t c = 0; c < CHUNKS; c += 2) {
+      const Wide half_row = c + 1 < CHUNKS ? Wide::loadu(src + c * W) : Wide::loadu(src + c * W, W);
+      auto [lo, hi] = at::vec::convert_to_float<T>(half_row);
+      out[c] = lo;
+      if (c + 1 < CHUNKS) out[c + 1] = hi;
+    }
+  }
+}
+
+constexpr int64_t kPrefetchAhead = 8;
+
+template <typename T>
+inline void prefetch_row(const T* row, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t offset = 0; offset < n * static_cast<int64_t>(sizeof(T)); offset += 64) __builtin_prefetch(bytes + offset);
+}
+
+// The attention of one (request, KV head) task with each K and V row widened in registers as it
+// is used and shared by the group's query heads: no widened copy of the context is written.
+// query: [group, head_dim] float32, already scaled; scores: [group, len]; acc: [group, head_dim].
+template <typename T, int64_t CHUNKS>
+void attend_fused(const float* query, int64_t group, const T* k_base, const T* v_base, const int32_t* blocks,
+                  int64_t block_size, int64_t k_block, int64_t k_row, int64_t v_block, int64_t v_row, int64_t len,
+                  float* scores, float* maxima, float* acc, float* inverse) {
+  constexpr int64_t W = Vec::size();
+  for (int64_t g = 0; g < group; ++g) maxima[g] = -std::numeric_limits<float>::infinity();
+  const auto k_at = [&](int64_t t) { return k_base + blocks[t / block_size] * k_block + (t % block_size) * k_row; };
+  const auto v_at = [&](int64_t t) { return v_base + blocks[t / block_size] * v_block + (t % block_size) * v_row; };
+  for (int64_t t = 0; t < len; ++t) {
+    // The rows lie block by block anywhere in the pool, where the hardware prefetcher cannot
+    // follow: the key row kPrefetchAhead tokens on, and this token's value row for the pass below.
+    if (t + kPrefetchAhead < len) prefetch_row(k_at(t + kPrefetchAhead), CHUNKS * W);
+    prefetch_row(v_at(t), CHUNKS * W);
+    Vec key[CHUNKS];
+    load_row<T, CHUNKS>(k_at(t), key);
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = query + g * CHUNKS * W;
+      Vec sum = Vec::loadu(qg) * key[0];
+      for (int64_t c = 1; c < CHUNKS; ++c) sum = at::vec::fmadd(Vec::loadu(qg + c * W), key[c], sum);
+      const float score = sum.reduce_add();
+      scores[g * len + t] = score;
+      maxima[g] = std::max(maxima[g], score);
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    const float total = exp_and_sum(scores + g * len, len, maxima[g]);
+    inverse[g] = total > 0.f ? 1.f / total : 0.f;
+  }
+  std::fill(acc, acc + group * CHUNKS * W, 0.f);
+  for (int64_t t = 0; t < len; ++t) {
+    Vec value[CHUNKS];
+    load_row<T, CHUNKS>(v_at(t), value);
+    for (int64_t g = 0; g < group; ++g) {
+      const Vec weight(scores[g * len + t]);
+      float* ag = acc + g * CHUNKS * W;
+      for (int64_t c = 0; c < CHUNKS; ++c) at::vec::fmadd(weight, value[c], Vec::loadu(ag + c * W)).store(ag + c * W);
+    }
+  }
+}
+
 template <typename T>
 void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
             const at::Tensor& block_table, const at::Tensor& seq_lens, double scale, at::Tensor& out) {
@@ -149,9 +223,22 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
         widen(q_data + req * q_stride + (kv_head * group + g) * q_head_stride, dst, head_dim);
         for (int64_t d = 0; d < head_dim; ++d) dst[d] *= fscale;
       }
+      scores.resize(group * len);
+      const T* k_base = k_data + kv_head * k_head;
+      const T* v_base = v_data + kv_head * v_head;
+      bool fused = true;
+      switch (head_dim / Vec::size()) {
+        case 2: attend_fused<T, 2>(query.data(), group, k_base, v_base, blocks, block_size, k_block, k_row, v_block,
+                                   v_row, len, scores.data(), maxima.data(), acc.data(), inverse.data()); break;
+        case 4: attend_fused<T, 4>(query.data(), group, k_base, v_base, blocks, block_size, k_block, k_row, v_block,
+                                   v_row, len, scores.data(), maxima.data(), acc.data(), inverse.data()); break;
+        case 8: attend_fused<T, 8>(query.data(), group, k_base, v_base, blocks, block_size, k_block, k_row, v_block,
+                                   v_row, len, scores.data(), maxima.data(), acc.data(), inverse.data()); break;
+        default: fused = false;
+      }
+      if (!fused) {
       // The key rows widened once (they lie block by block anywhere in the pool), then each query
       // head's scores; likewise the value rows below.
-      scores.resize(group * len);
       rows.resize(len * head_dim);
       for (int64_t t = 0; t < len; ++t)
         widen(k_data + blocks[t / block_size] * k_block + (t % block_size) * k_row + kv_head * k_head,
@@ -169,6 +256,7 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
               rows.data() + t * head_dim, head_dim);
       for (int64_t g = 0; g < group; ++g)
         weighted_sum(scores.data() + g * len, rows.data(), len, head_dim, acc.data() + g * head_dim);
+      }
       for (int64_t g = 0; g < group; ++g) {
         T* dst = out_data + (req * num_heads + kv_head * group + g) * head_dim;
         for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<T>(acc[g * head_dim + d] * inverse[g]);

@@ -51,7 +51,7 @@ class ModelRunner:
         # state slots), in the order of its layers: each owns its part of the cache.
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, CacheLayer)]
         self.attn_builder = backend_class(config.kernels.attention_backend).builder_class()(config, self.device)
-        self.sampler = Sampler(self.device)
+        self.sampler = Sampler(self.device, native_argmax=config.kernels.cpu_native_decode)
         self.pooling = config.model.pooling  # an embedding model: prompts are pooled, not sampled
         sched = config.scheduler
         self.input_batch = InputBatch(sched.max_num_seqs, config.model.max_model_len, self.block_size)
@@ -156,13 +156,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _dummy_step(self, num_tokens: int) -> None:
-        """A step of `num_tokens` one-token requests that writes no KV (slot -1), for warm-ups."""
+        """A step of `num_tokens` tokens that writes no KV (slot -1), for warm-ups: one-token
+        requests, as many as `max_num_seqs` allows, the last one taking the tokens left over."""
         n = num_tokens
+        reqs = min(n, self.config.scheduler.max_num_seqs)
+        query_start = np.append(np.arange(reqs, dtype=np.int64), n)
+        query_lens = np.diff(query_start)
         host = HostInputs(
             input_ids=np.zeros(n, np.int64), positions=np.zeros(n, np.int64), slot_mapping=np.full(n, -1, np.int64),
-            seq_lens=np.ones(n, np.int32), block_table=np.zeros((n, 1), np.int32),
-            query_start=np.arange(n + 1, dtype=np.int64), num_decodes=n, max_query_len=1,
-            num_known=np.ones(n, np.int64), lag_rows=[])
+            seq_lens=query_lens.astype(np.int32), block_table=np.zeros((reqs, 1), np.int32),
+            query_start=query_start, num_decodes=int((query_lens == 1).sum()), max_query_len=int(query_lens.max()),
+            num_known=query_lens.copy(), lag_rows=[])
         staged = self.buffers.stage(host)
         with forward_context(_EAGER):
             self._forward(staged.input_ids, staged.positions, self.kv_caches, self.attn_builder.build(staged.batch))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tokenmill.core.messages import TokenLogprobs
+from tokenmill.ops import cpu_argmax
 
 _NEG_INF = float("-inf")
 _GREEDY_BELOW = 1e-5  # a temperature below this means greedy
@@ -104,10 +105,13 @@ class SampledTokens:
 class Sampler:
     """The batched sampler for one device; its argmax kernel is chosen once, here."""
 
-    def __init__(self, device: torch.device = torch.device("cpu")) -> None:
+    def __init__(self, device: torch.device = torch.device("cpu"), native_argmax: bool = False) -> None:
+        """`native_argmax` (CPU): greedy picks through the C++ kernel where it builds here."""
         if device.type == "cuda":
             from tokenmill.ops.argmax import argmax_rows
             self.argmax = _triton_argmax(argmax_rows)
+        elif native_argmax and cpu_argmax.available():
+            self.argmax = cpu_argmax.argmax
         else:
             self.argmax = _torch_argmax
 
