@@ -6,7 +6,7 @@ and calls this op once per layer.
 Inside the op the step's integers (how many decodes, each request's lengths) are read from the
 host tensors, which on the CPU are the tensors themselves: nothing about them reaches the
 compiler, so it never specialises on a batch's lengths. Decodes are attended together, by the C++
-kernel that reads the paged cache in place (`ops/cpu_paged_decode.py`; 2.3-6x faster than the
+kernel that reads the paged cache in place (`ops/cpu_paged_decode.py`; 3.5-6x faster than the
 gather below, docs/perf-cpu.md) where it is built and the cache holds the model's dtype; a step of
 decodes only is then the C++ op `cpu_paged_attention_native` from end to end. Otherwise each
 request's blocks are gathered once in the cache's dtype and handed, as strided views, to
