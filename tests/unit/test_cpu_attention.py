@@ -41,6 +41,8 @@ CASES = {
     "equal decodes": ([1, 1], [21, 21]),
     "prefills": ([5, 12], [5, 30]),
     "mixed": ([1, 1, 9, 3, 16], [33, 2, 9, 20, 16]),
+    "fresh prefills": ([1, 1, 7, 16], [12, 30, 7, 16]),  # the native op's whole-step C++ path
+    "one fresh prefill": ([11], [11]),
 }
 
 
@@ -60,6 +62,21 @@ def test_cpu_backend_matches_torch_native(case, dtype, group, native):
     assert torch.equal(cache[0], ref_cache[0]) and torch.equal(cache[1], ref_cache[1])
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("case,in_cpp", [("fresh prefills", True), ("one fresh prefill", True), ("decodes", True),
+                                         ("mixed", False)])
+def test_native_op_stays_in_cpp_for_decodes_and_fresh_prefills(case, in_cpp):
+    """A step of decodes and prompts with nothing cached runs in C++; one with a cached prefix
+    calls the Python op (seen by the profiler)."""
+    (q, k, v), cache, meta = _batch(*CASES[case], num_kv_heads=2, group=3, head_dim=16, block_size=4,
+                                    dtype=torch.bfloat16)
+    backend = CpuBackend(6, 2, 16, 0.25, native_decode=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        backend.forward(q, k, v, cache, meta)
+    names = {event.name for event in prof.events()}
+    assert "tokenmill::cpu_paged_attention_native" in names
+    assert ("tokenmill::cpu_paged_attention" in names) != in_cpp
 
 
 def test_cpu_backend_writes_no_kv_for_padding_slots():

@@ -292,24 +292,30 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
 }
 
 // A layer's attention step, as `tokenmill::cpu_paged_attention` (model/attention/cpu.py) computes it,
-// for the step where it is all decodes into a cache of q's dtype: the KV write and the decode in
-// C++, so the compiled forward's C++ wrapper reaches the kernel without entering Python (~50 us a
-// layer). Every other step goes to that Python op, through the dispatcher.
+// for the steps that are decodes and fresh prefills (nothing cached before the prompt) into a cache
+// of q's dtype: the KV write, the decodes through the kernel above and each prefill through
+// causal SDPA on its own k / v, as the Python op does, without entering Python (~50 us a layer for
+// a decode step, ~100 us for a prefill). Every other step (a chunk after cached tokens, an encoder,
+// an fp8 cache) goes to that Python op, through the dispatcher.
 at::Tensor attention_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
                           at::Tensor& v_cache, const at::Tensor& slot_mapping, const at::Tensor& block_table,
                           const at::Tensor& seq_lens, const at::Tensor& query_start_loc, double scale, double k_scale,
                           double v_scale, bool causal) {
   const int64_t num_tokens = q.size(0), num_reqs = query_start_loc.size(0) - 1;
-  bool decodes_only = num_reqs == num_tokens && k_cache.scalar_type() == q.scalar_type() &&
-                      k.scalar_type() == q.scalar_type() && query_start_loc.scalar_type() == at::kInt &&
-                      slot_mapping.scalar_type() == at::kLong && q.size(2) % Vec::size() == 0;
-  if (decodes_only) {
+  bool native = k_cache.scalar_type() == q.scalar_type() && k.scalar_type() == q.scalar_type() &&
+                query_start_loc.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
+                slot_mapping.scalar_type() == at::kLong && q.size(2) % Vec::size() == 0;
+  int64_t num_decodes = 0;
+  if (native) {
     const int32_t* starts = query_start_loc.data_ptr<int32_t>();
+    const int32_t* lens = seq_lens.data_ptr<int32_t>();
     const int64_t* slots = slot_mapping.data_ptr<int64_t>();
-    for (int64_t i = 0; i < num_tokens && decodes_only; ++i)
-      decodes_only = starts[i + 1] - starts[i] == 1 && slots[i] >= 0;
+    for (int64_t i = 0; i < num_tokens && native; ++i) native = slots[i] >= 0;
+    while (num_decodes < num_reqs && starts[num_decodes + 1] - starts[num_decodes] == 1) ++num_decodes;
+    for (int64_t i = num_decodes; i < num_reqs && native; ++i)  // fresh causal prefills only
+      native = causal && lens[i] == starts[i + 1] - starts[i];
   }
-  if (!decodes_only) {
+  if (!native) {
     static auto general = c10::Dispatcher::singleton()
         .findSchemaOrThrow("tokenmill::cpu_paged_attention", "")
         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&,
@@ -322,7 +328,22 @@ at::Tensor attention_step(const at::Tensor& q, const at::Tensor& k, const at::Te
   const at::Tensor rows = slot_mapping.slice(0, 0, num_tokens);
   k_cache.view({-1, num_kv_heads, head_dim}).index_copy_(0, rows, k);
   v_cache.view({-1, num_kv_heads, head_dim}).index_copy_(0, rows, v);
-  return paged_decode(q, k_cache, v_cache, block_table, seq_lens.slice(0, 0, num_tokens), scale);
+  if (num_decodes == num_tokens)
+    return paged_decode(q, k_cache, v_cache, block_table, seq_lens.slice(0, 0, num_decodes), scale);
+  at::Tensor out = at::empty_like(q);
+  if (num_decodes)
+    out.slice(0, 0, num_decodes).copy_(paged_decode(q.slice(0, 0, num_decodes), k_cache, v_cache, block_table,
+                                                    seq_lens.slice(0, 0, num_decodes), scale));
+  const int32_t* starts = query_start_loc.data_ptr<int32_t>();
+  const bool grouped = q.size(1) != num_kv_heads;
+  for (int64_t i = num_decodes; i < num_reqs; ++i) {
+    const int64_t begin = starts[i], end = starts[i + 1];
+    const auto heads_first = [&](const at::Tensor& x) { return x.slice(0, begin, end).transpose(0, 1).unsqueeze(0); };
+    const at::Tensor attended = at::scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v),
+                                                                 std::nullopt, 0.0, true, scale, grouped);
+    out.slice(0, begin, end).copy_(attended.squeeze(0).transpose(0, 1));
+  }
+  return out;
 }
 
 }  // namespace

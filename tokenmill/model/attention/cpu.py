@@ -8,7 +8,8 @@ host tensors, which on the CPU are the tensors themselves: nothing about them re
 compiler, so it never specialises on a batch's lengths. Decodes are attended together, by the C++
 kernel that reads the paged cache in place (`ops/cpu_paged_decode.py`; 3.5-6x faster than the
 gather below, docs/perf-cpu.md) where it is built and the cache holds the model's dtype; a step of
-decodes only is then the C++ op `cpu_paged_attention_native` from end to end. Otherwise each
+decodes and fresh prompts (nothing cached before them) is then the C++ op
+`cpu_paged_attention_native` from end to end, the prompts through causal SDPA. Otherwise each
 request's blocks are gathered once in the cache's dtype and handed, as strided views, to
 `scaled_dot_product_attention` with a padding mask. Prefills run as in `torch_native`, which stays
 the reference this backend is tested against.
@@ -158,7 +159,7 @@ class CpuBackend(AttentionBackend):
         if rope is not None:
             q, k = rotate_neox(q, k, rope)
         k_cache, v_cache = kv_cache
-        if self.native_decode:  # the same step in C++ where it is all decodes (ops/cpu_paged_decode.cpp)
+        if self.native_decode:  # in C++ for decodes and fresh prompts (ops/cpu_paged_decode.cpp)
             return torch.ops.tokenmill.cpu_paged_attention_native(
                 q, k, v, k_cache, v_cache, meta.slot_mapping, meta.block_table, meta.seq_lens, meta.query_start_loc,
                 self.scale, k_scale, v_scale, meta.causal)
