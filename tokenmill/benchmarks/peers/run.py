@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -89,10 +90,19 @@ def run_engine(name: str, spec: dict, timeout_s: float) -> dict:
         # outlive it and would hold a pipe open.
         log_path = Path(tmp) / "engine.log"
         with open(log_path, "w") as log:
-            proc = subprocess.run(cmd, cwd=tmp, timeout=timeout_s, stdout=log, stderr=subprocess.STDOUT)
-        if proc.returncode != 0 or not out_path.exists():
+            proc = subprocess.Popen(cmd, cwd=tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                returncode = proc.wait(timeout=timeout_s)
+            finally:
+                # vLLM's engine-core and worker processes outlived its runner (2.5 GB each, seen
+                # alive through the later rounds): the whole group ends before the next engine.
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        if returncode != 0 or not out_path.exists():
             tail = log_path.read_text()[-3000:]
-            raise RuntimeError(f"{name} failed (exit {proc.returncode}):\n{tail}")
+            raise RuntimeError(f"{name} failed (exit {returncode}):\n{tail}")
         result = json.loads(out_path.read_text())
         result.update(load_before=load, wall_s=time.perf_counter() - start)
         return result
