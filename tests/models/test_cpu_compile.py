@@ -68,6 +68,21 @@ def test_compiled_with_one_request_at_a_time(tiny_llama):
     assert outputs == [_hf_greedy(hf_model, p, 6) for p in PROMPTS]
 
 
+def test_several_compiled_engines_in_one_process(tiny_llama):
+    """Five compiled engines alive at once (each adds two graphs to dynamo's cache of the model's
+    forward), then shut down: every one serves HF's tokens."""
+    folder, hf_model = tiny_llama
+    engines = [LLM(folder, dtype="float32", cpu_compile=True, block_size=4, max_model_len=64,
+                   kv_cache_memory=4 << 20) for _ in range(5)]
+    try:
+        params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+        outputs = [llm.generate(PROMPTS[:1], params, use_tqdm=False)[0].outputs[0].token_ids for llm in engines]
+    finally:
+        for llm in engines:
+            llm.shutdown()
+    assert outputs == [_hf_greedy(hf_model, PROMPTS[0], 3)] * 5
+
+
 def test_cpu_compile_refused_where_it_cannot_apply():
     from tokenmill.config import EngineArgs
 

@@ -176,6 +176,10 @@ class ModelRunner:
         and weights, so that a later engine in this process finds the memory free."""
         self.kv_caches = []
         self.graphs = None
+        if self.config.kernels.cpu_compile:
+            # The compiled graphs hold the weights as constants: dynamo's cache would keep them.
+            from tokenmill.worker.cpu_compile import forget_compiled_graphs
+            forget_compiled_graphs()
         self.model = self._forward = None
         self.attention_layers = []
         self._prev_sampled = None
