@@ -45,7 +45,8 @@ def main() -> None:
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
     llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_num_seqs=args.batch,
-              max_model_len=args.max_model_len or args.input_len + args.warm_steps + args.steps + 64, gpu_memory_utilization=args.gpu_memory_utilization,
+              max_model_len=args.max_model_len or args.input_len + args.warm_steps + args.steps + 64,
+              gpu_memory_utilization=args.gpu_memory_utilization,
               async_scheduling=not args.no_async_scheduling, tensor_parallel_size=args.tensor_parallel_size,
               kv_cache_dtype=args.kv_cache_dtype)
     engine = llm.engine

@@ -148,7 +148,8 @@ constexpr int64_t kPrefetchAhead = 8;
 template <typename T>
 inline void prefetch_row(const T* row, int64_t n) {
   const char* bytes = reinterpret_cast<const char*>(row);
-  for (int64_t offset = 0; offset < n * static_cast<int64_t>(sizeof(T)); offset += 64) __builtin_prefetch(bytes + offset);
+  const int64_t size = n * static_cast<int64_t>(sizeof(T));
+  for (int64_t offset = 0; offset < size; offset += 64) __builtin_prefetch(bytes + offset);
 }
 
 // The attention of one (request, KV head) task with each K and V row widened in registers as it

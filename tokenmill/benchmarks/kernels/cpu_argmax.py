@@ -36,7 +36,8 @@ def main() -> None:
         kernel = _best_us(lambda: cpu_argmax.argmax(logits))
         torch_us = _best_us(lambda: logits.argmax(dim=-1))
         rows.append({"batch": batch, "kernel_us": kernel, "torch_us": torch_us, "speedup": torch_us / kernel})
-        print(f"batch {batch:>3}: kernel {kernel:8.1f} us   torch.argmax {torch_us:8.1f} us   {torch_us / kernel:5.2f}x")
+        print(f"batch {batch:>3}: kernel {kernel:8.1f} us   torch.argmax {torch_us:8.1f} us   "
+              f"{torch_us / kernel:5.2f}x")
     write_json(args.output_json, {"benchmark": "cpu_argmax", "args": vars(args), "rows": rows})
 
 
