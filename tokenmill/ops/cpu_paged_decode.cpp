@@ -10,24 +10,24 @@
 // then each value row, widened the same way, is added into the group's accumulators with its
 // weights. Everything accumulates in float32; the output is rounded to the model's dtype once. The
 // rows lie block by block anywhere in the pool, so the loop prefetches the key rows a few tokens
-// ahead and the value rows while scoring (at 1,000 tokens of context, 1.3x without it). Head sizes
-// other than 2, 4 or 8 vectors take a slower path through a widened copy of the context.
+// ahead and the value rows while scoring (at 1,000 tokens of context, 1.3x without it).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
-#include <type_traits>
+#include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
 
-// A row of the cache (or a query) in float32. bf16 is the top half of a float32, so widening it is
-// a shift, which the compiler vectorises.
+// widen(): a row of the cache (or a query) in float32. bf16 is the top half of a float32, so
+// widening it is a shift, which the compiler vectorises.
 template <typename T>
 inline void widen(const T* src, float* dst, int64_t n) {
   for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<float>(src[d]);
@@ -38,73 +38,6 @@ inline void widen<c10::BFloat16>(const c10::BFloat16* src, float* dst, int64_t n
   const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
   uint32_t* out = reinterpret_cast<uint32_t*>(dst);
   for (int64_t d = 0; d < n; ++d) out[d] = static_cast<uint32_t>(bits[d]) << 16;
-}
-
-// head_dim is a multiple of Vec::size() (checked by the caller).
-inline float dot(const float* a, const float* b, int64_t n) {
-  Vec sum(0.f);
-  for (int64_t d = 0; d < n; d += Vec::size()) sum = at::vec::fmadd(Vec::loadu(a + d), Vec::loadu(b + d), sum);
-  return sum.reduce_add();
-}
-
-// out[0:n] = sum over t of weights[t] * rows[t, :]: up to 8 vectors of accumulators stay in
-// registers across the rows.
-template <int64_t CHUNKS>
-inline void weighted_sum_fixed(const float* weights, const float* rows, int64_t len, float* out) {
-  constexpr int64_t W = Vec::size();
-  Vec acc[CHUNKS];
-  for (int64_t c = 0; c < CHUNKS; ++c) acc[c] = Vec(0.f);
-  for (int64_t t = 0; t < len; ++t) {
-    const Vec weight(weights[t]);
-    for (int64_t c = 0; c < CHUNKS; ++c) acc[c] = at::vec::fmadd(weight, Vec::loadu(rows + t * CHUNKS * W + c * W), acc[c]);
-  }
-  for (int64_t c = 0; c < CHUNKS; ++c) acc[c].store(out + c * W);
-}
-
-inline void weighted_sum(const float* weights, const float* rows, int64_t len, int64_t n, float* out) {
-  switch (n / Vec::size()) {
-    case 2: return weighted_sum_fixed<2>(weights, rows, len, out);
-    case 4: return weighted_sum_fixed<4>(weights, rows, len, out);
-    case 8: return weighted_sum_fixed<8>(weights, rows, len, out);
-  }
-  std::fill(out, out + n, 0.f);
-  for (int64_t t = 0; t < len; ++t) {
-    const Vec weight(weights[t]);
-    for (int64_t d = 0; d < n; d += Vec::size())
-      at::vec::fmadd(weight, Vec::loadu(rows + t * n + d), Vec::loadu(out + d)).store(out + d);
-  }
-}
-
-// out[t] = dot(query, rows[t, :]) * scale for t < len: the query in registers, the tokens independent
-// of each other (no chain from one to the next), so the core overlaps their reductions.
-template <int64_t CHUNKS>
-inline void scores_fixed(const float* query, const float* rows, int64_t len, float* out) {
-  constexpr int64_t W = Vec::size();
-  Vec q[CHUNKS];
-  for (int64_t c = 0; c < CHUNKS; ++c) q[c] = Vec::loadu(query + c * W);
-  for (int64_t t = 0; t < len; ++t) {
-    Vec sum = q[0] * Vec::loadu(rows + t * CHUNKS * W);
-    for (int64_t c = 1; c < CHUNKS; ++c) sum = at::vec::fmadd(q[c], Vec::loadu(rows + t * CHUNKS * W + c * W), sum);
-    out[t] = sum.reduce_add();
-  }
-}
-
-inline void scores_(const float* query, const float* rows, int64_t len, int64_t n, float* out) {
-  switch (n / Vec::size()) {
-    case 2: return scores_fixed<2>(query, rows, len, out);
-    case 4: return scores_fixed<4>(query, rows, len, out);
-    case 8: return scores_fixed<8>(query, rows, len, out);
-  }
-  for (int64_t t = 0; t < len; ++t) out[t] = dot(query, rows + t * n, n);
-}
-
-inline float max_of(const float* x, int64_t n) {
-  Vec best(-std::numeric_limits<float>::infinity());
-  int64_t t = 0;
-  for (; t + Vec::size() <= n; t += Vec::size()) best = at::vec::maximum(best, Vec::loadu(x + t));
-  float out = best.reduce_max();
-  for (; t < n; ++t) out = std::max(out, x[t]);
-  return out;
 }
 
 // scores[0:n] = exp(scores - max); returns their sum.
@@ -125,20 +58,22 @@ inline float exp_and_sum(float* scores, int64_t n, float max) {
   return total;
 }
 
-// A row of head_dim = CHUNKS * Vec::size() elements widened to float32 in registers. bf16 and
-// half load two float vectors' worth at once.
-template <typename T, int64_t CHUNKS>
-inline void load_row(const T* src, Vec* out) {
+// The most float vectors a head may span (head_dim 256 on AVX2).
+constexpr int64_t kMaxChunks = 32;
+
+// A row of `chunks` float vectors widened in registers. bf16 and half load two vectors' worth at once.
+template <typename T>
+inline void load_row(const T* src, int64_t chunks, Vec* out) {
   constexpr int64_t W = Vec::size();
   if constexpr (std::is_same_v<T, float>) {
-    for (int64_t c = 0; c < CHUNKS; ++c) out[c] = Vec::loadu(src + c * W);
+    for (int64_t c = 0; c < chunks; ++c) out[c] = Vec::loadu(src + c * W);
   } else {
     using Wide = at::vec::Vectorized<T>;
-    for (int64_t c = 0; c < CHUNKS; c += 2) {
-      const Wide half_row = c + 1 < CHUNKS ? Wide::loadu(src + c * W) : Wide::loadu(src + c * W, W);
+    for (int64_t c = 0; c < chunks; c += 2) {
+      const Wide half_row = c + 1 < chunks ? Wide::loadu(src + c * W) : Wide::loadu(src + c * W, W);
       auto [lo, hi] = at::vec::convert_to_float<T>(half_row);
       out[c] = lo;
-      if (c + 1 < CHUNKS) out[c + 1] = hi;
+      if (c + 1 < chunks) out[c + 1] = hi;
     }
   }
 }
@@ -152,28 +87,29 @@ inline void prefetch_row(const T* row, int64_t n) {
   for (int64_t offset = 0; offset < size; offset += 64) __builtin_prefetch(bytes + offset);
 }
 
-// The attention of one (request, KV head) task with each K and V row widened in registers as it
-// is used and shared by the group's query heads: no widened copy of the context is written.
-// query: [group, head_dim] float32, already scaled; scores: [group, len]; acc: [group, head_dim].
+// The attention of one (request, KV head) task. CHUNKS: head_dim in float vectors, fixed at compile
+// time for the common head sizes (the loops unroll, the row stays in registers); 0: `chunks` at
+// run time. query: [group, head_dim] float32, already scaled; scores: [group, len]; acc: [group, head_dim].
 template <typename T, int64_t CHUNKS>
-void attend_fused(const float* query, int64_t group, const T* k_base, const T* v_base, const int32_t* blocks,
-                  int64_t block_size, int64_t k_block, int64_t k_row, int64_t v_block, int64_t v_row, int64_t len,
-                  float* scores, float* maxima, float* acc, float* inverse) {
+void attend(const float* query, int64_t group, int64_t chunks, const T* k_base, const T* v_base,
+            const int32_t* blocks, int64_t block_size, int64_t k_block, int64_t k_row, int64_t v_block,
+            int64_t v_row, int64_t len, float* scores, float* maxima, float* acc, float* inverse) {
   constexpr int64_t W = Vec::size();
+  const int64_t n = CHUNKS ? CHUNKS : chunks;
   for (int64_t g = 0; g < group; ++g) maxima[g] = -std::numeric_limits<float>::infinity();
   const auto k_at = [&](int64_t t) { return k_base + blocks[t / block_size] * k_block + (t % block_size) * k_row; };
   const auto v_at = [&](int64_t t) { return v_base + blocks[t / block_size] * v_block + (t % block_size) * v_row; };
+  Vec row[CHUNKS ? CHUNKS : kMaxChunks];
   for (int64_t t = 0; t < len; ++t) {
     // The rows lie block by block anywhere in the pool, where the hardware prefetcher cannot
     // follow: the key row kPrefetchAhead tokens on, and this token's value row for the pass below.
-    if (t + kPrefetchAhead < len) prefetch_row(k_at(t + kPrefetchAhead), CHUNKS * W);
-    prefetch_row(v_at(t), CHUNKS * W);
-    Vec key[CHUNKS];
-    load_row<T, CHUNKS>(k_at(t), key);
+    if (t + kPrefetchAhead < len) prefetch_row(k_at(t + kPrefetchAhead), n * W);
+    prefetch_row(v_at(t), n * W);
+    load_row<T>(k_at(t), n, row);
     for (int64_t g = 0; g < group; ++g) {
-      const float* qg = query + g * CHUNKS * W;
-      Vec sum = Vec::loadu(qg) * key[0];
-      for (int64_t c = 1; c < CHUNKS; ++c) sum = at::vec::fmadd(Vec::loadu(qg + c * W), key[c], sum);
+      const float* qg = query + g * n * W;
+      Vec sum = Vec::loadu(qg) * row[0];
+      for (int64_t c = 1; c < n; ++c) sum = at::vec::fmadd(Vec::loadu(qg + c * W), row[c], sum);
       const float score = sum.reduce_add();
       scores[g * len + t] = score;
       maxima[g] = std::max(maxima[g], score);
@@ -183,14 +119,13 @@ void attend_fused(const float* query, int64_t group, const T* k_base, const T* v
     const float total = exp_and_sum(scores + g * len, len, maxima[g]);
     inverse[g] = total > 0.f ? 1.f / total : 0.f;
   }
-  std::fill(acc, acc + group * CHUNKS * W, 0.f);
+  std::fill(acc, acc + group * n * W, 0.f);
   for (int64_t t = 0; t < len; ++t) {
-    Vec value[CHUNKS];
-    load_row<T, CHUNKS>(v_at(t), value);
+    load_row<T>(v_at(t), n, row);
     for (int64_t g = 0; g < group; ++g) {
       const Vec weight(scores[g * len + t]);
-      float* ag = acc + g * CHUNKS * W;
-      for (int64_t c = 0; c < CHUNKS; ++c) at::vec::fmadd(weight, value[c], Vec::loadu(ag + c * W)).store(ag + c * W);
+      float* ag = acc + g * n * W;
+      for (int64_t c = 0; c < n; ++c) at::vec::fmadd(weight, row[c], Vec::loadu(ag + c * W)).store(ag + c * W);
     }
   }
 }
@@ -200,7 +135,7 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
             const at::Tensor& block_table, const at::Tensor& seq_lens, double scale, at::Tensor& out) {
   const int64_t num_reqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
   const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
-  const int64_t group = num_heads / num_kv_heads;
+  const int64_t group = num_heads / num_kv_heads, chunks = head_dim / Vec::size();
   const T* q_data = q.data_ptr<T>();
   const T* k_data = k_cache.data_ptr<T>();
   const T* v_data = v_cache.data_ptr<T>();
@@ -212,52 +147,23 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   const int64_t k_block = k_cache.stride(0), k_row = k_cache.stride(1), k_head = k_cache.stride(2);
   const int64_t v_block = v_cache.stride(0), v_row = v_cache.stride(1), v_head = v_cache.stride(2);
   const float fscale = static_cast<float>(scale);
+  const auto task_attend = chunks == 2 ? attend<T, 2> : chunks == 4 ? attend<T, 4> : chunks == 8 ? attend<T, 8>
+                                                                                                 : attend<T, 0>;
 
   at::parallel_for(0, num_reqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> query(group * head_dim), acc(group * head_dim), rows, scores, maxima(group), inverse(group);
+    std::vector<float> query(group * head_dim), acc(group * head_dim), scores, maxima(group), inverse(group);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t req = task / num_kv_heads, kv_head = task % num_kv_heads;
       const int64_t len = lens[req];
-      const int32_t* blocks = table + req * table_stride;
       for (int64_t g = 0; g < group; ++g) {
         float* dst = query.data() + g * head_dim;
         widen(q_data + req * q_stride + (kv_head * group + g) * q_head_stride, dst, head_dim);
         for (int64_t d = 0; d < head_dim; ++d) dst[d] *= fscale;
       }
       scores.resize(group * len);
-      const T* k_base = k_data + kv_head * k_head;
-      const T* v_base = v_data + kv_head * v_head;
-      bool fused = true;
-      switch (head_dim / Vec::size()) {
-        case 2: attend_fused<T, 2>(query.data(), group, k_base, v_base, blocks, block_size, k_block, k_row, v_block,
-                                   v_row, len, scores.data(), maxima.data(), acc.data(), inverse.data()); break;
-        case 4: attend_fused<T, 4>(query.data(), group, k_base, v_base, blocks, block_size, k_block, k_row, v_block,
-                                   v_row, len, scores.data(), maxima.data(), acc.data(), inverse.data()); break;
-        case 8: attend_fused<T, 8>(query.data(), group, k_base, v_base, blocks, block_size, k_block, k_row, v_block,
-                                   v_row, len, scores.data(), maxima.data(), acc.data(), inverse.data()); break;
-        default: fused = false;
-      }
-      if (!fused) {
-      // The key rows widened once (they lie block by block anywhere in the pool), then each query
-      // head's scores; likewise the value rows below.
-      rows.resize(len * head_dim);
-      for (int64_t t = 0; t < len; ++t)
-        widen(k_data + blocks[t / block_size] * k_block + (t % block_size) * k_row + kv_head * k_head,
-              rows.data() + t * head_dim, head_dim);
-      for (int64_t g = 0; g < group; ++g) {
-        scores_(query.data() + g * head_dim, rows.data(), len, head_dim, scores.data() + g * len);
-        maxima[g] = max_of(scores.data() + g * len, len);
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        const float sum = exp_and_sum(scores.data() + g * len, len, maxima[g]);
-        inverse[g] = sum > 0.f ? 1.f / sum : 0.f;
-      }
-      for (int64_t t = 0; t < len; ++t)
-        widen(v_data + blocks[t / block_size] * v_block + (t % block_size) * v_row + kv_head * v_head,
-              rows.data() + t * head_dim, head_dim);
-      for (int64_t g = 0; g < group; ++g)
-        weighted_sum(scores.data() + g * len, rows.data(), len, head_dim, acc.data() + g * head_dim);
-      }
+      task_attend(query.data(), group, chunks, k_data + kv_head * k_head, v_data + kv_head * v_head,
+                  table + req * table_stride, block_size, k_block, k_row, v_block, v_row, len, scores.data(),
+                  maxima.data(), acc.data(), inverse.data());
       for (int64_t g = 0; g < group; ++g) {
         T* dst = out_data + (req * num_heads + kv_head * group + g) * head_dim;
         for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<T>(acc[g * head_dim + d] * inverse[g]);
@@ -276,7 +182,8 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
               "paged_decode: q and the cache must share a dtype");
   TORCH_CHECK(q.stride(2) == 1 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
               "paged_decode: head_dim must be contiguous");
-  TORCH_CHECK(q.size(2) % Vec::size() == 0, "paged_decode: head_dim must be a multiple of ", Vec::size());
+  TORCH_CHECK(q.size(2) % Vec::size() == 0 && q.size(2) / Vec::size() <= kMaxChunks,
+              "paged_decode: head_dim must be a multiple of ", Vec::size(), " and at most ", kMaxChunks * Vec::size());
   TORCH_CHECK(block_table.dim() == 2 && block_table.stride(1) == 1, "paged_decode: block table rows contiguous");
   TORCH_CHECK(block_table.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt,
               "paged_decode: int32 block table and lengths");

@@ -20,9 +20,9 @@ from tokenmill.ops.cpu_extension import extension
 
 def supports(head_dim: int) -> bool:
     """Whether the kernel serves this head size on this machine (builds it on first use). It takes
-    q and the cache in bfloat16, float16 or float32, the same for both."""
+    q and the cache in bfloat16, float16 or float32, the same for both; heads of up to 32 vectors."""
     ext = extension()
-    return ext is not None and head_dim % ext.vector_width() == 0
+    return ext is not None and head_dim % ext.vector_width() == 0 and head_dim <= 32 * ext.vector_width()
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
