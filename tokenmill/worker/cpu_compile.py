@@ -34,7 +34,7 @@ class CompiledCpuForward:
         # for oneDNN once, at compile time.
         torch._inductor.config.freezing = True
         # Dynamo keeps its graphs on the model class's forward code, shared by every engine in the
-        # process: each engine adds two, and the default limit of 8 failed the fifth engine.
+        # process: each engine adds two, so the default limit of 8 would stop the fifth engine.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         # A C++ wrapper calls the graph's ~300 kernels (SmolLM2: 121 linears, 30 attention ops)
         # instead of generated Python: decode 19.4 -> 17.8 ms/token on the 2-core box.

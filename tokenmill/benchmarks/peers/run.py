@@ -94,8 +94,8 @@ def run_engine(name: str, spec: dict, timeout_s: float) -> dict:
             try:
                 returncode = proc.wait(timeout=timeout_s)
             finally:
-                # vLLM's engine-core and worker processes outlived its runner (2.5 GB each, seen
-                # alive through the later rounds): the whole group ends before the next engine.
+                # vLLM's engine-core and worker processes outlive its runner (2.5 GB each): the
+                # whole group ends before the next engine runs.
                 try:
                     os.killpg(proc.pid, signal.SIGKILL)
                 except ProcessLookupError:
