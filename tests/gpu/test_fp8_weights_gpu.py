@@ -54,17 +54,23 @@ def _assert_near_hf(hf: torch.nn.Module, outs, label: str, tolerance: float = 0.
             assert rel < tolerance, (label, j, rel)
 
 
+@pytest.mark.parametrize("cublas", [True, False], ids=["cublas_prefill", "triton_only"])
 @pytest.mark.parametrize("name", ["llama", "qwen3"])
-def test_block_fp8_logprobs_near_hf(name, tmp_path_factory):
+def test_block_fp8_logprobs_near_hf(name, cublas, tmp_path_factory):
+    """The prompts' first step holds 863 tokens: with `cublas`, its products go through cuBLAS's
+    block-scaled GEMM (on Hopper), the decode steps through the Triton kernels."""
     folder, hf = _block_fp8_folder(tmp_path_factory, name, 0.05)
-    with LLM(folder, block_size=16, **ENGINE) as llm:
+    with LLM(folder, block_size=16, cublas_fp8=cublas, **ENGINE) as llm:
         qkv = llm.engine.core.executor.driver_worker.model.model.layers[0].self_attn.qkv_proj
         assert qkv.weight.dtype == torch.float8_e4m3fn and qkv.method.kernels
+        hopper = torch.cuda.get_device_capability() == (9, 0)
+        assert (qkv.method.cublas_rows is not None) == (cublas and hopper)
         outs = llm.generate(LOGIT_PROMPTS, LOGIT_PARAMS, use_tqdm=False)
     _assert_near_hf(hf, outs, name)
 
 
-def test_online_fp8_logprobs_near_hf_on_the_same_quantisation(tmp_path_factory):
+@pytest.mark.parametrize("cublas", [True, False], ids=["cublas_prefill", "triton_only"])
+def test_online_fp8_logprobs_near_hf_on_the_same_quantisation(cublas, tmp_path_factory):
     hf = _hf("llama", 0.05)
     folder = str(tmp_path_factory.mktemp("llama_online"))
     hf.save_pretrained(folder)
@@ -73,7 +79,9 @@ def test_online_fp8_logprobs_near_hf_on_the_same_quantisation(tmp_path_factory):
             if isinstance(module, torch.nn.Linear) and module_name != "lm_head":
                 module.weight.copy_(dequantize_weight_per_channel(
                     *quantize_weight_per_channel(module.weight), torch.bfloat16))
-    with LLM(folder, quantization="fp8", **ENGINE) as llm:
+    with LLM(folder, quantization="fp8", cublas_fp8=cublas, **ENGINE) as llm:
+        qkv = llm.engine.core.executor.driver_worker.model.model.layers[0].self_attn.qkv_proj
+        assert (qkv.method.cublas_rows is not None) == (cublas and torch.cuda.get_device_capability() == (9, 0))
         outs = llm.generate(LOGIT_PROMPTS, LOGIT_PARAMS, use_tqdm=False)
     _assert_near_hf(hf.cuda(), outs, "online")
 

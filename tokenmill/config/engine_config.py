@@ -133,6 +133,9 @@ class KernelConfig:
     cascade_attention: bool = False
     # The Triton GEMV for one-row products inside the decode CUDA graphs (cuBLAS otherwise).
     triton_gemv: bool = True
+    # fp8 linears: products of many tokens through cuBLAS's scaled fp8 GEMM (`torch._scaled_mm`
+    # with row-wise or DeepSeek's 1x128 / 128x128 block scales) where this torch and GPU take them.
+    cublas_fp8: bool = True
     # Tensor parallel on GPUs: the one-shot symmetric-memory all-reduce for small sums (NCCL otherwise).
     custom_all_reduce: bool = True
     # ... and the all-reduce, residual add and next RMSNorm in one kernel at decode (with the one above).

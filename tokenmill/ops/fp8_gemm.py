@@ -16,17 +16,30 @@ operands, one float32 matmul), which the tests hold the kernel to.
 Launch configuration: `gemm_config(M, N, K, block)`, a heuristic by M (small M is bound by reading
 the weights; large M by the tensor cores); the benchmark (`tokenmill/benchmarks/kernels/fp8.py`)
 sweeps the alternatives on the device.
+
+cuBLAS's fp8 GEMM (`torch._scaled_mm`) takes both scale forms on Hopper with torch 2.11 (CUDA
+12.9+): row-wise (per token x per channel) and DeepSeek's blocks (1 x 128 activation scales laid out
+token-major, 128 x 128 weight blocks): `cublas_fp8_gemm`. `fp8_linear(..., cublas_min_rows=R)`
+sends products of R or more rows there, where the tensor cores bound the time and cuBLAS's kernels
+are faster than this one (fewer rows are bound by reading the weights);
+`cublas_scaled_mm_supported(device, block)` tells, once, whether this torch and GPU take the call.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from tokenmill.ops.fp8_format import dequantize_weight_blocks, dequantize_weight_per_channel
+from tokenmill.ops.fp8_format import (
+    dequantize_weight_blocks,
+    dequantize_weight_per_channel,
+    quantize_weight_blocks,
+    quantize_weight_per_channel,
+)
 from tokenmill.ops.fp8_quant import per_token_group_quant
 
 
@@ -136,18 +149,87 @@ def fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, w_scal
     return out
 
 
+CUBLAS_BLOCK = (128, 128)  # the only block shape cuBLAS's block-scaled GEMM takes
+# From `benchmarks/kernels/fp8.py gemm --graphs` on an H100: from 64 rows cuBLAS is as fast or
+# faster on Llama-3.1-8B's four matrices in both scale forms; at 16 or fewer it is slower on some.
+CUBLAS_MIN_ROWS = 64
+
+
+def cublas_fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                    block: tuple[int, int] | None, out_dtype: torch.dtype,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`fp8_gemm` through cuBLAS (`torch._scaled_mm`). Block (128, 128): a_scale [M, K/128]
+    token-major (strides (1, M): `per_token_group_quant(..., m_major_scales=True)`), w_scale
+    [N/128, K/128] as stored. Channel scales (block None): a_scale [M, 1], w_scale [N]."""
+    if block is None:
+        a_scale, w_scale = a_scale.reshape(-1, 1), w_scale.reshape(1, -1)
+    else:
+        w_scale = w_scale.t()
+    y = torch._scaled_mm(a_q, w_q.t(), a_scale, w_scale, out_dtype=out_dtype)
+    return y if bias is None else y + bias
+
+
+def cublas_can_take(n: int, k: int, block: tuple[int, int] | None) -> bool:
+    """fp8 GEMM's 16-element alignment; for block scales, whole 128-blocks on both sides and a
+    multiple of 4 blocks along K (the weight scales' rows in 16-byte steps: on an H100, K = 256
+    gave wrong products, not an error). The activation scales' rows are aligned by padding the
+    token count to a multiple of 4 (`CUBLAS_ROW_MULTIPLE`; unpadded, cuBLAS refuses other counts)."""
+    if block is None:
+        return n % 16 == 0 and k % 16 == 0
+    return block == CUBLAS_BLOCK and n % 128 == 0 and k % 512 == 0
+
+
+CUBLAS_ROW_MULTIPLE = 4
+
+
+@functools.cache
+def cublas_scaled_mm_supported(device: torch.device, block: tuple[int, int] | None) -> bool:
+    """Whether `torch._scaled_mm` takes this scale form on the device: one small product against
+    the reference (False where this torch, its cuBLAS or the GPU refuses it)."""
+    if device.type != "cuda" or not cublas_can_take(256, 512, block):
+        return False
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(256, 512, device=device, generator=gen, dtype=torch.bfloat16)
+    w = torch.randn(256, 512, device=device, generator=gen, dtype=torch.bfloat16)
+    if block is None:
+        w_q, w_scale = quantize_weight_per_channel(w)
+        x_q, x_scale = per_token_group_quant(x, 512)
+    else:
+        w_q, w_scale = quantize_weight_blocks(w, block)
+        x_q, x_scale = per_token_group_quant(x, block[1], m_major_scales=True)
+    try:
+        y = cublas_fp8_gemm(x_q, x_scale, w_q, w_scale, block, torch.float32)
+    except (RuntimeError, TypeError, ValueError, NotImplementedError):
+        return False
+    ref = fp8_gemm_ref(x_q, x_scale, w_q, w_scale, block, torch.float32)
+    return bool(((y - ref).abs().max() <= 1e-2 * ref.abs().max()).item())
+
+
 def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, block: tuple[int, int] | None,
-               bias: torch.Tensor | None = None, ue8m0: bool = False) -> torch.Tensor:
+               bias: torch.Tensor | None = None, ue8m0: bool = False,
+               cublas_min_rows: int | None = None) -> torch.Tensor:
     """`x @ dequant(w).T + bias` for x [..., K] in its dtype: x quantised per token and group of
-    `bk` (per token for channel scales), then `fp8_gemm`."""
+    `bk` (per token for channel scales), then `fp8_gemm`, or cuBLAS for `cublas_min_rows` or more
+    rows where it takes the weight (`cublas_can_take`)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
+    n, k = w_q.shape
     group = block[1] if block is not None else shape[-1]
-    x_q, x_scale = per_token_group_quant(x2, group, ue8m0)
-    y = fp8_gemm(x_q, x_scale, w_q, w_scale, block, x.dtype, bias)
-    return y.view(*shape[:-1], w_q.shape[0])
+    m = x2.shape[0]
+    if cublas_min_rows is not None and m >= cublas_min_rows and cublas_can_take(n, k, block):
+        if block is None:
+            x_q, x_scale = per_token_group_quant(x2, group, ue8m0)
+        else:
+            x_q, x_scale = per_token_group_quant(x2, group, ue8m0, m_major_scales=True,
+                                                 row_multiple=CUBLAS_ROW_MULTIPLE)
+        y = cublas_fp8_gemm(x_q, x_scale, w_q, w_scale, block, x.dtype)[:m]
+        y = y if bias is None else y + bias
+    else:
+        x_q, x_scale = per_token_group_quant(x2, group, ue8m0)
+        y = fp8_gemm(x_q, x_scale, w_q, w_scale, block, x.dtype, bias)
+    return y.view(*shape[:-1], n)
 
 
 def fp8_gemm_ref(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,

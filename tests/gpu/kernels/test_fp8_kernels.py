@@ -25,7 +25,14 @@ from tokenmill.ops.fp8_format import (  # noqa: E402
     quantize_weight_blocks,
     quantize_weight_per_channel,
 )
-from tokenmill.ops.fp8_gemm import GemmConfig, fp8_gemm, fp8_gemm_ref, fp8_linear, gemm_config  # noqa: E402
+from tokenmill.ops.fp8_gemm import (  # noqa: E402
+    GemmConfig,
+    cublas_scaled_mm_supported,
+    fp8_gemm,
+    fp8_gemm_ref,
+    fp8_linear,
+    gemm_config,
+)
 from tokenmill.ops.fp8_gemv import CONFIGS as GEMV_CONFIGS  # noqa: E402
 from tokenmill.ops.fp8_gemv import fp8_gemv, fp8_gemv_ref  # noqa: E402
 from tokenmill.ops.fp8_quant import per_token_group_quant  # noqa: E402
@@ -68,6 +75,21 @@ def test_group_quant_is_the_reference_bit_for_bit(m, k, group, dtype, ue8m0):
     assert torch.equal(scales, ref_scales)
     assert torch.equal(x_q.view(torch.uint8), ref_q.view(torch.uint8))
     assert x_q.float().abs().max() <= 448
+
+
+@pytest.mark.parametrize("m", [1, 7, 130])
+def test_group_quant_token_major_scales(m):
+    """The layout cuBLAS's block-scaled GEMM takes: the same scales, the token axis contiguous."""
+    x = torch.randn(m, 384, device=DEVICE, dtype=torch.bfloat16)
+    x_q, scales = per_token_group_quant(x, 128, m_major_scales=True)
+    ref_q, ref_scales = per_token_group_quant(x, 128)
+    assert scales.shape == (m, 3) and scales.stride() == (1, m)
+    assert torch.equal(scales, ref_scales) and torch.equal(x_q.view(torch.uint8), ref_q.view(torch.uint8))
+    padded_q, padded = per_token_group_quant(x, 128, m_major_scales=True, row_multiple=4)
+    rows = -(-m // 4) * 4
+    assert padded.shape == (rows, 3) and padded.stride() == (1, rows) and padded_q.shape == (rows, 384)
+    assert torch.equal(padded[:m], ref_scales) and torch.equal(padded_q[:m].view(torch.uint8), ref_q.view(torch.uint8))
+    assert torch.all(padded[m:] == 1) and torch.all(padded_q[m:].float() == 0)
 
 
 def test_group_quant_of_a_strided_row_view():
@@ -237,3 +259,62 @@ def test_fp8_linear_and_gemv_replay_in_a_cuda_graph():
     assert torch.equal(many, fp8_linear(x, w_q, w_s, (128, 128)))
     assert torch.equal(one, fp8_gemv(x[:1], w_q, w_s, (128, 128)))
     assert _rel(one, fp8_gemv_ref(x[:1].float(), w_q, w_s, (128, 128))) < 1e-2
+
+
+needs_hopper = pytest.mark.skipif(INTERPRET or not (torch.cuda.is_available() and
+                                                    torch.cuda.get_device_capability() == (9, 0)),
+                                  reason="cuBLAS's block-scaled fp8 GEMM needs a Hopper GPU")
+
+
+@needs_hopper
+@pytest.mark.parametrize("block", [(128, 128), None])
+def test_cublas_takes_both_scale_forms_on_hopper(block):
+    assert cublas_scaled_mm_supported(DEVICE, block)
+
+
+@needs_hopper
+@pytest.mark.parametrize("block", [(128, 128), None])
+@pytest.mark.parametrize("m", [1, 3, 100, 128, 301, 1000])
+@pytest.mark.parametrize("n,k", [(256, 512), (384, 1536), (1024, 4096)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_cublas_path_matches_reference(m, n, k, bias, block):
+    """`fp8_linear` through cuBLAS (ragged token counts: block scales pad them to a multiple of 4)
+    against the float32 product of the same quantised operands, and against the Triton kernel's."""
+    w_q, w_s = _weight(n, k, block, seed=m + n)
+    x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+    b = torch.randn(n, device=DEVICE, dtype=torch.bfloat16) if bias else None
+    out = fp8_linear(x, w_q, w_s, block, b, cublas_min_rows=1)
+    x_q, x_s = per_token_group_quant(x, block[1] if block else k)
+    ref = fp8_gemm_ref(x_q, x_s, w_q, w_s, block, torch.float32, b)
+    assert out.shape == (m, n) and out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
+    assert _rel(out, fp8_linear(x, w_q, w_s, block, b)) < 5e-3
+
+
+@needs_hopper
+def test_cublas_path_keeps_what_it_cannot_take_on_triton():
+    """A side that is not whole 128-blocks (N = 200), K not a multiple of 4 blocks (cuBLAS
+    multiplies K = 256 wrongly), or fewer rows than the threshold: the Triton kernel's result, bit
+    for bit."""
+    x = torch.randn(300, 256, device=DEVICE, dtype=torch.bfloat16)
+    for n in (200, 256):
+        w_q, w_s = _weight(n, 256, (128, 128), seed=8)
+        assert torch.equal(fp8_linear(x, w_q, w_s, (128, 128), cublas_min_rows=1),
+                           fp8_linear(x, w_q, w_s, (128, 128)))
+    w_q, w_s = _weight(256, 256, None, seed=9)
+    assert torch.equal(fp8_linear(x[:10], w_q, w_s, None, cublas_min_rows=64), fp8_linear(x[:10], w_q, w_s, None))
+
+
+@needs_hopper
+@pytest.mark.parametrize("block", [(128, 128), None])
+def test_cublas_path_replays_in_a_cuda_graph(block):
+    w_q, w_s = _weight(512, 1024, block, seed=10)
+    x = torch.randn(254, 1024, device=DEVICE, dtype=torch.bfloat16)
+    fp8_linear(x, w_q, w_s, block, cublas_min_rows=1)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = fp8_linear(x, w_q, w_s, block, cublas_min_rows=1)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, fp8_linear(x, w_q, w_s, block, cublas_min_rows=1))

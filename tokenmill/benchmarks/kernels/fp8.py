@@ -8,7 +8,11 @@ gemm: prefill shapes (M tokens x each weight), TFLOP/s of
   - `scaled_mm_rowwise`: the same with per-token x per-channel scales (what online fp8 computes),
   - `block_gemm`: ours with 128x128 block scales (`ops/fp8_gemm.fp8_gemm`, activations already
     quantised), and `block_linear`: with the activation quantisation pass (`fp8_linear`),
-  - `channel_linear`: ours with channel scales, quantisation pass included.
+  - `block_linear_cublas`: the same product through cuBLAS's block-scaled GEMM (`fp8_linear` with
+    `cublas_min_rows=1`; its largest difference from `block_linear`, relative to the largest
+    output, in `cublas_rel_err`): where it beats `block_linear` sets `fp8_gemm.CUBLAS_MIN_ROWS`,
+  - `channel_linear`: ours with channel scales, quantisation pass included, and
+    `channel_linear_cublas`: the same through cuBLAS's row-wise scaled GEMM.
   `--sweep` also times other tile configurations of the block GEMM per shape (best three printed).
 gemv: batch-1 decode over the whole weight set (`--layers` x QKV, O, gate/up, down with its fused
   SiLU-and-mul), each as one CUDA graph: the bf16 Triton GEMV against the fp8 one (block scales and
@@ -44,8 +48,9 @@ def _tflops(m: int, n: int, k: int, ms: float) -> float:
     return 2 * m * n * k / ms / 1e9
 
 
-def bench_gemm(ms_list: list[int], sweep: bool) -> list[dict]:
+def bench_gemm(ms_list: list[int], sweep: bool, graphs: bool = False) -> list[dict]:
     rows = []
+    timer = triton.testing.do_bench_cudagraph if graphs else triton.testing.do_bench
     for m in ms_list:
         for name, (n, k) in PREFILL_SHAPES.items():
             torch.manual_seed(0)
@@ -64,16 +69,22 @@ def bench_gemm(ms_list: list[int], sweep: bool) -> list[dict]:
                                                               out_dtype=torch.bfloat16),
                 "block_gemm": lambda: fp8_gemm(x_q, x_s, w_blk, s_blk, BLOCK, torch.bfloat16),
                 "block_linear": lambda: fp8_linear(x, w_blk, s_blk, BLOCK),
+                "block_linear_cublas": lambda: fp8_linear(x, w_blk, s_blk, BLOCK, cublas_min_rows=1),
                 "channel_linear": lambda: fp8_linear(x, w_ch, s_ch, None),
+                "channel_linear_cublas": lambda: fp8_linear(x, w_ch, s_ch, None, cublas_min_rows=1),
             }
             row = {"m": m, "shape": name, "n": n, "k": k}
             for case, fn in cases.items():
                 try:
-                    row[case] = _tflops(m, n, k, triton.testing.do_bench(fn))
+                    row[case] = _tflops(m, n, k, timer(fn))
                 except RuntimeError as exc:  # e.g. a cuBLAS without row-wise fp8 scaling
                     row[case] = None
                     print(f"  {case} failed: {str(exc).splitlines()[0]}")
             row["block_gemm_vs_scaled_mm"] = row["block_gemm"] / row["scaled_mm"] if row["scaled_mm"] else None
+            if row["block_linear_cublas"]:
+                ours = fp8_linear(x, w_blk, s_blk, BLOCK).float()
+                theirs = fp8_linear(x, w_blk, s_blk, BLOCK, cublas_min_rows=1).float()
+                row["cublas_rel_err"] = ((theirs - ours).abs().max() / ours.abs().max()).item()
             if sweep:
                 timed = []
                 for config in SWEEP:
@@ -87,7 +98,9 @@ def bench_gemm(ms_list: list[int], sweep: bool) -> list[dict]:
             fmt = lambda v: f"{v:6.0f}" if v else "   n/a"  # noqa: E731
             print(f"M={m:5d} {name:8s} {n:5d}x{k:5d}: bf16 {fmt(row['bf16'])} | scaled_mm {fmt(row['scaled_mm'])} "
                   f"rowwise {fmt(row['scaled_mm_rowwise'])} | block gemm {fmt(row['block_gemm'])} "
-                  f"+quant {fmt(row['block_linear'])} | channel+quant {fmt(row['channel_linear'])} TFLOP/s"
+                  f"+quant {fmt(row['block_linear'])} cublas+quant {fmt(row['block_linear_cublas'])} "
+                  f"(err {row.get('cublas_rel_err', float('nan')):.1e}) | channel+quant {fmt(row['channel_linear'])} "
+                  f"cublas {fmt(row['channel_linear_cublas'])} TFLOP/s"
                   + (f" | sweep best {timed[0][0]:.0f} {tuple(timed[0][1])}" if sweep else ""))
             del w, w_blk, w_ch, w_t
             torch.cuda.empty_cache()
@@ -134,13 +147,16 @@ def main() -> None:
     parser.add_argument("parts", nargs="*", default=["gemm", "gemv"], choices=["gemm", "gemv"])
     parser.add_argument("--m", type=int, nargs="+", default=[512, 2048, 8192], help="prefill token counts")
     parser.add_argument("--sweep", action="store_true", help="also time other block-GEMM tile configurations")
+    parser.add_argument("--graphs", action="store_true",
+                        help="time each GEMM case as CUDA-graph replays (the GPU's time without the host's "
+                             "launch cost, which bounds small token counts otherwise)")
     parser.add_argument("--layers", type=int, default=32, help="decoder layers in the GEMV weight set")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}")
     result = {"device": torch.cuda.get_device_name()}
     if "gemm" in args.parts:
-        result["gemm"] = bench_gemm(args.m, args.sweep)
+        result["gemm"] = bench_gemm(args.m, args.sweep, args.graphs)
     if "gemv" in args.parts:
         result["gemv"] = bench_gemv(args.layers)
     if args.output_json:

@@ -2,8 +2,9 @@
 # Device pass for fp8 weights (docs/quantization.md), each measurement beside bf16 in the same run:
 #   tests    the fp8 GPU tests (kernels vs references, fused-MoE fp8 paths, whole models vs HF)
 #   compiles the GPU test that fp8 serving compiles no Triton kernel after start-up (a fresh cache)
-#   kernels  block-FP8 GEMM TFLOP/s at Llama-3.1-8B prefill shapes vs torch._scaled_mm and bf16
-#            cuBLAS; the batch-1 weight set through the fp8 GEMV vs the bf16 GEMV vs the copy rate
+#   kernels  block-FP8 GEMM TFLOP/s at Llama-3.1-8B prefill shapes (Triton and cuBLAS's block-scaled
+#            GEMM) vs torch._scaled_mm per-tensor and bf16 cuBLAS; the batch-1 weight set through
+#            the fp8 GEMV vs the bf16 GEMV vs the copy rate
 #   latency  Llama-3.1-8B shape, batch-1 decode 512/128: bf16, online fp8 (--quantization fp8),
 #            block-FP8 (a config.json with DeepSeek's quantization_config, dummy weights)
 #   tput     Llama-3.1-8B shape, offline ${TPUT_N:-128} x ${TPUT_IN:-512}/${TPUT_OUT:-512}: bf16 vs online fp8
@@ -15,7 +16,7 @@
 #   bash tokenmill/benchmarks/suites/fp8_suite.sh compiles # (~3 min)
 # or a single part (kernels, latency, tput). Every step is capped by its timeout. The issue's
 # 256 x 1024/1024: TPUT_N=256 TPUT_IN=1024 TPUT_OUT=1024 with `tput` or `moe` alone (longer).
-# SWEEP=1 adds the block-GEMM tile sweep to `kernels`.
+# SWEEP=1 adds the block-GEMM tile sweep to `kernels`; FP8_M sets its token counts (default "512 2048 8192").
 # Carry: wheels/ (device_setup.sh installs them).
 set -u -o pipefail
 part="${1:-bench}"
@@ -50,7 +51,7 @@ if has compiles; then
       tests/gpu/test_fp8_weights_gpu.py -k compile_nothing 2>&1 | tee "$out/compiles.log" || rc=1
 fi
 if has kernels; then
-  timeout "${KERNELS_TIMEOUT:-130}" python3 -m tokenmill.benchmarks.kernels.fp8 gemm gemv --m 512 2048 8192 \
+  timeout "${KERNELS_TIMEOUT:-130}" python3 -m tokenmill.benchmarks.kernels.fp8 gemm gemv --m ${FP8_M:-512 2048 8192} \
       ${SWEEP:+--sweep} --output-json "$out/kernels.json" 2>&1 | tee "$out/kernels.log" || rc=1
 fi
 if has latency; then
@@ -92,11 +93,12 @@ load = lambda name: json.loads((out / name).read_text()) if (out / name).exists(
 kernels = load("kernels.json")
 copy = kernels["gemv"]["copy_gb_per_s"] if kernels and "gemv" in kernels else None
 if kernels and "gemm" in kernels:
-    print("block-FP8 GEMM, TFLOP/s (ours | ours + activation quant | torch._scaled_mm | bf16 cuBLAS):")
+    print("block-FP8, TFLOP/s (Triton GEMM | Triton + activation quant | cuBLAS block-scaled + quant | "
+          "torch._scaled_mm per-tensor | bf16 cuBLAS):")
     for r in kernels["gemm"]:
         f = lambda v: f"{v:5.0f}" if v else "  n/a"  # noqa: E731
         print(f"  M={r['m']:5d} {r['shape']:8s} {f(r['block_gemm'])} | {f(r['block_linear'])} | "
-              f"{f(r['scaled_mm'])} | {f(r['bf16'])}")
+              f"{f(r.get('block_linear_cublas'))} | {f(r['scaled_mm'])} | {f(r['bf16'])}")
 if kernels and "gemv" in kernels:
     g = kernels["gemv"]
     print(f"batch-1 GEMV weight set: bf16 {g['bf16_gemv']['ms']:.2f} ms ({g['bf16_gemv']['gb_per_s']:.0f} GB/s), "

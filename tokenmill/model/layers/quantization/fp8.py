@@ -11,7 +11,9 @@
 How they multiply, chosen once at build:
 - CUDA with fp8 tensor cores (compute capability 8.9+): one row (batch-1 decode) through the
   weight-only GEMV (`ops/fp8_gemv.py`, unless `--no-triton-gemv`), more rows through the w8a8
-  GEMM with dynamic per-token(-group) activation scales (`ops/fp8_gemm.py`).
+  GEMM with dynamic per-token(-group) activation scales (`ops/fp8_gemm.py`); products of
+  `CUBLAS_MIN_ROWS` or more rows through cuBLAS's scaled fp8 GEMM where this torch takes the scale
+  form (channel scales, or 128 x 128 blocks; unless `--no-cublas-fp8`).
 - Elsewhere (CPU, older GPUs): the reference: the weight dequantised to the activations' dtype on
   every call, then `F.linear` (slow, exact to the stored weight; what HF transformers computes when
   it loads an fp8 checkpoint on such a device).
@@ -45,23 +47,31 @@ def fp8_kernels_available(context: BuildContext) -> bool:
 def fp8_linear_method(quant: QuantizationConfig, context: BuildContext) -> LinearMethod:
     kernels = fp8_kernels_available(context)
     gemv = kernels and context.kernels.triton_gemv
+    block = tuple(quant.weight_block_size) if quant.block_fp8 else None
+    cublas_rows = None
+    if kernels and context.kernels.cublas_fp8:
+        from tokenmill.ops import fp8_gemm
+        if fp8_gemm.cublas_scaled_mm_supported(context.device, block):
+            cublas_rows = fp8_gemm.CUBLAS_MIN_ROWS
     if quant.block_fp8:
-        return BlockFp8LinearMethod(quant.weight_block_size, quant.ue8m0_activation_scales, kernels, gemv)
-    return OnlineFp8LinearMethod(kernels, gemv)
+        return BlockFp8LinearMethod(block, quant.ue8m0_activation_scales, kernels, gemv, cublas_rows)
+    return OnlineFp8LinearMethod(kernels, gemv, cublas_rows)
 
 
 class Fp8LinearMethod(LinearMethod):
     """Shared by both forms: `block` is (bn, bk) for block scales, None for channel scales;
     `kernels`: the Triton kernels (else the dequantising reference); `gemv`: one-row products
-    through the GEMV."""
+    through the GEMV; `cublas_rows`: products of this many rows or more through cuBLAS (None: never)."""
 
     scale_name: str  # the scale parameter's name on the layer
 
-    def __init__(self, block: tuple[int, int] | None, ue8m0: bool, kernels: bool, gemv: bool) -> None:
+    def __init__(self, block: tuple[int, int] | None, ue8m0: bool, kernels: bool, gemv: bool,
+                 cublas_rows: int | None = None) -> None:
         self.block = block
         self.ue8m0 = ue8m0
         self.kernels = kernels
         self.gemv = gemv
+        self.cublas_rows = cublas_rows
         if kernels:
             from tokenmill.ops import fp8_gemm, fp8_gemv
             self._linear = fp8_gemm.fp8_linear
@@ -83,7 +93,8 @@ class Fp8LinearMethod(LinearMethod):
             y = self._gemv(x, layer.weight, getattr(layer, self.scale_name), self.block)
             y = y if bias is None else y + bias
         else:
-            y = self._linear(x, layer.weight, getattr(layer, self.scale_name), self.block, bias, self.ue8m0)
+            y = self._linear(x, layer.weight, getattr(layer, self.scale_name), self.block, bias, self.ue8m0,
+                             self.cublas_rows)
         return apply_activation(y, layer.activation), False
 
     def apply_silu_mul(self, layer, gate_up, silu_and_mul, bias=None, push=None):
@@ -96,8 +107,9 @@ class Fp8LinearMethod(LinearMethod):
 class BlockFp8LinearMethod(Fp8LinearMethod):
     scale_name = "weight_scale_inv"
 
-    def __init__(self, block: tuple[int, int], ue8m0: bool, kernels: bool, gemv: bool) -> None:
-        super().__init__(block, ue8m0, kernels, gemv)
+    def __init__(self, block: tuple[int, int], ue8m0: bool, kernels: bool, gemv: bool,
+                 cublas_rows: int | None = None) -> None:
+        super().__init__(block, ue8m0, kernels, gemv, cublas_rows)
 
     def create_weights(self, layer, in_features, out_features):
         check_block_alignment(layer, self.block)
@@ -113,8 +125,8 @@ class BlockFp8LinearMethod(Fp8LinearMethod):
 class OnlineFp8LinearMethod(Fp8LinearMethod):
     scale_name = "weight_scale"
 
-    def __init__(self, kernels: bool, gemv: bool) -> None:
-        super().__init__(None, False, kernels, gemv)
+    def __init__(self, kernels: bool, gemv: bool, cublas_rows: int | None = None) -> None:
+        super().__init__(None, False, kernels, gemv, cublas_rows)
 
     def process_weights_after_loading(self, layer):
         if layer.weight.dtype == FP8_DTYPE:
