@@ -4,6 +4,8 @@ graphs), and the refusals of settings it cannot honour."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -53,6 +55,33 @@ def test_compiled_cpu_forward_matches_hf(tiny_llama, native_decode):
     expected = [_hf_greedy(hf_model, p, 8) for p in PROMPTS]
     assert together == expected
     assert alone == expected[0]
+
+
+def test_compiled_bf16_decode_runs_the_gemv(tiny_llama):
+    """bf16 weights: a batch-1 decode step's linears inside the compiled graph (and the LM head)
+    are the C++ GEMV; the tokens are HF's on the same bf16-rounded weights (computed in float32:
+    this tiny model's logits are far apart, so bf16 rounding of the activations changes no pick)."""
+    from tokenmill.ops import cpu_gemv
+
+    if not cpu_gemv.available():
+        pytest.skip("no C++ toolchain to build the kernel")
+    folder, hf_model = tiny_llama
+    rounded = copy.deepcopy(hf_model)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.bfloat16().float())
+    llm = LLM(folder, dtype="bfloat16", cpu_compile=True, block_size=4, max_model_len=128, kv_cache_memory=16 << 20)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            out = llm.generate(PROMPTS[:1], params, use_tqdm=False)[0].outputs[0].token_ids
+    finally:
+        llm.shutdown()
+    calls = {e.key: e.count for e in prof.key_averages()}
+    # 7 decode steps x 2 layers x 4 linears, and the LM head at all 8 steps (the prompt's step
+    # computes logits for its last row only); the prompt's own linears are oneDNN's.
+    assert calls.get("tokenmill::cpu_gemv") == 7 * 2 * 4 + 8
+    assert out == _hf_greedy(rounded, PROMPTS[0], 8)
 
 
 def test_compiled_with_one_request_at_a_time(tiny_llama):

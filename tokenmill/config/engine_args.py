@@ -156,9 +156,9 @@ class EngineArgs:
     # CPU: compile the forward pass with inductor (worker/cpu_compile.py). Off unless asked: every
     # start-up compiles for minutes on a 2-core machine, and it needs a C++ compiler at run time.
     cpu_compile: bool = False
-    # CPU backend: decode attention reads the paged cache in place, and greedy picks take the argmax,
-    # with C++ kernels built once per machine (ops/cpu_extension.py); off: the blocks are gathered
-    # and SDPA attends them, torch.argmax picks.
+    # CPU backend: decode attention reads the paged cache in place, greedy picks take the argmax and
+    # one-row bf16 linears the GEMV, with C++ kernels built once per machine (ops/cpu_extension.py);
+    # off: the blocks are gathered and SDPA attends them, torch.argmax picks, oneDNN multiplies.
     cpu_native_decode: bool = True
     # Hybrid (linear-attention) models with prefix caching: checkpoint the recurrent state every
     # this many tokens (a multiple of block_size); a cached prefix is reused up to a checkpoint.
@@ -253,8 +253,8 @@ class EngineArgs:
         parser.add_argument("--cpu-native-decode", action=argparse.BooleanOptionalAction,
                             default=d.cpu_native_decode,
                             help="CPU backend (--cpu-compile): decode attention reads the paged KV cache in "
-                                 "place, and greedy picks take the argmax, with C++ kernels built on first "
-                                 "use (off: gather + SDPA, torch.argmax)")
+                                 "place, greedy picks take the argmax and batch-1 linears the GEMV, with C++ "
+                                 "kernels built on first use (off: gather + SDPA, torch.argmax, oneDNN)")
         parser.add_argument("--state-checkpoint-interval", type=int, default=d.state_checkpoint_interval,
                             help="hybrid linear-attention models with prefix caching: tokens between "
                                  "checkpoints of the recurrent state (a multiple of --block-size)")

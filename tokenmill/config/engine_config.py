@@ -123,8 +123,9 @@ class KernelConfig:
     # CPU: the forward pass compiled by inductor (worker/cpu_compile.py; needs the "cpu" backend).
     cpu_compile: bool = False
     # The cpu backend's decode attention through the C++ kernel that reads the paged cache in place
-    # (ops/cpu_paged_decode.py), and greedy picks through the C++ argmax (ops/cpu_argmax.py), where
-    # they build on this machine (ops/cpu_extension.py); else gather + SDPA and torch.argmax.
+    # (ops/cpu_paged_decode.py), greedy picks through the C++ argmax (ops/cpu_argmax.py) and one-row
+    # bf16 linears through the C++ GEMV (ops/cpu_gemv.py), where they build on this machine
+    # (ops/cpu_extension.py); else gather + SDPA, torch.argmax and oneDNN.
     cpu_native_decode: bool = False
     # GGUF block type kept quantised in every linear layer ("Q4_0", "Q4_1", "Q8_0"; CPU,
     # `quantization="gguf"`); None: GGUF weights are dequantised to the model dtype at load.

@@ -1,4 +1,5 @@
-"""The C++ CPU kernels (`cpu_paged_decode.cpp`, `cpu_argmax.cpp`), built once per machine.
+"""The C++ CPU kernels (`cpu_paged_decode.cpp`, `cpu_argmax.cpp`, `cpu_gemv.cpp`), built once per
+machine.
 
 No library offers these for PyTorch's CPU build, so they are C++ of our own, compiled together by
 torch.utils.cpp_extension (ninja and the C++ compiler `--cpu-compile` already needs) with the
@@ -19,7 +20,7 @@ from tokenmill.config.cache_root import cache_root
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_paged_decode.cpp", "cpu_argmax.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_paged_decode.cpp", "cpu_argmax.cpp", "cpu_gemv.cpp")]
 
 
 @functools.cache
@@ -43,7 +44,8 @@ def extension():
         return ext
     except Exception as error:  # no compiler, no ninja, a header mismatch: the torch paths serve
         logger.warning("the C++ CPU kernels could not be built (%s: %s); decode attention gathers the cache "
-                       "blocks and calls SDPA, greedy picks call torch.argmax", type(error).__name__,
+                       "blocks and calls SDPA, greedy picks call torch.argmax, one-row products oneDNN",
+                       type(error).__name__,
                        str(error).splitlines()[0])
         return None
 
@@ -57,5 +59,9 @@ def _register_fakes() -> None:
     def argmax(logits):
         return logits.new_empty(logits.shape[:1], dtype=torch.int64)
 
+    def gemv(x, weight, bias):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
     torch.library.register_fake("tokenmill::cpu_paged_attention_native", attention)
     torch.library.register_fake("tokenmill::cpu_argmax", argmax)
+    torch.library.register_fake("tokenmill::cpu_gemv", gemv)

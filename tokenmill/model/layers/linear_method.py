@@ -1,7 +1,9 @@
 """How a linear layer multiplies by its weight: the kernel picked once, when the layer is built.
 
 - CPU: oneDNN with the weight re-laid-out once after loading (`ops/cpu_gemm.py`: faster GEMMs at
-  decode shapes than `F.linear`).
+  decode shapes than `F.linear`); with the cpu backend's C++ kernels (`--cpu-native-decode`),
+  one-row bf16 products (batch-1 decode) through `ops/cpu_gemv.py`, which streams the weight
+  faster than oneDNN and without its per-call set-up.
 - CUDA: cuBLAS (`F.linear`); inside a decode CUDA graph (`forward_context().decode_graph`), one-row
   products run the Triton GEMV (`ops/gemv.py`), 1.08x cuBLAS on the Llama-3.1-8B weight set
   (docs/perf.md). `--no-triton-gemv` keeps cuBLAS everywhere.
@@ -28,7 +30,7 @@ from torch import nn
 
 from tokenmill.model.build_context import build_context
 from tokenmill.model.forward_context import current_forward_context
-from tokenmill.ops import cpu_gemm
+from tokenmill.ops import cpu_gemm, cpu_gemv
 from tokenmill.ops.cpu_gemm import apply_activation
 
 if TYPE_CHECKING:
@@ -79,10 +81,12 @@ class CpuLinearMethod(LinearMethod):
     """oneDNN with a pre-packed weight where this torch build has it; `F.linear` otherwise.
 
     `pack=False` (a layer inside the compiled CPU forward): `F.linear`, which inductor's freezing
-    pass turns into oneDNN with a weight it packs itself."""
+    pass turns into oneDNN with a weight it packs itself. `native_gemv`: one-row products of a bf16
+    weight through the C++ GEMV (inside the compiled forward, the one-token graph's linears)."""
 
-    def __init__(self, pack: bool = True) -> None:
+    def __init__(self, pack: bool = True, native_gemv: bool = False) -> None:
         self.pack = pack
+        self.native_gemv = native_gemv
         self.packed: torch.Tensor | None = None
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
@@ -93,6 +97,8 @@ class CpuLinearMethod(LinearMethod):
         self.packed = None
 
     def apply(self, layer, x, bias=None, push=None):
+        if self.native_gemv and cpu_gemv.takes(x, layer.weight):
+            return apply_activation(cpu_gemv.gemv(x, layer.weight, bias), layer.activation), False
         # oneDNN applies the activation inside the GEMM (a post-op): no extra pass over the output.
         return cpu_gemm.linear(x, layer.weight, self.packed, bias, layer.activation), False
 
@@ -169,5 +175,6 @@ def unquantized_linear_method(in_compiled_graph: bool = True) -> LinearMethod:
     if context.on_cuda:
         return CudaLinearMethod(context.kernels.triton_gemv)
     if context.device.type == "cpu":
-        return CpuLinearMethod(pack=not (context.kernels.cpu_compile and in_compiled_graph))
+        return CpuLinearMethod(pack=not (context.kernels.cpu_compile and in_compiled_graph),
+                               native_gemv=context.kernels.cpu_native_decode and cpu_gemv.available())
     return LinearMethod()
