@@ -3,7 +3,7 @@
 // memory stream sets their time. oneDNN's packed GEMM spends ~15 us a call on its own set-up (a
 // 576 x 64 weight takes 17 us hot) and streams a 576 x 576 weight at ~17 GB/s from memory; here
 // the set-up is one parallel region and each thread streams its rows with software prefetch a few
-// rows ahead (~26 GB/s on the same weight; measured by tokenmill.benchmarks.kernels.cpu_gemv).
+// rows ahead (23-26 GB/s on the same weight; python -m tokenmill.benchmarks.kernels.cpu_gemv).
 //
 // Rows go four at a time (four independent sums per loaded x vector); each row's products
 // accumulate in float32 vector lanes, summed across the lanes at the end, plus the bias, then

@@ -21,8 +21,10 @@ import triton.language as tl
 from tokenmill.ops.fp8_format import _AMAX_EPS, FP8_DTYPE, FP8_MAX
 
 
-# One compiled kernel for every token count (M follows the batch).
-@triton.jit(do_not_specialize=["M"])
+# One compiled kernel for every token count (M follows the batch) and both scale layouts (Triton
+# would otherwise compile a variant for a scale stride of 1, i.e. for each layout, and one of them
+# could first be needed after start-up).
+@triton.jit(do_not_specialize=["M", "stride_sm", "stride_sg"])
 def _group_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sg,
                         GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
                         UE8M0: tl.constexpr, EPS: tl.constexpr, FMAX: tl.constexpr):
