@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import time
@@ -54,3 +55,18 @@ def write_json(path: str | None, result: dict) -> None:
     if path:
         with open(path, "w") as f:
             json.dump(result, f, indent=2)
+
+
+def parse_cpu_kernel_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """For the C++ CPU kernel benchmarks: adds `--threads` and `--output-json`, parses, sets torch's
+    thread count, and stops with a clear message where the kernels cannot be built here."""
+    from tokenmill.ops.cpu_extension import extension
+
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--output-json", default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if extension() is None:
+        raise SystemExit("the C++ CPU kernels are not available here (see the warning above)")
+    return args

@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from tokenmill.benchmarks.common import write_json
+from tokenmill.benchmarks.common import parse_cpu_kernel_args, write_json
 from tokenmill.benchmarks.kernels.cpu_paged_decode import _best_us
 from tokenmill.ops import cpu_argmax
 
@@ -21,13 +21,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vocab", type=int, default=49152)
     parser.add_argument("--batches", default="1,8,32")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--output-json", default=None)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not cpu_argmax.available():
-        raise SystemExit("the C++ CPU kernels are not available here (see the warning above)")
+    args = parse_cpu_kernel_args(parser)
     print(f"vocabulary {args.vocab}, float32, {torch.get_num_threads()} threads")
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from tokenmill.benchmarks.common import write_json
+from tokenmill.benchmarks.common import parse_cpu_kernel_args, write_json
 from tokenmill.ops import cpu_gemv
 
 # (name, in_features, out_features) of one SmolLM2-135M layer's linears and its LM head.
@@ -35,14 +35,8 @@ def _mean_us(fn, weights, passes: int = 3) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--stream-mb", type=int, default=200, help="distinct weight copies per shape, in MB")
-    parser.add_argument("--output-json", default=None)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not cpu_gemv.available():
-        raise SystemExit("the C++ CPU kernels are not available here (see the warning above)")
+    args = parse_cpu_kernel_args(parser)
     print(f"bf16 weights, one bf16 row, {torch.get_num_threads()} threads; microseconds a call (GB/s of weights)")
     rows = []
     total = {"gemv_us": 0.0, "onednn_us": 0.0}

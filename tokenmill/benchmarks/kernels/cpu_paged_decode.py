@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from tokenmill.benchmarks.common import write_json
+from tokenmill.benchmarks.common import parse_cpu_kernel_args, write_json
 from tokenmill.model.attention.cpu import paged_decode
 from tokenmill.ops import cpu_paged_decode
 
@@ -71,11 +71,7 @@ def main() -> None:
     parser.add_argument("--min-len", type=int, default=64)
     parser.add_argument("--max-len", type=int, default=192)
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--output-json", default=None)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_cpu_kernel_args(parser)
     if not cpu_paged_decode.supports(args.head_dim):
         raise SystemExit("the CPU paged-decode kernel is not available here (see the warning above)")
     dtype = getattr(torch, args.dtype)
