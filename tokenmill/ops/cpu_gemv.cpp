@@ -24,8 +24,8 @@ using bVec = at::vec::Vectorized<at::BFloat16>;
 constexpr int64_t kPrefetchBytes = 8192;
 constexpr int kRows = 4;
 
-template <int R>
-inline void rows_dot(const at::BFloat16* w, int64_t K, const float* x, const float* bias, float* out) {
+template <int R, typename Out>
+inline void rows_dot(const at::BFloat16* w, int64_t K, const float* x, const float* bias, Out* out) {
   constexpr int64_t W = bVec::size();  // bf16 lanes of a vector: two float vectors once widened
   fVec lo[R], hi[R];
   for (int r = 0; r < R; ++r) lo[r] = hi[r] = fVec(0.f);
@@ -43,7 +43,7 @@ inline void rows_dot(const at::BFloat16* w, int64_t K, const float* x, const flo
   for (int r = 0; r < R; ++r) {
     float sum = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, lo[r] + hi[r]);
     for (int64_t j = k; j < K; ++j) sum += static_cast<float>(w[r * K + j]) * x[j];
-    out[r] = bias == nullptr ? sum : sum + bias[r];
+    out[r] = static_cast<Out>(bias == nullptr ? sum : sum + bias[r]);
   }
 }
 
@@ -51,6 +51,7 @@ inline void rows_dot(const at::BFloat16* w, int64_t K, const float* x, const flo
 // [1, N] in x's dtype.
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) == 1, "cpu_gemv: one row [1, K]");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "cpu_gemv: a bf16 or float32 row");
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 && weight.is_contiguous(),
               "cpu_gemv: a contiguous bf16 weight [N, K]");
   const int64_t N = weight.size(0), K = weight.size(1);
@@ -61,23 +62,30 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const c10::option
     TORCH_CHECK(bias->numel() == N, "cpu_gemv: bias of ", bias->numel(), " for ", N, " outputs");
     bf = bias->reshape({N}).to(at::kFloat).contiguous();
   }
-  at::Tensor yf = at::empty({N}, x.options().dtype(at::kFloat));
+  // The sums are rounded once, straight into the output (no float32 copy of it).
+  at::Tensor y = at::empty({1, N}, x.options());
   const float* xp = xf.data_ptr<float>();
   const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
-  float* yp = yf.data_ptr<float>();
   const at::BFloat16* wp = weight.data_ptr<at::BFloat16>();
   const int64_t groups = (N + kRows - 1) / kRows;
-  at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t row = g * kRows;
-      if (row + kRows <= N) {
-        rows_dot<kRows>(wp + row * K, K, xp, bp ? bp + row : nullptr, yp + row);
-      } else {
-        for (int64_t r = row; r < N; ++r) rows_dot<1>(wp + r * K, K, xp, bp ? bp + r : nullptr, yp + r);
+  auto run = [&](auto* yp) {
+    at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) {
+        const int64_t row = g * kRows;
+        if (row + kRows <= N) {
+          rows_dot<kRows>(wp + row * K, K, xp, bp ? bp + row : nullptr, yp + row);
+        } else {
+          for (int64_t r = row; r < N; ++r) rows_dot<1>(wp + r * K, K, xp, bp ? bp + r : nullptr, yp + r);
+        }
       }
-    }
-  });
-  return (x.scalar_type() == at::kFloat ? yf : yf.to(x.scalar_type())).reshape({1, N});
+    });
+  };
+  if (x.scalar_type() == at::kFloat) {
+    run(y.data_ptr<float>());
+  } else {
+    run(y.data_ptr<at::BFloat16>());
+  }
+  return y;
 }
 
 }  // namespace

@@ -156,8 +156,7 @@ CUBLAS_MIN_ROWS = 64
 
 
 def cublas_fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-                    block: tuple[int, int] | None, out_dtype: torch.dtype,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
+                    block: tuple[int, int] | None, out_dtype: torch.dtype) -> torch.Tensor:
     """`fp8_gemm` through cuBLAS (`torch._scaled_mm`). Block (128, 128): a_scale [M, K/128]
     token-major (strides (1, M): `per_token_group_quant(..., m_major_scales=True)`), w_scale
     [N/128, K/128] as stored. Channel scales (block None): a_scale [M, 1], w_scale [N]."""
@@ -165,8 +164,7 @@ def cublas_fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor,
         a_scale, w_scale = a_scale.reshape(-1, 1), w_scale.reshape(1, -1)
     else:
         w_scale = w_scale.t()
-    y = torch._scaled_mm(a_q, w_q.t(), a_scale, w_scale, out_dtype=out_dtype)
-    return y if bias is None else y + bias
+    return torch._scaled_mm(a_q, w_q.t(), a_scale, w_scale, out_dtype=out_dtype)
 
 
 def cublas_can_take(n: int, k: int, block: tuple[int, int] | None) -> bool:

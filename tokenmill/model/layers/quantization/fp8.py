@@ -107,10 +107,6 @@ class Fp8LinearMethod(LinearMethod):
 class BlockFp8LinearMethod(Fp8LinearMethod):
     scale_name = "weight_scale_inv"
 
-    def __init__(self, block: tuple[int, int], ue8m0: bool, kernels: bool, gemv: bool,
-                 cublas_rows: int | None = None) -> None:
-        super().__init__(block, ue8m0, kernels, gemv, cublas_rows)
-
     def create_weights(self, layer, in_features, out_features):
         check_block_alignment(layer, self.block)
         bn, bk = self.block
