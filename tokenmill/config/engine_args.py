@@ -160,6 +160,7 @@ class EngineArgs:
     # one-row bf16 linears the GEMV, with C++ kernels built once per machine (ops/cpu_extension.py);
     # off: the blocks are gathered and SDPA attends them, torch.argmax picks, oneDNN multiplies.
     cpu_native_decode: bool = True
+    gguf_int8_activations: bool = True
     # Hybrid (linear-attention) models with prefix caching: checkpoint the recurrent state every
     # this many tokens (a multiple of block_size); a cached prefix is reused up to a checkpoint.
     state_checkpoint_interval: int = 512
@@ -255,6 +256,12 @@ class EngineArgs:
                             help="CPU backend (--cpu-compile): decode attention reads the paged KV cache in "
                                  "place, greedy picks take the argmax and batch-1 linears the GEMV, with C++ "
                                  "kernels built on first use (off: gather + SDPA, torch.argmax, oneDNN)")
+        parser.add_argument("--gguf-int8-activations", action=argparse.BooleanOptionalAction,
+                            default=d.gguf_int8_activations,
+                            help="--quantization gguf: activations are rounded to int8 per block of 32 and "
+                                 "multiplied by the 4/8-bit weights with integer dot products (AVX512-VNNI; "
+                                 "as llama.cpp does); off: PyTorch's weight-only kernels on float activations "
+                                 "(exact to the weights, slower)")
         parser.add_argument("--state-checkpoint-interval", type=int, default=d.state_checkpoint_interval,
                             help="hybrid linear-attention models with prefix caching: tokens between "
                                  "checkpoints of the recurrent state (a multiple of --block-size)")
@@ -386,6 +393,7 @@ class EngineArgs:
             cpu_compile=cpu_compile,
             cpu_native_decode=self.cpu_native_decode and attention_backend == "cpu",
             gguf_weight_type=_gguf_weight_type(self.quantization, source, device, self.tensor_parallel_size),
+            gguf_int8_activations=self.gguf_int8_activations,
         )
         layout = model_cfg.attention_layout
         max_num_seqs = self.max_num_seqs or DEFAULT_MAX_NUM_SEQS

@@ -130,6 +130,10 @@ class KernelConfig:
     # GGUF block type kept quantised in every linear layer ("Q4_0", "Q4_1", "Q8_0"; CPU,
     # `quantization="gguf"`); None: GGUF weights are dequantised to the model dtype at load.
     gguf_weight_type: str | None = None
+    # Those GGUF weights multiply activations rounded to int8 per block of 32 with integer dot
+    # products (ops/cpu_quant_matmul.py, where the CPU has AVX512-VNNI); else PyTorch's weight-only
+    # kernels on float activations (ops/gguf_blocks.py).
+    gguf_int8_activations: bool = True
     # Decode steps whose requests share a long prefix attend it once for the batch (Triton only).
     cascade_attention: bool = False
     # The Triton GEMV for one-row products inside the decode CUDA graphs (cuBLAS otherwise).

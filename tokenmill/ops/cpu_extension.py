@@ -1,5 +1,5 @@
-"""The C++ CPU kernels (`cpu_paged_decode.cpp`, `cpu_argmax.cpp`, `cpu_gemv.cpp`), built once per
-machine.
+"""The C++ CPU kernels (`cpu_paged_decode.cpp`, `cpu_argmax.cpp`, `cpu_gemv.cpp`,
+`cpu_quant_matmul.cpp`), built once per machine.
 
 No library offers these for PyTorch's CPU build, so they are C++ of our own, compiled together by
 torch.utils.cpp_extension (ninja and the C++ compiler `--cpu-compile` already needs) with the
@@ -20,7 +20,8 @@ from tokenmill.config.cache_root import cache_root
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_paged_decode.cpp", "cpu_argmax.cpp", "cpu_gemv.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_paged_decode.cpp", "cpu_argmax.cpp", "cpu_gemv.cpp",
+                                                   "cpu_quant_matmul.cpp")]
 
 
 @functools.cache
@@ -64,4 +65,8 @@ def _register_fakes() -> None:
 
     torch.library.register_fake("tokenmill::cpu_paged_attention_native", attention)
     torch.library.register_fake("tokenmill::cpu_argmax", argmax)
+    def quant_matmul(x, qs, d, m, bits, n, bias):
+        return x.new_empty(x.shape[0], n)
+
     torch.library.register_fake("tokenmill::cpu_gemv", gemv)
+    torch.library.register_fake("tokenmill::cpu_quant_matmul", quant_matmul)

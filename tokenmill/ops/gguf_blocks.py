@@ -27,7 +27,7 @@ INT4_TYPES = ("Q4_0", "Q4_1")
 INT4_OUT_MULTIPLE = 16  # `_convert_weight_to_int4pack_for_cpu` packs output rows in sixteens
 
 
-def _blocks(raw: torch.Tensor, kind: str) -> torch.Tensor:
+def blocks(raw: torch.Tensor, kind: str) -> torch.Tensor:
     """uint8 `[out, in / 32 * bytes]` -> `[out, in / 32, bytes]`."""
     rows, row_bytes = raw.shape
     assert row_bytes % BLOCK_BYTES[kind] == 0, f"{kind} rows of {row_bytes} bytes"
@@ -47,21 +47,21 @@ def _nibbles(packed: torch.Tensor) -> torch.Tensor:
 def unpack_int4(raw: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Q4_0 / Q4_1 rows -> (q int32 `[out, in]` in 0..15, scale and zero float32 `[out, in / 32]`)
     with w = (q - 8) * scale + zero."""
-    blocks = _blocks(raw, kind)
-    scale = _fp16(blocks, 0)
+    cells = blocks(raw, kind)
+    scale = _fp16(cells, 0)
     if kind == "Q4_0":
         zero = torch.zeros_like(scale)
-        q = _nibbles(blocks[..., 2:])
+        q = _nibbles(cells[..., 2:])
     else:
-        zero = _fp16(blocks, 2) + 8 * scale
-        q = _nibbles(blocks[..., 4:])
+        zero = _fp16(cells, 2) + 8 * scale
+        q = _nibbles(cells[..., 4:])
     return q.reshape(raw.shape[0], -1), scale, zero
 
 
 def unpack_q8_0(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q8_0 rows -> (q int8 `[out, in / 32, 32]`, d float32 `[out, in / 32]`)."""
-    blocks = _blocks(raw, "Q8_0")
-    return blocks[..., 2:].contiguous().view(torch.int8), _fp16(blocks, 0)
+    cells = blocks(raw, "Q8_0")
+    return cells[..., 2:].contiguous().view(torch.int8), _fp16(cells, 0)
 
 
 def dequantize(raw: torch.Tensor, kind: str) -> torch.Tensor:

@@ -19,7 +19,9 @@ def linear_method() -> LinearMethod:
         import torch
 
         from tokenmill.model.layers.quantization.gguf import GgufLinearMethod
-        return GgufLinearMethod(context.kernels.gguf_weight_type, torch.get_default_dtype())
+        from tokenmill.ops import cpu_quant_matmul
+        int8 = context.kernels.gguf_int8_activations and cpu_quant_matmul.available()
+        return GgufLinearMethod(context.kernels.gguf_weight_type, torch.get_default_dtype(), int8)
     if context.quantization is None:
         return unquantized_linear_method()
     from tokenmill.model.layers.quantization.fp8 import fp8_linear_method
