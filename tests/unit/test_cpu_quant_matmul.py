@@ -73,6 +73,16 @@ def test_pack_is_exact(kind):
     assert torch.equal(cpu_quant_matmul.dequantize(packed), gguf_blocks.dequantize(raw, kind))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_gathered_rows_are_the_dequantised_rows(kind):
+    """The embedding lookup in a table kept quantised."""
+    raw = random_rows(70, 96, kind, seed=4)
+    ids = torch.tensor([[0, 69, 17], [16, 15, 33]])
+    rows = cpu_quant_matmul.gather_rows(cpu_quant_matmul.pack(raw, kind), ids, torch.float32)
+    assert rows.shape == (2, 3, 96)
+    assert torch.allclose(rows, gguf_blocks.dequantize(raw, kind)[ids], rtol=1e-6, atol=1e-7)
+
+
 def test_bf16_rows_bias_and_zero_blocks():
     raw = random_rows(40, 128, "Q4_1", seed=9)
     x = torch.randn(6, 128).bfloat16()

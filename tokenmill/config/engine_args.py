@@ -394,6 +394,7 @@ class EngineArgs:
             cpu_native_decode=self.cpu_native_decode and attention_backend == "cpu",
             gguf_weight_type=_gguf_weight_type(self.quantization, source, device, self.tensor_parallel_size),
             gguf_int8_activations=self.gguf_int8_activations,
+            gguf_embedding_type=_gguf_embedding_type(self.quantization, self.gguf_int8_activations, source),
         )
         layout = model_cfg.attention_layout
         max_num_seqs = self.max_num_seqs or DEFAULT_MAX_NUM_SEQS
@@ -486,6 +487,17 @@ def _resolve_cpu_compile(requested: bool, device: torch.device, tensor_parallel_
     if requested and enforce_eager:
         raise ValueError("cpu_compile and enforce_eager contradict each other")
     return requested
+
+
+def _gguf_embedding_type(quantization: str | None, int8_activations: bool, source) -> str | None:
+    """The embedding table's block type where it stays quantised: with the int8-activation kernel,
+    built and vectorised on this machine (checked here, once, so the loader and the layers agree)."""
+    if quantization not in QUANTIZATIONS or not int8_activations:
+        return None
+    from tokenmill.config.gguf_metadata import gguf_embedding_type
+    from tokenmill.ops import cpu_quant_matmul
+    kind = gguf_embedding_type(source.path)
+    return kind if kind is not None and cpu_quant_matmul.available() else None
 
 
 def _gguf_weight_type(quantization: str | None, source, device: torch.device, tensor_parallel_size: int

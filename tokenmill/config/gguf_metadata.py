@@ -94,3 +94,14 @@ def gguf_linear_weight_type(path: str) -> str:
                          f"{', '.join(KEEPABLE_TYPES)}; this file's are {', '.join(kinds) or 'absent'} "
                          f"(leave quantization unset to dequantise them)")
     return kinds[0]
+
+
+def gguf_embedding_type(path: str) -> str | None:
+    """The block type of the file's token embedding (the LM head's table when the head is tied to
+    it, or when `output.weight` has the same type) where it can be kept quantised; else None."""
+    reader = gguf_reader(path)
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors if t.name in ("token_embd.weight", "output.weight")}
+    kind = kinds.get("token_embd.weight")
+    if kind not in KEEPABLE_TYPES or kinds.get("output.weight", kind) != kind:
+        return None
+    return kind

@@ -43,17 +43,24 @@ def _unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def iter_gguf_weights(path: str, hf_config: Any, keep_quantized: str | None = None
-                      ) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf_weights(path: str, hf_config: Any, keep_quantized: str | None = None,
+                      keep_embedding: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `(hf_name, float32 tensor)` for every tensor in the file. `keep_quantized`: a block
     type ("Q4_1", ...) whose linear-layer weights are yielded as their GGUF blocks instead (uint8
-    `[out, blocks, block bytes]`, Q/K rows un-permuted like the floats), for `GgufLinearMethod`."""
+    `[out, blocks, block bytes]`, Q/K rows un-permuted like the floats), for `GgufLinearMethod`;
+    `keep_embedding`: the same for the token embedding and output tables, of that type."""
     import gguf
 
     reader = gguf_reader(path)
     arch = gguf_field(reader, "general.architecture")
     for tensor in reader.tensors:
         name = _GLOBAL_NAMES.get(tensor.name)
+        if name is not None and keep_embedding is not None and tensor.name in ("token_embd.weight", "output.weight"):
+            if tensor.tensor_type.name != keep_embedding:
+                raise CorruptModelError(f"{path}: tensor {tensor.name} is {tensor.tensor_type.name}, "
+                                        f"not {keep_embedding} like the token embedding")
+            yield name, _quantized_rows(tensor, name, arch, hf_config)
+            continue
         if name is None:
             match = _LAYER_RE.match(tensor.name)
             if match is None or match.group(2) not in _LAYER_NAMES:

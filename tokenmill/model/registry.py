@@ -101,7 +101,8 @@ def build_model(config: EngineConfig, tp: TensorParallelGroup) -> nn.Module:
     if config.load_format == "dummy":
         init_dummy_weights(model, model_config.seed)
     else:
-        load_weights(model, iter_weights(model_config.source, model_config.hf_config, config.kernels.gguf_weight_type))
+        load_weights(model, iter_weights(model_config.source, model_config.hf_config, config.kernels.gguf_weight_type,
+                                         config.kernels.gguf_embedding_type))
     process_weights_after_loading(model)
     return model.eval()
 

@@ -92,6 +92,26 @@ def dequantize(packed: PackedBlocks) -> torch.Tensor:
     return w.reshape(groups * LANES, -1)[:packed.rows]
 
 
+def gather_rows(packed: PackedBlocks, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows `ids` of the packed weight, dequantised: an embedding lookup in a quantised table."""
+    groups, blocks = packed.qs.shape[:2]
+    flat = ids.reshape(-1)
+    group, lane = flat // LANES, flat % LANES
+    if packed.bits == 8:
+        cells = packed.qs[group].view(-1, blocks, 8, LANES, 4)  # [n, b, chunk, lane, 4]
+        picked = cells[torch.arange(flat.numel()), :, :, lane]  # [n, b, 8, 4]
+        q = picked.reshape(-1, blocks, 32).to(torch.float32) - 128
+    else:
+        cells = packed.qs[group].view(-1, blocks, 4, LANES, 4)
+        picked = cells[torch.arange(flat.numel()), :, :, lane]  # [n, b, 4 vectors, 4]
+        q = torch.stack([picked & 0xF, picked >> 4], dim=3).reshape(-1, blocks, 32).float()
+    d = packed.d[group, :, lane].float().unsqueeze(-1)  # [n, b, 1]
+    rows = q * d
+    if packed.m is not None:
+        rows = rows + packed.m[group, :, lane].float().unsqueeze(-1)
+    return rows.reshape(*ids.shape, blocks * 32).to(dtype)
+
+
 def matmul(x: torch.Tensor, packed: PackedBlocks, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] (bf16 or float32) @ W.T (+ bias) -> [M, N] in x's dtype."""
     return torch.ops.tokenmill.cpu_quant_matmul(x, packed.qs, packed.d, packed.m, packed.bits, packed.rows, bias)

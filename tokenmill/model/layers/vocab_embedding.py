@@ -1,4 +1,10 @@
-"""The vocab-parallel embedding table and LM head: rows split across tensor-parallel ranks."""
+"""The vocab-parallel embedding table and LM head: rows split across tensor-parallel ranks.
+
+With a GGUF file kept quantised and the int8-activation kernel (`KernelConfig.gguf_embedding_type`,
+one CPU rank), the table stays in its blocks too: loaded as the file's rows, packed once into the
+kernel's layout (`ops/cpu_quant_matmul.py`); lookups dequantise the rows they take and the LM head
+multiplies the packed table. A tied head shares the packed table (held once).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from torch import nn
 
 from tokenmill.model.build_context import build_context
 from tokenmill.model.layers.linear_method import unquantized_linear_method
+from tokenmill.ops import cpu_quant_matmul, gguf_blocks
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -19,14 +26,26 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_size = vocab_size
         self.rows_per_rank = -(-vocab_size // self.tp.world_size)
         self.start = self.tp.rank * self.rows_per_rank
-        self.weight = nn.Parameter(torch.empty(self.rows_per_rank, hidden_size), requires_grad=False)
+        self.quantized = build_context().kernels.gguf_embedding_type  # the GGUF block type, or None
+        self.dtype = torch.get_default_dtype()  # the model's: what a quantised lookup returns
+        if self.quantized is not None:
+            shape = (self.rows_per_rank, hidden_size // gguf_blocks.BLOCK, gguf_blocks.BLOCK_BYTES[self.quantized])
+            self.weight = nn.Parameter(torch.empty(shape, dtype=torch.uint8), requires_grad=False)
+        else:
+            self.weight = nn.Parameter(torch.empty(self.rows_per_rank, hidden_size), requires_grad=False)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         rows = min(self.rows_per_rank, loaded.shape[0] - self.start)
         param.data.zero_()
         param.data[:rows].copy_(loaded[self.start:self.start + rows])
 
+    def process_weights_after_loading(self) -> None:
+        if self.quantized is not None:
+            packed_table(self.weight, self.quantized)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.quantized is not None:  # (one rank: GGUF kept quantised runs unsharded)
+            return cpu_quant_matmul.gather_rows(self.weight.gguf_packed, input_ids, self.dtype)
         if self.tp.world_size == 1:
             return F.embedding(input_ids, self.weight)
         local = input_ids - self.start
@@ -45,7 +64,8 @@ class ParallelLMHead(VocabParallelEmbedding):
         super().__init__(vocab_size, hidden_size)
         if tied_to is not None:
             self.weight = tied_to.weight
-        self.method = unquantized_linear_method(in_compiled_graph=False)
+        self.method = (QuantizedHeadMethod(self.quantized) if self.quantized is not None
+                       else unquantized_linear_method(in_compiled_graph=False))
         self.activation = None  # (read by the linear method)
 
     def process_weights_after_loading(self) -> None:
@@ -61,3 +81,29 @@ class ParallelLMHead(VocabParallelEmbedding):
         """[n, hidden] -> [n, vocab] float32 logits."""
         logits, _ = self.method.apply(self, hidden)
         return self.tp.all_gather_last_dim(logits)[..., : self.vocab_size].float()
+
+
+def packed_table(weight: nn.Parameter, kind: str) -> cpu_quant_matmul.PackedBlocks:
+    """The table's packed form, made once from its GGUF rows: the Parameter keeps its identity (a
+    tied head holds the same one) and takes the packed bytes as its data, the scales ride on it."""
+    if getattr(weight, "gguf_packed", None) is None or weight.data.shape[-1] == gguf_blocks.BLOCK_BYTES[kind]:
+        packed = cpu_quant_matmul.pack(weight.data.flatten(1), kind)
+        weight.data = packed.qs
+        weight.gguf_packed = packed
+    return weight.gguf_packed
+
+
+class QuantizedHeadMethod:
+    """The LM head over a GGUF table kept quantised (`ops/cpu_quant_matmul.py`, int8 activations)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        packed_table(layer.weight, self.kind)
+
+    def drop_derived_weights(self, layer: nn.Module) -> None:
+        pass
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias=None, push=None):
+        return cpu_quant_matmul.matmul(x.reshape(-1, x.shape[-1]), layer.weight.gguf_packed), False

@@ -35,12 +35,13 @@ def iter_safetensors_weights(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, handle.get_tensor(name)
 
 
-def iter_weights(source: ModelSource, hf_config: Any, gguf_weight_type: str | None = None
-                 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """`gguf_weight_type`: GGUF linear weights of this block type come as their raw rows."""
+def iter_weights(source: ModelSource, hf_config: Any, gguf_weight_type: str | None = None,
+                 gguf_embedding_type: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """`gguf_weight_type` / `gguf_embedding_type`: GGUF linear weights / embedding tables of this
+    block type come as their raw rows."""
     if source.load_format == "gguf":
         from tokenmill.config.gguf_weights import iter_gguf_weights
-        return iter_gguf_weights(source.path, hf_config, gguf_weight_type)
+        return iter_gguf_weights(source.path, hf_config, gguf_weight_type, gguf_embedding_type)
     if source.load_format == "safetensors":
         return iter_safetensors_weights(source.path)
     raise ValueError(f"no weight iterator for load_format {source.load_format!r}")
