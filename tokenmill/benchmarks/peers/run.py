@@ -73,6 +73,11 @@ def engine_specs(args: argparse.Namespace, hf_folder: str, bf16_gguf: str, q4_gg
         "tokenmill-q4-compiled": {"runner": "tokenmill", "python": python, "model": q4_gguf,
                                   "engine_args": {**tokenmill_args, "quantization": "gguf"},
                                   "env": [f"PYTHONPATH={REPO}", f"OMP_NUM_THREADS={threads}"]},
+        # The same with float activations: PyTorch's weight-only int4 kernel (--no-gguf-int8-activations).
+        "tokenmill-q4-float": {"runner": "tokenmill", "python": python, "model": q4_gguf,
+                               "engine_args": {**tokenmill_args, "quantization": "gguf",
+                                               "gguf_int8_activations": False},
+                               "env": [f"PYTHONPATH={REPO}", f"OMP_NUM_THREADS={threads}"]},
         "llamacpp-q4": {"runner": "llamacpp", "python": python, "model": q4_gguf, "server": server, "ctx": 8192,
                         "env": []},
     }
@@ -125,7 +130,9 @@ def print_table(table: dict[str, dict], threads: int) -> None:
     header = f"{'engine':<14}" + "".join(f"{label:>16}" for _, label, _ in METRICS) + f"{'peak RSS MB':>14}{'loads':>16}"
     print(header)
     for name, row in table.items():
-        ref = table["tokenmill-q4"] if name.endswith("-q4") and "tokenmill-q4" in table else base
+        # Quantised peers against tokenmill's compiled quantised engine (else its eager one).
+        q4 = table.get("tokenmill-q4-compiled") or table.get("tokenmill-q4")
+        ref = q4 if name.endswith("-q4") and q4 is not None else base
         cells = []
         for key, _, higher_better in METRICS:
             value = row[key]
@@ -143,7 +150,8 @@ def main() -> None:
                         help="tokenmill (compiled), tokenmill-sdpa (compiled, decode attention by "
                              "gather + SDPA), tokenmill-eager, vllm, llamacpp (bf16 GGUF), "
                              "tokenmill-q4 (--quantization gguf, eager), tokenmill-q4-compiled (the same with "
-                             "--cpu-compile), llamacpp-q4 (the Q4_1 file)")
+                             "--cpu-compile), tokenmill-q4-float (compiled, float activations: "
+                             "--no-gguf-int8-activations), llamacpp-q4 (the Q4_1 file)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="fresh processes per engine, interleaved")
     parser.add_argument("--repeats", type=int, default=2, help="repeats of each measurement per process")
