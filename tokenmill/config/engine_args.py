@@ -160,6 +160,8 @@ class EngineArgs:
     # one-row bf16 linears the GEMV, with C++ kernels built once per machine (ops/cpu_extension.py);
     # off: the blocks are gathered and SDPA attends them, torch.argmax picks, oneDNN multiplies.
     cpu_native_decode: bool = True
+    # quantization="gguf": activations rounded to int8 per block of 32 and multiplied with integer
+    # dot products (llama.cpp's arithmetic; AVX512-VNNI); off: float activations, exact weights.
     gguf_int8_activations: bool = True
     # Hybrid (linear-attention) models with prefix caching: checkpoint the recurrent state every
     # this many tokens (a multiple of block_size); a cached prefix is reused up to a checkpoint.

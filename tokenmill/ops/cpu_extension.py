@@ -63,10 +63,10 @@ def _register_fakes() -> None:
     def gemv(x, weight, bias):
         return x.new_empty(x.shape[0], weight.shape[0])
 
-    torch.library.register_fake("tokenmill::cpu_paged_attention_native", attention)
-    torch.library.register_fake("tokenmill::cpu_argmax", argmax)
     def quant_matmul(x, qs, d, m, bits, n, bias):
         return x.new_empty(x.shape[0], n)
 
+    torch.library.register_fake("tokenmill::cpu_paged_attention_native", attention)
+    torch.library.register_fake("tokenmill::cpu_argmax", argmax)
     torch.library.register_fake("tokenmill::cpu_gemv", gemv)
     torch.library.register_fake("tokenmill::cpu_quant_matmul", quant_matmul)

@@ -32,10 +32,6 @@ class PackedBlocks:
     bits: int
     rows: int
 
-    @property
-    def in_features(self) -> int:
-        return self.qs.shape[1] * gguf_blocks.BLOCK
-
 
 def available() -> bool:
     """Whether the vectorised kernel runs here (the extension builds and the CPU has AVX512-VNNI);

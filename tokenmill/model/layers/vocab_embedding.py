@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.model.build_context import build_context
-from tokenmill.model.layers.linear_method import unquantized_linear_method
+from tokenmill.model.layers.linear_method import LinearMethod, unquantized_linear_method
 from tokenmill.ops import cpu_quant_matmul, gguf_blocks
 
 
@@ -93,7 +93,7 @@ def packed_table(weight: nn.Parameter, kind: str) -> cpu_quant_matmul.PackedBloc
     return weight.gguf_packed
 
 
-class QuantizedHeadMethod:
+class QuantizedHeadMethod(LinearMethod):
     """The LM head over a GGUF table kept quantised (`ops/cpu_quant_matmul.py`, int8 activations)."""
 
     def __init__(self, kind: str) -> None:
@@ -101,9 +101,6 @@ class QuantizedHeadMethod:
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         packed_table(layer.weight, self.kind)
-
-    def drop_derived_weights(self, layer: nn.Module) -> None:
-        pass
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias=None, push=None):
         return cpu_quant_matmul.matmul(x.reshape(-1, x.shape[-1]), layer.weight.gguf_packed), False
