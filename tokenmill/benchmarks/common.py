@@ -70,3 +70,16 @@ def parse_cpu_kernel_args(parser: argparse.ArgumentParser) -> argparse.Namespace
     if extension() is None:
         raise SystemExit("the C++ CPU kernels are not available here (see the warning above)")
     return args
+
+
+def mean_call_us(fn, weights: list, passes: int = 3) -> float:
+    """Microseconds a call of `fn(w)`, taking the next of `weights` each call (distinct copies: the
+    figure is the weight stream's from memory; one copy repeated: hot), mean over `passes` passes
+    after a warm-up on the first three."""
+    for w in weights[:3]:
+        fn(w)
+    start = time.perf_counter()
+    for _ in range(passes):
+        for w in weights:
+            fn(w)
+    return (time.perf_counter() - start) / (passes * len(weights)) * 1e6

@@ -12,25 +12,14 @@ Each figure is the mean over three passes through the copies, or 500 hot calls.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
-from tokenmill.benchmarks.common import parse_cpu_kernel_args, write_json
+from tokenmill.benchmarks.common import mean_call_us, parse_cpu_kernel_args, write_json
 from tokenmill.ops import cpu_gemv
 
 # (name, in_features, out_features) of one SmolLM2-135M layer's linears and its LM head.
 SHAPES = [("qkv", 576, 960), ("o", 576, 576), ("gate_up", 576, 3072), ("down", 1536, 576), ("lm_head", 576, 49152)]
-
-
-def _mean_us(fn, weights, passes: int = 3) -> float:
-    for w in weights[:3]:
-        fn(w)
-    start = time.perf_counter()
-    for _ in range(passes):
-        for w in weights:
-            fn(w)
-    return (time.perf_counter() - start) / (passes * len(weights)) * 1e6
 
 
 def main() -> None:
@@ -51,9 +40,9 @@ def main() -> None:
         ours = lambda w: cpu_gemv.gemv(x, w)  # noqa: E731
         onednn = lambda w: torch.ops.mkldnn._linear_pointwise(x, packed[id(w)], None, "none", [], "")  # noqa: E731
         row = {"shape": name, "k": k, "n": n, "copies": copies, "rel_err": err,
-               "gemv_us": _mean_us(ours, weights), "onednn_us": _mean_us(onednn, weights),
-               "gemv_hot_us": _mean_us(ours, weights[:1] * 500, passes=1),
-               "onednn_hot_us": _mean_us(onednn, weights[:1] * 500, passes=1)}
+               "gemv_us": mean_call_us(ours, weights), "onednn_us": mean_call_us(onednn, weights),
+               "gemv_hot_us": mean_call_us(ours, weights[:1] * 500, passes=1),
+               "onednn_hot_us": mean_call_us(onednn, weights[:1] * 500, passes=1)}
         gb = n * k * 2 / 1e3
         rows.append(row)
         print(f"{name:8s} {k:5d} x {n:5d}: from memory GEMV {row['gemv_us']:7.1f} ({gb / row['gemv_us']:4.1f}) "

@@ -14,11 +14,10 @@ caches), mean over three passes through the copies.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
-from tokenmill.benchmarks.common import parse_cpu_kernel_args, write_json
+from tokenmill.benchmarks.common import mean_call_us, parse_cpu_kernel_args, write_json
 from tokenmill.ops import cpu_gemv, cpu_quant_matmul, gguf_blocks
 
 # (name, in_features, out_features, GGUF block type) of one SmolLM2-135M layer and its LM head.
@@ -33,16 +32,6 @@ def random_rows(n: int, k: int, kind: str, gen: torch.Generator) -> torch.Tensor
     if kind == "Q4_1":
         cells[..., 2:4] = (-torch.rand(n, k // 32, generator=gen) * 0.08).half().view(torch.uint8).view(n, -1, 2)
     return cells.view(n, -1)
-
-
-def _mean_us(fn, weights, passes: int = 3) -> float:
-    for w in weights[:3]:
-        fn(w)
-    start = time.perf_counter()
-    for _ in range(passes):
-        for w in weights:
-            fn(w)
-    return (time.perf_counter() - start) / (passes * len(weights)) * 1e6
 
 
 def main() -> None:
@@ -70,11 +59,11 @@ def main() -> None:
             err = ((cpu_quant_matmul.matmul(x, ours_w[0]).double() - ref).abs().max() / ref.abs().max()).item()
             kernel = gguf_blocks.int4_linear if kind != "Q8_0" else gguf_blocks.int8_linear
             row = {"shape": name, "kind": kind, "rows": m, "k": k, "n": n, "copies": copies, "rel_err": err,
-                   "ours_us": _mean_us(lambda w: cpu_quant_matmul.matmul(x, w), ours_w),
-                   "torch_us": _mean_us(lambda w: kernel(x, *w), torch_w)}
+                   "ours_us": mean_call_us(lambda w: cpu_quant_matmul.matmul(x, w), ours_w),
+                   "torch_us": mean_call_us(lambda w: kernel(x, *w), torch_w)}
             if m == 1:  # the bf16 GEMV on the dequantised weight: what the bf16 engine streams
                 bf16 = [gguf_blocks.dequantize(r, kind).bfloat16() for r in raws[:max(1, copies // 4)]]
-                row["bf16_gemv_us"] = _mean_us(lambda w: cpu_gemv.gemv(x, w), bf16)
+                row["bf16_gemv_us"] = mean_call_us(lambda w: cpu_gemv.gemv(x, w), bf16)
                 del bf16
             rows.append(row)
             layers = 30 if name != "lm_head" else 1
