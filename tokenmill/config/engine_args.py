@@ -492,14 +492,12 @@ def _resolve_cpu_compile(requested: bool, device: torch.device, tensor_parallel_
 
 
 def _gguf_embedding_type(quantization: str | None, int8_activations: bool, source) -> str | None:
-    """The embedding table's block type where it stays quantised: with the int8-activation kernel,
-    built and vectorised on this machine (checked here, once, so the loader and the layers agree)."""
+    """The embedding table's block type where it can stay quantised (with the int8-activation
+    kernel; whether that runs on this machine is checked when the model is built)."""
     if quantization not in QUANTIZATIONS or not int8_activations:
         return None
     from tokenmill.config.gguf_metadata import gguf_embedding_type
-    from tokenmill.ops import cpu_quant_matmul
-    kind = gguf_embedding_type(source.path)
-    return kind if kind is not None and cpu_quant_matmul.available() else None
+    return gguf_embedding_type(source.path)
 
 
 def _gguf_weight_type(quantization: str | None, source, device: torch.device, tensor_parallel_size: int

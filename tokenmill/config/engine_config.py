@@ -134,8 +134,9 @@ class KernelConfig:
     # products (ops/cpu_quant_matmul.py, where the CPU has AVX512-VNNI); else PyTorch's weight-only
     # kernels on float activations (ops/gguf_blocks.py).
     gguf_int8_activations: bool = True
-    # With them: the block type of the token embedding (and LM head) kept quantised too, read by
-    # the same kernel; None: the table is dequantised to the model dtype at load.
+    # With them: the block type of the token embedding (and LM head), kept quantised too where
+    # that kernel runs (model/layers/vocab_embedding.quantized_table_type); None: the table is
+    # dequantised to the model dtype at load.
     gguf_embedding_type: str | None = None
     # Decode steps whose requests share a long prefix attend it once for the batch (Triton only).
     cascade_attention: bool = False

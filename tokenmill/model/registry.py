@@ -10,6 +10,7 @@ from tokenmill.config.engine_config import EngineConfig
 from tokenmill.distributed.parallel_state import TensorParallelGroup
 from tokenmill.model.build_context import BuildContext, building
 from tokenmill.model.layers.quantization.not_converted import keep_unquantized_modules
+from tokenmill.model.layers.vocab_embedding import quantized_table_type
 from tokenmill.model.models.bert import BertModel
 from tokenmill.model.models.deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from tokenmill.model.models.llama import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
@@ -102,7 +103,7 @@ def build_model(config: EngineConfig, tp: TensorParallelGroup) -> nn.Module:
         init_dummy_weights(model, model_config.seed)
     else:
         load_weights(model, iter_weights(model_config.source, model_config.hf_config, config.kernels.gguf_weight_type,
-                                         config.kernels.gguf_embedding_type))
+                                         quantized_table_type(config.kernels)))
     process_weights_after_loading(model)
     return model.eval()
 

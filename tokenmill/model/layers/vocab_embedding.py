@@ -26,7 +26,7 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_size = vocab_size
         self.rows_per_rank = -(-vocab_size // self.tp.world_size)
         self.start = self.tp.rank * self.rows_per_rank
-        self.quantized = build_context().kernels.gguf_embedding_type  # the GGUF block type, or None
+        self.quantized = quantized_table_type(build_context().kernels)  # the GGUF block type, or None
         self.dtype = torch.get_default_dtype()  # the model's: what a quantised lookup returns
         if self.quantized is not None:
             shape = (self.rows_per_rank, hidden_size // gguf_blocks.BLOCK, gguf_blocks.BLOCK_BYTES[self.quantized])
@@ -81,6 +81,14 @@ class ParallelLMHead(VocabParallelEmbedding):
         """[n, hidden] -> [n, vocab] float32 logits."""
         logits, _ = self.method.apply(self, hidden)
         return self.tp.all_gather_last_dim(logits)[..., : self.vocab_size].float()
+
+
+def quantized_table_type(kernels) -> str | None:
+    """The GGUF block type the embedding table (and LM head) stays in: the file's, where the config
+    asks for it and the int8-activation kernel runs here; None: dequantised at load. The loader
+    asks the same question (`model/registry.build_model`), so both agree."""
+    kind = kernels.gguf_embedding_type
+    return kind if kind is not None and cpu_quant_matmul.available() else None
 
 
 def packed_table(weight: nn.Parameter, kind: str) -> cpu_quant_matmul.PackedBlocks:
