@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tokenmill.benchmarks.kernels.cpu_quant_matmul import random_rows as benchmark_rows
 from tokenmill.ops import cpu_quant_matmul, gguf_blocks
 from tokenmill.ops.cpu_extension import extension
 
@@ -23,13 +24,7 @@ KINDS = ["Q4_0", "Q4_1", "Q8_0"]
 
 
 def random_rows(n: int, k: int, kind: str, seed: int) -> torch.Tensor:
-    """GGUF rows of random blocks: random quants, positive fp16 scales, negative Q4_1 minimums."""
-    gen = torch.Generator().manual_seed(seed)
-    cells = torch.randint(0, 256, (n, k // 32, gguf_blocks.BLOCK_BYTES[kind]), dtype=torch.uint8, generator=gen)
-    cells[..., 0:2] = (torch.rand(n, k // 32, generator=gen) * 0.02 + 1e-3).half().view(torch.uint8).view(n, -1, 2)
-    if kind == "Q4_1":
-        cells[..., 2:4] = (-torch.rand(n, k // 32, generator=gen) * 0.1).half().view(torch.uint8).view(n, -1, 2)
-    return cells.view(n, -1)
+    return benchmark_rows(n, k, kind, torch.Generator().manual_seed(seed))
 
 
 def emulated(x: torch.Tensor, raw: torch.Tensor, kind: str) -> torch.Tensor:

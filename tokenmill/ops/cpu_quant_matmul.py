@@ -71,41 +71,29 @@ def pack(raw: torch.Tensor, kind: str) -> PackedBlocks:
                         _interleave(m).contiguous(), 4, rows)
 
 
-def dequantize(packed: PackedBlocks) -> torch.Tensor:
-    """The packed weight as float32 [N, K]."""
-    groups, blocks = packed.qs.shape[:2]
-    if packed.bits == 8:
-        q = packed.qs.view(groups, blocks, 8, LANES, 4).to(torch.float32) - 128
-        q = q.permute(0, 3, 1, 2, 4).reshape(groups * LANES, blocks, 32)
-    else:
-        v = packed.qs.view(groups, blocks, 4, LANES, 4)
-        q = torch.stack([v & 0xF, v >> 4], dim=3)  # [g, b, 4 vectors, low/high, 16, 4]
-        q = q.permute(0, 4, 1, 2, 3, 5).reshape(groups * LANES, blocks, 32).float()
-    d = packed.d.transpose(1, 2).reshape(groups * LANES, blocks, 1).float()
-    w = q * d
-    if packed.m is not None:
-        w = w + packed.m.transpose(1, 2).reshape(groups * LANES, blocks, 1).float()
-    return w.reshape(groups * LANES, -1)[:packed.rows]
-
-
 def gather_rows(packed: PackedBlocks, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Rows `ids` of the packed weight, dequantised: an embedding lookup in a quantised table."""
-    groups, blocks = packed.qs.shape[:2]
+    """Rows `ids` of the packed weight, dequantised (an embedding lookup in a quantised table): each
+    row's bytes are picked out of its group's lane, no whole group is copied."""
+    blocks = packed.qs.shape[1]
     flat = ids.reshape(-1)
     group, lane = flat // LANES, flat % LANES
+    vectors = 8 if packed.bits == 8 else 4
+    cells = packed.qs.view(packed.qs.shape[0], blocks, vectors, LANES, 4)
+    # indices broadcast to [n, blocks, vectors]: each row's 4 bytes of every vector of every block
+    picked = cells[group[:, None, None], torch.arange(blocks)[:, None], torch.arange(vectors), lane[:, None, None]]
     if packed.bits == 8:
-        cells = packed.qs[group].view(-1, blocks, 8, LANES, 4)  # [n, b, chunk, lane, 4]
-        picked = cells[torch.arange(flat.numel()), :, :, lane]  # [n, b, 8, 4]
-        q = picked.reshape(-1, blocks, 32).to(torch.float32) - 128
+        q = picked.reshape(-1, blocks, 32).float() - 128
     else:
-        cells = packed.qs[group].view(-1, blocks, 4, LANES, 4)
-        picked = cells[torch.arange(flat.numel()), :, :, lane]  # [n, b, 4 vectors, 4]
         q = torch.stack([picked & 0xF, picked >> 4], dim=3).reshape(-1, blocks, 32).float()
-    d = packed.d[group, :, lane].float().unsqueeze(-1)  # [n, b, 1]
-    rows = q * d
+    rows = q * packed.d[group, :, lane].float().unsqueeze(-1)
     if packed.m is not None:
         rows = rows + packed.m[group, :, lane].float().unsqueeze(-1)
     return rows.reshape(*ids.shape, blocks * 32).to(dtype)
+
+
+def dequantize(packed: PackedBlocks) -> torch.Tensor:
+    """The packed weight as float32 [N, K]."""
+    return gather_rows(packed, torch.arange(packed.rows), torch.float32)
 
 
 def matmul(x: torch.Tensor, packed: PackedBlocks, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -94,7 +94,7 @@ def quantized_table_type(kernels) -> str | None:
 def packed_table(weight: nn.Parameter, kind: str) -> cpu_quant_matmul.PackedBlocks:
     """The table's packed form, made once from its GGUF rows: the Parameter keeps its identity (a
     tied head holds the same one) and takes the packed bytes as its data, the scales ride on it."""
-    if getattr(weight, "gguf_packed", None) is None or weight.data.shape[-1] == gguf_blocks.BLOCK_BYTES[kind]:
+    if weight.data.shape[-1] == gguf_blocks.BLOCK_BYTES[kind]:  # still the file's rows (the kernel's are 256 / 512)
         packed = cpu_quant_matmul.pack(weight.data.flatten(1), kind)
         weight.data = packed.qs
         weight.gguf_packed = packed
