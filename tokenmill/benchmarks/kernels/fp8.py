@@ -18,6 +18,10 @@ gemv: batch-1 decode over the whole weight set (`--layers` x QKV, O, gate/up, do
   SiLU-and-mul), each as one CUDA graph: the bf16 Triton GEMV against the fp8 one (block scales and
   channel scales); ms per token and GB/s of weights read, beside the device's copy rate measured in
   the same run.
+gemv-sweep: every launch configuration of `GEMV_SWEEP_GRID` of the fp8 GEMV, per Llama-3.1-8B matrix
+  (`--sweep-tp` sizes) and scale form, timed as the engine runs it: one CUDA graph of back-to-back
+  GEMVs over >= 1 GB of distinct weights (none served from L2); best four printed beside the
+  autotuner's pick in the same graph form. What `ops/gemv_configs.TUNED_FP8` lists comes from here.
 """
 
 from __future__ import annotations
@@ -142,15 +146,111 @@ def bench_gemv(layers: int) -> dict:
     return result
 
 
+# (BLOCK_N, BLOCK_K, warps, stages): tiles of 2-32 KB of e4m3 weights, each thread at least 16 bytes.
+GEMV_SWEEP_GRID = [(bn, bk, w, s) for bn in (2, 4, 8, 16, 32) for bk in (256, 512, 1024, 2048)
+                   for w in (1, 2, 4, 8) for s in (1, 2, 3) if 2048 <= bn * bk <= 32768 and w * 32 * 16 <= bn * bk]
+
+
+def _warm_gemv_compiles(configs: list[tuple], blockwise: bool, silu_mul: bool) -> None:
+    """Compile `configs` of the fp8 GEMV into Triton's on-disk cache (one process of a pool), with
+    arguments that specialise as the Llama shapes do (every size and stride a multiple of 16)."""
+    from tokenmill.ops.fp8_gemv import _fp8_gemv_kernel
+
+    n, k = 256, 2048
+    w = torch.zeros(n, k, device="cuda").to(torch.float8_e4m3fn)
+    s = torch.ones(n // 128, k // 128, device="cuda") if blockwise else torch.ones(n, device="cuda")
+    x = torch.zeros(1, 2 * k if silu_mul else k, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty(1, n, dtype=torch.bfloat16, device="cuda")
+    for bn, bk, warps, stages in configs:
+        _fp8_gemv_kernel.warmup(x, w, s, y, n, k, k, k // 128 if blockwise else 0, BLOCKWISE=blockwise,
+                                SCALE_BLOCK_N=128 if blockwise else 1, SCALE_BLOCK_K=128 if blockwise else 1,
+                                SILU_MUL=silu_mul, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+                                grid=(1,))
+
+
+def _warm_gemv_sweep(processes: int = 14) -> None:
+    import concurrent.futures
+    import multiprocessing
+
+    jobs = [(GEMV_SWEEP_GRID[i::processes], blockwise, silu) for i in range(processes)
+            for blockwise in (True, False) for silu in (False, True)]
+    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_warm_gemv_compiles, *zip(*jobs)))
+
+
+def gemv_sweep(tps: list[int], min_bytes: float = 1e9) -> dict:
+    """Per one-rank Llama-3.1-8B shape and scale form: every GEMV_SWEEP_GRID configuration as a CUDA
+    graph of back-to-back fp8 GEMVs over distinct weights (us per GEMV), and the autotuner's pick."""
+    import time
+
+    from tokenmill.benchmarks.kernels.gemv import sweep_shapes
+    from tokenmill.ops.fp8_gemv import GemvConfig, fp8_gemv, fp8_gemv_ref
+
+    t0 = time.perf_counter()
+    _warm_gemv_sweep()
+    print(f"{len(GEMV_SWEEP_GRID)} configs x 4 compiled in {time.perf_counter() - t0:.0f} s", flush=True)
+    result = {}
+    for tp in tps:
+        shapes = {name: v for name, v in sweep_shapes(tp).items() if not name.startswith("lm_head")}
+        for name, (n, k, silu) in shapes.items():
+            copies = max(4, int(min_bytes // (n * k)) + 1)
+            w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
+            for form, block in (("block", BLOCK), ("channel", None)):
+                w_q, w_s = quantize_weight_blocks(w, BLOCK) if block else quantize_weight_per_channel(w)
+                ws = [(w_q.clone(), w_s.clone()) for _ in range(copies)]
+                xs = [torch.randn(1, 2 * k if silu else k, dtype=torch.bfloat16, device="cuda")
+                      for _ in range(copies)]
+                from tokenmill.ops.activation import silu_and_mul
+                ref = fp8_gemv_ref(silu_and_mul(xs[0]) if silu else xs[0], w_q, w_s, block).float()
+
+                def per_call_us(fn) -> float:
+                    return graph_ms(fn, ws, xs) * 1e3 / copies
+
+                rows = []
+                for bn, bk, warps, stages in GEMV_SWEEP_GRID:
+                    config = GemvConfig(bn, bk, warps, stages)
+                    if block is not None and block[0] % bn:
+                        continue
+
+                    def launch(x, wt, config=config, block=block):
+                        return fp8_gemv(x, wt[0], wt[1], block, silu_mul=silu, config=config)
+                    try:
+                        out = launch(xs[0], ws[0]).float()
+                        us = per_call_us(launch)
+                    except Exception as e:  # a config this device cannot run (resources): skip it
+                        print(f"  {name} {form} {config}: {type(e).__name__}: {e}"[:200], flush=True)
+                        continue
+                    if not torch.allclose(out, ref, rtol=2e-2, atol=2e-2):
+                        raise AssertionError(f"{name} {form} {config}: wrong result")
+                    rows.append({"block_n": bn, "block_k": bk, "warps": warps, "stages": stages, "us": us,
+                                 "tb_s": n * k / us / 1e6})
+                rows.sort(key=lambda r: r["us"])
+                tuned_us = per_call_us(lambda x, wt: fp8_gemv(x, wt[0], wt[1], block, silu_mul=silu))
+                from tokenmill.ops.fp8_gemv import _fp8_gemv_tuned
+                picked = str(getattr(_fp8_gemv_tuned, "best_config", None))
+                result[f"{name}_{form}"] = {"n": n, "k": k, "silu_mul": silu, "form": form, "copies": copies,
+                                            "default_us": tuned_us, "default_config": picked, "best": rows[:8],
+                                            "worst_us": rows[-1]["us"]}
+                print(f"{name:12s} {form:7s} {n:6d}x{k:5d}{' +silu' if silu else '      '}: default {tuned_us:6.2f} us "
+                      f"({n * k / tuned_us / 1e6:.2f} TB/s; {picked}); best: "
+                      + "; ".join(f"{r['block_n']}x{r['block_k']} w{r['warps']} s{r['stages']} {r['us']:.2f} us "
+                                  f"{r['tb_s']:.2f} TB/s" for r in rows[:4]), flush=True)
+                del ws, xs
+            del w
+            torch.cuda.empty_cache()
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("parts", nargs="*", default=["gemm", "gemv"], choices=["gemm", "gemv"])
+    parser.add_argument("parts", nargs="*", default=["gemm", "gemv"], choices=["gemm", "gemv", "gemv-sweep"])
     parser.add_argument("--m", type=int, nargs="+", default=[512, 2048, 8192], help="prefill token counts")
     parser.add_argument("--sweep", action="store_true", help="also time other block-GEMM tile configurations")
     parser.add_argument("--graphs", action="store_true",
                         help="time each GEMM case as CUDA-graph replays (the GPU's time without the host's "
                              "launch cost, which bounds small token counts otherwise)")
     parser.add_argument("--layers", type=int, default=32, help="decoder layers in the GEMV weight set")
+    parser.add_argument("--sweep-tp", type=int, nargs="+", default=[1], help="TP sizes for gemv-sweep's shapes")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}")
@@ -159,6 +259,10 @@ def main() -> None:
         result["gemm"] = bench_gemm(args.m, args.sweep, args.graphs)
     if "gemv" in args.parts:
         result["gemv"] = bench_gemv(args.layers)
+    if "gemv-sweep" in args.parts:
+        result["gemv_copy_gb_per_s"] = copy_rate(torch.cuda.current_device(), 4.0)
+        print(f"copy rate: {result['gemv_copy_gb_per_s']:.0f} GB/s")
+        result["gemv_sweep"] = gemv_sweep(args.sweep_tp)
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(result, f, indent=2)
