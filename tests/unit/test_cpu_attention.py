@@ -64,6 +64,30 @@ def test_cpu_backend_matches_torch_native(case, dtype, group, native):
     torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("case", ["fresh prefills", "one fresh prefill"])
+def test_native_op_runs_bf16_prompts_through_the_amx_kernel(case):
+    """At a head size the AMX prefill kernel takes (ops/cpu_flash_prefill.cpp), the native op's
+    prompts go through it where the machine has the tile units (no SDPA call), else through SDPA;
+    either way the result is torch_native's."""
+    from tokenmill.ops import cpu_flash_prefill
+
+    query_lens, seq_lens = CASES[case]
+    # Prompts of 63-144 tokens (the lengths x 9), decodes of one token against 108-270.
+    (q, k, v), cache, meta = _batch([n if n == 1 else n * 9 for n in query_lens], [n * 9 for n in seq_lens],
+                                    num_kv_heads=2, group=3, head_dim=64,
+                                    block_size=16, dtype=torch.bfloat16)
+    ref_cache = tuple(c.clone() for c in cache)
+    ref = TorchNativeBackend(6, 2, 64, 0.125).forward(q.clone(), k.clone(), v.clone(), ref_cache, meta)
+    backend = CpuBackend(6, 2, 64, 0.125, native_decode=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = backend.forward(q.clone(), k.clone(), v.clone(), cache, meta)
+    names = {event.name for event in prof.events()}
+    assert "tokenmill::cpu_paged_attention_native" in names
+    assert ("aten::scaled_dot_product_attention" in names) != cpu_flash_prefill.supported(64)
+    assert torch.equal(cache[0], ref_cache[0]) and torch.equal(cache[1], ref_cache[1])
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("case,in_cpp", [("fresh prefills", True), ("one fresh prefill", True), ("decodes", True),
                                          ("mixed", False)])
 def test_native_op_stays_in_cpp_for_decodes_and_fresh_prefills(case, in_cpp):

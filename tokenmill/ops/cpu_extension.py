@@ -1,5 +1,5 @@
-"""The C++ CPU kernels (`cpu_paged_decode.cpp`, `cpu_argmax.cpp`, `cpu_gemv.cpp`,
-`cpu_quant_matmul.cpp`), built once per machine.
+"""The C++ CPU kernels (`cpu_paged_decode.cpp`, `cpu_flash_prefill.cpp`, `cpu_argmax.cpp`,
+`cpu_gemv.cpp`, `cpu_quant_matmul.cpp`), built once per machine.
 
 No library offers these for PyTorch's CPU build, so they are C++ of our own, compiled together by
 torch.utils.cpp_extension (ninja and the C++ compiler `--cpu-compile` already needs) with the
@@ -20,8 +20,8 @@ from tokenmill.config.cache_root import cache_root
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_paged_decode.cpp", "cpu_argmax.cpp", "cpu_gemv.cpp",
-                                                   "cpu_quant_matmul.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_paged_decode.cpp", "cpu_flash_prefill.cpp",
+                                                   "cpu_argmax.cpp", "cpu_gemv.cpp", "cpu_quant_matmul.cpp")]
 
 
 @functools.cache

@@ -13,6 +13,8 @@
 // ahead and the value rows while scoring (at 1,000 tokens of context, 1.3x without it).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+
+#include "cpu_flash_prefill.h"
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -201,8 +203,9 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
 
 // A layer's attention step, as `tokenmill::cpu_paged_attention` (model/attention/cpu.py) computes it,
 // for the steps that are decodes and fresh prefills (nothing cached before the prompt) into a cache
-// of q's dtype: the KV write, the decodes through the kernel above and each prefill through
-// causal SDPA on its own k / v, as the Python op does, without entering Python (~50 us a layer for
+// of q's dtype: the KV write, the decodes through the kernel above and each prefill on its own
+// k / v, through the AMX flash kernel (cpu_flash_prefill.cpp) for bf16 where the machine has
+// the tile units, else causal SDPA as the Python op does, without entering Python (~50 us a layer for
 // a decode step, ~100 us for a prefill). Every other step (a chunk after cached tokens, an encoder,
 // an fp8 cache) goes to that Python op, through the dispatcher.
 at::Tensor attention_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
@@ -244,8 +247,14 @@ at::Tensor attention_step(const at::Tensor& q, const at::Tensor& k, const at::Te
                                                     seq_lens.slice(0, 0, num_decodes), scale));
   const int32_t* starts = query_start_loc.data_ptr<int32_t>();
   const bool grouped = q.size(1) != num_kv_heads;
+  const bool flash = q.scalar_type() == at::kBFloat16 && tokenmill_cpu::flash_prefill_supported(head_dim);
   for (int64_t i = num_decodes; i < num_reqs; ++i) {
     const int64_t begin = starts[i], end = starts[i + 1];
+    if (flash) {
+      out.slice(0, begin, end).copy_(tokenmill_cpu::flash_prefill(q.slice(0, begin, end), k.slice(0, begin, end),
+                                                                  v.slice(0, begin, end), scale));
+      continue;
+    }
     const auto heads_first = [&](const at::Tensor& x) { return x.slice(0, begin, end).transpose(0, 1).unsqueeze(0); };
     const at::Tensor attended = at::scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v),
                                                                  std::nullopt, 0.0, true, scale, grouped);
@@ -269,4 +278,6 @@ TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "paged decode attention, the cache read in place");
   m.def("vector_width", [] { return static_cast<int64_t>(Vec::size()); });
+  m.def("flash_prefill", &tokenmill_cpu::flash_prefill, "causal bf16 prefill attention on the AMX tile units");
+  m.def("flash_prefill_supported", &tokenmill_cpu::flash_prefill_supported);
 }

@@ -1,0 +1,329 @@
+// Causal prefill attention on the CPU for bf16 prompts: flash attention with both products on the
+// AMX tile units (ATen's brgemm, oneDNN's micro-kernels) and the softmax in float32 vector passes.
+// Built with the other C++ CPU kernels (cpu_extension.py); called by cpu_paged_decode.cpp's layer step
+// for a fresh prompt. Tested against attention in float64 (tests/unit/test_cpu_flash_prefill.py).
+//
+// Why not SDPA's CPU flash kernel, which also runs its products through brgemm: at SmolLM2's shape
+// (64-dim heads, 9 query heads on 3 KV heads) its time goes to the softmax between the products
+// and to the masked halves of its 256 x 512 diagonal tiles. Here:
+// - the query heads sharing a KV head are one matrix (rows: token-major, head-minor), so the
+//   products run on group x 64 rows and every key/value tile is packed once per KV head;
+// - a diagonal tile is cut to the columns its last row can see (rounded up to 32), so the masked
+//   work is at most a 32-column strip;
+// - the softmax is two passes over each row's float32 scores (max, then exp/sum/round to bf16),
+//   with the running maximum's correction applied to the accumulator rows only when it moved.
+// The probabilities are rounded to bf16 before the value product, as SDPA's bf16 kernel does.
+#include "cpu_flash_prefill.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <vector>
+
+namespace tokenmill_cpu {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+using BVec = at::vec::Vectorized<at::BFloat16>;
+using at::BFloat16;
+
+constexpr int64_t kQueryRows = 32;   // query tokens a task takes (x the group's heads = the product's M)
+constexpr int64_t kKeyBlock = 256;   // keys a tile holds (the score product's N)
+constexpr int64_t kAlign = 32;       // a tile's columns are cut to a multiple of this
+
+// K rows [n0, n0 + n) of one KV head as the score product's B, [head_dim / 2][kKeyBlock][2]
+// (VNNI pairs along head_dim): a transpose of the rows' 32-bit pairs. Columns past n are zero.
+void pack_keys(const BFloat16* k, int64_t stride_t, int64_t n, int64_t head_dim, BFloat16* out) {
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out);
+  constexpr int64_t kStrip = 16;  // keys transposed together: each output row gets 64 contiguous bytes
+  for (int64_t t0 = 0; t0 < n; t0 += kStrip) {
+    const int64_t t1 = std::min(n, t0 + kStrip);
+    for (int64_t j = 0; j < head_dim / 2; ++j)
+      for (int64_t t = t0; t < t1; ++t) dst[j * kKeyBlock + t] = reinterpret_cast<const uint32_t*>(k + t * stride_t)[j];
+  }
+  if (n < kKeyBlock)
+    for (int64_t j = 0; j < head_dim / 2; ++j) std::memset(dst + j * kKeyBlock + n, 0, (kKeyBlock - n) * 4);
+}
+
+// V rows [n0, n0 + n) of one KV head as the value product's B, [kKeyBlock / 2][head_dim][2]
+// (VNNI pairs along the keys): rows t and t + 1 interleaved. Rows past n are zero.
+void pack_values(const BFloat16* v, int64_t stride_t, int64_t n, int64_t head_dim, BFloat16* out) {
+  uint16_t* dst = reinterpret_cast<uint16_t*>(out);
+  for (int64_t t = 0; t < n; t += 2) {
+    const uint16_t* even = reinterpret_cast<const uint16_t*>(v + t * stride_t);
+    const uint16_t* odd = t + 1 < n ? reinterpret_cast<const uint16_t*>(v + (t + 1) * stride_t) : nullptr;
+    uint16_t* pair = dst + (t / 2) * head_dim * 2;
+    if (odd != nullptr) {
+      for (int64_t d = 0; d < head_dim; ++d) pair[2 * d] = even[d], pair[2 * d + 1] = odd[d];
+    } else {
+      for (int64_t d = 0; d < head_dim; ++d) pair[2 * d] = even[d], pair[2 * d + 1] = 0;
+    }
+  }
+  const int64_t filled = (n + 1) / 2;
+  std::memset(dst + filled * head_dim * 2, 0, (kKeyBlock / 2 - filled) * head_dim * 2 * 2);
+}
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define TOKENMILL_AMX 1
+
+// Eight tiles of 16 rows x 64 bytes: 0-3 accumulate a 32 x 32 block of C, 4-5 hold A, 6-7 hold B.
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+void configure_tiles() {
+  TileConfig config;
+  for (int i = 0; i < 8; ++i) config.colsb[i] = 64, config.rows[i] = 16;
+  _tile_loadconfig(&config);
+}
+
+// Linux hands out the tile registers' state only to processes that ask (once; oneDNN asks the same).
+bool request_tiles() {
+  constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  static const bool granted = syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  return granted;
+}
+
+// C[M, N] (float32, row stride ldc) = (or += with kAccumulate) A[M, K] (bf16, row stride lda) x B,
+// B in VNNI pairs: row j holds (B[2j][n], B[2j+1][n]) for every n, ldb elements a row. M, N, K
+// multiples of 32; the tiles configured by configure_tiles().
+template <bool kAccumulate>
+void tile_gemm(int64_t M, int64_t N, int64_t K, const BFloat16* A, int64_t lda, const BFloat16* B, int64_t ldb,
+               float* C, int64_t ldc) {
+  for (int64_t m = 0; m < M; m += 32) {
+    for (int64_t n = 0; n < N; n += 32) {
+      float* c = C + m * ldc + n;
+      if constexpr (kAccumulate) {
+        _tile_loadd(0, c, ldc * 4);
+        _tile_loadd(1, c + 16, ldc * 4);
+        _tile_loadd(2, c + 16 * ldc, ldc * 4);
+        _tile_loadd(3, c + 16 * ldc + 16, ldc * 4);
+      } else {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+      }
+      for (int64_t k = 0; k < K; k += 32) {
+        _tile_loadd(4, A + m * lda + k, lda * 2);
+        _tile_loadd(5, A + (m + 16) * lda + k, lda * 2);
+        _tile_loadd(6, B + (k / 2) * ldb + n * 2, ldb * 2);
+        _tile_loadd(7, B + (k / 2) * ldb + (n + 16) * 2, ldb * 2);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, c, ldc * 4);
+      _tile_stored(1, c + 16, ldc * 4);
+      _tile_stored(2, c + 16 * ldc, ldc * 4);
+      _tile_stored(3, c + 16 * ldc + 16, ldc * 4);
+    }
+  }
+}
+#endif
+
+inline float row_max(const float* s, int64_t n) {
+  Vec m(-std::numeric_limits<float>::infinity());
+  int64_t c = 0;
+  for (; c + Vec::size() <= n; c += Vec::size()) m = at::vec::maximum(m, Vec::loadu(s + c));
+  float out = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, m);
+  for (; c < n; ++c) out = std::max(out, s[c]);
+  return out;
+}
+
+// p[0:width] = bf16(exp(s * scale - max)) for the first `n` columns and 0 after; returns the sum of
+// the float32 values (before rounding, as SDPA's kernel sums them).
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+// exp(x) = 2^y, y = x log2(e): 2^round(y) by vscalefps (which also flushes to 0 far below the max) and
+// 2^f, |f| <= 1/2, by a degree-5 polynomial (relative error ~2e-7, far below bf16's 4e-3 rounding).
+inline __m512 exp2_poly(__m512 y) {
+  const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(y, n);
+  __m512 p = _mm512_set1_ps(1.3333558e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline float exp_row(const float* s, int64_t n, int64_t width, float scale, float max, BFloat16* p) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  const __m512 vscale = _mm512_set1_ps(scale * kLog2e), vshift = _mm512_set1_ps(-max * kLog2e);
+  __m512 sum = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + 32 <= n; c += 32) {
+    const __m512 a = exp2_poly(_mm512_fmadd_ps(_mm512_loadu_ps(s + c), vscale, vshift));
+    const __m512 b = exp2_poly(_mm512_fmadd_ps(_mm512_loadu_ps(s + c + 16), vscale, vshift));
+    _mm512_storeu_si512(p + c, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+    sum = _mm512_add_ps(sum, _mm512_add_ps(a, b));
+  }
+  for (; c < n; c += 16) {  // the last columns, masked to n; the rest of the 32-column tile is zeros
+    const __mmask16 keep = static_cast<__mmask16>((n - c) >= 16 ? 0xFFFF : (1u << (n - c)) - 1);
+    const __m512 a = _mm512_maskz_mov_ps(keep, exp2_poly(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(keep, s + c), vscale, vshift)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + c), (__m256i)_mm512_cvtneps_pbh(a));
+    sum = _mm512_add_ps(sum, a);
+  }
+  if (c < width) std::memset(p + c, 0, (width - c) * sizeof(BFloat16));
+  return _mm512_reduce_add_ps(sum);
+}
+#else
+inline float exp_row(const float* s, int64_t n, int64_t width, float scale, float max, BFloat16* p) {
+  const Vec vscale(scale), vshift(-max);
+  Vec sum(0.f);
+  int64_t c = 0;
+  for (; c + 2 * Vec::size() <= n; c += 2 * Vec::size()) {
+    const Vec a = at::vec::fmadd(Vec::loadu(s + c), vscale, vshift).exp_u20();
+    const Vec b = at::vec::fmadd(Vec::loadu(s + c + Vec::size()), vscale, vshift).exp_u20();
+    at::vec::convert_from_float<BFloat16>(a, b).store(p + c);
+    sum = sum + a + b;
+  }
+  float total = sum.reduce_add();
+  for (; c < n; ++c) {
+    const float e = std::exp(s[c] * scale - max);
+    p[c] = BFloat16(e);
+    total += e;
+  }
+  std::fill(p + n, p + width, BFloat16(0.f));
+  return total;
+}
+#endif
+
+}  // namespace
+
+bool flash_prefill_supported(int64_t head_dim) {
+#ifdef TOKENMILL_AMX
+  return request_tiles() && head_dim % kAlign == 0 && head_dim <= 256;
+#else
+  return false;
+#endif
+}
+
+#ifdef TOKENMILL_AMX
+at::Tensor flash_prefill(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, double scale_d) {
+  TORCH_CHECK(q_in.scalar_type() == at::kBFloat16 && k_in.scalar_type() == at::kBFloat16 &&
+              v_in.scalar_type() == at::kBFloat16, "flash_prefill takes bf16 q, k, v");
+  TORCH_CHECK(q_in.dim() == 3 && k_in.dim() == 3 && v_in.dim() == 3, "q, k, v are [tokens, heads, head_dim]");
+  // Rows of one token may be strided (views of a fused QKV output); each token's heads must be contiguous.
+  const auto tokens_major = [](const at::Tensor& x) {
+    return x.stride(2) == 1 && x.stride(1) == x.size(2) ? x : x.contiguous();
+  };
+  const at::Tensor q = tokens_major(q_in), k = tokens_major(k_in), v = tokens_major(v_in);
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), KVH = k.size(1);
+  TORCH_CHECK(k.size(0) == T && v.size(0) == T && v.size(1) == KVH && k.size(2) == D && v.size(2) == D &&
+              H % KVH == 0, "flash_prefill: q [T, H, D], k and v [T, KVH, D] with KVH dividing H");
+  TORCH_CHECK(flash_prefill_supported(D), "flash_prefill: no AMX brgemm here or an unsupported head size");
+  const int64_t group = H / KVH, M = kQueryRows * group;
+  const int64_t key_blocks = (T + kKeyBlock - 1) / kKeyBlock, query_blocks = (T + kQueryRows - 1) / kQueryRows;
+  const float scale = static_cast<float>(scale_d);
+  const BFloat16* qp = q.data_ptr<BFloat16>();
+  const BFloat16* kp = k.data_ptr<BFloat16>();
+  const BFloat16* vp = v.data_ptr<BFloat16>();
+  const int64_t sq = q.stride(0), sk = k.stride(0), sv = v.stride(0);
+  at::Tensor out = at::empty({T, H, D}, q.options());
+  BFloat16* op = out.data_ptr<BFloat16>();
+
+  // Every (KV head, key block) packed once for both products.
+  const int64_t tile = D * kKeyBlock;
+  const at::Tensor packed = at::empty({2, KVH * key_blocks * tile}, q.options());  // filled below
+  BFloat16* packed_k = packed[0].data_ptr<BFloat16>();
+  BFloat16* packed_v = packed[1].data_ptr<BFloat16>();
+  at::parallel_for(0, KVH * key_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t g = i / key_blocks, b = i % key_blocks, n0 = b * kKeyBlock, n = std::min(kKeyBlock, T - n0);
+      pack_keys(kp + n0 * sk + g * D, sk, n, D, packed_k + i * tile);
+      pack_values(vp + n0 * sv + g * D, sv, n, D, packed_v + i * tile);
+    }
+  });
+
+  // Tasks (KV head, query block), the longest (last query blocks) first; dynamically shared out
+  // because causal work grows with the block's position.
+  const int64_t tasks = KVH * query_blocks;
+  const int threads = std::max(1, at::get_num_threads());
+#pragma omp parallel num_threads(threads)
+  {
+    // Scratch, every element written before it is read.
+    std::unique_ptr<BFloat16[]> qbuf(new BFloat16[M * D]), probs(new BFloat16[M * kKeyBlock]);
+    std::unique_ptr<float[]> scores(new float[M * kKeyBlock]), acc(new float[M * D]), maxes(new float[M]),
+        sums(new float[M]);
+    configure_tiles();
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t qb = query_blocks - 1 - task / KVH, g = task % KVH;
+      const int64_t t0 = qb * kQueryRows, rows_t = std::min(kQueryRows, T - t0);
+      // The group's query rows, token-major then head: row r is token t0 + r / group, head g * group + r % group.
+      for (int64_t r = 0; r < M; ++r) {
+        const int64_t t = r / group;
+        BFloat16* dst = qbuf.get() + r * D;
+        if (t < rows_t) std::copy_n(qp + (t0 + t) * sq + (g * group + r % group) * D, D, dst);
+        else std::memset(dst, 0, D * sizeof(BFloat16));
+      }
+      std::fill_n(acc.get(), M * D, 0.f);
+      std::fill_n(maxes.get(), M, -std::numeric_limits<float>::infinity());
+      std::fill_n(sums.get(), M, 0.f);
+      const int64_t last_t = t0 + rows_t - 1;
+      for (int64_t b = 0; b * kKeyBlock <= last_t; ++b) {
+        const int64_t n0 = b * kKeyBlock;
+        // Columns the block's last token can see, rounded up to the tile alignment.
+        const int64_t seen = std::min(kKeyBlock, last_t - n0 + 1);
+        const int64_t width = (seen + kAlign - 1) / kAlign * kAlign;
+        const BFloat16* kb = packed_k + (g * key_blocks + b) * tile;
+        const BFloat16* vb = packed_v + (g * key_blocks + b) * tile;
+        tile_gemm<false>(M, width, D, qbuf.get(), D, kb, kKeyBlock * 2, scores.get(), kKeyBlock);
+        for (int64_t r = 0; r < M; ++r) {
+          const int64_t t = r / group;
+          float* s = scores.get() + r * kKeyBlock;
+          BFloat16* p = probs.get() + r * kKeyBlock;
+          const int64_t n = t < rows_t ? std::min(width, t0 + t - n0 + 1) : 0;  // causal: keys <= t
+          if (n <= 0) {
+            std::memset(p, 0, width * sizeof(BFloat16));
+            continue;
+          }
+          const float m_new = std::max(maxes[r], row_max(s, n) * scale);
+          if (m_new != maxes[r] && sums[r] != 0.f) {
+            const float correction = std::exp(maxes[r] - m_new);
+            const Vec alpha(correction);
+            float* a = acc.get() + r * D;
+            sums[r] *= correction;
+            for (int64_t d = 0; d < D; d += Vec::size()) (Vec::loadu(a + d) * alpha).store(a + d);
+          }
+          maxes[r] = m_new;
+          sums[r] += exp_row(s, n, width, scale, m_new, p);
+        }
+        tile_gemm<true>(M, D, width, probs.get(), kKeyBlock, vb, D * 2, acc.get(), D);
+      }
+      for (int64_t r = 0; r < rows_t * group; ++r) {
+        const int64_t t = r / group;
+        const Vec inv(1.f / sums[r]);
+        BFloat16* dst = op + (t0 + t) * H * D + (g * group + r % group) * D;
+        for (int64_t d = 0; d < D; d += 2 * Vec::size()) {
+          const Vec a = Vec::loadu(acc.get() + r * D + d) * inv;
+          const Vec c = Vec::loadu(acc.get() + r * D + d + Vec::size()) * inv;
+          at::vec::convert_from_float<BFloat16>(a, c).store(dst + d);
+        }
+      }
+    }
+    _tile_release();
+  }
+  return out;
+}
+#else
+at::Tensor flash_prefill(const at::Tensor&, const at::Tensor&, const at::Tensor&, double) {
+  TORCH_CHECK(false, "flash_prefill: built without AMX");
+}
+#endif
+
+}  // namespace tokenmill_cpu
