@@ -1,18 +1,21 @@
 // Causal prefill attention on the CPU for bf16 prompts: flash attention with both products on the
-// AMX tile units (ATen's brgemm, oneDNN's micro-kernels) and the softmax in float32 vector passes.
-// Built with the other C++ CPU kernels (cpu_extension.py); called by cpu_paged_decode.cpp's layer step
-// for a fresh prompt. Tested against attention in float64 (tests/unit/test_cpu_flash_prefill.py).
+// AMX tile units (TDPBF16PS through the compiler's intrinsics) and the softmax in float32 AVX-512
+// passes. Built with the other C++ CPU kernels (cpu_extension.py) where the compiler targets AMX;
+// called by cpu_paged_decode.cpp's layer step for a fresh prompt. Tested against attention in
+// float64 (tests/unit/test_cpu_flash_prefill.py).
 //
-// Why not SDPA's CPU flash kernel, which also runs its products through brgemm: at SmolLM2's shape
-// (64-dim heads, 9 query heads on 3 KV heads) its time goes to the softmax between the products
-// and to the masked halves of its 256 x 512 diagonal tiles. Here:
-// - the query heads sharing a KV head are one matrix (rows: token-major, head-minor), so the
-//   products run on group x 64 rows and every key/value tile is packed once per KV head;
-// - a diagonal tile is cut to the columns its last row can see (rounded up to 32), so the masked
-//   work is at most a 32-column strip;
-// - the softmax is two passes over each row's float32 scores (max, then exp/sum/round to bf16),
-//   with the running maximum's correction applied to the accumulator rows only when it moved.
-// The probabilities are rounded to bf16 before the value product, as SDPA's bf16 kernel does.
+// SDPA's CPU flash kernel runs the same algorithm; at SmolLM2's shape (64-dim heads, 9 query heads
+// on 3 KV heads) this one is 1.4-2x faster (docs/perf-cpu.md) because:
+// - the query heads sharing a KV head are one matrix (rows token-major, head-minor), so each key
+//   and value tile is packed once per KV head and multiplied against group x 32 rows at once;
+// - a diagonal tile is cut to the columns its last row can see (rounded up to 32): the masked work
+//   is at most a 32-column strip, not half of a 256 x 512 tile;
+// - exp is a degree-5 polynomial on 2^frac with vscalefps (relative error ~2e-7, far below the bf16
+//   rounding of the probabilities), and the probabilities are rounded with one instruction per 32;
+// - the products are plain tile loops with no per-call set-up (ATen's brgemm wrapper cost ~3 us a
+//   call here, as much as a 96 x 256 x 64 product).
+// The probabilities are rounded to bf16 before the value product, as SDPA's bf16 kernel does; the
+// row sums are taken before rounding, as SDPA takes them.
 #include "cpu_flash_prefill.h"
 
 #include <ATen/Parallel.h>
@@ -30,10 +33,16 @@
 #include <vector>
 
 namespace tokenmill_cpu {
+
+// The kernel needs the tile instructions and AVX512-BF16; elsewhere only the refusal is built.
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define TOKENMILL_AMX 1
+#endif
+
+#ifdef TOKENMILL_AMX
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
-using BVec = at::vec::Vectorized<at::BFloat16>;
 using at::BFloat16;
 
 constexpr int64_t kQueryRows = 32;   // query tokens a task takes (x the group's heads = the product's M)
@@ -72,8 +81,6 @@ void pack_values(const BFloat16* v, int64_t stride_t, int64_t n, int64_t head_di
   std::memset(dst + filled * head_dim * 2, 0, (kKeyBlock / 2 - filled) * head_dim * 2 * 2);
 }
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#define TOKENMILL_AMX 1
 
 // Eight tiles of 16 rows x 64 bytes: 0-3 accumulate a 32 x 32 block of C, 4-5 hold A, 6-7 hold B.
 struct TileConfig {
@@ -132,7 +139,7 @@ void tile_gemm(int64_t M, int64_t N, int64_t K, const BFloat16* A, int64_t lda, 
     }
   }
 }
-#endif
+
 
 inline float row_max(const float* s, int64_t n) {
   Vec m(-std::numeric_limits<float>::infinity());
@@ -145,7 +152,6 @@ inline float row_max(const float* s, int64_t n) {
 
 // p[0:width] = bf16(exp(s * scale - max)) for the first `n` columns and 0 after; returns the sum of
 // the float32 values (before rounding, as SDPA's kernel sums them).
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
 // exp(x) = 2^y, y = x log2(e): 2^round(y) by vscalefps (which also flushes to 0 far below the max) and
 // 2^f, |f| <= 1/2, by a degree-5 polynomial (relative error ~2e-7, far below bf16's 4e-3 rounding).
 inline __m512 exp2_poly(__m512 y) {
@@ -180,29 +186,9 @@ inline float exp_row(const float* s, int64_t n, int64_t width, float scale, floa
   if (c < width) std::memset(p + c, 0, (width - c) * sizeof(BFloat16));
   return _mm512_reduce_add_ps(sum);
 }
-#else
-inline float exp_row(const float* s, int64_t n, int64_t width, float scale, float max, BFloat16* p) {
-  const Vec vscale(scale), vshift(-max);
-  Vec sum(0.f);
-  int64_t c = 0;
-  for (; c + 2 * Vec::size() <= n; c += 2 * Vec::size()) {
-    const Vec a = at::vec::fmadd(Vec::loadu(s + c), vscale, vshift).exp_u20();
-    const Vec b = at::vec::fmadd(Vec::loadu(s + c + Vec::size()), vscale, vshift).exp_u20();
-    at::vec::convert_from_float<BFloat16>(a, b).store(p + c);
-    sum = sum + a + b;
-  }
-  float total = sum.reduce_add();
-  for (; c < n; ++c) {
-    const float e = std::exp(s[c] * scale - max);
-    p[c] = BFloat16(e);
-    total += e;
-  }
-  std::fill(p + n, p + width, BFloat16(0.f));
-  return total;
-}
-#endif
 
 }  // namespace
+#endif
 
 bool flash_prefill_supported(int64_t head_dim) {
 #ifdef TOKENMILL_AMX
@@ -249,7 +235,8 @@ at::Tensor flash_prefill(const at::Tensor& q_in, const at::Tensor& k_in, const a
     }
   });
 
-  // Tasks (KV head, query block), the longest (last query blocks) first; dynamically shared out
+  // Tasks (KV head, query block), head by head so that the threads share one head's packed keys and
+  // values in cache, within a head the longest (last query blocks) first; dynamically shared out
   // because causal work grows with the block's position.
   const int64_t tasks = KVH * query_blocks;
   const int threads = std::max(1, at::get_num_threads());
@@ -262,7 +249,7 @@ at::Tensor flash_prefill(const at::Tensor& q_in, const at::Tensor& k_in, const a
     configure_tiles();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t qb = query_blocks - 1 - task / KVH, g = task % KVH;
+      const int64_t g = task / query_blocks, qb = query_blocks - 1 - task % query_blocks;
       const int64_t t0 = qb * kQueryRows, rows_t = std::min(kQueryRows, T - t0);
       // The group's query rows, token-major then head: row r is token t0 + r / group, head g * group + r % group.
       for (int64_t r = 0; r < M; ++r) {

@@ -16,15 +16,15 @@ Scales, as in `fp8_gemm.py`:
 rounded as `ops/activation.silu_and_mul` rounds it (`gemv._load_x`), so the down projection needs
 no separate activation kernel.
 
-Launch configuration: Triton's autotuner on a GPU (per shape, at the warm-up before the decode
-graphs are captured), over tiles of about the bf16 GEMV's measured winners in bytes (a 1 KB row
-slice: 1024 e4m3 elements); a fixed one under the interpreter or when `config` is given (the
+Launch configuration: where `gemv_configs.TUNED_FP8` lists the GPU, shape and scale form, its
+measured configuration (timed in a CUDA graph as the engine runs it; the autotuner's `do_bench`
+picks were slower there, as for the bf16 GEMV); elsewhere Triton's autotuner on a GPU (per shape,
+at the warm-up before the decode graphs are captured), over tiles of about the bf16 GEMV's
+measured winners in bytes; a fixed one under the interpreter or when `config` is given (the
 benchmark's sweep, `benchmarks/kernels/fp8.py`).
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 import triton
@@ -32,6 +32,7 @@ import triton.language as tl
 
 from tokenmill.ops.fp8_format import dequantize_weight_blocks, dequantize_weight_per_channel
 from tokenmill.ops.gemv import _load_x
+from tokenmill.ops.gemv_configs import GemvConfig, tuned_fp8_config
 
 
 @triton.jit
@@ -59,13 +60,6 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_wn, stride_sn,
     if not BLOCKWISE:
         y = y * tl.load(s_ptr + rows, mask=row_mask, other=0.0)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_mask)
-
-
-class GemvConfig(NamedTuple):
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
 
 
 # Few candidates: each is compiled at start-up (the warm-up before graph capture tunes every shape).
@@ -115,6 +109,8 @@ def fp8_gemv(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, block: t
     args = (x, w_q, w_scale, y, n, k, w_q.stride(0), stride_sn)
     meta = dict(BLOCKWISE=block is not None, SCALE_BLOCK_N=scale_block_n, SCALE_BLOCK_K=scale_block_k,
                 SILU_MUL=silu_mul)
+    if config is None and x.is_cuda:
+        config = tuned_fp8_config(w_q, silu_mul, block is not None)
     if config is None and x.is_cuda:
         _fp8_gemv_tuned[lambda m: (triton.cdiv(n, m["BLOCK_N"]),)](*args, **meta)
         return y

@@ -45,10 +45,30 @@ _H200 = {
 
 TUNED: dict[str, dict[tuple[int, int, bool], GemvConfig]] = {"NVIDIA H200": _H200}
 
+# The fp8 GEMV (`fp8_gemv.py`): (N, K, fused SiLU-and-mul, scale form "block" | "channel") -> config,
+# the fastest of `benchmarks/kernels/fp8.py`'s GEMV_SWEEP_GRID timed the same way (one CUDA graph
+# over >= 1 GB of distinct e4m3 weights: `python3 -m tokenmill.benchmarks.kernels.fp8 gemv-sweep`).
+TUNED_FP8: dict[str, dict[tuple[int, int, bool, str], GemvConfig]] = {}
+
 
 @functools.lru_cache(maxsize=8)
 def _device_table(device_index: int) -> dict[tuple[int, int, bool], GemvConfig]:
     return TUNED.get(torch.cuda.get_device_name(device_index), {})
+
+
+@functools.lru_cache(maxsize=8)
+def _fp8_device_table(device_index: int) -> dict[tuple[int, int, bool, str], GemvConfig]:
+    return TUNED_FP8.get(torch.cuda.get_device_name(device_index), {})
+
+
+def tuned_fp8_config(weight: torch.Tensor, silu_mul: bool, blockwise: bool) -> GemvConfig | None:
+    """The measured fp8 GEMV configuration for this e4m3 weight's shape and scale form on its GPU,
+    or None (autotune)."""
+    if weight.device.type != "cuda":
+        return None
+    index = weight.device.index if weight.device.index is not None else torch.cuda.current_device()
+    return _fp8_device_table(index).get((weight.shape[0], weight.shape[1], silu_mul,
+                                         "block" if blockwise else "channel"))
 
 
 def tuned_config(weight: torch.Tensor, silu_mul: bool) -> GemvConfig | None:
