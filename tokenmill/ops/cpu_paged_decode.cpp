@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -201,6 +202,26 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
   return out;
 }
 
+// The step's k or v rows [T, kv_heads, head_dim] into their cache slots: a row copy each where the
+// row is contiguous (index_copy_'s set-up cost ~12 us a call, 60 calls a step), else index_copy_.
+void write_rows(const at::Tensor& x, at::Tensor& cache, const at::Tensor& slot_mapping, int64_t num_tokens) {
+  const int64_t num_kv_heads = cache.size(2), head_dim = cache.size(3), row = num_kv_heads * head_dim;
+  if (x.stride(2) != 1 || x.stride(1) != head_dim || !cache.is_contiguous() || slot_mapping.stride(0) != 1) {
+    cache.view({-1, num_kv_heads, head_dim}).index_copy_(0, slot_mapping.slice(0, 0, num_tokens), x);
+    return;
+  }
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const int64_t bytes = row * x.element_size();
+  const char* src = static_cast<const char*>(x.data_ptr());
+  char* dst = static_cast<char*>(cache.data_ptr());
+  const int64_t src_stride = x.stride(0) * x.element_size();
+  const int64_t capacity = cache.numel() / row;
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    TORCH_CHECK(slots[t] >= 0 && slots[t] < capacity, "KV slot ", slots[t], " outside the cache");
+    std::memcpy(dst + slots[t] * bytes, src + t * src_stride, bytes);
+  }
+}
+
 // A layer's attention step, as `tokenmill::cpu_paged_attention` (model/attention/cpu.py) computes it,
 // for the steps that are decodes and fresh prefills (nothing cached before the prompt) into a cache
 // of q's dtype: the KV write, the decodes through the kernel above and each prefill on its own
@@ -236,9 +257,8 @@ at::Tensor attention_step(const at::Tensor& q, const at::Tensor& k, const at::Te
                         k_scale, v_scale, causal, true);
   }
   const int64_t num_kv_heads = k_cache.size(2), head_dim = k_cache.size(3);
-  const at::Tensor rows = slot_mapping.slice(0, 0, num_tokens);
-  k_cache.view({-1, num_kv_heads, head_dim}).index_copy_(0, rows, k);
-  v_cache.view({-1, num_kv_heads, head_dim}).index_copy_(0, rows, v);
+  write_rows(k, k_cache, slot_mapping, num_tokens);
+  write_rows(v, v_cache, slot_mapping, num_tokens);
   if (num_decodes == num_tokens)
     return paged_decode(q, k_cache, v_cache, block_table, seq_lens.slice(0, 0, num_decodes), scale);
   at::Tensor out = at::empty_like(q);
