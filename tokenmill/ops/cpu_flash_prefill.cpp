@@ -18,12 +18,11 @@
 // row sums are taken before rounding, as SDPA takes them.
 #include "cpu_flash_prefill.h"
 
+#include "cpu_amx.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cstring>
@@ -34,11 +33,7 @@
 
 namespace tokenmill_cpu {
 
-// The kernel needs the tile instructions and AVX512-BF16; elsewhere only the refusal is built.
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#define TOKENMILL_AMX 1
-#endif
-
+// The kernel needs the tile instructions and AVX512-BF16 (cpu_amx.h); elsewhere only the refusal is built.
 #ifdef TOKENMILL_AMX
 namespace {
 
@@ -82,29 +77,9 @@ void pack_values(const BFloat16* v, int64_t stride_t, int64_t n, int64_t head_di
 }
 
 
-// Eight tiles of 16 rows x 64 bytes: 0-3 accumulate a 32 x 32 block of C, 4-5 hold A, 6-7 hold B.
-struct TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-void configure_tiles() {
-  TileConfig config;
-  for (int i = 0; i < 8; ++i) config.colsb[i] = 64, config.rows[i] = 16;
-  _tile_loadconfig(&config);
-}
-
-// Linux hands out the tile registers' state only to processes that ask (once; oneDNN asks the same).
-bool request_tiles() {
-  constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-  static const bool granted = syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-  return granted;
-}
-
 // C[M, N] (float32, row stride ldc) = (or += with kAccumulate) A[M, K] (bf16, row stride lda) x B,
 // B in VNNI pairs: row j holds (B[2j][n], B[2j+1][n]) for every n, ldb elements a row. M, N, K
-// multiples of 32; the tiles configured by configure_tiles().
+// multiples of 32; tiles 0-3 accumulate a 32 x 32 block of C, 4-5 hold A, 6-7 B (configure_tiles()).
 template <bool kAccumulate>
 void tile_gemm(int64_t M, int64_t N, int64_t K, const BFloat16* A, int64_t lda, const BFloat16* B, int64_t ldb,
                float* C, int64_t ldc) {
@@ -192,7 +167,7 @@ inline float exp_row(const float* s, int64_t n, int64_t width, float scale, floa
 
 bool flash_prefill_supported(int64_t head_dim) {
 #ifdef TOKENMILL_AMX
-  return request_tiles() && head_dim % kAlign == 0 && head_dim <= 256;
+  return tiles_granted() && head_dim % kAlign == 0 && head_dim <= 256;
 #else
   return false;
 #endif
