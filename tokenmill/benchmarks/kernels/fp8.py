@@ -183,8 +183,9 @@ def gemv_sweep(tps: list[int], min_bytes: float = 1e9) -> dict:
     graph of back-to-back fp8 GEMVs over distinct weights (us per GEMV), and the autotuner's pick."""
     import time
 
-    from tokenmill.benchmarks.kernels.gemv import sweep_shapes
-    from tokenmill.ops.fp8_gemv import GemvConfig, fp8_gemv, fp8_gemv_ref
+    from tokenmill.benchmarks.kernels.gemv import describe_best, sweep_shapes, time_configs
+    from tokenmill.ops.activation import silu_and_mul
+    from tokenmill.ops.fp8_gemv import GemvConfig, _fp8_gemv_tuned, fp8_gemv, fp8_gemv_ref
 
     t0 = time.perf_counter()
     _warm_gemv_sweep()
@@ -200,41 +201,26 @@ def gemv_sweep(tps: list[int], min_bytes: float = 1e9) -> dict:
                 ws = [(w_q.clone(), w_s.clone()) for _ in range(copies)]
                 xs = [torch.randn(1, 2 * k if silu else k, dtype=torch.bfloat16, device="cuda")
                       for _ in range(copies)]
-                from tokenmill.ops.activation import silu_and_mul
                 ref = fp8_gemv_ref(silu_and_mul(xs[0]) if silu else xs[0], w_q, w_s, block).float()
 
                 def per_call_us(fn) -> float:
                     return graph_ms(fn, ws, xs) * 1e3 / copies
 
-                rows = []
-                for bn, bk, warps, stages in GEMV_SWEEP_GRID:
-                    config = GemvConfig(bn, bk, warps, stages)
-                    if block is not None and block[0] % bn:
-                        continue
+                grid = [c for c in GEMV_SWEEP_GRID if block is None or block[0] % c[0] == 0]
 
-                    def launch(x, wt, config=config, block=block):
-                        return fp8_gemv(x, wt[0], wt[1], block, silu_mul=silu, config=config)
-                    try:
-                        out = launch(xs[0], ws[0]).float()
-                        us = per_call_us(launch)
-                    except Exception as e:  # a config this device cannot run (resources): skip it
-                        print(f"  {name} {form} {config}: {type(e).__name__}: {e}"[:200], flush=True)
-                        continue
-                    if not torch.allclose(out, ref, rtol=2e-2, atol=2e-2):
-                        raise AssertionError(f"{name} {form} {config}: wrong result")
-                    rows.append({"block_n": bn, "block_k": bk, "warps": warps, "stages": stages, "us": us,
-                                 "tb_s": n * k / us / 1e6})
-                rows.sort(key=lambda r: r["us"])
+                def make_launch(config, block=block):
+                    config = GemvConfig(*config)
+                    return lambda x, wt: fp8_gemv(x, wt[0], wt[1], block, silu_mul=silu, config=config)
+
+                rows = time_configs(f"{name} {form}", grid, make_launch, per_call_us, (xs[0], ws[0]), ref, n * k)
                 tuned_us = per_call_us(lambda x, wt: fp8_gemv(x, wt[0], wt[1], block, silu_mul=silu))
-                from tokenmill.ops.fp8_gemv import _fp8_gemv_tuned
                 picked = str(getattr(_fp8_gemv_tuned, "best_config", None))
                 result[f"{name}_{form}"] = {"n": n, "k": k, "silu_mul": silu, "form": form, "copies": copies,
                                             "default_us": tuned_us, "default_config": picked, "best": rows[:8],
                                             "worst_us": rows[-1]["us"]}
                 print(f"{name:12s} {form:7s} {n:6d}x{k:5d}{' +silu' if silu else '      '}: default {tuned_us:6.2f} us "
                       f"({n * k / tuned_us / 1e6:.2f} TB/s; {picked}); best: "
-                      + "; ".join(f"{r['block_n']}x{r['block_k']} w{r['warps']} s{r['stages']} {r['us']:.2f} us "
-                                  f"{r['tb_s']:.2f} TB/s" for r in rows[:4]), flush=True)
+                      + describe_best(rows), flush=True)
                 del ws, xs
             del w
             torch.cuda.empty_cache()

@@ -104,6 +104,34 @@ def warm_compiles_in_parallel(processes: int = 14) -> None:
         list(pool.map(_warm_compiles, *zip(*jobs)))
 
 
+def time_configs(label: str, configs: list[tuple], make_launch, per_call_us, first: tuple, ref: torch.Tensor,
+                 nbytes: int) -> list[dict]:
+    """Each (block_n, block_k, warps, stages) of `configs`, launched by `make_launch(config)` (a
+    `launch(x, w)`), checked against `ref` on `first` = (x, w) and timed by `per_call_us(launch)`;
+    configurations the device cannot run are skipped. Fastest first, with TB/s of `nbytes` a call."""
+    rows = []
+    for config in configs:
+        bn, bk, warps, stages = config
+        launch = make_launch(config)
+        try:
+            out = launch(*first).float()
+            us = per_call_us(launch)
+        except Exception as e:  # a config this device cannot run (resources): skip it
+            print(f"  {label} {bn}x{bk} w{warps} s{stages}: {type(e).__name__}: {e}"[:200], flush=True)
+            continue
+        if not torch.allclose(out, ref, rtol=2e-2, atol=2e-2):
+            raise AssertionError(f"{label} {bn}x{bk} w{warps} s{stages}: wrong result")
+        rows.append({"block_n": bn, "block_k": bk, "warps": warps, "stages": stages, "us": us,
+                     "tb_s": nbytes / us / 1e6})
+    rows.sort(key=lambda r: r["us"])
+    return rows
+
+
+def describe_best(rows: list[dict], count: int = 4) -> str:
+    return "; ".join(f"{r['block_n']}x{r['block_k']} w{r['warps']} s{r['stages']} {r['us']:.2f} us "
+                     f"{r['tb_s']:.2f} TB/s" for r in rows[:count])
+
+
 def graph_sweep(shapes: dict[str, tuple[int, int, bool]], min_bytes: float = 1e9) -> dict:
     """Per shape: every GRAPH_SWEEP_GRID config as a CUDA graph of back-to-back GEMVs over distinct
     weights (us per GEMV, best of 10 replays), plus the autotuner's pick and cuBLAS the same way."""
@@ -120,25 +148,18 @@ def graph_sweep(shapes: dict[str, tuple[int, int, bool]], min_bytes: float = 1e9
         def per_call_us(fn) -> float:
             return graph_ms(fn, ws, xs) * 1e3 / copies
 
-        rows = []
-        for bn, bk, warps, stages in GRAPH_SWEEP_GRID:
-            def launch(x, w, bn=bn, bk=bk, warps=warps, stages=stages):
+        def make_launch(config):
+            bn, bk, warps, stages = config
+
+            def launch(x, w):
                 y = ys[0]
                 _gemv_kernel.fn[(triton.cdiv(n, bn),)](x, w, y, n, k, w.stride(0), y, y, 0, 0, SILU_MUL=silu,
                                                        PUSH=False, RANK=0, WORLD=1, MAX_ROWS=1, BLOCK_N=bn,
                                                        BLOCK_K=bk, num_warps=warps, num_stages=stages)
                 return y
-            try:
-                out = launch(xs[0], ws[0]).float()
-                us = per_call_us(launch)
-            except Exception as e:  # a config this device cannot run (resources): skip it
-                print(f"  {name} {bn}x{bk} w{warps} s{stages}: {type(e).__name__}: {e}"[:200], flush=True)
-                continue
-            if not torch.allclose(out, ref, rtol=2e-2, atol=2e-2):
-                raise AssertionError(f"{name} {bn}x{bk} w{warps} s{stages}: wrong result")
-            rows.append({"block_n": bn, "block_k": bk, "warps": warps, "stages": stages, "us": us,
-                         "tb_s": n * k * 2 / us / 1e6})
-        rows.sort(key=lambda r: r["us"])
+            return launch
+
+        rows = time_configs(name, GRAPH_SWEEP_GRID, make_launch, per_call_us, (xs[0], ws[0]), ref, n * k * 2)
         tuned_us = per_call_us(lambda x, w: gemv(x, w, silu_mul=silu))
         picked = str(getattr(_gemv_kernel, "best_config", None))
         if silu:
@@ -152,8 +173,7 @@ def graph_sweep(shapes: dict[str, tuple[int, int, bool]], min_bytes: float = 1e9
                         "worst_us": rows[-1]["us"]}
         print(f"{name:14s} {n:6d}x{k:5d}{' +silu' if silu else '      '}: autotuned {tuned_us:6.2f} us "
               f"({gb / tuned_us * 1e3:.2f} TB/s; {picked}); cuBLAS {cublas_us:6.2f} us; best: "
-              + "; ".join(f"{r['block_n']}x{r['block_k']} w{r['warps']} s{r['stages']} {r['us']:.2f} us "
-                          f"{r['tb_s']:.2f} TB/s" for r in rows[:4]), flush=True)
+              + describe_best(rows), flush=True)
         del ws, xs, ys
         torch.cuda.empty_cache()
     return result
