@@ -76,7 +76,6 @@ void pack_values(const BFloat16* v, int64_t stride_t, int64_t n, int64_t head_di
   std::memset(dst + filled * head_dim * 2, 0, (kKeyBlock / 2 - filled) * head_dim * 2 * 2);
 }
 
-
 // C[M, N] (float32, row stride ldc) = (or += with kAccumulate) A[M, K] (bf16, row stride lda) x B,
 // B in VNNI pairs: row j holds (B[2j][n], B[2j+1][n]) for every n, ldb elements a row. M, N, K
 // multiples of 32; tiles 0-3 accumulate a 32 x 32 block of C, 4-5 hold A, 6-7 B (configure_tiles()).

@@ -13,8 +13,6 @@
 // ahead and the value rows while scoring (at 1,000 tokens of context, 1.3x without it).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-
-#include "cpu_flash_prefill.h"
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -24,6 +22,8 @@
 #include <limits>
 #include <type_traits>
 #include <vector>
+
+#include "cpu_flash_prefill.h"
 
 namespace {
 

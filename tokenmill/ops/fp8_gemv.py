@@ -17,8 +17,8 @@ rounded as `ops/activation.silu_and_mul` rounds it (`gemv._load_x`), so the down
 no separate activation kernel.
 
 Launch configuration: where `gemv_configs.TUNED_FP8` lists the GPU, shape and scale form, its
-measured configuration (timed in a CUDA graph as the engine runs it; the autotuner's `do_bench`
-picks were slower there, as for the bf16 GEMV); elsewhere Triton's autotuner on a GPU (per shape,
+measured configuration (timed in a CUDA graph as the engine runs it: for the bf16 GEMV the
+autotuner's `do_bench` picks were 2-10% slower there than the best); elsewhere Triton's autotuner on a GPU (per shape,
 at the warm-up before the decode graphs are captured), over tiles of about the bf16 GEMV's
 measured winners in bytes; a fixed one under the interpreter or when `config` is given (the
 benchmark's sweep, `benchmarks/kernels/fp8.py`).
