@@ -28,7 +28,6 @@
 #include <cstring>
 #include <cmath>
 #include <limits>
-#include <memory>
 #include <vector>
 
 namespace tokenmill_cpu {
@@ -173,7 +172,18 @@ bool flash_prefill_supported(int64_t head_dim) {
 }
 
 #ifdef TOKENMILL_AMX
-at::Tensor flash_prefill(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, double scale_d) {
+namespace {
+// Scratch that lives as long as its thread: a layer step calls the kernel once per prompt per layer
+// (960 calls for a 32-prompt prefill step of SmolLM2), so nothing is allocated per call once grown.
+template <typename T>
+T* scratch(std::vector<T>& buffer, int64_t size) {
+  if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
+  return buffer.data();
+}
+}  // namespace
+
+void flash_prefill_into(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, double scale_d,
+                        at::Tensor& out) {
   TORCH_CHECK(q_in.scalar_type() == at::kBFloat16 && k_in.scalar_type() == at::kBFloat16 &&
               v_in.scalar_type() == at::kBFloat16, "flash_prefill takes bf16 q, k, v");
   TORCH_CHECK(q_in.dim() == 3 && k_in.dim() == 3 && v_in.dim() == 3, "q, k, v are [tokens, heads, head_dim]");
@@ -185,7 +195,9 @@ at::Tensor flash_prefill(const at::Tensor& q_in, const at::Tensor& k_in, const a
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2), KVH = k.size(1);
   TORCH_CHECK(k.size(0) == T && v.size(0) == T && v.size(1) == KVH && k.size(2) == D && v.size(2) == D &&
               H % KVH == 0, "flash_prefill: q [T, H, D], k and v [T, KVH, D] with KVH dividing H");
-  TORCH_CHECK(flash_prefill_supported(D), "flash_prefill: no AMX brgemm here or an unsupported head size");
+  TORCH_CHECK(flash_prefill_supported(D), "flash_prefill: no AMX tile units here or an unsupported head size");
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.size(0) == T && out.size(1) == H &&
+              out.size(2) == D, "flash_prefill: out must be a contiguous bf16 [T, H, D]");
   const int64_t group = H / KVH, M = kQueryRows * group;
   const int64_t key_blocks = (T + kKeyBlock - 1) / kKeyBlock, query_blocks = (T + kQueryRows - 1) / kQueryRows;
   const float scale = static_cast<float>(scale_d);
@@ -193,14 +205,13 @@ at::Tensor flash_prefill(const at::Tensor& q_in, const at::Tensor& k_in, const a
   const BFloat16* kp = k.data_ptr<BFloat16>();
   const BFloat16* vp = v.data_ptr<BFloat16>();
   const int64_t sq = q.stride(0), sk = k.stride(0), sv = v.stride(0);
-  at::Tensor out = at::empty({T, H, D}, q.options());
   BFloat16* op = out.data_ptr<BFloat16>();
 
-  // Every (KV head, key block) packed once for both products.
+  // Every (KV head, key block) packed once for both products (in the calling thread's scratch).
   const int64_t tile = D * kKeyBlock;
-  const at::Tensor packed = at::empty({2, KVH * key_blocks * tile}, q.options());  // filled below
-  BFloat16* packed_k = packed[0].data_ptr<BFloat16>();
-  BFloat16* packed_v = packed[1].data_ptr<BFloat16>();
+  thread_local std::vector<BFloat16> packed;
+  BFloat16* packed_k = scratch(packed, 2 * KVH * key_blocks * tile);
+  BFloat16* packed_v = packed_k + KVH * key_blocks * tile;
   at::parallel_for(0, KVH * key_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t g = i / key_blocks, b = i % key_blocks, n0 = b * kKeyBlock, n = std::min(kKeyBlock, T - n0);
@@ -216,10 +227,15 @@ at::Tensor flash_prefill(const at::Tensor& q_in, const at::Tensor& k_in, const a
   const int threads = std::max(1, at::get_num_threads());
 #pragma omp parallel num_threads(threads)
   {
-    // Scratch, every element written before it is read.
-    std::unique_ptr<BFloat16[]> qbuf(new BFloat16[M * D]), probs(new BFloat16[M * kKeyBlock]);
-    std::unique_ptr<float[]> scores(new float[M * kKeyBlock]), acc(new float[M * D]), maxes(new float[M]),
-        sums(new float[M]);
+    // Each thread's scratch; every element written before it is read.
+    thread_local std::vector<BFloat16> query_buffer, prob_buffer;
+    thread_local std::vector<float> score_buffer, acc_buffer, max_buffer, sum_buffer;
+    BFloat16* qbuf = scratch(query_buffer, M * D);
+    BFloat16* probs = scratch(prob_buffer, M * kKeyBlock);
+    float* scores = scratch(score_buffer, M * kKeyBlock);
+    float* acc = scratch(acc_buffer, M * D);
+    float* maxes = scratch(max_buffer, M);
+    float* sums = scratch(sum_buffer, M);
     configure_tiles();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
@@ -228,13 +244,13 @@ at::Tensor flash_prefill(const at::Tensor& q_in, const at::Tensor& k_in, const a
       // The group's query rows, token-major then head: row r is token t0 + r / group, head g * group + r % group.
       for (int64_t r = 0; r < M; ++r) {
         const int64_t t = r / group;
-        BFloat16* dst = qbuf.get() + r * D;
+        BFloat16* dst = qbuf + r * D;
         if (t < rows_t) std::copy_n(qp + (t0 + t) * sq + (g * group + r % group) * D, D, dst);
         else std::memset(dst, 0, D * sizeof(BFloat16));
       }
-      std::fill_n(acc.get(), M * D, 0.f);
-      std::fill_n(maxes.get(), M, -std::numeric_limits<float>::infinity());
-      std::fill_n(sums.get(), M, 0.f);
+      std::fill_n(acc, M * D, 0.f);
+      std::fill_n(maxes, M, -std::numeric_limits<float>::infinity());
+      std::fill_n(sums, M, 0.f);
       const int64_t last_t = t0 + rows_t - 1;
       for (int64_t b = 0; b * kKeyBlock <= last_t; ++b) {
         const int64_t n0 = b * kKeyBlock;
@@ -243,11 +259,11 @@ at::Tensor flash_prefill(const at::Tensor& q_in, const at::Tensor& k_in, const a
         const int64_t width = (seen + kAlign - 1) / kAlign * kAlign;
         const BFloat16* kb = packed_k + (g * key_blocks + b) * tile;
         const BFloat16* vb = packed_v + (g * key_blocks + b) * tile;
-        tile_gemm<false>(M, width, D, qbuf.get(), D, kb, kKeyBlock * 2, scores.get(), kKeyBlock);
+        tile_gemm<false>(M, width, D, qbuf, D, kb, kKeyBlock * 2, scores, kKeyBlock);
         for (int64_t r = 0; r < M; ++r) {
           const int64_t t = r / group;
-          float* s = scores.get() + r * kKeyBlock;
-          BFloat16* p = probs.get() + r * kKeyBlock;
+          float* s = scores + r * kKeyBlock;
+          BFloat16* p = probs + r * kKeyBlock;
           const int64_t n = t < rows_t ? std::min(width, t0 + t - n0 + 1) : 0;  // causal: keys <= t
           if (n <= 0) {
             std::memset(p, 0, width * sizeof(BFloat16));
@@ -257,34 +273,39 @@ at::Tensor flash_prefill(const at::Tensor& q_in, const at::Tensor& k_in, const a
           if (m_new != maxes[r] && sums[r] != 0.f) {
             const float correction = std::exp(maxes[r] - m_new);
             const Vec alpha(correction);
-            float* a = acc.get() + r * D;
+            float* a = acc + r * D;
             sums[r] *= correction;
             for (int64_t d = 0; d < D; d += Vec::size()) (Vec::loadu(a + d) * alpha).store(a + d);
           }
           maxes[r] = m_new;
           sums[r] += exp_row(s, n, width, scale, m_new, p);
         }
-        tile_gemm<true>(M, D, width, probs.get(), kKeyBlock, vb, D * 2, acc.get(), D);
+        tile_gemm<true>(M, D, width, probs, kKeyBlock, vb, D * 2, acc, D);
       }
       for (int64_t r = 0; r < rows_t * group; ++r) {
         const int64_t t = r / group;
         const Vec inv(1.f / sums[r]);
         BFloat16* dst = op + (t0 + t) * H * D + (g * group + r % group) * D;
         for (int64_t d = 0; d < D; d += 2 * Vec::size()) {
-          const Vec a = Vec::loadu(acc.get() + r * D + d) * inv;
-          const Vec c = Vec::loadu(acc.get() + r * D + d + Vec::size()) * inv;
+          const Vec a = Vec::loadu(acc + r * D + d) * inv;
+          const Vec c = Vec::loadu(acc + r * D + d + Vec::size()) * inv;
           at::vec::convert_from_float<BFloat16>(a, c).store(dst + d);
         }
       }
     }
     _tile_release();
   }
-  return out;
 }
 #else
-at::Tensor flash_prefill(const at::Tensor&, const at::Tensor&, const at::Tensor&, double) {
+void flash_prefill_into(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, at::Tensor&) {
   TORCH_CHECK(false, "flash_prefill: built without AMX");
 }
 #endif
+
+at::Tensor flash_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  flash_prefill_into(q, k, v, scale, out);
+  return out;
+}
 
 }  // namespace tokenmill_cpu

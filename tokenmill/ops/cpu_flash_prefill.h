@@ -11,4 +11,7 @@ bool flash_prefill_supported(int64_t head_dim);
 // token's heads contiguous) -> [T, H, D] bf16.
 at::Tensor flash_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale);
 
+// The same into `out`, a contiguous bf16 [T, H, D] (a slice of the layer step's output).
+void flash_prefill_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, at::Tensor& out);
+
 }  // namespace tokenmill_cpu

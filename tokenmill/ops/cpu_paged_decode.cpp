@@ -271,8 +271,15 @@ at::Tensor attention_step(const at::Tensor& q, const at::Tensor& k, const at::Te
   for (int64_t i = num_decodes; i < num_reqs; ++i) {
     const int64_t begin = starts[i], end = starts[i + 1];
     if (flash) {
-      out.slice(0, begin, end).copy_(tokenmill_cpu::flash_prefill(q.slice(0, begin, end), k.slice(0, begin, end),
-                                                                  v.slice(0, begin, end), scale));
+      // `out` is empty_like(q): contiguous, unless q is a dense permutation of [T, H, D].
+      at::Tensor rows = out.slice(0, begin, end);
+      if (rows.is_contiguous()) {
+        tokenmill_cpu::flash_prefill_into(q.slice(0, begin, end), k.slice(0, begin, end), v.slice(0, begin, end),
+                                          scale, rows);
+      } else {
+        rows.copy_(tokenmill_cpu::flash_prefill(q.slice(0, begin, end), k.slice(0, begin, end),
+                                                v.slice(0, begin, end), scale));
+      }
       continue;
     }
     const auto heads_first = [&](const at::Tensor& x) { return x.slice(0, begin, end).transpose(0, 1).unsqueeze(0); };
