@@ -52,28 +52,26 @@ TUNED_FP8: dict[str, dict[tuple[int, int, bool, str], GemvConfig]] = {}
 
 
 @functools.lru_cache(maxsize=8)
-def _device_table(device_index: int) -> dict[tuple[int, int, bool], GemvConfig]:
-    return TUNED.get(torch.cuda.get_device_name(device_index), {})
+def _device_name(device_index: int) -> str:
+    return torch.cuda.get_device_name(device_index)
 
 
-@functools.lru_cache(maxsize=8)
-def _fp8_device_table(device_index: int) -> dict[tuple[int, int, bool, str], GemvConfig]:
-    return TUNED_FP8.get(torch.cuda.get_device_name(device_index), {})
+def _lookup(tables: dict, weight: torch.Tensor, key: tuple) -> GemvConfig | None:
+    """`key` in the table of the GPU `weight` lives on; None off CUDA or where nothing is listed."""
+    if weight.device.type != "cuda":
+        return None
+    index = weight.device.index if weight.device.index is not None else torch.cuda.current_device()
+    return tables.get(_device_name(index), {}).get(key)
 
 
 def tuned_fp8_config(weight: torch.Tensor, silu_mul: bool, blockwise: bool) -> GemvConfig | None:
     """The measured fp8 GEMV configuration for this e4m3 weight's shape and scale form on its GPU,
     or None (autotune)."""
-    if weight.device.type != "cuda":
-        return None
-    index = weight.device.index if weight.device.index is not None else torch.cuda.current_device()
-    return _fp8_device_table(index).get((weight.shape[0], weight.shape[1], silu_mul,
-                                         "block" if blockwise else "channel"))
+    return _lookup(TUNED_FP8, weight, (weight.shape[0], weight.shape[1], silu_mul, "block" if blockwise else "channel"))
 
 
 def tuned_config(weight: torch.Tensor, silu_mul: bool) -> GemvConfig | None:
     """The measured configuration for this weight's shape on its GPU, or None (autotune)."""
-    if weight.device.type != "cuda" or weight.element_size() != 2:
+    if weight.element_size() != 2:
         return None
-    index = weight.device.index if weight.device.index is not None else torch.cuda.current_device()
-    return _device_table(index).get((weight.shape[0], weight.shape[1], silu_mul))
+    return _lookup(TUNED, weight, (weight.shape[0], weight.shape[1], silu_mul))
