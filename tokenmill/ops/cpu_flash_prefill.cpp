@@ -152,7 +152,8 @@ inline float exp_row(const float* s, int64_t n, int64_t width, float scale, floa
   }
   for (; c < n; c += 16) {  // the last columns, masked to n; the rest of the 32-column tile is zeros
     const __mmask16 keep = static_cast<__mmask16>((n - c) >= 16 ? 0xFFFF : (1u << (n - c)) - 1);
-    const __m512 a = _mm512_maskz_mov_ps(keep, exp2_poly(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(keep, s + c), vscale, vshift)));
+    const __m512 y = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(keep, s + c), vscale, vshift);
+    const __m512 a = _mm512_maskz_mov_ps(keep, exp2_poly(y));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + c), (__m256i)_mm512_cvtneps_pbh(a));
     sum = _mm512_add_ps(sum, a);
   }
