@@ -1,19 +1,22 @@
 // Causal prefill attention on the CPU for bf16 prompts: flash attention with both products on the
-// AMX tile units (TDPBF16PS through the compiler's intrinsics) and the softmax in float32 AVX-512
-// passes. Built with the other C++ CPU kernels (cpu_extension.py) where the compiler targets AMX;
-// called by cpu_paged_decode.cpp's layer step for a fresh prompt. Tested against attention in
-// float64 (tests/unit/test_cpu_flash_prefill.py).
+// AMX tile units (TDPBF16PS through the compiler's intrinsics) where the build targets them, else
+// as AVX512-BF16 dot products (VDPBF16PS: 16 float32 lanes, each adding two bf16 products; AMD
+// Zen 4 and Intel CPUs before AMX), and the softmax in float32 AVX-512 passes. Built with the other
+// C++ CPU kernels (cpu_extension.py) where the build targets AVX-512, the dot-product path chosen
+// at run time where the CPU has AVX512-BF16; called by cpu_paged_decode.cpp's layer step for a
+// fresh prompt. Tested against attention in float64 (tests/unit/test_cpu_flash_prefill.py).
 //
 // SDPA's CPU flash kernel runs the same algorithm; at SmolLM2's shape (64-dim heads, 9 query heads
-// on 3 KV heads) this one is 1.4-2x faster (docs/perf-cpu.md) because:
+// on 3 KV heads) this one is faster (docs/perf-cpu.md: 1.4-2x with AMX, ~2.5x with dot products
+// on Zen 4) because:
 // - the query heads sharing a KV head are one matrix (rows token-major, head-minor), so each key
 //   and value tile is packed once per KV head and multiplied against group x 32 rows at once;
 // - a diagonal tile is cut to the columns its last row can see (rounded up to 32): the masked work
 //   is at most a 32-column strip, not half of a 256 x 512 tile;
 // - exp is a degree-5 polynomial on 2^frac with vscalefps (relative error ~2e-7, far below the bf16
 //   rounding of the probabilities), and the probabilities are rounded with one instruction per 32;
-// - the products are plain tile loops with no per-call set-up (ATen's brgemm wrapper cost ~3 us a
-//   call here, as much as a 96 x 256 x 64 product).
+// - the products are plain tile (or register-block) loops with no per-call set-up (ATen's brgemm
+//   wrapper cost ~3 us a call, as much as a 96 x 256 x 64 product on the tile units).
 // The probabilities are rounded to bf16 before the value product, as SDPA's bf16 kernel does; the
 // row sums are taken before rounding, as SDPA takes them.
 #include "cpu_flash_prefill.h"
@@ -32,8 +35,13 @@
 
 namespace tokenmill_cpu {
 
-// The kernel needs the tile instructions and AVX512-BF16 (cpu_amx.h); elsewhere only the refusal is built.
-#ifdef TOKENMILL_AMX
+// The kernel needs AVX-512 and, at run time, AVX512-BF16 (with or without the tile units of
+// cpu_amx.h); elsewhere only the refusal is built.
+#if defined(CPU_CAPABILITY_AVX512)
+#define TOKENMILL_FLASH 1
+// Functions that use bf16 instructions: the build's flags need not include them (inductor's AVX-512
+// ISA for Zen 4 does not), so they are enabled per function and run only where the CPU has them.
+#define TOKENMILL_BF16 __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl,avx512dq")))
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
@@ -75,6 +83,7 @@ void pack_values(const BFloat16* v, int64_t stride_t, int64_t n, int64_t head_di
   std::memset(dst + filled * head_dim * 2, 0, (kKeyBlock / 2 - filled) * head_dim * 2 * 2);
 }
 
+#ifdef TOKENMILL_AMX
 // C[M, N] (float32, row stride ldc) = (or += with kAccumulate) A[M, K] (bf16, row stride lda) x B,
 // B in VNNI pairs: row j holds (B[2j][n], B[2j+1][n]) for every n, ldb elements a row. M, N, K
 // multiples of 32; tiles 0-3 accumulate a 32 x 32 block of C, 4-5 hold A, 6-7 B (configure_tiles()).
@@ -114,6 +123,41 @@ void tile_gemm(int64_t M, int64_t N, int64_t K, const BFloat16* A, int64_t lda, 
 }
 
 
+#endif
+
+// The same product as dot products, for CPUs without the tile units: blocks of 4 rows x 16 * CV
+// columns (CV float32 vectors a row) accumulate in registers; each step takes one pair of K, CV
+// vectors of B and each row's pair of A broadcast to all lanes.
+template <bool kAccumulate, int CV>
+TOKENMILL_BF16 inline void dp_block(int64_t K, const BFloat16* A, int64_t lda, const BFloat16* B, int64_t ldb,
+                                    float* C, int64_t ldc) {
+  constexpr int R = 4;
+  __m512 acc[R][CV];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < CV; ++c) acc[r][c] = kAccumulate ? _mm512_loadu_ps(C + r * ldc + 16 * c) : _mm512_setzero_ps();
+  for (int64_t j = 0; j < K / 2; ++j) {
+    __m512bh b[CV];
+    for (int c = 0; c < CV; ++c) b[c] = (__m512bh)_mm512_loadu_si512(B + j * ldb + 32 * c);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(reinterpret_cast<const int32_t*>(A + r * lda)[j]);
+      for (int c = 0; c < CV; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], a, b[c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < CV; ++c) _mm512_storeu_ps(C + r * ldc + 16 * c, acc[r][c]);
+}
+
+template <bool kAccumulate>
+TOKENMILL_BF16 void dp_gemm(int64_t M, int64_t N, int64_t K, const BFloat16* A, int64_t lda, const BFloat16* B,
+                            int64_t ldb, float* C, int64_t ldc) {
+  for (int64_t m0 = 0; m0 < M; m0 += 4)
+    for (int64_t n0 = 0; n0 < N; n0 += 64) {
+      const BFloat16* b = B + 2 * n0;  // a column is a pair of bf16 in each row of B
+      if (N - n0 >= 64) dp_block<kAccumulate, 4>(K, A + m0 * lda, lda, b, ldb, C + m0 * ldc + n0, ldc);
+      else dp_block<kAccumulate, 2>(K, A + m0 * lda, lda, b, ldb, C + m0 * ldc + n0, ldc);
+    }
+}
+
 inline float row_max(const float* s, int64_t n) {
   Vec m(-std::numeric_limits<float>::infinity());
   int64_t c = 0;
@@ -127,7 +171,7 @@ inline float row_max(const float* s, int64_t n) {
 // the float32 values (before rounding, as SDPA's kernel sums them).
 // exp(x) = 2^y, y = x log2(e): 2^round(y) by vscalefps (which also flushes to 0 far below the max) and
 // 2^f, |f| <= 1/2, by a degree-5 polynomial (relative error ~2e-7, far below bf16's 4e-3 rounding).
-inline __m512 exp2_poly(__m512 y) {
+TOKENMILL_BF16 inline __m512 exp2_poly(__m512 y) {
   const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(y, n);
   __m512 p = _mm512_set1_ps(1.3333558e-3f);
@@ -139,7 +183,8 @@ inline __m512 exp2_poly(__m512 y) {
   return _mm512_scalef_ps(p, n);
 }
 
-inline float exp_row(const float* s, int64_t n, int64_t width, float scale, float max, BFloat16* p) {
+TOKENMILL_BF16 inline float exp_row(const float* s, int64_t n, int64_t width, float scale, float max,
+                                     BFloat16* p) {
   constexpr float kLog2e = 1.4426950408889634f;
   const __m512 vscale = _mm512_set1_ps(scale * kLog2e), vshift = _mm512_set1_ps(-max * kLog2e);
   __m512 sum = _mm512_setzero_ps();
@@ -164,15 +209,31 @@ inline float exp_row(const float* s, int64_t n, int64_t width, float scale, floa
 }  // namespace
 #endif
 
-bool flash_prefill_supported(int64_t head_dim) {
+#ifdef TOKENMILL_FLASH
+namespace {
+// Which products the kernel runs here: the tile units where the build targets them and Linux grants
+// them, else dot products where the CPU has AVX512-BF16.
+enum class Products { kNone, kTiles, kDots };
+
+Products products() {
 #ifdef TOKENMILL_AMX
-  return tiles_granted() && head_dim % kAlign == 0 && head_dim <= 256;
+  if (tiles_granted()) return Products::kTiles;
+#endif
+  static const bool dots = __builtin_cpu_supports("avx512bf16");
+  return dots ? Products::kDots : Products::kNone;
+}
+}  // namespace
+#endif
+
+bool flash_prefill_supported(int64_t head_dim) {
+#ifdef TOKENMILL_FLASH
+  return products() != Products::kNone && head_dim % kAlign == 0 && head_dim <= 256;
 #else
   return false;
 #endif
 }
 
-#ifdef TOKENMILL_AMX
+#ifdef TOKENMILL_FLASH
 namespace {
 // Scratch that lives as long as its thread: a layer step calls the kernel once per prompt per layer
 // (960 calls for a 32-prompt prefill step of SmolLM2), so nothing is allocated per call once grown.
@@ -181,46 +242,26 @@ T* scratch(std::vector<T>& buffer, int64_t size) {
   if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
   return buffer.data();
 }
-}  // namespace
+// One of the two products, on the tile units or as dot products.
+template <bool kTiles, bool kAccumulate>
+TOKENMILL_BF16 inline void gemm(int64_t M, int64_t N, int64_t K, const BFloat16* A, int64_t lda, const BFloat16* B,
+                                int64_t ldb, float* C, int64_t ldc) {
+#ifdef TOKENMILL_AMX
+  if constexpr (kTiles) {
+    tile_gemm<kAccumulate>(M, N, K, A, lda, B, ldb, C, ldc);
+    return;
+  }
+#endif
+  dp_gemm<kAccumulate>(M, N, K, A, lda, B, ldb, C, ldc);
+}
 
-void flash_prefill_into(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, double scale_d,
-                        at::Tensor& out) {
-  TORCH_CHECK(q_in.scalar_type() == at::kBFloat16 && k_in.scalar_type() == at::kBFloat16 &&
-              v_in.scalar_type() == at::kBFloat16, "flash_prefill takes bf16 q, k, v");
-  TORCH_CHECK(q_in.dim() == 3 && k_in.dim() == 3 && v_in.dim() == 3, "q, k, v are [tokens, heads, head_dim]");
-  // Rows of one token may be strided (views of a fused QKV output); each token's heads must be contiguous.
-  const auto tokens_major = [](const at::Tensor& x) {
-    return x.stride(2) == 1 && x.stride(1) == x.size(2) ? x : x.contiguous();
-  };
-  const at::Tensor q = tokens_major(q_in), k = tokens_major(k_in), v = tokens_major(v_in);
-  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), KVH = k.size(1);
-  TORCH_CHECK(k.size(0) == T && v.size(0) == T && v.size(1) == KVH && k.size(2) == D && v.size(2) == D &&
-              H % KVH == 0, "flash_prefill: q [T, H, D], k and v [T, KVH, D] with KVH dividing H");
-  TORCH_CHECK(flash_prefill_supported(D), "flash_prefill: no AMX tile units here or an unsupported head size");
-  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.size(0) == T && out.size(1) == H &&
-              out.size(2) == D, "flash_prefill: out must be a contiguous bf16 [T, H, D]");
+// The attention of every (KV head, query block) task, from the packed keys and values.
+template <bool kTiles>
+TOKENMILL_BF16 void attend_blocks(const BFloat16* qp, int64_t sq, const BFloat16* packed_k, const BFloat16* packed_v,
+                                  int64_t T, int64_t H, int64_t D, int64_t KVH, float scale, BFloat16* op) {
   const int64_t group = H / KVH, M = kQueryRows * group;
   const int64_t key_blocks = (T + kKeyBlock - 1) / kKeyBlock, query_blocks = (T + kQueryRows - 1) / kQueryRows;
-  const float scale = static_cast<float>(scale_d);
-  const BFloat16* qp = q.data_ptr<BFloat16>();
-  const BFloat16* kp = k.data_ptr<BFloat16>();
-  const BFloat16* vp = v.data_ptr<BFloat16>();
-  const int64_t sq = q.stride(0), sk = k.stride(0), sv = v.stride(0);
-  BFloat16* op = out.data_ptr<BFloat16>();
-
-  // Every (KV head, key block) packed once for both products (in the calling thread's scratch).
   const int64_t tile = D * kKeyBlock;
-  thread_local std::vector<BFloat16> packed;
-  BFloat16* packed_k = scratch(packed, 2 * KVH * key_blocks * tile);
-  BFloat16* packed_v = packed_k + KVH * key_blocks * tile;
-  at::parallel_for(0, KVH * key_blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t g = i / key_blocks, b = i % key_blocks, n0 = b * kKeyBlock, n = std::min(kKeyBlock, T - n0);
-      pack_keys(kp + n0 * sk + g * D, sk, n, D, packed_k + i * tile);
-      pack_values(vp + n0 * sv + g * D, sv, n, D, packed_v + i * tile);
-    }
-  });
-
   // Tasks (KV head, query block), head by head so that the threads share one head's packed keys and
   // values in cache, within a head the longest (last query blocks) first; dynamically shared out
   // because causal work grows with the block's position.
@@ -237,7 +278,9 @@ void flash_prefill_into(const at::Tensor& q_in, const at::Tensor& k_in, const at
     float* acc = scratch(acc_buffer, M * D);
     float* maxes = scratch(max_buffer, M);
     float* sums = scratch(sum_buffer, M);
-    configure_tiles();
+#ifdef TOKENMILL_AMX
+    if constexpr (kTiles) configure_tiles();
+#endif
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t g = task / query_blocks, qb = query_blocks - 1 - task % query_blocks;
@@ -260,7 +303,7 @@ void flash_prefill_into(const at::Tensor& q_in, const at::Tensor& k_in, const at
         const int64_t width = (seen + kAlign - 1) / kAlign * kAlign;
         const BFloat16* kb = packed_k + (g * key_blocks + b) * tile;
         const BFloat16* vb = packed_v + (g * key_blocks + b) * tile;
-        tile_gemm<false>(M, width, D, qbuf, D, kb, kKeyBlock * 2, scores, kKeyBlock);
+        gemm<kTiles, false>(M, width, D, qbuf, D, kb, kKeyBlock * 2, scores, kKeyBlock);
         for (int64_t r = 0; r < M; ++r) {
           const int64_t t = r / group;
           float* s = scores + r * kKeyBlock;
@@ -281,7 +324,7 @@ void flash_prefill_into(const at::Tensor& q_in, const at::Tensor& k_in, const at
           maxes[r] = m_new;
           sums[r] += exp_row(s, n, width, scale, m_new, p);
         }
-        tile_gemm<true>(M, D, width, probs, kKeyBlock, vb, D * 2, acc, D);
+        gemm<kTiles, true>(M, D, width, probs, kKeyBlock, vb, D * 2, acc, D);
       }
       for (int64_t r = 0; r < rows_t * group; ++r) {
         const int64_t t = r / group;
@@ -294,12 +337,59 @@ void flash_prefill_into(const at::Tensor& q_in, const at::Tensor& k_in, const at
         }
       }
     }
-    _tile_release();
+#ifdef TOKENMILL_AMX
+    if constexpr (kTiles) _tile_release();
+#endif
   }
+}
+
+}  // namespace
+
+void flash_prefill_into(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, double scale_d,
+                        at::Tensor& out) {
+  TORCH_CHECK(q_in.scalar_type() == at::kBFloat16 && k_in.scalar_type() == at::kBFloat16 &&
+              v_in.scalar_type() == at::kBFloat16, "flash_prefill takes bf16 q, k, v");
+  TORCH_CHECK(q_in.dim() == 3 && k_in.dim() == 3 && v_in.dim() == 3, "q, k, v are [tokens, heads, head_dim]");
+  // Rows of one token may be strided (views of a fused QKV output); each token's heads must be contiguous.
+  const auto tokens_major = [](const at::Tensor& x) {
+    return x.stride(2) == 1 && x.stride(1) == x.size(2) ? x : x.contiguous();
+  };
+  const at::Tensor q = tokens_major(q_in), k = tokens_major(k_in), v = tokens_major(v_in);
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), KVH = k.size(1);
+  TORCH_CHECK(k.size(0) == T && v.size(0) == T && v.size(1) == KVH && k.size(2) == D && v.size(2) == D &&
+              H % KVH == 0, "flash_prefill: q [T, H, D], k and v [T, KVH, D] with KVH dividing H");
+  TORCH_CHECK(flash_prefill_supported(D), "flash_prefill: no AMX or AVX512-BF16 here, or an unsupported head size");
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.size(0) == T && out.size(1) == H &&
+              out.size(2) == D, "flash_prefill: out must be a contiguous bf16 [T, H, D]");
+  const int64_t key_blocks = (T + kKeyBlock - 1) / kKeyBlock;
+  const float scale = static_cast<float>(scale_d);
+  const BFloat16* qp = q.data_ptr<BFloat16>();
+  const BFloat16* kp = k.data_ptr<BFloat16>();
+  const BFloat16* vp = v.data_ptr<BFloat16>();
+  const int64_t sq = q.stride(0), sk = k.stride(0), sv = v.stride(0);
+  BFloat16* op = out.data_ptr<BFloat16>();
+
+  // Every (KV head, key block) packed once for both products (in the calling thread's scratch).
+  const int64_t tile = D * kKeyBlock;
+  thread_local std::vector<BFloat16> packed;
+  BFloat16* packed_k = scratch(packed, 2 * KVH * key_blocks * tile);
+  BFloat16* packed_v = packed_k + KVH * key_blocks * tile;
+  at::parallel_for(0, KVH * key_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t g = i / key_blocks, b = i % key_blocks, n0 = b * kKeyBlock, n = std::min(kKeyBlock, T - n0);
+      pack_keys(kp + n0 * sk + g * D, sk, n, D, packed_k + i * tile);
+      pack_values(vp + n0 * sv + g * D, sv, n, D, packed_v + i * tile);
+    }
+  });
+
+  if (products() == Products::kTiles)
+    attend_blocks<true>(qp, sq, packed_k, packed_v, T, H, D, KVH, scale, op);
+  else
+    attend_blocks<false>(qp, sq, packed_k, packed_v, T, H, D, KVH, scale, op);
 }
 #else
 void flash_prefill_into(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, at::Tensor&) {
-  TORCH_CHECK(false, "flash_prefill: built without AMX");
+  TORCH_CHECK(false, "flash_prefill: built without AVX-512");
 }
 #endif
 

@@ -14,6 +14,10 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 using fVec = at::vec::Vectorized<float>;
@@ -32,7 +36,7 @@ inline void rows_dot(const at::BFloat16* w, int64_t K, const float* x, const flo
   int64_t k = 0;
   for (; k + W <= K; k += W) {
     for (int r = 0; r < R; ++r)
-      __builtin_prefetch(reinterpret_cast<const char*>(w + r * K + k) + kPrefetchBytes, 0, 3);
+      __builtin_prefetch(reinterpret_cast<const char*>(w + r * K + k) + kPrefetchBytes, 0, 2);
     const fVec x0 = fVec::loadu(x + k), x1 = fVec::loadu(x + k + fVec::size());
     for (int r = 0; r < R; ++r) {
       auto [w0, w1] = at::vec::convert_to_float<at::BFloat16>(bVec::loadu(w + r * K + k));
@@ -47,6 +51,35 @@ inline void rows_dot(const at::BFloat16* w, int64_t K, const float* x, const flo
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// rows_dot for a bf16 row on CPUs with AVX512-BF16: each `vdpbf16ps` adds the exact products of 32
+// weights with the row as it is (two products a float32 lane), so neither the weights nor the row
+// are widened (the row is not even copied to float32 first).
+template <int R, typename Out>
+__attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl,avx512dq")))
+void rows_dot_dp(const at::BFloat16* w, int64_t K, const at::BFloat16* x, const float* bias, Out* out) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    for (int r = 0; r < R; ++r)
+      __builtin_prefetch(reinterpret_cast<const char*>(w + r * K + k) + kPrefetchBytes, 0, 2);
+    const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + k);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], xv, (__m512bh)_mm512_loadu_si512(w + r * K + k));
+  }
+  for (int r = 0; r < R; ++r) {
+    float sum = _mm512_reduce_add_ps(acc[r]);
+    for (int64_t j = k; j < K; ++j) sum += static_cast<float>(w[r * K + j]) * static_cast<float>(x[j]);
+    out[r] = static_cast<Out>(bias == nullptr ? sum : sum + bias[r]);
+  }
+}
+
+inline bool has_avx512_bf16() {
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+#endif
+
 // x [1, K] (bf16 or float32), weight [N, K] bf16 with contiguous rows, bias [N] or undefined ->
 // [1, N] in x's dtype.
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
@@ -56,7 +89,6 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const c10::option
               "cpu_gemv: a contiguous bf16 weight [N, K]");
   const int64_t N = weight.size(0), K = weight.size(1);
   TORCH_CHECK(x.size(1) == K, "cpu_gemv: x has ", x.size(1), " features, the weight ", K);
-  const at::Tensor xf = x.reshape({K}).to(at::kFloat).contiguous();
   at::Tensor bf;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == N, "cpu_gemv: bias of ", bias->numel(), " for ", N, " outputs");
@@ -64,10 +96,28 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const c10::option
   }
   // The sums are rounded once, straight into the output (no float32 copy of it).
   at::Tensor y = at::empty({1, N}, x.options());
-  const float* xp = xf.data_ptr<float>();
   const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
   const at::BFloat16* wp = weight.data_ptr<at::BFloat16>();
   const int64_t groups = (N + kRows - 1) / kRows;
+#if defined(CPU_CAPABILITY_AVX512)
+  if (x.scalar_type() == at::kBFloat16 && x.stride(1) == 1 && has_avx512_bf16()) {
+    const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
+    at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+    at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) {
+        const int64_t row = g * kRows;
+        if (row + kRows <= N) {
+          rows_dot_dp<kRows>(wp + row * K, K, xp, bp ? bp + row : nullptr, yp + row);
+        } else {
+          for (int64_t r = row; r < N; ++r) rows_dot_dp<1>(wp + r * K, K, xp, bp ? bp + r : nullptr, yp + r);
+        }
+      }
+    });
+    return y;
+  }
+#endif
+  const at::Tensor xf = x.reshape({K}).to(at::kFloat).contiguous();
+  const float* xp = xf.data_ptr<float>();
   auto run = [&](auto* yp) {
     at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
       for (int64_t g = begin; g < end; ++g) {

@@ -25,6 +25,10 @@
 
 #include "cpu_flash_prefill.h"
 
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
@@ -83,6 +87,9 @@ inline void load_row(const T* src, int64_t chunks, Vec* out) {
 
 constexpr int64_t kPrefetchAhead = 8;
 
+// The tree path's key prefetch: this many chunks of 16 rows ahead.
+constexpr int64_t kChunksAhead = 2;
+
 template <typename T>
 inline void prefetch_row(const T* row, int64_t n) {
   const char* bytes = reinterpret_cast<const char*>(row);
@@ -90,49 +97,344 @@ inline void prefetch_row(const T* row, int64_t n) {
   for (int64_t offset = 0; offset < size; offset += 64) __builtin_prefetch(bytes + offset);
 }
 
-// The attention of one (request, KV head) task. CHUNKS: head_dim in float vectors, fixed at compile
-// time for the common head sizes (the loops unroll, the row stays in registers); 0: `chunks` at
-// run time. query: [group, head_dim] float32, already scaled; scores: [group, len]; acc: [group, head_dim].
+// Where a request's cache rows lie: block by block anywhere in the pool, a row per token.
+template <typename T>
+struct Rows {
+  const T* base;
+  const int32_t* blocks;
+  int64_t block_size, block_stride, row_stride;
+  const T* at(int64_t t) const { return base + blocks[t / block_size] * block_stride + (t % block_size) * row_stride; }
+};
+
+// `bytes` from `row` on into L2 (hint T1: into L1 as well, a chunk's prefetches ran out of L1's miss
+// buffers and stalled).
+template <typename T>
+inline void prefetch_span(const T* row, int64_t bytes) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(p + offset, 0, 2);
+}
+
+// What one task attends: `heads` query heads (those of `heads / group` consecutive KV heads, `group`
+// to a KV head; query head i reads KV head i / group, `kv_stride` elements from the previous one)
+// against `len` rows of one request.
+struct Task {
+  int64_t heads, group, kv_stride, len;
+};
+
+// The scores of a task, one key row at a time, each dot product ending in a horizontal sum (the
+// path for builds without AVX-512). query: [heads, head_dim] float32, already scaled; scores:
+// [heads, len]; maxima: [heads].
 template <typename T, int64_t CHUNKS>
-void attend(const float* query, int64_t group, int64_t chunks, const T* k_base, const T* v_base,
-            const int32_t* blocks, int64_t block_size, int64_t k_block, int64_t k_row, int64_t v_block,
-            int64_t v_row, int64_t len, float* scores, float* maxima, float* acc, float* inverse) {
+void score_rowwise(const float* query, int64_t chunks, const Task& task, const Rows<T>& keys, const Rows<T>& values,
+                   float* scores, float* maxima) {
   constexpr int64_t W = Vec::size();
-  const int64_t n = CHUNKS ? CHUNKS : chunks;
-  for (int64_t g = 0; g < group; ++g) maxima[g] = -std::numeric_limits<float>::infinity();
-  const auto k_at = [&](int64_t t) { return k_base + blocks[t / block_size] * k_block + (t % block_size) * k_row; };
-  const auto v_at = [&](int64_t t) { return v_base + blocks[t / block_size] * v_block + (t % block_size) * v_row; };
+  const int64_t n = CHUNKS ? CHUNKS : chunks, len = task.len;
+  const int64_t span = (task.heads / task.group - 1) * task.kv_stride + n * W;  // the task's part of a row
   Vec row[CHUNKS ? CHUNKS : kMaxChunks];
   for (int64_t t = 0; t < len; ++t) {
     // The rows lie block by block anywhere in the pool, where the hardware prefetcher cannot
     // follow: the key row kPrefetchAhead tokens on, and this token's value row for the pass below.
-    if (t + kPrefetchAhead < len) prefetch_row(k_at(t + kPrefetchAhead), n * W);
-    prefetch_row(v_at(t), n * W);
-    load_row<T>(k_at(t), n, row);
-    for (int64_t g = 0; g < group; ++g) {
-      const float* qg = query + g * n * W;
-      Vec sum = Vec::loadu(qg) * row[0];
-      for (int64_t c = 1; c < n; ++c) sum = at::vec::fmadd(Vec::loadu(qg + c * W), row[c], sum);
+    if (t + kPrefetchAhead < len) prefetch_row(keys.at(t + kPrefetchAhead), span);
+    prefetch_row(values.at(t), span);
+    for (int64_t h = 0; h < task.heads; ++h) {
+      if (h % task.group == 0) load_row<T>(keys.at(t) + h / task.group * task.kv_stride, n, row);
+      const float* qh = query + h * n * W;
+      Vec sum = Vec::loadu(qh) * row[0];
+      for (int64_t c = 1; c < n; ++c) sum = at::vec::fmadd(Vec::loadu(qh + c * W), row[c], sum);
       const float score = sum.reduce_add();
-      scores[g * len + t] = score;
-      maxima[g] = std::max(maxima[g], score);
-    }
-  }
-  for (int64_t g = 0; g < group; ++g) {
-    const float total = exp_and_sum(scores + g * len, len, maxima[g]);
-    inverse[g] = total > 0.f ? 1.f / total : 0.f;
-  }
-  std::fill(acc, acc + group * n * W, 0.f);
-  for (int64_t t = 0; t < len; ++t) {
-    load_row<T>(v_at(t), n, row);
-    for (int64_t g = 0; g < group; ++g) {
-      const Vec weight(scores[g * len + t]);
-      float* ag = acc + g * n * W;
-      for (int64_t c = 0; c < n; ++c) at::vec::fmadd(weight, row[c], Vec::loadu(ag + c * W)).store(ag + c * W);
+      scores[h * len + t] = score;
+      maxima[h] = std::max(maxima[h], score);
     }
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// Lane j of the result: the sum of the 16 lanes of s[j]. A transposing tree of 15 vector adds
+// (and their shuffles) in place of 16 horizontal sums.
+inline __m512 sum16(const __m512* s) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)  // each 128-bit lane: [x0+x2, y0+y2, x1+x3, y1+y3] of x = s[2i], y = s[2i+1]
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(s[2 * i], s[2 * i + 1]), _mm512_unpackhi_ps(s[2 * i], s[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // each 128-bit lane: keys 4i..4i+3, that lane's part of each sum
+    const __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+    b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int i = 0; i < 2; ++i)  // 128-bit lanes: keys 8i..8i+3 twice (two halves), then keys 8i+4..8i+7 twice
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+}
+
+// The 16 key rows from t0 on (the last valid row repeated past len, so no load leaves the
+// request's blocks); the task's part of the next 16 key rows prefetched, and of these value rows
+// (into L2: the value pass comes after every score).
+
+template <typename T>
+inline int64_t key_chunk(const Rows<T>& keys, const Rows<T>& values, int64_t t0, int64_t len, int64_t span,
+                         const T** rows) {
+  const int64_t m = std::min<int64_t>(16, len - t0);
+  for (int64_t j = 0; j < 16; ++j) rows[j] = keys.at(t0 + std::min(j, m - 1));
+  const int64_t bytes = span * static_cast<int64_t>(sizeof(T));
+  for (int64_t t = t0 + 16 * kChunksAhead; t < std::min(len, t0 + 16 * kChunksAhead + 16); ++t)
+    prefetch_span(keys.at(t), bytes);
+  for (int64_t j = 0; j < m; ++j) prefetch_span(values.at(t0 + j), bytes);
+  return m;
+}
+
+// score_rowwise, 16 keys a vector: each key's partial sums reduced together by sum16.
+template <typename T, int64_t CHUNKS>
+void score_tree(const float* query, int64_t chunks, const Task& task, const Rows<T>& keys, const Rows<T>& values,
+                float* scores, float* maxima) {
+  constexpr int64_t W = Vec::size();
+  static_assert(W == 16, "the tree reduces 16-lane vectors");
+  const int64_t n = CHUNKS ? CHUNKS : chunks, len = task.len;
+  const int64_t span = (task.heads / task.group - 1) * task.kv_stride + n * W;
+  const T* rows[16];
+  __m512 partial[16];
+  Vec row[CHUNKS ? CHUNKS : kMaxChunks];
+  for (int64_t t0 = 0; t0 < len; t0 += 16) {
+    const int64_t m = key_chunk(keys, values, t0, len, span, rows);
+    const __mmask16 valid = static_cast<__mmask16>((1u << m) - 1);
+    for (int64_t h = 0; h < task.heads; ++h) {
+      const float* qh = query + h * n * W;
+      const int64_t offset = h / task.group * task.kv_stride;
+      for (int64_t j = 0; j < 16; ++j) {
+        load_row<T>(rows[j] + offset, n, row);
+        Vec sum = Vec::loadu(qh) * row[0];
+        for (int64_t c = 1; c < n; ++c) sum = at::vec::fmadd(Vec::loadu(qh + c * W), row[c], sum);
+        partial[j] = sum;
+      }
+      const __m512 s = sum16(partial);
+      _mm512_mask_storeu_ps(scores + h * len + t0, valid, s);
+      maxima[h] = std::max(maxima[h], _mm512_mask_reduce_max_ps(valid, s));
+    }
+  }
+}
+
+// score_tree for bf16 on CPUs with AVX512-BF16: the query stays bf16 (as the model produced it)
+// and each pair of products is one `vdpbf16ps` lane step (bf16 x bf16 is exact in float32, the
+// sums float32), so key rows are never widened; the scale multiplies the scores.
+__attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl,avx512dq")))
+void score_tree_dp(const c10::BFloat16* q, int64_t q_head_stride, int64_t head_dim, float scale, const Task& task,
+                   const Rows<c10::BFloat16>& keys, const Rows<c10::BFloat16>& values, float* scores,
+                   float* maxima) {
+  const int64_t pairs = head_dim / 32, len = task.len;  // 32 bf16 a vector
+  const int64_t span = (task.heads / task.group - 1) * task.kv_stride + head_dim;
+  const c10::BFloat16* rows[16];
+  __m512 partial[16];
+  __m512bh qv[kMaxChunks / 2];
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t t0 = 0; t0 < len; t0 += 16) {
+    const int64_t m = key_chunk(keys, values, t0, len, span, rows);
+    const __mmask16 valid = static_cast<__mmask16>((1u << m) - 1);
+    for (int64_t h = 0; h < task.heads; ++h) {
+      const int64_t offset = h / task.group * task.kv_stride;
+      for (int64_t c = 0; c < pairs; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(q + h * q_head_stride + 32 * c);
+      for (int64_t j = 0; j < 16; ++j) {
+        const c10::BFloat16* key = rows[j] + offset;
+        __m512 sum = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[0], (__m512bh)_mm512_loadu_si512(key));
+        for (int64_t c = 1; c < pairs; ++c)
+          sum = _mm512_dpbf16_ps(sum, qv[c], (__m512bh)_mm512_loadu_si512(key + 32 * c));
+        partial[j] = sum;
+      }
+      const __m512 s = _mm512_mul_ps(sum16(partial), vscale);
+      _mm512_mask_storeu_ps(scores + h * len + t0, valid, s);
+      maxima[h] = std::max(maxima[h], _mm512_mask_reduce_max_ps(valid, s));
+    }
+  }
+}
+
+// The value pass of H query heads of one KV head for bf16 on CPUs with AVX512-BF16: two value rows
+// at a time interleaved into (row t, row t+1) pairs, each pair weighted by the two tokens'
+// probabilities rounded to bf16 (as SDPA's bf16 kernel rounds them) in one `vdpbf16ps` step, half
+// the instructions of widening every row to float32. weights: [H, len]; pairs: [H, len / 2 rounded
+// up] scratch; acc: [H, head_dim] float32.
+template <int PAIRS, int H>
+__attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl,avx512dq")))
+void accumulate_heads_dp(const float* weights, int64_t len, const Rows<c10::BFloat16>& values, uint32_t* pairs,
+                         float* acc) {
+  const int64_t half = (len + 1) / 2;
+  for (int h = 0; h < H; ++h) {
+    const float* w = weights + h * len;
+    uint32_t* p = pairs + h * half;
+    int64_t i = 0;
+    for (; i + 16 <= len / 2; i += 16) {  // 32 weights -> 16 bf16 pairs, in token order
+      const __m512 a = _mm512_loadu_ps(w + 2 * i), b = _mm512_loadu_ps(w + 2 * i + 16);
+      const __m512i ab = (__m512i)_mm512_cvtne2ps_pbh(b, a);  // bf16 of a in the low half, of b in the high
+      _mm512_storeu_si512(p + i, ab);
+    }
+    for (; i < half; ++i) {
+      const c10::BFloat16 first(w[2 * i]), second(2 * i + 1 < len ? w[2 * i + 1] : 0.f);  // rounded to nearest even
+      p[i] = static_cast<uint32_t>(first.x) | static_cast<uint32_t>(second.x) << 16;
+    }
+  }
+  __m512 sum[H][2 * PAIRS];
+  for (int h = 0; h < H; ++h)
+    for (int c = 0; c < 2 * PAIRS; ++c) sum[h][c] = _mm512_setzero_ps();
+  __m512i lo[PAIRS], hi[PAIRS];
+  for (int64_t t = 0; t < len; t += 2) {
+    const c10::BFloat16* r0 = values.at(t);
+    const c10::BFloat16* r1 = t + 1 < len ? values.at(t + 1) : r0;  // weight 0
+    for (int c = 0; c < PAIRS; ++c) {
+      const __m512i a = _mm512_loadu_si512(r0 + 32 * c), b = _mm512_loadu_si512(r1 + 32 * c);
+      lo[c] = _mm512_unpacklo_epi16(a, b);
+      hi[c] = _mm512_unpackhi_epi16(a, b);
+    }
+    for (int h = 0; h < H; ++h) {
+      const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int>(pairs[h * half + t / 2]));
+      for (int c = 0; c < PAIRS; ++c) {
+        sum[h][2 * c] = _mm512_dpbf16_ps(sum[h][2 * c], (__m512bh)lo[c], w);
+        sum[h][2 * c + 1] = _mm512_dpbf16_ps(sum[h][2 * c + 1], (__m512bh)hi[c], w);
+      }
+    }
+  }
+  // Lane i of lo[c] holds dimension 32c + 8(i / 4) + i % 4, of hi[c] that + 4: back to order.
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int h = 0; h < H; ++h)
+    for (int c = 0; c < PAIRS; ++c) {
+      float* out = acc + h * 32 * PAIRS + 32 * c;
+      _mm512_storeu_ps(out, _mm512_permutex2var_ps(sum[h][2 * c], first, sum[h][2 * c + 1]));
+      _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(sum[h][2 * c], second, sum[h][2 * c + 1]));
+    }
+}
+
+// accumulate_heads_dp over `group` heads, in blocks whose accumulators fit 16 registers.
+template <int64_t CHUNKS>
+void accumulate_dp(const float* weights, int64_t group, int64_t len, const Rows<c10::BFloat16>& values,
+                   uint32_t* pairs, float* acc) {
+  constexpr int PAIRS = static_cast<int>(CHUNKS / 2), kBlock = static_cast<int>(16 / CHUNKS);
+  const int64_t half = (len + 1) / 2;
+  for (int64_t g = 0; g < group; g += kBlock) {
+    const float* w = weights + g * len;
+    float* a = acc + g * CHUNKS * 16;
+    uint32_t* p = pairs + g * half;
+    switch (std::min<int64_t>(kBlock, group - g)) {
+      case 1: accumulate_heads_dp<PAIRS, 1>(w, len, values, p, a); break;
+      case 2: if constexpr (kBlock >= 2) accumulate_heads_dp<PAIRS, 2>(w, len, values, p, a); break;
+      case 3: if constexpr (kBlock >= 3) accumulate_heads_dp<PAIRS, 3>(w, len, values, p, a); break;
+      case 4: if constexpr (kBlock >= 4) accumulate_heads_dp<PAIRS, 4>(w, len, values, p, a); break;
+      case 5: if constexpr (kBlock >= 5) accumulate_heads_dp<PAIRS, 5>(w, len, values, p, a); break;
+      case 6: if constexpr (kBlock >= 6) accumulate_heads_dp<PAIRS, 6>(w, len, values, p, a); break;
+      case 7: if constexpr (kBlock >= 7) accumulate_heads_dp<PAIRS, 7>(w, len, values, p, a); break;
+      default: if constexpr (kBlock >= 8) accumulate_heads_dp<PAIRS, 8>(w, len, values, p, a); break;
+    }
+  }
+}
+
+inline bool has_avx512_bf16() {
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+#endif
+
+// acc[h] = sum over t of weights[h * len + t] * value row t, for H heads at once with the
+// accumulators in registers (H * CHUNKS <= 16 vectors).
+template <typename T, int64_t CHUNKS, int H>
+void accumulate_heads(const float* weights, int64_t len, const Rows<T>& values, float* acc) {
+  constexpr int64_t W = Vec::size();
+  Vec sum[H][CHUNKS];
+  for (int h = 0; h < H; ++h)
+    for (int64_t c = 0; c < CHUNKS; ++c) sum[h][c] = Vec(0.f);
+  Vec row[CHUNKS];
+  for (int64_t t = 0; t < len; ++t) {
+    load_row<T>(values.at(t), CHUNKS, row);
+    for (int h = 0; h < H; ++h) {
+      const Vec weight(weights[h * len + t]);
+      for (int64_t c = 0; c < CHUNKS; ++c) sum[h][c] = at::vec::fmadd(weight, row[c], sum[h][c]);
+    }
+  }
+  for (int h = 0; h < H; ++h)
+    for (int64_t c = 0; c < CHUNKS; ++c) sum[h][c].store(acc + (h * CHUNKS + c) * W);
+}
+
+// The same for any head size: accumulators in memory.
+template <typename T>
+void accumulate_any(const float* weights, int64_t heads, int64_t n, int64_t len, const Rows<T>& values, float* acc) {
+  constexpr int64_t W = Vec::size();
+  Vec row[kMaxChunks];
+  std::fill(acc, acc + heads * n * W, 0.f);
+  for (int64_t t = 0; t < len; ++t) {
+    load_row<T>(values.at(t), n, row);
+    for (int64_t h = 0; h < heads; ++h) {
+      const Vec weight(weights[h * len + t]);
+      float* ah = acc + h * n * W;
+      for (int64_t c = 0; c < n; ++c) at::vec::fmadd(weight, row[c], Vec::loadu(ah + c * W)).store(ah + c * W);
+    }
+  }
+}
+
+// The value pass of the `group` query heads of one KV head, in blocks of heads whose accumulators
+// fit 16 registers.
+template <typename T, int64_t CHUNKS>
+void accumulate(const float* weights, int64_t group, int64_t chunks, int64_t len, const Rows<T>& values, float* acc) {
+  constexpr int64_t W = Vec::size();
+  if constexpr (CHUNKS == 0 || CHUNKS > 8) {
+    accumulate_any<T>(weights, group, chunks, len, values, acc);
+  } else {
+    constexpr int kBlock = static_cast<int>(16 / CHUNKS);
+    for (int64_t g = 0; g < group; g += kBlock) {
+      const float* w = weights + g * len;
+      float* a = acc + g * CHUNKS * W;
+      switch (std::min<int64_t>(kBlock, group - g)) {
+        case 1: accumulate_heads<T, CHUNKS, 1>(w, len, values, a); break;
+        case 2: accumulate_heads<T, CHUNKS, 2>(w, len, values, a); break;
+        case 3: if constexpr (kBlock >= 3) accumulate_heads<T, CHUNKS, 3>(w, len, values, a); break;
+        case 4: if constexpr (kBlock >= 4) accumulate_heads<T, CHUNKS, 4>(w, len, values, a); break;
+        default: accumulate_any<T>(w, std::min<int64_t>(kBlock, group - g), CHUNKS, len, values, a);
+      }
+    }
+  }
+}
+
+// The attention of one task. CHUNKS: head_dim in float vectors, fixed at compile time for the
+// common head sizes (the loops unroll, rows and accumulators stay in registers); 0: `chunks` at run
+// time. query: [heads, head_dim] float32, already scaled (q_raw: the same rows unscaled, in the
+// model's dtype, `q_head_stride` apart); scores: [heads, len]; acc: [heads, head_dim]. `keys` and
+// `values` point at the task's first KV head.
+template <typename T, int64_t CHUNKS>
+void attend(const float* query, const T* q_raw, int64_t q_head_stride, float scale, int64_t chunks, const Task& task,
+            const Rows<T>& keys, const Rows<T>& values, float* scores, float* maxima, float* acc, float* inverse,
+            uint32_t* pairs) {
+  constexpr int64_t W = Vec::size();
+  const int64_t n = CHUNKS ? CHUNKS : chunks, len = task.len;
+  for (int64_t h = 0; h < task.heads; ++h) maxima[h] = -std::numeric_limits<float>::infinity();
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (has_avx512_bf16() && n % 2 == 0)
+      score_tree_dp(q_raw, q_head_stride, n * W, scale, task, keys, values, scores, maxima);
+    else
+      score_tree<T, CHUNKS>(query, chunks, task, keys, values, scores, maxima);
+  } else {
+    score_tree<T, CHUNKS>(query, chunks, task, keys, values, scores, maxima);
+  }
+#else
+  score_rowwise<T, CHUNKS>(query, chunks, task, keys, values, scores, maxima);
+#endif
+  for (int64_t h = 0; h < task.heads; ++h) {
+    const float total = exp_and_sum(scores + h * len, len, maxima[h]);
+    inverse[h] = total > 0.f ? 1.f / total : 0.f;
+  }
+  for (int64_t kv = 0; kv < task.heads / task.group; ++kv) {
+    Rows<T> head_values = values;
+    head_values.base += kv * task.kv_stride;
+    const float* weights = scores + kv * task.group * len;
+    float* head_acc = acc + kv * task.group * n * W;
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, c10::BFloat16> && (CHUNKS == 2 || CHUNKS == 4 || CHUNKS == 8)) {
+      if (has_avx512_bf16()) {
+        accumulate_dp<CHUNKS>(weights, task.group, len, head_values, pairs, head_acc);
+        continue;
+      }
+    }
+#endif
+    accumulate<T, CHUNKS>(weights, task.group, chunks, len, head_values, head_acc);
+  }
+}
+
+// Tasks: each request whole where there are enough requests to share among the threads, so that a
+// task reads every KV head of a cache row (contiguous: the memory system streams it, where a
+// KV head's part alone is a strided read); else one task per (request, KV head).
 template <typename T>
 void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
             const at::Tensor& block_table, const at::Tensor& seq_lens, double scale, at::Tensor& out) {
@@ -149,27 +451,45 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   const int64_t q_stride = q.stride(0), q_head_stride = q.stride(1);
   const int64_t k_block = k_cache.stride(0), k_row = k_cache.stride(1), k_head = k_cache.stride(2);
   const int64_t v_block = v_cache.stride(0), v_row = v_cache.stride(1), v_head = v_cache.stride(2);
+  TORCH_CHECK(k_head == v_head, "paged_decode: K and V caches must share their layout");
   const float fscale = static_cast<float>(scale);
   const auto task_attend = chunks == 2 ? attend<T, 2> : chunks == 4 ? attend<T, 4> : chunks == 8 ? attend<T, 8>
                                                                                                  : attend<T, 0>;
+  const int64_t kv_per_task = num_reqs >= 4 * at::get_num_threads() ? num_kv_heads : 1;
+  const int64_t tasks_per_req = num_kv_heads / kv_per_task, task_heads = kv_per_task * group;
 
-  at::parallel_for(0, num_reqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> query(group * head_dim), acc(group * head_dim), scores, maxima(group), inverse(group);
+  const int64_t span_bytes = ((kv_per_task - 1) * k_head + head_dim) * static_cast<int64_t>(sizeof(T));
+  const auto prefetch_first = [&](int64_t task) {
+    const int64_t req = task / tasks_per_req, kv0 = task % tasks_per_req * kv_per_task;
+    const Rows<T> keys{k_data + kv0 * k_head, table + req * table_stride, block_size, k_block, k_row};
+    for (int64_t t = 0; t < std::min<int64_t>(lens[req], 16 * kChunksAhead); ++t) prefetch_span(keys.at(t), span_bytes);
+  };
+
+  at::parallel_for(0, num_reqs * tasks_per_req, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> query(task_heads * head_dim), acc(task_heads * head_dim), scores, maxima(task_heads),
+        inverse(task_heads);
+    std::vector<uint32_t> pairs;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t req = task / num_kv_heads, kv_head = task % num_kv_heads;
+      const int64_t req = task / tasks_per_req, kv0 = task % tasks_per_req * kv_per_task;
       const int64_t len = lens[req];
-      for (int64_t g = 0; g < group; ++g) {
-        float* dst = query.data() + g * head_dim;
-        widen(q_data + req * q_stride + (kv_head * group + g) * q_head_stride, dst, head_dim);
+      const T* q_task = q_data + req * q_stride + kv0 * group * q_head_stride;
+      for (int64_t h = 0; h < task_heads; ++h) {
+        float* dst = query.data() + h * head_dim;
+        widen(q_task + h * q_head_stride, dst, head_dim);
         for (int64_t d = 0; d < head_dim; ++d) dst[d] *= fscale;
       }
-      scores.resize(group * len);
-      task_attend(query.data(), group, chunks, k_data + kv_head * k_head, v_data + kv_head * v_head,
-                  table + req * table_stride, block_size, k_block, k_row, v_block, v_row, len, scores.data(),
-                  maxima.data(), acc.data(), inverse.data());
-      for (int64_t g = 0; g < group; ++g) {
-        T* dst = out_data + (req * num_heads + kv_head * group + g) * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<T>(acc[g * head_dim + d] * inverse[g]);
+      scores.resize(task_heads * len);
+      pairs.resize(task_heads * ((len + 1) / 2));
+      const Rows<T> keys{k_data + kv0 * k_head, table + req * table_stride, block_size, k_block, k_row};
+      const Rows<T> values{v_data + kv0 * v_head, table + req * table_stride, block_size, v_block, v_row};
+      // The first key rows of this thread's next task load while this one computes.
+      if (task == begin) prefetch_first(task);
+      if (task + 1 < end) prefetch_first(task + 1);
+      task_attend(query.data(), q_task, q_head_stride, fscale, chunks, Task{task_heads, group, k_head, len}, keys,
+                  values, scores.data(), maxima.data(), acc.data(), inverse.data(), pairs.data());
+      for (int64_t h = 0; h < task_heads; ++h) {
+        T* dst = out_data + (req * num_heads + kv0 * group + h) * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<T>(acc[h * head_dim + d] * inverse[h]);
       }
     }
   });

@@ -3,10 +3,12 @@ it replaces (each request's blocks gathered, then SDPA with a padding mask), on 
 model's attention shape: microseconds per call, best of several timed loops, and the ratio.
 
     python -m tokenmill.benchmarks.kernels.cpu_paged_decode [--heads 9 --kv-heads 3 --head-dim 64]
-        [--batches 1,8,32] [--min-len 64 --max-len 192] [--threads 2] [--output-json PATH]
+        [--batches 1,8,32] [--min-len 64 --max-len 192] [--layers 30] [--threads 2] [--output-json PATH]
 
 The defaults are SmolLM2-135M's layer at the peer benchmark's batch and context (64 in, up to
 128 out); the blocks of each request are scattered over the pool, as a busy cache leaves them.
+Each timed call reads the next of `--layers` caches, as a step's layers do, so that the cache rows
+come from memory as in the engine rather than from a cache that one layer's rows would fit.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ def main() -> None:
     parser.add_argument("--min-len", type=int, default=64)
     parser.add_argument("--max-len", type=int, default=192)
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--layers", type=int, default=30, help="distinct caches the calls cycle through")
     args = parse_cpu_kernel_args(parser)
     if not cpu_paged_decode.supports(args.head_dim):
         raise SystemExit("the CPU paged-decode kernel is not available here (see the warning above)")
@@ -80,10 +83,15 @@ def main() -> None:
     print(f"{args.heads} heads / {args.kv_heads} KV heads x {args.head_dim}, {args.dtype}, context "
           f"{args.min_len}-{args.max_len}, {torch.get_num_threads()} threads")
     for batch in (int(b) for b in args.batches.split(",")):
-        q, k_cache, v_cache, table, lens = _inputs(batch, args.heads, args.kv_heads, args.head_dim, args.block_size,
-                                                   args.min_len, args.max_len, dtype)
-        kernel = _best_us(lambda: paged_decode(q, k_cache, v_cache, table, lens, scale, 1.0, 1.0, native=True))
-        gather = _best_us(lambda: paged_decode(q, k_cache, v_cache, table, lens, scale, 1.0, 1.0, native=False))
+        layers = [_inputs(batch, args.heads, args.kv_heads, args.head_dim, args.block_size, args.min_len,
+                          args.max_len, dtype, seed) for seed in range(args.layers)]
+
+        def cycle(native: bool):
+            turn = iter(range(1 << 62))
+            return lambda: paged_decode(*layers[next(turn) % len(layers)], scale, 1.0, 1.0, native=native)
+
+        kernel = _best_us(cycle(True), calls=max(30, args.layers))
+        gather = _best_us(cycle(False), calls=max(30, args.layers))
         rows.append({"batch": batch, "kernel_us": kernel, "gather_sdpa_us": gather, "speedup": gather / kernel})
         print(f"batch {batch:>3}: kernel {kernel:8.1f} us   gather + SDPA {gather:8.1f} us   {gather / kernel:5.2f}x")
     write_json(args.output_json, {"benchmark": "cpu_paged_decode", "args": vars(args), "rows": rows})
