@@ -65,9 +65,9 @@ def test_cpu_backend_matches_torch_native(case, dtype, group, native):
 
 
 @pytest.mark.parametrize("case", ["fresh prefills", "one fresh prefill"])
-def test_native_op_runs_bf16_prompts_through_the_amx_kernel(case):
-    """At a head size the AMX prefill kernel takes (ops/cpu_flash_prefill.cpp), the native op's
-    prompts go through it where the machine has the tile units (no SDPA call), else through SDPA;
+def test_native_op_runs_bf16_prompts_through_the_prefill_kernel(case):
+    """At a head size the prefill kernel takes (ops/cpu_flash_prefill.cpp), the native op's prompts
+    go through it where the machine has AMX or AVX512-BF16 (no SDPA call), else through SDPA;
     either way the result is torch_native's."""
     from tokenmill.ops import cpu_flash_prefill
 

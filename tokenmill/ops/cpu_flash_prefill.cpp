@@ -215,19 +215,23 @@ namespace {
 // them, else dot products where the CPU has AVX512-BF16.
 enum class Products { kNone, kTiles, kDots };
 
+bool has_dots() {
+  static const bool dots = __builtin_cpu_supports("avx512bf16");
+  return dots;
+}
+
 Products products() {
 #ifdef TOKENMILL_AMX
   if (tiles_granted()) return Products::kTiles;
 #endif
-  static const bool dots = __builtin_cpu_supports("avx512bf16");
-  return dots ? Products::kDots : Products::kNone;
+  return has_dots() ? Products::kDots : Products::kNone;
 }
 }  // namespace
 #endif
 
-bool flash_prefill_supported(int64_t head_dim) {
+bool flash_prefill_supported(int64_t head_dim, bool dots) {
 #ifdef TOKENMILL_FLASH
-  return products() != Products::kNone && head_dim % kAlign == 0 && head_dim <= 256;
+  return (dots ? has_dots() : products() != Products::kNone) && head_dim % kAlign == 0 && head_dim <= 256;
 #else
   return false;
 #endif
@@ -346,7 +350,7 @@ TOKENMILL_BF16 void attend_blocks(const BFloat16* qp, int64_t sq, const BFloat16
 }  // namespace
 
 void flash_prefill_into(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, double scale_d,
-                        at::Tensor& out) {
+                        at::Tensor& out, bool dots) {
   TORCH_CHECK(q_in.scalar_type() == at::kBFloat16 && k_in.scalar_type() == at::kBFloat16 &&
               v_in.scalar_type() == at::kBFloat16, "flash_prefill takes bf16 q, k, v");
   TORCH_CHECK(q_in.dim() == 3 && k_in.dim() == 3 && v_in.dim() == 3, "q, k, v are [tokens, heads, head_dim]");
@@ -358,7 +362,8 @@ void flash_prefill_into(const at::Tensor& q_in, const at::Tensor& k_in, const at
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2), KVH = k.size(1);
   TORCH_CHECK(k.size(0) == T && v.size(0) == T && v.size(1) == KVH && k.size(2) == D && v.size(2) == D &&
               H % KVH == 0, "flash_prefill: q [T, H, D], k and v [T, KVH, D] with KVH dividing H");
-  TORCH_CHECK(flash_prefill_supported(D), "flash_prefill: no AMX or AVX512-BF16 here, or an unsupported head size");
+  TORCH_CHECK(flash_prefill_supported(D, dots),
+              "flash_prefill: no AMX or AVX512-BF16 here, or an unsupported head size");
   TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.size(0) == T && out.size(1) == H &&
               out.size(2) == D, "flash_prefill: out must be a contiguous bf16 [T, H, D]");
   const int64_t key_blocks = (T + kKeyBlock - 1) / kKeyBlock;
@@ -382,20 +387,20 @@ void flash_prefill_into(const at::Tensor& q_in, const at::Tensor& k_in, const at
     }
   });
 
-  if (products() == Products::kTiles)
+  if (!dots && products() == Products::kTiles)
     attend_blocks<true>(qp, sq, packed_k, packed_v, T, H, D, KVH, scale, op);
   else
     attend_blocks<false>(qp, sq, packed_k, packed_v, T, H, D, KVH, scale, op);
 }
 #else
-void flash_prefill_into(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, at::Tensor&) {
+void flash_prefill_into(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, at::Tensor&, bool) {
   TORCH_CHECK(false, "flash_prefill: built without AVX-512");
 }
 #endif
 
-at::Tensor flash_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+at::Tensor flash_prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, bool dots) {
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
-  flash_prefill_into(q, k, v, scale, out);
+  flash_prefill_into(q, k, v, scale, out, dots);
   return out;
 }
 

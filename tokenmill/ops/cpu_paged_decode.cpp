@@ -625,6 +625,8 @@ TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "paged decode attention, the cache read in place");
   m.def("vector_width", [] { return static_cast<int64_t>(Vec::size()); });
-  m.def("flash_prefill", &tokenmill_cpu::flash_prefill, "causal bf16 prefill attention on the AMX tile units");
-  m.def("flash_prefill_supported", &tokenmill_cpu::flash_prefill_supported);
+  m.def("flash_prefill", &tokenmill_cpu::flash_prefill, "causal bf16 prefill attention (AMX tiles or AVX512-BF16)",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("dots") = false);
+  m.def("flash_prefill_supported", &tokenmill_cpu::flash_prefill_supported, py::arg("head_dim"),
+        py::arg("dots") = false);
 }
