@@ -2,12 +2,15 @@
 // linears of a batch-1 decode step. They read each weight once and do two flops a weight, so the
 // memory stream sets their time. oneDNN's packed GEMM spends ~15 us a call on its own set-up (a
 // 576 x 64 weight takes 17 us hot) and streams a 576 x 576 weight at ~17 GB/s from memory; here
-// the set-up is one parallel region and each thread streams its rows with software prefetch a few
-// rows ahead (23-26 GB/s on the same weight; python -m tokenmill.benchmarks.kernels.cpu_gemv).
+// the set-up is one parallel region and each thread streams its rows with software prefetch into
+// L2 a few rows ahead (23-26 GB/s on the same weight on an AMX Xeon, 25-34 on Zen 4, where
+// prefetching into L1 stalled on its miss buffers at 16-20; python -m
+// tokenmill.benchmarks.kernels.cpu_gemv).
 //
 // Rows go four at a time (four independent sums per loaded x vector); each row's products
-// accumulate in float32 vector lanes, summed across the lanes at the end, plus the bias, then
-// rounded once to the output dtype. Built with the other C++ kernels by ops/cpu_extension.py;
+// accumulate in float32 vector lanes (bf16 rows on AVX512-BF16 CPUs: `vdpbf16ps` on the row and
+// weights as stored), summed across the lanes at the end, plus the bias, then rounded once to the
+// output dtype. Built with the other C++ kernels by ops/cpu_extension.py;
 // tested against the float64 product (tests/unit/test_cpu_gemv.py).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>

@@ -4,13 +4,17 @@
 // Vectorized<float> is then 16 lanes on AVX-512, 8 on AVX2). Tested against attention in float64
 // (tests/unit/test_cpu_paged_decode.py) and, through the cpu backend, against torch_native.
 //
-// One task per (request, KV head), the query heads sharing that KV head together. Each key row is
-// widened to float32 in registers as it is read and scored against every head of the group (the
-// query in float32, scale folded in); the scores' maximum and exp(score - max) are vector passes;
-// then each value row, widened the same way, is added into the group's accumulators with its
-// weights. Everything accumulates in float32; the output is rounded to the model's dtype once. The
-// rows lie block by block anywhere in the pool, so the loop prefetches the key rows a few tokens
-// ahead and the value rows while scoring (at 1,000 tokens of context, 1.3x without it).
+// One task per (request, KV head), the query heads sharing that KV head together; at batch (at least
+// four requests a thread) one task per request and all its KV heads, so that a task reads whole
+// cache rows, contiguous within a block, instead of one head's part of each. With AVX-512 the
+// scores come 16 keys at a time (each key's dot product as a vector of partial sums, the 16 summed
+// by one transposing add tree); with AVX512-BF16 they are bf16 dot products of the query and key
+// rows as stored, and the value pass adds two rows a step with the probabilities rounded to bf16
+// (as SDPA's bf16 kernel rounds them); otherwise rows are widened to float32 and the query scaled
+// in float32. The scores' maximum and exp(score - max) are vector passes; the value sums stay in
+// registers. Everything accumulates in float32; the output is rounded to the model's dtype once.
+// The rows lie block by block anywhere in the pool, so the loops prefetch the key rows ahead and
+// the value rows while scoring (at 1,000 tokens of context, 1.3x without it).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -106,8 +110,8 @@ struct Rows {
   const T* at(int64_t t) const { return base + blocks[t / block_size] * block_stride + (t % block_size) * row_stride; }
 };
 
-// `bytes` from `row` on into L2 (hint T1: into L1 as well, a chunk's prefetches ran out of L1's miss
-// buffers and stalled).
+// `bytes` from `row` on, prefetched into L2 (`prefetcht1`: on Zen 4 a chunk's L1-targeted prefetches
+// ran out of L1's miss buffers and stalled the loop).
 template <typename T>
 inline void prefetch_span(const T* row, int64_t bytes) {
   const char* p = reinterpret_cast<const char*>(row);
@@ -168,7 +172,6 @@ inline __m512 sum16(const __m512* s) {
 // The 16 key rows from t0 on (the last valid row repeated past len, so no load leaves the
 // request's blocks); the task's part of the next 16 key rows prefetched, and of these value rows
 // (into L2: the value pass comes after every score).
-
 template <typename T>
 inline int64_t key_chunk(const Rows<T>& keys, const Rows<T>& values, int64_t t0, int64_t len, int64_t span,
                          const T** rows) {
