@@ -17,6 +17,8 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <type_traits>
+
 #if defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
 #endif
@@ -83,6 +85,22 @@ inline bool has_avx512_bf16() {
 }
 #endif
 
+// dot(rows, first_row) for each group of kRows rows (rows: a std::integral_constant), the last
+// partial group a row at a time; the groups split over the threads.
+template <typename Dot>
+void over_rows(int64_t N, const Dot& dot) {
+  at::parallel_for(0, (N + kRows - 1) / kRows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t row = g * kRows;
+      if (row + kRows <= N) {
+        dot(std::integral_constant<int, kRows>{}, row);
+      } else {
+        for (int64_t r = row; r < N; ++r) dot(std::integral_constant<int, 1>{}, r);
+      }
+    }
+  });
+}
+
 // x [1, K] (bf16 or float32), weight [N, K] bf16 with contiguous rows, bias [N] or undefined ->
 // [1, N] in x's dtype.
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
@@ -101,20 +119,12 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const c10::option
   at::Tensor y = at::empty({1, N}, x.options());
   const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
   const at::BFloat16* wp = weight.data_ptr<at::BFloat16>();
-  const int64_t groups = (N + kRows - 1) / kRows;
 #if defined(CPU_CAPABILITY_AVX512)
   if (x.scalar_type() == at::kBFloat16 && x.stride(1) == 1 && has_avx512_bf16()) {
     const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
     at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-    at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t g = begin; g < end; ++g) {
-        const int64_t row = g * kRows;
-        if (row + kRows <= N) {
-          rows_dot_dp<kRows>(wp + row * K, K, xp, bp ? bp + row : nullptr, yp + row);
-        } else {
-          for (int64_t r = row; r < N; ++r) rows_dot_dp<1>(wp + r * K, K, xp, bp ? bp + r : nullptr, yp + r);
-        }
-      }
+    over_rows(N, [&](auto rows, int64_t r) {
+      rows_dot_dp<decltype(rows)::value>(wp + r * K, K, xp, bp ? bp + r : nullptr, yp + r);
     });
     return y;
   }
@@ -122,15 +132,8 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const c10::option
   const at::Tensor xf = x.reshape({K}).to(at::kFloat).contiguous();
   const float* xp = xf.data_ptr<float>();
   auto run = [&](auto* yp) {
-    at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t g = begin; g < end; ++g) {
-        const int64_t row = g * kRows;
-        if (row + kRows <= N) {
-          rows_dot<kRows>(wp + row * K, K, xp, bp ? bp + row : nullptr, yp + row);
-        } else {
-          for (int64_t r = row; r < N; ++r) rows_dot<1>(wp + r * K, K, xp, bp ? bp + r : nullptr, yp + r);
-        }
-      }
+    over_rows(N, [&](auto rows, int64_t r) {
+      rows_dot<decltype(rows)::value>(wp + r * K, K, xp, bp ? bp + r : nullptr, yp + r);
     });
   };
   if (x.scalar_type() == at::kFloat) {
