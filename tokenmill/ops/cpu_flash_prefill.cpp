@@ -7,7 +7,7 @@
 // fresh prompt. Tested against attention in float64 (tests/unit/test_cpu_flash_prefill.py).
 //
 // SDPA's CPU flash kernel runs the same algorithm; at SmolLM2's shape (64-dim heads, 9 query heads
-// on 3 KV heads) this one is faster (docs/perf-cpu.md: 1.4-2x with AMX, ~2.5x with dot products
+// on 3 KV heads) this one is faster (docs/perf-cpu.md: 1.2-2x with AMX, 2.6-3.9x with dot products
 // on Zen 4) because:
 // - the query heads sharing a KV head are one matrix (rows token-major, head-minor), so each key
 //   and value tile is packed once per KV head and multiplied against group x 32 rows at once;
@@ -38,6 +38,7 @@ namespace tokenmill_cpu {
 // The kernel needs AVX-512 and, at run time, AVX512-BF16 (with or without the tile units of
 // cpu_amx.h); elsewhere only the refusal is built.
 #if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
 #define TOKENMILL_FLASH 1
 // Functions that use bf16 instructions: the build's flags need not include them (inductor's AVX-512
 // ISA for Zen 4 does not), so they are enabled per function and run only where the CPU has them.
