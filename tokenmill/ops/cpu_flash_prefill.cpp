@@ -22,6 +22,7 @@
 #include "cpu_flash_prefill.h"
 
 #include "cpu_amx.h"
+#include "cpu_bf16.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -38,11 +39,7 @@ namespace tokenmill_cpu {
 // The kernel needs AVX-512 and, at run time, AVX512-BF16 (with or without the tile units of
 // cpu_amx.h); elsewhere only the refusal is built.
 #if defined(CPU_CAPABILITY_AVX512)
-#include <immintrin.h>
 #define TOKENMILL_FLASH 1
-// Functions that use bf16 instructions: the build's flags need not include them (inductor's AVX-512
-// ISA for Zen 4 does not), so they are enabled per function and run only where the CPU has them.
-#define TOKENMILL_BF16 __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl,avx512dq")))
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
@@ -216,23 +213,18 @@ namespace {
 // them, else dot products where the CPU has AVX512-BF16.
 enum class Products { kNone, kTiles, kDots };
 
-bool has_dots() {
-  static const bool dots = __builtin_cpu_supports("avx512bf16");
-  return dots;
-}
-
 Products products() {
 #ifdef TOKENMILL_AMX
   if (tiles_granted()) return Products::kTiles;
 #endif
-  return has_dots() ? Products::kDots : Products::kNone;
+  return has_avx512_bf16() ? Products::kDots : Products::kNone;
 }
 }  // namespace
 #endif
 
 bool flash_prefill_supported(int64_t head_dim, bool dots) {
 #ifdef TOKENMILL_FLASH
-  return (dots ? has_dots() : products() != Products::kNone) && head_dim % kAlign == 0 && head_dim <= 256;
+  return (dots ? has_avx512_bf16() : products() != Products::kNone) && head_dim % kAlign == 0 && head_dim <= 256;
 #else
   return false;
 #endif
@@ -240,13 +232,6 @@ bool flash_prefill_supported(int64_t head_dim, bool dots) {
 
 #ifdef TOKENMILL_FLASH
 namespace {
-// Scratch that lives as long as its thread: a layer step calls the kernel once per prompt per layer
-// (960 calls for a 32-prompt prefill step of SmolLM2), so nothing is allocated per call once grown.
-template <typename T>
-T* scratch(std::vector<T>& buffer, int64_t size) {
-  if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
-  return buffer.data();
-}
 // One of the two products, on the tile units or as dot products.
 template <bool kTiles, bool kAccumulate>
 TOKENMILL_BF16 inline void gemm(int64_t M, int64_t N, int64_t K, const BFloat16* A, int64_t lda, const BFloat16* B,

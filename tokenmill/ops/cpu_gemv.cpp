@@ -19,9 +19,7 @@
 
 #include <type_traits>
 
-#if defined(CPU_CAPABILITY_AVX512)
-#include <immintrin.h>
-#endif
+#include "cpu_bf16.h"
 
 namespace {
 
@@ -61,8 +59,7 @@ inline void rows_dot(const at::BFloat16* w, int64_t K, const float* x, const flo
 // weights with the row as it is (two products a float32 lane), so neither the weights nor the row
 // are widened (the row is not even copied to float32 first).
 template <int R, typename Out>
-__attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl,avx512dq")))
-void rows_dot_dp(const at::BFloat16* w, int64_t K, const at::BFloat16* x, const float* bias, Out* out) {
+TOKENMILL_BF16 void rows_dot_dp(const at::BFloat16* w, int64_t K, const at::BFloat16* x, const float* bias, Out* out) {
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   int64_t k = 0;
@@ -79,10 +76,6 @@ void rows_dot_dp(const at::BFloat16* w, int64_t K, const at::BFloat16* x, const 
   }
 }
 
-inline bool has_avx512_bf16() {
-  static const bool has = __builtin_cpu_supports("avx512bf16");
-  return has;
-}
 #endif
 
 // dot(rows, first_row) for each group of kRows rows (rows: a std::integral_constant), the last
@@ -120,7 +113,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const c10::option
   const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
   const at::BFloat16* wp = weight.data_ptr<at::BFloat16>();
 #if defined(CPU_CAPABILITY_AVX512)
-  if (x.scalar_type() == at::kBFloat16 && x.stride(1) == 1 && has_avx512_bf16()) {
+  if (x.scalar_type() == at::kBFloat16 && x.stride(1) == 1 && tokenmill_cpu::has_avx512_bf16()) {
     const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
     at::BFloat16* yp = y.data_ptr<at::BFloat16>();
     over_rows(N, [&](auto rows, int64_t r) {

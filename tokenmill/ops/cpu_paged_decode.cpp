@@ -27,11 +27,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_bf16.h"
 #include "cpu_flash_prefill.h"
-
-#if defined(CPU_CAPABILITY_AVX512)
-#include <immintrin.h>
-#endif
 
 namespace {
 
@@ -217,7 +214,7 @@ void score_tree(const float* query, int64_t chunks, const Task& task, const Rows
 // score_tree for bf16 on CPUs with AVX512-BF16: the query stays bf16 (as the model produced it)
 // and each pair of products is one `vdpbf16ps` lane step (bf16 x bf16 is exact in float32, the
 // sums float32), so key rows are never widened; the scale multiplies the scores.
-__attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl,avx512dq")))
+TOKENMILL_BF16
 void score_tree_dp(const c10::BFloat16* q, int64_t q_head_stride, int64_t head_dim, float scale, const Task& task,
                    const Rows<c10::BFloat16>& keys, const Rows<c10::BFloat16>& values, float* scores,
                    float* maxima) {
@@ -253,7 +250,7 @@ void score_tree_dp(const c10::BFloat16* q, int64_t q_head_stride, int64_t head_d
 // the instructions of widening every row to float32. weights: [H, len]; pairs: [H, len / 2 rounded
 // up] scratch; acc: [H, head_dim] float32.
 template <int PAIRS, int H>
-__attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl,avx512dq")))
+TOKENMILL_BF16
 void accumulate_heads_dp(const float* weights, int64_t len, const Rows<c10::BFloat16>& values, uint32_t* pairs,
                          float* acc) {
   const int64_t half = (len + 1) / 2;
@@ -325,10 +322,7 @@ void accumulate_dp(const float* weights, int64_t group, int64_t len, const Rows<
   }
 }
 
-inline bool has_avx512_bf16() {
-  static const bool has = __builtin_cpu_supports("avx512bf16");
-  return has;
-}
+using tokenmill_cpu::has_avx512_bf16;
 #endif
 
 // acc[h] = sum over t of weights[h * len + t] * value row t, for H heads at once with the
@@ -469,27 +463,31 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   };
 
   at::parallel_for(0, num_reqs * tasks_per_req, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> query(task_heads * head_dim), acc(task_heads * head_dim), scores, maxima(task_heads),
-        inverse(task_heads);
-    std::vector<uint32_t> pairs;
+    // Each thread's scratch, kept between calls (a step calls the kernel once per layer).
+    thread_local std::vector<float> query_buffer, acc_buffer, score_buffer, max_buffer, inverse_buffer;
+    thread_local std::vector<uint32_t> pair_buffer;
+    float* query = tokenmill_cpu::scratch(query_buffer, task_heads * head_dim);
+    float* acc = tokenmill_cpu::scratch(acc_buffer, task_heads * head_dim);
+    float* maxima = tokenmill_cpu::scratch(max_buffer, task_heads);
+    float* inverse = tokenmill_cpu::scratch(inverse_buffer, task_heads);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t req = task / tasks_per_req, kv0 = task % tasks_per_req * kv_per_task;
       const int64_t len = lens[req];
       const T* q_task = q_data + req * q_stride + kv0 * group * q_head_stride;
       for (int64_t h = 0; h < task_heads; ++h) {
-        float* dst = query.data() + h * head_dim;
+        float* dst = query + h * head_dim;
         widen(q_task + h * q_head_stride, dst, head_dim);
         for (int64_t d = 0; d < head_dim; ++d) dst[d] *= fscale;
       }
-      scores.resize(task_heads * len);
-      pairs.resize(task_heads * ((len + 1) / 2));
+      float* scores = tokenmill_cpu::scratch(score_buffer, task_heads * len);
+      uint32_t* pairs = tokenmill_cpu::scratch(pair_buffer, task_heads * ((len + 1) / 2));
       const Rows<T> keys{k_data + kv0 * k_head, table + req * table_stride, block_size, k_block, k_row};
       const Rows<T> values{v_data + kv0 * v_head, table + req * table_stride, block_size, v_block, v_row};
       // The first key rows of this thread's next task load while this one computes.
       if (task == begin) prefetch_first(task);
       if (task + 1 < end) prefetch_first(task + 1);
-      task_attend(query.data(), q_task, q_head_stride, fscale, chunks, Task{task_heads, group, k_head, len}, keys,
-                  values, scores.data(), maxima.data(), acc.data(), inverse.data(), pairs.data());
+      task_attend(query, q_task, q_head_stride, fscale, chunks, Task{task_heads, group, k_head, len}, keys, values,
+                  scores, maxima, acc, inverse, pairs);
       for (int64_t h = 0; h < task_heads; ++h) {
         T* dst = out_data + (req * num_heads + kv0 * group + h) * head_dim;
         for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<T>(acc[h * head_dim + d] * inverse[h]);
