@@ -181,63 +181,61 @@ inline int64_t key_chunk(const Rows<T>& keys, const Rows<T>& values, int64_t t0,
   return m;
 }
 
-// score_rowwise, 16 keys a vector: each key's partial sums reduced together by sum16.
+// A key row's dot product with one query head as a vector of 16 partial sums: the query widened to
+// float32 and scaled (any dtype, any AVX-512 CPU).
 template <typename T, int64_t CHUNKS>
-void score_tree(const float* query, int64_t chunks, const Task& task, const Rows<T>& keys, const Rows<T>& values,
-                float* scores, float* maxima) {
-  constexpr int64_t W = Vec::size();
-  static_assert(W == 16, "the tree reduces 16-lane vectors");
-  const int64_t n = CHUNKS ? CHUNKS : chunks, len = task.len;
-  const int64_t span = (task.heads / task.group - 1) * task.kv_stride + n * W;
+struct FloatDot {
+  const float* query;  // [heads, head_dim], scaled
+  int64_t n;           // head_dim in float vectors
+  const float* qh = nullptr;
+  static constexpr bool kScaled = true;
+  void head(int64_t h) { qh = query + h * n * Vec::size(); }
+  __m512 operator()(const T* key) const {
+    Vec row[CHUNKS ? CHUNKS : kMaxChunks];
+    load_row<T>(key, n, row);
+    Vec sum = Vec::loadu(qh) * row[0];
+    for (int64_t c = 1; c < n; ++c) sum = at::vec::fmadd(Vec::loadu(qh + c * Vec::size()), row[c], sum);
+    return sum;
+  }
+};
+
+// The same for bf16 on CPUs with AVX512-BF16: the query stays bf16 (as the model produced it) and
+// each pair of products is one `vdpbf16ps` lane step (bf16 x bf16 is exact in float32, the sums
+// float32), so key rows are never widened; the scale multiplies the scores after.
+struct Bf16Dot {
+  const c10::BFloat16* q;  // query head h at q + h * stride
+  int64_t stride, pairs;   // pairs: head_dim / 32, bf16 vectors a row
+  __m512bh qv[kMaxChunks / 2];
+  static constexpr bool kScaled = false;
+  TOKENMILL_BF16 void head(int64_t h) {
+    for (int64_t c = 0; c < pairs; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(q + h * stride + 32 * c);
+  }
+  TOKENMILL_BF16 __m512 operator()(const c10::BFloat16* key) const {
+    __m512 sum = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[0], (__m512bh)_mm512_loadu_si512(key));
+    for (int64_t c = 1; c < pairs; ++c) sum = _mm512_dpbf16_ps(sum, qv[c], (__m512bh)_mm512_loadu_si512(key + 32 * c));
+    return sum;
+  }
+};
+
+// score_rowwise, 16 keys a vector: each key's partial sums (`dot`) reduced together by sum16. Built
+// for bf16 instructions so that Bf16Dot inlines; FloatDot's code uses none of them.
+template <typename T, typename Dot>
+TOKENMILL_BF16 void score_tree(Dot& dot, float scale, int64_t head_dim, const Task& task, const Rows<T>& keys,
+                               const Rows<T>& values, float* scores, float* maxima) {
+  const int64_t len = task.len;
+  const int64_t span = (task.heads / task.group - 1) * task.kv_stride + head_dim;
   const T* rows[16];
   __m512 partial[16];
-  Vec row[CHUNKS ? CHUNKS : kMaxChunks];
-  for (int64_t t0 = 0; t0 < len; t0 += 16) {
-    const int64_t m = key_chunk(keys, values, t0, len, span, rows);
-    const __mmask16 valid = static_cast<__mmask16>((1u << m) - 1);
-    for (int64_t h = 0; h < task.heads; ++h) {
-      const float* qh = query + h * n * W;
-      const int64_t offset = h / task.group * task.kv_stride;
-      for (int64_t j = 0; j < 16; ++j) {
-        load_row<T>(rows[j] + offset, n, row);
-        Vec sum = Vec::loadu(qh) * row[0];
-        for (int64_t c = 1; c < n; ++c) sum = at::vec::fmadd(Vec::loadu(qh + c * W), row[c], sum);
-        partial[j] = sum;
-      }
-      const __m512 s = sum16(partial);
-      _mm512_mask_storeu_ps(scores + h * len + t0, valid, s);
-      maxima[h] = std::max(maxima[h], _mm512_mask_reduce_max_ps(valid, s));
-    }
-  }
-}
-
-// score_tree for bf16 on CPUs with AVX512-BF16: the query stays bf16 (as the model produced it)
-// and each pair of products is one `vdpbf16ps` lane step (bf16 x bf16 is exact in float32, the
-// sums float32), so key rows are never widened; the scale multiplies the scores.
-TOKENMILL_BF16
-void score_tree_dp(const c10::BFloat16* q, int64_t q_head_stride, int64_t head_dim, float scale, const Task& task,
-                   const Rows<c10::BFloat16>& keys, const Rows<c10::BFloat16>& values, float* scores,
-                   float* maxima) {
-  const int64_t pairs = head_dim / 32, len = task.len;  // 32 bf16 a vector
-  const int64_t span = (task.heads / task.group - 1) * task.kv_stride + head_dim;
-  const c10::BFloat16* rows[16];
-  __m512 partial[16];
-  __m512bh qv[kMaxChunks / 2];
   const __m512 vscale = _mm512_set1_ps(scale);
   for (int64_t t0 = 0; t0 < len; t0 += 16) {
     const int64_t m = key_chunk(keys, values, t0, len, span, rows);
     const __mmask16 valid = static_cast<__mmask16>((1u << m) - 1);
     for (int64_t h = 0; h < task.heads; ++h) {
       const int64_t offset = h / task.group * task.kv_stride;
-      for (int64_t c = 0; c < pairs; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(q + h * q_head_stride + 32 * c);
-      for (int64_t j = 0; j < 16; ++j) {
-        const c10::BFloat16* key = rows[j] + offset;
-        __m512 sum = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[0], (__m512bh)_mm512_loadu_si512(key));
-        for (int64_t c = 1; c < pairs; ++c)
-          sum = _mm512_dpbf16_ps(sum, qv[c], (__m512bh)_mm512_loadu_si512(key + 32 * c));
-        partial[j] = sum;
-      }
-      const __m512 s = _mm512_mul_ps(sum16(partial), vscale);
+      dot.head(h);
+      for (int64_t j = 0; j < 16; ++j) partial[j] = dot(rows[j] + offset);
+      __m512 s = sum16(partial);
+      if constexpr (!Dot::kScaled) s = _mm512_mul_ps(s, vscale);
       _mm512_mask_storeu_ps(scores + h * len + t0, valid, s);
       maxima[h] = std::max(maxima[h], _mm512_mask_reduce_max_ps(valid, s));
     }
@@ -397,13 +395,18 @@ void attend(const float* query, const T* q_raw, int64_t q_head_stride, float sca
   const int64_t n = CHUNKS ? CHUNKS : chunks, len = task.len;
   for (int64_t h = 0; h < task.heads; ++h) maxima[h] = -std::numeric_limits<float>::infinity();
 #if defined(CPU_CAPABILITY_AVX512)
+  static_assert(Vec::size() == 16, "the tree reduces 16-lane vectors");
+  bool scored = false;
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (has_avx512_bf16() && n % 2 == 0)
-      score_tree_dp(q_raw, q_head_stride, n * W, scale, task, keys, values, scores, maxima);
-    else
-      score_tree<T, CHUNKS>(query, chunks, task, keys, values, scores, maxima);
-  } else {
-    score_tree<T, CHUNKS>(query, chunks, task, keys, values, scores, maxima);
+    if (has_avx512_bf16() && n % 2 == 0) {
+      Bf16Dot dot{q_raw, q_head_stride, n / 2};
+      score_tree(dot, scale, n * W, task, keys, values, scores, maxima);
+      scored = true;
+    }
+  }
+  if (!scored) {
+    FloatDot<T, CHUNKS> dot{query, n};
+    score_tree(dot, 1.f, n * W, task, keys, values, scores, maxima);
   }
 #else
   score_rowwise<T, CHUNKS>(query, chunks, task, keys, values, scores, maxima);
