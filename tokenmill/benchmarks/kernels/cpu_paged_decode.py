@@ -14,6 +14,7 @@ come from memory as in the engine rather than from a cache that one layer's rows
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import torch
@@ -87,8 +88,8 @@ def main() -> None:
                           args.max_len, dtype, seed) for seed in range(args.layers)]
 
         def cycle(native: bool):
-            turn = iter(range(1 << 62))
-            return lambda: paged_decode(*layers[next(turn) % len(layers)], scale, 1.0, 1.0, native=native)
+            turn = itertools.cycle(layers)
+            return lambda: paged_decode(*next(turn), scale, 1.0, 1.0, native=native)
 
         kernel = _best_us(cycle(True), calls=max(30, args.layers))
         gather = _best_us(cycle(False), calls=max(30, args.layers))
