@@ -48,7 +48,20 @@ TUNED: dict[str, dict[tuple[int, int, bool], GemvConfig]] = {"NVIDIA H200": _H20
 # The fp8 GEMV (`fp8_gemv.py`): (N, K, fused SiLU-and-mul, scale form "block" | "channel") -> config,
 # the fastest of `benchmarks/kernels/fp8.py`'s GEMV_SWEEP_GRID timed the same way (one CUDA graph
 # over >= 1 GB of distinct e4m3 weights: `python3 -m tokenmill.benchmarks.kernels.fp8 gemv-sweep`).
-TUNED_FP8: dict[str, dict[tuple[int, int, bool, str], GemvConfig]] = {}
+# Llama-3.1-8B, TP=1, on an H100 80GB HBM3 (2026-12-07, docs/results/fp8-gemv-h100-2026-12-07/sweep.log;
+# us in the graph, the autotuner's pick in brackets).
+_H100_FP8 = {
+    (6144, 4096, False, "block"): GemvConfig(8, 512, 4, 2),  # QKV: 11.04 (11.02, the same pick)
+    (6144, 4096, False, "channel"): GemvConfig(8, 512, 8, 2),  # QKV: 10.76 (10.81)
+    (4096, 4096, False, "block"): GemvConfig(8, 1024, 4, 1),  # O: 8.12 (9.39)
+    (4096, 4096, False, "channel"): GemvConfig(2, 1024, 2, 3),  # O: 7.75 (8.42)
+    (28672, 4096, False, "block"): GemvConfig(8, 256, 2, 1),  # gate/up: 41.06 (41.59)
+    (28672, 4096, False, "channel"): GemvConfig(16, 256, 4, 1),  # gate/up: 40.58 (41.83)
+    (4096, 14336, True, "block"): GemvConfig(16, 1024, 4, 2),  # down + SiLU: 23.85 (28.04)
+    (4096, 14336, True, "channel"): GemvConfig(8, 1024, 8, 1),  # down + SiLU: 22.15 (22.23)
+}
+
+TUNED_FP8: dict[str, dict[tuple[int, int, bool, str], GemvConfig]] = {"NVIDIA H100 80GB HBM3": _H100_FP8}
 
 
 @functools.lru_cache(maxsize=8)
