@@ -40,7 +40,8 @@ class _BackendForTests:
 
         key = (q.shape[1], k.shape[1], q.shape[2], scale, sliding_window)
         if key not in self._impls:
-            self._impls[key] = backend_class(self.name)(*key)
+            with layers_for(str(q.device)):  # built as in a model, with the engine's default kernels
+                self._impls[key] = backend_class(self.name)(*key)
         if isinstance(rope, tuple):
             rope = RotaryInputs(*rope)
         return self._impls[key].forward(q, k, v, kv_cache, meta, k_scale, v_scale, rope)

@@ -137,6 +137,7 @@ class EngineArgs:
     disable_cascade_attn: bool = False
     # GPU kernel switches (docs/gpu.md): all on by default, each off for measurement or a workaround.
     triton_gemv: bool = True
+    pdl: bool = True
     cublas_fp8: bool = True
     disable_custom_all_reduce: bool = False
     fused_all_reduce_norm: bool = True
@@ -235,6 +236,9 @@ class EngineArgs:
                                  "of it (cascade attention, Triton backend; on by default)")
         parser.add_argument("--triton-gemv", action=argparse.BooleanOptionalAction, default=d.triton_gemv,
                             help="batch-1 decode graphs use the Triton GEMV instead of cuBLAS (CUDA)")
+        parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=d.pdl,
+                            help="decode kernels (GEMVs, norms, rope, attention) launch dependent on the "
+                                 "kernel before, each starting as the previous one ends (Hopper and later)")
         parser.add_argument("--cublas-fp8", action=argparse.BooleanOptionalAction,
                             default=d.cublas_fp8,
                             help="fp8 linears multiply batches of many tokens through cuBLAS's scaled fp8 "
@@ -387,6 +391,7 @@ class EngineArgs:
             # Batch-invariant: no kernel whose use depends on the batch (the batch-1 GEMV, the
             # fused all-reduce + norm of small decode batches).
             triton_gemv=self.triton_gemv and not self.batch_invariant,
+            pdl=self.pdl,
             cublas_fp8=self.cublas_fp8 and not self.batch_invariant,
             custom_all_reduce=not self.disable_custom_all_reduce,
             fused_all_reduce_norm=self.fused_all_reduce_norm and not self.batch_invariant,

@@ -31,6 +31,14 @@ class BuildContext:
     def on_cuda(self) -> bool:
         return self.device.type == "cuda"
 
+    @property
+    def pdl(self) -> bool:
+        """Whether the decode chain's Triton kernels launch dependent on the kernel before (`ops/pdl.py`)."""
+        if not (self.kernels.pdl and self.on_cuda):
+            return False
+        from tokenmill.ops import pdl
+        return pdl.supported(self.device)
+
 
 _current: ContextVar[BuildContext | None] = ContextVar("tokenmill_build_context", default=None)
 

@@ -51,6 +51,7 @@ from tokenmill.ops.attention_common import (
     dequantize_to_float32,
     finish_softmax,
 )
+from tokenmill.ops.pdl import pdl_enter
 
 DECODE_CONFIG = LaunchConfig(block_m=0, block_n=64, num_warps=4, num_stages=3)
 DECODE_CONFIG_FP32 = LaunchConfig(block_m=0, block_n=32, num_warps=4, num_stages=2)  # (see PREFILL_CONFIG_FP32)
@@ -73,8 +74,9 @@ def _paged_decode_kernel(
     BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, GROUP_P2: tl.constexpr,
     MERGE_H: tl.constexpr, MERGE_S: tl.constexpr, DIRECT: tl.constexpr,
-    KV_FP8: tl.constexpr, KV_SCALED: tl.constexpr, CASCADE: tl.constexpr,
+    KV_FP8: tl.constexpr, KV_SCALED: tl.constexpr, CASCADE: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -300,6 +302,7 @@ def paged_decode(
     k_scale: float = 1.0,  # fp8 cache only: k = stored * k_scale
     v_scale: float = 1.0,
     sliding_window: int | None = None,  # attend the last this-many keys only (None: all)
+    pdl: bool = False,  # launched dependent on the kernel before (ops/pdl.py)
 ) -> None:
     num_decodes, num_heads, _ = q.shape
     if num_decodes == 0:
@@ -317,7 +320,7 @@ def paged_decode(
         assert split_counters.numel() >= num_decodes * num_kv_heads and split_counters.dtype == torch.int32
         counters = split_counters
     launch_decode_kernel(q, k_cache, v_cache, block_table, seq_lens, out, part_out, part_lse, counters,
-                         num_splits, scale, config, k_scale, v_scale, sliding_window=sliding_window)
+                         num_splits, scale, config, k_scale, v_scale, sliding_window=sliding_window, pdl=pdl)
 
 
 def new_partials(num_decodes: int, num_heads: int, num_lanes: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -333,6 +336,7 @@ def launch_decode_kernel(
     seq_lens: torch.Tensor, out: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor,
     counters: torch.Tensor, num_splits: int, scale: float, config: LaunchConfig, k_scale: float,
     v_scale: float, prefix_len: torch.Tensor | None = None, sliding_window: int | None = None,
+    pdl: bool = False,
 ) -> None:
     """One launch of `_paged_decode_kernel` over `num_splits` splits (see `paged_decode`), or, given
     `prefix_len` (device int32 [1]), its cascade form: one program per (request, KV head) over the
@@ -365,5 +369,5 @@ def launch_decode_kernel(
         BLOCK_S=block_s, GROUP_P2=group_p2, MERGE_H=merge_h, MERGE_S=merge_s,
         DIRECT=num_splits == 1 and not cascade,
         KV_FP8=kv_fp8, KV_SCALED=dequantize_to_float32(kv_fp8, k_scale, v_scale), CASCADE=cascade,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        PDL=pdl, num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )

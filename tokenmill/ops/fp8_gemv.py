@@ -31,14 +31,27 @@ import triton
 import triton.language as tl
 
 from tokenmill.ops.fp8_format import dequantize_weight_blocks, dequantize_weight_per_channel
-from tokenmill.ops.gemv import _load_x
+from tokenmill.ops.gemv import _load_x, load_weight_tile
 from tokenmill.ops.gemv_configs import GemvConfig, tuned_fp8_config
+from tokenmill.ops.pdl import pdl_enter
+
+
+@triton.jit
+def _accumulate(acc, w, x_ptr, s_row, k, cols, K, SILU_MUL: tl.constexpr, BLOCKWISE: tl.constexpr,
+                SCALE_BLOCK_K: tl.constexpr):
+    """acc + the weight tile at columns k .. k + BLOCK_K times x there (with block scales: x times
+    its columns' scales, so the sum over a row needs no per-block rescaling)."""
+    k_mask = (k + cols) < K
+    x = _load_x(x_ptr, k + cols, k_mask, K, SILU_MUL)
+    if BLOCKWISE:
+        x = x * tl.load(s_row + (k + cols) // SCALE_BLOCK_K, mask=k_mask, other=0.0)
+    return acc + w.to(tl.float32) * x[None, :]
 
 
 @triton.jit
 def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_wn, stride_sn,
                      BLOCKWISE: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, SCALE_BLOCK_K: tl.constexpr,
-                     SILU_MUL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     SILU_MUL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -47,15 +60,16 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_wn, stride_sn,
     w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :]
     # BLOCKWISE: every row of this program is in row block (pid * BLOCK_N) // SCALE_BLOCK_N.
     s_row = s_ptr + ((pid * BLOCK_N) // SCALE_BLOCK_N).to(tl.int64) * stride_sn
-    for k in range(0, K, BLOCK_K):
-        k_mask = (k + cols) < K
-        # Weights are read once per token: don't let them evict what is reused (activations).
-        w = tl.load(w_ptrs + k, mask=row_mask[:, None] & k_mask[None, :], other=0.0,
-                    eviction_policy="evict_first")
-        x = _load_x(x_ptr, k + cols, k_mask, K, SILU_MUL)
-        if BLOCKWISE:
-            x = x * tl.load(s_row + (k + cols) // SCALE_BLOCK_K, mask=k_mask, other=0.0)
-        acc += w.to(tl.float32) * x[None, :]
+    k_begin = 0
+    if PDL:
+        # No kernel writes the weights: the first tile is read while the kernel before finishes.
+        w = load_weight_tile(w_ptrs, 0, row_mask, cols, K)
+        pdl_enter(PDL)
+        acc = _accumulate(acc, w, x_ptr, s_row, 0, cols, K, SILU_MUL, BLOCKWISE, SCALE_BLOCK_K)
+        k_begin = BLOCK_K
+    for k in range(k_begin, K, BLOCK_K):
+        w = load_weight_tile(w_ptrs, k, row_mask, cols, K)
+        acc = _accumulate(acc, w, x_ptr, s_row, k, cols, K, SILU_MUL, BLOCKWISE, SCALE_BLOCK_K)
     y = tl.sum(acc, axis=1)
     if not BLOCKWISE:
         y = y * tl.load(s_ptr + rows, mask=row_mask, other=0.0)
@@ -90,10 +104,11 @@ def default_config(block: tuple[int, int] | None) -> GemvConfig:
 
 
 def fp8_gemv(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, block: tuple[int, int] | None,
-             silu_mul: bool = False, config: GemvConfig | None = None) -> torch.Tensor:
+             silu_mul: bool = False, config: GemvConfig | None = None, pdl: bool = False) -> torch.Tensor:
     """x [1, K] (or [1, 2K] with `silu_mul`: gate then up) in bf16/fp16/fp32, w_q [N, K] e4m3
     (unit stride in K), w_scale [cdiv(N, bn), cdiv(K, bk)] for `block = (bn, bk)` else [N]
-    -> [1, N] in x's dtype. `config`: a fixed launch configuration (default: autotuned on a GPU)."""
+    -> [1, N] in x's dtype. `config`: a fixed launch configuration (default: autotuned on a GPU).
+    `pdl`: launched dependent on the kernel before, as `gemv.gemv` is."""
     n, k = w_q.shape
     assert x.numel() == x.shape[-1] == (2 * k if silu_mul else k)
     assert w_q.stride(1) == 1
@@ -108,7 +123,7 @@ def fp8_gemv(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, block: t
         scale_block_n, scale_block_k, stride_sn = 1, 1, 0
     args = (x, w_q, w_scale, y, n, k, w_q.stride(0), stride_sn)
     meta = dict(BLOCKWISE=block is not None, SCALE_BLOCK_N=scale_block_n, SCALE_BLOCK_K=scale_block_k,
-                SILU_MUL=silu_mul)
+                SILU_MUL=silu_mul, PDL=pdl, launch_pdl=pdl)
     if config is None and x.is_cuda:
         config = tuned_fp8_config(w_q, silu_mul, block is not None)
     if config is None and x.is_cuda:

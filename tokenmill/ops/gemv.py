@@ -31,6 +31,7 @@ import triton.language as tl
 
 from tokenmill.ops.all_reduce_rms_norm import push_row_words
 from tokenmill.ops.gemv_configs import tuned_config
+from tokenmill.ops.pdl import pdl_enter
 
 if TYPE_CHECKING:
     from tokenmill.distributed.symm_mem import PushTarget
@@ -57,25 +58,37 @@ def _load_x(x_ptr, offs, mask, K, SILU_MUL: tl.constexpr):
         return tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
 
+@triton.jit
+def load_weight_tile(w_ptrs, k, row_mask, cols, K):
+    """Columns k .. k + BLOCK_K of the program's rows. Weights are read once per token: they must
+    not evict what is reused (activations)."""
+    return tl.load(w_ptrs + k, mask=row_mask[:, None] & ((k + cols) < K)[None, :], other=0.0,
+                   eviction_policy="evict_first")
+
+
 # `slot` alternates 0/1 from call to call: unspecialised, so one compiled kernel serves both.
 @triton.autotune(configs=_CONFIGS, key=["N", "K", "SILU_MUL"])
 @triton.jit(do_not_specialize=["slot"])
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn,
                  buffer_ptrs, calls_ptr, slot, region_words,  # PUSH only (push_to_peers)
                  SILU_MUL: tl.constexpr, PUSH: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr,
-                 MAX_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 MAX_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     cols = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :]
-    for k in range(0, K, BLOCK_K):
-        k_mask = (k + cols) < K
-        # Weights are read once per token: don't let them evict what is reused (activations).
-        w = tl.load(w_ptrs + k, mask=row_mask[:, None] & k_mask[None, :], other=0.0,
-                    eviction_policy="evict_first")
-        x = _load_x(x_ptr, k + cols, k_mask, K, SILU_MUL)
+    k_begin = 0
+    if PDL:
+        # No kernel writes the weights: the first tile is read while the kernel before finishes.
+        w = load_weight_tile(w_ptrs, 0, row_mask, cols, K)
+        pdl_enter(PDL)
+        acc += w.to(tl.float32) * _load_x(x_ptr, cols, cols < K, K, SILU_MUL)[None, :]
+        k_begin = BLOCK_K
+    for k in range(k_begin, K, BLOCK_K):
+        w = load_weight_tile(w_ptrs, k, row_mask, cols, K)
+        x = _load_x(x_ptr, k + cols, (k + cols) < K, K, SILU_MUL)
         acc += w.to(tl.float32) * x[None, :]
     y = tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + rows, y, mask=row_mask)
@@ -94,13 +107,15 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn,
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False, push: "PushTarget | None" = None,
-         ) -> torch.Tensor:
+         pdl: bool = False) -> torch.Tensor:
     """`x @ weight.T` for x [1, K] (or [K]) and weight [N, K], both contiguous in K.
 
     With `silu_mul`, x is [1, 2K] (gate, then up) and the product is `silu_and_mul(x) @ weight.T`,
     bit for bit. With `push` (a 2-byte dtype, even N), each program also sends its slice of the
     result to the tensor-parallel peers for the fused all-reduce + norm to come, which then need
-    not send it (`RMSNorm`, `model/layers/layernorm.py`): the NVLink trip overlaps the GEMV's tail."""
+    not send it (`RMSNorm`, `model/layers/layernorm.py`): the NVLink trip overlaps the GEMV's tail.
+    With `pdl` (a GPU `ops/pdl.supported`), it is launched dependent on the kernel before and
+    reads its first weight tile while that one finishes."""
     n, k = weight.shape
     assert x.numel() == x.shape[-1] == (2 * k if silu_mul else k)
     assert weight.stride(1) == 1
@@ -113,6 +128,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False, push: "P
     else:
         comm = (y, y, 0, 0)  # not read
         meta = dict(PUSH=False, RANK=0, WORLD=1, MAX_ROWS=1)
+    meta.update(PDL=pdl, launch_pdl=pdl)
     config = tuned_config(weight, silu_mul)
     if config is not None:
         _gemv_kernel.fn[(triton.cdiv(n, config.block_n),)](

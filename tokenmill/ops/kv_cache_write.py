@@ -21,6 +21,7 @@ import triton.language as tl
 
 from tokenmill.ops.attention_common import FP8_MAX, check_cache
 from tokenmill.ops.rotary import _rope_neox_kernel, rope_launch_meta
+from tokenmill.ops.pdl import pdl_enter
 
 
 @triton.jit
@@ -83,8 +84,9 @@ def _rope_and_write_kv_kernel(
     stride_c_block, stride_c_slot, stride_c_head, k_scale, v_scale, num_heads,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, HALF: tl.constexpr,
     BLOCK_HALF: tl.constexpr, BLOCK_Q_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    KV_FP8: tl.constexpr,
+    KV_FP8: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     # The two kernels' bodies in turn (a JIT function called from another is inlined), so the
     # math and rounding are theirs by construction. Rotate q and k in place, token
     # `program_id(0)`, for every token: slot -1 only skips the cache write, and prefill reads
@@ -120,9 +122,11 @@ def rope_and_write_kv_cache(
     cos_sin_cache: torch.Tensor,  # [max_position, rotary_dim]: cos first half, sin second half
     k_scale: float = 1.0,  # fp8 cache only: stored = k / k_scale
     v_scale: float = 1.0,
+    pdl: bool = False,
 ) -> None:
     """`rope_neox_(q, k, positions, cos_sin_cache)` then `write_kv_cache(k, v, ...)` in one launch,
-    with bit-identical results; dims past rotary_dim are left alone (partial rotary)."""
+    with bit-identical results; dims past rotary_dim are left alone (partial rotary). `pdl`:
+    launched dependent on the kernel before (`ops/pdl.py`)."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     rope_meta = rope_launch_meta(q, k, cos_sin_cache)
@@ -139,5 +143,5 @@ def rope_and_write_kv_cache(
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, PAGE=k_cache.shape[1], HALF=rope_meta["HALF"],
         BLOCK_HALF=rope_meta["BLOCK_HALF"], BLOCK_Q_HEADS=rope_meta["BLOCK_Q_HEADS"],
         BLOCK_H=rope_meta["BLOCK_K_HEADS"], BLOCK_D=triton.next_power_of_2(head_dim),
-        KV_FP8=kv_fp8, num_warps=rope_meta["num_warps"],
+        KV_FP8=kv_fp8, PDL=pdl, num_warps=rope_meta["num_warps"], launch_pdl=pdl,
     )

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenmill.ops.pdl import pdl_enter
+
 def rms_norm_ref(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -31,8 +33,9 @@ def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
     stride_x_outer, stride_x_inner, inner_size, stride_r_row,
     hidden, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     # Row r of the flattened input is x[r // inner_size, r % inner_size, :] so that per-head
     # norms (Qwen3's q/k norm on a strided view of the fused qkv output) need no copy.
     row = tl.program_id(0).to(tl.int64)
@@ -63,9 +66,11 @@ def rms_norm(
     weight: torch.Tensor,  # [hidden]
     eps: float,
     residual: torch.Tensor | None = None,  # [num_rows, hidden], contiguous rows
+    pdl: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm over the last dim. Returns `out` (contiguous, x's shape), or with `residual`
-    `(out, x + residual)`: the add and the norm in one pass."""
+    `(out, x + residual)`: the add and the norm in one pass. `pdl`: launched dependent on the
+    kernel before (`ops/pdl.py`)."""
     hidden = x.shape[-1]
     assert x.stride(-1) == 1 and weight.shape == (hidden,)
     if x.dim() == 2:
@@ -91,8 +96,8 @@ def rms_norm(
             x, residual if residual is not None else x, weight, out, residual_out,
             stride_outer, stride_inner, inner, residual.stride(0) if residual is not None else 0,
             hidden, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK=block,
-            num_warps=max(1, min(8, block // 512)),
+            HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl,
+            num_warps=max(1, min(8, block // 512)), launch_pdl=pdl,
         )
     if residual is None:
         return out

@@ -36,6 +36,7 @@ import triton.testing
 
 from tokenmill.benchmarks.kernels.copy_bandwidth import copy_rate
 from tokenmill.benchmarks.kernels.gemv import SHAPES, graph_ms
+from tokenmill.ops import pdl
 from tokenmill.ops.fp8_format import quantize_weight_blocks, quantize_weight_per_channel
 from tokenmill.ops.fp8_gemm import GemmConfig, fp8_gemm, fp8_linear, gemm_config
 from tokenmill.ops.fp8_gemv import fp8_gemv
@@ -126,11 +127,16 @@ def bench_gemv(layers: int) -> dict:
             # (input row, whether it is the down projection's [gate | up] with the fused SiLU-and-mul)
             xs.append((torch.randn(1, 2 * k if fused else k, device="cuda", dtype=torch.bfloat16), fused))
     result = {"layers": layers, "copy_gb_per_s": copy_rate(torch.cuda.current_device(), 4.0)}
-    runs = {
-        "bf16_gemv": (bf16, lambda x, w: gemv(x[0], w, silu_mul=x[1])),
-        "fp8_block_gemv": (blocks, lambda x, w: fp8_gemv(x[0], w[0], w[1], BLOCK, silu_mul=x[1])),
-        "fp8_channel_gemv": (channels, lambda x, w: fp8_gemv(x[0], w[0], w[1], None, silu_mul=x[1])),
-    }
+    # Each also launched dependent on the GEMV before it (`_pdl`, ops/pdl.py), as the engine does on Hopper.
+    runs = {}
+    for suffix, dependent in [("", False)] + ([("_pdl", True)] if pdl.supported(torch.device("cuda")) else []):
+        runs.update({
+            f"bf16_gemv{suffix}": (bf16, lambda x, w, p=dependent: gemv(x[0], w, silu_mul=x[1], pdl=p)),
+            f"fp8_block_gemv{suffix}": (
+                blocks, lambda x, w, p=dependent: fp8_gemv(x[0], w[0], w[1], BLOCK, silu_mul=x[1], pdl=p)),
+            f"fp8_channel_gemv{suffix}": (
+                channels, lambda x, w, p=dependent: fp8_gemv(x[0], w[0], w[1], None, silu_mul=x[1], pdl=p)),
+        })
     for name, (weights, fn) in runs.items():
         nbytes = sum(w.numel() * w.element_size() if isinstance(w, torch.Tensor)
                      else w[0].numel() + w[1].numel() * 4 for w in weights)
@@ -143,6 +149,10 @@ def bench_gemv(layers: int) -> dict:
     result["fp8_channel_vs_bf16_time"] = result["fp8_channel_gemv"]["ms"] / result["bf16_gemv"]["ms"]
     print(f"fp8 GEMV time / bf16 GEMV time: block {result['fp8_block_vs_bf16_time']:.2f}x, "
           f"channel {result['fp8_channel_vs_bf16_time']:.2f}x")
+    if "bf16_gemv_pdl" in result:
+        print("dependent launches / ordinary: " + ", ".join(
+            f"{name} {result[name + '_pdl']['ms'] / result[name]['ms']:.3f}x"
+            for name in ("bf16_gemv", "fp8_block_gemv", "fp8_channel_gemv")))
     return result
 
 

@@ -16,6 +16,7 @@
 #   bash tokenmill/benchmarks/suites/fp8_suite.sh compiles # (~3 min)
 # or a single part (kernels, latency, tput). Every step is capped by its timeout. The issue's
 # 256 x 1024/1024: TPUT_N=256 TPUT_IN=1024 TPUT_OUT=1024 with `tput` or `moe` alone (longer).
+# LATENCY_ARGS: more engine flags for `latency` (e.g. "--no-pdl" with OUT=another folder, for an A/B).
 # SWEEP=1 adds the block-GEMM tile sweep to `kernels`; FP8_M sets its token counts (default "512 2048 8192").
 # Carry: wheels/ (device_setup.sh installs them).
 set -u -o pipefail
@@ -64,7 +65,7 @@ if has latency; then
     esac
     timeout "${LATENCY_TIMEOUT:-80}" python3 -m tokenmill.entrypoints.cli.main bench latency "${args[@]}" \
         --load-format dummy --dtype bfloat16 --input-len 512 --output-len 128 --num-iters 2 --max-model-len 2048 \
-        --max-num-seqs 8 --gpu-memory-utilization 0.5 --baseline none --output-json "$out/latency_$variant.json" \
+        --max-num-seqs 8 --gpu-memory-utilization 0.5 --baseline none ${LATENCY_ARGS:-} --output-json "$out/latency_$variant.json" \
         2>&1 | grep -v Warning | tee "$out/latency_$variant.log" || rc=1
   done
 fi

@@ -36,6 +36,7 @@ from tokenmill.model.layers.rotary_embedding import RotaryInputs
 from tokenmill.ops.attention_cascade import cascade_decode
 from tokenmill.ops.attention_decode import new_split_counters, paged_decode
 from tokenmill.ops.attention_prefill import paged_prefill
+from tokenmill.model.build_context import build_context
 from tokenmill.ops.kv_cache_write import rope_and_write_kv_cache, write_kv_cache
 
 
@@ -86,6 +87,7 @@ class TritonBackend(AttentionBackend):
                  sliding_window: int | None = None) -> None:
         super().__init__(num_heads, num_kv_heads, head_dim, scale, sliding_window)
         self._split_counters: torch.Tensor | None = None  # [>= num_decodes * num_kv_heads] int32
+        self._pdl = build_context().pdl  # the decode chain's kernels launch dependent (ops/pdl.py)
 
     @staticmethod
     def builder_class() -> type[AttentionMetadataBuilder]:
@@ -106,7 +108,7 @@ class TritonBackend(AttentionBackend):
         # Write first: decodes read their own new key back from the cache.
         if rope is not None:
             rope_and_write_kv_cache(q, k, v, k_cache, v_cache, meta.slot_mapping, rope.positions,
-                                    rope.cos_sin_cache, k_scale, v_scale)
+                                    rope.cos_sin_cache, k_scale, v_scale, pdl=self._pdl)
         else:
             write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -122,7 +124,7 @@ class TritonBackend(AttentionBackend):
                 q[:num_decodes], k_cache, v_cache, meta.block_table, meta.seq_lens,
                 out[:num_decodes], meta.max_seq_len, self.scale,
                 split_counters=self._counters(num_decodes * k_cache.shape[2], q.device),
-                k_scale=k_scale, v_scale=v_scale, sliding_window=self.sliding_window,
+                k_scale=k_scale, v_scale=v_scale, sliding_window=self.sliding_window, pdl=self._pdl,
             )
         if meta.num_prefills:
             paged_prefill(

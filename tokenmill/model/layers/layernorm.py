@@ -12,6 +12,8 @@ the norm are one kernel (`ops/all_reduce_rms_norm.py`). The model that calls it 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -24,10 +26,11 @@ class RMSNorm(CustomOp):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
         self.eps = eps
-        self.tp = build_context().tp
+        context = build_context()
+        self.tp = context.tp
         if self.uses_cuda_kernels:
             from tokenmill.ops import rms_norm
-            self._kernel = rms_norm.rms_norm
+            self._kernel = functools.partial(rms_norm.rms_norm, pdl=context.pdl)
             if self.tp.world_size > 1:
                 from tokenmill.ops import all_reduce_rms_norm
                 self._fused_sum_kernel = all_reduce_rms_norm.all_reduce_add_rms_norm

@@ -22,6 +22,7 @@ whether it did.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -104,11 +105,11 @@ class CpuLinearMethod(LinearMethod):
 
 
 class CudaLinearMethod(LinearMethod):
-    def __init__(self, triton_gemv: bool) -> None:
+    def __init__(self, triton_gemv: bool, pdl: bool = False) -> None:
         self.triton_gemv = triton_gemv
         if triton_gemv:
             from tokenmill.ops import gemv
-            self._gemv = gemv.gemv
+            self._gemv = functools.partial(gemv.gemv, pdl=pdl)
 
     def _use_gemv(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         return (self.triton_gemv and x.dim() == 2 and x.shape[0] == 1 and x.dtype == weight.dtype
@@ -173,7 +174,7 @@ def unquantized_linear_method(in_compiled_graph: bool = True) -> LinearMethod:
     if context.kernels.batch_invariant:
         return BatchInvariantCudaLinearMethod() if context.on_cuda else BatchInvariantCpuLinearMethod()
     if context.on_cuda:
-        return CudaLinearMethod(context.kernels.triton_gemv)
+        return CudaLinearMethod(context.kernels.triton_gemv, context.pdl)
     if context.device.type == "cpu":
         return CpuLinearMethod(pack=not (context.kernels.cpu_compile and in_compiled_graph),
                                native_gemv=context.kernels.cpu_native_decode and cpu_gemv.available())

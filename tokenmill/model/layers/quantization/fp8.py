@@ -21,6 +21,8 @@ How they multiply, chosen once at build:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,19 +56,20 @@ def fp8_linear_method(quant: QuantizationConfig, context: BuildContext) -> Linea
         if fp8_gemm.cublas_scaled_mm_supported(context.device, block):
             cublas_rows = fp8_gemm.CUBLAS_MIN_ROWS
     if quant.block_fp8:
-        return BlockFp8LinearMethod(block, quant.ue8m0_activation_scales, kernels, gemv, cublas_rows)
-    return OnlineFp8LinearMethod(kernels, gemv, cublas_rows)
+        return BlockFp8LinearMethod(block, quant.ue8m0_activation_scales, kernels, gemv, cublas_rows, context.pdl)
+    return OnlineFp8LinearMethod(kernels, gemv, cublas_rows, context.pdl)
 
 
 class Fp8LinearMethod(LinearMethod):
     """Shared by both forms: `block` is (bn, bk) for block scales, None for channel scales;
     `kernels`: the Triton kernels (else the dequantising reference); `gemv`: one-row products
-    through the GEMV; `cublas_rows`: products of this many rows or more through cuBLAS (None: never)."""
+    through the GEMV; `cublas_rows`: products of this many rows or more through cuBLAS (None: never);
+    `pdl`: the GEMV launches dependent on the kernel before (`ops/pdl.py`)."""
 
     scale_name: str  # the scale parameter's name on the layer
 
     def __init__(self, block: tuple[int, int] | None, ue8m0: bool, kernels: bool, gemv: bool,
-                 cublas_rows: int | None = None) -> None:
+                 cublas_rows: int | None = None, pdl: bool = False) -> None:
         self.block = block
         self.ue8m0 = ue8m0
         self.kernels = kernels
@@ -75,7 +78,7 @@ class Fp8LinearMethod(LinearMethod):
         if kernels:
             from tokenmill.ops import fp8_gemm, fp8_gemv
             self._linear = fp8_gemm.fp8_linear
-            self._gemv = fp8_gemv.fp8_gemv
+            self._gemv = functools.partial(fp8_gemv.fp8_gemv, pdl=pdl)
 
     def dequantized_weight(self, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
         scale = getattr(layer, self.scale_name)
@@ -121,8 +124,8 @@ class BlockFp8LinearMethod(Fp8LinearMethod):
 class OnlineFp8LinearMethod(Fp8LinearMethod):
     scale_name = "weight_scale"
 
-    def __init__(self, kernels: bool, gemv: bool, cublas_rows: int | None = None) -> None:
-        super().__init__(None, False, kernels, gemv, cublas_rows)
+    def __init__(self, kernels: bool, gemv: bool, cublas_rows: int | None = None, pdl: bool = False) -> None:
+        super().__init__(None, False, kernels, gemv, cublas_rows, pdl)
 
     def process_weights_after_loading(self, layer):
         if layer.weight.dtype == FP8_DTYPE:

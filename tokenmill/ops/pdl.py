@@ -1,0 +1,47 @@
+"""Programmatic dependent launch (PDL, Hopper and later): a kernel starts before the one ahead of
+it in the stream has finished.
+
+At batch-1 decode a step is a chain of ~270 short kernels (GEMVs of 5-40 us, norms, rope and
+attention of ~2-6 us), each of which, launched the ordinary way, starts only once the one before
+has drained and flushed its writes: its launch and its first loads are on the critical path every
+time. A kernel launched with `launch_pdl=True` may be scheduled as soon as every program of the
+kernel before it has called `griddepcontrol.launch_dependents` (or exited); it must then execute
+`griddepcontrol.wait` before it reads anything that kernel wrote or writes anything it may still
+read. CUDA graph capture keeps the relation (a programmatic edge), so the decode graphs get it.
+
+The kernels of the decode chain that take a `PDL` flag call `pdl_enter(PDL)` first thing (the
+GEMVs after reading their first weight tile, which no earlier kernel writes): wait for the kernel
+before, then let the next one launch. Waiting before anything else keeps the ordering transitive,
+so a kernel launched the ordinary way may sit anywhere in the chain. Layers ask `enabled` once
+when they are built (`KernelConfig.pdl`, `BuildContext.pdl`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+
+@functools.lru_cache(maxsize=8)
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def supported(device: torch.device) -> bool:
+    """Whether kernels on `device` can be launched dependent (a CUDA GPU of compute capability 9+)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability(index)[0] >= 9
+
+
+@triton.jit
+def pdl_enter(PDL: tl.constexpr):
+    """With PDL: wait until the kernel before has finished and its writes are visible, then allow
+    the next kernel to launch (it is placed as this one's programs leave the SMs)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
