@@ -112,6 +112,43 @@ def test_several_compiled_engines_in_one_process(tiny_llama):
     assert outputs == [_hf_greedy(hf_model, PROMPTS[0], 3)] * 5
 
 
+def test_engines_with_other_weights_never_run_each_others_graphs(tiny_llama, tmp_path):
+    """Steps skip dynamo's full guard check once both graphs ran under it. Two engines of the same
+    architecture and other weights, interleaved, each serve their own model's tokens; when one shuts
+    down (resetting dynamo's cache) the other stops skipping until it has compiled and checked both
+    of its graphs again, and still serves its own tokens."""
+    folder, hf_model = tiny_llama
+    torch.manual_seed(1)
+    other_model = AutoModelForCausalLM.from_config(hf_model.config, dtype=torch.float32).eval()
+    other_model.save_pretrained(tmp_path)
+    args = dict(dtype="float32", cpu_compile=True, block_size=4, max_model_len=64, kv_cache_memory=4 << 20)
+    first, second = LLM(folder, **args), LLM(str(tmp_path), **args)
+    forward = first.engine.core.executor.driver_worker.runner._forward
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+    def tokens(llm):
+        return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+
+    try:
+        assert forward.trusted  # both graphs ran at start-up
+        served = [tokens(first), tokens(second), tokens(first), tokens(second)]
+        second.shutdown()
+        assert not forward.trusted
+        served.append(tokens(first))  # multi-token steps only (two requests decode together)
+        assert not forward.trusted
+        alone = first.generate(PROMPTS[:1], params, use_tqdm=False)[0].outputs[0].token_ids  # one-token steps
+        assert forward.trusted
+        served.append(tokens(first))
+    finally:
+        first.shutdown()
+        second.shutdown()
+    mine = [_hf_greedy(hf_model, p, 4) for p in PROMPTS]
+    theirs = [_hf_greedy(other_model, p, 4) for p in PROMPTS]
+    assert mine != theirs
+    assert served == [mine, theirs, mine, theirs, mine, mine]
+    assert alone == mine[0]
+
+
 def test_cpu_compile_refused_where_it_cannot_apply():
     from tokenmill.config import EngineArgs
 
