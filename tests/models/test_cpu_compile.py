@@ -115,8 +115,8 @@ def test_several_compiled_engines_in_one_process(tiny_llama):
 def test_engines_with_other_weights_never_run_each_others_graphs(tiny_llama, tmp_path):
     """Steps skip dynamo's full guard check once both graphs ran under it. Two engines of the same
     architecture and other weights, interleaved, each serve their own model's tokens; when one shuts
-    down (resetting dynamo's cache) the other stops skipping until it has compiled and checked both
-    of its graphs again, and still serves its own tokens."""
+    down (resetting dynamo's cache), or anything resets it, the other stops skipping until it has
+    compiled and checked both of its graphs again, and still serves its own tokens."""
     folder, hf_model = tiny_llama
     torch.manual_seed(1)
     other_model = AutoModelForCausalLM.from_config(hf_model.config, dtype=torch.float32).eval()
@@ -138,6 +138,8 @@ def test_engines_with_other_weights_never_run_each_others_graphs(tiny_llama, tmp
         assert not forward.trusted
         alone = first.generate(PROMPTS[:1], params, use_tqdm=False)[0].outputs[0].token_ids  # one-token steps
         assert forward.trusted
+        torch._dynamo.reset()  # by any code in the process
+        assert not forward.trusted
         served.append(tokens(first))
     finally:
         first.shutdown()

@@ -10,9 +10,11 @@ one for every other size, both at start-up (`warm_up`), so no served step compil
 graphs of this forward have run under dynamo's full guards, steps skip all but the guards that tell
 dynamo's cached graphs apart (`skip_guard_eval_unsafe`): the full check walks ~6,000 guards on
 the model's modules a step, 1.1 ms of a 12 ms SmolLM2 decode step on a 2-core Zen 4, and nothing
-they check changes while an engine serves. A reset of dynamo's cache (`forget_compiled_graphs`,
-by this or another engine in the process) drops this trust until both graphs have run under full
-guards again, so a step can never be handed another engine's graph. Weights are
+they check changes while an engine serves. The trust holds while the cache entries present when
+it was given are all still there: a reset of dynamo's cache (`forget_compiled_graphs`, another
+engine, or any code in the process) removes them, and steps run under full guards until both
+graphs have been compiled and checked again, so a step is never handed another engine's graph.
+Weights are
 frozen into the graph (inductor packs each linear's for oneDNN); start-up therefore compiles for
 minutes on a 2-core machine every time: with frozen weights inductor's on-disk cache did not
 shorten a second start-up in our measurement (docs/perf-cpu.md).
@@ -30,9 +32,6 @@ from tokenmill.model.attention.backend import AttentionMetadata, KVCache
 
 logger = logging.getLogger(__name__)
 
-# Bumped whenever dynamo's cache is reset in this process: graphs trusted before are gone.
-_cache_generation = 0
-
 
 class CompiledCpuForward:
     """`model(input_ids, positions, kv_caches, meta)`, compiled on first use of each graph."""
@@ -48,10 +47,11 @@ class CompiledCpuForward:
         # A C++ wrapper calls the graph's ~300 kernels (SmolLM2: 121 linears, 30 attention ops)
         # instead of generated Python: decode 19.4 -> 17.8 ms/token on the 2-core box.
         self._compiled = torch.compile(model, dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
-        # Which graphs (one-token: True, multi-token: False) ran under full guards in the cache
-        # generation `_checked_generation`; with both, that generation's steps skip the full check.
+        self._code = type(model).forward.__code__  # dynamo keeps the compiled graphs on it
+        # Which graphs (one-token: True, multi-token: False) ran under full guards since the trust
+        # was last lost, and the compiled code of every cache entry there was when both had.
         self._checked: set[bool] = set()
-        self._checked_generation = -1
+        self._trusted_codes: list = []
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                  meta: AttentionMetadata) -> torch.Tensor:
@@ -61,18 +61,34 @@ class CompiledCpuForward:
         for per_request in (meta.seq_lens, meta.block_table, meta.query_start_loc):
             torch._dynamo.decorators.mark_unbacked(per_request, 0)
         if self.trusted:
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                return self._compiled(input_ids, positions, kv_caches, meta)
-        if self._checked_generation != _cache_generation:
-            self._checked, self._checked_generation = set(), _cache_generation
+            try:
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                    return self._compiled(input_ids, positions, kv_caches, meta)
+            except RuntimeError as error:  # no entry fits: a graph must be compiled, under full guards
+                if "skip_guard_eval_unsafe" not in str(error):
+                    raise
+                self._trusted_codes = []
         out = self._compiled(input_ids, positions, kv_caches, meta)
         self._checked.add(input_ids.shape[0] == 1)
+        if len(self._checked) == 2 and not self._trusted_codes:
+            self._trusted_codes = [entry.code for entry in self._cache_entries()]
         return out
+
+    def _cache_entries(self) -> list:
+        return torch._dynamo.eval_frame._debug_get_cache_entry_list(self._code)
 
     @property
     def trusted(self) -> bool:
-        """Whether steps skip dynamo's full guard check: both graphs ran under it since the last reset."""
-        return self._checked_generation == _cache_generation and len(self._checked) == 2
+        """Whether steps skip dynamo's full guard check: both graphs ran under it, and no entry of
+        dynamo's cache present then has gone since (~1.5 us to check)."""
+        if not self._trusted_codes:
+            return False
+        # The codes are held here, so no other object can have taken their ids.
+        present = {id(entry.code) for entry in self._cache_entries()}
+        if all(id(code) in present for code in self._trusted_codes):
+            return True
+        self._checked, self._trusted_codes = set(), []
+        return False
 
     def warm_up(self, run_step) -> None:
         """Compile both graphs now: `run_step(num_tokens)` runs one step of that many tokens."""
@@ -88,6 +104,4 @@ def forget_compiled_graphs() -> None:
     after its weights changed in place: the weights are frozen into the graphs, and dynamo's code
     cache, whose guards check the parameters' shapes and not their values, would hand back the
     graph of the old ones. (Other engines in the process compile theirs again on their next call.)"""
-    global _cache_generation
     torch._dynamo.reset()
-    _cache_generation += 1
