@@ -62,7 +62,8 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_wn, stride_sn,
     s_row = s_ptr + ((pid * BLOCK_N) // SCALE_BLOCK_N).to(tl.int64) * stride_sn
     k_begin = 0
     if PDL:
-        # No kernel writes the weights: the first tile is read while the kernel before finishes.
+        # Weights change only between steps (loading, updates), never in the kernel before this
+        # one: the first tile is read while that kernel finishes.
         w = load_weight_tile(w_ptrs, 0, row_mask, cols, K)
         pdl_enter(PDL)
         acc = _accumulate(acc, w, x_ptr, s_row, 0, cols, K, SILU_MUL, BLOCKWISE, SCALE_BLOCK_K)

@@ -81,7 +81,8 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn,
     w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :]
     k_begin = 0
     if PDL:
-        # No kernel writes the weights: the first tile is read while the kernel before finishes.
+        # Weights change only between steps (loading, updates), never in the kernel before this
+        # one: the first tile is read while that kernel finishes.
         w = load_weight_tile(w_ptrs, 0, row_mask, cols, K)
         pdl_enter(PDL)
         acc += w.to(tl.float32) * _load_x(x_ptr, cols, cols < K, K, SILU_MUL)[None, :]
