@@ -2,7 +2,7 @@
 # Device pass for programmatic dependent launch (ops/pdl.py), one H100/H200, ~9 minutes:
 #   gemv     the Llama-3.1-8B batch-1 weight set through the bf16 and fp8 GEMVs, each in one CUDA
 #            graph, ordinary launches beside dependent ones (benchmarks/kernels/fp8.py gemv)
-#   latency  Llama-3.1-8B shape, batch-1 decode 512/128, bf16 and online fp8, each with --no-pdl and
+#   latency  Llama-3.1-8B shape, batch-1 decode 512/128, bf16 and online fp8 (VARIANTS), each with --no-pdl and
 #            with PDL, alternated in one call (dummy weights)
 #   tests    the PDL chain test, the GEMV and attention-kernel tests (with PDL, the default on Hopper)
 # Usage (repo root): bash tokenmill/benchmarks/suites/pdl_suite.sh [gemv] [latency] [tests]
@@ -16,7 +16,7 @@ if [[ " $parts " == *" gemv "* ]]; then
       | tee "$out/gemv.log" || rc=1
 fi
 if [[ " $parts " == *" latency "* ]]; then
-  for variant in bf16 fp8; do
+  for variant in ${VARIANTS:-bf16 fp8}; do
     for launch in no-pdl pdl; do
       args=(--model llama-3.1-8b); [[ $variant == fp8 ]] && args+=(--quantization fp8)
       timeout 90 python3 -m tokenmill.entrypoints.cli.main bench latency "${args[@]}" --$launch \
