@@ -51,7 +51,7 @@ from tokenmill.ops.attention_common import (
     dequantize_to_float32,
     finish_softmax,
 )
-from tokenmill.ops.pdl import pdl_enter
+from tokenmill.ops.pdl import launch_options, pdl_enter
 
 DECODE_CONFIG = LaunchConfig(block_m=0, block_n=64, num_warps=4, num_stages=3)
 DECODE_CONFIG_FP32 = LaunchConfig(block_m=0, block_n=32, num_warps=4, num_stages=2)  # (see PREFILL_CONFIG_FP32)
@@ -369,5 +369,5 @@ def launch_decode_kernel(
         BLOCK_S=block_s, GROUP_P2=group_p2, MERGE_H=merge_h, MERGE_S=merge_s,
         DIRECT=num_splits == 1 and not cascade,
         KV_FP8=kv_fp8, KV_SCALED=dequantize_to_float32(kv_fp8, k_scale, v_scale), CASCADE=cascade,
-        PDL=pdl, num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
+        PDL=pdl, num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(pdl),
     )

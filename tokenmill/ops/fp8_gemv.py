@@ -33,7 +33,7 @@ import triton.language as tl
 from tokenmill.ops.fp8_format import dequantize_weight_blocks, dequantize_weight_per_channel
 from tokenmill.ops.gemv import _load_x, load_weight_tile
 from tokenmill.ops.gemv_configs import GemvConfig, tuned_fp8_config
-from tokenmill.ops.pdl import pdl_enter
+from tokenmill.ops.pdl import launch_options, pdl_enter
 
 
 @triton.jit
@@ -124,7 +124,7 @@ def fp8_gemv(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, block: t
         scale_block_n, scale_block_k, stride_sn = 1, 1, 0
     args = (x, w_q, w_scale, y, n, k, w_q.stride(0), stride_sn)
     meta = dict(BLOCKWISE=block is not None, SCALE_BLOCK_N=scale_block_n, SCALE_BLOCK_K=scale_block_k,
-                SILU_MUL=silu_mul, PDL=pdl, launch_pdl=pdl)
+                SILU_MUL=silu_mul, PDL=pdl, **launch_options(pdl))
     if config is None and x.is_cuda:
         config = tuned_fp8_config(w_q, silu_mul, block is not None)
     if config is None and x.is_cuda:

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from tokenmill.ops.all_reduce_rms_norm import push_row_words
 from tokenmill.ops.gemv_configs import tuned_config
-from tokenmill.ops.pdl import pdl_enter
+from tokenmill.ops.pdl import launch_options, pdl_enter
 
 if TYPE_CHECKING:
     from tokenmill.distributed.symm_mem import PushTarget
@@ -129,7 +129,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False, push: "P
     else:
         comm = (y, y, 0, 0)  # not read
         meta = dict(PUSH=False, RANK=0, WORLD=1, MAX_ROWS=1)
-    meta.update(PDL=pdl, launch_pdl=pdl)
+    meta.update(PDL=pdl, **launch_options(pdl))
     config = tuned_config(weight, silu_mul)
     if config is not None:
         _gemv_kernel.fn[(triton.cdiv(n, config.block_n),)](

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from tokenmill.ops.attention_common import FP8_MAX, check_cache
 from tokenmill.ops.rotary import _rope_neox_kernel, rope_launch_meta
-from tokenmill.ops.pdl import pdl_enter
+from tokenmill.ops.pdl import launch_options, pdl_enter
 
 
 @triton.jit
@@ -143,5 +143,5 @@ def rope_and_write_kv_cache(
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, PAGE=k_cache.shape[1], HALF=rope_meta["HALF"],
         BLOCK_HALF=rope_meta["BLOCK_HALF"], BLOCK_Q_HEADS=rope_meta["BLOCK_Q_HEADS"],
         BLOCK_H=rope_meta["BLOCK_K_HEADS"], BLOCK_D=triton.next_power_of_2(head_dim),
-        KV_FP8=kv_fp8, PDL=pdl, num_warps=rope_meta["num_warps"], launch_pdl=pdl,
+        KV_FP8=kv_fp8, PDL=pdl, num_warps=rope_meta["num_warps"], **launch_options(pdl),
     )

@@ -12,8 +12,9 @@ read. CUDA graph capture keeps the relation (a programmatic edge), so the decode
 The kernels of the decode chain that take a `PDL` flag call `pdl_enter(PDL)` first thing (the
 GEMVs after reading their first weight tile, which no earlier kernel writes): wait for the kernel
 before, then let the next one launch. Waiting before anything else keeps the ordering transitive,
-so a kernel launched the ordinary way may sit anywhere in the chain. Layers ask `enabled` once
-when they are built (`KernelConfig.pdl`, `BuildContext.pdl`).
+so a kernel launched the ordinary way may sit anywhere in the chain. Layers decide once, when
+they are built (`BuildContext.pdl`: `KernelConfig.pdl`, `--pdl`, and `supported` here), and pass
+the choice to the ops as their `pdl` argument.
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ def supported(device: torch.device) -> bool:
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _capability(index)[0] >= 9
+
+
+def launch_options(pdl: bool) -> dict:
+    """The launch option a dependent launch needs; none otherwise (a Triton backend without PDL,
+    such as the CPU interpreter, never sees the option)."""
+    return {"launch_pdl": True} if pdl else {}
 
 
 @triton.jit

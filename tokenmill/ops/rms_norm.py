@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tokenmill.ops.pdl import pdl_enter
+from tokenmill.ops.pdl import launch_options, pdl_enter
 
 def rms_norm_ref(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
@@ -97,7 +97,7 @@ def rms_norm(
             stride_outer, stride_inner, inner, residual.stride(0) if residual is not None else 0,
             hidden, eps,
             HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl,
-            num_warps=max(1, min(8, block // 512)), launch_pdl=pdl,
+            num_warps=max(1, min(8, block // 512)), **launch_options(pdl),
         )
     if residual is None:
         return out
