@@ -10,7 +10,7 @@ kernel before it has called `griddepcontrol.launch_dependents` (or exited); it m
 read. CUDA graph capture keeps the relation (a programmatic edge), so the decode graphs get it.
 
 The kernels of the decode chain that take a `PDL` flag call `pdl_enter(PDL)` first thing (the
-GEMVs after reading their first weight tile, which no earlier kernel writes): wait for the kernel
+GEMVs after reading their first weight tile: weights change only between steps): wait for the kernel
 before, then let the next one launch. Waiting before anything else keeps the ordering transitive,
 so a kernel launched the ordinary way may sit anywhere in the chain. Layers decide once, when
 they are built (`BuildContext.pdl`: `KernelConfig.pdl`, `--pdl`, and `supported` here), and pass
