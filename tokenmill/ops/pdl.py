@@ -19,24 +19,14 @@ the choice to the ops as their `pdl` argument.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 
-@functools.lru_cache(maxsize=8)
-def _capability(device_index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device_index)
-
-
 def supported(device: torch.device) -> bool:
     """Whether kernels on `device` can be launched dependent (a CUDA GPU of compute capability 9+)."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _capability(index)[0] >= 9
+    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def launch_options(pdl: bool) -> dict:

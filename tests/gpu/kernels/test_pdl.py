@@ -1,5 +1,6 @@
-"""Programmatic dependent launch (`ops/pdl.py`): the decode chain's kernels launched dependent on
-one another, eagerly and replayed from a CUDA graph, give exactly what ordinary launches give.
+"""Programmatic dependent launch (`ops/pdl.py`): the decode chain's kernels (norm, bf16 and fp8
+GEMVs, rope + cache write, split-KV decode attention) launched dependent on one another, eagerly
+and replayed from a CUDA graph, give exactly what ordinary launches give.
 
 Each kernel of the chain reads what the one before wrote (and the GEMVs start reading weights
 before they wait), so a missing or misplaced wait shows up as a wrong or stale row. Needs a GPU of
@@ -14,9 +15,11 @@ import torch
 from kernel_device import DEVICE, INTERPRET  # noqa: E402  (skips the module without a GPU)
 
 from tokenmill.ops import pdl  # noqa: E402
+from tokenmill.ops.attention_decode import new_split_counters, paged_decode  # noqa: E402
 from tokenmill.ops.fp8_format import quantize_weight_blocks, quantize_weight_per_channel  # noqa: E402
 from tokenmill.ops.fp8_gemv import fp8_gemv  # noqa: E402
 from tokenmill.ops.gemv import gemv  # noqa: E402
+from tokenmill.ops.kv_cache_write import rope_and_write_kv_cache  # noqa: E402
 from tokenmill.ops.rms_norm import rms_norm  # noqa: E402
 
 pytestmark = pytest.mark.skipif(INTERPRET or not pdl.supported(DEVICE),
@@ -72,6 +75,64 @@ def test_dependent_launches_match_ordinary_ones_eagerly_and_in_a_graph():
             static_r.copy_(r)
             graph.replay()
             assert torch.equal(static_out[0], want[0]) and torch.equal(static_out[1], want[1])
+
+
+def test_attention_chain_matches_ordinary_launches_eagerly_and_in_a_graph():
+    """Norm -> QKV GEMV -> rope + cache write -> split-KV decode attention -> O GEMV for a batch-1
+    decode step, the attention kernels' inputs written by the kernels just before them."""
+    torch.manual_seed(1)
+    heads, kv_heads, head_dim, block_size, num_blocks = 8, 2, 128, 16, 64
+    hidden = heads * head_dim
+    norm = torch.rand(hidden, device=DEVICE, dtype=torch.bfloat16) + 0.5
+    qkv_w = torch.randn((heads + 2 * kv_heads) * head_dim, hidden, device=DEVICE, dtype=torch.bfloat16) * hidden ** -0.5
+    o_w = torch.randn(hidden, hidden, device=DEVICE, dtype=torch.bfloat16) * hidden ** -0.5
+    cos_sin = torch.randn(2048, head_dim, device=DEVICE)
+    block_table = torch.randperm(num_blocks, device=DEVICE, dtype=torch.int32)[None, :]
+    counters = new_split_counters(kv_heads, DEVICE)
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, device=DEVICE, dtype=torch.bfloat16)
+
+    def step(x, position, seq_len, slot, k_cache, v_cache, use_pdl):
+        h = rms_norm(x, norm, 1e-5, pdl=use_pdl)
+        q, k, v = gemv(h, qkv_w, pdl=use_pdl).split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], 1)
+        q, k, v = q.view(1, heads, head_dim), k.view(1, kv_heads, head_dim), v.view(1, kv_heads, head_dim)
+        rope_and_write_kv_cache(q, k, v, k_cache, v_cache, slot, position, cos_sin, pdl=use_pdl)
+        out = torch.empty_like(q)
+        paged_decode(q, k_cache, v_cache, block_table, seq_len, out, num_blocks * block_size, head_dim ** -0.5,
+                     split_counters=counters, pdl=use_pdl)
+        return gemv(out.view(1, hidden), o_w, pdl=use_pdl)
+
+    def inputs(length):
+        slot = block_table[0, (length - 1) // block_size].long() * block_size + (length - 1) % block_size
+        return (torch.randn(1, hidden, device=DEVICE, dtype=torch.bfloat16),
+                torch.tensor([length - 1], device=DEVICE), torch.tensor([length], device=DEVICE, dtype=torch.int32),
+                slot.view(1))
+
+    cases = [inputs(length) for length in (1, 17, 300, 1000)]
+    expected = []
+    for case in cases:
+        caches = cache.clone()
+        expected.append((step(*case, caches[0], caches[1], use_pdl=False), caches))
+    for case, (want, want_caches) in zip(cases, expected):
+        caches = cache.clone()
+        assert torch.equal(step(*case, caches[0], caches[1], use_pdl=True), want)
+        assert torch.equal(caches, want_caches)
+
+    static = [t.clone() for t in cases[-1]]
+    caches = cache.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step(*static, caches[0], caches[1], use_pdl=True)  # compile before capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step(*static, caches[0], caches[1], use_pdl=True)
+    for case, (want, want_caches) in zip(cases, expected):
+        caches.copy_(cache)
+        for dst, src in zip(static, case):
+            dst.copy_(src)
+        graph.replay()
+        assert torch.equal(static_out, want) and torch.equal(caches, want_caches)
 
 
 def test_supported_only_on_hopper_and_later():
