@@ -16,7 +16,8 @@
 #   bash tokenmill/benchmarks/suites/fp8_suite.sh compiles # (~3 min)
 # or a single part (kernels, latency, tput). Every step is capped by its timeout. The issue's
 # 256 x 1024/1024: TPUT_N=256 TPUT_IN=1024 TPUT_OUT=1024 with `tput` or `moe` alone (longer).
-# LATENCY_ARGS: more engine flags for `latency` (e.g. "--no-pdl" with OUT=another folder, for an A/B).
+# LATENCY_ARGS: more engine flags for `latency` (e.g. "--no-pdl" with OUT=another folder, for an A/B);
+# LATENCY_VARIANTS: which of "bf16 fp8 block-fp8" it runs (default all three).
 # SWEEP=1 adds the block-GEMM tile sweep to `kernels`; FP8_M sets its token counts (default "512 2048 8192").
 # Carry: wheels/ (device_setup.sh installs them).
 set -u -o pipefail
@@ -57,7 +58,7 @@ if has kernels; then
 fi
 if has latency; then
   block=$(block_fp8_folder llama-3.1-8b)
-  for variant in bf16 fp8 block-fp8; do
+  for variant in ${LATENCY_VARIANTS:-bf16 fp8 block-fp8}; do
     case $variant in
       bf16) args=(--model llama-3.1-8b) ;;
       fp8) args=(--model llama-3.1-8b --quantization fp8) ;;

@@ -8,6 +8,7 @@
 # Usage (repo root), one call per line, each under 10 minutes:
 #   bash tokenmill/benchmarks/suites/pdl_suite.sh tests gemv   # (~4 min)
 #   bash tokenmill/benchmarks/suites/pdl_suite.sh latency      # (~7 min)
+# LATENCY_VARIANTS (fp8_suite.sh's) narrows `latency`, e.g. "bf16 fp8" to fit one call with `tests`.
 # Carry: wheels/ (device_setup.sh installs them).
 set -u -o pipefail
 parts="${*:-tests gemv}"
