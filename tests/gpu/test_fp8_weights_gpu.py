@@ -99,8 +99,8 @@ def test_batch1_decode_runs_the_fp8_gemv(tmp_path_factory, monkeypatch):
 
     calls = []
     real = fp8_gemv.fp8_gemv
-    monkeypatch.setattr(fp8_gemv, "fp8_gemv", lambda x, w, s, block, silu_mul=False, config=None:
-                        calls.append(silu_mul) or real(x, w, s, block, silu_mul, config))
+    monkeypatch.setattr(fp8_gemv, "fp8_gemv", lambda x, w, s, block, silu_mul=False, config=None, **kw:
+                        calls.append(silu_mul) or real(x, w, s, block, silu_mul, config, **kw))
     folder, _ = _block_fp8_folder(tmp_path_factory, "llama", 0.5)
     prompt = [[(13 * i) % 2048 for i in range(77)]]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)

@@ -137,7 +137,7 @@ class EngineArgs:
     disable_cascade_attn: bool = False
     # GPU kernel switches (docs/gpu.md): all on by default, each off for measurement or a workaround.
     triton_gemv: bool = True
-    pdl: bool = False
+    pdl: bool = True
     cublas_fp8: bool = True
     disable_custom_all_reduce: bool = False
     fused_all_reduce_norm: bool = True

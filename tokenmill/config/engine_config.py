@@ -144,8 +144,8 @@ class KernelConfig:
     triton_gemv: bool = True
     # The decode chain's Triton kernels (GEMVs, norms, rope + cache write, decode attention) launch
     # dependent on the kernel before, overlapping each one's start with its predecessor's end
-    # (programmatic dependent launch, Hopper and later; ops/pdl.py). Off until measured on a GPU.
-    pdl: bool = False
+    # (programmatic dependent launch, Hopper and later; ops/pdl.py; ignored elsewhere).
+    pdl: bool = True
     # fp8 linears: products of many tokens through cuBLAS's scaled fp8 GEMM (`torch._scaled_mm`
     # with row-wise or DeepSeek's 1x128 / 128x128 block scales) where this torch and GPU take them.
     cublas_fp8: bool = True

@@ -16,8 +16,8 @@ Scales, as in `fp8_gemm.py`:
 rounded as `ops/activation.silu_and_mul` rounds it (`gemv._load_x`), so the down projection needs
 no separate activation kernel.
 
-Launch configuration: where `gemv_configs.TUNED_FP8` lists the GPU, shape and scale form, its
-measured configuration (timed in a CUDA graph as the engine runs it: for the bf16 GEMV the
+Launch configuration: where `gemv_configs.TUNED_FP8` (`TUNED_FP8_PDL` for dependent launches) lists
+the GPU, shape and scale form, its measured configuration (timed in a CUDA graph as the engine runs it: for the bf16 GEMV the
 autotuner's `do_bench` picks were 2-10% slower there than the best); elsewhere Triton's autotuner on a GPU (per shape,
 at the warm-up before the decode graphs are captured), over tiles of about the bf16 GEMV's
 measured winners in bytes; a fixed one under the interpreter or when `config` is given (the
@@ -126,7 +126,7 @@ def fp8_gemv(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, block: t
     meta = dict(BLOCKWISE=block is not None, SCALE_BLOCK_N=scale_block_n, SCALE_BLOCK_K=scale_block_k,
                 SILU_MUL=silu_mul, PDL=pdl, **launch_options(pdl))
     if config is None and x.is_cuda:
-        config = tuned_fp8_config(w_q, silu_mul, block is not None)
+        config = tuned_fp8_config(w_q, silu_mul, block is not None, pdl)
     if config is None and x.is_cuda:
         _fp8_gemv_tuned[lambda m: (triton.cdiv(n, m["BLOCK_N"]),)](*args, **meta)
         return y

@@ -61,7 +61,15 @@ _H100_FP8 = {
     (4096, 14336, True, "channel"): GemvConfig(8, 1024, 8, 1),  # down + SiLU: 22.15 (22.23)
 }
 
+# Launched dependent (`ops/pdl.py`), a GEMV reads its first weight tile while the kernel before it
+# finishes, and its tail overlaps the next one's start: other configurations win
+# (`gemv-sweep --pdl --write-table _H100_FP8_PDL` writes this table). A shape missing here takes
+# the ordinary table's entry.
+_H100_FP8_PDL: dict[tuple[int, int, bool, str], GemvConfig] = {
+}
+
 TUNED_FP8: dict[str, dict[tuple[int, int, bool, str], GemvConfig]] = {"NVIDIA H100 80GB HBM3": _H100_FP8}
+TUNED_FP8_PDL: dict[str, dict[tuple[int, int, bool, str], GemvConfig]] = {"NVIDIA H100 80GB HBM3": _H100_FP8_PDL}
 
 
 @functools.lru_cache(maxsize=8)
@@ -77,10 +85,11 @@ def _lookup(tables: dict, weight: torch.Tensor, key: tuple) -> GemvConfig | None
     return tables.get(_device_name(index), {}).get(key)
 
 
-def tuned_fp8_config(weight: torch.Tensor, silu_mul: bool, blockwise: bool) -> GemvConfig | None:
+def tuned_fp8_config(weight: torch.Tensor, silu_mul: bool, blockwise: bool, pdl: bool = False) -> GemvConfig | None:
     """The measured fp8 GEMV configuration for this e4m3 weight's shape and scale form on its GPU,
-    or None (autotune)."""
-    return _lookup(TUNED_FP8, weight, (weight.shape[0], weight.shape[1], silu_mul, "block" if blockwise else "channel"))
+    launched dependent (`pdl`) or not, or None (autotune)."""
+    key = (weight.shape[0], weight.shape[1], silu_mul, "block" if blockwise else "channel")
+    return (pdl and _lookup(TUNED_FP8_PDL, weight, key)) or _lookup(TUNED_FP8, weight, key)
 
 
 def tuned_config(weight: torch.Tensor, silu_mul: bool) -> GemvConfig | None:

@@ -21,13 +21,17 @@ gemv: batch-1 decode over the whole weight set (`--layers` x QKV, O, gate/up, do
 gemv-sweep: every launch configuration of `GEMV_SWEEP_GRID` of the fp8 GEMV, per Llama-3.1-8B matrix
   (`--sweep-tp` sizes) and scale form, timed as the engine runs it: one CUDA graph of back-to-back
   GEMVs over >= 1 GB of distinct weights (none served from L2); best four printed beside the
-  autotuner's pick in the same graph form. What `ops/gemv_configs.TUNED_FP8` lists comes from here.
+  autotuner's pick in the same graph form. What `ops/gemv_configs.TUNED_FP8` lists comes from here;
+  `--pdl` launches them dependent (`TUNED_FP8_PDL`), `--write-table VARIABLE` writes the winners
+  into that table of `ops/gemv_configs.py`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import pathlib
+import re
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +40,7 @@ import triton.testing
 
 from tokenmill.benchmarks.kernels.copy_bandwidth import copy_rate
 from tokenmill.benchmarks.kernels.gemv import SHAPES, graph_ms
-from tokenmill.ops import pdl
+from tokenmill.ops import gemv_configs, pdl
 from tokenmill.ops.fp8_format import quantize_weight_blocks, quantize_weight_per_channel
 from tokenmill.ops.fp8_gemm import GemmConfig, fp8_gemm, fp8_linear, gemm_config
 from tokenmill.ops.fp8_gemv import fp8_gemv
@@ -44,6 +48,7 @@ from tokenmill.ops.fp8_quant import per_token_group_quant
 from tokenmill.ops.gemv import gemv
 
 BLOCK = (128, 128)
+GEMV_CONFIGS_PY = pathlib.Path(gemv_configs.__file__)
 PREFILL_SHAPES = {name: SHAPES[name] for name in ("qkv", "o", "gate_up", "down")}
 SWEEP = [GemmConfig(bm, bn, 8, w, s) for bm in (64, 128) for bn in (64, 128, 256) for w in (4, 8) for s in (3, 4)
          if not (bm == 128 and bn == 256 and s == 4)]
@@ -161,7 +166,7 @@ GEMV_SWEEP_GRID = [(bn, bk, w, s) for bn in (2, 4, 8, 16, 32) for bk in (256, 51
                    for w in (1, 2, 4, 8) for s in (1, 2, 3) if 2048 <= bn * bk <= 32768 and w * 32 * 16 <= bn * bk]
 
 
-def _warm_gemv_compiles(configs: list[tuple], blockwise: bool, silu_mul: bool) -> None:
+def _warm_gemv_compiles(configs: list[tuple], blockwise: bool, silu_mul: bool, dependent: bool) -> None:
     """Compile `configs` of the fp8 GEMV into Triton's on-disk cache (one process of a pool), with
     arguments that specialise as the Llama shapes do (every size and stride a multiple of 16)."""
     from tokenmill.ops.fp8_gemv import _fp8_gemv_kernel
@@ -174,31 +179,33 @@ def _warm_gemv_compiles(configs: list[tuple], blockwise: bool, silu_mul: bool) -
     for bn, bk, warps, stages in configs:
         _fp8_gemv_kernel.warmup(x, w, s, y, n, k, k, k // 128 if blockwise else 0, BLOCKWISE=blockwise,
                                 SCALE_BLOCK_N=128 if blockwise else 1, SCALE_BLOCK_K=128 if blockwise else 1,
-                                SILU_MUL=silu_mul, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
-                                grid=(1,))
+                                SILU_MUL=silu_mul, PDL=dependent, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+                                num_stages=stages, grid=(1,))
 
 
-def _warm_gemv_sweep(processes: int = 14) -> None:
+def _warm_gemv_sweep(dependent: bool, processes: int = 14) -> None:
     import concurrent.futures
     import multiprocessing
 
-    jobs = [(GEMV_SWEEP_GRID[i::processes], blockwise, silu) for i in range(processes)
+    jobs = [(GEMV_SWEEP_GRID[i::processes], blockwise, silu, dependent) for i in range(processes)
             for blockwise in (True, False) for silu in (False, True)]
     with concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
         list(pool.map(_warm_gemv_compiles, *zip(*jobs)))
 
 
-def gemv_sweep(tps: list[int], min_bytes: float = 1e9) -> dict:
+def gemv_sweep(tps: list[int], dependent: bool = False, min_bytes: float = 1e9) -> dict:
     """Per one-rank Llama-3.1-8B shape and scale form: every GEMV_SWEEP_GRID configuration as a CUDA
-    graph of back-to-back fp8 GEMVs over distinct weights (us per GEMV), and the autotuner's pick."""
+    graph of back-to-back fp8 GEMVs over distinct weights (us per GEMV), and the engine's pick
+    (the table's, else the autotuner's). `dependent`: every GEMV launched dependent (ops/pdl.py)."""
     import time
 
     from tokenmill.benchmarks.kernels.gemv import describe_best, sweep_shapes, time_configs
     from tokenmill.ops.activation import silu_and_mul
     from tokenmill.ops.fp8_gemv import GemvConfig, _fp8_gemv_tuned, fp8_gemv, fp8_gemv_ref
+    from tokenmill.ops.gemv_configs import tuned_fp8_config
 
     t0 = time.perf_counter()
-    _warm_gemv_sweep()
+    _warm_gemv_sweep(dependent)
     print(f"{len(GEMV_SWEEP_GRID)} configs x 4 compiled in {time.perf_counter() - t0:.0f} s", flush=True)
     result = {}
     for tp in tps:
@@ -220,12 +227,15 @@ def gemv_sweep(tps: list[int], min_bytes: float = 1e9) -> dict:
 
                 def make_launch(config, block=block):
                     config = GemvConfig(*config)
-                    return lambda x, wt: fp8_gemv(x, wt[0], wt[1], block, silu_mul=silu, config=config)
+                    return lambda x, wt: fp8_gemv(x, wt[0], wt[1], block, silu_mul=silu, config=config,
+                                                  pdl=dependent)
 
                 rows = time_configs(f"{name} {form}", grid, make_launch, per_call_us, (xs[0], ws[0]), ref, n * k)
-                tuned_us = per_call_us(lambda x, wt: fp8_gemv(x, wt[0], wt[1], block, silu_mul=silu))
-                picked = str(getattr(_fp8_gemv_tuned, "best_config", None))
+                tuned_us = per_call_us(lambda x, wt: fp8_gemv(x, wt[0], wt[1], block, silu_mul=silu, pdl=dependent))
+                picked = str(tuned_fp8_config(ws[0][0], silu, block is not None, dependent)
+                             or getattr(_fp8_gemv_tuned, "best_config", None))
                 result[f"{name}_{form}"] = {"n": n, "k": k, "silu_mul": silu, "form": form, "copies": copies,
+                                            "dependent": dependent,
                                             "default_us": tuned_us, "default_config": picked, "best": rows[:8],
                                             "worst_us": rows[-1]["us"]}
                 print(f"{name:12s} {form:7s} {n:6d}x{k:5d}{' +silu' if silu else '      '}: default {tuned_us:6.2f} us "
@@ -235,6 +245,23 @@ def gemv_sweep(tps: list[int], min_bytes: float = 1e9) -> dict:
             del w
             torch.cuda.empty_cache()
     return result
+
+
+def write_table(sweep: dict, variable: str, path: pathlib.Path = GEMV_CONFIGS_PY) -> str:
+    """Replace `variable = {...}` in `ops/gemv_configs.py` with each swept shape's fastest configuration
+    (the measured table the engine then uses); returns the new table's source."""
+    lines = [f"{variable}: dict[tuple[int, int, bool, str], GemvConfig] = {{"]
+    for row in sweep.values():
+        best = row["best"][0]
+        config = f"GemvConfig({best['block_n']}, {best['block_k']}, {best['warps']}, {best['stages']})"
+        lines.append(f"    ({row['n']}, {row['k']}, {row['silu_mul']}, \"{row['form']}\"): {config},  "
+                     f"# {best['us']:.2f} us (before: {row['default_us']:.2f})")
+    table = "\n".join(lines + ["}"])
+    source = path.read_text()
+    pattern = re.compile(rf"^{re.escape(variable)}(: [^=]*)? = \{{\n.*?^\}}", re.MULTILINE | re.DOTALL)
+    assert pattern.search(source), f"{variable} is not a table in {path}"
+    path.write_text(pattern.sub(lambda _: table, source, count=1))
+    return table
 
 
 def main() -> None:
@@ -247,6 +274,10 @@ def main() -> None:
                              "launch cost, which bounds small token counts otherwise)")
     parser.add_argument("--layers", type=int, default=32, help="decoder layers in the GEMV weight set")
     parser.add_argument("--sweep-tp", type=int, nargs="+", default=[1], help="TP sizes for gemv-sweep's shapes")
+    parser.add_argument("--pdl", action="store_true", help="gemv-sweep launches every GEMV dependent (ops/pdl.py)")
+    parser.add_argument("--write-table", metavar="VARIABLE",
+                        help="gemv-sweep writes its winners into this table of ops/gemv_configs.py "
+                             "(e.g. _H100_FP8_PDL), for the engine to use")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}")
@@ -258,7 +289,9 @@ def main() -> None:
     if "gemv-sweep" in args.parts:
         result["gemv_copy_gb_per_s"] = copy_rate(torch.cuda.current_device(), 4.0)
         print(f"copy rate: {result['gemv_copy_gb_per_s']:.0f} GB/s")
-        result["gemv_sweep"] = gemv_sweep(args.sweep_tp)
+        result["gemv_sweep"] = gemv_sweep(args.sweep_tp, args.pdl)
+        if args.write_table:
+            print(write_table(result["gemv_sweep"], args.write_table))
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(result, f, indent=2)

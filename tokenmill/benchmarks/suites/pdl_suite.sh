@@ -5,6 +5,9 @@
 #   latency  fp8_suite.sh's batch-1 decode (Llama-3.1-8B shape, 512/128, bf16, online fp8, block-FP8,
 #            dummy weights) with --no-pdl, then with --pdl (in $OUT/no-pdl, $OUT/pdl)
 #   tests    the PDL chain tests (tests/gpu/kernels/test_pdl.py), then the GEMV and attention-kernel tests
+#   sweep    the fp8 GEMV's launch configurations timed with dependent launches; the winners are
+#            written into ops/gemv_configs.py's _H100_FP8_PDL (a copy in $OUT), so a `latency` after
+#            it in the same call runs them
 # Usage (repo root), one call per line, each under 10 minutes:
 #   bash tokenmill/benchmarks/suites/pdl_suite.sh tests gemv   # (~4 min)
 #   bash tokenmill/benchmarks/suites/pdl_suite.sh latency      # (~7 min)
@@ -22,6 +25,12 @@ fi
 if [[ " $parts " == *" gemv "* ]]; then
   timeout 100 python3 -m tokenmill.benchmarks.kernels.fp8 gemv --output-json "$out/gemv.json" 2>&1 \
       | tee "$out/gemv.log" || rc=1
+fi
+if [[ " $parts " == *" sweep "* ]]; then
+  timeout "${SWEEP_TIMEOUT:-300}" python3 -m tokenmill.benchmarks.kernels.fp8 gemv-sweep --pdl \
+      --write-table "${SWEEP_TABLE:-_H100_FP8_PDL}" --output-json "$out/sweep_pdl.json" 2>&1 \
+      | grep -v -i warning | tee "$out/sweep_pdl.log" | tail -14 || rc=1
+  cp tokenmill/ops/gemv_configs.py "$out/"
 fi
 if [[ " $parts " == *" latency "* ]]; then
   # fp8_suite.sh's latency part (bf16, online fp8, block-FP8), once with each launch mode.
