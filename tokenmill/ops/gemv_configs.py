@@ -63,13 +63,16 @@ _H100_FP8 = {
 
 # Launched dependent (`ops/pdl.py`), a GEMV reads its first weight tile while the kernel before it
 # finishes, and its tail overlaps the next one's start: other configurations win
-# (`gemv-sweep --pdl --write-table _H100_FP8_PDL` writes this table). A shape missing here takes
+# (`gemv-sweep --pdl --write-table` writes the table of the GPU it runs on). A shape missing here takes
 # the ordinary table's entry.
 _H100_FP8_PDL: dict[tuple[int, int, bool, str], GemvConfig] = {
 }
 
 TUNED_FP8: dict[str, dict[tuple[int, int, bool, str], GemvConfig]] = {"NVIDIA H100 80GB HBM3": _H100_FP8}
-TUNED_FP8_PDL: dict[str, dict[tuple[int, int, bool, str], GemvConfig]] = {"NVIDIA H100 80GB HBM3": _H100_FP8_PDL}
+_H200_FP8_PDL: dict[tuple[int, int, bool, str], GemvConfig] = {
+}
+TUNED_FP8_PDL: dict[str, dict[tuple[int, int, bool, str], GemvConfig]] = {"NVIDIA H100 80GB HBM3": _H100_FP8_PDL,
+                                                                          "NVIDIA H200": _H200_FP8_PDL}
 
 
 @functools.lru_cache(maxsize=8)

@@ -22,8 +22,8 @@ gemv-sweep: every launch configuration of `GEMV_SWEEP_GRID` of the fp8 GEMV, per
   (`--sweep-tp` sizes) and scale form, timed as the engine runs it: one CUDA graph of back-to-back
   GEMVs over >= 1 GB of distinct weights (none served from L2); best four printed beside the
   autotuner's pick in the same graph form. What `ops/gemv_configs.TUNED_FP8` lists comes from here;
-  `--pdl` launches them dependent (`TUNED_FP8_PDL`), `--write-table VARIABLE` writes the winners
-  into that table of `ops/gemv_configs.py`.
+  `--pdl` launches them dependent (`TUNED_FP8_PDL`), `--write-table` writes the winners into this
+  GPU's table of `ops/gemv_configs.py`.
 """
 
 from __future__ import annotations
@@ -247,6 +247,15 @@ def gemv_sweep(tps: list[int], dependent: bool = False, min_bytes: float = 1e9) 
     return result
 
 
+def table_variable(device_name: str, dependent: bool) -> str:
+    """The name of `ops/gemv_configs.py`'s fp8 table for this GPU and launch form."""
+    tables = gemv_configs.TUNED_FP8_PDL if dependent else gemv_configs.TUNED_FP8
+    if device_name not in tables:
+        raise SystemExit(f"ops/gemv_configs.py has no fp8 table for {device_name!r}: add an empty one first")
+    return next(name for name, value in vars(gemv_configs).items()
+                if value is tables[device_name] and name.startswith("_"))
+
+
 def write_table(sweep: dict, variable: str, path: pathlib.Path = GEMV_CONFIGS_PY) -> str:
     """Replace `variable = {...}` in `ops/gemv_configs.py` with each swept shape's fastest configuration
     (the measured table the engine then uses); returns the new table's source."""
@@ -275,9 +284,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32, help="decoder layers in the GEMV weight set")
     parser.add_argument("--sweep-tp", type=int, nargs="+", default=[1], help="TP sizes for gemv-sweep's shapes")
     parser.add_argument("--pdl", action="store_true", help="gemv-sweep launches every GEMV dependent (ops/pdl.py)")
-    parser.add_argument("--write-table", metavar="VARIABLE",
-                        help="gemv-sweep writes its winners into this table of ops/gemv_configs.py "
-                             "(e.g. _H100_FP8_PDL), for the engine to use")
+    parser.add_argument("--write-table", action="store_true",
+                        help="gemv-sweep writes its winners into ops/gemv_configs.py's table for this GPU "
+                             "(TUNED_FP8, or TUNED_FP8_PDL with --pdl), for the engine to use")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}")
@@ -289,9 +298,10 @@ def main() -> None:
     if "gemv-sweep" in args.parts:
         result["gemv_copy_gb_per_s"] = copy_rate(torch.cuda.current_device(), 4.0)
         print(f"copy rate: {result['gemv_copy_gb_per_s']:.0f} GB/s")
+        variable = table_variable(result["device"], args.pdl) if args.write_table else None  # before, not after, the sweep
         result["gemv_sweep"] = gemv_sweep(args.sweep_tp, args.pdl)
-        if args.write_table:
-            print(write_table(result["gemv_sweep"], args.write_table))
+        if variable:
+            print(write_table(result["gemv_sweep"], variable))
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(result, f, indent=2)

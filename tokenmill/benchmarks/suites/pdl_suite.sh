@@ -6,7 +6,7 @@
 #            dummy weights) with --no-pdl, then with --pdl (in $OUT/no-pdl, $OUT/pdl)
 #   tests    the PDL chain tests (tests/gpu/kernels/test_pdl.py), then the GEMV and attention-kernel tests
 #   sweep    the fp8 GEMV's launch configurations timed with dependent launches; the winners are
-#            written into ops/gemv_configs.py's _H100_FP8_PDL (a copy in $OUT), so a `latency` after
+#            written into ops/gemv_configs.py's TUNED_FP8_PDL table for the GPU (a copy in $OUT), so a `latency` after
 #            it in the same call runs them
 # Usage (repo root), one call per line, each under 10 minutes:
 #   bash tokenmill/benchmarks/suites/pdl_suite.sh tests gemv   # (~4 min)
@@ -28,7 +28,7 @@ if [[ " $parts " == *" gemv "* ]]; then
 fi
 if [[ " $parts " == *" sweep "* ]]; then
   timeout "${SWEEP_TIMEOUT:-300}" python3 -m tokenmill.benchmarks.kernels.fp8 gemv-sweep --pdl \
-      --write-table "${SWEEP_TABLE:-_H100_FP8_PDL}" --output-json "$out/sweep_pdl.json" 2>&1 \
+      --write-table --output-json "$out/sweep_pdl.json" 2>&1 \
       | grep -v -i warning | tee "$out/sweep_pdl.log" | tail -14 || rc=1
   cp tokenmill/ops/gemv_configs.py "$out/"
 fi
