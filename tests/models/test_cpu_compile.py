@@ -129,17 +129,22 @@ def test_engines_with_other_weights_never_run_each_others_graphs(tiny_llama, tmp
     def tokens(llm):
         return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
 
+    def alone(llm):  # a prefill, then one-token steps (the function made for them at start-up)
+        return llm.generate(PROMPTS[:1], params, use_tqdm=False)[0].outputs[0].token_ids
+
     try:
-        assert forward.trusted  # both graphs ran at start-up
+        assert forward.trusted  # the multi-token graph ran at start-up
         served = [tokens(first), tokens(second), tokens(first), tokens(second)]
+        alone_served = [alone(first), alone(second)]
         second.shutdown()
         assert not forward.trusted
         served.append(tokens(first))  # multi-token steps only (two requests decode together)
-        assert not forward.trusted
-        alone = first.generate(PROMPTS[:1], params, use_tqdm=False)[0].outputs[0].token_ids  # one-token steps
-        assert forward.trusted
+        assert forward.trusted  # that graph compiled and checked again
+        alone_served.append(alone(first))
         torch._dynamo.reset()  # by any code in the process
         assert not forward.trusted
+        alone_served.append(alone(first))
+        assert forward.trusted  # its prefill compiled and checked the multi-token graph again
         served.append(tokens(first))
     finally:
         first.shutdown()
@@ -148,7 +153,40 @@ def test_engines_with_other_weights_never_run_each_others_graphs(tiny_llama, tmp
     theirs = [_hf_greedy(other_model, p, 4) for p in PROMPTS]
     assert mine != theirs
     assert served == [mine, theirs, mine, theirs, mine, mine]
-    assert alone == mine[0]
+    assert alone_served == [mine[0], theirs[0], mine[0], mine[0]]
+
+
+def test_one_token_steps_pass_the_guards_they_skip(tiny_llama):
+    """One-token steps call dynamo's code for them without its guards: every served step's inputs
+    pass those guards all the same (as the warm-up's did when the graph was compiled), and the
+    tokens are HF's."""
+    folder, hf_model = tiny_llama
+    llm = LLM(folder, dtype="float32", cpu_compile=True, block_size=4, max_model_len=64, kv_cache_memory=4 << 20)
+    forward = llm.engine.core.executor.driver_worker.runner._forward
+    direct = forward._one_token
+    assert direct is not None
+    entry = next(e for e in forward._cache_entries() if e.code is direct.__code__)
+    checks = []
+
+    def checked(model, input_ids, positions, kv_caches, meta):
+        f_locals = {"self": model, "input_ids": input_ids, "positions": positions, "kv_caches": kv_caches,
+                    "meta": meta}
+        checks.append(entry.guard_manager.check(f_locals))
+        return direct(model, input_ids, positions, kv_caches, meta)
+
+    forward._one_token = checked
+    try:
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+        out = llm.generate(PROMPTS[1:], params, use_tqdm=False)[0].outputs[0].token_ids
+        # A multi-token step's inputs do not pass them (the guards are not vacuous).
+        multi = torch.zeros(2, dtype=torch.long)
+        assert not entry.guard_manager.check({"self": llm.engine.core.executor.driver_worker.runner.model,
+                                              "input_ids": multi, "positions": multi,
+                                              "kv_caches": [], "meta": None})
+    finally:
+        llm.shutdown()
+    assert len(checks) == 11 and all(checks)
+    assert out == _hf_greedy(hf_model, PROMPTS[1], 12)
 
 
 def test_cpu_compile_refused_where_it_cannot_apply():
