@@ -183,17 +183,26 @@ def _warm_gemv_compiles(configs: list[tuple], blockwise: bool, silu_mul: bool, d
                                 num_stages=stages, grid=(1,))
 
 
-def _warm_gemv_sweep(dependent: bool, processes: int = 14) -> None:
+def _warm_gemv_sweep(grid: list[tuple], dependent: bool, processes: int = 14) -> None:
     import concurrent.futures
     import multiprocessing
 
-    jobs = [(GEMV_SWEEP_GRID[i::processes], blockwise, silu, dependent) for i in range(processes)
+    jobs = [(grid[i::processes], blockwise, silu, dependent) for i in range(processes)
             for blockwise in (True, False) for silu in (False, True)]
     with concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
         list(pool.map(_warm_gemv_compiles, *zip(*jobs)))
 
 
-def gemv_sweep(tps: list[int], dependent: bool = False, min_bytes: float = 1e9) -> dict:
+def grid_from(path: str, top: int) -> list[tuple]:
+    """The configurations among the `top` fastest of any shape in an earlier sweep's JSON (a
+    narrower grid, for a sweep of another launch form where most of the grid cannot win)."""
+    sweep = json.loads(pathlib.Path(path).read_text())["gemv_sweep"]
+    return sorted({(r["block_n"], r["block_k"], r["warps"], r["stages"]) for row in sweep.values()
+                   for r in row["best"][:top]})
+
+
+def gemv_sweep(tps: list[int], dependent: bool = False, grid: list[tuple] = GEMV_SWEEP_GRID,
+               min_bytes: float = 1e9) -> dict:
     """Per one-rank Llama-3.1-8B shape and scale form: every GEMV_SWEEP_GRID configuration as a CUDA
     graph of back-to-back fp8 GEMVs over distinct weights (us per GEMV), and the engine's pick
     (the table's, else the autotuner's). `dependent`: every GEMV launched dependent (ops/pdl.py)."""
@@ -205,8 +214,8 @@ def gemv_sweep(tps: list[int], dependent: bool = False, min_bytes: float = 1e9) 
     from tokenmill.ops.gemv_configs import tuned_fp8_config
 
     t0 = time.perf_counter()
-    _warm_gemv_sweep(dependent)
-    print(f"{len(GEMV_SWEEP_GRID)} configs x 4 compiled in {time.perf_counter() - t0:.0f} s", flush=True)
+    _warm_gemv_sweep(grid, dependent)
+    print(f"{len(grid)} configs x 4 compiled in {time.perf_counter() - t0:.0f} s", flush=True)
     result = {}
     for tp in tps:
         shapes = {name: v for name, v in sweep_shapes(tp).items() if not name.startswith("lm_head")}
@@ -223,14 +232,14 @@ def gemv_sweep(tps: list[int], dependent: bool = False, min_bytes: float = 1e9) 
                 def per_call_us(fn) -> float:
                     return graph_ms(fn, ws, xs) * 1e3 / copies
 
-                grid = [c for c in GEMV_SWEEP_GRID if block is None or block[0] % c[0] == 0]
+                fitting = [c for c in grid if block is None or block[0] % c[0] == 0]
 
                 def make_launch(config, block=block):
                     config = GemvConfig(*config)
                     return lambda x, wt: fp8_gemv(x, wt[0], wt[1], block, silu_mul=silu, config=config,
                                                   pdl=dependent)
 
-                rows = time_configs(f"{name} {form}", grid, make_launch, per_call_us, (xs[0], ws[0]), ref, n * k)
+                rows = time_configs(f"{name} {form}", fitting, make_launch, per_call_us, (xs[0], ws[0]), ref, n * k)
                 tuned_us = per_call_us(lambda x, wt: fp8_gemv(x, wt[0], wt[1], block, silu_mul=silu, pdl=dependent))
                 picked = str(tuned_fp8_config(ws[0][0], silu, block is not None, dependent)
                              or getattr(_fp8_gemv_tuned, "best_config", None))
@@ -284,6 +293,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32, help="decoder layers in the GEMV weight set")
     parser.add_argument("--sweep-tp", type=int, nargs="+", default=[1], help="TP sizes for gemv-sweep's shapes")
     parser.add_argument("--pdl", action="store_true", help="gemv-sweep launches every GEMV dependent (ops/pdl.py)")
+    parser.add_argument("--grid-from", metavar="JSON",
+                        help="gemv-sweep times only the configurations among the --grid-top fastest of any "
+                             "shape in this earlier sweep's output")
+    parser.add_argument("--grid-top", type=int, default=6)
     parser.add_argument("--write-table", action="store_true",
                         help="gemv-sweep writes its winners into ops/gemv_configs.py's table for this GPU "
                              "(TUNED_FP8, or TUNED_FP8_PDL with --pdl), for the engine to use")
@@ -299,7 +312,8 @@ def main() -> None:
         result["gemv_copy_gb_per_s"] = copy_rate(torch.cuda.current_device(), 4.0)
         print(f"copy rate: {result['gemv_copy_gb_per_s']:.0f} GB/s")
         variable = table_variable(result["device"], args.pdl) if args.write_table else None  # before, not after, the sweep
-        result["gemv_sweep"] = gemv_sweep(args.sweep_tp, args.pdl)
+        grid = grid_from(args.grid_from, args.grid_top) if args.grid_from else GEMV_SWEEP_GRID
+        result["gemv_sweep"] = gemv_sweep(args.sweep_tp, args.pdl, grid)
         if variable:
             print(write_table(result["gemv_sweep"], variable))
     if args.output_json:

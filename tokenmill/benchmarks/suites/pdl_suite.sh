@@ -11,7 +11,7 @@
 # Usage (repo root), one call per line, each under 10 minutes:
 #   bash tokenmill/benchmarks/suites/pdl_suite.sh tests gemv   # (~4 min)
 #   bash tokenmill/benchmarks/suites/pdl_suite.sh latency      # (~7 min)
-# LATENCY_VARIANTS (fp8_suite.sh's) narrows `latency`, e.g. "bf16 fp8" to fit one call with `tests`.
+# LAUNCHES ("no-pdl pdl" by default) and LATENCY_VARIANTS (fp8_suite.sh's) narrow `latency`, e.g. "bf16 fp8" to fit one call with `tests`.
 # Carry: wheels/ (device_setup.sh installs them).
 set -u -o pipefail
 parts="${*:-tests gemv}"
@@ -27,14 +27,18 @@ if [[ " $parts " == *" gemv "* ]]; then
       | tee "$out/gemv.log" || rc=1
 fi
 if [[ " $parts " == *" sweep "* ]]; then
-  timeout "${SWEEP_TIMEOUT:-300}" python3 -m tokenmill.benchmarks.kernels.fp8 gemv-sweep --pdl \
+  # The full grid's compile alone outlasted 280 s; by default only the configurations among the six
+  # fastest of any shape in the ordinary sweep (33 of 183). SWEEP_GRID=full for all.
+  grid=(--grid-from docs/results/fp8-gemv-h100-2026-12-07/sweep.json)
+  [[ "${SWEEP_GRID:-}" == full ]] && grid=()
+  timeout "${SWEEP_TIMEOUT:-300}" python3 -m tokenmill.benchmarks.kernels.fp8 gemv-sweep --pdl "${grid[@]}" \
       --write-table --output-json "$out/sweep_pdl.json" 2>&1 \
       | grep -v -i warning | tee "$out/sweep_pdl.log" | tail -14 || rc=1
   cp tokenmill/ops/gemv_configs.py "$out/"
 fi
 if [[ " $parts " == *" latency "* ]]; then
   # fp8_suite.sh's latency part (bf16, online fp8, block-FP8), once with each launch mode.
-  for launch in no-pdl pdl; do
+  for launch in ${LAUNCHES:-no-pdl pdl}; do
     OUT="$out/$launch" LATENCY_ARGS="--$launch" bash "$(dirname "$0")/fp8_suite.sh" latency | tail -3 || rc=1
   done
   python3 - "$out" <<'PY'
