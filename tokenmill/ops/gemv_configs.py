@@ -64,8 +64,18 @@ _H100_FP8 = {
 # Launched dependent (`ops/pdl.py`), a GEMV reads its first weight tile while the kernel before it
 # finishes, and its tail overlaps the next one's start: other configurations win
 # (`gemv-sweep --pdl --write-table` writes the table of the GPU it runs on). A shape missing here takes
-# the ordinary table's entry.
+# the ordinary table's entry. H100 80GB HBM3, 2026-12-07, the 33 configurations among the six
+# fastest of any shape in the ordinary sweep (`--grid-from`), us in the graph, the ordinary
+# table's pick launched dependent in brackets (docs/results/pdl-h100-2026-12-07/call4/).
 _H100_FP8_PDL: dict[tuple[int, int, bool, str], GemvConfig] = {
+    (6144, 4096, False, "block"): GemvConfig(16, 512, 8, 2),  # QKV: 10.12 (10.30)
+    (6144, 4096, False, "channel"): GemvConfig(16, 512, 8, 1),  # QKV: 10.10 (13.22)
+    (4096, 4096, False, "block"): GemvConfig(8, 1024, 4, 2),  # O: 6.89 (6.92)
+    (4096, 4096, False, "channel"): GemvConfig(8, 1024, 4, 1),  # O: 6.91 (8.87)
+    (28672, 4096, False, "block"): GemvConfig(16, 256, 4, 1),  # gate/up: 40.15 (40.47)
+    (28672, 4096, False, "channel"): GemvConfig(16, 256, 4, 1),  # gate/up: 39.66 (39.79)
+    (4096, 14336, True, "block"): GemvConfig(8, 1024, 4, 1),  # down + SiLU: 22.36 (22.75)
+    (4096, 14336, True, "channel"): GemvConfig(8, 1024, 8, 3),  # down + SiLU: 21.24 (21.25)
 }
 
 TUNED_FP8: dict[str, dict[tuple[int, int, bool, str], GemvConfig]] = {"NVIDIA H100 80GB HBM3": _H100_FP8}

@@ -36,6 +36,8 @@ from tokenmill.ops.fp8_gemm import (  # noqa: E402
 from tokenmill.ops.fp8_gemv import CONFIGS as GEMV_CONFIGS  # noqa: E402
 from tokenmill.ops.fp8_gemv import fp8_gemv, fp8_gemv_ref  # noqa: E402
 from tokenmill.ops.fp8_quant import per_token_group_quant  # noqa: E402
+from tokenmill.ops import pdl  # noqa: E402
+from tokenmill.ops.gemv_configs import TUNED_FP8, TUNED_FP8_PDL, tuned_fp8_config  # noqa: E402
 
 needs_gpu = pytest.mark.skipif(INTERPRET or not (torch.cuda.is_available() and
                                                  torch.cuda.get_device_capability() >= (8, 9)),
@@ -167,6 +169,36 @@ def test_every_gemv_configuration_computes_the_product(config, block):
     x = torch.randn(1, k, device=DEVICE)
     out = fp8_gemv(x, w_q, w_s, block, config=config)
     assert _rel(out, fp8_gemv_ref(x, w_q, w_s, block)) < 1e-6
+
+
+_MEASURED = sorted({(config, dependent) for dependent, tables in ((False, TUNED_FP8), (True, TUNED_FP8_PDL))
+                    for table in tables.values() for config in table.values()})
+
+
+@pytest.mark.parametrize("config,dependent", _MEASURED,
+                         ids=lambda v: f"{v.block_n}x{v.block_k}w{v.num_warps}s{v.num_stages}" if isinstance(v, tuple)
+                         else ("pdl" if v else "ordinary"))
+@pytest.mark.parametrize("block", [(128, 128), None])
+def test_every_measured_gemv_configuration_computes_the_product(config, dependent, block):
+    """The measured tables' configurations (gemv_configs.TUNED_FP8, TUNED_FP8_PDL), launched as the
+    engine launches them, on a shape that is no multiple of their tiles."""
+    n, k = 200, 1000
+    w_q, w_s = _weight(n, k, block, seed=config.block_n * config.block_k)
+    x = torch.randn(1, k, device=DEVICE)
+    out = fp8_gemv(x, w_q, w_s, block, config=config, pdl=dependent and pdl.supported(DEVICE))
+    assert _rel(out, fp8_gemv_ref(x, w_q, w_s, block)) < 1e-6
+
+
+def test_dependent_launches_take_their_own_table_then_the_ordinary_one():
+    w = torch.empty(4096, 4096, dtype=torch.float8_e4m3fn, device=DEVICE)
+    key = (4096, 4096, False, "channel")
+    if DEVICE.type != "cuda":
+        assert tuned_fp8_config(w, False, False, pdl=True) is None  # nothing is measured off a GPU
+        return
+    name = torch.cuda.get_device_name(DEVICE)
+    ordinary, dependent = TUNED_FP8.get(name, {}).get(key), TUNED_FP8_PDL.get(name, {}).get(key)
+    assert tuned_fp8_config(w, False, False) == ordinary
+    assert tuned_fp8_config(w, False, False, pdl=True) == (dependent or ordinary)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
