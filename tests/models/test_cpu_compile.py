@@ -165,6 +165,8 @@ def test_one_token_steps_pass_the_guards_they_skip(tiny_llama):
     forward = llm.engine.core.executor.driver_worker.runner._forward
     direct = forward._one_token
     assert direct is not None
+    # It holds its own graph and no other (the multi-token one is in the module's globals too).
+    assert len([name for name in direct.__globals__ if name.startswith("__compiled_fn")]) == 1
     entry = next(e for e in forward._cache_entries() if e.code is direct.__code__)
     checks = []
 

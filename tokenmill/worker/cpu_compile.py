@@ -114,22 +114,32 @@ class CompiledCpuForward:
             logger.info("compiled the CPU forward for %s-token steps in %.1f s",
                         "one" if num_tokens == 1 else "multi", time.perf_counter() - start)
 
-
     def _one_token_fn(self, before: set[int]):
         """The code dynamo compiled for one-token steps (the cache entry that is not in `before`)
         as a function of the forward's arguments: a step calls it without dynamo's frame hook,
         cache lookup and guards, ~0.5 ms of a 10 ms SmolLM2 decode step on the 2-core Zen 4.
-        Its globals are a copy of the forward's module's, taken now: the names of the compiled
-        graphs dynamo put there then, so nothing compiled or reset later (this engine's other
-        graph, another engine's, a `forget_compiled_graphs`) changes what it runs. It needs no
+        Its globals are a copy of the forward's module's, taken now, without the graphs dynamo
+        put there that this code does not name: what it calls is bound, so nothing compiled or
+        reset later (this engine's other graph, another engine's, a `forget_compiled_graphs`)
+        changes what it runs, and it keeps no other graph (and its frozen weights) alive. It needs no
         guards: one-token steps differ from the warm-up's only in values, never in what dynamo
         specialised on (tests/models/test_cpu_compile.py checks the guards on served steps)."""
         new = [entry for entry in self._cache_entries() if id(entry.code) not in before]
         if len(new) != 1:  # another thread compiled meanwhile: stay with dynamo's dispatch
             return None
-        forward = type(self._model).forward
-        return types.FunctionType(new[0].code, dict(forward.__globals__), forward.__name__, forward.__defaults__,
-                                  forward.__closure__)
+        code, forward = new[0].code, type(self._model).forward
+        named = set(_names(code))
+        bound = {name: value for name, value in forward.__globals__.items()
+                 if not name.startswith("__compiled_fn") or name in named}
+        return types.FunctionType(code, bound, forward.__name__, forward.__defaults__, forward.__closure__)
+
+
+def _names(code: types.CodeType):
+    """The global names `code` and the code objects inside it may load."""
+    yield from code.co_names
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _names(const)
 
 
 def forget_compiled_graphs() -> None:
