@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from tokenmill.model.attention.backend import AttentionMetadata, KVCache
+from tokenmill.utils.process import tcmalloc_hint
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,9 @@ class CompiledCpuForward:
 
     def warm_up(self, run_step) -> None:
         """Compile both graphs now: `run_step(num_tokens)` runs one step of that many tokens."""
+        hint = tcmalloc_hint()
+        if hint:
+            logger.info(hint)
         for num_tokens in (1, 2):
             start = time.perf_counter()
             before = {id(entry.code) for entry in self._cache_entries()}

@@ -64,6 +64,10 @@ def engine_specs(args: argparse.Namespace, hf_folder: str, bf16_gguf: str, q4_gg
         "tokenmill-sdpa": {"runner": "tokenmill", "python": python, "model": hf_folder,
                            "engine_args": {**tokenmill_args, "cpu_native_decode": False},
                            "env": [f"PYTHONPATH={REPO}", f"OMP_NUM_THREADS={threads}"]},
+        # The compiled engine with tcmalloc preloaded (as the vLLM runs are, following its docs).
+        "tokenmill-tcmalloc": {"runner": "tokenmill", "python": python, "model": hf_folder, "engine_args": tokenmill_args,
+                               "env": [f"PYTHONPATH={REPO}", f"OMP_NUM_THREADS={threads}",
+                                       f"LD_PRELOAD={':'.join(preload[:1])}"]},
         "tokenmill-eager": {"runner": "tokenmill", "python": python, "model": hf_folder,
                             "engine_args": {**tokenmill_args, "cpu_compile": False},
                             "env": [f"PYTHONPATH={REPO}", f"OMP_NUM_THREADS={threads}"]},
@@ -147,7 +151,8 @@ def print_table(table: dict[str, dict], threads: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engines", default="tokenmill,tokenmill-eager,vllm,llamacpp,tokenmill-q4,llamacpp-q4",
-                        help="tokenmill (compiled), tokenmill-sdpa (compiled, decode attention by "
+                        help="tokenmill (compiled), tokenmill-tcmalloc (the same with tcmalloc preloaded), "
+                             "tokenmill-sdpa (compiled, decode attention by "
                              "gather + SDPA), tokenmill-eager, vllm, llamacpp (bf16 GGUF), "
                              "tokenmill-q4 (--quantization gguf, eager), tokenmill-q4-compiled (the same with "
                              "--cpu-compile), tokenmill-q4-float (compiled, float activations: "
