@@ -42,8 +42,8 @@ def test_batch1_decode_graph_gemv_matches_eager(dtype, tmp_path_factory, monkeyp
 
     calls = []
     real_gemv = triton_gemv.gemv
-    monkeypatch.setattr(triton_gemv, "gemv", lambda x, w, silu_mul=False, push=None:
-                        calls.append((w.shape, silu_mul)) or real_gemv(x, w, silu_mul, push))
+    monkeypatch.setattr(triton_gemv, "gemv", lambda x, w, silu_mul=False, **kwargs:
+                        calls.append((w.shape, silu_mul)) or real_gemv(x, w, silu_mul, **kwargs))
     folder, _ = hf_folder(tmp_path_factory, "llama", 0.5)  # peaky logits: greedy margins far above rounding
     prompt = [[(13 * i) % 2048 for i in range(77)]]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
