@@ -1,5 +1,5 @@
-"""Launch configurations of the fused MoE kernels (`fused_moe.py`): measured ones per GPU and
-expert shape where the sweep has run, a heuristic elsewhere.
+"""Launch configurations of the fused MoE kernels (`fused_moe.py`, `fused_moe_gemv.py`): measured
+ones per GPU and expert shape where the sweep has run, a heuristic (or a default) elsewhere.
 
 A configuration serves both grouped GEMMs of one layer call (they share the alignment, hence
 `block_m`). Measured tables come from `python -m tokenmill.benchmarks.kernels.fused_moe --sweep`
@@ -65,8 +65,8 @@ def default_config(num_tokens: int, num_local_experts: int, top_k: int, element_
 
 
 @functools.lru_cache(maxsize=8)
-def _device_table(device_index: int) -> dict:
-    return TUNED.get(torch.cuda.get_device_name(device_index), {})
+def _device_name(device_index: int) -> str:
+    return torch.cuda.get_device_name(device_index)
 
 
 def moe_config(num_tokens: int, num_local_experts: int, top_k: int, hidden_size: int, intermediate_per_rank: int,
@@ -75,7 +75,41 @@ def moe_config(num_tokens: int, num_local_experts: int, top_k: int, hidden_size:
     element_bytes = torch.empty((), dtype=dtype).element_size()
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        by_tokens = _device_table(index).get((num_local_experts, hidden_size, intermediate_per_rank, element_bytes))
+        by_tokens = TUNED.get(_device_name(index), {}).get((num_local_experts, hidden_size, intermediate_per_rank, element_bytes))
         if by_tokens:
             return by_tokens[min(by_tokens, key=lambda measured: abs(measured - num_tokens))]
     return default_config(num_tokens, num_local_experts, top_k, element_bytes)
+
+
+class MoeGemvConfig(NamedTuple):
+    """The token-by-token path's two kernels (`fused_moe_gemv.py`)."""
+    gate_up_block_n: int  # intermediate rows per program (gate and up rows each)
+    gate_up_block_k: int
+    gate_up_warps: int
+    down_rows: int  # hidden rows per program, summed over the k experts (each expert: down_rows / k)
+    down_block_k: int
+    down_warps: int
+
+
+DEFAULT_GEMV = MoeGemvConfig(16, 256, 4, 32, 128, 4)
+
+# Measured by `python -m tokenmill.benchmarks.kernels.fused_moe --gemv-sweep --write-table` (the
+# kernels launched as the engine launches them: dependent where the GPU supports it), which
+# replaces this GPU's table. Keys: (local experts, hidden size, per-rank intermediate size,
+# element bytes, top_k); bf16 and fp16 experts only (fp8 experts take `DEFAULT_GEMV`).
+_H100_GEMV: dict[tuple[int, int, int, int, int], MoeGemvConfig] = {
+}
+_H200_GEMV: dict[tuple[int, int, int, int, int], MoeGemvConfig] = {
+}
+TUNED_GEMV = {"NVIDIA H100 80GB HBM3": _H100_GEMV, "NVIDIA H200": _H200_GEMV}
+
+
+def moe_gemv_config(num_local_experts: int, top_k: int, hidden_size: int, intermediate_per_rank: int,
+                    dtype: torch.dtype, device: torch.device) -> MoeGemvConfig:
+    """The token-by-token path's configuration for this layer shape and device."""
+    element_bytes = torch.empty((), dtype=dtype).element_size()
+    if device.type == "cuda" and element_bytes > 1:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        table = TUNED_GEMV.get(_device_name(index), {})
+        return table.get((num_local_experts, hidden_size, intermediate_per_rank, element_bytes, top_k), DEFAULT_GEMV)
+    return DEFAULT_GEMV

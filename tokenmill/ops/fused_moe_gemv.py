@@ -17,7 +17,9 @@ into the activation as it is loaded; channel scales multiply each row's sum.
 
 Two tokens choosing the same expert read its rows twice, so this path is for a few tokens only
 (`fused_moe.fused_experts` picks it); the rows are streamed with `evict_first`, as the dense GEMV
-(`gemv.py`) streams its weights. Rounding as the reference: gate and up rounded to the model
+(`gemv.py`) streams its weights. Tile sizes and warps: `fused_moe_configs.MoeGemvConfig`, measured
+per GPU and expert shape. With `pdl` both kernels launch dependent (`pdl.py`); each waits first,
+since even the rows it reads depend on the routing before it. Rounding as the reference: gate and up rounded to the model
 dtype, SiLU rounded, the product rounded; each expert's down output rounded, weighted, rounded,
 then the k terms summed in float32.
 """
@@ -29,11 +31,8 @@ import triton
 import triton.language as tl
 
 from tokenmill.ops.fp8_format import ExpertScales
-
-GATE_UP_BLOCK = (16, 256)  # (BLOCK_N, BLOCK_K): 48 programs per entry at Qwen3-30B-A3B's I = 768
-# Down: expert rows per program across the k experts, and the K slice (top-8 at H = 2048: 4 rows of
-# each expert, 512 programs per token)
-DOWN_ROWS, DOWN_BLOCK_K = 32, 128
+from tokenmill.ops.fused_moe_configs import MoeGemvConfig, moe_gemv_config
+from tokenmill.ops.pdl import launch_options, pdl_enter
 
 
 @triton.jit
@@ -51,7 +50,8 @@ def _gate_up_gemv_kernel(x_ptr, w13_ptr, ids_ptr, map_ptr, act_ptr, inter, hidde
                          s_ptr, stride_se, stride_sn,
                          TOP_K: tl.constexpr, HAS_MAP: tl.constexpr, SCALES: tl.constexpr, BLOCKWISE: tl.constexpr,
                          SCALE_BLOCK_N: tl.constexpr, SCALE_BLOCK_K: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     entry = tl.program_id(0).to(tl.int64)
     first_row = tl.program_id(1) * BLOCK_N
     rows = first_row + tl.arange(0, BLOCK_N)
@@ -96,7 +96,8 @@ def _down_gemv_kernel(act_ptr, w2_ptr, ids_ptr, map_ptr, weights_ptr, out_ptr, h
                       s_ptr, stride_se, stride_sn,
                       TOP_K: tl.constexpr, TOP_K_POW2: tl.constexpr, HAS_MAP: tl.constexpr, SCALES: tl.constexpr,
                       BLOCKWISE: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, SCALE_BLOCK_K: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     # The k experts are one axis of the tile ([k, BLOCK_N, BLOCK_K]), not a loop: their rows are
     # independent loads in flight together (as a loop over experts, one expert's slice is in flight
     # and the GEMV reads at ~40% of the copy rate; as a tile ~60%: Qwen3-30B-A3B, H100, perf.md).
@@ -136,11 +137,11 @@ def _down_gemv_kernel(act_ptr, w2_ptr, ids_ptr, map_ptr, weights_ptr, out_ptr, h
     tl.store(out_ptr + token * hidden + rows, tl.sum(terms, axis=0).to(dtype), mask=row_ok)
 
 
-def _down_block(top_k: int) -> tuple[int, int, int]:
-    """(TOP_K_POW2, BLOCK_N, BLOCK_K) of the down kernel: about 32 rows of all experts together per
-    program (top-8: 4 hidden rows of each; top-2: 16)."""
+def _down_block(top_k: int, config: MoeGemvConfig) -> tuple[int, int]:
+    """(TOP_K_POW2, BLOCK_N) of the down kernel: `config.down_rows` rows of all experts together
+    per program (32 at top-8: 4 hidden rows of each; at top-2: 16)."""
     pow2 = triton.next_power_of_2(top_k)
-    return pow2, max(DOWN_ROWS // pow2, 1), DOWN_BLOCK_K
+    return pow2, max(config.down_rows // pow2, 1)
 
 
 def _scale_args(scale: torch.Tensor | None, block: tuple[int, int] | None, block_n: int,
@@ -158,24 +159,30 @@ def _scale_args(scale: torch.Tensor | None, block: tuple[int, int] | None, block
 
 def fused_experts_gemv(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                        topk_ids: torch.Tensor, expert_map: torch.Tensor | None = None,
-                       scales: ExpertScales | None = None) -> torch.Tensor:
+                       scales: ExpertScales | None = None, config: MoeGemvConfig | None = None,
+                       pdl: bool = False) -> torch.Tensor:
     """As `fused_moe.fused_experts` (same arguments, contiguous), for a few tokens; fp8 experts
-    (`scales`) weight-only."""
+    (`scales`) weight-only. `config`: the launch configuration (default: the measured one for
+    this shape and GPU, `fused_moe_configs.moe_gemv_config`); `pdl`: launched dependent."""
     num_tokens, hidden_size = hidden.shape
     inter = w2.shape[2]
     top_k = topk_ids.shape[1]
+    if config is None:
+        config = moe_gemv_config(w13.shape[0], top_k, hidden_size, inter, w13.dtype, hidden.device)
     act = torch.empty(num_tokens * top_k, inter, dtype=hidden.dtype, device=hidden.device)
     out = torch.empty_like(hidden)
     map_arg = expert_map if expert_map is not None else topk_ids  # not read without HAS_MAP
     block = scales.block if scales is not None else None
-    bn, bk = GATE_UP_BLOCK
+    bn = config.gate_up_block_n
     s_args, s_meta = _scale_args(scales.w13 if scales is not None else None, block, bn, act)
     _gate_up_gemv_kernel[(num_tokens * top_k, triton.cdiv(inter, bn))](
         hidden, w13, topk_ids, map_arg, act, inter, hidden_size, w13.stride(0), w13.stride(1), *s_args,
-        TOP_K=top_k, HAS_MAP=expert_map is not None, **s_meta, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
-    pow2, bn, bk = _down_block(top_k)
+        TOP_K=top_k, HAS_MAP=expert_map is not None, **s_meta, BLOCK_N=bn, BLOCK_K=config.gate_up_block_k,
+        PDL=pdl, num_warps=config.gate_up_warps, **launch_options(pdl))
+    pow2, bn = _down_block(top_k, config)
     s_args, s_meta = _scale_args(scales.w2 if scales is not None else None, block, bn, act)
     _down_gemv_kernel[(num_tokens, triton.cdiv(hidden_size, bn))](
         act, w2, topk_ids, map_arg, topk_weights, out, hidden_size, inter, w2.stride(0), w2.stride(1), *s_args,
-        TOP_K=top_k, TOP_K_POW2=pow2, HAS_MAP=expert_map is not None, **s_meta, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+        TOP_K=top_k, TOP_K_POW2=pow2, HAS_MAP=expert_map is not None, **s_meta, BLOCK_N=bn,
+        BLOCK_K=config.down_block_k, PDL=pdl, num_warps=config.down_warps, **launch_options(pdl))
     return out

@@ -10,7 +10,7 @@ token's time over 48 layers; here it is one.
 One program per token holds its E scores in registers and takes the k largest by k rounds of
 argmax (the lowest index among equal scores). Softmax picks the experts by their logits (the same
 order as the probabilities) and computes the chosen ones' probabilities from the row's max and
-sum. Weights are float32, ids int32.
+sum. Weights are float32, ids int32. With `pdl` it launches dependent (`pdl.py`) on the router's GEMV.
 """
 
 from __future__ import annotations
@@ -19,11 +19,14 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenmill.ops.pdl import launch_options, pdl_enter
+
 
 @triton.jit
 def _route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_experts, stride_row, scaling,
                   TOP_K: tl.constexpr, K_PAD: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr):
+                  RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     experts = tl.arange(0, BLOCK_E)
     valid = experts < num_experts
@@ -62,7 +65,7 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_experts, strid
 
 
 def route(router_logits: torch.Tensor, top_k: int, sigmoid: bool, renormalize: bool, scaling: float = 1.0,
-          correction_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+          correction_bias: torch.Tensor | None = None, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits [T, E] (last dim contiguous) -> (topk_weights [T, k] float32, topk_ids [T, k] int32).
     `correction_bias` [E] (sigmoid scoring only) chooses without weighing."""
     assert router_logits.stride(-1) == 1 and top_k <= router_logits.shape[1]
@@ -76,5 +79,6 @@ def route(router_logits: torch.Tensor, top_k: int, sigmoid: bool, renormalize: b
         _route_kernel[(num_tokens,)](
             router_logits, bias, weights, ids, num_experts, router_logits.stride(0), float(scaling),
             TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), SIGMOID=sigmoid, HAS_BIAS=correction_bias is not None,
-            RENORMALIZE=renormalize, BLOCK_E=block_e, num_warps=4 if block_e <= 256 else 8)
+            RENORMALIZE=renormalize, BLOCK_E=block_e, PDL=pdl, num_warps=4 if block_e <= 256 else 8,
+            **launch_options(pdl))
     return weights, ids

@@ -14,7 +14,8 @@ from kernel_device import DEVICE, INTERPRET  # noqa: E402  (skips the module wit
 from tokenmill.model.layers.moe.fused_moe import experts_ref  # noqa: E402
 from tokenmill.ops import fused_moe_configs  # noqa: E402
 from tokenmill.ops.fused_moe import fused_experts  # noqa: E402
-from tokenmill.ops.fused_moe_configs import MoeKernelConfig  # noqa: E402
+from tokenmill.ops.fused_moe_configs import MoeGemvConfig, MoeKernelConfig  # noqa: E402
+from tokenmill.ops.fused_moe_gemv import fused_experts_gemv  # noqa: E402
 from tokenmill.ops.moe_align import moe_align, moe_align_ref  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(INTERPRET or DEVICE.type != "cuda", reason="CUDA graphs need a GPU")
@@ -91,7 +92,7 @@ def _weights(num_experts, hidden, inter, dtype, seed):
     return w13.to(dtype), w2.to(dtype)
 
 
-def _check_experts(case, config, dtype, tol, path="grouped"):
+def _check_experts(case, config, dtype, tol, path="grouped", gemv_config=None):
     num_tokens, hidden, inter, num_experts, top_k, kind, parallel = case
     topk_ids = _routing(num_tokens, top_k, num_experts, kind, seed=hidden + num_tokens)
     g = torch.Generator().manual_seed(num_tokens)
@@ -101,8 +102,12 @@ def _check_experts(case, config, dtype, tol, path="grouped"):
     expert_map = _expert_map(num_experts, held)
     w13, w2 = _weights(len(held), hidden, inter, dtype, seed=num_experts)
     ref = experts_ref(x.float(), w13.float(), w2.float(), topk_weights, topk_ids, expert_map)
-    out = fused_experts(x.to(DEVICE), w13.to(DEVICE), w2.to(DEVICE), topk_weights.to(DEVICE), topk_ids.to(DEVICE),
-                        expert_map.to(DEVICE) if parallel else None, config=config, path=path)
+    args = (x.to(DEVICE), w13.to(DEVICE), w2.to(DEVICE), topk_weights.to(DEVICE), topk_ids.to(DEVICE),
+            expert_map.to(DEVICE) if parallel else None)
+    if gemv_config is not None:
+        out = fused_experts_gemv(*args, config=gemv_config)
+    else:
+        out = fused_experts(*args, config=config, path=path)
     assert out.shape == x.shape and out.dtype == dtype
     torch.testing.assert_close(out.float().cpu(), ref, rtol=tol, atol=tol)
     return out
@@ -142,12 +147,38 @@ def test_auto_path_takes_gemv_for_a_few_tokens(monkeypatch):
     from tokenmill.ops import fused_moe, fused_moe_configs as configs
 
     taken = []
-    monkeypatch.setattr(fused_moe, "fused_experts_gemv", lambda *a: taken.append(a[0].shape[0]) or a[0])
+    monkeypatch.setattr(fused_moe, "fused_experts_gemv", lambda *a, **kw: taken.append(a[0].shape[0]) or a[0])
     x = torch.zeros(configs.GEMV_MAX_TOKENS, 16, device=DEVICE)
     w13, w2 = torch.zeros(4, 16, 16, device=DEVICE), torch.zeros(4, 16, 8, device=DEVICE)
     ids = torch.zeros(x.shape[0], 1, dtype=torch.int32, device=DEVICE)
     fused_moe.fused_experts(x, w13, w2, torch.ones(x.shape[0], 1, device=DEVICE), ids)
     assert taken == [configs.GEMV_MAX_TOKENS]
+
+
+# The token-by-token path's configurations: the default, the sweep space's extremes
+# (benchmarks/kernels/fused_moe.py), and every measured one.
+_GEMV_CONFIGS = sorted({fused_moe_configs.DEFAULT_GEMV, MoeGemvConfig(8, 128, 4, 16, 64, 2),
+                        MoeGemvConfig(32, 512, 8, 64, 256, 8)}
+                       | {c for table in fused_moe_configs.TUNED_GEMV.values() for c in table.values()})
+
+
+@pytest.mark.parametrize("config", _GEMV_CONFIGS, ids=str)
+@pytest.mark.parametrize("case", GEMV_CASES[:3], ids=str)
+def test_token_by_token_configs_give_the_product(case, config):
+    _check_experts(case, None, torch.float32, 1e-4, gemv_config=config)
+
+
+def test_token_by_token_path_takes_the_measured_configuration(monkeypatch):
+    """A shape in this GPU's table runs its measured configuration; others, and fp8 experts, the default."""
+    chosen = MoeGemvConfig(8, 128, 4, 16, 64, 2)
+    device = torch.device("cuda", 0)
+    monkeypatch.setattr(fused_moe_configs, "_device_name", lambda index: "some GPU")
+    monkeypatch.setitem(fused_moe_configs.TUNED_GEMV, "some GPU", {(16, 64, 48, 2, 4): chosen})
+    assert fused_moe_configs.moe_gemv_config(16, 4, 64, 48, torch.bfloat16, device) == chosen
+    assert fused_moe_configs.moe_gemv_config(16, 2, 64, 48, torch.bfloat16, device) == fused_moe_configs.DEFAULT_GEMV
+    assert fused_moe_configs.moe_gemv_config(16, 4, 64, 48, torch.float8_e4m3fn, device) == fused_moe_configs.DEFAULT_GEMV
+    assert fused_moe_configs.moe_gemv_config(16, 4, 64, 48, torch.bfloat16, torch.device("cpu")) == \
+        fused_moe_configs.DEFAULT_GEMV
 
 
 def test_default_configs_give_the_product():

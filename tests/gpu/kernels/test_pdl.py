@@ -1,6 +1,7 @@
 """Programmatic dependent launch (`ops/pdl.py`): the decode chain's kernels (norm, bf16 and fp8
-GEMVs, rope + cache write, split-KV decode attention) launched dependent on one another, eagerly
-and replayed from a CUDA graph, give exactly what ordinary launches give.
+GEMVs, rope + cache write, split-KV decode attention, MoE routing and the token-by-token experts)
+launched dependent on one another, eagerly and replayed from a CUDA graph, give exactly what
+ordinary launches give.
 
 Each kernel of the chain reads what the one before wrote (and the GEMVs start reading weights
 before they wait), so a missing or misplaced wait shows up as a wrong or stale row. Needs a GPU of
@@ -18,8 +19,10 @@ from tokenmill.ops import pdl  # noqa: E402
 from tokenmill.ops.attention_decode import new_split_counters, paged_decode  # noqa: E402
 from tokenmill.ops.fp8_format import quantize_weight_blocks, quantize_weight_per_channel  # noqa: E402
 from tokenmill.ops.fp8_gemv import fp8_gemv  # noqa: E402
+from tokenmill.ops.fused_moe_gemv import fused_experts_gemv  # noqa: E402
 from tokenmill.ops.gemv import gemv  # noqa: E402
 from tokenmill.ops.kv_cache_write import rope_and_write_kv_cache  # noqa: E402
+from tokenmill.ops.moe_routing import route  # noqa: E402
 from tokenmill.ops.rms_norm import rms_norm  # noqa: E402
 
 pytestmark = pytest.mark.skipif(INTERPRET or not pdl.supported(DEVICE),
@@ -133,6 +136,48 @@ def test_attention_chain_matches_ordinary_launches_eagerly_and_in_a_graph():
             dst.copy_(src)
         graph.replay()
         assert torch.equal(static_out, want) and torch.equal(caches, want_caches)
+
+
+def test_moe_chain_matches_ordinary_launches_eagerly_and_in_a_graph():
+    """Norm -> router GEMV -> routing -> the experts' gate/up and down GEMVs, layer after layer at
+    one token: each kernel reads the expert ids, weights or activations the one before wrote."""
+    torch.manual_seed(2)
+    hidden, inter, experts, top_k = 512, 256, 32, 4
+    layers = [(torch.rand(hidden, device=DEVICE, dtype=torch.bfloat16) + 0.5,
+               torch.randn(experts, hidden, device=DEVICE, dtype=torch.bfloat16) * hidden ** -0.5,
+               torch.randn(experts, 2 * inter, hidden, device=DEVICE, dtype=torch.bfloat16) * hidden ** -0.5,
+               torch.randn(experts, hidden, inter, device=DEVICE, dtype=torch.bfloat16) * inter ** -0.5)
+              for _ in range(LAYERS)]
+
+    def chain(x, residual, use_pdl):
+        for norm, router, w13, w2 in layers:
+            h, residual = rms_norm(x, norm, 1e-5, residual, pdl=use_pdl)
+            weights, ids = route(gemv(h, router, pdl=use_pdl), top_k, False, True, pdl=use_pdl)
+            x = fused_experts_gemv(h, w13, w2, weights, ids, pdl=use_pdl)
+        return x, residual
+
+    inputs = [(torch.randn(1, hidden, device=DEVICE, dtype=torch.bfloat16),
+               torch.randn(1, hidden, device=DEVICE, dtype=torch.bfloat16)) for _ in range(4)]
+    expected = [chain(x, r, use_pdl=False) for x, r in inputs]
+    for (x, r), want in zip(inputs, expected):
+        got = chain(x, r, use_pdl=True)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+    static_x, static_r = (t.clone() for t in inputs[0])
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        chain(static_x, static_r, use_pdl=True)  # compile before capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = chain(static_x, static_r, use_pdl=True)
+    for _ in range(3):
+        for (x, r), want in zip(inputs, expected):
+            static_x.copy_(x)
+            static_r.copy_(r)
+            graph.replay()
+            assert torch.equal(static_out[0], want[0]) and torch.equal(static_out[1], want[1])
 
 
 def test_supported_only_on_hopper_and_later():

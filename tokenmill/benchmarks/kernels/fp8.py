@@ -31,13 +31,13 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import re
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.testing
 
+from tokenmill.benchmarks.kernels import table_source
 from tokenmill.benchmarks.kernels.copy_bandwidth import copy_rate
 from tokenmill.benchmarks.kernels.gemv import SHAPES, graph_ms
 from tokenmill.ops import gemv_configs, pdl
@@ -258,11 +258,8 @@ def gemv_sweep(tps: list[int], dependent: bool = False, grid: list[tuple] = GEMV
 
 def table_variable(device_name: str, dependent: bool) -> str:
     """The name of `ops/gemv_configs.py`'s fp8 table for this GPU and launch form."""
-    tables = gemv_configs.TUNED_FP8_PDL if dependent else gemv_configs.TUNED_FP8
-    if device_name not in tables:
-        raise SystemExit(f"ops/gemv_configs.py has no fp8 table for {device_name!r}: add an empty one first")
-    return next(name for name, value in vars(gemv_configs).items()
-                if value is tables[device_name] and name.startswith("_"))
+    return table_source.table_variable(gemv_configs, gemv_configs.TUNED_FP8_PDL if dependent else gemv_configs.TUNED_FP8,
+                          device_name)
 
 
 def write_table(sweep: dict, variable: str, path: pathlib.Path = GEMV_CONFIGS_PY) -> str:
@@ -275,10 +272,7 @@ def write_table(sweep: dict, variable: str, path: pathlib.Path = GEMV_CONFIGS_PY
         lines.append(f"    ({row['n']}, {row['k']}, {row['silu_mul']}, \"{row['form']}\"): {config},  "
                      f"# {best['us']:.2f} us (before: {row['default_us']:.2f})")
     table = "\n".join(lines + ["}"])
-    source = path.read_text()
-    pattern = re.compile(rf"^{re.escape(variable)}(: [^=]*)? = \{{\n.*?^\}}", re.MULTILINE | re.DOTALL)
-    assert pattern.search(source), f"{variable} is not a table in {path}"
-    path.write_text(pattern.sub(lambda _: table, source, count=1))
+    table_source.replace_table(path, variable, table)
     return table
 
 

@@ -2,6 +2,7 @@
 
     python3 -m tokenmill.benchmarks.kernels.fused_moe [--shapes qwen3-30b-a3b,mixtral-8x7b,minimax-m2]
         [--sweep [--sweep-shapes qwen3-30b-a3b]] [--output-json moe.json] [--tuned-out fused_moe_tuned.py]
+        [--gemv-sweep [--write-table]]
 
 For each model's expert shape (one layer's routed experts at TP=1), at decode token counts the
 achieved bandwidth (bytes of the experts actually chosen + activations, over the time) beside the
@@ -12,19 +13,28 @@ engine's decode graphs run them; the best of several replays.
 
 `--sweep` times every candidate launch configuration at each token count and shape, prints the
 best beside the heuristic's, and writes the winners as `ops/fused_moe_configs.TUNED` entries
-(`--tuned-out`) to paste into that file.
+(`--tuned-out`) to paste into that file. `--gemv-sweep` times the token-by-token path's tile sizes
+and warps (`MoeGemvConfig`) at one token, the gate/up kernel's first (with the default down), then
+the down kernel's (after the best gate/up); `--write-table` writes the winners into
+`ops/fused_moe_configs.py`'s table for this GPU, so the engine runs them. The kernels launch as the
+engine launches them: dependent (`ops/pdl.py`) where the GPU supports it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 
 import torch
 
+from tokenmill.benchmarks.kernels import table_source
 from tokenmill.benchmarks.kernels.copy_bandwidth import copy_rate
+from tokenmill.ops import fused_moe_configs, pdl
 from tokenmill.ops.fused_moe import fused_experts
-from tokenmill.ops.fused_moe_configs import GEMV_MAX_TOKENS, MoeKernelConfig, default_config
+from tokenmill.ops.fused_moe_configs import (DEFAULT_GEMV, GEMV_MAX_TOKENS, MoeGemvConfig, MoeKernelConfig,
+                                             default_config)
+from tokenmill.ops.fused_moe_gemv import fused_experts_gemv
 
 # name: (experts, hidden, intermediate, top_k), one layer at TP=1 (the shipped shapes' values)
 SHAPES = {"qwen3-30b-a3b": (128, 2048, 768, 8), "mixtral-8x7b": (8, 4096, 14336, 2),
@@ -78,12 +88,20 @@ class Layers:
         weights, ids = scores.topk(self.top_k, dim=-1)
         return x, weights.float().contiguous(), ids.to(torch.int32).contiguous()
 
-    def time(self, tokens: int, config: MoeKernelConfig | None = None, path: str = "auto") -> tuple[float, int]:
-        """Seconds per layer call, and the distinct experts one call reads (averaged over layers)."""
+    def time(self, tokens: int, config: MoeKernelConfig | None = None, path: str = "auto",
+             gemv_config: MoeGemvConfig | None = None) -> tuple[float, int]:
+        """Seconds per layer call, and the distinct experts one call reads (averaged over layers).
+        `gemv_config`: the token-by-token path with that configuration."""
         inputs = [self.inputs(tokens, seed) for seed in range(len(self.w13))]
-        calls = [lambda w13=w13, w2=w2, inp=inp: fused_experts(inp[0], w13, w2, inp[1], inp[2], config=config,
-                                                               path=path)
-                 for w13, w2, inp in zip(self.w13, self.w2, inputs)]
+        dependent = pdl.supported(self.w13[0].device)
+        if gemv_config is not None:
+            calls = [lambda w13=w13, w2=w2, inp=inp: fused_experts_gemv(inp[0], w13, w2, inp[1], inp[2],
+                                                                        config=gemv_config, pdl=dependent)
+                     for w13, w2, inp in zip(self.w13, self.w2, inputs)]
+        else:
+            calls = [lambda w13=w13, w2=w2, inp=inp: fused_experts(inp[0], w13, w2, inp[1], inp[2], config=config,
+                                                                   path=path, pdl=dependent)
+                     for w13, w2, inp in zip(self.w13, self.w2, inputs)]
         seconds = graph_seconds(calls) / len(calls)
         distinct = sum(torch.unique(inp[2]).numel() for inp in inputs) / len(inputs)
         return seconds, distinct
@@ -157,6 +175,47 @@ def sweep_shape(name: str, layers: Layers) -> dict[int, MoeKernelConfig]:
     return {key: best_by_tokens}
 
 
+# The token-by-token path's space: (block_n, block_k, warps) of gate/up; (rows, block_k, warps) of down.
+GATE_UP_SPACE = [(bn, bk, w) for bn in (8, 16, 32) for bk in (128, 256, 512) for w in (4, 8)]
+DOWN_SPACE = [(rows, bk, w) for rows in (16, 32, 64) for bk in (64, 128, 256) for w in (2, 4, 8)]
+
+
+def gemv_sweep_shape(name: str, layers: Layers, tokens: int = 1) -> tuple[tuple, MoeGemvConfig, dict]:
+    """The fastest `MoeGemvConfig` at `tokens` (gate/up swept with the default down, then down
+    with the best gate/up): (table key, config, timings in us)."""
+    def timed(config: MoeGemvConfig) -> float:
+        try:
+            return layers.time(tokens, gemv_config=config)[0] * 1e6
+        except Exception as exc:  # noqa: BLE001 - a config past the device's limits: skip it
+            print(f"    skip {tuple(config)}: {type(exc).__name__}")
+            return float("inf")
+
+    default_us = timed(DEFAULT_GEMV)
+    gate_up = min(((timed(DEFAULT_GEMV._replace(gate_up_block_n=bn, gate_up_block_k=bk, gate_up_warps=w)), (bn, bk, w))
+                   for bn, bk, w in GATE_UP_SPACE), key=lambda t: t[0])
+    best = DEFAULT_GEMV._replace(gate_up_block_n=gate_up[1][0], gate_up_block_k=gate_up[1][1],
+                                 gate_up_warps=gate_up[1][2])
+    down = min(((timed(best._replace(down_rows=rows, down_block_k=bk, down_warps=w)), (rows, bk, w))
+                for rows, bk, w in DOWN_SPACE), key=lambda t: t[0])
+    best = best._replace(down_rows=down[1][0], down_block_k=down[1][1], down_warps=down[1][2])
+    best_us = down[0]  # the down space holds the default down, so this is at most gate/up's best
+    print(f"  gemv sweep {name} T={tokens}: default {tuple(DEFAULT_GEMV)} {default_us:.1f} us; "
+          f"best {tuple(best)} {best_us:.1f} us ({default_us / best_us:.2f}x)", flush=True)
+    key = (layers.experts, layers.hidden, layers.w2[0].shape[2], 2, layers.top_k)
+    return key, best, {"default_us": default_us, "best_us": best_us}
+
+
+def write_gemv_table(device_name: str, winners: dict) -> str:
+    """Replace this GPU's `fused_moe_configs.TUNED_GEMV` table with `winners` ({key: (config, us)})."""
+    variable = table_source.table_variable(fused_moe_configs, fused_moe_configs.TUNED_GEMV, device_name)
+    lines = [f"{variable}: dict[tuple[int, int, int, int, int], MoeGemvConfig] = {{"]
+    lines += [f"    {key}: MoeGemvConfig{tuple(config)},  # {us['best_us']:.1f} us (default {us['default_us']:.1f})"
+              for key, (config, us) in winners.items()]
+    table = "\n".join(lines + ["}"])
+    table_source.replace_table(pathlib.Path(fused_moe_configs.__file__), variable, table)
+    return table
+
+
 def tuned_source(device_name: str, tables: dict) -> str:
     lines = [f"# {device_name}: python -m tokenmill.benchmarks.kernels.fused_moe --sweep", f"{device_name!r}: {{"]
     for key, by_tokens in tables.items():
@@ -174,20 +233,33 @@ def main() -> None:
     parser.add_argument("--sweep-shapes", default=None, help="shapes to sweep (default: every measured one)")
     parser.add_argument("--output-json", default=None)
     parser.add_argument("--tuned-out", default="fused_moe_tuned.py")
+    parser.add_argument("--gemv-sweep", action="store_true",
+                        help="time the token-by-token path's configurations on the --sweep-shapes")
+    parser.add_argument("--write-table", action="store_true",
+                        help="write --gemv-sweep's winners into ops/fused_moe_configs.py for this GPU")
     args = parser.parse_args()
     device_name = torch.cuda.get_device_name()
     copy_gb_s = copy_rate(torch.cuda.current_device(), 2.0)
     peak = matmul_peak_tflops()
     print(f"{device_name}: copy {copy_gb_s:.0f} GB/s, bf16 matmul peak {peak:.0f} TFLOP/s (cuBLAS 8192^3)")
     result = {"device": device_name, "copy_gb_per_s": copy_gb_s, "matmul_tflops": peak, "rows": [], "tuned": {}}
-    tables = {}
+    tables, gemv_winners = {}, {}
     for name in args.shapes.split(","):
         layers = layers_for(SHAPES[name])
+        swept = name in (args.sweep_shapes or args.shapes).split(",")
+        if args.gemv_sweep and swept:
+            key, config, us = gemv_sweep_shape(name, layers)
+            gemv_winners[key] = (config, us)
+            # The rows measured next (and the grouped sweep) run the winner, as the engine will.
+            fused_moe_configs.TUNED_GEMV.setdefault(device_name, {})[key] = config
+            result.setdefault("gemv_sweep", {})[name] = {"config": list(config), **us}
         result["rows"] += measure_shape(name, layers, copy_gb_s, peak)
-        if args.sweep and name in (args.sweep_shapes or args.shapes).split(","):
+        if args.sweep and swept:
             tables.update(sweep_shape(name, layers))
         del layers
         torch.cuda.empty_cache()
+    if args.write_table and gemv_winners:
+        print(write_gemv_table(device_name, gemv_winners))
     if args.sweep:
         source = tuned_source(device_name, tables)
         with open(args.tuned_out, "w") as f:

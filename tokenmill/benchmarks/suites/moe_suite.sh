@@ -3,10 +3,14 @@
 # micro-benchmark with its launch-config sweep, and the Qwen3-30B-A3B serving set (dummy bf16
 # weights): batch-1 decode 512/256 vs its bytes-read floor, 100 x 2048/1024 at 10 in flight (mean
 # TPOT), offline 256 x 1024/1024 vs HF generate(). Results under $OUT; a short table last.
-# Usage (repo root, one H100):  bash tokenmill/benchmarks/suites/moe_suite.sh [tests|kernels|model|all]
+# Usage (repo root, one H100):  bash tokenmill/benchmarks/suites/moe_suite.sh [tests|kernels|gemv-sweep|model|decode-ab|all]
 #   ~2.5 min tests, ~2.5 min kernels, ~4 min model (one engine start of the 30B shape + HF).
+#   gemv-sweep: the token-by-token path's configurations (Qwen3-30B-A3B experts), the winners
+#   written into ops/fused_moe_configs.py (a copy in $OUT), so a later part in the call runs them.
+#   decode-ab: batch-1 decode only, with the tree in $BASELINE (another commit's `tokenmill/`,
+#   carried) and then this one, alternating ROUNDS times (default 2).
 #   MOE_SHAPES / SWEEP_SHAPES choose the micro-benchmark's shapes; MODEL_ARGS adds engine flags.
-# Carry: wheels/ (device_setup.sh installs them).
+# Carry: wheels/ (device_setup.sh installs them), and $BASELINE for decode-ab.
 set -u -o pipefail
 part="${1:-all}"
 source "$(dirname "$0")/device_setup.sh" ./moe_out
@@ -20,6 +24,26 @@ if [[ "$part" == kernels || "$part" == all ]]; then
       --shapes "${MOE_SHAPES:-qwen3-30b-a3b,mixtral-8x7b,minimax-m2}" --sweep --sweep-shapes "${SWEEP_SHAPES:-qwen3-30b-a3b}" \
       --output-json "$out/fused_moe.json" --tuned-out "$out/fused_moe_tuned.py" 2>&1 | tee "$out/fused_moe.log" || rc=1
 fi
+if [[ "$part" == gemv-sweep ]]; then
+  timeout "${SWEEP_TIMEOUT:-240}" python3 -m tokenmill.benchmarks.kernels.fused_moe --shapes qwen3-30b-a3b \
+      --gemv-sweep --write-table --output-json "$out/gemv_sweep.json" 2>&1 | grep -v -i warning \
+      | tee "$out/gemv_sweep.log" || rc=1
+  cp tokenmill/ops/fused_moe_configs.py "$out/fused_moe_configs.py.txt"
+fi
+if [[ "$part" == decode-ab ]]; then
+  here="$(pwd)"
+  base="$(cd "${BASELINE:?set BASELINE to the other tree}" && pwd)"
+  for round in $(seq 1 "${ROUNDS:-2}"); do
+    for tree in "$base" "$here"; do
+      label=$([[ $tree == "$here" ]] && echo this || echo baseline)
+      ( cd "$tree" && PYTHONPATH="$tree:/tmp/tm_wheels" timeout "${DECODE_TIMEOUT:-200}" python3 -m \
+          tokenmill.entrypoints.cli.main bench moe --model qwen3-30b-a3b --load-format dummy --dtype bfloat16 \
+          --max-model-len 4096 --max-num-seqs 8 --gpu-memory-utilization 0.9 --parts decode ${MODEL_ARGS:-} \
+          --output-json "$out/decode_${label}_r${round}.json" 2>&1 | grep -E "^batch-1" \
+          | sed "s/^/$label r$round: /" | tee -a "$out/decode_ab.log" ) || rc=1
+    done
+  done
+fi
 if [[ "$part" == model || "$part" == all ]]; then
   timeout "${MODEL_TIMEOUT:-480}" python3 -m tokenmill.entrypoints.cli.main bench moe --model qwen3-30b-a3b \
       --load-format dummy --dtype bfloat16 --max-model-len 4096 --max-num-seqs 256 --gpu-memory-utilization 0.92 \
@@ -30,5 +54,7 @@ echo "== summary ($(head -2 "$out/device.txt" | tail -1)) =="
 [[ -f "$out/tests.log" ]] && tail -1 "$out/tests.log"
 [[ -f "$out/fused_moe.log" ]] && grep -E "copy .* GB/s|T=    1:|T=  128:|T= 8192:" "$out/fused_moe.log"
 [[ -f "$out/moe_qwen3_30b.log" ]] && grep -E "^\|" "$out/moe_qwen3_30b.log"
+[[ -f "$out/gemv_sweep.log" ]] && grep -E "gemv sweep" "$out/gemv_sweep.log"
+[[ -f "$out/decode_ab.log" ]] && cat "$out/decode_ab.log"
 echo "rc=$rc"
 exit $rc

@@ -17,8 +17,9 @@ Implementation, chosen once when built (`CustomOp`):
   with `index_add_`.
 - `forward_cuda`: routing in one kernel (`ops/moe_routing.py`; grouped routings through
   `select_experts`), then the fused Triton kernels of `ops/fused_moe.py` (tokens aligned by
-  expert in blocks, grouped GEMMs with SiLU-and-mul and the routing weight fused). No host sync:
-  CUDA-graph capturable.
+  expert in blocks, grouped GEMMs with SiLU-and-mul and the routing weight fused; a few tokens go
+  token by token, `ops/fused_moe_gemv.py`). No host sync: CUDA-graph capturable. At decode the
+  routing and expert kernels launch dependent where the GPU supports it (`ops/pdl.py`).
 Experts no token chose cost nothing in either.
 
 Shared experts (DeepSeek's `shared_experts`, Qwen2-MoE's sigmoid-gated `shared_expert`) are
@@ -91,6 +92,7 @@ class FusedMoE(CustomOp):
             from tokenmill.ops import fused_moe, moe_routing
             self._fused_experts = fused_moe.fused_experts
             self._route = moe_routing.route  # the routings without expert groups, in one kernel
+            self._pdl = context.pdl  # the decode chain's kernels launch dependent (ops/pdl.py)
 
     # ----- weights -----
     def use_method(self, method: MoeMethod) -> None:
@@ -177,10 +179,11 @@ class FusedMoE(CustomOp):
             if routing.correction_bias != (correction_bias is not None):
                 raise ValueError("correction_bias must be given exactly when RoutingConfig.correction_bias is set")
             topk_weights, topk_ids = self._route(router_logits, routing.top_k, routing.scoring == "sigmoid",
-                                                 routing.renormalize, routing.routed_scaling_factor, correction_bias)
+                                                 routing.renormalize, routing.routed_scaling_factor, correction_bias,
+                                                 pdl=self._pdl)
         expert_map = None if self.all_experts_local else self.expert_map
         w13, w2, scales = self.method.kernel_weights(self, hidden.dtype)
-        return self._fused_experts(hidden, w13, w2, topk_weights, topk_ids, expert_map, scales=scales)
+        return self._fused_experts(hidden, w13, w2, topk_weights, topk_ids, expert_map, scales=scales, pdl=self._pdl)
 
 def experts_ref(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                 topk_ids: torch.Tensor, expert_map: torch.Tensor) -> torch.Tensor:
