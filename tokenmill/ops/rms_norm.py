@@ -4,6 +4,11 @@ match (`rms_norm_ref`, also the CPU path).
 One pass reads the input (and residual) once and writes once; eager PyTorch makes 3-6 passes and as
 many launches. Rounding follows HF transformers' `LlamaRMSNorm` so the two agree closely: the
 residual sum and the normalised value are rounded to the model dtype before the weight multiply.
+
+A per-head norm (Qwen3's q/k norm, on a 3-D view) sums its squares in one fixed order
+(`sum_of_squares`), because it is also inlined into another kernel (`rms_norm_heads_`, in
+`ops/kv_cache_write.py`) that must give the same bits: a `tl.sum` adds in an order that follows the
+register layout each kernel's compiler picks for it.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
     stride_x_outer, stride_x_inner, inner_size, stride_r_row,
     hidden, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
+    HAS_RESIDUAL: tl.constexpr, PER_HEAD: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
 ):
     pdl_enter(PDL)
     # Row r of the flattened input is x[r // inner_size, r % inner_size, :] so that per-head
@@ -48,21 +53,65 @@ def _rms_norm_kernel(
         x_rounded = x.to(residual_out_ptr.dtype.element_ty)
         tl.store(residual_out_ptr + row * hidden + cols, x_rounded, mask=mask)
         x = x_rounded.to(tl.float32)
-    rms_norm_store(x, weight_ptr, out_ptr, row * hidden + cols, cols, mask, hidden, eps)
+    if PER_HEAD:
+        sum_sq = tl.sum(sum_of_squares(tl.reshape(x, [1, BLOCK]), 1, BLOCK), 0)  # (a sum of one value)
+        store_normalised(x, sum_sq, weight_ptr, out_ptr, row * hidden + cols, cols, mask, mask, hidden, eps)
+    else:
+        rms_norm_store(x, weight_ptr, out_ptr, row * hidden + cols, cols, mask, hidden, eps)
 
 
 @triton.jit
 def rms_norm_store(x, weight_ptr, out_ptr, out_offs, cols, mask, hidden, eps):
     """Normalise one float32 row `x` and store it times the weight, rounding as HF does (also
     the tail of `ops/all_reduce_rms_norm.py`'s kernel, which must match this one)."""
-    rstd = tl.rsqrt(tl.sum(x * x, 0) / hidden + eps)
+    store_normalised(x, tl.sum(x * x, 0), weight_ptr, out_ptr, out_offs, cols, mask, mask, hidden, eps)
+
+
+@triton.jit
+def store_normalised(x, sum_sq, weight_ptr, out_ptr, out_offs, w_offs, mask, w_mask, hidden, eps):
+    """Store `x` (float32, rows along its last dim) normalised by its rows' sums of squares
+    `sum_sq` (broadcast against x) times the weight: the normalised value is rounded to the output
+    dtype before the weight multiply, as HF does."""
+    rstd = tl.rsqrt(sum_sq / hidden + eps)
     normed = (x * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(weight_ptr + w_offs, mask=w_mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + out_offs, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def sum_of_squares(x, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """The sum of squares of each row of `x` ([ROWS, BLOCK] float32, BLOCK a power of two >= 2)
+    -> [ROWS], in one fixed order: each pair of neighbours in one fma (`x1 * x1 + x0 * x0`), then
+    neighbouring partial sums up a balanced binary tree. Every step combines two given values, so
+    the bits depend neither on the layout nor on the kernel it is inlined into. (`tl.sum(x * x)`
+    would not do: its order follows the layout, and the compiler fuses a square into an add as an
+    fma only where both sit in one thread.)"""
+    even, odd = tl.split(tl.reshape(x, [ROWS, BLOCK // 2, 2]))
+    partial = tl.fma(odd, odd, even * even)  # [ROWS, BLOCK / 2]
+    for level in tl.static_range(2, 17):
+        if (BLOCK >> level) > 0:
+            partial = tl.sum(tl.reshape(partial, [ROWS, BLOCK >> level, 2]), 2)
+    return tl.reshape(partial, [ROWS])
+
+
+@triton.jit
+def rms_norm_heads_(x_ptr, stride_head, num_heads, weight_ptr, head_dim, eps,
+                    BLOCK_HEADS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """RMSNorm of each of one token's `num_heads` heads (rows `stride_head` apart from `x_ptr`), in
+    place, for kernels that inline Qwen3's q/k norm (`ops/kv_cache_write.py`): the same bits as
+    `rms_norm` on the per-head view (the same sum order, `sum_of_squares`, and the same tail,
+    `store_normalised`; `head_dim` a runtime value, as `hidden` is there)."""
+    heads = tl.arange(0, BLOCK_HEADS)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (heads[:, None] < num_heads) & (cols[None, :] < head_dim)
+    offs = heads[:, None] * stride_head + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    sum_sq = sum_of_squares(x, BLOCK_HEADS, BLOCK_D)[:, None]
+    store_normalised(x, sum_sq, weight_ptr, x_ptr, offs, cols, mask, cols < head_dim, head_dim, eps)
+
+
 def rms_norm(
-    x: torch.Tensor,  # [..., hidden]; 2-D or 3-D with any outer strides, last dim contiguous
+    x: torch.Tensor,  # [..., hidden]; 2-D or 3-D (per head) with any outer strides, last dim contiguous
     weight: torch.Tensor,  # [hidden]
     eps: float,
     residual: torch.Tensor | None = None,  # [num_rows, hidden], contiguous rows
@@ -73,6 +122,8 @@ def rms_norm(
     kernel before (`ops/pdl.py`)."""
     hidden = x.shape[-1]
     assert x.stride(-1) == 1 and weight.shape == (hidden,)
+    per_head = x.dim() == 3
+    assert not per_head or hidden >= 2
     if x.dim() == 2:
         outer, inner = x.shape[0], 1
         stride_outer, stride_inner = x.stride(0), 0
@@ -96,7 +147,7 @@ def rms_norm(
             x, residual if residual is not None else x, weight, out, residual_out,
             stride_outer, stride_inner, inner, residual.stride(0) if residual is not None else 0,
             hidden, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl,
+            HAS_RESIDUAL=residual is not None, PER_HEAD=per_head, BLOCK=block, PDL=pdl,
             num_warps=max(1, min(8, block // 512)), **launch_options(pdl),
         )
     if residual is None:

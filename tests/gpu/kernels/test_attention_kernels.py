@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,11 +21,15 @@ from kernel_device import DEVICE, INTERPRET  # noqa: E402,F401  (skips the modul
 
 from layer_context import attention_backend, layers_for  # noqa: E402
 from tokenmill.model.attention.backend import AttentionMetadata  # noqa: E402
+from tokenmill.model.attention.layer import Attention  # noqa: E402
+from tokenmill.model.models.llama import LlamaAttention  # noqa: E402
+from tokenmill.ops import rms_norm as rms_norm_ops  # noqa: E402
 from tokenmill.ops.kv_quant import is_fp8, quantize_fp8  # noqa: E402
 from tokenmill.ops.attention_decode import new_split_counters, paged_decode  # noqa: E402
 from tokenmill.ops.attention_prefill import paged_prefill  # noqa: E402
 from tokenmill.ops.kv_cache_write import rope_and_write_kv_cache, write_kv_cache  # noqa: E402
-from tokenmill.model.layers.rotary_embedding import RotaryEmbedding  # noqa: E402
+from tokenmill.ops.rms_norm import rms_norm  # noqa: E402
+from tokenmill.model.layers.rotary_embedding import RotaryEmbedding, RotaryInputs  # noqa: E402
 from tokenmill.ops.rotary import rope_neox_  # noqa: E402
 
 DTYPE = torch.float16 if INTERPRET else torch.bfloat16
@@ -656,6 +661,55 @@ def test_rope_and_write_kv_cache(dtype, fp8, num_kv_heads, group, head_dim, rota
     assert torch.equal(v_cache.view(torch.uint8), v_cache_ref.view(torch.uint8))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("fp8", [False, True], ids=["model_dtype_cache", "fp8_cache"])
+@pytest.mark.parametrize("num_tokens,num_kv_heads,group,head_dim,rotary_dim", [
+    (1, 8, 4, 128, 128),  # batch-1 decode, Qwen3-8B's heads
+    (11, 1, 8, 64, 64),
+    (11, 2, 7, 96, 32),  # partial rotary; heads and head_dim not powers of two
+    (40, 3, 5, 128, 64),  # odd KV heads (GQA 5), partial rotary
+    pytest.param(512, 8, 4, 128, 128, marks=gpu_only),  # a prefill chunk: any rounding difference shows
+])
+def test_rope_and_write_kv_cache_with_qk_norm(dtype, fp8, num_tokens, num_kv_heads, group, head_dim, rotary_dim):
+    """With q/k norm weights, one launch leaves bit for bit what the unfused GPU path leaves:
+    `rms_norm` (the RMSNorm layer's kernel) on q and on k, then rope_and_write_kv_cache on the
+    normalised copies. q and k are normalised and rotated in place (slot -1 tokens too: prefill
+    reads this step's keys from k), v is untouched, the cache holds the normalised rotated keys."""
+    num_heads, block_size, num_blocks, max_position, eps = num_kv_heads * group, 16, 8, 1000, 1e-6
+    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype, device=DEVICE)
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=1)
+    q = q.view(num_tokens, num_heads, head_dim)
+    k = k.view(num_tokens, num_kv_heads, head_dim)
+    v = v.view(num_tokens, num_kv_heads, head_dim)
+    q[0, 0] *= 300.0  # a large head (the float32 sum of squares is far from 1)
+    k[-1, -1] = 0.0  # an all-zero head: rsqrt(eps), finite
+    q_weight = (torch.rand(head_dim, device=DEVICE) * 1.5 + 0.25).to(dtype)
+    k_weight = (torch.rand(head_dim, device=DEVICE) * 1.5 + 0.25).to(dtype)
+    positions = torch.randint(0, max_position, (num_tokens,), device=DEVICE)
+    cos_sin_cache = torch.randn(max_position, rotary_dim, device=DEVICE)
+    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:num_tokens]
+    slots[1::5] = -1  # padding tokens: normalised and rotated, not written
+    cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    if fp8:
+        k_cache, v_cache = (quantize_fp8(torch.randn(cache_shape, device=DEVICE), 1.0) for _ in range(2))
+        scales = (K_SCALE, V_SCALE)
+    else:
+        k_cache, v_cache = (torch.randn(cache_shape, dtype=dtype, device=DEVICE) for _ in range(2))
+        scales = (1.0, 1.0)
+
+    v_before, k_cache_ref, v_cache_ref = v.clone(), k_cache.clone(), v_cache.clone()
+    q_ref, k_ref = rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
+    rope_and_write_kv_cache(q_ref, k_ref, v, k_cache_ref, v_cache_ref, slots, positions, cos_sin_cache, *scales)
+
+    rope_and_write_kv_cache(q, k, v, k_cache, v_cache, slots, positions, cos_sin_cache, *scales,
+                            q_norm_weight=q_weight, k_norm_weight=k_weight, qk_norm_eps=eps)
+    assert torch.equal(q, q_ref), "q normalised or rotated differently"
+    assert torch.equal(k, k_ref), "k normalised or rotated differently"
+    assert torch.equal(v, v_before), "v touched"
+    assert torch.equal(k_cache.view(torch.uint8), k_cache_ref.view(torch.uint8))
+    assert torch.equal(v_cache.view(torch.uint8), v_cache_ref.view(torch.uint8))
+
+
 @pytest.mark.parametrize("group,head_dim", [(1, 64), (4, 128)])
 def test_backend_mixed_batch_rope(group, head_dim):
     """The backend given `rope` (the CUDA form, positions and table) rotates before it attends:
@@ -679,3 +733,56 @@ def test_backend_mixed_batch_rope(group, head_dim):
     assert torch.equal(batch.q, q_rot) and torch.equal(batch.k, k_rot)
     assert rel_err(out, ref) < REL_TOL
     assert torch.equal(batch.k_cache.float(), k_ref) and torch.equal(batch.v_cache.float(), v_ref)
+
+
+class _CountLaunches:
+    """Stands in for a Triton kernel and counts its launches."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+def test_qwen3_attention_fuses_qk_norm_into_rope_and_write(monkeypatch):
+    """A Qwen3 attention layer built for CUDA (Triton backend) normalises q and k inside the
+    rope + KV-write kernel: its forward launches no RMSNorm kernel, and leaves what the unfused
+    path leaves (the norm layers' kernel on q and k, then the same backend) bit for bit: output,
+    and the cache that decodes read. Prefills read this step's keys from k, so the mixed batch
+    also checks k is normalised and rotated as before. Built for CUDA on the CPU too, where the
+    interpreter runs the same kernels."""
+    heads, kv_heads, head_dim = 6, 2, 64
+    config = SimpleNamespace(hidden_size=128, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                             head_dim=head_dim, rms_norm_eps=1e-6)
+    with layers_for("cuda", attention_backend="triton"):
+        layer = LlamaAttention(config, qkv_bias=False, qk_norm=True)
+        unfused = Attention(heads, kv_heads, head_dim, head_dim ** -0.5)
+    layer = layer.to(device=DEVICE, dtype=DTYPE)
+    for name, param in layer.named_parameters():
+        if "norm" in name:
+            param.data.uniform_(0.5, 1.5)
+        else:
+            param.data.normal_(0.0, config.hidden_size ** -0.5)
+    query_lens, seq_lens = [1, 1, 9], [5, 40, 30]
+    batch = make_batch(query_lens, seq_lens, kv_heads, heads // kv_heads, head_dim, 16)
+    hidden = torch.randn(sum(query_lens), config.hidden_size, dtype=DTYPE, device=DEVICE)
+    positions = torch.cat([torch.arange(s - n, s) for n, s in zip(query_lens, seq_lens)]).to(DEVICE)
+    with layers_for("cpu"):
+        cos_sin_cache = RotaryEmbedding(head_dim, max(seq_lens), 1e6, None).cos_sin_cache.to(DEVICE)
+    rope = RotaryInputs(positions, cos_sin_cache)
+    norm_kernel = _CountLaunches(rms_norm_ops._rms_norm_kernel)
+    monkeypatch.setattr(rms_norm_ops, "_rms_norm_kernel", norm_kernel)
+
+    caches_ref = (batch.k_cache.clone(), batch.v_cache.clone())
+    q, k, v = layer.qkv_proj.split_qkv(layer.qkv_proj(hidden))
+    q, k = layer.q_norm(q), layer.k_norm(k)
+    want = layer.o_proj(unfused(q, k, v, caches_ref, batch.meta, rope))
+    assert norm_kernel.launches == 2
+
+    norm_kernel.launches = 0
+    got = layer(hidden, rope, (batch.k_cache, batch.v_cache), batch.meta)
+    assert norm_kernel.launches == 0, "the q/k norm ran as its own kernel"
+    assert torch.equal(got, want)
+    assert torch.equal(batch.k_cache, caches_ref[0]) and torch.equal(batch.v_cache, caches_ref[1])

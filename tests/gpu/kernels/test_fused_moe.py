@@ -157,7 +157,7 @@ def test_auto_path_takes_gemv_for_a_few_tokens(monkeypatch):
 
 # The token-by-token path's configurations: the default, the sweep space's extremes
 # (benchmarks/kernels/fused_moe.py), and every measured one.
-_GEMV_CONFIGS = sorted({fused_moe_configs.DEFAULT_GEMV, MoeGemvConfig(8, 128, 4, 16, 64, 2),
+_GEMV_CONFIGS = sorted({fused_moe_configs.DEFAULT_GEMV, MoeGemvConfig(8, 128, 4, 16, 64, 4),
                         MoeGemvConfig(32, 512, 8, 64, 256, 8)}
                        | {c for table in fused_moe_configs.TUNED_GEMV.values() for c in table.values()})
 
@@ -170,7 +170,7 @@ def test_token_by_token_configs_give_the_product(case, config):
 
 def test_token_by_token_path_takes_the_measured_configuration(monkeypatch):
     """A shape in this GPU's table runs its measured configuration; others, and fp8 experts, the default."""
-    chosen = MoeGemvConfig(8, 128, 4, 16, 64, 2)
+    chosen = MoeGemvConfig(8, 128, 4, 16, 64, 4)
     device = torch.device("cuda", 0)
     monkeypatch.setattr(fused_moe_configs, "_device_name", lambda index: "some GPU")
     monkeypatch.setitem(fused_moe_configs.TUNED_GEMV, "some GPU", {(16, 64, 48, 2, 4): chosen})

@@ -80,9 +80,11 @@ def test_dependent_launches_match_ordinary_ones_eagerly_and_in_a_graph():
             assert torch.equal(static_out[0], want[0]) and torch.equal(static_out[1], want[1])
 
 
-def test_attention_chain_matches_ordinary_launches_eagerly_and_in_a_graph():
-    """Norm -> QKV GEMV -> rope + cache write -> split-KV decode attention -> O GEMV for a batch-1
-    decode step, the attention kernels' inputs written by the kernels just before them."""
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["rope", "qk_norm_rope"])
+def test_attention_chain_matches_ordinary_launches_eagerly_and_in_a_graph(qk_norm):
+    """Norm -> QKV GEMV -> rope + cache write (with Qwen3's q/k norm fused in, or not) -> split-KV
+    decode attention -> O GEMV for a batch-1 decode step, the attention kernels' inputs written by
+    the kernels just before them."""
     torch.manual_seed(1)
     heads, kv_heads, head_dim, block_size, num_blocks = 8, 2, 128, 16, 64
     hidden = heads * head_dim
@@ -90,6 +92,9 @@ def test_attention_chain_matches_ordinary_launches_eagerly_and_in_a_graph():
     qkv_w = torch.randn((heads + 2 * kv_heads) * head_dim, hidden, device=DEVICE, dtype=torch.bfloat16) * hidden ** -0.5
     o_w = torch.randn(hidden, hidden, device=DEVICE, dtype=torch.bfloat16) * hidden ** -0.5
     cos_sin = torch.randn(2048, head_dim, device=DEVICE)
+    qk_norm_args = dict(q_norm_weight=torch.rand(head_dim, device=DEVICE, dtype=torch.bfloat16) + 0.5,
+                        k_norm_weight=torch.rand(head_dim, device=DEVICE, dtype=torch.bfloat16) + 0.5,
+                        qk_norm_eps=1e-6) if qk_norm else {}
     block_table = torch.randperm(num_blocks, device=DEVICE, dtype=torch.int32)[None, :]
     counters = new_split_counters(kv_heads, DEVICE)
     cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, device=DEVICE, dtype=torch.bfloat16)
@@ -98,7 +103,7 @@ def test_attention_chain_matches_ordinary_launches_eagerly_and_in_a_graph():
         h = rms_norm(x, norm, 1e-5, pdl=use_pdl)
         q, k, v = gemv(h, qkv_w, pdl=use_pdl).split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], 1)
         q, k, v = q.view(1, heads, head_dim), k.view(1, kv_heads, head_dim), v.view(1, kv_heads, head_dim)
-        rope_and_write_kv_cache(q, k, v, k_cache, v_cache, slot, position, cos_sin, pdl=use_pdl)
+        rope_and_write_kv_cache(q, k, v, k_cache, v_cache, slot, position, cos_sin, pdl=use_pdl, **qk_norm_args)
         out = torch.empty_like(q)
         paged_decode(q, k_cache, v_cache, block_table, seq_len, out, num_blocks * block_size, head_dim ** -0.5,
                      split_counters=counters, pdl=use_pdl)

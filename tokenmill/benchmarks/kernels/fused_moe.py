@@ -177,7 +177,7 @@ def sweep_shape(name: str, layers: Layers) -> dict[int, MoeKernelConfig]:
 
 # The token-by-token path's space: (block_n, block_k, warps) of gate/up; (rows, block_k, warps) of down.
 GATE_UP_SPACE = [(bn, bk, w) for bn in (8, 16, 32) for bk in (128, 256, 512) for w in (4, 8)]
-DOWN_SPACE = [(rows, bk, w) for rows in (16, 32, 64) for bk in (64, 128, 256) for w in (2, 4, 8)]
+DOWN_SPACE = [(rows, bk, w) for rows in (16, 32, 64) for bk in (64, 128, 256) for w in (4, 8)]
 
 
 def gemv_sweep_shape(name: str, layers: Layers, tokens: int = 1) -> tuple[tuple, MoeGemvConfig, dict]:

@@ -25,6 +25,7 @@ import torch
 
 if TYPE_CHECKING:
     from tokenmill.config.engine_config import EngineConfig
+    from tokenmill.model.layers.layernorm import RMSNorm
     from tokenmill.model.layers.rotary_embedding import RotaryInputs
 
 
@@ -150,6 +151,13 @@ class AttentionBackend(ABC):
     @abstractmethod
     def builder_class() -> type[AttentionMetadataBuilder]:
         ...
+
+    def fuse_qk_norm(self, q_norm: "RMSNorm", k_norm: "RMSNorm") -> bool:
+        """Offered once, when the layer is built, the layer's RMSNorms over each head of q and of k
+        (Qwen3's): True if `forward` takes q and k un-normalised and applies them itself, inside its
+        own kernels, with exactly the results of `q_norm(q)` and `k_norm(k)`. The default declines:
+        the `Attention` layer then applies them before it calls `forward`."""
+        return False
 
     @abstractmethod
     def forward(

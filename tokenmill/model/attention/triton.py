@@ -16,7 +16,8 @@ which is what a model's layers do.
 
 An fp8 cache (`kv_cache_dtype="fp8"`) is recognised by its dtype; the kernels then quantize on
 write and dequantize on read with the layer's `k_scale` / `v_scale`. The rotation of q and k is
-fused into the cache write (`rope_and_write_kv_cache`): a launch per layer saved.
+fused into the cache write (`rope_and_write_kv_cache`): a launch per layer saved. So is a layer's
+per-head q/k RMSNorm (Qwen3, `fuse_qk_norm`): two launches fewer a layer.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from tokenmill.model.attention.backend import (
     StepBatch,
 )
 from tokenmill.model.attention.common_prefix import CASCADE_MIN_DECODES, common_prefix_tokens
+from tokenmill.model.layers.layernorm import RMSNorm
 from tokenmill.model.layers.rotary_embedding import RotaryInputs
 from tokenmill.ops.attention_cascade import cascade_decode
 from tokenmill.ops.attention_decode import new_split_counters, paged_decode
@@ -88,10 +90,19 @@ class TritonBackend(AttentionBackend):
         super().__init__(num_heads, num_kv_heads, head_dim, scale, sliding_window)
         self._split_counters: torch.Tensor | None = None  # [>= num_decodes * num_kv_heads] int32
         self._pdl = build_context().pdl  # the decode chain's kernels launch dependent (ops/pdl.py)
+        self._qk_norm: tuple[RMSNorm, RMSNorm] | None = None  # applied here (`fuse_qk_norm`)
 
     @staticmethod
     def builder_class() -> type[AttentionMetadataBuilder]:
         return TritonMetadataBuilder
+
+    def fuse_qk_norm(self, q_norm: RMSNorm, k_norm: RMSNorm) -> bool:
+        # The rope + write kernel reproduces the norm layer's Triton kernel (`ops/rms_norm.py`), not
+        # its PyTorch form: it takes the norms only where they would run that kernel.
+        if not (q_norm.uses_cuda_kernels and k_norm.uses_cuda_kernels and q_norm.eps == k_norm.eps):
+            return False
+        self._qk_norm = (q_norm, k_norm)
+        return True
 
     def _counters(self, num_entries: int, device: torch.device) -> torch.Tensor:
         # Sized generously on first use so that the warm-up before graph capture allocates it
@@ -105,11 +116,20 @@ class TritonBackend(AttentionBackend):
     def forward(self, q, k, v, kv_cache: KVCache, meta: AttentionMetadata, k_scale: float = 1.0,
                 v_scale: float = 1.0, rope: RotaryInputs | None = None) -> torch.Tensor:
         k_cache, v_cache = kv_cache
-        # Write first: decodes read their own new key back from the cache.
-        if rope is not None:
+        # Write first: decodes read their own new key back from the cache. q and k are normalised
+        # and rotated in place, so the prefill below reads this step's keys as they were cached.
+        if rope is not None and self._qk_norm is not None:
+            q_norm, k_norm = self._qk_norm
+            rope_and_write_kv_cache(q, k, v, k_cache, v_cache, meta.slot_mapping, rope.positions,
+                                    rope.cos_sin_cache, k_scale, v_scale, pdl=self._pdl,
+                                    q_norm_weight=q_norm.weight, k_norm_weight=k_norm.weight,
+                                    qk_norm_eps=q_norm.eps)
+        elif rope is not None:
             rope_and_write_kv_cache(q, k, v, k_cache, v_cache, meta.slot_mapping, rope.positions,
                                     rope.cos_sin_cache, k_scale, v_scale, pdl=self._pdl)
         else:
+            if self._qk_norm is not None:
+                q, k = self._qk_norm[0](q), self._qk_norm[1](k)
             write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         num_decodes = meta.num_decodes

@@ -58,13 +58,12 @@ class LlamaAttention(nn.Module):
         self.q_norm = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
         self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, head_dim ** -0.5,
-                              sliding_window)
+                              sliding_window, qk_norm=(self.q_norm, self.k_norm) if qk_norm else None)
 
     def forward(self, hidden: torch.Tensor, rope: RotaryInputs, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj.split_qkv(self.qkv_proj(hidden))
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        # attn applies q_norm / k_norm (Qwen3), then the rotation: on the GPU in one kernel.
         return self.o_proj(self.attn(q, k, v, kv_cache, meta, rope))
 
 
