@@ -23,6 +23,7 @@ engine launches them: dependent (`ops/pdl.py`) where the GPU supports it.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 
@@ -94,14 +95,10 @@ class Layers:
         `gemv_config`: the token-by-token path with that configuration."""
         inputs = [self.inputs(tokens, seed) for seed in range(len(self.w13))]
         dependent = pdl.supported(self.w13[0].device)
-        if gemv_config is not None:
-            calls = [lambda w13=w13, w2=w2, inp=inp: fused_experts_gemv(inp[0], w13, w2, inp[1], inp[2],
-                                                                        config=gemv_config, pdl=dependent)
-                     for w13, w2, inp in zip(self.w13, self.w2, inputs)]
-        else:
-            calls = [lambda w13=w13, w2=w2, inp=inp: fused_experts(inp[0], w13, w2, inp[1], inp[2], config=config,
-                                                                   path=path, pdl=dependent)
-                     for w13, w2, inp in zip(self.w13, self.w2, inputs)]
+        experts = (functools.partial(fused_experts_gemv, config=gemv_config) if gemv_config is not None
+                   else functools.partial(fused_experts, config=config, path=path))
+        calls = [lambda w13=w13, w2=w2, inp=inp: experts(inp[0], w13, w2, inp[1], inp[2], pdl=dependent)
+                 for w13, w2, inp in zip(self.w13, self.w2, inputs)]
         seconds = graph_seconds(calls) / len(calls)
         distinct = sum(torch.unique(inp[2]).numel() for inp in inputs) / len(inputs)
         return seconds, distinct

@@ -118,15 +118,13 @@ class TritonBackend(AttentionBackend):
         k_cache, v_cache = kv_cache
         # Write first: decodes read their own new key back from the cache. q and k are normalised
         # and rotated in place, so the prefill below reads this step's keys as they were cached.
-        if rope is not None and self._qk_norm is not None:
-            q_norm, k_norm = self._qk_norm
+        if rope is not None:
+            norms = {}
+            if self._qk_norm is not None:
+                q_norm, k_norm = self._qk_norm
+                norms = dict(q_norm_weight=q_norm.weight, k_norm_weight=k_norm.weight, qk_norm_eps=q_norm.eps)
             rope_and_write_kv_cache(q, k, v, k_cache, v_cache, meta.slot_mapping, rope.positions,
-                                    rope.cos_sin_cache, k_scale, v_scale, pdl=self._pdl,
-                                    q_norm_weight=q_norm.weight, k_norm_weight=k_norm.weight,
-                                    qk_norm_eps=q_norm.eps)
-        elif rope is not None:
-            rope_and_write_kv_cache(q, k, v, k_cache, v_cache, meta.slot_mapping, rope.positions,
-                                    rope.cos_sin_cache, k_scale, v_scale, pdl=self._pdl)
+                                    rope.cos_sin_cache, k_scale, v_scale, pdl=self._pdl, **norms)
         else:
             if self._qk_norm is not None:
                 q, k = self._qk_norm[0](q), self._qk_norm[1](k)
