@@ -18,6 +18,7 @@ import torch
 
 from tokenmill.model.attention.backend import AttentionMetadata, StepBatch
 from tokenmill.worker.input_batch import HostInputs
+from tokenmill.worker.transfer import to_device
 
 
 @dataclass(slots=True)
@@ -104,9 +105,9 @@ class InputBuffers:
             seq_lens_cpu=self.seq_lens.hosts[turn][:reqs],
             state_slots=self.state_slots.device_tensor[:reqs])
         if host.state_restores is not None:  # (eager steps only: a restoring request prefills)
-            meta.state_restores = torch.from_numpy(host.state_restores).to(self.device)
+            meta.state_restores = to_device(host.state_restores, torch.int64, self.device)
         if host.state_checkpoints is not None:
-            meta.state_checkpoints = torch.from_numpy(host.state_checkpoints).to(self.device)
+            meta.state_checkpoints = to_device(host.state_checkpoints, torch.int32, self.device)
             meta.state_checkpoint_interval = host.state_checkpoint_interval
         return StagedStep(self.input_ids.device_tensor[:tokens], self.positions.device_tensor[:tokens],
                           StepBatch(meta, host.block_table, host.seq_lens))

@@ -18,6 +18,7 @@ import torch
 
 from tokenmill.core.messages import TokenLogprobs
 from tokenmill.ops import cpu_argmax
+from tokenmill.worker.transfer import index_tensor, to_device
 
 _NEG_INF = float("-inf")
 _GREEDY_BELOW = 1e-5  # a temperature below this means greedy
@@ -153,7 +154,7 @@ class Sampler:
         for row, bias in batch.logit_bias.items():
             ids = [t for t in bias if t < vocab]
             if ids:
-                logits[row, ids] += torch.tensor([bias[t] for t in ids], dtype=logits.dtype)
+                logits[row, ids] += to_device([bias[t] for t in ids], logits.dtype, logits.device)
         for row, ids in batch.suppressed_tokens.items():
             ids = [t for t in ids if t < vocab]
             if ids:
@@ -163,7 +164,7 @@ class Sampler:
     def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> None:
         vocab = logits.shape[1]
         for row, (rep, pres, freq) in batch.penalties.items():
-            out_ids = torch.tensor(batch.output_token_ids.get(row, []), dtype=torch.long, device=logits.device)
+            out_ids = index_tensor(batch.output_token_ids.get(row, []), logits.device)
             counts = torch.zeros(vocab, dtype=logits.dtype, device=logits.device)
             if out_ids.numel():
                 counts.scatter_add_(0, out_ids, torch.ones_like(out_ids, dtype=logits.dtype))
@@ -171,7 +172,7 @@ class Sampler:
                 seen = counts > 0
                 prompt = batch.prompt_token_ids.get(row)
                 if prompt:
-                    seen[torch.tensor(prompt, dtype=torch.long, device=logits.device)] = True
+                    seen[index_tensor(prompt, logits.device)] = True
                 row_logits = logits[row]
                 penalised = torch.where(row_logits > 0, row_logits / rep, row_logits * rep)
                 logits[row] = torch.where(seen, penalised, row_logits)
@@ -226,16 +227,6 @@ def _triton_argmax(argmax_rows):
             return argmax_rows(logits)
         return logits.argmax(dim=-1)
     return argmax
-
-
-def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list on the device without a host sync (`torch.tensor(..., device=cuda)`
-    waits for the GPU to finish everything queued; a non-blocking copy only stages the bytes)."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
-
-def index_tensor(indices: list[int], device: torch.device) -> torch.Tensor:
-    return to_device(indices, torch.long, device)
 
 
 def per_row_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -1,0 +1,46 @@
+"""Small host-to-device copies (`worker/transfer.py`) are enqueued behind the stream's work, not
+waited on: the host returns from them while a long kernel still runs, and the values arrive.
+Skipped without CUDA."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.cuda
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from tokenmill.worker.transfer import index_tensor, to_device  # noqa: E402
+
+BUSY_CYCLES = 2_000_000_000  # ~1 s of a spinning kernel: far longer than the host needs to enqueue
+
+
+@pytest.mark.parametrize("make", [
+    lambda dev: index_tensor([3, 1, 4, 1, 5], dev),
+    lambda dev: to_device(np.array([[2, -1], [7, 8]], dtype=np.int64), torch.int64, dev),
+    lambda dev: to_device([0.5, -2.0], torch.bfloat16, dev),
+])
+def test_copies_do_not_wait_for_the_stream(make):
+    device = torch.device("cuda")
+    stream = torch.cuda.current_stream()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(BUSY_CYCLES)
+    tensors = [make(device) for _ in range(8)]  # repeated: reused pinned blocks must not wait either
+    still_busy = not stream.query()
+    torch.cuda.synchronize()
+    assert still_busy, "a host-to-device copy waited for the kernel queued before it"
+    expected = make(torch.device("cpu"))
+    for t in tensors:
+        assert t.device.type == "cuda" and t.dtype == expected.dtype
+        assert torch.equal(t.cpu(), expected)
+
+
+def test_reused_pinned_blocks_keep_each_copy_its_own_values():
+    """The caching host allocator must not hand a block to the next copy before the last one read it."""
+    torch.cuda._sleep(BUSY_CYCLES // 4)
+    tensors = [index_tensor([i] * 16, torch.device("cuda")) for i in range(64)]
+    torch.cuda.synchronize()
+    assert [int(t[0]) for t in tensors] == list(range(64)) and all(bool((t == t[0]).all()) for t in tensors)
