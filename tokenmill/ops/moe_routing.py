@@ -8,7 +8,9 @@ divide, cast...), each a few microseconds, which at batch-1 decode adds up to a 
 token's time over 48 layers; here it is one.
 
 One program per token holds its E scores in registers and takes the k largest by k rounds of
-argmax (the lowest index among equal scores). Softmax picks the experts by their logits (the same
+argmax (the lowest index among equal scores). One warp does it for up to 512 experts: each round's
+reduction is then register shuffles only, where 4 warps meet in shared memory twice a round; the
+kernel is pure latency (a few hundred bytes), once a layer at batch-1 decode. Softmax picks the experts by their logits (the same
 order as the probabilities) and computes the chosen ones' probabilities from the row's max and
 sum. Weights are float32, ids int32. With `pdl` it launches dependent (`pdl.py`) on the router's GEMV.
 """
@@ -47,9 +49,14 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_experts, strid
     chosen_ids = tl.zeros((K_PAD,), dtype=tl.int32)
     chosen = tl.zeros((K_PAD,), dtype=tl.float32)
     for k in tl.static_range(TOP_K):
-        best = tl.argmax(choice, 0, tie_break_left=True)
+        best_choice, best = tl.max(choice, 0, return_indices=True, return_indices_tie_break_left=True)
         hit = experts == best
-        weight = tl.sum(tl.where(hit, scores, 0.0), 0)
+        if SIGMOID and HAS_BIAS:  # the choice is score + bias: read the score itself
+            weight = tl.sum(tl.where(hit, scores, 0.0), 0)
+        elif SIGMOID:
+            weight = best_choice
+        else:  # the same operations as `scores` on the same logit: the same bits
+            weight = tl.exp(best_choice - row_max) / denominator
         chosen_ids = tl.where(slots == k, best, chosen_ids)
         chosen = tl.where(slots == k, weight, chosen)
         choice = tl.where(hit, float("-inf"), choice)
@@ -79,6 +86,6 @@ def route(router_logits: torch.Tensor, top_k: int, sigmoid: bool, renormalize: b
         _route_kernel[(num_tokens,)](
             router_logits, bias, weights, ids, num_experts, router_logits.stride(0), float(scaling),
             TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), SIGMOID=sigmoid, HAS_BIAS=correction_bias is not None,
-            RENORMALIZE=renormalize, BLOCK_E=block_e, PDL=pdl, num_warps=4 if block_e <= 256 else 8,
+            RENORMALIZE=renormalize, BLOCK_E=block_e, PDL=pdl, num_warps=1 if block_e <= 512 else 4,
             **launch_options(pdl))
     return weights, ids
