@@ -1,4 +1,4 @@
-"""Small host-to-device copies (`worker/transfer.py`) are enqueued behind the stream's work, not
+"""Small host-to-device copies (`utils/transfer.py`) are enqueued behind the stream's work, not
 waited on: the host returns from them while a long kernel still runs, and the values arrive.
 Skipped without CUDA."""
 
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.cuda
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from tokenmill.worker.transfer import index_tensor, to_device  # noqa: E402
+from tokenmill.utils.transfer import index_tensor, to_device  # noqa: E402
 
 BUSY_CYCLES = 2_000_000_000  # ~1 s of a spinning kernel: far longer than the host needs to enqueue
 

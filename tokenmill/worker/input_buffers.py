@@ -18,7 +18,7 @@ import torch
 
 from tokenmill.model.attention.backend import AttentionMetadata, StepBatch
 from tokenmill.worker.input_batch import HostInputs
-from tokenmill.worker.transfer import to_device
+from tokenmill.utils.transfer import to_device
 
 
 @dataclass(slots=True)

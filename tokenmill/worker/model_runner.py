@@ -29,7 +29,7 @@ from tokenmill.model.registry import build_model
 from tokenmill.worker.input_batch import HostInputs, InputBatch, RequestState
 from tokenmill.worker.input_buffers import InputBuffers
 from tokenmill.worker.sampler import SampledTokens, Sampler, SamplingBatch, batch_token_logprobs
-from tokenmill.worker.transfer import index_tensor
+from tokenmill.utils.transfer import index_tensor
 
 logger = logging.getLogger(__name__)
 

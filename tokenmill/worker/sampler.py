@@ -18,7 +18,7 @@ import torch
 
 from tokenmill.core.messages import TokenLogprobs
 from tokenmill.ops import cpu_argmax
-from tokenmill.worker.transfer import index_tensor, to_device
+from tokenmill.utils.transfer import index_tensor, to_device
 
 _NEG_INF = float("-inf")
 _GREEDY_BELOW = 1e-5  # a temperature below this means greedy

@@ -25,6 +25,7 @@ from tokenmill.ops.attention_common import LaunchConfig
 from tokenmill.ops.attention_prefill import paged_prefill
 from tokenmill.ops.mla_cache_write import rope_and_write_latent
 from tokenmill.ops.mla_decode import mla_decode
+from tokenmill.utils.transfer import to_device
 
 # DeepSeek's 192-wide heads pad to 256 in the prefill kernel: half the dense kernel's 128 x 128
 # tiles keeps q and two stages of K/V tiles within shared memory.
@@ -93,5 +94,5 @@ class TritonMLABackend(MLABackend):
         offsets = np.concatenate([[0], np.cumsum(blocks)[:-1]])
         for j, (offset, n) in enumerate(zip(offsets.tolist(), blocks.tolist())):
             table[first_req + j, :n] = np.arange(offset, offset + n)
-        block_table = torch.from_numpy(table).to(cache.device, non_blocking=False)
+        block_table = to_device(table, torch.int32, cache.device)
         return (k_cache.view(-1, block_size, *shape), v_cache.view(-1, block_size, *shape), block_table)
