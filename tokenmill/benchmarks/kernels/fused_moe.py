@@ -250,13 +250,13 @@ def main() -> None:
             # The rows measured next (and the grouped sweep) run the winner, as the engine will.
             fused_moe_configs.TUNED_GEMV.setdefault(device_name, {})[key] = config
             result.setdefault("gemv_sweep", {})[name] = {"config": list(config), **us}
+            if args.write_table:  # now, not after the rows below: a device call may end before them
+                print(write_gemv_table(device_name, gemv_winners), flush=True)
         result["rows"] += measure_shape(name, layers, copy_gb_s, peak)
         if args.sweep and swept:
             tables.update(sweep_shape(name, layers))
         del layers
         torch.cuda.empty_cache()
-    if args.write_table and gemv_winners:
-        print(write_gemv_table(device_name, gemv_winners))
     if args.sweep:
         source = tuned_source(device_name, tables)
         with open(args.tuned_out, "w") as f:

@@ -7,8 +7,9 @@
 #   ~2.5 min tests, ~2.5 min kernels, ~4 min model (one engine start of the 30B shape + HF).
 #   gemv-sweep: the token-by-token path's configurations (Qwen3-30B-A3B experts), the winners
 #   written into ops/fused_moe_configs.py (a copy in $OUT), so a later part in the call runs them.
-#   decode-ab: batch-1 decode only, with the tree in $BASELINE (another commit's `tokenmill/`,
-#   carried) and then this one, alternating ROUNDS times (default 2).
+#   decode-ab: batch-1 decode only, this tree and then the one in $BASELINE (another commit's
+#   `tokenmill/`, carried), alternating ROUNDS times (default 2); this one first, so a call cut
+#   short still has its figure.
 #   MOE_SHAPES / SWEEP_SHAPES choose the micro-benchmark's shapes; MODEL_ARGS adds engine flags.
 # Carry: wheels/ (device_setup.sh installs them), and $BASELINE for decode-ab.
 set -u -o pipefail
@@ -34,7 +35,7 @@ if [[ "$part" == decode-ab ]]; then
   here="$(pwd)"
   base="$(cd "${BASELINE:?set BASELINE to the other tree}" && pwd)"
   for round in $(seq 1 "${ROUNDS:-2}"); do
-    for tree in "$base" "$here"; do
+    for tree in "$here" "$base"; do
       label=$([[ $tree == "$here" ]] && echo this || echo baseline)
       ( cd "$tree" && PYTHONPATH="$tree:/tmp/tm_wheels" timeout "${DECODE_TIMEOUT:-200}" python3 -m \
           tokenmill.entrypoints.cli.main bench moe --model qwen3-30b-a3b --load-format dummy --dtype bfloat16 \
