@@ -13,6 +13,12 @@ reduction is then register shuffles only, where 4 warps meet in shared memory tw
 kernel is pure latency (a few hundred bytes), once a layer at batch-1 decode. Softmax picks the experts by their logits (the same
 order as the probabilities) and computes the chosen ones' probabilities from the row's max and
 sum. Weights are float32, ids int32. With `pdl` it launches dependent (`pdl.py`) on the router's GEMV.
+
+`route_from_hidden` is the batch-1 decode form: the router's GEMV and the routing in one launch.
+The router matrix is small (E x H: 0.5 MB for Qwen3-30B-A3B), so at one token its GEMV and the
+routing are each a launch of pure latency; here the GEMV's programs (two experts' rows each, reading
+their first tile while the kernel before finishes) write the logits, and the program that finishes
+last routes them, as the split-KV decode kernel merges (`attention_decode.py`).
 """
 
 from __future__ import annotations
@@ -21,18 +27,16 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenmill.ops.gemv import load_weight_tile
 from tokenmill.ops.pdl import launch_options, pdl_enter
 
 
 @triton.jit
-def _route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_experts, stride_row, scaling,
+def _select_top_k(logits, experts, valid, bias_ptr, weights_ptr, ids_ptr, row, scaling,
                   TOP_K: tl.constexpr, K_PAD: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr = False):
-    pdl_enter(PDL)
-    row = tl.program_id(0).to(tl.int64)
-    experts = tl.arange(0, BLOCK_E)
-    valid = experts < num_experts
-    logits = tl.load(logits_ptr + row * stride_row + experts, mask=valid, other=float("-inf")).to(tl.float32)
+                  RENORMALIZE: tl.constexpr):
+    """The routing of one token from its float32 logits [BLOCK_E] (-inf where not `valid`):
+    writes row `row` of the weights and ids."""
     if SIGMOID:
         scores = tl.sigmoid(logits)
         choice = scores
@@ -71,6 +75,56 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_experts, strid
     tl.store(ids_ptr + out, chosen_ids, mask=slots < TOP_K)
 
 
+@triton.jit
+def _route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_experts, stride_row, scaling,
+                  TOP_K: tl.constexpr, K_PAD: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    experts = tl.arange(0, BLOCK_E)
+    valid = experts < num_experts
+    logits = tl.load(logits_ptr + row * stride_row + experts, mask=valid, other=float("-inf")).to(tl.float32)
+    _select_top_k(logits, experts, valid, bias_ptr, weights_ptr, ids_ptr, row, scaling,
+                  TOP_K, K_PAD, SIGMOID, HAS_BIAS, RENORMALIZE)
+
+
+@triton.jit
+def _router_route_kernel(x_ptr, w_ptr, logits_ptr, counter_ptr, bias_ptr, weights_ptr, ids_ptr, num_experts,
+                         hidden, stride_wn, scaling,
+                         TOP_K: tl.constexpr, K_PAD: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+    # The router's GEMV, BLOCK_N experts' logits a program, as `gemv.py`'s kernel computes them.
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < num_experts
+    cols = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    k_begin = 0
+    if PDL:  # the router's weights do not depend on the kernel before: read while it finishes
+        w = load_weight_tile(w_ptrs, 0, row_mask, cols, hidden)
+        pdl_enter(PDL)
+        acc += w.to(tl.float32) * tl.load(x_ptr + cols, mask=cols < hidden, other=0.0).to(tl.float32)[None, :]
+        k_begin = BLOCK_K
+    for k in range(k_begin, hidden, BLOCK_K):
+        w = load_weight_tile(w_ptrs, k, row_mask, cols, hidden)
+        x = tl.load(x_ptr + k + cols, mask=(k + cols) < hidden, other=0.0).to(tl.float32)
+        acc += w.to(tl.float32) * x[None, :]
+    tl.store(logits_ptr + rows, tl.sum(acc, axis=1).to(logits_ptr.dtype.element_ty), mask=row_mask)
+    # The program that finishes last routes, from every program's logits (attention_decode.py's
+    # split merge: a barrier orders the block's stores before one thread's release at gpu scope).
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == tl.num_programs(0) - 1:
+        tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+        tl.debug_barrier()
+        experts = tl.arange(0, BLOCK_E)
+        valid = experts < num_experts
+        logits = tl.load(logits_ptr + experts, mask=valid, other=float("-inf"), cache_modifier=".cg")
+        _select_top_k(logits.to(tl.float32), experts, valid, bias_ptr, weights_ptr, ids_ptr, 0, scaling,
+                      TOP_K, K_PAD, SIGMOID, HAS_BIAS, RENORMALIZE)
+
+
 def route(router_logits: torch.Tensor, top_k: int, sigmoid: bool, renormalize: bool, scaling: float = 1.0,
           correction_bias: torch.Tensor | None = None, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits [T, E] (last dim contiguous) -> (topk_weights [T, k] float32, topk_ids [T, k] int32).
@@ -89,3 +143,40 @@ def route(router_logits: torch.Tensor, top_k: int, sigmoid: bool, renormalize: b
             RENORMALIZE=renormalize, BLOCK_E=block_e, PDL=pdl, num_warps=1 if block_e <= 512 else 4,
             **launch_options(pdl))
     return weights, ids
+
+
+def new_router_counter(device: torch.device) -> torch.Tensor:
+    """The zeroed arrival counter `route_from_hidden` needs; each launch leaves it zero again, so
+    one serves every later launch on the same stream."""
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
+def route_from_hidden(hidden: torch.Tensor, gate_weight: torch.Tensor, top_k: int, sigmoid: bool, renormalize: bool,
+                      scaling: float, correction_bias: torch.Tensor | None, counter: torch.Tensor,
+                      pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One token's routing from its hidden state, the router's product included, in one launch:
+    hidden [1, H], gate_weight [E, H] (the router linear's weight, H contiguous) ->
+    (topk_weights [1, k] float32, topk_ids [1, k] int32, router_logits [1, E] in hidden's dtype),
+    the same as `route(gemv(hidden, gate_weight), ...)` computes.
+
+    At batch-1 decode the router's GEMV reads only E x H weights (0.5 MB for Qwen3-30B-A3B) and
+    the routing a few hundred bytes: both are latency, a launch each, once a layer. Here the
+    GEMV's programs (BLOCK_N experts each) write their logits and the last one to finish routes.
+    `counter`: `new_router_counter(device)`, not shared with a launch that may run concurrently."""
+    num_experts, hidden_size = gate_weight.shape
+    assert hidden.shape == (1, hidden_size) and hidden.is_contiguous() and gate_weight.stride(1) == 1
+    assert top_k <= num_experts and (correction_bias is None or sigmoid)
+    device = hidden.device
+    weights = torch.empty(1, top_k, dtype=torch.float32, device=device)
+    ids = torch.empty(1, top_k, dtype=torch.int32, device=device)
+    logits = torch.empty(1, num_experts, dtype=hidden.dtype, device=device)
+    block_e = triton.next_power_of_2(num_experts)
+    block_n = 2 if num_experts >= 64 else 1  # >= 32 programs for the usual expert counts
+    bias = correction_bias if correction_bias is not None else weights  # not read without HAS_BIAS
+    _router_route_kernel[(triton.cdiv(num_experts, block_n),)](
+        hidden, gate_weight, logits, counter, bias, weights, ids, num_experts, hidden_size, gate_weight.stride(0),
+        float(scaling), TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), SIGMOID=sigmoid,
+        HAS_BIAS=correction_bias is not None, RENORMALIZE=renormalize, BLOCK_E=block_e, BLOCK_N=block_n,
+        BLOCK_K=min(1024, triton.next_power_of_2(hidden_size)), PDL=pdl, num_warps=1 if block_e <= 512 else 4,
+        **launch_options(pdl))
+    return weights, ids, logits

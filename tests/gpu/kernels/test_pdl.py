@@ -22,7 +22,7 @@ from tokenmill.ops.fp8_gemv import fp8_gemv  # noqa: E402
 from tokenmill.ops.fused_moe_gemv import fused_experts_gemv  # noqa: E402
 from tokenmill.ops.gemv import gemv  # noqa: E402
 from tokenmill.ops.kv_cache_write import rope_and_write_kv_cache  # noqa: E402
-from tokenmill.ops.moe_routing import route  # noqa: E402
+from tokenmill.ops.moe_routing import new_router_counter, route, route_from_hidden  # noqa: E402
 from tokenmill.ops.rms_norm import rms_norm  # noqa: E402
 
 pytestmark = pytest.mark.skipif(INTERPRET or not pdl.supported(DEVICE),
@@ -143,9 +143,11 @@ def test_attention_chain_matches_ordinary_launches_eagerly_and_in_a_graph(qk_nor
         assert torch.equal(static_out, want) and torch.equal(caches, want_caches)
 
 
-def test_moe_chain_matches_ordinary_launches_eagerly_and_in_a_graph():
-    """Norm -> router GEMV -> routing -> the experts' gate/up and down GEMVs, layer after layer at
-    one token: each kernel reads the expert ids, weights or activations the one before wrote."""
+@pytest.mark.parametrize("fused_router", [False, True])
+def test_moe_chain_matches_ordinary_launches_eagerly_and_in_a_graph(fused_router):
+    """Norm -> router GEMV -> routing (or both in one kernel, `route_from_hidden`) -> the experts'
+    gate/up and down GEMVs, layer after layer at one token: each kernel reads the expert ids,
+    weights or activations the one before wrote."""
     torch.manual_seed(2)
     hidden, inter, experts, top_k = 512, 256, 32, 4
     layers = [(torch.rand(hidden, device=DEVICE, dtype=torch.bfloat16) + 0.5,
@@ -153,11 +155,15 @@ def test_moe_chain_matches_ordinary_launches_eagerly_and_in_a_graph():
                torch.randn(experts, 2 * inter, hidden, device=DEVICE, dtype=torch.bfloat16) * hidden ** -0.5,
                torch.randn(experts, hidden, inter, device=DEVICE, dtype=torch.bfloat16) * inter ** -0.5)
               for _ in range(LAYERS)]
+    counter = new_router_counter(DEVICE)  # one for every layer: their launches never overlap
 
     def chain(x, residual, use_pdl):
         for norm, router, w13, w2 in layers:
             h, residual = rms_norm(x, norm, 1e-5, residual, pdl=use_pdl)
-            weights, ids = route(gemv(h, router, pdl=use_pdl), top_k, False, True, pdl=use_pdl)
+            if fused_router:
+                weights, ids, _ = route_from_hidden(h, router, top_k, False, True, 1.0, None, counter, pdl=use_pdl)
+            else:
+                weights, ids = route(gemv(h, router, pdl=use_pdl), top_k, False, True, pdl=use_pdl)
             x = fused_experts_gemv(h, w13, w2, weights, ids, pdl=use_pdl)
         return x, residual
 

@@ -111,19 +111,20 @@ class CudaLinearMethod(LinearMethod):
             from tokenmill.ops import gemv
             self._gemv = functools.partial(gemv.gemv, pdl=pdl)
 
-    def _use_gemv(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    def uses_gemv(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether the product of one row `x` and `weight` runs the Triton GEMV (batch-1 decode graphs)."""
         return (self.triton_gemv and x.dim() == 2 and x.shape[0] == 1 and x.dtype == weight.dtype
                 and current_forward_context().decode_graph)
 
     def apply(self, layer, x, bias=None, push=None):
-        if layer.activation is not None or not self._use_gemv(x, layer.weight):
+        if layer.activation is not None or not self.uses_gemv(x, layer.weight):
             return apply_activation(F.linear(x, layer.weight, bias), layer.activation), False
         push = push if bias is None else None  # a bias is added after the product: rows not final
         y = self._gemv(x, layer.weight, silu_mul=False, push=push)
         return (y if bias is None else y + bias), push is not None
 
     def apply_silu_mul(self, layer, gate_up, silu_and_mul, bias=None, push=None):
-        if not self._use_gemv(gate_up, layer.weight):
+        if not self.uses_gemv(gate_up, layer.weight):
             return self.apply(layer, silu_and_mul(gate_up), bias, push)
         push = push if bias is None else None
         y = self._gemv(gate_up, layer.weight, silu_mul=True, push=push)

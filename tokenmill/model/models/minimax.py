@@ -117,10 +117,10 @@ class MiniMaxSparseMoeBlock(nn.Module):
         routing = RoutingConfig(top_k=config.num_experts_per_tok, renormalize=True,
                                 routed_scaling_factor=float(config.mlp_beta_factor))
         self.experts = FusedMoE(num_experts, config.hidden_size, config.intermediate_size, routing,
-                                hidden_act=config.hidden_act)
+                                hidden_act=config.hidden_act, router=self.gate)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.experts(hidden, self.gate(hidden))
+        return self.experts(hidden)
 
 
 class MiniMaxDecoderLayer(nn.Module):

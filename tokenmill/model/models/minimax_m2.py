@@ -70,10 +70,10 @@ class MiniMaxM2SparseMoeBlock(nn.Module):
         routing = RoutingConfig(top_k=config.num_experts_per_tok, scoring="sigmoid", renormalize=True,
                                 correction_bias=use_bias)
         self.experts = FusedMoE(num_experts, config.hidden_size, config.intermediate_size, routing,
-                                hidden_act=config.hidden_act)
+                                hidden_act=config.hidden_act, router=self.gate)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.experts(hidden, self.gate(hidden), self.e_score_correction_bias)
+        return self.experts(hidden, correction_bias=self.e_score_correction_bias)
 
 
 class MiniMaxM2ForCausalLM(LlamaForCausalLM):

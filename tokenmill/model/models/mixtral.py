@@ -25,10 +25,10 @@ class MixtralSparseMoeBlock(nn.Module):
         self.gate = ReplicatedLinear(config.hidden_size, config.num_local_experts, bias=False)
         self.experts = FusedMoE(config.num_local_experts, config.hidden_size, config.intermediate_size,
                                 RoutingConfig(top_k=config.num_experts_per_tok, renormalize=True),
-                                hidden_act=config.hidden_act)
+                                hidden_act=config.hidden_act, router=self.gate)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.experts(hidden, self.gate(hidden))
+        return self.experts(hidden)
 
 
 class BlockSparseMoeDecoderLayer(nn.Module):

@@ -32,10 +32,11 @@ class QwenMoeSparseBlock(nn.Module):
             gate = self.shared_expert_gate = ReplicatedLinear(hidden, 1, bias=False)
         routing = RoutingConfig(top_k=config.num_experts_per_tok, renormalize=bool(config.norm_topk_prob))
         self.experts = FusedMoE(config.num_experts, hidden, config.moe_intermediate_size, routing,
-                                shared_experts=shared, shared_expert_gate=gate, hidden_act=config.hidden_act)
+                                shared_experts=shared, shared_expert_gate=gate, hidden_act=config.hidden_act,
+                                router=self.gate)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.experts(hidden, self.gate(hidden))
+        return self.experts(hidden)
 
 
 class Qwen3MoeForCausalLM(LlamaForCausalLM):

@@ -16,7 +16,8 @@ Implementation, chosen once when built (`CustomOp`):
   then a loop over the experts that received tokens, each a gathered GEMM pair, scattered back
   with `index_add_`.
 - `forward_cuda`: routing in one kernel (`ops/moe_routing.py`; grouped routings through
-  `select_experts`), then the fused Triton kernels of `ops/fused_moe.py` (tokens aligned by
+  `select_experts`), which at batch-1 decode also computes the router's product when the layer
+  holds its router (`router=`: one launch a layer for what was a GEMV and a routing kernel), then the fused Triton kernels of `ops/fused_moe.py` (tokens aligned by
   expert in blocks, grouped GEMMs with SiLU-and-mul and the routing weight fused; a few tokens go
   token by token, `ops/fused_moe_gemv.py`). No host sync: CUDA-graph capturable. At decode the
   routing and expert kernels launch dependent where the GPU supports it (`ops/pdl.py`).
@@ -40,6 +41,7 @@ from torch import nn
 from tokenmill.config.parallel import divide
 from tokenmill.model.build_context import build_context
 from tokenmill.model.custom_op import CustomOp
+from tokenmill.model.layers.linear_method import CudaLinearMethod
 from tokenmill.model.layers.moe.router import RoutingConfig, select_experts
 from tokenmill.model.layers.quantization import moe_method
 from tokenmill.model.layers.quantization.moe_method import MoeMethod
@@ -57,11 +59,15 @@ class FusedMoE(CustomOp):
             `sigmoid(shared_expert_gate(x))` (Qwen2-MoE), registered by the caller.
         hidden_act: the experts' activation (silu only).
         local_experts: the global ids this rank holds (None: all of them).
+        router: optional [H -> E] `ReplicatedLinear`, registered by the caller: `forward` without
+            router logits runs it, and at batch-1 decode on CUDA runs its product and the routing
+            as one kernel (`moe_routing.route_from_hidden`).
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, routing: RoutingConfig,
                  shared_experts: nn.Module | None = None, shared_expert_gate: nn.Module | None = None,
-                 hidden_act: str = "silu", local_experts: Sequence[int] | None = None) -> None:
+                 hidden_act: str = "silu", local_experts: Sequence[int] | None = None,
+                 router: nn.Module | None = None) -> None:
         super().__init__()
         if hidden_act != "silu":
             raise ValueError(f"expert activation {hidden_act!r} is not supported (silu)")
@@ -87,11 +93,14 @@ class FusedMoE(CustomOp):
         self.use_method(moe_method())
         # Held, not registered: the model registers them under their checkpoint names.
         self._shared = (shared_experts, shared_expert_gate)
+        self._router = router
+        self._router_counter: torch.Tensor | None = None  # route_from_hidden's, allocated on first use
         self._loaded: set[tuple[int, str, str]] = set()  # (expert, shard, parameter) loaded from a checkpoint
         if self.uses_cuda_kernels:
             from tokenmill.ops import fused_moe, moe_routing
             self._fused_experts = fused_moe.fused_experts
             self._route = moe_routing.route  # the routings without expert groups, in one kernel
+            self._route_from_hidden = moe_routing.route_from_hidden  # and with the router's product
             self._pdl = context.pdl  # the decode chain's kernels launch dependent (ops/pdl.py)
 
     # ----- weights -----
@@ -149,11 +158,14 @@ class FusedMoE(CustomOp):
         self.method.process_weights_after_loading(self)
 
     # ----- forward -----
-    def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor,
+    def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor | None = None,
                 correction_bias: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden [T, H], router_logits [T, E] (correction_bias [E] where the routing has one)
-        -> [T, H]: the routed experts' weighted sum plus the shared experts' output, summed over
-        tensor-parallel ranks (deferred to the next RMSNorm)."""
+        """hidden [T, H], router_logits [T, E] (None: the layer's `router` computes them;
+        correction_bias [E] where the routing has one) -> [T, H]: the routed experts' weighted sum
+        plus the shared experts' output, summed over tensor-parallel ranks (deferred to the next
+        RMSNorm)."""
+        if router_logits is None and self._router is None:
+            raise ValueError("router_logits are needed: this FusedMoE was built without its router")
         out = self._impl(self, hidden, router_logits, correction_bias)
         shared_experts, shared_gate = self._shared
         if shared_experts is not None:
@@ -166,6 +178,8 @@ class FusedMoE(CustomOp):
     def forward_native(self, hidden: torch.Tensor, router_logits: torch.Tensor,
                        correction_bias: torch.Tensor | None) -> torch.Tensor:
         """The routed experts only: [T, H], this rank's (partial) weighted sum."""
+        if router_logits is None:
+            router_logits = self._router(hidden)
         topk_weights, topk_ids = select_experts(router_logits, self.routing, correction_bias)
         w13, w2 = self.method.reference_weights(self, hidden.dtype)
         return experts_ref(hidden, w13, w2, topk_weights, topk_ids, self.expert_map)
@@ -174,16 +188,40 @@ class FusedMoE(CustomOp):
                      correction_bias: torch.Tensor | None) -> torch.Tensor:
         routing = self.routing
         if routing.grouped:
+            if router_logits is None:
+                router_logits = self._router(hidden)
             topk_weights, topk_ids = select_experts(router_logits, routing, correction_bias)
         else:
             if routing.correction_bias != (correction_bias is not None):
                 raise ValueError("correction_bias must be given exactly when RoutingConfig.correction_bias is set")
-            topk_weights, topk_ids = self._route(router_logits, routing.top_k, routing.scoring == "sigmoid",
-                                                 routing.renormalize, routing.routed_scaling_factor, correction_bias,
-                                                 pdl=self._pdl)
+            args = (routing.top_k, routing.scoring == "sigmoid", routing.renormalize, routing.routed_scaling_factor,
+                    correction_bias)
+            if router_logits is None and self._router_fuses(hidden):
+                topk_weights, topk_ids, _ = self._route_from_hidden(hidden, self._router.weight, *args,
+                                                                    self._counter(hidden.device), pdl=self._pdl)
+            else:
+                if router_logits is None:
+                    router_logits = self._router(hidden)
+                topk_weights, topk_ids = self._route(router_logits, *args, pdl=self._pdl)
         expert_map = None if self.all_experts_local else self.expert_map
         w13, w2, scales = self.method.kernel_weights(self, hidden.dtype)
         return self._fused_experts(hidden, w13, w2, topk_weights, topk_ids, expert_map, scales=scales, pdl=self._pdl)
+
+    def _router_fuses(self, hidden: torch.Tensor) -> bool:
+        """Whether the router's product would run the Triton GEMV (one token, a decode graph, a
+        plain bf16/fp16 weight): then it runs inside the routing kernel instead."""
+        router = self._router
+        method = getattr(router, "method", None)
+        return (isinstance(method, CudaLinearMethod) and router.bias is None and router.activation is None
+                and method.uses_gemv(hidden, router.weight))
+
+    def _counter(self, device: torch.device) -> torch.Tensor:
+        # Allocated by the warm-up pass before a decode graph is captured, so no graph allocates it.
+        if self._router_counter is None:
+            from tokenmill.ops.moe_routing import new_router_counter
+            self._router_counter = new_router_counter(device)
+        return self._router_counter
+
 
 def experts_ref(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                 topk_ids: torch.Tensor, expert_map: torch.Tensor) -> torch.Tensor:
