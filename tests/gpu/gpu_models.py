@@ -128,3 +128,29 @@ def greedy_eager_and_graphs(folder: str, **engine_args) -> list[list[list[int]]]
             results[eager, async_scheduling] = [o.outputs[0].token_ids for o in outs]
         torch.cuda.empty_cache()
     return [results[True, False], results[False, False], results[False, True]]
+
+
+def assert_batch1_graphs_fuse_the_router(folder: str, monkeypatch) -> None:
+    """One request of an MoE model: its decode graphs compute the router's product inside the
+    routing kernel (`moe_routing.route_from_hidden`), eager steps run the router and then `route`:
+    the same greedy tokens, and the fused kernel really is what the graphs captured."""
+    from tokenmill.ops import moe_routing
+    calls = []
+    original = moe_routing.route_from_hidden
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(moe_routing, "route_from_hidden", counting)
+    prompt = [[(7 * i + 3) % 2048 for i in range(200)]]
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    tokens = {}
+    for eager in (True, False):
+        calls.clear()
+        with LLM(folder, dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.3, enforce_eager=eager,
+                 max_num_seqs=4) as llm:
+            tokens[eager] = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+        assert bool(calls) != eager, f"eager={eager}: {len(calls)} fused router launches"
+        torch.cuda.empty_cache()
+    assert tokens[True] == tokens[False]

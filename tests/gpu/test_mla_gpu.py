@@ -15,7 +15,8 @@ if not torch.cuda.is_available():
 
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
-from gpu_models import LOGIT_PARAMS, LOGIT_PROMPTS, greedy_eager_and_graphs, logprob_errors  # noqa: E402
+from gpu_models import (  # noqa: E402
+    LOGIT_PARAMS, LOGIT_PROMPTS, assert_batch1_graphs_fuse_the_router, greedy_eager_and_graphs, logprob_errors)
 from tokenmill import LLM, SamplingParams  # noqa: E402
 
 WIDTHS = dict(vocab_size=2048, hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
@@ -66,6 +67,12 @@ def test_mla_cuda_graphs_match_eager(name, tmp_path_factory):
     folder, _ = mla_folder(tmp_path_factory, name, 0.5)  # peaky logits: greedy margins far above rounding
     eager, graphs, graphs_async = greedy_eager_and_graphs(folder, dtype="bfloat16")
     assert eager == graphs == graphs_async
+
+
+def test_mla_batch1_decode_graph_fuses_the_float32_router_and_matches_eager(tmp_path_factory, monkeypatch):
+    """V2-Lite's routing (softmax, no expert groups) from its float32 gate, fused at batch 1."""
+    folder, _ = mla_folder(tmp_path_factory, "v2-lite", 0.5)
+    assert_batch1_graphs_fuse_the_router(folder, monkeypatch)
 
 
 def test_triton_mla_matches_reference_backend_float32(tmp_path_factory):

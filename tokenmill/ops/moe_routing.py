@@ -156,8 +156,9 @@ def route_from_hidden(hidden: torch.Tensor, gate_weight: torch.Tensor, top_k: in
                       pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One token's routing from its hidden state, the router's product included, in one launch:
     hidden [1, H], gate_weight [E, H] (the router linear's weight, H contiguous) ->
-    (topk_weights [1, k] float32, topk_ids [1, k] int32, router_logits [1, E] in hidden's dtype),
-    the same as `route(gemv(hidden, gate_weight), ...)` computes.
+    (topk_weights [1, k] float32, topk_ids [1, k] int32, router_logits [1, E]), the same as
+    `route(gemv(hidden, gate_weight), ...)` computes. The logits have the product's dtype as torch
+    types it (a float32 gate, DeepSeek's, multiplies the hidden state in float32: float32 logits).
 
     At batch-1 decode the router's GEMV reads only E x H weights (0.5 MB for Qwen3-30B-A3B) and
     the routing a few hundred bytes: both are latency, a launch each, once a layer. Here the
@@ -169,7 +170,7 @@ def route_from_hidden(hidden: torch.Tensor, gate_weight: torch.Tensor, top_k: in
     device = hidden.device
     weights = torch.empty(1, top_k, dtype=torch.float32, device=device)
     ids = torch.empty(1, top_k, dtype=torch.int32, device=device)
-    logits = torch.empty(1, num_experts, dtype=hidden.dtype, device=device)
+    logits = torch.empty(1, num_experts, dtype=torch.promote_types(hidden.dtype, gate_weight.dtype), device=device)
     block_e = triton.next_power_of_2(num_experts)
     block_n = 2 if num_experts >= 64 else 1  # >= 32 programs for the usual expert counts
     bias = correction_bias if correction_bias is not None else weights  # not read without HAS_BIAS

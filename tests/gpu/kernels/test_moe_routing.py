@@ -55,29 +55,32 @@ def test_route_with_no_tokens():
     assert weights.shape == ids.shape == (0, 4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype,gate_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                              (torch.bfloat16, torch.float32)])
 @pytest.mark.parametrize("num_experts,hidden", [(60, 96), (128, 2048), (8, 1100)])
 @pytest.mark.parametrize("name", sorted(ROUTINGS))
-def test_route_from_hidden_is_the_router_product_then_route(name, num_experts, hidden, dtype):
+def test_route_from_hidden_is_the_router_product_then_route(name, num_experts, hidden, dtype, gate_dtype):
     """The one-launch router (its GEMV, then the last program routes) against its own parts: the
-    logits it returns are the router's product, and its choice is `route` of exactly those logits;
-    the counter is back at zero after each of several launches."""
+    logits it returns are the router's product (float32 for a float32 gate, DeepSeek's), and its
+    choice is `route` of exactly those logits; the counter is back at zero after each of several
+    launches."""
     from tokenmill.ops.moe_routing import new_router_counter, route_from_hidden
     routing = ROUTINGS[name]
     if routing.top_k > num_experts:
         pytest.skip("more experts chosen than exist")
     g = torch.Generator().manual_seed(num_experts + hidden)
-    weight = (torch.randn(num_experts, hidden, generator=g) / hidden ** 0.5).to(dtype).to(DEVICE)
+    weight = (torch.randn(num_experts, hidden, generator=g) / hidden ** 0.5).to(gate_dtype).to(DEVICE)
+    logits_dtype = torch.promote_types(dtype, gate_dtype)
     bias = (torch.randn(num_experts, generator=g) * 0.2).to(DEVICE) if routing.correction_bias else None
     counter = new_router_counter(torch.device(DEVICE))
     for launch in range(3):
         x = (torch.randn(1, hidden, generator=g) * 2).to(dtype).to(DEVICE)
         weights, ids, logits = route_from_hidden(x, weight, routing.top_k, routing.scoring == "sigmoid",
                                                  routing.renormalize, routing.routed_scaling_factor, bias, counter)
-        assert logits.dtype == dtype and ids.dtype == torch.int32 and weights.dtype == torch.float32
+        assert logits.dtype == logits_dtype and ids.dtype == torch.int32 and weights.dtype == torch.float32
         assert int(counter.item()) == 0
-        ref = (x.float() @ weight.float().T).to(dtype)
-        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        ref = (x.float() @ weight.float().T).to(logits_dtype)
+        tol = 1e-5 if logits_dtype == torch.float32 else 1e-2
         torch.testing.assert_close(logits.float().cpu(), ref.float().cpu(), rtol=tol, atol=tol)
         ref_weights, ref_ids = route(logits, routing.top_k, routing.scoring == "sigmoid", routing.renormalize,
                                      routing.routed_scaling_factor, bias)

@@ -78,10 +78,10 @@ class DeepseekV2MoE(nn.Module):
             self.shared_experts = GatedMLP(hidden, config.moe_intermediate_size * config.n_shared_experts,
                                            hidden_act=config.hidden_act, reduce_results=False)
         self.experts = FusedMoE(num_experts, hidden, config.moe_intermediate_size, routing,
-                                shared_experts=self.shared_experts, hidden_act=config.hidden_act)
+                                shared_experts=self.shared_experts, hidden_act=config.hidden_act, router=self.gate)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.experts(hidden, self.gate(hidden), self.gate.e_score_correction_bias)
+        return self.experts(hidden, correction_bias=self.gate.e_score_correction_bias)
 
 
 class DeepseekV2Attention(nn.Module):

@@ -41,6 +41,7 @@ from torch import nn
 from tokenmill.config.parallel import divide
 from tokenmill.model.build_context import build_context
 from tokenmill.model.custom_op import CustomOp
+from tokenmill.model.forward_context import current_forward_context
 from tokenmill.model.layers.linear_method import CudaLinearMethod
 from tokenmill.model.layers.moe.router import RoutingConfig, select_experts
 from tokenmill.model.layers.quantization import moe_method
@@ -102,6 +103,7 @@ class FusedMoE(CustomOp):
             self._route = moe_routing.route  # the routings without expert groups, in one kernel
             self._route_from_hidden = moe_routing.route_from_hidden  # and with the router's product
             self._pdl = context.pdl  # the decode chain's kernels launch dependent (ops/pdl.py)
+        self._fuse_router = self.uses_cuda_kernels and router is not None and context.kernels.triton_gemv
 
     # ----- weights -----
     def use_method(self, method: MoeMethod) -> None:
@@ -208,10 +210,16 @@ class FusedMoE(CustomOp):
         return self._fused_experts(hidden, w13, w2, topk_weights, topk_ids, expert_map, scales=scales, pdl=self._pdl)
 
     def _router_fuses(self, hidden: torch.Tensor) -> bool:
-        """Whether the router's product would run the Triton GEMV (one token, a decode graph, a
-        plain bf16/fp16 weight): then it runs inside the routing kernel instead."""
+        """Whether the router's product runs inside the routing kernel: where it would be the
+        Triton GEMV (one token, a decode graph, a plain bf16/fp16 weight), or for a router that is
+        a bare weight (DeepSeek's float32 gate) under the same conditions."""
         router = self._router
+        if not (self._fuse_router and hidden.dim() == 2 and hidden.shape[0] == 1
+                and current_forward_context().decode_graph):
+            return False
         method = getattr(router, "method", None)
+        if method is None:
+            return True
         return (isinstance(method, CudaLinearMethod) and router.bias is None and router.activation is None
                 and method.uses_gemv(hidden, router.weight))
 
