@@ -97,7 +97,9 @@ DEFAULT_GEMV = MoeGemvConfig(16, 256, 4, 32, 128, 4)
 # kernels launched as the engine launches them: dependent where the GPU supports it), which
 # replaces this GPU's table. Keys: (local experts, hidden size, per-rank intermediate size,
 # element bytes, top_k); bf16 and fp16 experts only (fp8 experts take `DEFAULT_GEMV`).
+# H100 80GB HBM3, 2026-12-07 (docs/results/moe-h100-2026-12-07/call2/gemv_sweep.log).
 _H100_GEMV: dict[tuple[int, int, int, int, int], MoeGemvConfig] = {
+    (128, 2048, 768, 2, 8): MoeGemvConfig(16, 128, 8, 16, 256, 8),  # 30.2 us (default 34.5)
 }
 _H200_GEMV: dict[tuple[int, int, int, int, int], MoeGemvConfig] = {
 }

@@ -675,7 +675,8 @@ def test_rope_and_write_kv_cache_with_qk_norm(dtype, fp8, num_tokens, num_kv_hea
     `rms_norm` (the RMSNorm layer's kernel) on q and on k, then rope_and_write_kv_cache on the
     normalised copies. q and k are normalised and rotated in place (slot -1 tokens too: prefill
     reads this step's keys from k), v is untouched, the cache holds the normalised rotated keys."""
-    num_heads, block_size, num_blocks, max_position, eps = num_kv_heads * group, 16, 8, 1000, 1e-6
+    num_heads, block_size, max_position, eps = num_kv_heads * group, 16, 1000, 1e-6
+    num_blocks = max(8, 2 * num_tokens // block_size)  # a slot for every token, and free ones
     qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype, device=DEVICE)
     q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=1)
     q = q.view(num_tokens, num_heads, head_dim)

@@ -62,8 +62,8 @@ def test_route_with_no_tokens():
 def test_route_from_hidden_is_the_router_product_then_route(name, num_experts, hidden, dtype, gate_dtype):
     """The one-launch router (its GEMV, then the last program routes) against its own parts: the
     logits it returns are the router's product (float32 for a float32 gate, DeepSeek's), and its
-    choice is `route` of exactly those logits; the counter is back at zero after each of several
-    launches."""
+    choice is `route`'s of exactly those logits, weighed alike up to rounding; the counter is back
+    at zero after each of several launches."""
     from tokenmill.ops.moe_routing import new_router_counter, route_from_hidden
     routing = ROUTINGS[name]
     if routing.top_k > num_experts:
@@ -85,4 +85,5 @@ def test_route_from_hidden_is_the_router_product_then_route(name, num_experts, h
         ref_weights, ref_ids = route(logits, routing.top_k, routing.scoring == "sigmoid", routing.renormalize,
                                      routing.routed_scaling_factor, bias)
         assert torch.equal(ids.cpu(), ref_ids.cpu()), f"launch {launch}"
-        assert torch.equal(weights.cpu(), ref_weights.cpu()), f"launch {launch}"
+        # Two kernels may lay out (so sum) the softmax's denominator in different orders: float rounding.
+        torch.testing.assert_close(weights.cpu(), ref_weights.cpu(), rtol=1e-6, atol=0, msg=f"launch {launch}")
