@@ -85,6 +85,6 @@ def test_moe_cuda_graphs_match_eager(name, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["qwen3_moe", "minimax_m2", "mixtral"])
-def test_moe_batch1_decode_graph_fuses_the_router_and_matches_eager(name, tmp_path_factory, monkeypatch):
+def test_moe_batch1_decode_graph_fuses_the_router(name, tmp_path_factory, monkeypatch):
     folder, _ = moe_folder(tmp_path_factory, name, 0.5)  # peaky logits: greedy margins far above rounding
     assert_batch1_graphs_fuse_the_router(folder, monkeypatch)
