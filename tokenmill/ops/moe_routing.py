@@ -8,11 +8,12 @@ divide, cast...), each a few microseconds, which at batch-1 decode adds up to a 
 token's time over 48 layers; here it is one.
 
 One program per token holds its E scores in registers and takes the k largest by k rounds of
-argmax (the lowest index among equal scores). One warp does it for up to 512 experts: each round's
-reduction is then register shuffles only, where 4 warps meet in shared memory twice a round; the
-kernel is pure latency (a few hundred bytes), once a layer at batch-1 decode. Softmax picks the experts by their logits (the same
-order as the probabilities) and computes the chosen ones' probabilities from the row's max and
-sum. Weights are float32, ids int32. With `pdl` it launches dependent (`pdl.py`) on the router's GEMV.
+argmax (the lowest index among equal scores; the round's maximum is the chosen score, so a round is
+one reduction). One warp does it for up to 512 experts: its reductions are register shuffles only,
+where 4 warps would meet in shared memory; the kernel is pure latency (a few hundred bytes), once a
+layer at batch-1 decode. Softmax picks the experts by their logits (the same order as the
+probabilities) and computes the chosen ones' probabilities from the row's max and sum. Weights are
+float32, ids int32. With `pdl` it launches dependent (`pdl.py`) on the router's GEMV.
 
 `route_from_hidden` is the batch-1 decode form: the router's GEMV and the routing in one launch.
 The router matrix is small (E x H: 0.5 MB for Qwen3-30B-A3B), so at one token its GEMV and the

@@ -17,9 +17,10 @@ Implementation, chosen once when built (`CustomOp`):
   with `index_add_`.
 - `forward_cuda`: routing in one kernel (`ops/moe_routing.py`; grouped routings through
   `select_experts`), which at batch-1 decode also computes the router's product when the layer
-  holds its router (`router=`: one launch a layer for what was a GEMV and a routing kernel), then the fused Triton kernels of `ops/fused_moe.py` (tokens aligned by
-  expert in blocks, grouped GEMMs with SiLU-and-mul and the routing weight fused; a few tokens go
-  token by token, `ops/fused_moe_gemv.py`). No host sync: CUDA-graph capturable. At decode the
+  holds its router (`router=`: one launch a layer for what was a GEMV and a routing kernel),
+  then the fused Triton kernels of `ops/fused_moe.py` (tokens aligned by expert in blocks,
+  grouped GEMMs with SiLU-and-mul and the routing weight fused; a few tokens go token by token,
+  `ops/fused_moe_gemv.py`). No host sync: CUDA-graph capturable. At decode the
   routing and expert kernels launch dependent where the GPU supports it (`ops/pdl.py`).
 Experts no token chose cost nothing in either.
 
@@ -60,9 +61,10 @@ class FusedMoE(CustomOp):
             `sigmoid(shared_expert_gate(x))` (Qwen2-MoE), registered by the caller.
         hidden_act: the experts' activation (silu only).
         local_experts: the global ids this rank holds (None: all of them).
-        router: optional [H -> E] `ReplicatedLinear`, registered by the caller: `forward` without
-            router logits runs it, and at batch-1 decode on CUDA runs its product and the routing
-            as one kernel (`moe_routing.route_from_hidden`).
+        router: optional [H -> E] router, registered by the caller: a `ReplicatedLinear`, or a
+            module with a bare `weight` (DeepSeek's float32 gate). `forward` without router logits
+            runs it, and at batch-1 decode on CUDA runs its product and the routing as one kernel
+            (`moe_routing.route_from_hidden`).
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, routing: RoutingConfig,
