@@ -3,10 +3,10 @@
 A copy from pageable host memory to the GPU may synchronise with its stream before it starts
 (CUDA's API synchronisation rules: the driver stages pageable bytes through pinned memory), even
 with `non_blocking=True`. With async scheduling the stream still runs the previous step then, so
-such a copy stalls the host until that step ends, and everything the host enqueues after it (the
-rest of the step's inputs, the graph replay) starts on an idle GPU: at batch-1 decode ~0.3 ms a
-step. Staged through pinned memory (PyTorch's caching host allocator, which keeps a block until
-the copies that read it are done) the copy is only enqueued.
+such a copy would hold the host until that step ends. Staged through pinned memory (PyTorch's
+caching host allocator, which keeps a block until the copies that read it are done) the copy is
+only enqueued. For the steady per-step inputs the runner keeps persistent pinned buffers instead
+(`worker/input_buffers.py`); this is for the occasional list (sampler rows, penalties, prefix tables).
 """
 
 from __future__ import annotations

@@ -28,6 +28,10 @@ class StagedStep:
     input_ids: torch.Tensor  # [num_tokens (padded)]
     positions: torch.Tensor
     batch: StepBatch
+    # Rows whose input token the previous step sampled on the device: where it goes in input_ids
+    # and where it is in that step's sampled tokens (int64 [num lag rows] each; None without them).
+    lag_dst: torch.Tensor | None = None
+    lag_src: torch.Tensor | None = None
 
 
 class _Buffer:
@@ -54,13 +58,16 @@ class InputBuffers:
         self.seq_lens = _Buffer((max_reqs,), torch.int32, device)
         self.block_table = _Buffer((max_reqs, max_blocks), torch.int32, device)
         self.state_slots = _Buffer((max_reqs,), torch.int32, device)  # hybrid models; -1 elsewhere
+        self.lag_rows = _Buffer((2, max_reqs), torch.long, device)  # (input row, sampled row) pairs
         self._turn = 0
         self._twins = len(self.input_ids.hosts)
 
-    def stage(self, host: HostInputs, pad_to: int | None = None) -> StagedStep:
+    def stage(self, host: HostInputs, pad_to: int | None = None,
+              lag_sources: list[int] | None = None) -> StagedStep:
         """Write `host` into the buffers and start the copies. `pad_to`: a decode batch padded to
         that many requests (a CUDA graph's size): padded rows have seq_len 0 and slot -1 (the decode
-        kernel writes zeros for them and no KV is written)."""
+        kernel writes zeros for them and no KV is written). `lag_sources`: for each of
+        `host.lag_rows`, its row in the previous step's sampled tokens (`StagedStep.lag_src`)."""
         num_reqs, num_tokens = len(host.seq_lens), len(host.input_ids)
         reqs = pad_to or num_reqs
         tokens = num_tokens + (reqs - num_reqs)  # (padding only for decode batches: a token each)
@@ -94,6 +101,16 @@ class InputBuffers:
         if self.block_table.copies:
             self.block_table.device_tensor[:reqs, :num_blocks].copy_(
                 self.block_table.hosts[turn][:reqs, :num_blocks], non_blocking=True)
+        lag_dst = lag_src = None
+        if host.lag_rows:
+            num_lag = len(host.lag_rows)
+            pairs = self.lag_rows.nps[turn]
+            pairs[0, :num_lag] = host.query_start[host.lag_rows]
+            pairs[1, :num_lag] = lag_sources
+            if self.lag_rows.copies:  # both rows of the pair block in one copy
+                self.lag_rows.device_tensor[:, :num_lag].copy_(self.lag_rows.hosts[turn][:, :num_lag],
+                                                               non_blocking=True)
+            lag_dst, lag_src = self.lag_rows.device_tensor[0, :num_lag], self.lag_rows.device_tensor[1, :num_lag]
         meta = AttentionMetadata(
             num_reqs=reqs, num_tokens=tokens, num_decodes=host.num_decodes + (reqs - num_reqs),
             max_query_len=host.max_query_len, max_seq_len=int(host.seq_lens.max()),
@@ -110,7 +127,7 @@ class InputBuffers:
             meta.state_checkpoints = to_device(host.state_checkpoints, torch.int32, self.device)
             meta.state_checkpoint_interval = host.state_checkpoint_interval
         return StagedStep(self.input_ids.device_tensor[:tokens], self.positions.device_tensor[:tokens],
-                          StepBatch(meta, host.block_table, host.seq_lens))
+                          StepBatch(meta, host.block_table, host.seq_lens), lag_dst, lag_src)
 
     def prepare_for_capture(self, max_batch: int) -> None:
         """Before capturing decode graphs: the warm-up and capture passes write no KV (slot -1) and

@@ -270,9 +270,10 @@ class ModelRunner:
         if (self.graphs is not None and len(sample_rows) == nd == num_reqs and not needs_prompt_logprobs
                 and host.state_restores is None):
             graph_key = self.graphs.padded_batch(num_reqs, prefix_len > 0)
-        staged = self.buffers.stage(host, pad_to=graph_key[0] if graph_key else None)
+        lag_sources = self._lag_sources(states, host) if host.lag_rows else None
+        staged = self.buffers.stage(host, pad_to=graph_key[0] if graph_key else None, lag_sources=lag_sources)
         if host.lag_rows:
-            staged.input_ids.index_copy_(0, *self._device_tokens(states, host))
+            staged.input_ids.index_copy_(0, staged.lag_dst, self._prev_sampled[0].index_select(0, staged.lag_src))
         if graph_key is not None:
             self.attn_builder.build(staged.batch, prefix_len if graph_key[1] else 0)
             logits = self.graphs.replay(graph_key, num_reqs)
@@ -336,14 +337,13 @@ class ModelRunner:
             host.state_checkpoints = table
             host.state_checkpoint_interval = self.config.cache.state_checkpoint_interval
 
-    def _device_tokens(self, states: list[RequestState], host: HostInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """(token rows, token ids) on the device for the rows whose input the host does not know yet."""
+    def _lag_sources(self, states: list[RequestState], host: HostInputs) -> list[int]:
+        """For each row whose input the host does not know yet, its row in the previous step's
+        sampled tokens (on the device)."""
         if self._prev_sampled is None:
             raise RuntimeError("a request's next input token is unknown, and no step sampled it")
-        prev_tokens, prev_rows = self._prev_sampled
-        src = [prev_rows[states[i].request_id] for i in host.lag_rows]
-        dst = host.query_start[host.lag_rows].tolist()
-        return index_tensor(dst, self.device), prev_tokens.index_select(0, index_tensor(src, self.device))
+        prev_rows = self._prev_sampled[1]
+        return [prev_rows[states[i].request_id] for i in host.lag_rows]
 
     def _sampling_batch(self, states: list[RequestState], seq_lens: np.ndarray) -> SamplingBatch:
         """Rows in `states` order; `seq_lens` are their context lengths after this step."""
