@@ -66,6 +66,28 @@ def load_weight_tile(w_ptrs, k, row_mask, cols, K):
                    eviction_policy="evict_first")
 
 
+@triton.jit
+def row_block_sums(x_ptr, w_ptr, rows, row_mask, K, stride_wn, SILU_MUL: tl.constexpr, BLOCK_K: tl.constexpr,
+                   PDL: tl.constexpr):
+    """float32 products of x with the weight rows `rows` ([BLOCK_N]): the K loop of a GEMV
+    program. With PDL the first weight tile is read before waiting for the kernel before: weights
+    change only between steps (loading, updates), never in the kernel before this one."""
+    cols = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((rows.shape[0], BLOCK_K), dtype=tl.float32)
+    w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :]
+    k_begin = 0
+    if PDL:
+        w = load_weight_tile(w_ptrs, 0, row_mask, cols, K)
+        pdl_enter(PDL)
+        acc += w.to(tl.float32) * _load_x(x_ptr, cols, cols < K, K, SILU_MUL)[None, :]
+        k_begin = BLOCK_K
+    for k in range(k_begin, K, BLOCK_K):
+        w = load_weight_tile(w_ptrs, k, row_mask, cols, K)
+        x = _load_x(x_ptr, k + cols, (k + cols) < K, K, SILU_MUL)
+        acc += w.to(tl.float32) * x[None, :]
+    return tl.sum(acc, axis=1)
+
+
 # `slot` alternates 0/1 from call to call: unspecialised, so one compiled kernel serves both.
 @triton.autotune(configs=_CONFIGS, key=["N", "K", "SILU_MUL"])
 @triton.jit(do_not_specialize=["slot"])
@@ -76,22 +98,7 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn,
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    cols = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :]
-    k_begin = 0
-    if PDL:
-        # Weights change only between steps (loading, updates), never in the kernel before this
-        # one: the first tile is read while that kernel finishes.
-        w = load_weight_tile(w_ptrs, 0, row_mask, cols, K)
-        pdl_enter(PDL)
-        acc += w.to(tl.float32) * _load_x(x_ptr, cols, cols < K, K, SILU_MUL)[None, :]
-        k_begin = BLOCK_K
-    for k in range(k_begin, K, BLOCK_K):
-        w = load_weight_tile(w_ptrs, k, row_mask, cols, K)
-        x = _load_x(x_ptr, k + cols, (k + cols) < K, K, SILU_MUL)
-        acc += w.to(tl.float32) * x[None, :]
-    y = tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty)
+    y = row_block_sums(x_ptr, w_ptr, rows, row_mask, K, stride_wn, SILU_MUL, BLOCK_K, PDL).to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + rows, y, mask=row_mask)
     if PUSH:
         # This rank's partial sums, sent now to the peers' buffers for the fused all-reduce + norm

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tokenmill.ops.gemv import load_weight_tile
+from tokenmill.ops.gemv import row_block_sums
 from tokenmill.ops.pdl import launch_options, pdl_enter
 
 
@@ -95,23 +95,11 @@ def _router_route_kernel(x_ptr, w_ptr, logits_ptr, counter_ptr, bias_ptr, weight
                          TOP_K: tl.constexpr, K_PAD: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
                          RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
-    # The router's GEMV, BLOCK_N experts' logits a program, as `gemv.py`'s kernel computes them.
+    # The router's GEMV, BLOCK_N experts' logits a program, with `gemv.py`'s K loop.
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < num_experts
-    cols = tl.arange(0, BLOCK_K)
-    w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :]
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    k_begin = 0
-    if PDL:  # the router's weights do not depend on the kernel before: read while it finishes
-        w = load_weight_tile(w_ptrs, 0, row_mask, cols, hidden)
-        pdl_enter(PDL)
-        acc += w.to(tl.float32) * tl.load(x_ptr + cols, mask=cols < hidden, other=0.0).to(tl.float32)[None, :]
-        k_begin = BLOCK_K
-    for k in range(k_begin, hidden, BLOCK_K):
-        w = load_weight_tile(w_ptrs, k, row_mask, cols, hidden)
-        x = tl.load(x_ptr + k + cols, mask=(k + cols) < hidden, other=0.0).to(tl.float32)
-        acc += w.to(tl.float32) * x[None, :]
-    tl.store(logits_ptr + rows, tl.sum(acc, axis=1).to(logits_ptr.dtype.element_ty), mask=row_mask)
+    products = row_block_sums(x_ptr, w_ptr, rows, row_mask, hidden, stride_wn, False, BLOCK_K, PDL)
+    tl.store(logits_ptr + rows, products.to(logits_ptr.dtype.element_ty), mask=row_mask)
     # The program that finishes last routes, from every program's logits (attention_decode.py's
     # split merge: a barrier orders the block's stores before one thread's release at gpu scope).
     tl.debug_barrier()
