@@ -69,13 +69,20 @@ def _device_name(device_index: int) -> str:
     return torch.cuda.get_device_name(device_index)
 
 
+def _gpu_name(device: torch.device) -> str | None:
+    """The name the measured tables are keyed by; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return _device_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def moe_config(num_tokens: int, num_local_experts: int, top_k: int, hidden_size: int, intermediate_per_rank: int,
                dtype: torch.dtype, device: torch.device) -> MoeKernelConfig:
     """The configuration for a call with `num_tokens` tokens on this layer shape and device."""
-    element_bytes = torch.empty((), dtype=dtype).element_size()
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        by_tokens = TUNED.get(_device_name(index), {}).get((num_local_experts, hidden_size, intermediate_per_rank, element_bytes))
+    element_bytes = dtype.itemsize
+    gpu = _gpu_name(device)
+    if gpu is not None:
+        by_tokens = TUNED.get(gpu, {}).get((num_local_experts, hidden_size, intermediate_per_rank, element_bytes))
         if by_tokens:
             return by_tokens[min(by_tokens, key=lambda measured: abs(measured - num_tokens))]
     return default_config(num_tokens, num_local_experts, top_k, element_bytes)
@@ -109,9 +116,8 @@ TUNED_GEMV = {"NVIDIA H100 80GB HBM3": _H100_GEMV, "NVIDIA H200": _H200_GEMV}
 def moe_gemv_config(num_local_experts: int, top_k: int, hidden_size: int, intermediate_per_rank: int,
                     dtype: torch.dtype, device: torch.device) -> MoeGemvConfig:
     """The token-by-token path's configuration for this layer shape and device."""
-    element_bytes = torch.empty((), dtype=dtype).element_size()
-    if device.type == "cuda" and element_bytes > 1:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        table = TUNED_GEMV.get(_device_name(index), {})
-        return table.get((num_local_experts, hidden_size, intermediate_per_rank, element_bytes, top_k), DEFAULT_GEMV)
-    return DEFAULT_GEMV
+    gpu = _gpu_name(device)
+    if gpu is None or dtype.itemsize == 1:
+        return DEFAULT_GEMV
+    key = (num_local_experts, hidden_size, intermediate_per_rank, dtype.itemsize, top_k)
+    return TUNED_GEMV.get(gpu, {}).get(key, DEFAULT_GEMV)

@@ -19,9 +19,9 @@ Two tokens choosing the same expert read its rows twice, so this path is for a f
 (`fused_moe.fused_experts` picks it); the rows are streamed with `evict_first`, as the dense GEMV
 (`gemv.py`) streams its weights. Tile sizes and warps: `fused_moe_configs.MoeGemvConfig`, measured
 per GPU and expert shape. With `pdl` both kernels launch dependent (`pdl.py`); each waits first,
-since even the rows it reads depend on the routing before it. Rounding as the reference: gate and up rounded to the model
-dtype, SiLU rounded, the product rounded; each expert's down output rounded, weighted, rounded,
-then the k terms summed in float32.
+since even the rows it reads depend on the routing before it. Rounding as the reference: gate and
+up rounded to the model dtype, SiLU rounded, the product rounded; each expert's down output
+rounded, weighted, rounded, then the k terms summed in float32.
 """
 
 from __future__ import annotations

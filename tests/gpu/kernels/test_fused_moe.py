@@ -176,7 +176,8 @@ def test_token_by_token_path_takes_the_measured_configuration(monkeypatch):
     monkeypatch.setitem(fused_moe_configs.TUNED_GEMV, "some GPU", {(16, 64, 48, 2, 4): chosen})
     assert fused_moe_configs.moe_gemv_config(16, 4, 64, 48, torch.bfloat16, device) == chosen
     assert fused_moe_configs.moe_gemv_config(16, 2, 64, 48, torch.bfloat16, device) == fused_moe_configs.DEFAULT_GEMV
-    assert fused_moe_configs.moe_gemv_config(16, 4, 64, 48, torch.float8_e4m3fn, device) == fused_moe_configs.DEFAULT_GEMV
+    fp8_config = fused_moe_configs.moe_gemv_config(16, 4, 64, 48, torch.float8_e4m3fn, device)
+    assert fp8_config == fused_moe_configs.DEFAULT_GEMV
     assert fused_moe_configs.moe_gemv_config(16, 4, 64, 48, torch.bfloat16, torch.device("cpu")) == \
         fused_moe_configs.DEFAULT_GEMV
 

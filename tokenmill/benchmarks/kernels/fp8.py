@@ -258,8 +258,8 @@ def gemv_sweep(tps: list[int], dependent: bool = False, grid: list[tuple] = GEMV
 
 def table_variable(device_name: str, dependent: bool) -> str:
     """The name of `ops/gemv_configs.py`'s fp8 table for this GPU and launch form."""
-    return table_source.table_variable(gemv_configs, gemv_configs.TUNED_FP8_PDL if dependent else gemv_configs.TUNED_FP8,
-                          device_name)
+    tables = gemv_configs.TUNED_FP8_PDL if dependent else gemv_configs.TUNED_FP8
+    return table_source.table_variable(gemv_configs, tables, device_name)
 
 
 def write_table(sweep: dict, variable: str, path: pathlib.Path = GEMV_CONFIGS_PY) -> str:

@@ -81,7 +81,8 @@ def main() -> None:
     cos_sin = torch.randn(MAX_POSITION, HEAD_DIM, device=DEVICE)
     pdl_modes = (False, True) if pdl_ops.supported(DEVICE) else (False,)
     print(f"device: {torch.cuda.get_device_name()}; per layer, us (graph replay of {LAYERS} layers' calls)")
-    print(f"{'model':14s} {'tokens':>6} {'pdl':>3} {'3 kernels':>10} {'fused':>7} {'rope+write alone':>17} {'bit-identical':>14}")
+    print(f"{'model':14s} {'tokens':>6} {'pdl':>3} {'3 kernels':>10} {'fused':>7} {'rope+write alone':>17} "
+          f"{'bit-identical':>14}")
     rows = []
     for model, heads, kv_heads in (("qwen3-8b", 32, 8), ("qwen3-30b-a3b", 32, 4)):
         for num_tokens in (1, 256):
