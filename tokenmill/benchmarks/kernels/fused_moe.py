@@ -198,7 +198,7 @@ def gemv_sweep_shape(name: str, layers: Layers, tokens: int = 1) -> tuple[tuple,
     best_us = down[0]  # the down space holds the default down, so this is at most gate/up's best
     print(f"  gemv sweep {name} T={tokens}: default {tuple(DEFAULT_GEMV)} {default_us:.1f} us; "
           f"best {tuple(best)} {best_us:.1f} us ({default_us / best_us:.2f}x)", flush=True)
-    key = (layers.experts, layers.hidden, layers.w2[0].shape[2], 2, layers.top_k)
+    key = (layers.experts, layers.hidden, layers.w2[0].shape[2], layers.dtype.itemsize, layers.top_k)
     return key, best, {"default_us": default_us, "best_us": best_us}
 
 
