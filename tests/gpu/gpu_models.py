@@ -158,3 +158,39 @@ def assert_batch1_graphs_fuse_the_router(folder: str, monkeypatch) -> None:
         assert bool(calls) == fused, f"fused={fused}: {len(calls)} fused router launches"
         torch.cuda.empty_cache()
     assert tokens[True] == tokens[False]
+
+
+def assert_batch1_graphs_fuse_the_norms(folder: str, monkeypatch, moe: bool) -> None:
+    """One request in batch-1 decode graphs: with each decoder layer's norms inside the GEMV after
+    them (`gemv.rms_norm_gemv`) and, in an MoE model, inside the fused router
+    (`moe_routing.rms_norm_route_from_hidden`), the greedy tokens are those of graphs that run
+    each norm's own kernel (both bit-identical, so even a near-tied expert cannot flip), and the
+    graphs really captured the fused kernels."""
+    from tokenmill.model.layers.layernorm import RMSNorm
+    from tokenmill.model.layers.moe.fused_moe import FusedMoE
+    from tokenmill.ops import gemv, moe_routing
+    calls = {"gemv": 0, "router": 0}
+    originals = {"gemv": gemv.rms_norm_gemv, "router": moe_routing.rms_norm_route_from_hidden}
+
+    def counting(kind):
+        def call(*args, **kwargs):
+            calls[kind] += 1
+            return originals[kind](*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(gemv, "rms_norm_gemv", counting("gemv"))
+    monkeypatch.setattr(moe_routing, "rms_norm_route_from_hidden", counting("router"))
+    prompt = [[(5 * i + 1) % 2048 for i in range(150)]]
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    tokens = {}
+    for fused in (True, False):
+        calls.update(gemv=0, router=0)
+        if not fused:
+            monkeypatch.setattr(RMSNorm, "fuses_into", lambda self, linear, x: False)
+            monkeypatch.setattr(FusedMoE, "_norm_fuses", lambda self, norm, hidden: False)
+        with LLM(folder, dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.3, max_num_seqs=4) as llm:
+            tokens[fused] = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+        assert (calls["gemv"] > 0) == fused, f"fused={fused}: {calls}"
+        assert (calls["router"] > 0) == (fused and moe), f"fused={fused}: {calls}"
+        torch.cuda.empty_cache()
+    assert tokens[True] == tokens[False]

@@ -12,8 +12,8 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from gpu_models import (  # noqa: E402
-    LOGIT_PARAMS, LOGIT_PROMPTS, SHAPES, assert_logprobs_match_hf, fp8_logprob_gaps, greedy_eager_and_graphs,
-    hf_folder)
+    LOGIT_PARAMS, LOGIT_PROMPTS, SHAPES, assert_batch1_graphs_fuse_the_norms, assert_logprobs_match_hf,
+    fp8_logprob_gaps, greedy_eager_and_graphs, hf_folder)
 
 from tokenmill import LLM, SamplingParams  # noqa: E402
 
@@ -57,6 +57,12 @@ def test_batch1_decode_graph_gemv_matches_eager(dtype, tmp_path_factory, monkeyp
             results.append(llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids)
         torch.cuda.empty_cache()
     assert results[0] == results[1] == results[2]
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_batch1_decode_graph_fuses_the_norms(name, tmp_path_factory, monkeypatch):
+    folder, _ = hf_folder(tmp_path_factory, name, 0.5)  # peaky logits: greedy margins far above rounding
+    assert_batch1_graphs_fuse_the_norms(folder, monkeypatch, moe=False)
 
 
 def test_fp8_kv_cache_follows_hf_on_its_own_greedy_path(tmp_path_factory):

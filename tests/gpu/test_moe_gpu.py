@@ -13,7 +13,8 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from gpu_models import (  # noqa: E402
-    LOGIT_PARAMS, LOGIT_PROMPTS, assert_batch1_graphs_fuse_the_router, greedy_eager_and_graphs, logprob_errors)
+    LOGIT_PARAMS, LOGIT_PROMPTS, assert_batch1_graphs_fuse_the_norms, assert_batch1_graphs_fuse_the_router,
+    greedy_eager_and_graphs, logprob_errors)
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from tokenmill import LLM, SamplingParams  # noqa: E402
@@ -88,3 +89,9 @@ def test_moe_cuda_graphs_match_eager(name, tmp_path_factory):
 def test_moe_batch1_decode_graph_fuses_the_router(name, tmp_path_factory, monkeypatch):
     folder, _ = moe_folder(tmp_path_factory, name, 0.5)  # peaky logits: greedy margins far above rounding
     assert_batch1_graphs_fuse_the_router(folder, monkeypatch)
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "minimax_m2", "mixtral"])
+def test_moe_batch1_decode_graph_fuses_the_norms(name, tmp_path_factory, monkeypatch):
+    folder, _ = moe_folder(tmp_path_factory, name, 0.5)  # peaky logits: greedy margins far above rounding
+    assert_batch1_graphs_fuse_the_norms(folder, monkeypatch, moe=True)

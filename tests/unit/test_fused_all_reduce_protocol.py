@@ -117,9 +117,11 @@ def _push_rank(rank, world, buffers, partials, outs, res_outs):
         y = torch.empty(1, HIDDEN, dtype=torch.float16)
         target = PushTarget(buffer_ptrs, counters, slot, REGION_WORDS, rank, world)
         # The plain kernel with one config (the autotuner needs a GPU), as gemv(x, w, push=target).
+        no_norm = triton_gemv.NormArgs.off(y)
         triton_gemv._gemv_kernel.fn[(triton.cdiv(HIDDEN, 4),)](
-            x, w, y, HIDDEN, PUSH_K, w.stride(0), buffer_ptrs, counters, slot, REGION_WORDS, SILU_MUL=False,
-            PUSH=pushed, RANK=rank, WORLD=world, MAX_ROWS=MAX_ROWS, BLOCK_N=4, BLOCK_K=32)
+            x, w, y, HIDDEN, PUSH_K, w.stride(0), buffer_ptrs, counters, slot, REGION_WORDS, *no_norm.kernel_args(),
+            SILU_MUL=False, PUSH=pushed, RANK=rank, WORLD=world, MAX_ROWS=MAX_ROWS, **no_norm.meta(PUSH_K),
+            BLOCK_N=4, BLOCK_K=32)
         assert target.slot == slot
         out, res = all_reduce_add_rms_norm(y, residuals[i], weight, 1e-5, buffer_ptrs, counters, slot,
                                            REGION_WORDS, rank, world, pushed=pushed)

@@ -34,6 +34,9 @@ def main() -> None:
     p.add_argument("--kv-cache-dtype", default="auto")
     p.add_argument("--quantization", default=None, help="e.g. fp8 (weights quantised at load)")
     p.add_argument("--gaps", action="store_true")
+    p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
+                   help="dependent launches (on by default, as served); --no-pdl gives kernel durations "
+                        "without the wait a dependent kernel spends on the one before")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.5,
                    help="raise for shapes whose weights need more than half the GPU (qwen3-30b-a3b: 0.9)")
     p.add_argument("--max-model-len", type=int, help="default: just enough for the run")
@@ -49,7 +52,7 @@ def main() -> None:
               max_model_len=args.max_model_len or args.input_len + args.warm_steps + args.steps + 64,
               gpu_memory_utilization=args.gpu_memory_utilization,
               async_scheduling=not args.no_async_scheduling, tensor_parallel_size=args.tensor_parallel_size,
-              kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization)
+              kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization, pdl=args.pdl)
     engine = llm.engine
     vocab = llm.engine.config.model.vocab_size
     rng = random.Random(0)

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tokenmill.ops.gemv import row_block_sums
+from tokenmill.ops.gemv import NormArgs, row_block_sums
 from tokenmill.ops.pdl import launch_options, pdl_enter
 
 
@@ -92,13 +92,19 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_experts, strid
 @triton.jit
 def _router_route_kernel(x_ptr, w_ptr, logits_ptr, counter_ptr, bias_ptr, weights_ptr, ids_ptr, num_experts,
                          hidden, stride_wn, scaling,
+                         residual_ptr, norm_w_ptr, residual_out_ptr, normed_out_ptr, eps,  # NORM only (NormArgs)
                          TOP_K: tl.constexpr, K_PAD: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
                          RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
-    # The router's GEMV, BLOCK_N experts' logits a program, with `gemv.py`'s K loop.
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+                         BLOCK_K: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                         WRITE_NORMED: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):
+    # The router's GEMV, BLOCK_N experts' logits a program, with `gemv.py`'s K loop (and its
+    # RMSNorm of the input, the norm's outputs stored by program 0).
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < num_experts
-    products = row_block_sums(x_ptr, w_ptr, rows, row_mask, hidden, stride_wn, False, BLOCK_K, PDL)
+    products = row_block_sums(x_ptr, w_ptr, rows, row_mask, hidden, stride_wn, pid,
+                              residual_ptr, norm_w_ptr, residual_out_ptr, normed_out_ptr, eps,
+                              False, BLOCK_K, PDL, NORM, HAS_RESIDUAL, WRITE_NORMED, BLOCK_H)
     tl.store(logits_ptr + rows, products.to(logits_ptr.dtype.element_ty), mask=row_mask)
     # The program that finishes last routes, from every program's logits (attention_decode.py's
     # split merge: a barrier orders the block's stores before one thread's release at gpu scope).
@@ -142,7 +148,8 @@ def new_router_counter(device: torch.device) -> torch.Tensor:
 
 def route_from_hidden(hidden: torch.Tensor, gate_weight: torch.Tensor, top_k: int, sigmoid: bool, renormalize: bool,
                       scaling: float, correction_bias: torch.Tensor | None, counter: torch.Tensor,
-                      pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      pdl: bool = False, norm: NormArgs | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One token's routing from its hidden state, the router's product included, in one launch:
     hidden [1, H], gate_weight [E, H] (the router linear's weight, H contiguous) ->
     (topk_weights [1, k] float32, topk_ids [1, k] int32, router_logits [1, E]), the same as
@@ -152,7 +159,10 @@ def route_from_hidden(hidden: torch.Tensor, gate_weight: torch.Tensor, top_k: in
     At batch-1 decode the router's GEMV reads only E x H weights (0.5 MB for Qwen3-30B-A3B) and
     the routing a few hundred bytes: both are latency, a launch each, once a layer. Here the
     GEMV's programs (BLOCK_N experts each) write their logits and the last one to finish routes.
-    `counter`: `new_router_counter(device)`, not shared with a launch that may run concurrently."""
+    `counter`: `new_router_counter(device)`, not shared with a launch that may run concurrently.
+
+    With `norm` (`rms_norm_route_from_hidden`) `hidden` is the norm's input: the kernel routes its
+    RMSNorm and stores the norm's outputs where `norm` says."""
     num_experts, hidden_size = gate_weight.shape
     assert hidden.shape == (1, hidden_size) and hidden.is_contiguous() and gate_weight.stride(1) == 1
     assert top_k <= num_experts and (correction_bias is None or sigmoid)
@@ -163,10 +173,34 @@ def route_from_hidden(hidden: torch.Tensor, gate_weight: torch.Tensor, top_k: in
     block_e = triton.next_power_of_2(num_experts)
     block_n = 2 if num_experts >= 64 else 1  # >= 32 programs for the usual expert counts
     bias = correction_bias if correction_bias is not None else weights  # not read without HAS_BIAS
+    norm = norm if norm is not None else NormArgs.off(hidden)
     _router_route_kernel[(triton.cdiv(num_experts, block_n),)](
         hidden, gate_weight, logits, counter, bias, weights, ids, num_experts, hidden_size, gate_weight.stride(0),
-        float(scaling), TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), SIGMOID=sigmoid,
+        float(scaling), *norm.kernel_args(), TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), SIGMOID=sigmoid,
         HAS_BIAS=correction_bias is not None, RENORMALIZE=renormalize, BLOCK_E=block_e, BLOCK_N=block_n,
-        BLOCK_K=min(1024, triton.next_power_of_2(hidden_size)), PDL=pdl, num_warps=1 if block_e <= 512 else 4,
-        **launch_options(pdl))
+        BLOCK_K=min(1024, triton.next_power_of_2(hidden_size)), **norm.meta(hidden_size), PDL=pdl,
+        num_warps=1 if block_e <= 512 else 4, **launch_options(pdl))
     return weights, ids, logits
+
+
+def rms_norm_route_from_hidden(
+        hidden: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+        gate_weight: torch.Tensor, top_k: int, sigmoid: bool, renormalize: bool, scaling: float,
+        correction_bias: torch.Tensor | None, counter: torch.Tensor, pdl: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A pre-norm MoE layer's post-attention norm and its routing in one launch: with
+    `normed, new_residual = rms_norm(hidden, norm_weight, eps, residual)` (bit for bit; without
+    `residual` the new residual is `hidden` itself), returns (topk_weights, topk_ids, normed,
+    new_residual), the routing that of `route_from_hidden(normed, ...)`. Every program normalises
+    the row for its own products (`gemv.NormArgs`); the first stores `normed`, which the experts read."""
+    assert hidden.is_contiguous() and norm_weight.shape == (hidden.shape[1],)
+    normed = torch.empty_like(hidden)
+    if residual is None:
+        norm = NormArgs(norm_weight, hidden, hidden, normed, eps, has_residual=False, write_normed=True)
+    else:
+        assert residual.shape == hidden.shape and residual.is_contiguous()
+        norm = NormArgs(norm_weight, residual, torch.empty_like(hidden), normed, eps, has_residual=True,
+                        write_normed=True)
+    weights, ids, _ = route_from_hidden(hidden, gate_weight, top_k, sigmoid, renormalize, scaling, correction_bias,
+                                        counter, pdl, norm)
+    return weights, ids, normed, norm.residual_out if residual is not None else hidden

@@ -5,10 +5,11 @@ One pass reads the input (and residual) once and writes once; eager PyTorch make
 many launches. Rounding follows HF transformers' `LlamaRMSNorm` so the two agree closely: the
 residual sum and the normalised value are rounded to the model dtype before the weight multiply.
 
-A per-head norm (Qwen3's q/k norm, on a 3-D view) sums its squares in one fixed order
-(`sum_of_squares`), because it is also inlined into another kernel (`rms_norm_heads_`, in
-`ops/kv_cache_write.py`) that must give the same bits: a `tl.sum` adds in an order that follows the
-register layout each kernel's compiler picks for it.
+Every norm sums its squares in one fixed order (`sum_of_squares`), because it is also inlined
+into other kernels that must give the same bits: Qwen3's per-head q/k norm into the rope + KV-write
+kernel (`rms_norm_heads_`, in `ops/kv_cache_write.py`), a decoder layer's norm into the batch-1
+GEMV that consumes it (`norm_prologue`, in `ops/gemv.py` and `ops/moe_routing.py`). A `tl.sum`
+adds in an order that follows the register layout each kernel's compiler picks for it.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
     stride_x_outer, stride_x_inner, inner_size, stride_r_row,
     hidden, eps,
-    HAS_RESIDUAL: tl.constexpr, PER_HEAD: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
 ):
     pdl_enter(PDL)
     # Row r of the flattened input is x[r // inner_size, r % inner_size, :] so that per-head
@@ -53,18 +54,57 @@ def _rms_norm_kernel(
         x_rounded = x.to(residual_out_ptr.dtype.element_ty)
         tl.store(residual_out_ptr + row * hidden + cols, x_rounded, mask=mask)
         x = x_rounded.to(tl.float32)
-    if PER_HEAD:
-        sum_sq = tl.sum(sum_of_squares(tl.reshape(x, [1, BLOCK]), 1, BLOCK), 0)  # (a sum of one value)
-        store_normalised(x, sum_sq, weight_ptr, out_ptr, row * hidden + cols, cols, mask, mask, hidden, eps)
-    else:
-        rms_norm_store(x, weight_ptr, out_ptr, row * hidden + cols, cols, mask, hidden, eps)
+    rms_norm_store(x, weight_ptr, out_ptr, row * hidden + cols, cols, mask, hidden, eps)
 
 
 @triton.jit
 def rms_norm_store(x, weight_ptr, out_ptr, out_offs, cols, mask, hidden, eps):
     """Normalise one float32 row `x` and store it times the weight, rounding as HF does (also
     the tail of `ops/all_reduce_rms_norm.py`'s kernel, which must match this one)."""
-    store_normalised(x, tl.sum(x * x, 0), weight_ptr, out_ptr, out_offs, cols, mask, mask, hidden, eps)
+    store_normalised(x, row_sum_of_squares(x), weight_ptr, out_ptr, out_offs, cols, mask, mask, hidden, eps)
+
+
+@triton.jit
+def row_sum_of_squares(x):
+    """`sum_of_squares` of one float32 row [BLOCK] (BLOCK a power of two >= 2), a scalar."""
+    BLOCK: tl.constexpr = x.shape[0]
+    return tl.sum(sum_of_squares(tl.reshape(x, [1, BLOCK]), 1, BLOCK), 0)  # (a sum of one value)
+
+
+@triton.jit
+def norm_prologue(x_ptr, residual_ptr, norm_w_ptr, residual_out_ptr, normed_out_ptr, hidden, eps, program,
+                  HAS_RESIDUAL: tl.constexpr, WRITE_NORMED: tl.constexpr, BLOCK: tl.constexpr):
+    """For a kernel that consumes `rms_norm(x, weight, eps, residual)` of one row: the row's
+    reciprocal RMS (float32, the bits `rms_norm` divides by), for `normed_chunk` to normalise
+    the chunks it loads. Program 0 (`program` is the caller's id) also stores what `rms_norm`
+    returns beside the consumer's input: x + residual (HAS_RESIDUAL) and, with WRITE_NORMED, the
+    normalised row."""
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    first = mask & (tl.zeros_like(cols) == program)  # (a block mask: the interpreter wants one)
+    x = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        x += tl.load(residual_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        x_rounded = x.to(residual_out_ptr.dtype.element_ty)
+        tl.store(residual_out_ptr + cols, x_rounded, mask=first)
+        x = x_rounded.to(tl.float32)
+    sum_sq = row_sum_of_squares(x)
+    if WRITE_NORMED:
+        store_normalised(x, sum_sq, norm_w_ptr, normed_out_ptr, cols, cols, first, first, hidden, eps)
+    return tl.rsqrt(sum_sq / hidden + eps)
+
+
+@triton.jit
+def normed_chunk(x_ptr, residual_ptr, norm_w_ptr, offs, mask, rstd, HAS_RESIDUAL: tl.constexpr):
+    """Elements `offs` of `rms_norm(x, weight, eps, residual)` in float32, bit for bit, given the
+    row's `rstd` from `norm_prologue`."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        x += tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = x.to(x_ptr.dtype.element_ty).to(tl.float32)
+    normed = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(norm_w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return (normed * w).to(x_ptr.dtype.element_ty).to(tl.float32)
 
 
 @triton.jit
@@ -122,8 +162,6 @@ def rms_norm(
     kernel before (`ops/pdl.py`)."""
     hidden = x.shape[-1]
     assert x.stride(-1) == 1 and weight.shape == (hidden,)
-    per_head = x.dim() == 3
-    assert not per_head or hidden >= 2
     if x.dim() == 2:
         outer, inner = x.shape[0], 1
         stride_outer, stride_inner = x.stride(0), 0
@@ -142,12 +180,12 @@ def rms_norm(
     else:
         residual_out = out
     if num_rows:
-        block = triton.next_power_of_2(hidden)
+        block = max(2, triton.next_power_of_2(hidden))  # (`sum_of_squares` pairs its elements)
         _rms_norm_kernel[(num_rows,)](
             x, residual if residual is not None else x, weight, out, residual_out,
             stride_outer, stride_inner, inner, residual.stride(0) if residual is not None else 0,
             hidden, eps,
-            HAS_RESIDUAL=residual is not None, PER_HEAD=per_head, BLOCK=block, PDL=pdl,
+            HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl,
             num_warps=max(1, min(8, block // 512)), **launch_options(pdl),
         )
     if residual is None:

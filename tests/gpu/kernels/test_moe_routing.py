@@ -87,3 +87,40 @@ def test_route_from_hidden_is_the_router_product_then_route(name, num_experts, h
         assert torch.equal(ids.cpu(), ref_ids.cpu()), f"launch {launch}"
         # Two kernels may lay out (so sum) the softmax's denominator in different orders: float rounding.
         torch.testing.assert_close(weights.cpu(), ref_weights.cpu(), rtol=1e-6, atol=0, msg=f"launch {launch}")
+
+
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("dtype,gate_dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                              (torch.float32, torch.float32)])
+@pytest.mark.parametrize("num_experts,hidden", [(128, 2048), (60, 96 + 6)])
+@pytest.mark.parametrize("name", ["qwen3-renorm", "minimax-m2"])
+def test_norm_fused_router_is_rms_norm_then_route_from_hidden(name, num_experts, hidden, dtype, gate_dtype,
+                                                              with_residual):
+    """`rms_norm_route_from_hidden` (a post-attention norm folded into the one-launch router)
+    against its parts: `rms_norm`, then `route_from_hidden` of the normalised row. The normalised
+    row it stores for the experts, the new residual and the routing are the same bits, over several
+    launches on one counter (also with dependent launches where the backend has them)."""
+    from tokenmill.ops.moe_routing import new_router_counter, rms_norm_route_from_hidden, route_from_hidden
+    from tokenmill.ops.pdl import supported
+    from tokenmill.ops.rms_norm import rms_norm
+    routing = ROUTINGS[name]
+    g = torch.Generator().manual_seed(num_experts * hidden)
+    weight = (torch.randn(num_experts, hidden, generator=g) / hidden ** 0.5).to(gate_dtype).to(DEVICE)
+    norm_weight = (1 + 0.3 * torch.randn(hidden, generator=g)).to(dtype).to(DEVICE)
+    bias = (torch.randn(num_experts, generator=g) * 0.2).to(DEVICE) if routing.correction_bias else None
+    args = (routing.top_k, routing.scoring == "sigmoid", routing.renormalize, routing.routed_scaling_factor, bias)
+    counter = new_router_counter(torch.device(DEVICE))
+    for launch, pdl in enumerate([False, True, False] if supported(torch.device(DEVICE)) else [False] * 3):
+        x = (torch.randn(1, hidden, generator=g) * 2).to(dtype).to(DEVICE)
+        residual = (torch.randn(1, hidden, generator=g) * 3).to(dtype).to(DEVICE) if with_residual else None
+        weights, ids, normed, new_residual = rms_norm_route_from_hidden(x, residual, norm_weight, 1e-6, weight,
+                                                                        *args, counter, pdl=pdl)
+        if with_residual:
+            ref_normed, ref_residual = rms_norm(x, norm_weight, 1e-6, residual)
+        else:
+            ref_normed, ref_residual = rms_norm(x, norm_weight, 1e-6), x
+        ref_weights, ref_ids, _ = route_from_hidden(ref_normed, weight, *args, counter)
+        assert int(counter.item()) == 0
+        assert torch.equal(normed, ref_normed) and torch.equal(new_residual, ref_residual), f"launch {launch}"
+        assert with_residual or new_residual is x
+        assert torch.equal(ids, ref_ids) and torch.equal(weights, ref_weights), f"launch {launch}"

@@ -114,6 +114,65 @@ def test_fused_silu_mul_is_bit_identical_autotuned(n, k, dtype):
     assert ((fused.float() - ref).norm() / ref.norm()).item() < 1e-2
 
 
+def _norm_inputs(n, k, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(1, k, generator=g) * 3).to(dtype).to(DEVICE)
+    residual = (torch.randn(1, k, generator=g) * 2).to(dtype).to(DEVICE)
+    norm_weight = (1 + 0.3 * torch.randn(k, generator=g)).to(dtype).to(DEVICE)
+    w = (torch.randn(n, k, generator=g) * 0.05).to(dtype).to(DEVICE)
+    return x, residual, norm_weight, w
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n,k", _SHAPES + [(40, 2048 + 6)])
+@pytest.mark.parametrize("block_n,block_k", [(4, 512), (8, 256), (32, 128)])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_norm_fused_gemv_is_bit_identical(n, k, dtype, block_n, block_k, with_residual, monkeypatch):
+    """rms_norm_gemv == gemv(rms_norm(x, residual)) and its residual == rms_norm's, exactly, per
+    config (also with dependent launches where the backend has them): a decoder layer's norm
+    folded into the GEMV after it cannot change a greedy token. Without a residual (a first
+    layer) the residual returned is x itself."""
+    from tokenmill.ops.pdl import supported
+    from tokenmill.ops.rms_norm import rms_norm
+    monkeypatch.setattr(triton_gemv, "_gemv_kernel", _FixedConfig(block_n, block_k))
+    x, residual, norm_weight, w = _norm_inputs(n, k, dtype, seed=n * k + block_n)
+    residual = residual if with_residual else None
+    eps = 1e-6
+    if with_residual:
+        normed, new_residual = rms_norm(x, norm_weight, eps, residual)
+    else:
+        normed, new_residual = rms_norm(x, norm_weight, eps), x
+    unfused = gemv(normed, w)
+    for pdl in (False, True) if supported(x.device) else (False,):
+        fused, fused_residual = triton_gemv.rms_norm_gemv(x, norm_weight, eps, w, residual, pdl=pdl)
+        assert fused.shape == (1, n) and fused.dtype == dtype
+        assert torch.equal(fused, unfused), f"pdl={pdl}"
+        assert torch.equal(fused_residual, new_residual) and (with_residual or fused_residual is x)
+    ref_in = x.float() + (residual.float() if with_residual else 0)
+    ref_in = ref_in.to(dtype).float()
+    ref = F.linear((ref_in * torch.rsqrt(ref_in.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()),
+                   w.float())
+    assert ((fused.float() - ref).norm() / ref.norm()).item() < 2e-2  # and the product is right
+
+
+@needs_autotune
+@pytest.mark.parametrize("n,k", [(5120, 2048), (6144, 4096), (37, 300)])
+def test_norm_fused_gemv_is_bit_identical_autotuned(n, k):
+    """As above with the measured table or the tuner: the same bits where both variants run one
+    configuration (the tuner times them apart)."""
+    from tokenmill.ops.rms_norm import rms_norm
+    x, residual, norm_weight, w = _norm_inputs(n, k, torch.bfloat16, seed=n + k)
+    fused, new_residual = triton_gemv.rms_norm_gemv(x, norm_weight, 1e-5, w, residual)
+    fused_cfg = _config_used(w, silu_mul=False)
+    normed, ref_residual = rms_norm(x, norm_weight, 1e-5, residual)
+    unfused = gemv(normed, w)
+    assert torch.equal(new_residual, ref_residual)
+    if _config_used(w, silu_mul=False) == fused_cfg:
+        assert torch.equal(fused, unfused)
+    ref = F.linear(normed.float(), w.float())
+    assert ((fused.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
 _TABLE_CONFIGS = sorted({c for table in triton_gemv_configs.TUNED.values() for c in table.values()})
 
 
@@ -128,8 +187,9 @@ def test_measured_configs_compute_the_product(config, silu_mul):
     x = torch.randn(1, 2 * k if silu_mul else k, dtype=torch.float16, device=DEVICE)
     w = torch.randn(n, k, dtype=torch.float16, device=DEVICE) * 0.05
     y = torch.empty(1, n, dtype=torch.float16, device=DEVICE)
+    rest, flags = triton_gemv.plain_launch_args(y)
     _UNTUNED_KERNEL[(triton.cdiv(n, config.block_n),)](
-        x, w, y, n, k, w.stride(0), y, y, 0, 0, SILU_MUL=silu_mul, PUSH=False, RANK=0, WORLD=1, MAX_ROWS=1,
+        x, w, y, n, k, w.stride(0), *rest, SILU_MUL=silu_mul, **flags,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages)
     ref = F.linear((silu_and_mul(x) if silu_mul else x).float(), w.float())
     assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2

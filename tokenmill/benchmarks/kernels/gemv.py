@@ -53,19 +53,19 @@ def graph_ms(fn, weights, xs) -> float:
 
 def sweep(x: torch.Tensor, w: torch.Tensor) -> list[dict]:
     """Every configuration of a grid wider than the autotuner's, timed on one shape; best first."""
-    from tokenmill.ops.gemv import _gemv_kernel
+    from tokenmill.ops.gemv import _gemv_kernel, plain_launch_args
 
     n, k = w.shape
     y = torch.empty(1, n, dtype=w.dtype, device=w.device)
+    rest, flags = plain_launch_args(y)
     rows = []
     for bn in (2, 4, 8, 16):
         for bk in (256, 512, 1024):
             for warps in (4, 8):
                 for stages in (1, 3):
                     def run(bn=bn, bk=bk, warps=warps, stages=stages):
-                        _gemv_kernel.fn[(triton.cdiv(n, bn),)](x, w, y, n, k, w.stride(0), y, y, 0, 0,
-                                                               SILU_MUL=False, PUSH=False, RANK=0, WORLD=1,
-                                                               MAX_ROWS=1, BLOCK_N=bn, BLOCK_K=bk,
+                        _gemv_kernel.fn[(triton.cdiv(n, bn),)](x, w, y, n, k, w.stride(0), *rest, SILU_MUL=False,
+                                                               **flags, BLOCK_N=bn, BLOCK_K=bk,
                                                                num_warps=warps, num_stages=stages)
                     us = triton.testing.do_bench(run) * 1e3
                     rows.append({"block_n": bn, "block_k": bk, "warps": warps, "stages": stages, "us": us,
@@ -84,15 +84,15 @@ GRAPH_SWEEP_GRID = [(bn, bk, w, s) for bn in (1, 2, 4, 8, 16) for bk in (128, 25
 
 def _warm_compiles(configs: list[tuple], silu_mul: bool) -> None:
     """Compile `configs` of the GEMV kernel into Triton's on-disk cache (one process of a pool)."""
-    from tokenmill.ops.gemv import _gemv_kernel
+    from tokenmill.ops.gemv import _gemv_kernel, plain_launch_args
 
     w = torch.zeros(64, 1024, dtype=torch.bfloat16, device="cuda")
     x = torch.zeros(1, 2048 if silu_mul else 1024, dtype=torch.bfloat16, device="cuda")
     y = torch.empty(1, 64, dtype=torch.bfloat16, device="cuda")
+    rest, flags = plain_launch_args(y)
     for bn, bk, warps, stages in configs:
-        _gemv_kernel.fn.warmup(x, w, y, 64, 1024, 1024, y, y, 0, 0, SILU_MUL=silu_mul, PUSH=False, RANK=0,
-                               WORLD=1, MAX_ROWS=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
-                               grid=(1,))
+        _gemv_kernel.fn.warmup(x, w, y, 64, 1024, 1024, *rest, SILU_MUL=silu_mul, **flags, BLOCK_N=bn, BLOCK_K=bk,
+                               num_warps=warps, num_stages=stages, grid=(1,))
 
 
 def warm_compiles_in_parallel(processes: int = 14) -> None:
@@ -135,7 +135,7 @@ def describe_best(rows: list[dict], count: int = 4) -> str:
 def graph_sweep(shapes: dict[str, tuple[int, int, bool]], min_bytes: float = 1e9) -> dict:
     """Per shape: every GRAPH_SWEEP_GRID config as a CUDA graph of back-to-back GEMVs over distinct
     weights (us per GEMV, best of 10 replays), plus the autotuner's pick and cuBLAS the same way."""
-    from tokenmill.ops.gemv import _gemv_kernel
+    from tokenmill.ops.gemv import _gemv_kernel, plain_launch_args
 
     result = {}
     for name, (n, k, silu) in shapes.items():
@@ -153,9 +153,9 @@ def graph_sweep(shapes: dict[str, tuple[int, int, bool]], min_bytes: float = 1e9
 
             def launch(x, w):
                 y = ys[0]
-                _gemv_kernel.fn[(triton.cdiv(n, bn),)](x, w, y, n, k, w.stride(0), y, y, 0, 0, SILU_MUL=silu,
-                                                       PUSH=False, RANK=0, WORLD=1, MAX_ROWS=1, BLOCK_N=bn,
-                                                       BLOCK_K=bk, num_warps=warps, num_stages=stages)
+                rest, flags = plain_launch_args(y)
+                _gemv_kernel.fn[(triton.cdiv(n, bn),)](x, w, y, n, k, w.stride(0), *rest, SILU_MUL=silu, **flags,
+                                                       BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
                 return y
             return launch
 

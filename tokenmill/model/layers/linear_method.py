@@ -18,6 +18,11 @@ projection: where the GEMV runs, it computes the activation as it loads x (bit-i
 kernel less per MLP at batch-1 decode). `push`: a `PushTarget` (distributed/symm_mem.py) the GEMV
 sends its output row to, for a tensor-parallel sum fused into the next RMSNorm; `apply` returns
 whether it did.
+
+`apply_after_norm(layer, norm, x, residual)` is `apply(layer, norm(x, residual))` with the norm's
+new residual, for a pre-norm block's first product (`RMSNorm.forward_then`): where the GEMV runs
+and `fuses_norm` says so, the norm is inside it (`gemv.rms_norm_gemv`, bit-identical, one kernel
+less per norm at batch-1 decode).
 """
 
 from __future__ import annotations
@@ -77,6 +82,16 @@ class LinearMethod:
                        ) -> tuple[torch.Tensor, bool]:
         return self.apply(layer, silu_and_mul(gate_up), bias, push)
 
+    def fuses_norm(self, layer: nn.Module, x: torch.Tensor) -> bool:
+        """Whether `apply_after_norm` runs the norm inside this product for input `x`."""
+        return False
+
+    def apply_after_norm(self, layer: nn.Module, norm: nn.Module, x: torch.Tensor,
+                         residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(layer's product of norm(x + residual), x + residual)` in one kernel, where
+        `fuses_norm` said so (a bias-free, activation-free layer: the caller checks)."""
+        raise NotImplementedError(f"{type(self).__name__} does not fuse a norm")
+
 
 class CpuLinearMethod(LinearMethod):
     """oneDNN with a pre-packed weight where this torch build has it; `F.linear` otherwise.
@@ -110,6 +125,7 @@ class CudaLinearMethod(LinearMethod):
         if triton_gemv:
             from tokenmill.ops import gemv
             self._gemv = functools.partial(gemv.gemv, pdl=pdl)
+            self._rms_norm_gemv = functools.partial(gemv.rms_norm_gemv, pdl=pdl)
 
     def uses_gemv(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         """Whether the product of one row `x` and `weight` runs the Triton GEMV (batch-1 decode graphs)."""
@@ -129,6 +145,12 @@ class CudaLinearMethod(LinearMethod):
         push = push if bias is None else None
         y = self._gemv(gate_up, layer.weight, silu_mul=True, push=push)
         return (y if bias is None else y + bias), push is not None
+
+    def fuses_norm(self, layer, x):
+        return layer.bias is None and layer.activation is None and self.uses_gemv(x, layer.weight)
+
+    def apply_after_norm(self, layer, norm, x, residual):
+        return self._rms_norm_gemv(x, norm.weight, norm.eps, layer.weight, residual)
 
 
 # Rows per oneDNN call in batch-invariant mode: one kernel for all of them (measured 128 GFLOP/s

@@ -26,3 +26,10 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # = down_proj(act_fn(gate_up_proj(x))); at batch-1 decode the activation runs inside the GEMV.
         return self.down_proj.forward_silu_mul(self.gate_up_proj(x), self.act_fn)
+
+    def forward_after_norm(self, norm: nn.Module, x: torch.Tensor,
+                           residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(forward(norm(x + residual)), x + residual)` for `norm` an RMSNorm: the norm may run
+        inside the gate/up projection (`RMSNorm.forward_then`)."""
+        gate_up, residual = norm.forward_then(self.gate_up_proj, x, residual)
+        return self.down_proj.forward_silu_mul(gate_up, self.act_fn), residual

@@ -62,14 +62,29 @@ class LlamaAttention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, rope: RotaryInputs, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj.split_qkv(self.qkv_proj(hidden))
+        return self._attend(self.qkv_proj(hidden), rope, kv_cache, meta)
+
+    def forward_after_norm(self, norm: RMSNorm, hidden: torch.Tensor, residual: torch.Tensor | None,
+                           rope: RotaryInputs, kv_cache: KVCache, meta: AttentionMetadata
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(forward(norm(hidden + residual)), hidden + residual)`: the norm may run inside the
+        QKV projection (`RMSNorm.forward_then`)."""
+        qkv, residual = norm.forward_then(self.qkv_proj, hidden, residual)
+        return self._attend(qkv, rope, kv_cache, meta), residual
+
+    def _attend(self, qkv: torch.Tensor, rope: RotaryInputs, kv_cache: KVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj.split_qkv(qkv)
         # attn applies q_norm / k_norm (Qwen3), then the rotation: on the GPU in one kernel.
         return self.o_proj(self.attn(q, k, v, kv_cache, meta, rope))
 
 
 class LlamaDecoderLayer(nn.Module):
-    """`mlp`: the feed-forward block (default: the config's gated MLP; a MoE model passes its own).
-    `o_bias`, `sliding_window`: as `LlamaAttention`'s."""
+    """`mlp`: the feed-forward block (default: the config's gated MLP; a MoE model passes its own,
+    with the same `forward_after_norm`). `o_bias`, `sliding_window`: as `LlamaAttention`'s.
+
+    Each half is `module.forward_after_norm(norm, hidden, residual, ...)`: the module may run the
+    norm inside its first kernel (batch-1 decode: the QKV GEMV, the gate/up GEMV, the MoE router)."""
 
     def __init__(self, config: Any, qkv_bias: bool, qk_norm: bool, mlp: nn.Module | None = None,
                  o_bias: bool = False, sliding_window: int | None = None) -> None:
@@ -84,14 +99,9 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: RotaryInputs,
                 kv_cache: KVCache, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-norm residual block; `residual` is None on the first layer. Returns (hidden, residual)."""
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, rope, kv_cache, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        hidden, residual = self.self_attn.forward_after_norm(self.input_layernorm, hidden, residual, rope,
+                                                             kv_cache, meta)
+        return self.mlp.forward_after_norm(self.post_attention_layernorm, hidden, residual)
 
 
 class LlamaModel(nn.Module):

@@ -49,8 +49,19 @@ class MiniMaxM2Attention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, rope: RotaryInputs, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj.split_qkv(self.qkv_proj(hidden))
-        num_tokens = hidden.shape[0]
+        return self._attend(self.qkv_proj(hidden), rope, kv_cache, meta)
+
+    def forward_after_norm(self, norm: nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None,
+                           rope: RotaryInputs, kv_cache: KVCache, meta: AttentionMetadata
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `LlamaAttention.forward_after_norm`."""
+        qkv, residual = norm.forward_then(self.qkv_proj, hidden, residual)
+        return self._attend(qkv, rope, kv_cache, meta), residual
+
+    def _attend(self, qkv: torch.Tensor, rope: RotaryInputs, kv_cache: KVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj.split_qkv(qkv)
+        num_tokens = qkv.shape[0]
         q, k = sharded_rms_norm_pair(self.q_norm, q.reshape(num_tokens, -1), self.k_norm, k.reshape(num_tokens, -1))
         q, k = q.view(num_tokens, -1, v.shape[-1]), k.view(num_tokens, -1, v.shape[-1])
         return self.o_proj(self.attn(q, k, v, kv_cache, meta, rope))
@@ -74,6 +85,10 @@ class MiniMaxM2SparseMoeBlock(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.experts(hidden, correction_bias=self.e_score_correction_bias)
+
+    def forward_after_norm(self, norm: nn.Module, hidden: torch.Tensor,
+                           residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.experts.forward_after_norm(norm, hidden, residual, self.e_score_correction_bias)
 
 
 class MiniMaxM2ForCausalLM(LlamaForCausalLM):

@@ -30,9 +30,14 @@ class MixtralSparseMoeBlock(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.experts(hidden)
 
+    def forward_after_norm(self, norm: nn.Module, hidden: torch.Tensor,
+                           residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.experts.forward_after_norm(norm, hidden, residual)
+
 
 class BlockSparseMoeDecoderLayer(nn.Module):
-    """Pre-norm attention, then the MoE block, under the checkpoints' name `block_sparse_moe`."""
+    """Pre-norm attention, then the MoE block, under the checkpoints' name `block_sparse_moe`;
+    each half a `forward_after_norm` as in `LlamaDecoderLayer`."""
 
     def __init__(self, config: Any, self_attn: nn.Module, block_sparse_moe: nn.Module) -> None:
         super().__init__()
@@ -43,14 +48,9 @@ class BlockSparseMoeDecoderLayer(nn.Module):
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: RotaryInputs,
                 kv_cache: KVCache, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, rope, kv_cache, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.block_sparse_moe(hidden), residual
+        hidden, residual = self.self_attn.forward_after_norm(self.input_layernorm, hidden, residual, rope,
+                                                             kv_cache, meta)
+        return self.block_sparse_moe.forward_after_norm(self.post_attention_layernorm, hidden, residual)
 
 
 class MixtralForCausalLM(LlamaForCausalLM):

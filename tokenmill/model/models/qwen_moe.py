@@ -38,6 +38,10 @@ class QwenMoeSparseBlock(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.experts(hidden)
 
+    def forward_after_norm(self, norm: nn.Module, hidden: torch.Tensor,
+                           residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.experts.forward_after_norm(norm, hidden, residual)
+
 
 class Qwen3MoeForCausalLM(LlamaForCausalLM):
     qk_norm = True

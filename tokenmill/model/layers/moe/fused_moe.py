@@ -104,6 +104,7 @@ class FusedMoE(CustomOp):
             self._fused_experts = fused_moe.fused_experts
             self._route = moe_routing.route  # the routings without expert groups, in one kernel
             self._route_from_hidden = moe_routing.route_from_hidden  # and with the router's product
+            self._rms_norm_route = moe_routing.rms_norm_route_from_hidden  # and the norm before it
             self._pdl = context.pdl  # the decode chain's kernels launch dependent (ops/pdl.py)
         self._fuse_router = self.uses_cuda_kernels and router is not None and context.kernels.triton_gemv
 
@@ -170,7 +171,27 @@ class FusedMoE(CustomOp):
         RMSNorm)."""
         if router_logits is None and self._router is None:
             raise ValueError("router_logits are needed: this FusedMoE was built without its router")
-        out = self._impl(self, hidden, router_logits, correction_bias)
+        return self._add_shared(hidden, self._impl(self, hidden, router_logits, correction_bias))
+
+    def forward_after_norm(self, norm: nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None,
+                           correction_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A pre-norm block's second half: `(forward(norm(hidden + residual)), hidden + residual)`
+        for `norm` an RMSNorm; without `residual` (a first layer) `hidden` is the residual returned.
+        Where the router's product runs in the routing kernel (`_router_fuses`), the norm does too
+        (`moe_routing.rms_norm_route_from_hidden`, bit-identical), and the experts read the
+        normalised row it stores: one launch a layer fewer at batch-1 decode."""
+        if self._norm_fuses(norm, hidden):
+            topk_weights, topk_ids, normed, residual = self._rms_norm_route(
+                hidden, residual, norm.weight, norm.eps, self._router.weight, *self._route_args(correction_bias),
+                self._counter(hidden.device), pdl=self._pdl)
+            return self._add_shared(normed, self._experts(normed, topk_weights, topk_ids)), residual
+        if residual is None:
+            return self(norm(hidden), correction_bias=correction_bias), hidden
+        normed, residual = norm(hidden, residual)
+        return self(normed, correction_bias=correction_bias), residual
+
+    def _add_shared(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The routed experts' `out` plus the shared experts' output on `hidden`, summed over ranks."""
         shared_experts, shared_gate = self._shared
         if shared_experts is not None:
             shared = shared_experts(hidden)
@@ -196,10 +217,7 @@ class FusedMoE(CustomOp):
                 router_logits = self._router(hidden)
             topk_weights, topk_ids = select_experts(router_logits, routing, correction_bias)
         else:
-            if routing.correction_bias != (correction_bias is not None):
-                raise ValueError("correction_bias must be given exactly when RoutingConfig.correction_bias is set")
-            args = (routing.top_k, routing.scoring == "sigmoid", routing.renormalize, routing.routed_scaling_factor,
-                    correction_bias)
+            args = self._route_args(correction_bias)
             if router_logits is None and self._router_fuses(hidden):
                 topk_weights, topk_ids, _ = self._route_from_hidden(hidden, self._router.weight, *args,
                                                                     self._counter(hidden.device), pdl=self._pdl)
@@ -207,6 +225,18 @@ class FusedMoE(CustomOp):
                 if router_logits is None:
                     router_logits = self._router(hidden)
                 topk_weights, topk_ids = self._route(router_logits, *args, pdl=self._pdl)
+        return self._experts(hidden, topk_weights, topk_ids)
+
+    def _route_args(self, correction_bias: torch.Tensor | None) -> tuple:
+        """The routing kernels' arguments after the logits (a routing without expert groups)."""
+        routing = self.routing
+        if routing.correction_bias != (correction_bias is not None):
+            raise ValueError("correction_bias must be given exactly when RoutingConfig.correction_bias is set")
+        return (routing.top_k, routing.scoring == "sigmoid", routing.renormalize, routing.routed_scaling_factor,
+                correction_bias)
+
+    def _experts(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """The routed experts' weighted sum on CUDA (this rank's part)."""
         expert_map = None if self.all_experts_local else self.expert_map
         w13, w2, scales = self.method.kernel_weights(self, hidden.dtype)
         return self._fused_experts(hidden, w13, w2, topk_weights, topk_ids, expert_map, scales=scales, pdl=self._pdl)
@@ -224,6 +254,14 @@ class FusedMoE(CustomOp):
             return True
         return (isinstance(method, CudaLinearMethod) and router.bias is None and router.activation is None
                 and method.uses_gemv(hidden, router.weight))
+
+    def _norm_fuses(self, norm: nn.Module, hidden: torch.Tensor) -> bool:
+        """Whether `forward_after_norm` runs `norm` inside the fused router: where the router
+        fuses (a routing without expert groups), with the norm's CUDA kernel, in one process
+        (under tensor parallelism `hidden` may be a partial sum that only the norm's own kernel
+        completes)."""
+        return (norm.uses_cuda_kernels and self.tp.world_size == 1 and not self.routing.grouped
+                and self._router_fuses(hidden))
 
     def _counter(self, device: torch.device) -> torch.Tensor:
         # Allocated by the warm-up pass before a decode graph is captured, so no graph allocates it.
