@@ -81,15 +81,21 @@ class NormArgs(NamedTuple):
 
 
 @triton.jit
-def _load_x(x_ptr, offs, mask, K, SILU_MUL: tl.constexpr, residual_ptr, norm_w_ptr, rstd,
-            NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-    """x[offs] in float32; with SILU_MUL, x = [gate | up] (each K long) and this is
-    silu(gate) * up rounded like `activation._silu_and_mul_kernel` (the activation, then the
-    product, each rounded to x's dtype), which keeps the fused path bit-identical to the unfused.
-    With NORM, the row's RMSNorm (`rstd` from `norm_prologue`) at offs, bit for bit."""
+def _load_input(x_ptr, offs, mask, K, SILU_MUL: tl.constexpr, residual_ptr, norm_w_ptr, rstd,
+                NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """`_load_x`, or with NORM the row's RMSNorm at offs (`rstd` from `norm_prologue`), bit for bit."""
     if NORM:
         return normed_chunk(x_ptr, residual_ptr, norm_w_ptr, offs, mask, rstd, HAS_RESIDUAL)
-    elif SILU_MUL:
+    else:
+        return _load_x(x_ptr, offs, mask, K, SILU_MUL)
+
+
+@triton.jit
+def _load_x(x_ptr, offs, mask, K, SILU_MUL: tl.constexpr):
+    """x[offs] in float32; with SILU_MUL, x = [gate | up] (each K long) and this is
+    silu(gate) * up rounded like `activation._silu_and_mul_kernel` (the activation, then the
+    product, each rounded to x's dtype), which keeps the fused path bit-identical to the unfused."""
+    if SILU_MUL:
         gate = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(x_ptr + K + offs, mask=mask, other=0.0).to(tl.float32)
         act = (gate * tl.sigmoid(gate)).to(x_ptr.dtype.element_ty).to(tl.float32)
@@ -128,7 +134,7 @@ def row_block_sums(x_ptr, w_ptr, rows, row_mask, K, stride_wn, program,
         if NORM:
             rstd = norm_prologue(x_ptr, residual_ptr, norm_w_ptr, residual_out_ptr, normed_out_ptr, K, eps, program,
                                  HAS_RESIDUAL, WRITE_NORMED, BLOCK_H)
-        x = _load_x(x_ptr, cols, cols < K, K, SILU_MUL, residual_ptr, norm_w_ptr, rstd, NORM, HAS_RESIDUAL)
+        x = _load_input(x_ptr, cols, cols < K, K, SILU_MUL, residual_ptr, norm_w_ptr, rstd, NORM, HAS_RESIDUAL)
         acc += w.to(tl.float32) * x[None, :]
         k_begin = BLOCK_K
     elif NORM:
@@ -136,7 +142,8 @@ def row_block_sums(x_ptr, w_ptr, rows, row_mask, K, stride_wn, program,
                              HAS_RESIDUAL, WRITE_NORMED, BLOCK_H)
     for k in range(k_begin, K, BLOCK_K):
         w = load_weight_tile(w_ptrs, k, row_mask, cols, K)
-        x = _load_x(x_ptr, k + cols, (k + cols) < K, K, SILU_MUL, residual_ptr, norm_w_ptr, rstd, NORM, HAS_RESIDUAL)
+        x = _load_input(x_ptr, k + cols, (k + cols) < K, K, SILU_MUL, residual_ptr, norm_w_ptr, rstd, NORM,
+                        HAS_RESIDUAL)
         acc += w.to(tl.float32) * x[None, :]
     return tl.sum(acc, axis=1)
 
