@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kernel_device import DEVICE, INTERPRET  # noqa: E402,F401  (skips the module without a GPU)
+from kernel_device import DEVICE, INTERPRET, CountLaunches  # noqa: E402,F401  (skips the module without a GPU)
 
 from layer_context import attention_backend, layers_for  # noqa: E402
 from tokenmill.model.attention.backend import AttentionMetadata  # noqa: E402
@@ -736,17 +736,6 @@ def test_backend_mixed_batch_rope(group, head_dim):
     assert torch.equal(batch.k_cache.float(), k_ref) and torch.equal(batch.v_cache.float(), v_ref)
 
 
-class _CountLaunches:
-    """Stands in for a Triton kernel and counts its launches."""
-
-    def __init__(self, kernel) -> None:
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
-
-
 def test_qwen3_attention_fuses_qk_norm_into_rope_and_write(monkeypatch):
     """A Qwen3 attention layer built for CUDA (Triton backend) normalises q and k inside the
     rope + KV-write kernel: its forward launches no RMSNorm kernel, and leaves what the unfused
@@ -773,7 +762,7 @@ def test_qwen3_attention_fuses_qk_norm_into_rope_and_write(monkeypatch):
     with layers_for("cpu"):
         cos_sin_cache = RotaryEmbedding(head_dim, max(seq_lens), 1e6, None).cos_sin_cache.to(DEVICE)
     rope = RotaryInputs(positions, cos_sin_cache)
-    norm_kernel = _CountLaunches(rms_norm_ops._rms_norm_kernel)
+    norm_kernel = CountLaunches(rms_norm_ops._rms_norm_kernel)
     monkeypatch.setattr(rms_norm_ops, "_rms_norm_kernel", norm_kernel)
 
     caches_ref = (batch.k_cache.clone(), batch.v_cache.clone())

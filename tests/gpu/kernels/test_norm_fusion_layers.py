@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kernel_device import DEVICE, INTERPRET  # noqa: E402  (skips the module without a GPU)
+from kernel_device import DEVICE, INTERPRET, CountLaunches  # noqa: E402  (skips the module without a GPU)
 
 from layer_context import layers_for  # noqa: E402
 from tokenmill.model.forward_context import ForwardContext, forward_context  # noqa: E402
@@ -36,15 +36,6 @@ class _FixedConfig:
 
     def __getitem__(self, grid):
         return functools.partial(_UNTUNED_GEMV[grid], BLOCK_N=8, BLOCK_K=64)
-
-
-class _CountLaunches:
-    def __init__(self, kernel) -> None:
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
 
 
 def _build(block: str):
@@ -81,7 +72,7 @@ def test_norm_runs_inside_the_module_in_batch1_decode_graphs(block, first_layer,
     norm, module = _build(block)
     # One configuration for both paths (the tuner times the fused and plain variants apart).
     monkeypatch.setattr(triton_gemv, "_gemv_kernel", _FixedConfig())
-    counted = _CountLaunches(rms_norm_ops._rms_norm_kernel)
+    counted = CountLaunches(rms_norm_ops._rms_norm_kernel)
     monkeypatch.setattr(rms_norm_ops, "_rms_norm_kernel", counted)
     g = torch.Generator().manual_seed(7)
     for rows, in_graph in ((1, True), (1, False), (3, True)):
