@@ -1,5 +1,6 @@
-"""Launch configurations of the fused MoE kernels (`fused_moe.py`, `fused_moe_gemv.py`): measured
-ones per GPU and expert shape where the sweep has run, a heuristic (or a default) elsewhere.
+"""Launch configurations of the fused MoE kernels (`fused_moe.py`, `fused_moe_gemv.py`) and of the
+one-launch router (`moe_routing.route_from_hidden`): measured ones per GPU and expert shape where
+the sweep has run, a heuristic (or a default) elsewhere.
 
 A configuration serves both grouped GEMMs of one layer call (they share the alignment, hence
 `block_m`). Measured tables come from `python -m tokenmill.benchmarks.kernels.fused_moe --sweep`
@@ -15,6 +16,7 @@ import functools
 from typing import NamedTuple
 
 import torch
+import triton
 
 
 class MoeKernelConfig(NamedTuple):
@@ -121,3 +123,36 @@ def moe_gemv_config(num_local_experts: int, top_k: int, hidden_size: int, interm
         return DEFAULT_GEMV
     key = (num_local_experts, hidden_size, intermediate_per_rank, dtype.itemsize, top_k)
     return TUNED_GEMV.get(gpu, {}).get(key, DEFAULT_GEMV)
+
+
+class RouterConfig(NamedTuple):
+    """The one-launch router's (`moe_routing.route_from_hidden`): experts' rows per program, the K
+    slice, and warps (the routing itself, in the last program, runs on the same warps)."""
+    block_n: int
+    block_k: int
+    num_warps: int
+
+
+def default_router_config(num_experts: int, hidden_size: int) -> RouterConfig:
+    """Two experts' rows a program where there are >= 64 experts (>= 32 programs), one warp (its
+    top-k reductions are register shuffles only, where more warps meet in shared memory)."""
+    return RouterConfig(2 if num_experts >= 64 else 1, min(1024, triton.next_power_of_2(hidden_size)),
+                        1 if num_experts <= 512 else 4)
+
+
+# Measured by `python -m tokenmill.benchmarks.kernels.fused_moe --router-sweep --write-table`
+# (each configuration's cost in a graph of dependent launches after a GEMV, as a decode graph runs
+# it), which replaces this GPU's table. Keys: (experts, hidden size, element bytes, fused input norm).
+_H100_ROUTER: dict[tuple[int, int, int, bool], RouterConfig] = {
+}
+_H200_ROUTER: dict[tuple[int, int, int, bool], RouterConfig] = {
+}
+TUNED_ROUTER = {"NVIDIA H100 80GB HBM3": _H100_ROUTER, "NVIDIA H200": _H200_ROUTER}
+
+
+def router_config(num_experts: int, hidden_size: int, dtype: torch.dtype, norm: bool,
+                  device: torch.device) -> RouterConfig:
+    """The one-launch router's configuration for this shape and device."""
+    gpu = _gpu_name(device)
+    measured = TUNED_ROUTER.get(gpu, {}).get((num_experts, hidden_size, dtype.itemsize, norm)) if gpu else None
+    return measured or default_router_config(num_experts, hidden_size)

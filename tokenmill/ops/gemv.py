@@ -9,7 +9,8 @@ the partial products in registers across the K loop and reduces them once at the
 (`model/layers/linear_method.py`) calls it only where it measured faster (see docs/perf.md, "Batch-1 GEMV").
 
 Launch configurations: where `gemv_configs.py` lists the device and the (N, K) shape, its measured
-configuration; elsewhere Triton's autotuner. The autotuner times each candidate alone with
+configuration (dependent launches, with or without the fused norm, have a table of their own);
+elsewhere Triton's autotuner. The autotuner times each candidate alone with
 `do_bench`, which at 5-30 us is mostly launch overhead and L2 flushing; in the engine a GEMV runs in
 a CUDA graph right after another kernel, and there its picks were 2-10% slower than the best.
 
@@ -205,11 +206,13 @@ def rms_norm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight
     return _launch(x, weight, False, None, pdl, norm), norm.residual_out
 
 
-def plain_launch_args(y: torch.Tensor) -> tuple[tuple, dict]:
-    """`_gemv_kernel`'s arguments after `stride_wn`, and its flags, for a GEMV without push or norm
-    (for benchmarks that launch configurations of their own)."""
-    off = NormArgs.off(y)
-    return (y, y, 0, 0, *off.kernel_args()), dict(PUSH=False, RANK=0, WORLD=1, MAX_ROWS=1, **off.meta(0))
+def plain_launch_args(y: torch.Tensor, norm: NormArgs | None = None, hidden: int = 0) -> tuple[tuple, dict]:
+    """`_gemv_kernel`'s arguments after `stride_wn`, and its flags, for a GEMV without push, with
+    `norm` (over `hidden` inputs) or without (for benchmarks that launch configurations of their own)."""
+    norm = norm if norm is not None else NormArgs.off(y)
+    return (y, y, 0, 0, *norm.kernel_args()), dict(PUSH=False, RANK=0, WORLD=1, MAX_ROWS=1, **norm.meta(hidden))
+
+
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool, push: "PushTarget | None", pdl: bool,
@@ -229,7 +232,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool, push: "PushTa
         meta = dict(PUSH=False, RANK=0, WORLD=1, MAX_ROWS=1)
     meta.update(PDL=pdl, **norm.meta(k), **launch_options(pdl))
     args = (x, weight, y, n, k, weight.stride(0), *comm, *norm.kernel_args())
-    config = tuned_config(weight, silu_mul)
+    config = tuned_config(weight, silu_mul, pdl, norm.on)
     if config is not None:
         _gemv_kernel.fn[(triton.cdiv(n, config.block_n),)](
             *args, SILU_MUL=silu_mul, **meta, BLOCK_N=config.block_n,

@@ -45,6 +45,18 @@ _H200 = {
 
 TUNED: dict[str, dict[tuple[int, int, bool], GemvConfig]] = {"NVIDIA H200": _H200}
 
+# Launched dependent (`ops/pdl.py`), as batch-1 decode graphs launch them on Hopper: (N, K, fused
+# SiLU-and-mul, fused input norm `rms_norm_gemv`) -> config, the fastest of `GRAPH_SWEEP_GRID` in a
+# graph of dependent launches (`python3 -m tokenmill.benchmarks.kernels.gemv --graph-sweep --model
+# qwen3-30b-a3b --pdl --write-table` writes the table of the GPU it runs on). A shape missing here
+# takes the ordinary table's entry, then the autotuner's pick.
+_H100_PDL: dict[tuple[int, int, bool, bool], GemvConfig] = {
+}
+_H200_PDL: dict[tuple[int, int, bool, bool], GemvConfig] = {
+}
+TUNED_PDL: dict[str, dict[tuple[int, int, bool, bool], GemvConfig]] = {"NVIDIA H100 80GB HBM3": _H100_PDL,
+                                                                       "NVIDIA H200": _H200_PDL}
+
 # The fp8 GEMV (`fp8_gemv.py`): (N, K, fused SiLU-and-mul, scale form "block" | "channel") -> config,
 # the fastest of `benchmarks/kernels/fp8.py`'s GEMV_SWEEP_GRID timed the same way (one CUDA graph
 # over >= 1 GB of distinct e4m3 weights: `python3 -m tokenmill.benchmarks.kernels.fp8 gemv-sweep`).
@@ -105,8 +117,10 @@ def tuned_fp8_config(weight: torch.Tensor, silu_mul: bool, blockwise: bool, pdl:
     return (pdl and _lookup(TUNED_FP8_PDL, weight, key)) or _lookup(TUNED_FP8, weight, key)
 
 
-def tuned_config(weight: torch.Tensor, silu_mul: bool) -> GemvConfig | None:
-    """The measured configuration for this weight's shape on its GPU, or None (autotune)."""
+def tuned_config(weight: torch.Tensor, silu_mul: bool, pdl: bool = False, norm: bool = False) -> GemvConfig | None:
+    """The measured configuration for this weight's shape on its GPU, launched dependent (`pdl`) or
+    not, with the input norm fused (`norm`) or not, or None (autotune)."""
     if weight.element_size() != 2:
         return None
-    return _lookup(TUNED, weight, (weight.shape[0], weight.shape[1], silu_mul))
+    shape = (weight.shape[0], weight.shape[1], silu_mul)
+    return (pdl and _lookup(TUNED_PDL, weight, (*shape, norm))) or _lookup(TUNED, weight, shape)

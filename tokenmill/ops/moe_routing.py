@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenmill.ops.fused_moe_configs import RouterConfig, router_config
 from tokenmill.ops.gemv import NormArgs, row_block_sums
 from tokenmill.ops.pdl import launch_options, pdl_enter
 
@@ -148,7 +149,7 @@ def new_router_counter(device: torch.device) -> torch.Tensor:
 
 def route_from_hidden(hidden: torch.Tensor, gate_weight: torch.Tensor, top_k: int, sigmoid: bool, renormalize: bool,
                       scaling: float, correction_bias: torch.Tensor | None, counter: torch.Tensor,
-                      pdl: bool = False, norm: NormArgs | None = None
+                      pdl: bool = False, norm: NormArgs | None = None, config: RouterConfig | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One token's routing from its hidden state, the router's product included, in one launch:
     hidden [1, H], gate_weight [E, H] (the router linear's weight, H contiguous) ->
@@ -162,7 +163,8 @@ def route_from_hidden(hidden: torch.Tensor, gate_weight: torch.Tensor, top_k: in
     `counter`: `new_router_counter(device)`, not shared with a launch that may run concurrently.
 
     With `norm` (`rms_norm_route_from_hidden`) `hidden` is the norm's input: the kernel routes its
-    RMSNorm and stores the norm's outputs where `norm` says."""
+    RMSNorm and stores the norm's outputs where `norm` says. `config`: the launch configuration
+    (default: `fused_moe_configs.router_config`, measured where the sweep has run)."""
     num_experts, hidden_size = gate_weight.shape
     assert hidden.shape == (1, hidden_size) and hidden.is_contiguous() and gate_weight.stride(1) == 1
     assert top_k <= num_experts and (correction_bias is None or sigmoid)
@@ -170,16 +172,16 @@ def route_from_hidden(hidden: torch.Tensor, gate_weight: torch.Tensor, top_k: in
     weights = torch.empty(1, top_k, dtype=torch.float32, device=device)
     ids = torch.empty(1, top_k, dtype=torch.int32, device=device)
     logits = torch.empty(1, num_experts, dtype=torch.promote_types(hidden.dtype, gate_weight.dtype), device=device)
-    block_e = triton.next_power_of_2(num_experts)
-    block_n = 2 if num_experts >= 64 else 1  # >= 32 programs for the usual expert counts
     bias = correction_bias if correction_bias is not None else weights  # not read without HAS_BIAS
     norm = norm if norm is not None else NormArgs.off(hidden)
-    _router_route_kernel[(triton.cdiv(num_experts, block_n),)](
+    if config is None:
+        config = router_config(num_experts, hidden_size, gate_weight.dtype, norm.on, device)
+    _router_route_kernel[(triton.cdiv(num_experts, config.block_n),)](
         hidden, gate_weight, logits, counter, bias, weights, ids, num_experts, hidden_size, gate_weight.stride(0),
         float(scaling), *norm.kernel_args(), TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), SIGMOID=sigmoid,
-        HAS_BIAS=correction_bias is not None, RENORMALIZE=renormalize, BLOCK_E=block_e, BLOCK_N=block_n,
-        BLOCK_K=min(1024, triton.next_power_of_2(hidden_size)), **norm.meta(hidden_size), PDL=pdl,
-        num_warps=1 if block_e <= 512 else 4, **launch_options(pdl))
+        HAS_BIAS=correction_bias is not None, RENORMALIZE=renormalize, BLOCK_E=triton.next_power_of_2(num_experts),
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, **norm.meta(hidden_size), PDL=pdl,
+        num_warps=config.num_warps, **launch_options(pdl))
     return weights, ids, logits
 
 
@@ -187,6 +189,7 @@ def rms_norm_route_from_hidden(
         hidden: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
         gate_weight: torch.Tensor, top_k: int, sigmoid: bool, renormalize: bool, scaling: float,
         correction_bias: torch.Tensor | None, counter: torch.Tensor, pdl: bool = False,
+        config: RouterConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A pre-norm MoE layer's post-attention norm and its routing in one launch: with
     `normed, new_residual = rms_norm(hidden, norm_weight, eps, residual)` (bit for bit; without
@@ -202,5 +205,5 @@ def rms_norm_route_from_hidden(
         norm = NormArgs(norm_weight, residual, torch.empty_like(hidden), normed, eps, has_residual=True,
                         write_normed=True)
     weights, ids, _ = route_from_hidden(hidden, gate_weight, top_k, sigmoid, renormalize, scaling, correction_bias,
-                                        counter, pdl, norm)
+                                        counter, pdl, norm, config)
     return weights, ids, normed, norm.residual_out if residual is not None else hidden

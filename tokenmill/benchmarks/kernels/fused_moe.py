@@ -2,7 +2,7 @@
 
     python3 -m tokenmill.benchmarks.kernels.fused_moe [--shapes qwen3-30b-a3b,mixtral-8x7b,minimax-m2]
         [--sweep [--sweep-shapes qwen3-30b-a3b]] [--output-json moe.json] [--tuned-out fused_moe_tuned.py]
-        [--gemv-sweep [--write-table]]
+        [--gemv-sweep [--write-table]] [--router-sweep [--write-table]]
 
 For each model's expert shape (one layer's routed experts at TP=1), at decode token counts the
 achieved bandwidth (bytes of the experts actually chosen + activations, over the time) beside the
@@ -18,6 +18,12 @@ and warps (`MoeGemvConfig`) at one token, the gate/up kernel's first (with the d
 the down kernel's (after the best gate/up); `--write-table` writes the winners into
 `ops/fused_moe_configs.py`'s table for this GPU, so the engine runs them. The kernels launch as the
 engine launches them: dependent (`ops/pdl.py`) where the GPU supports it.
+
+`--router-sweep` times the one-launch router with its input norm (`moe_routing.
+rms_norm_route_from_hidden`, batch-1 decode's) at each `RouterConfig` of `ROUTER_SPACE`: its cost
+a layer is a graph of [O-projection-sized GEMV, router] layers (distinct weights each, more than L2
+holds) minus the same graph without the routers, so the GEMV's tail and the router's start
+overlap as in the engine. `--write-table` writes the winners into the router's table for this GPU.
 """
 
 from __future__ import annotations
@@ -34,8 +40,10 @@ from tokenmill.benchmarks.kernels.copy_bandwidth import copy_rate
 from tokenmill.ops import fused_moe_configs, pdl
 from tokenmill.ops.fused_moe import fused_experts
 from tokenmill.ops.fused_moe_configs import (DEFAULT_GEMV, GEMV_MAX_TOKENS, MoeGemvConfig, MoeKernelConfig,
-                                             default_config)
+                                             RouterConfig, default_config, default_router_config)
 from tokenmill.ops.fused_moe_gemv import fused_experts_gemv
+from tokenmill.ops.gemv import gemv
+from tokenmill.ops.moe_routing import new_router_counter, rms_norm_route_from_hidden
 
 # name: (experts, hidden, intermediate, top_k), one layer at TP=1 (the shipped shapes' values)
 SHAPES = {"qwen3-30b-a3b": (128, 2048, 768, 8), "mixtral-8x7b": (8, 4096, 14336, 2),
@@ -213,6 +221,94 @@ def write_gemv_table(device_name: str, winners: dict) -> str:
     return table
 
 
+ROUTER_SPACE = [RouterConfig(bn, bk, w) for bn in (1, 2, 4) for bk in (512, 1024, 2048) for w in (1, 2, 4)]
+
+
+class RouterLayers:
+    """`count` layers of [GEMV of an O projection's size (hidden x 2 hidden), norm + router] at one
+    token, distinct weights each; `cost_us(config)` is the routers' share of the graph a layer."""
+
+    def __init__(self, experts: int, hidden: int, top_k: int, count: int = 64, dtype=torch.bfloat16):
+        self.experts, self.hidden, self.top_k, self.dtype = experts, hidden, top_k, dtype
+        self.o = [torch.randn(hidden, 2 * hidden, dtype=dtype, device="cuda") * 0.02 for _ in range(count)]
+        self.gate = [torch.randn(experts, hidden, dtype=dtype, device="cuda") * 0.02 for _ in range(count)]
+        self.attn = [torch.randn(1, 2 * hidden, dtype=dtype, device="cuda") for _ in range(count)]
+        self.residual = [torch.randn(1, hidden, dtype=dtype, device="cuda") for _ in range(count)]
+        self.norm_weight = torch.rand(hidden, dtype=dtype, device="cuda") + 0.5
+        self.counter = new_router_counter(torch.device("cuda"))
+        self.dependent = pdl.supported(torch.device("cuda"))
+        self._gemvs_alone: float | None = None
+
+    def route(self, layer: int, config: RouterConfig | None, out: torch.Tensor | None = None):
+        o = gemv(self.attn[layer], self.o[layer], pdl=self.dependent) if out is None else out
+        return rms_norm_route_from_hidden(o, self.residual[layer], self.norm_weight, 1e-6, self.gate[layer], self.top_k,
+                                          False, True, 1.0, None, self.counter, self.dependent, config)
+
+    def cost_us(self, config: RouterConfig | None) -> float:
+        layers = range(len(self.o))
+        with_router = graph_seconds([lambda i=i: self.route(i, config) for i in layers])
+        return (with_router - self.gemvs_alone()) / len(self.o) * 1e6
+
+    def gemvs_alone(self) -> float:
+        if self._gemvs_alone is None:
+            self._gemvs_alone = graph_seconds([lambda i=i: gemv(self.attn[i], self.o[i], pdl=self.dependent)
+                                               for i in range(len(self.o))])
+        return self._gemvs_alone
+
+
+def _warm_router(configs: list[RouterConfig], experts: int, hidden: int, top_k: int) -> None:
+    """Compile `configs` of the norm-fused router into Triton's on-disk cache (one process of a pool)."""
+    layers = RouterLayers(experts, hidden, top_k, count=1)
+    out = torch.randn(1, hidden, dtype=layers.dtype, device="cuda")
+    for config in configs:
+        layers.route(0, config, out)
+    torch.cuda.synchronize()
+
+
+def router_sweep_shape(name: str, shape: tuple[int, int, int, int], processes: int = 14) -> tuple[tuple, RouterConfig, dict]:
+    """The fastest `RouterConfig` of `ROUTER_SPACE` for this shape: (table key, config, timings in us).
+    Each is checked against the default's logits first."""
+    import concurrent.futures
+    import multiprocessing
+
+    experts, hidden, _, top_k = shape
+    jobs = [ROUTER_SPACE[i::processes] for i in range(processes)]
+    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_warm_router, jobs, *zip(*[(experts, hidden, top_k)] * processes)))
+    layers = RouterLayers(experts, hidden, top_k)
+    out = torch.randn(1, hidden, dtype=layers.dtype, device="cuda")
+    default = default_router_config(experts, hidden)
+    ref_weights, ref_ids, ref_normed, _ = layers.route(0, default, out)
+    timings = {}
+    for config in ROUTER_SPACE:
+        weights, ids, normed, _ = layers.route(0, config, out)
+        assert torch.equal(normed, ref_normed), f"router {tuple(config)}: the normalised row differs"
+        same = torch.equal(ids.sort().values, ref_ids.sort().values) and torch.allclose(
+            weights.sort().values, ref_weights.sort().values, atol=1e-2)
+        assert same, f"router {tuple(config)}: {ids.tolist()} {weights.tolist()}, default {ref_ids.tolist()} {ref_weights.tolist()}"
+        timings[config] = layers.cost_us(config)
+        print(f"    router {tuple(config)}: {timings[config]:.2f} us", flush=True)
+    best = min(timings, key=timings.get)
+    default_us = timings.get(default, layers.cost_us(default))
+    print(f"  router sweep {name}: default {tuple(default)} {default_us:.2f} us a layer; best {tuple(best)} "
+          f"{timings[best]:.2f} us ({default_us - timings[best]:+.2f} us); the GEMVs alone "
+          f"{layers.gemvs_alone() / len(layers.o) * 1e6:.2f} us a layer", flush=True)
+    key = (experts, hidden, layers.dtype.itemsize, True)
+    return key, best, {"default_us": default_us, "best_us": timings[best],
+                       "all_us": {str(tuple(c)): us for c, us in timings.items()}}
+
+
+def write_router_table(device_name: str, winners: dict) -> str:
+    """Replace this GPU's `fused_moe_configs.TUNED_ROUTER` table with `winners` ({key: (config, us)})."""
+    variable = table_source.table_variable(fused_moe_configs, fused_moe_configs.TUNED_ROUTER, device_name)
+    lines = [f"{variable}: dict[tuple[int, int, int, bool], RouterConfig] = {{"]
+    lines += [f"    {key}: RouterConfig{tuple(config)},  # {us['best_us']:.2f} us a layer (default {us['default_us']:.2f})"
+              for key, (config, us) in winners.items()]
+    table = "\n".join(lines + ["}"])
+    table_source.replace_table(pathlib.Path(fused_moe_configs.__file__), variable, table)
+    return table
+
+
 def tuned_source(device_name: str, tables: dict) -> str:
     lines = [f"# {device_name}: python -m tokenmill.benchmarks.kernels.fused_moe --sweep", f"{device_name!r}: {{"]
     for key, by_tokens in tables.items():
@@ -232,18 +328,30 @@ def main() -> None:
     parser.add_argument("--tuned-out", default="fused_moe_tuned.py")
     parser.add_argument("--gemv-sweep", action="store_true",
                         help="time the token-by-token path's configurations on the --sweep-shapes")
+    parser.add_argument("--no-rows", action="store_true", help="only the sweeps asked for: no per-token-count rows")
+    parser.add_argument("--router-sweep", action="store_true",
+                        help="time the one-launch router's configurations on the --sweep-shapes")
     parser.add_argument("--write-table", action="store_true",
-                        help="write --gemv-sweep's winners into ops/fused_moe_configs.py for this GPU")
+                        help="write --gemv-sweep's (and --router-sweep's) winners into ops/fused_moe_configs.py "
+                             "for this GPU")
     args = parser.parse_args()
     device_name = torch.cuda.get_device_name()
     copy_gb_s = copy_rate(torch.cuda.current_device(), 2.0)
     peak = matmul_peak_tflops()
     print(f"{device_name}: copy {copy_gb_s:.0f} GB/s, bf16 matmul peak {peak:.0f} TFLOP/s (cuBLAS 8192^3)")
     result = {"device": device_name, "copy_gb_per_s": copy_gb_s, "matmul_tflops": peak, "rows": [], "tuned": {}}
-    tables, gemv_winners = {}, {}
+    tables, gemv_winners, router_winners = {}, {}, {}
     for name in args.shapes.split(","):
-        layers = layers_for(SHAPES[name])
         swept = name in (args.sweep_shapes or args.shapes).split(",")
+        if args.router_sweep and swept:
+            key, config, us = router_sweep_shape(name, SHAPES[name])
+            router_winners[key] = (config, us)
+            result.setdefault("router_sweep", {})[name] = {"config": list(config), **us}
+            if args.write_table:
+                print(write_router_table(device_name, router_winners), flush=True)
+        if args.no_rows and not ((args.gemv_sweep or args.sweep) and swept):
+            continue
+        layers = layers_for(SHAPES[name])
         if args.gemv_sweep and swept:
             key, config, us = gemv_sweep_shape(name, layers)
             gemv_winners[key] = (config, us)
@@ -252,7 +360,8 @@ def main() -> None:
             result.setdefault("gemv_sweep", {})[name] = {"config": list(config), **us}
             if args.write_table:  # now, not after the rows below: a device call may end before them
                 print(write_gemv_table(device_name, gemv_winners), flush=True)
-        result["rows"] += measure_shape(name, layers, copy_gb_s, peak)
+        if not args.no_rows:
+            result["rows"] += measure_shape(name, layers, copy_gb_s, peak)
         if args.sweep and swept:
             tables.update(sweep_shape(name, layers))
         del layers

@@ -11,7 +11,10 @@
    back-to-back launches over >= 1 GB of distinct weights (so L2 holds none of them), per
    one-rank shape at `--graph-sweep-tp` sizes (the down projection with its fused SiLU-and-mul),
    beside the autotuner's pick and cuBLAS in the same graph form. Compiles are warmed in parallel
-   processes first (a few hundred variants).
+   processes first (a few hundred variants). `--model qwen3-30b-a3b` sweeps that model's dense
+   shapes instead (QKV with its input norm fused, O, LM head); `--pdl` launches every GEMV dependent
+   (`ops/pdl.py`), as Hopper's decode graphs do; `--write-table` (with `--pdl`) writes the winners
+   into `ops/gemv_configs.py`'s dependent-launch table for this GPU, so the engine runs them.
 2. The whole decode weight set (`--layers` x the four layer matrices + the LM head, 15.0 GB at 32
    layers) as one CUDA graph of GEMVs, replayed: ms per token for each, as in docs/perf.md.
 """
@@ -20,15 +23,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 
 import torch
 import torch.nn.functional as F
 import triton.testing
 
-from tokenmill.ops.gemv import gemv
+from tokenmill.benchmarks.kernels import table_source
+from tokenmill.ops import gemv_configs
+from tokenmill.ops.gemv import NormArgs, gemv, plain_launch_args, rms_norm_gemv
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}
+# One rank's dense GEMVs of a model at TP=1, as its batch-1 decode graphs run them: name ->
+# (N, K, fused SiLU-and-mul, fused input norm). The MoE models' experts are `fused_moe.py`'s.
+MODEL_SHAPES = {"qwen3-30b-a3b": {"qkv": (5120, 2048, False, True), "o": (2048, 4096, False, False),
+                                  "lm_head": (151936, 2048, False, False)}}
 
 
 def graph_ms(fn, weights, xs) -> float:
@@ -53,7 +63,7 @@ def graph_ms(fn, weights, xs) -> float:
 
 def sweep(x: torch.Tensor, w: torch.Tensor) -> list[dict]:
     """Every configuration of a grid wider than the autotuner's, timed on one shape; best first."""
-    from tokenmill.ops.gemv import _gemv_kernel, plain_launch_args
+    from tokenmill.ops.gemv import _gemv_kernel
 
     n, k = w.shape
     y = torch.empty(1, n, dtype=w.dtype, device=w.device)
@@ -82,24 +92,40 @@ GRAPH_SWEEP_GRID = [(bn, bk, w, s) for bn in (1, 2, 4, 8, 16) for bk in (128, 25
                     for w in (1, 2, 4, 8) for s in (1, 2, 3, 4) if 512 <= bn * bk <= 8192 and w * 32 <= bk]
 
 
-def _warm_compiles(configs: list[tuple], silu_mul: bool) -> None:
-    """Compile `configs` of the GEMV kernel into Triton's on-disk cache (one process of a pool)."""
-    from tokenmill.ops.gemv import _gemv_kernel, plain_launch_args
+def _norm_args(x: torch.Tensor, hidden: int) -> NormArgs:
+    """An input norm with a residual, as a decoder layer's (`rms_norm_gemv`), for x [1, hidden]."""
+    weight = torch.rand(hidden, dtype=x.dtype, device=x.device) + 0.5
+    return NormArgs(weight, torch.randn_like(x), torch.empty_like(x), x, 1e-6, has_residual=True, write_normed=False)
 
-    w = torch.zeros(64, 1024, dtype=torch.bfloat16, device="cuda")
-    x = torch.zeros(1, 2048 if silu_mul else 1024, dtype=torch.bfloat16, device="cuda")
+
+def _launch_flags(dependent: bool) -> dict:
+    from tokenmill.ops.pdl import launch_options
+    return dict(PDL=dependent, **launch_options(dependent))
+
+
+def _warm_compiles(configs: list[tuple], silu_mul: bool, norm_hidden: int = 0, dependent: bool = False) -> None:
+    """Compile `configs` of the GEMV kernel into Triton's on-disk cache (one process of a pool); with
+    `norm_hidden`, the form with the input norm fused over that many inputs (its block is a constexpr)."""
+    from tokenmill.ops.gemv import _gemv_kernel
+
+    k = norm_hidden or 1024
+    w = torch.zeros(64, k, dtype=torch.bfloat16, device="cuda")
+    x = torch.zeros(1, 2 * k if silu_mul else k, dtype=torch.bfloat16, device="cuda")
     y = torch.empty(1, 64, dtype=torch.bfloat16, device="cuda")
-    rest, flags = plain_launch_args(y)
+    rest, flags = plain_launch_args(y, _norm_args(x, k) if norm_hidden else None, k)
     for bn, bk, warps, stages in configs:
-        _gemv_kernel.fn.warmup(x, w, y, 64, 1024, 1024, *rest, SILU_MUL=silu_mul, **flags, BLOCK_N=bn, BLOCK_K=bk,
-                               num_warps=warps, num_stages=stages, grid=(1,))
+        _gemv_kernel.fn.warmup(x, w, y, 64, k, k, *rest, SILU_MUL=silu_mul, **flags, BLOCK_N=bn, BLOCK_K=bk,
+                               num_warps=warps, num_stages=stages, grid=(1,), **_launch_flags(dependent))
 
 
-def warm_compiles_in_parallel(processes: int = 14) -> None:
+def warm_compiles_in_parallel(variants: list[tuple[bool, int]] = ((False, 0), (True, 0)),
+                              dependent: bool = False, processes: int = 14) -> None:
+    """Every GRAPH_SWEEP_GRID config of each (silu_mul, norm_hidden) variant, compiled in a process pool."""
     import concurrent.futures
     import multiprocessing
 
-    jobs = [(GRAPH_SWEEP_GRID[i::processes], silu) for i in range(processes) for silu in (False, True)]
+    jobs = [(GRAPH_SWEEP_GRID[i::processes], silu, norm_hidden, dependent)
+            for i in range(processes) for silu, norm_hidden in variants]
     with concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
         list(pool.map(_warm_compiles, *zip(*jobs)))
 
@@ -132,18 +158,26 @@ def describe_best(rows: list[dict], count: int = 4) -> str:
                      f"{r['tb_s']:.2f} TB/s" for r in rows[:count])
 
 
-def graph_sweep(shapes: dict[str, tuple[int, int, bool]], min_bytes: float = 1e9) -> dict:
-    """Per shape: every GRAPH_SWEEP_GRID config as a CUDA graph of back-to-back GEMVs over distinct
-    weights (us per GEMV, best of 10 replays), plus the autotuner's pick and cuBLAS the same way."""
-    from tokenmill.ops.gemv import _gemv_kernel, plain_launch_args
+def graph_sweep(shapes: dict[str, tuple[int, int, bool, bool]], min_bytes: float = 1e9,
+                dependent: bool = False) -> dict:
+    """Per shape (N, K, silu_mul, fused input norm): every GRAPH_SWEEP_GRID config as a CUDA graph
+    of back-to-back GEMVs over distinct weights (us per GEMV, best of 10 replays), plus the engine's
+    own choice (table or autotuner) and cuBLAS (after the norm's own kernel, where the norm is
+    fused) the same way. `dependent`: every launch dependent on the one before (`ops/pdl.py`)."""
+    from tokenmill.ops.gemv import _gemv_kernel
+    from tokenmill.ops.rms_norm import rms_norm
 
     result = {}
-    for name, (n, k, silu) in shapes.items():
+    for name, (n, k, silu, norm) in shapes.items():
         copies = max(4, int(min_bytes // (n * k * 2)) + 1)
         ws = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(copies)]
         xs = [torch.randn(1, 2 * k if silu else k, dtype=torch.bfloat16, device="cuda") for _ in range(copies)]
         ys = [torch.empty(1, n, dtype=torch.bfloat16, device="cuda") for _ in range(copies)]
-        ref = gemv(xs[0], ws[0], silu_mul=silu).float()
+        norm_args = _norm_args(xs[0], k) if norm else None
+        if norm:
+            ref = gemv(rms_norm(xs[0], norm_args.weight, norm_args.eps, norm_args.residual)[0], ws[0]).float()
+        else:
+            ref = gemv(xs[0], ws[0], silu_mul=silu).float()
 
         def per_call_us(fn) -> float:
             return graph_ms(fn, ws, xs) * 1e3 / copies
@@ -153,30 +187,57 @@ def graph_sweep(shapes: dict[str, tuple[int, int, bool]], min_bytes: float = 1e9
 
             def launch(x, w):
                 y = ys[0]
-                rest, flags = plain_launch_args(y)
+                rest, flags = plain_launch_args(y, norm_args, k)
                 _gemv_kernel.fn[(triton.cdiv(n, bn),)](x, w, y, n, k, w.stride(0), *rest, SILU_MUL=silu, **flags,
-                                                       BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+                                                       BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+                                                       **_launch_flags(dependent))
                 return y
             return launch
 
         rows = time_configs(name, GRAPH_SWEEP_GRID, make_launch, per_call_us, (xs[0], ws[0]), ref, n * k * 2)
-        tuned_us = per_call_us(lambda x, w: gemv(x, w, silu_mul=silu))
-        picked = str(getattr(_gemv_kernel, "best_config", None))
-        if silu:
+        if norm:
+            engine_us = per_call_us(lambda x, w: rms_norm_gemv(x, norm_args.weight, norm_args.eps, w, norm_args.residual,
+                                                               pdl=dependent))
+            cublas_us = per_call_us(lambda x, w: F.linear(rms_norm(x, norm_args.weight, norm_args.eps,
+                                                                   norm_args.residual)[0], w))
+        elif silu:
             from tokenmill.ops.activation import silu_and_mul
+            engine_us = per_call_us(lambda x, w: gemv(x, w, silu_mul=True, pdl=dependent))
             cublas_us = per_call_us(lambda x, w: F.linear(silu_and_mul(x), w))
         else:
+            engine_us = per_call_us(lambda x, w: gemv(x, w, pdl=dependent))
             cublas_us = per_call_us(lambda x, w: F.linear(x, w))
+        table = gemv_configs.tuned_config(ws[0], silu, dependent, norm)
+        picked = str(tuple(table) if table is not None else getattr(_gemv_kernel, "best_config", None))
         gb = n * k * 2 / 1e9
-        result[name] = {"n": n, "k": k, "silu_mul": silu, "copies": copies, "autotuned_us": tuned_us,
-                        "autotuned_config": picked, "cublas_us": cublas_us, "best": rows[:8],
+        result[name] = {"n": n, "k": k, "silu_mul": silu, "norm": norm, "dependent": dependent, "copies": copies,
+                        "engine_us": engine_us, "engine_config": picked, "cublas_us": cublas_us, "best": rows[:8],
                         "worst_us": rows[-1]["us"]}
-        print(f"{name:14s} {n:6d}x{k:5d}{' +silu' if silu else '      '}: autotuned {tuned_us:6.2f} us "
-              f"({gb / tuned_us * 1e3:.2f} TB/s; {picked}); cuBLAS {cublas_us:6.2f} us; best: "
+        print(f"{name:14s} {n:6d}x{k:5d}{' +silu' if silu else ''}{' +norm' if norm else ''}"
+              f"{' (dependent)' if dependent else ''}: engine's choice {engine_us:6.2f} us "
+              f"({gb / engine_us * 1e3:.2f} TB/s; {picked}); cuBLAS {cublas_us:6.2f} us; best: "
               + describe_best(rows), flush=True)
         del ws, xs, ys
         torch.cuda.empty_cache()
     return result
+
+
+def write_pdl_table(device_name: str, sweep: dict) -> str:
+    """Replace this GPU's `gemv_configs.TUNED_PDL` table with the sweep's winners (merged into what
+    it lists: other models' shapes stay)."""
+    variable = table_source.table_variable(gemv_configs, gemv_configs.TUNED_PDL, device_name)
+    entries = dict(gemv_configs.TUNED_PDL[device_name])
+    notes = {}
+    for name, row in sweep.items():
+        best = row["best"][0]
+        key = (row["n"], row["k"], row["silu_mul"], row["norm"])
+        entries[key] = gemv_configs.GemvConfig(best["block_n"], best["block_k"], best["warps"], best["stages"])
+        notes[key] = f"  # {name}: {best['us']:.2f} us ({row['engine_us']:.2f} before)"
+    lines = [f"{variable}: dict[tuple[int, int, bool, bool], GemvConfig] = {{"]
+    lines += [f"    {key}: GemvConfig{tuple(config)},{notes.get(key, '')}" for key, config in entries.items()]
+    table = "\n".join(lines + ["}"])
+    table_source.replace_table(pathlib.Path(gemv_configs.__file__), variable, table)
+    return table
 
 
 def sweep_shapes(tp: int) -> dict[str, tuple[int, int, bool]]:
@@ -185,7 +246,7 @@ def sweep_shapes(tp: int) -> dict[str, tuple[int, int, bool]]:
     shapes = {}
     for name, (n, k) in SHAPES.items():
         n, k = (n // tp, k) if name in column_parallel else (n, k // tp)
-        shapes[f"{name}_tp{tp}"] = (n, k, name == "down")
+        shapes[f"{name}_tp{tp}"] = (n, k, name == "down", False)
     return shapes
 
 
@@ -196,18 +257,36 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--graph-sweep", action="store_true")
     p.add_argument("--graph-sweep-tp", default="2,1", help="comma-separated TP sizes for --graph-sweep")
+    p.add_argument("--model", choices=sorted(MODEL_SHAPES), help="--graph-sweep this model's dense shapes")
+    p.add_argument("--pdl", action="store_true", help="--graph-sweep launches every GEMV dependent")
+    p.add_argument("--write-table", action="store_true",
+                   help="with --graph-sweep --pdl: write the winners into ops/gemv_configs.py for this GPU")
     p.add_argument("--output-json")
     args = p.parse_args()
     torch.manual_seed(0)
     dev = torch.device("cuda")
     if args.graph_sweep:
         import time
+        from tokenmill.ops import pdl
+        dependent = args.pdl and pdl.supported(dev)
+        if args.pdl and not dependent:
+            raise SystemExit("--pdl: this GPU does not launch dependent kernels (ops/pdl.py)")
+        if args.write_table and not dependent:
+            raise SystemExit("--write-table writes the dependent-launch table: add --pdl")
+        if args.model:
+            shape_sets = [MODEL_SHAPES[args.model]]
+        else:
+            shape_sets = [sweep_shapes(int(t)) for t in args.graph_sweep_tp.split(",")]
+        variants = sorted({(silu, k if norm else 0) for shapes in shape_sets for _, k, silu, norm in shapes.values()})
         t0 = time.perf_counter()
-        warm_compiles_in_parallel()
-        print(f"{len(GRAPH_SWEEP_GRID)} configs x 2 compiled in {time.perf_counter() - t0:.0f} s", flush=True)
+        warm_compiles_in_parallel(variants, dependent)
+        print(f"{len(GRAPH_SWEEP_GRID)} configs x {len(variants)} compiled in {time.perf_counter() - t0:.0f} s",
+              flush=True)
         result = {"device": torch.cuda.get_device_name(), "grid": GRAPH_SWEEP_GRID, "shapes": {}}
-        for tp in (int(t) for t in args.graph_sweep_tp.split(",")):
-            result["shapes"].update(graph_sweep(sweep_shapes(tp)))
+        for shapes in shape_sets:
+            result["shapes"].update(graph_sweep(shapes, dependent=dependent))
+            if args.write_table:  # now, not at the end: a device call may be cut short
+                print(write_pdl_table(result["device"], result["shapes"]), flush=True)
         if args.output_json:
             with open(args.output_json, "w") as f:
                 json.dump(result, f, indent=2)

@@ -3,10 +3,14 @@
 # micro-benchmark with its launch-config sweep, and the Qwen3-30B-A3B serving set (dummy bf16
 # weights): batch-1 decode 512/256 vs its bytes-read floor, 100 x 2048/1024 at 10 in flight (mean
 # TPOT), offline 256 x 1024/1024 vs HF generate(). Results under $OUT; a short table last.
-# Usage (repo root, one H100):  bash tokenmill/benchmarks/suites/moe_suite.sh [tests|kernels|gemv-sweep|model|decode-ab|all]
+# Usage (repo root, one H100):  bash tokenmill/benchmarks/suites/moe_suite.sh [tests|kernels|gemv-sweep|tune|model|decode-ab|all]
 #   ~2.5 min tests, ~2.5 min kernels, ~4 min model (one engine start of the 30B shape + HF).
 #   gemv-sweep: the token-by-token path's configurations (Qwen3-30B-A3B experts), the winners
 #   written into ops/fused_moe_configs.py (a copy in $OUT), so a later part in the call runs them.
+#   tune (~5 min): batch-1 decode's launch configurations of the Qwen3-30B-A3B shape on this GPU, each
+#   sweep's winners written into its table (copies in $OUT): the dense GEMVs launched dependent
+#   (benchmarks/kernels/gemv.py --graph-sweep --model), the one-launch router (--router-sweep), and
+#   the experts' token-by-token kernels where this GPU's table lacks them (--gemv-sweep).
 #   decode-ab: batch-1 decode only, this tree and then the one in $BASELINE (another commit's
 #   `tokenmill/`, carried), alternating ROUNDS times (default 2); this one first, so a call cut
 #   short still has its figure.
@@ -29,6 +33,18 @@ if [[ "$part" == gemv-sweep ]]; then
   timeout "${SWEEP_TIMEOUT:-240}" python3 -m tokenmill.benchmarks.kernels.fused_moe --shapes qwen3-30b-a3b \
       --gemv-sweep --write-table --output-json "$out/gemv_sweep.json" 2>&1 | grep -v -i warning \
       | tee "$out/gemv_sweep.log" || rc=1
+  cp tokenmill/ops/fused_moe_configs.py "$out/fused_moe_configs.py.txt"
+fi
+if [[ "$part" == tune ]]; then
+  timeout "${DENSE_SWEEP_TIMEOUT:-300}" python3 -m tokenmill.benchmarks.kernels.gemv --graph-sweep --model qwen3-30b-a3b \
+      --pdl --write-table --output-json "$out/dense_gemv_sweep.json" 2>&1 | grep -v -i warning \
+      | tee "$out/dense_gemv_sweep.log" || rc=1
+  cp tokenmill/ops/gemv_configs.py "$out/gemv_configs.py.txt"
+  experts_sweep=$(python3 -c "import torch; from tokenmill.ops import fused_moe_configs as c
+print('' if (128, 2048, 768, 2, 8) in c.TUNED_GEMV.get(torch.cuda.get_device_name(), {}) else '--gemv-sweep')")
+  timeout "${ROUTER_SWEEP_TIMEOUT:-300}" python3 -m tokenmill.benchmarks.kernels.fused_moe --shapes qwen3-30b-a3b \
+      --router-sweep $experts_sweep --write-table --no-rows --output-json "$out/router_sweep.json" 2>&1 \
+      | grep -v -i warning | tee "$out/router_sweep.log" || rc=1
   cp tokenmill/ops/fused_moe_configs.py "$out/fused_moe_configs.py.txt"
 fi
 if [[ "$part" == decode-ab ]]; then
@@ -56,6 +72,8 @@ echo "== summary ($(head -2 "$out/device.txt" | tail -1)) =="
 [[ -f "$out/fused_moe.log" ]] && grep -E "copy .* GB/s|T=    1:|T=  128:|T= 8192:" "$out/fused_moe.log"
 [[ -f "$out/moe_qwen3_30b.log" ]] && grep -E "^\|" "$out/moe_qwen3_30b.log"
 [[ -f "$out/gemv_sweep.log" ]] && grep -E "gemv sweep" "$out/gemv_sweep.log"
+[[ -f "$out/dense_gemv_sweep.log" ]] && grep -E "engine's choice" "$out/dense_gemv_sweep.log" | cut -c1-200
+[[ -f "$out/router_sweep.log" ]] && grep -E "router sweep|gemv sweep" "$out/router_sweep.log"
 [[ -f "$out/decode_ab.log" ]] && cat "$out/decode_ab.log"
 echo "rc=$rc"
 exit $rc
