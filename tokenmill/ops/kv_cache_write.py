@@ -9,7 +9,9 @@ K/V caches `[num_blocks, block_size, num_kv_heads, head_dim]`, slot mapping `[nu
   `write_kv_cache`, in one launch instead of two (a launch per layer saved at decode); the
   results are bit-identical to the two ops run in turn. Given Qwen3's per-head q/k RMSNorm
   weights it normalises q and k first, bit-identical to `rms_norm` (`rms_norm.py`) on each: one
-  launch a layer where the norms would add two.
+  launch a layer where the norms would add two. Each value goes from its load through the norm,
+  the rotation and the cache's conversion in registers, so the launch is one round trip to
+  memory, where running the ops' bodies in turn would store and reload between them.
 
 Launchers size their grids from Python ints and never read device values on the host, so they can
 be captured in CUDA graphs.
@@ -22,9 +24,18 @@ import triton
 import triton.language as tl
 
 from tokenmill.ops.attention_common import FP8_MAX, check_cache
-from tokenmill.ops.rotary import _rope_neox_kernel, rope_launch_meta
 from tokenmill.ops.pdl import launch_options, pdl_enter
-from tokenmill.ops.rms_norm import rms_norm_heads_
+from tokenmill.ops.rms_norm import sum_of_squares
+from tokenmill.ops.rotary import rope_launch_meta
+
+
+@triton.jit
+def _cache_value(x, scale, cache_ptr, KV_FP8: tl.constexpr):
+    """A K or V value as the cache stores it: into an fp8 cache saturated rather than overflowing,
+    `div_rn` rounding like torch's x / scale (a bit-equal cache)."""
+    if KV_FP8:
+        x = tl.clamp(tl.div_rn(x.to(tl.float32), scale), -FP8_MAX, FP8_MAX)
+    return x.to(cache_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -48,12 +59,8 @@ def _write_kv_kernel(
     dst_offs = dst + heads[:, None] * stride_c_head + dims[None, :]
     k = tl.load(src_k, mask=mask)
     v = tl.load(src_v, mask=mask)
-    if KV_FP8:
-        # Saturate rather than overflow; div_rn rounds like torch's x / scale (bit-equal cache).
-        k = tl.clamp(tl.div_rn(k.to(tl.float32), k_scale), -FP8_MAX, FP8_MAX)
-        v = tl.clamp(tl.div_rn(v.to(tl.float32), v_scale), -FP8_MAX, FP8_MAX)
-    tl.store(k_cache_ptr + dst_offs, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_cache_ptr + dst_offs, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(k_cache_ptr + dst_offs, _cache_value(k, k_scale, k_cache_ptr, KV_FP8), mask=mask)
+    tl.store(v_cache_ptr + dst_offs, _cache_value(v, v_scale, v_cache_ptr, KV_FP8), mask=mask)
 
 
 def write_kv_cache(
@@ -81,6 +88,58 @@ def write_kv_cache(
 
 
 @triton.jit
+def _normalised(x, rstd, weight_ptr, offs, mask, dtype: tl.constexpr):
+    """`rms_norm.store_normalised`'s value, in float32: rounded to the model dtype before the
+    weight multiply and after it, as HF does."""
+    w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return ((x * rstd).to(dtype).to(tl.float32) * w).to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _rope_heads(x_ptr, stride_head, num_heads, cos, sin, norm_w_ptr, head_dim, eps,
+                cache_ptr, cache_row, slot, stride_c_head, scale,
+                HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_D: tl.constexpr,
+                QK_NORM: tl.constexpr, TO_CACHE: tl.constexpr, KV_FP8: tl.constexpr):
+    """One token's heads (rows `stride_head` apart from `x_ptr`): RMSNorm'd (QK_NORM), rotated,
+    stored in place and, with TO_CACHE where the token has a slot (`slot` >= 0), into the cache row at
+    `cache_row`, all from registers: one round trip to memory. The values are those of `rms_norm`
+    (the same sum order and rounding), then `rotary._rotate_heads`'s rotation of them, then the
+    cache's conversion (`_cache_value`)."""
+    dtype: tl.constexpr = x_ptr.dtype.element_ty
+    heads = tl.arange(0, BLOCK_HEADS)[:, None]
+    halves = tl.arange(0, BLOCK_HALF)[None, :]
+    half_mask = (heads < num_heads) & (halves < HALF)
+    first = x_ptr + heads * stride_head + halves
+    x1 = tl.load(first, mask=half_mask, other=0.0).to(tl.float32)
+    x2 = tl.load(first + HALF, mask=half_mask, other=0.0).to(tl.float32)
+    # Dims past the rotary ones (partial rotary) pass through the rotation; with the norm they change.
+    cols = tl.arange(0, BLOCK_D)[None, :]
+    row_mask = (heads < num_heads) & (cols < head_dim)
+    tail_mask = row_mask & (cols >= 2 * HALF)
+    if QK_NORM:
+        row = tl.load(x_ptr + heads * stride_head + cols, mask=row_mask, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(sum_of_squares(row, BLOCK_HEADS, BLOCK_D) / head_dim + eps)[:, None]
+        x1 = _normalised(x1, rstd, norm_w_ptr, halves, halves < HALF, dtype)
+        x2 = _normalised(x2, rstd, norm_w_ptr, HALF + halves, halves < HALF, dtype)
+        if 2 * HALF < BLOCK_D:
+            tail = _normalised(row, rstd, norm_w_ptr, cols, cols < head_dim, dtype).to(dtype)
+            tl.store(x_ptr + heads * stride_head + cols, tail, mask=tail_mask)
+    elif TO_CACHE and 2 * HALF < BLOCK_D:
+        tail = tl.load(x_ptr + heads * stride_head + cols, mask=tail_mask, other=0.0)
+    out1 = (x1 * cos - x2 * sin).to(dtype)
+    out2 = (x2 * cos + x1 * sin).to(dtype)
+    tl.store(first, out1, mask=half_mask)
+    tl.store(first + HALF, out2, mask=half_mask)
+    if TO_CACHE:
+        cached = (heads * 0 + slot) >= 0  # (a block: the interpreter takes no scalar in a mask)
+        dst = cache_ptr + cache_row + heads * stride_c_head
+        tl.store(dst + halves, _cache_value(out1, scale, cache_ptr, KV_FP8), mask=half_mask & cached)
+        tl.store(dst + HALF + halves, _cache_value(out2, scale, cache_ptr, KV_FP8), mask=half_mask & cached)
+        if 2 * HALF < BLOCK_D:
+            tl.store(dst + cols, _cache_value(tail, scale, cache_ptr, KV_FP8), mask=tail_mask & cached)
+
+
+@triton.jit
 def _rope_and_write_kv_kernel(
     q_ptr, k_ptr, v_ptr, positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
     q_norm_ptr, k_norm_ptr,
@@ -90,40 +149,33 @@ def _rope_and_write_kv_kernel(
     BLOCK_HALF: tl.constexpr, BLOCK_Q_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     KV_FP8: tl.constexpr, QK_NORM: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
+    # Token `program_id(0)`: q and k rotated in place for every token (slot -1 only skips the
+    # cache write: prefill reads this step's keys from k, so k must end up rotated), k and v
+    # written to the cache. Every value goes from registers to its stores, none is read back, so
+    # the kernel is one round trip to memory (the ops in turn, or one kernel calling them, would
+    # store and reload between the norm, the rotation and the write: three).
+    # `head_dim` is the runtime copy of HEAD_DIM: the norm kernel divides by a runtime value.
     pdl_enter(PDL)
-    if QK_NORM:
-        # Normalise this token's heads in place and round them to the model dtype, as the norm
-        # kernel leaves them; the rotation then reads them back like any q/k (after the barrier:
-        # its tiles are laid out differently, so a thread may read what another one stored).
-        # `head_dim` is the runtime copy of HEAD_DIM: the norm kernel divides by a runtime value.
-        tok = tl.program_id(0).to(tl.int64)
-        rms_norm_heads_(q_ptr + tok * stride_q_tok, stride_q_head, num_heads, q_norm_ptr, head_dim, norm_eps,
-                        BLOCK_HEADS=BLOCK_Q_HEADS, BLOCK_D=BLOCK_D)
-        rms_norm_heads_(k_ptr + tok * stride_k_tok, stride_k_head, NUM_KV_HEADS, k_norm_ptr, head_dim, norm_eps,
-                        BLOCK_HEADS=BLOCK_H, BLOCK_D=BLOCK_D)
-        tl.debug_barrier()
-    # The two kernels' bodies in turn (a JIT function called from another is inlined), so the
-    # math and rounding are theirs by construction. Rotate q and k in place, token
-    # `program_id(0)`, for every token: slot -1 only skips the cache write, and prefill reads
-    # this step's keys from k, so k must end up rotated.
-    _rope_neox_kernel(
-        q_ptr, k_ptr, positions_ptr, cos_sin_ptr,
-        stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_cs_pos,
-        num_heads, NUM_KV_HEADS,
-        HALF=HALF, BLOCK_HALF=BLOCK_HALF, BLOCK_Q_HEADS=BLOCK_Q_HEADS, BLOCK_K_HEADS=BLOCK_H,
-    )
-    # The write reads k back from memory, in a tile laid out differently from the rotation's, so
-    # a thread may load what another one stored: the barrier makes the CTA's stores visible
-    # (global memory, as __syncthreads). Reading back, rather than reusing the rotated float32
-    # registers, writes k rounded to the model dtype first, as the unfused ops do.
-    tl.debug_barrier()
-    _write_kv_kernel(
-        k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
-        stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
-        stride_c_block, stride_c_slot, stride_c_head, k_scale, v_scale,
-        NUM_KV_HEADS=NUM_KV_HEADS, HEAD_DIM=HEAD_DIM, PAGE=PAGE, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D,
-        KV_FP8=KV_FP8,
-    )
+    tok = tl.program_id(0).to(tl.int64)
+    pos = tl.load(positions_ptr + tok).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
+    halves = tl.arange(0, BLOCK_HALF)
+    cs_row = cos_sin_ptr + pos * stride_cs_pos
+    cos = tl.load(cs_row + halves, mask=halves < HALF, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(cs_row + HALF + halves, mask=halves < HALF, other=0.0).to(tl.float32)[None, :]
+    cache_row = (slot // PAGE) * stride_c_block + (slot % PAGE) * stride_c_slot  # (not stored to at slot -1)
+    _rope_heads(q_ptr + tok * stride_q_tok, stride_q_head, num_heads, cos, sin, q_norm_ptr, head_dim, norm_eps,
+                k_cache_ptr, cache_row, slot, stride_c_head, k_scale,
+                HALF, BLOCK_HALF, BLOCK_Q_HEADS, BLOCK_D, QK_NORM, TO_CACHE=False, KV_FP8=KV_FP8)
+    _rope_heads(k_ptr + tok * stride_k_tok, stride_k_head, NUM_KV_HEADS, cos, sin, k_norm_ptr, head_dim, norm_eps,
+                k_cache_ptr, cache_row, slot, stride_c_head, k_scale,
+                HALF, BLOCK_HALF, BLOCK_H, BLOCK_D, QK_NORM, TO_CACHE=True, KV_FP8=KV_FP8)
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    dims = tl.arange(0, BLOCK_D)[None, :]
+    mask = (heads < NUM_KV_HEADS) & (dims < HEAD_DIM) & ((heads * 0 + slot) >= 0)
+    v = tl.load(v_ptr + tok * stride_v_tok + heads * stride_v_head + dims, mask=mask)
+    tl.store(v_cache_ptr + cache_row + heads * stride_c_head + dims, _cache_value(v, v_scale, v_cache_ptr, KV_FP8),
+             mask=mask)
 
 
 def rope_and_write_kv_cache(

@@ -7,7 +7,7 @@ residual sum and the normalised value are rounded to the model dtype before the 
 
 Every norm sums its squares in one fixed order (`sum_of_squares`), because it is also inlined
 into other kernels that must give the same bits: Qwen3's per-head q/k norm into the rope + KV-write
-kernel (`rms_norm_heads_`, in `ops/kv_cache_write.py`), a decoder layer's norm into the batch-1
+kernel (`ops/kv_cache_write.py`), a decoder layer's norm into the batch-1
 GEMV that consumes it (`norm_prologue`, in `ops/gemv.py` and `ops/moe_routing.py`). A `tl.sum`
 adds in an order that follows the register layout each kernel's compiler picks for it.
 """
@@ -132,22 +132,6 @@ def sum_of_squares(x, ROWS: tl.constexpr, BLOCK: tl.constexpr):
         if (BLOCK >> level) > 0:
             partial = tl.sum(tl.reshape(partial, [ROWS, BLOCK >> level, 2]), 2)
     return tl.reshape(partial, [ROWS])
-
-
-@triton.jit
-def rms_norm_heads_(x_ptr, stride_head, num_heads, weight_ptr, head_dim, eps,
-                    BLOCK_HEADS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """RMSNorm of each of one token's `num_heads` heads (rows `stride_head` apart from `x_ptr`), in
-    place, for kernels that inline Qwen3's q/k norm (`ops/kv_cache_write.py`): the same bits as
-    `rms_norm` on the per-head view (the same sum order, `sum_of_squares`, and the same tail,
-    `store_normalised`; `head_dim` a runtime value, as `hidden` is there)."""
-    heads = tl.arange(0, BLOCK_HEADS)
-    cols = tl.arange(0, BLOCK_D)
-    mask = (heads[:, None] < num_heads) & (cols[None, :] < head_dim)
-    offs = heads[:, None] * stride_head + cols[None, :]
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    sum_sq = sum_of_squares(x, BLOCK_HEADS, BLOCK_D)[:, None]
-    store_normalised(x, sum_sq, weight_ptr, x_ptr, offs, cols, mask, cols < head_dim, head_dim, eps)
 
 
 def rms_norm(
