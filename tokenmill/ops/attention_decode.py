@@ -18,9 +18,11 @@ counter's target) merges the partials and writes the output, and resets the coun
 next launch. This saves the separate reduce kernel (a launch and a round of latency per layer,
 which is most of the cost at batch 1 and short contexts). The merge loads the split lanes of
 MERGE_H query heads at once (every head of the group at the usual shapes), so it costs one
-dependent round trip to L2 for the lot, not one per head. With one split, or when only one split
-is active (at most one tile of context, or seq_len 0), the program writes the output directly
-and touches no counter.
+dependent round trip to L2 for the lot, not one per head. Where the group's lanes fit one tile
+only at a narrower width (MERGE_S lanes), a context of up to twice that many tiles takes two tiles
+a split, so that it merges in one round trip too (513-1024 tokens in batch 1's 32-split graphs at
+Qwen3-30B-A3B's shapes). With one split, or when only one split is active (at most one tile of
+context, or seq_len 0), the program writes the output directly and touches no counter.
 
 The cascade form (CASCADE, `launch_decode_kernel(prefix_len=...)`, used by attention_cascade.py)
 runs one program per (request, KV head) from the end of a prefix every request shares, whose
@@ -98,6 +100,12 @@ def _paged_decode_kernel(
     else:
         # At least 1, so that seq_len 0 gives split 0 an empty range (and no division by 0 below).
         tiles_per_split = tl.maximum(tl.cdiv(num_tiles, num_splits), 1)
+        if MERGE_S < BLOCK_S:
+            # A context a little past the narrow merge's lanes (MERGE_S < tiles <= 2 MERGE_S) gets
+            # two tiles a split: the merge then takes one round trip for the whole group, where
+            # single tiles would need ceil(GROUP / MERGE_H) of them (see _merge_group).
+            pair = (tiles_per_split == 1) & (num_tiles > MERGE_S) & (num_tiles <= 2 * MERGE_S)
+            tiles_per_split = tl.where(pair, 2, tiles_per_split)
         # Splits [0, num_active) have tiles; split 0 counts even without (seq_len 0: it writes
         # zeros). The same value in every program of this (request, KV head): the counter's target.
         num_active = tl.maximum(tl.cdiv(num_tiles, tiles_per_split), 1)

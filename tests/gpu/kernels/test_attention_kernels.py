@@ -230,13 +230,15 @@ def test_paged_decode_zero_length_padding():
 def test_paged_decode_active_splits(group, head_dim, num_splits):
     """Splits past a context's last tile return at once and the counter waits for the active ones
     only; a padding request (seq_len 0) still gets its zero output. Lengths cover one active split
-    (written directly), few (the narrow merge: every head of the group in one load), many (the
-    wide merge: heads in rounds, group 7 with a masked head) and all 32; two batches of different
-    lengths, each launched twice, share one counter buffer, which every launch leaves at 0."""
+    (written directly), few (the narrow merge: every head of the group in one load), those that
+    take two tiles a split to fit the narrow merge (9-16 tiles of 64 at 32 splits, and the edges
+    8, 16 and 17 tiles), many (the wide merge: heads in rounds, group 7 with a masked head) and
+    all 32; three batches of different lengths, each launched twice, share one counter buffer,
+    which every launch leaves at 0."""
     num_kv_heads = 2
     counters = new_split_counters(16 * num_kv_heads, DEVICE)
     scale = head_dim ** -0.5
-    for lens in ([0, 1, 64, 65, 200, 540, 1100, 0], [4096, 0, 130, 2100, 17]):
+    for lens in ([0, 1, 64, 65, 200, 540, 1100, 0], [4096, 0, 130, 2100, 17], [512, 513, 1024, 1025, 0, 700]):
         real = [i for i, n in enumerate(lens) if n > 0]
         batch = make_batch([1] * len(real), [lens[i] for i in real], num_kv_heads, group, head_dim, 16)
         ref, _, _ = reference(batch, scale)
