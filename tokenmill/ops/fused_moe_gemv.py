@@ -18,8 +18,11 @@ into the activation as it is loaded; channel scales multiply each row's sum.
 Two tokens choosing the same expert read its rows twice, so this path is for a few tokens only
 (`fused_moe.fused_experts` picks it); the rows are streamed with `evict_first`, as the dense GEMV
 (`gemv.py`) streams its weights. Tile sizes and warps: `fused_moe_configs.MoeGemvConfig`, measured
-per GPU and expert shape. With `pdl` both kernels launch dependent (`pdl.py`); each waits first,
-since even the rows it reads depend on the routing before it. Rounding as the reference: gate and
+per GPU and expert shape. With `pdl` both kernels launch dependent (`pdl.py`). The gate/up kernel
+waits first, since even the rows it reads depend on the routing just before it. The down kernel
+reads the routing and its first weight tile before it waits: the routing is two kernels back,
+and the gate/up kernel's programs let it launch only once they have waited for it
+(`pdl.pdl_enter`), so only the activations need the wait. Rounding as the reference: gate and
 up rounded to the model dtype, SiLU rounded, the product rounded; each expert's down output
 rounded, weighted, rounded, then the k terms summed in float32.
 """
@@ -97,7 +100,6 @@ def _down_gemv_kernel(act_ptr, w2_ptr, ids_ptr, map_ptr, weights_ptr, out_ptr, h
                       TOP_K: tl.constexpr, TOP_K_POW2: tl.constexpr, HAS_MAP: tl.constexpr, SCALES: tl.constexpr,
                       BLOCKWISE: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, SCALE_BLOCK_K: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
-    pdl_enter(PDL)
     # The k experts are one axis of the tile ([k, BLOCK_N, BLOCK_K]), not a loop: their rows are
     # independent loads in flight together (as a loop over experts, one expert's slice is in flight
     # and the GEMV reads at ~40% of the copy rate; as a tile ~60%: Qwen3-30B-A3B, H100, perf.md).
@@ -120,14 +122,20 @@ def _down_gemv_kernel(act_ptr, w2_ptr, ids_ptr, map_ptr, weights_ptr, out_ptr, h
     act_ptrs = act_ptr + entries[:, None] * inter + cols[None, :]
     block_scales = s_ptr + expert[:, None] * stride_se + ((first_row // SCALE_BLOCK_N) * stride_sn).to(tl.int64)
     acc = tl.zeros((TOP_K_POW2, BLOCK_N), dtype=tl.float32)
-    for k in range(0, inter, BLOCK_K):
+    k_begin = 0
+    if PDL:  # the first tile's rows before the wait (the routing is not the kernel before's: see above)
+        k_ok = cols[None, :] < k_limit[:, None]
+        w = tl.load(w_ptrs, mask=k_ok[:, None, :] & row_ok[None, :, None], other=0.0, eviction_policy="evict_first")
+        pdl_enter(PDL)
+        acc += tl.sum(w.to(tl.float32) * _down_activations(act_ptrs, block_scales, 0, cols, k_ok, SCALES, BLOCKWISE,
+                                                           SCALE_BLOCK_K)[:, None, :], axis=2)
+        k_begin = BLOCK_K
+    for k in range(k_begin, inter, BLOCK_K):
         k_ok = (k + cols)[None, :] < k_limit[:, None]
-        a = tl.load(act_ptrs + k, mask=k_ok, other=0.0).to(tl.float32)
-        if SCALES and BLOCKWISE:
-            a = a * tl.load(block_scales + (k + cols)[None, :] // SCALE_BLOCK_K, mask=k_ok, other=0.0)
         w = tl.load(w_ptrs + k, mask=k_ok[:, None, :] & row_ok[None, :, None], other=0.0,
                     eviction_policy="evict_first")
-        acc += tl.sum(w.to(tl.float32) * a[:, None, :], axis=2)
+        acc += tl.sum(w.to(tl.float32) * _down_activations(act_ptrs, block_scales, k, cols, k_ok, SCALES, BLOCKWISE,
+                                                           SCALE_BLOCK_K)[:, None, :], axis=2)
     if SCALES and not BLOCKWISE:
         acc = acc * tl.load(s_ptr + expert[:, None] * stride_se + rows[None, :].to(tl.int64) * stride_sn,
                             mask=held[:, None] & row_ok[None, :], other=0.0)
@@ -135,6 +143,17 @@ def _down_gemv_kernel(act_ptr, w2_ptr, ids_ptr, map_ptr, weights_ptr, out_ptr, h
     weight = tl.load(weights_ptr + entries, mask=held, other=0.0)
     terms = (acc.to(dtype).to(tl.float32) * weight[:, None]).to(dtype).to(tl.float32)
     tl.store(out_ptr + token * hidden + rows, tl.sum(terms, axis=0).to(dtype), mask=row_ok)
+
+
+@triton.jit
+def _down_activations(act_ptrs, block_scales, k, cols, k_ok, SCALES: tl.constexpr, BLOCKWISE: tl.constexpr,
+                      SCALE_BLOCK_K: tl.constexpr):
+    """Columns k .. k + BLOCK_K of the k experts' activations ([TOP_K_POW2, BLOCK_K] float32), each
+    times its weights' block scale (fp8 block scales)."""
+    a = tl.load(act_ptrs + k, mask=k_ok, other=0.0).to(tl.float32)
+    if SCALES and BLOCKWISE:
+        a = a * tl.load(block_scales + (k + cols)[None, :] // SCALE_BLOCK_K, mask=k_ok, other=0.0)
+    return a
 
 
 def _down_block(top_k: int, config: MoeGemvConfig) -> tuple[int, int]:
