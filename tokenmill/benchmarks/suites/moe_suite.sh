@@ -11,6 +11,8 @@
 #   sweep's winners written into its table (copies in $OUT): the dense GEMVs launched dependent
 #   (benchmarks/kernels/gemv.py --graph-sweep --model), the one-launch router (--router-sweep), and
 #   the experts' token-by-token kernels where this GPU's table lacks them (--gemv-sweep).
+#   attention-ab: batch-1 decode's attention kernels a layer (benchmarks/kernels/batch1_attention.py),
+#   this tree's and then $BASELINE's, side by side.
 #   decode-ab: batch-1 decode only, this tree and then the one in $BASELINE (another commit's
 #   `tokenmill/`, carried), alternating ROUNDS times (default 2); this one first, so a call cut
 #   short still has its figure.
@@ -46,6 +48,14 @@ print('' if (128, 2048, 768, 2, 8) in c.TUNED_GEMV.get(torch.cuda.get_device_nam
       --router-sweep $experts_sweep --write-table --no-rows --output-json "$out/router_sweep.json" 2>&1 \
       | grep -v -i warning | tee "$out/router_sweep.log" || rc=1
   cp tokenmill/ops/fused_moe_configs.py "$out/fused_moe_configs.py.txt"
+fi
+if [[ "$part" == attention-ab ]]; then
+  base="$(cd "${BASELINE:?set BASELINE to the other tree}" && pwd)"
+  timeout 150 python3 -m tokenmill.benchmarks.kernels.batch1_attention --json "$out/b1_attention_this.json" 2>&1 \
+      | grep -v -i warning > "$out/b1_attention_this.log" || rc=1
+  PYTHONPATH="$base:/tmp/tm_wheels" timeout 150 python3 tokenmill/benchmarks/kernels/batch1_attention.py \
+      --json "$out/b1_attention_baseline.json" 2>&1 | grep -v -i warning > "$out/b1_attention_baseline.log" || rc=1
+  paste -d'|' "$out/b1_attention_this.log" "$out/b1_attention_baseline.log" | tee "$out/b1_attention_ab.log"
 fi
 if [[ "$part" == decode-ab ]]; then
   here="$(pwd)"
