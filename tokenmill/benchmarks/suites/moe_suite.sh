@@ -10,7 +10,7 @@
 #   tune (~5 min): batch-1 decode's launch configurations of the Qwen3-30B-A3B shape on this GPU, each
 #   sweep's winners written into its table (copies in $OUT): the dense GEMVs launched dependent
 #   (benchmarks/kernels/gemv.py --graph-sweep --model), the one-launch router (--router-sweep), and
-#   the experts' token-by-token kernels where this GPU's table lacks them (--gemv-sweep).
+#   the experts' token-by-token kernels where this GPU's table lacks them (--gemv-sweep; EXPERTS_SWEEP=no: not).
 #   attention-ab: batch-1 decode's attention kernels a layer (benchmarks/kernels/batch1_attention.py),
 #   this tree's and then $BASELINE's, side by side.
 #   decode-ab: batch-1 decode only, this tree and then the one in $BASELINE (another commit's
@@ -44,6 +44,7 @@ if [[ "$part" == tune ]]; then
   cp tokenmill/ops/gemv_configs.py "$out/gemv_configs.py.txt"
   experts_sweep=$(python3 -c "import torch; from tokenmill.ops import fused_moe_configs as c
 print('' if (128, 2048, 768, 2, 8) in c.TUNED_GEMV.get(torch.cuda.get_device_name(), {}) else '--gemv-sweep')")
+  [[ "${EXPERTS_SWEEP:-auto}" == no ]] && experts_sweep=""
   timeout "${ROUTER_SWEEP_TIMEOUT:-300}" python3 -m tokenmill.benchmarks.kernels.fused_moe --shapes qwen3-30b-a3b \
       --router-sweep $experts_sweep --write-table --no-rows --output-json "$out/router_sweep.json" 2>&1 \
       | grep -v -i warning | tee "$out/router_sweep.log" || rc=1
