@@ -26,7 +26,7 @@ import triton.language as tl
 from tokenmill.ops.attention_common import FP8_MAX, check_cache
 from tokenmill.ops.pdl import launch_options, pdl_enter
 from tokenmill.ops.rms_norm import sum_of_squares
-from tokenmill.ops.rotary import rope_launch_meta
+from tokenmill.ops.rotary import cos_sin_at, rope_launch_meta, rotate_halves
 
 
 @triton.jit
@@ -103,7 +103,7 @@ def _rope_heads(x_ptr, stride_head, num_heads, cos, sin, norm_w_ptr, head_dim, e
     """One token's heads (rows `stride_head` apart from `x_ptr`): RMSNorm'd (QK_NORM), rotated,
     stored in place and, with TO_CACHE where the token has a slot (`slot` >= 0), into the cache row at
     `cache_row`, all from registers: one round trip to memory. The values are those of `rms_norm`
-    (the same sum order and rounding), then `rotary._rotate_heads`'s rotation of them, then the
+    (the same sum order and rounding), then `rotary.rotate_halves` of them, then the
     cache's conversion (`_cache_value`)."""
     dtype: tl.constexpr = x_ptr.dtype.element_ty
     heads = tl.arange(0, BLOCK_HEADS)[:, None]
@@ -126,8 +126,7 @@ def _rope_heads(x_ptr, stride_head, num_heads, cos, sin, norm_w_ptr, head_dim, e
             tl.store(x_ptr + heads * stride_head + cols, tail, mask=tail_mask)
     elif TO_CACHE and 2 * HALF < BLOCK_D:
         tail = tl.load(x_ptr + heads * stride_head + cols, mask=tail_mask, other=0.0)
-    out1 = (x1 * cos - x2 * sin).to(dtype)
-    out2 = (x2 * cos + x1 * sin).to(dtype)
+    out1, out2 = rotate_halves(x1, x2, cos, sin, dtype)
     tl.store(first, out1, mask=half_mask)
     tl.store(first + HALF, out2, mask=half_mask)
     if TO_CACHE:
@@ -157,12 +156,8 @@ def _rope_and_write_kv_kernel(
     # `head_dim` is the runtime copy of HEAD_DIM: the norm kernel divides by a runtime value.
     pdl_enter(PDL)
     tok = tl.program_id(0).to(tl.int64)
-    pos = tl.load(positions_ptr + tok).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
-    halves = tl.arange(0, BLOCK_HALF)
-    cs_row = cos_sin_ptr + pos * stride_cs_pos
-    cos = tl.load(cs_row + halves, mask=halves < HALF, other=0.0).to(tl.float32)[None, :]
-    sin = tl.load(cs_row + HALF + halves, mask=halves < HALF, other=0.0).to(tl.float32)[None, :]
+    cos, sin = cos_sin_at(cos_sin_ptr, positions_ptr, tok, stride_cs_pos, HALF, BLOCK_HALF)
     cache_row = (slot // PAGE) * stride_c_block + (slot % PAGE) * stride_c_slot  # (not stored to at slot -1)
     _rope_heads(q_ptr + tok * stride_q_tok, stride_q_head, num_heads, cos, sin, q_norm_ptr, head_dim, norm_eps,
                 k_cache_ptr, cache_row, slot, stride_c_head, k_scale,

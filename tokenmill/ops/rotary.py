@@ -30,6 +30,24 @@ def rope_neox_ref(
 
 
 @triton.jit
+def cos_sin_at(cos_sin_ptr, positions_ptr, tok, stride_cs_pos, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """(cos, sin) of token `tok`'s position, float32 [1, BLOCK_HALF] each (0 past HALF)."""
+    pos = tl.load(positions_ptr + tok).to(tl.int64)
+    dims = tl.arange(0, BLOCK_HALF)
+    cs_row = cos_sin_ptr + pos * stride_cs_pos
+    cos = tl.load(cs_row + dims, mask=dims < HALF, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(cs_row + HALF + dims, mask=dims < HALF, other=0.0).to(tl.float32)[None, :]
+    return cos, sin
+
+
+@triton.jit
+def rotate_halves(x1, x2, cos, sin, dtype: tl.constexpr):
+    """The rotated halves of float32 x = [x1 | x2], rounded to `dtype` (the kernels that inline
+    the rotation share these operations, hence its bits)."""
+    return (x1 * cos - x2 * sin).to(dtype), (x2 * cos + x1 * sin).to(dtype)
+
+
+@triton.jit
 def _rotate_heads(x_ptr, stride_tok, stride_head, tok, num_heads, cos, sin,
                   HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr):
     heads = tl.arange(0, BLOCK_HEADS)
@@ -38,8 +56,9 @@ def _rotate_heads(x_ptr, stride_tok, stride_head, tok, num_heads, cos, sin,
     ptr1 = x_ptr + tok * stride_tok + heads[:, None] * stride_head + dims[None, :]
     x1 = tl.load(ptr1, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(ptr1 + HALF, mask=mask, other=0.0).to(tl.float32)
-    tl.store(ptr1, (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty), mask=mask)
-    tl.store(ptr1 + HALF, (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty), mask=mask)
+    out1, out2 = rotate_halves(x1, x2, cos, sin, x_ptr.dtype.element_ty)
+    tl.store(ptr1, out1, mask=mask)
+    tl.store(ptr1 + HALF, out2, mask=mask)
 
 
 @triton.jit
@@ -50,11 +69,7 @@ def _rope_neox_kernel(
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_Q_HEADS: tl.constexpr, BLOCK_K_HEADS: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
-    pos = tl.load(positions_ptr + tok).to(tl.int64)
-    dims = tl.arange(0, BLOCK_HALF)
-    cs_row = cos_sin_ptr + pos * stride_cs_pos
-    cos = tl.load(cs_row + dims, mask=dims < HALF, other=0.0).to(tl.float32)[None, :]
-    sin = tl.load(cs_row + HALF + dims, mask=dims < HALF, other=0.0).to(tl.float32)[None, :]
+    cos, sin = cos_sin_at(cos_sin_ptr, positions_ptr, tok, stride_cs_pos, HALF, BLOCK_HALF)
     _rotate_heads(q_ptr, stride_q_tok, stride_q_head, tok, num_heads, cos, sin,
                   HALF, BLOCK_Q_HEADS, BLOCK_HALF)
     _rotate_heads(k_ptr, stride_k_tok, stride_k_head, tok, num_kv_heads, cos, sin,
