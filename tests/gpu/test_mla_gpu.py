@@ -16,7 +16,8 @@ if not torch.cuda.is_available():
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from gpu_models import (  # noqa: E402
-    LOGIT_PARAMS, LOGIT_PROMPTS, assert_batch1_graphs_fuse_the_router, greedy_eager_and_graphs, logprob_errors)
+    LOGIT_PARAMS, LOGIT_PROMPTS, assert_batch1_graphs_fuse_the_norms, assert_batch1_graphs_fuse_the_router,
+    greedy_eager_and_graphs, logprob_errors)
 from tokenmill import LLM, SamplingParams  # noqa: E402
 
 WIDTHS = dict(vocab_size=2048, hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
@@ -73,6 +74,13 @@ def test_mla_batch1_decode_graph_fuses_the_float32_router(tmp_path_factory, monk
     """V2-Lite's routing (softmax, no expert groups) from its float32 gate, fused at batch 1."""
     folder, _ = mla_folder(tmp_path_factory, "v2-lite", 0.5)
     assert_batch1_graphs_fuse_the_router(folder, monkeypatch)
+
+
+def test_mla_batch1_decode_graph_fuses_the_post_attention_norms(tmp_path_factory, monkeypatch):
+    """V2-Lite's post-attention norms at batch 1: in the dense first layer's gate/up GEMV and in
+    the MoE layers' fused router (float32 gate), with the greedy tokens of the unfused graphs."""
+    folder, _ = mla_folder(tmp_path_factory, "v2-lite", 0.5)
+    assert_batch1_graphs_fuse_the_norms(folder, monkeypatch, moe=True)
 
 
 def test_triton_mla_matches_reference_backend_float32(tmp_path_factory):

@@ -83,6 +83,11 @@ class DeepseekV2MoE(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.experts(hidden, correction_bias=self.gate.e_score_correction_bias)
 
+    def forward_after_norm(self, norm: nn.Module, hidden: torch.Tensor,
+                           residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.experts.forward_after_norm(norm, hidden, residual,
+                                               correction_bias=self.gate.e_score_correction_bias)
+
 
 class DeepseekV2Attention(nn.Module):
     def __init__(self, config: Any, interleaved_rope: bool) -> None:
@@ -143,8 +148,9 @@ class DeepseekV2DecoderLayer(nn.Module):
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(hidden, rope, kv_cache, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        # The post-attention norm may run inside the dense MLP's gate/up GEMV or the MoE's fused
+        # router at batch-1 decode (`forward_after_norm`, as in `LlamaDecoderLayer`).
+        return self.mlp.forward_after_norm(self.post_attention_layernorm, hidden, residual)
 
 
 class DeepseekV2Model(nn.Module):
