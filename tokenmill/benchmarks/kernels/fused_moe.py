@@ -267,7 +267,7 @@ def _warm_router(configs: list[RouterConfig], experts: int, hidden: int, top_k: 
 
 def router_sweep_shape(name: str, shape: tuple[int, int, int, int], processes: int = 14) -> tuple[tuple, RouterConfig, dict]:
     """The fastest `RouterConfig` of `ROUTER_SPACE` for this shape: (table key, config, timings in us).
-    Each is checked against the default's logits first."""
+    Each is checked first against the default: the same normalised row, experts and weights."""
     import concurrent.futures
     import multiprocessing
 
@@ -289,7 +289,7 @@ def router_sweep_shape(name: str, shape: tuple[int, int, int, int], processes: i
         timings[config] = layers.cost_us(config)
         print(f"    router {tuple(config)}: {timings[config]:.2f} us", flush=True)
     best = min(timings, key=timings.get)
-    default_us = timings.get(default, layers.cost_us(default))
+    default_us = timings[default] if default in timings else layers.cost_us(default)
     print(f"  router sweep {name}: default {tuple(default)} {default_us:.2f} us a layer; best {tuple(best)} "
           f"{timings[best]:.2f} us ({default_us - timings[best]:+.2f} us); the GEMVs alone "
           f"{layers.gemvs_alone() / len(layers.o) * 1e6:.2f} us a layer", flush=True)
