@@ -5,7 +5,7 @@ back-to-back calls over 48 layers' distinct inputs, launched dependent where the
 the median per call. Shapes: Qwen3-30B-A3B (32 query / 4 KV heads) and Llama-3.1-8B (32 / 8),
 head_dim 128, bf16, block size 16. Prints; asserts nothing about time.
 
-It imports only ops that every recent tree has, so it times another commit's kernels when run
+It imports only modules every recent tree has, so it times another commit's kernels when run
 as a file with that tree first on the path:
 
     python3 -m tokenmill.benchmarks.kernels.batch1_attention [--json this.json]
@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 
 import torch
 
+from tokenmill.benchmarks.kernels.attention_kernels import graph_us
 from tokenmill.ops import pdl as pdl_ops
 from tokenmill.ops.attention_decode import decode_num_splits, new_split_counters, paged_decode
 from tokenmill.ops.kv_cache_write import rope_and_write_kv_cache
@@ -29,29 +29,6 @@ DEVICE = torch.device("cuda")
 HEAD_DIM, BLOCK_SIZE, LAYERS, DTYPE = 128, 16, 48, torch.bfloat16
 SHAPES = {"qwen3-30b-a3b": (32, 4), "llama-3.1-8b": (32, 8)}
 CONTEXTS = (320, 512, 600, 768, 1000, 1500, 2000, 3000, 4000)
-
-
-def graph_us(calls: list, replays: int = 20) -> float:
-    """Median time a call of `calls`, captured back to back in one CUDA graph."""
-    for call in calls:
-        call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / (replays * len(calls)))
-    return statistics.median(times)
 
 
 def decode_calls(heads: int, kv_heads: int, context: int, max_model_len: int, dependent: bool) -> list:

@@ -210,12 +210,14 @@ def gemv_sweep_shape(name: str, layers: Layers, tokens: int = 1) -> tuple[tuple,
     return key, best, {"default_us": default_us, "best_us": best_us}
 
 
-def write_gemv_table(device_name: str, winners: dict) -> str:
-    """Replace this GPU's `fused_moe_configs.TUNED_GEMV` table with `winners` ({key: (config, us)})."""
-    variable = table_source.table_variable(fused_moe_configs, fused_moe_configs.TUNED_GEMV, device_name)
-    lines = [f"{variable}: dict[tuple[int, int, int, int, int], MoeGemvConfig] = {{"]
-    lines += [f"    {key}: MoeGemvConfig{tuple(config)},  # {us['best_us']:.1f} us (default {us['default_us']:.1f})"
-              for key, (config, us) in winners.items()]
+def write_table(tables: dict, annotation: str, device_name: str, winners: dict) -> str:
+    """Replace this GPU's table among `tables` (a `fused_moe_configs` mapping of device name to
+    table, whose values are NamedTuple configurations; `annotation` its entries' type) with
+    `winners` ({key: (config, {"best_us", "default_us"})})."""
+    variable = table_source.table_variable(fused_moe_configs, tables, device_name)
+    lines = [f"{variable}: {annotation} = {{"]
+    lines += [f"    {key}: {type(config).__name__}{tuple(config)},  # {us['best_us']:.2f} us "
+              f"(default {us['default_us']:.2f})" for key, (config, us) in winners.items()]
     table = "\n".join(lines + ["}"])
     table_source.replace_table(pathlib.Path(fused_moe_configs.__file__), variable, table)
     return table
@@ -298,17 +300,6 @@ def router_sweep_shape(name: str, shape: tuple[int, int, int, int], processes: i
                        "all_us": {str(tuple(c)): us for c, us in timings.items()}}
 
 
-def write_router_table(device_name: str, winners: dict) -> str:
-    """Replace this GPU's `fused_moe_configs.TUNED_ROUTER` table with `winners` ({key: (config, us)})."""
-    variable = table_source.table_variable(fused_moe_configs, fused_moe_configs.TUNED_ROUTER, device_name)
-    lines = [f"{variable}: dict[tuple[int, int, int, bool], RouterConfig] = {{"]
-    lines += [f"    {key}: RouterConfig{tuple(config)},  # {us['best_us']:.2f} us a layer (default {us['default_us']:.2f})"
-              for key, (config, us) in winners.items()]
-    table = "\n".join(lines + ["}"])
-    table_source.replace_table(pathlib.Path(fused_moe_configs.__file__), variable, table)
-    return table
-
-
 def tuned_source(device_name: str, tables: dict) -> str:
     lines = [f"# {device_name}: python -m tokenmill.benchmarks.kernels.fused_moe --sweep", f"{device_name!r}: {{"]
     for key, by_tokens in tables.items():
@@ -348,7 +339,8 @@ def main() -> None:
             router_winners[key] = (config, us)
             result.setdefault("router_sweep", {})[name] = {"config": list(config), **us}
             if args.write_table:
-                print(write_router_table(device_name, router_winners), flush=True)
+                print(write_table(fused_moe_configs.TUNED_ROUTER, "dict[tuple[int, int, int, bool], RouterConfig]",
+                                  device_name, router_winners), flush=True)
         if args.no_rows and not ((args.gemv_sweep or args.sweep) and swept):
             continue
         layers = layers_for(SHAPES[name])
@@ -359,7 +351,8 @@ def main() -> None:
             fused_moe_configs.TUNED_GEMV.setdefault(device_name, {})[key] = config
             result.setdefault("gemv_sweep", {})[name] = {"config": list(config), **us}
             if args.write_table:  # now, not after the rows below: a device call may end before them
-                print(write_gemv_table(device_name, gemv_winners), flush=True)
+                print(write_table(fused_moe_configs.TUNED_GEMV, "dict[tuple[int, int, int, int, int], MoeGemvConfig]",
+                                  device_name, gemv_winners), flush=True)
         if not args.no_rows:
             result["rows"] += measure_shape(name, layers, copy_gb_s, peak)
         if args.sweep and swept:
