@@ -49,8 +49,13 @@ TUNED: dict[str, dict[tuple[int, int, bool], GemvConfig]] = {"NVIDIA H200": _H20
 # SiLU-and-mul, fused input norm `rms_norm_gemv`) -> config, the fastest of `GRAPH_SWEEP_GRID` in a
 # graph of dependent launches (`python3 -m tokenmill.benchmarks.kernels.gemv --graph-sweep --model
 # qwen3-30b-a3b --pdl --write-table` writes the table of the GPU it runs on). A shape missing here
-# takes the ordinary table's entry, then the autotuner's pick.
+# takes the ordinary table's entry, then the autotuner's pick. H100 80GB HBM3: Qwen3-30B-A3B's dense
+# shapes, 2026-12-07, us in the graph, the autotuner's pick in brackets
+# (docs/results/moe-h100-2026-12-07c/dense_gemv_sweep.log).
 _H100_PDL: dict[tuple[int, int, bool, bool], GemvConfig] = {
+    (5120, 2048, False, True): GemvConfig(16, 512, 8, 4),  # QKV with its input norm: 8.20 us (8.96)
+    (2048, 4096, False, False): GemvConfig(1, 1024, 4, 4),  # O: 6.24 (7.72)
+    (151936, 2048, False, False): GemvConfig(4, 1024, 8, 3),  # LM head: 194.6 (195.9)
 }
 _H200_PDL: dict[tuple[int, int, bool, bool], GemvConfig] = {
 }
