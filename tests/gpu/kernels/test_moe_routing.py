@@ -124,3 +124,17 @@ def test_norm_fused_router_is_rms_norm_then_route_from_hidden(name, num_experts,
         assert torch.equal(normed, ref_normed) and torch.equal(new_residual, ref_residual), f"launch {launch}"
         assert with_residual or new_residual is x
         assert torch.equal(ids, ref_ids) and torch.equal(weights, ref_weights), f"launch {launch}"
+
+
+def test_router_launch_configuration_comes_from_its_gpus_table():
+    """`route_from_hidden`'s launch configuration: this GPU's measured entry for the shape (and
+    whether the norm is fused), else the default: two experts' rows a program from 64 experts, the
+    K slice up to 1024, one warp up to 512 experts."""
+    from tokenmill.ops import fused_moe_configs as configs
+    assert configs.default_router_config(128, 2048) == configs.RouterConfig(2, 1024, 1)
+    assert configs.default_router_config(8, 96) == configs.RouterConfig(1, 128, 1)
+    assert configs.default_router_config(1024, 7168) == configs.RouterConfig(2, 1024, 4)
+    for norm in (True, False):
+        got = configs.router_config(128, 2048, torch.bfloat16, norm, DEVICE)
+        table = configs.TUNED_ROUTER.get(torch.cuda.get_device_name(DEVICE), {}) if DEVICE.type == "cuda" else {}
+        assert got == table.get((128, 2048, 2, norm), configs.default_router_config(128, 2048))

@@ -204,3 +204,22 @@ def test_measured_table_applies_to_its_own_shapes_only():
         assert triton_gemv_configs.tuned_config(on_gpu, silu_mul=False) == expected
         assert triton_gemv_configs.tuned_config(on_gpu.float(), silu_mul=False) is None  # 4-byte weights
         assert triton_gemv_configs.tuned_config(on_gpu[:, :100], silu_mul=False) is None  # another shape
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_dependent_launches_take_their_own_table_then_the_ordinary_one(norm):
+    """A dependent launch takes `TUNED_PDL`'s entry for its shape and whether the norm is fused,
+    else the ordinary table's; an ordinary launch never the dependent one's."""
+    shape = (5120, 2048) if norm else (2048, 4096)
+    if DEVICE.type != "cuda":
+        w = torch.empty(*shape, dtype=torch.bfloat16)
+        assert triton_gemv_configs.tuned_config(w, False, pdl=True, norm=norm) is None  # nothing off a GPU
+        return
+    w = torch.empty(*shape, dtype=torch.bfloat16, device=DEVICE)
+    name = torch.cuda.get_device_name(DEVICE)
+    ordinary = triton_gemv_configs.TUNED.get(name, {}).get((*shape, False))
+    dependent = triton_gemv_configs.TUNED_PDL.get(name, {}).get((*shape, False, norm))
+    assert triton_gemv_configs.tuned_config(w, False) == ordinary
+    assert triton_gemv_configs.tuned_config(w, False, pdl=True, norm=norm) == (dependent or ordinary)
+    other = triton_gemv_configs.TUNED_PDL.get(name, {}).get((*shape, False, not norm))
+    assert triton_gemv_configs.tuned_config(w, False, pdl=True, norm=not norm) == (other or ordinary)
