@@ -11,8 +11,10 @@ read. CUDA graph capture keeps the relation (a programmatic edge), so the decode
 
 The kernels of the decode chain that take a `PDL` flag call `pdl_enter(PDL)` first thing (the
 GEMVs after reading their first weight tile: weights change only between steps): wait for the kernel
-before, then let the next one launch. Waiting before anything else keeps the ordering transitive,
-so a kernel launched the ordinary way may sit anywhere in the chain. Layers decide once, when
+before, then let the next one launch. Waiting before releasing keeps the ordering transitive: a
+kernel can only have started once the kernel before it has passed its wait, so everything two or
+more kernels back has finished, and may be read before the wait (the MoE down GEMV reads the
+routing so, `fused_moe_gemv.py`); a kernel launched the ordinary way may sit anywhere in the chain. Layers decide once, when
 they are built (`BuildContext.pdl`: `KernelConfig.pdl`, `--pdl`, and `supported` here), and pass
 the choice to the ops as their `pdl` argument.
 """
