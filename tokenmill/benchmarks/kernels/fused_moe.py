@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import pathlib
 
 import torch
 
@@ -211,16 +210,11 @@ def gemv_sweep_shape(name: str, layers: Layers, tokens: int = 1) -> tuple[tuple,
 
 
 def write_table(tables: dict, annotation: str, device_name: str, winners: dict) -> str:
-    """Replace this GPU's table among `tables` (a `fused_moe_configs` mapping of device name to
-    table, whose values are NamedTuple configurations; `annotation` its entries' type) with
-    `winners` ({key: (config, {"best_us", "default_us"})})."""
-    variable = table_source.table_variable(fused_moe_configs, tables, device_name)
-    lines = [f"{variable}: {annotation} = {{"]
-    lines += [f"    {key}: {type(config).__name__}{tuple(config)},  # {us['best_us']:.2f} us "
-              f"(default {us['default_us']:.2f})" for key, (config, us) in winners.items()]
-    table = "\n".join(lines + ["}"])
-    table_source.replace_table(pathlib.Path(fused_moe_configs.__file__), variable, table)
-    return table
+    """Replace this GPU's table among `fused_moe_configs`' `tables` with `winners`
+    ({key: (config, {"best_us", "default_us"})}), entries typed `annotation`."""
+    entries = {key: (config, f"{us['best_us']:.2f} us (default {us['default_us']:.2f})")
+               for key, (config, us) in winners.items()}
+    return table_source.write_table(fused_moe_configs, tables, device_name, annotation, entries)
 
 
 ROUTER_SPACE = [RouterConfig(bn, bk, w) for bn in (1, 2, 4) for bk in (512, 1024, 2048) for w in (1, 2, 4)]

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 
 import torch
 import torch.nn.functional as F
@@ -223,21 +222,16 @@ def graph_sweep(shapes: dict[str, tuple[int, int, bool, bool]], min_bytes: float
 
 
 def write_pdl_table(device_name: str, sweep: dict) -> str:
-    """Replace this GPU's `gemv_configs.TUNED_PDL` table with the sweep's winners (merged into what
-    it lists: other models' shapes stay)."""
-    variable = table_source.table_variable(gemv_configs, gemv_configs.TUNED_PDL, device_name)
-    entries = dict(gemv_configs.TUNED_PDL[device_name])
-    notes = {}
+    """Replace this GPU's `gemv_configs.TUNED_PDL` table with the sweep's winners, merged into what
+    it lists (other models' shapes stay); each note: us in the graph, the engine's choice's beside."""
+    entries = {key: (config, "") for key, config in gemv_configs.TUNED_PDL[device_name].items()}
     for name, row in sweep.items():
         best = row["best"][0]
-        key = (row["n"], row["k"], row["silu_mul"], row["norm"])
-        entries[key] = gemv_configs.GemvConfig(best["block_n"], best["block_k"], best["warps"], best["stages"])
-        notes[key] = f"  # {name}: {best['us']:.2f} us ({row['engine_us']:.2f} before)"
-    lines = [f"{variable}: dict[tuple[int, int, bool, bool], GemvConfig] = {{"]
-    lines += [f"    {key}: GemvConfig{tuple(config)},{notes.get(key, '')}" for key, config in entries.items()]
-    table = "\n".join(lines + ["}"])
-    table_source.replace_table(pathlib.Path(gemv_configs.__file__), variable, table)
-    return table
+        config = gemv_configs.GemvConfig(best["block_n"], best["block_k"], best["warps"], best["stages"])
+        entries[(row["n"], row["k"], row["silu_mul"], row["norm"])] = (
+            config, f"{name}: {best['us']:.2f} us ({row['engine_us']:.2f})")
+    return table_source.write_table(gemv_configs, gemv_configs.TUNED_PDL, device_name,
+                                    "dict[tuple[int, int, bool, bool], GemvConfig]", entries)
 
 
 def sweep_shapes(tp: int) -> dict[str, tuple[int, int, bool]]:

@@ -21,3 +21,16 @@ def table_variable(module, tables: dict, device_name: str) -> str:
     if device_name not in tables:
         raise SystemExit(f"{module.__name__} has no table for {device_name!r}: add an empty one first")
     return next(name for name, value in vars(module).items() if value is tables[device_name] and name.startswith("_"))
+
+
+def write_table(module, tables: dict, device_name: str, annotation: str, entries: dict) -> str:
+    """Replace this GPU's table among `module`'s `tables` (device name -> table) with `entries`
+    ({key: (config, note)}: a NamedTuple configuration and a trailing comment, "" for none), its
+    entries typed `annotation`; returns the new table's source."""
+    variable = table_variable(module, tables, device_name)
+    lines = [f"{variable}: {annotation} = {{"]
+    lines += [f"    {key}: {type(config).__name__}{tuple(config)},{'  # ' + note if note else ''}"
+              for key, (config, note) in entries.items()]
+    table = "\n".join(lines + ["}"])
+    replace_table(pathlib.Path(module.__file__), variable, table)
+    return table
