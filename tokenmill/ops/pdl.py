@@ -14,7 +14,14 @@ GEMVs after reading their first weight tile: weights change only between steps):
 before, then let the next one launch. Waiting before releasing keeps the ordering transitive: a
 kernel can only have started once the kernel before it has passed its wait, so everything two or
 more kernels back has finished, and may be read before the wait (the MoE down GEMV reads the
-routing so, `fused_moe_gemv.py`); a kernel launched the ordinary way may sit anywhere in the chain. Layers decide once, when
+routing so, `fused_moe_gemv.py`); a kernel launched the ordinary way may sit anywhere in the chain.
+
+Two latency-bound kernels release first instead (`release_first`): rope + KV write and the decode
+attention (`kv_cache_write.py`, `attention_decode.py`), a few microseconds each of dependent
+round trips that leave the memory system idle. The kernel after them may then start while the
+one before them still runs, so it must read nothing but weights before its wait: true of
+attention (it reads nothing) and of the O projection's GEMV after it, which reads its weight rows
+while rope and attention run (`gemv.py`'s whole-row tiles). Layers decide once, when
 they are built (`BuildContext.pdl`: `KernelConfig.pdl`, `--pdl`, and `supported` here), and pass
 the choice to the ops as their `pdl` argument.
 """
@@ -38,9 +45,13 @@ def launch_options(pdl: bool) -> dict:
 
 
 @triton.jit
-def pdl_enter(PDL: tl.constexpr):
+def pdl_enter(PDL: tl.constexpr, RELEASE_FIRST: tl.constexpr = False):
     """With PDL: wait until the kernel before has finished and its writes are visible, then allow
-    the next kernel to launch (it is placed as this one's programs leave the SMs)."""
+    the next kernel to launch (it is placed as this one's programs leave the SMs). RELEASE_FIRST
+    allows it before waiting (see the module's docstring for when that is safe)."""
     if PDL:
+        if RELEASE_FIRST:
+            tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        if not RELEASE_FIRST:
+            tl.extra.cuda.gdc_launch_dependents()

@@ -15,7 +15,7 @@ import torch
 
 from kernel_device import DEVICE, INTERPRET  # noqa: E402  (skips the module without a GPU)
 
-from tokenmill.ops import pdl  # noqa: E402
+from tokenmill.ops import gemv_configs, pdl  # noqa: E402
 from tokenmill.ops.attention_decode import new_split_counters, paged_decode  # noqa: E402
 from tokenmill.ops.fp8_format import quantize_weight_blocks, quantize_weight_per_channel  # noqa: E402
 from tokenmill.ops.fp8_gemv import fp8_gemv  # noqa: E402
@@ -80,14 +80,20 @@ def test_dependent_launches_match_ordinary_ones_eagerly_and_in_a_graph():
             assert torch.equal(static_out[0], want[0]) and torch.equal(static_out[1], want[1])
 
 
+@pytest.mark.parametrize("o_tile", ["table", "whole_row"])
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["rope", "qk_norm_rope"])
-def test_attention_chain_matches_ordinary_launches_eagerly_and_in_a_graph(qk_norm):
+def test_attention_chain_matches_ordinary_launches_eagerly_and_in_a_graph(qk_norm, o_tile, monkeypatch):
     """Norm -> QKV GEMV -> rope + cache write (with Qwen3's q/k norm fused in, or not) -> split-KV
     decode attention -> O GEMV for a batch-1 decode step, the attention kernels' inputs written by
-    the kernels just before them."""
+    the kernels just before them. Rope and attention release their dependents before they wait, so
+    the O GEMV may start while rope runs; with `whole_row` it reads all its weights before its wait."""
     torch.manual_seed(1)
     heads, kv_heads, head_dim, block_size, num_blocks = 8, 2, 128, 16, 64
     hidden = heads * head_dim
+    if o_tile == "whole_row":
+        table = dict(gemv_configs.TUNED_PDL.get(torch.cuda.get_device_name(DEVICE), {}))
+        table[(hidden, hidden, False, False)] = gemv_configs.GemvConfig(4, hidden, 4, 1)
+        monkeypatch.setitem(gemv_configs.TUNED_PDL, torch.cuda.get_device_name(DEVICE), table)
     norm = torch.rand(hidden, device=DEVICE, dtype=torch.bfloat16) + 0.5
     qkv_w = torch.randn((heads + 2 * kv_heads) * head_dim, hidden, device=DEVICE, dtype=torch.bfloat16) * hidden ** -0.5
     o_w = torch.randn(hidden, hidden, device=DEVICE, dtype=torch.bfloat16) * hidden ** -0.5

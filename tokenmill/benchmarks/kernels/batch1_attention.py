@@ -67,6 +67,51 @@ def prologue_calls(heads: int, kv_heads: int, dependent: bool) -> list:
     return calls
 
 
+def block_calls(heads: int, kv_heads: int, context: int, count: int, dependent: bool,
+                release_first: bool = True, max_model_len: int = 4096) -> tuple[list, list[torch.Tensor]]:
+    """`count` distinct layers' attention block up to the O projection, as a decode graph runs it:
+    the QKV GEMV with the input norm fused, rope + q/k norms + KV write, the paged decode at
+    `context` tokens. The calls, and each one's output row [1, heads * HEAD_DIM] (the O GEMV's input).
+    Kernels before this tree's `release_first` are timed as they were (the argument is not passed)."""
+    from tokenmill.ops.gemv import rms_norm_gemv
+
+    hidden = 2048
+    width = (heads + 2 * kv_heads) * HEAD_DIM
+    blocks = math.ceil(context / BLOCK_SIZE) + 1
+    splits = decode_num_splits(1, kv_heads, max_model_len, DEVICE)
+    counters = new_split_counters(kv_heads, DEVICE)
+    cos_sin = torch.randn(max_model_len, HEAD_DIM, device=DEVICE)
+    positions = torch.tensor([context - 1], device=DEVICE)
+    seq_lens = torch.full((1,), context, dtype=torch.int32, device=DEVICE)
+    slot = torch.tensor([context - 1], device=DEVICE)
+    extra = {"release_first": release_first} if release_first is not True else {}
+    calls, outs = [], []
+    for _ in range(count):
+        x = torch.randn(1, hidden, dtype=DTYPE, device=DEVICE)
+        residual = torch.randn(1, hidden, dtype=DTYPE, device=DEVICE)
+        norm_w = torch.rand(hidden, dtype=DTYPE, device=DEVICE) + 0.5
+        w_qkv = torch.randn(width, hidden, dtype=DTYPE, device=DEVICE) * 0.02
+        shape = (blocks, BLOCK_SIZE, kv_heads, HEAD_DIM)
+        k_cache, v_cache = torch.randn(shape, dtype=DTYPE, device=DEVICE), torch.randn(shape, dtype=DTYPE, device=DEVICE)
+        block_table = torch.arange(blocks, dtype=torch.int32, device=DEVICE)[None, :]
+        qk_norms = [torch.rand(HEAD_DIM, dtype=DTYPE, device=DEVICE) + 0.5 for _ in range(2)]
+        out = torch.empty(1, heads, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+
+        def call(x=x, residual=residual, norm_w=norm_w, w_qkv=w_qkv, k_cache=k_cache, v_cache=v_cache,
+                 block_table=block_table, qk_norms=qk_norms, out=out):
+            qkv, _ = rms_norm_gemv(x, norm_w, 1e-6, w_qkv, residual, pdl=dependent)
+            q, k, v = qkv.split([heads * HEAD_DIM, kv_heads * HEAD_DIM, kv_heads * HEAD_DIM], 1)
+            q = q.view(1, heads, HEAD_DIM)
+            rope_and_write_kv_cache(q, k.view(1, kv_heads, HEAD_DIM), v.view(1, kv_heads, HEAD_DIM), k_cache,
+                                    v_cache, slot, positions, cos_sin, pdl=dependent, q_norm_weight=qk_norms[0],
+                                    k_norm_weight=qk_norms[1], **extra)
+            paged_decode(q, k_cache, v_cache, block_table, seq_lens, out, max_model_len, HEAD_DIM ** -0.5,
+                         num_splits=splits, split_counters=counters, pdl=dependent, **extra)
+        calls.append(call)
+        outs.append(out.view(1, heads * HEAD_DIM))
+    return calls, outs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-model-len", type=int, default=4096)

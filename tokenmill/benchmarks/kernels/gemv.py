@@ -38,17 +38,28 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "dow
 # (N, K, fused SiLU-and-mul, fused input norm). The MoE models' experts are `fused_moe.py`'s.
 MODEL_SHAPES = {"qwen3-30b-a3b": {"qkv": (5120, 2048, False, True), "o": (2048, 4096, False, False),
                                   "lm_head": (151936, 2048, False, False)}}
+# Where a model's GEMV follows latency-bound kernels in its decode graph: launched dependent, it
+# reads its weights while they run, which back-to-back GEMVs cannot show, so it is timed after
+# them. name -> (query heads, KV heads, context) of the attention block before it
+# (`batch1_attention.block_calls`: QKV GEMV, rope + KV write, paged decode); Qwen3-30B-A3B's
+# 512/256 decode attends 512-768 tokens.
+MODEL_CONTEXT = {"qwen3-30b-a3b": {"o": (32, 4, 640)}}
 
 
-def graph_ms(fn, weights, xs) -> float:
-    """One CUDA graph that runs `fn` over every weight; best replay time of 20."""
-    for w, x in zip(weights, xs):
-        fn(x, w)
+def graph_ms(fn, weights, xs, before: list | None = None) -> float:
+    """One CUDA graph that runs `fn` over every weight (each after `before`'s call of its index,
+    where given); best replay time of 20."""
+    def run_all():
+        for i, (w, x) in enumerate(zip(weights, xs)):
+            if before is not None:
+                before[i]()
+            fn(x, w)
+
+    run_all()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for w, x in zip(weights, xs):
-            fn(x, w)
+        run_all()
     times = []
     for _ in range(20):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -87,8 +98,12 @@ def sweep(x: torch.Tensor, w: torch.Tensor) -> list[dict]:
     return rows[:10]
 
 
-GRAPH_SWEEP_GRID = [(bn, bk, w, s) for bn in (1, 2, 4, 8, 16) for bk in (128, 256, 512, 1024)
-                    for w in (1, 2, 4, 8) for s in (1, 2, 3, 4) if 512 <= bn * bk <= 8192 and w * 32 <= bk]
+# Tiles of 2,048-4,096 columns hold a whole row of the models' K: launched dependent, such a GEMV
+# reads all its weights before its wait, which pays after latency-bound kernels (MODEL_CONTEXT).
+GRAPH_SWEEP_GRID = ([(bn, bk, w, s) for bn in (1, 2, 4, 8, 16) for bk in (128, 256, 512, 1024)
+                     for w in (1, 2, 4, 8) for s in (1, 2, 3, 4) if 512 <= bn * bk <= 8192 and w * 32 <= bk]
+                    + [(bn, bk, w, s) for bn in (1, 2, 4, 8) for bk in (2048, 4096) for w in (4, 8) for s in (1, 2)
+                       if bn * bk <= 16384])
 
 
 def _norm_args(x: torch.Tensor, hidden: int) -> NormArgs:
@@ -158,11 +173,14 @@ def describe_best(rows: list[dict], count: int = 4) -> str:
 
 
 def graph_sweep(shapes: dict[str, tuple[int, int, bool, bool]], min_bytes: float = 1e9,
-                dependent: bool = False) -> dict:
+                dependent: bool = False, context: dict | None = None, release_first: bool = True) -> dict:
     """Per shape (N, K, silu_mul, fused input norm): every GRAPH_SWEEP_GRID config as a CUDA graph
     of back-to-back GEMVs over distinct weights (us per GEMV, best of 10 replays), plus the engine's
     own choice (table or autotuner) and cuBLAS (after the norm's own kernel, where the norm is
-    fused) the same way. `dependent`: every launch dependent on the one before (`ops/pdl.py`)."""
+    fused) the same way. `dependent`: every launch dependent on the one before (`ops/pdl.py`).
+    A shape in `context` (MODEL_CONTEXT's form) is timed after its attention block instead, each
+    GEMV reading that block's output: the graph with the GEMVs less the graph without them
+    (`release_first`: the block's rope and attention kernels release their dependents first)."""
     from tokenmill.ops.gemv import _gemv_kernel
     from tokenmill.ops.rms_norm import rms_norm
 
@@ -172,6 +190,13 @@ def graph_sweep(shapes: dict[str, tuple[int, int, bool, bool]], min_bytes: float
         ws = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(copies)]
         xs = [torch.randn(1, 2 * k if silu else k, dtype=torch.bfloat16, device="cuda") for _ in range(copies)]
         ys = [torch.empty(1, n, dtype=torch.bfloat16, device="cuda") for _ in range(copies)]
+        before, before_ms = None, 0.0
+        if context and name in context:
+            from tokenmill.benchmarks.kernels.batch1_attention import block_calls
+            heads, kv_heads, tokens = context[name]
+            assert heads * 128 == k and not silu and not norm
+            before, xs = block_calls(heads, kv_heads, tokens, copies, dependent, release_first)
+            before_ms = graph_ms(lambda x, w: None, ws, xs, before)
         norm_args = _norm_args(xs[0], k) if norm else None
         if norm:
             ref = gemv(rms_norm(xs[0], norm_args.weight, norm_args.eps, norm_args.residual)[0], ws[0]).float()
@@ -179,7 +204,7 @@ def graph_sweep(shapes: dict[str, tuple[int, int, bool, bool]], min_bytes: float
             ref = gemv(xs[0], ws[0], silu_mul=silu).float()
 
         def per_call_us(fn) -> float:
-            return graph_ms(fn, ws, xs) * 1e3 / copies
+            return (graph_ms(fn, ws, xs, before) - before_ms) * 1e3 / copies
 
         def make_launch(config):
             bn, bk, warps, stages = config
@@ -209,11 +234,13 @@ def graph_sweep(shapes: dict[str, tuple[int, int, bool, bool]], min_bytes: float
         table = gemv_configs.tuned_config(ws[0], silu, dependent, norm)
         picked = str(tuple(table) if table is not None else getattr(_gemv_kernel, "best_config", None))
         gb = n * k * 2 / 1e9
+        after = f"after its attention block ({before_ms * 1e3 / copies:.2f} us)" if before else "back to back"
         result[name] = {"n": n, "k": k, "silu_mul": silu, "norm": norm, "dependent": dependent, "copies": copies,
+                        "timed": after, "release_first": release_first,
                         "engine_us": engine_us, "engine_config": picked, "cublas_us": cublas_us, "best": rows[:8],
                         "worst_us": rows[-1]["us"]}
         print(f"{name:14s} {n:6d}x{k:5d}{' +silu' if silu else ''}{' +norm' if norm else ''}"
-              f"{' (dependent)' if dependent else ''}: engine's choice {engine_us:6.2f} us "
+              f"{' (dependent)' if dependent else ''} {after}: engine's choice {engine_us:6.2f} us "
               f"({gb / engine_us * 1e3:.2f} TB/s; {picked}); cuBLAS {cublas_us:6.2f} us; best: "
               + describe_best(rows), flush=True)
         del ws, xs, ys
@@ -252,7 +279,10 @@ def main() -> None:
     p.add_argument("--graph-sweep", action="store_true")
     p.add_argument("--graph-sweep-tp", default="2,1", help="comma-separated TP sizes for --graph-sweep")
     p.add_argument("--model", choices=sorted(MODEL_SHAPES), help="--graph-sweep this model's dense shapes")
+    p.add_argument("--shapes", help="with --model: comma-separated names of its shapes to sweep (default: all)")
     p.add_argument("--pdl", action="store_true", help="--graph-sweep launches every GEMV dependent")
+    p.add_argument("--no-release-first", action="store_true",
+                   help="time MODEL_CONTEXT's shapes after attention kernels that wait before releasing (ops/pdl.py)")
     p.add_argument("--write-table", action="store_true",
                    help="with --graph-sweep --pdl: write the winners into ops/gemv_configs.py for this GPU")
     p.add_argument("--output-json")
@@ -267,8 +297,11 @@ def main() -> None:
             raise SystemExit("--pdl: this GPU does not launch dependent kernels (ops/pdl.py)")
         if args.write_table and not dependent:
             raise SystemExit("--write-table writes the dependent-launch table: add --pdl")
+        context = {}
         if args.model:
-            shape_sets = [MODEL_SHAPES[args.model]]
+            names = args.shapes.split(",") if args.shapes else list(MODEL_SHAPES[args.model])
+            shape_sets = [{name: MODEL_SHAPES[args.model][name] for name in names}]
+            context = MODEL_CONTEXT.get(args.model, {}) if dependent else {}
         else:
             shape_sets = [sweep_shapes(int(t)) for t in args.graph_sweep_tp.split(",")]
         variants = sorted({(silu, k if norm else 0) for shapes in shape_sets for _, k, silu, norm in shapes.values()})
@@ -278,7 +311,8 @@ def main() -> None:
               flush=True)
         result = {"device": torch.cuda.get_device_name(), "grid": GRAPH_SWEEP_GRID, "shapes": {}}
         for shapes in shape_sets:
-            result["shapes"].update(graph_sweep(shapes, dependent=dependent))
+            result["shapes"].update(graph_sweep(shapes, dependent=dependent, context=context,
+                                                release_first=not args.no_release_first))
             if args.write_table:  # now, not at the end: a device call may be cut short
                 print(write_pdl_table(result["device"], result["shapes"]), flush=True)
         if args.output_json:
