@@ -312,7 +312,7 @@ def paged_decode(
     v_scale: float = 1.0,
     sliding_window: int | None = None,  # attend the last this-many keys only (None: all)
     pdl: bool = False,  # launched dependent on the kernel before (ops/pdl.py)
-    release_first: bool = True,  # with pdl: the next kernel may launch before this one waits (ops/pdl.py)
+    release_first: bool = False,  # with pdl: the next kernel may launch before this one waits (ops/pdl.py)
 ) -> None:
     num_decodes, num_heads, _ = q.shape
     if num_decodes == 0:

@@ -189,7 +189,7 @@ def rope_and_write_kv_cache(
     q_norm_weight: torch.Tensor | None = None,  # [head_dim]: RMSNorm each q head first
     k_norm_weight: torch.Tensor | None = None,  # [head_dim]: and each k head (both or neither)
     qk_norm_eps: float = 1e-6,
-    release_first: bool = True,  # with pdl: the next kernel (attention) may launch before this one waits
+    release_first: bool = False,  # with pdl: the next kernel (attention) may launch before this one waits
 ) -> None:
     """`rope_neox_(q, k, positions, cos_sin_cache)` then `write_kv_cache(k, v, ...)` in one launch,
     with bit-identical results; dims past rotary_dim are left alone (partial rotary). With the norm

@@ -16,12 +16,15 @@ kernel can only have started once the kernel before it has passed its wait, so e
 more kernels back has finished, and may be read before the wait (the MoE down GEMV reads the
 routing so, `fused_moe_gemv.py`); a kernel launched the ordinary way may sit anywhere in the chain.
 
-Two latency-bound kernels release first instead (`release_first`): rope + KV write and the decode
-attention (`kv_cache_write.py`, `attention_decode.py`), a few microseconds each of dependent
-round trips that leave the memory system idle. The kernel after them may then start while the
-one before them still runs, so it must read nothing but weights before its wait: true of
-attention (it reads nothing) and of the O projection's GEMV after it, which reads its weight rows
-while rope and attention run (`gemv.py`'s whole-row tiles). Layers decide once, when
+A kernel may instead release first (the ops' `release_first`): its dependents launch once all its
+programs have started, so the kernel after it may run while the one before it still does. That
+is safe where the kernel after it reads nothing but weights before its wait: true after every
+kernel of the batch-1 decode chain but the experts' gate/up one (the down GEMV after it reads the
+routing before its wait). It pays where a kernel that streams weights follows latency-bound ones:
+the O projection's GEMV can read its rows (`gemv.py`'s whole-row tiles) while rope + KV write and
+the decode attention run, a few microseconds each of dependent round trips that leave the memory
+system idle. The decode layers do not ask for it: `benchmarks/kernels/batch1_layer.py` times a
+layer each way. Layers decide once, when
 they are built (`BuildContext.pdl`: `KernelConfig.pdl`, `--pdl`, and `supported` here), and pass
 the choice to the ops as their `pdl` argument.
 """

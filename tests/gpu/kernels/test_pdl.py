@@ -80,13 +80,16 @@ def test_dependent_launches_match_ordinary_ones_eagerly_and_in_a_graph():
             assert torch.equal(static_out[0], want[0]) and torch.equal(static_out[1], want[1])
 
 
+@pytest.mark.parametrize("release_first", [False, True], ids=["wait_first", "release_first"])
 @pytest.mark.parametrize("o_tile", ["table", "whole_row"])
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["rope", "qk_norm_rope"])
-def test_attention_chain_matches_ordinary_launches_eagerly_and_in_a_graph(qk_norm, o_tile, monkeypatch):
+def test_attention_chain_matches_ordinary_launches_eagerly_and_in_a_graph(qk_norm, o_tile, release_first,
+                                                                          monkeypatch):
     """Norm -> QKV GEMV -> rope + cache write (with Qwen3's q/k norm fused in, or not) -> split-KV
     decode attention -> O GEMV for a batch-1 decode step, the attention kernels' inputs written by
-    the kernels just before them. Rope and attention release their dependents before they wait, so
-    the O GEMV may start while rope runs; with `whole_row` it reads all its weights before its wait."""
+    the kernels just before them. With `release_first` the GEMVs, rope and attention let the next
+    kernel launch before they wait, so the O GEMV may start while rope runs; with `whole_row` it
+    reads all its weights before its wait."""
     torch.manual_seed(1)
     heads, kv_heads, head_dim, block_size, num_blocks = 8, 2, 128, 16, 64
     hidden = heads * head_dim
@@ -108,13 +111,16 @@ def test_attention_chain_matches_ordinary_launches_eagerly_and_in_a_graph(qk_nor
 
     def step(x, position, seq_len, slot, k_cache, v_cache, use_pdl):
         h = rms_norm(x, norm, 1e-5, pdl=use_pdl)
-        q, k, v = gemv(h, qkv_w, pdl=use_pdl).split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], 1)
+        first = use_pdl and release_first
+        q, k, v = gemv(h, qkv_w, pdl=use_pdl, release_first=first).split(
+            [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], 1)
         q, k, v = q.view(1, heads, head_dim), k.view(1, kv_heads, head_dim), v.view(1, kv_heads, head_dim)
-        rope_and_write_kv_cache(q, k, v, k_cache, v_cache, slot, position, cos_sin, pdl=use_pdl, **qk_norm_args)
+        rope_and_write_kv_cache(q, k, v, k_cache, v_cache, slot, position, cos_sin, pdl=use_pdl, release_first=first,
+                                **qk_norm_args)
         out = torch.empty_like(q)
         paged_decode(q, k_cache, v_cache, block_table, seq_len, out, num_blocks * block_size, head_dim ** -0.5,
-                     split_counters=counters, pdl=use_pdl)
-        return gemv(out.view(1, hidden), o_w, pdl=use_pdl)
+                     split_counters=counters, pdl=use_pdl, release_first=first)
+        return gemv(out.view(1, hidden), o_w, pdl=use_pdl, release_first=first)
 
     def inputs(length):
         slot = block_table[0, (length - 1) // block_size].long() * block_size + (length - 1) % block_size
@@ -150,11 +156,13 @@ def test_attention_chain_matches_ordinary_launches_eagerly_and_in_a_graph(qk_nor
         assert torch.equal(static_out, want) and torch.equal(caches, want_caches)
 
 
+@pytest.mark.parametrize("release_first", [False, True], ids=["wait_first", "release_first"])
 @pytest.mark.parametrize("fused_router", [False, True])
-def test_moe_chain_matches_ordinary_launches_eagerly_and_in_a_graph(fused_router):
+def test_moe_chain_matches_ordinary_launches_eagerly_and_in_a_graph(fused_router, release_first):
     """Norm -> router GEMV -> routing (or both in one kernel, `route_from_hidden`) -> the experts'
     gate/up and down GEMVs, layer after layer at one token: each kernel reads the expert ids,
-    weights or activations the one before wrote."""
+    weights or activations the one before wrote. With `release_first` every kernel that may (all
+    but the gate/up one) lets the next launch before it waits."""
     torch.manual_seed(2)
     hidden, inter, experts, top_k = 512, 256, 32, 4
     layers = [(torch.rand(hidden, device=DEVICE, dtype=torch.bfloat16) + 0.5,
@@ -165,13 +173,16 @@ def test_moe_chain_matches_ordinary_launches_eagerly_and_in_a_graph(fused_router
     counter = new_router_counter(DEVICE)  # one for every layer: their launches never overlap
 
     def chain(x, residual, use_pdl):
+        first = use_pdl and release_first
         for norm, router, w13, w2 in layers:
             h, residual = rms_norm(x, norm, 1e-5, residual, pdl=use_pdl)
             if fused_router:
-                weights, ids, _ = route_from_hidden(h, router, top_k, False, True, 1.0, None, counter, pdl=use_pdl)
+                weights, ids, _ = route_from_hidden(h, router, top_k, False, True, 1.0, None, counter, pdl=use_pdl,
+                                                    release_first=first)
             else:
-                weights, ids = route(gemv(h, router, pdl=use_pdl), top_k, False, True, pdl=use_pdl)
-            x = fused_experts_gemv(h, w13, w2, weights, ids, pdl=use_pdl)
+                weights, ids = route(gemv(h, router, pdl=use_pdl, release_first=first), top_k, False, True,
+                                     pdl=use_pdl)
+            x = fused_experts_gemv(h, w13, w2, weights, ids, pdl=use_pdl, release_first=first)
         return x, residual
 
     inputs = [(torch.randn(1, hidden, device=DEVICE, dtype=torch.bfloat16),

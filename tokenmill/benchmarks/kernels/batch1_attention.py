@@ -68,14 +68,15 @@ def prologue_calls(heads: int, kv_heads: int, dependent: bool) -> list:
 
 
 def block_calls(heads: int, kv_heads: int, context: int, count: int, dependent: bool,
-                release_first: bool = True, max_model_len: int = 4096) -> tuple[list, list[torch.Tensor]]:
+                release_first: bool = False, max_model_len: int = 4096,
+                hidden: int = 2048) -> tuple[list, list[torch.Tensor]]:
     """`count` distinct layers' attention block up to the O projection, as a decode graph runs it:
     the QKV GEMV with the input norm fused, rope + q/k norms + KV write, the paged decode at
     `context` tokens. The calls, and each one's output row [1, heads * HEAD_DIM] (the O GEMV's input).
-    Kernels before this tree's `release_first` are timed as they were (the argument is not passed)."""
+    `release_first`: each of the three lets the next kernel launch before it waits (`ops/pdl.py`;
+    the argument is passed only then, so a tree without it runs the default)."""
     from tokenmill.ops.gemv import rms_norm_gemv
 
-    hidden = 2048
     width = (heads + 2 * kv_heads) * HEAD_DIM
     blocks = math.ceil(context / BLOCK_SIZE) + 1
     splits = decode_num_splits(1, kv_heads, max_model_len, DEVICE)
@@ -84,7 +85,7 @@ def block_calls(heads: int, kv_heads: int, context: int, count: int, dependent: 
     positions = torch.tensor([context - 1], device=DEVICE)
     seq_lens = torch.full((1,), context, dtype=torch.int32, device=DEVICE)
     slot = torch.tensor([context - 1], device=DEVICE)
-    extra = {"release_first": release_first} if release_first is not True else {}
+    extra = {"release_first": True} if release_first else {}
     calls, outs = [], []
     for _ in range(count):
         x = torch.randn(1, hidden, dtype=DTYPE, device=DEVICE)
@@ -99,7 +100,7 @@ def block_calls(heads: int, kv_heads: int, context: int, count: int, dependent: 
 
         def call(x=x, residual=residual, norm_w=norm_w, w_qkv=w_qkv, k_cache=k_cache, v_cache=v_cache,
                  block_table=block_table, qk_norms=qk_norms, out=out):
-            qkv, _ = rms_norm_gemv(x, norm_w, 1e-6, w_qkv, residual, pdl=dependent)
+            qkv, _ = rms_norm_gemv(x, norm_w, 1e-6, w_qkv, residual, pdl=dependent, **extra)
             q, k, v = qkv.split([heads * HEAD_DIM, kv_heads * HEAD_DIM, kv_heads * HEAD_DIM], 1)
             q = q.view(1, heads, HEAD_DIM)
             rope_and_write_kv_cache(q, k.view(1, kv_heads, HEAD_DIM), v.view(1, kv_heads, HEAD_DIM), k_cache,

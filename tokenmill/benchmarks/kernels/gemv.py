@@ -112,12 +112,13 @@ def _norm_args(x: torch.Tensor, hidden: int) -> NormArgs:
     return NormArgs(weight, torch.randn_like(x), torch.empty_like(x), x, 1e-6, has_residual=True, write_normed=False)
 
 
-def _launch_flags(dependent: bool) -> dict:
+def _launch_flags(dependent: bool, release_first: bool = False) -> dict:
     from tokenmill.ops.pdl import launch_options
-    return dict(PDL=dependent, **launch_options(dependent))
+    return dict(PDL=dependent, RELEASE_FIRST=release_first, **launch_options(dependent))
 
 
-def _warm_compiles(configs: list[tuple], silu_mul: bool, norm_hidden: int = 0, dependent: bool = False) -> None:
+def _warm_compiles(configs: list[tuple], silu_mul: bool, norm_hidden: int = 0, dependent: bool = False,
+                   release_first: bool = False) -> None:
     """Compile `configs` of the GEMV kernel into Triton's on-disk cache (one process of a pool); with
     `norm_hidden`, the form with the input norm fused over that many inputs (its block is a constexpr)."""
     from tokenmill.ops.gemv import _gemv_kernel
@@ -129,17 +130,21 @@ def _warm_compiles(configs: list[tuple], silu_mul: bool, norm_hidden: int = 0, d
     rest, flags = plain_launch_args(y, _norm_args(x, k) if norm_hidden else None, k)
     for bn, bk, warps, stages in configs:
         _gemv_kernel.fn.warmup(x, w, y, 64, k, k, *rest, SILU_MUL=silu_mul, **flags, BLOCK_N=bn, BLOCK_K=bk,
-                               num_warps=warps, num_stages=stages, grid=(1,), **_launch_flags(dependent))
+                               num_warps=warps, num_stages=stages, grid=(1,),
+                               **_launch_flags(dependent, release_first))
 
 
 def warm_compiles_in_parallel(variants: list[tuple[bool, int]] = ((False, 0), (True, 0)),
-                              dependent: bool = False, processes: int = 14) -> None:
-    """Every GRAPH_SWEEP_GRID config of each (silu_mul, norm_hidden) variant, compiled in a process pool."""
+                              dependent: bool = False, processes: int = 14, configs: list[tuple] | None = None,
+                              release_first: bool = False) -> None:
+    """Every config of `configs` (default GRAPH_SWEEP_GRID) of each (silu_mul, norm_hidden) variant,
+    compiled in a process pool."""
     import concurrent.futures
     import multiprocessing
 
-    jobs = [(GRAPH_SWEEP_GRID[i::processes], silu, norm_hidden, dependent)
-            for i in range(processes) for silu, norm_hidden in variants]
+    grid = configs if configs is not None else GRAPH_SWEEP_GRID
+    jobs = [(grid[i::processes], silu, norm_hidden, dependent, release_first)
+            for i in range(processes) for silu, norm_hidden in variants if grid[i::processes]]
     with concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
         list(pool.map(_warm_compiles, *zip(*jobs)))
 
@@ -173,14 +178,14 @@ def describe_best(rows: list[dict], count: int = 4) -> str:
 
 
 def graph_sweep(shapes: dict[str, tuple[int, int, bool, bool]], min_bytes: float = 1e9,
-                dependent: bool = False, context: dict | None = None, release_first: bool = True) -> dict:
+                dependent: bool = False, context: dict | None = None, release_first: bool = False) -> dict:
     """Per shape (N, K, silu_mul, fused input norm): every GRAPH_SWEEP_GRID config as a CUDA graph
     of back-to-back GEMVs over distinct weights (us per GEMV, best of 10 replays), plus the engine's
     own choice (table or autotuner) and cuBLAS (after the norm's own kernel, where the norm is
     fused) the same way. `dependent`: every launch dependent on the one before (`ops/pdl.py`).
     A shape in `context` (MODEL_CONTEXT's form) is timed after its attention block instead, each
     GEMV reading that block's output: the graph with the GEMVs less the graph without them
-    (`release_first`: the block's rope and attention kernels release their dependents first)."""
+    (`release_first`: the block's kernels let the next launch before they wait, `ops/pdl.py`)."""
     from tokenmill.ops.gemv import _gemv_kernel
     from tokenmill.ops.rms_norm import rms_norm
 
@@ -281,8 +286,8 @@ def main() -> None:
     p.add_argument("--model", choices=sorted(MODEL_SHAPES), help="--graph-sweep this model's dense shapes")
     p.add_argument("--shapes", help="with --model: comma-separated names of its shapes to sweep (default: all)")
     p.add_argument("--pdl", action="store_true", help="--graph-sweep launches every GEMV dependent")
-    p.add_argument("--no-release-first", action="store_true",
-                   help="time MODEL_CONTEXT's shapes after attention kernels that wait before releasing (ops/pdl.py)")
+    p.add_argument("--release-first", action="store_true",
+                   help="time MODEL_CONTEXT's shapes after attention kernels that release first (ops/pdl.py)")
     p.add_argument("--write-table", action="store_true",
                    help="with --graph-sweep --pdl: write the winners into ops/gemv_configs.py for this GPU")
     p.add_argument("--output-json")
@@ -312,7 +317,7 @@ def main() -> None:
         result = {"device": torch.cuda.get_device_name(), "grid": GRAPH_SWEEP_GRID, "shapes": {}}
         for shapes in shape_sets:
             result["shapes"].update(graph_sweep(shapes, dependent=dependent, context=context,
-                                                release_first=not args.no_release_first))
+                                                release_first=args.release_first))
             if args.write_table:  # now, not at the end: a device call may be cut short
                 print(write_pdl_table(result["device"], result["shapes"]), flush=True)
         if args.output_json:

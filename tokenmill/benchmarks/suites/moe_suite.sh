@@ -3,7 +3,7 @@
 # micro-benchmark with its launch-config sweep, and the Qwen3-30B-A3B serving set (dummy bf16
 # weights): batch-1 decode 512/256 vs its bytes-read floor, 100 x 2048/1024 at 10 in flight (mean
 # TPOT), offline 256 x 1024/1024 vs HF generate(). Results under $OUT; a short table last.
-# Usage (repo root, one H100):  bash tokenmill/benchmarks/suites/moe_suite.sh [tests|kernels|gemv-sweep|tune|attention-ab|profile|model|decode-ab|all]
+# Usage (repo root, one H100):  bash tokenmill/benchmarks/suites/moe_suite.sh [tests|kernels|gemv-sweep|tune|attention-ab|layer|profile|model|decode-ab|all]
 #   ~2.5 min tests, ~2.5 min kernels, ~4 min model (one engine start of the 30B shape + HF).
 #   gemv-sweep: the token-by-token path's configurations (Qwen3-30B-A3B experts), the winners
 #   written into ops/fused_moe_configs.py (a copy in $OUT), so a later part in the call runs them.
@@ -13,6 +13,8 @@
 #   the experts' token-by-token kernels where this GPU's table lacks them (--gemv-sweep; EXPERTS_SWEEP=no: not).
 #   attention-ab: batch-1 decode's attention kernels a layer (benchmarks/kernels/batch1_attention.py),
 #   this tree's and then $BASELINE's, side by side.
+#   layer: batch-1 decode's decoder layer kernel by kernel in one graph (benchmarks/kernels/batch1_layer.py):
+#   wait-first against release-first launches and O GEMV tiles, then the O GEMV's tiles swept inside it.
 #   profile: per-kernel GPU time of a decode step without dependent launches (gpu_step_profile
 #   --no-pdl --gaps) at batch 1 (600-token contexts) and at batch 10 (2,560-token contexts, the
 #   10-in-flight load's mean); with $BASELINE set, batch 1 also for that tree.
@@ -61,6 +63,12 @@ if [[ "$part" == attention-ab ]]; then
       --json "$out/b1_attention_baseline.json" 2>&1 | grep -v -i warning > "$out/b1_attention_baseline.log" || rc=1
   paste -d'|' "$out/b1_attention_this.log" "$out/b1_attention_baseline.log" | tee "$out/b1_attention_ab.log"
 fi
+if [[ "$part" == layer ]]; then
+  timeout "${LAYER_TIMEOUT:-200}" python3 -m tokenmill.benchmarks.kernels.batch1_layer --json "$out/layer.json" 2>&1 \
+      | grep -v -i warning | tee "$out/layer.log" || rc=1
+  timeout "${LAYER_TIMEOUT:-200}" python3 -m tokenmill.benchmarks.kernels.batch1_layer --sweep o \
+      --json "$out/layer_o_sweep.json" 2>&1 | grep -v -i warning | tee "$out/layer_o_sweep.log" || rc=1
+fi
 if [[ "$part" == profile ]]; then
   prof="python3 -m tokenmill.benchmarks.gpu_step_profile --model qwen3-30b-a3b --gpu-memory-utilization 0.9 --max-model-len 4096 --no-pdl --gaps"
   timeout "${PROFILE_TIMEOUT:-150}" $prof --batch 10 --input-len 2560 2>&1 | grep -v -i warning > "$out/profile_b10_nopdl.log" || rc=1
@@ -99,5 +107,6 @@ echo "== summary ($(head -2 "$out/device.txt" | tail -1)) =="
 [[ -f "$out/dense_gemv_sweep.log" ]] && grep -E "engine's choice" "$out/dense_gemv_sweep.log" | cut -c1-200
 [[ -f "$out/router_sweep.log" ]] && grep -E "router sweep|gemv sweep" "$out/router_sweep.log"
 [[ -f "$out/decode_ab.log" ]] && cat "$out/decode_ab.log"
+[[ -f "$out/layer.log" ]] && cat "$out/layer.log"
 echo "rc=$rc"
 exit $rc
