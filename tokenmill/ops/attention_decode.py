@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenmill.ops import l2_prefetch
 from tokenmill.ops.attention_common import (
     LOG2E,
     LaunchConfig,
@@ -53,6 +54,7 @@ from tokenmill.ops.attention_common import (
     dequantize_to_float32,
     finish_softmax,
 )
+from tokenmill.ops.l2_prefetch import prefetch_to_l2
 from tokenmill.ops.pdl import launch_options, pdl_enter
 
 DECODE_CONFIG = LaunchConfig(block_m=0, block_n=64, num_warps=4, num_stages=3)
@@ -69,7 +71,7 @@ _MIN_TOKENS_PER_SPLIT = 64
 @triton.jit(do_not_specialize=["num_splits", "stride_bt_req"])
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, seq_lens_ptr, prefix_len_ptr,
-    out_ptr, part_out_ptr, part_lse_ptr, counter_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr, counter_ptr, prefetch_ptr, prefetch_bytes,
     scale_log2, num_splits, window, GROUP,
     stride_q_tok, stride_q_head, stride_o_tok, stride_o_head,
     stride_c_block, stride_c_slot, stride_c_head, stride_bt_req, k_scale, v_scale,
@@ -77,8 +79,12 @@ def _paged_decode_kernel(
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, GROUP_P2: tl.constexpr,
     MERGE_H: tl.constexpr, MERGE_S: tl.constexpr, DIRECT: tl.constexpr,
     KV_FP8: tl.constexpr, KV_SCALED: tl.constexpr, CASCADE: tl.constexpr, PDL: tl.constexpr = False,
-    RELEASE_FIRST: tl.constexpr = False,
+    RELEASE_FIRST: tl.constexpr = False, PREFETCH: tl.constexpr = False, THREADS: tl.constexpr = 128,
 ):
+    if PREFETCH:  # weights of a later kernel into L2 (l2_prefetch.py): never written in a step, so before the wait
+        program = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
+        prefetch_to_l2(prefetch_ptr, prefetch_bytes, program,
+                       tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2), THREADS, False)
     pdl_enter(PDL, RELEASE_FIRST)
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -313,6 +319,7 @@ def paged_decode(
     sliding_window: int | None = None,  # attend the last this-many keys only (None: all)
     pdl: bool = False,  # launched dependent on the kernel before (ops/pdl.py)
     release_first: bool = False,  # with pdl: the next kernel may launch before this one waits (ops/pdl.py)
+    prefetch: torch.Tensor | None = None,  # weights of a kernel to come, asked of L2 as this one starts (l2_prefetch.py)
 ) -> None:
     num_decodes, num_heads, _ = q.shape
     if num_decodes == 0:
@@ -331,7 +338,7 @@ def paged_decode(
         counters = split_counters
     launch_decode_kernel(q, k_cache, v_cache, block_table, seq_lens, out, part_out, part_lse, counters,
                          num_splits, scale, config, k_scale, v_scale, sliding_window=sliding_window, pdl=pdl,
-                         release_first=release_first)
+                         release_first=release_first, prefetch=prefetch)
 
 
 def new_partials(num_decodes: int, num_heads: int, num_lanes: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -347,7 +354,7 @@ def launch_decode_kernel(
     seq_lens: torch.Tensor, out: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor,
     counters: torch.Tensor, num_splits: int, scale: float, config: LaunchConfig, k_scale: float,
     v_scale: float, prefix_len: torch.Tensor | None = None, sliding_window: int | None = None,
-    pdl: bool = False, release_first: bool = False,
+    pdl: bool = False, release_first: bool = False, prefetch: torch.Tensor | None = None,
 ) -> None:
     """One launch of `_paged_decode_kernel` over `num_splits` splits (see `paged_decode`), or, given
     `prefix_len` (device int32 [1]), its cascade form: one program per (request, KV head) over the
@@ -368,9 +375,10 @@ def launch_decode_kernel(
     block_s = _merge_width(num_splits)
     group_p2, merge_h, merge_s = _merge_shape(group, block_s, block_d)
     cascade = prefix_len is not None
+    prefetch_bytes = l2_prefetch.check_range(prefetch) if prefetch is not None else 0
     _paged_decode_kernel[(num_decodes, num_kv_heads, 1 if cascade else num_splits)](
         q, k_cache, v_cache, block_table, seq_lens, prefix_len if cascade else seq_lens,
-        out, part_out, part_lse, counters,
+        out, part_out, part_lse, counters, prefetch if prefetch is not None else out, prefetch_bytes,
         scale * LOG2E, num_splits, sliding_window or 0, group,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
@@ -380,6 +388,7 @@ def launch_decode_kernel(
         BLOCK_S=block_s, GROUP_P2=group_p2, MERGE_H=merge_h, MERGE_S=merge_s,
         DIRECT=num_splits == 1 and not cascade,
         KV_FP8=kv_fp8, KV_SCALED=dequantize_to_float32(kv_fp8, k_scale, v_scale), CASCADE=cascade,
-        PDL=pdl, RELEASE_FIRST=release_first, num_warps=config.num_warps, num_stages=config.num_stages,
+        PDL=pdl, RELEASE_FIRST=release_first, PREFETCH=prefetch is not None, THREADS=32 * config.num_warps,
+        num_warps=config.num_warps, num_stages=config.num_stages,
         **launch_options(pdl),
     )

@@ -28,8 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenmill.ops import l2_prefetch
 from tokenmill.ops.fused_moe_configs import RouterConfig, router_config
 from tokenmill.ops.gemv import NormArgs, row_block_sums
+from tokenmill.ops.l2_prefetch import prefetch_to_l2
 from tokenmill.ops.pdl import launch_options, pdl_enter
 
 
@@ -92,16 +94,19 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_experts, strid
 
 @triton.jit
 def _router_route_kernel(x_ptr, w_ptr, logits_ptr, counter_ptr, bias_ptr, weights_ptr, ids_ptr, num_experts,
-                         hidden, stride_wn, scaling,
+                         hidden, stride_wn, scaling, prefetch_ptr, prefetch_bytes,
                          residual_ptr, norm_w_ptr, residual_out_ptr, normed_out_ptr, eps,  # NORM only (NormArgs)
                          TOP_K: tl.constexpr, K_PAD: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
                          RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                          WRITE_NORMED: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr = False,
-                         RELEASE_FIRST: tl.constexpr = False):
+                         RELEASE_FIRST: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+                         THREADS: tl.constexpr = 32):
     # The router's GEMV, BLOCK_N experts' logits a program, with `gemv.py`'s K loop (and its
     # RMSNorm of the input, the norm's outputs stored by program 0).
     pid = tl.program_id(0)
+    if PREFETCH:  # weights used after the experts' stream: evict-last (l2_prefetch.py)
+        prefetch_to_l2(prefetch_ptr, prefetch_bytes, pid, tl.num_programs(0), THREADS, True)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < num_experts
     products = row_block_sums(x_ptr, w_ptr, rows, row_mask, hidden, stride_wn, pid,
@@ -151,7 +156,8 @@ def new_router_counter(device: torch.device) -> torch.Tensor:
 def route_from_hidden(hidden: torch.Tensor, gate_weight: torch.Tensor, top_k: int, sigmoid: bool, renormalize: bool,
                       scaling: float, correction_bias: torch.Tensor | None, counter: torch.Tensor,
                       pdl: bool = False, norm: NormArgs | None = None, config: RouterConfig | None = None,
-                      release_first: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      release_first: bool = False, prefetch: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One token's routing from its hidden state, the router's product included, in one launch:
     hidden [1, H], gate_weight [E, H] (the router linear's weight, H contiguous) ->
     (topk_weights [1, k] float32, topk_ids [1, k] int32, router_logits [1, E]), the same as
@@ -166,7 +172,9 @@ def route_from_hidden(hidden: torch.Tensor, gate_weight: torch.Tensor, top_k: in
     With `norm` (`rms_norm_route_from_hidden`) `hidden` is the norm's input: the kernel routes its
     RMSNorm and stores the norm's outputs where `norm` says. `config`: the launch configuration
     (default: `fused_moe_configs.router_config`, measured where the sweep has run). `release_first`:
-    with `pdl`, the experts' kernel after it may launch before this one waits (`pdl.py`)."""
+    with `pdl`, the experts' kernel after it may launch before this one waits (`pdl.py`). `prefetch`:
+    weights read after the experts (the next layer's first GEMV), asked of L2 with the evict-last
+    priority as the kernel starts, while it waits on the kernel before (`l2_prefetch.py`)."""
     num_experts, hidden_size = gate_weight.shape
     assert hidden.shape == (1, hidden_size) and hidden.is_contiguous() and gate_weight.stride(1) == 1
     assert top_k <= num_experts and (correction_bias is None or sigmoid)
@@ -180,9 +188,11 @@ def route_from_hidden(hidden: torch.Tensor, gate_weight: torch.Tensor, top_k: in
         config = router_config(num_experts, hidden_size, gate_weight.dtype, norm.on, device)
     _router_route_kernel[(triton.cdiv(num_experts, config.block_n),)](
         hidden, gate_weight, logits, counter, bias, weights, ids, num_experts, hidden_size, gate_weight.stride(0),
-        float(scaling), *norm.kernel_args(), TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), SIGMOID=sigmoid,
+        float(scaling), prefetch if prefetch is not None else logits,
+        l2_prefetch.check_range(prefetch) if prefetch is not None else 0, *norm.kernel_args(), TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), SIGMOID=sigmoid,
         HAS_BIAS=correction_bias is not None, RENORMALIZE=renormalize, BLOCK_E=triton.next_power_of_2(num_experts),
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, **norm.meta(hidden_size), PDL=pdl, RELEASE_FIRST=release_first,
+        PREFETCH=prefetch is not None, THREADS=32 * config.num_warps,
         num_warps=config.num_warps, **launch_options(pdl))
     return weights, ids, logits
 
@@ -191,7 +201,7 @@ def rms_norm_route_from_hidden(
         hidden: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
         gate_weight: torch.Tensor, top_k: int, sigmoid: bool, renormalize: bool, scaling: float,
         correction_bias: torch.Tensor | None, counter: torch.Tensor, pdl: bool = False,
-        config: RouterConfig | None = None, release_first: bool = False,
+        config: RouterConfig | None = None, release_first: bool = False, prefetch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A pre-norm MoE layer's post-attention norm and its routing in one launch: with
     `normed, new_residual = rms_norm(hidden, norm_weight, eps, residual)` (bit for bit; without
@@ -207,5 +217,5 @@ def rms_norm_route_from_hidden(
         norm = NormArgs(norm_weight, residual, torch.empty_like(hidden), normed, eps, has_residual=True,
                         write_normed=True)
     weights, ids, _ = route_from_hidden(hidden, gate_weight, top_k, sigmoid, renormalize, scaling, correction_bias,
-                                        counter, pdl, norm, config, release_first)
+                                        counter, pdl, norm, config, release_first, prefetch)
     return weights, ids, normed, norm.residual_out if residual is not None else hidden

@@ -20,11 +20,12 @@ A kernel may instead release first (the ops' `release_first`): its dependents la
 programs have started, so the kernel after it may run while the one before it still does. That
 is safe where the kernel after it reads nothing but weights before its wait: true after every
 kernel of the batch-1 decode chain but the experts' gate/up one (the down GEMV after it reads the
-routing before its wait). It pays where a kernel that streams weights follows latency-bound ones:
-the O projection's GEMV can read its rows (`gemv.py`'s whole-row tiles) while rope + KV write and
-the decode attention run, a few microseconds each of dependent round trips that leave the memory
-system idle. The decode layers do not ask for it: `benchmarks/kernels/batch1_layer.py` times a
-layer each way. Layers decide once, when
+routing before its wait). It can pay where a kernel that streams weights follows latency-bound
+ones: the O projection's GEMV may start reading its rows while rope + KV write and the decode
+attention, a few microseconds each of dependent round trips, leave the memory system idle (the
+other way to use that idle time: the attention kernel asks L2 for those rows, `l2_prefetch.py`).
+The decode layers do not ask for it: `benchmarks/kernels/batch1_layer.py` times a layer each way.
+Layers decide once, when
 they are built (`BuildContext.pdl`: `KernelConfig.pdl`, `--pdl`, and `supported` here), and pass
 the choice to the ops as their `pdl` argument.
 """

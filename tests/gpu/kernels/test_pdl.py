@@ -80,16 +80,18 @@ def test_dependent_launches_match_ordinary_ones_eagerly_and_in_a_graph():
             assert torch.equal(static_out[0], want[0]) and torch.equal(static_out[1], want[1])
 
 
+@pytest.mark.parametrize("prefetch", [False, True], ids=["no_prefetch", "o_to_l2"])
 @pytest.mark.parametrize("release_first", [False, True], ids=["wait_first", "release_first"])
 @pytest.mark.parametrize("o_tile", ["table", "whole_row"])
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["rope", "qk_norm_rope"])
-def test_attention_chain_matches_ordinary_launches_eagerly_and_in_a_graph(qk_norm, o_tile, release_first,
+def test_attention_chain_matches_ordinary_launches_eagerly_and_in_a_graph(qk_norm, o_tile, release_first, prefetch,
                                                                           monkeypatch):
     """Norm -> QKV GEMV -> rope + cache write (with Qwen3's q/k norm fused in, or not) -> split-KV
     decode attention -> O GEMV for a batch-1 decode step, the attention kernels' inputs written by
     the kernels just before them. With `release_first` the GEMVs, rope and attention let the next
     kernel launch before they wait, so the O GEMV may start while rope runs; with `whole_row` it
-    reads all its weights before its wait."""
+    reads all its weights before its wait; with `prefetch` the attention asks L2 for them first
+    (`l2_prefetch.py`: a hint, which must change nothing)."""
     torch.manual_seed(1)
     heads, kv_heads, head_dim, block_size, num_blocks = 8, 2, 128, 16, 64
     hidden = heads * head_dim
@@ -119,7 +121,8 @@ def test_attention_chain_matches_ordinary_launches_eagerly_and_in_a_graph(qk_nor
                                 **qk_norm_args)
         out = torch.empty_like(q)
         paged_decode(q, k_cache, v_cache, block_table, seq_len, out, num_blocks * block_size, head_dim ** -0.5,
-                     split_counters=counters, pdl=use_pdl, release_first=first)
+                     split_counters=counters, pdl=use_pdl, release_first=first,
+                     prefetch=o_w if use_pdl and prefetch else None)
         return gemv(out.view(1, hidden), o_w, pdl=use_pdl, release_first=first)
 
     def inputs(length):
@@ -157,12 +160,13 @@ def test_attention_chain_matches_ordinary_launches_eagerly_and_in_a_graph(qk_nor
 
 
 @pytest.mark.parametrize("release_first", [False, True], ids=["wait_first", "release_first"])
-@pytest.mark.parametrize("fused_router", [False, True])
+@pytest.mark.parametrize("fused_router", [False, True, "prefetch"], ids=["router", "fused_router", "fused_prefetch"])
 def test_moe_chain_matches_ordinary_launches_eagerly_and_in_a_graph(fused_router, release_first):
     """Norm -> router GEMV -> routing (or both in one kernel, `route_from_hidden`) -> the experts'
     gate/up and down GEMVs, layer after layer at one token: each kernel reads the expert ids,
     weights or activations the one before wrote. With `release_first` every kernel that may (all
-    but the gate/up one) lets the next launch before it waits."""
+    but the gate/up one) lets the next launch before it waits; `fused_prefetch`: the fused router
+    also asks L2 for the next layer's router weights (evict-last, `l2_prefetch.py`)."""
     torch.manual_seed(2)
     hidden, inter, experts, top_k = 512, 256, 32, 4
     layers = [(torch.rand(hidden, device=DEVICE, dtype=torch.bfloat16) + 0.5,
@@ -174,11 +178,12 @@ def test_moe_chain_matches_ordinary_launches_eagerly_and_in_a_graph(fused_router
 
     def chain(x, residual, use_pdl):
         first = use_pdl and release_first
-        for norm, router, w13, w2 in layers:
+        for i, (norm, router, w13, w2) in enumerate(layers):
             h, residual = rms_norm(x, norm, 1e-5, residual, pdl=use_pdl)
             if fused_router:
+                prefetch = layers[(i + 1) % LAYERS][1] if use_pdl and fused_router == "prefetch" else None
                 weights, ids, _ = route_from_hidden(h, router, top_k, False, True, 1.0, None, counter, pdl=use_pdl,
-                                                    release_first=first)
+                                                    release_first=first, prefetch=prefetch)
             else:
                 weights, ids = route(gemv(h, router, pdl=use_pdl, release_first=first), top_k, False, True,
                                      pdl=use_pdl)

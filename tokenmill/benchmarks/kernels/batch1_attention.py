@@ -67,16 +67,18 @@ def prologue_calls(heads: int, kv_heads: int, dependent: bool) -> list:
     return calls
 
 
-def block_calls(heads: int, kv_heads: int, context: int, count: int, dependent: bool,
-                release_first: bool = False, max_model_len: int = 4096,
-                hidden: int = 2048) -> tuple[list, list[torch.Tensor]]:
+def block_calls(heads: int, kv_heads: int, context: int, count: int, dependent: bool, options: dict | None = None,
+                max_model_len: int = 4096, hidden: int = 2048) -> tuple[list, list[torch.Tensor], list[torch.Tensor]]:
     """`count` distinct layers' attention block up to the O projection, as a decode graph runs it:
     the QKV GEMV with the input norm fused, rope + q/k norms + KV write, the paged decode at
-    `context` tokens. The calls, and each one's output row [1, heads * HEAD_DIM] (the O GEMV's input).
-    `release_first`: each of the three lets the next kernel launch before it waits (`ops/pdl.py`;
-    the argument is passed only then, so a tree without it runs the default)."""
+    `context` tokens. The calls, each one's output row [1, heads * HEAD_DIM] (the O GEMV's input)
+    and its QKV weight. `options`, read at each call (so one set of layers serves several graphs):
+    "release_first" (each of the three lets the next kernel launch before it waits, `ops/pdl.py`),
+    "attention_prefetch" (a tensor per layer the attention asks L2 for, `ops/l2_prefetch.py`).
+    Arguments are passed only when set, so a tree without them runs its defaults."""
     from tokenmill.ops.gemv import rms_norm_gemv
 
+    options = options if options is not None else {}
     width = (heads + 2 * kv_heads) * HEAD_DIM
     blocks = math.ceil(context / BLOCK_SIZE) + 1
     splits = decode_num_splits(1, kv_heads, max_model_len, DEVICE)
@@ -85,9 +87,8 @@ def block_calls(heads: int, kv_heads: int, context: int, count: int, dependent: 
     positions = torch.tensor([context - 1], device=DEVICE)
     seq_lens = torch.full((1,), context, dtype=torch.int32, device=DEVICE)
     slot = torch.tensor([context - 1], device=DEVICE)
-    extra = {"release_first": True} if release_first else {}
-    calls, outs = [], []
-    for _ in range(count):
+    calls, outs, qkv_weights = [], [], []
+    for layer in range(count):
         x = torch.randn(1, hidden, dtype=DTYPE, device=DEVICE)
         residual = torch.randn(1, hidden, dtype=DTYPE, device=DEVICE)
         norm_w = torch.rand(hidden, dtype=DTYPE, device=DEVICE) + 0.5
@@ -98,8 +99,11 @@ def block_calls(heads: int, kv_heads: int, context: int, count: int, dependent: 
         qk_norms = [torch.rand(HEAD_DIM, dtype=DTYPE, device=DEVICE) + 0.5 for _ in range(2)]
         out = torch.empty(1, heads, HEAD_DIM, dtype=DTYPE, device=DEVICE)
 
-        def call(x=x, residual=residual, norm_w=norm_w, w_qkv=w_qkv, k_cache=k_cache, v_cache=v_cache,
+        def call(layer=layer, x=x, residual=residual, norm_w=norm_w, w_qkv=w_qkv, k_cache=k_cache, v_cache=v_cache,
                  block_table=block_table, qk_norms=qk_norms, out=out):
+            extra = {"release_first": True} if options.get("release_first") else {}
+            prefetch = options.get("attention_prefetch")
+            attention_extra = {**extra, "prefetch": prefetch[layer]} if prefetch else extra
             qkv, _ = rms_norm_gemv(x, norm_w, 1e-6, w_qkv, residual, pdl=dependent, **extra)
             q, k, v = qkv.split([heads * HEAD_DIM, kv_heads * HEAD_DIM, kv_heads * HEAD_DIM], 1)
             q = q.view(1, heads, HEAD_DIM)
@@ -107,10 +111,11 @@ def block_calls(heads: int, kv_heads: int, context: int, count: int, dependent: 
                                     v_cache, slot, positions, cos_sin, pdl=dependent, q_norm_weight=qk_norms[0],
                                     k_norm_weight=qk_norms[1], **extra)
             paged_decode(q, k_cache, v_cache, block_table, seq_lens, out, max_model_len, HEAD_DIM ** -0.5,
-                         num_splits=splits, split_counters=counters, pdl=dependent, **extra)
+                         num_splits=splits, split_counters=counters, pdl=dependent, **attention_extra)
         calls.append(call)
         outs.append(out.view(1, heads * HEAD_DIM))
-    return calls, outs
+        qkv_weights.append(w_qkv)
+    return calls, outs, qkv_weights
 
 
 def main() -> None:

@@ -4,22 +4,23 @@ the QKV GEMV with the input norm, rope + q/k norms + KV write, the paged decode 
 (`moe_routing.rms_norm_route_from_hidden`), the experts' gate/up and down GEMVs
 (`fused_moe_gemv.fused_experts_gemv`), all launched dependent, over `--layers` distinct layers
 cycled through 48 in one CUDA graph (a layer reads ~115 MB, so L2 serves none of it from the
-layer before). Prints us per layer for each variant, beside the floor of the bytes a layer must
-read at the copy rate measured in the same run:
+layer before). Prints us per layer for each way of launching it, beside the floor of the bytes a
+layer must read at the copy rate measured in the same run:
 
     wait-first       every kernel waits before it lets the next one launch, as the engine's
                      decode graphs run them (`ops/pdl.py`)
-    release-first    every kernel but the experts' gate/up lets the next launch before it waits,
-                     so a kernel's launch and weight prologue overlap the whole of the kernel
-                     before, not only its end
-    ... + O <config> the same with the O GEMV in that launch configuration (`--o-configs`;
-                     whole-row tiles read every weight of the program before its wait)
+    release-first    every kernel but the experts' gate/up lets the next launch before it waits
+    + O to L2        the attention kernel asks L2 for the O GEMV's weights as it starts
+                     (`ops/l2_prefetch.py`): they arrive while rope and attention, bound by
+                     round trips, leave the memory system idle
+    + QKV to L2      the router asks L2 for the next layer's QKV weights (evict-last, to outlive
+                     the experts' stream) while it waits on the O GEMV
 
-`--sweep o` (or `qkv`) times every `SWEEP_GRID` configuration of that GEMV inside the
-release-first layer instead, fastest first (the QKV GEMV follows the experts' down GEMV, so
-whole-row tiles there overlap that kernel's end). Every variant's outputs must equal wait-first's bit for bit (the
-launch order changes no sum), which checks the waits. Asserts nothing about time. Needs a GPU
-with dependent launches (Hopper or later).
+`--configs o:4x4096w8s1,...` (or `qkv:...`) adds the fastest way with that GEMV in those launch
+configurations; `--sweep o` (or `qkv`) times every `SWEEP_GRID` configuration of it in the
+fastest way instead, fastest first. Every way's outputs must equal wait-first's bit for bit (the
+launch order and prefetches change no sum; another GEMV configuration does, and is not checked),
+which checks the waits. Asserts nothing about time. Needs a GPU with dependent launches (Hopper+).
 
     python3 -m tokenmill.benchmarks.kernels.batch1_layer [--layers 8] [--context 640] [--sweep o|qkv] [--json out.json]
 """
@@ -45,14 +46,19 @@ HIDDEN, HEADS, KV_HEADS, EXPERTS, TOP_K, MOE_INTER, EPS, GRAPH_LAYERS = 2048, 32
 GEMV_KEYS = {"o": (HIDDEN, HEADS * HEAD_DIM, False, False),
              "qkv": ((HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN, False, True)}
 SWEEP_GRID = [(bn, bk, w, s) for bn in (1, 2, 4, 8, 16) for bk in (512, 1024, 2048, 4096) for w in (4, 8)
-              for s in (1, 2) if 2048 <= bn * bk <= 16384]
+              for s in (1, 2, 3) if 1024 <= bn * bk <= 16384]
+# name -> (release_first, attention prefetches O, router prefetches the next QKV)
+WAYS = {"wait-first": (False, False, False), "wait-first + O to L2": (False, True, False),
+        "release-first": (True, False, False), "release-first + O to L2": (True, True, False),
+        "wait-first + O, QKV to L2": (False, True, True), "release-first + O, QKV to L2": (True, True, True)}
 
 
 class Layer:
-    """One layer's weights and buffers (random: the routing is a uniform draw, as dummy weights route)."""
+    """One layer's weights and buffers (random: the routing is a uniform draw, as dummy weights
+    route). `options` (shared with the attention blocks) is read at each call."""
 
-    def __init__(self, attention, attention_out: torch.Tensor, dependent: bool):
-        self.attention, self.attention_out, self.dependent = attention, attention_out, dependent
+    def __init__(self, attention, attention_out: torch.Tensor, dependent: bool, options: dict):
+        self.attention, self.attention_out, self.dependent, self.options = attention, attention_out, dependent, options
         self.o = torch.randn(HIDDEN, HEADS * HEAD_DIM, dtype=DTYPE, device=DEVICE) * 0.02
         self.residual = torch.randn(1, HIDDEN, dtype=DTYPE, device=DEVICE)
         self.post_norm = torch.rand(HIDDEN, dtype=DTYPE, device=DEVICE) + 0.5
@@ -60,15 +66,17 @@ class Layer:
         self.w13 = torch.randn(EXPERTS, 2 * MOE_INTER, HIDDEN, dtype=DTYPE, device=DEVICE) * 0.02
         self.w2 = torch.randn(EXPERTS, HIDDEN, MOE_INTER, dtype=DTYPE, device=DEVICE) * 0.02
         self.counter = new_router_counter(DEVICE)
+        self.next_qkv: torch.Tensor | None = None  # the next layer's QKV weight
 
-    def __call__(self, release_first: bool) -> torch.Tensor:
+    def __call__(self) -> torch.Tensor:
         self.attention()
-        dependent = self.dependent
-        o = gemv(self.attention_out, self.o, pdl=dependent, release_first=release_first)
+        first, dependent = bool(self.options.get("release_first")), self.dependent
+        prefetch = self.next_qkv if self.options.get("router_prefetch") else None
+        o = gemv(self.attention_out, self.o, pdl=dependent, release_first=first)
         weights, ids, normed, _ = rms_norm_route_from_hidden(
             o, self.residual, self.post_norm, EPS, self.router, TOP_K, False, True, 1.0, None, self.counter,
-            pdl=dependent, release_first=release_first)
-        return fused_experts_gemv(normed, self.w13, self.w2, weights, ids, pdl=dependent, release_first=release_first)
+            pdl=dependent, release_first=first, prefetch=prefetch)
+        return fused_experts_gemv(normed, self.w13, self.w2, weights, ids, pdl=dependent, release_first=first)
 
     def bytes_read(self, context: int) -> int:
         qkv = (HEADS + 2 * KV_HEADS) * HEAD_DIM * HIDDEN
@@ -77,12 +85,22 @@ class Layer:
         return 2 * (qkv + self.o.numel() + self.router.numel() + experts + kv)
 
 
-def build_layers(count: int, context: int, release_first: bool, dependent: bool = True) -> list[Layer]:
-    """`count` layers whose attention blocks release first or not (a block's kernels are fixed at
-    build); `dependent`: launched dependent (off only to run the layer where PDL is not)."""
+def build_layers(count: int, context: int, options: dict, dependent: bool = True) -> list[Layer]:
+    """`count` layers in a ring (the last one's next is the first, as the graph cycles through them);
+    `dependent`: launched dependent (off only to run the layers where PDL is not)."""
     torch.manual_seed(0)
-    attentions, outs = block_calls(HEADS, KV_HEADS, context, count, dependent, release_first, hidden=HIDDEN)
-    return [Layer(attention, out, dependent) for attention, out in zip(attentions, outs)]
+    attentions, outs, qkv_weights = block_calls(HEADS, KV_HEADS, context, count, dependent, options, hidden=HIDDEN)
+    layers = [Layer(attention, out, dependent, options) for attention, out in zip(attentions, outs)]
+    for i, layer in enumerate(layers):
+        layer.next_qkv = qkv_weights[(i + 1) % count]
+    options["o_weights"] = [layer.o for layer in layers]
+    return layers
+
+
+def set_way(options: dict, way: str) -> None:
+    release_first, o_to_l2, qkv_to_l2 = WAYS[way]
+    options.update(release_first=release_first, router_prefetch=qkv_to_l2,
+                   attention_prefetch=options["o_weights"] if o_to_l2 else None)
 
 
 @contextlib.contextmanager
@@ -103,26 +121,34 @@ def gemv_config(key: tuple, config: tuple | None):
             gemv_configs.TUNED_PDL[name] = saved
 
 
-def time_layers(layers: list[Layer], release_first: bool) -> tuple[float, list[torch.Tensor]]:
+def time_layers(layers: list[Layer]) -> tuple[float, list[torch.Tensor]]:
     """us per layer of GRAPH_LAYERS layer calls (cycling through `layers`) in one graph, and the
     outputs of its last pass through every layer."""
     outputs = [None] * len(layers)
 
     def call(i: int):
         def run():
-            outputs[i % len(layers)] = layers[i % len(layers)](release_first)
+            outputs[i % len(layers)] = layers[i % len(layers)]()
         return run
 
     us = graph_us([call(i) for i in range(GRAPH_LAYERS)])
     return us, [out.clone() for out in outputs]
 
 
+def parse_configs(text: str) -> tuple[str, list[tuple]]:
+    """"o:4x4096w8s1,2x4096w4s1" -> ("o", [(4, 4096, 8, 1), (2, 4096, 4, 1)])."""
+    name, _, configs = text.partition(":")
+    assert name in GEMV_KEYS, f"--configs: one of {sorted(GEMV_KEYS)}, then ':'"
+    return name, [tuple(int(v) for v in c.replace("x", " ").replace("w", " ").replace("s", " ").split())
+                  for c in configs.split(",") if c]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=8, help="distinct layers (~1.3 GB each)")
     parser.add_argument("--context", type=int, default=640, help="tokens attended (512/256 decode: 512-768)")
-    parser.add_argument("--o-configs", default="4x4096w8s1,2x4096w4s1,8x2048w8s1",
-                        help="O GEMV configurations to time in the release-first layer, BNxBKwWARPSsSTAGES")
+    parser.add_argument("--configs", default="o:4x4096w8s1,8x2048w8s1,2x1024w4s1",
+                        help="a GEMV's launch configurations to time in the fastest way, NAME:BNxBKwWARPSsSTAGES,...")
     parser.add_argument("--sweep", choices=sorted(GEMV_KEYS), help="time every SWEEP_GRID configuration of this GEMV")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -130,52 +156,50 @@ def main() -> None:
         raise SystemExit("needs a GPU with dependent launches (ops/pdl.py)")
     from tokenmill.benchmarks.kernels.gemv import warm_compiles_in_parallel
 
-    swept = args.sweep or "o"
+    swept, configs = (args.sweep, None) if args.sweep else parse_configs(args.configs)
     key = GEMV_KEYS[swept]
-    configs = [c for c in SWEEP_GRID if c[1] <= key[1]] if args.sweep else [
-        tuple(int(v) for v in c.replace("x", " ").replace("w", " ").replace("s", " ").split())
-        for c in args.o_configs.split(",") if c]
+    if configs is None:
+        configs = [c for c in SWEEP_GRID if c[1] <= key[1]]
     for release_first in (False, True):
         warm_compiles_in_parallel([(False, key[1] if key[3] else 0)], True, configs=configs,
                                   release_first=release_first)
     rate = copy_rate(torch.cuda.current_device(), 2.0)
     name = torch.cuda.get_device_name(DEVICE)
-    result = {"device": name, "copy_gb_s": rate, "context": args.context, "layers": args.layers, "rows": []}
+    options: dict = {}
+    layers = build_layers(args.layers, args.context, options)
+    floor_us = layers[0].bytes_read(args.context) / rate / 1e3
+    print(f"{name}; copy {rate:.0f} GB/s; a layer reads {layers[0].bytes_read(args.context) / 1e6:.1f} MB: "
+          f"floor {floor_us:.2f} us; context {args.context}; {args.layers} distinct layers, {GRAPH_LAYERS} a graph",
+          flush=True)
+    result = {"device": name, "copy_gb_s": rate, "context": args.context, "layers": args.layers,
+              "floor_us": floor_us, "ways": [], "configs": []}
     reference = None
-    for release_first in (False, True):
-        layers = build_layers(args.layers, args.context, release_first)
-        floor_us = layers[0].bytes_read(args.context) / rate / 1e3
-        if reference is None:
-            print(f"{name}; copy {rate:.0f} GB/s; a layer reads {layers[0].bytes_read(args.context) / 1e6:.1f} MB: "
-                  f"floor {floor_us:.2f} us; context {args.context}; {args.layers} distinct layers, "
-                  f"{GRAPH_LAYERS} a graph; O table entry {gemv_configs.tuned_config(layers[0].o, False, True)}",
-                  flush=True)
-        variants = [None] if not release_first else [None, *configs]
-        rows = []
-        for config in variants:
-            with gemv_config(key, config):
-                try:
-                    us, outputs = time_layers(layers, release_first)
-                except Exception as e:  # a configuration this GPU cannot launch (resources)
-                    print(f"  O {config}: {type(e).__name__}: {e}"[:200], flush=True)
-                    continue
-            if reference is None:
-                reference = outputs
-            same = all(torch.equal(a, b) for a, b in zip(outputs, reference))
-            # Another O configuration sums in another order: the table's must match bit for bit.
-            if config is None and not same:
-                raise AssertionError(f"release_first={release_first}: the outputs differ from wait-first's")
-            label = ("release-first" if release_first else "wait-first") + (f" + {swept} {config}" if config else "")
-            rows.append({"variant": label, "release_first": release_first, "gemv": swept, "config": config, "us": us,
-                         "floor_us": floor_us, "same_outputs": same})
-            if not args.sweep or config is None:
-                print(f"  {label:40s} {us:7.2f} us a layer ({us / floor_us:.2f}x the floor)", flush=True)
-        if args.sweep and release_first:
-            for row in sorted(rows[1:], key=lambda r: r["us"])[:12]:
-                print(f"  {row['variant']:40s} {row['us']:7.2f} us a layer ({row['us'] / floor_us:.2f}x)", flush=True)
-        result["rows"].extend(rows)
-        del layers
-        torch.cuda.empty_cache()
+    for way in WAYS:
+        set_way(options, way)
+        us, outputs = time_layers(layers)
+        reference = reference if reference is not None else outputs
+        if not all(torch.equal(a, b) for a, b in zip(outputs, reference)):
+            raise AssertionError(f"{way}: the outputs differ from wait-first's")
+        result["ways"].append({"way": way, "us": us})
+        print(f"  {way:32s} {us:7.2f} us a layer ({us / floor_us:.2f}x the floor)", flush=True)
+    fastest = min(result["ways"], key=lambda r: r["us"])
+    set_way(options, fastest["way"])
+    print(f"{swept} GEMV configurations in the fastest way ({fastest['way']}; table's "
+          f"{gemv_configs.tuned_config(layers[0].o if swept == 'o' else layers[0].next_qkv, False, True, key[3])}):",
+          flush=True)
+    for config in configs:
+        with gemv_config(key, config):
+            try:
+                us, _ = time_layers(layers)
+            except Exception as e:  # a configuration this GPU cannot launch (resources)
+                print(f"  {config}: {type(e).__name__}: {e}"[:200], flush=True)
+                continue
+        result["configs"].append({"gemv": swept, "config": config, "way": fastest["way"], "us": us})
+        if not args.sweep:
+            print(f"  {swept} {config}: {us:7.2f} us a layer ({us / floor_us:.2f}x)", flush=True)
+    if args.sweep:
+        for row in sorted(result["configs"], key=lambda r: r["us"])[:12]:
+            print(f"  {swept} {row['config']}: {row['us']:7.2f} us a layer ({row['us'] / floor_us:.2f}x)", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

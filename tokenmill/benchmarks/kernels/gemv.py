@@ -200,7 +200,7 @@ def graph_sweep(shapes: dict[str, tuple[int, int, bool, bool]], min_bytes: float
             from tokenmill.benchmarks.kernels.batch1_attention import block_calls
             heads, kv_heads, tokens = context[name]
             assert heads * 128 == k and not silu and not norm
-            before, xs = block_calls(heads, kv_heads, tokens, copies, dependent, release_first)
+            before, xs, _ = block_calls(heads, kv_heads, tokens, copies, dependent, {"release_first": release_first})
             before_ms = graph_ms(lambda x, w: None, ws, xs, before)
         norm_args = _norm_args(xs[0], k) if norm else None
         if norm:

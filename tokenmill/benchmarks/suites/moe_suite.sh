@@ -14,7 +14,7 @@
 #   attention-ab: batch-1 decode's attention kernels a layer (benchmarks/kernels/batch1_attention.py),
 #   this tree's and then $BASELINE's, side by side.
 #   layer: batch-1 decode's decoder layer kernel by kernel in one graph (benchmarks/kernels/batch1_layer.py):
-#   wait-first against release-first launches and O GEMV tiles, then the O GEMV's tiles swept inside it.
+#   waits and releases, L2 prefetches, GEMV tiles; then the O and QKV GEMVs' tiles swept inside it.
 #   profile: per-kernel GPU time of a decode step without dependent launches (gpu_step_profile
 #   --no-pdl --gaps) at batch 1 (600-token contexts) and at batch 10 (2,560-token contexts, the
 #   10-in-flight load's mean); with $BASELINE set, batch 1 also for that tree.
@@ -66,8 +66,10 @@ fi
 if [[ "$part" == layer ]]; then
   timeout "${LAYER_TIMEOUT:-200}" python3 -m tokenmill.benchmarks.kernels.batch1_layer --json "$out/layer.json" 2>&1 \
       | grep -v -i warning | tee "$out/layer.log" || rc=1
-  timeout "${LAYER_TIMEOUT:-200}" python3 -m tokenmill.benchmarks.kernels.batch1_layer --sweep o \
-      --json "$out/layer_o_sweep.json" 2>&1 | grep -v -i warning | tee "$out/layer_o_sweep.log" || rc=1
+  for gemv in o qkv; do
+    timeout "${LAYER_TIMEOUT:-200}" python3 -m tokenmill.benchmarks.kernels.batch1_layer --sweep $gemv \
+        --json "$out/layer_${gemv}_sweep.json" 2>&1 | grep -v -i warning | tee "$out/layer_${gemv}_sweep.log" || rc=1
+  done
 fi
 if [[ "$part" == profile ]]; then
   prof="python3 -m tokenmill.benchmarks.gpu_step_profile --model qwen3-30b-a3b --gpu-memory-utilization 0.9 --max-model-len 4096 --no-pdl --gaps"
