@@ -26,6 +26,12 @@ def supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 9
 
 
+def takes(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` can be a prefetch range (`check_range` accepts it)."""
+    return (supported(tensor.device) and tensor.is_contiguous() and tensor.data_ptr() % 16 == 0
+            and tensor.numel() * tensor.element_size() % 16 == 0)
+
+
 def check_range(tensor: torch.Tensor) -> int:
     """The byte count of `tensor` as a prefetch range (contiguous, 16-byte aligned and sized)."""
     assert supported(tensor.device), "bulk L2 prefetches need a CUDA GPU of compute capability 9+"

@@ -3,7 +3,7 @@
 # micro-benchmark with its launch-config sweep, and the Qwen3-30B-A3B serving set (dummy bf16
 # weights): batch-1 decode 512/256 vs its bytes-read floor, 100 x 2048/1024 at 10 in flight (mean
 # TPOT), offline 256 x 1024/1024 vs HF generate(). Results under $OUT; a short table last.
-# Usage (repo root, one H100):  bash tokenmill/benchmarks/suites/moe_suite.sh [tests|kernels|gemv-sweep|tune|attention-ab|layer|profile|model|decode-ab|all]
+# Usage (repo root, one H100):  bash tokenmill/benchmarks/suites/moe_suite.sh [tests|kernels|gemv-sweep|tune|attention-ab|layer|profile|model|decode-flags|decode-ab|all]
 #   ~2.5 min tests, ~2.5 min kernels, ~4 min model (one engine start of the 30B shape + HF).
 #   gemv-sweep: the token-by-token path's configurations (Qwen3-30B-A3B experts), the winners
 #   written into ops/fused_moe_configs.py (a copy in $OUT), so a later part in the call runs them.
@@ -18,6 +18,8 @@
 #   profile: per-kernel GPU time of a decode step without dependent launches (gpu_step_profile
 #   --no-pdl --gaps) at batch 1 (600-token contexts) and at batch 10 (2,560-token contexts, the
 #   10-in-flight load's mean); with $BASELINE set, batch 1 also for that tree.
+#   decode-flags: batch-1 decode only, this tree as served and then with $FLAGS (default
+#   "--pdl-release-first --l2-prefetch"), one engine start each.
 #   decode-ab: batch-1 decode only, this tree and then the one in $BASELINE (another commit's
 #   `tokenmill/`, carried), alternating ROUNDS times (default 2); this one first, so a call cut
 #   short still has its figure.
@@ -81,6 +83,15 @@ if [[ "$part" == profile ]]; then
         | grep -v -i warning > "$out/profile_b1_nopdl_baseline.log" ) || rc=1
   fi
 fi
+if [[ "$part" == decode-flags ]]; then
+  for label in default flags; do
+    extra=$([[ $label == flags ]] && echo "${FLAGS:---pdl-release-first --l2-prefetch}" || echo "")
+    timeout "${DECODE_TIMEOUT:-200}" python3 -m tokenmill.entrypoints.cli.main bench moe --model qwen3-30b-a3b \
+        --load-format dummy --dtype bfloat16 --max-model-len 4096 --max-num-seqs 8 --gpu-memory-utilization 0.9 \
+        --parts decode $extra --output-json "$out/decode_${label}.json" 2>&1 | grep -E "^batch-1" \
+        | sed "s/^/$label ($extra): /" | tee -a "$out/decode_flags.log" || rc=1
+  done
+fi
 if [[ "$part" == decode-ab ]]; then
   here="$(pwd)"
   base="$(cd "${BASELINE:?set BASELINE to the other tree}" && pwd)"
@@ -109,6 +120,7 @@ echo "== summary ($(head -2 "$out/device.txt" | tail -1)) =="
 [[ -f "$out/dense_gemv_sweep.log" ]] && grep -E "engine's choice" "$out/dense_gemv_sweep.log" | cut -c1-200
 [[ -f "$out/router_sweep.log" ]] && grep -E "router sweep|gemv sweep" "$out/router_sweep.log"
 [[ -f "$out/decode_ab.log" ]] && cat "$out/decode_ab.log"
+[[ -f "$out/decode_flags.log" ]] && cat "$out/decode_flags.log"
 [[ -f "$out/layer.log" ]] && cat "$out/layer.log"
 echo "rc=$rc"
 exit $rc
