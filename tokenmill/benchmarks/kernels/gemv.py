@@ -99,7 +99,7 @@ def sweep(x: torch.Tensor, w: torch.Tensor) -> list[dict]:
 
 
 # Tiles of 2,048-4,096 columns hold a whole row of the models' K: launched dependent, such a GEMV
-# reads all its weights before its wait, which pays after latency-bound kernels (MODEL_CONTEXT).
+# reads all its weights before its wait, which can pay after latency-bound kernels (MODEL_CONTEXT).
 GRAPH_SWEEP_GRID = ([(bn, bk, w, s) for bn in (1, 2, 4, 8, 16) for bk in (128, 256, 512, 1024)
                      for w in (1, 2, 4, 8) for s in (1, 2, 3, 4) if 512 <= bn * bk <= 8192 and w * 32 <= bk]
                     + [(bn, bk, w, s) for bn in (1, 2, 4, 8) for bk in (2048, 4096) for w in (4, 8) for s in (1, 2)
