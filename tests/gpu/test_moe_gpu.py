@@ -114,8 +114,8 @@ def test_moe_release_first_and_l2_prefetch_change_no_token(tmp_path_factory):
             results.append(tokens)
             if flags:
                 layers = llm.engine.core.executor.driver_worker.model.model.layers
-                assert layers[0].self_attn.attn.impl._prefetch_module is layers[0].self_attn.o_proj
-                assert layers[0].mlp.experts._prefetch_next is layers[1].self_attn.qkv_proj  # layer 1: dense MLP
-                assert layers[2].mlp.experts._prefetch_next is None  # the last layer: nothing follows
+                assert layers[0].self_attn.attn.impl._prefetch_module == (layers[0].self_attn.o_proj,)
+                assert layers[0].mlp.experts._prefetch_next == (layers[1].self_attn.qkv_proj,)  # layer 1: dense
+                assert layers[2].mlp.experts._prefetch_next == ()  # the last layer: nothing follows
         torch.cuda.empty_cache()
     assert results[0] == results[1]

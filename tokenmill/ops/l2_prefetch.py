@@ -8,8 +8,8 @@ kernel after it (`cp.async.bulk.prefetch.L2`: fire and forget, no registers, no 
 for); that kernel then reads them from L2 instead of device memory. Weights change only between
 steps, so the prefetch may be issued before the kernel's dependent-launch wait (`pdl.py`).
 
-Each thread of the program issues one bulk prefetch of its share of the range: `THREADS` must be
-the program's thread count (32 x num_warps), so that no thread repeats another's piece. With
+Each program issues one bulk prefetch of its share of the range, from one thread: `THREADS` must
+be the program's thread count (32 x num_warps), so that exactly one thread holds that lane. With
 EVICT_LAST the lines carry L2's evict-last priority, for data that must outlive a stream read
 with evict-first (the GEMVs read their weights so) before it is used.
 """
@@ -44,11 +44,13 @@ def check_range(tensor: torch.Tensor) -> int:
 @triton.jit
 def prefetch_to_l2(base_ptr, nbytes, program, num_programs, THREADS: tl.constexpr, EVICT_LAST: tl.constexpr):
     """Ask L2 for this program's share of bytes [0, nbytes) at `base_ptr` (16-byte aligned, nbytes a
-    multiple of 16), split evenly over `num_programs` programs of THREADS threads."""
+    multiple of 16), split evenly over `num_programs` programs of THREADS threads: one bulk
+    prefetch a program, from its first thread (an SM's bulk-copy unit takes requests one at a
+    time: thousands of small ones would hold the issuing threads up)."""
     lane = tl.arange(0, THREADS)
-    piece = tl.cdiv(tl.cdiv(nbytes, num_programs * THREADS), 16) * 16
-    start = (program * THREADS + lane).to(tl.int64) * piece
-    size = tl.minimum(tl.maximum(nbytes - start, 0), piece).to(tl.int32)
+    piece = tl.cdiv(tl.cdiv(nbytes, num_programs), 16) * 16
+    start = program.to(tl.int64) * piece + lane * 0
+    size = tl.where(lane == 0, tl.minimum(tl.maximum(nbytes - start, 0), piece), 0).to(tl.int32)
     address = base_ptr.to(tl.pointer_type(tl.int8)) + start
     if EVICT_LAST:
         tl.inline_asm_elementwise(

@@ -95,7 +95,8 @@ class TritonBackend(AttentionBackend):
         self._release_first = context.release_first
         self._l2_prefetch = context.l2_prefetch
         self._qk_norm: tuple[RMSNorm, RMSNorm] | None = None  # applied here (`fuse_qk_norm`)
-        self._prefetch_module: torch.nn.Module | None = None  # `prefetch_ahead`'s
+        # `prefetch_ahead`'s module, in a tuple: not registered here a second time (its weights load once).
+        self._prefetch_module: tuple[torch.nn.Module, ...] = ()
 
     @staticmethod
     def builder_class() -> type[AttentionMetadataBuilder]:
@@ -111,11 +112,11 @@ class TritonBackend(AttentionBackend):
 
     def prefetch_ahead(self, module: torch.nn.Module) -> None:
         if self._l2_prefetch:
-            self._prefetch_module = module
+            self._prefetch_module = (module,)
 
     def _prefetch(self) -> torch.Tensor | None:
         """The weight the decode kernel asks L2 for, where it is one range (`l2_prefetch.takes`)."""
-        weight = getattr(self._prefetch_module, "weight", None)
+        weight = getattr(self._prefetch_module[0], "weight", None) if self._prefetch_module else None
         return weight if weight is not None and l2_prefetch.takes(weight) else None
 
     def _counters(self, num_entries: int, device: torch.device) -> torch.Tensor:

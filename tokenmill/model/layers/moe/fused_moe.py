@@ -108,8 +108,9 @@ class FusedMoE(CustomOp):
             self._rms_norm_route = moe_routing.rms_norm_route_from_hidden  # and the norm before it
             self._pdl = context.pdl  # the decode chain's kernels launch dependent (ops/pdl.py)
             self._release_first = context.release_first
-        # The weight the router asks L2 for as it starts (`prefetch_next`); None: nothing.
-        self._prefetch_next: nn.Module | None = None
+        # The module whose weight the router asks L2 for as it starts (`prefetch_next`), in a tuple:
+        # not registered here a second time (its weights load once, under the next layer's name).
+        self._prefetch_next: tuple[nn.Module, ...] = ()
         self._l2_prefetch = self.uses_cuda_kernels and context.l2_prefetch
         self._fuse_router = self.uses_cuda_kernels and router is not None and context.kernels.triton_gemv
 
@@ -253,10 +254,10 @@ class FusedMoE(CustomOp):
         """With `KernelConfig.l2_prefetch`: the one-launch router asks L2 for `module`'s weight (the
         next layer's first projection) as it starts, with the evict-last priority, so that it
         outlives the experts' stream (`ops/l2_prefetch.py`)."""
-        self._prefetch_next = module if self._l2_prefetch else None
+        self._prefetch_next = (module,) if self._l2_prefetch else ()
 
     def _prefetch_weight(self) -> torch.Tensor | None:
-        weight = getattr(self._prefetch_next, "weight", None)
+        weight = getattr(self._prefetch_next[0], "weight", None) if self._prefetch_next else None
         return weight if weight is not None and l2_prefetch.takes(weight) else None
 
     def _router_fuses(self, hidden: torch.Tensor) -> bool:
