@@ -95,27 +95,3 @@ def test_moe_batch1_decode_graph_fuses_the_router(name, tmp_path_factory, monkey
 def test_moe_batch1_decode_graph_fuses_the_norms(name, tmp_path_factory, monkeypatch):
     folder, _ = moe_folder(tmp_path_factory, name, 0.5)  # peaky logits: greedy margins far above rounding
     assert_batch1_graphs_fuse_the_norms(folder, monkeypatch, moe=True)
-
-
-def test_moe_release_first_and_l2_prefetch_change_no_token(tmp_path_factory):
-    """`pdl_release_first` and `l2_prefetch` change when kernels start and what L2 holds, never a
-    sum: the same greedy tokens, in batch-1 decode graphs and batched, as the default launches. The
-    links are in place: each attention asks for its O projection's weight, a MoE layer's router for
-    the next layer's QKV weight."""
-    folder, _ = moe_folder(tmp_path_factory, "qwen3_moe", 0.5)  # peaky logits: greedy margins far above rounding
-    prompts = [[(11 * i + 5 * j) % 2048 for i in range(n)] for j, n in enumerate((300, 17, 64))]
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    results = []
-    for flags in ({}, dict(pdl_release_first=True, l2_prefetch=True)):
-        with LLM(folder, dtype="bfloat16", max_model_len=2048, gpu_memory_utilization=0.3, max_num_seqs=8,
-                 **flags) as llm:
-            tokens = [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
-            tokens += [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-            results.append(tokens)
-            if flags:
-                layers = llm.engine.core.executor.driver_worker.model.model.layers
-                assert layers[0].self_attn.attn.impl._prefetch_module == (layers[0].self_attn.o_proj,)
-                assert layers[0].mlp.experts._prefetch_next == (layers[1].self_attn.qkv_proj,)  # layer 1: dense
-                assert layers[2].mlp.experts._prefetch_next == ()  # the last layer: nothing follows
-        torch.cuda.empty_cache()
-    assert results[0] == results[1]

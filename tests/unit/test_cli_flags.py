@@ -154,22 +154,3 @@ def test_serve_accepts_the_vllm_reasoning_and_tool_flags():
                               "--reasoning-parser", "deepseek_r1", "--response-role", "bot"]))
     assert (plan.config.tool_call_parser, plan.config.reasoning_parser, plan.config.response_role) == (
         "hermes", "deepseek_r1", "bot")
-
-
-def test_release_first_and_l2_prefetch_reach_the_kernel_config_and_are_inert_off_hopper():
-    """--pdl-release-first / --l2-prefetch are off by default and land in KernelConfig; a layer built
-    off a Hopper GPU (here the CPU) sees neither (build_context: they need dependent launches / bulk prefetch)."""
-    import torch
-
-    from tokenmill.distributed.parallel_state import TensorParallelGroup
-    from tokenmill.model.build_context import BuildContext
-
-    args = parse(["serve", "--pdl-release-first", "--l2-prefetch"])
-    assert args.pdl_release_first is True and args.l2_prefetch is True
-    default = EngineArgs().create_engine_config().kernels
-    assert default.pdl_release_first is False and default.l2_prefetch is False
-    kernels = EngineArgs(pdl_release_first=True, l2_prefetch=True).create_engine_config().kernels
-    assert kernels.pdl_release_first and kernels.l2_prefetch
-    cpu = torch.device("cpu")
-    context = BuildContext(cpu, kernels, TensorParallelGroup(0, 1, cpu))
-    assert not context.release_first and not context.l2_prefetch

@@ -138,8 +138,6 @@ class EngineArgs:
     # GPU kernel switches (docs/gpu.md): all on by default, each off for measurement or a workaround.
     triton_gemv: bool = True
     pdl: bool = True
-    pdl_release_first: bool = False
-    l2_prefetch: bool = False
     cublas_fp8: bool = True
     disable_custom_all_reduce: bool = False
     fused_all_reduce_norm: bool = True
@@ -241,13 +239,6 @@ class EngineArgs:
         parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=d.pdl,
                             help="decode kernels (GEMVs, norms, rope, attention) launch dependent on the "
                                  "kernel before, each starting as the previous one ends (Hopper and later)")
-        parser.add_argument("--pdl-release-first", action=argparse.BooleanOptionalAction,
-                            default=d.pdl_release_first,
-                            help="with --pdl, each decode kernel but the experts' gate/up lets the next one "
-                                 "launch before it waits for the one before (off by default: docs/gpu.md)")
-        parser.add_argument("--l2-prefetch", action=argparse.BooleanOptionalAction, default=d.l2_prefetch,
-                            help="the decode attention and the MoE router ask L2 for the weights of the O and "
-                                 "next QKV projections as they start (Hopper and later; off by default: docs/gpu.md)")
         parser.add_argument("--cublas-fp8", action=argparse.BooleanOptionalAction,
                             default=d.cublas_fp8,
                             help="fp8 linears multiply batches of many tokens through cuBLAS's scaled fp8 "
@@ -401,8 +392,6 @@ class EngineArgs:
             # fused all-reduce + norm of small decode batches).
             triton_gemv=self.triton_gemv and not self.batch_invariant,
             pdl=self.pdl,
-            pdl_release_first=self.pdl_release_first,
-            l2_prefetch=self.l2_prefetch,
             cublas_fp8=self.cublas_fp8 and not self.batch_invariant,
             custom_all_reduce=not self.disable_custom_all_reduce,
             fused_all_reduce_norm=self.fused_all_reduce_norm and not self.batch_invariant,

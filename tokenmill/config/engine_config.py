@@ -146,12 +146,6 @@ class KernelConfig:
     # dependent on the kernel before, overlapping each one's start with its predecessor's end
     # (programmatic dependent launch, Hopper and later; ops/pdl.py; ignored elsewhere).
     pdl: bool = True
-    # With `pdl`: every kernel of the chain but the experts' gate/up lets the next one launch before
-    # it waits, not after (ops/pdl.py), so a kernel's prologue overlaps the whole of the one before.
-    pdl_release_first: bool = False
-    # The decode attention asks L2 for the O projection's weights as it starts, the MoE router for
-    # the next layer's QKV weights (ops/l2_prefetch.py; Hopper and later; ignored elsewhere).
-    l2_prefetch: bool = False
     # fp8 linears: products of many tokens through cuBLAS's scaled fp8 GEMM (`torch._scaled_mm`
     # with row-wise or DeepSeek's 1x128 / 128x128 block scales) where this torch and GPU take them.
     cublas_fp8: bool = True

@@ -39,19 +39,6 @@ class BuildContext:
         from tokenmill.ops import pdl
         return pdl.supported(self.device)
 
-    @property
-    def release_first(self) -> bool:
-        """Whether those kernels (but the experts' gate/up) let the next launch before they wait (`ops/pdl.py`)."""
-        return self.pdl and self.kernels.pdl_release_first
-
-    @property
-    def l2_prefetch(self) -> bool:
-        """Whether latency-bound kernels ask L2 for the weights of kernels to come (`ops/l2_prefetch.py`)."""
-        if not (self.kernels.l2_prefetch and self.on_cuda):
-            return False
-        from tokenmill.ops import l2_prefetch
-        return l2_prefetch.supported(self.device)
-
 
 _current: ContextVar[BuildContext | None] = ContextVar("tokenmill_build_context", default=None)
 

@@ -157,8 +157,7 @@ def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, topk_weight
 def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, expert_map: torch.Tensor | None = None,
                   config: MoeKernelConfig | None = None, path: str = "auto",
-                  scales: ExpertScales | None = None, pdl: bool = False,
-                  release_first: bool = False) -> torch.Tensor:
+                  scales: ExpertScales | None = None, pdl: bool = False) -> torch.Tensor:
     """The routed experts' weighted sum for every token.
 
     Args:
@@ -174,7 +173,7 @@ def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
             of `bk` (per token for channel scales), as the dense fp8 layers (`fp8_gemm.py`); the
             GEMV path multiplies by the dequantised weights (weight-only).
         pdl: the GEMV path's kernels launch dependent (`pdl.py`; the grouped path's launch the
-            ordinary way); release_first: its down kernel lets the next launch before it waits.
+            ordinary way).
     Returns:
         [T, H] in hidden's dtype.
     """
@@ -194,8 +193,7 @@ def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
         path = "gemv" if config is None and num_tokens <= GEMV_MAX_TOKENS else "grouped"
     assert (scales is not None) == (w13.dtype == FP8_DTYPE), "fp8 experts come with their scales"
     if path == "gemv":
-        return fused_experts_gemv(hidden, w13, w2, topk_weights, topk_ids, expert_map, scales, pdl=pdl,
-                                  release_first=release_first)
+        return fused_experts_gemv(hidden, w13, w2, topk_weights, topk_ids, expert_map, scales, pdl=pdl)
     assert path == "grouped", path
     if config is None:
         config = moe_config(num_tokens, num_local, top_k, hidden_size, inter, hidden.dtype, hidden.device)

@@ -9,7 +9,10 @@ for); that kernel then reads them from L2 instead of device memory. Weights chan
 steps, so the prefetch may be issued before the kernel's dependent-launch wait (`pdl.py`).
 
 Each program issues one bulk prefetch of its share of the range, from one thread: `THREADS` must
-be the program's thread count (32 x num_warps), so that exactly one thread holds that lane. With
+be the program's thread count (32 x num_warps), so that exactly one thread holds that lane. No
+decode layer asks for a prefetch: in a Qwen3-30B-A3B layer on an H100, with one request a thread
+(thousands of ~1 KB ones), each use measured slower (`benchmarks/kernels/batch1_layer.py`,
+docs/perf.md); one request a program is what that benchmark times next. With
 EVICT_LAST the lines carry L2's evict-last priority, for data that must outlive a stream read
 with evict-first (the GEMVs read their weights so) before it is used.
 """
@@ -26,12 +29,6 @@ def supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def takes(tensor: torch.Tensor) -> bool:
-    """Whether `tensor` can be a prefetch range (`check_range` accepts it)."""
-    return (supported(tensor.device) and tensor.is_contiguous() and tensor.data_ptr() % 16 == 0
-            and tensor.numel() * tensor.element_size() % 16 == 0)
-
-
 def check_range(tensor: torch.Tensor) -> int:
     """The byte count of `tensor` as a prefetch range (contiguous, 16-byte aligned and sized)."""
     assert supported(tensor.device), "bulk L2 prefetches need a CUDA GPU of compute capability 9+"
@@ -45,8 +42,7 @@ def check_range(tensor: torch.Tensor) -> int:
 def prefetch_to_l2(base_ptr, nbytes, program, num_programs, THREADS: tl.constexpr, EVICT_LAST: tl.constexpr):
     """Ask L2 for this program's share of bytes [0, nbytes) at `base_ptr` (16-byte aligned, nbytes a
     multiple of 16), split evenly over `num_programs` programs of THREADS threads: one bulk
-    prefetch a program, from its first thread (an SM's bulk-copy unit takes requests one at a
-    time: thousands of small ones would hold the issuing threads up)."""
+    prefetch a program, from its first thread."""
     lane = tl.arange(0, THREADS)
     piece = tl.cdiv(tl.cdiv(nbytes, num_programs), 16) * 16
     start = program.to(tl.int64) * piece + lane * 0

@@ -18,8 +18,8 @@
 #   profile: per-kernel GPU time of a decode step without dependent launches (gpu_step_profile
 #   --no-pdl --gaps) at batch 1 (600-token contexts) and at batch 10 (2,560-token contexts, the
 #   10-in-flight load's mean); with $BASELINE set, batch 1 also for that tree.
-#   decode-flags: batch-1 decode only, this tree as served and then with $FLAGS (default
-#   "--pdl-release-first --l2-prefetch"), one engine start each.
+#   decode-flags: batch-1 decode only, this tree as served and then with the engine flags $FLAGS,
+#   one engine start each.
 #   decode-ab: batch-1 decode only, this tree and then the one in $BASELINE (another commit's
 #   `tokenmill/`, carried), alternating ROUNDS times (default 2); this one first, so a call cut
 #   short still has its figure.
@@ -84,8 +84,9 @@ if [[ "$part" == profile ]]; then
   fi
 fi
 if [[ "$part" == decode-flags ]]; then
+  : "${FLAGS:?set FLAGS to the engine flags to compare}"
   for label in default flags; do
-    extra=$([[ $label == flags ]] && echo "${FLAGS:---pdl-release-first --l2-prefetch}" || echo "")
+    extra=$([[ $label == flags ]] && echo "$FLAGS" || echo "")
     timeout "${DECODE_TIMEOUT:-200}" python3 -m tokenmill.entrypoints.cli.main bench moe --model qwen3-30b-a3b \
         --load-format dummy --dtype bfloat16 --max-model-len 4096 --max-num-seqs 8 --gpu-memory-utilization 0.9 \
         --parts decode $extra --output-json "$out/decode_${label}.json" 2>&1 | grep -E "^batch-1" \

@@ -159,11 +159,6 @@ class AttentionBackend(ABC):
         the `Attention` layer then applies them before it calls `forward`."""
         return False
 
-    def prefetch_ahead(self, module: "torch.nn.Module") -> None:
-        """Offered once, when the layer is built, the module that runs right after attention (the
-        output projection): a backend may ask L2 for its weight as its decode kernel starts
-        (`ops/l2_prefetch.py`, `KernelConfig.l2_prefetch`). The default ignores it."""
-
     @abstractmethod
     def forward(
         self,

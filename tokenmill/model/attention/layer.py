@@ -40,11 +40,6 @@ class Attention(CacheLayer):
         self.k_scale = 1.0
         self.v_scale = 1.0
 
-    def prefetch_ahead(self, module: torch.nn.Module) -> None:
-        """`module` (the output projection) runs right after this layer: its weight may be asked of
-        L2 as the decode kernel starts (`AttentionBackend.prefetch_ahead`)."""
-        self.impl.prefetch_ahead(module)
-
     # ----- the layer's share of the paged KV cache -----
     def kv_cache_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
         if not self.impl.uses_kv_cache:

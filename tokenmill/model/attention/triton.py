@@ -39,7 +39,6 @@ from tokenmill.ops.attention_cascade import cascade_decode
 from tokenmill.ops.attention_decode import new_split_counters, paged_decode
 from tokenmill.ops.attention_prefill import paged_prefill
 from tokenmill.model.build_context import build_context
-from tokenmill.ops import l2_prefetch
 from tokenmill.ops.kv_cache_write import rope_and_write_kv_cache, write_kv_cache
 
 
@@ -90,13 +89,8 @@ class TritonBackend(AttentionBackend):
                  sliding_window: int | None = None) -> None:
         super().__init__(num_heads, num_kv_heads, head_dim, scale, sliding_window)
         self._split_counters: torch.Tensor | None = None  # [>= num_decodes * num_kv_heads] int32
-        context = build_context()
-        self._pdl = context.pdl  # the decode chain's kernels launch dependent (ops/pdl.py)
-        self._release_first = context.release_first
-        self._l2_prefetch = context.l2_prefetch
+        self._pdl = build_context().pdl  # the decode chain's kernels launch dependent (ops/pdl.py)
         self._qk_norm: tuple[RMSNorm, RMSNorm] | None = None  # applied here (`fuse_qk_norm`)
-        # `prefetch_ahead`'s module, in a tuple: not registered here a second time (its weights load once).
-        self._prefetch_module: tuple[torch.nn.Module, ...] = ()
 
     @staticmethod
     def builder_class() -> type[AttentionMetadataBuilder]:
@@ -109,15 +103,6 @@ class TritonBackend(AttentionBackend):
             return False
         self._qk_norm = (q_norm, k_norm)
         return True
-
-    def prefetch_ahead(self, module: torch.nn.Module) -> None:
-        if self._l2_prefetch:
-            self._prefetch_module = (module,)
-
-    def _prefetch(self) -> torch.Tensor | None:
-        """The weight the decode kernel asks L2 for, where it is one range (`l2_prefetch.takes`)."""
-        weight = getattr(self._prefetch_module[0], "weight", None) if self._prefetch_module else None
-        return weight if weight is not None and l2_prefetch.takes(weight) else None
 
     def _counters(self, num_entries: int, device: torch.device) -> torch.Tensor:
         # Sized generously on first use so that the warm-up before graph capture allocates it
@@ -139,8 +124,7 @@ class TritonBackend(AttentionBackend):
                 q_norm, k_norm = self._qk_norm
                 norms = dict(q_norm_weight=q_norm.weight, k_norm_weight=k_norm.weight, qk_norm_eps=q_norm.eps)
             rope_and_write_kv_cache(q, k, v, k_cache, v_cache, meta.slot_mapping, rope.positions,
-                                    rope.cos_sin_cache, k_scale, v_scale, pdl=self._pdl,
-                                    release_first=self._release_first, **norms)
+                                    rope.cos_sin_cache, k_scale, v_scale, pdl=self._pdl, **norms)
         else:
             if self._qk_norm is not None:
                 q, k = self._qk_norm[0](q), self._qk_norm[1](k)
@@ -159,7 +143,6 @@ class TritonBackend(AttentionBackend):
                 out[:num_decodes], meta.max_seq_len, self.scale,
                 split_counters=self._counters(num_decodes * k_cache.shape[2], q.device),
                 k_scale=k_scale, v_scale=v_scale, sliding_window=self.sliding_window, pdl=self._pdl,
-                release_first=self._release_first, prefetch=self._prefetch(),
             )
         if meta.num_prefills:
             paged_prefill(

@@ -120,12 +120,12 @@ class CpuLinearMethod(LinearMethod):
 
 
 class CudaLinearMethod(LinearMethod):
-    def __init__(self, triton_gemv: bool, pdl: bool = False, release_first: bool = False) -> None:
+    def __init__(self, triton_gemv: bool, pdl: bool = False) -> None:
         self.triton_gemv = triton_gemv
         if triton_gemv:
             from tokenmill.ops import gemv
-            self._gemv = functools.partial(gemv.gemv, pdl=pdl, release_first=release_first)
-            self._rms_norm_gemv = functools.partial(gemv.rms_norm_gemv, pdl=pdl, release_first=release_first)
+            self._gemv = functools.partial(gemv.gemv, pdl=pdl)
+            self._rms_norm_gemv = functools.partial(gemv.rms_norm_gemv, pdl=pdl)
 
     def uses_gemv(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         """Whether the product of one row `x` and `weight` runs the Triton GEMV (batch-1 decode graphs)."""
@@ -197,7 +197,7 @@ def unquantized_linear_method(in_compiled_graph: bool = True) -> LinearMethod:
     if context.kernels.batch_invariant:
         return BatchInvariantCudaLinearMethod() if context.on_cuda else BatchInvariantCpuLinearMethod()
     if context.on_cuda:
-        return CudaLinearMethod(context.kernels.triton_gemv, context.pdl, context.release_first)
+        return CudaLinearMethod(context.kernels.triton_gemv, context.pdl)
     if context.device.type == "cpu":
         return CpuLinearMethod(pack=not (context.kernels.cpu_compile and in_compiled_graph),
                                native_gemv=context.kernels.cpu_native_decode and cpu_gemv.available())

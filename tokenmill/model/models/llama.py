@@ -59,7 +59,6 @@ class LlamaAttention(nn.Module):
         self.k_norm = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
         self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, head_dim ** -0.5,
                               sliding_window, qk_norm=(self.q_norm, self.k_norm) if qk_norm else None)
-        self.attn.prefetch_ahead(self.o_proj)
 
     def forward(self, hidden: torch.Tensor, rope: RotaryInputs, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -113,12 +112,6 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(make_layer(i) for i in range(config.num_hidden_layers))
-        # A MoE block's router may ask L2 for the next layer's QKV weights (`FusedMoE.prefetch_next`).
-        for layer, following in zip(self.layers, self.layers[1:]):
-            ask = getattr(getattr(layer, "mlp", None), "prefetch_next", None)
-            qkv = getattr(getattr(following, "self_attn", None), "qkv_proj", None)
-            if ask is not None and qkv is not None:
-                ask(qkv)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         theta, scaling = rope_parameters(config)
         # One table for all layers (a 128k-position table is 64 MB).

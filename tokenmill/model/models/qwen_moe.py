@@ -42,9 +42,6 @@ class QwenMoeSparseBlock(nn.Module):
                            residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.experts.forward_after_norm(norm, hidden, residual)
 
-    def prefetch_next(self, module: nn.Module) -> None:
-        self.experts.prefetch_next(module)
-
 
 class Qwen3MoeForCausalLM(LlamaForCausalLM):
     qk_norm = True

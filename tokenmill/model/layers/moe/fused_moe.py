@@ -41,7 +41,6 @@ from torch import nn
 
 from tokenmill.config.parallel import divide
 from tokenmill.model.build_context import build_context
-from tokenmill.ops import l2_prefetch
 from tokenmill.model.custom_op import CustomOp
 from tokenmill.model.forward_context import current_forward_context
 from tokenmill.model.layers.linear_method import CudaLinearMethod
@@ -107,11 +106,6 @@ class FusedMoE(CustomOp):
             self._route_from_hidden = moe_routing.route_from_hidden  # and with the router's product
             self._rms_norm_route = moe_routing.rms_norm_route_from_hidden  # and the norm before it
             self._pdl = context.pdl  # the decode chain's kernels launch dependent (ops/pdl.py)
-            self._release_first = context.release_first
-        # The module whose weight the router asks L2 for as it starts (`prefetch_next`), in a tuple:
-        # not registered here a second time (its weights load once, under the next layer's name).
-        self._prefetch_next: tuple[nn.Module, ...] = ()
-        self._l2_prefetch = self.uses_cuda_kernels and context.l2_prefetch
         self._fuse_router = self.uses_cuda_kernels and router is not None and context.kernels.triton_gemv
 
     # ----- weights -----
@@ -189,8 +183,7 @@ class FusedMoE(CustomOp):
         if self._norm_fuses(norm, hidden):
             topk_weights, topk_ids, normed, residual = self._rms_norm_route(
                 hidden, residual, norm.weight, norm.eps, self._router.weight, *self._route_args(correction_bias),
-                self._counter(hidden.device), pdl=self._pdl, release_first=self._release_first,
-                prefetch=self._prefetch_weight())
+                self._counter(hidden.device), pdl=self._pdl)
             return self._add_shared(normed, self._experts(normed, topk_weights, topk_ids)), residual
         if residual is None:
             return self(norm(hidden), correction_bias=correction_bias), hidden
@@ -226,9 +219,8 @@ class FusedMoE(CustomOp):
         else:
             args = self._route_args(correction_bias)
             if router_logits is None and self._router_fuses(hidden):
-                topk_weights, topk_ids, _ = self._route_from_hidden(
-                    hidden, self._router.weight, *args, self._counter(hidden.device), pdl=self._pdl,
-                    release_first=self._release_first, prefetch=self._prefetch_weight())
+                topk_weights, topk_ids, _ = self._route_from_hidden(hidden, self._router.weight, *args,
+                                                                    self._counter(hidden.device), pdl=self._pdl)
             else:
                 if router_logits is None:
                     router_logits = self._router(hidden)
@@ -247,18 +239,7 @@ class FusedMoE(CustomOp):
         """The routed experts' weighted sum on CUDA (this rank's part)."""
         expert_map = None if self.all_experts_local else self.expert_map
         w13, w2, scales = self.method.kernel_weights(self, hidden.dtype)
-        return self._fused_experts(hidden, w13, w2, topk_weights, topk_ids, expert_map, scales=scales, pdl=self._pdl,
-                                   release_first=self._release_first)
-
-    def prefetch_next(self, module: nn.Module) -> None:
-        """With `KernelConfig.l2_prefetch`: the one-launch router asks L2 for `module`'s weight (the
-        next layer's first projection) as it starts, with the evict-last priority, so that it
-        outlives the experts' stream (`ops/l2_prefetch.py`)."""
-        self._prefetch_next = (module,) if self._l2_prefetch else ()
-
-    def _prefetch_weight(self) -> torch.Tensor | None:
-        weight = getattr(self._prefetch_next[0], "weight", None) if self._prefetch_next else None
-        return weight if weight is not None and l2_prefetch.takes(weight) else None
+        return self._fused_experts(hidden, w13, w2, topk_weights, topk_ids, expert_map, scales=scales, pdl=self._pdl)
 
     def _router_fuses(self, hidden: torch.Tensor) -> bool:
         """Whether the router's product runs inside the routing kernel: where it would be the
