@@ -9,12 +9,13 @@ for); that kernel then reads them from L2 instead of device memory. Weights chan
 steps, so the prefetch may be issued before the kernel's dependent-launch wait (`pdl.py`).
 
 Each program issues one bulk prefetch of its share of the range, from one thread: `THREADS` must
-be the program's thread count (32 x num_warps), so that exactly one thread holds that lane. No
-decode layer asks for a prefetch: in a Qwen3-30B-A3B layer on an H100, with one request a thread
-(thousands of ~1 KB ones), each use measured slower (`benchmarks/kernels/batch1_layer.py`,
-docs/perf.md); one request a program is what that benchmark times next. With
+be the program's thread count (32 x num_warps), so that exactly one thread holds that lane. With
 EVICT_LAST the lines carry L2's evict-last priority, for data that must outlive a stream read
 with evict-first (the GEMVs read their weights so) before it is used.
+
+No decode layer asks for a prefetch: in a Qwen3-30B-A3B layer on an H100, issued as one ~1 KB
+request a thread, each use measured slower (`benchmarks/kernels/batch1_layer.py`, docs/perf.md).
+The form here, one request a program, has compiled for sm_90 but not been timed.
 """
 
 from __future__ import annotations

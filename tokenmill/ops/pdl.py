@@ -26,9 +26,9 @@ attention, a few microseconds each of dependent round trips, leave the memory sy
 other way to use that idle time: the attention kernel asks L2 for those rows, `l2_prefetch.py`).
 The decode layers do not ask for it: in a Qwen3-30B-A3B layer on an H100 it measured slower
 (`benchmarks/kernels/batch1_layer.py`, docs/perf.md).
-Layers decide once, when
-they are built (`BuildContext.pdl`: `KernelConfig.pdl`, `--pdl`, and `supported` here), and pass
-the choice to the ops as their `pdl` argument.
+
+Layers decide once, when they are built (`BuildContext.pdl`: `KernelConfig.pdl`, `--pdl`, and
+`supported` here), and pass the choice to the ops as their `pdl` argument.
 """
 
 from __future__ import annotations
