@@ -44,3 +44,37 @@ def test_reused_pinned_blocks_keep_each_copy_its_own_values():
     tensors = [index_tensor([i] * 16, torch.device("cuda")) for i in range(64)]
     torch.cuda.synchronize()
     assert [int(t[0]) for t in tensors] == list(range(64)) and all(bool((t == t[0]).all()) for t in tensors)
+
+
+@pytest.mark.parametrize("batch", [1, 10])
+def test_decode_steps_copy_nothing_from_pageable_memory(batch):
+    """Steady decode steps (async scheduling, decode graphs) enqueue their host-to-device copies from
+    pinned memory only: a pageable one makes the host wait for the step before (see above), which
+    shows as idle GPU time between steps. On failure: the ops that issued one, with their Python stack."""
+    import random
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from tokenmill import LLM, SamplingParams
+
+    with LLM("qwen3-0.6b", load_format="dummy", dtype="bfloat16", max_num_seqs=16, max_model_len=1024,
+             gpu_memory_utilization=0.3) as llm:
+        engine = llm.engine
+        rng = random.Random(0)
+        params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+        for i in range(batch):
+            engine.add_request(str(i), [rng.randrange(1000, 20000) for _ in range(300)], params)
+        while engine.core.scheduler.waiting or any(
+                r.num_computed_tokens < r.num_prompt_tokens for r in engine.core.scheduler.running):
+            engine.step()
+        for _ in range(8):
+            engine.step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+            for _ in range(8):
+                engine.step()
+            torch.cuda.synchronize()
+    copies = [e for e in prof.events() if "Pageable" in e.name and "HtoD" in e.name]
+    issuers = [f"{e.name}: {' <- '.join(e.stack[:6])}" for e in prof.events()
+               if any("Pageable" in k.name and "HtoD" in k.name for k in e.kernels)]
+    assert not copies, f"{len(copies)} pageable host-to-device copies in 8 steps:\n" + "\n".join(issuers[:8])
