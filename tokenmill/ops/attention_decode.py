@@ -79,13 +79,13 @@ def _paged_decode_kernel(
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, GROUP_P2: tl.constexpr,
     MERGE_H: tl.constexpr, MERGE_S: tl.constexpr, DIRECT: tl.constexpr,
     KV_FP8: tl.constexpr, KV_SCALED: tl.constexpr, CASCADE: tl.constexpr, PDL: tl.constexpr = False,
-    RELEASE_FIRST: tl.constexpr = False, PREFETCH: tl.constexpr = False, THREADS: tl.constexpr = 128,
+    PREFETCH: tl.constexpr = False, THREADS: tl.constexpr = 128,
 ):
     if PREFETCH:  # weights of a later kernel into L2 (l2_prefetch.py): never written in a step, so before the wait
         program = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
         prefetch_to_l2(prefetch_ptr, prefetch_bytes, program,
                        tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2), THREADS, False)
-    pdl_enter(PDL, RELEASE_FIRST)
+    pdl_enter(PDL)
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -318,7 +318,6 @@ def paged_decode(
     v_scale: float = 1.0,
     sliding_window: int | None = None,  # attend the last this-many keys only (None: all)
     pdl: bool = False,  # launched dependent on the kernel before (ops/pdl.py)
-    release_first: bool = False,  # with pdl: the next kernel may launch before this one waits (ops/pdl.py)
     prefetch: torch.Tensor | None = None,  # weights of a kernel to come, asked of L2 as this one starts (l2_prefetch.py)
 ) -> None:
     num_decodes, num_heads, _ = q.shape
@@ -338,7 +337,7 @@ def paged_decode(
         counters = split_counters
     launch_decode_kernel(q, k_cache, v_cache, block_table, seq_lens, out, part_out, part_lse, counters,
                          num_splits, scale, config, k_scale, v_scale, sliding_window=sliding_window, pdl=pdl,
-                         release_first=release_first, prefetch=prefetch)
+                         prefetch=prefetch)
 
 
 def new_partials(num_decodes: int, num_heads: int, num_lanes: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -354,7 +353,7 @@ def launch_decode_kernel(
     seq_lens: torch.Tensor, out: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor,
     counters: torch.Tensor, num_splits: int, scale: float, config: LaunchConfig, k_scale: float,
     v_scale: float, prefix_len: torch.Tensor | None = None, sliding_window: int | None = None,
-    pdl: bool = False, release_first: bool = False, prefetch: torch.Tensor | None = None,
+    pdl: bool = False, prefetch: torch.Tensor | None = None,
 ) -> None:
     """One launch of `_paged_decode_kernel` over `num_splits` splits (see `paged_decode`), or, given
     `prefix_len` (device int32 [1]), its cascade form: one program per (request, KV head) over the
@@ -388,7 +387,7 @@ def launch_decode_kernel(
         BLOCK_S=block_s, GROUP_P2=group_p2, MERGE_H=merge_h, MERGE_S=merge_s,
         DIRECT=num_splits == 1 and not cascade,
         KV_FP8=kv_fp8, KV_SCALED=dequantize_to_float32(kv_fp8, k_scale, v_scale), CASCADE=cascade,
-        PDL=pdl, RELEASE_FIRST=release_first, PREFETCH=prefetch is not None, THREADS=32 * config.num_warps,
+        PDL=pdl, PREFETCH=prefetch is not None, THREADS=32 * config.num_warps,
         num_warps=config.num_warps, num_stages=config.num_stages,
         **launch_options(pdl),
     )

@@ -99,8 +99,7 @@ def _down_gemv_kernel(act_ptr, w2_ptr, ids_ptr, map_ptr, weights_ptr, out_ptr, h
                       s_ptr, stride_se, stride_sn,
                       TOP_K: tl.constexpr, TOP_K_POW2: tl.constexpr, HAS_MAP: tl.constexpr, SCALES: tl.constexpr,
                       BLOCKWISE: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, SCALE_BLOCK_K: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
-                      RELEASE_FIRST: tl.constexpr = False):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
     # The k experts are one axis of the tile ([k, BLOCK_N, BLOCK_K]), not a loop: their rows are
     # independent loads in flight together (as a loop over experts, one expert's slice is in flight
     # and the GEMV reads at ~40% of the copy rate; as a tile ~60%: Qwen3-30B-A3B, H100, perf.md).
@@ -127,7 +126,7 @@ def _down_gemv_kernel(act_ptr, w2_ptr, ids_ptr, map_ptr, weights_ptr, out_ptr, h
     if PDL:  # the first tile's rows before the wait (the routing is not the kernel before's: see above)
         k_ok = cols[None, :] < k_limit[:, None]
         w = tl.load(w_ptrs, mask=k_ok[:, None, :] & row_ok[None, :, None], other=0.0, eviction_policy="evict_first")
-        pdl_enter(PDL, RELEASE_FIRST)
+        pdl_enter(PDL)
         acc += tl.sum(w.to(tl.float32) * _down_activations(act_ptrs, block_scales, 0, cols, k_ok, SCALES, BLOCKWISE,
                                                            SCALE_BLOCK_K)[:, None, :], axis=2)
         k_begin = BLOCK_K
@@ -180,12 +179,10 @@ def _scale_args(scale: torch.Tensor | None, block: tuple[int, int] | None, block
 def fused_experts_gemv(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                        topk_ids: torch.Tensor, expert_map: torch.Tensor | None = None,
                        scales: ExpertScales | None = None, config: MoeGemvConfig | None = None,
-                       pdl: bool = False, release_first: bool = False) -> torch.Tensor:
+                       pdl: bool = False) -> torch.Tensor:
     """As `fused_moe.fused_experts` (same arguments, contiguous), for a few tokens; fp8 experts
     (`scales`) weight-only. `config`: the launch configuration (default: the measured one for
-    this shape and GPU, `fused_moe_configs.moe_gemv_config`); `pdl`: launched dependent;
-    `release_first`: the kernel after the down GEMV may launch before that one waits (`pdl.py`;
-    never the gate/up kernel: the down kernel reads the routing before its wait)."""
+    this shape and GPU, `fused_moe_configs.moe_gemv_config`); `pdl`: launched dependent."""
     num_tokens, hidden_size = hidden.shape
     inter = w2.shape[2]
     top_k = topk_ids.shape[1]
@@ -206,6 +203,5 @@ def fused_experts_gemv(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
     _down_gemv_kernel[(num_tokens, triton.cdiv(hidden_size, bn))](
         act, w2, topk_ids, map_arg, topk_weights, out, hidden_size, inter, w2.stride(0), w2.stride(1), *s_args,
         TOP_K=top_k, TOP_K_POW2=pow2, HAS_MAP=expert_map is not None, **s_meta, BLOCK_N=bn,
-        BLOCK_K=config.down_block_k, PDL=pdl, RELEASE_FIRST=release_first, num_warps=config.down_warps,
-        **launch_options(pdl))
+        BLOCK_K=config.down_block_k, PDL=pdl, num_warps=config.down_warps, **launch_options(pdl))
     return out

@@ -118,12 +118,12 @@ def row_block_sums(x_ptr, w_ptr, rows, row_mask, K, stride_wn, program,
                    residual_ptr, norm_w_ptr, residual_out_ptr, normed_out_ptr, eps,
                    SILU_MUL: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
                    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, WRITE_NORMED: tl.constexpr,
-                   BLOCK_H: tl.constexpr, RELEASE_FIRST: tl.constexpr = False):
+                   BLOCK_H: tl.constexpr):
     """float32 products of x with the weight rows `rows` ([BLOCK_N]): the K loop of a GEMV
     program. With PDL the first weight tile is read before waiting for the kernel before: weights
     change only between steps (loading, updates), never in the kernel before this one. With NORM
     (`NormArgs`) the product is that of the row's RMSNorm; program 0 (`program`: the caller's id)
-    stores the norm's outputs. RELEASE_FIRST: `pdl.pdl_enter`'s."""
+    stores the norm's outputs."""
     cols = tl.arange(0, BLOCK_K)
     acc = tl.zeros((rows.shape[0], BLOCK_K), dtype=tl.float32)
     w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :]
@@ -131,7 +131,7 @@ def row_block_sums(x_ptr, w_ptr, rows, row_mask, K, stride_wn, program,
     rstd = 0.0
     if PDL:
         w = load_weight_tile(w_ptrs, 0, row_mask, cols, K)
-        pdl_enter(PDL, RELEASE_FIRST)
+        pdl_enter(PDL)
         if NORM:
             rstd = norm_prologue(x_ptr, residual_ptr, norm_w_ptr, residual_out_ptr, normed_out_ptr, K, eps, program,
                                  HAS_RESIDUAL, WRITE_NORMED, BLOCK_H)
@@ -158,15 +158,13 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn,
                  SILU_MUL: tl.constexpr, PUSH: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr,
                  MAX_ROWS: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                  WRITE_NORMED: tl.constexpr, BLOCK_H: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
-                 RELEASE_FIRST: tl.constexpr = False):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     y = row_block_sums(x_ptr, w_ptr, rows, row_mask, K, stride_wn, pid,
                        residual_ptr, norm_w_ptr, residual_out_ptr, normed_out_ptr, eps,
-                       SILU_MUL, BLOCK_K, PDL, NORM, HAS_RESIDUAL, WRITE_NORMED, BLOCK_H,
-                       RELEASE_FIRST).to(y_ptr.dtype.element_ty)
+                       SILU_MUL, BLOCK_K, PDL, NORM, HAS_RESIDUAL, WRITE_NORMED, BLOCK_H).to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + rows, y, mask=row_mask)
     if PUSH:
         # This rank's partial sums, sent now to the peers' buffers for the fused all-reduce + norm
@@ -183,7 +181,7 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn,
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False, push: "PushTarget | None" = None,
-         pdl: bool = False, release_first: bool = False) -> torch.Tensor:
+         pdl: bool = False) -> torch.Tensor:
     """`x @ weight.T` for x [1, K] (or [K]) and weight [N, K], both contiguous in K.
 
     With `silu_mul`, x is [1, 2K] (gate, then up) and the product is `silu_and_mul(x) @ weight.T`,
@@ -191,14 +189,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False, push: "P
     result to the tensor-parallel peers for the fused all-reduce + norm to come, which then need
     not send it (`RMSNorm`, `model/layers/layernorm.py`): the NVLink trip overlaps the GEMV's tail.
     With `pdl` (a GPU `ops/pdl.supported`), it is launched dependent on the kernel before and
-    reads its first weight tile while that one finishes; `release_first`: it lets the next kernel
-    launch before it waits (`pdl.py` says when that is safe)."""
-    return _launch(x, weight, silu_mul, push, pdl, None, release_first)
+    reads its first weight tile while that one finishes."""
+    return _launch(x, weight, silu_mul, push, pdl, None)
 
 
 def rms_norm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-                  residual: torch.Tensor | None = None, pdl: bool = False,
-                  release_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  residual: torch.Tensor | None = None, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """`(gemv(rms_norm(x, norm_weight, eps, residual), weight), x + residual)` for x [1, K], bit for
     bit, in one launch; without `residual` the second is x itself (a first layer's residual)."""
     assert x.shape == (1, weight.shape[1]) and x.is_contiguous() and norm_weight.shape == (weight.shape[1],)
@@ -207,7 +203,7 @@ def rms_norm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight
     else:
         assert residual.shape == x.shape and residual.is_contiguous()
         norm = NormArgs(norm_weight, residual, torch.empty_like(x), x, eps, has_residual=True, write_normed=False)
-    return _launch(x, weight, False, None, pdl, norm, release_first), norm.residual_out
+    return _launch(x, weight, False, None, pdl, norm), norm.residual_out
 
 
 def plain_launch_args(y: torch.Tensor, norm: NormArgs | None = None, hidden: int = 0) -> tuple[tuple, dict]:
@@ -220,7 +216,7 @@ def plain_launch_args(y: torch.Tensor, norm: NormArgs | None = None, hidden: int
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool, push: "PushTarget | None", pdl: bool,
-            norm: NormArgs | None, release_first: bool = False) -> torch.Tensor:
+            norm: NormArgs | None) -> torch.Tensor:
     n, k = weight.shape
     assert x.numel() == x.shape[-1] == (2 * k if silu_mul else k)
     assert weight.stride(1) == 1
@@ -234,7 +230,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool, push: "PushTa
     else:
         comm = (y, y, 0, 0)  # not read
         meta = dict(PUSH=False, RANK=0, WORLD=1, MAX_ROWS=1)
-    meta.update(PDL=pdl, RELEASE_FIRST=release_first, **norm.meta(k), **launch_options(pdl))
+    meta.update(PDL=pdl, **norm.meta(k), **launch_options(pdl))
     args = (x, weight, y, n, k, weight.stride(0), *comm, *norm.kernel_args())
     config = tuned_config(weight, silu_mul, pdl, norm.on)
     if config is not None:

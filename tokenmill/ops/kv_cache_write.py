@@ -147,7 +147,6 @@ def _rope_and_write_kv_kernel(
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, HALF: tl.constexpr,
     BLOCK_HALF: tl.constexpr, BLOCK_Q_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     KV_FP8: tl.constexpr, QK_NORM: tl.constexpr = False, PDL: tl.constexpr = False,
-    RELEASE_FIRST: tl.constexpr = False,
 ):
     # Token `program_id(0)`: q and k rotated in place for every token (slot -1 only skips the
     # cache write: prefill reads this step's keys from k, so k must end up rotated), k and v
@@ -155,7 +154,7 @@ def _rope_and_write_kv_kernel(
     # the kernel is one round trip to memory (the ops in turn, or one kernel calling them, would
     # store and reload between the norm, the rotation and the write: three).
     # `head_dim` is the runtime copy of HEAD_DIM: the norm kernel divides by a runtime value.
-    pdl_enter(PDL, RELEASE_FIRST)
+    pdl_enter(PDL)
     tok = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
     cos, sin = cos_sin_at(cos_sin_ptr, positions_ptr, tok, stride_cs_pos, HALF, BLOCK_HALF)
@@ -189,7 +188,6 @@ def rope_and_write_kv_cache(
     q_norm_weight: torch.Tensor | None = None,  # [head_dim]: RMSNorm each q head first
     k_norm_weight: torch.Tensor | None = None,  # [head_dim]: and each k head (both or neither)
     qk_norm_eps: float = 1e-6,
-    release_first: bool = False,  # with pdl: the next kernel (attention) may launch before this one waits
 ) -> None:
     """`rope_neox_(q, k, positions, cos_sin_cache)` then `write_kv_cache(k, v, ...)` in one launch,
     with bit-identical results; dims past rotary_dim are left alone (partial rotary). With the norm
@@ -219,6 +217,5 @@ def rope_and_write_kv_cache(
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, PAGE=k_cache.shape[1], HALF=rope_meta["HALF"],
         BLOCK_HALF=rope_meta["BLOCK_HALF"], BLOCK_Q_HEADS=rope_meta["BLOCK_Q_HEADS"],
         BLOCK_H=rope_meta["BLOCK_K_HEADS"], BLOCK_D=triton.next_power_of_2(head_dim),
-        KV_FP8=kv_fp8, QK_NORM=qk_norm, PDL=pdl, RELEASE_FIRST=release_first, num_warps=rope_meta["num_warps"],
-        **launch_options(pdl),
+        KV_FP8=kv_fp8, QK_NORM=qk_norm, PDL=pdl, num_warps=rope_meta["num_warps"], **launch_options(pdl),
     )

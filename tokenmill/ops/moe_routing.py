@@ -100,8 +100,7 @@ def _router_route_kernel(x_ptr, w_ptr, logits_ptr, counter_ptr, bias_ptr, weight
                          RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                          WRITE_NORMED: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr = False,
-                         RELEASE_FIRST: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-                         THREADS: tl.constexpr = 32):
+                         PREFETCH: tl.constexpr = False, THREADS: tl.constexpr = 32):
     # The router's GEMV, BLOCK_N experts' logits a program, with `gemv.py`'s K loop (and its
     # RMSNorm of the input, the norm's outputs stored by program 0).
     pid = tl.program_id(0)
@@ -111,7 +110,7 @@ def _router_route_kernel(x_ptr, w_ptr, logits_ptr, counter_ptr, bias_ptr, weight
     row_mask = rows < num_experts
     products = row_block_sums(x_ptr, w_ptr, rows, row_mask, hidden, stride_wn, pid,
                               residual_ptr, norm_w_ptr, residual_out_ptr, normed_out_ptr, eps,
-                              False, BLOCK_K, PDL, NORM, HAS_RESIDUAL, WRITE_NORMED, BLOCK_H, RELEASE_FIRST)
+                              False, BLOCK_K, PDL, NORM, HAS_RESIDUAL, WRITE_NORMED, BLOCK_H)
     tl.store(logits_ptr + rows, products.to(logits_ptr.dtype.element_ty), mask=row_mask)
     # The program that finishes last routes, from every program's logits (attention_decode.py's
     # split merge: a barrier orders the block's stores before one thread's release at gpu scope).
@@ -156,8 +155,7 @@ def new_router_counter(device: torch.device) -> torch.Tensor:
 def route_from_hidden(hidden: torch.Tensor, gate_weight: torch.Tensor, top_k: int, sigmoid: bool, renormalize: bool,
                       scaling: float, correction_bias: torch.Tensor | None, counter: torch.Tensor,
                       pdl: bool = False, norm: NormArgs | None = None, config: RouterConfig | None = None,
-                      release_first: bool = False, prefetch: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      prefetch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One token's routing from its hidden state, the router's product included, in one launch:
     hidden [1, H], gate_weight [E, H] (the router linear's weight, H contiguous) ->
     (topk_weights [1, k] float32, topk_ids [1, k] int32, router_logits [1, E]), the same as
@@ -171,8 +169,7 @@ def route_from_hidden(hidden: torch.Tensor, gate_weight: torch.Tensor, top_k: in
 
     With `norm` (`rms_norm_route_from_hidden`) `hidden` is the norm's input: the kernel routes its
     RMSNorm and stores the norm's outputs where `norm` says. `config`: the launch configuration
-    (default: `fused_moe_configs.router_config`, measured where the sweep has run). `release_first`:
-    with `pdl`, the experts' kernel after it may launch before this one waits (`pdl.py`). `prefetch`:
+    (default: `fused_moe_configs.router_config`, measured where the sweep has run). `prefetch`:
     weights read after the experts (the next layer's first GEMV), asked of L2 with the evict-last
     priority as the kernel starts, while it waits on the kernel before (`l2_prefetch.py`)."""
     num_experts, hidden_size = gate_weight.shape
@@ -189,9 +186,10 @@ def route_from_hidden(hidden: torch.Tensor, gate_weight: torch.Tensor, top_k: in
     _router_route_kernel[(triton.cdiv(num_experts, config.block_n),)](
         hidden, gate_weight, logits, counter, bias, weights, ids, num_experts, hidden_size, gate_weight.stride(0),
         float(scaling), prefetch if prefetch is not None else logits,
-        l2_prefetch.check_range(prefetch) if prefetch is not None else 0, *norm.kernel_args(), TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), SIGMOID=sigmoid,
+        l2_prefetch.check_range(prefetch) if prefetch is not None else 0, *norm.kernel_args(),
+        TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), SIGMOID=sigmoid,
         HAS_BIAS=correction_bias is not None, RENORMALIZE=renormalize, BLOCK_E=triton.next_power_of_2(num_experts),
-        BLOCK_N=config.block_n, BLOCK_K=config.block_k, **norm.meta(hidden_size), PDL=pdl, RELEASE_FIRST=release_first,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, **norm.meta(hidden_size), PDL=pdl,
         PREFETCH=prefetch is not None, THREADS=32 * config.num_warps,
         num_warps=config.num_warps, **launch_options(pdl))
     return weights, ids, logits
@@ -201,7 +199,7 @@ def rms_norm_route_from_hidden(
         hidden: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
         gate_weight: torch.Tensor, top_k: int, sigmoid: bool, renormalize: bool, scaling: float,
         correction_bias: torch.Tensor | None, counter: torch.Tensor, pdl: bool = False,
-        config: RouterConfig | None = None, release_first: bool = False, prefetch: torch.Tensor | None = None,
+        config: RouterConfig | None = None, prefetch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A pre-norm MoE layer's post-attention norm and its routing in one launch: with
     `normed, new_residual = rms_norm(hidden, norm_weight, eps, residual)` (bit for bit; without
@@ -217,5 +215,5 @@ def rms_norm_route_from_hidden(
         norm = NormArgs(norm_weight, residual, torch.empty_like(hidden), normed, eps, has_residual=True,
                         write_normed=True)
     weights, ids, _ = route_from_hidden(hidden, gate_weight, top_k, sigmoid, renormalize, scaling, correction_bias,
-                                        counter, pdl, norm, config, release_first, prefetch)
+                                        counter, pdl, norm, config, prefetch)
     return weights, ids, normed, norm.residual_out if residual is not None else hidden

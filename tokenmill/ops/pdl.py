@@ -16,16 +16,9 @@ kernel can only have started once the kernel before it has passed its wait, so e
 more kernels back has finished, and may be read before the wait (the MoE down GEMV reads the
 routing so, `fused_moe_gemv.py`); a kernel launched the ordinary way may sit anywhere in the chain.
 
-A kernel may instead release first (the ops' `release_first`): its dependents launch once all its
-programs have started, so the kernel after it may run while the one before it still does. That
-is safe where the kernel after it reads nothing but weights before its wait: true after every
-kernel of the batch-1 decode chain but the experts' gate/up one (the down GEMV after it reads the
-routing before its wait). It can pay where a kernel that streams weights follows latency-bound
-ones: the O projection's GEMV may start reading its rows while rope + KV write and the decode
-attention, a few microseconds each of dependent round trips, leave the memory system idle (the
-other way to use that idle time: the attention kernel asks L2 for those rows, `l2_prefetch.py`).
-The decode layers do not ask for it: in a Qwen3-30B-A3B layer on an H100 it measured slower
-(`benchmarks/kernels/batch1_layer.py`, docs/perf.md).
+Releasing first instead (the next kernel launched before this one waits, so that a GEMV's weight
+reads overlap latency-bound kernels such as rope and attention) measured slower in a Qwen3-30B-A3B
+layer on an H100: 61.2 against 58.5 us (`benchmarks/kernels/batch1_layer.py`, docs/perf.md).
 
 Layers decide once, when they are built (`BuildContext.pdl`: `KernelConfig.pdl`, `--pdl`, and
 `supported` here), and pass the choice to the ops as their `pdl` argument.
@@ -50,13 +43,9 @@ def launch_options(pdl: bool) -> dict:
 
 
 @triton.jit
-def pdl_enter(PDL: tl.constexpr, RELEASE_FIRST: tl.constexpr = False):
+def pdl_enter(PDL: tl.constexpr):
     """With PDL: wait until the kernel before has finished and its writes are visible, then allow
-    the next kernel to launch (it is placed as this one's programs leave the SMs). RELEASE_FIRST
-    allows it before waiting (see the module's docstring for when that is safe)."""
+    the next kernel to launch (it is placed as this one's programs leave the SMs)."""
     if PDL:
-        if RELEASE_FIRST:
-            tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-        if not RELEASE_FIRST:
-            tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_launch_dependents()

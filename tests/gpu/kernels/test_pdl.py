@@ -15,7 +15,7 @@ import torch
 
 from kernel_device import DEVICE, INTERPRET  # noqa: E402  (skips the module without a GPU)
 
-from tokenmill.ops import gemv_configs, pdl  # noqa: E402
+from tokenmill.ops import pdl  # noqa: E402
 from tokenmill.ops.attention_decode import new_split_counters, paged_decode  # noqa: E402
 from tokenmill.ops.fp8_format import quantize_weight_blocks, quantize_weight_per_channel  # noqa: E402
 from tokenmill.ops.fp8_gemv import fp8_gemv  # noqa: E402
@@ -81,25 +81,15 @@ def test_dependent_launches_match_ordinary_ones_eagerly_and_in_a_graph():
 
 
 @pytest.mark.parametrize("prefetch", [False, True], ids=["no_prefetch", "o_to_l2"])
-@pytest.mark.parametrize("release_first", [False, True], ids=["wait_first", "release_first"])
-@pytest.mark.parametrize("o_tile", ["table", "whole_row"])
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["rope", "qk_norm_rope"])
-def test_attention_chain_matches_ordinary_launches_eagerly_and_in_a_graph(qk_norm, o_tile, release_first, prefetch,
-                                                                          monkeypatch):
+def test_attention_chain_matches_ordinary_launches_eagerly_and_in_a_graph(qk_norm, prefetch):
     """Norm -> QKV GEMV -> rope + cache write (with Qwen3's q/k norm fused in, or not) -> split-KV
     decode attention -> O GEMV for a batch-1 decode step, the attention kernels' inputs written by
-    the kernels just before them. With `release_first` the GEMVs, rope and attention let the next
-    kernel launch before they wait, so the O GEMV may start while rope runs; with `whole_row` it
-    reads all its weights before its wait; with `prefetch` the attention asks L2 for them first
-    (`l2_prefetch.py`: a hint, which must change nothing)."""
+    the kernels just before them. With `prefetch` the attention asks L2 for the O GEMV's weights
+    as it starts (`l2_prefetch.py`: a hint, which must change nothing)."""
     torch.manual_seed(1)
     heads, kv_heads, head_dim, block_size, num_blocks = 8, 2, 128, 16, 64
     hidden = heads * head_dim
-    if o_tile == "whole_row":  # both launch forms (one configuration: the same sums, bit for bit)
-        name, whole_row = torch.cuda.get_device_name(DEVICE), gemv_configs.GemvConfig(4, hidden, 4, 1)
-        for tables, key in ((gemv_configs.TUNED, (hidden, hidden, False)),
-                            (gemv_configs.TUNED_PDL, (hidden, hidden, False, False))):
-            monkeypatch.setitem(tables, name, {**tables.get(name, {}), key: whole_row})
     norm = torch.rand(hidden, device=DEVICE, dtype=torch.bfloat16) + 0.5
     qkv_w = torch.randn((heads + 2 * kv_heads) * head_dim, hidden, device=DEVICE, dtype=torch.bfloat16) * hidden ** -0.5
     o_w = torch.randn(hidden, hidden, device=DEVICE, dtype=torch.bfloat16) * hidden ** -0.5
@@ -113,17 +103,14 @@ def test_attention_chain_matches_ordinary_launches_eagerly_and_in_a_graph(qk_nor
 
     def step(x, position, seq_len, slot, k_cache, v_cache, use_pdl):
         h = rms_norm(x, norm, 1e-5, pdl=use_pdl)
-        first = use_pdl and release_first
-        q, k, v = gemv(h, qkv_w, pdl=use_pdl, release_first=first).split(
-            [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], 1)
+        q, k, v = gemv(h, qkv_w, pdl=use_pdl).split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], 1)
         q, k, v = q.view(1, heads, head_dim), k.view(1, kv_heads, head_dim), v.view(1, kv_heads, head_dim)
-        rope_and_write_kv_cache(q, k, v, k_cache, v_cache, slot, position, cos_sin, pdl=use_pdl, release_first=first,
-                                **qk_norm_args)
+        rope_and_write_kv_cache(q, k, v, k_cache, v_cache, slot, position, cos_sin, pdl=use_pdl, **qk_norm_args)
         out = torch.empty_like(q)
         paged_decode(q, k_cache, v_cache, block_table, seq_len, out, num_blocks * block_size, head_dim ** -0.5,
-                     split_counters=counters, pdl=use_pdl, release_first=first,
+                     split_counters=counters, pdl=use_pdl,
                      prefetch=o_w if use_pdl and prefetch else None)
-        return gemv(out.view(1, hidden), o_w, pdl=use_pdl, release_first=first)
+        return gemv(out.view(1, hidden), o_w, pdl=use_pdl)
 
     def inputs(length):
         slot = block_table[0, (length - 1) // block_size].long() * block_size + (length - 1) % block_size
@@ -159,14 +146,12 @@ def test_attention_chain_matches_ordinary_launches_eagerly_and_in_a_graph(qk_nor
         assert torch.equal(static_out, want) and torch.equal(caches, want_caches)
 
 
-@pytest.mark.parametrize("release_first", [False, True], ids=["wait_first", "release_first"])
 @pytest.mark.parametrize("fused_router", [False, True, "prefetch"], ids=["router", "fused_router", "fused_prefetch"])
-def test_moe_chain_matches_ordinary_launches_eagerly_and_in_a_graph(fused_router, release_first):
+def test_moe_chain_matches_ordinary_launches_eagerly_and_in_a_graph(fused_router):
     """Norm -> router GEMV -> routing (or both in one kernel, `route_from_hidden`) -> the experts'
     gate/up and down GEMVs, layer after layer at one token: each kernel reads the expert ids,
-    weights or activations the one before wrote. With `release_first` every kernel that may (all
-    but the gate/up one) lets the next launch before it waits; `fused_prefetch`: the fused router
-    also asks L2 for the next layer's router weights (evict-last, `l2_prefetch.py`)."""
+    weights or activations the one before wrote. `fused_prefetch`: the fused router also asks L2
+    for the next layer's router weights (evict-last, `l2_prefetch.py`)."""
     torch.manual_seed(2)
     hidden, inter, experts, top_k = 512, 256, 32, 4
     layers = [(torch.rand(hidden, device=DEVICE, dtype=torch.bfloat16) + 0.5,
@@ -177,17 +162,15 @@ def test_moe_chain_matches_ordinary_launches_eagerly_and_in_a_graph(fused_router
     counter = new_router_counter(DEVICE)  # one for every layer: their launches never overlap
 
     def chain(x, residual, use_pdl):
-        first = use_pdl and release_first
         for i, (norm, router, w13, w2) in enumerate(layers):
             h, residual = rms_norm(x, norm, 1e-5, residual, pdl=use_pdl)
             if fused_router:
                 prefetch = layers[(i + 1) % LAYERS][1] if use_pdl and fused_router == "prefetch" else None
                 weights, ids, _ = route_from_hidden(h, router, top_k, False, True, 1.0, None, counter, pdl=use_pdl,
-                                                    release_first=first, prefetch=prefetch)
+                                                    prefetch=prefetch)
             else:
-                weights, ids = route(gemv(h, router, pdl=use_pdl, release_first=first), top_k, False, True,
-                                     pdl=use_pdl)
-            x = fused_experts_gemv(h, w13, w2, weights, ids, pdl=use_pdl, release_first=first)
+                weights, ids = route(gemv(h, router, pdl=use_pdl), top_k, False, True, pdl=use_pdl)
+            x = fused_experts_gemv(h, w13, w2, weights, ids, pdl=use_pdl)
         return x, residual
 
     inputs = [(torch.randn(1, hidden, device=DEVICE, dtype=torch.bfloat16),

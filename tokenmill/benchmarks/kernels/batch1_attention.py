@@ -73,9 +73,8 @@ def block_calls(heads: int, kv_heads: int, context: int, count: int, dependent: 
     the QKV GEMV with the input norm fused, rope + q/k norms + KV write, the paged decode at
     `context` tokens. The calls, each one's output row [1, heads * HEAD_DIM] (the O GEMV's input)
     and its QKV weight. `options`, read at each call (so one set of layers serves several graphs):
-    "release_first" (each of the three lets the next kernel launch before it waits, `ops/pdl.py`),
-    "attention_prefetch" (a tensor per layer the attention asks L2 for, `ops/l2_prefetch.py`).
-    Arguments are passed only when set, so a tree without them runs its defaults."""
+    "attention_prefetch", a tensor per layer the attention asks L2 for (`ops/l2_prefetch.py`;
+    passed only when set, so a tree without it runs its default)."""
     from tokenmill.ops.gemv import rms_norm_gemv
 
     options = options if options is not None else {}
@@ -101,15 +100,14 @@ def block_calls(heads: int, kv_heads: int, context: int, count: int, dependent: 
 
         def call(layer=layer, x=x, residual=residual, norm_w=norm_w, w_qkv=w_qkv, k_cache=k_cache, v_cache=v_cache,
                  block_table=block_table, qk_norms=qk_norms, out=out):
-            extra = {"release_first": True} if options.get("release_first") else {}
             prefetch = options.get("attention_prefetch")
-            attention_extra = {**extra, "prefetch": prefetch[layer]} if prefetch else extra
-            qkv, _ = rms_norm_gemv(x, norm_w, 1e-6, w_qkv, residual, pdl=dependent, **extra)
+            attention_extra = {"prefetch": prefetch[layer]} if prefetch else {}
+            qkv, _ = rms_norm_gemv(x, norm_w, 1e-6, w_qkv, residual, pdl=dependent)
             q, k, v = qkv.split([heads * HEAD_DIM, kv_heads * HEAD_DIM, kv_heads * HEAD_DIM], 1)
             q = q.view(1, heads, HEAD_DIM)
             rope_and_write_kv_cache(q, k.view(1, kv_heads, HEAD_DIM), v.view(1, kv_heads, HEAD_DIM), k_cache,
                                     v_cache, slot, positions, cos_sin, pdl=dependent, q_norm_weight=qk_norms[0],
-                                    k_norm_weight=qk_norms[1], **extra)
+                                    k_norm_weight=qk_norms[1])
             paged_decode(q, k_cache, v_cache, block_table, seq_lens, out, max_model_len, HEAD_DIM ** -0.5,
                          num_splits=splits, split_counters=counters, pdl=dependent, **attention_extra)
         calls.append(call)

@@ -7,20 +7,19 @@ cycled through 48 in one CUDA graph (a layer reads ~115 MB, so L2 serves none of
 layer before). Prints us per layer for each way of launching it, beside the floor of the bytes a
 layer must read at the copy rate measured in the same run:
 
-    wait-first       every kernel waits before it lets the next one launch, as the engine's
-                     decode graphs run them (`ops/pdl.py`)
-    release-first    every kernel but the experts' gate/up lets the next launch before it waits
+    as served        every kernel launched dependent on the one before (`ops/pdl.py`)
     + O to L2        the attention kernel asks L2 for the O GEMV's weights as it starts
                      (`ops/l2_prefetch.py`): they arrive while rope and attention, bound by
                      round trips, leave the memory system idle
     + QKV to L2      the router asks L2 for the next layer's QKV weights (evict-last, to outlive
                      the experts' stream) while it waits on the O GEMV
+    QKV to L2        that alone
 
-`--configs o:4x4096w8s1,...` (or `qkv:...`) adds the fastest way with that GEMV in those launch
+`--configs o:2x1024w4s1,...` (or `qkv:...`) adds the fastest way with that GEMV in those launch
 configurations; `--sweep o` (or `qkv`) times every `SWEEP_GRID` configuration of it in the
-fastest way instead, fastest first. Every way's outputs must equal wait-first's bit for bit (the
-launch order and prefetches change no sum; another GEMV configuration does, and is not checked),
-which checks the waits. Asserts nothing about time. Needs a GPU with dependent launches (Hopper+).
+fastest way instead, fastest first. Every way's outputs must equal the served way's bit for bit
+(a prefetch changes no sum; another GEMV configuration does, and is not checked). Asserts nothing
+about time. Needs a GPU with dependent launches (Hopper or later).
 
     python3 -m tokenmill.benchmarks.kernels.batch1_layer [--layers 8] [--context 640] [--sweep o|qkv] [--json out.json]
 """
@@ -47,10 +46,9 @@ GEMV_KEYS = {"o": (HIDDEN, HEADS * HEAD_DIM, False, False),
              "qkv": ((HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN, False, True)}
 SWEEP_GRID = [(bn, bk, w, s) for bn in (1, 2, 4, 8, 16) for bk in (512, 1024, 2048, 4096) for w in (4, 8)
               for s in (1, 2, 3) if 1024 <= bn * bk <= 16384]
-# name -> (release_first, attention prefetches O, router prefetches the next QKV)
-WAYS = {"wait-first": (False, False, False), "wait-first + O to L2": (False, True, False),
-        "release-first": (True, False, False), "release-first + O to L2": (True, True, False),
-        "wait-first + O, QKV to L2": (False, True, True), "release-first + O, QKV to L2": (True, True, True)}
+# name -> (attention prefetches O, router prefetches the next QKV)
+WAYS = {"as served": (False, False), "+ O to L2": (True, False), "+ O, QKV to L2": (True, True),
+        "QKV to L2": (False, True)}
 
 
 class Layer:
@@ -70,13 +68,13 @@ class Layer:
 
     def __call__(self) -> torch.Tensor:
         self.attention()
-        first, dependent = bool(self.options.get("release_first")), self.dependent
+        dependent = self.dependent
         prefetch = self.next_qkv if self.options.get("router_prefetch") else None
-        o = gemv(self.attention_out, self.o, pdl=dependent, release_first=first)
+        o = gemv(self.attention_out, self.o, pdl=dependent)
         weights, ids, normed, _ = rms_norm_route_from_hidden(
             o, self.residual, self.post_norm, EPS, self.router, TOP_K, False, True, 1.0, None, self.counter,
-            pdl=dependent, release_first=first, prefetch=prefetch)
-        return fused_experts_gemv(normed, self.w13, self.w2, weights, ids, pdl=dependent, release_first=first)
+            pdl=dependent, prefetch=prefetch)
+        return fused_experts_gemv(normed, self.w13, self.w2, weights, ids, pdl=dependent)
 
     def bytes_read(self, context: int) -> int:
         qkv = (HEADS + 2 * KV_HEADS) * HEAD_DIM * HIDDEN
@@ -98,8 +96,8 @@ def build_layers(count: int, context: int, options: dict, dependent: bool = True
 
 
 def set_way(options: dict, way: str) -> None:
-    release_first, o_to_l2, qkv_to_l2 = WAYS[way]
-    options.update(release_first=release_first, router_prefetch=qkv_to_l2,
+    o_to_l2, qkv_to_l2 = WAYS[way]
+    options.update(router_prefetch=qkv_to_l2,
                    attention_prefetch=options["o_weights"] if o_to_l2 else None)
 
 
@@ -147,7 +145,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=8, help="distinct layers (~1.3 GB each)")
     parser.add_argument("--context", type=int, default=640, help="tokens attended (512/256 decode: 512-768)")
-    parser.add_argument("--configs", default="o:4x4096w8s1,8x2048w8s1,2x1024w4s1",
+    parser.add_argument("--configs", default="o:2x1024w4s1,8x512w4s2",
                         help="a GEMV's launch configurations to time in the fastest way, NAME:BNxBKwWARPSsSTAGES,...")
     parser.add_argument("--sweep", choices=sorted(GEMV_KEYS), help="time every SWEEP_GRID configuration of this GEMV")
     parser.add_argument("--json", default=None)
@@ -160,9 +158,7 @@ def main() -> None:
     key = GEMV_KEYS[swept]
     if configs is None:
         configs = [c for c in SWEEP_GRID if c[1] <= key[1]]
-    for release_first in (False, True):
-        warm_compiles_in_parallel([(False, key[1] if key[3] else 0)], True, configs=configs,
-                                  release_first=release_first)
+    warm_compiles_in_parallel([(False, key[1] if key[3] else 0)], True, configs=configs)
     rate = copy_rate(torch.cuda.current_device(), 2.0)
     name = torch.cuda.get_device_name(DEVICE)
     options: dict = {}
@@ -179,7 +175,7 @@ def main() -> None:
         us, outputs = time_layers(layers)
         reference = reference if reference is not None else outputs
         if not all(torch.equal(a, b) for a, b in zip(outputs, reference)):
-            raise AssertionError(f"{way}: the outputs differ from wait-first's")
+            raise AssertionError(f"{way}: the outputs differ from the served way's")
         result["ways"].append({"way": way, "us": us})
         print(f"  {way:32s} {us:7.2f} us a layer ({us / floor_us:.2f}x the floor)", flush=True)
     fastest = min(result["ways"], key=lambda r: r["us"])

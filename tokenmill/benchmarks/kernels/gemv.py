@@ -98,12 +98,8 @@ def sweep(x: torch.Tensor, w: torch.Tensor) -> list[dict]:
     return rows[:10]
 
 
-# Tiles of 2,048-4,096 columns hold a whole row of the models' K: launched dependent, such a GEMV
-# reads all its weights before its wait, which can pay after latency-bound kernels (MODEL_CONTEXT).
-GRAPH_SWEEP_GRID = ([(bn, bk, w, s) for bn in (1, 2, 4, 8, 16) for bk in (128, 256, 512, 1024)
-                     for w in (1, 2, 4, 8) for s in (1, 2, 3, 4) if 512 <= bn * bk <= 8192 and w * 32 <= bk]
-                    + [(bn, bk, w, s) for bn in (1, 2, 4, 8) for bk in (2048, 4096) for w in (4, 8) for s in (1, 2)
-                       if bn * bk <= 16384])
+GRAPH_SWEEP_GRID = [(bn, bk, w, s) for bn in (1, 2, 4, 8, 16) for bk in (128, 256, 512, 1024)
+                    for w in (1, 2, 4, 8) for s in (1, 2, 3, 4) if 512 <= bn * bk <= 8192 and w * 32 <= bk]
 
 
 def _norm_args(x: torch.Tensor, hidden: int) -> NormArgs:
@@ -112,13 +108,12 @@ def _norm_args(x: torch.Tensor, hidden: int) -> NormArgs:
     return NormArgs(weight, torch.randn_like(x), torch.empty_like(x), x, 1e-6, has_residual=True, write_normed=False)
 
 
-def _launch_flags(dependent: bool, release_first: bool = False) -> dict:
+def _launch_flags(dependent: bool) -> dict:
     from tokenmill.ops.pdl import launch_options
-    return dict(PDL=dependent, RELEASE_FIRST=release_first, **launch_options(dependent))
+    return dict(PDL=dependent, **launch_options(dependent))
 
 
-def _warm_compiles(configs: list[tuple], silu_mul: bool, norm_hidden: int = 0, dependent: bool = False,
-                   release_first: bool = False) -> None:
+def _warm_compiles(configs: list[tuple], silu_mul: bool, norm_hidden: int = 0, dependent: bool = False) -> None:
     """Compile `configs` of the GEMV kernel into Triton's on-disk cache (one process of a pool); with
     `norm_hidden`, the form with the input norm fused over that many inputs (its block is a constexpr)."""
     from tokenmill.ops.gemv import _gemv_kernel
@@ -130,20 +125,19 @@ def _warm_compiles(configs: list[tuple], silu_mul: bool, norm_hidden: int = 0, d
     rest, flags = plain_launch_args(y, _norm_args(x, k) if norm_hidden else None, k)
     for bn, bk, warps, stages in configs:
         _gemv_kernel.fn.warmup(x, w, y, 64, k, k, *rest, SILU_MUL=silu_mul, **flags, BLOCK_N=bn, BLOCK_K=bk,
-                               num_warps=warps, num_stages=stages, grid=(1,),
-                               **_launch_flags(dependent, release_first))
+                               num_warps=warps, num_stages=stages, grid=(1,), **_launch_flags(dependent))
 
 
 def warm_compiles_in_parallel(variants: list[tuple[bool, int]] = ((False, 0), (True, 0)),
-                              dependent: bool = False, processes: int = 14, configs: list[tuple] | None = None,
-                              release_first: bool = False) -> None:
+                              dependent: bool = False, processes: int = 14,
+                              configs: list[tuple] | None = None) -> None:
     """Every config of `configs` (default GRAPH_SWEEP_GRID) of each (silu_mul, norm_hidden) variant,
     compiled in a process pool."""
     import concurrent.futures
     import multiprocessing
 
     grid = configs if configs is not None else GRAPH_SWEEP_GRID
-    jobs = [(grid[i::processes], silu, norm_hidden, dependent, release_first)
+    jobs = [(grid[i::processes], silu, norm_hidden, dependent)
             for i in range(processes) for silu, norm_hidden in variants if grid[i::processes]]
     with concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
         list(pool.map(_warm_compiles, *zip(*jobs)))
@@ -178,14 +172,13 @@ def describe_best(rows: list[dict], count: int = 4) -> str:
 
 
 def graph_sweep(shapes: dict[str, tuple[int, int, bool, bool]], min_bytes: float = 1e9,
-                dependent: bool = False, context: dict | None = None, release_first: bool = False) -> dict:
+                dependent: bool = False, context: dict | None = None) -> dict:
     """Per shape (N, K, silu_mul, fused input norm): every GRAPH_SWEEP_GRID config as a CUDA graph
     of back-to-back GEMVs over distinct weights (us per GEMV, best of 10 replays), plus the engine's
     own choice (table or autotuner) and cuBLAS (after the norm's own kernel, where the norm is
     fused) the same way. `dependent`: every launch dependent on the one before (`ops/pdl.py`).
     A shape in `context` (MODEL_CONTEXT's form) is timed after its attention block instead, each
-    GEMV reading that block's output: the graph with the GEMVs less the graph without them
-    (`release_first`: the block's kernels let the next launch before they wait, `ops/pdl.py`)."""
+    GEMV reading that block's output: the graph with the GEMVs less the graph without them."""
     from tokenmill.ops.gemv import _gemv_kernel
     from tokenmill.ops.rms_norm import rms_norm
 
@@ -200,7 +193,7 @@ def graph_sweep(shapes: dict[str, tuple[int, int, bool, bool]], min_bytes: float
             from tokenmill.benchmarks.kernels.batch1_attention import block_calls
             heads, kv_heads, tokens = context[name]
             assert heads * 128 == k and not silu and not norm
-            before, xs, _ = block_calls(heads, kv_heads, tokens, copies, dependent, {"release_first": release_first})
+            before, xs, _ = block_calls(heads, kv_heads, tokens, copies, dependent)
             before_ms = graph_ms(lambda x, w: None, ws, xs, before)
         norm_args = _norm_args(xs[0], k) if norm else None
         if norm:
@@ -241,7 +234,7 @@ def graph_sweep(shapes: dict[str, tuple[int, int, bool, bool]], min_bytes: float
         gb = n * k * 2 / 1e9
         after = f"after its attention block ({before_ms * 1e3 / copies:.2f} us)" if before else "back to back"
         result[name] = {"n": n, "k": k, "silu_mul": silu, "norm": norm, "dependent": dependent, "copies": copies,
-                        "timed": after, "release_first": release_first,
+                        "timed": after,
                         "engine_us": engine_us, "engine_config": picked, "cublas_us": cublas_us, "best": rows[:8],
                         "worst_us": rows[-1]["us"]}
         print(f"{name:14s} {n:6d}x{k:5d}{' +silu' if silu else ''}{' +norm' if norm else ''}"
@@ -286,8 +279,6 @@ def main() -> None:
     p.add_argument("--model", choices=sorted(MODEL_SHAPES), help="--graph-sweep this model's dense shapes")
     p.add_argument("--shapes", help="with --model: comma-separated names of its shapes to sweep (default: all)")
     p.add_argument("--pdl", action="store_true", help="--graph-sweep launches every GEMV dependent")
-    p.add_argument("--release-first", action="store_true",
-                   help="time MODEL_CONTEXT's shapes after attention kernels that release first (ops/pdl.py)")
     p.add_argument("--write-table", action="store_true",
                    help="with --graph-sweep --pdl: write the winners into ops/gemv_configs.py for this GPU")
     p.add_argument("--output-json")
@@ -316,8 +307,7 @@ def main() -> None:
               flush=True)
         result = {"device": torch.cuda.get_device_name(), "grid": GRAPH_SWEEP_GRID, "shapes": {}}
         for shapes in shape_sets:
-            result["shapes"].update(graph_sweep(shapes, dependent=dependent, context=context,
-                                                release_first=args.release_first))
+            result["shapes"].update(graph_sweep(shapes, dependent=dependent, context=context))
             if args.write_table:  # now, not at the end: a device call may be cut short
                 print(write_pdl_table(result["device"], result["shapes"]), flush=True)
         if args.output_json:

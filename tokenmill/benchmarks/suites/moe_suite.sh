@@ -14,7 +14,7 @@
 #   attention-ab: batch-1 decode's attention kernels a layer (benchmarks/kernels/batch1_attention.py),
 #   this tree's and then $BASELINE's, side by side.
 #   layer: batch-1 decode's decoder layer kernel by kernel in one graph (benchmarks/kernels/batch1_layer.py):
-#   waits and releases, L2 prefetches, GEMV tiles; then the O and QKV GEMVs' tiles swept inside it.
+#   as served and with L2 prefetches, GEMV tiles; then the O and QKV GEMVs' tiles swept inside it.
 #   profile: per-kernel GPU time of a decode step without dependent launches (gpu_step_profile
 #   --no-pdl --gaps) at batch 1 (600-token contexts) and at batch 10 (2,560-token contexts, the
 #   10-in-flight load's mean); with $BASELINE set, batch 1 also for that tree.
