@@ -56,6 +56,7 @@ def test_decode_steps_copy_nothing_from_pageable_memory(batch):
     from torch.profiler import ProfilerActivity, profile
 
     from tokenmill import LLM, SamplingParams
+    from tokenmill.benchmarks.gpu_step_profile import pageable_copy_issuers
 
     with LLM("qwen3-0.6b", load_format="dummy", dtype="bfloat16", max_num_seqs=16, max_model_len=1024,
              gpu_memory_utilization=0.3) as llm:
@@ -75,6 +76,5 @@ def test_decode_steps_copy_nothing_from_pageable_memory(batch):
                 engine.step()
             torch.cuda.synchronize()
     copies = [e for e in prof.events() if "Pageable" in e.name and "HtoD" in e.name]
-    issuers = [f"{e.name}: {' <- '.join(e.stack[:6])}" for e in prof.events()
-               if any("Pageable" in k.name and "HtoD" in k.name for k in e.kernels)]
+    issuers = pageable_copy_issuers(prof)
     assert not copies, f"{len(copies)} pageable host-to-device copies in 8 steps:\n" + "\n".join(issuers[:8])

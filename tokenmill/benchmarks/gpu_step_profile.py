@@ -34,6 +34,8 @@ def main() -> None:
     p.add_argument("--kv-cache-dtype", default="auto")
     p.add_argument("--quantization", default=None, help="e.g. fp8 (weights quantised at load)")
     p.add_argument("--gaps", action="store_true")
+    p.add_argument("--stacks", action="store_true",
+                   help="record Python stacks and print the ops that copied from pageable host memory")
     p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
                    help="dependent launches (on by default, as served); --no-pdl gives kernel durations "
                         "without the wait a dependent kernel spends on the one before")
@@ -65,7 +67,7 @@ def main() -> None:
     for _ in range(args.warm_steps):
         engine.step()
     sync()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=args.stacks) as prof:
         start = time.perf_counter()
         for _ in range(args.steps):
             engine.step()
@@ -78,6 +80,18 @@ def main() -> None:
     print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=70))
     if args.gaps:
         print_gaps(prof, args.steps)
+    if args.stacks:
+        issuers = pageable_copy_issuers(prof)
+        print(f"\npageable host-to-device copies: {len(issuers)} in {args.steps} steps")
+        print("\n".join(issuers[:10]))
+
+
+def pageable_copy_issuers(prof) -> list[str]:
+    """Each op whose kernels include a host-to-device copy from pageable memory (which may wait for
+    the stream: `utils/transfer.py`), with the innermost frames of its Python stack (a profile
+    recorded `with_stack=True`)."""
+    return [f"{e.name}: {' <- '.join(e.stack[:8])}" for e in prof.events()
+            if any("Pageable" in k.name and "HtoD" in k.name for k in e.kernels)]
 
 
 def print_gaps(prof, steps: int) -> None:

@@ -13,7 +13,10 @@ tests hold the two together.
    `silu(gate) * up` per entry: the activation never makes a round trip through memory.
 3. Grouped GEMM 2: the same blocks, the intermediate rows times the expert's down projection,
    scaled by the entry's routing weight, written per entry.
-4. The k rows of each token are summed (`torch.sum` over the entry axis: deterministic, no atomics).
+4. The k rows of each token are summed: with `sum_counters` (decode batches) by GEMM 2 itself,
+   in the program that stores a token's last row of a column tile (an arrival counter per token
+   and tile, as the split-KV decode merges), in entry order whichever program that is, so
+   deterministic; else by `torch.sum` over the entry axis afterwards (one launch more).
 
 Up to `GEMV_MAX_TOKENS` tokens (batch-1 decode), `fused_moe_gemv.py` does the same in two
 GEMV-style launches instead (no alignment, the top-k sum in registers).
@@ -52,17 +55,23 @@ from tokenmill.ops.moe_align import MoeAlignment, moe_align
 @triton.jit(do_not_specialize=["num_entries", "max_padded"])
 def _grouped_gemm_kernel(
     a_ptr, b_ptr, c_ptr, topk_weights_ptr, sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
-    a_scale_ptr, b_scale_ptr,
+    a_scale_ptr, b_scale_ptr, out_ptr, counter_ptr,
     N, K, num_entries, max_padded,
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
-    stride_asm, stride_bse, stride_bsn,
+    stride_asm, stride_bse, stride_bsn, stride_om,
     GATE_UP: tl.constexpr, MUL_WEIGHT: tl.constexpr, A_ROWS_PER_ENTRY_DIV: tl.constexpr,
     PRECISION: tl.constexpr, FP8: tl.constexpr, BLOCKWISE: tl.constexpr, SCALE_BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SUM_TOP_K: tl.constexpr = 0,
 ):
     """C[entry, n] = A[entry // A_ROWS_PER_ENTRY_DIV, :] @ B[expert, n, :] for the entries of one
     aligned block. GATE_UP: B holds [gate; up] (2N rows) and C = silu(gate) * up. MUL_WEIGHT: C
     is scaled by the entry's routing weight.
+
+    SUM_TOP_K = k (the down GEMM, every entry local): OUT[token, n] = the sum of C over the token's
+    k entries, by the program that stores the last of them in this column tile (an arrival counter
+    per token and tile, `counter_ptr` [tokens, cdiv(N, BLOCK_N)], zero before and after), in entry
+    order: the same order whichever program finishes last, so deterministic.
 
     FP8: A and B are e4m3 with float32 scales (`ops/fp8_format.ExpertScales`): BLOCKWISE, A's per
     row and K tile ([rows, cdiv(K, BLOCK_K)]) and B's per block of SCALE_BLOCK_N rows and one K
@@ -130,24 +139,56 @@ def _grouped_gemm_kernel(
         out = out.to(out_dtype).to(tl.float32) * weight[:, None]
     c_ptrs = c_ptr + entry[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, out.to(out_dtype), mask=row_ok[:, None] & n_ok[None, :])
+    if SUM_TOP_K:
+        _sum_top_k_after_last(c_ptr, out_ptr, counter_ptr, entry, row_ok, offs_n, n_ok, pid_n, num_pid_n,
+                              stride_cm, stride_cn, stride_om, SUM_TOP_K)
+
+
+@triton.jit
+def _sum_top_k_after_last(c_ptr, out_ptr, counter_ptr, entry, row_ok, offs_n, n_ok, pid_n, num_pid_n,
+                          stride_cm, stride_cn, stride_om, TOP_K: tl.constexpr):
+    """The down GEMM's top-k sum: count this block's rows in (one per token: a token's k entries
+    have k different experts, so no two rows of a block share a counter) and, for the tokens whose
+    last entry this program stored, sum their k rows of C over this column tile into OUT. The
+    split-KV merge's protocol (`attention_decode.py`): a barrier orders the block's stores before
+    the release at gpu scope; a barrier after the acquire before the other threads read."""
+    tl.debug_barrier()
+    token = entry // TOP_K
+    counters = counter_ptr + token.to(tl.int64) * num_pid_n + pid_n
+    arrived = tl.atomic_add(counters, 1, mask=row_ok, sem="acq_rel", scope="gpu")
+    last = row_ok & (arrived == TOP_K - 1)
+    if tl.max(last.to(tl.int32), 0) > 0:
+        tl.atomic_xchg(counters, 0, mask=last, sem="relaxed", scope="gpu")  # ready for the next launch
+        tl.debug_barrier()
+        mask = last[:, None] & n_ok[None, :]
+        first = (token * TOP_K).to(tl.int64)
+        total = tl.zeros(mask.shape, dtype=tl.float32)
+        for j in tl.static_range(TOP_K):
+            total += tl.load(c_ptr + (first + j)[:, None] * stride_cm + offs_n[None, :] * stride_cn, mask=mask,
+                             other=0.0, cache_modifier=".cg").to(tl.float32)
+        tl.store(out_ptr + token.to(tl.int64)[:, None] * stride_om + offs_n[None, :], total.to(out_ptr.dtype.element_ty),
+                 mask=mask)
 
 
 def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, topk_weights: torch.Tensor,
                   align: MoeAlignment, n: int, k: int, gate_up: bool, rows_div: int,
                   config: MoeKernelConfig, a_scale: torch.Tensor | None = None, b_scale: torch.Tensor | None = None,
-                  block: tuple[int, int] | None = None) -> None:
+                  block: tuple[int, int] | None = None, summed: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+                  ) -> None:
     """`a_scale` / `b_scale` (fp8 `a` and `b`): per-group and per-block scales with `block`,
-    per-row and per-output-row scales without."""
+    per-row and per-output-row scales without. `summed` (the down GEMM): (out [T, n], zeroed
+    counters, top_k), `c`'s rows summed per token into `out` in the same launch."""
     max_padded = align.sorted_ids.shape[0]
     grid = (triton.cdiv(max_padded, config.block_m) * triton.cdiv(n, config.block_n),)
     fp8 = a_scale is not None
     block_k = block[1] if fp8 and block is not None else config.block_k
     scales = (a_scale, b_scale, a_scale.stride(0), b_scale.stride(0), b_scale.stride(1)) if fp8 else (c, c, 0, 0, 0)
+    out, counters, sum_top_k = summed if summed is not None else (c, c, 0)  # (not read without SUM_TOP_K)
     _grouped_gemm_kernel[grid](
         a, b, c, topk_weights, align.sorted_ids, align.block_expert, align.num_padded, scales[0], scales[1],
-        n, k, c.shape[0], max_padded,
+        out, counters, n, k, c.shape[0], max_padded,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1), *scales[2:],
-        GATE_UP=gate_up, MUL_WEIGHT=not gate_up, A_ROWS_PER_ENTRY_DIV=rows_div,
+        out.stride(0), SUM_TOP_K=sum_top_k, GATE_UP=gate_up, MUL_WEIGHT=not gate_up, A_ROWS_PER_ENTRY_DIV=rows_div,
         PRECISION="ieee" if a.dtype == torch.float32 else None, FP8=fp8, BLOCKWISE=block is not None,
         SCALE_BLOCK_N=block[0] if fp8 and block is not None else 1,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, GROUP_M=config.group_m,
@@ -157,7 +198,8 @@ def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, topk_weight
 def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, expert_map: torch.Tensor | None = None,
                   config: MoeKernelConfig | None = None, path: str = "auto",
-                  scales: ExpertScales | None = None, pdl: bool = False) -> torch.Tensor:
+                  scales: ExpertScales | None = None, pdl: bool = False,
+                  sum_counters: torch.Tensor | None = None) -> torch.Tensor:
     """The routed experts' weighted sum for every token.
 
     Args:
@@ -174,6 +216,9 @@ def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
             GEMV path multiplies by the dequantised weights (weight-only).
         pdl: the GEMV path's kernels launch dependent (`pdl.py`; the grouped path's launch the
             ordinary way).
+        sum_counters: `new_sum_counters(...)`, not shared with a launch that may run concurrently:
+            where it is large enough (and every expert is local) the down GEMM also sums each
+            token's k rows, one launch fewer (decode batches); else a separate sum.
     Returns:
         [T, H] in hidden's dtype.
     """
@@ -213,9 +258,22 @@ def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
     # Entries of experts on no rank here are never written: zero them so they add nothing.
     alloc = torch.empty if expert_map is None else torch.zeros
     per_entry = alloc(num_entries, hidden_size, dtype=hidden.dtype, device=hidden.device)
+    summed = None
+    if (sum_counters is not None and expert_map is None
+            and num_tokens * triton.cdiv(hidden_size, config.block_n) <= sum_counters.numel()):
+        summed = (torch.empty_like(hidden), sum_counters, top_k)
     _grouped_gemm(a, w2, per_entry, topk_weights, align, hidden_size, inter, gate_up=False, rows_div=1,
-                  config=config, **fp8)
+                  config=config, summed=summed, **fp8)
+    if summed is not None:
+        return summed[0]
     return per_entry.view(num_tokens, top_k, hidden_size).sum(dim=1)
+
+
+def new_sum_counters(max_tokens: int, hidden_size: int, device: torch.device) -> torch.Tensor:
+    """Zeroed arrival counters for `fused_experts(sum_counters=...)`: enough for calls of up to
+    `max_tokens` tokens at any column tile of 16 or wider. Each launch leaves them zero again, so
+    one serves every later call on the same stream (the layers of a step one after another)."""
+    return torch.zeros(max_tokens * triton.cdiv(hidden_size, 16), dtype=torch.int32, device=device)
 
 
 def fused_experts_fp8_ref(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,

@@ -13,7 +13,7 @@ from kernel_device import DEVICE, INTERPRET  # noqa: E402  (skips the module wit
 
 from tokenmill.model.layers.moe.fused_moe import experts_ref  # noqa: E402
 from tokenmill.ops import fused_moe_configs  # noqa: E402
-from tokenmill.ops.fused_moe import fused_experts  # noqa: E402
+from tokenmill.ops.fused_moe import fused_experts, new_sum_counters  # noqa: E402
 from tokenmill.ops.fused_moe_configs import MoeGemvConfig, MoeKernelConfig  # noqa: E402
 from tokenmill.ops.fused_moe_gemv import fused_experts_gemv  # noqa: E402
 from tokenmill.ops.moe_align import moe_align, moe_align_ref  # noqa: E402
@@ -92,7 +92,7 @@ def _weights(num_experts, hidden, inter, dtype, seed):
     return w13.to(dtype), w2.to(dtype)
 
 
-def _check_experts(case, config, dtype, tol, path="grouped", gemv_config=None):
+def _check_experts(case, config, dtype, tol, path="grouped", gemv_config=None, sum_counters=None):
     num_tokens, hidden, inter, num_experts, top_k, kind, parallel = case
     topk_ids = _routing(num_tokens, top_k, num_experts, kind, seed=hidden + num_tokens)
     g = torch.Generator().manual_seed(num_tokens)
@@ -107,7 +107,7 @@ def _check_experts(case, config, dtype, tol, path="grouped", gemv_config=None):
     if gemv_config is not None:
         out = fused_experts_gemv(*args, config=gemv_config)
     else:
-        out = fused_experts(*args, config=config, path=path)
+        out = fused_experts(*args, config=config, path=path, sum_counters=sum_counters)
     assert out.shape == x.shape and out.dtype == dtype
     torch.testing.assert_close(out.float().cpu(), ref, rtol=tol, atol=tol)
     return out
@@ -155,6 +155,37 @@ def test_auto_path_takes_gemv_for_a_few_tokens(monkeypatch):
     assert taken == [configs.GEMV_MAX_TOKENS]
 
 
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"m{c.block_m}n{c.block_n}k{c.block_k}g{c.group_m}")
+@pytest.mark.parametrize("case", [c for c in EXPERT_CASES if not c[-1]], ids=str)
+def test_down_gemm_sums_the_top_k(case, config):
+    """With counters the down GEMM sums each token's k rows itself: the reference's result, the
+    separate sum's to float32 rounding, and the counters left zero for the next call (run twice)."""
+    num_tokens, hidden, inter, num_experts, top_k, kind, _ = case
+    counters = new_sum_counters(num_tokens, hidden, DEVICE)
+    ids = _routing(num_tokens, top_k, num_experts, kind, seed=7).to(DEVICE)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(num_tokens, hidden, generator=g).to(DEVICE)
+    weights = torch.rand(num_tokens, top_k, generator=g).to(DEVICE)
+    w13, w2 = (w.to(DEVICE) for w in _weights(num_experts, hidden, inter, torch.float32, seed=1))
+    separate = fused_experts(x, w13, w2, weights, ids, config=config, path="grouped")
+    for _ in range(2):
+        summed = fused_experts(x, w13, w2, weights, ids, config=config, path="grouped", sum_counters=counters)
+        torch.testing.assert_close(summed, separate, rtol=1e-6, atol=1e-6)
+        assert not counters.any()
+    ref = experts_ref(x.cpu(), w13.cpu(), w2.cpu(), weights.cpu(), ids.cpu(),
+                      torch.arange(num_experts, dtype=torch.int32))
+    torch.testing.assert_close(summed.cpu(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_too_few_counters_sum_separately(monkeypatch):
+    """Counters too small for the call (or experts on another rank): the separate sum, still right."""
+    case = EXPERT_CASES[1]
+    out = _check_experts(case, CONFIGS[0], torch.float32, 1e-4)
+    small = new_sum_counters(1, case[1], DEVICE)
+    again = _check_experts(case, CONFIGS[0], torch.float32, 1e-4, sum_counters=small)
+    assert torch.equal(out, again) and not small.any()
+
+
 # The token-by-token path's configurations: the default, the sweep space's extremes
 # (benchmarks/kernels/fused_moe.py), and every measured one.
 _GEMV_CONFIGS = sorted({fused_moe_configs.DEFAULT_GEMV, MoeGemvConfig(8, 128, 4, 16, 64, 4),
@@ -200,25 +231,29 @@ def test_measured_configs_give_the_product(config):
 
 
 @needs_cuda
-@pytest.mark.parametrize("num_tokens", [2, 8])  # the token-by-token path, the grouped one
-def test_fused_experts_replays_in_a_cuda_graph(num_tokens):
+@pytest.mark.parametrize("num_tokens,summed", [(2, False), (8, False), (8, True), (40, True)])
+def test_fused_experts_replays_in_a_cuda_graph(num_tokens, summed):
     """Captured once, replayed with new routing and inputs: the same result as eager (no host
-    sync, nothing sized by the routing)."""
+    sync, nothing sized by the routing), the top-k sum in the down GEMM (`summed`) included."""
     hidden, inter, num_experts, top_k = 256, 128, 32, 4
     w13, w2 = (w.cuda() for w in _weights(num_experts, hidden, inter, torch.bfloat16, seed=5))
     x = torch.randn(num_tokens, hidden, device="cuda", dtype=torch.bfloat16)
     weights = torch.rand(num_tokens, top_k, device="cuda")
     ids = _routing(num_tokens, top_k, num_experts, "random", 1).cuda()
-    fused_experts(x, w13, w2, weights, ids)  # compile outside the capture
+    counters = new_sum_counters(num_tokens, hidden, x.device) if summed else None
+    fused_experts(x, w13, w2, weights, ids, sum_counters=counters)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = fused_experts(x, w13, w2, weights, ids)
+        out = fused_experts(x, w13, w2, weights, ids, sum_counters=counters)
     for seed, kind in ((2, "hot"), (3, "few"), (4, "random")):
         ids.copy_(_routing(num_tokens, top_k, num_experts, kind, seed))
         x.normal_()
         weights.uniform_()
         graph.replay()
-        torch.testing.assert_close(out, fused_experts(x, w13, w2, weights, ids), rtol=0, atol=0)
+        torch.testing.assert_close(out, fused_experts(x, w13, w2, weights, ids, sum_counters=counters),
+                                   rtol=0, atol=0)
+        if summed:
+            torch.testing.assert_close(out, fused_experts(x, w13, w2, weights, ids), rtol=1e-2, atol=1e-2)
 
 
 @needs_cuda

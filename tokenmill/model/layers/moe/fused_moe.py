@@ -19,7 +19,8 @@ Implementation, chosen once when built (`CustomOp`):
   `select_experts`), which at batch-1 decode also computes the router's product when the layer
   holds its router (`router=`: one launch a layer for what was a GEMV and a routing kernel),
   then the fused Triton kernels of `ops/fused_moe.py` (tokens aligned by expert in blocks,
-  grouped GEMMs with SiLU-and-mul and the routing weight fused; a few tokens go token by token,
+  grouped GEMMs with SiLU-and-mul and the routing weight fused, at decode sizes the top-k sum in
+  the down GEMM; a few tokens go token by token,
   `ops/fused_moe_gemv.py`). No host sync: CUDA-graph capturable. At decode the
   routing and expert kernels launch dependent where the GPU supports it (`ops/pdl.py`).
 Experts no token chose cost nothing in either.
@@ -49,6 +50,8 @@ from tokenmill.model.layers.quantization import moe_method
 from tokenmill.model.layers.quantization.moe_method import MoeMethod
 
 SHARD_IDS = ("w1", "w2", "w3")  # gate, down, up (Mixtral's names; `loader/expert_weights.py`)
+# Up to this many tokens the grouped path sums each token's experts inside its down GEMM.
+SUM_IN_GEMM_MAX_TOKENS = 256
 
 
 class FusedMoE(CustomOp):
@@ -98,6 +101,7 @@ class FusedMoE(CustomOp):
         self._shared = (shared_experts, shared_expert_gate)
         self._router = router
         self._router_counter: torch.Tensor | None = None  # route_from_hidden's, allocated on first use
+        self._sum_counters: torch.Tensor | None = None  # the down GEMM's top-k sum's, likewise
         self._loaded: set[tuple[int, str, str]] = set()  # (expert, shard, parameter) loaded from a checkpoint
         if self.uses_cuda_kernels:
             from tokenmill.ops import fused_moe, moe_routing
@@ -239,7 +243,8 @@ class FusedMoE(CustomOp):
         """The routed experts' weighted sum on CUDA (this rank's part)."""
         expert_map = None if self.all_experts_local else self.expert_map
         w13, w2, scales = self.method.kernel_weights(self, hidden.dtype)
-        return self._fused_experts(hidden, w13, w2, topk_weights, topk_ids, expert_map, scales=scales, pdl=self._pdl)
+        return self._fused_experts(hidden, w13, w2, topk_weights, topk_ids, expert_map, scales=scales, pdl=self._pdl,
+                                   sum_counters=self._summing_counters(hidden))
 
     def _router_fuses(self, hidden: torch.Tensor) -> bool:
         """Whether the router's product runs inside the routing kernel: where it would be the
@@ -269,6 +274,16 @@ class FusedMoE(CustomOp):
             from tokenmill.ops.moe_routing import new_router_counter
             self._router_counter = new_router_counter(device)
         return self._router_counter
+
+    def _summing_counters(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The grouped path's top-k sum runs inside its down GEMM for decode-sized batches (one
+        launch a layer fewer); larger steps sum separately, where that launch is a small share."""
+        if hidden.shape[0] > SUM_IN_GEMM_MAX_TOKENS or not self.all_experts_local:
+            return None
+        if self._sum_counters is None:  # (the warm-up pass before graph capture allocates it)
+            from tokenmill.ops.fused_moe import new_sum_counters
+            self._sum_counters = new_sum_counters(SUM_IN_GEMM_MAX_TOKENS, self.hidden_size, hidden.device)
+        return self._sum_counters
 
 
 def experts_ref(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
