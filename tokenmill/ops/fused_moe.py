@@ -49,6 +49,7 @@ from tokenmill.ops.fp8_quant import per_token_group_quant
 from tokenmill.ops.fused_moe_configs import GEMV_MAX_TOKENS, MoeKernelConfig, moe_config
 from tokenmill.ops.fused_moe_gemv import fused_experts_gemv
 from tokenmill.ops.moe_align import MoeAlignment, moe_align
+from tokenmill.ops.pdl import launch_options, pdl_enter
 
 
 # One compiled kernel for every batch size: the sizes that follow the batch are not specialised on.
@@ -62,7 +63,7 @@ def _grouped_gemm_kernel(
     GATE_UP: tl.constexpr, MUL_WEIGHT: tl.constexpr, A_ROWS_PER_ENTRY_DIV: tl.constexpr,
     PRECISION: tl.constexpr, FP8: tl.constexpr, BLOCKWISE: tl.constexpr, SCALE_BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SUM_TOP_K: tl.constexpr = 0,
+    SUM_TOP_K: tl.constexpr = 0, PDL: tl.constexpr = False,
 ):
     """C[entry, n] = A[entry // A_ROWS_PER_ENTRY_DIV, :] @ B[expert, n, :] for the entries of one
     aligned block. GATE_UP: B holds [gate; up] (2N rows) and C = silu(gate) * up. MUL_WEIGHT: C
@@ -77,6 +78,7 @@ def _grouped_gemm_kernel(
     row and K tile ([rows, cdiv(K, BLOCK_K)]) and B's per block of SCALE_BLOCK_N rows and one K
     tile, applied to each tile's product; else A's per row and B's per output row, applied once
     to the sum."""
+    pdl_enter(PDL)  # (the block's expert, and so its weights, come from the kernel before)
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(max_padded, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -174,7 +176,7 @@ def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, topk_weight
                   align: MoeAlignment, n: int, k: int, gate_up: bool, rows_div: int,
                   config: MoeKernelConfig, a_scale: torch.Tensor | None = None, b_scale: torch.Tensor | None = None,
                   block: tuple[int, int] | None = None, summed: tuple[torch.Tensor, torch.Tensor, int] | None = None,
-                  ) -> None:
+                  pdl: bool = False) -> None:
     """`a_scale` / `b_scale` (fp8 `a` and `b`): per-group and per-block scales with `block`,
     per-row and per-output-row scales without. `summed` (the down GEMM): (out [T, n], zeroed
     counters, top_k), `c`'s rows summed per token into `out` in the same launch."""
@@ -191,8 +193,8 @@ def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, topk_weight
         out.stride(0), SUM_TOP_K=sum_top_k, GATE_UP=gate_up, MUL_WEIGHT=not gate_up, A_ROWS_PER_ENTRY_DIV=rows_div,
         PRECISION="ieee" if a.dtype == torch.float32 else None, FP8=fp8, BLOCKWISE=block is not None,
         SCALE_BLOCK_N=block[0] if fp8 and block is not None else 1,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, GROUP_M=config.group_m,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, GROUP_M=config.group_m, PDL=pdl,
+        num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(pdl))
 
 
 def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -214,8 +216,8 @@ def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
             then run on the fp8 tensor cores with each GEMM's input quantised per token and group
             of `bk` (per token for channel scales), as the dense fp8 layers (`fp8_gemm.py`); the
             GEMV path multiplies by the dequantised weights (weight-only).
-        pdl: the GEMV path's kernels launch dependent (`pdl.py`; the grouped path's launch the
-            ordinary way).
+        pdl: the kernels launch dependent (`pdl.py`; the grouped path's fp8 input quantisation
+            the ordinary way).
         sum_counters: `new_sum_counters(...)`, not shared with a launch that may run concurrently:
             where it is large enough (and every expert is local) the down GEMM also sums each
             token's k rows, one launch fewer (decode batches); else a separate sum.
@@ -242,7 +244,7 @@ def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
     assert path == "grouped", path
     if config is None:
         config = moe_config(num_tokens, num_local, top_k, hidden_size, inter, hidden.dtype, hidden.device)
-    align = moe_align(topk_ids, config.block_m, num_local, expert_map)
+    align = moe_align(topk_ids, config.block_m, num_local, expert_map, pdl=pdl)
     num_entries = num_tokens * top_k
     act = torch.empty(num_entries, inter, dtype=hidden.dtype, device=hidden.device)
     a, fp8 = hidden, {}
@@ -250,7 +252,7 @@ def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
         a, a_scale = per_token_group_quant(hidden, scales.block[1] if scales.block else hidden_size, scales.ue8m0)
         fp8 = dict(a_scale=a_scale, b_scale=scales.w13, block=scales.block)
     _grouped_gemm(a, w13, act, topk_weights, align, inter, hidden_size, gate_up=True, rows_div=top_k,
-                  config=config, **fp8)
+                  config=config, pdl=pdl, **fp8)
     a = act
     if scales is not None:
         a, a_scale = per_token_group_quant(act, scales.block[1] if scales.block else inter, scales.ue8m0)
@@ -263,7 +265,7 @@ def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
             and num_tokens * triton.cdiv(hidden_size, config.block_n) <= sum_counters.numel()):
         summed = (torch.empty_like(hidden), sum_counters, top_k)
     _grouped_gemm(a, w2, per_entry, topk_weights, align, hidden_size, inter, gate_up=False, rows_div=1,
-                  config=config, summed=summed, **fp8)
+                  config=config, summed=summed, pdl=pdl, **fp8)
     if summed is not None:
         return summed[0]
     return per_entry.view(num_tokens, top_k, hidden_size).sum(dim=1)

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenmill.ops.pdl import launch_options, pdl_enter
+
 MAX_CHUNK = 1024  # entries per program: one launch covers decode batches up to 1024 / top_k tokens
 BLOCKS_PER_ITER = 32  # block_expert entries written per loop iteration
 
@@ -133,8 +135,9 @@ _BATCH_SIZES = ["num_entries", "max_padded", "max_blocks", "num_chunks"]
 def _align_one_chunk_kernel(topk_ids_ptr, expert_map_ptr, sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
                             run_start_ptr, scratch_ptr, num_entries, num_local, max_padded, max_blocks,
                             HAS_MAP: tl.constexpr, BLOCK_M: tl.constexpr, NUM_BINS: tl.constexpr,
-                            CHUNK: tl.constexpr, BLOCKS_PER_ITER: tl.constexpr):
+                            CHUNK: tl.constexpr, BLOCKS_PER_ITER: tl.constexpr, PDL: tl.constexpr = False):
     """Every entry in one chunk: the whole alignment in one program."""
+    pdl_enter(PDL)
     expert = _chunk_experts(topk_ids_ptr, expert_map_ptr, 0, num_entries, num_local, HAS_MAP, CHUNK)
     run_start = _write_offsets(tl.histogram(expert, NUM_BINS), sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
                                num_entries, num_local, max_padded, max_blocks, BLOCK_M, NUM_BINS, BLOCKS_PER_ITER)
@@ -178,10 +181,11 @@ def _chunk_scatter_kernel(topk_ids_ptr, expert_map_ptr, chunk_start_ptr, scratch
 
 
 def moe_align(topk_ids: torch.Tensor, block_m: int, num_local_experts: int,
-              expert_map: torch.Tensor | None = None, chunk: int | None = None) -> MoeAlignment:
+              expert_map: torch.Tensor | None = None, chunk: int | None = None, pdl: bool = False) -> MoeAlignment:
     """Align `topk_ids` ([T, k] int32 global expert ids, contiguous) by local expert into blocks
     of `block_m` (`expert_map` [E] int32 global -> local or -1; None: every expert is local).
-    `chunk`: entries per program (a power of two; default from M)."""
+    `chunk`: entries per program (a power of two; default from M). `pdl`: the one-program form
+    launches dependent (`pdl.py`)."""
     assert topk_ids.dtype == torch.int32 and topk_ids.is_contiguous()
     assert expert_map is None or expert_map.dtype == torch.int32
     num_entries = topk_ids.numel()
@@ -203,7 +207,7 @@ def moe_align(topk_ids: torch.Tensor, block_m: int, num_local_experts: int,
         _align_one_chunk_kernel[(1,)](
             topk_ids, map_arg, sorted_ids, block_expert, num_padded, scratch, scratch[num_bins:], *sizes,
             HAS_MAP=expert_map is not None, BLOCK_M=block_m, NUM_BINS=num_bins, CHUNK=chunk,
-            BLOCKS_PER_ITER=BLOCKS_PER_ITER, num_warps=4)
+            BLOCKS_PER_ITER=BLOCKS_PER_ITER, PDL=pdl, num_warps=4, **launch_options(pdl))
     else:
         counts = torch.empty(num_chunks, num_bins, dtype=torch.int32, device=device)
         chunk_start = torch.empty_like(counts)

@@ -15,11 +15,12 @@ layer at batch-1 decode. Softmax picks the experts by their logits (the same ord
 probabilities) and computes the chosen ones' probabilities from the row's max and sum. Weights are
 float32, ids int32. With `pdl` it launches dependent (`pdl.py`) on the router's GEMV.
 
-`route_from_hidden` is the batch-1 decode form: the router's GEMV and the routing in one launch.
-The router matrix is small (E x H: 0.5 MB for Qwen3-30B-A3B), so at one token its GEMV and the
-routing are each a launch of pure latency; here the GEMV's programs (two experts' rows each, reading
-their first tile while the kernel before finishes) write the logits, and the program that finishes
-last routes them, as the split-KV decode kernel merges (`attention_decode.py`).
+`route_from_hidden` is the decode form (a few tokens): the router's GEMV and the routing in one
+launch. The router matrix is small (E x H: 0.5 MB for Qwen3-30B-A3B), so at decode its GEMV and
+the routing are each a launch of pure latency; here the GEMV's programs (two experts' rows of one
+token each, reading their first tile while the kernel before finishes) write the logits, and the
+program that finishes a token's last routes it, as the split-KV decode kernel merges
+(`attention_decode.py`).
 """
 
 from __future__ import annotations
@@ -101,20 +102,27 @@ def _router_route_kernel(x_ptr, w_ptr, logits_ptr, counter_ptr, bias_ptr, weight
                          BLOCK_K: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                          WRITE_NORMED: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr = False,
                          PREFETCH: tl.constexpr = False, THREADS: tl.constexpr = 32):
-    # The router's GEMV, BLOCK_N experts' logits a program, with `gemv.py`'s K loop (and its
-    # RMSNorm of the input, the norm's outputs stored by program 0).
+    # The router's GEMV, BLOCK_N experts' logits of one token (axis 1) a program, with `gemv.py`'s
+    # K loop (and its RMSNorm of the token's row, the norm's outputs stored by program 0).
     pid = tl.program_id(0)
+    token = tl.program_id(1)
+    row_offset = token.to(tl.int64) * hidden
     if PREFETCH:  # weights used after the experts' stream: evict-last (l2_prefetch.py)
-        prefetch_to_l2(prefetch_ptr, prefetch_bytes, pid, tl.num_programs(0), THREADS, True)
+        if token == 0:
+            prefetch_to_l2(prefetch_ptr, prefetch_bytes, pid, tl.num_programs(0), THREADS, True)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < num_experts
-    products = row_block_sums(x_ptr, w_ptr, rows, row_mask, hidden, stride_wn, pid,
-                              residual_ptr, norm_w_ptr, residual_out_ptr, normed_out_ptr, eps,
+    products = row_block_sums(x_ptr + row_offset, w_ptr, rows, row_mask, hidden, stride_wn, pid,
+                              residual_ptr + row_offset, norm_w_ptr, residual_out_ptr + row_offset,
+                              normed_out_ptr + row_offset, eps,
                               False, BLOCK_K, PDL, NORM, HAS_RESIDUAL, WRITE_NORMED, BLOCK_H)
+    logits_ptr += token.to(tl.int64) * num_experts
     tl.store(logits_ptr + rows, products.to(logits_ptr.dtype.element_ty), mask=row_mask)
-    # The program that finishes last routes, from every program's logits (attention_decode.py's
-    # split merge: a barrier orders the block's stores before one thread's release at gpu scope).
+    # The program that finishes the token's logits last routes it, from every program's logits
+    # (attention_decode.py's split merge: a barrier orders the block's stores before one thread's
+    # release at gpu scope).
     tl.debug_barrier()
+    counter_ptr += token
     arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
     if arrived == tl.num_programs(0) - 1:
         tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")  # ready for the next launch
@@ -122,8 +130,8 @@ def _router_route_kernel(x_ptr, w_ptr, logits_ptr, counter_ptr, bias_ptr, weight
         experts = tl.arange(0, BLOCK_E)
         valid = experts < num_experts
         logits = tl.load(logits_ptr + experts, mask=valid, other=float("-inf"), cache_modifier=".cg")
-        _select_top_k(logits.to(tl.float32), experts, valid, bias_ptr, weights_ptr, ids_ptr, 0, scaling,
-                      TOP_K, K_PAD, SIGMOID, HAS_BIAS, RENORMALIZE)
+        _select_top_k(logits.to(tl.float32), experts, valid, bias_ptr, weights_ptr, ids_ptr, token.to(tl.int64),
+                      scaling, TOP_K, K_PAD, SIGMOID, HAS_BIAS, RENORMALIZE)
 
 
 def route(router_logits: torch.Tensor, top_k: int, sigmoid: bool, renormalize: bool, scaling: float = 1.0,
@@ -146,26 +154,28 @@ def route(router_logits: torch.Tensor, top_k: int, sigmoid: bool, renormalize: b
     return weights, ids
 
 
-def new_router_counter(device: torch.device) -> torch.Tensor:
-    """The zeroed arrival counter `route_from_hidden` needs; each launch leaves it zero again, so
-    one serves every later launch on the same stream."""
-    return torch.zeros(1, dtype=torch.int32, device=device)
+def new_router_counter(device: torch.device, max_tokens: int = 1) -> torch.Tensor:
+    """The zeroed arrival counters `route_from_hidden` needs for up to `max_tokens` tokens (one a
+    token); each launch leaves them zero again, so they serve every later launch on the same stream."""
+    return torch.zeros(max_tokens, dtype=torch.int32, device=device)
 
 
 def route_from_hidden(hidden: torch.Tensor, gate_weight: torch.Tensor, top_k: int, sigmoid: bool, renormalize: bool,
                       scaling: float, correction_bias: torch.Tensor | None, counter: torch.Tensor,
                       pdl: bool = False, norm: NormArgs | None = None, config: RouterConfig | None = None,
                       prefetch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One token's routing from its hidden state, the router's product included, in one launch:
-    hidden [1, H], gate_weight [E, H] (the router linear's weight, H contiguous) ->
-    (topk_weights [1, k] float32, topk_ids [1, k] int32, router_logits [1, E]), the same as
-    `route(gemv(hidden, gate_weight), ...)` computes. The logits have the product's dtype as torch
-    types it (a float32 gate, DeepSeek's, multiplies the hidden state in float32: float32 logits).
+    """A few tokens' routing from their hidden states, the router's product included, in one
+    launch: hidden [T, H], gate_weight [E, H] (the router linear's weight, H contiguous) ->
+    (topk_weights [T, k] float32, topk_ids [T, k] int32, router_logits [T, E]), the same as
+    `route(gemv(hidden[t], gate_weight), ...)` computes row by row. The logits have the product's
+    dtype as torch types it (a float32 gate, DeepSeek's, multiplies the hidden state in float32:
+    float32 logits).
 
-    At batch-1 decode the router's GEMV reads only E x H weights (0.5 MB for Qwen3-30B-A3B) and
-    the routing a few hundred bytes: both are latency, a launch each, once a layer. Here the
-    GEMV's programs (BLOCK_N experts each) write their logits and the last one to finish routes.
-    `counter`: `new_router_counter(device)`, not shared with a launch that may run concurrently.
+    At decode the router's GEMV reads only E x H weights (0.5 MB for Qwen3-30B-A3B) and the routing
+    a few hundred bytes a token: both are latency, a launch each, once a layer. Here the GEMV's
+    programs (BLOCK_N experts of one token each) write their logits and the last one of a token
+    to finish routes it. `counter`: `new_router_counter(device, >= T)`, not shared with a launch
+    that may run concurrently.
 
     With `norm` (`rms_norm_route_from_hidden`) `hidden` is the norm's input: the kernel routes its
     RMSNorm and stores the norm's outputs where `norm` says. `config`: the launch configuration
@@ -173,17 +183,19 @@ def route_from_hidden(hidden: torch.Tensor, gate_weight: torch.Tensor, top_k: in
     weights read after the experts (the next layer's first GEMV), asked of L2 with the evict-last
     priority as the kernel starts, while it waits on the kernel before (`l2_prefetch.py`)."""
     num_experts, hidden_size = gate_weight.shape
-    assert hidden.shape == (1, hidden_size) and hidden.is_contiguous() and gate_weight.stride(1) == 1
-    assert top_k <= num_experts and (correction_bias is None or sigmoid)
+    num_tokens = hidden.shape[0]
+    assert hidden.shape == (num_tokens, hidden_size) and hidden.is_contiguous() and gate_weight.stride(1) == 1
+    assert top_k <= num_experts and (correction_bias is None or sigmoid) and counter.numel() >= num_tokens
     device = hidden.device
-    weights = torch.empty(1, top_k, dtype=torch.float32, device=device)
-    ids = torch.empty(1, top_k, dtype=torch.int32, device=device)
-    logits = torch.empty(1, num_experts, dtype=torch.promote_types(hidden.dtype, gate_weight.dtype), device=device)
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=device)
+    logits = torch.empty(num_tokens, num_experts, dtype=torch.promote_types(hidden.dtype, gate_weight.dtype),
+                         device=device)
     bias = correction_bias if correction_bias is not None else weights  # not read without HAS_BIAS
     norm = norm if norm is not None else NormArgs.off(hidden)
     if config is None:
         config = router_config(num_experts, hidden_size, gate_weight.dtype, norm.on, device)
-    _router_route_kernel[(triton.cdiv(num_experts, config.block_n),)](
+    _router_route_kernel[(triton.cdiv(num_experts, config.block_n), num_tokens)](
         hidden, gate_weight, logits, counter, bias, weights, ids, num_experts, hidden_size, gate_weight.stride(0),
         float(scaling), prefetch if prefetch is not None else logits,
         l2_prefetch.check_range(prefetch) if prefetch is not None else 0, *norm.kernel_args(),

@@ -59,11 +59,13 @@ def test_route_with_no_tokens():
                                               (torch.bfloat16, torch.float32)])
 @pytest.mark.parametrize("num_experts,hidden", [(60, 96), (128, 2048), (8, 1100)])
 @pytest.mark.parametrize("name", sorted(ROUTINGS))
-def test_route_from_hidden_is_the_router_product_then_route(name, num_experts, hidden, dtype, gate_dtype):
-    """The one-launch router (its GEMV, then the last program routes) against its own parts: the
-    logits it returns are the router's product (float32 for a float32 gate, DeepSeek's), and its
-    choice is `route`'s of exactly those logits, weighed alike up to rounding; the counter is back
-    at zero after each of several launches."""
+@pytest.mark.parametrize("num_tokens", [1, 5])
+def test_route_from_hidden_is_the_router_product_then_route(num_tokens, name, num_experts, hidden, dtype,
+                                                            gate_dtype):
+    """The one-launch router (its GEMV, then the last program of each token routes it) against its
+    own parts: the logits it returns are the router's product (float32 for a float32 gate,
+    DeepSeek's), and its choice is `route`'s of exactly those logits, weighed alike up to
+    rounding; the counters are back at zero after each of several launches."""
     from tokenmill.ops.moe_routing import new_router_counter, route_from_hidden
     routing = ROUTINGS[name]
     if routing.top_k > num_experts:
@@ -72,13 +74,13 @@ def test_route_from_hidden_is_the_router_product_then_route(name, num_experts, h
     weight = (torch.randn(num_experts, hidden, generator=g) / hidden ** 0.5).to(gate_dtype).to(DEVICE)
     logits_dtype = torch.promote_types(dtype, gate_dtype)
     bias = (torch.randn(num_experts, generator=g) * 0.2).to(DEVICE) if routing.correction_bias else None
-    counter = new_router_counter(torch.device(DEVICE))
+    counter = new_router_counter(torch.device(DEVICE), num_tokens)
     for launch in range(3):
-        x = (torch.randn(1, hidden, generator=g) * 2).to(dtype).to(DEVICE)
+        x = (torch.randn(num_tokens, hidden, generator=g) * 2).to(dtype).to(DEVICE)
         weights, ids, logits = route_from_hidden(x, weight, routing.top_k, routing.scoring == "sigmoid",
                                                  routing.renormalize, routing.routed_scaling_factor, bias, counter)
         assert logits.dtype == logits_dtype and ids.dtype == torch.int32 and weights.dtype == torch.float32
-        assert int(counter.item()) == 0
+        assert not counter.any()
         ref = (x.float() @ weight.float().T).to(logits_dtype)
         tol = 1e-5 if logits_dtype == torch.float32 else 1e-2
         torch.testing.assert_close(logits.float().cpu(), ref.float().cpu(), rtol=tol, atol=tol)
@@ -94,12 +96,13 @@ def test_route_from_hidden_is_the_router_product_then_route(name, num_experts, h
                                               (torch.float32, torch.float32)])
 @pytest.mark.parametrize("num_experts,hidden", [(128, 2048), (60, 96 + 6)])
 @pytest.mark.parametrize("name", ["qwen3-renorm", "minimax-m2"])
-def test_norm_fused_router_is_rms_norm_then_route_from_hidden(name, num_experts, hidden, dtype, gate_dtype,
-                                                              with_residual):
+@pytest.mark.parametrize("num_tokens", [1, 3])
+def test_norm_fused_router_is_rms_norm_then_route_from_hidden(num_tokens, name, num_experts, hidden, dtype,
+                                                              gate_dtype, with_residual):
     """`rms_norm_route_from_hidden` (a post-attention norm folded into the one-launch router)
-    against its parts: `rms_norm`, then `route_from_hidden` of the normalised row. The normalised
-    row it stores for the experts, the new residual and the routing are the same bits, over several
-    launches on one counter (also with dependent launches where the backend has them)."""
+    against its parts: `rms_norm`, then `route_from_hidden` of the normalised rows. The normalised
+    rows it stores for the experts, the new residual and the routing are the same bits, over several
+    launches on the same counters (also with dependent launches where the backend has them)."""
     from tokenmill.ops.moe_routing import new_router_counter, rms_norm_route_from_hidden, route_from_hidden
     from tokenmill.ops.pdl import supported
     from tokenmill.ops.rms_norm import rms_norm
@@ -109,10 +112,10 @@ def test_norm_fused_router_is_rms_norm_then_route_from_hidden(name, num_experts,
     norm_weight = (1 + 0.3 * torch.randn(hidden, generator=g)).to(dtype).to(DEVICE)
     bias = (torch.randn(num_experts, generator=g) * 0.2).to(DEVICE) if routing.correction_bias else None
     args = (routing.top_k, routing.scoring == "sigmoid", routing.renormalize, routing.routed_scaling_factor, bias)
-    counter = new_router_counter(torch.device(DEVICE))
+    counter = new_router_counter(torch.device(DEVICE), num_tokens)
     for launch, pdl in enumerate([False, True, False] if supported(torch.device(DEVICE)) else [False] * 3):
-        x = (torch.randn(1, hidden, generator=g) * 2).to(dtype).to(DEVICE)
-        residual = (torch.randn(1, hidden, generator=g) * 3).to(dtype).to(DEVICE) if with_residual else None
+        x = (torch.randn(num_tokens, hidden, generator=g) * 2).to(dtype).to(DEVICE)
+        residual = (torch.randn(num_tokens, hidden, generator=g) * 3).to(dtype).to(DEVICE) if with_residual else None
         weights, ids, normed, new_residual = rms_norm_route_from_hidden(x, residual, norm_weight, 1e-6, weight,
                                                                         *args, counter, pdl=pdl)
         if with_residual:
@@ -120,7 +123,7 @@ def test_norm_fused_router_is_rms_norm_then_route_from_hidden(name, num_experts,
         else:
             ref_normed, ref_residual = rms_norm(x, norm_weight, 1e-6), x
         ref_weights, ref_ids, _ = route_from_hidden(ref_normed, weight, *args, counter)
-        assert int(counter.item()) == 0
+        assert not counter.any()
         assert torch.equal(normed, ref_normed) and torch.equal(new_residual, ref_residual), f"launch {launch}"
         assert with_residual or new_residual is x
         assert torch.equal(ids, ref_ids) and torch.equal(weights, ref_weights), f"launch {launch}"

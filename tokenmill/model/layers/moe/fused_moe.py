@@ -52,6 +52,8 @@ from tokenmill.model.layers.quantization.moe_method import MoeMethod
 SHARD_IDS = ("w1", "w2", "w3")  # gate, down, up (Mixtral's names; `loader/expert_weights.py`)
 # Up to this many tokens the grouped path sums each token's experts inside its down GEMM.
 SUM_IN_GEMM_MAX_TOKENS = 256
+# Up to this many tokens (decode graphs) the router's product, its norm and the routing are one kernel.
+FUSED_ROUTER_MAX_TOKENS = 16
 
 
 class FusedMoE(CustomOp):
@@ -247,18 +249,19 @@ class FusedMoE(CustomOp):
                                    sum_counters=self._summing_counters(hidden))
 
     def _router_fuses(self, hidden: torch.Tensor) -> bool:
-        """Whether the router's product runs inside the routing kernel: where it would be the
-        Triton GEMV (one token, a decode graph, a plain bf16/fp16 weight), or for a router that is
-        a bare weight (DeepSeek's float32 gate) under the same conditions."""
+        """Whether the router's product runs inside the routing kernel: in a decode graph of up to
+        `FUSED_ROUTER_MAX_TOKENS` tokens, for a plain router weight of the hidden state's dtype
+        where the Triton GEMV is on, or for a router that is a bare weight (DeepSeek's float32
+        gate)."""
         router = self._router
-        if not (self._fuse_router and hidden.dim() == 2 and hidden.shape[0] == 1
+        if not (self._fuse_router and hidden.dim() == 2 and hidden.shape[0] <= FUSED_ROUTER_MAX_TOKENS
                 and current_forward_context().decode_graph):
             return False
         method = getattr(router, "method", None)
         if method is None:
             return True
         return (isinstance(method, CudaLinearMethod) and router.bias is None and router.activation is None
-                and method.uses_gemv(hidden, router.weight))
+                and method.triton_gemv and hidden.dtype == router.weight.dtype)
 
     def _norm_fuses(self, norm: nn.Module, hidden: torch.Tensor) -> bool:
         """Whether `forward_after_norm` runs `norm` inside the fused router: where the router
@@ -272,7 +275,7 @@ class FusedMoE(CustomOp):
         # Allocated by the warm-up pass before a decode graph is captured, so no graph allocates it.
         if self._router_counter is None:
             from tokenmill.ops.moe_routing import new_router_counter
-            self._router_counter = new_router_counter(device)
+            self._router_counter = new_router_counter(device, FUSED_ROUTER_MAX_TOKENS)
         return self._router_counter
 
     def _summing_counters(self, hidden: torch.Tensor) -> torch.Tensor | None:
