@@ -3,7 +3,7 @@
 # micro-benchmark with its launch-config sweep, and the Qwen3-30B-A3B serving set (dummy bf16
 # weights): batch-1 decode 512/256 vs its bytes-read floor, 100 x 2048/1024 at 10 in flight (mean
 # TPOT), offline 256 x 1024/1024 vs HF generate(). Results under $OUT; a short table last.
-# Usage (repo root, one H100):  bash tokenmill/benchmarks/suites/moe_suite.sh [tests|kernels|gemv-sweep|tune|attention-ab|layer|profile|model|decode-flags|decode-ab|all]
+# Usage (repo root, one H100):  bash tokenmill/benchmarks/suites/moe_suite.sh [tests|kernels|gemv-sweep|tune|attention-ab|layer|profile|model|decode-flags|decode-ab|batch10-ab|all]
 #   ~2.5 min tests, ~2.5 min kernels, ~4 min model (one engine start of the 30B shape + HF).
 #   gemv-sweep: the token-by-token path's configurations (Qwen3-30B-A3B experts), the winners
 #   written into ops/fused_moe_configs.py (a copy in $OUT), so a later part in the call runs them.
@@ -20,6 +20,9 @@
 #   10-in-flight load's mean); with $BASELINE set, batch 1 also for that tree.
 #   decode-flags: batch-1 decode only, this tree as served and then with the engine flags $FLAGS,
 #   one engine start each.
+#   batch10-ab: ten requests decoding together (2,560-token prompts, the 10-in-flight load's mean
+#   context), ms a step, this tree and then $BASELINE's (`bench latency --batch-size 10`).
+#   PROFILE_ARGS adds flags to the batch-10 profile (--stacks); PROFILE_BATCH1=no skips batch 1.
 #   decode-ab: batch-1 decode only, this tree and then the one in $BASELINE (another commit's
 #   `tokenmill/`, carried), alternating ROUNDS times (default 2); this one first, so a call cut
 #   short still has its figure.
@@ -75,8 +78,10 @@ if [[ "$part" == layer ]]; then
 fi
 if [[ "$part" == profile ]]; then
   prof="python3 -m tokenmill.benchmarks.gpu_step_profile --model qwen3-30b-a3b --gpu-memory-utilization 0.9 --max-model-len 4096 --no-pdl --gaps"
-  timeout "${PROFILE_TIMEOUT:-150}" $prof --batch 10 --input-len 2560 2>&1 | grep -v -i warning > "$out/profile_b10_nopdl.log" || rc=1
-  timeout "${PROFILE_TIMEOUT:-150}" $prof --batch 1 --input-len 600 2>&1 | grep -v -i warning > "$out/profile_b1_nopdl_this.log" || rc=1
+  timeout "${PROFILE_TIMEOUT:-150}" $prof --batch 10 --input-len 2560 ${PROFILE_ARGS:-} 2>&1 | grep -v -i warning \
+      > "$out/profile_b10_nopdl.log" || rc=1
+  [[ "${PROFILE_BATCH1:-yes}" == no ]] || timeout "${PROFILE_TIMEOUT:-150}" $prof --batch 1 --input-len 600 2>&1 \
+      | grep -v -i warning > "$out/profile_b1_nopdl_this.log" || rc=1
   if [[ -n "${BASELINE:-}" ]]; then
     base="$(cd "$BASELINE" && pwd)"
     ( cd "$base" && PYTHONPATH="$base:/tmp/tm_wheels" timeout "${PROFILE_TIMEOUT:-150}" $prof --batch 1 --input-len 600 2>&1 \
@@ -91,6 +96,18 @@ if [[ "$part" == decode-flags ]]; then
         --load-format dummy --dtype bfloat16 --max-model-len 4096 --max-num-seqs 8 --gpu-memory-utilization 0.9 \
         --parts decode $extra --output-json "$out/decode_${label}.json" 2>&1 | grep -E "^batch-1" \
         | sed "s/^/$label ($extra): /" | tee -a "$out/decode_flags.log" || rc=1
+  done
+fi
+if [[ "$part" == batch10-ab ]]; then
+  here="$(pwd)"
+  base="$(cd "${BASELINE:?set BASELINE to the other tree}" && pwd)"
+  for tree in "$here" "$base"; do
+    label=$([[ $tree == "$here" ]] && echo this || echo baseline)
+    ( cd "$tree" && PYTHONPATH="$tree:/tmp/tm_wheels" timeout "${DECODE_TIMEOUT:-200}" python3 -m \
+        tokenmill.entrypoints.cli.main bench latency --model qwen3-30b-a3b --load-format dummy --dtype bfloat16 \
+        --batch-size 10 --input-len 2560 --output-len 128 --num-iters 2 --baseline none --max-model-len 4096 \
+        --max-num-seqs 16 --gpu-memory-utilization 0.9 ${MODEL_ARGS:-} --output-json "$out/batch10_${label}.json" \
+        2>&1 | grep -v -i warning | tail -3 | sed "s/^/$label: /" | tee -a "$out/batch10_ab.log" ) || rc=1
   done
 fi
 if [[ "$part" == decode-ab ]]; then
@@ -121,6 +138,7 @@ echo "== summary ($(head -2 "$out/device.txt" | tail -1)) =="
 [[ -f "$out/dense_gemv_sweep.log" ]] && grep -E "engine's choice" "$out/dense_gemv_sweep.log" | cut -c1-200
 [[ -f "$out/router_sweep.log" ]] && grep -E "router sweep|gemv sweep" "$out/router_sweep.log"
 [[ -f "$out/decode_ab.log" ]] && cat "$out/decode_ab.log"
+[[ -f "$out/batch10_ab.log" ]] && cat "$out/batch10_ab.log"
 [[ -f "$out/decode_flags.log" ]] && cat "$out/decode_flags.log"
 [[ -f "$out/layer.log" ]] && cat "$out/layer.log"
 echo "rc=$rc"
