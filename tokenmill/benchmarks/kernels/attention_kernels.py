@@ -72,37 +72,67 @@ def graph_us(fns: list[Callable[[], object]], replays: int = 20) -> float:
 
 
 def rotated_decode_calls(batch: int, context: int, scale: float, kv_dtype: torch.dtype = DTYPE,
-                         shared: int = 0, **kwargs) -> list[Callable[[], None]]:
+                         shared: int = 0, heads: tuple[int, int] = (NUM_HEADS, NUM_KV_HEADS), active: int | None = None,
+                         max_seq_len: int | None = None, **kwargs) -> list[Callable[[], None]]:
     """Decode calls over enough distinct input sets (>= 256 MB together) that L2 (50 MB) holds
-    none of them when it is read again."""
-    kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * kv_dtype.itemsize
+    none of them when it is read again. `heads`: (query, KV) heads; `active`: requests with a
+    context (the rest are a padded graph's empty rows); `max_seq_len`: what sizes the split count
+    (a decode graph's: the model's length)."""
+    kv_bytes = 2 * (active or batch) * context * heads[1] * HEAD_DIM * kv_dtype.itemsize
     calls = []
-    counters = new_split_counters(batch * NUM_KV_HEADS, DEVICE)  # shared, as in the backend
+    counters = new_split_counters(batch * heads[1], DEVICE)  # shared, as in the backend
     for _ in range(max(1, min(64, math.ceil(256e6 / kv_bytes)))):
-        q, k_cache, v_cache, block_table, seq_lens = make_decode_inputs(batch, context, kv_dtype, shared)
+        q, k_cache, v_cache, block_table, seq_lens = make_decode_inputs(batch, context, kv_dtype, shared, heads,
+                                                                        active)
         out = torch.empty_like(q)
         calls.append(functools.partial(
-            paged_decode, q, k_cache, v_cache, block_table, seq_lens, out, context, scale,
+            paged_decode, q, k_cache, v_cache, block_table, seq_lens, out, max_seq_len or context, scale,
             split_counters=counters, **kwargs))
     return calls
 
 
-def make_decode_inputs(batch: int, context: int, kv_dtype: torch.dtype = DTYPE, shared: int = 0):
+def make_decode_inputs(batch: int, context: int, kv_dtype: torch.dtype = DTYPE, shared: int = 0,
+                       heads: tuple[int, int] = (NUM_HEADS, NUM_KV_HEADS), active: int | None = None):
     """Random q and cache; every request's block-table row is a random set of blocks, except that
     the blocks of its first `shared` tokens (whole blocks) are the same physical blocks in every
-    row, as the prefix cache leaves a shared prompt prefix."""
+    row, as the prefix cache leaves a shared prompt prefix. Requests past `active` have no context."""
     blocks_per_req = math.ceil(context / BLOCK_SIZE)
     shared_blocks = shared // BLOCK_SIZE
     num_blocks = shared_blocks + batch * (blocks_per_req - shared_blocks)
-    shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    shape = (num_blocks, BLOCK_SIZE, heads[1], HEAD_DIM)
     k_cache = torch.randn(shape, dtype=DTYPE, device=DEVICE).to(kv_dtype)
     v_cache = torch.randn(shape, dtype=DTYPE, device=DEVICE).to(kv_dtype)
     ids = torch.randperm(num_blocks, device=DEVICE, dtype=torch.int32)
     own = ids[shared_blocks:].view(batch, blocks_per_req - shared_blocks)
     block_table = torch.cat([ids[:shared_blocks].expand(batch, shared_blocks), own], dim=1).contiguous()
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
-    q = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+    if active is not None:
+        seq_lens[active:] = 0
+    q = torch.randn(batch, heads[0], HEAD_DIM, dtype=DTYPE, device=DEVICE)
     return q, k_cache, v_cache, block_table, seq_lens
+
+
+def split_sweep(spec: str, copy_rate: float) -> list[dict]:
+    """`spec` "HEADS,KV_HEADS,ACTIVE,PADDED,CONTEXT,MAX_LEN": a decode graph of PADDED requests
+    (ACTIVE of them at CONTEXT tokens, the rest empty, as a padded graph replays) whose split count
+    was sized for MAX_LEN (the model's length, as at capture), at the heuristic's split count and
+    others; graph_us against the bytes' floor."""
+    heads, kv_heads, active, padded, context, max_len = (int(v) for v in spec.split(","))
+    scale = HEAD_DIM ** -0.5
+    default = decode_num_splits(padded, kv_heads, max_len, DEVICE)
+    kv_bytes = 2 * active * context * kv_heads * HEAD_DIM * 2
+    floor_us = kv_bytes / copy_rate * 1e6
+    rows = []
+    print(f"\n# split sweep: {heads} q / {kv_heads} kv heads, {active} of {padded} requests at {context} tokens, "
+          f"splits sized for {max_len} (heuristic: {default}); floor {floor_us:.1f} us")
+    for splits in sorted({default, 2, 4, 8, 12, 16, 24, 32}):
+        t = graph_us(rotated_decode_calls(padded, context, scale, heads=(heads, kv_heads), active=active,
+                                          max_seq_len=max_len, num_splits=splits))
+        rows.append({"spec": spec, "splits": splits, "graph_us": t, "floor_us": floor_us, "default": splits == default})
+        print(f"splits={splits:3d}{' (heuristic)' if splits == default else '':12s} {t:8.1f} us  "
+              f"{kv_bytes / (t * 1e-6) / 1e9:6.0f} GB/s  {t / floor_us:5.2f}x floor", flush=True)
+        torch.cuda.empty_cache()
+    return rows
 
 
 def bench_decode(copy_rate: float) -> list[dict]:
@@ -382,12 +412,21 @@ def main() -> None:
                         help="only the bf16 vs fp8 KV cache comparison (compare_kv_dtypes)")
     parser.add_argument("--shared-prefix", action="store_true",
                         help="only decode with a shared prefix (compare_shared_prefix)")
+    parser.add_argument("--split-sweep", action="append", default=[], metavar="H,KVH,ACTIVE,PADDED,CTX,MAXLEN",
+                        help="only split counts of a padded decode graph (repeatable): e.g. Qwen3-30B-A3B at ten "
+                             "requests of 2,624 tokens in the 16-request graph of a 4,096-token model: 32,4,10,16,2624,4096")
     args = parser.parse_args()
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
     copy_rate = copy_rate_bytes_per_s()
     print(f"device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, "
           f"triton {triton.__version__}; copy rate {copy_rate / 1e12:.2f} TB/s (read + write)")
+    if args.split_sweep:
+        rows = [row for spec in args.split_sweep for row in split_sweep(spec, copy_rate)]
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": props.name, "copy_rate_tb_s": copy_rate / 1e12, "split_sweep": rows}, f, indent=1)
+        return
     if args.kv_compare or args.shared_prefix:
         result = compare_kv_dtypes(copy_rate) if args.kv_compare else compare_shared_prefix(copy_rate)
         if args.json:
