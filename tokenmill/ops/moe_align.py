@@ -19,7 +19,10 @@ The kernel works on chunks of entries (the next power of two >= M, at most `MAX_
 chunk, a histogram of its experts and an in-register sort of (expert, entry) keys give each entry
 its rank within its expert; a prefix over experts (padded counts) and over chunks gives where each
 run starts. One chunk (M <= MAX_CHUNK: decode batches up to 1024 / k tokens) runs as one program;
-more run as three launches (histograms, prefix, scatter). Deterministic: no atomics.
+more run as three launches (histograms, prefix, scatter). Up to SMALL_CHUNK entries (the small
+decode batches, where the alignment is pure latency on the step's critical path) the program
+compares every entry with every other in registers instead (`_align_small_kernel`): no sort, no
+round trip through memory. Deterministic: no atomics.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import triton.language as tl
 from tokenmill.ops.pdl import launch_options, pdl_enter
 
 MAX_CHUNK = 1024  # entries per program: one launch covers decode batches up to 1024 / top_k tokens
+SMALL_CHUNK = 128  # up to this many entries (16 tokens of top-8), comparisons in registers instead of a sort
 BLOCKS_PER_ITER = 32  # block_expert entries written per loop iteration
 
 
@@ -146,6 +150,41 @@ def _align_one_chunk_kernel(topk_ids_ptr, expert_map_ptr, sorted_ids_ptr, block_
     _scatter_chunk(0, expert, run_start_ptr, scratch_ptr, sorted_ids_ptr, num_local, NUM_BINS, CHUNK)
 
 
+@triton.jit(do_not_specialize=_BATCH_SIZES[:3])
+def _align_small_kernel(topk_ids_ptr, expert_map_ptr, sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
+                        num_entries, num_local, max_padded, max_blocks,
+                        HAS_MAP: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+                        BLOCKS_PER_ITER: tl.constexpr, PDL: tl.constexpr = False):
+    """Every entry of a decode step (at most SMALL_CHUNK) in one program, from entry-by-entry
+    comparisons held in registers ([CHUNK, CHUNK]) instead of a sort, two histograms and the
+    round trips through memory between them: each entry's rank within its expert (the entries of
+    its expert before it), its run's start (the padded runs of lower experts, counted at their
+    first entries), and each block's expert (the highest whose run starts at or before it)."""
+    pdl_enter(PDL)
+    expert = _chunk_experts(topk_ids_ptr, expert_map_ptr, 0, num_entries, num_local, HAS_MAP, CHUNK)
+    real = expert < num_local
+    lanes = tl.arange(0, CHUNK)
+    same = expert[:, None] == expert[None, :]
+    count = tl.sum(same.to(tl.int32), 1)
+    rank = tl.sum((same & (lanes[None, :] < lanes[:, None])).to(tl.int32), 1)
+    first = real & (rank == 0)
+    padded = tl.where(first, (count + BLOCK_M - 1) // BLOCK_M * BLOCK_M, 0)
+    start = tl.sum(tl.where(expert[None, :] < expert[:, None], padded[None, :], 0), 1)
+    total = tl.sum(padded, 0)
+    tl.store(num_padded_ptr, total)
+    for begin in range(0, max_padded, BLOCKS_PER_ITER * BLOCK_M):
+        slots = begin + tl.arange(0, BLOCKS_PER_ITER * BLOCK_M)
+        tl.store(sorted_ids_ptr + slots, num_entries, mask=slots < max_padded)
+    for first_block in range(0, max_blocks, BLOCKS_PER_ITER):
+        blocks = first_block + tl.arange(0, BLOCKS_PER_ITER)
+        slot = blocks * BLOCK_M
+        covers = first[None, :] & (start[None, :] <= slot[:, None])
+        block_expert = tl.max(tl.where(covers, expert[None, :], -1), 1)
+        tl.store(block_expert_ptr + blocks, tl.where(slot < total, block_expert, -1), mask=blocks < max_blocks)
+    tl.debug_barrier()  # the padding fill lands before the entries overwrite their slots
+    tl.store(sorted_ids_ptr + start + rank, lanes, mask=real)
+
+
 @triton.jit(do_not_specialize=_BATCH_SIZES[:1])
 def _chunk_counts_kernel(topk_ids_ptr, expert_map_ptr, counts_ptr, num_entries, num_local,
                          HAS_MAP: tl.constexpr, NUM_BINS: tl.constexpr, CHUNK: tl.constexpr):
@@ -202,7 +241,12 @@ def moe_align(topk_ids: torch.Tensor, block_m: int, num_local_experts: int,
     num_chunks = triton.cdiv(num_entries, chunk)
     map_arg = expert_map if expert_map is not None else topk_ids  # not read without HAS_MAP
     sizes = (num_entries, num_local_experts, max_padded, max_blocks)
-    if num_chunks <= 1:
+    if num_chunks <= 1 and chunk <= SMALL_CHUNK:
+        _align_small_kernel[(1,)](
+            topk_ids, map_arg, sorted_ids, block_expert, num_padded, *sizes, HAS_MAP=expert_map is not None,
+            BLOCK_M=block_m, CHUNK=chunk, BLOCKS_PER_ITER=BLOCKS_PER_ITER, PDL=pdl, num_warps=8,
+            **launch_options(pdl))
+    elif num_chunks <= 1:
         scratch = torch.empty(2 * num_bins, dtype=torch.int32, device=device)
         _align_one_chunk_kernel[(1,)](
             topk_ids, map_arg, sorted_ids, block_expert, num_padded, scratch, scratch[num_bins:], *sizes,

@@ -51,6 +51,8 @@ ALIGN_CASES = [  # T, k, E, block_m, kind, chunk, expert parallel
     (40, 4, 16, 16, "random", 16, False),  # ten chunks: the three-launch path
     (70, 2, 8, 64, "hot", 32, True),
     (5, 3, 12, 16, "random", None, True),
+    (10, 8, 128, 16, "random", None, False),  # Qwen3-30B-A3B's experts, ten decodes (the small-batch kernel)
+    (16, 8, 128, 16, "hot", None, True),  # its largest batch
 ]
 
 
