@@ -46,6 +46,28 @@ def test_reused_pinned_blocks_keep_each_copy_its_own_values():
     assert [int(t[0]) for t in tensors] == list(range(64)) and all(bool((t == t[0]).all()) for t in tensors)
 
 
+@pytest.mark.parametrize("num_reqs,reqs,num_blocks", [(3, 4, 5), (1, 1, 5), (2, 2, 16), (6, 8, 1)])
+def test_block_table_corner_arrives_whole_without_a_pageable_copy(num_reqs, reqs, num_blocks):
+    """A step's [requests, blocks] corner of the block table (padded rows zero) lands on the device
+    and nothing outside it changes, whether the corner is strided (packed rows, spread on the
+    device) or not; no copy from pageable memory either way."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tokenmill.worker.input_buffers import InputBuffers
+    buffers = InputBuffers(max_tokens=64, max_reqs=8, max_blocks=16, device=torch.device("cuda"))
+    buffers.block_table.device_tensor.fill_(-7)
+    table = np.arange(1, num_reqs * num_blocks + 1, dtype=np.int32).reshape(num_reqs, num_blocks)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for turn in (0, 1):
+            buffers._stage_block_table(turn, table + turn, reqs)
+        torch.cuda.synchronize()
+    expected = torch.full((8, 16), -7, dtype=torch.int32)
+    expected[:reqs, :num_blocks] = 0
+    expected[:num_reqs, :num_blocks] = torch.from_numpy(table + 1)
+    assert torch.equal(buffers.block_table.device_tensor.cpu(), expected)
+    assert not [e for e in prof.events() if "Pageable" in e.name]
+
+
 @pytest.mark.parametrize("batch", [1, 10])
 def test_decode_steps_copy_nothing_from_pageable_memory(batch):
     """Steady decode steps (async scheduling, decode graphs) enqueue their host-to-device copies from

@@ -57,6 +57,9 @@ class InputBuffers:
         self.query_start_loc = _Buffer((max_reqs + 1,), torch.int32, device)
         self.seq_lens = _Buffer((max_reqs,), torch.int32, device)
         self.block_table = _Buffer((max_reqs, max_blocks), torch.int32, device)
+        # Packed rows of a strided corner of the table on their way in (`_stage_block_table`).
+        self._table_staging = torch.empty(max_reqs * max_blocks if self.block_table.copies else 0,
+                                          dtype=torch.int32, device=device)
         self.state_slots = _Buffer((max_reqs,), torch.int32, device)  # hybrid models; -1 elsewhere
         self.lag_rows = _Buffer((2, max_reqs), torch.long, device)  # (input row, sampled row) pairs
         self._turn = 0
@@ -94,22 +97,15 @@ class InputBuffers:
         if self.query_start_loc.copies:
             self.query_start_loc.device_tensor[:reqs + 1].copy_(self.query_start_loc.hosts[turn][:reqs + 1],
                                                                 non_blocking=True)
-        num_blocks = host.block_table.shape[1]
-        table = self.block_table.nps[turn]
-        table[:num_reqs, :num_blocks] = host.block_table
-        table[num_reqs:reqs, :num_blocks] = 0
-        if self.block_table.copies:
-            self.block_table.device_tensor[:reqs, :num_blocks].copy_(
-                self.block_table.hosts[turn][:reqs, :num_blocks], non_blocking=True)
+        self._stage_block_table(turn, host.block_table, reqs)
         lag_dst = lag_src = None
         if host.lag_rows:
             num_lag = len(host.lag_rows)
             pairs = self.lag_rows.nps[turn]
             pairs[0, :num_lag] = host.query_start[host.lag_rows]
             pairs[1, :num_lag] = lag_sources
-            if self.lag_rows.copies:  # both rows of the pair block in one copy
-                self.lag_rows.device_tensor[:, :num_lag].copy_(self.lag_rows.hosts[turn][:, :num_lag],
-                                                               non_blocking=True)
+            if self.lag_rows.copies:  # both rows of the pair block in one copy, whole (a slice is strided)
+                self.lag_rows.device_tensor.copy_(self.lag_rows.hosts[turn], non_blocking=True)
             lag_dst, lag_src = self.lag_rows.device_tensor[0, :num_lag], self.lag_rows.device_tensor[1, :num_lag]
         meta = AttentionMetadata(
             num_reqs=reqs, num_tokens=tokens, num_decodes=host.num_decodes + (reqs - num_reqs),
@@ -128,6 +124,28 @@ class InputBuffers:
             meta.state_checkpoint_interval = host.state_checkpoint_interval
         return StagedStep(self.input_ids.device_tensor[:tokens], self.positions.device_tensor[:tokens],
                           StepBatch(meta, host.block_table, host.seq_lens), lag_dst, lag_src)
+
+    def _stage_block_table(self, turn: int, table: np.ndarray, reqs: int) -> None:
+        """The step's [requests, blocks] corner of the block table (padded rows zero). Of more than
+        one request and fewer than all columns the corner is strided, which torch's copy would
+        stage through pageable memory (a copy that may wait for the stream, `utils/transfer.py`):
+        its rows go packed into the pinned twin, over in one copy, and are spread on the device."""
+        num_reqs, num_blocks = table.shape
+        buf = self.block_table
+        if not buf.copies or reqs == 1 or num_blocks == self.max_blocks:
+            corner = buf.nps[turn]
+            corner[:num_reqs, :num_blocks] = table
+            corner[num_reqs:reqs, :num_blocks] = 0
+            if buf.copies:
+                buf.device_tensor[:reqs, :num_blocks].copy_(buf.hosts[turn][:reqs, :num_blocks], non_blocking=True)
+            return
+        size = reqs * num_blocks
+        packed = buf.nps[turn].reshape(-1)[:size].reshape(reqs, num_blocks)
+        packed[:num_reqs] = table
+        packed[num_reqs:] = 0
+        staging = self._table_staging[:size]
+        staging.copy_(buf.hosts[turn].view(-1)[:size], non_blocking=True)
+        buf.device_tensor[:reqs, :num_blocks].copy_(staging.view(reqs, num_blocks))
 
     def prepare_for_capture(self, max_batch: int) -> None:
         """Before capturing decode graphs: the warm-up and capture passes write no KV (slot -1) and
