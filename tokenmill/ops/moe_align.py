@@ -86,6 +86,17 @@ def _chunk_experts(topk_ids_ptr, expert_map_ptr, chunk, num_entries, num_local,
 
 
 @triton.jit
+def _store_used_and_padding(total, num_padded_ptr, sorted_ids_ptr, num_entries, max_padded,
+                            BLOCK_M: tl.constexpr, BLOCKS_PER_ITER: tl.constexpr):
+    """The used slot count, and every slot of `sorted_ids` set to the padding id (the entries are
+    scattered over it afterwards)."""
+    tl.store(num_padded_ptr, total)
+    for start in range(0, max_padded, BLOCKS_PER_ITER * BLOCK_M):
+        slots = start + tl.arange(0, BLOCKS_PER_ITER * BLOCK_M)
+        tl.store(sorted_ids_ptr + slots, num_entries, mask=slots < max_padded)
+
+
+@triton.jit
 def _write_offsets(counts, sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
                    num_entries, num_local, max_padded, max_blocks,
                    BLOCK_M: tl.constexpr, NUM_BINS: tl.constexpr, BLOCKS_PER_ITER: tl.constexpr):
@@ -97,10 +108,7 @@ def _write_offsets(counts, sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
     padded = tl.where(real, (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M, 0)
     run_end = tl.cumsum(padded, 0)
     total = tl.sum(padded, 0)
-    tl.store(num_padded_ptr, total)
-    for start in range(0, max_padded, BLOCKS_PER_ITER * BLOCK_M):
-        slots = start + tl.arange(0, BLOCKS_PER_ITER * BLOCK_M)
-        tl.store(sorted_ids_ptr + slots, num_entries, mask=slots < max_padded)
+    _store_used_and_padding(total, num_padded_ptr, sorted_ids_ptr, num_entries, max_padded, BLOCK_M, BLOCKS_PER_ITER)
     for first in range(0, max_blocks, BLOCKS_PER_ITER):
         blocks = first + tl.arange(0, BLOCKS_PER_ITER)
         slot = blocks * BLOCK_M
@@ -171,10 +179,7 @@ def _align_small_kernel(topk_ids_ptr, expert_map_ptr, sorted_ids_ptr, block_expe
     padded = tl.where(first, (count + BLOCK_M - 1) // BLOCK_M * BLOCK_M, 0)
     start = tl.sum(tl.where(expert[None, :] < expert[:, None], padded[None, :], 0), 1)
     total = tl.sum(padded, 0)
-    tl.store(num_padded_ptr, total)
-    for begin in range(0, max_padded, BLOCKS_PER_ITER * BLOCK_M):
-        slots = begin + tl.arange(0, BLOCKS_PER_ITER * BLOCK_M)
-        tl.store(sorted_ids_ptr + slots, num_entries, mask=slots < max_padded)
+    _store_used_and_padding(total, num_padded_ptr, sorted_ids_ptr, num_entries, max_padded, BLOCK_M, BLOCKS_PER_ITER)
     for first_block in range(0, max_blocks, BLOCKS_PER_ITER):
         blocks = first_block + tl.arange(0, BLOCKS_PER_ITER)
         slot = blocks * BLOCK_M
