@@ -126,26 +126,30 @@ class InputBuffers:
                           StepBatch(meta, host.block_table, host.seq_lens), lag_dst, lag_src)
 
     def _stage_block_table(self, turn: int, table: np.ndarray, reqs: int) -> None:
-        """The step's [requests, blocks] corner of the block table (padded rows zero). Of more than
-        one request and fewer than all columns the corner is strided, which torch's copy would
-        stage through pageable memory (a copy that may wait for the stream, `utils/transfer.py`):
-        its rows go packed into the pinned twin, over in one copy, and are spread on the device."""
+        """The step's [requests, blocks] corner of the block table (padded rows zero). The rows
+        go packed into the pinned twin and over in one copy. Where the corner is strided on the
+        device (more than one request, fewer than all columns) they land in a staging buffer and
+        are spread there: copied as a strided tensor, torch would stage them through pageable
+        memory (a copy that may wait for the stream, `utils/transfer.py`)."""
         num_reqs, num_blocks = table.shape
         buf = self.block_table
-        if not buf.copies or reqs == 1 or num_blocks == self.max_blocks:
-            corner = buf.nps[turn]
-            corner[:num_reqs, :num_blocks] = table
-            corner[num_reqs:reqs, :num_blocks] = 0
-            if buf.copies:
-                buf.device_tensor[:reqs, :num_blocks].copy_(buf.hosts[turn][:reqs, :num_blocks], non_blocking=True)
+        corner = buf.device_tensor[:reqs, :num_blocks]
+        if not buf.copies:  # the "device" table is the host one: the corner in place
+            rows = buf.nps[turn][:reqs, :num_blocks]
+            rows[:num_reqs] = table
+            rows[num_reqs:] = 0
             return
         size = reqs * num_blocks
         packed = buf.nps[turn].reshape(-1)[:size].reshape(reqs, num_blocks)
         packed[:num_reqs] = table
         packed[num_reqs:] = 0
-        staging = self._table_staging[:size]
-        staging.copy_(buf.hosts[turn].view(-1)[:size], non_blocking=True)
-        buf.device_tensor[:reqs, :num_blocks].copy_(staging.view(reqs, num_blocks))
+        host_rows = buf.hosts[turn].view(-1)[:size].view(reqs, num_blocks)
+        if corner.is_contiguous():  # one request, or every column: the packed rows are the corner
+            corner.copy_(host_rows, non_blocking=True)
+            return
+        staging = self._table_staging[:size].view(reqs, num_blocks)
+        staging.copy_(host_rows, non_blocking=True)
+        corner.copy_(staging)
 
     def prepare_for_capture(self, max_batch: int) -> None:
         """Before capturing decode graphs: the warm-up and capture passes write no KV (slot -1) and
